@@ -1,0 +1,208 @@
+"""The `extproc` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+
+from .config.problems import ConfigError
+from .config.watch import FileSource, load_config
+from .envoy_config import DEFAULT_BODY_LIMIT, SYSTEM_CA_BUNDLE, BootstrapOptions, HostPort, UpstreamOptions, bootstrap
+from .runner import StartupError, UpOptions, run_up
+
+log = logging.getLogger("extproc")
+
+
+def _host_port(text: str) -> HostPort:
+    try:
+        return HostPort.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _resolve(text: str) -> tuple[str, HostPort]:
+    host, sep, target = text.partition("=")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST=ADDR:PORT")
+    return host.lower(), _host_port(target)
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (bytes, or with k/m suffix: 8m)") from None
+
+
+def _add_upstream_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resolve", type=_resolve, action="append", default=[], metavar="HOST=ADDR:PORT",
+                   help="reach provider HOST at ADDR:PORT, keeping SNI and certificate checks for HOST (repeatable)")
+    p.add_argument("--upstream-ca", default=SYSTEM_CA_BUNDLE, metavar="FILE",
+                   help=f"CA bundle that provider certificates must chain to (default: {SYSTEM_CA_BUNDLE})")
+
+
+def _upstream(args: argparse.Namespace) -> UpstreamOptions:
+    return UpstreamOptions(ca_file=args.upstream_ca, resolve=dict(args.resolve))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="extproc", description="LLM traffic gateway for Envoy (ext_proc + xDS)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run the gateway: the ext_proc/xDS server and a real Envoy, in the foreground")
+    up.add_argument("--config", action="append", required=True, metavar="PATH",
+                    help="LLMProvider/LLMRoute YAML file or directory (repeatable); reloaded on change")
+    up.add_argument("--listen", type=_host_port, default=HostPort("127.0.0.1", 10000), metavar="HOST:PORT",
+                    help="where Envoy accepts application traffic (default 127.0.0.1:10000)")
+    up.add_argument("--admin", type=_host_port, default=HostPort("127.0.0.1", 9901), metavar="HOST:PORT",
+                    help="Envoy admin address (default 127.0.0.1:9901)")
+    up.add_argument("--concurrency", type=int, default=None, metavar="N", help="Envoy worker threads (default: one per core)")
+    up.add_argument("--body-limit", type=_size, default=DEFAULT_BODY_LIMIT, metavar="SIZE",
+                    help="largest request body accepted (default 8m); larger gets 413")
+    up.add_argument("--envoy-log-level", default="warning", help="Envoy's --log-level (default warning)")
+    _add_upstream_args(up)
+
+    demo = sub.add_parser("demo", help="the embedded default: fake local providers, the seed manifests, ready-to-paste curls")
+    demo.add_argument("--listen", type=_host_port, default=HostPort("127.0.0.1", 10000), metavar="HOST:PORT")
+    demo.add_argument("--admin", type=_host_port, default=HostPort("127.0.0.1", 9901), metavar="HOST:PORT")
+
+    serve = sub.add_parser("serve", help="the ext_proc and xDS server only, for an Envoy run elsewhere")
+    serve.add_argument("--config", action="append", required=True, metavar="PATH")
+    serve.add_argument("--listen", type=_host_port, default=HostPort("0.0.0.0", 18000), metavar="HOST:PORT",
+                       help="gRPC address for ext_proc and xDS (default 0.0.0.0:18000)")
+    serve.add_argument("--body-limit", type=_size, default=DEFAULT_BODY_LIMIT, metavar="SIZE")
+    _add_upstream_args(serve)
+
+    ec = sub.add_parser("envoy-config", help="print the Envoy bootstrap (JSON); it holds no API key")
+    ec.add_argument("--control", type=_host_port, default=HostPort("127.0.0.1", 18000), metavar="HOST:PORT",
+                    help="address of `extproc serve` (default 127.0.0.1:18000)")
+    ec.add_argument("--listen", type=_host_port, default=HostPort("0.0.0.0", 10000), metavar="HOST:PORT")
+    ec.add_argument("--admin", type=_host_port, default=HostPort("127.0.0.1", 9901), metavar="HOST:PORT")
+    ec.add_argument("--body-limit", type=_size, default=DEFAULT_BODY_LIMIT, metavar="SIZE")
+
+    val = sub.add_parser("validate", help="check config files; exit 1 and name file, object and field of each error")
+    val.add_argument("paths", nargs="+", metavar="PATH")
+
+    route = sub.add_parser("route", help="dry run: which route, rule, provider, model and cluster a request gets")
+    route.add_argument("--config", action="append", required=True, metavar="PATH")
+    route.add_argument("--host", required=True, help="the request's host (Host header or URL host)")
+    route.add_argument("-H", "--header", action="append", default=[], metavar="NAME:VALUE", help="a request header (repeatable)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = {"up": cmd_up, "demo": cmd_demo, "serve": cmd_serve, "envoy-config": cmd_envoy_config,
+               "validate": cmd_validate, "route": cmd_route}[args.command]
+    try:
+        return handler(args)
+    except StartupError as exc:
+        print(f"extproc: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    opts = UpOptions(config=args.config, listen=args.listen, admin=args.admin, upstream=_upstream(args),
+                     body_limit=args.body_limit, concurrency=args.concurrency, envoy_log_level=args.envoy_log_level)
+    return asyncio.run(run_up(opts))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo.run import run_demo
+
+    return asyncio.run(run_demo(args.listen, args.admin))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .control import ControlPlane
+
+    async def serve() -> int:
+        control = ControlPlane(_upstream(args), args.body_limit)
+        source = FileSource(args.config, control.apply)
+        try:
+            await source.load_initial()
+        except ConfigError as exc:
+            raise StartupError("the config has errors:\n" + str(exc)) from None
+        try:
+            await control.start(args.listen)
+        except OSError as exc:
+            raise StartupError(str(exc)) from None
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        watcher = asyncio.create_task(source.run())
+        await stop.wait()
+        watcher.cancel()
+        await control.stop()
+        return 0
+
+    return asyncio.run(serve())
+
+
+def cmd_envoy_config(args: argparse.Namespace) -> int:
+    opts = BootstrapOptions(listen=args.listen, admin=args.admin, control=args.control, body_limit=args.body_limit)
+    json.dump(bootstrap(opts), sys.stdout, indent=2)
+    print()
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        compiled = load_config(args.paths)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 1
+    for problem in compiled.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    kinds = [obj.resource.kind for obj in compiled.accepted]
+    print(f"ok: {kinds.count('LLMProvider')} LLMProvider, {kinds.count('LLMRoute')} LLMRoute")
+    return 0
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    try:
+        compiled = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 1
+    headers: dict[str, str] = {}
+    for item in args.header:
+        name, sep, value = item.partition(":")
+        if not sep:
+            print(f"error: header {item!r} is not NAME:VALUE", file=sys.stderr)
+            return 2
+        headers[name.strip().lower()] = value.strip()
+    route = compiled.table.route_for(args.host)
+    if route is None:
+        print(f"no LLMRoute or LLMProvider serves host {args.host!r}: the request gets 404")
+        return 1
+    rule = route.select(headers)
+    if rule is None:
+        print(f"route {route.name}: no rule matches: the request gets 404")
+        return 1
+    total = rule.cumulative_weights[-1]
+    previous = 0
+    print(f"route: {route.name}\nrule: {rule.name}")
+    for target, cumulative in zip(rule.targets, rule.cumulative_weights):
+        share = 100.0 * (cumulative - previous) / total
+        previous = cumulative
+        stream = "" if target.stream is None else f" stream={str(target.stream).lower()}"
+        print(f"  {share:5.1f}%  provider {target.provider} ({target.provider_host}{target.path})"
+              f"  model {target.model}{stream}  cluster {target.cluster}")
+    return 0

@@ -1,0 +1,191 @@
+"""Read LLMProvider and LLMRoute objects from YAML files, the way `kubectl apply -f` takes them.
+
+A path is a file or a directory (its `*.yaml`, `*.yml` and `*.json` files, sorted by name,
+not recursive). Files hold one or more YAML documents; a `kind: List` is unpacked; kinds
+other than ours are skipped. When two documents name the same kind/namespace/name, the
+later one wins, as a second `kubectl apply` of an updated object would.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from .models import API_VERSION, KINDS, LLMProvider, LLMRoute
+from .problems import Problem
+
+try:  # libyaml's loader is several times faster; fall back to pure Python where absent
+    _YamlLoader: type = yaml.CSafeLoader
+except AttributeError:  # pragma: no cover - depends on how PyYAML was built
+    _YamlLoader = yaml.SafeLoader
+
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+Resource = LLMProvider | LLMRoute
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """One parsed object and where it came from."""
+
+    resource: Resource
+    file: str
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        meta = self.resource.metadata
+        return (self.resource.kind, meta.namespace, meta.name)
+
+    @property
+    def label(self) -> str:
+        meta = self.resource.metadata
+        return f"{self.resource.kind} {meta.namespace}/{meta.name}"
+
+
+def config_files(paths: list[str | Path]) -> list[Path]:
+    """The files a list of paths stands for, in load order. Missing paths raise FileNotFoundError."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if p.suffix in CONFIG_SUFFIXES and p.is_file()))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such file or directory")
+    return files
+
+
+def load_paths(paths: list[str | Path], environ: dict[str, str] | None = None) -> tuple[list[Loaded], list[Problem]]:
+    """Parse every object in `paths`. Returns the objects (later duplicates winning) and the problems."""
+    problems: list[Problem] = []
+    try:
+        files = config_files(paths)
+    except FileNotFoundError as exc:
+        return [], [Problem(str(exc))]
+    by_key: dict[tuple[str, str, str], Loaded] = {}
+    for file in files:
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(Problem(f"cannot read: {exc}", file=str(file)))
+            continue
+        objs, file_problems = load_text(text, str(file), environ)
+        problems.extend(file_problems)
+        for obj in objs:
+            by_key.pop(obj.key, None)  # re-insert so the dict's order is the order of the last apply
+            by_key[obj.key] = obj
+    return list(by_key.values()), problems
+
+
+def load_text(text: str, file: str, environ: dict[str, str] | None = None) -> tuple[list[Loaded], list[Problem]]:
+    """Parse the YAML documents of one file."""
+    try:
+        docs = list(yaml.load_all(text, Loader=_YamlLoader))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else file
+        problem = getattr(exc, "problem", None) or str(exc)
+        return [], [Problem(f"invalid YAML: {problem}", file=where)]
+    loaded: list[Loaded] = []
+    problems: list[Problem] = []
+    for index, doc in enumerate(_flatten(docs)):
+        obj, doc_problems = parse_object(doc, file, index, environ)
+        problems.extend(doc_problems)
+        if obj is not None:
+            loaded.append(obj)
+    return loaded, problems
+
+
+def _flatten(docs: list[Any]) -> list[Any]:
+    out: list[Any] = []
+    for doc in docs:
+        if isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(doc.get("items"), list):
+            out.extend(doc["items"])
+        elif doc is not None:
+            out.append(doc)
+    return out
+
+
+def parse_object(doc: Any, file: str, index: int, environ: dict[str, str] | None = None) -> tuple[Loaded | None, list[Problem]]:
+    """Turn one document into a model, or say why not. Other kinds are skipped silently."""
+    if not isinstance(doc, dict):
+        return None, [Problem(f"document {index + 1} is not a mapping", file=file)]
+    kind = doc.get("kind")
+    if kind not in KINDS:
+        return None, []
+    meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+    label = f"{kind} {meta.get('namespace') or 'default'}/{meta.get('name') or '<unnamed>'}"
+    if doc.get("apiVersion") != API_VERSION:
+        return None, [Problem(f"unsupported apiVersion {doc.get('apiVersion')!r}, expected {API_VERSION!r}",
+                              file=file, obj=label, field="apiVersion")]
+    model = LLMProvider if kind == "LLMProvider" else LLMRoute
+    try:
+        resource = model.model_validate(doc)
+    except ValidationError as exc:
+        return None, [Problem(_error_message(err), file=file, obj=label, field=_field_path(err["loc"]))
+                      for err in exc.errors()]
+    if isinstance(resource, LLMProvider):
+        resource, key_problems = _expand_api_keys(resource, environ if environ is not None else os.environ)
+        if key_problems:
+            return None, [Problem(msg, file=file, obj=label, field=field) for field, msg in key_problems]
+    return Loaded(resource, file), []
+
+
+def _expand_api_keys(provider: LLMProvider, environ: Any) -> tuple[LLMProvider, list[tuple[str, str]]]:
+    """Replace `${VAR}` in every apiKey with the variable's value; an unset variable is an error."""
+    problems: list[tuple[str, str]] = []
+
+    def expand(value: str | None, field: str) -> str | None:
+        if value is None:
+            return None
+
+        def sub(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in environ:
+                problems.append((field, f"environment variable {name} is not set"))
+                return ""
+            return environ[name]
+
+        return _ENV_REF.sub(sub, value)
+
+    configs = provider.spec.configs
+    base = "spec.configs"
+    default = configs.default_config.openai_config
+    new_default = default.model_copy(update={"api_key": expand(default.api_key, f"{base}.defaultConfig.openAIConfig.apiKey")})
+    new_specific = {}
+    for rule, cfg in configs.route_specific_configs.items():
+        oc = cfg.openai_config
+        field = f"{base}.routeSpecificConfigs.{rule}.openAIConfig.apiKey"
+        new_specific[rule] = cfg.model_copy(update={"openai_config": oc.model_copy(update={"api_key": expand(oc.api_key, field)})})
+    new_configs = configs.model_copy(update={
+        "default_config": configs.default_config.model_copy(update={"openai_config": new_default}),
+        "route_specific_configs": new_specific,
+    })
+    return provider.model_copy(update={"spec": provider.spec.model_copy(update={"configs": new_configs})}), problems
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _error_message(err: dict[str, Any]) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown field (check its spelling)"
+    if err["type"] == "missing":
+        return "required field is missing"
+    msg = err["msg"]
+    return msg.removeprefix("Value error, ")

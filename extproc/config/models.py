@@ -1,0 +1,163 @@
+"""The `istio.alibabacloud.com/v1beta1` custom resources, as pydantic models.
+
+The models mirror the fields ASM documents for `LLMProvider` and `LLMRoute`. Unknown
+fields under `spec` are errors (they are usually typos); fields ASM defines that this
+gateway does not implement yet are accepted and reported through `unimplemented_fields`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+API_VERSION = "istio.alibabacloud.com/v1beta1"
+KINDS = ("LLMProvider", "LLMRoute")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class OpenAIConfig(_Strict):
+    model: str | None = Field(default=None, min_length=1)
+    api_key: str | None = Field(default=None, alias="apiKey", min_length=1)
+    stream: bool | None = None
+
+
+class ProviderConfig(_Strict):
+    openai_config: OpenAIConfig = Field(alias="openAIConfig")
+
+
+class ProviderConfigs(_Strict):
+    default_config: ProviderConfig = Field(alias="defaultConfig")
+    route_specific_configs: dict[str, ProviderConfig] = Field(
+        default_factory=dict, alias="routeSpecificConfigs"
+    )
+
+
+class LLMProviderSpec(_Strict):
+    host: str = Field(min_length=1)
+    path: str = Field(default="/v1/chat/completions", pattern=r"^/")
+    configs: ProviderConfigs
+    workload_selector: dict | None = Field(default=None, alias="workloadSelector")
+    gateways: list[str] | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _host_is_a_name(cls, value: str) -> str:
+        return _check_host(value)
+
+
+class StringMatch(_Strict):
+    """Istio's StringMatch: at most one of exact, prefix, regex; none means "present"."""
+
+    exact: str | None = None
+    prefix: str | None = None
+    regex: str | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "StringMatch":
+        given = [k for k in ("exact", "prefix", "regex") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"set only one of exact, prefix, regex (got {', '.join(given)})")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"invalid regex {self.regex!r}: {exc}") from None
+        return self
+
+
+class RouteMatch(_Strict):
+    headers: dict[str, StringMatch] = Field(default_factory=dict)
+    source_labels: dict[str, str] | None = Field(default=None, alias="sourceLabels")
+    gateways: list[str] | None = None
+
+
+class BackendRef(_Strict):
+    provider_host: str = Field(alias="providerHost", min_length=1)
+    weight: int | None = Field(default=None, ge=0)
+
+
+class RouteRule(_Strict):
+    name: str | None = Field(default=None, min_length=1)
+    matches: list[RouteMatch] = Field(default_factory=list)
+    backend_refs: list[BackendRef] = Field(alias="backendRefs", min_length=1)
+
+    @model_validator(mode="after")
+    def _weights(self) -> "RouteRule":
+        given = [ref.weight is not None for ref in self.backend_refs]
+        if any(given) and not all(given):
+            raise ValueError("backendRefs: set weight on every backendRef of a rule, or on none")
+        if all(given) and sum(ref.weight or 0 for ref in self.backend_refs) == 0:
+            raise ValueError("backendRefs: the weights of a rule add up to zero")
+        return self
+
+
+class LLMRouteSpec(_Strict):
+    host: str = Field(min_length=1)
+    rules: list[RouteRule] = Field(min_length=1)
+    workload_selector: dict | None = Field(default=None, alias="workloadSelector")
+    gateways: list[str] | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _host_is_a_name(cls, value: str) -> str:
+        return _check_host(value)
+
+    @model_validator(mode="after")
+    def _unique_rule_names(self) -> "LLMRouteSpec":
+        names = [rule.name for rule in self.rules if rule.name]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"rules: rule names must be unique (repeated: {', '.join(dupes)})")
+        return self
+
+
+class Metadata(BaseModel):
+    """Object metadata: only name and namespace matter; labels and the like are kept out."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str = Field(min_length=1)
+    namespace: str = Field(default="default", min_length=1)
+
+
+class LLMProvider(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+    api_version: Literal["istio.alibabacloud.com/v1beta1"] = Field(alias="apiVersion")
+    kind: Literal["LLMProvider"]
+    metadata: Metadata
+    spec: LLMProviderSpec
+
+
+class LLMRoute(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+    api_version: Literal["istio.alibabacloud.com/v1beta1"] = Field(alias="apiVersion")
+    kind: Literal["LLMRoute"]
+    metadata: Metadata
+    spec: LLMRouteSpec
+
+
+_HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$")
+
+
+def _check_host(value: str) -> str:
+    if not _HOST_RE.match(value):
+        raise ValueError(f"{value!r} is not a host name (letters, digits, '-' and '.', no port or scheme)")
+    return value.lower()
+
+
+def unimplemented_fields(obj: LLMProvider | LLMRoute) -> list[str]:
+    """Paths of fields ASM defines that are accepted but have no effect here yet."""
+    found = [f"spec.{alias}" for name, alias in (("workload_selector", "workloadSelector"), ("gateways", "gateways"))
+             if getattr(obj.spec, name) is not None]
+    if isinstance(obj, LLMRoute):
+        for i, rule in enumerate(obj.spec.rules):
+            for j, match in enumerate(rule.matches):
+                if match.source_labels is not None:
+                    found.append(f"spec.rules[{i}].matches[{j}].sourceLabels")
+                if match.gateways is not None:
+                    found.append(f"spec.rules[{i}].matches[{j}].gateways")
+    return found

@@ -1,0 +1,78 @@
+"""The gRPC server that Envoy talks to (ext_proc and CDS on one port), and how a new config is
+rolled out to it without failing requests.
+
+A change goes out in three steps: first Envoy gets the union of the old and new clusters and
+acknowledges them, then the ext_proc switches to the new routing table, then the clusters no
+longer used are removed. So a request is never routed to a cluster Envoy does not have.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from envoy.service.cluster.v3 import cds_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
+
+from .config.compile import Compiled
+from .envoy_config import DEFAULT_BODY_LIMIT, HostPort, UpstreamOptions, provider_cluster, to_cluster_proto
+from .routing import EMPTY_TABLE, RoutingTable
+from .server import ExternalProcessor, TableHolder
+from .xds import ClusterDiscovery, ClusterPublisher
+
+log = logging.getLogger("extproc.control")
+
+ACK_TIMEOUT_S = 5.0
+
+
+class ControlPlane:
+    def __init__(self, upstream: UpstreamOptions, body_limit: int = DEFAULT_BODY_LIMIT):
+        self.upstream = upstream
+        self.holder = TableHolder(EMPTY_TABLE)
+        self.publisher = ClusterPublisher()
+        self._body_limit = body_limit
+        self._server: grpc.aio.Server | None = None
+        self.port = 0
+
+    @property
+    def table(self) -> RoutingTable:
+        return self.holder.table
+
+    async def start(self, listen: HostPort) -> int:
+        limit = self._body_limit + (1 << 20)
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ])
+        external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(self.holder), server)
+        cds_pb2_grpc.add_ClusterDiscoveryServiceServicer_to_server(ClusterDiscovery(self.publisher), server)
+        self.port = server.add_insecure_port(str(listen))
+        if self.port == 0:
+            raise OSError(f"cannot listen on {listen} for gRPC (in use, or not an address of this host)")
+        await server.start()
+        self._server = server
+        log.info("ext_proc and xDS listening on %s:%d", listen.host, self.port)
+        return self.port
+
+    async def stop(self, grace: float = 2.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+
+    def _clusters(self, table: RoutingTable) -> dict[str, dict]:
+        return {name: provider_cluster(name, host, self.upstream) for host, name in table.clusters.items()}
+
+    async def apply(self, compiled: Compiled) -> None:
+        new = compiled.table
+        old_clusters, new_clusters = self._clusters(self.holder.table), self._clusters(new)
+        if new_clusters != old_clusters or self.publisher.version == 0:
+            union = {**old_clusters, **new_clusters}
+            version = await self.publisher.publish([to_cluster_proto(c) for c in union.values()])
+            if not await self.publisher.wait_acked(version, ACK_TIMEOUT_S):
+                log.warning("not every Envoy acknowledged clusters version %d within %.0fs", version, ACK_TIMEOUT_S)
+            self.holder.table = new
+            if union != new_clusters:
+                await self.publisher.publish([to_cluster_proto(c) for c in new_clusters.values()])
+        else:
+            self.holder.table = new
+        log.info("routing table %s in force: %d host names, %d providers", new.version, len(new.routes), len(new.clusters))

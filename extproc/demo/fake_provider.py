@@ -1,0 +1,159 @@
+"""A local HTTPS stand-in for an OpenAI-compatible provider, for the demo and the tests.
+
+It answers chat completions with the model it was asked for, checks the API key, records
+every request (path, headers, body, SNI), and is steered by request headers, as Envoy AI
+Gateway's test upstream is:
+  x-fake-status: 429     answer with that status and an OpenAI-style error
+  x-fake-reply: text     the assistant's reply (default: a greeting naming the model)
+  x-fake-delay: 1.5      wait that many seconds before answering
+A body with "stream": true is answered as server-sent events.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class RecordedRequest:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+    sni: str | None
+
+
+def count_tokens(text: str) -> int:
+    """The fake's tokenizer: one token per whitespace-separated word. Deterministic on purpose."""
+    return len(text.split())
+
+
+def prompt_tokens(body: dict) -> int:
+    return sum(count_tokens(str(m.get("content", ""))) for m in body.get("messages", []) if isinstance(m, dict))
+
+
+@dataclass
+class FakeProvider:
+    name: str
+    cert_file: Path
+    key_file: Path
+    api_key: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    requests: list[RecordedRequest] = field(default_factory=list)
+
+    def start(self) -> "FakeProvider":
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert_file, self.key_file)
+        context.set_alpn_protocols(["http/1.1"])
+
+        def remember_sni(sock, server_name, _ctx):
+            sock.llm_sni = server_name
+
+        context.sni_callback = remember_sni
+        provider = self
+
+        class Handler(_Handler):
+            fake = provider
+
+        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
+        self._server.daemon_threads = True
+        self._server.socket = context.wrap_socket(self._server.socket, server_side=True, do_handshake_on_connect=False)
+        self.port = self._server.server_address[1]
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._server.serve_forever, name=f"fake-{self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def record(self, request: RecordedRequest) -> None:
+        with self._lock:
+            self.requests.append(request)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.requests.clear()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    fake: FakeProvider
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # keep the demo's terminal quiet
+        pass
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        raw = self.rfile.read(length)
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = raw
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        self.fake.record(RecordedRequest("POST", self.path, headers, body, getattr(self.connection, "llm_sni", None)))
+
+        if "x-fake-delay" in headers:
+            time.sleep(float(headers["x-fake-delay"]))
+        if self.fake.api_key and headers.get("authorization") != f"Bearer {self.fake.api_key}":
+            return self._error(401, "Incorrect API key provided", "invalid_api_key")
+        if "x-fake-status" in headers:
+            status = int(headers["x-fake-status"])
+            return self._error(status, f"fake provider answered {status} as asked", "fake_error")
+        if not isinstance(body, dict):
+            return self._error(400, "body is not JSON", "invalid_json")
+        model = body.get("model", "")
+        reply = headers.get("x-fake-reply") or f"Hello! I am {model}, served by {self.fake.name}."
+        usage = {"prompt_tokens": prompt_tokens(body), "completion_tokens": count_tokens(reply)}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        if body.get("stream") is True:
+            return self._stream(model, reply, usage, body)
+        answer = {
+            "id": f"chatcmpl-{self.fake.name}-{len(self.fake.requests)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
+            "usage": usage,
+        }
+        self._send(200, json.dumps(answer).encode(), "application/json")
+
+    def _stream(self, model: str, reply: str, usage: dict, body: dict) -> None:
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        base = {"id": f"chatcmpl-{self.fake.name}", "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+        events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": word + " "}, "finish_reason": None}]}
+                  for word in reply.split()]
+        events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        if (body.get("stream_options") or {}).get("include_usage"):
+            events.append({**base, "choices": [], "usage": usage})
+        for event in events:
+            self._chunk(f"data: {json.dumps(event)}\n\n".encode())
+        self._chunk(b"data: [DONE]\n\n")
+        self._chunk(b"")
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+    def _error(self, status: int, message: str, code: str) -> None:
+        kind = "rate_limit_error" if status == 429 else ("invalid_request_error" if status < 500 else "server_error")
+        self._send(status, json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode(), "application/json")
+
+    def _send(self, status: int, payload: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("content-type", content_type)
+        self.send_header("content-length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)

@@ -1,0 +1,226 @@
+"""Envoy's configuration: the bootstrap (listener, ext_proc filter, control cluster) and the
+provider clusters sent over xDS. Both are written as plain dicts in Envoy's JSON form, the
+form Envoy's documentation uses, and turned into protobuf where xDS needs it."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from google.protobuf import json_format
+
+# Imported for their side effect: registering the types that `@type` names below.
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.extensions.network.dns_resolver.getaddrinfo.v3 import getaddrinfo_dns_resolver_pb2  # noqa: F401
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
+
+from .errors import error_type
+from .names import CLUSTER_HEADER, CONTROL_CLUSTER
+
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+DEFAULT_BODY_LIMIT = 8 * 1024 * 1024
+PROVIDER_PORT = 443
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, default_host: str = "127.0.0.1") -> "HostPort":
+        host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{text!r} is not HOST:PORT")
+        return cls(host.strip("[]") or default_host, int(port))
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class UpstreamOptions:
+    """How provider clusters connect: trust store and host-to-address overrides (curl's --resolve)."""
+
+    ca_file: str = SYSTEM_CA_BUNDLE
+    resolve: dict[str, HostPort] = field(default_factory=dict)
+    connect_timeout_s: float = 10.0
+
+
+def _address(hp: HostPort) -> dict:
+    return {"socket_address": {"address": hp.host, "port_value": hp.port}}
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+_GETADDRINFO = {
+    "name": "envoy.network.dns_resolver.getaddrinfo",
+    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.network.dns_resolver.getaddrinfo.v3.GetAddrInfoDnsResolverConfig"},
+}
+
+
+def provider_cluster(name: str, host: str, options: UpstreamOptions) -> dict:
+    """A TLS cluster to a provider: SNI and certificate name are the provider host, whatever
+    address it is reached at; the name resolves through the system resolver like any program's."""
+    target = options.resolve.get(host, HostPort(host, PROVIDER_PORT))
+    cluster = {
+        "name": name,
+        "connect_timeout": f"{options.connect_timeout_s}s",
+        "type": "STATIC" if _is_ip(target.host) else "LOGICAL_DNS",
+        "dns_lookup_family": "V4_PREFERRED",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(target), "hostname": host}}]}],
+        },
+        "transport_socket": {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": host,
+                "common_tls_context": {
+                    "alpn_protocols": ["h2", "http/1.1"],
+                    "validation_context": {
+                        "trusted_ca": {"filename": options.ca_file},
+                        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": host}}],
+                    },
+                },
+            },
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "auto_config": {"http_protocol_options": {}, "http2_protocol_options": {}},
+            },
+        },
+    }
+    if cluster["type"] == "LOGICAL_DNS":
+        cluster["typed_dns_resolver_config"] = _GETADDRINFO
+    return cluster
+
+
+def to_cluster_proto(cluster: dict) -> cluster_pb2.Cluster:
+    return json_format.ParseDict(cluster, cluster_pb2.Cluster())
+
+
+def _local_reply_config() -> dict:
+    """Envoy's own error answers (no upstream, TLS failure, body too large, ext_proc down) in the
+    same OpenAI-style JSON as the ext_proc's. The ext_proc's own answers pass through as they are."""
+    def json_body(type_: str, code: str) -> dict:
+        return {"json_format": {"error": {"message": "%LOCAL_REPLY_BODY%", "type": type_, "code": code}},
+                "content_type": "application/json"}
+
+    def status_is(code: int) -> dict:
+        return {"status_code_filter": {"comparison": {"op": "EQ", "value": {"default_value": code, "runtime_key": f"llm_gateway.local_reply.{code}"}}}}
+
+    mappers = [{
+        # Answers the ext_proc made itself: their body is already the JSON error.
+        "filter": {"extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                             "expression": "response.code_details.startsWith('llm_gateway_')"}}},
+        "body_format_override": {"text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
+                                 "content_type": "application/json"},
+    }]
+    for status, code in ((413, "request_too_large"), (503, "upstream_unavailable"), (504, "upstream_timeout"),
+                         (500, "gateway_error"), (404, "not_found"), (400, "bad_request"), (431, "headers_too_large")):
+        mappers.append({"filter": status_is(status), "body_format_override": json_body(error_type(status), code)})
+    return {"mappers": mappers, "body_format": json_body("server_error", "gateway_error")}
+
+
+@dataclass(frozen=True)
+class BootstrapOptions:
+    listen: HostPort = HostPort("127.0.0.1", 10000)
+    admin: HostPort = HostPort("127.0.0.1", 9901)
+    control: HostPort = HostPort("127.0.0.1", 18000)
+    body_limit: int = DEFAULT_BODY_LIMIT
+    route_timeout_s: int = 300
+    node_id: str = "llm-gateway"
+
+
+def bootstrap(opts: BootstrapOptions) -> dict:
+    """The Envoy bootstrap. It holds no API key and no provider: those come over ext_proc and xDS."""
+    ext_proc = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        "grpc_service": {
+            "envoy_grpc": {"cluster_name": CONTROL_CLUSTER, "max_receive_message_length": opts.body_limit + (1 << 20)},
+        },
+        "failure_mode_allow": False,
+        "message_timeout": "10s",
+        "allow_mode_override": True,
+        "processing_mode": {
+            "request_header_mode": "SEND",
+            "response_header_mode": "SKIP",
+            "request_body_mode": "BUFFERED",
+            "response_body_mode": "NONE",
+            "request_trailer_mode": "SKIP",
+            "response_trailer_mode": "SKIP",
+        },
+        "mutation_rules": {"allow_all_routing": True},
+    }
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "llm_gateway",
+        "codec_type": "AUTO",
+        "route_config": {
+            "name": "llm_gateway",
+            "request_headers_to_remove": [CLUSTER_HEADER],
+            "virtual_hosts": [{
+                "name": "llm_gateway",
+                "domains": ["*"],
+                "routes": [{
+                    "match": {"prefix": "/"},
+                    "route": {"cluster_header": CLUSTER_HEADER, "timeout": f"{opts.route_timeout_s}s"},
+                }],
+            }],
+        },
+        "http_filters": [
+            {"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc},
+            {"name": "envoy.filters.http.router",
+             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+        ],
+        "local_reply_config": _local_reply_config(),
+    }
+    control_type = "STATIC" if _is_ip(opts.control.host) else "STRICT_DNS"
+    return {
+        "node": {"id": opts.node_id, "cluster": "llm-gateway"},
+        "admin": {"address": _address(opts.admin)},
+        "static_resources": {
+            "listeners": [{
+                "name": "llm_gateway_http",
+                "address": _address(opts.listen),
+                "per_connection_buffer_limit_bytes": opts.body_limit,
+                "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+            }],
+            "clusters": [{
+                "name": CONTROL_CLUSTER,
+                "type": control_type,
+                "connect_timeout": "1s",
+                "load_assignment": {"cluster_name": CONTROL_CLUSTER,
+                                    "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(opts.control)}}]}]},
+                "typed_extension_protocol_options": {
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        "explicit_http_config": {"http2_protocol_options": {}},
+                    },
+                },
+            }],
+        },
+        "dynamic_resources": {
+            "cds_config": {
+                "resource_api_version": "V3",
+                "api_config_source": {
+                    "api_type": "GRPC",
+                    "transport_api_version": "V3",
+                    "grpc_services": [{"envoy_grpc": {"cluster_name": CONTROL_CLUSTER}}],
+                    "set_node_on_first_message_only": True,
+                },
+            },
+        },
+    }

@@ -1,0 +1,23 @@
+"""Names shared by the ext_proc, the xDS server and the Envoy bootstrap."""
+
+from __future__ import annotations
+
+# The header the ext_proc sets to pick the upstream cluster. Envoy routes on it, then removes it
+# before the request leaves; a client-sent value is always overwritten.
+CLUSTER_HEADER = "x-llm-gateway-cluster"
+# Prefix of every header internal to the gateway: stripped from client requests.
+INTERNAL_HEADER_PREFIX = "x-llm-gateway-"
+
+# Envoy's static cluster for this process's gRPC server (ext_proc and xDS).
+CONTROL_CLUSTER = "llm_gateway_control"
+# Prefix of every provider cluster: `llm_provider_<host with dots as underscores>`.
+PROVIDER_CLUSTER_PREFIX = "llm_provider_"
+
+# Dynamic metadata namespace the ext_proc writes for access logs.
+METADATA_NAMESPACE = "llm_gateway"
+
+
+def provider_cluster(host: str) -> str:
+    """Cluster name for a provider host. Host names have no '_', so the mapping is one to one,
+    and without dots the name reads as a single tag in Envoy's stats."""
+    return PROVIDER_CLUSTER_PREFIX + host.replace(".", "_")

@@ -1,0 +1,35 @@
+"""Request body rewrite: the client's chat request turned into the provider's. Pure functions."""
+
+from __future__ import annotations
+
+import orjson
+
+from .errors import GatewayError
+from .routing import Target
+
+
+def rewrite_body(body: bytes, target: Target) -> bytes:
+    """The body with `model` from the chosen config (replacing the client's) and `stream` where the
+    config sets it; every other field kept as sent. Raises GatewayError (400) for a body that is
+    not a chat request."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        reason = "invalid UTF-8" if "utf-8" in str(exc).lower() else "not valid JSON"
+        raise GatewayError(400, f"request body is {reason}", "invalid_json") from None
+    if not isinstance(data, dict):
+        raise GatewayError(400, "request body must be a JSON object", "invalid_body")
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise GatewayError(400, "'messages' must be a non-empty array", "invalid_messages")
+    if "model" in data and not isinstance(data["model"], str):
+        raise GatewayError(400, "'model' must be a string", "invalid_model")
+    if "stream" in data and not isinstance(data["stream"], bool):
+        raise GatewayError(400, "'stream' must be true or false", "invalid_stream")
+    if target.model is not None:
+        data["model"] = target.model
+    elif not data.get("model"):
+        raise GatewayError(400, "'model' is required: the provider config names none", "missing_model")
+    if target.stream is not None:
+        data["stream"] = target.stream
+    return orjson.dumps(data)

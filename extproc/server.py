@@ -1,0 +1,138 @@
+"""The ext_proc gRPC service: Envoy's messages in, routing decisions and mutations out.
+
+Per request Envoy sends two messages: the request headers (the route, rule and provider are
+chosen there, or the request is answered with an error) and the buffered body (rewritten,
+with every header mutation that routing needs). Everything the answer needs that does not
+depend on the request is prebuilt per target, once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from functools import lru_cache
+from typing import AsyncIterator, Callable
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from envoy.type.v3 import http_status_pb2
+
+from .errors import GatewayError
+from .names import CLUSTER_HEADER
+from .rewrite import rewrite_body
+from .routing import RoutingTable, Target
+
+log = logging.getLogger("extproc.server")
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+class TableHolder:
+    """The routing table in force. Replaced whole on a config change; a request keeps the table
+    it started with, so a change never fails a request in flight."""
+
+    def __init__(self, table: RoutingTable):
+        self.table = table
+
+
+def _header(key: str, value: str | bytes) -> base_pb2.HeaderValueOption:
+    raw = value if isinstance(value, bytes) else value.encode()
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, raw_value=raw), append_action=_OVERWRITE)
+
+
+@lru_cache(maxsize=4096)
+def _target_mutation(target: Target) -> pb.HeaderMutation:
+    """Header changes for a target, built once: path, host, key, cluster, content type."""
+    mutation = pb.HeaderMutation(set_headers=[
+        _header(":path", target.path),
+        _header(":authority", target.provider_host),
+        _header(CLUSTER_HEADER, target.cluster),
+        _header("content-type", "application/json"),
+    ])
+    if target.api_key:
+        mutation.set_headers.append(_header("authorization", f"Bearer {target.api_key}"))
+    else:
+        mutation.remove_headers.append("authorization")
+    return mutation
+
+
+def immediate(error: GatewayError) -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=error.status),
+        headers=pb.HeaderMutation(set_headers=[_header("content-type", "application/json")]),
+        body=error.body(),
+        details=f"llm_gateway_{error.code}",
+    ))
+
+
+_CONTINUE_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+
+
+class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
+    def __init__(self, holder: TableHolder, draw: Callable[[], float] = random.random):
+        self._holder = holder
+        self._draw = draw
+
+    async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest], context) -> AsyncIterator[pb.ProcessingResponse]:
+        target: Target | None = None
+        async for request in request_iterator:
+            phase = request.WhichOneof("request")
+            try:
+                if phase == "request_headers":
+                    target = self._choose(request.request_headers)
+                    yield _CONTINUE_HEADERS
+                elif phase == "request_body":
+                    if target is None:  # cannot happen with our bootstrap; never forward unrewritten
+                        raise GatewayError(500, "request body arrived before its headers", "internal_error")
+                    yield self._rewrite(request.request_body, target)
+                else:
+                    yield _continue(phase)
+            except GatewayError as error:
+                yield immediate(error)
+                return
+            except Exception:  # never a stack trace to the client, never a request sent unrewritten
+                log.exception("ext_proc failed on %s", phase)
+                yield immediate(GatewayError(500, "the gateway failed to process the request", "internal_error"))
+                return
+
+    def _choose(self, headers_msg: pb.HttpHeaders) -> Target:
+        headers = headers_msg.headers.headers
+        authority = method = ""
+        for h in headers:
+            key = h.key
+            if key == ":authority":
+                authority = h.raw_value.decode("latin-1")
+            elif key == ":method":
+                method = h.raw_value.decode("latin-1")
+        route = self._holder.table.route_for(authority)
+        if route is None:
+            raise GatewayError(404, f"no LLMRoute or LLMProvider serves host {authority!r}", "unknown_host")
+        if method != "POST":
+            raise GatewayError(405, f"method {method} not allowed: send a POST with a chat request", "method_not_allowed")
+        if headers_msg.end_of_stream:
+            raise GatewayError(400, "request body is required: a JSON chat request", "missing_body")
+        watched = route.match_headers
+        values = {h.key: h.raw_value.decode("latin-1") for h in headers if h.key in watched} if watched else {}
+        rule = route.select(values)
+        if rule is None:
+            raise GatewayError(404, f"no rule of route {route.name} matches the request", "no_matching_rule")
+        return rule.pick(self._draw())
+
+    @staticmethod
+    def _rewrite(body_msg: pb.HttpBody, target: Target) -> pb.ProcessingResponse:
+        body = rewrite_body(body_msg.body, target)
+        response = pb.ProcessingResponse()
+        common = response.request_body.response
+        common.header_mutation.CopyFrom(_target_mutation(target))
+        common.header_mutation.set_headers.append(_header("content-length", str(len(body))))
+        common.body_mutation.body = body
+        common.clear_route_cache = True
+        return response
+
+
+def _continue(phase: str | None) -> pb.ProcessingResponse:
+    response = pb.ProcessingResponse()
+    if phase in ("response_headers", "response_body", "request_trailers", "response_trailers"):
+        getattr(response, phase).SetInParent()
+    return response

@@ -1,0 +1,136 @@
+"""Test helpers: a real gateway (`python -m extproc up`) as a subprocess, and an HTTP client."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SEED_MANIFESTS = REPO / "extproc" / "demo" / "manifests"
+CHAT = {"messages": [{"role": "user", "content": "Please introduce yourself."}]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def seed_dir(tmp: Path, *names: str) -> Path:
+    """A config directory holding the named seed manifests (by file-name prefix, e.g. "01")."""
+    config = tmp / "config"
+    config.mkdir(exist_ok=True)
+    for prefix in names:
+        add_seed(config, prefix)
+    return config
+
+
+def add_seed(config: Path, prefix: str) -> None:
+    (src,) = [p for p in SEED_MANIFESTS.iterdir() if p.name.startswith(prefix)]
+    shutil.copy(src, config / src.name)
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+
+@dataclass
+class Gateway:
+    process: subprocess.Popen
+    listen_port: int
+    admin_port: int
+    log_file: Path
+    _conn: http.client.HTTPConnection | None = field(default=None, repr=False)
+
+    def request(self, host: str, body: bytes | dict | None = None, headers: dict[str, str] | None = None,
+                proxy_form: bool = True, method: str = "POST", path: str = "/") -> Response:
+        """Send one request through Envoy: proxy form (`curl -x`) or origin form with a Host header."""
+        payload = json.dumps(body).encode() if isinstance(body, dict) else body
+        hdrs = {"content-type": "application/json", **(headers or {})}
+        target = f"http://{host}{path}" if proxy_form else path
+        if not proxy_form:
+            hdrs["host"] = host
+        for attempt in range(2):
+            conn = self._conn or http.client.HTTPConnection("127.0.0.1", self.listen_port, timeout=30)
+            try:
+                conn.request(method, target, body=payload, headers=hdrs)
+                resp = conn.getresponse()
+                data = resp.read()
+            except (ConnectionError, http.client.RemoteDisconnected, BrokenPipeError):
+                conn.close()
+                self._conn = None
+                if attempt:
+                    raise
+                continue
+            if resp.getheader("connection", "").lower() == "close":
+                conn.close()
+                self._conn = None
+            else:
+                self._conn = conn
+            return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
+        raise AssertionError("unreachable")
+
+    def admin(self, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as r:
+            return r.read().decode()
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self._conn:
+            self._conn.close()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_gateway(config: Path | list[Path], tmp: Path, env: dict[str, str], extra: list[str] = (),
+                  wait: bool = True) -> Gateway:
+    listen, admin = free_port(), free_port()
+    configs = config if isinstance(config, list) else [config]
+    args = [sys.executable, "-m", "extproc", "up", "--listen", f"127.0.0.1:{listen}",
+            "--admin", f"127.0.0.1:{admin}", "--concurrency", "1", *extra]
+    for c in configs:
+        args += ["--config", str(c)]
+    log_file = tmp / f"gateway-{listen}.log"
+    process = subprocess.Popen(args, stdout=log_file.open("wb"), stderr=subprocess.STDOUT,
+                               env={**os.environ, **env}, cwd=tmp)
+    gateway = Gateway(process, listen, admin, log_file)
+    if wait:
+        wait_until(lambda: process.poll() is not None or "ready:" in gateway.log(), 30,
+                   lambda: f"gateway did not start:\n{gateway.log()}")
+        if process.poll() is not None:
+            raise AssertionError(f"gateway exited with {process.returncode}:\n{gateway.log()}")
+    return gateway
+
+
+def wait_until(predicate, timeout: float, message=lambda: "condition not met", interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(message())
