@@ -55,10 +55,14 @@ def _upstream(args: argparse.Namespace) -> UpstreamOptions:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="extproc", description="LLM traffic gateway for Envoy (ext_proc + xDS)")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    levels = ["debug", "info", "warning", "error"]
+    parser.add_argument("--log-level", default="info", choices=levels)
+    # the same option after the subcommand, without its default overriding one given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default=argparse.SUPPRESS, choices=levels, help="log level (default info)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="run the gateway: the ext_proc/xDS server and a real Envoy, in the foreground")
+    up = sub.add_parser("up", parents=[common], help="run the gateway: the ext_proc/xDS server and a real Envoy, in the foreground")
     up.add_argument("--config", action="append", required=True, metavar="PATH",
                     help="LLMProvider/LLMRoute YAML file or directory (repeatable); reloaded on change")
     up.add_argument("--listen", type=_host_port, default=HostPort("127.0.0.1", 10000), metavar="HOST:PORT",
@@ -71,28 +75,28 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--envoy-log-level", default="warning", help="Envoy's --log-level (default warning)")
     _add_upstream_args(up)
 
-    demo = sub.add_parser("demo", help="the embedded default: fake local providers, the seed manifests, ready-to-paste curls")
+    demo = sub.add_parser("demo", parents=[common], help="the embedded default: fake local providers, the seed manifests, ready-to-paste curls")
     demo.add_argument("--listen", type=_host_port, default=HostPort("127.0.0.1", 10000), metavar="HOST:PORT")
     demo.add_argument("--admin", type=_host_port, default=HostPort("127.0.0.1", 9901), metavar="HOST:PORT")
 
-    serve = sub.add_parser("serve", help="the ext_proc and xDS server only, for an Envoy run elsewhere")
+    serve = sub.add_parser("serve", parents=[common], help="the ext_proc and xDS server only, for an Envoy run elsewhere")
     serve.add_argument("--config", action="append", required=True, metavar="PATH")
     serve.add_argument("--listen", type=_host_port, default=HostPort("0.0.0.0", 18000), metavar="HOST:PORT",
                        help="gRPC address for ext_proc and xDS (default 0.0.0.0:18000)")
     serve.add_argument("--body-limit", type=_size, default=DEFAULT_BODY_LIMIT, metavar="SIZE")
     _add_upstream_args(serve)
 
-    ec = sub.add_parser("envoy-config", help="print the Envoy bootstrap (JSON); it holds no API key")
+    ec = sub.add_parser("envoy-config", parents=[common], help="print the Envoy bootstrap (JSON); it holds no API key")
     ec.add_argument("--control", type=_host_port, default=HostPort("127.0.0.1", 18000), metavar="HOST:PORT",
                     help="address of `extproc serve` (default 127.0.0.1:18000)")
     ec.add_argument("--listen", type=_host_port, default=HostPort("0.0.0.0", 10000), metavar="HOST:PORT")
     ec.add_argument("--admin", type=_host_port, default=HostPort("127.0.0.1", 9901), metavar="HOST:PORT")
     ec.add_argument("--body-limit", type=_size, default=DEFAULT_BODY_LIMIT, metavar="SIZE")
 
-    val = sub.add_parser("validate", help="check config files; exit 1 and name file, object and field of each error")
+    val = sub.add_parser("validate", parents=[common], help="check config files; exit 1 and name file, object and field of each error")
     val.add_argument("paths", nargs="+", metavar="PATH")
 
-    route = sub.add_parser("route", help="dry run: which route, rule, provider, model and cluster a request gets")
+    route = sub.add_parser("route", parents=[common], help="dry run: which route, rule, provider, model and cluster a request gets")
     route.add_argument("--config", action="append", required=True, metavar="PATH")
     route.add_argument("--host", required=True, help="the request's host (Host header or URL host)")
     route.add_argument("-H", "--header", action="append", default=[], metavar="NAME:VALUE", help="a request header (repeatable)")

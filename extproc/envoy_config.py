@@ -109,11 +109,25 @@ def to_cluster_proto(cluster: dict) -> cluster_pb2.Cluster:
     return json_format.ParseDict(cluster, cluster_pb2.Cluster())
 
 
+# Envoy's own answers, by status: (error code, message). Envoy's reason is added to the message.
+LOCAL_REPLIES = {
+    400: ("bad_request", "the request is not valid HTTP"),
+    404: ("not_found", "no route for this request"),
+    413: ("request_too_large", "the request body is larger than the gateway accepts"),
+    431: ("headers_too_large", "the request headers are larger than the gateway accepts"),
+    500: ("gateway_error", "the gateway could not process the request"),
+    502: ("bad_upstream_response", "the provider's answer could not be read"),
+    503: ("upstream_unavailable", "the provider could not be reached over verified TLS"),
+    504: ("upstream_timeout", "the provider did not answer in time"),
+}
+
+
 def _local_reply_config() -> dict:
     """Envoy's own error answers (no upstream, TLS failure, body too large, ext_proc down) in the
     same OpenAI-style JSON as the ext_proc's. The ext_proc's own answers pass through as they are."""
-    def json_body(type_: str, code: str) -> dict:
-        return {"json_format": {"error": {"message": "%LOCAL_REPLY_BODY%", "type": type_, "code": code}},
+    def json_body(status: int, code: str, message: str) -> dict:
+        text = f"{message} (%RESPONSE_CODE_DETAILS%)"
+        return {"json_format": {"error": {"message": text, "type": error_type(status), "code": code}},
                 "content_type": "application/json"}
 
     def status_is(code: int) -> dict:
@@ -128,10 +142,9 @@ def _local_reply_config() -> dict:
         "body_format_override": {"text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
                                  "content_type": "application/json"},
     }]
-    for status, code in ((413, "request_too_large"), (503, "upstream_unavailable"), (504, "upstream_timeout"),
-                         (500, "gateway_error"), (404, "not_found"), (400, "bad_request"), (431, "headers_too_large")):
-        mappers.append({"filter": status_is(status), "body_format_override": json_body(error_type(status), code)})
-    return {"mappers": mappers, "body_format": json_body("server_error", "gateway_error")}
+    for status, (code, message) in LOCAL_REPLIES.items():
+        mappers.append({"filter": status_is(status), "body_format_override": json_body(status, code, message)})
+    return {"mappers": mappers, "body_format": json_body(500, "gateway_error", "the gateway could not answer")}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,117 @@
+"""The command line as a user runs it: validate, route, envoy-config, up's failures, and the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+from helpers import CHAT, REPO, SEED_MANIFESTS, Gateway, free_port, seed_dir, wait_until
+
+
+def extproc(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "extproc", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def test_validate_accepts_seed_and_names_file_object_field_of_errors(tmp_path, keys):
+    ok = extproc("validate", str(SEED_MANIFESTS), env=keys)
+    assert ok.returncode == 0, ok.stderr
+    assert "ok: 2 LLMProvider, 2 LLMRoute" in ok.stdout
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((SEED_MANIFESTS / "06-LLMRoute-weighted.yaml").read_text().replace("weight: 50", "weight: -5"))
+    result = extproc("validate", str(bad), env=keys)
+    assert result.returncode == 1
+    assert f"{bad}: LLMRoute default/demo-llm-server: spec.rules[0].backendRefs[0].weight" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    unset_file = tmp_path / "unset.yaml"
+    unset_file.write_text((SEED_MANIFESTS / "01-LLMProvider.yaml").read_text()
+                          .replace("YOUR_DASHSCOPE_API_KEY", "LLM_GATEWAY_TEST_UNSET_KEY"))
+    unset = extproc("validate", str(unset_file))
+    assert unset.returncode == 1
+    assert f"{unset_file}: LLMProvider default/dashscope-qwen: spec.configs.defaultConfig.openAIConfig.apiKey: " \
+           "environment variable LLM_GATEWAY_TEST_UNSET_KEY is not set" in unset.stderr
+
+
+def test_route_dry_run(keys):
+    vip = extproc("route", "--config", str(SEED_MANIFESTS), "--host", "dashscope.aliyuncs.com",
+                  "-H", "user-type: subscriber", env=keys)
+    assert vip.returncode == 0, vip.stderr
+    assert "rule: vip-route" in vip.stdout and "model qwen-turbo" in vip.stdout
+    assert "cluster llm_provider_dashscope_aliyuncs_com" in vip.stdout
+    split = extproc("route", "--config", str(SEED_MANIFESTS), "--host", "demo-llm-server.default.svc", env=keys)
+    assert " 50.0%  provider default/dashscope-qwen" in split.stdout
+    assert " 50.0%  provider default/moonshot" in split.stdout
+    assert keys["YOUR_DASHSCOPE_API_KEY"] not in vip.stdout + split.stdout
+    none = extproc("route", "--config", str(SEED_MANIFESTS), "--host", "example.com", env=keys)
+    assert none.returncode == 1 and "404" in none.stdout
+
+
+def test_envoy_config_is_valid_for_envoy_and_holds_no_key(tmp_path, keys):
+    from extproc.runner import envoy_binary
+
+    result = extproc("envoy-config", "--control", "extproc.llm-gateway.svc:18000", env=keys)
+    assert result.returncode == 0
+    boot = json.loads(result.stdout)
+    assert all(key not in result.stdout for key in keys.values())
+    (tmp_path / "envoy.json").write_text(result.stdout)
+    check = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(tmp_path / "envoy.json")],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    control = boot["static_resources"]["clusters"][0]
+    assert control["type"] == "STRICT_DNS"
+
+
+def test_committed_envoy_bootstrap_matches_generator():
+    """envoy/bootstrap.json is what `extproc envoy-config` prints with its defaults."""
+    result = extproc("envoy-config")
+    assert result.returncode == 0
+    assert json.loads((REPO / "envoy" / "bootstrap.json").read_text()) == json.loads(result.stdout), \
+        "regenerate with: python -m extproc envoy-config > envoy/bootstrap.json"
+
+
+def test_up_refuses_bad_config_and_busy_port(tmp_path, keys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: LLMRoute\napiVersion: istio.alibabacloud.com/v1beta1\nmetadata: {name: r}\nspec: {host: x}\n")
+    result = extproc("up", "--config", str(bad), "--listen", f"127.0.0.1:{free_port()}",
+                     "--admin", f"127.0.0.1:{free_port()}", env=keys)
+    assert result.returncode == 1
+    assert f"{bad}: LLMRoute default/r: spec.rules: required field is missing" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = extproc("up", "--config", str(SEED_MANIFESTS), "--listen", f"127.0.0.1:{port}",
+                         "--admin", f"127.0.0.1:{free_port()}", env=keys, timeout=60)
+    assert result.returncode == 1
+    assert "envoy exited" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_demo_serves_the_three_scenarios_and_stops_cleanly(tmp_path):
+    listen, admin = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if "API_KEY" not in k}
+    log = tmp_path / "demo.log"
+    process = subprocess.Popen([sys.executable, "-m", "extproc", "demo", "--listen", f"127.0.0.1:{listen}",
+                                "--admin", f"127.0.0.1:{admin}"], stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
+    gw = Gateway(process, listen, admin, log)
+    try:
+        wait_until(lambda: "Ctrl-C stops it." in gw.log() or process.poll() is not None, 30, gw.log)
+        assert process.poll() is None, gw.log()
+        assert f"curl -x http://127.0.0.1:{listen} http://dashscope.aliyuncs.com" in gw.log()
+        assert gw.request("dashscope.aliyuncs.com", CHAT).json()["model"] == "qwen1.5-72b-chat"
+        assert gw.request("dashscope.aliyuncs.com", CHAT, {"user-type": "subscriber"}).json()["model"] == "qwen-turbo"
+        models = {gw.request("demo-llm-server", CHAT).json()["model"] for _ in range(40)}
+        assert models == {"qwen1.5-72b-chat", "moonshot-v1-8k"}
+        assert "llm_provider_api_moonshot_cn.upstream_rq_200" in gw.admin("/stats")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -1,0 +1,83 @@
+"""Config changes under a running gateway: good ones take effect, bad ones never replace a good one."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+from helpers import CHAT, add_seed, seed_dir, wait_until
+
+DASHSCOPE, MOONSHOT = "dashscope.aliyuncs.com", "api.moonshot.cn"
+
+
+def test_in_flight_request_survives_change_and_provider_removal(tmp_path, gateway_factory, fresh_providers):
+    config = seed_dir(tmp_path, "01", "04")
+    gw = gateway_factory(config)
+    from helpers import Gateway
+    slow = Gateway(gw.process, gw.listen_port, gw.admin_port, gw.log_file)  # its own connection
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault(
+        "resp", slow.request(MOONSHOT, CHAT, {"x-fake-delay": "3"})))
+    thread.start()
+    wait_until(lambda: fresh_providers[MOONSHOT].requests, 5)  # the request is at the provider now
+    (config / "04-LLMProvider-moonshot.yaml").unlink()  # the provider and its cluster go away
+    wait_until(lambda: gw.request(MOONSHOT, CHAT).status == 404, 10, lambda: gw.log())
+    thread.join(10)
+    assert result["resp"].status == 200, result["resp"].body
+    assert result["resp"].json()["model"] == "moonshot-v1-8k"
+    assert gw.request(DASHSCOPE, CHAT).status == 200
+
+
+def test_bad_config_keeps_last_good_and_fix_recovers(tmp_path, gateway_factory):
+    config = seed_dir(tmp_path, "01")
+    gw = gateway_factory(config)
+    provider = config / "01-LLMProvider.yaml"
+    good = provider.read_text()
+
+    bad_versions = {
+        "yaml": (good + "  oops: [unclosed\n", "invalid YAML"),
+        "field": (good.replace("path:", "pathh:"), "spec.pathh: unknown field"),
+        "dangling": (good + "---\n" + _route_to("nowhere.example.com"),
+                     "spec.rules[0].backendRefs[0].providerHost: no LLMProvider serves host 'nowhere.example.com'"),
+    }
+    for name, (text, message) in bad_versions.items():
+        provider.write_text(text)
+        wait_until(lambda: message in gw.log(), 10, lambda: f"{name}: error not logged:\n{gw.log()}")
+        assert str(provider) in gw.log()
+        resp = gw.request(DASHSCOPE, CHAT)
+        assert resp.status == 200 and resp.json()["model"] == "qwen1.5-72b-chat", name
+
+    provider.write_text(good.replace("qwen1.5-72b-chat", "qwen-max"))
+    wait_until(lambda: gw.request(DASHSCOPE, CHAT).json()["model"] == "qwen-max", 10, lambda: gw.log())
+
+    shutil.rmtree(config)  # a deleted config directory: the last good config keeps serving
+    wait_until(lambda: "no such file or directory" in gw.log(), 10, lambda: gw.log())
+    assert gw.request(DASHSCOPE, CHAT).json()["model"] == "qwen-max"
+    config.mkdir()
+    add_seed(config, "01")
+    wait_until(lambda: gw.request(DASHSCOPE, CHAT).json()["model"] == "qwen1.5-72b-chat", 10, lambda: gw.log())
+
+
+def test_api_key_from_environment_never_logged(tmp_path, gateway_factory, keys):
+    gw = gateway_factory(seed_dir(tmp_path, "01", "02", "03", "04", "05", "06"), extra=["--log-level", "debug"])
+    for host in (DASHSCOPE, MOONSHOT, "demo-llm-server"):
+        assert gw.request(host, CHAT).status == 200
+    gw.request(DASHSCOPE, b"not json")
+    config_dump = gw.admin("/config_dump")
+    assert gw.stop() == 0  # SIGTERM: a clean exit
+    for key in keys.values():
+        assert key not in gw.log()
+        assert key not in config_dump
+
+
+def _route_to(host: str) -> str:
+    return f"""apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMRoute
+metadata:
+  name: dangling
+spec:
+  host: dangling-route
+  rules:
+  - backendRefs:
+    - providerHost: {host}
+"""

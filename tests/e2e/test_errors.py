@@ -1,0 +1,149 @@
+"""Every error a client can meet is an OpenAI-style JSON answer with the right status."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from extproc.demo.fake_provider import FakeProvider
+from helpers import CHAT, free_port, seed_dir, wait_until
+
+DASHSCOPE = "dashscope.aliyuncs.com"
+
+
+def assert_json_error(resp, status: int, code: str | None = None) -> dict:
+    assert resp.status == status, (resp.status, resp.body)
+    assert resp.headers["content-type"].startswith("application/json")
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "code"}, error
+    assert error["message"] and error["type"]
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
+def provider_yaml(name: str, host: str, model: str = "m-1", key: str = "sk-test-inline") -> str:
+    return f"""apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata:
+  name: {name}
+spec:
+  host: {host}
+  path: /v1/chat/completions
+  configs:
+    defaultConfig:
+      openAIConfig:
+        model: {model}
+        apiKey: {key}
+"""
+
+
+@pytest.fixture
+def gw(tmp_path, gateway_factory):
+    return gateway_factory(seed_dir(tmp_path, "01"), extra=["--body-limit", "1m"])
+
+
+@pytest.mark.parametrize("body, code", [
+    (b"this is not json", "invalid_json"),
+    (b"[1, 2, 3]", "invalid_body"),
+    (b'"a string"', "invalid_body"),
+    (b"\xff\xfe{}", "invalid_json"),
+    (b'{"messages": "hello"}', "invalid_messages"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', "invalid_stream"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "model": 7}', "invalid_model"),
+])
+def test_bad_bodies_get_400(gw, fresh_providers, body, code):
+    assert_json_error(gw.request(DASHSCOPE, body), 400, code)
+    assert fresh_providers[DASHSCOPE].requests == []
+
+
+def test_body_over_limit_gets_413(gw, fresh_providers):
+    big = {"messages": [{"role": "user", "content": "x" * (1 << 20)}]}
+    assert_json_error(gw.request(DASHSCOPE, big), 413)
+    assert fresh_providers[DASHSCOPE].requests == []
+    # just under the limit still goes through, rewritten
+    fits = {"messages": [{"role": "user", "content": "x" * ((1 << 20) - 200)}]}
+    resp = gw.request(DASHSCOPE, fits)
+    assert resp.status == 200 and resp.json()["model"] == "qwen1.5-72b-chat"
+
+
+def test_unknown_host_wrong_method_and_missing_body(gw, fresh_providers):
+    assert_json_error(gw.request("unknown.example.com", CHAT), 404, "unknown_host")
+    assert_json_error(gw.request(DASHSCOPE, None, method="GET"), 405, "method_not_allowed")
+    assert_json_error(gw.request(DASHSCOPE, None), 400, "missing_body")
+    assert fresh_providers[DASHSCOPE].requests == []
+
+
+def test_unreachable_and_untrusted_providers_get_503(tmp_path, gateway_factory, ca, fresh_providers):
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "p.yaml").write_text("---\n".join([
+        provider_yaml("down", "down.example.test"),
+        provider_yaml("wrong-name", "wrong-name.example.test"),
+        provider_yaml("untrusted", "untrusted.example.test"),
+    ]))
+    # a fake whose certificate is for another name, and one signed by a CA Envoy does not trust
+    from extproc.demo.ca import ThrowawayCA
+    other_ca = ThrowawayCA(tmp_path / "other-ca")
+    untrusted_cert = other_ca.issue(["untrusted.example.test"])
+    untrusted = FakeProvider("untrusted", untrusted_cert.cert_file, untrusted_cert.key_file).start()
+    try:
+        gw = gateway_factory(config, extra=[
+            "--resolve", f"down.example.test=127.0.0.1:{free_port()}",
+            "--resolve", f"wrong-name.example.test=127.0.0.1:{fresh_providers[DASHSCOPE].port}",
+            "--resolve", f"untrusted.example.test=127.0.0.1:{untrusted.port}",
+        ])
+        for host in ("down.example.test", "wrong-name.example.test", "untrusted.example.test"):
+            assert_json_error(gw.request(host, CHAT), 503)
+        # no request, and so no key, went over a connection that failed verification
+        assert fresh_providers[DASHSCOPE].requests == []
+        assert untrusted.requests == []
+    finally:
+        untrusted.stop()
+
+
+def test_ext_proc_down_fails_closed(tmp_path, ca, fresh_providers, keys):
+    """Envoy run on its own (`extproc envoy-config`) against `extproc serve`; the server dies."""
+    from conftest import upstream_args
+    from extproc.runner import envoy_binary
+
+    control, listen, admin = free_port(), free_port(), free_port()
+    env = {**__import__("os").environ, **keys}
+    serve_log = (tmp_path / "serve.log").open("wb")
+    serve = subprocess.Popen([sys.executable, "-m", "extproc", "serve", "--config", str(seed_dir(tmp_path, "01")),
+                              "--listen", f"127.0.0.1:{control}", *upstream_args(ca, fresh_providers)],
+                             stdout=serve_log, stderr=subprocess.STDOUT, env=env)
+    boot = subprocess.run([sys.executable, "-m", "extproc", "envoy-config", "--control", f"127.0.0.1:{control}",
+                           "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}"],
+                          capture_output=True, check=True, env=env).stdout
+    assert keys["YOUR_DASHSCOPE_API_KEY"].encode() not in boot
+    (tmp_path / "envoy.json").write_bytes(boot)
+    envoy = subprocess.Popen([envoy_binary(), "-c", str(tmp_path / "envoy.json"), "--disable-hot-restart",
+                              "--concurrency", "1", "--log-level", "error"],
+                             stdout=subprocess.DEVNULL, stderr=(tmp_path / "envoy.log").open("wb"))
+    try:
+        from helpers import Gateway
+        gw = Gateway(envoy, listen, admin, tmp_path / "envoy.log")
+        wait_until(lambda: _status(gw) == 200, 20, lambda: f"no answer through envoy: {(tmp_path / 'serve.log').read_text()}")
+        serve.kill()
+        serve.wait()
+        fresh_providers[DASHSCOPE].clear()
+        for _ in range(5):
+            resp = gw.request(DASHSCOPE, CHAT)
+            assert resp.status >= 500
+            assert_json_error(resp, resp.status)
+        assert fresh_providers[DASHSCOPE].requests == []
+    finally:
+        serve.kill()
+        envoy.terminate()
+        envoy.wait(10)
+
+
+def _status(gw) -> int:
+    try:
+        return gw.request(DASHSCOPE, CHAT).status
+    except OSError:
+        return 0
