@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import orjson
 
 from .errors import GatewayError
 from .routing import Target
+
+
+# orjson reads integers only up to 64 bits (larger ones become floats). A body with a run of 19
+# or more digits takes the standard library's exact path instead; the scan costs microseconds.
+_LONG_DIGITS = re.compile(rb"[0-9]{19,}")
+
+
+def _loads(body: bytes):
+    if _LONG_DIGITS.search(body) is None:
+        return orjson.loads(body), orjson.dumps
+    text = body.decode("utf-8")  # UnicodeDecodeError is a ValueError, reported as invalid UTF-8
+    return json.loads(text), lambda data: json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def rewrite_body(body: bytes, target: Target) -> bytes:
@@ -13,8 +28,8 @@ def rewrite_body(body: bytes, target: Target) -> bytes:
     config sets it; every other field kept as sent. Raises GatewayError (400) for a body that is
     not a chat request."""
     try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
+        data, dumps = _loads(body)
+    except (ValueError, RecursionError) as exc:  # orjson.JSONDecodeError and UnicodeDecodeError are ValueErrors
         reason = "invalid UTF-8" if "utf-8" in str(exc).lower() else "not valid JSON"
         raise GatewayError(400, f"request body is {reason}", "invalid_json") from None
     if not isinstance(data, dict):
@@ -32,4 +47,4 @@ def rewrite_body(body: bytes, target: Target) -> bytes:
         raise GatewayError(400, "'model' is required: the provider config names none", "missing_model")
     if target.stream is not None:
         data["stream"] = target.stream
-    return orjson.dumps(data)
+    return dumps(data)

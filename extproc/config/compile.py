@@ -50,7 +50,6 @@ def compile_config(objects: list[Loaded]) -> Compiled:
 
     routes: dict[str, Route] = {}
     owner: dict[str, Loaded] = {}
-    route_hosts: set[str] = set()
     accepted: list[Loaded] = []
     for obj in objects:
         if not isinstance(obj.resource, LLMRoute):
@@ -68,17 +67,17 @@ def compile_config(objects: list[Loaded]) -> Compiled:
         for name in aliases:
             routes[name] = route
             owner[name] = obj
-        route_hosts.add(obj.resource.spec.host)
         accepted.append(obj)
 
+    # A provider host that no LLMRoute names is routed to the provider itself. Its exact host is
+    # claimed before any provider's namespace aliases; a name an LLMRoute holds stays the route's.
+    defaults = {host: _default_route(obj) for host, obj in providers.items()}
+    accepted.extend(providers.values())
+    for host in providers:
+        routes.setdefault(host, defaults[host])
     for host, obj in providers.items():
-        accepted.append(obj)
-        if host in route_hosts:
-            continue  # an LLMRoute for the provider's own host takes over its traffic
-        route = _default_route(obj)
-        for name in host_aliases(host, obj.resource.metadata.namespace):
-            if name not in routes:
-                routes[name] = route
+        for name in host_aliases(host, obj.resource.metadata.namespace)[1:]:
+            routes.setdefault(name, defaults[host])
 
     clusters = {host: provider_cluster(host) for host in providers}
     table = RoutingTable(routes=routes, clusters=clusters, version=_version(accepted))

@@ -96,28 +96,29 @@ def load_text(text: str, file: str, environ: dict[str, str] | None = None) -> tu
         return [], [Problem(f"invalid YAML: {problem}", file=where)]
     loaded: list[Loaded] = []
     problems: list[Problem] = []
-    for index, doc in enumerate(_flatten(docs)):
-        obj, doc_problems = parse_object(doc, file, index, environ)
+    for number, doc in _documents(docs):
+        obj, doc_problems = parse_object(doc, file, number, environ)
         problems.extend(doc_problems)
         if obj is not None:
             loaded.append(obj)
     return loaded, problems
 
 
-def _flatten(docs: list[Any]) -> list[Any]:
-    out: list[Any] = []
-    for doc in docs:
+def _documents(docs: list[Any]) -> list[tuple[str, Any]]:
+    """Each document with its place in the file ("2", or "2 item 1" inside a `kind: List`)."""
+    out: list[tuple[str, Any]] = []
+    for position, doc in enumerate(docs, start=1):
         if isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(doc.get("items"), list):
-            out.extend(doc["items"])
+            out.extend((f"{position} item {i}", item) for i, item in enumerate(doc["items"], start=1))
         elif doc is not None:
-            out.append(doc)
+            out.append((str(position), doc))
     return out
 
 
-def parse_object(doc: Any, file: str, index: int, environ: dict[str, str] | None = None) -> tuple[Loaded | None, list[Problem]]:
+def parse_object(doc: Any, file: str, number: str, environ: dict[str, str] | None = None) -> tuple[Loaded | None, list[Problem]]:
     """Turn one document into a model, or say why not. Other kinds are skipped silently."""
     if not isinstance(doc, dict):
-        return None, [Problem(f"document {index + 1} is not a mapping", file=file)]
+        return None, [Problem(f"document {number} is not a mapping", file=file)]
     kind = doc.get("kind")
     if kind not in KINDS:
         return None, []
@@ -149,10 +150,13 @@ def _expand_api_keys(provider: LLMProvider, environ: Any) -> tuple[LLMProvider, 
 
         def sub(match: re.Match[str]) -> str:
             name = match.group(1)
-            if name not in environ:
+            value = environ.get(name)
+            if value is None:
                 problems.append((field, f"environment variable {name} is not set"))
                 return ""
-            return environ[name]
+            if not value.strip():
+                problems.append((field, f"environment variable {name} is empty"))
+            return value
 
         return _ENV_REF.sub(sub, value)
 

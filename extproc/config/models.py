@@ -144,8 +144,8 @@ _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A
 
 
 def _check_host(value: str) -> str:
-    if not _HOST_RE.match(value):
-        raise ValueError(f"{value!r} is not a host name (letters, digits, '-' and '.', no port or scheme)")
+    if not _HOST_RE.match(value) or value.replace(".", "").isdigit():
+        raise ValueError(f"{value!r} is not a host name (letters, digits, '-' and '.'; no port, scheme or IP address)")
     return value.lower()
 
 

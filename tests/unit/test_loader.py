@@ -208,14 +208,20 @@ def test_wrong_api_version(tmp_path, api_version):
     assert (problems[0].obj, problems[0].field) == ("LLMProvider default/p", "apiVersion")
 
 
-@pytest.mark.parametrize("doc", [
-    pytest.param("just a string", id="scalar"),
-    pytest.param([1, 2], id="sequence"),
+@pytest.mark.parametrize(("text", "number"), [
+    pytest.param("just a string\n", 1, id="scalar"),
+    pytest.param("- 1\n- 2\n", 1, id="sequence"),
+    pytest.param("kind: Service\n---\nfoo\n", 2, id="after-other-kind"),
+    pytest.param("kind: List\nitems: [{kind: Service}, {kind: Service}]\n---\nfoo\n", 2, id="after-a-list"),
+    pytest.param("kind: Service\n---\n---\nfoo\n", 3, id="after-an-empty-document"),
 ])
-def test_document_that_is_not_a_mapping(tmp_path, doc):
-    loaded, problems = load_paths([write(tmp_path / "p.yaml", doc)], {})
+def test_document_that_is_not_a_mapping(tmp_path, text, number):
+    """The problem names the document's position in the file (the n-th YAML document)."""
+    file = tmp_path / "p.yaml"
+    file.write_text(text)
+    loaded, problems = load_paths([file], {})
     assert loaded == []
-    assert [p.message for p in problems] == ["document 1 is not a mapping"]
+    assert [p.message for p in problems] == [f"document {number} is not a mapping"]
 
 
 @pytest.mark.parametrize("make_paths", [

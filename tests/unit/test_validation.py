@@ -193,3 +193,19 @@ def test_problems_in_two_files_reported_together(tmp_path):
         load_config([tmp_path], {})
     files = sorted(p.file.split(":")[0] for p in info.value.problems)
     assert files == [str(tmp_path / "a.yaml"), str(tmp_path / "b.yaml")]
+
+
+@pytest.mark.parametrize("host", ["10.0.0.1", "1.2.3.4", "example.com:443", "https://example.com"])
+def test_provider_host_must_be_a_name(tmp_path, host):
+    with pytest.raises(ConfigError) as info:
+        load_docs(tmp_path, provider("p", host))
+    (problem,) = info.value.problems
+    assert problem.field == "spec.host" and "is not a host name" in problem.message
+
+
+def test_empty_environment_variable_for_api_key_is_an_error(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_docs(tmp_path, provider("p", "a.example.com", api_key="${EMPTY_KEY}"), environ={"EMPTY_KEY": ""})
+    (problem,) = info.value.problems
+    assert problem.field == "spec.configs.defaultConfig.openAIConfig.apiKey"
+    assert problem.message == "environment variable EMPTY_KEY is empty"

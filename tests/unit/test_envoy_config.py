@@ -1,0 +1,137 @@
+"""The Envoy bootstrap and the provider clusters sent over xDS."""
+
+from __future__ import annotations
+
+import pytest
+from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2  # noqa: F401  (registers @type)
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401
+from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2  # noqa: F401
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
+from google.protobuf import json_format
+
+from extproc.envoy_config import (BootstrapOptions, HostPort, UpstreamOptions, bootstrap, provider_cluster,
+                                  to_cluster_proto)
+from extproc.names import CLUSTER_HEADER, CONTROL_CLUSTER
+
+
+def hcm(boot: dict) -> dict:
+    listener = boot["static_resources"]["listeners"][0]
+    return listener["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def ext_proc(boot: dict) -> dict:
+    return next(f for f in hcm(boot)["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")["typed_config"]
+
+
+@pytest.mark.parametrize("body_limit", [pytest.param(1024, id="1KiB"), pytest.param(8 * 1024 * 1024, id="8MiB"),
+                                        pytest.param(50_000_000, id="50MB")])
+def test_bootstrap_filters_and_limits(body_limit):
+    boot = bootstrap(BootstrapOptions(body_limit=body_limit))
+    names = [f["name"] for f in hcm(boot)["http_filters"]]
+    assert names == ["envoy.filters.http.ext_proc", "envoy.filters.http.router"]  # ext_proc before the router, last
+    proc = ext_proc(boot)
+    assert proc["failure_mode_allow"] is False
+    assert proc["processing_mode"]["request_body_mode"] == "BUFFERED"
+    assert proc["processing_mode"]["request_header_mode"] == "SEND"
+    assert proc["grpc_service"]["envoy_grpc"]["cluster_name"] == CONTROL_CLUSTER
+    assert proc["grpc_service"]["envoy_grpc"]["max_receive_message_length"] > body_limit
+    assert proc["mutation_rules"]["allow_all_routing"] is True  # needed to set :authority and the cluster header
+    listener = boot["static_resources"]["listeners"][0]
+    assert listener["per_connection_buffer_limit_bytes"] == body_limit
+
+
+def test_bootstrap_routes_on_the_cluster_header():
+    route_config = hcm(bootstrap(BootstrapOptions()))["route_config"]
+    routes = [r for vh in route_config["virtual_hosts"] for r in vh["routes"]]
+    assert len(routes) == 1
+    assert routes[0]["route"]["cluster_header"] == CLUSTER_HEADER
+    assert "cluster" not in routes[0]["route"]
+    assert routes[0]["match"] == {"prefix": "/"}
+    assert CLUSTER_HEADER in route_config["request_headers_to_remove"]  # never sent upstream
+
+
+@pytest.mark.parametrize(("opts", "listen", "control_type"), [
+    pytest.param(BootstrapOptions(), ("127.0.0.1", 10000), "STATIC", id="defaults"),
+    pytest.param(BootstrapOptions(listen=HostPort("0.0.0.0", 8080), control=HostPort("extproc", 18000)),
+                 ("0.0.0.0", 8080), "STRICT_DNS", id="control-by-name"),
+    pytest.param(BootstrapOptions(listen=HostPort("::", 8080), control=HostPort("::1", 18000)),
+                 ("::", 8080), "STATIC", id="ipv6"),
+])
+def test_bootstrap_addresses(opts, listen, control_type):
+    boot = bootstrap(opts)
+    address = boot["static_resources"]["listeners"][0]["address"]["socket_address"]
+    assert (address["address"], address["port_value"]) == listen
+    control = boot["static_resources"]["clusters"][0]
+    assert control["name"] == CONTROL_CLUSTER and control["type"] == control_type
+    endpoint = control["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    assert (endpoint["address"], endpoint["port_value"]) == (opts.control.host, opts.control.port)
+    assert boot["dynamic_resources"]["cds_config"]["api_config_source"]["grpc_services"][0]["envoy_grpc"][
+        "cluster_name"] == CONTROL_CLUSTER
+    parsed = json_format.ParseDict(boot, bootstrap_pb2.Bootstrap())  # valid Envoy API, every @type known
+    assert parsed.static_resources.listeners[0].per_connection_buffer_limit_bytes.value == opts.body_limit
+
+
+def test_bootstrap_holds_no_provider():
+    text = repr(bootstrap(BootstrapOptions()))
+    assert "llm_provider_" not in text and "Bearer" not in text
+
+
+def tls(cluster_msg: cluster_pb2.Cluster) -> tls_pb2.UpstreamTlsContext:
+    ctx = tls_pb2.UpstreamTlsContext()
+    assert cluster_msg.transport_socket.typed_config.Unpack(ctx)
+    return ctx
+
+
+@pytest.mark.parametrize(("host", "resolve", "address", "port", "cluster_type"), [
+    pytest.param("dashscope.aliyuncs.com", {}, "dashscope.aliyuncs.com", 443, cluster_pb2.Cluster.LOGICAL_DNS,
+                 id="name-default-port"),
+    pytest.param("api.moonshot.cn", {"api.moonshot.cn": HostPort("127.0.0.1", 8443)}, "127.0.0.1", 8443,
+                 cluster_pb2.Cluster.STATIC, id="resolve-to-ipv4"),
+    pytest.param("api.moonshot.cn", {"api.moonshot.cn": HostPort("::1", 9443)}, "::1", 9443,
+                 cluster_pb2.Cluster.STATIC, id="resolve-to-ipv6"),
+    pytest.param("api.moonshot.cn", {"api.moonshot.cn": HostPort("fake-provider", 443)}, "fake-provider", 443,
+                 cluster_pb2.Cluster.LOGICAL_DNS, id="resolve-to-other-name"),
+    pytest.param("api.moonshot.cn", {"dashscope.aliyuncs.com": HostPort("127.0.0.1", 1)}, "api.moonshot.cn", 443,
+                 cluster_pb2.Cluster.LOGICAL_DNS, id="resolve-for-other-host-ignored"),
+])
+def test_provider_cluster(host, resolve, address, port, cluster_type):
+    name = "llm_provider_x"
+    cluster = provider_cluster(name, host, UpstreamOptions(resolve=resolve, ca_file="/tmp/ca.pem"))
+    msg = to_cluster_proto(cluster)
+    assert msg.name == name
+    assert msg.type == cluster_type
+    endpoint = msg.load_assignment.endpoints[0].lb_endpoints[0].endpoint
+    assert (endpoint.address.socket_address.address, endpoint.address.socket_address.port_value) == (address, port)
+    assert endpoint.hostname == host
+    ctx = tls(msg)
+    assert ctx.sni == host  # SNI is the provider host whatever address is dialled
+    validation = ctx.common_tls_context.validation_context
+    assert validation.trusted_ca.filename == "/tmp/ca.pem"
+    sans = [(m.san_type, m.matcher.exact) for m in validation.match_typed_subject_alt_names]
+    assert sans == [(common_pb2.SubjectAltNameMatcher.DNS, host)]
+    assert msg.HasField("typed_dns_resolver_config") is (cluster_type == cluster_pb2.Cluster.LOGICAL_DNS)
+
+
+def test_provider_cluster_connect_timeout():
+    msg = to_cluster_proto(provider_cluster("c", "a.example.com", UpstreamOptions(connect_timeout_s=2.5)))
+    assert msg.connect_timeout.ToMilliseconds() == 2500
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    pytest.param("127.0.0.1:8443", HostPort("127.0.0.1", 8443), id="ipv4"),
+    pytest.param("[::1]:8443", HostPort("::1", 8443), id="ipv6-bracketed"),
+    pytest.param(":9000", HostPort("127.0.0.1", 9000), id="port-only"),
+    pytest.param("fake:443", HostPort("fake", 443), id="name"),
+])
+def test_host_port_parse(text, expected):
+    assert HostPort.parse(text) == expected
+
+
+@pytest.mark.parametrize("text", [pytest.param("nohost", id="no-port"), pytest.param("h:port", id="not-a-number"),
+                                  pytest.param("h:70000", id="port-too-big"), pytest.param("h:", id="empty-port")])
+def test_host_port_parse_rejects(text):
+    with pytest.raises(ValueError):
+        HostPort.parse(text)

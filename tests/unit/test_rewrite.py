@@ -1,0 +1,151 @@
+"""The request body rewrite and the OpenAI-style error body."""
+
+from __future__ import annotations
+
+import json
+
+import orjson
+import pytest
+
+from extproc.errors import GatewayError, error_body, error_type
+from extproc.rewrite import rewrite_body
+from extproc.routing import Target
+
+
+def target(model: str | None = "qwen-turbo", stream: bool | None = None) -> Target:
+    return Target(route="default/r", rule="rules[0]", provider="default/p", provider_host="p.example.com",
+                  cluster="llm_provider_p_example_com", path="/v1/chat/completions", model=model, stream=stream,
+                  api_key="sk-test")
+
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(("body", "tgt", "expected"), [
+    pytest.param({"model": "gpt-4", "messages": MESSAGES}, target(), {"model": "qwen-turbo", "messages": MESSAGES},
+                 id="model-replaced"),
+    pytest.param({"messages": MESSAGES}, target(), {"messages": MESSAGES, "model": "qwen-turbo"}, id="model-added"),
+    pytest.param({"model": "gpt-4", "messages": MESSAGES}, target(model=None), {"model": "gpt-4", "messages": MESSAGES},
+                 id="no-config-model-keeps-client-model"),
+    pytest.param({"messages": MESSAGES, "stream": True}, target(), {"messages": MESSAGES, "stream": True, "model": "qwen-turbo"},
+                 id="stream-none-keeps-true"),
+    pytest.param({"messages": MESSAGES, "stream": False}, target(), {"messages": MESSAGES, "stream": False, "model": "qwen-turbo"},
+                 id="stream-none-keeps-false"),
+    pytest.param({"messages": MESSAGES}, target(), {"messages": MESSAGES, "model": "qwen-turbo"},
+                 id="stream-none-not-added"),
+    pytest.param({"messages": MESSAGES, "stream": True}, target(stream=False),
+                 {"messages": MESSAGES, "stream": False, "model": "qwen-turbo"}, id="stream-forced-false"),
+    pytest.param({"messages": MESSAGES}, target(stream=True), {"messages": MESSAGES, "model": "qwen-turbo", "stream": True},
+                 id="stream-forced-true-added"),
+    pytest.param({"messages": MESSAGES, "stream": False}, target(stream=True),
+                 {"messages": MESSAGES, "stream": True, "model": "qwen-turbo"}, id="stream-forced-true"),
+    pytest.param({"model": "x", "messages": MESSAGES, "temperature": 0.2, "top_p": 1, "max_tokens": 64,
+                  "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+                  "stream": True, "stream_options": {"include_usage": True}, "user": "u-1", "n": None,
+                  "metadata": {"unicode": "你好 ✓", "nested": [1, [2, {"k": None}]]}},
+                 target(stream=False),
+                 {"model": "qwen-turbo", "messages": MESSAGES, "temperature": 0.2, "top_p": 1, "max_tokens": 64,
+                  "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+                  "stream": False, "stream_options": {"include_usage": True}, "user": "u-1", "n": None,
+                  "metadata": {"unicode": "你好 ✓", "nested": [1, [2, {"k": None}]]}},
+                 id="other-fields-kept"),
+    pytest.param({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": [{"type": "text", "text": "t"}]}]},
+                 target(), {"messages": [{"role": "system", "content": "s"},
+                                         {"role": "user", "content": [{"type": "text", "text": "t"}]}], "model": "qwen-turbo"},
+                 id="messages-kept-verbatim"),
+])
+def test_rewrite_body(body, tgt, expected):
+    out = rewrite_body(json.dumps(body, ensure_ascii=False).encode(), tgt)
+    parsed = json.loads(out)
+    assert parsed == expected
+    assert list(parsed) == list(expected)  # key order kept; a new key goes last
+
+
+def test_rewrite_body_output_is_compact_utf8_json():
+    out = rewrite_body('{"messages": [{"role": "user", "content": "héllo"}], "model": "m"}'.encode(), target())
+    assert out == '{"messages":[{"role":"user","content":"héllo"}],"model":"qwen-turbo"}'.encode()
+
+
+def _nested(depth: int) -> bytes:
+    return b'{"messages":[{"role":"user","content":' + b"[" * depth + b"]" * depth + b"}]}"
+
+
+@pytest.mark.parametrize(("body", "tgt", "code"), [
+    pytest.param(b"not json", target(), "invalid_json", id="not-json"),
+    pytest.param(b"", target(), "invalid_json", id="empty"),
+    pytest.param(b'{"messages": [', target(), "invalid_json", id="truncated"),
+    pytest.param(b'{"messages": [1],}', target(), "invalid_json", id="trailing-comma"),
+    pytest.param(b'{"messages":[{"content":"\xff\xfe"}]}', target(), "invalid_json", id="invalid-utf8"),
+    pytest.param(b"\xff\xfe", target(), "invalid_json", id="invalid-utf8-only"),
+    pytest.param(b'{"messages": [{"content": NaN}]}', target(), "invalid_json", id="nan"),
+    pytest.param(_nested(5000), target(), "invalid_json", id="nested-depth-5000"),
+    pytest.param(b"[" * 5000 + b"]" * 5000, target(), "invalid_json", id="nested-array-depth-5000"),
+    pytest.param(b'[{"messages": [1]}]', target(), "invalid_body", id="array"),
+    pytest.param(b'"chat"', target(), "invalid_body", id="string"),
+    pytest.param(b"42", target(), "invalid_body", id="number"),
+    pytest.param(b"null", target(), "invalid_body", id="null"),
+    pytest.param(b"true", target(), "invalid_body", id="bool"),
+    pytest.param(b'{"model": "m"}', target(), "invalid_messages", id="messages-missing"),
+    pytest.param(b'{"messages": []}', target(), "invalid_messages", id="messages-empty"),
+    pytest.param(b'{"messages": "hi"}', target(), "invalid_messages", id="messages-string"),
+    pytest.param(b'{"messages": {"role": "user"}}', target(), "invalid_messages", id="messages-object"),
+    pytest.param(b'{"messages": null}', target(), "invalid_messages", id="messages-null"),
+    pytest.param(b'{"messages": [1], "model": 5}', target(), "invalid_model", id="model-number"),
+    pytest.param(b'{"messages": [1], "model": null}', target(), "invalid_model", id="model-null"),
+    pytest.param(b'{"messages": [1], "model": ["m"]}', target(), "invalid_model", id="model-list"),
+    pytest.param(b'{"messages": [1], "stream": "true"}', target(), "invalid_stream", id="stream-string"),
+    pytest.param(b'{"messages": [1], "stream": 1}', target(), "invalid_stream", id="stream-number"),
+    pytest.param(b'{"messages": [1], "stream": null}', target(stream=True), "invalid_stream", id="stream-null"),
+    pytest.param(b'{"messages": [1]}', target(model=None), "missing_model", id="no-model-anywhere"),
+    pytest.param(b'{"messages": [1], "model": ""}', target(model=None), "missing_model", id="empty-model-no-config"),
+])
+def test_bad_body_is_a_400(body, tgt, code):
+    with pytest.raises(GatewayError) as info:
+        rewrite_body(body, tgt)
+    err = info.value
+    assert (err.status, err.code) == (400, code)
+    assert err.message and str(err) == err.message
+
+
+@pytest.mark.parametrize(("body", "phrase"), [
+    pytest.param(b"\xff\xfe", "invalid UTF-8", id="utf8"),
+    pytest.param(b"{oops", "not valid JSON", id="json"),
+    pytest.param(b"[]", "JSON object", id="object"),
+    pytest.param(b'{"messages": []}', "'messages'", id="messages"),
+])
+def test_bad_body_message_says_what_is_wrong(body, phrase):
+    with pytest.raises(GatewayError) as info:
+        rewrite_body(body, target())
+    assert phrase in info.value.message
+
+
+@pytest.mark.parametrize(("status", "type_"), [
+    pytest.param(400, "invalid_request_error", id="400"),
+    pytest.param(404, "invalid_request_error", id="404"),
+    pytest.param(405, "invalid_request_error", id="405"),
+    pytest.param(413, "invalid_request_error", id="413"),
+    pytest.param(429, "invalid_request_error", id="429-unlisted-client-error"),
+    pytest.param(500, "server_error", id="500"),
+    pytest.param(502, "upstream_error", id="502"),
+    pytest.param(503, "upstream_error", id="503"),
+    pytest.param(504, "upstream_error", id="504"),
+    pytest.param(501, "server_error", id="501-unlisted-server-error"),
+])
+def test_error_body_shape(status, type_):
+    body = error_body(status, "what went wrong: \"quoted\"", "some_code")
+    parsed = orjson.loads(body)
+    assert parsed == {"error": {"message": "what went wrong: \"quoted\"", "type": type_, "code": "some_code"}}
+    assert error_type(status) == type_
+
+
+def test_gateway_error_body_matches_error_body():
+    err = GatewayError(404, "no route", "unknown_host")
+    assert err.body() == error_body(404, "no route", "unknown_host")
+    assert orjson.loads(err.body())["error"]["code"] == "unknown_host"
+
+
+def test_integers_beyond_64_bits_are_kept_exactly():
+    body = b'{"messages": [{"role": "user", "content": "hi"}], "seed": 123456789012345678901234567890, "t": 0.5}'
+    out = rewrite_body(body, target(model="m"))
+    assert b'"seed":123456789012345678901234567890' in out
+    assert json.loads(out)["t"] == 0.5 and json.loads(out)["model"] == "m"

@@ -1,0 +1,215 @@
+"""The ext_proc service, driven directly: ProcessingRequest messages in, ProcessingResponse messages out."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from extproc.names import CLUSTER_HEADER
+from extproc.routing import EMPTY_TABLE
+from extproc.server import ExternalProcessor, TableHolder
+from unit_helpers import (DASHSCOPE, DASHSCOPE_KEY, MOONSHOT, MOONSHOT_KEY, load_docs, load_seed, provider, route,
+                          rule)
+
+DASH_CLUSTER = "llm_provider_dashscope_aliyuncs_com"
+MOON_CLUSTER = "llm_provider_api_moonshot_cn"
+CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hello"}], "temperature": 0.3}
+
+
+@pytest.fixture(scope="module")
+def seed_table():
+    return load_seed("01-LLMProvider.yaml", "02-LLMRoute.yaml", "03-LLMProvider-with-route-config.yaml",
+                     "04-LLMProvider-moonshot.yaml", "06-LLMRoute-weighted.yaml").table
+
+
+def headers_msg(authority: str, method: str = "POST", extra: dict[str, str] | None = None,
+                end_of_stream: bool = False) -> pb.ProcessingRequest:
+    pairs = {":method": method, ":path": "/v1/chat/completions", ":scheme": "http", ":authority": authority,
+             "content-type": "application/json", **(extra or {})}
+    values = [base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs.items()]
+    return pb.ProcessingRequest(request_headers=pb.HttpHeaders(
+        headers=base_pb2.HeaderMap(headers=values), end_of_stream=end_of_stream))
+
+
+def body_msg(body: bytes | dict) -> pb.ProcessingRequest:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return pb.ProcessingRequest(request_body=pb.HttpBody(body=raw, end_of_stream=True))
+
+
+def run(processor: ExternalProcessor, *messages, between=None) -> list[pb.ProcessingResponse]:
+    async def requests():
+        for i, message in enumerate(messages):
+            if i and between is not None:
+                between()
+            yield message
+
+    async def collect():
+        return [r async for r in processor.Process(requests(), None)]
+
+    return asyncio.run(collect())
+
+
+def processor(table, draw: float = 0.0) -> ExternalProcessor:
+    return ExternalProcessor(TableHolder(table), draw=lambda: draw)
+
+
+def set_headers(response: pb.ProcessingResponse) -> dict[str, str]:
+    mutation = response.request_body.response.header_mutation
+    keys = [o.header.key for o in mutation.set_headers]
+    assert len(keys) == len(set(keys)), f"header set twice: {keys}"
+    return {o.header.key: o.header.raw_value.decode() for o in mutation.set_headers}
+
+
+def forward(table, authority: str, body=CHAT, extra=None, draw: float = 0.0) -> pb.ProcessingResponse:
+    responses = run(processor(table, draw), headers_msg(authority, extra=extra), body_msg(body))
+    assert [r.WhichOneof("response") for r in responses] == ["request_headers", "request_body"]
+    return responses[1]
+
+
+@pytest.mark.parametrize(("authority", "extra", "draw", "expected"), [
+    pytest.param(DASHSCOPE, {}, 0.0,
+                 dict(path="/compatible-mode/v1/chat/completions", host=DASHSCOPE, key=DASHSCOPE_KEY,
+                      cluster=DASH_CLUSTER, model="qwen1.5-72b-chat", stream=None), id="dashscope-default-rule"),
+    pytest.param(DASHSCOPE, {"user-type": "subscriber"}, 0.0,
+                 dict(path="/compatible-mode/v1/chat/completions", host=DASHSCOPE, key=DASHSCOPE_KEY,
+                      cluster=DASH_CLUSTER, model="qwen-turbo", stream=None), id="dashscope-subscriber"),
+    pytest.param(f"{MOONSHOT}:443", {}, 0.0,
+                 dict(path="/v1/chat/completions", host=MOONSHOT, key=MOONSHOT_KEY, cluster=MOON_CLUSTER,
+                      model="moonshot-v1-8k", stream=False), id="moonshot-with-port"),
+    pytest.param("demo-llm-server", {}, 0.25,
+                 dict(path="/compatible-mode/v1/chat/completions", host=DASHSCOPE, key=DASHSCOPE_KEY,
+                      cluster=DASH_CLUSTER, model="qwen1.5-72b-chat", stream=None), id="weighted-low-draw"),
+    pytest.param("demo-llm-server.default.svc.cluster.local", {}, 0.75,
+                 dict(path="/v1/chat/completions", host=MOONSHOT, key=MOONSHOT_KEY, cluster=MOON_CLUSTER,
+                      model="moonshot-v1-8k", stream=False), id="weighted-high-draw-cluster-local"),
+    pytest.param(DASHSCOPE, {CLUSTER_HEADER: MOON_CLUSTER}, 0.0,
+                 dict(path="/compatible-mode/v1/chat/completions", host=DASHSCOPE, key=DASHSCOPE_KEY,
+                      cluster=DASH_CLUSTER, model="qwen1.5-72b-chat", stream=None), id="client-cluster-header-ignored"),
+    pytest.param(DASHSCOPE, {"authorization": "Bearer sk-client"}, 0.0,
+                 dict(path="/compatible-mode/v1/chat/completions", host=DASHSCOPE, key=DASHSCOPE_KEY,
+                      cluster=DASH_CLUSTER, model="qwen1.5-72b-chat", stream=None), id="client-authorization-replaced"),
+])
+def test_headers_then_body_rewrites_and_routes(seed_table, authority, extra, draw, expected):
+    response = forward(seed_table, authority, extra=extra, draw=draw)
+    common = response.request_body.response
+    body = common.body_mutation.body
+    headers = set_headers(response)
+    assert headers[":path"] == expected["path"]
+    assert headers[":authority"] == expected["host"]
+    assert headers["authorization"] == f"Bearer {expected['key']}"
+    assert headers[CLUSTER_HEADER] == expected["cluster"]
+    assert headers["content-length"] == str(len(body))
+    assert headers["content-type"] == "application/json"
+    assert common.clear_route_cache is True
+    assert all(o.append_action == base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+               for o in common.header_mutation.set_headers)
+    parsed = json.loads(body)
+    assert parsed["model"] == expected["model"]
+    assert parsed["messages"] == CHAT["messages"] and parsed["temperature"] == CHAT["temperature"]
+    assert parsed.get("stream") == expected["stream"]
+
+
+def test_body_length_header_tracks_the_rewritten_body(seed_table):
+    long_model = {**CHAT, "model": "x" * 500}
+    response = forward(seed_table, DASHSCOPE, body=long_model)
+    body = response.request_body.response.body_mutation.body
+    assert len(body) < len(json.dumps(long_model))
+    assert set_headers(response)["content-length"] == str(len(body))
+
+
+def test_same_target_twice_gets_one_content_length_each(seed_table):
+    """The per-target header mutation is prebuilt and shared: a request's content-length must not leak into it."""
+    small = forward(seed_table, MOONSHOT, body={"messages": [{"role": "user", "content": "a"}]})
+    large = forward(seed_table, MOONSHOT, body={"messages": [{"role": "user", "content": "a" * 1000}]})
+    for response in (small, large):
+        mutation = response.request_body.response.header_mutation
+        lengths = [o.header.raw_value for o in mutation.set_headers if o.header.key == "content-length"]
+        assert lengths == [str(len(response.request_body.response.body_mutation.body)).encode()]
+
+
+def test_provider_without_api_key_removes_client_authorization(tmp_path):
+    table = load_docs(tmp_path, provider("local", "local.example.com", model="m-local")).table
+    response = forward(table, "local.example.com", extra={"authorization": "Bearer sk-client"})
+    mutation = response.request_body.response.header_mutation
+    assert "authorization" in mutation.remove_headers
+    assert "authorization" not in set_headers(response)
+
+
+def error_of(response: pb.ProcessingResponse) -> tuple[int, dict, dict[str, str], str]:
+    assert response.WhichOneof("response") == "immediate_response"
+    imm = response.immediate_response
+    headers = {o.header.key: o.header.raw_value.decode() for o in imm.headers.set_headers}
+    return imm.status.code, json.loads(imm.body), headers, imm.details
+
+
+@pytest.mark.parametrize(("messages", "status", "code"), [
+    pytest.param([headers_msg("unknown.example.com"), body_msg(CHAT)], 404, "unknown_host", id="unknown-host"),
+    pytest.param([headers_msg("dashscope.aliyuncs.com.evil"), body_msg(CHAT)], 404, "unknown_host", id="suffixed-host"),
+    pytest.param([headers_msg(DASHSCOPE, method="GET")], 405, "method_not_allowed", id="get"),
+    pytest.param([headers_msg(DASHSCOPE, method="PUT"), body_msg(CHAT)], 405, "method_not_allowed", id="put"),
+    pytest.param([headers_msg(DASHSCOPE, end_of_stream=True)], 400, "missing_body", id="headers-end-of-stream"),
+    pytest.param([headers_msg(DASHSCOPE), body_msg(b"{not json")], 400, "invalid_json", id="body-not-json"),
+    pytest.param([headers_msg(DASHSCOPE), body_msg(b"\xff\xfe")], 400, "invalid_json", id="body-invalid-utf8"),
+    pytest.param([headers_msg(DASHSCOPE), body_msg(b"[]")], 400, "invalid_body", id="body-array"),
+    pytest.param([headers_msg(DASHSCOPE), body_msg({"model": "m", "messages": []})], 400, "invalid_messages",
+                 id="body-empty-messages"),
+    pytest.param([headers_msg(DASHSCOPE), body_msg(b"")], 400, "invalid_json", id="body-empty"),
+    pytest.param([body_msg(CHAT)], 500, "internal_error", id="body-before-headers"),
+])
+def test_errors_are_immediate_json_responses(seed_table, messages, status, code):
+    responses = run(processor(seed_table), *messages)
+    got_status, body, headers, details = error_of(responses[-1])
+    assert (got_status, body["error"]["code"]) == (status, code)
+    assert set(body["error"]) == {"message", "type", "code"} and body["error"]["message"]
+    assert body["error"]["type"] == ("server_error" if status >= 500 else "invalid_request_error")
+    assert headers["content-type"] == "application/json"
+    assert details == f"llm_gateway_{code}"
+    # the stream ends with the error: nothing after it is processed, nothing is forwarded
+    assert all(r.WhichOneof("response") != "request_body" for r in responses)
+
+
+def test_stream_stops_after_an_immediate_response(seed_table):
+    responses = run(processor(seed_table), headers_msg("unknown.example.com"), body_msg(CHAT), headers_msg(DASHSCOPE))
+    assert [r.WhichOneof("response") for r in responses] == ["immediate_response"]
+
+
+def test_no_matching_rule_is_a_404(tmp_path):
+    table = load_docs(tmp_path, provider("p", "backend.example.com"),
+                      route("r", "chat.example.com", [rule("backend.example.com",
+                                                            matches=[{"headers": {"x-team": {"exact": "a"}}}])])).table
+    status, body, _, _ = error_of(run(processor(table), headers_msg("chat.example.com"), body_msg(CHAT))[-1])
+    assert (status, body["error"]["code"]) == (404, "no_matching_rule")
+    ok = forward(table, "chat.example.com", extra={"x-team": "a"})
+    assert set_headers(ok)[":authority"] == "backend.example.com"
+
+
+def test_request_keeps_the_target_chosen_with_its_headers(seed_table):
+    """A config change between the headers and the body does not change (or fail) a request in flight."""
+    holder = TableHolder(seed_table)
+    proc = ExternalProcessor(holder, draw=lambda: 0.0)
+    responses = run(proc, headers_msg(MOONSHOT), body_msg(CHAT),
+                    between=lambda: setattr(holder, "table", EMPTY_TABLE))
+    assert set_headers(responses[1])[CLUSTER_HEADER] == MOON_CLUSTER
+    status, _, _, _ = error_of(run(proc, headers_msg(MOONSHOT), body_msg(CHAT))[-1])
+    assert status == 404  # the next request sees the new (empty) table
+
+
+def test_draw_is_taken_once_per_request(seed_table):
+    draws = iter([0.1, 0.9])
+    proc = ExternalProcessor(TableHolder(seed_table), draw=lambda: next(draws))
+    first = run(proc, headers_msg("demo-llm-server"), body_msg(CHAT))
+    second = run(proc, headers_msg("demo-llm-server"), body_msg(CHAT))
+    assert set_headers(first[1])[CLUSTER_HEADER] == DASH_CLUSTER
+    assert set_headers(second[1])[CLUSTER_HEADER] == MOON_CLUSTER
+
+
+@pytest.mark.parametrize("phase", ["response_headers", "response_body", "request_trailers", "response_trailers"])
+def test_other_phases_are_continued(seed_table, phase):
+    request = pb.ProcessingRequest()
+    getattr(request, phase).SetInParent()
+    responses = run(processor(seed_table), request)
+    assert [r.WhichOneof("response") for r in responses] == [phase]
