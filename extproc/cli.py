@@ -31,6 +31,10 @@ def _resolve(text: str) -> tuple[str, HostPort]:
     return host.lower(), _host_port(target)
 
 
+def _optional_host_port(text: str) -> HostPort | None:
+    return None if text.lower() in ("", "none", "off") else _host_port(text)
+
+
 def _size(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
     t = text.strip().lower().removesuffix("ib").removesuffix("b")
@@ -47,6 +51,15 @@ def _add_upstream_args(p: argparse.ArgumentParser) -> None:
                    help="reach provider HOST at ADDR:PORT, keeping SNI and certificate checks for HOST (repeatable)")
     p.add_argument("--upstream-ca", default=SYSTEM_CA_BUNDLE, metavar="FILE",
                    help=f"CA bundle that provider certificates must chain to (default: {SYSTEM_CA_BUNDLE})")
+
+
+def _add_metrics_arg(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--metrics", type=_optional_host_port, default=_host_port(default), metavar="HOST:PORT",
+                   help=f"serve /metrics (Prometheus), /healthz and /readyz here (default {default}; 'none' for none)")
+
+
+def _access_log(text: str) -> str | None:
+    return None if text.lower() in ("", "none", "off") else text
 
 
 def _upstream(args: argparse.Namespace) -> UpstreamOptions:
@@ -73,17 +86,22 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--body-limit", type=_size, default=DEFAULT_BODY_LIMIT, metavar="SIZE",
                     help="largest request body accepted (default 8m); larger gets 413")
     up.add_argument("--envoy-log-level", default="warning", help="Envoy's --log-level (default warning)")
+    _add_metrics_arg(up, "127.0.0.1:9464")
+    up.add_argument("--access-log", default="/dev/stdout", metavar="PATH",
+                    help="file for Envoy's JSON access log, a line per request (default /dev/stdout; 'none' for none)")
     _add_upstream_args(up)
 
     demo = sub.add_parser("demo", parents=[common], help="the embedded default: fake local providers, the seed manifests, ready-to-paste curls")
     demo.add_argument("--listen", type=_host_port, default=HostPort("127.0.0.1", 10000), metavar="HOST:PORT")
     demo.add_argument("--admin", type=_host_port, default=HostPort("127.0.0.1", 9901), metavar="HOST:PORT")
+    _add_metrics_arg(demo, "127.0.0.1:9464")
 
     serve = sub.add_parser("serve", parents=[common], help="the ext_proc and xDS server only, for an Envoy run elsewhere")
     serve.add_argument("--config", action="append", required=True, metavar="PATH")
     serve.add_argument("--listen", type=_host_port, default=HostPort("0.0.0.0", 18000), metavar="HOST:PORT",
                        help="gRPC address for ext_proc and xDS (default 0.0.0.0:18000)")
     serve.add_argument("--body-limit", type=_size, default=DEFAULT_BODY_LIMIT, metavar="SIZE")
+    _add_metrics_arg(serve, "0.0.0.0:9464")
     _add_upstream_args(serve)
 
     ec = sub.add_parser("envoy-config", parents=[common], help="print the Envoy bootstrap (JSON); it holds no API key")
@@ -92,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("--listen", type=_host_port, default=HostPort("0.0.0.0", 10000), metavar="HOST:PORT")
     ec.add_argument("--admin", type=_host_port, default=HostPort("127.0.0.1", 9901), metavar="HOST:PORT")
     ec.add_argument("--body-limit", type=_size, default=DEFAULT_BODY_LIMIT, metavar="SIZE")
+    ec.add_argument("--access-log", default="/dev/stdout", metavar="PATH",
+                    help="file for Envoy's JSON access log (default /dev/stdout; 'none' for none)")
 
     val = sub.add_parser("validate", parents=[common], help="check config files; exit 1 and name file, object and field of each error")
     val.add_argument("paths", nargs="+", metavar="PATH")
@@ -120,18 +140,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     opts = UpOptions(config=args.config, listen=args.listen, admin=args.admin, upstream=_upstream(args),
-                     body_limit=args.body_limit, concurrency=args.concurrency, envoy_log_level=args.envoy_log_level)
+                     body_limit=args.body_limit, concurrency=args.concurrency, envoy_log_level=args.envoy_log_level,
+                     metrics=args.metrics, access_log=_access_log(args.access_log))
     return asyncio.run(run_up(opts))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo.run import run_demo
 
-    return asyncio.run(run_demo(args.listen, args.admin))
+    return asyncio.run(run_demo(args.listen, args.admin, args.metrics))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .control import ControlPlane
+    from .ops_http import OpsServer
 
     async def serve() -> int:
         control = ControlPlane(_upstream(args), args.body_limit)
@@ -140,10 +162,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             await source.load_initial()
         except ConfigError as exc:
             raise StartupError("the config has errors:\n" + str(exc)) from None
+        ops = OpsServer(control.metrics.registry, lambda: control.loaded)
         try:
             await control.start(args.listen)
+            if args.metrics is not None:
+                await ops.start(args.metrics)
         except OSError as exc:
-            raise StartupError(str(exc)) from None
+            raise StartupError(f"cannot listen: {exc}") from None
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -151,6 +176,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         watcher = asyncio.create_task(source.run())
         await stop.wait()
         watcher.cancel()
+        await ops.stop()
         await control.stop()
         return 0
 
@@ -158,7 +184,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_envoy_config(args: argparse.Namespace) -> int:
-    opts = BootstrapOptions(listen=args.listen, admin=args.admin, control=args.control, body_limit=args.body_limit)
+    opts = BootstrapOptions(listen=args.listen, admin=args.admin, control=args.control, body_limit=args.body_limit,
+                            access_log=_access_log(args.access_log))
     json.dump(bootstrap(opts), sys.stdout, indent=2)
     print()
     return 0

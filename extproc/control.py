@@ -1,5 +1,5 @@
-"""The gRPC server that Envoy talks to (ext_proc and CDS on one port), and how a new config is
-rolled out to it without failing requests.
+"""The gRPC server that Envoy talks to (ext_proc, CDS and the access log service on one port),
+and how a new config is rolled out to it without failing requests.
 
 A change goes out in three steps: first Envoy gets the union of the old and new clusters and
 acknowledges them, then the ext_proc switches to the new routing table, then the clusters no
@@ -11,11 +11,14 @@ from __future__ import annotations
 import logging
 
 import grpc
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.cluster.v3 import cds_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
+from .accesslog import AccessLogReceiver
 from .config.compile import Compiled
 from .envoy_config import DEFAULT_BODY_LIMIT, HostPort, UpstreamOptions, provider_cluster, to_cluster_proto
+from .metrics import GatewayMetrics
 from .routing import EMPTY_TABLE, RoutingTable
 from .server import ExternalProcessor, TableHolder
 from .xds import ClusterDiscovery, ClusterPublisher
@@ -30,6 +33,8 @@ class ControlPlane:
         self.upstream = upstream
         self.holder = TableHolder(EMPTY_TABLE)
         self.publisher = ClusterPublisher()
+        self.metrics = GatewayMetrics()
+        self.loaded = False  # a config is in force (readiness)
         self._body_limit = body_limit
         self._server: grpc.aio.Server | None = None
         self.port = 0
@@ -47,12 +52,13 @@ class ControlPlane:
         ])
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(self.holder), server)
         cds_pb2_grpc.add_ClusterDiscoveryServiceServicer_to_server(ClusterDiscovery(self.publisher), server)
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogReceiver(self.metrics), server)
         self.port = server.add_insecure_port(str(listen))
         if self.port == 0:
             raise OSError(f"cannot listen on {listen} for gRPC (in use, or not an address of this host)")
         await server.start()
         self._server = server
-        log.info("ext_proc and xDS listening on %s:%d", listen.host, self.port)
+        log.info("ext_proc, xDS and access log service listening on %s:%d", listen.host, self.port)
         return self.port
 
     async def stop(self, grace: float = 2.0) -> None:
@@ -75,4 +81,5 @@ class ControlPlane:
                 await self.publisher.publish([to_cluster_proto(c) for c in new_clusters.values()])
         else:
             self.holder.table = new
+        self.loaded = True
         log.info("routing table %s in force: %d host names, %d providers", new.version, len(new.routes), len(new.clusters))

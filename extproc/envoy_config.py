@@ -16,7 +16,7 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
 
 from .errors import error_type
-from .names import CLUSTER_HEADER, CONTROL_CLUSTER
+from .names import CLUSTER_HEADER, CONTROL_CLUSTER, METADATA_NAMESPACE
 
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 DEFAULT_BODY_LIMIT = 8 * 1024 * 1024
@@ -147,6 +147,119 @@ def _local_reply_config() -> dict:
     return {"mappers": mappers, "body_format": json_body(500, "gateway_error", "the gateway could not answer")}
 
 
+def _grpc_service(opts: "BootstrapOptions") -> dict:
+    return {"envoy_grpc": {"cluster_name": CONTROL_CLUSTER, "max_receive_message_length": opts.body_limit + (1 << 20)}}
+
+
+def _usage_from_json() -> dict:
+    """Envoy reads model and usage of a JSON answer itself (no extra ext_proc message)."""
+    def rule(path: list[str], key: str, kind: str) -> dict:
+        return {"selectors": [{"key": p} for p in path],
+                "on_present": {"metadata_namespace": METADATA_NAMESPACE, "key": key, "type": kind}}
+
+    return {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
+        "response_rules": {
+            "rules": [rule(["model"], "response_model", "STRING"),
+                      rule(["usage", "prompt_tokens"], "prompt_tokens", "NUMBER"),
+                      rule(["usage", "completion_tokens"], "completion_tokens", "NUMBER"),
+                      rule(["usage", "total_tokens"], "total_tokens", "NUMBER")],
+            "allow_content_types_regex": {"regex": "application/json.*"},
+        },
+    }
+
+
+def _event_stream_observer(opts: "BootstrapOptions") -> dict:
+    """A second ext_proc, for server-sent-event answers only: a matcher on the answer's
+    content type skips it for everything else, so JSON answers cost no extra message. It fails
+    open: an answer already under way is never cut because metrics could not be read."""
+    ext_proc = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        "grpc_service": _grpc_service(opts),
+        "failure_mode_allow": True,
+        "message_timeout": "10s",
+        "processing_mode": {
+            "request_header_mode": "SKIP",
+            "response_header_mode": "SEND",
+            "request_body_mode": "NONE",
+            "response_body_mode": "STREAMED",
+            "request_trailer_mode": "SKIP",
+            "response_trailer_mode": "SKIP",
+        },
+        "metadata_options": {"forwarding_namespaces": {"untyped": [METADATA_NAMESPACE]},
+                             "receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
+        "stat_prefix": "event_stream",
+    }
+    not_event_stream = {"not_matcher": {"single_predicate": {
+        "input": {"name": "content-type", "typed_config": {
+            "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpResponseHeaderMatchInput", "header_name": "content-type"}},
+        "value_match": {"prefix": "text/event-stream"},
+    }}}
+    return {
+        "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+        "extension_config": {"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc},
+        "xds_matcher": {"matcher_list": {"matchers": [{
+            "predicate": not_event_stream,
+            "on_match": {"action": {"name": "skip", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter"}}},
+        }]}},
+    }
+
+
+def _meta(key: str) -> str:
+    return f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:{key})%"
+
+
+# One JSON line per request. The `llm_gateway` dynamic metadata comes from the ext_proc (route,
+# rule, provider, request model, stream), from json_to_metadata (JSON answers) or the event-stream
+# reader (streamed answers): response model, tokens, time to first token, time per output token.
+ACCESS_LOG_FORMAT = {
+    "start_time": "%START_TIME%",
+    "method": "%REQ(:METHOD)%",
+    "host": _meta("host"),
+    "route": _meta("route"),
+    "rule": _meta("rule"),
+    "provider": _meta("provider"),
+    "request_model": _meta("request_model"),
+    "response_model": _meta("response_model"),
+    "stream": _meta("stream"),
+    "prompt_tokens": _meta("prompt_tokens"),
+    "completion_tokens": _meta("completion_tokens"),
+    "total_tokens": _meta("total_tokens"),
+    "ttft_ms": _meta("ttft_ms"),
+    "tpot_ms": _meta("tpot_ms"),
+    "stream_error": _meta("stream_error"),
+    "status": "%RESPONSE_CODE%",
+    "details": "%RESPONSE_CODE_DETAILS%",
+    "flags": "%RESPONSE_FLAGS%",
+    "duration_ms": "%DURATION%",
+    "upstream_cluster": "%UPSTREAM_CLUSTER%",
+    "upstream_host": "%UPSTREAM_HOST%",
+    "bytes_received": "%BYTES_RECEIVED%",
+    "bytes_sent": "%BYTES_SENT%",
+}
+
+
+def _access_logs(opts: "BootstrapOptions") -> list[dict]:
+    logs = [{
+        # to the control plane, batched, for the Prometheus metrics
+        "name": "envoy.access_loggers.http_grpc",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+            "common_config": {"log_name": "llm_gateway", "transport_api_version": "V3",
+                              "grpc_service": {"envoy_grpc": {"cluster_name": CONTROL_CLUSTER}},
+                              "buffer_flush_interval": "0.5s"},
+        },
+    }]
+    if opts.access_log:
+        logs.append({
+            "name": "envoy.access_loggers.file",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                             "path": opts.access_log, "log_format": {"json_format": ACCESS_LOG_FORMAT}},
+        })
+    return logs
+
+
 @dataclass(frozen=True)
 class BootstrapOptions:
     listen: HostPort = HostPort("127.0.0.1", 10000)
@@ -155,18 +268,16 @@ class BootstrapOptions:
     body_limit: int = DEFAULT_BODY_LIMIT
     route_timeout_s: int = 300
     node_id: str = "llm-gateway"
+    access_log: str | None = "/dev/stdout"  # a JSON line per request; None for no file log
 
 
 def bootstrap(opts: BootstrapOptions) -> dict:
     """The Envoy bootstrap. It holds no API key and no provider: those come over ext_proc and xDS."""
     ext_proc = {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-        "grpc_service": {
-            "envoy_grpc": {"cluster_name": CONTROL_CLUSTER, "max_receive_message_length": opts.body_limit + (1 << 20)},
-        },
+        "grpc_service": _grpc_service(opts),
         "failure_mode_allow": False,
         "message_timeout": "10s",
-        "allow_mode_override": True,
         "processing_mode": {
             "request_header_mode": "SEND",
             "response_header_mode": "SKIP",
@@ -176,6 +287,8 @@ def bootstrap(opts: BootstrapOptions) -> dict:
             "response_trailer_mode": "SKIP",
         },
         "mutation_rules": {"allow_all_routing": True},
+        "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
+        "stat_prefix": "request",
     }
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -195,10 +308,13 @@ def bootstrap(opts: BootstrapOptions) -> dict:
         },
         "http_filters": [
             {"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc},
+            {"name": "envoy.filters.http.json_to_metadata", "typed_config": _usage_from_json()},
+            {"name": "llm_gateway.event_stream", "typed_config": _event_stream_observer(opts)},
             {"name": "envoy.filters.http.router",
              "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
         ],
         "local_reply_config": _local_reply_config(),
+        "access_log": _access_logs(opts),
     }
     control_type = "STATIC" if _is_ip(opts.control.host) else "STRICT_DNS"
     return {

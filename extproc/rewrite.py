@@ -7,8 +7,16 @@ import re
 
 import orjson
 
+from typing import NamedTuple
+
 from .errors import GatewayError
 from .routing import Target
+
+
+class Rewritten(NamedTuple):
+    body: bytes
+    stream: bool  # the provider is asked for server-sent events
+    model: str  # the model the provider is asked for
 
 
 # orjson reads integers only up to 64 bits (larger ones become floats). A body with a run of 19
@@ -23,10 +31,11 @@ def _loads(body: bytes):
     return json.loads(text), lambda data: json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def rewrite_body(body: bytes, target: Target) -> bytes:
+def rewrite_body(body: bytes, target: Target) -> Rewritten:
     """The body with `model` from the chosen config (replacing the client's) and `stream` where the
-    config sets it; every other field kept as sent. Raises GatewayError (400) for a body that is
-    not a chat request."""
+    config sets it; every other field kept as sent. A streamed request also asks for the usage
+    event (`stream_options.include_usage`), so its tokens can be counted. Raises GatewayError
+    (400) for a body that is not a chat request."""
     try:
         data, dumps = _loads(body)
     except (ValueError, RecursionError) as exc:  # orjson.JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -47,4 +56,13 @@ def rewrite_body(body: bytes, target: Target) -> bytes:
         raise GatewayError(400, "'model' is required: the provider config names none", "missing_model")
     if target.stream is not None:
         data["stream"] = target.stream
-    return dumps(data)
+    stream = data.get("stream") is True
+    if stream:
+        options = data.get("stream_options")
+        if options is None:
+            data["stream_options"] = {"include_usage": True}
+        elif not isinstance(options, dict):
+            raise GatewayError(400, "'stream_options' must be an object", "invalid_stream_options")
+        elif options.get("include_usage") is not True:
+            options["include_usage"] = True
+    return Rewritten(dumps(data), stream, data["model"])

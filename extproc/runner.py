@@ -22,6 +22,7 @@ from .config.problems import ConfigError
 from .config.watch import FileSource
 from .control import ControlPlane
 from .envoy_config import DEFAULT_BODY_LIMIT, BootstrapOptions, HostPort, UpstreamOptions, bootstrap
+from .ops_http import OpsServer
 
 log = logging.getLogger("extproc.runner")
 
@@ -58,6 +59,8 @@ class UpOptions:
     concurrency: int | None = None
     envoy_log_level: str = "warning"
     reload_interval: float = 1.0
+    metrics: HostPort | None = HostPort("127.0.0.1", 9464)
+    access_log: str | None = "/dev/stdout"
 
 
 async def wait_ready(admin: HostPort, process: asyncio.subprocess.Process, timeout: float = 30.0) -> None:
@@ -91,13 +94,17 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
     binary = envoy_binary()
     control = ControlPlane(opts.upstream, opts.body_limit)
     source = FileSource(opts.config, control.apply, opts.reload_interval)
+    ops = OpsServer(control.metrics.registry, lambda: control.loaded)
     try:
         port = await control.start(opts.control)
+        if opts.metrics is not None:
+            await ops.start(opts.metrics)
     except OSError as exc:
-        raise StartupError(str(exc)) from None
+        await control.stop()
+        raise StartupError(f"cannot listen: {exc}") from None
     workdir = Path(tempfile.mkdtemp(prefix="llm-gateway-"))
     boot = bootstrap(BootstrapOptions(listen=opts.listen, admin=opts.admin, control=HostPort(opts.control.host, port),
-                                      body_limit=opts.body_limit))
+                                      body_limit=opts.body_limit, access_log=opts.access_log))
     boot_file = workdir / "envoy.json"
     boot_file.write_text(json.dumps(boot, indent=2))
     process: asyncio.subprocess.Process | None = None
@@ -128,6 +135,7 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
             except asyncio.TimeoutError:
                 process.kill()
                 await process.wait()
+        await ops.stop()
         await control.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -2,14 +2,19 @@
 
 Per request Envoy sends two messages: the request headers (the route, rule and provider are
 chosen there, or the request is answered with an error) and the buffered body (rewritten,
-with every header mutation that routing needs). Everything the answer needs that does not
-depend on the request is prebuilt per target, once.
+with every header mutation that routing needs, and the decision as dynamic metadata for the
+access log). Everything the answer needs that does not depend on the request is prebuilt per
+target, once.
+
+A second ext_proc filter sends only server-sent-event answers here, chunk by chunk: they are
+passed on unchanged while their content and usage events are read (see `extproc.sse`).
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import time
 from functools import lru_cache
 from typing import AsyncIterator, Callable
 
@@ -18,10 +23,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 
+from google.protobuf import struct_pb2
+
 from .errors import GatewayError
-from .names import CLUSTER_HEADER
+from .names import CLUSTER_HEADER, METADATA_NAMESPACE
 from .rewrite import rewrite_body
 from .routing import RoutingTable, Target
+from .sse import SSEReader
 
 log = logging.getLogger("extproc.server")
 
@@ -54,7 +62,19 @@ def _target_mutation(target: Target) -> pb.HeaderMutation:
         mutation.set_headers.append(_header("authorization", f"Bearer {target.api_key}"))
     else:
         mutation.remove_headers.append("authorization")
+    # an uncompressed answer, so its usage can be read
+    mutation.remove_headers.append("accept-encoding")
     return mutation
+
+
+@lru_cache(maxsize=4096)
+def _target_metadata(target: Target) -> struct_pb2.Struct:
+    """The decision, for the access log and metrics: `llm_gateway` dynamic metadata."""
+    meta = struct_pb2.Struct()
+    meta.fields[METADATA_NAMESPACE].struct_value.update({
+        "route": target.route, "rule": target.rule, "provider": target.provider, "provider_host": target.provider_host,
+    })
+    return meta
 
 
 def immediate(error: GatewayError) -> pb.ProcessingResponse:
@@ -70,22 +90,32 @@ _CONTINUE_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, holder: TableHolder, draw: Callable[[], float] = random.random):
+    def __init__(self, holder: TableHolder, draw: Callable[[], float] = random.random,
+                 clock: Callable[[], float] = time.time):
         self._holder = holder
         self._draw = draw
+        self._clock = clock
 
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest], context) -> AsyncIterator[pb.ProcessingResponse]:
         target: Target | None = None
+        started = 0.0
+        observer: _EventStreamObserver | None = None
         async for request in request_iterator:
             phase = request.WhichOneof("request")
             try:
                 if phase == "request_headers":
-                    target = self._choose(request.request_headers)
+                    started = self._clock()
+                    authority, target = self._choose(request.request_headers)
                     yield _CONTINUE_HEADERS
                 elif phase == "request_body":
                     if target is None:  # cannot happen with our bootstrap; never forward unrewritten
                         raise GatewayError(500, "request body arrived before its headers", "internal_error")
-                    yield self._rewrite(request.request_body, target)
+                    yield self._rewrite(request.request_body, target, started, authority)
+                elif phase == "response_headers":
+                    observer = _EventStreamObserver(request.metadata_context, self._clock)
+                    yield _CONTINUE_RESPONSE_HEADERS
+                elif phase == "response_body" and observer is not None:
+                    yield observer.on_chunk(request.response_body)
                 else:
                     yield _continue(phase)
             except GatewayError as error:
@@ -93,10 +123,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 return
             except Exception:  # never a stack trace to the client, never a request sent unrewritten
                 log.exception("ext_proc failed on %s", phase)
-                yield immediate(GatewayError(500, "the gateway failed to process the request", "internal_error"))
-                return
+                if phase in ("request_headers", "request_body"):
+                    yield immediate(GatewayError(500, "the gateway failed to process the request", "internal_error"))
+                    return
+                yield _continue(phase)  # an answer already under way is passed on as it is
 
-    def _choose(self, headers_msg: pb.HttpHeaders) -> Target:
+    def _choose(self, headers_msg: pb.HttpHeaders) -> tuple[str, Target]:
         headers = headers_msg.headers.headers
         authority = method = ""
         for h in headers:
@@ -117,18 +149,65 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         rule = route.select(values)
         if rule is None:
             raise GatewayError(404, f"no rule of route {route.name} matches the request", "no_matching_rule")
-        return rule.pick(self._draw())
+        return authority, rule.pick(self._draw())
 
     @staticmethod
-    def _rewrite(body_msg: pb.HttpBody, target: Target) -> pb.ProcessingResponse:
-        body = rewrite_body(body_msg.body, target)
+    def _rewrite(body_msg: pb.HttpBody, target: Target, started: float, authority: str) -> pb.ProcessingResponse:
+        rewritten = rewrite_body(body_msg.body, target)
         response = pb.ProcessingResponse()
         common = response.request_body.response
         common.header_mutation.CopyFrom(_target_mutation(target))
-        common.header_mutation.set_headers.append(_header("content-length", str(len(body))))
-        common.body_mutation.body = body
+        common.header_mutation.set_headers.append(_header("content-length", str(len(rewritten.body))))
+        common.body_mutation.body = rewritten.body
         common.clear_route_cache = True
+        response.dynamic_metadata.CopyFrom(_target_metadata(target))
+        fields = response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.fields
+        fields["request_model"].string_value = rewritten.model
+        fields["stream"].bool_value = rewritten.stream
+        fields["started"].number_value = started
+        fields["host"].string_value = authority
         return response
+
+
+class _EventStreamObserver:
+    """One server-sent-event answer: chunks pass unchanged; at the end, what was read goes into
+    the request's dynamic metadata (response model, tokens, time to first token, time per token)."""
+
+    def __init__(self, metadata: base_pb2.Metadata, clock: Callable[[], float]):
+        decision = metadata.filter_metadata.get(METADATA_NAMESPACE)
+        self._started = decision.fields["started"].number_value if decision and "started" in decision.fields else None
+        self._clock = clock
+        self._reader = SSEReader()
+        self._first_token_at: float | None = None
+
+    def on_chunk(self, body: pb.HttpBody) -> pb.ProcessingResponse:
+        if self._reader.feed(body.body) and self._first_token_at is None:
+            self._first_token_at = self._clock()
+        response = pb.ProcessingResponse()
+        response.response_body.SetInParent()
+        if body.end_of_stream:
+            response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.update(self._summary(self._clock()))
+        return response
+
+    def _summary(self, ended: float) -> dict:
+        s = self._reader.finish()
+        out: dict = {}
+        if s.model:
+            out["response_model"] = s.model
+        for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            if getattr(s, key) is not None:
+                out[key] = getattr(s, key)
+        if s.error:
+            out["stream_error"] = s.error
+        first = self._first_token_at
+        if first is not None and self._started:
+            out["ttft_ms"] = round((first - self._started) * 1000, 3)
+        if first is not None and s.completion_tokens and s.completion_tokens > 1:
+            out["tpot_ms"] = round((ended - first) * 1000 / (s.completion_tokens - 1), 3)
+        return out
+
+
+_CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
 
 
 def _continue(phase: str | None) -> pb.ProcessingResponse:

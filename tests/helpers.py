@@ -56,6 +56,8 @@ class Gateway:
     listen_port: int
     admin_port: int
     log_file: Path
+    metrics_port: int = 0
+    access_log: Path | None = None
     _conn: http.client.HTTPConnection | None = field(default=None, repr=False)
 
     def request(self, host: str, body: bytes | dict | None = None, headers: dict[str, str] | None = None,
@@ -90,6 +92,20 @@ class Gateway:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as r:
             return r.read().decode()
 
+    def metrics(self) -> dict[tuple[str, frozenset], float]:
+        """Every sample of /metrics, keyed by (name, frozenset of label items)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        return {(s.name, frozenset(s.labels.items())): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def access_entries(self) -> list[dict]:
+        if self.access_log is None or not self.access_log.exists():
+            return []
+        return [json.loads(line) for line in self.access_log.read_text().splitlines() if line.strip()]
+
     def log(self) -> str:
         return self.log_file.read_text(errors="replace")
 
@@ -108,16 +124,18 @@ class Gateway:
 
 def start_gateway(config: Path | list[Path], tmp: Path, env: dict[str, str], extra: list[str] = (),
                   wait: bool = True) -> Gateway:
-    listen, admin = free_port(), free_port()
+    listen, admin, metrics = free_port(), free_port(), free_port()
+    access_log = tmp / f"access-{listen}.log"
     configs = config if isinstance(config, list) else [config]
     args = [sys.executable, "-m", "extproc", "up", "--listen", f"127.0.0.1:{listen}",
-            "--admin", f"127.0.0.1:{admin}", "--concurrency", "1", *extra]
+            "--admin", f"127.0.0.1:{admin}", "--concurrency", "1", "--metrics", f"127.0.0.1:{metrics}",
+            "--access-log", str(access_log), *extra]
     for c in configs:
         args += ["--config", str(c)]
     log_file = tmp / f"gateway-{listen}.log"
     process = subprocess.Popen(args, stdout=log_file.open("wb"), stderr=subprocess.STDOUT,
                                env={**os.environ, **env}, cwd=tmp)
-    gateway = Gateway(process, listen, admin, log_file)
+    gateway = Gateway(process, listen, admin, log_file, metrics, access_log)
     if wait:
         wait_until(lambda: process.poll() is not None or "ready:" in gateway.log(), 30,
                    lambda: f"gateway did not start:\n{gateway.log()}")

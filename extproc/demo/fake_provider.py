@@ -6,7 +6,11 @@ Gateway's test upstream is:
   x-fake-status: 429     answer with that status and an OpenAI-style error
   x-fake-reply: text     the assistant's reply (default: a greeting naming the model)
   x-fake-delay: 1.5      wait that many seconds before answering
-A body with "stream": true is answered as server-sent events.
+A body with "stream": true is answered as server-sent events, further steered by:
+  x-fake-event-delay: 0.2   seconds between events
+  x-fake-split: 1           each event written in two pieces, a moment apart (an event split
+                            across network chunks)
+  x-fake-stream-error: 1    an error event after the first content event, then the end
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class RecordedRequest:
     headers: dict[str, str]
     body: Any
     sni: str | None
+    event_times: list[float] = field(default_factory=list)  # when each streamed event was sent
 
 
 def count_tokens(text: str) -> int:
@@ -100,7 +105,8 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             body = raw
         headers = {k.lower(): v for k, v in self.headers.items()}
-        self.fake.record(RecordedRequest("POST", self.path, headers, body, getattr(self.connection, "llm_sni", None)))
+        self.recorded = RecordedRequest("POST", self.path, headers, body, getattr(self.connection, "llm_sni", None))
+        self.fake.record(self.recorded)
 
         if "x-fake-delay" in headers:
             time.sleep(float(headers["x-fake-delay"]))
@@ -116,7 +122,7 @@ class _Handler(BaseHTTPRequestHandler):
         usage = {"prompt_tokens": prompt_tokens(body), "completion_tokens": count_tokens(reply)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if body.get("stream") is True:
-            return self._stream(model, reply, usage, body)
+            return self._stream(model, reply, usage, body, headers)
         answer = {
             "id": f"chatcmpl-{self.fake.name}-{len(self.fake.requests)}",
             "object": "chat.completion",
@@ -127,20 +133,34 @@ class _Handler(BaseHTTPRequestHandler):
         }
         self._send(200, json.dumps(answer).encode(), "application/json")
 
-    def _stream(self, model: str, reply: str, usage: dict, body: dict) -> None:
+    def _stream(self, model: str, reply: str, usage: dict, body: dict, headers: dict[str, str]) -> None:
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.send_header("transfer-encoding", "chunked")
         self.end_headers()
+        delay = float(headers.get("x-fake-event-delay", 0))
+        split = headers.get("x-fake-split") == "1"
         base = {"id": f"chatcmpl-{self.fake.name}", "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
         events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": word + " "}, "finish_reason": None}]}
                   for word in reply.split()]
-        events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-        if (body.get("stream_options") or {}).get("include_usage"):
-            events.append({**base, "choices": [], "usage": usage})
-        for event in events:
-            self._chunk(f"data: {json.dumps(event)}\n\n".encode())
-        self._chunk(b"data: [DONE]\n\n")
+        if headers.get("x-fake-stream-error") == "1":
+            events = events[:1] + [{"error": {"message": "the model failed mid-stream", "type": "server_error", "code": None}}]
+        else:
+            events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            if (body.get("stream_options") or {}).get("include_usage"):
+                events.append({**base, "choices": [], "usage": usage})
+        payloads = [f"data: {json.dumps(event)}\n\n".encode() for event in events] + [b"data: [DONE]\n\n"]
+        for i, payload in enumerate(payloads):
+            if i and delay:
+                time.sleep(delay)
+            if split:
+                half = len(payload) // 2
+                self._chunk(payload[:half])
+                time.sleep(0.05)
+                self._chunk(payload[half:])
+            else:
+                self._chunk(payload)
+            self.recorded.event_times.append(time.time())
         self._chunk(b"")
 
     def _chunk(self, data: bytes) -> None:

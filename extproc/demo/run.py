@@ -63,7 +63,7 @@ The same without a proxy setting, naming the host in a header:
 """
 
 
-async def run_demo(listen: HostPort, admin: HostPort) -> int:
+async def run_demo(listen: HostPort, admin: HostPort, metrics: HostPort | None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="llm-gateway-demo-"))
     fakes: dict[str, FakeProvider] = {}
     try:
@@ -73,13 +73,21 @@ async def run_demo(listen: HostPort, admin: HostPort) -> int:
             ca_file=str(ca.cert_file),
             resolve={host: HostPort("127.0.0.1", fake.port) for host, fake in fakes.items()},
         )
-        opts = UpOptions(config=[str(manifests_dir())], listen=listen, admin=admin, upstream=upstream)
+        access_log = workdir / "access.log"
+        opts = UpOptions(config=[str(manifests_dir())], listen=listen, admin=admin, upstream=upstream,
+                         metrics=metrics, access_log=str(access_log))
 
         def ready() -> None:
             print(f"\nLLM gateway demo is up. Config: {manifests_dir()} (the seed's manifests)")
             print(f"Fake providers: " + ", ".join(f"{h} -> 127.0.0.1:{f.port}" for h, f in fakes.items()))
             print(curl_examples(listen))
-            print(f"Envoy admin: http://{admin}/  (stats: curl -s http://{admin}/stats | grep llm_provider)")
+            print("A streamed answer, read as it arrives:")
+            print(f"  curl -N -x http://{listen} http://demo-llm-server --data "
+                  "'{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"stream\": true}'\n")
+            if metrics is not None:
+                print(f"Metrics:      curl -s http://{metrics}/metrics | grep gen_ai_")
+            print(f"Access log:   tail -f {access_log}   (one JSON line per request: route, model, tokens)")
+            print(f"Envoy stats:  curl -s http://{admin}/stats | grep llm_provider_")
             print("Ctrl-C stops it.", flush=True)
 
         return await run_up(opts, on_ready=ready)

@@ -6,7 +6,13 @@ import pytest
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2  # noqa: F401  (registers @type)
+from envoy.extensions.access_loggers.file.v3 import file_pb2  # noqa: F401
+from envoy.extensions.access_loggers.grpc.v3 import als_pb2  # noqa: F401
+from envoy.extensions.common.matching.v3 import extension_matcher_pb2  # noqa: F401
+from envoy.extensions.filters.common.matcher.action.v3 import skip_action_pb2  # noqa: F401
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401
+from envoy.extensions.filters.http.json_to_metadata.v3 import json_to_metadata_pb2  # noqa: F401
+from envoy.type.matcher.v3 import http_inputs_pb2  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2  # noqa: F401
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
@@ -31,7 +37,9 @@ def ext_proc(boot: dict) -> dict:
 def test_bootstrap_filters_and_limits(body_limit):
     boot = bootstrap(BootstrapOptions(body_limit=body_limit))
     names = [f["name"] for f in hcm(boot)["http_filters"]]
-    assert names == ["envoy.filters.http.ext_proc", "envoy.filters.http.router"]  # ext_proc before the router, last
+    # the request ext_proc first, the answer's readers next, the router last
+    assert names == ["envoy.filters.http.ext_proc", "envoy.filters.http.json_to_metadata",
+                     "llm_gateway.event_stream", "envoy.filters.http.router"]
     proc = ext_proc(boot)
     assert proc["failure_mode_allow"] is False
     assert proc["processing_mode"]["request_body_mode"] == "BUFFERED"
@@ -135,3 +143,31 @@ def test_host_port_parse(text, expected):
 def test_host_port_parse_rejects(text):
     with pytest.raises(ValueError):
         HostPort.parse(text)
+
+
+def test_event_stream_observer_only_for_event_streams_and_fails_open():
+    observer = next(f for f in hcm(bootstrap(BootstrapOptions()))["http_filters"]
+                    if f["name"] == "llm_gateway.event_stream")["typed_config"]
+    proc = observer["extension_config"]["typed_config"]
+    assert proc["failure_mode_allow"] is True  # an answer under way is never cut for metrics
+    assert proc["processing_mode"]["response_body_mode"] == "STREAMED"
+    assert proc["processing_mode"]["request_header_mode"] == "SKIP"
+    (matcher,) = observer["xds_matcher"]["matcher_list"]["matchers"]
+    single = matcher["predicate"]["not_matcher"]["single_predicate"]
+    assert single["input"]["typed_config"]["header_name"] == "content-type"
+    assert single["value_match"] == {"prefix": "text/event-stream"}
+    assert matcher["on_match"]["action"]["typed_config"]["@type"].endswith("SkipFilter")
+
+
+@pytest.mark.parametrize("access_log", ["/dev/stdout", "/tmp/x.log", None])
+def test_access_logs(access_log):
+    logs = hcm(bootstrap(BootstrapOptions(access_log=access_log)))["access_log"]
+    assert logs[0]["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == CONTROL_CLUSTER
+    if access_log is None:
+        assert len(logs) == 1
+    else:
+        fmt = logs[1]["typed_config"]["log_format"]["json_format"]
+        assert logs[1]["typed_config"]["path"] == access_log
+        for key in ("route", "rule", "provider", "request_model", "response_model", "prompt_tokens",
+                    "completion_tokens", "total_tokens", "ttft_ms", "status", "duration_ms"):
+            assert key in fmt

@@ -27,7 +27,8 @@ MESSAGES = [{"role": "user", "content": "hi"}]
     pytest.param({"messages": MESSAGES}, target(), {"messages": MESSAGES, "model": "qwen-turbo"}, id="model-added"),
     pytest.param({"model": "gpt-4", "messages": MESSAGES}, target(model=None), {"model": "gpt-4", "messages": MESSAGES},
                  id="no-config-model-keeps-client-model"),
-    pytest.param({"messages": MESSAGES, "stream": True}, target(), {"messages": MESSAGES, "stream": True, "model": "qwen-turbo"},
+    pytest.param({"messages": MESSAGES, "stream": True}, target(),
+                 {"messages": MESSAGES, "stream": True, "model": "qwen-turbo", "stream_options": {"include_usage": True}},
                  id="stream-none-keeps-true"),
     pytest.param({"messages": MESSAGES, "stream": False}, target(), {"messages": MESSAGES, "stream": False, "model": "qwen-turbo"},
                  id="stream-none-keeps-false"),
@@ -35,10 +36,11 @@ MESSAGES = [{"role": "user", "content": "hi"}]
                  id="stream-none-not-added"),
     pytest.param({"messages": MESSAGES, "stream": True}, target(stream=False),
                  {"messages": MESSAGES, "stream": False, "model": "qwen-turbo"}, id="stream-forced-false"),
-    pytest.param({"messages": MESSAGES}, target(stream=True), {"messages": MESSAGES, "model": "qwen-turbo", "stream": True},
+    pytest.param({"messages": MESSAGES}, target(stream=True),
+                 {"messages": MESSAGES, "model": "qwen-turbo", "stream": True, "stream_options": {"include_usage": True}},
                  id="stream-forced-true-added"),
     pytest.param({"messages": MESSAGES, "stream": False}, target(stream=True),
-                 {"messages": MESSAGES, "stream": True, "model": "qwen-turbo"}, id="stream-forced-true"),
+                 {"messages": MESSAGES, "stream": True, "model": "qwen-turbo", "stream_options": {"include_usage": True}}, id="stream-forced-true"),
     pytest.param({"model": "x", "messages": MESSAGES, "temperature": 0.2, "top_p": 1, "max_tokens": 64,
                   "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
                   "stream": True, "stream_options": {"include_usage": True}, "user": "u-1", "n": None,
@@ -55,14 +57,14 @@ MESSAGES = [{"role": "user", "content": "hi"}]
                  id="messages-kept-verbatim"),
 ])
 def test_rewrite_body(body, tgt, expected):
-    out = rewrite_body(json.dumps(body, ensure_ascii=False).encode(), tgt)
+    out = rewrite_body(json.dumps(body, ensure_ascii=False).encode(), tgt).body
     parsed = json.loads(out)
     assert parsed == expected
     assert list(parsed) == list(expected)  # key order kept; a new key goes last
 
 
 def test_rewrite_body_output_is_compact_utf8_json():
-    out = rewrite_body('{"messages": [{"role": "user", "content": "héllo"}], "model": "m"}'.encode(), target())
+    out = rewrite_body('{"messages": [{"role": "user", "content": "héllo"}], "model": "m"}'.encode(), target()).body
     assert out == '{"messages":[{"role":"user","content":"héllo"}],"model":"qwen-turbo"}'.encode()
 
 
@@ -146,6 +148,29 @@ def test_gateway_error_body_matches_error_body():
 
 def test_integers_beyond_64_bits_are_kept_exactly():
     body = b'{"messages": [{"role": "user", "content": "hi"}], "seed": 123456789012345678901234567890, "t": 0.5}'
-    out = rewrite_body(body, target(model="m"))
+    out = rewrite_body(body, target(model="m")).body
     assert b'"seed":123456789012345678901234567890' in out
     assert json.loads(out)["t"] == 0.5 and json.loads(out)["model"] == "m"
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    pytest.param({"include_usage": False}, {"include_usage": True}, id="client-said-no"),
+    pytest.param({"include_usage": True}, {"include_usage": True}, id="client-said-yes"),
+    pytest.param({"continuous_usage_stats": True}, {"continuous_usage_stats": True, "include_usage": True}, id="other-option-kept"),
+])
+def test_streamed_request_asks_for_usage(options, expected):
+    out = rewrite_body(json.dumps({"messages": MESSAGES, "stream": True, "stream_options": options}).encode(), target())
+    assert out.stream is True and out.model == "qwen-turbo"
+    assert json.loads(out.body)["stream_options"] == expected
+
+
+def test_non_streamed_request_gets_no_stream_options():
+    out = rewrite_body(json.dumps({"messages": MESSAGES}).encode(), target(stream=False))
+    assert out.stream is False
+    assert "stream_options" not in json.loads(out.body)
+
+
+def test_stream_options_of_wrong_type_is_a_400():
+    with pytest.raises(GatewayError) as info:
+        rewrite_body(json.dumps({"messages": MESSAGES, "stream": True, "stream_options": "yes"}).encode(), target())
+    assert info.value.status == 400 and info.value.code == "invalid_stream_options"

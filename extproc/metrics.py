@@ -1,0 +1,91 @@
+"""LLM metrics in Prometheus form, with OpenTelemetry GenAI semantic-convention names.
+
+Every finished request becomes one `RequestRecord` (built from Envoy's access log, see
+`extproc.accesslog`), and `GatewayMetrics.observe` turns it into histogram and counter
+updates. Labels come from the config (routes, rules, providers, configured models) or from a
+small bounded set (outcome, error type); a provider-reported model name is capped in count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+# `*_created` series double the exposition for no use here.
+prometheus_client.disable_created_metrics()
+
+# Bucket boundaries recommended by the GenAI semantic conventions.
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+
+MAX_MODEL_LABELS = 200  # distinct response models kept as labels; more are reported as "other"
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    route: str = ""
+    rule: str = ""
+    provider: str = ""
+    provider_host: str = ""
+    request_model: str = ""
+    response_model: str = ""
+    stream: bool = False
+    status: int = 0
+    outcome: str = ""  # success | provider_error | rejected | gateway_error
+    error_type: str = ""
+    duration_s: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+
+
+_BASE = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_response_model",
+         "llm_route", "llm_rule", "llm_provider")
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.token_usage = Histogram("gen_ai_client_token_usage", "Tokens used per request (GenAI gen_ai.client.token.usage)",
+                                     (*_BASE, "gen_ai_token_type"), buckets=TOKEN_BUCKETS, registry=r)
+        self.duration = Histogram("gen_ai_server_request_duration_seconds",
+                                  "Request duration through the gateway (GenAI gen_ai.server.request.duration)",
+                                  (*_BASE, "error_type"), buckets=DURATION_BUCKETS, registry=r)
+        self.ttft = Histogram("gen_ai_server_time_to_first_token_seconds",
+                              "Time to the first generated token of a streamed answer (GenAI gen_ai.server.time_to_first_token)",
+                              _BASE, buckets=TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram("gen_ai_server_time_per_output_token_seconds",
+                              "Time per output token after the first, streamed answers (GenAI gen_ai.server.time_per_output_token)",
+                              _BASE, buckets=TPOT_BUCKETS, registry=r)
+        self.requests = Counter("llm_gateway_requests", "Requests by outcome: success, provider_error, rejected, gateway_error",
+                                (*_BASE, "outcome", "error_type"), registry=r)
+        self._models: set[str] = set()
+
+    def _model_label(self, model: str) -> str:
+        if model in self._models or not model:
+            return model
+        if len(self._models) >= MAX_MODEL_LABELS:
+            return "other"
+        self._models.add(model)
+        return model
+
+    def observe(self, rec: RequestRecord) -> None:
+        base = ("chat", rec.provider_host, rec.request_model, self._model_label(rec.response_model),
+                rec.route, rec.rule, rec.provider)
+        self.requests.labels(*base, rec.outcome, rec.error_type).inc()
+        if rec.duration_s is not None:
+            self.duration.labels(*base, rec.error_type).observe(rec.duration_s)
+        if rec.prompt_tokens is not None:
+            self.token_usage.labels(*base, "input").observe(rec.prompt_tokens)
+        if rec.completion_tokens is not None:
+            self.token_usage.labels(*base, "output").observe(rec.completion_tokens)
+        if rec.ttft_s is not None:
+            self.ttft.labels(*base).observe(rec.ttft_s)
+        if rec.tpot_s is not None:
+            self.tpot.labels(*base).observe(rec.tpot_s)
