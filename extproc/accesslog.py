@@ -62,9 +62,17 @@ def record_from_entry(entry: accesslog_pb2.HTTPAccessLogEntry) -> RequestRecord:
             outcome, error_type = "provider_error", stream_error
         else:
             outcome, error_type = "success", ""
-    else:  # Envoy's own answer: no upstream, TLS failure, body too large, ext_proc down
-        outcome = "rejected" if 0 < status < 500 else "gateway_error"
+    elif status == 0:  # no answer at all: the client went away first
+        outcome, error_type = "client_cancelled", details.split("{", 1)[0][:64] or "client_disconnected"
+    else:  # Envoy's own answer (no upstream, TLS failure, body too large, ext_proc down), or an
+        # answer cut after it started (Envoy keeps the upstream's status and logs its own reason)
         error_type = details.split("{", 1)[0][:64] or str(status)
+        if 400 <= status < 500:
+            outcome = "rejected"
+        elif status < 400 and details.startswith("upstream_"):
+            outcome = "provider_error"
+        else:
+            outcome = "gateway_error"
 
     duration = common.time_to_last_downstream_tx_byte if common.HasField("time_to_last_downstream_tx_byte") else common.duration
     ttft_ms, tpot_ms = number("ttft_ms"), number("tpot_ms")

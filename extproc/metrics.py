@@ -22,7 +22,7 @@ DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 
-MAX_MODEL_LABELS = 200  # distinct response models kept as labels; more are reported as "other"
+MAX_MODEL_LABELS = 200  # distinct values of a label that is not from the config; more are "other"
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class RequestRecord:
     response_model: str = ""
     stream: bool = False
     status: int = 0
-    outcome: str = ""  # success | provider_error | rejected | gateway_error
+    outcome: str = ""  # success | provider_error | rejected | gateway_error | client_cancelled
     error_type: str = ""
     duration_s: float | None = None
     prompt_tokens: int | None = None
@@ -63,24 +63,28 @@ class GatewayMetrics:
         self.tpot = Histogram("gen_ai_server_time_per_output_token_seconds",
                               "Time per output token after the first, streamed answers (GenAI gen_ai.server.time_per_output_token)",
                               _BASE, buckets=TPOT_BUCKETS, registry=r)
-        self.requests = Counter("llm_gateway_requests", "Requests by outcome: success, provider_error, rejected, gateway_error",
+        self.requests = Counter("llm_gateway_requests",
+                                "Requests by outcome: success, provider_error, rejected, gateway_error, client_cancelled",
                                 (*_BASE, "outcome", "error_type"), registry=r)
-        self._models: set[str] = set()
+        # values that come from clients or providers, not from the config: capped in number
+        self._seen: dict[str, set[str]] = {"request_model": set(), "response_model": set(), "error_type": set()}
 
-    def _model_label(self, model: str) -> str:
-        if model in self._models or not model:
-            return model
-        if len(self._models) >= MAX_MODEL_LABELS:
+    def _capped(self, kind: str, value: str) -> str:
+        seen = self._seen[kind]
+        if value in seen or not value:
+            return value
+        if len(seen) >= MAX_MODEL_LABELS:
             return "other"
-        self._models.add(model)
-        return model
+        seen.add(value)
+        return value
 
     def observe(self, rec: RequestRecord) -> None:
-        base = ("chat", rec.provider_host, rec.request_model, self._model_label(rec.response_model),
-                rec.route, rec.rule, rec.provider)
-        self.requests.labels(*base, rec.outcome, rec.error_type).inc()
+        base = ("chat", rec.provider_host, self._capped("request_model", rec.request_model),
+                self._capped("response_model", rec.response_model), rec.route, rec.rule, rec.provider)
+        error_type = self._capped("error_type", rec.error_type)
+        self.requests.labels(*base, rec.outcome, error_type).inc()
         if rec.duration_s is not None:
-            self.duration.labels(*base, rec.error_type).observe(rec.duration_s)
+            self.duration.labels(*base, error_type).observe(rec.duration_s)
         if rec.prompt_tokens is not None:
             self.token_usage.labels(*base, "input").observe(rec.prompt_tokens)
         if rec.completion_tokens is not None:

@@ -36,9 +36,7 @@ class OpsServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            request_line = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass  # headers are not needed
+            request_line = await asyncio.wait_for(self._read_head(reader), 5)
             parts = request_line.decode("latin-1").split()
             method, path = (parts[0], parts[1].split("?", 1)[0]) if len(parts) >= 2 else ("", "")
             status, content_type, body = self._answer(method, path)
@@ -46,10 +44,18 @@ class OpsServer:
                     "connection: close\r\n\r\n").encode()
             writer.write(head + (body if method != "HEAD" else b""))
             await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError):
+        except (asyncio.TimeoutError, ConnectionError, ValueError):  # slow, gone, or oversized: drop it
             pass
         finally:
             writer.close()
+
+    @staticmethod
+    async def _read_head(reader: asyncio.StreamReader) -> bytes:
+        """The request line; the headers are read and dropped (none is needed)."""
+        request_line = await reader.readline()
+        while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+            pass
+        return request_line
 
     def _answer(self, method: str, path: str) -> tuple[str, str, bytes]:
         if method not in ("GET", "HEAD"):

@@ -179,18 +179,27 @@ class _EventStreamObserver:
         self._clock = clock
         self._reader = SSEReader()
         self._first_token_at: float | None = None
+        self._last_token_at: float | None = None
 
     def on_chunk(self, body: pb.HttpBody) -> pb.ProcessingResponse:
-        if self._reader.feed(body.body) and self._first_token_at is None:
-            self._first_token_at = self._clock()
+        if self._reader.feed(body.body):
+            self._token_seen(self._clock())
         response = pb.ProcessingResponse()
         response.response_body.SetInParent()
         if body.end_of_stream:
             response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.update(self._summary(self._clock()))
         return response
 
+    def _token_seen(self, now: float) -> None:
+        if self._first_token_at is None:
+            self._first_token_at = now
+        self._last_token_at = now
+
     def _summary(self, ended: float) -> dict:
+        before = self._reader.summary.content_events
         s = self._reader.finish()
+        if s.content_events > before:  # a last event that had no blank line after it
+            self._token_seen(ended)
         out: dict = {}
         if s.model:
             out["response_model"] = s.model
@@ -199,11 +208,11 @@ class _EventStreamObserver:
                 out[key] = getattr(s, key)
         if s.error:
             out["stream_error"] = s.error
-        first = self._first_token_at
-        if first is not None and self._started:
+        first, last = self._first_token_at, self._last_token_at
+        if first is not None and self._started is not None:
             out["ttft_ms"] = round((first - self._started) * 1000, 3)
-        if first is not None and s.completion_tokens and s.completion_tokens > 1:
-            out["tpot_ms"] = round((ended - first) * 1000 / (s.completion_tokens - 1), 3)
+        if first is not None and last is not None and s.completion_tokens and s.completion_tokens > 1:
+            out["tpot_ms"] = round((last - first) * 1000 / (s.completion_tokens - 1), 3)
         return out
 
 

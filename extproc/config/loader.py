@@ -12,12 +12,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 from pydantic import ValidationError
 
-from .models import API_VERSION, KINDS, LLMProvider, LLMRoute
+from .models import API_VERSION, KINDS, LLMProvider, LLMRoute, OpenAIConfig
 from .problems import Problem
 
 try:  # libyaml's loader is several times faster; fall back to pure Python where absent
@@ -115,7 +115,8 @@ def _documents(docs: list[Any]) -> list[tuple[str, Any]]:
     return out
 
 
-def parse_object(doc: Any, file: str, number: str, environ: dict[str, str] | None = None) -> tuple[Loaded | None, list[Problem]]:
+def parse_object(doc: Any, file: str, number: str, environ: dict[str, str] | None = None,
+                 secrets: "SecretLookup | None" = None) -> tuple[Loaded | None, list[Problem]]:
     """Turn one document into a model, or say why not. Other kinds are skipped silently."""
     if not isinstance(doc, dict):
         return None, [Problem(f"document {number} is not a mapping", file=file)]
@@ -134,44 +135,61 @@ def parse_object(doc: Any, file: str, number: str, environ: dict[str, str] | Non
         return None, [Problem(_error_message(err), file=file, obj=label, field=_field_path(err["loc"]))
                       for err in exc.errors()]
     if isinstance(resource, LLMProvider):
-        resource, key_problems = _expand_api_keys(resource, environ if environ is not None else os.environ)
+        resource, key_problems = _resolve_api_keys(resource, environ if environ is not None else os.environ, secrets)
         if key_problems:
             return None, [Problem(msg, file=file, obj=label, field=field) for field, msg in key_problems]
     return Loaded(resource, file), []
 
 
-def _expand_api_keys(provider: LLMProvider, environ: Any) -> tuple[LLMProvider, list[tuple[str, str]]]:
-    """Replace `${VAR}` in every apiKey with the variable's value; an unset variable is an error."""
+SecretLookup = Callable[[str, str, str], "str | None"]  # (namespace, name, key) -> value
+
+
+def _resolve_api_keys(provider: LLMProvider, environ: Any, secrets: SecretLookup | None) -> tuple[LLMProvider, list[tuple[str, str]]]:
+    """Each openAIConfig's key: `${VAR}` in apiKey read from the environment, apiKeySecretRef read
+    from a Secret of the provider's namespace. An unset variable or a missing Secret is an error."""
     problems: list[tuple[str, str]] = []
+    namespace = provider.metadata.namespace
 
-    def expand(value: str | None, field: str) -> str | None:
-        if value is None:
-            return None
-
+    def expand(value: str, field: str) -> str:
         def sub(match: re.Match[str]) -> str:
             name = match.group(1)
-            value = environ.get(name)
-            if value is None:
+            found = environ.get(name)
+            if found is None:
                 problems.append((field, f"environment variable {name} is not set"))
                 return ""
-            if not value.strip():
+            if not found.strip():
                 problems.append((field, f"environment variable {name} is empty"))
-            return value
+            return found
 
         return _ENV_REF.sub(sub, value)
 
+    def resolve(cfg: OpenAIConfig, path: str) -> OpenAIConfig:
+        if cfg.api_key is not None:
+            return cfg.model_copy(update={"api_key": expand(cfg.api_key, f"{path}.apiKey")})
+        ref = cfg.api_key_secret_ref
+        if ref is None:
+            return cfg
+        field = f"{path}.apiKeySecretRef"
+        if secrets is None:
+            problems.append((field, "a Secret can only be read with the Kubernetes source (extproc serve --kubernetes)"))
+            return cfg
+        value = secrets(namespace, ref.name, ref.key)
+        if value is None:
+            problems.append((field, f"Secret {namespace}/{ref.name} has no key {ref.key!r} (or does not exist)"))
+            return cfg
+        if not value.strip():
+            problems.append((field, f"key {ref.key!r} of Secret {namespace}/{ref.name} is empty"))
+        return cfg.model_copy(update={"api_key": value})
+
     configs = provider.spec.configs
-    base = "spec.configs"
-    default = configs.default_config.openai_config
-    new_default = default.model_copy(update={"api_key": expand(default.api_key, f"{base}.defaultConfig.openAIConfig.apiKey")})
-    new_specific = {}
-    for rule, cfg in configs.route_specific_configs.items():
-        oc = cfg.openai_config
-        field = f"{base}.routeSpecificConfigs.{rule}.openAIConfig.apiKey"
-        new_specific[rule] = cfg.model_copy(update={"openai_config": oc.model_copy(update={"api_key": expand(oc.api_key, field)})})
+    default = configs.default_config
     new_configs = configs.model_copy(update={
-        "default_config": configs.default_config.model_copy(update={"openai_config": new_default}),
-        "route_specific_configs": new_specific,
+        "default_config": default.model_copy(update={
+            "openai_config": resolve(default.openai_config, "spec.configs.defaultConfig.openAIConfig")}),
+        "route_specific_configs": {
+            rule: cfg.model_copy(update={
+                "openai_config": resolve(cfg.openai_config, f"spec.configs.routeSpecificConfigs.{rule}.openAIConfig")})
+            for rule, cfg in configs.route_specific_configs.items()},
     })
     return provider.model_copy(update={"spec": provider.spec.model_copy(update={"configs": new_configs})}), problems
 

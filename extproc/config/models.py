@@ -20,10 +20,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
 
+class SecretKeyRef(_Strict):
+    """A key of a Secret in the object's own namespace (our extension to ASM's schema)."""
+
+    name: str = Field(min_length=1)
+    key: str = Field(min_length=1)
+
+
 class OpenAIConfig(_Strict):
     model: str | None = Field(default=None, min_length=1)
     api_key: str | None = Field(default=None, alias="apiKey", min_length=1)
+    api_key_secret_ref: SecretKeyRef | None = Field(default=None, alias="apiKeySecretRef")
     stream: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> "OpenAIConfig":
+        if self.api_key is not None and self.api_key_secret_ref is not None:
+            raise ValueError("set apiKey or apiKeySecretRef, not both")
+        return self
 
 
 class ProviderConfig(_Strict):
@@ -37,8 +51,11 @@ class ProviderConfigs(_Strict):
     )
 
 
+HOST_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$"
+
+
 class LLMProviderSpec(_Strict):
-    host: str = Field(min_length=1)
+    host: str = Field(min_length=1, json_schema_extra={"pattern": HOST_PATTERN})
     path: str = Field(default="/v1/chat/completions", pattern=r"^/")
     configs: ProviderConfigs
     workload_selector: dict | None = Field(default=None, alias="workloadSelector")
@@ -52,6 +69,8 @@ class LLMProviderSpec(_Strict):
 
 class StringMatch(_Strict):
     """Istio's StringMatch: at most one of exact, prefix, regex; none means "present"."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, json_schema_extra={"maxProperties": 1})
 
     exact: str | None = None
     prefix: str | None = None
@@ -97,7 +116,7 @@ class RouteRule(_Strict):
 
 
 class LLMRouteSpec(_Strict):
-    host: str = Field(min_length=1)
+    host: str = Field(min_length=1, json_schema_extra={"pattern": HOST_PATTERN})
     rules: list[RouteRule] = Field(min_length=1)
     workload_selector: dict | None = Field(default=None, alias="workloadSelector")
     gateways: list[str] | None = None
@@ -140,7 +159,7 @@ class LLMRoute(BaseModel):
     spec: LLMRouteSpec
 
 
-_HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$")
+_HOST_RE = re.compile(HOST_PATTERN)
 
 
 def _check_host(value: str) -> str:
