@@ -10,9 +10,9 @@ import signal
 import sys
 
 from .config.problems import ConfigError
-from .config.watch import FileSource, load_config
+from .config.watch import load_config
 from .envoy_config import DEFAULT_BODY_LIMIT, SYSTEM_CA_BUNDLE, BootstrapOptions, HostPort, UpstreamOptions, bootstrap
-from .runner import StartupError, UpOptions, run_up
+from .runner import StartupError, UpOptions, config_source, load_initial, run_up
 
 log = logging.getLogger("extproc")
 
@@ -53,6 +53,15 @@ def _add_upstream_args(p: argparse.ArgumentParser) -> None:
                    help=f"CA bundle that provider certificates must chain to (default: {SYSTEM_CA_BUNDLE})")
 
 
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", action="append", metavar="PATH",
+                        help="LLMProvider/LLMRoute YAML file or directory (repeatable); reloaded on change")
+    source.add_argument("--kubernetes", action="store_true",
+                        help="list and watch LLMProvider/LLMRoute objects (and their Secrets) in Kubernetes")
+    p.add_argument("--namespace", metavar="NS", help="with --kubernetes: only this namespace (default: all)")
+
+
 def _add_metrics_arg(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--metrics", type=_optional_host_port, default=_host_port(default), metavar="HOST:PORT",
                    help=f"serve /metrics (Prometheus), /healthz and /readyz here (default {default}; 'none' for none)")
@@ -76,8 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", parents=[common], help="run the gateway: the ext_proc/xDS server and a real Envoy, in the foreground")
-    up.add_argument("--config", action="append", required=True, metavar="PATH",
-                    help="LLMProvider/LLMRoute YAML file or directory (repeatable); reloaded on change")
+    _add_source_args(up)
     up.add_argument("--listen", type=_host_port, default=HostPort("127.0.0.1", 10000), metavar="HOST:PORT",
                     help="where Envoy accepts application traffic (default 127.0.0.1:10000)")
     up.add_argument("--admin", type=_host_port, default=HostPort("127.0.0.1", 9901), metavar="HOST:PORT",
@@ -97,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_metrics_arg(demo, "127.0.0.1:9464")
 
     serve = sub.add_parser("serve", parents=[common], help="the ext_proc and xDS server only, for an Envoy run elsewhere")
-    serve.add_argument("--config", action="append", required=True, metavar="PATH")
+    _add_source_args(serve)
     serve.add_argument("--listen", type=_host_port, default=HostPort("0.0.0.0", 18000), metavar="HOST:PORT",
                        help="gRPC address for ext_proc and xDS (default 0.0.0.0:18000)")
     serve.add_argument("--body-limit", type=_size, default=DEFAULT_BODY_LIMIT, metavar="SIZE")
@@ -112,9 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("--body-limit", type=_size, default=DEFAULT_BODY_LIMIT, metavar="SIZE")
     ec.add_argument("--access-log", default="/dev/stdout", metavar="PATH",
                     help="file for Envoy's JSON access log (default /dev/stdout; 'none' for none)")
+    ec.add_argument("--sidecar", action="store_true",
+                    help="for a pod whose port-80 traffic is redirected to --listen: LLM hosts through the gateway "
+                         "(routes over RDS), everything else on to its original destination")
 
     val = sub.add_parser("validate", parents=[common], help="check config files; exit 1 and name file, object and field of each error")
     val.add_argument("paths", nargs="+", metavar="PATH")
+
+    sub.add_parser("crds", parents=[common], help="print the CustomResourceDefinitions (k8s/crds.yaml)")
 
     route = sub.add_parser("route", parents=[common], help="dry run: which route, rule, provider, model and cluster a request gets")
     route.add_argument("--config", action="append", required=True, metavar="PATH")
@@ -128,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler = {"up": cmd_up, "demo": cmd_demo, "serve": cmd_serve, "envoy-config": cmd_envoy_config,
-               "validate": cmd_validate, "route": cmd_route}[args.command]
+               "validate": cmd_validate, "route": cmd_route, "crds": cmd_crds}[args.command]
     try:
         return handler(args)
     except StartupError as exc:
@@ -139,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    opts = UpOptions(config=args.config, listen=args.listen, admin=args.admin, upstream=_upstream(args),
+    opts = UpOptions(config=args.config or [], listen=args.listen, admin=args.admin, upstream=_upstream(args),
                      body_limit=args.body_limit, concurrency=args.concurrency, envoy_log_level=args.envoy_log_level,
-                     metrics=args.metrics, access_log=_access_log(args.access_log))
+                     metrics=args.metrics, access_log=_access_log(args.access_log),
+                     kubernetes=args.kubernetes, namespace=args.namespace)
     return asyncio.run(run_up(opts))
 
 
@@ -157,11 +171,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     async def serve() -> int:
         control = ControlPlane(_upstream(args), args.body_limit)
-        source = FileSource(args.config, control.apply)
-        try:
-            await source.load_initial()
-        except ConfigError as exc:
-            raise StartupError("the config has errors:\n" + str(exc)) from None
+        source = config_source(args.config or [], args.kubernetes, args.namespace, control.apply)
+        await load_initial(source)
         ops = OpsServer(control.metrics.registry, lambda: control.loaded)
         try:
             await control.start(args.listen)
@@ -185,7 +196,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_envoy_config(args: argparse.Namespace) -> int:
     opts = BootstrapOptions(listen=args.listen, admin=args.admin, control=args.control, body_limit=args.body_limit,
-                            access_log=_access_log(args.access_log))
+                            access_log=_access_log(args.access_log), sidecar=args.sidecar)
     json.dump(bootstrap(opts), sys.stdout, indent=2)
     print()
     return 0
@@ -236,4 +247,11 @@ def cmd_route(args: argparse.Namespace) -> int:
         stream = "" if target.stream is None else f" stream={str(target.stream).lower()}"
         print(f"  {share:5.1f}%  provider {target.provider} ({target.provider_host}{target.path})"
               f"  model {target.model}{stream}  cluster {target.cluster}")
+    return 0
+
+
+def cmd_crds(args: argparse.Namespace) -> int:
+    from .config.crds import crds_yaml
+
+    sys.stdout.write(crds_yaml())
     return 0

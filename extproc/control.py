@@ -1,9 +1,11 @@
-"""The gRPC server that Envoy talks to (ext_proc, CDS and the access log service on one port),
-and how a new config is rolled out to it without failing requests.
+"""The gRPC server that Envoy talks to (ext_proc, CDS, RDS and the access log service on one
+port), and how a new config is rolled out to it without failing requests.
 
-A change goes out in three steps: first Envoy gets the union of the old and new clusters and
-acknowledges them, then the ext_proc switches to the new routing table, then the clusters no
-longer used are removed. So a request is never routed to a cluster Envoy does not have.
+A change goes out in three steps: first Envoy gets the union of the old and new clusters (and,
+for sidecars, of the old and new LLM host names) and acknowledges them, then the ext_proc
+switches to the new routing table, then what is no longer used is removed. So a request is
+never routed to a cluster Envoy does not have, and a sidecar never lets an LLM host's request
+pass by the gateway.
 """
 
 from __future__ import annotations
@@ -14,14 +16,16 @@ import grpc
 from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.cluster.v3 import cds_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
+from envoy.service.route.v3 import rds_pb2_grpc
 
 from .accesslog import AccessLogReceiver
 from .config.compile import Compiled
-from .envoy_config import DEFAULT_BODY_LIMIT, HostPort, UpstreamOptions, provider_cluster, to_cluster_proto
+from .envoy_config import (DEFAULT_BODY_LIMIT, HostPort, UpstreamOptions, provider_cluster, route_configuration,
+                           to_cluster_proto, to_route_proto)
 from .metrics import GatewayMetrics
 from .routing import EMPTY_TABLE, RoutingTable
 from .server import ExternalProcessor, TableHolder
-from .xds import ClusterDiscovery, ClusterPublisher
+from .xds import CLUSTER_TYPE_URL, ROUTE_TYPE_URL, ClusterDiscovery, Publisher, RouteDiscovery
 
 log = logging.getLogger("extproc.control")
 
@@ -32,7 +36,8 @@ class ControlPlane:
     def __init__(self, upstream: UpstreamOptions, body_limit: int = DEFAULT_BODY_LIMIT):
         self.upstream = upstream
         self.holder = TableHolder(EMPTY_TABLE)
-        self.publisher = ClusterPublisher()
+        self.clusters = Publisher(CLUSTER_TYPE_URL, "clusters")
+        self.routes = Publisher(ROUTE_TYPE_URL, "sidecar routes")
         self.metrics = GatewayMetrics()
         self.loaded = False  # a config is in force (readiness)
         self._body_limit = body_limit
@@ -51,14 +56,15 @@ class ControlPlane:
             ("grpc.so_reuseport", 0),
         ])
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(self.holder), server)
-        cds_pb2_grpc.add_ClusterDiscoveryServiceServicer_to_server(ClusterDiscovery(self.publisher), server)
+        cds_pb2_grpc.add_ClusterDiscoveryServiceServicer_to_server(ClusterDiscovery(self.clusters), server)
+        rds_pb2_grpc.add_RouteDiscoveryServiceServicer_to_server(RouteDiscovery(self.routes), server)
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogReceiver(self.metrics), server)
         self.port = server.add_insecure_port(str(listen))
         if self.port == 0:
             raise OSError(f"cannot listen on {listen} for gRPC (in use, or not an address of this host)")
         await server.start()
         self._server = server
-        log.info("ext_proc, xDS and access log service listening on %s:%d", listen.host, self.port)
+        log.info("ext_proc, xDS (CDS, RDS) and access log service listening on %s:%d", listen.host, self.port)
         return self.port
 
     async def stop(self, grace: float = 2.0) -> None:
@@ -71,15 +77,28 @@ class ControlPlane:
     async def apply(self, compiled: Compiled) -> None:
         new = compiled.table
         old_clusters, new_clusters = self._clusters(self.holder.table), self._clusters(new)
-        if new_clusters != old_clusters or self.publisher.version == 0:
-            union = {**old_clusters, **new_clusters}
-            version = await self.publisher.publish([to_cluster_proto(c) for c in union.values()])
-            if not await self.publisher.wait_acked(version, ACK_TIMEOUT_S):
-                log.warning("not every Envoy acknowledged clusters version %d within %.0fs", version, ACK_TIMEOUT_S)
+        old_hosts, new_hosts = set(self.holder.table.routes), set(new.routes)
+        first = self.clusters.version == 0
+        if first or new_clusters != old_clusters or new_hosts != old_hosts:
+            union_clusters = {**old_clusters, **new_clusters}
+            union_hosts = old_hosts | new_hosts
+            versions = (await self._publish_clusters(union_clusters), await self._publish_hosts(union_hosts))
+            for publisher, version in zip((self.clusters, self.routes), versions):
+                if not await publisher.wait_answered(version, ACK_TIMEOUT_S):
+                    log.warning("not every Envoy answered %s version %d within %.0fs", publisher.type_url, version,
+                                ACK_TIMEOUT_S)
             self.holder.table = new
-            if union != new_clusters:
-                await self.publisher.publish([to_cluster_proto(c) for c in new_clusters.values()])
+            if union_clusters != new_clusters:
+                await self._publish_clusters(new_clusters)
+            if union_hosts != new_hosts:
+                await self._publish_hosts(new_hosts)
         else:
             self.holder.table = new
         self.loaded = True
         log.info("routing table %s in force: %d host names, %d providers", new.version, len(new.routes), len(new.clusters))
+
+    async def _publish_clusters(self, clusters: dict[str, dict]) -> int:
+        return await self.clusters.publish([to_cluster_proto(c) for c in clusters.values()])
+
+    async def _publish_hosts(self, hosts: set[str]) -> int:
+        return await self.routes.publish([to_route_proto(route_configuration(sorted(hosts)))])

@@ -269,6 +269,63 @@ class BootstrapOptions:
     route_timeout_s: int = 300
     node_id: str = "llm-gateway"
     access_log: str | None = "/dev/stdout"  # a JSON line per request; None for no file log
+    # A sidecar behind iptables interception: LLM host names (over RDS) go through the gateway,
+    # all other port-80 traffic goes on to its original destination untouched.
+    sidecar: bool = False
+
+
+ROUTE_CONFIG_NAME = "llm_gateway"
+PASSTHROUGH_CLUSTER = "llm_gateway_passthrough"
+_XDS_SOURCE = {
+    "resource_api_version": "V3",
+    "api_config_source": {
+        "api_type": "GRPC",
+        "transport_api_version": "V3",
+        "grpc_services": [{"envoy_grpc": {"cluster_name": CONTROL_CLUSTER}}],
+        "set_node_on_first_message_only": True,
+    },
+}
+
+
+def _llm_virtual_host(domains: list[str], route_timeout_s: int) -> dict:
+    return {
+        "name": "llm_gateway",
+        "domains": domains,
+        "request_headers_to_remove": [CLUSTER_HEADER],  # internal: never leaves Envoy
+        "routes": [{"match": {"prefix": "/"},
+                    "route": {"cluster_header": CLUSTER_HEADER, "timeout": f"{route_timeout_s}s"}}],
+    }
+
+
+def route_configuration(hosts: list[str], route_timeout_s: int = 300) -> dict:
+    """The sidecar's routes (sent over RDS): the LLM host names through the gateway, anything else
+    to where the application sent it, with none of the gateway's filters on the way."""
+    off = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
+    passthrough = {
+        "name": "passthrough",
+        "domains": ["*"],
+        "routes": [{
+            "match": {"prefix": "/"},
+            "route": {"cluster": PASSTHROUGH_CLUSTER, "timeout": "0s"},
+            "typed_per_filter_config": {
+                "envoy.filters.http.ext_proc": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+                    "disabled": True},
+                "envoy.filters.http.json_to_metadata": off,
+                "llm_gateway.event_stream": off,
+            },
+        }],
+    }
+    hosts = sorted(set(hosts))
+    return {"name": ROUTE_CONFIG_NAME,
+            "virtual_hosts": ([_llm_virtual_host(hosts, route_timeout_s)] if hosts else []) + [passthrough]}
+
+
+def to_route_proto(route_config: dict):
+    from envoy.config.route.v3 import route_pb2
+    from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401  (registers @type)
+
+    return json_format.ParseDict(route_config, route_pb2.RouteConfiguration())
 
 
 def bootstrap(opts: BootstrapOptions) -> dict:
@@ -294,62 +351,57 @@ def bootstrap(opts: BootstrapOptions) -> dict:
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "llm_gateway",
         "codec_type": "AUTO",
-        "route_config": {
-            "name": "llm_gateway",
-            "request_headers_to_remove": [CLUSTER_HEADER],
-            "virtual_hosts": [{
-                "name": "llm_gateway",
-                "domains": ["*"],
-                "routes": [{
-                    "match": {"prefix": "/"},
-                    "route": {"cluster_header": CLUSTER_HEADER, "timeout": f"{opts.route_timeout_s}s"},
-                }],
-            }],
-        },
         "http_filters": [
             {"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc},
             {"name": "envoy.filters.http.json_to_metadata", "typed_config": _usage_from_json()},
             {"name": "llm_gateway.event_stream", "typed_config": _event_stream_observer(opts)},
             {"name": "envoy.filters.http.router",
-             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+                              "suppress_envoy_headers": True}},
         ],
         "local_reply_config": _local_reply_config(),
         "access_log": _access_logs(opts),
     }
-    control_type = "STATIC" if _is_ip(opts.control.host) else "STRICT_DNS"
+    listener = {
+        "name": "llm_gateway_http",
+        "address": _address(opts.listen),
+        "per_connection_buffer_limit_bytes": opts.body_limit,
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+    }
+    clusters = [_control_cluster(opts)]
+    if opts.sidecar:
+        hcm["rds"] = {"route_config_name": ROUTE_CONFIG_NAME, "config_source": _XDS_SOURCE}
+        hcm["strip_any_host_port"] = True
+        hcm["generate_request_id"] = False  # passthrough traffic leaves as it came
+        listener["listener_filters"] = [{
+            "name": "envoy.filters.listener.original_dst",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"}}]
+        clusters.append({"name": PASSTHROUGH_CLUSTER, "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
+                         "connect_timeout": "10s"})
+    else:
+        # One route for every host: the ext_proc answers hosts it does not serve with a JSON 404.
+        hcm["route_config"] = {"name": ROUTE_CONFIG_NAME,
+                               "virtual_hosts": [_llm_virtual_host(["*"], opts.route_timeout_s)]}
     return {
         "node": {"id": opts.node_id, "cluster": "llm-gateway"},
         "admin": {"address": _address(opts.admin)},
-        "static_resources": {
-            "listeners": [{
-                "name": "llm_gateway_http",
-                "address": _address(opts.listen),
-                "per_connection_buffer_limit_bytes": opts.body_limit,
-                "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
-            }],
-            "clusters": [{
-                "name": CONTROL_CLUSTER,
-                "type": control_type,
-                "connect_timeout": "1s",
-                "load_assignment": {"cluster_name": CONTROL_CLUSTER,
-                                    "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(opts.control)}}]}]},
-                "typed_extension_protocol_options": {
-                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                        "explicit_http_config": {"http2_protocol_options": {}},
-                    },
-                },
-            }],
-        },
-        "dynamic_resources": {
-            "cds_config": {
-                "resource_api_version": "V3",
-                "api_config_source": {
-                    "api_type": "GRPC",
-                    "transport_api_version": "V3",
-                    "grpc_services": [{"envoy_grpc": {"cluster_name": CONTROL_CLUSTER}}],
-                    "set_node_on_first_message_only": True,
-                },
+        "static_resources": {"listeners": [listener], "clusters": clusters},
+        "dynamic_resources": {"cds_config": _XDS_SOURCE},
+    }
+
+
+def _control_cluster(opts: BootstrapOptions) -> dict:
+    control_type = "STATIC" if _is_ip(opts.control.host) else "STRICT_DNS"
+    return {
+        "name": CONTROL_CLUSTER,
+        "type": control_type,
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": CONTROL_CLUSTER,
+                            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(opts.control)}}]}]},
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
             },
         },
     }

@@ -50,7 +50,7 @@ def envoy_binary() -> str:
 
 @dataclass
 class UpOptions:
-    config: list[str]
+    config: list[str]  # files and directories; empty with `kubernetes`
     listen: HostPort = HostPort("127.0.0.1", 10000)
     admin: HostPort = HostPort("127.0.0.1", 9901)
     control: HostPort = HostPort("127.0.0.1", 0)
@@ -61,6 +61,20 @@ class UpOptions:
     reload_interval: float = 1.0
     metrics: HostPort | None = HostPort("127.0.0.1", 9464)
     access_log: str | None = "/dev/stdout"
+    kubernetes: bool = False
+    namespace: str | None = None  # with `kubernetes`: one namespace, or all
+
+
+def config_source(opts_config: list[str], kubernetes: bool, namespace: str | None, apply, reload_interval: float = 1.0):
+    """The files, or the Kubernetes API server."""
+    if kubernetes:
+        from .config.kubernetes import KubernetesSource
+
+        try:
+            return KubernetesSource(apply, namespace)
+        except Exception as exc:  # no kubeconfig, unreadable service account
+            raise StartupError(f"cannot reach Kubernetes: {exc}") from None
+    return FileSource(opts_config, apply, reload_interval)
 
 
 async def wait_ready(admin: HostPort, process: asyncio.subprocess.Process, timeout: float = 30.0) -> None:
@@ -93,7 +107,7 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
     """Run until a signal or until Envoy exits. Returns the process exit code."""
     binary = envoy_binary()
     control = ControlPlane(opts.upstream, opts.body_limit)
-    source = FileSource(opts.config, control.apply, opts.reload_interval)
+    source = config_source(opts.config, opts.kubernetes, opts.namespace, control.apply, opts.reload_interval)
     ops = OpsServer(control.metrics.registry, lambda: control.loaded)
     try:
         port = await control.start(opts.control)
@@ -111,10 +125,7 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
     watcher: asyncio.Task | None = None
     try:
         # The first config must load before Envoy asks for clusters; a bad one stops here.
-        try:
-            await source.load_initial()
-        except ConfigError as exc:
-            raise StartupError("the config has errors:\n" + str(exc)) from None
+        await load_initial(source)
         args = [binary, "-c", str(boot_file), "--disable-hot-restart", "--log-level", opts.envoy_log_level]
         if opts.concurrency:
             args += ["--concurrency", str(opts.concurrency)]
@@ -138,6 +149,20 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
         await ops.stop()
         await control.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def load_initial(source) -> None:
+    """The first config must load: there is no last good one to fall back on."""
+    try:
+        await source.load_initial()
+    except ConfigError as exc:
+        raise StartupError("the config has errors:\n" + str(exc)) from None
+    except OSError as exc:
+        raise StartupError(f"cannot read the config: {exc}") from None
+    except Exception as exc:
+        if type(exc).__module__.startswith(("kubernetes", "urllib3")):
+            raise StartupError(f"cannot list LLMProvider/LLMRoute objects from Kubernetes: {exc}") from None
+        raise
 
 
 async def _until_stopped(process: asyncio.subprocess.Process) -> int:

@@ -31,7 +31,8 @@ def compile_config(objects: list[Loaded]) -> Compiled:
     for obj in objects:
         for path in unimplemented_fields(obj.resource):
             problems.append(Problem("accepted but not implemented yet: it has no effect",
-                                    file=obj.file, obj=obj.label, field=path, severity="warning"))
+                                    file=obj.file, obj=obj.label, field=path, severity="warning",
+                                    reason="NotImplemented"))
 
     providers: dict[str, Loaded] = {}
     for obj in objects:
@@ -44,7 +45,7 @@ def compile_config(objects: list[Loaded]) -> Compiled:
             continue
         if spec.host in providers:
             problems.append(Problem(f"host {spec.host!r} is already served by {providers[spec.host].label}",
-                                    file=obj.file, obj=obj.label, field="spec.host"))
+                                    file=obj.file, obj=obj.label, field="spec.host", reason="HostConflict"))
             continue
         providers[spec.host] = obj
 
@@ -62,7 +63,7 @@ def compile_config(objects: list[Loaded]) -> Compiled:
         clash = next((name for name in aliases if name in owner), None)
         if clash is not None:
             problems.append(Problem(f"host {clash!r} is already routed by {owner[clash].label}",
-                                    file=obj.file, obj=obj.label, field="spec.host"))
+                                    file=obj.file, obj=obj.label, field="spec.host", reason="HostConflict"))
             continue
         for name in aliases:
             routes[name] = route
@@ -99,7 +100,8 @@ def _compile_route(obj: Loaded, providers: dict[str, Loaded]) -> tuple[Route, li
             provider = providers.get(host)
             if provider is None:
                 problems.append(Problem(f"no LLMProvider serves host {ref.provider_host!r}", file=obj.file,
-                                        obj=obj.label, field=f"spec.rules[{i}].backendRefs[{j}].providerHost"))
+                                        obj=obj.label, field=f"spec.rules[{i}].backendRefs[{j}].providerHost",
+                                        reason="ProviderNotFound"))
                 continue
             targets.append(_target(route_name, rule_label, rule.name, provider))
         conditions = tuple(

@@ -137,17 +137,19 @@ def parse_object(doc: Any, file: str, number: str, environ: dict[str, str] | Non
     if isinstance(resource, LLMProvider):
         resource, key_problems = _resolve_api_keys(resource, environ if environ is not None else os.environ, secrets)
         if key_problems:
-            return None, [Problem(msg, file=file, obj=label, field=field) for field, msg in key_problems]
+            return None, [Problem(msg, file=file, obj=label, field=field, reason=reason)
+                          for field, msg, reason in key_problems]
     return Loaded(resource, file), []
 
 
 SecretLookup = Callable[[str, str, str], "str | None"]  # (namespace, name, key) -> value
 
 
-def _resolve_api_keys(provider: LLMProvider, environ: Any, secrets: SecretLookup | None) -> tuple[LLMProvider, list[tuple[str, str]]]:
+def _resolve_api_keys(provider: LLMProvider, environ: Any,
+                      secrets: SecretLookup | None) -> tuple[LLMProvider, list[tuple[str, str, str]]]:
     """Each openAIConfig's key: `${VAR}` in apiKey read from the environment, apiKeySecretRef read
     from a Secret of the provider's namespace. An unset variable or a missing Secret is an error."""
-    problems: list[tuple[str, str]] = []
+    problems: list[tuple[str, str, str]] = []  # (field, message, reason)
     namespace = provider.metadata.namespace
 
     def expand(value: str, field: str) -> str:
@@ -155,10 +157,10 @@ def _resolve_api_keys(provider: LLMProvider, environ: Any, secrets: SecretLookup
             name = match.group(1)
             found = environ.get(name)
             if found is None:
-                problems.append((field, f"environment variable {name} is not set"))
+                problems.append((field, f"environment variable {name} is not set", "InvalidAPIKey"))
                 return ""
             if not found.strip():
-                problems.append((field, f"environment variable {name} is empty"))
+                problems.append((field, f"environment variable {name} is empty", "InvalidAPIKey"))
             return found
 
         return _ENV_REF.sub(sub, value)
@@ -171,14 +173,15 @@ def _resolve_api_keys(provider: LLMProvider, environ: Any, secrets: SecretLookup
             return cfg
         field = f"{path}.apiKeySecretRef"
         if secrets is None:
-            problems.append((field, "a Secret can only be read with the Kubernetes source (extproc serve --kubernetes)"))
+            problems.append((field, "a Secret can only be read with the Kubernetes source (--kubernetes)", "InvalidAPIKey"))
             return cfg
         value = secrets(namespace, ref.name, ref.key)
         if value is None:
-            problems.append((field, f"Secret {namespace}/{ref.name} has no key {ref.key!r} (or does not exist)"))
+            problems.append((field, f"Secret {namespace}/{ref.name} has no key {ref.key!r} (or does not exist)",
+                             "SecretNotFound"))
             return cfg
         if not value.strip():
-            problems.append((field, f"key {ref.key!r} of Secret {namespace}/{ref.name} is empty"))
+            problems.append((field, f"key {ref.key!r} of Secret {namespace}/{ref.name} is empty", "InvalidAPIKey"))
         return cfg.model_copy(update={"api_key": value})
 
     configs = provider.spec.configs

@@ -13,6 +13,7 @@ class Problem:
     obj: str | None = None  # "LLMRoute default/dashscope-route"
     field: str | None = None  # "spec.rules[0].backendRefs[0].weight"
     severity: Literal["error", "warning"] = "error"
+    reason: str = "InvalidSpec"  # for a Kubernetes condition: InvalidSpec, HostConflict, ProviderNotFound, ...
 
     def __str__(self) -> str:
         where = [part for part in (self.file, self.obj, self.field) if part]

@@ -12,13 +12,15 @@ from envoy.extensions.common.matching.v3 import extension_matcher_pb2  # noqa: F
 from envoy.extensions.filters.common.matcher.action.v3 import skip_action_pb2  # noqa: F401
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401
 from envoy.extensions.filters.http.json_to_metadata.v3 import json_to_metadata_pb2  # noqa: F401
+from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2  # noqa: F401
 from envoy.type.matcher.v3 import http_inputs_pb2  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2  # noqa: F401
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from google.protobuf import json_format
 
-from extproc.envoy_config import (BootstrapOptions, HostPort, UpstreamOptions, bootstrap, provider_cluster,
+from extproc.envoy_config import (PASSTHROUGH_CLUSTER, ROUTE_CONFIG_NAME, BootstrapOptions, HostPort, UpstreamOptions,
+                                  bootstrap, provider_cluster, route_configuration, to_route_proto,
                                   to_cluster_proto)
 from extproc.names import CLUSTER_HEADER, CONTROL_CLUSTER
 
@@ -58,7 +60,34 @@ def test_bootstrap_routes_on_the_cluster_header():
     assert routes[0]["route"]["cluster_header"] == CLUSTER_HEADER
     assert "cluster" not in routes[0]["route"]
     assert routes[0]["match"] == {"prefix": "/"}
-    assert CLUSTER_HEADER in route_config["request_headers_to_remove"]  # never sent upstream
+    assert CLUSTER_HEADER in route_config["virtual_hosts"][0]["request_headers_to_remove"]  # never sent upstream
+
+
+def test_sidecar_bootstrap_takes_routes_over_rds_and_passes_other_traffic_through():
+    boot = bootstrap(BootstrapOptions(listen=HostPort("0.0.0.0", 15001), sidecar=True))
+    manager = hcm(boot)
+    assert "route_config" not in manager and manager["rds"]["route_config_name"] == ROUTE_CONFIG_NAME
+    assert manager["strip_any_host_port"] is True
+    listener = boot["static_resources"]["listeners"][0]
+    assert listener["listener_filters"][0]["name"] == "envoy.filters.listener.original_dst"
+    passthrough = [c for c in boot["static_resources"]["clusters"] if c["name"] == PASSTHROUGH_CLUSTER]
+    assert passthrough and passthrough[0]["type"] == "ORIGINAL_DST"
+    json_format.ParseDict(boot, bootstrap_pb2.Bootstrap())
+
+
+def test_sidecar_route_configuration():
+    config = route_configuration(["svc.default", "dashscope.aliyuncs.com", "svc.default"])
+    llm, passthrough = config["virtual_hosts"]
+    assert llm["domains"] == ["dashscope.aliyuncs.com", "svc.default"]
+    assert llm["routes"][0]["route"]["cluster_header"] == CLUSTER_HEADER
+    assert passthrough["domains"] == ["*"]
+    route = passthrough["routes"][0]
+    assert route["route"]["cluster"] == PASSTHROUGH_CLUSTER
+    assert set(route["typed_per_filter_config"]) == {"envoy.filters.http.ext_proc", "envoy.filters.http.json_to_metadata",
+                                                    "llm_gateway.event_stream"}
+    assert "request_headers_to_remove" not in passthrough  # other traffic leaves untouched
+    to_route_proto(config)  # valid Envoy API
+    assert [vh["name"] for vh in route_configuration([])["virtual_hosts"]] == ["passthrough"]
 
 
 @pytest.mark.parametrize(("opts", "listen", "control_type"), [
