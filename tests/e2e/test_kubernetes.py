@@ -87,12 +87,13 @@ def model_of(gw, host: str, headers: dict | None = None) -> str | int:
     pytest.param(("weight: 50", "weight: lots"), "spec.rules.backendRefs.weight", id="weight-not-a-number"),
     pytest.param(("host: demo-llm-server", "host: http://demo-llm-server"), "spec.host", id="host-with-scheme"),
     pytest.param(("  - backendRefs:", "  - matches:\n    - headers:\n        x: {exact: a, prefix: b}\n    backendRefs:"),
-                 "must have at most 1 properties", id="two-match-kinds"),
-    pytest.param(("  rules:\n", "  rules: []\n"), "spec.rules", id="no-rules"),
+                 "should have at most 1 properties", id="two-match-kinds"),
+    pytest.param(None, "spec.rules", id="no-rules"),
 ])
 def test_schema_invalid_objects_are_refused_at_apply_time(clean, change, message):
-    text = seed("06").read_text().replace(*change)
-    assert text != seed("06").read_text()
+    original = seed("06").read_text()
+    text = original.replace(*change) if change else original.split("  rules:")[0] + "  rules: []\n"
+    assert text != original
     result = clean.run("apply", "-f", "-", stdin=text, check=False)
     assert result.returncode != 0, result.stdout
     assert message in result.stderr, result.stderr
