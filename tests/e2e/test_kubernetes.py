@@ -154,3 +154,38 @@ def test_api_key_from_a_secret_follows_secret_updates(clean, k8s_gateway, fresh_
     wait_until(lambda: kube.condition("llmprovider", "dashscope-qwen").get("reason") == "SecretNotFound", 10, gw.log)
     assert model_of(gw, DASHSCOPE) == 404
     assert "sk-rotated-key" not in gw.log() and good not in gw.log()
+
+
+def test_manifests_apply_and_rbac_is_least_privilege(clean):
+    kube = clean
+    kube.run("apply", "-f", str(REPO / "k8s" / "control-plane.yaml"))
+    kube.run("apply", "-k", str(REPO / "k8s" / "sidecar"))
+    import json
+    pod = json.loads(kube.run("get", "deployment", "sleep", "-o", "json").stdout)["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert "--to-ports 15001" in init["command"][-1] and "--uid-owner 1337" in init["command"][-1]
+    (envoy,) = [c for c in pod["containers"] if c["name"] == "llm-gateway-envoy"]
+    assert envoy["securityContext"]["runAsUser"] == 1337
+    bootstrap = json.loads(json.loads(kube.run("get", "configmap", "llm-gateway-envoy", "-o", "json").stdout)["data"]["envoy.json"])
+    assert bootstrap["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] == 15001
+
+    account = "system:serviceaccount:llm-gateway:llm-gateway"
+    checks = [("list", "llmroutes.istio.alibabacloud.com", None, True), ("watch", "llmproviders.istio.alibabacloud.com", None, True),
+              ("patch", "llmroutes.istio.alibabacloud.com", "status", True), ("get", "secrets", None, True),
+              ("patch", "llmroutes.istio.alibabacloud.com", None, False), ("delete", "llmproviders.istio.alibabacloud.com", None, False),
+              ("create", "secrets", None, False), ("list", "pods", None, False)]
+    for verb, resource, subresource, allowed in checks:
+        args = ["auth", "can-i", verb, resource, "--as", account, "-n", "default"]
+        if subresource:
+            args.append(f"--subresource={subresource}")
+        assert (kube.run(*args, check=False).returncode == 0) == allowed, (verb, resource, subresource)
+    kube.run("delete", "-k", str(REPO / "k8s" / "sidecar"), "--wait=false", check=False)
+
+
+def test_committed_sidecar_bootstrap_matches_generator():
+    import json
+    import sys
+    out = subprocess.run([sys.executable, "-m", "extproc", "envoy-config", "--sidecar", "--control",
+                          "llm-gateway-control.llm-gateway.svc:18000", "--listen", "0.0.0.0:15001", "--admin", "127.0.0.1:15000"],
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads((REPO / "k8s" / "sidecar" / "envoy-bootstrap.json").read_text()) == json.loads(out)

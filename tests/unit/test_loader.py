@@ -250,3 +250,6 @@ def test_seed_copies_are_byte_identical_to_the_shared_originals():
     for name in originals:
         assert (SEED / name).read_bytes() == (SHARED_SEED / name).read_bytes(), f"{name} differs from the original"
 
+    # the sidecar overlay carries the seed's client pod as it is
+    sidecar_copy = Path(__file__).parents[2] / "k8s" / "sidecar" / "sleep.yaml"
+    assert sidecar_copy.read_bytes() == (SHARED_SEED / "sleep.yaml").read_bytes()
