@@ -343,7 +343,7 @@ def bootstrap(opts: BootstrapOptions) -> dict:
             "request_trailer_mode": "SKIP",
             "response_trailer_mode": "SKIP",
         },
-        "mutation_rules": {"allow_all_routing": True},
+        "mutation_rules": {"allow_all_routing": True, "allow_envoy": True},
         "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
         "stat_prefix": "request",
     }

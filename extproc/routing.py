@@ -50,6 +50,7 @@ class Target:
     model: str | None
     stream: bool | None
     api_key: str | None = field(default=None, repr=False)
+    timeout_s: float = 300.0  # the whole answer, streamed ones included
 
 
 @dataclass(frozen=True, slots=True)

@@ -121,24 +121,81 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
                                       body_limit=opts.body_limit, access_log=opts.access_log))
     boot_file = workdir / "envoy.json"
     boot_file.write_text(json.dumps(boot, indent=2))
-    process: asyncio.subprocess.Process | None = None
+    args = [binary, "-c", str(boot_file), "--disable-hot-restart", "--log-level", opts.envoy_log_level]
+    if opts.concurrency:
+        args += ["--concurrency", str(opts.concurrency)]
+    envoy = EnvoySupervisor(args, opts.admin)
     watcher: asyncio.Task | None = None
     try:
         # The first config must load before Envoy asks for clusters; a bad one stops here.
         await load_initial(source)
-        args = [binary, "-c", str(boot_file), "--disable-hot-restart", "--log-level", opts.envoy_log_level]
-        if opts.concurrency:
-            args += ["--concurrency", str(opts.concurrency)]
-        process = await asyncio.create_subprocess_exec(*args, stdin=asyncio.subprocess.DEVNULL)
-        await wait_ready(opts.admin, process)
+        await envoy.start()
         watcher = asyncio.create_task(source.run())
         log.info("ready: proxy on http://%s, Envoy admin on http://%s", opts.listen, opts.admin)
         if on_ready is not None:
             on_ready()
-        return await _until_stopped(process)
+        return await envoy.run_until_signal()
     finally:
         if watcher is not None:
             watcher.cancel()
+        await envoy.stop()
+        await ops.stop()
+        await control.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+class EnvoySupervisor:
+    """Envoy as a child process: started, restarted if it dies (a few times, with a pause), stopped."""
+
+    MAX_RESTARTS = 5  # within RESTART_WINDOW_S; one more and `up` gives up with a non-zero exit
+    RESTART_WINDOW_S = 60.0
+
+    def __init__(self, args: list[str], admin: HostPort):
+        self._args = args
+        self._admin = admin
+        self.process: asyncio.subprocess.Process | None = None
+        self._restarts: list[float] = []
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(*self._args, stdin=asyncio.subprocess.DEVNULL)
+        await wait_ready(self._admin, self.process)
+
+    async def run_until_signal(self) -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        stopped = asyncio.create_task(stop.wait())
+        try:
+            while True:
+                assert self.process is not None
+                exited = asyncio.create_task(self.process.wait())
+                done, _ = await asyncio.wait({exited, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if stopped in done:
+                    exited.cancel()
+                    log.info("stopping")
+                    return 0
+                now = loop.time()
+                self._restarts = [t for t in self._restarts if now - t < self.RESTART_WINDOW_S] + [now]
+                if len(self._restarts) > self.MAX_RESTARTS:
+                    log.error("envoy exited with code %s, the %d. time within %.0fs: giving up", self.process.returncode,
+                              len(self._restarts), self.RESTART_WINDOW_S)
+                    return 1
+                log.error("envoy exited unexpectedly with code %s: restarting it", self.process.returncode)
+                await asyncio.sleep(0.5 * len(self._restarts))
+                try:
+                    await self.start()
+                except StartupError as exc:
+                    log.error("envoy did not come back: %s", exc)
+                    continue  # counts as one more exit
+                log.info("envoy is back")
+        finally:
+            stopped.cancel()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    async def stop(self) -> None:
+        process = self.process
         if process is not None and process.returncode is None:
             process.terminate()
             try:
@@ -146,9 +203,6 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
             except asyncio.TimeoutError:
                 process.kill()
                 await process.wait()
-        await ops.stop()
-        await control.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 async def load_initial(source) -> None:
@@ -163,22 +217,3 @@ async def load_initial(source) -> None:
         if type(exc).__module__.startswith(("kubernetes", "urllib3")):
             raise StartupError(f"cannot list LLMProvider/LLMRoute objects from Kubernetes: {exc}") from None
         raise
-
-
-async def _until_stopped(process: asyncio.subprocess.Process) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    exited = asyncio.create_task(process.wait())
-    stopped = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait({exited, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.remove_signal_handler(sig)
-    if exited in done:
-        stopped.cancel()
-        log.error("envoy exited unexpectedly with code %s", process.returncode)
-        return 1
-    exited.cancel()
-    log.info("stopping")
-    return 0

@@ -26,7 +26,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 from .errors import GatewayError
-from .names import CLUSTER_HEADER, METADATA_NAMESPACE
+from .names import CLUSTER_HEADER, INTERNAL_HEADER_PREFIX, METADATA_NAMESPACE
 from .rewrite import rewrite_body
 from .routing import RoutingTable, Target
 from .sse import SSEReader
@@ -57,6 +57,8 @@ def _target_mutation(target: Target) -> pb.HeaderMutation:
         _header(":authority", target.provider_host),
         _header(CLUSTER_HEADER, target.cluster),
         _header("content-type", "application/json"),
+        # the provider's timeout: Envoy's router reads it (and answers 504 past it)
+        _header("x-envoy-upstream-rq-timeout-ms", str(int(target.timeout_s * 1000))),
     ])
     if target.api_key:
         mutation.set_headers.append(_header("authorization", f"Bearer {target.api_key}"))
@@ -87,6 +89,8 @@ def immediate(error: GatewayError) -> pb.ProcessingResponse:
 
 
 _CONTINUE_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+_CLIENT_MUST_NOT_SET = ("x-envoy-", INTERNAL_HEADER_PREFIX)
+_SET_BY_GATEWAY = frozenset({CLUSTER_HEADER, "x-envoy-upstream-rq-timeout-ms"})
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
@@ -105,12 +109,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             try:
                 if phase == "request_headers":
                     started = self._clock()
-                    authority, target = self._choose(request.request_headers)
+                    authority, target, strip = self._choose(request.request_headers)
                     yield _CONTINUE_HEADERS
                 elif phase == "request_body":
                     if target is None:  # cannot happen with our bootstrap; never forward unrewritten
                         raise GatewayError(500, "request body arrived before its headers", "internal_error")
-                    yield self._rewrite(request.request_body, target, started, authority)
+                    yield self._rewrite(request.request_body, target, started, authority, strip)
                 elif phase == "response_headers":
                     observer = _EventStreamObserver(request.metadata_context, self._clock)
                     yield _CONTINUE_RESPONSE_HEADERS
@@ -128,15 +132,20 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     return
                 yield _continue(phase)  # an answer already under way is passed on as it is
 
-    def _choose(self, headers_msg: pb.HttpHeaders) -> tuple[str, Target]:
+    def _choose(self, headers_msg: pb.HttpHeaders) -> tuple[str, Target, list[str]]:
+        """The target, and the client headers that must not reach Envoy's router or the provider:
+        `x-envoy-*` (timeouts, retries) and the gateway's own."""
         headers = headers_msg.headers.headers
         authority = method = ""
+        strip: list[str] = []
         for h in headers:
             key = h.key
             if key == ":authority":
                 authority = h.raw_value.decode("latin-1")
             elif key == ":method":
                 method = h.raw_value.decode("latin-1")
+            elif key.startswith(_CLIENT_MUST_NOT_SET):
+                strip.append(key)
         route = self._holder.table.route_for(authority)
         if route is None:
             raise GatewayError(404, f"no LLMRoute or LLMProvider serves host {authority!r}", "unknown_host")
@@ -149,15 +158,19 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         rule = route.select(values)
         if rule is None:
             raise GatewayError(404, f"no rule of route {route.name} matches the request", "no_matching_rule")
-        return authority, rule.pick(self._draw())
+        return authority, rule.pick(self._draw()), strip
 
     @staticmethod
-    def _rewrite(body_msg: pb.HttpBody, target: Target, started: float, authority: str) -> pb.ProcessingResponse:
+    def _rewrite(body_msg: pb.HttpBody, target: Target, started: float, authority: str,
+                 strip: list[str]) -> pb.ProcessingResponse:
         rewritten = rewrite_body(body_msg.body, target)
         response = pb.ProcessingResponse()
         common = response.request_body.response
         common.header_mutation.CopyFrom(_target_mutation(target))
         common.header_mutation.set_headers.append(_header("content-length", str(len(rewritten.body))))
+        if strip:  # whatever the gateway sets itself is overwritten anyway; the rest goes
+            common.header_mutation.remove_headers.extend(
+                name for name in strip if name not in _SET_BY_GATEWAY)
         common.body_mutation.body = rewritten.body
         common.clear_route_cache = True
         response.dynamic_metadata.CopyFrom(_target_metadata(target))

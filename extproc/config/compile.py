@@ -144,6 +144,7 @@ def _target(route: str, rule_label: str, rule_name: str | None, provider: Loaded
         model=cfg.model,
         stream=cfg.stream,
         api_key=cfg.api_key,
+        timeout_s=resource.spec.timeout_s,
     )
 
 

@@ -54,10 +54,25 @@ class ProviderConfigs(_Strict):
 HOST_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$"
 
 
+DURATION_PATTERN = r"^[0-9]+(ms|s|m|h)$"
+DEFAULT_TIMEOUT_S = 300.0
+
+
+def parse_duration(text: str) -> float:
+    """"1500ms", "30s", "5m", "1h" in seconds."""
+    for unit, scale in (("ms", 0.001), ("s", 1), ("m", 60), ("h", 3600)):
+        if text.endswith(unit) and text[: -len(unit)].isdigit():
+            return int(text[: -len(unit)]) * scale
+    raise ValueError(f"{text!r} is not a duration like 1500ms, 30s, 5m or 1h")
+
+
 class LLMProviderSpec(_Strict):
     host: str = Field(min_length=1, json_schema_extra={"pattern": HOST_PATTERN})
     path: str = Field(default="/v1/chat/completions", pattern=r"^/")
     configs: ProviderConfigs
+    # Our extension: how long the provider has for a whole answer (streamed ones included).
+    timeout: str | None = Field(default=None, pattern=DURATION_PATTERN,
+                                description="Time the provider has for the whole answer, e.g. 30s or 5m (default 300s).")
     workload_selector: dict | None = Field(default=None, alias="workloadSelector")
     gateways: list[str] | None = None
 
@@ -65,6 +80,17 @@ class LLMProviderSpec(_Strict):
     @classmethod
     def _host_is_a_name(cls, value: str) -> str:
         return _check_host(value)
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout_positive(cls, value: str | None) -> str | None:
+        if value is not None and parse_duration(value) <= 0:
+            raise ValueError("timeout must be more than zero")
+        return value
+
+    @property
+    def timeout_s(self) -> float:
+        return parse_duration(self.timeout) if self.timeout else DEFAULT_TIMEOUT_S
 
 
 class StringMatch(_Strict):

@@ -68,7 +68,7 @@ class FakeProvider:
         class Handler(_Handler):
             fake = provider
 
-        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
+        self._server = _QuietServer((self.host, self.port), Handler)
         self._server.daemon_threads = True
         self._server.socket = context.wrap_socket(self._server.socket, server_side=True, do_handshake_on_connect=False)
         self.port = self._server.server_address[1]
@@ -88,6 +88,11 @@ class FakeProvider:
     def clear(self) -> None:
         with self._lock:
             self.requests.clear()
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        pass  # a client gone mid-answer (a timeout test) is not worth a traceback
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -147,3 +147,51 @@ def _status(gw) -> int:
         return gw.request(DASHSCOPE, CHAT).status
     except OSError:
         return 0
+
+
+def test_slow_provider_gets_its_own_timeout_as_json_504(tmp_path, gateway_factory, fresh_providers):
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "p.yaml").write_text(provider_yaml("quick", DASHSCOPE, key="${YOUR_DASHSCOPE_API_KEY}")
+                                   .replace("  path: /v1/chat/completions", "  path: /v1/chat/completions\n  timeout: 1s"))
+    gw = gateway_factory(config)
+    assert gw.request(DASHSCOPE, CHAT, {"x-fake-delay": "0.2"}).status == 200
+    started = __import__("time").monotonic()
+    error = assert_json_error(gw.request(DASHSCOPE, CHAT, {"x-fake-delay": "3"}), 504, "upstream_timeout")
+    assert __import__("time").monotonic() - started < 2.5
+    assert "did not answer in time" in error["message"]
+
+
+def test_client_cannot_set_envoy_or_gateway_headers(gw, fresh_providers):
+    # a client's own (tiny) timeout and retry policy are not Envoy's to follow
+    resp = gw.request(DASHSCOPE, CHAT, {"x-fake-delay": "0.3", "x-envoy-upstream-rq-timeout-ms": "1",
+                                        "x-envoy-retry-on": "5xx", "x-llm-gateway-anything": "x"})
+    assert resp.status == 200, resp.body
+    (seen,) = fresh_providers[DASHSCOPE].requests
+    assert not any(k.startswith(("x-envoy-", "x-llm-gateway-")) for k in seen.headers), seen.headers
+
+
+@pytest.mark.parametrize("host", ["llm_gateway_control", "llm_provider_dashscope_aliyuncs_com", "127.0.0.1"])
+def test_host_naming_an_internal_cluster_is_unknown(gw, fresh_providers, host):
+    # as a Host header: not a host the gateway serves
+    assert_json_error(gw.request(host, CHAT, proxy_form=False), 404, "unknown_host")
+    # as a proxy-form URL, a name with '_' is not even a valid URL: Envoy refuses it
+    resp = gw.request(host, CHAT)
+    assert_json_error(resp, resp.status)
+    assert resp.status in (400, 404)
+    assert fresh_providers[DASHSCOPE].requests == []
+
+
+def test_many_and_large_headers_get_envoys_limits_not_a_crash(gw, fresh_providers):
+    big = gw.request(DASHSCOPE, CHAT, {"x-big": "a" * 70_000})
+    assert big.status in (400, 431), big.status
+    many = gw.request(DASHSCOPE, CHAT, {f"x-h{i}": "v" for i in range(200)})
+    assert many.status in (200, 400, 431)
+    assert gw.request(DASHSCOPE, CHAT).status == 200  # still serving
+    assert gw.process.poll() is None
+
+
+def test_duplicate_keys_last_one_wins(gw, fresh_providers):
+    body = b'{"messages": [{"role": "user", "content": "a"}], "temperature": 0.1, "temperature": 0.9}'
+    assert gw.request(DASHSCOPE, body).status == 200
+    assert fresh_providers[DASHSCOPE].requests[-1].body["temperature"] == 0.9
