@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--concurrency", type=int, default=None, metavar="N", help="Envoy worker threads (default: one per core)")
     up.add_argument("--body-limit", type=_size, default=DEFAULT_BODY_LIMIT, metavar="SIZE",
                     help="largest request body accepted (default 8m); larger gets 413")
-    up.add_argument("--envoy-log-level", default="warning", help="Envoy's --log-level (default warning)")
+    up.add_argument("--envoy-log-level", default="warning", choices=["info", "warning", "error", "critical", "off"],
+                    help="Envoy's --log-level (default warning). Not debug or trace: at those levels Envoy "
+                         "prints request headers, API keys included")
     _add_metrics_arg(up, "127.0.0.1:9464")
     up.add_argument("--access-log", default="/dev/stdout", metavar="PATH",
                     help="file for Envoy's JSON access log, a line per request (default /dev/stdout; 'none' for none)")

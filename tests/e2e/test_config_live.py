@@ -58,16 +58,33 @@ def test_bad_config_keeps_last_good_and_fix_recovers(tmp_path, gateway_factory):
     wait_until(lambda: gw.request(DASHSCOPE, CHAT).json()["model"] == "qwen1.5-72b-chat", 10, lambda: gw.log())
 
 
-def test_api_key_from_environment_never_logged(tmp_path, gateway_factory, keys):
-    gw = gateway_factory(seed_dir(tmp_path, "01", "02", "03", "04", "05", "06"), extra=["--log-level", "debug"])
+def test_api_keys_appear_nowhere_but_on_the_wire_to_the_provider(tmp_path, gateway_factory, keys, fresh_providers):
+    """Keys from the environment, in use, with debug logs: then every output is searched for them."""
+    gw = gateway_factory(seed_dir(tmp_path, "01", "02", "03", "04", "05", "06"),
+                         extra=["--log-level", "debug", "--envoy-log-level", "info"])
+    bodies = []
     for host in (DASHSCOPE, MOONSHOT, "demo-llm-server"):
         assert gw.request(host, CHAT).status == 200
-    gw.request(DASHSCOPE, b"not json")
-    config_dump = gw.admin("/config_dump")
+        bodies.append(gw.request(host, CHAT, {"x-fake-status": "401"}).body)  # the provider's error passes through
+    bodies.append(gw.request(DASHSCOPE, b"not json").body)
+    bodies.append(gw.request("nowhere.example", CHAT).body)
+    bodies.append(gw.request(DASHSCOPE, {"messages": [{"role": "user", "content": "x" * (9 << 20)}]}).body)  # 413
+    config_dump = gw.admin("/config_dump?include_eds")
+    clusters = gw.admin("/clusters")
+    stats = gw.admin("/stats")
+    wait_until(lambda: len(gw.access_entries()) >= 9, 10)
+    metrics_text = "\n".join(f"{k} {v}" for k, v in gw.metrics().items())
+    bootstrap = __import__("subprocess").run([__import__("sys").executable, "-m", "extproc", "envoy-config"],
+                                             capture_output=True, text=True).stdout
     assert gw.stop() == 0  # SIGTERM: a clean exit
+    outputs = {"gateway and Envoy logs": gw.log(), "access log": gw.access_log.read_text(), "metrics": metrics_text,
+               "config dump": config_dump, "clusters": clusters, "stats": stats, "bootstrap": bootstrap,
+               "error bodies": b"".join(bodies).decode(errors="replace")}
     for key in keys.values():
-        assert key not in gw.log()
-        assert key not in config_dump
+        for where, text in outputs.items():
+            assert key not in text, f"an API key leaked into the {where}"
+    # the keys were in use all along: the providers got them
+    assert fresh_providers[DASHSCOPE].requests[0].headers["authorization"] == f"Bearer {keys['YOUR_DASHSCOPE_API_KEY']}"
 
 
 def _route_to(host: str) -> str:
@@ -81,3 +98,11 @@ spec:
   - backendRefs:
     - providerHost: {host}
 """
+
+
+def test_envoy_debug_logging_is_refused_because_it_prints_headers(tmp_path):
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-m", "extproc", "up", "--config", str(seed_dir(tmp_path, "01")),
+                             "--envoy-log-level", "debug"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "invalid choice: 'debug'" in result.stderr

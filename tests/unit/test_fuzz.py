@@ -1,0 +1,102 @@
+"""Property-based fuzzing of the parsers a client or a config can reach: whatever comes in, the
+answer is a result or a clear error, never a crash. Bounded in CI (a few seconds); for a long run:
+LLM_GATEWAY_FUZZ_EXAMPLES=50000 scripts/test tests/unit/test_fuzz.py"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import orjson
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from extproc.config.loader import parse_object
+from extproc.errors import GatewayError
+from extproc.rewrite import rewrite_body
+from extproc.routing import Target
+from extproc.sse import SSEReader
+
+EXAMPLES = int(os.environ.get("LLM_GATEWAY_FUZZ_EXAMPLES", "300"))
+fuzz = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+TARGETS = [
+    Target("r", "rule", "p", "h", "c", "/v1/chat/completions", "m", None, "k"),
+    Target("r", "rule", "p", "h", "c", "/v1/chat/completions", None, True, "k"),
+    Target("r", "rule", "p", "h", "c", "/v1/chat/completions", "m", False, None),
+]
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
+    max_leaves=30)
+
+
+def _check_rewrite(body: bytes, target: Target) -> None:
+    try:
+        out = rewrite_body(body, target)
+    except GatewayError as exc:
+        assert 400 <= exc.status < 500 and json.loads(exc.body())["error"]["code"]
+        return
+    data = orjson.loads(out.body)
+    assert isinstance(data, dict) and isinstance(data["messages"], list) and data["messages"]
+    if target.model is not None:
+        assert data["model"] == target.model
+    if target.stream is not None:
+        assert data["stream"] is target.stream
+
+
+@fuzz
+@given(st.binary(max_size=512), st.sampled_from(TARGETS))
+def test_any_bytes_get_a_rewrite_or_a_4xx(body, target):
+    _check_rewrite(body, target)
+
+
+@fuzz
+@given(json_values, st.sampled_from(TARGETS))
+def test_any_json_gets_a_rewrite_or_a_4xx(value, target):
+    _check_rewrite(json.dumps(value).encode(), target)
+
+
+@fuzz
+@given(st.dictionaries(st.sampled_from(["messages", "model", "stream", "stream_options", "temperature"]), json_values),
+       st.sampled_from(TARGETS))
+def test_chat_shaped_json_gets_a_rewrite_or_a_4xx(value, target):
+    _check_rewrite(json.dumps(value).encode(), target)
+
+
+@fuzz
+@given(st.lists(st.binary(max_size=200), max_size=20))
+def test_event_stream_reader_never_fails(chunks):
+    reader = SSEReader()
+    for chunk in chunks:
+        assert reader.feed(chunk) >= 0
+    summary = reader.finish()
+    assert summary.events >= summary.content_events >= 0
+
+
+@fuzz
+@given(st.lists(st.integers(min_value=0, max_value=400), max_size=6))
+def test_event_stream_reader_is_indifferent_to_chunk_boundaries(cuts):
+    events = [{"model": "m", "choices": [{"delta": {"content": f"w{i} "}}]} for i in range(5)]
+    events.append({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}})
+    stream = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    reader = SSEReader()
+    last = 0
+    for cut in sorted(set(min(c, len(stream)) for c in cuts)):
+        reader.feed(stream[last:cut])
+        last = cut
+    reader.feed(stream[last:])
+    s = reader.finish()
+    assert (s.content_events, s.prompt_tokens, s.completion_tokens, s.total_tokens, s.done) == (5, 3, 5, 8, True)
+
+
+@fuzz
+@given(st.dictionaries(st.sampled_from(["apiVersion", "kind", "metadata", "spec"]), json_values),
+       st.sampled_from(["LLMProvider", "LLMRoute", "Service", None]))
+def test_config_documents_parse_or_say_why(doc, kind):
+    if kind is not None:
+        doc = {**doc, "kind": kind, "apiVersion": "istio.alibabacloud.com/v1beta1"}
+    obj, problems = parse_object(doc, "fuzz.yaml", "1", {})
+    assert obj is not None or problems or kind in (None, "Service") or doc.get("kind") not in ("LLMProvider", "LLMRoute")
+    for problem in problems:
+        assert problem.file == "fuzz.yaml" and problem.message
