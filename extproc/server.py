@@ -115,11 +115,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     if target is None:  # cannot happen with our bootstrap; never forward unrewritten
                         raise GatewayError(500, "request body arrived before its headers", "internal_error")
                     yield self._rewrite(request.request_body, target, started, authority, strip)
+                    return  # nothing more to do: end the stream before Envoy has to cancel it
                 elif phase == "response_headers":
                     observer = _EventStreamObserver(request.metadata_context, self._clock)
                     yield _CONTINUE_RESPONSE_HEADERS
                 elif phase == "response_body" and observer is not None:
                     yield observer.on_chunk(request.response_body)
+                    if request.response_body.end_of_stream:
+                        return
                 else:
                     yield _continue(phase)
             except GatewayError as error:

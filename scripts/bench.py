@@ -18,7 +18,6 @@ import http.client
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import socket
@@ -32,6 +31,7 @@ from pathlib import Path
 
 from extproc.demo.ca import ThrowawayCA
 from extproc.demo.envoy_fake import STREAM_HEADER, start_envoy_fake
+from extproc.demo.load import run_wrk
 from extproc.demo.run import manifests_dir
 from extproc.envoy_config import HostPort, UpstreamOptions, provider_cluster
 from extproc.runner import envoy_binary
@@ -95,28 +95,6 @@ def lua_script(path: str, host: str, body: dict) -> str:
     return (f'wrk.method = "POST"\nwrk.path = "{path}"\nwrk.body = \'{payload}\'\n'
             f'wrk.headers["Content-Type"] = "application/json"\nwrk.headers["Host"] = "{host}"\n'
             f'wrk.headers["Authorization"] = "Bearer {KEY}"\n')
-
-
-def parse_duration_ms(text: str) -> float:
-    value, unit = re.match(r"([\d.]+)(us|ms|s|m)", text).groups()
-    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
-
-
-def run_wrk(port: int, script: Path, connections: int, seconds: int) -> dict:
-    out = subprocess.run(["wrk", "-t1" if connections == 1 else "-t2", f"-c{connections}", f"-d{seconds}s", "--latency",
-                          "--timeout", "10s", "-s", str(script), f"http://127.0.0.1:{port}/"],
-                         capture_output=True, text=True, timeout=seconds + 60).stdout
-    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-              "requests": int(re.search(r"(\d+) requests in", out).group(1)),
-              # the latency distribution's own lines (Thread Stats has percentages too)
-              "p50_ms": parse_duration_ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),
-              "p99_ms": parse_duration_ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)),
-              "errors": 0}
-    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
-        result["errors"] += int(m.group(1))
-    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
-        result["errors"] += sum(int(x) for x in m.groups())
-    return result
 
 
 def cpu_seconds(pid: int) -> float:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import socket
@@ -17,19 +16,11 @@ from pathlib import Path
 
 from extproc.demo.ca import ThrowawayCA
 from extproc.demo.envoy_fake import start_envoy_fake
+from extproc.demo.load import ROTATING_SEED_HOSTS_LUA, run_wrk
 from extproc.demo.run import manifests_dir
 from extproc.runner import envoy_binary
 
 HOSTS = ("dashscope.aliyuncs.com", "api.moonshot.cn")
-LUA = """
-local hosts = {"dashscope.aliyuncs.com", "demo-llm-server", "api.moonshot.cn"}
-local body = '{"messages": [{"role": "user", "content": "Please introduce yourself."}]}'
-local n = 0
-request = function()
-  n = n + 1
-  return wrk.format("POST", "/", {["Host"] = hosts[n % 3 + 1], ["Content-Type"] = "application/json"}, body)
-end
-"""
 
 
 def free_port() -> int:
@@ -69,10 +60,9 @@ def main() -> int:
                 return 1
             time.sleep(0.2)
         envoy_pid = int(subprocess.run(["pgrep", "-P", str(gateway.pid)], capture_output=True, text=True).stdout.split()[0])
-        (work / "load.lua").write_text(LUA)
-        # warm up, then measure from a steady state
-        subprocess.run(["wrk", "-t1", "-c4", "-d5s", "-s", str(work / "load.lua"), f"http://127.0.0.1:{listen}/"],
-                       capture_output=True)
+        script = work / "load.lua"
+        script.write_text(ROTATING_SEED_HOSTS_LUA)
+        run_wrk(listen, script, 4, 5)  # warm up, then measure from a steady state
         start = {"ext_proc": rss_mib(gateway.pid), "envoy": rss_mib(envoy_pid)}
         print(f"soak: {minutes:g} min, 4 connections, a config change every 10 s; memory at start (MiB): "
               f"ext_proc {start['ext_proc']:.1f}, Envoy {start['envoy']:.1f}", flush=True)
@@ -85,20 +75,15 @@ def main() -> int:
                 provider.write_text(original.replace("qwen1.5-72b-chat", f"qwen-soak-{changes[0]}"))
 
         threading.Thread(target=change, daemon=True).start()
-        out = subprocess.run(["wrk", "-t1", "-c4", f"-d{int(minutes * 60)}s", "--timeout", "10s", "-s",
-                              str(work / "load.lua"), f"http://127.0.0.1:{listen}/"], capture_output=True, text=True).stdout
+        load = run_wrk(listen, script, 4, minutes * 60, threads=1)
         stop.set()
         end = {"ext_proc": rss_mib(gateway.pid), "envoy": rss_mib(envoy_pid)}
-        requests = int(re.search(r"(\d+) requests in", out).group(1))
-        non2xx = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
-        sock = sum(int(x) for x in m.groups()) if (m := re.search(
-            r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)) else 0
-        rate = re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)
-        print(f"requests: {requests} ({rate}/s), errors: {non2xx} non-2xx, {sock} socket; config changes: {changes[0]}")
+        print(f"requests: {load['requests']} ({load['rps']:.0f}/s, p99 {load['p99_ms']:.1f} ms), errors: "
+              f"{load['non_2xx']} non-2xx, {load['socket_errors']} socket; config changes: {changes[0]}")
         for name in ("ext_proc", "envoy"):
             growth = 100 * (end[name] - start[name]) / start[name]
             print(f"memory {name}: {start[name]:.1f} MiB -> {end[name]:.1f} MiB ({growth:+.1f}%)")
-        return 0 if non2xx == 0 and sock == 0 else 1
+        return 0 if load["errors"] == 0 else 1
     finally:
         gateway.send_signal(signal.SIGTERM)
         gateway.wait(20)

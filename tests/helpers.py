@@ -40,6 +40,22 @@ def add_seed(config: Path, prefix: str) -> None:
     shutil.copy(src, config / src.name)
 
 
+def provider_yaml(name: str, host: str, model: str = "m-1", key: str = "sk-test-inline") -> str:
+    return f"""apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata:
+  name: {name}
+spec:
+  host: {host}
+  path: /v1/chat/completions
+  configs:
+    defaultConfig:
+      openAIConfig:
+        model: {model}
+        apiKey: {key}
+"""
+
+
 @dataclass
 class Response:
     status: int
@@ -123,7 +139,23 @@ class Gateway:
 
 
 def start_gateway(config: Path | list[Path], tmp: Path, env: dict[str, str], extra: list[str] = (),
-                  wait: bool = True) -> Gateway:
+                  wait: bool = True, attempts: int = 3) -> Gateway:
+    """`extproc up` on free ports. A port taken between choosing and binding it (another process
+    was quicker) is retried with new ports; any other failure to start fails the test."""
+    for attempt in range(attempts):
+        gateway = _start_gateway_once(config, tmp, env, extra)
+        if not wait:
+            return gateway
+        wait_until(lambda: gateway.process.poll() is not None or "ready:" in gateway.log(), 30,
+                   lambda: f"gateway did not start:\n{gateway.log()}")
+        if gateway.process.poll() is None:
+            return gateway
+        if "in use" not in gateway.log() or attempt == attempts - 1:
+            raise AssertionError(f"gateway exited with {gateway.process.returncode}:\n{gateway.log()}")
+    raise AssertionError("unreachable")
+
+
+def _start_gateway_once(config: Path | list[Path], tmp: Path, env: dict[str, str], extra) -> Gateway:
     listen, admin, metrics = free_port(), free_port(), free_port()
     access_log = tmp / f"access-{listen}.log"
     configs = config if isinstance(config, list) else [config]
@@ -135,13 +167,7 @@ def start_gateway(config: Path | list[Path], tmp: Path, env: dict[str, str], ext
     log_file = tmp / f"gateway-{listen}.log"
     process = subprocess.Popen(args, stdout=log_file.open("wb"), stderr=subprocess.STDOUT,
                                env={**os.environ, **env}, cwd=tmp)
-    gateway = Gateway(process, listen, admin, log_file, metrics, access_log)
-    if wait:
-        wait_until(lambda: process.poll() is not None or "ready:" in gateway.log(), 30,
-                   lambda: f"gateway did not start:\n{gateway.log()}")
-        if process.poll() is not None:
-            raise AssertionError(f"gateway exited with {process.returncode}:\n{gateway.log()}")
-    return gateway
+    return Gateway(process, listen, admin, log_file, metrics, access_log)
 
 
 def wait_until(predicate, timeout: float, message=lambda: "condition not met", interval: float = 0.05):

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from extproc.demo.fake_provider import FakeProvider
-from helpers import CHAT, free_port, seed_dir, wait_until
+from helpers import CHAT, free_port, provider_yaml, seed_dir, wait_until
 
 DASHSCOPE = "dashscope.aliyuncs.com"
 
@@ -23,22 +23,6 @@ def assert_json_error(resp, status: int, code: str | None = None) -> dict:
     if code is not None:
         assert error["code"] == code, error
     return error
-
-
-def provider_yaml(name: str, host: str, model: str = "m-1", key: str = "sk-test-inline") -> str:
-    return f"""apiVersion: istio.alibabacloud.com/v1beta1
-kind: LLMProvider
-metadata:
-  name: {name}
-spec:
-  host: {host}
-  path: /v1/chat/completions
-  configs:
-    defaultConfig:
-      openAIConfig:
-        model: {model}
-        apiKey: {key}
-"""
 
 
 @pytest.fixture
