@@ -79,7 +79,7 @@ async def run_demo(listen: HostPort, admin: HostPort, metrics: HostPort | None) 
 
         def ready() -> None:
             print(f"\nLLM gateway demo is up. Config: {manifests_dir()} (the seed's manifests)")
-            print(f"Fake providers: " + ", ".join(f"{h} -> 127.0.0.1:{f.port}" for h, f in fakes.items()))
+            print("Fake providers: " + ", ".join(f"{h} -> 127.0.0.1:{f.port}" for h, f in fakes.items()))
             print(curl_examples(listen))
             print("A streamed answer, read as it arrives:")
             print(f"  curl -N -x http://{listen} http://demo-llm-server --data "

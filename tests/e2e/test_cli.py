@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 
-from helpers import CHAT, REPO, SEED_MANIFESTS, Gateway, free_port, seed_dir, wait_until
+from helpers import CHAT, REPO, SEED_MANIFESTS, Gateway, free_port, wait_until
 
 
 def extproc(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
