@@ -1,7 +1,8 @@
 """Transparent interception, as in a pod with the sidecar: a network namespace made by the test,
 its outbound TCP port 80 redirected to Envoy with iptables (Envoy's own traffic excluded by its
 user id, as Istio's init container does). The seed's plain curl, with no proxy option, gets the
-provider's answer; a request to a host that is not an LLM host reaches that host unchanged.
+provider's answer, Envoy having found the provider by name (system resolver, the pod's hosts
+file) on port 443; a request to a host that is not an LLM host reaches that host unchanged.
 
 Needs root, iproute2, iptables and util-linux's setpriv (`.ci/run` installs iptables)."""
 
@@ -24,7 +25,7 @@ from extproc.demo.fake_provider import FakeProvider
 from extproc.runner import envoy_binary
 from helpers import SEED_MANIFESTS, free_port, wait_until
 
-HOST_IP, POD_IP, LLM_IP = "198.51.100.1", "198.51.100.2", "198.51.100.80"  # TEST-NET-2, only in our namespace
+HOST_IP, POD_IP = "198.51.100.1", "198.51.100.2"  # TEST-NET-2, only in our namespace
 ENVOY_UID = 1337
 SEED_CURL_BODY = '{"messages": [{"role": "user", "content": "Please introduce yourself."}]}'
 
@@ -87,7 +88,9 @@ def pod(tmp_path):
         sh(*inside, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "80", "-j", "REDIRECT",
            "--to-ports", "15001")
         etc.mkdir(parents=True)
-        (etc / "hosts").write_text(f"127.0.0.1 localhost\n{LLM_IP} dashscope.aliyuncs.com\n{HOST_IP} plain-service\n")
+        # the pod's name resolution (`ip netns exec` mounts this over /etc/hosts): the application
+        # and Envoy both resolve the provider's name through it, as any program would
+        (etc / "hosts").write_text(f"127.0.0.1 localhost\n{HOST_IP} dashscope.aliyuncs.com\n{HOST_IP} plain-service\n")
         yield ns
     finally:
         sh("ip", "netns", "del", ns, check=False)
@@ -99,8 +102,9 @@ def test_seed_curl_without_proxy_is_intercepted_and_other_traffic_passes(pod, ca
     shared = Path(tempfile.mkdtemp(prefix="llmgw-pod-"))  # readable by Envoy's own user
     shared.chmod(0o755)
     cert = ca.issue(["dashscope.aliyuncs.com"], stem="pod-dashscope")
+    # on the provider's real port: Envoy finds it by name (the pod's hosts file) and port 443, no --resolve
     fake = FakeProvider("dashscope", cert.cert_file, cert.key_file, api_key=keys["YOUR_DASHSCOPE_API_KEY"],
-                        host=HOST_IP).start()
+                        host=HOST_IP, port=443).start()
     Recorder.seen = []
     plain = http.server.ThreadingHTTPServer((HOST_IP, 80), Recorder)
     threading.Thread(target=plain.serve_forever, daemon=True).start()
@@ -113,7 +117,7 @@ def test_seed_curl_without_proxy_is_intercepted_and_other_traffic_passes(pod, ca
     shutil.copy(SEED_MANIFESTS / "01-LLMProvider.yaml", config)
     serve = subprocess.Popen(
         [sys.executable, "-m", "extproc", "serve", "--config", str(config), "--listen", f"{HOST_IP}:{control}",
-         "--metrics", "none", "--upstream-ca", str(ca_file), "--resolve", f"dashscope.aliyuncs.com={HOST_IP}:{fake.port}"],
+         "--metrics", "none", "--upstream-ca", str(ca_file)],
         env={**os.environ, **keys}, stdout=(tmp_path / "serve.log").open("wb"), stderr=subprocess.STDOUT)
     boot = subprocess.run([sys.executable, "-m", "extproc", "envoy-config", "--sidecar", "--control", f"{HOST_IP}:{control}",
                            "--listen", "0.0.0.0:15001", "--admin", "127.0.0.1:15000", "--access-log", "none"],
