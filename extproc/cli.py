@@ -204,12 +204,19 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
+def _load_or_report(paths: list[str]):
+    """The compiled config, or None after printing every error."""
     try:
-        compiled = load_config(args.paths)
+        return load_config(paths)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
+        return None
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    compiled = _load_or_report(args.paths)
+    if compiled is None:
         return 1
     for problem in compiled.problems:
         print(f"warning: {problem}", file=sys.stderr)
@@ -219,11 +226,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    try:
-        compiled = load_config(args.config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"error: {problem}", file=sys.stderr)
+    compiled = _load_or_report(args.config)
+    if compiled is None:
         return 1
     headers: dict[str, str] = {}
     for item in args.header:

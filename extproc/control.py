@@ -44,10 +44,6 @@ class ControlPlane:
         self._server: grpc.aio.Server | None = None
         self.port = 0
 
-    @property
-    def table(self) -> RoutingTable:
-        return self.holder.table
-
     async def start(self, listen: HostPort) -> int:
         limit = self._body_limit + (1 << 20)
         server = grpc.aio.server(options=[

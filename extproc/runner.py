@@ -65,7 +65,7 @@ class UpOptions:
     namespace: str | None = None  # with `kubernetes`: one namespace, or all
 
 
-def config_source(opts_config: list[str], kubernetes: bool, namespace: str | None, apply, reload_interval: float = 1.0):
+def config_source(paths: list[str], kubernetes: bool, namespace: str | None, apply, reload_interval: float = 1.0):
     """The files, or the Kubernetes API server."""
     if kubernetes:
         from .config.kubernetes import KubernetesSource
@@ -74,7 +74,7 @@ def config_source(opts_config: list[str], kubernetes: bool, namespace: str | Non
             return KubernetesSource(apply, namespace)
         except Exception as exc:  # no kubeconfig, unreadable service account
             raise StartupError(f"cannot reach Kubernetes: {exc}") from None
-    return FileSource(opts_config, apply, reload_interval)
+    return FileSource(paths, apply, reload_interval)
 
 
 async def wait_ready(admin: HostPort, process: asyncio.subprocess.Process, timeout: float = 30.0) -> None:

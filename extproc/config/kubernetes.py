@@ -71,17 +71,16 @@ class KubernetesSource:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Event | None = None
         self._stopping = threading.Event()
-        self._conditions: dict[Key, tuple] = {}
+        self._versions: dict[str, str] = {}  # resourceVersion of each kind's first list
+        self._secret_version = ""
 
     # ------------------------------------------------------------------ lifecycle
 
     async def load_initial(self) -> Compiled:
         self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
-        versions = {}
         for kind in PLURALS:
-            versions[kind] = await asyncio.to_thread(self._list, kind)
-        self._versions = versions
+            self._versions[kind] = await asyncio.to_thread(self._list, kind)
         self._secret_version = await asyncio.to_thread(self._list_secrets_version)
         return await self._reconcile()
 

@@ -16,7 +16,7 @@ from typing import Awaitable, Callable
 
 from .compile import Compiled, compile_config
 from .loader import config_files, load_paths
-from .problems import ConfigError, Problem, errors
+from .problems import ConfigError, errors
 
 log = logging.getLogger("extproc.config")
 
@@ -37,8 +37,8 @@ def load_config(paths: list[str | Path], environ: dict[str, str] | None = None) 
 
 def _fingerprint(paths: list[str | Path]) -> tuple:
     try:
-        files = config_files(paths)
-        return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+        stats = [(f, f.stat()) for f in config_files(paths)]
+        return tuple((str(f), st.st_mtime_ns, st.st_size) for f, st in stats)
     except (FileNotFoundError, OSError) as exc:
         return ("missing", str(exc))
 
@@ -80,5 +80,3 @@ class FileSource:
         log.info("config reloaded (version %s)", compiled.table.version)
         return True
 
-
-__all__ = ["FileSource", "load_config", "ConfigError", "Problem"]
