@@ -19,6 +19,6 @@ COPY extproc ./extproc
 RUN pip install --no-cache-dir .
 
 USER 10001
-EXPOSE 18000 9464 10000
+EXPOSE 18000 18001 9464 10000
 ENTRYPOINT ["extproc"]
 CMD ["serve", "--kubernetes", "--listen", "0.0.0.0:18000", "--metrics", "0.0.0.0:9464"]

@@ -1,7 +1,7 @@
 """Envoy's access log, streamed to this process (gRPC access log service), as metrics.
 
 Envoy batches finished requests into few messages, so metrics cost no extra round trip per
-request. Each entry carries what the ext_proc decided and what the answer said, as dynamic
+request. The stream arrives on the lean HTTP/2 server, beside the ext_proc. Each entry carries what the ext_proc decided and what the answer said, as dynamic
 metadata in the `llm_gateway` namespace: usage and model from Envoy's json_to_metadata filter for
 JSON answers, from the ext_proc's event-stream reader for streamed ones.
 """
@@ -9,10 +9,9 @@ JSON answers, from the ext_proc's event-stream reader for streamed ones.
 from __future__ import annotations
 
 import logging
-from typing import AsyncIterator
 
 from envoy.data.accesslog.v3 import accesslog_pb2
-from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from envoy.service.accesslog.v3 import als_pb2
 
 from .metrics import GatewayMetrics, RequestRecord
 from .names import METADATA_NAMESPACE
@@ -89,15 +88,25 @@ def record_from_entry(entry: accesslog_pb2.HTTPAccessLogEntry) -> RequestRecord:
     )
 
 
-class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
+STREAM_ACCESS_LOGS = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
+
+
+class AccessLogReceiver:
+    """`StreamAccessLogs`: a client stream of batches, one empty answer when Envoy closes it."""
+
     def __init__(self, metrics: GatewayMetrics):
         self._metrics = metrics
 
-    async def StreamAccessLogs(self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage], context):
-        async for message in request_iterator:
-            for entry in message.http_logs.log_entry:
-                try:
-                    self._metrics.observe(record_from_entry(entry))
-                except Exception:  # one odd entry must not stop the stream
-                    log.exception("cannot record an access log entry")
-        return als_pb2.StreamAccessLogsResponse()
+    def call(self) -> "AccessLogReceiver":
+        return self  # no state per stream
+
+    def on_message(self, data: bytes) -> tuple[bytes | None, bool]:
+        for entry in als_pb2.StreamAccessLogsMessage.FromString(data).http_logs.log_entry:
+            try:
+                self._metrics.observe(record_from_entry(entry))
+            except Exception:  # one odd entry must not stop the stream
+                log.exception("cannot record an access log entry")
+        return None, False
+
+    def on_client_end(self) -> bytes:
+        return als_pb2.StreamAccessLogsResponse().SerializeToString()

@@ -109,14 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", parents=[common], help="the ext_proc and xDS server only, for an Envoy run elsewhere")
     _add_source_args(serve)
     serve.add_argument("--listen", type=_host_port, default=HostPort("0.0.0.0", 18000), metavar="HOST:PORT",
-                       help="gRPC address for ext_proc and xDS (default 0.0.0.0:18000)")
+                       help="gRPC address for xDS and access logs (default 0.0.0.0:18000)")
+    serve.add_argument("--ext-proc-listen", type=_host_port, default=None, metavar="HOST:PORT",
+                       help="gRPC address for the ext_proc (default: --listen's host, on the next port)")
     serve.add_argument("--body-limit", type=_size, default=DEFAULT_BODY_LIMIT, metavar="SIZE")
     _add_metrics_arg(serve, "0.0.0.0:9464")
     _add_upstream_args(serve)
 
     ec = sub.add_parser("envoy-config", parents=[common], help="print the Envoy bootstrap (JSON); it holds no API key")
     ec.add_argument("--control", type=_host_port, default=HostPort("127.0.0.1", 18000), metavar="HOST:PORT",
-                    help="address of `extproc serve` (default 127.0.0.1:18000)")
+                    help="xDS address of `extproc serve` (default 127.0.0.1:18000)")
+    ec.add_argument("--ext-proc", type=_host_port, default=None, metavar="HOST:PORT",
+                    help="ext_proc address of `extproc serve` (default: --control's host, on the next port)")
     ec.add_argument("--listen", type=_host_port, default=HostPort("0.0.0.0", 10000), metavar="HOST:PORT")
     ec.add_argument("--admin", type=_host_port, default=HostPort("127.0.0.1", 9901), metavar="HOST:PORT")
     ec.add_argument("--body-limit", type=_size, default=DEFAULT_BODY_LIMIT, metavar="SIZE")
@@ -177,7 +181,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         await load_initial(source)
         ops = OpsServer(control.metrics.registry, lambda: control.loaded)
         try:
-            await control.start(args.listen)
+            await control.start(args.listen, args.ext_proc_listen)
             if args.metrics is not None:
                 await ops.start(args.metrics)
         except OSError as exc:
@@ -197,7 +201,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_envoy_config(args: argparse.Namespace) -> int:
-    opts = BootstrapOptions(listen=args.listen, admin=args.admin, control=args.control, body_limit=args.body_limit,
+    opts = BootstrapOptions(listen=args.listen, admin=args.admin, control=args.control, ext_proc=args.ext_proc,
+                            body_limit=args.body_limit,
                             access_log=_access_log(args.access_log), sidecar=args.sidecar)
     json.dump(bootstrap(opts), sys.stdout, indent=2)
     print()

@@ -1,5 +1,5 @@
-"""The gRPC server that Envoy talks to (ext_proc, CDS, RDS and the access log service on one
-port), and how a new config is rolled out to it without failing requests.
+"""The gRPC servers that Envoy talks to (CDS and RDS on grpcio; the ext_proc and the access log
+service, which carry every request, on a lean HTTP/2 server on the next port), and how a new config is rolled out to it without failing requests.
 
 A change goes out in three steps: first Envoy gets the union of the old and new clusters (and,
 for sidecars, of the old and new LLM host names) and acknowledges them, then the ext_proc
@@ -10,21 +10,21 @@ pass by the gateway.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
-from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.cluster.v3 import cds_pb2_grpc
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from envoy.service.route.v3 import rds_pb2_grpc
 
-from .accesslog import AccessLogReceiver
+from .accesslog import STREAM_ACCESS_LOGS, AccessLogReceiver
 from .config.compile import Compiled
 from .envoy_config import (DEFAULT_BODY_LIMIT, HostPort, UpstreamOptions, provider_cluster, route_configuration,
                            to_cluster_proto, to_route_proto)
+from .h2_server import serve as serve_h2
 from .metrics import GatewayMetrics
 from .routing import EMPTY_TABLE, RoutingTable
-from .server import ExternalProcessor, TableHolder
+from .server import PROCESS, ExternalProcessor, TableHolder
 from .xds import CLUSTER_TYPE_URL, ROUTE_TYPE_URL, ClusterDiscovery, Publisher, RouteDiscovery
 
 log = logging.getLogger("extproc.control")
@@ -42,28 +42,39 @@ class ControlPlane:
         self.loaded = False  # a config is in force (readiness)
         self._body_limit = body_limit
         self._server: grpc.aio.Server | None = None
+        self._ext_proc_server: asyncio.Server | None = None
         self.port = 0
+        self.ext_proc_port = 0
 
-    async def start(self, listen: HostPort) -> int:
+    async def start(self, listen: HostPort, ext_proc_listen: HostPort | None = None) -> int:
+        """Listens for xDS on `listen`, and for the ext_proc and access logs on `ext_proc_listen`
+        (default: the next port; any free port when `listen`'s port is 0). Returns the first port."""
         limit = self._body_limit + (1 << 20)
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),
         ])
-        external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(self.holder), server)
         cds_pb2_grpc.add_ClusterDiscoveryServiceServicer_to_server(ClusterDiscovery(self.clusters), server)
         rds_pb2_grpc.add_RouteDiscoveryServiceServicer_to_server(RouteDiscovery(self.routes), server)
-        als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogReceiver(self.metrics), server)
         self.port = server.add_insecure_port(str(listen))
         if self.port == 0:
             raise OSError(f"cannot listen on {listen} for gRPC (in use, or not an address of this host)")
         await server.start()
         self._server = server
-        log.info("ext_proc, xDS (CDS, RDS) and access log service listening on %s:%d", listen.host, self.port)
+        log.info("xDS (CDS, RDS) listening on %s:%d", listen.host, self.port)
+        if ext_proc_listen is None:
+            ext_proc_listen = HostPort(listen.host, listen.port + 1 if listen.port else 0)
+        methods = {PROCESS: ExternalProcessor(self.holder).exchange,
+                   STREAM_ACCESS_LOGS: AccessLogReceiver(self.metrics).call}
+        self._ext_proc_server = await serve_h2(ext_proc_listen.host, ext_proc_listen.port, methods, limit)
+        self.ext_proc_port = self._ext_proc_server.sockets[0].getsockname()[1]
+        log.info("ext_proc and access log service listening on %s:%d", ext_proc_listen.host, self.ext_proc_port)
         return self.port
 
     async def stop(self, grace: float = 2.0) -> None:
+        if self._ext_proc_server is not None:
+            self._ext_proc_server.close()
         if self._server is not None:
             await self._server.stop(grace)
 

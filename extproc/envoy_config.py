@@ -16,7 +16,7 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
 
 from .errors import error_type
-from .names import CLUSTER_HEADER, CONTROL_CLUSTER, METADATA_NAMESPACE
+from .names import CLUSTER_HEADER, CONTROL_CLUSTER, EXT_PROC_CLUSTER, METADATA_NAMESPACE
 
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 DEFAULT_BODY_LIMIT = 8 * 1024 * 1024
@@ -148,7 +148,7 @@ def _local_reply_config() -> dict:
 
 
 def _grpc_service(opts: "BootstrapOptions") -> dict:
-    return {"envoy_grpc": {"cluster_name": CONTROL_CLUSTER, "max_receive_message_length": opts.body_limit + (1 << 20)}}
+    return {"envoy_grpc": {"cluster_name": EXT_PROC_CLUSTER, "max_receive_message_length": opts.body_limit + (1 << 20)}}
 
 
 def _usage_from_json() -> dict:
@@ -247,7 +247,7 @@ def _access_logs(opts: "BootstrapOptions") -> list[dict]:
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
             "common_config": {"log_name": "llm_gateway", "transport_api_version": "V3",
-                              "grpc_service": {"envoy_grpc": {"cluster_name": CONTROL_CLUSTER}},
+                              "grpc_service": {"envoy_grpc": {"cluster_name": EXT_PROC_CLUSTER}},
                               "buffer_flush_interval": "0.5s"},
         },
     }]
@@ -265,6 +265,7 @@ class BootstrapOptions:
     listen: HostPort = HostPort("127.0.0.1", 10000)
     admin: HostPort = HostPort("127.0.0.1", 9901)
     control: HostPort = HostPort("127.0.0.1", 18000)
+    ext_proc: HostPort | None = None  # None: the control host, on the next port
     body_limit: int = DEFAULT_BODY_LIMIT
     route_timeout_s: int = 300
     node_id: str = "llm-gateway"
@@ -335,6 +336,8 @@ def bootstrap(opts: BootstrapOptions) -> dict:
         "grpc_service": _grpc_service(opts),
         "failure_mode_allow": False,
         "message_timeout": "10s",
+        # the body follows the headers at once: one round trip fewer when both are at hand
+        "send_body_without_waiting_for_header_response": True,
         "processing_mode": {
             "request_header_mode": "SEND",
             "response_header_mode": "SKIP",
@@ -368,7 +371,7 @@ def bootstrap(opts: BootstrapOptions) -> dict:
         "per_connection_buffer_limit_bytes": opts.body_limit,
         "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
     }
-    clusters = [_control_cluster(opts)]
+    clusters = [_grpc_cluster(CONTROL_CLUSTER, opts.control), _grpc_cluster(EXT_PROC_CLUSTER, ext_proc_address(opts))]
     if opts.sidecar:
         hcm["rds"] = {"route_config_name": ROUTE_CONFIG_NAME, "config_source": _XDS_SOURCE}
         hcm["strip_any_host_port"] = True
@@ -390,14 +393,17 @@ def bootstrap(opts: BootstrapOptions) -> dict:
     }
 
 
-def _control_cluster(opts: BootstrapOptions) -> dict:
-    control_type = "STATIC" if _is_ip(opts.control.host) else "STRICT_DNS"
+def ext_proc_address(opts: BootstrapOptions) -> HostPort:
+    return opts.ext_proc or HostPort(opts.control.host, opts.control.port + 1)
+
+
+def _grpc_cluster(name: str, address: HostPort) -> dict:
     return {
-        "name": CONTROL_CLUSTER,
-        "type": control_type,
+        "name": name,
+        "type": "STATIC" if _is_ip(address.host) else "STRICT_DNS",
         "connect_timeout": "1s",
-        "load_assignment": {"cluster_name": CONTROL_CLUSTER,
-                            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(opts.control)}}]}]},
+        "load_assignment": {"cluster_name": name,
+                            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(address)}}]}]},
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",

@@ -68,6 +68,9 @@ class GatewayMetrics:
                                 (*_BASE, "outcome", "error_type"), registry=r)
         # values that come from clients or providers, not from the config: capped in number
         self._seen: dict[str, set[str]] = {"request_model": set(), "response_model": set(), "error_type": set()}
+        # labelled series, looked up once (`labels()` costs more than an update) and made only when
+        # first used, so a request without tokens adds no empty token series
+        self._series: dict[tuple, object] = {}
 
     def _capped(self, kind: str, value: str) -> str:
         seen = self._seen[kind]
@@ -82,14 +85,21 @@ class GatewayMetrics:
         base = ("chat", rec.provider_host, self._capped("request_model", rec.request_model),
                 self._capped("response_model", rec.response_model), rec.route, rec.rule, rec.provider)
         error_type = self._capped("error_type", rec.error_type)
-        self.requests.labels(*base, rec.outcome, error_type).inc()
+        self._series_of(self.requests, *base, rec.outcome, error_type).inc()
         if rec.duration_s is not None:
-            self.duration.labels(*base, error_type).observe(rec.duration_s)
+            self._series_of(self.duration, *base, error_type).observe(rec.duration_s)
         if rec.prompt_tokens is not None:
-            self.token_usage.labels(*base, "input").observe(rec.prompt_tokens)
+            self._series_of(self.token_usage, *base, "input").observe(rec.prompt_tokens)
         if rec.completion_tokens is not None:
-            self.token_usage.labels(*base, "output").observe(rec.completion_tokens)
+            self._series_of(self.token_usage, *base, "output").observe(rec.completion_tokens)
         if rec.ttft_s is not None:
-            self.ttft.labels(*base).observe(rec.ttft_s)
+            self._series_of(self.ttft, *base).observe(rec.ttft_s)
         if rec.tpot_s is not None:
-            self.tpot.labels(*base).observe(rec.tpot_s)
+            self._series_of(self.tpot, *base).observe(rec.tpot_s)
+
+    def _series_of(self, metric, *labels: str):
+        key = (metric, labels)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = metric.labels(*labels)
+        return series

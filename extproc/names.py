@@ -8,8 +8,11 @@ CLUSTER_HEADER = "x-llm-gateway-cluster"
 # Prefix of every header internal to the gateway: stripped from client requests.
 INTERNAL_HEADER_PREFIX = "x-llm-gateway-"
 
-# Envoy's static cluster for this process's gRPC server (ext_proc and xDS).
+# Envoy's static cluster for this process's xDS server (grpcio).
 CONTROL_CLUSTER = "llm_gateway_control"
+# Envoy's static cluster for what every request passes through: the ext_proc and the access log
+# service (a lean HTTP/2 server, on the next port).
+EXT_PROC_CLUSTER = "llm_gateway_ext_proc"
 # Prefix of every provider cluster: `llm_provider_<host with dots as underscores>`.
 PROVIDER_CLUSTER_PREFIX = "llm_provider_"
 

@@ -118,6 +118,7 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
         raise StartupError(f"cannot listen: {exc}") from None
     workdir = Path(tempfile.mkdtemp(prefix="llm-gateway-"))
     boot = bootstrap(BootstrapOptions(listen=opts.listen, admin=opts.admin, control=HostPort(opts.control.host, port),
+                                      ext_proc=HostPort(opts.control.host, control.ext_proc_port),
                                       body_limit=opts.body_limit, access_log=opts.access_log))
     boot_file = workdir / "envoy.json"
     boot_file.write_text(json.dumps(boot, indent=2))

@@ -16,11 +16,10 @@ import logging
 import random
 import time
 from functools import lru_cache
-from typing import AsyncIterator, Callable
+from typing import Callable
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 
 from google.protobuf import struct_pb2
@@ -34,6 +33,8 @@ from .sse import SSEReader
 log = logging.getLogger("extproc.server")
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+PROCESS = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 
 
 class TableHolder:
@@ -93,47 +94,19 @@ _CLIENT_MUST_NOT_SET = ("x-envoy-", INTERNAL_HEADER_PREFIX)
 _SET_BY_GATEWAY = frozenset({CLUSTER_HEADER, "x-envoy-upstream-rq-timeout-ms"})
 
 
-class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
+class ExternalProcessor:
+    """The ext_proc service. `exchange()` makes the state of one stream, which the lean HTTP/2
+    server (`extproc.h2_server`) drives message by message."""
+
     def __init__(self, holder: TableHolder, draw: Callable[[], float] = random.random,
                  clock: Callable[[], float] = time.time):
         self._holder = holder
         self._draw = draw
         self._clock = clock
 
-    async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest], context) -> AsyncIterator[pb.ProcessingResponse]:
-        target: Target | None = None
-        started = 0.0
-        observer: _EventStreamObserver | None = None
-        async for request in request_iterator:
-            phase = request.WhichOneof("request")
-            try:
-                if phase == "request_headers":
-                    started = self._clock()
-                    authority, target, strip = self._choose(request.request_headers)
-                    yield _CONTINUE_HEADERS
-                elif phase == "request_body":
-                    if target is None:  # cannot happen with our bootstrap; never forward unrewritten
-                        raise GatewayError(500, "request body arrived before its headers", "internal_error")
-                    yield self._rewrite(request.request_body, target, started, authority, strip)
-                    return  # nothing more to do: end the stream before Envoy has to cancel it
-                elif phase == "response_headers":
-                    observer = _EventStreamObserver(request.metadata_context, self._clock)
-                    yield _CONTINUE_RESPONSE_HEADERS
-                elif phase == "response_body" and observer is not None:
-                    yield observer.on_chunk(request.response_body)
-                    if request.response_body.end_of_stream:
-                        return
-                else:
-                    yield _continue(phase)
-            except GatewayError as error:
-                yield immediate(error)
-                return
-            except Exception:  # never a stack trace to the client, never a request sent unrewritten
-                log.exception("ext_proc failed on %s", phase)
-                if phase in ("request_headers", "request_body"):
-                    yield immediate(GatewayError(500, "the gateway failed to process the request", "internal_error"))
-                    return
-                yield _continue(phase)  # an answer already under way is passed on as it is
+    def exchange(self) -> "Exchange":
+        return Exchange(self)
+
 
     def _choose(self, headers_msg: pb.HttpHeaders) -> tuple[str, Target, list[str]]:
         """The target, and the client headers that must not reach Envoy's router or the provider:
@@ -183,6 +156,53 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         fields["started"].number_value = started
         fields["host"].string_value = authority
         return response
+
+
+class Exchange:
+    """One ext_proc stream (one HTTP request): each message is answered at once, and the stream
+    ends as soon as nothing more is needed, before Envoy has to cancel it."""
+
+    __slots__ = ("_processor", "_target", "_started", "_authority", "_strip", "_observer")
+
+    def __init__(self, processor: ExternalProcessor):
+        self._processor = processor
+        self._target: Target | None = None
+        self._started = 0.0
+        self._authority = ""
+        self._strip: list[str] = []
+        self._observer: _EventStreamObserver | None = None
+
+    def on_message(self, message: bytes) -> tuple[bytes, bool]:
+        """The wire form, for the HTTP/2 server."""
+        response, done = self.on_request(pb.ProcessingRequest.FromString(message))
+        return response.SerializeToString(), done
+
+    def on_request(self, request: pb.ProcessingRequest) -> tuple[pb.ProcessingResponse, bool]:
+        phase = request.WhichOneof("request")
+        processor = self._processor
+        try:
+            if phase == "request_headers":
+                self._started = processor._clock()
+                self._authority, self._target, self._strip = processor._choose(request.request_headers)
+                return _CONTINUE_HEADERS, False
+            if phase == "request_body":
+                if self._target is None:  # cannot happen with our bootstrap; never forward unrewritten
+                    raise GatewayError(500, "request body arrived before its headers", "internal_error")
+                return processor._rewrite(request.request_body, self._target, self._started, self._authority,
+                                          self._strip), True
+            if phase == "response_headers":
+                self._observer = _EventStreamObserver(request.metadata_context, processor._clock)
+                return _CONTINUE_RESPONSE_HEADERS, False
+            if phase == "response_body" and self._observer is not None:
+                return self._observer.on_chunk(request.response_body), request.response_body.end_of_stream
+            return _continue(phase), False
+        except GatewayError as error:
+            return immediate(error), True
+        except Exception:  # never a stack trace to the client, never a request sent unrewritten
+            log.exception("ext_proc failed on %s", phase)
+            if phase in ("request_headers", "request_body"):
+                return immediate(GatewayError(500, "the gateway failed to process the request", "internal_error")), True
+            return _continue(phase), False  # an answer already under way is passed on as it is
 
 
 class _EventStreamObserver:

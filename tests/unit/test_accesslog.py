@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
@@ -164,11 +163,11 @@ def token_sample(metrics: GatewayMetrics, suffix: str, token_type: str, response
 
 
 def stream_logs(receiver: AccessLogReceiver, *messages: als_pb2.StreamAccessLogsMessage):
-    async def messages_iter():
-        for m in messages:
-            yield m
-
-    return asyncio.run(receiver.StreamAccessLogs(messages_iter(), None))
+    """One access log stream in wire form; the answer sent when Envoy closes it."""
+    call = receiver.call()
+    for m in messages:
+        assert call.on_message(m.SerializeToString()) == (None, False)
+    return als_pb2.StreamAccessLogsResponse.FromString(call.on_client_end())
 
 
 def message(*entries: accesslog_pb2.HTTPAccessLogEntry, first: bool = False) -> als_pb2.StreamAccessLogsMessage:

@@ -22,7 +22,7 @@ from google.protobuf import json_format
 from extproc.envoy_config import (PASSTHROUGH_CLUSTER, ROUTE_CONFIG_NAME, BootstrapOptions, HostPort, UpstreamOptions,
                                   bootstrap, provider_cluster, route_configuration, to_route_proto,
                                   to_cluster_proto)
-from extproc.names import CLUSTER_HEADER, CONTROL_CLUSTER
+from extproc.names import CLUSTER_HEADER, CONTROL_CLUSTER, EXT_PROC_CLUSTER
 
 
 def hcm(boot: dict) -> dict:
@@ -46,7 +46,7 @@ def test_bootstrap_filters_and_limits(body_limit):
     assert proc["failure_mode_allow"] is False
     assert proc["processing_mode"]["request_body_mode"] == "BUFFERED"
     assert proc["processing_mode"]["request_header_mode"] == "SEND"
-    assert proc["grpc_service"]["envoy_grpc"]["cluster_name"] == CONTROL_CLUSTER
+    assert proc["grpc_service"]["envoy_grpc"]["cluster_name"] == EXT_PROC_CLUSTER
     assert proc["grpc_service"]["envoy_grpc"]["max_receive_message_length"] > body_limit
     assert proc["mutation_rules"]["allow_all_routing"] is True  # needed to set :authority and the cluster header
     listener = boot["static_resources"]["listeners"][0]
@@ -90,21 +90,28 @@ def test_sidecar_route_configuration():
     assert [vh["name"] for vh in route_configuration([])["virtual_hosts"]] == ["passthrough"]
 
 
-@pytest.mark.parametrize(("opts", "listen", "control_type"), [
-    pytest.param(BootstrapOptions(), ("127.0.0.1", 10000), "STATIC", id="defaults"),
+@pytest.mark.parametrize(("opts", "listen", "control_type", "ext_proc"), [
+    pytest.param(BootstrapOptions(), ("127.0.0.1", 10000), "STATIC", ("127.0.0.1", 18001), id="defaults"),
     pytest.param(BootstrapOptions(listen=HostPort("0.0.0.0", 8080), control=HostPort("extproc", 18000)),
-                 ("0.0.0.0", 8080), "STRICT_DNS", id="control-by-name"),
+                 ("0.0.0.0", 8080), "STRICT_DNS", ("extproc", 18001), id="control-by-name"),
     pytest.param(BootstrapOptions(listen=HostPort("::", 8080), control=HostPort("::1", 18000)),
-                 ("::", 8080), "STATIC", id="ipv6"),
+                 ("::", 8080), "STATIC", ("::1", 18001), id="ipv6"),
+    pytest.param(BootstrapOptions(control=HostPort("127.0.0.1", 18000), ext_proc=HostPort("127.0.0.1", 9000)),
+                 ("127.0.0.1", 10000), "STATIC", ("127.0.0.1", 9000), id="ext-proc-elsewhere"),
 ])
-def test_bootstrap_addresses(opts, listen, control_type):
+def test_bootstrap_addresses(opts, listen, control_type, ext_proc):
     boot = bootstrap(opts)
     address = boot["static_resources"]["listeners"][0]["address"]["socket_address"]
     assert (address["address"], address["port_value"]) == listen
-    control = boot["static_resources"]["clusters"][0]
-    assert control["name"] == CONTROL_CLUSTER and control["type"] == control_type
-    endpoint = control["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
-    assert (endpoint["address"], endpoint["port_value"]) == (opts.control.host, opts.control.port)
+    clusters = {c["name"]: c for c in boot["static_resources"]["clusters"]}
+
+    def endpoint(cluster: dict) -> tuple[str, int]:
+        socket = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+        return socket["address"], socket["port_value"]
+
+    assert clusters[CONTROL_CLUSTER]["type"] == control_type
+    assert endpoint(clusters[CONTROL_CLUSTER]) == (opts.control.host, opts.control.port)
+    assert endpoint(clusters[EXT_PROC_CLUSTER]) == ext_proc
     assert boot["dynamic_resources"]["cds_config"]["api_config_source"]["grpc_services"][0]["envoy_grpc"][
         "cluster_name"] == CONTROL_CLUSTER
     parsed = json_format.ParseDict(boot, bootstrap_pb2.Bootstrap())  # valid Envoy API, every @type known
@@ -191,7 +198,7 @@ def test_event_stream_observer_only_for_event_streams_and_fails_open():
 @pytest.mark.parametrize("access_log", ["/dev/stdout", "/tmp/x.log", None])
 def test_access_logs(access_log):
     logs = hcm(bootstrap(BootstrapOptions(access_log=access_log)))["access_log"]
-    assert logs[0]["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == CONTROL_CLUSTER
+    assert logs[0]["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == EXT_PROC_CLUSTER
     if access_log is None:
         assert len(logs) == 1
     else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
@@ -41,16 +40,17 @@ def body_msg(body: bytes | dict) -> pb.ProcessingRequest:
 
 
 def run(processor: ExternalProcessor, *messages, between=None) -> list[pb.ProcessingResponse]:
-    async def requests():
-        for i, message in enumerate(messages):
-            if i and between is not None:
-                between()
-            yield message
-
-    async def collect():
-        return [r async for r in processor.Process(requests(), None)]
-
-    return asyncio.run(collect())
+    """One ext_proc stream, in wire form, until the exchange ends it."""
+    exchange = processor.exchange()
+    responses = []
+    for i, message in enumerate(messages):
+        if i and between is not None:
+            between()
+        data, done = exchange.on_message(message.SerializeToString())
+        responses.append(pb.ProcessingResponse.FromString(data))
+        if done:
+            break
+    return responses
 
 
 def processor(table, draw: float = 0.0) -> ExternalProcessor:

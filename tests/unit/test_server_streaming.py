@@ -4,7 +4,6 @@ answer carries what was read as `llm_gateway` dynamic metadata."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
@@ -64,15 +63,15 @@ def body(data: bytes, end: bool = False) -> pb.ProcessingRequest:
 def run(clock: Clock, *timed: tuple[float, pb.ProcessingRequest]) -> list[pb.ProcessingResponse]:
     processor = ExternalProcessor(TableHolder(EMPTY_TABLE), draw=lambda: 0.0, clock=clock)
 
-    async def requests():
-        for at, message in timed:
-            clock.now = at
-            yield message
-
-    async def collect():
-        return [r async for r in processor.Process(requests(), None)]
-
-    return asyncio.run(collect())
+    exchange = processor.exchange()
+    responses = []
+    for at, message in timed:
+        clock.now = at
+        data, done = exchange.on_message(message.SerializeToString())
+        responses.append(pb.ProcessingResponse.FromString(data))
+        if done:
+            break
+    return responses
 
 
 def decision(**extra) -> dict:
