@@ -146,11 +146,32 @@ def test_gateway_error_body_matches_error_body():
     assert orjson.loads(err.body())["error"]["code"] == "unknown_host"
 
 
-def test_integers_beyond_64_bits_are_kept_exactly():
-    body = b'{"messages": [{"role": "user", "content": "hi"}], "seed": 123456789012345678901234567890, "t": 0.5}'
+@pytest.mark.parametrize("extra", [
+    pytest.param(b'"seed": 123456789012345678901234567890', id="top-level"),
+    pytest.param(b'"logit_bias": {"9": -100000000000000000000000}', id="negative-in-object"),
+    pytest.param(b'"ids": [1, [2, 99999999999999999999]]', id="nested-in-arrays"),
+    pytest.param(b'"seed": 18446744073709551615', id="largest-unsigned-64-bit"),
+    pytest.param(b'"seed": -9223372036854775809', id="just-below-signed-64-bit"),
+    pytest.param(b'"x": 1e20, "y": 1.5e300', id="float-literals"),
+    pytest.param(b'"note": "12345678901234567890123 in a string"', id="digits-in-a-string"),
+])
+def test_numbers_kept_exactly(extra):
+    body = b'{"messages": [{"role": "user", "content": "hi"}], "t": 0.5, ' + extra + b"}"
     out = rewrite_body(body, target(model="m")).body
-    assert b'"seed":123456789012345678901234567890' in out
-    assert json.loads(out)["t"] == 0.5 and json.loads(out)["model"] == "m"
+    assert json.loads(out) == {**json.loads(body), "model": "m"}  # json reads integers exactly
+    assert all(type(a) is type(b) for a, b in zip(_leaves(json.loads(out)), _leaves(json.loads(body))))
+
+
+def _leaves(value):
+    if isinstance(value, dict):
+        for key in sorted(value):
+            if key != "model":
+                yield from _leaves(value[key])
+    elif isinstance(value, list):
+        for item in value:
+            yield from _leaves(item)
+    else:
+        yield value
 
 
 @pytest.mark.parametrize(("options", "expected"), [

@@ -1,0 +1,36 @@
+"""glibc malloc tuned for a process that copies request bodies around.
+
+A body passes through several buffers of its own size (socket reads, the gRPC message, the JSON
+parse, the rewritten body, the answer's frames). By default glibc gives each big buffer fresh
+pages (mmap, or heap it trims right after), so a 1 MiB body cost about 2,000 page faults and
+6 ms of kernel time here. Keeping big buffers on the heap and the heap untrimmed up to a bound
+makes later bodies reuse warm pages; the price is that up to `keep` bytes of freed memory stay
+with the process after a burst of big bodies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger("extproc.memory")
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+
+def keep_body_buffers(largest: int = 32 << 20, keep: int = 64 << 20) -> bool:
+    """Allocations up to `largest` from the heap; up to `keep` free bytes kept at its top.
+    False (and nothing changed) where the C library is not glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    ok = mallopt(M_MMAP_THRESHOLD, largest) == 1 and mallopt(M_TRIM_THRESHOLD, keep) == 1
+    if not ok:
+        log.debug("mallopt refused; glibc defaults kept")
+    return ok
