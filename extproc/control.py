@@ -65,9 +65,12 @@ class ControlPlane:
         log.info("xDS (CDS, RDS) listening on %s:%d", listen.host, self.port)
         if ext_proc_listen is None:
             ext_proc_listen = HostPort(listen.host, listen.port + 1 if listen.port else 0)
-        methods = {PROCESS: ExternalProcessor(self.holder).exchange,
+        methods = {PROCESS: ExternalProcessor(self.holder, body_limit=self._body_limit).exchange,
                    STREAM_ACCESS_LOGS: AccessLogReceiver(self.metrics).call}
-        self._ext_proc_server = await serve_h2(ext_proc_listen.host, ext_proc_listen.port, methods, limit)
+        # The ext_proc answers a body over the limit with a 413 itself; a body chunk may be larger
+        # than the limit (Envoy sends what it has read), up to Envoy's buffer limit.
+        chunk_limit = self._body_limit + (4 << 20)
+        self._ext_proc_server = await serve_h2(ext_proc_listen.host, ext_proc_listen.port, methods, chunk_limit)
         self.ext_proc_port = self._ext_proc_server.sockets[0].getsockname()[1]
         log.info("ext_proc and access log service listening on %s:%d", ext_proc_listen.host, self.ext_proc_port)
         return self.port

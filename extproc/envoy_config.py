@@ -21,6 +21,8 @@ from .names import CLUSTER_HEADER, CONTROL_CLUSTER, EXT_PROC_CLUSTER, METADATA_N
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 DEFAULT_BODY_LIMIT = 8 * 1024 * 1024
 PROVIDER_PORT = 443
+EXT_PROC_MESSAGE_TIMEOUT_S = 30
+BUFFER_MARGIN = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -335,13 +337,15 @@ def bootstrap(opts: BootstrapOptions) -> dict:
         "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
         "grpc_service": _grpc_service(opts),
         "failure_mode_allow": False,
-        "message_timeout": "10s",
-        # the body follows the headers at once: one round trip fewer when both are at hand
+        # The body is streamed to the ext_proc right behind the headers, and the headers' answer
+        # comes once the body is whole: one round trip per request. So this also bounds how long
+        # a client may take to send its body.
+        "message_timeout": f"{EXT_PROC_MESSAGE_TIMEOUT_S}s",
         "send_body_without_waiting_for_header_response": True,
         "processing_mode": {
             "request_header_mode": "SEND",
             "response_header_mode": "SKIP",
-            "request_body_mode": "BUFFERED",
+            "request_body_mode": "STREAMED",
             "response_body_mode": "NONE",
             "request_trailer_mode": "SKIP",
             "response_trailer_mode": "SKIP",
@@ -356,6 +360,11 @@ def bootstrap(opts: BootstrapOptions) -> dict:
         "codec_type": "AUTO",
         "http_filters": [
             {"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc},
+            # The rewritten body, whole, with its content-length (a streamed body would go to the
+            # provider chunked): some providers want the length.
+            {"name": "envoy.filters.http.buffer",
+             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+                              "max_request_bytes": opts.body_limit + BUFFER_MARGIN}},
             {"name": "envoy.filters.http.json_to_metadata", "typed_config": _usage_from_json()},
             {"name": "llm_gateway.event_stream", "typed_config": _event_stream_observer(opts)},
             {"name": "envoy.filters.http.router",
@@ -368,7 +377,9 @@ def bootstrap(opts: BootstrapOptions) -> dict:
     listener = {
         "name": "llm_gateway_http",
         "address": _address(opts.listen),
-        "per_connection_buffer_limit_bytes": opts.body_limit,
+        # above the body limit, which the ext_proc enforces (413): Envoy's flow control must not
+        # stop reading a body the ext_proc is still waiting for
+        "per_connection_buffer_limit_bytes": opts.body_limit + BUFFER_MARGIN,
         "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
     }
     clusters = [_grpc_cluster(CONTROL_CLUSTER, opts.control), _grpc_cluster(EXT_PROC_CLUSTER, ext_proc_address(opts))]

@@ -65,11 +65,12 @@ UNIMPLEMENTED, INTERNAL, RESOURCE_EXHAUSTED = 12, 13, 8
 
 
 class Call(Protocol):
-    """One gRPC call: each request message in, at most one response message out, and whether
-    the call is over (the server then sends OK trailers). A call may also define
-    `on_client_end() -> bytes | None`: the last message, once the client has sent everything."""
+    """One gRPC call: each request message in, the response messages it completes out (none,
+    one, or a list), and whether the call is over (the server then sends OK trailers). A call
+    may also define `on_client_end() -> bytes | None`: the last message, once the client has
+    sent everything."""
 
-    def on_message(self, message: bytes) -> tuple[bytes | None, bool]: ...
+    def on_message(self, message: bytes) -> tuple[bytes | list[bytes] | None, bool]: ...
 
 
 class _Stream:
@@ -290,7 +291,10 @@ class H2Connection(asyncio.Protocol):
                 log.exception("gRPC call failed")
                 self._end(sid, stream, trailers(INTERNAL, "internal error"))
                 return
-            if response is not None:
+            if isinstance(response, list):
+                for one in response:
+                    self._send(sid, stream, _MESSAGE_HEAD.pack(0, len(one)) + one)
+            elif response is not None:
                 self._send(sid, stream, _MESSAGE_HEAD.pack(0, len(response)) + response)
             if done:
                 self._end(sid, stream, TRAILERS_OK)

@@ -1,10 +1,12 @@
 """The ext_proc gRPC service: Envoy's messages in, routing decisions and mutations out.
 
-Per request Envoy sends two messages: the request headers (the route, rule and provider are
-chosen there, or the request is answered with an error) and the buffered body (rewritten,
-with every header mutation that routing needs, and the decision as dynamic metadata for the
-access log). Everything the answer needs that does not depend on the request is prebuilt per
-target, once.
+Per request Envoy sends the request headers and, without waiting for their answer, the body
+in chunks (usually one). The route, rule and provider are chosen from the headers (or the
+request is answered with an error at once); the answer to the headers is held until the body
+is whole, so that one round trip carries everything: the headers' answer (every header
+mutation routing needs, the rewritten body's length, the decision as dynamic metadata for the
+access log) and the chunks' answers (the rewritten body in the last one). Everything that
+does not depend on the request is prebuilt per target, once.
 
 A second ext_proc filter sends only server-sent-event answers here, chunk by chunk: they are
 passed on unchanged while their content and usage events are read (see `extproc.sse`).
@@ -24,6 +26,7 @@ from envoy.type.v3 import http_status_pb2
 
 from google.protobuf import struct_pb2
 
+from .envoy_config import DEFAULT_BODY_LIMIT
 from .errors import GatewayError
 from .names import CLUSTER_HEADER, INTERNAL_HEADER_PREFIX, METADATA_NAMESPACE
 from .rewrite import rewrite_body
@@ -89,7 +92,8 @@ def immediate(error: GatewayError) -> pb.ProcessingResponse:
     ))
 
 
-_CONTINUE_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+_EMPTIED_CHUNK = pb.ProcessingResponse(request_body=pb.BodyResponse(
+    response=pb.CommonResponse(body_mutation=pb.BodyMutation(clear_body=True))))
 _CLIENT_MUST_NOT_SET = ("x-envoy-", INTERNAL_HEADER_PREFIX)
 _SET_BY_GATEWAY = frozenset({CLUSTER_HEADER, "x-envoy-upstream-rq-timeout-ms"})
 
@@ -99,10 +103,11 @@ class ExternalProcessor:
     server (`extproc.h2_server`) drives message by message."""
 
     def __init__(self, holder: TableHolder, draw: Callable[[], float] = random.random,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, body_limit: int = DEFAULT_BODY_LIMIT):
         self._holder = holder
         self._draw = draw
         self._clock = clock
+        self._body_limit = body_limit
 
     def exchange(self) -> "Exchange":
         return Exchange(self)
@@ -137,17 +142,18 @@ class ExternalProcessor:
         return authority, rule.pick(self._draw()), strip
 
     @staticmethod
-    def _rewrite(body_msg: pb.HttpBody, target: Target, started: float, authority: str,
-                 strip: list[str]) -> pb.ProcessingResponse:
-        rewritten = rewrite_body(body_msg.body, target)
+    def _forward(body: bytes, chunks: int, target: Target, started: float, authority: str,
+                 strip: list[str]) -> list[pb.ProcessingResponse]:
+        """The held answer to the headers, then one answer per body chunk: all emptied but the
+        last, which carries the whole rewritten body."""
+        rewritten = rewrite_body(body, target)
         response = pb.ProcessingResponse()
-        common = response.request_body.response
+        common = response.request_headers.response
         common.header_mutation.CopyFrom(_target_mutation(target))
         common.header_mutation.set_headers.append(_header("content-length", str(len(rewritten.body))))
         if strip:  # whatever the gateway sets itself is overwritten anyway; the rest goes
             common.header_mutation.remove_headers.extend(
                 name for name in strip if name not in _SET_BY_GATEWAY)
-        common.body_mutation.body = rewritten.body
         common.clear_route_cache = True
         response.dynamic_metadata.CopyFrom(_target_metadata(target))
         fields = response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.fields
@@ -155,14 +161,17 @@ class ExternalProcessor:
         fields["stream"].bool_value = rewritten.stream
         fields["started"].number_value = started
         fields["host"].string_value = authority
-        return response
+        last = pb.ProcessingResponse()
+        last.request_body.response.body_mutation.body = rewritten.body
+        return [response, *([_EMPTIED_CHUNK] * (chunks - 1)), last]
 
 
 class Exchange:
-    """One ext_proc stream (one HTTP request): each message is answered at once, and the stream
-    ends as soon as nothing more is needed, before Envoy has to cancel it."""
+    """One ext_proc stream (one HTTP request). The request's messages are answered all at once
+    when its body is whole (or at once with an error); an answer's messages each at once. The
+    stream ends as soon as nothing more is needed, before Envoy has to cancel it."""
 
-    __slots__ = ("_processor", "_target", "_started", "_authority", "_strip", "_observer")
+    __slots__ = ("_processor", "_target", "_started", "_authority", "_strip", "_body", "_chunks", "_observer")
 
     def __init__(self, processor: ExternalProcessor):
         self._processor = processor
@@ -170,39 +179,50 @@ class Exchange:
         self._started = 0.0
         self._authority = ""
         self._strip: list[str] = []
+        self._body = bytearray()
+        self._chunks = 0
         self._observer: _EventStreamObserver | None = None
 
-    def on_message(self, message: bytes) -> tuple[bytes, bool]:
+    def on_message(self, message: bytes) -> tuple[list[bytes], bool]:
         """The wire form, for the HTTP/2 server."""
-        response, done = self.on_request(pb.ProcessingRequest.FromString(message))
-        return response.SerializeToString(), done
+        responses, done = self.on_request(pb.ProcessingRequest.FromString(message))
+        return [r.SerializeToString() for r in responses], done
 
-    def on_request(self, request: pb.ProcessingRequest) -> tuple[pb.ProcessingResponse, bool]:
+    def on_request(self, request: pb.ProcessingRequest) -> tuple[list[pb.ProcessingResponse], bool]:
+        """The answers this message completes (none while the request body is incomplete), and
+        whether the stream is over."""
         phase = request.WhichOneof("request")
         processor = self._processor
         try:
             if phase == "request_headers":
                 self._started = processor._clock()
                 self._authority, self._target, self._strip = processor._choose(request.request_headers)
-                return _CONTINUE_HEADERS, False
+                return [], False  # answered with the body
             if phase == "request_body":
                 if self._target is None:  # cannot happen with our bootstrap; never forward unrewritten
                     raise GatewayError(500, "request body arrived before its headers", "internal_error")
-                return processor._rewrite(request.request_body, self._target, self._started, self._authority,
-                                          self._strip), True
+                chunk = request.request_body
+                self._body += chunk.body
+                self._chunks += 1
+                if len(self._body) > processor._body_limit:
+                    raise GatewayError(413, "the request body is larger than the gateway accepts", "request_too_large")
+                if not chunk.end_of_stream:
+                    return [], False
+                return processor._forward(bytes(self._body), self._chunks, self._target, self._started,
+                                          self._authority, self._strip), True
             if phase == "response_headers":
                 self._observer = _EventStreamObserver(request.metadata_context, processor._clock)
-                return _CONTINUE_RESPONSE_HEADERS, False
+                return [_CONTINUE_RESPONSE_HEADERS], False
             if phase == "response_body" and self._observer is not None:
-                return self._observer.on_chunk(request.response_body), request.response_body.end_of_stream
-            return _continue(phase), False
+                return [self._observer.on_chunk(request.response_body)], request.response_body.end_of_stream
+            return [_continue(phase)], False
         except GatewayError as error:
-            return immediate(error), True
+            return [immediate(error)], True
         except Exception:  # never a stack trace to the client, never a request sent unrewritten
             log.exception("ext_proc failed on %s", phase)
             if phase in ("request_headers", "request_body"):
-                return immediate(GatewayError(500, "the gateway failed to process the request", "internal_error")), True
-            return _continue(phase), False  # an answer already under way is passed on as it is
+                return [immediate(GatewayError(500, "the gateway failed to process the request", "internal_error"))], True
+            return [_continue(phase)], False  # an answer already under way is passed on as it is
 
 
 class _EventStreamObserver:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import subprocess
 import sys
+import time
 
+import orjson
 import pytest
 
 from extproc.demo.fake_provider import FakeProvider
@@ -43,14 +47,41 @@ def test_bad_bodies_get_400(gw, fresh_providers, body, code):
     assert fresh_providers[DASHSCOPE].requests == []
 
 
+def body_of_size(size: int) -> bytes:
+    """A chat request of exactly `size` bytes."""
+    empty = json.dumps({"messages": [{"role": "user", "content": ""}]}).encode()
+    return empty[:-4] + b"x" * (size - len(empty)) + empty[-4:]
+
+
 def test_body_over_limit_gets_413(gw, fresh_providers):
-    big = {"messages": [{"role": "user", "content": "x" * (1 << 20)}]}
-    assert_json_error(gw.request(DASHSCOPE, big), 413)
+    limit = 1 << 20
+    assert_json_error(gw.request(DASHSCOPE, body_of_size(limit + 1)), 413, "request_too_large")
+    assert_json_error(gw.request(DASHSCOPE, body_of_size(3 * limit)), 413, "request_too_large")
     assert fresh_providers[DASHSCOPE].requests == []
-    # just under the limit still goes through, rewritten
-    fits = {"messages": [{"role": "user", "content": "x" * ((1 << 20) - 200)}]}
-    resp = gw.request(DASHSCOPE, fits)
+    # exactly at the limit still goes through, rewritten
+    resp = gw.request(DASHSCOPE, body_of_size(limit))
     assert resp.status == 200 and resp.json()["model"] == "qwen1.5-72b-chat"
+
+
+def test_chunked_body_sent_slowly_is_forwarded_whole(gw, fresh_providers):
+    """A body in pieces, with pauses and no content-length, reaches the provider whole and
+    rewritten, with the length of the rewritten body."""
+    body = json.dumps({"messages": [{"role": "user", "content": "piece " * 5000}], "temperature": 0.2}).encode()
+
+    def pieces():
+        for start in range(0, len(body), 7000):
+            time.sleep(0.05)
+            yield body[start:start + 7000]
+
+    conn = http.client.HTTPConnection("127.0.0.1", gw.listen_port, timeout=30)
+    conn.request("POST", f"http://{DASHSCOPE}/", body=pieces(), encode_chunked=True,
+                 headers={"content-type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200, resp.read()
+    conn.close()
+    [received] = fresh_providers[DASHSCOPE].requests  # the fake reads content-length bytes, as JSON
+    assert received.body == {**json.loads(body), "model": "qwen1.5-72b-chat"}
+    assert int(received.headers["content-length"]) == len(orjson.dumps(received.body))
 
 
 def test_unknown_host_wrong_method_and_missing_body(gw, fresh_providers):
@@ -93,13 +124,15 @@ def test_ext_proc_down_fails_closed(tmp_path, ca, fresh_providers, keys):
     from conftest import upstream_args
     from extproc.runner import envoy_binary
 
-    control, listen, admin = free_port(), free_port(), free_port()
+    control, ext_proc, listen, admin = free_port(), free_port(), free_port(), free_port()
     env = {**__import__("os").environ, **keys}
     serve_log = (tmp_path / "serve.log").open("wb")
     serve = subprocess.Popen([sys.executable, "-m", "extproc", "serve", "--config", str(seed_dir(tmp_path, "01")),
-                              "--listen", f"127.0.0.1:{control}", *upstream_args(ca, fresh_providers)],
+                              "--listen", f"127.0.0.1:{control}", "--ext-proc-listen", f"127.0.0.1:{ext_proc}",
+                              *upstream_args(ca, fresh_providers)],
                              stdout=serve_log, stderr=subprocess.STDOUT, env=env)
     boot = subprocess.run([sys.executable, "-m", "extproc", "envoy-config", "--control", f"127.0.0.1:{control}",
+                           "--ext-proc", f"127.0.0.1:{ext_proc}",
                            "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}"],
                           capture_output=True, check=True, env=env).stdout
     assert keys["YOUR_DASHSCOPE_API_KEY"].encode() not in boot

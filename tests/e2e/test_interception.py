@@ -111,15 +111,17 @@ def test_seed_curl_without_proxy_is_intercepted_and_other_traffic_passes(pod, ca
     ca_file = shared / "ca.crt"
     shutil.copy(ca.cert_file, ca_file)
     ca_file.chmod(0o644)
-    control = free_port()
+    control, ext_proc = free_port(), free_port()
     config = tmp_path / "config"
     config.mkdir()
     shutil.copy(SEED_MANIFESTS / "01-LLMProvider.yaml", config)
     serve = subprocess.Popen(
         [sys.executable, "-m", "extproc", "serve", "--config", str(config), "--listen", f"{HOST_IP}:{control}",
+         "--ext-proc-listen", f"{HOST_IP}:{ext_proc}",
          "--metrics", "none", "--upstream-ca", str(ca_file)],
         env={**os.environ, **keys}, stdout=(tmp_path / "serve.log").open("wb"), stderr=subprocess.STDOUT)
     boot = subprocess.run([sys.executable, "-m", "extproc", "envoy-config", "--sidecar", "--control", f"{HOST_IP}:{control}",
+                           "--ext-proc", f"{HOST_IP}:{ext_proc}",
                            "--listen", "0.0.0.0:15001", "--admin", "127.0.0.1:15000", "--access-log", "none"],
                           capture_output=True, check=True, text=True).stdout
     (shared / "envoy.json").write_text(boot)

@@ -10,6 +10,7 @@ from envoy.extensions.access_loggers.file.v3 import file_pb2  # noqa: F401
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2  # noqa: F401
 from envoy.extensions.common.matching.v3 import extension_matcher_pb2  # noqa: F401
 from envoy.extensions.filters.common.matcher.action.v3 import skip_action_pb2  # noqa: F401
+from envoy.extensions.filters.http.buffer.v3 import buffer_pb2  # noqa: F401
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401
 from envoy.extensions.filters.http.json_to_metadata.v3 import json_to_metadata_pb2  # noqa: F401
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2  # noqa: F401
@@ -40,17 +41,20 @@ def test_bootstrap_filters_and_limits(body_limit):
     boot = bootstrap(BootstrapOptions(body_limit=body_limit))
     names = [f["name"] for f in hcm(boot)["http_filters"]]
     # the request ext_proc first, the answer's readers next, the router last
-    assert names == ["envoy.filters.http.ext_proc", "envoy.filters.http.json_to_metadata",
+    assert names == ["envoy.filters.http.ext_proc", "envoy.filters.http.buffer", "envoy.filters.http.json_to_metadata",
                      "llm_gateway.event_stream", "envoy.filters.http.router"]
     proc = ext_proc(boot)
     assert proc["failure_mode_allow"] is False
-    assert proc["processing_mode"]["request_body_mode"] == "BUFFERED"
+    # the body streamed right behind the headers: the ext_proc answers both in one round trip
+    assert proc["processing_mode"]["request_body_mode"] == "STREAMED"
     assert proc["processing_mode"]["request_header_mode"] == "SEND"
+    assert proc["send_body_without_waiting_for_header_response"] is True
     assert proc["grpc_service"]["envoy_grpc"]["cluster_name"] == EXT_PROC_CLUSTER
     assert proc["grpc_service"]["envoy_grpc"]["max_receive_message_length"] > body_limit
     assert proc["mutation_rules"]["allow_all_routing"] is True  # needed to set :authority and the cluster header
     listener = boot["static_resources"]["listeners"][0]
-    assert listener["per_connection_buffer_limit_bytes"] == body_limit
+    # the ext_proc enforces the limit (413); Envoy's buffers leave room above it
+    assert listener["per_connection_buffer_limit_bytes"] > body_limit
 
 
 def test_bootstrap_routes_on_the_cluster_header():
@@ -115,7 +119,7 @@ def test_bootstrap_addresses(opts, listen, control_type, ext_proc):
     assert boot["dynamic_resources"]["cds_config"]["api_config_source"]["grpc_services"][0]["envoy_grpc"][
         "cluster_name"] == CONTROL_CLUSTER
     parsed = json_format.ParseDict(boot, bootstrap_pb2.Bootstrap())  # valid Envoy API, every @type known
-    assert parsed.static_resources.listeners[0].per_connection_buffer_limit_bytes.value == opts.body_limit
+    assert parsed.static_resources.listeners[0].per_connection_buffer_limit_bytes.value > opts.body_limit
 
 
 def test_bootstrap_holds_no_provider():

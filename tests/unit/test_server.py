@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from typing import NamedTuple
+
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -34,20 +36,20 @@ def headers_msg(authority: str, method: str = "POST", extra: dict[str, str] | No
         headers=base_pb2.HeaderMap(headers=values), end_of_stream=end_of_stream))
 
 
-def body_msg(body: bytes | dict) -> pb.ProcessingRequest:
+def body_msg(body: bytes | dict, end_of_stream: bool = True) -> pb.ProcessingRequest:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return pb.ProcessingRequest(request_body=pb.HttpBody(body=raw, end_of_stream=True))
+    return pb.ProcessingRequest(request_body=pb.HttpBody(body=raw, end_of_stream=end_of_stream))
 
 
 def run(processor: ExternalProcessor, *messages, between=None) -> list[pb.ProcessingResponse]:
-    """One ext_proc stream, in wire form, until the exchange ends it."""
+    """One ext_proc stream, in wire form, until the exchange ends it: every answer, in order."""
     exchange = processor.exchange()
     responses = []
     for i, message in enumerate(messages):
         if i and between is not None:
             between()
-        data, done = exchange.on_message(message.SerializeToString())
-        responses.append(pb.ProcessingResponse.FromString(data))
+        answers, done = exchange.on_message(message.SerializeToString())
+        responses.extend(pb.ProcessingResponse.FromString(data) for data in answers)
         if done:
             break
     return responses
@@ -58,16 +60,31 @@ def processor(table, draw: float = 0.0) -> ExternalProcessor:
 
 
 def set_headers(response: pb.ProcessingResponse) -> dict[str, str]:
-    mutation = response.request_body.response.header_mutation
+    mutation = response.request_headers.response.header_mutation
     keys = [o.header.key for o in mutation.set_headers]
     assert len(keys) == len(set(keys)), f"header set twice: {keys}"
     return {o.header.key: o.header.raw_value.decode() for o in mutation.set_headers}
 
 
-def forward(table, authority: str, body=CHAT, extra=None, draw: float = 0.0) -> pb.ProcessingResponse:
-    responses = run(processor(table, draw), headers_msg(authority, extra=extra), body_msg(body))
-    assert [r.WhichOneof("response") for r in responses] == ["request_headers", "request_body"]
-    return responses[1]
+class Forwarded(NamedTuple):
+    headers: pb.ProcessingResponse  # the answer to the request headers: mutations, metadata
+    body: bytes  # the rewritten body, from the answer to the (last) body chunk
+
+    @property
+    def common(self) -> pb.CommonResponse:
+        return self.headers.request_headers.response
+
+
+def forward(table, authority: str, body=CHAT, extra=None, draw: float = 0.0) -> Forwarded:
+    """The headers get no answer until the body is whole; then both answers come at once."""
+    exchange = processor(table, draw).exchange()
+    assert exchange.on_message(headers_msg(authority, extra=extra).SerializeToString()) == ([], False)
+    answers, done = exchange.on_message(body_msg(body).SerializeToString())
+    responses = [pb.ProcessingResponse.FromString(a) for a in answers]
+    assert done and [r.WhichOneof("response") for r in responses] == ["request_headers", "request_body"]
+    assert not responses[0].request_headers.response.HasField("body_mutation")
+    assert not responses[1].request_body.response.HasField("header_mutation")
+    return Forwarded(responses[0], responses[1].request_body.response.body_mutation.body)
 
 
 @pytest.mark.parametrize(("authority", "extra", "draw", "expected"), [
@@ -95,9 +112,9 @@ def forward(table, authority: str, body=CHAT, extra=None, draw: float = 0.0) -> 
 ])
 def test_headers_then_body_rewrites_and_routes(seed_table, authority, extra, draw, expected):
     response = forward(seed_table, authority, extra=extra, draw=draw)
-    common = response.request_body.response
-    body = common.body_mutation.body
-    headers = set_headers(response)
+    common = response.common
+    body = response.body
+    headers = set_headers(response.headers)
     assert headers[":path"] == expected["path"]
     assert headers[":authority"] == expected["host"]
     assert headers["authorization"] == f"Bearer {expected['key']}"
@@ -116,9 +133,8 @@ def test_headers_then_body_rewrites_and_routes(seed_table, authority, extra, dra
 def test_body_length_header_tracks_the_rewritten_body(seed_table):
     long_model = {**CHAT, "model": "x" * 500}
     response = forward(seed_table, DASHSCOPE, body=long_model)
-    body = response.request_body.response.body_mutation.body
-    assert len(body) < len(json.dumps(long_model))
-    assert set_headers(response)["content-length"] == str(len(body))
+    assert len(response.body) < len(json.dumps(long_model))
+    assert set_headers(response.headers)["content-length"] == str(len(response.body))
 
 
 def test_same_target_twice_gets_one_content_length_each(seed_table):
@@ -126,17 +142,17 @@ def test_same_target_twice_gets_one_content_length_each(seed_table):
     small = forward(seed_table, MOONSHOT, body={"messages": [{"role": "user", "content": "a"}]})
     large = forward(seed_table, MOONSHOT, body={"messages": [{"role": "user", "content": "a" * 1000}]})
     for response in (small, large):
-        mutation = response.request_body.response.header_mutation
+        mutation = response.common.header_mutation
         lengths = [o.header.raw_value for o in mutation.set_headers if o.header.key == "content-length"]
-        assert lengths == [str(len(response.request_body.response.body_mutation.body)).encode()]
+        assert lengths == [str(len(response.body)).encode()]
 
 
 def test_provider_without_api_key_removes_client_authorization(tmp_path):
     table = load_docs(tmp_path, provider("local", "local.example.com", model="m-local")).table
     response = forward(table, "local.example.com", extra={"authorization": "Bearer sk-client"})
-    mutation = response.request_body.response.header_mutation
+    mutation = response.common.header_mutation
     assert "authorization" in mutation.remove_headers
-    assert "authorization" not in set_headers(response)
+    assert "authorization" not in set_headers(response.headers)
 
 
 def error_of(response: pb.ProcessingResponse) -> tuple[int, dict, dict[str, str], str]:
@@ -168,8 +184,8 @@ def test_errors_are_immediate_json_responses(seed_table, messages, status, code)
     assert body["error"]["type"] == ("server_error" if status >= 500 else "invalid_request_error")
     assert headers["content-type"] == "application/json"
     assert details == f"llm_gateway_{code}"
-    # the stream ends with the error: nothing after it is processed, nothing is forwarded
-    assert all(r.WhichOneof("response") != "request_body" for r in responses)
+    # the error is the stream's only answer: nothing after it is processed, nothing is forwarded
+    assert [r.WhichOneof("response") for r in responses] == ["immediate_response"]
 
 
 def test_stream_stops_after_an_immediate_response(seed_table):
@@ -184,7 +200,7 @@ def test_no_matching_rule_is_a_404(tmp_path):
     status, body, _, _ = error_of(run(processor(table), headers_msg("chat.example.com"), body_msg(CHAT))[-1])
     assert (status, body["error"]["code"]) == (404, "no_matching_rule")
     ok = forward(table, "chat.example.com", extra={"x-team": "a"})
-    assert set_headers(ok)[":authority"] == "backend.example.com"
+    assert set_headers(ok.headers)[":authority"] == "backend.example.com"
 
 
 def test_request_keeps_the_target_chosen_with_its_headers(seed_table):
@@ -193,7 +209,7 @@ def test_request_keeps_the_target_chosen_with_its_headers(seed_table):
     proc = ExternalProcessor(holder, draw=lambda: 0.0)
     responses = run(proc, headers_msg(MOONSHOT), body_msg(CHAT),
                     between=lambda: setattr(holder, "table", EMPTY_TABLE))
-    assert set_headers(responses[1])[CLUSTER_HEADER] == MOON_CLUSTER
+    assert set_headers(responses[0])[CLUSTER_HEADER] == MOON_CLUSTER
     status, _, _, _ = error_of(run(proc, headers_msg(MOONSHOT), body_msg(CHAT))[-1])
     assert status == 404  # the next request sees the new (empty) table
 
@@ -203,8 +219,8 @@ def test_draw_is_taken_once_per_request(seed_table):
     proc = ExternalProcessor(TableHolder(seed_table), draw=lambda: next(draws))
     first = run(proc, headers_msg("demo-llm-server"), body_msg(CHAT))
     second = run(proc, headers_msg("demo-llm-server"), body_msg(CHAT))
-    assert set_headers(first[1])[CLUSTER_HEADER] == DASH_CLUSTER
-    assert set_headers(second[1])[CLUSTER_HEADER] == MOON_CLUSTER
+    assert set_headers(first[0])[CLUSTER_HEADER] == DASH_CLUSTER
+    assert set_headers(second[0])[CLUSTER_HEADER] == MOON_CLUSTER
 
 
 @pytest.mark.parametrize("phase", ["response_headers", "response_body", "request_trailers", "response_trailers"])
@@ -213,3 +229,45 @@ def test_other_phases_are_continued(seed_table, phase):
     getattr(request, phase).SetInParent()
     responses = run(processor(seed_table), request)
     assert [r.WhichOneof("response") for r in responses] == [phase]
+
+
+def test_body_in_chunks_is_answered_once_whole(seed_table):
+    """Envoy streams the body right behind the headers; nothing is answered until the last chunk,
+    then the headers' answer, an emptied answer for each earlier chunk, and the whole rewritten
+    body in the answer to the last."""
+    raw = json.dumps(CHAT).encode()
+    parts = [raw[:7], raw[7:20], raw[20:], b""]
+    exchange = processor(seed_table).exchange()
+    assert exchange.on_message(headers_msg(DASHSCOPE).SerializeToString()) == ([], False)
+    for part in parts[:-1]:
+        assert exchange.on_message(body_msg(part, end_of_stream=False).SerializeToString()) == ([], False)
+    answers, done = exchange.on_message(body_msg(parts[-1]).SerializeToString())
+    responses = [pb.ProcessingResponse.FromString(a) for a in answers]
+    assert done
+    assert [r.WhichOneof("response") for r in responses] == ["request_headers"] + ["request_body"] * 4
+    assert all(r.request_body.response.body_mutation.clear_body for r in responses[1:4])
+    body = responses[4].request_body.response.body_mutation.body
+    assert json.loads(body) == {**CHAT, "model": "qwen1.5-72b-chat"}
+    assert set_headers(responses[0])["content-length"] == str(len(body))
+
+
+@pytest.mark.parametrize(("sizes", "status"), [
+    pytest.param([100, 101], 413, id="over-in-the-second-chunk"),
+    pytest.param([201], 413, id="over-in-one-chunk"),
+    pytest.param([150, 50], None, id="exactly-at-the-limit"),
+])
+def test_body_limit_is_enforced_across_chunks(seed_table, sizes, status):
+    proc = ExternalProcessor(TableHolder(seed_table), draw=lambda: 0.0, body_limit=200)
+    body = json.dumps({"messages": [{"role": "user", "content": ""}]}).encode()
+    body = body[:-3] + b" " * (sum(sizes) - len(body)) + body[-3:]  # valid JSON of the exact total size
+    chunks, start = [], 0
+    for i, size in enumerate(sizes):
+        chunks.append(body_msg(body[start:start + size], end_of_stream=i == len(sizes) - 1))
+        start += size
+    responses = run(proc, headers_msg(DASHSCOPE), *chunks)
+    if status is None:
+        assert responses[0].WhichOneof("response") == "request_headers"
+    else:
+        got_status, error, _, _ = error_of(responses[-1])
+        assert (got_status, error["error"]["code"]) == (413, "request_too_large")
+        assert len(responses) == 1

@@ -67,8 +67,9 @@ def run(clock: Clock, *timed: tuple[float, pb.ProcessingRequest]) -> list[pb.Pro
     responses = []
     for at, message in timed:
         clock.now = at
-        data, done = exchange.on_message(message.SerializeToString())
-        responses.append(pb.ProcessingResponse.FromString(data))
+        answers, done = exchange.on_message(message.SerializeToString())
+        assert len(answers) == 1  # an answer's messages are each answered at once
+        responses.append(pb.ProcessingResponse.FromString(answers[0]))
         if done:
             break
     return responses
