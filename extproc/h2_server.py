@@ -27,7 +27,9 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
-NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL = 0x0, 0x1, 0x3, 0x6, 0x7, 0x8
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR = 0x0, 0x1, 0x2, 0x3, 0x6
+# the payload sizes RFC 9113 fixes, by frame type
+_FIXED_SIZES = {PRIORITY: 5, RST_STREAM: 4, PING: 8, WINDOW_UPDATE: 4}
 SETTINGS_HEADER_TABLE_SIZE, SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE = 0x1, 0x4, 0x5
 
 MAX_WINDOW = (1 << 31) - 1
@@ -125,10 +127,11 @@ class H2Connection(asyncio.Protocol):
         buf += data
         pos = 0
         if not self._preface_seen:
-            if len(buf) < len(PREFACE):
-                return
-            if buf[:len(PREFACE)] != PREFACE:
+            seen = min(len(buf), len(PREFACE))
+            if buf[:seen] != PREFACE[:seen]:
                 self._close(PROTOCOL_ERROR, "not an HTTP/2 client")
+                return
+            if seen < len(PREFACE):
                 return
             self._preface_seen = True
             pos = len(PREFACE)
@@ -147,6 +150,10 @@ class H2Connection(asyncio.Protocol):
         except _ConnectionError as exc:
             self._close(exc.code, str(exc))
             return
+        except Exception:  # a bug here must cost one connection, never the process's event loop
+            log.exception("HTTP/2 connection failed")
+            self._close(INTERNAL_ERROR, "internal error")
+            return
         del buf[:pos]
         self._flush()
 
@@ -155,6 +162,9 @@ class H2Connection(asyncio.Protocol):
     def _on_frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
         if self._continuing is not None and ftype != CONTINUATION:
             raise _ConnectionError(PROTOCOL_ERROR, "header block interrupted")
+        size = _FIXED_SIZES.get(ftype)
+        if size is not None and len(payload) != size:
+            raise _ConnectionError(FRAME_SIZE_ERROR, f"frame of type {ftype} with {len(payload)} bytes")
         if ftype == DATA:
             self._on_data(flags, sid, payload)
         elif ftype == HEADERS:
@@ -263,6 +273,10 @@ class H2Connection(asyncio.Protocol):
 
     def _on_window_update(self, sid: int, payload: bytes) -> None:
         increment = _U32.unpack(payload)[0] & 0x7FFFFFFF
+        if increment == 0:
+            if sid == 0:
+                raise _ConnectionError(PROTOCOL_ERROR, "window update of 0")
+            return
         if sid == 0:
             self._peer_window += increment
         elif (stream := self._streams.get(sid)) is not None:
