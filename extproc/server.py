@@ -26,7 +26,7 @@ from envoy.type.v3 import http_status_pb2
 
 from google.protobuf import struct_pb2
 
-from .envoy_config import DEFAULT_BODY_LIMIT
+from .envoy_config import DEFAULT_BODY_LIMIT, LOCAL_REPLIES
 from .errors import GatewayError
 from .names import CLUSTER_HEADER, INTERNAL_HEADER_PREFIX, METADATA_NAMESPACE
 from .rewrite import rewrite_body
@@ -92,6 +92,7 @@ def immediate(error: GatewayError) -> pb.ProcessingResponse:
     ))
 
 
+_TOO_LARGE_CODE, _TOO_LARGE_MESSAGE = LOCAL_REPLIES[413]  # the answer Envoy gives its own 413s
 _EMPTIED_CHUNK = pb.ProcessingResponse(request_body=pb.BodyResponse(
     response=pb.CommonResponse(body_mutation=pb.BodyMutation(clear_body=True))))
 _CLIENT_MUST_NOT_SET = ("x-envoy-", INTERNAL_HEADER_PREFIX)
@@ -111,7 +112,6 @@ class ExternalProcessor:
 
     def exchange(self) -> "Exchange":
         return Exchange(self)
-
 
     def _choose(self, headers_msg: pb.HttpHeaders) -> tuple[str, Target, list[str]]:
         """The target, and the client headers that must not reach Envoy's router or the provider:
@@ -205,7 +205,7 @@ class Exchange:
                 self._body += chunk.body
                 self._chunks += 1
                 if len(self._body) > processor._body_limit:
-                    raise GatewayError(413, "the request body is larger than the gateway accepts", "request_too_large")
+                    raise GatewayError(413, _TOO_LARGE_MESSAGE, _TOO_LARGE_CODE)
                 if not chunk.end_of_stream:
                     return [], False
                 return processor._forward(bytes(self._body), self._chunks, self._target, self._started,
