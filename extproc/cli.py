@@ -11,7 +11,7 @@ import sys
 
 from .config.problems import ConfigError
 from .config.watch import load_config
-from .envoy_config import DEFAULT_BODY_LIMIT, SYSTEM_CA_BUNDLE, BootstrapOptions, HostPort, UpstreamOptions, bootstrap
+from .envoy_config import DEFAULT_BODY_LIMIT, DEFAULT_BODY_TIMEOUT_S, SYSTEM_CA_BUNDLE, BootstrapOptions, HostPort, UpstreamOptions, bootstrap
 from .runner import StartupError, UpOptions, config_source, load_initial, run_up
 
 log = logging.getLogger("extproc")
@@ -44,6 +44,16 @@ def _size(text: str) -> int:
         return int(t)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (bytes, or with k/m suffix: 8m)") from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0.001 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds between 0.001 and 3600")
+    return value
 
 
 def _add_upstream_args(p: argparse.ArgumentParser) -> None:
@@ -93,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--concurrency", type=int, default=None, metavar="N", help="Envoy worker threads (default: one per core)")
     up.add_argument("--body-limit", type=_size, default=DEFAULT_BODY_LIMIT, metavar="SIZE",
                     help="largest request body accepted (default 8m); larger gets 413")
+    up.add_argument("--body-timeout", type=_seconds, default=DEFAULT_BODY_TIMEOUT_S, metavar="SECONDS",
+                    help="how long a client may take to send its request body (default 30); later gets 408")
     up.add_argument("--envoy-log-level", default="warning", choices=["info", "warning", "error", "critical", "off"],
                     help="Envoy's --log-level (default warning). Not debug or trace: at those levels Envoy "
                          "prints request headers, API keys included")
@@ -124,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("--listen", type=_host_port, default=HostPort("0.0.0.0", 10000), metavar="HOST:PORT")
     ec.add_argument("--admin", type=_host_port, default=HostPort("127.0.0.1", 9901), metavar="HOST:PORT")
     ec.add_argument("--body-limit", type=_size, default=DEFAULT_BODY_LIMIT, metavar="SIZE")
+    ec.add_argument("--body-timeout", type=_seconds, default=DEFAULT_BODY_TIMEOUT_S, metavar="SECONDS")
     ec.add_argument("--access-log", default="/dev/stdout", metavar="PATH",
                     help="file for Envoy's JSON access log (default /dev/stdout; 'none' for none)")
     ec.add_argument("--sidecar", action="store_true",
@@ -163,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     opts = UpOptions(config=args.config or [], listen=args.listen, admin=args.admin, upstream=_upstream(args),
-                     body_limit=args.body_limit, concurrency=args.concurrency, envoy_log_level=args.envoy_log_level,
+                     body_limit=args.body_limit, body_timeout_s=args.body_timeout, concurrency=args.concurrency,
+                     envoy_log_level=args.envoy_log_level,
                      metrics=args.metrics, access_log=_access_log(args.access_log),
                      kubernetes=args.kubernetes, namespace=args.namespace)
     return asyncio.run(run_up(opts))
@@ -206,7 +220,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_envoy_config(args: argparse.Namespace) -> int:
     opts = BootstrapOptions(listen=args.listen, admin=args.admin, control=args.control, ext_proc=args.ext_proc,
-                            body_limit=args.body_limit,
+                            body_limit=args.body_limit, body_timeout_s=args.body_timeout,
                             access_log=_access_log(args.access_log), sidecar=args.sidecar)
     json.dump(bootstrap(opts), sys.stdout, indent=2)
     print()

@@ -21,7 +21,7 @@ from .names import CLUSTER_HEADER, CONTROL_CLUSTER, EXT_PROC_CLUSTER, METADATA_N
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 DEFAULT_BODY_LIMIT = 8 * 1024 * 1024
 PROVIDER_PORT = 443
-EXT_PROC_MESSAGE_TIMEOUT_S = 30
+DEFAULT_BODY_TIMEOUT_S = 30
 BUFFER_MARGIN = 1 << 20
 
 
@@ -124,7 +124,7 @@ LOCAL_REPLIES = {
 }
 
 
-def _local_reply_config() -> dict:
+def _local_reply_config(body_timeout_s: float) -> dict:
     """Envoy's own error answers (no upstream, TLS failure, body too large, ext_proc down) in the
     same OpenAI-style JSON as the ext_proc's. The ext_proc's own answers pass through as they are."""
     def json_body(status: int, code: str, message: str) -> dict:
@@ -135,14 +135,24 @@ def _local_reply_config() -> dict:
     def status_is(code: int) -> dict:
         return {"status_code_filter": {"comparison": {"op": "EQ", "value": {"default_value": code, "runtime_key": f"llm_gateway.local_reply.{code}"}}}}
 
-    mappers = [{
-        # Answers the ext_proc made itself: their body is already the JSON error.
-        "filter": {"extension_filter": {
+    def details_start(prefix: str) -> dict:
+        return {"extension_filter": {
             "name": "envoy.access_loggers.extension_filters.cel",
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
-                             "expression": "response.code_details.startsWith('llm_gateway_')"}}},
+                             "expression": f"response.code_details.startsWith('{prefix}')"}}}
+
+    mappers = [{
+        # Answers the ext_proc made itself: their body is already the JSON error.
+        "filter": details_start("llm_gateway_"),
         "body_format_override": {"text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
                                  "content_type": "application/json"},
+    }, {
+        # The ext_proc answers a request's headers once its body is whole: a timeout there is a
+        # body that did not arrive in time (Envoy would say 504, as if the provider were slow).
+        "filter": details_start("ext_proc_error_per-message_timeout"),
+        "status_code": 408,
+        "body_format_override": json_body(
+            408, "request_timeout", f"the request body did not arrive within {body_timeout_s:g} s of its headers"),
     }]
     for status, (code, message) in LOCAL_REPLIES.items():
         mappers.append({"filter": status_is(status), "body_format_override": json_body(status, code, message)})
@@ -269,6 +279,7 @@ class BootstrapOptions:
     control: HostPort = HostPort("127.0.0.1", 18000)
     ext_proc: HostPort | None = None  # None: the control host, on the next port
     body_limit: int = DEFAULT_BODY_LIMIT
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S  # how long a client may take to send its body
     route_timeout_s: int = 300
     node_id: str = "llm-gateway"
     access_log: str | None = "/dev/stdout"  # a JSON line per request; None for no file log
@@ -340,7 +351,7 @@ def bootstrap(opts: BootstrapOptions) -> dict:
         # The body is streamed to the ext_proc right behind the headers, and the headers' answer
         # comes once the body is whole: one round trip per request. So this also bounds how long
         # a client may take to send its body.
-        "message_timeout": f"{EXT_PROC_MESSAGE_TIMEOUT_S}s",
+        "message_timeout": f"{opts.body_timeout_s:g}s",
         "send_body_without_waiting_for_header_response": True,
         "processing_mode": {
             "request_header_mode": "SEND",
@@ -371,7 +382,7 @@ def bootstrap(opts: BootstrapOptions) -> dict:
              "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
                               "suppress_envoy_headers": True}},
         ],
-        "local_reply_config": _local_reply_config(),
+        "local_reply_config": _local_reply_config(opts.body_timeout_s),
         "access_log": _access_logs(opts),
     }
     listener = {

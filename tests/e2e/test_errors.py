@@ -6,6 +6,7 @@ import http.client
 import json
 import subprocess
 import sys
+import socket
 import time
 
 import orjson
@@ -211,3 +212,20 @@ def test_duplicate_keys_last_one_wins(gw, fresh_providers):
     body = b'{"messages": [{"role": "user", "content": "a"}], "temperature": 0.1, "temperature": 0.9}'
     assert gw.request(DASHSCOPE, body).status == 200
     assert fresh_providers[DASHSCOPE].requests[-1].body["temperature"] == 0.9
+
+
+def test_body_that_does_not_arrive_in_time_gets_408(tmp_path, gateway_factory, fresh_providers):
+    """The ext_proc answers a request once its body is whole; a client that stops half way gets a
+    JSON 408 after --body-timeout, and nothing reaches the provider."""
+    gw = gateway_factory(seed_dir(tmp_path, "01"), extra=["--body-timeout", "1"])
+    with socket.create_connection(("127.0.0.1", gw.listen_port), timeout=10) as sock:
+        sock.sendall(f"POST http://{DASHSCOPE}/ HTTP/1.1\r\nHost: {DASHSCOPE}\r\ncontent-type: application/json\r\n"
+                     f"content-length: 100\r\n\r\n{{\"messages\"".encode())
+        answer = sock.recv(65536).decode()
+    head, _, body = answer.partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 408"), answer
+    error = json.loads(body)["error"]
+    assert error["code"] == "request_timeout" and "1 s" in error["message"], error
+    assert fresh_providers[DASHSCOPE].requests == []
+    # the next request on a new connection is served as usual
+    assert gw.request(DASHSCOPE, CHAT).status == 200
