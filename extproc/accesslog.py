@@ -1,9 +1,10 @@
 """Envoy's access log, streamed to this process (gRPC access log service), as metrics.
 
 Envoy batches finished requests into few messages, so metrics cost no extra round trip per
-request. The stream arrives on the lean HTTP/2 server, beside the ext_proc. Each entry carries what the ext_proc decided and what the answer said, as dynamic
-metadata in the `llm_gateway` namespace: usage and model from Envoy's json_to_metadata filter for
-JSON answers, from the ext_proc's event-stream reader for streamed ones.
+request; the stream arrives on the lean HTTP/2 server, beside the ext_proc. Each entry carries
+what the ext_proc decided and what the answer said, as dynamic metadata in the `llm_gateway`
+namespace: usage and model from Envoy's json_to_metadata filter for JSON answers, from the
+ext_proc's event-stream reader for streamed ones.
 """
 
 from __future__ import annotations

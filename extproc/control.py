@@ -1,5 +1,6 @@
 """The gRPC servers that Envoy talks to (CDS and RDS on grpcio; the ext_proc and the access log
-service, which carry every request, on a lean HTTP/2 server on the next port), and how a new config is rolled out to it without failing requests.
+service, which carry every request, on a lean HTTP/2 server on the next port), and how a new
+config is rolled out to them without failing requests.
 
 A change goes out in three steps: first Envoy gets the union of the old and new clusters (and,
 for sidecars, of the old and new LLM host names) and acknowledges them, then the ext_proc
@@ -49,12 +50,7 @@ class ControlPlane:
     async def start(self, listen: HostPort, ext_proc_listen: HostPort | None = None) -> int:
         """Listens for xDS on `listen`, and for the ext_proc and access logs on `ext_proc_listen`
         (default: the next port; any free port when `listen`'s port is 0). Returns the first port."""
-        limit = self._body_limit + (1 << 20)
-        server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 0),
-        ])
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         cds_pb2_grpc.add_ClusterDiscoveryServiceServicer_to_server(ClusterDiscovery(self.clusters), server)
         rds_pb2_grpc.add_RouteDiscoveryServiceServicer_to_server(RouteDiscovery(self.routes), server)
         self.port = server.add_insecure_port(str(listen))

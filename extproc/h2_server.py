@@ -123,6 +123,8 @@ class H2Connection(asyncio.Protocol):
         self._transport = None
 
     def data_received(self, data: bytes) -> None:
+        if self._transport is None:
+            return  # closed by us: what was still on its way is dropped
         buf = self._buffer
         buf += data
         pos = 0
@@ -384,6 +386,7 @@ class H2Connection(asyncio.Protocol):
             self._out.append(frame(GOAWAY, 0, 0, _U32.pack(self._last_stream) + _U32.pack(code) + reason.encode()))
             self._flush()
             self._transport.close()
+            self._transport = None
 
 
 class _ConnectionError(Exception):
