@@ -121,9 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", parents=[common], help="the ext_proc and xDS server only, for an Envoy run elsewhere")
     _add_source_args(serve)
     serve.add_argument("--listen", type=_host_port, default=HostPort("0.0.0.0", 18000), metavar="HOST:PORT",
-                       help="gRPC address for xDS and access logs (default 0.0.0.0:18000)")
+                       help="gRPC address for xDS (default 0.0.0.0:18000)")
     serve.add_argument("--ext-proc-listen", type=_host_port, default=None, metavar="HOST:PORT",
-                       help="gRPC address for the ext_proc (default: --listen's host, on the next port)")
+                       help="gRPC address for the ext_proc and the access log service (default: --listen's host, on the next port)")
     serve.add_argument("--body-limit", type=_size, default=DEFAULT_BODY_LIMIT, metavar="SIZE")
     _add_metrics_arg(serve, "0.0.0.0:9464")
     _add_upstream_args(serve)
