@@ -98,8 +98,8 @@ class AccessLogReceiver:
     def __init__(self, metrics: GatewayMetrics):
         self._metrics = metrics
 
-    def call(self) -> "AccessLogReceiver":
-        return self  # no state per stream
+    def call(self, identity=None) -> "AccessLogReceiver":
+        return self  # no state per stream; any authenticated Envoy may report usage
 
     def on_message(self, data: bytes) -> tuple[bytes | None, bool]:
         for entry in als_pb2.StreamAccessLogsMessage.FromString(data).http_logs.log_entry:

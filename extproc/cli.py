@@ -8,10 +8,13 @@ import json
 import logging
 import signal
 import sys
+from pathlib import Path
 
 from .config.problems import ConfigError
 from .config.watch import load_config
-from .envoy_config import DEFAULT_BODY_LIMIT, DEFAULT_BODY_TIMEOUT_S, SYSTEM_CA_BUNDLE, BootstrapOptions, HostPort, UpstreamOptions, bootstrap
+from .auth import DEFAULT_AUDIENCE, home_namespace
+from .envoy_config import (DEFAULT_BODY_LIMIT, DEFAULT_BODY_TIMEOUT_S, SYSTEM_CA_BUNDLE, BootstrapOptions, HostPort,
+                           UpstreamOptions, bootstrap, token_sds)
 from .runner import StartupError, UpOptions, config_source, load_initial, run_up
 
 log = logging.getLogger("extproc")
@@ -72,6 +75,23 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--namespace", metavar="NS", help="with --kubernetes: only this namespace (default: all)")
 
 
+def _key_env(text: str) -> tuple[str, str]:
+    name, sep, host = text.partition("=")
+    if not sep or not name or not host:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=HOST")
+    return name, host.lower()
+
+
+def _add_key_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key-env", type=_key_env, action="append", default=[], metavar="NAME=HOST",
+                   help="with --kubernetes: ${NAME} in an apiKey expands only in an LLMProvider whose spec.host is "
+                        "HOST (repeatable; default none: an LLMProvider using ${...} gets Accepted=False, "
+                        "reason KeyEnvNotAllowed). Files expand any variable")
+    p.add_argument("--control-namespace", metavar="NS",
+                   help="with --kubernetes: the control plane's namespace, whose LLMProviders/LLMRoutes every "
+                        "namespace may use (default: $POD_NAMESPACE, else the in-cluster ServiceAccount's)")
+
+
 def _add_metrics_arg(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--metrics", type=_optional_host_port, default=_host_port(default), metavar="HOST:PORT",
                    help=f"serve /metrics (Prometheus), /healthz and /readyz here (default {default}; 'none' for none)")
@@ -112,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--access-log", default="/dev/stdout", metavar="PATH",
                     help="file for Envoy's JSON access log, a line per request (default /dev/stdout; 'none' for none)")
     _add_upstream_args(up)
+    _add_key_args(up)
 
     demo = sub.add_parser("demo", parents=[common], help="the embedded default: fake local providers, the seed manifests, ready-to-paste curls")
     demo.add_argument("--listen", type=_host_port, default=HostPort("127.0.0.1", 10000), metavar="HOST:PORT")
@@ -120,13 +141,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", parents=[common], help="the ext_proc and xDS server only, for an Envoy run elsewhere")
     _add_source_args(serve)
-    serve.add_argument("--listen", type=_host_port, default=HostPort("0.0.0.0", 18000), metavar="HOST:PORT",
-                       help="gRPC address for xDS (default 0.0.0.0:18000)")
+    serve.add_argument("--socket-dir", metavar="DIR",
+                       help="local mode: xds.sock and ext_proc.sock in DIR (made 0700; an existing one must be ours "
+                            "and 0700). The default without --kubernetes, --listen or --ext-proc-listen, in "
+                            "/tmp/llm-gateway-UID")
+    serve.add_argument("--listen", type=_host_port, default=None, metavar="HOST:PORT",
+                       help="TCP, authenticated: gRPC address for xDS (default with --kubernetes 0.0.0.0:18000)")
     serve.add_argument("--ext-proc-listen", type=_host_port, default=None, metavar="HOST:PORT",
-                       help="gRPC address for the ext_proc and the access log service (default: --listen's host, on the next port)")
+                       help="TCP: gRPC address for the ext_proc and the access log service (default: --listen's host, on the next port)")
+    serve.add_argument("--auth-token-file", metavar="FILE",
+                       help="TCP: the bearer token every Envoy must present (at least 16 characters; Envoy: envoy-config "
+                            "--token-file). Without it, --kubernetes checks ServiceAccount tokens with the TokenReview API")
+    serve.add_argument("--token-audience", default=DEFAULT_AUDIENCE, metavar="AUD",
+                       help=f"with --kubernetes over TCP: the audience Envoys' ServiceAccount tokens must be for "
+                            f"(default {DEFAULT_AUDIENCE})")
     serve.add_argument("--body-limit", type=_size, default=DEFAULT_BODY_LIMIT, metavar="SIZE")
     _add_metrics_arg(serve, "0.0.0.0:9464")
     _add_upstream_args(serve)
+    _add_key_args(serve)
 
     ec = sub.add_parser("envoy-config", parents=[common], help="print the Envoy bootstrap (JSON); it holds no API key")
     ec.add_argument("--control", type=_host_port, default=HostPort("127.0.0.1", 18000), metavar="HOST:PORT",
@@ -139,6 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("--body-timeout", type=_seconds, default=DEFAULT_BODY_TIMEOUT_S, metavar="SECONDS")
     ec.add_argument("--access-log", default="/dev/stdout", metavar="PATH",
                     help="file for Envoy's JSON access log (default /dev/stdout; 'none' for none)")
+    ec.add_argument("--socket-dir", metavar="DIR",
+                    help="local mode: reach `extproc serve --socket-dir DIR` over its Unix sockets (instead of --control)")
+    ec.add_argument("--token-file", metavar="PATH",
+                    help="TCP: the bearer token Envoy presents to the control plane, re-read when it changes "
+                         "(a projected ServiceAccount token); needs the SDS file at --token-sds")
+    ec.add_argument("--token-sds", default="/etc/llm-gateway/token-sds.json", metavar="PATH",
+                    help="where Envoy finds the SDS file naming --token-file (default /etc/llm-gateway/token-sds.json); "
+                         "write it with --print-token-sds")
+    ec.add_argument("--print-token-sds", action="store_true",
+                    help="print the SDS file for --token-file instead of the bootstrap")
     ec.add_argument("--sidecar", action="store_true",
                     help="for a pod whose port-80 traffic is redirected to --listen: LLM hosts through the gateway "
                          "(routes over RDS), everything else on to its original destination")
@@ -179,7 +221,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                      body_limit=args.body_limit, body_timeout_s=args.body_timeout, concurrency=args.concurrency,
                      envoy_log_level=args.envoy_log_level,
                      metrics=args.metrics, access_log=_access_log(args.access_log),
-                     kubernetes=args.kubernetes, namespace=args.namespace)
+                     kubernetes=args.kubernetes, namespace=args.namespace, key_env=dict(args.key_env),
+                     home=home_namespace(args.control_namespace))
     return asyncio.run(run_up(opts))
 
 
@@ -189,17 +232,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(args.listen, args.admin, args.metrics))
 
 
+def _serve_transport(args: argparse.Namespace):
+    """(socket dir, None) for local mode, or (None, authenticator) for TCP."""
+    from .auth import StaticToken, TokenReviewAuthenticator, default_socket_dir, kubernetes_review, private_dir
+
+    tcp = args.socket_dir is None and (args.kubernetes or args.listen is not None or args.ext_proc_listen is not None)
+    if not tcp:
+        try:
+            return private_dir(args.socket_dir or default_socket_dir()), None
+        except OSError as exc:
+            raise StartupError(f"cannot use the socket directory: {exc}") from None
+    if args.auth_token_file:
+        try:
+            return None, StaticToken.from_file(args.auth_token_file)
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"--auth-token-file {args.auth_token_file}: {exc}") from None
+    if args.kubernetes:
+        try:
+            return None, TokenReviewAuthenticator(kubernetes_review(), args.token_audience)
+        except Exception as exc:
+            raise StartupError(f"cannot reach Kubernetes for TokenReviews: {exc}") from None
+    raise StartupError("serve over TCP (--listen/--ext-proc-listen) needs --auth-token-file FILE: without it anyone "
+                       "who reaches the port could obtain API keys (or use --socket-dir DIR for Unix sockets)")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .control import ControlPlane
+    from .control import EXT_PROC_SOCKET, XDS_SOCKET, ControlPlane
     from .ops_http import OpsServer
 
     async def serve() -> int:
+        socket_dir, authenticator = _serve_transport(args)
         control = ControlPlane(_upstream(args), args.body_limit)
-        source = config_source(args.config or [], args.kubernetes, args.namespace, control.apply)
+        source = config_source(args.config or [], args.kubernetes, args.namespace, control.apply,
+                               key_env=dict(args.key_env), home=home_namespace(args.control_namespace))
         await load_initial(source)
         ops = OpsServer(control.metrics.registry, lambda: control.loaded)
         try:
-            await control.start(args.listen, args.ext_proc_listen)
+            await control.start(args.listen or HostPort("0.0.0.0", 18000), args.ext_proc_listen,
+                                authenticator=authenticator, socket_dir=socket_dir)
             if args.metrics is not None:
                 await ops.start(args.metrics)
         except OSError as exc:
@@ -213,15 +283,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         watcher.cancel()
         await ops.stop()
         await control.stop()
+        if socket_dir is not None:
+            for name in (XDS_SOCKET, EXT_PROC_SOCKET):
+                Path(socket_dir, name).unlink(missing_ok=True)
         return 0
 
     return asyncio.run(serve())
 
 
 def cmd_envoy_config(args: argparse.Namespace) -> int:
+    if args.print_token_sds:
+        if not args.token_file:
+            print("error: --print-token-sds needs --token-file", file=sys.stderr)
+            return 2
+        json.dump(token_sds(args.token_file), sys.stdout, indent=2)
+        print()
+        return 0
+    if args.socket_dir is None and args.token_file is None:
+        print("warning: over TCP without --token-file, `extproc serve` refuses this Envoy (UNAUTHENTICATED)",
+              file=sys.stderr)
     opts = BootstrapOptions(listen=args.listen, admin=args.admin, control=args.control, ext_proc=args.ext_proc,
                             body_limit=args.body_limit, body_timeout_s=args.body_timeout,
-                            access_log=_access_log(args.access_log), sidecar=args.sidecar)
+                            access_log=_access_log(args.access_log), sidecar=args.sidecar, socket_dir=args.socket_dir,
+                            token_sds=args.token_sds if args.token_file and args.socket_dir is None else None)
     json.dump(bootstrap(opts), sys.stdout, indent=2)
     print()
     return 0

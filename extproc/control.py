@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 import grpc
 from envoy.service.cluster.v3 import cds_pb2_grpc
@@ -22,7 +23,9 @@ from .accesslog import STREAM_ACCESS_LOGS, AccessLogReceiver
 from .config.compile import Compiled
 from .envoy_config import (DEFAULT_BODY_LIMIT, HostPort, UpstreamOptions, provider_cluster, route_configuration,
                            to_cluster_proto, to_route_proto)
+from .auth import Authenticator, GrpcAuthInterceptor
 from .h2_server import serve as serve_h2
+from .h2_server import serve_unix as serve_h2_unix
 from .metrics import GatewayMetrics
 from .routing import EMPTY_TABLE, RoutingTable
 from .server import PROCESS, ExternalProcessor, TableHolder
@@ -31,6 +34,7 @@ from .xds import CLUSTER_TYPE_URL, ROUTE_TYPE_URL, ClusterDiscovery, Publisher, 
 log = logging.getLogger("extproc.control")
 
 ACK_TIMEOUT_S = 5.0
+XDS_SOCKET, EXT_PROC_SOCKET = "xds.sock", "ext_proc.sock"  # in local mode's socket directory
 
 
 class ControlPlane:
@@ -47,18 +51,26 @@ class ControlPlane:
         self.port = 0
         self.ext_proc_port = 0
 
-    async def start(self, listen: HostPort, ext_proc_listen: HostPort | None = None) -> int:
+    async def start(self, listen: HostPort, ext_proc_listen: HostPort | None = None,
+                    authenticator: Authenticator | None = None, socket_dir: str | None = None) -> int:
         """Listens for xDS on `listen`, and for the ext_proc and access logs on `ext_proc_listen`
-        (default: the next port; any free port when `listen`'s port is 0). Returns the first port."""
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        (default: the next port; any free port when `listen`'s port is 0). Returns the first port.
+        Over TCP every stream must prove its caller to `authenticator`. With `socket_dir` (a
+        directory only our user can open: see `extproc.auth.private_dir`) both listen on Unix
+        sockets there instead, `xds.sock` and `ext_proc.sock`, and the caller is local."""
+        if socket_dir is None and authenticator is None:
+            raise ValueError("the control plane listens on TCP only with an authenticator")
+        interceptors = [GrpcAuthInterceptor(authenticator)] if socket_dir is None else []
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
         cds_pb2_grpc.add_ClusterDiscoveryServiceServicer_to_server(ClusterDiscovery(self.clusters), server)
         rds_pb2_grpc.add_RouteDiscoveryServiceServicer_to_server(RouteDiscovery(self.routes), server)
-        self.port = server.add_insecure_port(str(listen))
+        where = f"unix:{socket_dir}/{XDS_SOCKET}" if socket_dir is not None else str(listen)
+        self.port = server.add_insecure_port(where)
         if self.port == 0:
-            raise OSError(f"cannot listen on {listen} for gRPC (in use, or not an address of this host)")
+            raise OSError(f"cannot listen on {where} for gRPC (in use, or not an address of this host)")
         await server.start()
         self._server = server
-        log.info("xDS (CDS, RDS) listening on %s:%d", listen.host, self.port)
+        log.info("xDS (CDS, RDS) listening on %s", where if socket_dir is not None else f"{listen.host}:{self.port}")
         if ext_proc_listen is None:
             ext_proc_listen = HostPort(listen.host, listen.port + 1 if listen.port else 0)
         methods = {PROCESS: ExternalProcessor(self.holder, body_limit=self._body_limit).exchange,
@@ -66,7 +78,14 @@ class ControlPlane:
         # The ext_proc answers a body over the limit with a 413 itself; a body chunk may be larger
         # than the limit (Envoy sends what it has read), up to Envoy's buffer limit.
         chunk_limit = self._body_limit + (4 << 20)
-        self._ext_proc_server = await serve_h2(ext_proc_listen.host, ext_proc_listen.port, methods, chunk_limit)
+        if socket_dir is not None:
+            path = f"{socket_dir}/{EXT_PROC_SOCKET}"
+            os.chmod(f"{socket_dir}/{XDS_SOCKET}", 0o600)
+            self._ext_proc_server = await serve_h2_unix(path, methods, chunk_limit)
+            log.info("ext_proc and access log service listening on unix:%s", path)
+            return self.port
+        self._ext_proc_server = await serve_h2(ext_proc_listen.host, ext_proc_listen.port, methods, chunk_limit,
+                                               authenticator)
         self.ext_proc_port = self._ext_proc_server.sockets[0].getsockname()[1]
         log.info("ext_proc and access log service listening on %s:%d", ext_proc_listen.host, self.ext_proc_port)
         return self.port

@@ -286,6 +286,11 @@ class BootstrapOptions:
     # A sidecar behind iptables interception: LLM host names (over RDS) go through the gateway,
     # all other port-80 traffic goes on to its original destination untouched.
     sidecar: bool = False
+    # Local mode: the control plane's Unix sockets in this directory instead of `control`/`ext_proc`.
+    socket_dir: str | None = None
+    # TCP: the SDS file (see `token_sds`) naming the bearer token Envoy presents on every stream
+    # to the control plane; Envoy re-reads the token when it changes on disk.
+    token_sds: str | None = None
 
 
 ROUTE_CONFIG_NAME = "llm_gateway"
@@ -393,7 +398,12 @@ def bootstrap(opts: BootstrapOptions) -> dict:
         "per_connection_buffer_limit_bytes": opts.body_limit + BUFFER_MARGIN,
         "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
     }
-    clusters = [_grpc_cluster(CONTROL_CLUSTER, opts.control), _grpc_cluster(EXT_PROC_CLUSTER, ext_proc_address(opts))]
+    if opts.socket_dir is not None:
+        clusters = [_grpc_cluster(CONTROL_CLUSTER, f"{opts.socket_dir}/xds.sock"),
+                    _grpc_cluster(EXT_PROC_CLUSTER, f"{opts.socket_dir}/ext_proc.sock")]
+    else:
+        clusters = [_grpc_cluster(CONTROL_CLUSTER, opts.control, opts.token_sds),
+                    _grpc_cluster(EXT_PROC_CLUSTER, ext_proc_address(opts), opts.token_sds)]
     if opts.sidecar:
         hcm["rds"] = {"route_config_name": ROUTE_CONFIG_NAME, "config_source": _XDS_SOURCE}
         hcm["strip_any_host_port"] = True
@@ -419,17 +429,62 @@ def ext_proc_address(opts: BootstrapOptions) -> HostPort:
     return opts.ext_proc or HostPort(opts.control.host, opts.control.port + 1)
 
 
-def _grpc_cluster(name: str, address: HostPort) -> dict:
+TOKEN_SECRET = "llm_gateway_control_token"
+
+
+def token_sds(token_file: str) -> dict:
+    """The SDS file behind the control-plane token: a generic secret read from `token_file`. Envoy
+    watches the token's directory and re-reads it when it changes (as the kubelet rewrites a
+    projected ServiceAccount token), which a secret inside the bootstrap would not. The config
+    dump shows only the secret's name, never the token."""
+    directory = token_file.rsplit("/", 1)[0] or "/"
+    return {"resources": [{
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+        "name": TOKEN_SECRET,
+        "generic_secret": {"secret": {"filename": token_file, "watched_directory": {"path": directory}}},
+    }]}
+
+
+def _token_filters(token_sds_file: str) -> list[dict]:
+    """`authorization: Bearer <token>` on every gRPC stream to the control plane (xDS, ext_proc,
+    access log): an upstream filter of the control-plane clusters, so Envoy's own gRPC clients
+    carry it too."""
+    return [{
+        "name": "envoy.filters.http.credential_injector",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.credential_injector.v3.CredentialInjector",
+            "overwrite": True,
+            "credential": {"name": "envoy.http.injected_credentials.generic", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.http.injected_credentials.generic.v3.Generic",
+                "credential": {"name": TOKEN_SECRET, "sds_config": {
+                    "path_config_source": {"path": token_sds_file}, "resource_api_version": "V3"}},
+                "header": "authorization",
+                "header_value_prefix": "Bearer ",
+            }},
+        },
+    }, {
+        "name": "envoy.filters.http.upstream_codec",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"},
+    }]
+
+
+def _grpc_cluster(name: str, address: HostPort | str, token_sds_file: str | None = None) -> dict:
+    """A control-plane cluster: a Unix socket path (local mode) or HOST:PORT (TCP, with the token)."""
+    options = {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}},
+    }
+    if token_sds_file is not None:
+        options["http_filters"] = _token_filters(token_sds_file)
+    if isinstance(address, str):
+        kind, endpoint = "STATIC", {"pipe": {"path": address}}
+    else:
+        kind, endpoint = "STATIC" if _is_ip(address.host) else "STRICT_DNS", _address(address)
     return {
         "name": name,
-        "type": "STATIC" if _is_ip(address.host) else "STRICT_DNS",
+        "type": kind,
         "connect_timeout": "1s",
         "load_assignment": {"cluster_name": name,
-                            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(address)}}]}]},
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            },
-        },
+                            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": endpoint}}]}]},
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": options},
     }

@@ -10,6 +10,10 @@ It speaks only what Envoy's gRPC client needs (RFC 9113, gRPC over HTTP/2): stre
 control both ways, SETTINGS, PING, RST_STREAM, GOAWAY, CONTINUATION, padding. It asks Envoy
 for no HPACK dynamic table, so a request's header block is decoded once and then recognised
 by its bytes. Uncompressed messages only (Envoy sends none compressed unless told to).
+
+With an authenticator (TCP), a stream is opened only for a caller whose `authorization` header
+proves who it is (see `extproc.auth`); the call's factory gets that identity. A token seen
+before is a cache hit; a new one pauses the connection until it is verified, off the loop.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import struct
 from typing import Callable, Protocol
 
 import hpack
+
+from .auth import LOCAL, PENDING, Authenticator, Identity, bearer
 
 log = logging.getLogger("extproc.h2")
 
@@ -63,7 +69,7 @@ def trailers(status: int, message: str) -> bytes:
     return _literal(b"grpc-status", str(status).encode()) + _literal(b"grpc-message", text)
 
 
-UNIMPLEMENTED, INTERNAL, RESOURCE_EXHAUSTED = 12, 13, 8
+UNIMPLEMENTED, INTERNAL, RESOURCE_EXHAUSTED, UNAUTHENTICATED = 12, 13, 8, 16
 
 
 class Call(Protocol):
@@ -89,10 +95,14 @@ class _Stream:
 
 
 class H2Connection(asyncio.Protocol):
-    """One Envoy connection. `methods` maps a gRPC path to a factory of calls."""
+    """One Envoy connection. `methods` maps a gRPC path to a factory of calls, given the caller."""
 
-    def __init__(self, methods: dict[str, Callable[[], Call]], max_message: int):
+    def __init__(self, methods: dict[str, Callable[[Identity], Call]], max_message: int,
+                 authenticator: Authenticator | None = None):
         self._methods = methods
+        self._authenticator = authenticator
+        self._verifying = False  # a token is being verified: frames wait in the buffer
+        self._fresh: tuple[str, Identity | None] | None = None  # a token just verified, and its caller
         self._max_message = max_message
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
@@ -105,7 +115,7 @@ class H2Connection(asyncio.Protocol):
         self._peer_max_frame = 16384
         self._received = 0
         self._decoder = hpack.Decoder()
-        self._paths: dict[bytes, str | None] = {}  # header block -> :path, while no dynamic table is used
+        self._paths: dict[bytes, tuple[str | None, str | None]] = {}  # header block -> :path, bearer token
         self._continuing: tuple[int, int, bytearray] | None = None  # stream id, flags, block
 
     # asyncio.Protocol
@@ -127,6 +137,8 @@ class H2Connection(asyncio.Protocol):
             return  # closed by us: what was still on its way is dropped
         buf = self._buffer
         buf += data
+        if self._verifying:
+            return
         pos = 0
         if not self._preface_seen:
             seen = min(len(buf), len(PREFACE))
@@ -147,8 +159,19 @@ class H2Connection(asyncio.Protocol):
                 if end - pos - 9 < length:
                     break
                 payload = bytes(buf[pos + 9:pos + 9 + length])
+                continuing = self._continuing
+                continued = len(continuing[2]) if continuing is not None else 0
+                try:
+                    self._on_frame(ftype, flags, sid & 0x7FFFFFFF, payload)
+                except _Unverified as pending:  # this frame again once the token is known
+                    if continuing is not None:
+                        del continuing[2][continued:]
+                    self._continuing = continuing
+                    del buf[:pos]
+                    self._flush()
+                    self._verify(pending.token)
+                    return
                 pos += 9 + length
-                self._on_frame(ftype, flags, sid & 0x7FFFFFFF, payload)
         except _ConnectionError as exc:
             self._close(exc.code, str(exc))
             return
@@ -228,34 +251,70 @@ class H2Connection(asyncio.Protocol):
             self._header_block(first_flags, sid, bytes(block))
 
     def _header_block(self, flags: int, sid: int, block: bytes) -> None:
-        path = self._path(block)
+        path, token = self._path(block)
         if sid in self._streams or sid <= self._last_stream:
             if flags & END_STREAM:  # trailers from the client: it has nothing more to send
                 self._client_ended(sid)
             return
         if sid % 2 == 0:
             raise _ConnectionError(PROTOCOL_ERROR, "even stream id from a client")
+        identity: Identity | None = LOCAL
+        if self._authenticator is not None:
+            identity = self._authenticator.cached(token)
+            if identity is PENDING:
+                fresh = self._fresh
+                if fresh is None or fresh[0] != token:
+                    raise _Unverified(token or "")
+                identity = fresh[1]
         self._last_stream = sid
+        if identity is None:
+            self._out.append(frame(HEADERS, END_HEADERS | END_STREAM, sid, RESPONSE_HEADERS + trailers(
+                UNAUTHENTICATED, "a valid bearer token is required" if token else "a bearer token is required")))
+            return
         factory = self._methods.get(path or "")
         if factory is None:
             self._out.append(frame(HEADERS, END_HEADERS | END_STREAM, sid,
                                    RESPONSE_HEADERS + trailers(UNIMPLEMENTED, f"unknown method {path}")))
             return
-        self._streams[sid] = _Stream(factory(), self._peer_initial)
+        self._streams[sid] = _Stream(factory(identity), self._peer_initial)
         if flags & END_STREAM:
             self._client_ended(sid)
 
-    def _path(self, block: bytes) -> str | None:
-        if block in self._paths:
-            return self._paths[block]
+    def _path(self, block: bytes) -> tuple[str | None, str | None]:
+        """The block's :path and bearer token."""
+        found = self._paths.get(block)
+        if found is not None:
+            return found
         try:
             headers = self._decoder.decode(block, raw=True)
         except hpack.HPACKError as exc:
             raise _ConnectionError(0x9, f"bad header block: {exc}") from None  # COMPRESSION_ERROR
         path = next((v.decode("latin-1") for k, v in headers if k == b":path"), None)
+        token = bearer(next((v.decode("latin-1") for k, v in headers if k == b"authorization"), None))
         if len(self._decoder.header_table.dynamic_entries) == 0 and len(self._paths) < 64:
-            self._paths[block] = path  # decoding it again could not give anything else
-        return path
+            self._paths[block] = (path, token)  # decoding it again could not give anything else
+        return path, token
+
+    def _verify(self, token: str) -> None:
+        """Stops reading until the token is verified, then goes on with the frames held back."""
+        assert self._authenticator is not None and self._transport is not None
+        self._verifying = True
+        self._transport.pause_reading()
+        task = asyncio.get_running_loop().create_task(self._authenticator.verify(token))
+        task.add_done_callback(self._verified)
+
+    def _verified(self, task: asyncio.Task) -> None:
+        self._verifying = False
+        if task.cancelled() or self._transport is None:
+            return
+        if task.exception() is not None:
+            log.error("verifying a token failed: %r", task.exception())
+            self._close(INTERNAL_ERROR, "cannot verify the caller")
+            return
+        self._fresh = task.result()  # the answer for the held-back stream, even if already stale
+        self._transport.resume_reading()
+        self.data_received(b"")
+        self._fresh = None
 
     def _on_settings(self, payload: bytes) -> None:
         if len(payload) % 6:
@@ -389,6 +448,14 @@ class H2Connection(asyncio.Protocol):
             self._transport = None
 
 
+class _Unverified(Exception):
+    """A new stream's token must be verified before the stream can be opened."""
+
+    def __init__(self, token: str):
+        super().__init__("token not verified yet")
+        self.token = token
+
+
 class _ConnectionError(Exception):
     def __init__(self, code: int, message: str):
         super().__init__(message)
@@ -402,7 +469,22 @@ def _unpad(payload: bytes) -> bytes:
     return payload[1:len(payload) - pad]
 
 
-async def serve(host: str, port: int, methods: dict[str, Callable[[], Call]],
-                max_message: int) -> asyncio.Server:
+async def serve(host: str, port: int, methods: dict[str, Callable[[Identity], Call]],
+                max_message: int, authenticator: Authenticator | None = None) -> asyncio.Server:
+    """Over TCP; with an authenticator, every stream must prove its caller."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: H2Connection(methods, max_message), host, port)
+    return await loop.create_server(lambda: H2Connection(methods, max_message, authenticator), host, port)
+
+
+async def serve_unix(path: str, methods: dict[str, Callable[[Identity], Call]], max_message: int) -> asyncio.Server:
+    """On a Unix socket (mode 0600, in a directory only our user can open): the caller is local."""
+    import os
+
+    loop = asyncio.get_running_loop()
+    old = os.umask(0o177)
+    try:
+        server = await loop.create_unix_server(lambda: H2Connection(methods, max_message), path)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    return server

@@ -78,6 +78,7 @@ class Route:
     name: str  # "namespace/name"
     rules: tuple[Rule, ...]
     match_headers: frozenset[str]  # the lower-case header names any rule looks at
+    visible: frozenset[str] | None = None  # namespaces whose workloads may use it; None: all (see extproc.auth)
 
     def select(self, headers: Mapping[str, str]) -> Rule | None:
         """The first rule whose matches hold."""

@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,9 @@ from pathlib import Path
 from .config.problems import ConfigError
 from .config.watch import FileSource
 from .control import ControlPlane
-from .envoy_config import DEFAULT_BODY_LIMIT, DEFAULT_BODY_TIMEOUT_S, BootstrapOptions, HostPort, UpstreamOptions, bootstrap
+from .auth import StaticToken, private_dir
+from .envoy_config import (DEFAULT_BODY_LIMIT, DEFAULT_BODY_TIMEOUT_S, BootstrapOptions, HostPort, UpstreamOptions, bootstrap,
+                           token_sds)
 from .ops_http import OpsServer
 
 log = logging.getLogger("extproc.runner")
@@ -64,15 +65,22 @@ class UpOptions:
     access_log: str | None = "/dev/stdout"
     kubernetes: bool = False
     namespace: str | None = None  # with `kubernetes`: one namespace, or all
+    key_env: dict[str, str] | None = None  # with `kubernetes`: ${NAME} -> the one provider host it may expand for
+    home: str | None = None  # with `kubernetes`: the control plane's namespace (see extproc.auth.visible_to)
+    # Envoy reaches the control plane over Unix sockets in a private directory. For measuring and
+    # tests only: a token here makes it TCP on loopback, with that token.
+    tcp_token: str | None = None
 
 
-def config_source(paths: list[str], kubernetes: bool, namespace: str | None, apply, reload_interval: float = 1.0):
-    """The files, or the Kubernetes API server."""
+def config_source(paths: list[str], kubernetes: bool, namespace: str | None, apply, reload_interval: float = 1.0,
+                  key_env: dict[str, str] | None = None, home: str | None = None):
+    """The files, or the Kubernetes API server (where `${NAME}` expands only as `key_env` binds it,
+    and `home` is the control plane's namespace, whose objects every namespace may use)."""
     if kubernetes:
         from .config.kubernetes import KubernetesSource
 
         try:
-            return KubernetesSource(apply, namespace)
+            return KubernetesSource(apply, namespace, key_env=key_env or {}, home=home)
         except Exception as exc:  # no kubeconfig, unreadable service account
             raise StartupError(f"cannot reach Kubernetes: {exc}") from None
     return FileSource(paths, apply, reload_interval)
@@ -108,20 +116,30 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
     """Run until a signal or until Envoy exits. Returns the process exit code."""
     binary = envoy_binary()
     control = ControlPlane(opts.upstream, opts.body_limit)
-    source = config_source(opts.config, opts.kubernetes, opts.namespace, control.apply, opts.reload_interval)
+    source = config_source(opts.config, opts.kubernetes, opts.namespace, control.apply, opts.reload_interval,
+                           opts.key_env, opts.home)
     ops = OpsServer(control.metrics.registry, lambda: control.loaded)
+    workdir = Path(private_dir())  # 0700: the sockets, the bootstrap; removed on exit
+    local = opts.tcp_token is None
     try:
-        port = await control.start(opts.control)
+        port = await control.start(opts.control, socket_dir=str(workdir) if local else None,
+                                   authenticator=None if local else StaticToken(opts.tcp_token))
         if opts.metrics is not None:
             await ops.start(opts.metrics)
     except OSError as exc:
         await control.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
         raise StartupError(f"cannot listen: {exc}") from None
-    workdir = Path(tempfile.mkdtemp(prefix="llm-gateway-"))
+    token_sds_file = None
+    if not local:
+        (workdir / "token").write_text(opts.tcp_token)
+        token_sds_file = str(workdir / "token-sds.json")
+        Path(token_sds_file).write_text(json.dumps(token_sds(str(workdir / "token"))))
     boot = bootstrap(BootstrapOptions(listen=opts.listen, admin=opts.admin, control=HostPort(opts.control.host, port),
                                       ext_proc=HostPort(opts.control.host, control.ext_proc_port),
                                       body_limit=opts.body_limit, body_timeout_s=opts.body_timeout_s,
-                                      access_log=opts.access_log))
+                                      access_log=opts.access_log, socket_dir=str(workdir) if local else None,
+                                      token_sds=token_sds_file))
     boot_file = workdir / "envoy.json"
     boot_file.write_text(json.dumps(boot, indent=2))
     args = [binary, "-c", str(boot_file), "--disable-hot-restart", "--log-level", opts.envoy_log_level]

@@ -26,6 +26,7 @@ from envoy.type.v3 import http_status_pb2
 
 from google.protobuf import struct_pb2
 
+from .auth import LOCAL, Identity, may_use
 from .envoy_config import DEFAULT_BODY_LIMIT, LOCAL_REPLIES
 from .errors import GatewayError
 from .names import CLUSTER_HEADER, INTERNAL_HEADER_PREFIX, METADATA_NAMESPACE
@@ -110,12 +111,13 @@ class ExternalProcessor:
         self._clock = clock
         self._body_limit = body_limit
 
-    def exchange(self) -> "Exchange":
-        return Exchange(self)
+    def exchange(self, identity: Identity = LOCAL) -> "Exchange":
+        return Exchange(self, identity.namespace)
 
-    def _choose(self, headers_msg: pb.HttpHeaders) -> tuple[str, Target, list[str]]:
+    def _choose(self, headers_msg: pb.HttpHeaders, namespace: str | None = None) -> tuple[str, Target, list[str]]:
         """The target, and the client headers that must not reach Envoy's router or the provider:
-        `x-envoy-*` (timeouts, retries) and the gateway's own."""
+        `x-envoy-*` (timeouts, retries) and the gateway's own. A route the caller's namespace may
+        not use is answered as an unknown host."""
         headers = headers_msg.headers.headers
         authority = method = ""
         strip: list[str] = []
@@ -128,7 +130,7 @@ class ExternalProcessor:
             elif key.startswith(_CLIENT_MUST_NOT_SET):
                 strip.append(key)
         route = self._holder.table.route_for(authority)
-        if route is None:
+        if route is None or not may_use(namespace, route.visible):
             raise GatewayError(404, f"no LLMRoute or LLMProvider serves host {authority!r}", "unknown_host")
         if method != "POST":
             raise GatewayError(405, f"method {method} not allowed: send a POST with a chat request", "method_not_allowed")
@@ -171,10 +173,12 @@ class Exchange:
     when its body is whole (or at once with an error); an answer's messages each at once. The
     stream ends as soon as nothing more is needed, before Envoy has to cancel it."""
 
-    __slots__ = ("_processor", "_target", "_started", "_authority", "_strip", "_body", "_chunks", "_observer")
+    __slots__ = ("_processor", "_namespace", "_target", "_started", "_authority", "_strip", "_body", "_chunks",
+                 "_observer")
 
-    def __init__(self, processor: ExternalProcessor):
+    def __init__(self, processor: ExternalProcessor, namespace: str | None = None):
         self._processor = processor
+        self._namespace = namespace  # the caller's (see extproc.auth); None: may use everything
         self._target: Target | None = None
         self._started = 0.0
         self._authority = ""
@@ -196,7 +200,7 @@ class Exchange:
         try:
             if phase == "request_headers":
                 self._started = processor._clock()
-                self._authority, self._target, self._strip = processor._choose(request.request_headers)
+                self._authority, self._target, self._strip = processor._choose(request.request_headers, self._namespace)
                 return [], False  # answered with the body
             if phase == "request_body":
                 if self._target is None:  # cannot happen with our bootstrap; never forward unrewritten

@@ -12,6 +12,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
+from ..auth import may_use, visible_to
 from ..names import provider_cluster
 from ..routing import HeaderCondition, Route, RoutingTable, Rule, Target, host_aliases
 from .loader import Loaded
@@ -26,7 +27,11 @@ class Compiled:
     accepted: list[Loaded]  # the objects that made it into the table
 
 
-def compile_config(objects: list[Loaded]) -> Compiled:
+def compile_config(objects: list[Loaded], namespaces: bool = False, home: str | None = None) -> Compiled:
+    """With `namespaces` (Kubernetes, where each namespace has its own authors), a route may use
+    only providers exported to its namespace, and each route records the namespaces whose
+    workloads may use it (see `extproc.auth.visible_to`; `home` is the control plane's namespace).
+    Without (files, which the operator writes), every object may use every other."""
     problems: list[Problem] = []
     for obj in objects:
         for path in unimplemented_fields(obj.resource):
@@ -55,7 +60,7 @@ def compile_config(objects: list[Loaded]) -> Compiled:
     for obj in objects:
         if not isinstance(obj.resource, LLMRoute):
             continue
-        route, route_problems = _compile_route(obj, providers)
+        route, route_problems = _compile_route(obj, providers, home if namespaces else None, namespaces)
         if route_problems:
             problems.extend(route_problems)
             continue
@@ -72,7 +77,7 @@ def compile_config(objects: list[Loaded]) -> Compiled:
 
     # A provider host that no LLMRoute names is routed to the provider itself. Its exact host is
     # claimed before any provider's namespace aliases; a name an LLMRoute holds stays the route's.
-    defaults = {host: _default_route(obj) for host, obj in providers.items()}
+    defaults = {host: _default_route(obj, home, namespaces) for host, obj in providers.items()}
     accepted.extend(providers.values())
     for host in providers:
         routes.setdefault(host, defaults[host])
@@ -85,7 +90,14 @@ def compile_config(objects: list[Loaded]) -> Compiled:
     return Compiled(table=table, problems=problems, accepted=accepted)
 
 
-def _compile_route(obj: Loaded, providers: dict[str, Loaded]) -> tuple[Route, list[Problem]]:
+def _visible(obj: Loaded, home: str | None, namespaces: bool) -> frozenset[str] | None:
+    if not namespaces:
+        return None
+    return visible_to(obj.resource.metadata.namespace, obj.resource.spec.export_to, home)
+
+
+def _compile_route(obj: Loaded, providers: dict[str, Loaded], home: str | None,
+                   namespaces: bool) -> tuple[Route, list[Problem]]:
     resource = obj.resource
     assert isinstance(resource, LLMRoute)
     route_name = f"{resource.metadata.namespace}/{resource.metadata.name}"
@@ -103,6 +115,13 @@ def _compile_route(obj: Loaded, providers: dict[str, Loaded]) -> tuple[Route, li
                                         obj=obj.label, field=f"spec.rules[{i}].backendRefs[{j}].providerHost",
                                         reason="ProviderNotFound"))
                 continue
+            if not may_use(resource.metadata.namespace if namespaces else None, _visible(provider, home, namespaces)):
+                problems.append(Problem(f"LLMProvider {provider.label.split(' ', 1)[1]} (host {ref.provider_host!r}) "
+                                        f"is not exported to namespace {resource.metadata.namespace} (its spec.exportTo)",
+                                        file=obj.file, obj=obj.label,
+                                        field=f"spec.rules[{i}].backendRefs[{j}].providerHost",
+                                        reason="ProviderNotExported"))
+                continue
             targets.append(_target(route_name, rule_label, rule.name, provider))
         conditions = tuple(
             tuple(_condition(name, match) for name, match in m.headers.items()) for m in rule.matches
@@ -116,14 +135,14 @@ def _compile_route(obj: Loaded, providers: dict[str, Loaded]) -> tuple[Route, li
                 running += w
                 cumulative.append(running)
             rules.append(Rule(rule_label, conditions, tuple(targets), tuple(cumulative)))
-    return Route(route_name, tuple(rules), frozenset(watched)), problems
+    return Route(route_name, tuple(rules), frozenset(watched), _visible(obj, home, namespaces)), problems
 
 
-def _default_route(obj: Loaded) -> Route:
+def _default_route(obj: Loaded, home: str | None = None, namespaces: bool = False) -> Route:
     resource = obj.resource
     name = f"{resource.metadata.namespace}/{resource.metadata.name}"
     target = _target(name, "default", None, obj)
-    return Route(name, (Rule("default", (), (target,), (1,)),), frozenset())
+    return Route(name, (Rule("default", (), (target,), (1,)),), frozenset(), _visible(obj, home, namespaces))
 
 
 def _target(route: str, rule_label: str, rule_name: str | None, provider: Loaded) -> Target:

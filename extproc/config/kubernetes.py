@@ -51,7 +51,8 @@ class _Cached:
 
 class KubernetesSource:
     def __init__(self, apply: Callable[[Compiled], Awaitable[None]], namespace: str | None = None,
-                 api_client: Any = None, debounce: float = 0.3):
+                 api_client: Any = None, debounce: float = 0.3, key_env: dict[str, str] | None = None,
+                 home: str | None = None):
         from kubernetes import client, config
 
         if api_client is None:
@@ -64,6 +65,8 @@ class KubernetesSource:
         self._core = client.CoreV1Api(api_client)
         self._apply = apply
         self._namespace = namespace
+        self._key_env = {name: host.lower() for name, host in (key_env or {}).items()}  # --key-env NAME=HOST
+        self._home = home  # the control plane's namespace: its objects are every namespace's by default
         self._debounce = debounce
         self._lock = threading.Lock()
         self._objects: dict[Key, _Cached] = {}
@@ -265,11 +268,11 @@ class KubernetesSource:
         loaded: list[Loaded] = []
         problems: dict[Key, list[Problem]] = {k: [] for k in snapshot}
         for key, raw in sorted(snapshot.items(), key=lambda kv: _creation_order(kv[1])):
-            obj, obj_problems = parse_object(raw, SOURCE_LABEL, key[2], environ, self._secret)
+            obj, obj_problems = parse_object(raw, SOURCE_LABEL, key[2], environ, self._secret, self._key_env)
             problems[key].extend(obj_problems)
             if obj is not None:
                 loaded.append(obj)
-        compiled = compile_config(loaded)
+        compiled = compile_config(loaded, namespaces=True, home=self._home)
         by_label = {f"{k[0]} {k[1]}/{k[2]}": k for k in snapshot}
         for problem in compiled.problems:
             if problem.obj in by_label:

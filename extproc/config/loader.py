@@ -116,8 +116,12 @@ def _documents(docs: list[Any]) -> list[tuple[str, Any]]:
 
 
 def parse_object(doc: Any, file: str, number: str, environ: dict[str, str] | None = None,
-                 secrets: "SecretLookup | None" = None) -> tuple[Loaded | None, list[Problem]]:
-    """Turn one document into a model, or say why not. Other kinds are skipped silently."""
+                 secrets: "SecretLookup | None" = None,
+                 key_env: dict[str, str] | None = None) -> tuple[Loaded | None, list[Problem]]:
+    """Turn one document into a model, or say why not. Other kinds are skipped silently.
+    `key_env` (Kubernetes objects, which anyone allowed to create one writes): `${NAME}` expands
+    only where it maps NAME to the provider's own host; None (files, which the operator writes):
+    any variable expands."""
     if not isinstance(doc, dict):
         return None, [Problem(f"document {number} is not a mapping", file=file)]
     kind = doc.get("kind")
@@ -135,7 +139,8 @@ def parse_object(doc: Any, file: str, number: str, environ: dict[str, str] | Non
         return None, [Problem(_error_message(err), file=file, obj=label, field=_field_path(err["loc"]))
                       for err in exc.errors()]
     if isinstance(resource, LLMProvider):
-        resource, key_problems = _resolve_api_keys(resource, environ if environ is not None else os.environ, secrets)
+        resource, key_problems = _resolve_api_keys(resource, environ if environ is not None else os.environ, secrets,
+                                                   key_env)
         if key_problems:
             return None, [Problem(msg, file=file, obj=label, field=field, reason=reason)
                           for field, msg, reason in key_problems]
@@ -145,8 +150,15 @@ def parse_object(doc: Any, file: str, number: str, environ: dict[str, str] | Non
 SecretLookup = Callable[[str, str, str], "str | None"]  # (namespace, name, key) -> value
 
 
-def _resolve_api_keys(provider: LLMProvider, environ: Any,
-                      secrets: SecretLookup | None) -> tuple[LLMProvider, list[tuple[str, str, str]]]:
+def key_env_allowed(name: str, host: str, key_env: dict[str, str] | None) -> bool:
+    """May `${name}` expand in an LLMProvider for `host`? Always in files; in Kubernetes only where
+    the operator bound the variable to that host (`--key-env NAME=HOST`), so that whoever may create
+    an LLMProvider cannot send the control plane's environment to a host of their choosing."""
+    return key_env is None or key_env.get(name) == host.lower()
+
+
+def _resolve_api_keys(provider: LLMProvider, environ: Any, secrets: SecretLookup | None,
+                      key_env: dict[str, str] | None = None) -> tuple[LLMProvider, list[tuple[str, str, str]]]:
     """Each openAIConfig's key: `${VAR}` in apiKey read from the environment, apiKeySecretRef read
     from a Secret of the provider's namespace. An unset variable or a missing Secret is an error."""
     problems: list[tuple[str, str, str]] = []  # (field, message, reason)
@@ -155,6 +167,11 @@ def _resolve_api_keys(provider: LLMProvider, environ: Any,
     def expand(value: str, field: str) -> str:
         def sub(match: re.Match[str]) -> str:
             name = match.group(1)
+            host = provider.spec.host
+            if not key_env_allowed(name, host, key_env):
+                problems.append((field, f"${{{name}}} may not be used here: the control plane binds no environment "
+                                        f"variable {name} to host {host} (--key-env {name}={host})", "KeyEnvNotAllowed"))
+                return ""
             found = environ.get(name)
             if found is None:
                 problems.append((field, f"environment variable {name} is not set", "InvalidAPIKey"))

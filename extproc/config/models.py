@@ -8,7 +8,7 @@ gateway does not implement yet are accepted and reported through `unimplemented_
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -55,6 +55,8 @@ HOST_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-
 
 
 DURATION_PATTERN = r"^[0-9]+(ms|s|m|h)$"
+# exportTo entries: ".", "*" or a namespace name (a DNS label)
+ExportTarget = Annotated[str, Field(pattern=r"^(\.|\*|[a-z0-9]([-a-z0-9]*[a-z0-9])?)$", max_length=63)]
 DEFAULT_TIMEOUT_S = 300.0
 
 
@@ -75,6 +77,11 @@ class LLMProviderSpec(_Strict):
                                 description="Time the provider has for the whole answer, e.g. 30s or 5m (default 300s).")
     workload_selector: dict | None = Field(default=None, alias="workloadSelector")
     gateways: list[str] | None = None
+    # Our extension (as Istio's exportTo): the namespaces whose workloads may use this object.
+    export_to: list[ExportTarget] | None = Field(
+        default=None, alias="exportTo",
+        description="Namespaces whose workloads may use this object: '.' (its own), '*' (all) or names. "
+                    "Default: its own namespace; all for objects in the control plane's namespace.")
 
     @field_validator("host")
     @classmethod
@@ -146,6 +153,11 @@ class LLMRouteSpec(_Strict):
     rules: list[RouteRule] = Field(min_length=1)
     workload_selector: dict | None = Field(default=None, alias="workloadSelector")
     gateways: list[str] | None = None
+    # Our extension (as Istio's exportTo): the namespaces whose workloads may use this object.
+    export_to: list[ExportTarget] | None = Field(
+        default=None, alias="exportTo",
+        description="Namespaces whose workloads may use this object: '.' (its own), '*' (all) or names. "
+                    "Default: its own namespace; all for objects in the control plane's namespace.")
 
     @field_validator("host")
     @classmethod

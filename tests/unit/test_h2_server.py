@@ -28,7 +28,7 @@ class Echo:
 
 
 async def with_server(test):
-    server = await h2.serve("127.0.0.1", 0, {METHOD: Echo}, LIMIT)
+    server = await h2.serve("127.0.0.1", 0, {METHOD: lambda identity: Echo()}, LIMIT)
     port = server.sockets[0].getsockname()[1]
     try:
         return await test(port)

@@ -1,0 +1,315 @@
+"""Who may talk to the control plane, and which LLMProviders/LLMRoutes a caller may use.
+
+Everything the ext_proc answers can carry a provider key, and the access-log service feeds the
+usage metrics, so every gRPC stream to the control plane must come from an Envoy that proved
+who it is. Two ways:
+
+- Local mode: Envoy reaches the control plane over Unix sockets in a directory only the
+  gateway's user can open. The file system is the check; the caller is `LOCAL` (sees all).
+- TCP: each stream carries `authorization: Bearer <token>`. Either one static token from a file
+  (compared in constant time; the caller is `LOCAL`), or a Kubernetes ServiceAccount token
+  checked with the TokenReview API for a dedicated audience; the caller is then the token's
+  ServiceAccount, and sees only what its namespace may use (`visible_to`).
+
+The TokenReview result is cached until shortly before the token expires (at most `max_ttl_s`),
+so a stream costs a dict lookup; the API server is asked once per token, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Protocol
+
+log = logging.getLogger("extproc.auth")
+
+DEFAULT_AUDIENCE = "llm-gateway"
+SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
+IN_CLUSTER_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """A verified caller. `namespace` None: the gateway's own Envoy (local mode, static token),
+    which may use every object."""
+
+    namespace: str | None
+    name: str
+
+
+LOCAL = Identity(None, "local")
+
+
+class Pending:
+    """`Authenticator.cached` cannot answer without asking someone: call `verify` first."""
+
+
+PENDING = Pending()
+
+
+class Authenticator(Protocol):
+    def cached(self, token: str | None) -> Identity | None | Pending:
+        """The caller for this token now, without I/O: an identity, None (refused), or PENDING."""
+
+    async def verify(self, token: str) -> tuple[str, Identity | None]:
+        """Looks the token up (so that `cached` can answer it from now on); the token and its caller."""
+
+
+def bearer(value: str | None) -> str | None:
+    """The token of an `authorization: Bearer <token>` value (scheme case-insensitive)."""
+    if not value:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+class StaticToken:
+    """One shared token, read from a file once (for `serve` over TCP outside Kubernetes)."""
+
+    def __init__(self, token: str):
+        if len(token) < 16:
+            raise ValueError("the token is shorter than 16 characters")
+        self._token = token.encode()
+
+    @classmethod
+    def from_file(cls, path: str) -> "StaticToken":
+        return cls(Path(path).read_text().strip())
+
+    def cached(self, token: str | None) -> Identity | None:
+        if token is None:
+            return None
+        return LOCAL if hmac.compare_digest(token.encode(), self._token) else None
+
+    async def verify(self, token: str) -> tuple[str, Identity | None]:  # never PENDING
+        return token, self.cached(token)
+
+
+@dataclass(frozen=True)
+class ReviewResult:
+    """What the TokenReview API said about a token."""
+
+    authenticated: bool
+    username: str = ""
+    audiences: tuple[str, ...] = ()
+    error: str = ""
+
+
+def identity_of(result: ReviewResult, audience: str) -> Identity | None:
+    """The ServiceAccount a reviewed token proves, or None: not authenticated, not for our audience
+    (a token meant for anything else, the API server's own included, is refused), or not a
+    ServiceAccount's."""
+    if not result.authenticated or audience not in result.audiences:
+        return None
+    if not result.username.startswith(SERVICE_ACCOUNT_PREFIX):
+        return None
+    namespace, _, name = result.username[len(SERVICE_ACCOUNT_PREFIX):].partition(":")
+    if not namespace or not name:
+        return None
+    return Identity(namespace, name)
+
+
+def token_expiry(token: str) -> float | None:
+    """The `exp` claim of a JWT, read without checking the signature: only used to bound how long
+    a result the API server gave is kept."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        exp = claims.get("exp")
+        return float(exp) if isinstance(exp, (int, float)) else None
+    except (IndexError, ValueError, TypeError, UnicodeDecodeError):
+        return None
+
+
+def cache_until(now: float, identity: Identity | None, expiry: float | None, max_ttl_s: float,
+                negative_ttl_s: float, margin_s: float) -> float:
+    """How long a review's answer is kept: a refusal briefly (so a flood of bad tokens does not
+    become a flood of TokenReviews), an acceptance until `margin_s` before the token expires and
+    at most `max_ttl_s` (so a deleted ServiceAccount stops working within that)."""
+    if identity is None:
+        return now + negative_ttl_s
+    until = now + max_ttl_s
+    if expiry is not None:
+        until = min(until, expiry - margin_s)
+    return until
+
+
+def _key(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()  # the cache never holds a token itself
+
+
+class TokenReviewAuthenticator:
+    """Kubernetes ServiceAccount tokens for `audience`, checked with the TokenReview API."""
+
+    def __init__(self, review: Callable[[str, str], ReviewResult], audience: str = DEFAULT_AUDIENCE,
+                 clock: Callable[[], float] = time.time, max_ttl_s: float = 300.0,
+                 negative_ttl_s: float = 5.0, margin_s: float = 30.0, max_entries: int = 10000):
+        self._review = review
+        self.audience = audience
+        self._clock = clock
+        self._max_ttl_s = max_ttl_s
+        self._negative_ttl_s = negative_ttl_s
+        self._margin_s = margin_s
+        self._max_entries = max_entries
+        self._cache: dict[bytes, tuple[Identity | None, float]] = {}
+        self._in_flight: dict[bytes, asyncio.Future] = {}
+
+    def cached(self, token: str | None) -> Identity | None | Pending:
+        if token is None:
+            return None
+        entry = self._cache.get(_key(token))
+        if entry is None or entry[1] <= self._clock():
+            return PENDING
+        return entry[0]
+
+    async def verify(self, token: str) -> tuple[str, Identity | None]:
+        key = _key(token)
+        running = self._in_flight.get(key)
+        if running is not None:  # the same token on many new streams: one review
+            return token, await asyncio.shield(running)
+        identity: Identity | None = None
+        future = asyncio.get_running_loop().create_future()
+        self._in_flight[key] = future
+        try:
+            try:
+                result = await asyncio.to_thread(self._review, token, self.audience)
+            except Exception as exc:  # the API server unreachable: refuse, briefly
+                result = ReviewResult(False, error=f"TokenReview failed: {type(exc).__name__}")
+            identity = identity_of(result, self.audience)
+            if identity is None:
+                log.warning("refused a control-plane caller: %s", result.error or "token not valid for audience "
+                            f"{self.audience!r}")
+            now = self._clock()
+            if len(self._cache) >= self._max_entries:
+                self._cache = {k: v for k, v in self._cache.items() if v[1] > now}
+                if len(self._cache) >= self._max_entries:
+                    self._cache.clear()
+            self._cache[key] = (identity, cache_until(now, identity, token_expiry(token), self._max_ttl_s,
+                                                      self._negative_ttl_s, self._margin_s))
+        finally:
+            self._in_flight.pop(key, None)
+            future.set_result(identity)
+        return token, identity
+
+
+def kubernetes_review(api_client=None) -> Callable[[str, str], ReviewResult]:
+    """A TokenReview call with the official client (in-cluster credentials, or KUBECONFIG)."""
+    from kubernetes import client, config
+
+    if api_client is None:
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        api_client = client.ApiClient()
+    api = client.AuthenticationV1Api(api_client)
+
+    def review(token: str, audience: str) -> ReviewResult:
+        body = client.V1TokenReview(spec=client.V1TokenReviewSpec(token=token, audiences=[audience]))
+        status = api.create_token_review(body, _request_timeout=10).status
+        user = status.user
+        return ReviewResult(authenticated=bool(status.authenticated), username=(user.username if user else "") or "",
+                            audiences=tuple(status.audiences or ()), error=status.error or "")
+
+    return review
+
+
+def home_namespace(explicit: str | None = None, environ: dict | None = None) -> str | None:
+    """The control plane's own namespace: the flag, else POD_NAMESPACE (the downward API), else
+    the in-cluster ServiceAccount's namespace file, else unknown."""
+    import os
+
+    if explicit:
+        return explicit
+    found = (environ if environ is not None else os.environ).get("POD_NAMESPACE")
+    if found:
+        return found
+    try:
+        return Path(IN_CLUSTER_NAMESPACE_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def visible_to(namespace: str, export_to: Iterable[str] | None, home: str | None) -> frozenset[str] | None:
+    """The namespaces whose workloads may use an object of `namespace` (None: every namespace).
+    Default: its own namespace; every namespace for objects in the control plane's namespace.
+    `spec.exportTo` replaces the default: `*` every namespace, `.` its own, or names."""
+    if export_to is None:
+        return None if namespace == home else frozenset({namespace})
+    names: set[str] = set()
+    for entry in export_to:
+        if entry == "*":
+            return None
+        names.add(namespace if entry == "." else entry)
+    return frozenset(names)
+
+
+def may_use(caller_namespace: str | None, visible: frozenset[str] | None) -> bool:
+    """A caller without a namespace is the gateway's own Envoy (local mode): it may use everything."""
+    return caller_namespace is None or visible is None or caller_namespace in visible
+
+
+def private_dir(path: str | None = None) -> str:
+    """A directory only this user can open (0700), for local mode's Unix sockets: made if missing;
+    an existing one must be a real directory owned by us with mode 0700, else it is refused (someone
+    else could have made it, or could open it). None: a new temporary directory."""
+    import os
+    import stat
+    import tempfile
+
+    if path is None:
+        return tempfile.mkdtemp(prefix="llm-gateway-")  # mode 0700
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise PermissionError(f"{path} is not a directory")
+    if info.st_uid != os.getuid():
+        raise PermissionError(f"{path} belongs to another user (uid {info.st_uid})")
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        raise PermissionError(f"{path} has mode {stat.S_IMODE(info.st_mode):o}: it must be 700 (chmod 700 {path})")
+    return path
+
+
+def default_socket_dir() -> str:
+    """Where `serve` without TCP flags puts its sockets, and `envoy-config --socket-dir` looks."""
+    import os
+
+    return f"/tmp/llm-gateway-{os.getuid()}"
+
+
+try:
+    import grpc
+
+    class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):
+        """xDS over TCP: a stream without a valid bearer token ends with UNAUTHENTICATED before
+        any resource is sent (and before it counts as an Envoy that must acknowledge)."""
+
+        def __init__(self, authenticator: Authenticator):
+            self._authenticator = authenticator
+
+            async def deny(request, context):
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid bearer token is required")
+
+            self._deny = grpc.stream_stream_rpc_method_handler(deny)
+
+        async def intercept_service(self, continuation, details):
+            value = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
+            token = bearer(value if isinstance(value, str) else None)
+            identity = self._authenticator.cached(token)
+            if identity is PENDING and token is not None:
+                _, identity = await self._authenticator.verify(token)
+            if identity is None or identity is PENDING:
+                return self._deny
+            return await continuation(details)
+except ImportError:  # pragma: no cover - grpcio is a runtime dependency
+    pass
