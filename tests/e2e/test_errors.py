@@ -12,6 +12,8 @@ import time
 import orjson
 import pytest
 
+from auth_helpers import token_files
+
 from extproc.demo.fake_provider import FakeProvider
 from helpers import CHAT, free_port, provider_yaml, seed_dir, wait_until
 
@@ -126,14 +128,16 @@ def test_ext_proc_down_fails_closed(tmp_path, ca, fresh_providers, keys):
     from extproc.runner import envoy_binary
 
     control, ext_proc, listen, admin = free_port(), free_port(), free_port(), free_port()
+    creds = token_files(tmp_path)
     env = {**__import__("os").environ, **keys}
     serve_log = (tmp_path / "serve.log").open("wb")
     serve = subprocess.Popen([sys.executable, "-m", "extproc", "serve", "--config", str(seed_dir(tmp_path, "01")),
                               "--listen", f"127.0.0.1:{control}", "--ext-proc-listen", f"127.0.0.1:{ext_proc}",
+                              "--auth-token-file", str(creds.token_file),
                               *upstream_args(ca, fresh_providers)],
                              stdout=serve_log, stderr=subprocess.STDOUT, env=env)
     boot = subprocess.run([sys.executable, "-m", "extproc", "envoy-config", "--control", f"127.0.0.1:{control}",
-                           "--ext-proc", f"127.0.0.1:{ext_proc}",
+                           "--ext-proc", f"127.0.0.1:{ext_proc}", *creds.envoy_config_args(),
                            "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}"],
                           capture_output=True, check=True, env=env).stdout
     assert keys["YOUR_DASHSCOPE_API_KEY"].encode() not in boot

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from auth_helpers import token_files
 from conftest import upstream_args
 from extproc.demo.envoy_fake import start_envoy_fake
 from extproc.demo.load import ROTATING_SEED_HOSTS_LUA, run_wrk
@@ -91,13 +92,15 @@ class Load:
 
 def test_ext_proc_killed_under_load_fails_closed_and_comes_back(tmp_path, ca, fresh_providers, keys):
     control, ext_proc, listen, admin = free_port(), free_port(), free_port(), free_port()
+    creds = token_files(tmp_path)
     env = {**os.environ, **keys}
     serve_cmd = [sys.executable, "-m", "extproc", "serve", "--config", str(seed_dir(tmp_path, "01")),
-                 "--listen", f"127.0.0.1:{control}", "--ext-proc-listen", f"127.0.0.1:{ext_proc}", "--metrics", "none",
+                 "--listen", f"127.0.0.1:{control}", "--ext-proc-listen", f"127.0.0.1:{ext_proc}",
+                 "--auth-token-file", str(creds.token_file), "--metrics", "none",
                  *upstream_args(ca, fresh_providers)]
     serve = subprocess.Popen(serve_cmd, stdout=(tmp_path / "serve.log").open("wb"), stderr=subprocess.STDOUT, env=env)
     boot = subprocess.run([sys.executable, "-m", "extproc", "envoy-config", "--control", f"127.0.0.1:{control}",
-                           "--ext-proc", f"127.0.0.1:{ext_proc}",
+                           "--ext-proc", f"127.0.0.1:{ext_proc}", *creds.envoy_config_args(),
                            "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}", "--access-log", "none"],
                           capture_output=True, check=True).stdout
     (tmp_path / "envoy.json").write_bytes(boot)
