@@ -22,6 +22,7 @@ KUBE_HOME = Path(os.environ.get("KUBE_TEST_HOME", "/var/cache/kube-test-apiserve
 DASHSCOPE, MOONSHOT = "dashscope.aliyuncs.com", "api.moonshot.cn"
 
 
+
 class Kube:
     def __init__(self, kubeconfig: str):
         self.env = {**os.environ, "KUBECONFIG": kubeconfig}
@@ -65,10 +66,14 @@ def clean(kube):
     kube.run("delete", "secret", "llm-keys", "-n", "default", "--ignore-not-found", check=False)
 
 
+# the operator's bindings for the seed's manifests, applied unchanged (issue 15)
+KEY_ENV = ["--key-env", f"YOUR_DASHSCOPE_API_KEY={DASHSCOPE}", "--key-env", f"YOUR_MOONSHOT_API_KEY={MOONSHOT}"]
+
+
 @pytest.fixture
 def k8s_gateway(clean, gateway_factory, tmp_path):
     def start(*extra: str):
-        return gateway_factory([], extra=["--kubernetes", *extra], env={"KUBECONFIG": clean.env["KUBECONFIG"]})
+        return gateway_factory([], extra=["--kubernetes", *KEY_ENV, *extra], env={"KUBECONFIG": clean.env["KUBECONFIG"]})
     return start
 
 
@@ -189,3 +194,170 @@ def test_committed_sidecar_bootstrap_matches_generator():
                           "llm-gateway-control.llm-gateway.svc:18000", "--listen", "0.0.0.0:15001", "--admin", "127.0.0.1:15000"],
                          capture_output=True, text=True, check=True).stdout
     assert json.loads((REPO / "k8s" / "sidecar" / "envoy-bootstrap.json").read_text()) == json.loads(out)
+
+
+# ---------------------------------------------------------------- issue 15: who may talk to the control plane
+
+
+def _namespace(kube: Kube, base: str, accounts: tuple[str, ...] = ()) -> str:
+    """A new namespace (a fresh name each time: this API server runs no namespace controller, so a
+    deleted namespace never goes away) with these ServiceAccounts."""
+    import secrets
+
+    name = f"{base}-{secrets.token_hex(3)}"
+    kube.run("create", "namespace", name)
+    for account in accounts:
+        kube.run("create", "serviceaccount", account, "-n", name)
+    return name
+
+
+def _in_namespace(manifest: str, namespace: str) -> str:
+    assert "\nmetadata:\n" in manifest and "namespace:" not in manifest
+    return manifest.replace("\nmetadata:\n", f"\nmetadata:\n  namespace: {namespace}\n", 1)
+
+
+def _token(kube: Kube, namespace: str, account: str, audience: str = "llm-gateway") -> str:
+    """A ServiceAccount token from the TokenRequest API (what the kubelet projects into Envoy's container)."""
+    import json
+
+    body = json.dumps({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                       "spec": {"audiences": [audience], "expirationSeconds": 600}})
+    out = kube.run("create", "--raw", f"/api/v1/namespaces/{namespace}/serviceaccounts/{account}/token", "-f", "-",
+                   stdin=body).stdout
+    return json.loads(out)["status"]["token"]
+
+
+def _resigned(token: str, **claims) -> str:
+    """The same token with some claims changed, signed again with the API server's ServiceAccount
+    key: how a token past its expiry looks (the API server issues none shorter than 10 minutes)."""
+    import json
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    def unb64(part: str) -> bytes:
+        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+    header, payload, _ = token.split(".")
+    body = {**json.loads(unb64(payload)), **claims}
+    signing_input = f"{header}.{b64(json.dumps(body).encode())}".encode()
+    key = serialization.load_pem_private_key((KUBE_HOME / "pki" / "sa.key").read_bytes(), password=None)
+    return f"{signing_input.decode()}.{b64(key.sign(signing_input, padding.PKCS1v15(), hashes.SHA256()))}"
+
+
+def test_token_review_accepts_only_live_tokens_for_our_audience(clean):
+    import asyncio
+    import time
+
+    from kubernetes import config as kconfig
+
+    from extproc.auth import Identity, TokenReviewAuthenticator, kubernetes_review
+
+    kube = clean
+    team_a = _namespace(kube, "team-a", ("envoy", "gone"))
+    right = _token(kube, team_a, "envoy")
+    other_audience = _token(kube, team_a, "envoy", audience="something-else")
+    now = int(time.time())
+    expired = _resigned(right, iat=now - 7200, nbf=now - 7200, exp=now - 3600)
+    resigned_live = _resigned(right, iat=now - 60, nbf=now - 60, exp=now + 3600)  # shows the re-signing is sound
+    gone = _token(kube, team_a, "gone")
+    kube.run("delete", "serviceaccount", "gone", "-n", team_a)
+
+    client = kconfig.new_client_from_config(config_file=kube.env["KUBECONFIG"])
+    auth = TokenReviewAuthenticator(kubernetes_review(client), "llm-gateway")
+
+    async def verify(token: str):
+        return (await auth.verify(token))[1]
+
+    async def main():
+        return {name: await verify(token) for name, token in (
+            ("right", right), ("resigned_live", resigned_live), ("other_audience", other_audience),
+            ("expired", expired), ("gone", gone), ("garbage", "not-a-token"))}
+
+    results = asyncio.run(main())
+    envoy = Identity(team_a, "envoy")
+    assert results == {"right": envoy, "resigned_live": envoy, "other_audience": None, "expired": None, "gone": None,
+                       "garbage": None}, results
+    assert auth.cached(right) == envoy  # later streams: no TokenReview
+
+
+@pytest.fixture
+def k8s_serve(clean, tmp_path, ca, fresh_providers):
+    """`extproc serve --kubernetes` over TCP (TokenReview), as the control plane runs in a cluster."""
+    import sys
+
+    from conftest import upstream_args
+    from helpers import free_port
+
+    control, ext_proc = free_port(), free_port()
+    home = _namespace(clean, "gw-home", ("envoy",))
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "extproc", "serve", "--kubernetes", "--control-namespace", home,
+         "--listen", f"127.0.0.1:{control}", "--ext-proc-listen", f"127.0.0.1:{ext_proc}", "--metrics", "none",
+         *upstream_args(ca, fresh_providers)],
+        stdout=(tmp_path / "serve.log").open("wb"), stderr=subprocess.STDOUT,
+        env={**os.environ, "KUBECONFIG": clean.env["KUBECONFIG"]})
+    try:
+        wait_until(lambda: "listening on 127.0.0.1" in (tmp_path / "serve.log").read_text() or serve.poll() is not None,
+                   30)
+        assert serve.poll() is None, (tmp_path / "serve.log").read_text()
+        yield f"127.0.0.1:{ext_proc}", tmp_path / "serve.log", home
+    finally:
+        serve.terminate()
+        serve.wait(10)
+
+
+def test_a_namespace_gets_decisions_only_for_what_it_may_use(clean, k8s_serve):
+    import json
+
+    from auth_helpers import ext_proc_client
+    from helpers import provider_yaml
+
+    kube, (target, serve_log, home) = clean, k8s_serve
+    team_a, team_b = _namespace(kube, "team-a", ("envoy",)), _namespace(kube, "team-b", ("envoy",))
+    kube.run("apply", "-f", "-", stdin=_in_namespace(provider_yaml("own", DASHSCOPE, key="sk-team-a"), team_a))
+    kube.run("apply", "-f", "-", stdin=_in_namespace(provider_yaml("shared", MOONSHOT, key="sk-shared"), home))
+    wait_until(lambda: kube.condition("llmprovider", "own", team_a).get("status") == "True"
+               and kube.condition("llmprovider", "shared", home).get("status") == "True", 15,
+               lambda: serve_log.read_text())
+    a, b = _token(kube, team_a, "envoy"), _token(kube, team_b, "envoy")
+    wait_until(lambda: ext_proc_client(target, DASHSCOPE, a)["authorization"] == "Bearer sk-team-a", 10,
+               lambda: serve_log.read_text())
+    # namespace B on namespace A's provider: as if the host were unknown
+    assert ext_proc_client(target, DASHSCOPE, b) == {"code": "OK", "authorization": None, "status": 404,
+                                                     "connected": True}
+    # the control plane's namespace is everyone's
+    assert ext_proc_client(target, MOONSHOT, b)["authorization"] == "Bearer sk-shared"
+    # no token, or one for the API server's audience: nothing
+    for token in (None, _token(kube, team_a, "envoy", audience="https://kubernetes.default.svc")):
+        assert ext_proc_client(target, DASHSCOPE, token)["code"] == "UNAUTHENTICATED"
+    # exportTo widens it
+    kube.run("patch", "llmprovider", "own", "-n", team_a, "--type", "merge", "-p",
+             json.dumps({"spec": {"exportTo": [".", team_b]}}))
+    wait_until(lambda: ext_proc_client(target, DASHSCOPE, b)["authorization"] == "Bearer sk-team-a", 10,
+               lambda: serve_log.read_text())
+    assert "sk-team-a" not in serve_log.read_text() and a not in serve_log.read_text()
+
+
+def test_key_variables_expand_only_where_the_operator_bound_them(clean, k8s_gateway, fresh_providers, keys):
+    kube = clean
+    tenant_ns = _namespace(kube, "tenant")
+    kube.apply(seed("01"))  # ${YOUR_DASHSCOPE_API_KEY} for dashscope.aliyuncs.com: bound by KEY_ENV
+    # a tenant's provider, sending the control plane's DashScope key to a host of its choosing
+    tenant = _in_namespace(seed("01").read_text().replace("name: dashscope-qwen", "name: exfiltrate").replace(
+        f"host: {DASHSCOPE}", f"host: {MOONSHOT}"), tenant_ns)
+    assert "${YOUR_DASHSCOPE_API_KEY}" in tenant and "name: exfiltrate" in tenant
+    kube.run("apply", "-f", "-", stdin=tenant)
+    gw = k8s_gateway()
+    assert model_of(gw, DASHSCOPE) == "qwen1.5-72b-chat"
+    assert fresh_providers[DASHSCOPE].requests[-1].headers["authorization"] == f"Bearer {keys['YOUR_DASHSCOPE_API_KEY']}"
+    wait_until(lambda: kube.condition("llmprovider", "exfiltrate", tenant_ns).get("reason") == "KeyEnvNotAllowed", 10,
+               gw.log)
+    condition = kube.condition("llmprovider", "exfiltrate", tenant_ns)
+    assert condition["status"] == "False" and "--key-env YOUR_DASHSCOPE_API_KEY=api.moonshot.cn" in condition["message"]
+    assert model_of(gw, MOONSHOT) == 404
+    assert not any(keys["YOUR_DASHSCOPE_API_KEY"] in str(r.headers) for r in fresh_providers[MOONSHOT].requests)
+    assert keys["YOUR_DASHSCOPE_API_KEY"] not in gw.log()
