@@ -171,14 +171,36 @@ def test_manifests_apply_and_rbac_is_least_privilege(clean):
     assert "--to-ports 15001" in init["command"][-1] and "--uid-owner 1337" in init["command"][-1]
     (envoy,) = [c for c in pod["containers"] if c["name"] == "llm-gateway-envoy"]
     assert envoy["securityContext"]["runAsUser"] == 1337
-    bootstrap = json.loads(json.loads(kube.run("get", "configmap", "llm-gateway-envoy", "-o", "json").stdout)["data"]["envoy.json"])
+    config_map = json.loads(kube.run("get", "configmap", "llm-gateway-envoy", "-o", "json").stdout)["data"]
+    bootstrap = json.loads(config_map["envoy.json"])
     assert bootstrap["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] == 15001
+    assert bootstrap["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"  # admin on loopback only
+    # issue 15: only Envoy's container mounts the token for the control plane's audience, and uses it
+    (token_volume,) = [v for v in pod["volumes"] if v["name"] == "llm-gateway-token"]
+    (source,) = token_volume["projected"]["sources"]
+    assert source["serviceAccountToken"]["audience"] == "llm-gateway"
+    mounts = {c["name"]: {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])} for c in pod["containers"]}
+    assert mounts["llm-gateway-envoy"]["llm-gateway-token"] == "/var/run/secrets/llm-gateway"
+    assert all("llm-gateway-token" not in m for name, m in mounts.items() if name != "llm-gateway-envoy")
+    sds = json.loads(config_map["token-sds.json"])
+    assert sds["resources"][0]["generic_secret"]["secret"]["filename"] == "/var/run/secrets/llm-gateway/token"
+    for cluster in bootstrap["static_resources"]["clusters"][:2]:
+        options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+        injector = options["http_filters"][0]["typed_config"]["credential"]["typed_config"]
+        assert injector["credential"]["sds_config"]["path_config_source"]["path"] == "/etc/llm-gateway/token-sds.json"
+    control = json.loads(kube.run("get", "deployment", "llm-gateway-control", "-n", "llm-gateway", "-o", "json").stdout)
+    (container,) = control["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("valueFrom", {}) for e in container["env"]}
+    assert env["POD_NAMESPACE"] == {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}
+    assert "YOUR_DASHSCOPE_API_KEY=dashscope.aliyuncs.com" in container["args"]
 
     account = "system:serviceaccount:llm-gateway:llm-gateway"
     checks = [("list", "llmroutes.istio.alibabacloud.com", None, True), ("watch", "llmproviders.istio.alibabacloud.com", None, True),
               ("patch", "llmroutes.istio.alibabacloud.com", "status", True), ("get", "secrets", None, True),
               ("patch", "llmroutes.istio.alibabacloud.com", None, False), ("delete", "llmproviders.istio.alibabacloud.com", None, False),
-              ("create", "secrets", None, False), ("list", "pods", None, False)]
+              ("create", "secrets", None, False), ("list", "pods", None, False),
+              ("create", "tokenreviews.authentication.k8s.io", None, True),
+              ("create", "serviceaccounts", "token", False)]
     for verb, resource, subresource, allowed in checks:
         args = ["auth", "can-i", verb, resource, "--as", account, "-n", "default"]
         if subresource:
@@ -190,10 +212,15 @@ def test_manifests_apply_and_rbac_is_least_privilege(clean):
 def test_committed_sidecar_bootstrap_matches_generator():
     import json
     import sys
+    token = ["--token-file", "/var/run/secrets/llm-gateway/token"]
     out = subprocess.run([sys.executable, "-m", "extproc", "envoy-config", "--sidecar", "--control",
-                          "llm-gateway-control.llm-gateway.svc:18000", "--listen", "0.0.0.0:15001", "--admin", "127.0.0.1:15000"],
+                          "llm-gateway-control.llm-gateway.svc:18000", "--listen", "0.0.0.0:15001", "--admin", "127.0.0.1:15000",
+                          *token, "--token-sds", "/etc/llm-gateway/token-sds.json"],
                          capture_output=True, text=True, check=True).stdout
     assert json.loads((REPO / "k8s" / "sidecar" / "envoy-bootstrap.json").read_text()) == json.loads(out)
+    sds = subprocess.run([sys.executable, "-m", "extproc", "envoy-config", *token, "--print-token-sds"],
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads((REPO / "k8s" / "sidecar" / "token-sds.json").read_text()) == json.loads(sds)
 
 
 # ---------------------------------------------------------------- issue 15: who may talk to the control plane
