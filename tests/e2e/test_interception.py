@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from auth_helpers import ext_proc_client, token_files
 from extproc.demo.fake_provider import FakeProvider
 from extproc.runner import envoy_binary
 from helpers import SEED_MANIFESTS, free_port, wait_until
@@ -115,13 +116,15 @@ def test_seed_curl_without_proxy_is_intercepted_and_other_traffic_passes(pod, ca
     config = tmp_path / "config"
     config.mkdir()
     shutil.copy(SEED_MANIFESTS / "01-LLMProvider.yaml", config)
+    # Envoy's token: readable by Envoy's user only (in a pod: mounted into Envoy's container only)
+    creds = token_files(shared, uid=ENVOY_UID)
     serve = subprocess.Popen(
         [sys.executable, "-m", "extproc", "serve", "--config", str(config), "--listen", f"{HOST_IP}:{control}",
-         "--ext-proc-listen", f"{HOST_IP}:{ext_proc}",
+         "--ext-proc-listen", f"{HOST_IP}:{ext_proc}", "--auth-token-file", str(creds.token_file),
          "--metrics", "none", "--upstream-ca", str(ca_file)],
         env={**os.environ, **keys}, stdout=(tmp_path / "serve.log").open("wb"), stderr=subprocess.STDOUT)
     boot = subprocess.run([sys.executable, "-m", "extproc", "envoy-config", "--sidecar", "--control", f"{HOST_IP}:{control}",
-                           "--ext-proc", f"{HOST_IP}:{ext_proc}",
+                           "--ext-proc", f"{HOST_IP}:{ext_proc}", *creds.envoy_config_args(),
                            "--listen", "0.0.0.0:15001", "--admin", "127.0.0.1:15000", "--access-log", "none"],
                           capture_output=True, check=True, text=True).stdout
     (shared / "envoy.json").write_text(boot)
@@ -164,6 +167,22 @@ def test_seed_curl_without_proxy_is_intercepted_and_other_traffic_passes(pod, ca
         assert request["headers"]["authorization"] == "Bearer app-own"  # never replaced by a provider key
         assert not any(k.lower().startswith("x-llm-gateway") for k in request["headers"])
         assert len(fake.requests) == provider_requests  # the plain request did not go to the provider
+
+        # issue 15: a process in the pod that is not Envoy gets no key from anything it can reach
+        app = ["ip", "netns", "exec", pod, "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+        for target in (f"{HOST_IP}:{ext_proc}", f"{HOST_IP}:{control}"):
+            got = ext_proc_client(target, "dashscope.aliyuncs.com", prefix=app)
+            assert got["code"] in ("UNAUTHENTICATED", "UNIMPLEMENTED") and got["authorization"] is None, (target, got)
+        assert ext_proc_client(f"{HOST_IP}:{ext_proc}", "dashscope.aliyuncs.com", prefix=app)["code"] == "UNAUTHENTICATED"
+        read = subprocess.run([*app, "cat", str(creds.token_file)], capture_output=True, text=True, timeout=30)
+        assert read.returncode != 0 and creds.token not in read.stdout
+        dump = subprocess.run([*app, "curl", "-sS", "http://127.0.0.1:15000/config_dump?include_eds"],
+                              capture_output=True, text=True, timeout=30).stdout
+        assert "llm_gateway_control_token" in dump  # the admin answered; its dump holds neither secret
+        assert creds.token not in dump and keys["YOUR_DASHSCOPE_API_KEY"] not in dump
+        # the same client with Envoy's token works: the refusals above are the authentication's
+        assert ext_proc_client(f"{HOST_IP}:{ext_proc}", "dashscope.aliyuncs.com", creds.token)["authorization"] == \
+            f"Bearer {keys['YOUR_DASHSCOPE_API_KEY']}"
     finally:
         envoy.terminate()
         serve.terminate()
