@@ -256,3 +256,37 @@ def test_h2_server_opens_streams_only_for_verified_callers():
     assert asyncio.run(main()) == [grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAUTHENTICATED,
                                    [b"team-a/envoy"], [b"team-a/envoy"], grpc.StatusCode.UNAUTHENTICATED]
     assert reviews == ["bad", "good"]  # each token reviewed once; later streams are cache hits
+
+
+def test_a_namespace_that_may_not_use_a_route_gets_the_unknown_host_answer():
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    from extproc.server import ExternalProcessor, TableHolder
+
+    table = _compile(provider("a", "a.example", namespace="team-a", api_key="sk-team-a"),
+                     provider("shared", "shared.example", namespace=HOME, api_key="sk-shared")).table
+    processor = ExternalProcessor(TableHolder(table))
+
+    def ask(identity: Identity, host: str):
+        headers = [base_pb2.HeaderValue(key=k, raw_value=v.encode())
+                   for k, v in ((":authority", host), (":method", "POST"), (":path", "/"))]
+        exchange = processor.exchange(identity)
+        out, _ = exchange.on_request(pb.ProcessingRequest(
+            request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=headers))))
+        if not out:
+            chat = b'{"messages": [{"role": "user", "content": "hi"}]}'
+            out, _ = exchange.on_request(pb.ProcessingRequest(request_body=pb.HttpBody(body=chat, end_of_stream=True)))
+        first = out[0]
+        if first.HasField("immediate_response"):
+            return first.immediate_response.status.code, first.immediate_response.body.replace(host.encode(), b"HOST")
+        keys = [h.header.raw_value for h in first.request_headers.response.header_mutation.set_headers
+                if h.header.key == "authorization"]
+        return 200, keys
+
+    unknown = ask(Identity("team-b", "envoy"), "nobody.example")
+    assert unknown[0] == 404
+    assert ask(Identity("team-b", "envoy"), "a.example") == unknown  # indistinguishable from an unknown host
+    assert ask(Identity("team-a", "envoy"), "a.example") == (200, [b"Bearer sk-team-a"])
+    assert ask(Identity("team-b", "envoy"), "shared.example") == (200, [b"Bearer sk-shared"])
+    assert ask(LOCAL, "a.example") == (200, [b"Bearer sk-team-a"])
