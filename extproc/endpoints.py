@@ -11,6 +11,7 @@ list is answered by the gateway itself, from the config.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterable
 
 import orjson
@@ -21,7 +22,7 @@ from .routing import DEFAULT_BASES, Route, Target
 CHAT_SUFFIX = "/chat/completions"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # singletons: compared and hashed by identity
 class Endpoint:
     name: str  # the path after the base, without the leading slash
     method: str
@@ -54,6 +55,7 @@ def route_bases(targets: Iterable[Target]) -> frozenset[str]:
     return frozenset((*DEFAULT_BASES, *(t.base_path for t in targets if t.base_path is not None)))
 
 
+@lru_cache(maxsize=1024)  # a few distinct paths per route: recognized once (a frozenset keeps its hash)
 def recognize(method: str, path: str, bases: frozenset[str]) -> Endpoint:
     """The endpoint a request calls, from its method and path (query string ignored). A path
     that is no endpoint is a 404 and a wrong method a 405, each naming what is supported."""
