@@ -243,7 +243,11 @@ class Exchange:
                 return [self._observer.on_chunk(request.response_body)], request.response_body.end_of_stream
             return [_continue(phase)], False
         except GatewayError as error:
-            return [immediate(error)], True
+            response = immediate(error)
+            if phase == "request_body":  # a refused body: counted under its endpoint's operation
+                response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.update(
+                    {"operation": self._endpoint.operation})
+            return [response], True
         except _Reply as reply:
             return [reply.response], True
         except Exception:  # never a stack trace to the client, never a request sent unrewritten

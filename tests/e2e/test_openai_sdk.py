@@ -153,12 +153,16 @@ def test_usage_of_each_operation_in_metrics_and_access_log(gw, fresh_providers):
     client.completions.create(model="c", prompt="one two three")
     client.chat.completions.create(model="m", messages=HELLO)
     client.models.list()
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model="e", input=[])
 
     def logged():
         entries = gw.access_entries()
-        return entries if len(entries) >= 4 else None
+        return entries if len(entries) >= 5 else None
 
-    entries = {e["operation"]: e for e in wait_until(logged, 10, lambda: f"access log: {gw.access_entries()}")}
+    entries = {(e["operation"], e["status"]): e for e in wait_until(logged, 10, lambda: f"access log: {gw.access_entries()}")}
+    assert entries[("embeddings", 400)]["details"] == "llm_gateway_invalid_input"
+    entries = {op: e for (op, status), e in entries.items() if status == 200}
     assert entries["embeddings"]["prompt_tokens"] == 3 and entries["embeddings"]["completion_tokens"] is None
     assert entries["embeddings"]["request_model"] == "text-embedding-v3"
     assert entries["text_completion"]["prompt_tokens"] == 3
@@ -173,7 +177,7 @@ def test_usage_of_each_operation_in_metrics_and_access_log(gw, fresh_providers):
         return sums if len(sums) == 3 else None
 
     assert wait_until(token_sums, 10) == {"embeddings": 3, "text_completion": 3, "chat": 3}
-    requests = {dict(labels)["gen_ai_operation_name"]: (value, dict(labels)["outcome"])
+    requests = {(dict(labels)["gen_ai_operation_name"], dict(labels)["outcome"]): value
                 for (name, labels), value in gw.metrics().items() if name == "llm_gateway_requests_total"}
-    assert requests == {"embeddings": (1, "success"), "text_completion": (1, "success"), "chat": (1, "success"),
-                        "models": (1, "success")}
+    assert requests == {("embeddings", "success"): 1, ("text_completion", "success"): 1, ("chat", "success"): 1,
+                        ("models", "success"): 1, ("embeddings", "rejected"): 1}

@@ -304,3 +304,10 @@ def test_completions_stream_text_counts_as_content():
     assert reader.feed(feed) == 1
     s = reader.finish()
     assert (s.content_events, s.model, s.prompt_tokens, s.completion_tokens, s.done) == (1, "c", 2, 1, True)
+
+
+def test_a_refused_body_is_counted_under_its_endpoint(seed_table):
+    (response,) = exchange(seed_table, DASHSCOPE, "/v1/embeddings", {"model": "e", "input": []})
+    assert error_of(response)[1]["error"]["code"] == "invalid_input"
+    meta = response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.fields
+    assert meta["operation"].string_value == "embeddings"
