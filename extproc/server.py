@@ -32,7 +32,7 @@ from .envoy_config import DEFAULT_BODY_LIMIT, LOCAL_REPLIES
 from .errors import GatewayError
 from .names import CLUSTER_HEADER, INTERNAL_HEADER_PREFIX, METADATA_NAMESPACE
 from .rewrite import rewrite_body
-from .routing import RoutingTable, Target
+from .routing import Route, RoutingTable, Target
 from .sse import SSEReader
 
 log = logging.getLogger("extproc.server")
@@ -92,7 +92,7 @@ class _Reply(Exception):
         self.response = response
 
 
-def _model_list(route, authority: str) -> pb.ProcessingResponse:
+def _model_list(route: Route, authority: str) -> pb.ProcessingResponse:
     """`GET .../models`: OpenAI's list, from the config (`extproc.endpoints.model_list`)."""
     response = pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
         status=http_status_pb2.HttpStatus(code=200),
@@ -156,7 +156,7 @@ class ExternalProcessor:
         if endpoint is endpoints.MODELS:
             raise _Reply(_model_list(route, authority))
         if headers_msg.end_of_stream:
-            raise GatewayError(400, "request body is required: a JSON chat request", "missing_body")
+            raise GatewayError(400, f"request body is required: a JSON {endpoint.name} request", "missing_body")
         watched = route.match_headers
         values = {h.key: h.raw_value.decode("latin-1") for h in headers if h.key in watched} if watched else {}
         rule = route.select(values)
