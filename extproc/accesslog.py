@@ -52,7 +52,9 @@ def record_from_entry(entry: accesslog_pb2.HTTPAccessLogEntry) -> RequestRecord:
     status = entry.response.response_code.value
     details = entry.response.response_code_details
     stream_error = text("stream_error")
-    if details.startswith(GATEWAY_DETAILS_PREFIX):
+    if details.startswith(GATEWAY_DETAILS_PREFIX) and status < 400:  # answered by the gateway: the model list
+        outcome, error_type = "success", ""
+    elif details.startswith(GATEWAY_DETAILS_PREFIX):
         outcome = "rejected" if status < 500 else "gateway_error"
         error_type = details[len(GATEWAY_DETAILS_PREFIX):]
     elif details == "via_upstream":
@@ -81,7 +83,7 @@ def record_from_entry(entry: accesslog_pb2.HTTPAccessLogEntry) -> RequestRecord:
         route=text("route"), rule=text("rule"), provider=text("provider"), provider_host=text("provider_host"),
         request_model=text("request_model"), response_model=text("response_model"),
         stream=bool(stream.bool_value) if stream is not None else False,
-        status=status, outcome=outcome, error_type=error_type,
+        status=status, outcome=outcome, error_type=error_type, operation=text("operation") or "chat",
         duration_s=duration.ToNanoseconds() / 1e9 if duration.ByteSize() else None,
         prompt_tokens=tokens("prompt_tokens"), completion_tokens=tokens("completion_tokens"),
         ttft_s=ttft_ms / 1000 if ttft_ms is not None else None,

@@ -229,6 +229,7 @@ ACCESS_LOG_FORMAT = {
     "start_time": "%START_TIME%",
     "method": "%REQ(:METHOD)%",
     "host": _meta("host"),
+    "operation": _meta("operation"),
     "route": _meta("route"),
     "rule": _meta("rule"),
     "provider": _meta("provider"),

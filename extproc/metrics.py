@@ -42,6 +42,7 @@ class RequestRecord:
     completion_tokens: int | None = None
     ttft_s: float | None = None
     tpot_s: float | None = None
+    operation: str = "chat"  # gen_ai_operation_name: chat, text_completion, embeddings, models
 
 
 _BASE = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_response_model",
@@ -82,7 +83,7 @@ class GatewayMetrics:
         return value
 
     def observe(self, rec: RequestRecord) -> None:
-        base = ("chat", rec.provider_host, self._capped("request_model", rec.request_model),
+        base = (rec.operation, rec.provider_host, self._capped("request_model", rec.request_model),
                 self._capped("response_model", rec.response_model), rec.route, rec.rule, rec.provider)
         error_type = self._capped("error_type", rec.error_type)
         self._series_of(self.requests, *base, rec.outcome, error_type).inc()

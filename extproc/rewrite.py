@@ -8,6 +8,7 @@ import orjson
 
 from typing import NamedTuple
 
+from .endpoints import CHAT, Endpoint, check_body, configured_model, configured_stream
 from .errors import GatewayError
 from .routing import Target
 
@@ -45,11 +46,11 @@ def _loads(body: bytes):
     return json.loads(body.decode("utf-8")), lambda data: json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def rewrite_body(body: bytes, target: Target) -> Rewritten:
+def rewrite_body(body: bytes, target: Target, endpoint: Endpoint = CHAT) -> Rewritten:
     """The body with `model` from the chosen config (replacing the client's) and `stream` where the
     config sets it; every other field kept as sent. A streamed request also asks for the usage
     event (`stream_options.include_usage`), so its tokens can be counted. Raises GatewayError
-    (400) for a body that is not a chat request."""
+    (400) for a body that is not a request for that endpoint (see `extproc.endpoints`)."""
     try:
         data, dumps = _loads(body)
     except (ValueError, RecursionError) as exc:  # orjson.JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -57,20 +58,19 @@ def rewrite_body(body: bytes, target: Target) -> Rewritten:
         raise GatewayError(400, f"request body is {reason}", "invalid_json") from None
     if not isinstance(data, dict):
         raise GatewayError(400, "request body must be a JSON object", "invalid_body")
-    messages = data.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise GatewayError(400, "'messages' must be a non-empty array", "invalid_messages")
+    check_body(endpoint, data)
     if "model" in data and not isinstance(data["model"], str):
         raise GatewayError(400, "'model' must be a string", "invalid_model")
     if "stream" in data and not isinstance(data["stream"], bool):
         raise GatewayError(400, "'stream' must be true or false", "invalid_stream")
-    if target.model is not None:
-        data["model"] = target.model
+    model, config_stream = configured_model(endpoint, target), configured_stream(endpoint, target)
+    if model is not None:
+        data["model"] = model
     elif not data.get("model"):
         raise GatewayError(400, "'model' is required: the provider config names none", "missing_model")
-    if target.stream is not None:
-        data["stream"] = target.stream
-    stream = data.get("stream") is True
+    if config_stream is not None:
+        data["stream"] = config_stream
+    stream = endpoint.streams and data.get("stream") is True
     if stream:
         options = data.get("stream_options")
         if options is None:

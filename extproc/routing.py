@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Literal, Mapping
 
 MatchKind = Literal["exact", "prefix", "regex", "present"]
+# Client base paths every route accepts, besides its providers' own: `/v1/...` and `/...`.
+DEFAULT_BASES = frozenset({"/v1", ""})
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,8 @@ class Target:
     stream: bool | None
     api_key: str | None = field(default=None, repr=False)
     timeout_s: float = 300.0  # the whole answer, streamed ones included
+    base_path: str | None = None  # the provider's OpenAI base path (see `extproc.endpoints`)
+    embedding_model: str | None = None  # replaces the client's model on embeddings
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +83,7 @@ class Route:
     rules: tuple[Rule, ...]
     match_headers: frozenset[str]  # the lower-case header names any rule looks at
     visible: frozenset[str] | None = None  # namespaces whose workloads may use it; None: all (see extproc.auth)
+    bases: frozenset[str] = DEFAULT_BASES  # the client base paths it accepts (see `extproc.endpoints`)
 
     def select(self, headers: Mapping[str, str]) -> Rule | None:
         """The first rule whose matches hold."""

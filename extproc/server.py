@@ -27,11 +27,13 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 from .auth import LOCAL, Identity, may_use
+from . import endpoints
+from .endpoints import Endpoint
 from .envoy_config import DEFAULT_BODY_LIMIT, LOCAL_REPLIES
 from .errors import GatewayError
 from .names import CLUSTER_HEADER, INTERNAL_HEADER_PREFIX, METADATA_NAMESPACE
 from .rewrite import rewrite_body
-from .routing import RoutingTable, Target
+from .routing import Route, RoutingTable, Target
 from .sse import SSEReader
 
 log = logging.getLogger("extproc.server")
@@ -55,10 +57,10 @@ def _header(key: str, value: str | bytes) -> base_pb2.HeaderValueOption:
 
 
 @lru_cache(maxsize=4096)
-def _target_mutation(target: Target) -> pb.HeaderMutation:
+def _target_mutation(target: Target, endpoint: Endpoint = endpoints.CHAT) -> pb.HeaderMutation:
     """Header changes for a target, built once: path, host, key, cluster, content type."""
     mutation = pb.HeaderMutation(set_headers=[
-        _header(":path", target.path),
+        _header(":path", endpoints.upstream_path(endpoint, target)),
         _header(":authority", target.provider_host),
         _header(CLUSTER_HEADER, target.cluster),
         _header("content-type", "application/json"),
@@ -82,6 +84,24 @@ def _target_metadata(target: Target) -> struct_pb2.Struct:
         "route": target.route, "rule": target.rule, "provider": target.provider, "provider_host": target.provider_host,
     })
     return meta
+
+
+class _Reply(Exception):
+    """A request the gateway answers itself with a success: the model list."""
+
+    def __init__(self, response: pb.ProcessingResponse):
+        self.response = response
+
+
+def _model_list(route: Route, authority: str) -> pb.ProcessingResponse:
+    """`GET .../models`: OpenAI's list, from the config (`extproc.endpoints.model_list`)."""
+    response = pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=200),
+        headers=pb.HeaderMutation(set_headers=[_header("content-type", "application/json")]),
+        body=endpoints.model_list(route), details="llm_gateway_models"))
+    response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.update(
+        {"route": route.name, "operation": endpoints.MODELS.operation, "host": authority})
+    return response
 
 
 def immediate(error: GatewayError) -> pb.ProcessingResponse:
@@ -114,12 +134,13 @@ class ExternalProcessor:
     def exchange(self, identity: Identity = LOCAL) -> "Exchange":
         return Exchange(self, identity.namespace)
 
-    def _choose(self, headers_msg: pb.HttpHeaders, namespace: str | None = None) -> tuple[str, Target, list[str]]:
+    def _choose(self, headers_msg: pb.HttpHeaders,
+                namespace: str | None = None) -> tuple[str, Target, list[str], Endpoint]:
         """The target, and the client headers that must not reach Envoy's router or the provider:
         `x-envoy-*` (timeouts, retries) and the gateway's own. A route the caller's namespace may
         not use is answered as an unknown host."""
         headers = headers_msg.headers.headers
-        authority = method = ""
+        authority = method = path = ""
         strip: list[str] = []
         for h in headers:
             key = h.key
@@ -127,31 +148,34 @@ class ExternalProcessor:
                 authority = h.raw_value.decode("latin-1")
             elif key == ":method":
                 method = h.raw_value.decode("latin-1")
+            elif key == ":path":
+                path = h.raw_value.decode("latin-1")
             elif key.startswith(_CLIENT_MUST_NOT_SET):
                 strip.append(key)
         route = self._holder.table.route_for(authority)
         if route is None or not may_use(namespace, route.visible):
             raise GatewayError(404, f"no LLMRoute or LLMProvider serves host {authority!r}", "unknown_host")
-        if method != "POST":
-            raise GatewayError(405, f"method {method} not allowed: send a POST with a chat request", "method_not_allowed")
+        endpoint = endpoints.recognize(method, path, route.bases)
+        if endpoint is endpoints.MODELS:
+            raise _Reply(_model_list(route, authority))
         if headers_msg.end_of_stream:
-            raise GatewayError(400, "request body is required: a JSON chat request", "missing_body")
+            raise GatewayError(400, f"request body is required: a JSON {endpoint.name} request", "missing_body")
         watched = route.match_headers
         values = {h.key: h.raw_value.decode("latin-1") for h in headers if h.key in watched} if watched else {}
         rule = route.select(values)
         if rule is None:
             raise GatewayError(404, f"no rule of route {route.name} matches the request", "no_matching_rule")
-        return authority, rule.pick(self._draw()), strip
+        return authority, rule.pick(self._draw()), strip, endpoint
 
     @staticmethod
     def _forward(body: bytes, chunks: int, target: Target, started: float, authority: str,
-                 strip: list[str]) -> list[pb.ProcessingResponse]:
+                 strip: list[str], endpoint: Endpoint = endpoints.CHAT) -> list[pb.ProcessingResponse]:
         """The held answer to the headers, then one answer per body chunk: all emptied but the
         last, which carries the whole rewritten body."""
-        rewritten = rewrite_body(body, target)
+        rewritten = rewrite_body(body, target, endpoint)
         response = pb.ProcessingResponse()
         common = response.request_headers.response
-        common.header_mutation.CopyFrom(_target_mutation(target))
+        common.header_mutation.CopyFrom(_target_mutation(target, endpoint))
         common.header_mutation.set_headers.append(_header("content-length", str(len(rewritten.body))))
         if strip:  # whatever the gateway sets itself is overwritten anyway; the rest goes
             common.header_mutation.remove_headers.extend(
@@ -163,6 +187,7 @@ class ExternalProcessor:
         fields["stream"].bool_value = rewritten.stream
         fields["started"].number_value = started
         fields["host"].string_value = authority
+        fields["operation"].string_value = endpoint.operation
         last = pb.ProcessingResponse()
         last.request_body.response.body_mutation.body = rewritten.body
         return [response, *([_EMPTIED_CHUNK] * (chunks - 1)), last]
@@ -174,7 +199,7 @@ class Exchange:
     stream ends as soon as nothing more is needed, before Envoy has to cancel it."""
 
     __slots__ = ("_processor", "_namespace", "_target", "_started", "_authority", "_strip", "_body", "_chunks",
-                 "_observer")
+                 "_observer", "_endpoint")
 
     def __init__(self, processor: ExternalProcessor, namespace: str | None = None):
         self._processor = processor
@@ -186,6 +211,7 @@ class Exchange:
         self._body = bytearray()
         self._chunks = 0
         self._observer: _EventStreamObserver | None = None
+        self._endpoint = endpoints.CHAT
 
     def on_message(self, message: bytes) -> tuple[list[bytes], bool]:
         """The wire form, for the HTTP/2 server."""
@@ -200,7 +226,8 @@ class Exchange:
         try:
             if phase == "request_headers":
                 self._started = processor._clock()
-                self._authority, self._target, self._strip = processor._choose(request.request_headers, self._namespace)
+                self._authority, self._target, self._strip, self._endpoint = processor._choose(
+                    request.request_headers, self._namespace)
                 return [], False  # answered with the body
             if phase == "request_body":
                 if self._target is None:  # cannot happen with our bootstrap; never forward unrewritten
@@ -213,7 +240,7 @@ class Exchange:
                 if not chunk.end_of_stream:
                     return [], False
                 return processor._forward(bytes(self._body), self._chunks, self._target, self._started,
-                                          self._authority, self._strip), True
+                                          self._authority, self._strip, self._endpoint), True
             if phase == "response_headers":
                 self._observer = _EventStreamObserver(request.metadata_context, processor._clock)
                 return [_CONTINUE_RESPONSE_HEADERS], False
@@ -221,7 +248,13 @@ class Exchange:
                 return [self._observer.on_chunk(request.response_body)], request.response_body.end_of_stream
             return [_continue(phase)], False
         except GatewayError as error:
-            return [immediate(error)], True
+            response = immediate(error)
+            if phase == "request_body":  # a refused body: counted under its endpoint's operation
+                response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.update(
+                    {"operation": self._endpoint.operation})
+            return [response], True
+        except _Reply as reply:
+            return [reply.response], True
         except Exception:  # never a stack trace to the client, never a request sent unrewritten
             log.exception("ext_proc failed on %s", phase)
             if phase in ("request_headers", "request_body"):

@@ -18,7 +18,7 @@ class StreamSummary:
     """What the stream said so far."""
 
     events: int = 0
-    content_events: int = 0  # events carrying generated text (delta.content or delta.tool_calls)
+    content_events: int = 0  # events carrying generated text (delta.content, delta.tool_calls, or text)
     model: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
@@ -79,7 +79,8 @@ class SSEReader:
         if isinstance(choices, list):
             for choice in choices:
                 delta = choice.get("delta") if isinstance(choice, dict) else None
-                if isinstance(delta, dict) and (delta.get("content") or delta.get("tool_calls")):
+                if isinstance(delta, dict) and (delta.get("content") or delta.get("tool_calls")) or (
+                        isinstance(choice, dict) and choice.get("text")):  # a completions stream
                     s.content_events += 1
                     break
 

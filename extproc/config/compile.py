@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from ..auth import may_use, visible_to
+from ..endpoints import base_path, route_bases
 from ..names import provider_cluster
 from ..routing import HeaderCondition, Route, RoutingTable, Rule, Target, host_aliases
 from .loader import Loaded
@@ -135,14 +136,17 @@ def _compile_route(obj: Loaded, providers: dict[str, Loaded], home: str | None,
                 running += w
                 cumulative.append(running)
             rules.append(Rule(rule_label, conditions, tuple(targets), tuple(cumulative)))
-    return Route(route_name, tuple(rules), frozenset(watched), _visible(obj, home, namespaces)), problems
+    bases = route_bases(t for rule in rules for t in rule.targets)
+    return Route(route_name, tuple(rules), frozenset(watched), visible=_visible(obj, home, namespaces),
+                 bases=bases), problems
 
 
 def _default_route(obj: Loaded, home: str | None = None, namespaces: bool = False) -> Route:
     resource = obj.resource
     name = f"{resource.metadata.namespace}/{resource.metadata.name}"
     target = _target(name, "default", None, obj)
-    return Route(name, (Rule("default", (), (target,), (1,)),), frozenset(), _visible(obj, home, namespaces))
+    return Route(name, (Rule("default", (), (target,), (1,)),), frozenset(), visible=_visible(obj, home, namespaces),
+                 bases=route_bases([target]))
 
 
 def _target(route: str, rule_label: str, rule_name: str | None, provider: Loaded) -> Target:
@@ -164,6 +168,8 @@ def _target(route: str, rule_label: str, rule_name: str | None, provider: Loaded
         stream=cfg.stream,
         api_key=cfg.api_key,
         timeout_s=resource.spec.timeout_s,
+        base_path=base_path(resource.spec.path, resource.spec.base_path),
+        embedding_model=cfg.embedding_model,
     )
 
 

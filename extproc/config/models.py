@@ -32,6 +32,10 @@ class OpenAIConfig(_Strict):
     api_key: str | None = Field(default=None, alias="apiKey", min_length=1)
     api_key_secret_ref: SecretKeyRef | None = Field(default=None, alias="apiKeySecretRef")
     stream: bool | None = None
+    # Our extension: the model embeddings requests are sent with (replacing the client's);
+    # unset, the client's model is kept. `model` stays the chat model.
+    embedding_model: str | None = Field(default=None, alias="embeddingModel", min_length=1,
+                                        description="Model for embeddings requests (unset: the client's).")
 
     @model_validator(mode="after")
     def _one_key_source(self) -> "OpenAIConfig":
@@ -71,6 +75,11 @@ def parse_duration(text: str) -> float:
 class LLMProviderSpec(_Strict):
     host: str = Field(min_length=1, json_schema_extra={"pattern": HOST_PATTERN})
     path: str = Field(default="/v1/chat/completions", pattern=r"^/")
+    # Our extension: the provider's OpenAI base path, for embeddings, completions and models,
+    # when `path` does not end in /chat/completions (then the base is `path` without it).
+    base_path: str | None = Field(default=None, alias="basePath", pattern=r"^/",
+                                  description="The provider's OpenAI base path, e.g. /compatible-mode/v1 "
+                                              "(unset: path without /chat/completions).")
     configs: ProviderConfigs
     # Our extension: how long the provider has for a whole answer (streamed ones included).
     timeout: str | None = Field(default=None, pattern=DURATION_PATTERN,

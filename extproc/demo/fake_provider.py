@@ -6,6 +6,8 @@ Gateway's test upstream is:
   x-fake-status: 429     answer with that status and an OpenAI-style error
   x-fake-reply: text     the assistant's reply (default: a greeting naming the model)
   x-fake-delay: 1.5      wait that many seconds before answering
+Besides chat (any path but the two below) it answers `.../embeddings` (vectors derived from
+the input, as floats or base64 as asked) and `.../completions` (the legacy text completion).
 A body with "stream": true is answered as server-sent events, further steered by:
   x-fake-event-delay: 0.2   seconds between events
   x-fake-split: 1           each event written in two pieces, a moment apart (an event split
@@ -15,8 +17,10 @@ A body with "stream": true is answered as server-sent events, further steered by
 
 from __future__ import annotations
 
+import base64
 import json
 import ssl
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,7 +45,15 @@ def count_tokens(text: str) -> int:
 
 
 def prompt_tokens(body: dict) -> int:
+    if "messages" not in body:  # embeddings' input, completions' prompt: a string or a list of them
+        texts = body.get("input", body.get("prompt", ""))
+        return sum(count_tokens(str(t)) for t in (texts if isinstance(texts, list) else [texts]))
     return sum(count_tokens(str(m.get("content", ""))) for m in body.get("messages", []) if isinstance(m, dict))
+
+
+def fake_embedding(text: str) -> list[float]:
+    """A deterministic 4-dimensional vector for a text (a test can recompute it)."""
+    return [float(len(text)), float(count_tokens(text)), float(sum(map(ord, text)) % 997), 0.5]
 
 
 @dataclass
@@ -126,8 +138,15 @@ class _Handler(BaseHTTPRequestHandler):
         reply = headers.get("x-fake-reply") or f"Hello! I am {model}, served by {self.fake.name}."
         usage = {"prompt_tokens": prompt_tokens(body), "completion_tokens": count_tokens(reply)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        if self.path.endswith("/embeddings"):
+            return self._embeddings(model, body)
         if body.get("stream") is True:
             return self._stream(model, reply, usage, body, headers)
+        if self.path.endswith("/completions") and not self.path.endswith("/chat/completions"):
+            answer = {"id": f"cmpl-{self.fake.name}-{len(self.fake.requests)}", "object": "text_completion",
+                      "created": int(time.time()), "model": model, "usage": usage,
+                      "choices": [{"index": 0, "text": reply, "logprobs": None, "finish_reason": "stop"}]}
+            return self._send(200, json.dumps(answer).encode(), "application/json")
         answer = {
             "id": f"chatcmpl-{self.fake.name}-{len(self.fake.requests)}",
             "object": "chat.completion",
@@ -148,10 +167,16 @@ class _Handler(BaseHTTPRequestHandler):
         base = {"id": f"chatcmpl-{self.fake.name}", "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
         events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": word + " "}, "finish_reason": None}]}
                   for word in reply.split()]
+        completion = not self.path.endswith("/chat/completions") and self.path.endswith("/completions")
+        if completion:  # the legacy text completion's stream: `text` instead of `delta`
+            base["object"] = "text_completion"
+            events = [{**base, "choices": [{"index": 0, "text": word + " ", "logprobs": None, "finish_reason": None}]}
+                      for word in reply.split()]
         if headers.get("x-fake-stream-error") == "1":
             events = events[:1] + [{"error": {"message": "the model failed mid-stream", "type": "server_error", "code": None}}]
         else:
-            events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            events.append({**base, "choices": [{"index": 0, **({"text": ""} if completion else {"delta": {}}),
+                                                "finish_reason": "stop"}]})
             if (body.get("stream_options") or {}).get("include_usage"):
                 events.append({**base, "choices": [], "usage": usage})
         payloads = [f"data: {json.dumps(event)}\n\n".encode() for event in events] + [b"data: [DONE]\n\n"]
@@ -167,6 +192,20 @@ class _Handler(BaseHTTPRequestHandler):
                 self._chunk(payload)
             self.recorded.event_times.append(time.time())
         self._chunk(b"")
+
+    def _embeddings(self, model: str, body: dict) -> None:
+        texts = body.get("input")
+        texts = texts if isinstance(texts, list) else [texts]
+        as_base64 = body.get("encoding_format") == "base64"  # what the openai SDK asks for by default
+        data = []
+        for i, text in enumerate(texts):
+            vector = fake_embedding(str(text))
+            encoded = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode() if as_base64 else vector
+            data.append({"object": "embedding", "index": i, "embedding": encoded})
+        tokens = prompt_tokens(body)
+        answer = {"object": "list", "data": data, "model": model,
+                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        self._send(200, json.dumps(answer).encode(), "application/json")
 
     def _chunk(self, data: bytes) -> None:
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")

@@ -60,6 +60,11 @@ Scenario 2, 50/50 across providers (qwen1.5-72b-chat or moonshot-v1-8k):
 
 The same without a proxy setting, naming the host in a header:
   curl http://{listen}/ -H 'Host: demo-llm-server' -H 'Content-Type: application/json' --data {body}
+
+An OpenAI base URL: embeddings, and the model list the gateway answers itself (docs/api.md):
+  curl -x {proxy} http://dashscope.aliyuncs.com/compatible-mode/v1/embeddings \\
+    -H 'Content-Type: application/json' --data '{{"model": "text-embedding-v3", "input": "Hi"}}'
+  curl -x {proxy} http://demo-llm-server/v1/models
 """
 
 

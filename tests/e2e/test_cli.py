@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 
+from extproc.demo.fake_provider import fake_embedding
 from helpers import CHAT, REPO, SEED_MANIFESTS, Gateway, free_port, wait_until
 
 
@@ -110,6 +111,13 @@ def test_demo_serves_the_three_scenarios_and_stops_cleanly(tmp_path):
         models = {gw.request("demo-llm-server", CHAT).json()["model"] for _ in range(40)}
         assert models == {"qwen1.5-72b-chat", "moonshot-v1-8k"}
         assert "llm_provider_api_moonshot_cn.upstream_rq_200" in gw.admin("/stats")
+        # the OpenAI base-URL examples it prints
+        assert "http://dashscope.aliyuncs.com/compatible-mode/v1/embeddings" in gw.log()
+        embedded = gw.request("dashscope.aliyuncs.com", {"model": "text-embedding-v3", "input": "Hi"},
+                              path="/compatible-mode/v1/embeddings")
+        assert embedded.json()["data"][0]["embedding"] == fake_embedding("Hi"), embedded.body
+        listing = gw.request("demo-llm-server", None, method="GET", path="/v1/models").json()
+        assert [m["id"] for m in listing["data"]] == ["qwen1.5-72b-chat", "moonshot-v1-8k"]
         process.send_signal(signal.SIGINT)
         assert process.wait(15) == 0
     finally:

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from extproc import h2_server as h2
 from extproc.config.loader import parse_object
 from extproc.errors import GatewayError
+from extproc import endpoints
 from extproc.rewrite import rewrite_body
 from extproc.routing import Target
 from extproc.sse import SSEReader
@@ -66,6 +67,27 @@ def test_any_json_gets_a_rewrite_or_a_4xx(value, target):
        st.sampled_from(TARGETS))
 def test_chat_shaped_json_gets_a_rewrite_or_a_4xx(value, target):
     _check_rewrite(json.dumps(value).encode(), target)
+
+
+@fuzz
+@given(st.dictionaries(st.sampled_from(["input", "prompt", "model", "stream", "stream_options", "encoding_format"]),
+                       json_values),
+       st.sampled_from([endpoints.EMBEDDINGS, endpoints.COMPLETIONS]),
+       st.sampled_from([*TARGETS, Target("r", "rule", "p", "h", "c", "/v1/chat/completions", "m", True, "k",
+                                         base_path="/v1", embedding_model="e")]))
+def test_embeddings_and_completions_get_a_rewrite_or_a_4xx(value, endpoint, target):
+    """Other endpoints: their own field required, the model configured for them or the client's."""
+    try:
+        out = rewrite_body(json.dumps(value).encode(), target, endpoint)
+    except GatewayError as exc:
+        assert 400 <= exc.status < 500 and json.loads(exc.body())["error"]["code"]
+        return
+    data = orjson.loads(out.body)
+    assert data[endpoint.required] == value[endpoint.required]
+    expected_model = target.embedding_model if endpoint is endpoints.EMBEDDINGS and target.embedding_model else value["model"]
+    assert data["model"] == out.model == expected_model
+    assert data.get("stream") == value.get("stream")  # the config's stream is chat's only
+    assert out.stream == (endpoint is endpoints.COMPLETIONS and value.get("stream") is True)
 
 
 @fuzz
