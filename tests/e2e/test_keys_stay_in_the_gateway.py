@@ -62,11 +62,11 @@ def tcp_serve(tmp_path, ca, fresh_providers, keys):
     from helpers import Gateway
 
     creds = token_files(tmp_path)
-    control, ext_proc, listen, admin = free_port(), free_port(), free_port(), free_port()
+    control, ext_proc, listen, admin, metrics = free_port(), free_port(), free_port(), free_port(), free_port()
     env = {**os.environ, **keys}
     serve = subprocess.Popen([sys.executable, "-m", "extproc", "serve", "--config", str(seed_dir(tmp_path, "01")),
                               "--listen", f"127.0.0.1:{control}", "--ext-proc-listen", f"127.0.0.1:{ext_proc}",
-                              "--auth-token-file", str(creds.token_file), "--metrics", "none",
+                              "--auth-token-file", str(creds.token_file), "--metrics", f"127.0.0.1:{metrics}",
                               *upstream_args(ca, fresh_providers)],
                              stdout=(tmp_path / "serve.log").open("wb"), stderr=subprocess.STDOUT, env=env)
     boot = subprocess.run([sys.executable, "-m", "extproc", "envoy-config", "--control", f"127.0.0.1:{control}",
@@ -78,7 +78,7 @@ def tcp_serve(tmp_path, ca, fresh_providers, keys):
     envoy = subprocess.Popen([envoy_binary(), "-c", str(tmp_path / "envoy.json"), "--disable-hot-restart",
                               "--concurrency", "1", "--log-level", "error"],
                              stdout=subprocess.DEVNULL, stderr=(tmp_path / "envoy.log").open("wb"))
-    gw = Gateway(envoy, listen, admin, tmp_path / "envoy.log")
+    gw = Gateway(envoy, listen, admin, tmp_path / "envoy.log", metrics_port=metrics)
 
     def answered() -> bool:
         try:
@@ -103,6 +103,8 @@ def test_serve_over_tcp_answers_only_the_right_token(tcp_serve, keys):
         assert refused == {"code": "UNAUTHENTICATED", "authorization": None, "status": None, "connected": True}, token
     accepted = ext_proc_client(target, DASHSCOPE, creds.token)
     assert accepted["code"] == "OK" and accepted["authorization"] == f"Bearer {keys['YOUR_DASHSCOPE_API_KEY']}"
+    # Envoy's access log reached the metrics: its access-log stream carried the token too
+    wait_until(lambda: sum(v for (name, _), v in gw.metrics().items() if name == "llm_gateway_requests_total") >= 1, 10)
     # Envoy's own token never shows in its config dump (nor the key)
     dump = gw.admin("/config_dump?include_eds")
     assert creds.token not in dump and keys["YOUR_DASHSCOPE_API_KEY"] not in dump

@@ -290,3 +290,28 @@ def test_a_namespace_that_may_not_use_a_route_gets_the_unknown_host_answer():
     assert ask(Identity("team-a", "envoy"), "a.example") == (200, [b"Bearer sk-team-a"])
     assert ask(Identity("team-b", "envoy"), "shared.example") == (200, [b"Bearer sk-shared"])
     assert ask(LOCAL, "a.example") == (200, [b"Bearer sk-team-a"])
+
+
+@pytest.mark.parametrize("socket_dir, token_sds, kind", [
+    ("/run/gw", None, "pipe"), (None, "/etc/gw/token-sds.json", "token"), (None, None, "plain"),
+])
+def test_control_plane_clusters(socket_dir, token_sds, kind):
+    from extproc.envoy_config import TOKEN_SECRET, BootstrapOptions, bootstrap
+
+    boot = bootstrap(BootstrapOptions(socket_dir=socket_dir, token_sds=token_sds))
+    clusters = boot["static_resources"]["clusters"][:2]
+    for cluster, sock in zip(clusters, ("xds.sock", "ext_proc.sock")):
+        address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+        filters = [f["name"] for f in options.get("http_filters", [])]
+        if kind == "pipe":
+            assert address == {"pipe": {"path": f"/run/gw/{sock}"}} and not filters
+        else:
+            assert "socket_address" in address
+            assert filters == (["envoy.filters.http.credential_injector", "envoy.filters.http.upstream_codec"]
+                               if kind == "token" else [])
+    if kind == "token":
+        injector = options["http_filters"][0]["typed_config"]["credential"]["typed_config"]
+        assert injector["credential"] == {"name": TOKEN_SECRET, "sds_config": {
+            "path_config_source": {"path": token_sds}, "resource_api_version": "V3"}}
+        assert injector["header"] == "authorization" and injector["header_value_prefix"] == "Bearer "
