@@ -140,3 +140,23 @@ def test_serve_refuses_tcp_without_a_token_and_a_socket_dir_it_does_not_own(tmp_
     loose.chmod(0o755)
     opened = run("--socket-dir", str(loose))
     assert opened.returncode == 1 and "must be 700" in opened.stderr
+
+
+def test_envoy_rereads_its_token_when_it_changes_on_disk(tcp_serve):
+    """As the kubelet rotates a projected token: a new file moved into the watched directory.
+    Envoy's next streams carry the new token (without a restart): a wrong one fails closed (500,
+    nothing forwarded), the right one serves again."""
+    gw, creds, control, ext_proc = tcp_serve
+
+    def rotate(token: str) -> None:
+        staged = creds.token_file.parent / ".token.new"
+        staged.write_text(token)
+        os.replace(staged, creds.token_file)
+
+    def status() -> int:
+        return gw.request(DASHSCOPE, {"messages": [{"role": "user", "content": "hi"}]}).status
+
+    rotate("w" * 43)
+    wait_until(lambda: status() == 500, 15, gw.log)
+    rotate(creds.token)
+    wait_until(lambda: status() == 200, 15, gw.log)
