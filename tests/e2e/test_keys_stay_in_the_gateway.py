@@ -160,3 +160,43 @@ def test_envoy_rereads_its_token_when_it_changes_on_disk(tcp_serve):
     wait_until(lambda: status() == 500, 15, gw.log)
     rotate(creds.token)
     wait_until(lambda: status() == 200, 15, gw.log)
+
+
+def test_serve_and_a_separate_envoy_over_unix_sockets(tmp_path, ca, fresh_providers, keys):
+    """`serve` without TCP flags listens on Unix sockets in --socket-dir; `envoy-config --socket-dir`
+    points a separately run Envoy there; both sockets 0600 in a 0700 directory, removed on exit."""
+    from extproc.runner import envoy_binary
+    from helpers import Gateway
+
+    socks = tmp_path / "socks"
+    listen, admin = free_port(), free_port()
+    serve = subprocess.Popen([sys.executable, "-m", "extproc", "serve", "--config", str(seed_dir(tmp_path, "01")),
+                              "--socket-dir", str(socks), "--metrics", "none", *upstream_args(ca, fresh_providers)],
+                             stdout=(tmp_path / "serve.log").open("wb"), stderr=subprocess.STDOUT,
+                             env={**os.environ, **keys})
+    boot = subprocess.run([sys.executable, "-m", "extproc", "envoy-config", "--socket-dir", str(socks),
+                           "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}", "--access-log", "none"],
+                          capture_output=True, check=True)
+    assert boot.stderr == b""  # no warning: local mode needs no token
+    (tmp_path / "envoy.json").write_bytes(boot.stdout)
+    envoy = subprocess.Popen([envoy_binary(), "-c", str(tmp_path / "envoy.json"), "--disable-hot-restart",
+                              "--concurrency", "1", "--log-level", "error"],
+                             stdout=subprocess.DEVNULL, stderr=(tmp_path / "envoy.log").open("wb"))
+    gw = Gateway(envoy, listen, admin, tmp_path / "envoy.log")
+
+    def answered() -> bool:
+        try:
+            return gw.request(DASHSCOPE, {"messages": [{"role": "user", "content": "hi"}]}).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_until(answered, 20, lambda: (tmp_path / "serve.log").read_text() + gw.log())
+        assert stat.S_IMODE(socks.stat().st_mode) == 0o700
+        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in socks.iterdir()} == {"xds.sock": 0o600,
+                                                                                    "ext_proc.sock": 0o600}
+    finally:
+        gw.stop()
+        serve.terminate()
+        serve.wait(10)
+    assert list(socks.iterdir()) == []
