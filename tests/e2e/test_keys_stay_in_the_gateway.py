@@ -62,11 +62,11 @@ def tcp_serve(tmp_path, ca, fresh_providers, keys):
     from helpers import Gateway
 
     creds = token_files(tmp_path)
-    control, ext_proc, listen, admin = free_port(), free_port(), free_port(), free_port()
+    control, ext_proc, listen, admin, metrics = free_port(), free_port(), free_port(), free_port(), free_port()
     env = {**os.environ, **keys}
     serve = subprocess.Popen([sys.executable, "-m", "extproc", "serve", "--config", str(seed_dir(tmp_path, "01")),
                               "--listen", f"127.0.0.1:{control}", "--ext-proc-listen", f"127.0.0.1:{ext_proc}",
-                              "--auth-token-file", str(creds.token_file), "--metrics", "none",
+                              "--auth-token-file", str(creds.token_file), "--metrics", f"127.0.0.1:{metrics}",
                               *upstream_args(ca, fresh_providers)],
                              stdout=(tmp_path / "serve.log").open("wb"), stderr=subprocess.STDOUT, env=env)
     boot = subprocess.run([sys.executable, "-m", "extproc", "envoy-config", "--control", f"127.0.0.1:{control}",
@@ -78,7 +78,7 @@ def tcp_serve(tmp_path, ca, fresh_providers, keys):
     envoy = subprocess.Popen([envoy_binary(), "-c", str(tmp_path / "envoy.json"), "--disable-hot-restart",
                               "--concurrency", "1", "--log-level", "error"],
                              stdout=subprocess.DEVNULL, stderr=(tmp_path / "envoy.log").open("wb"))
-    gw = Gateway(envoy, listen, admin, tmp_path / "envoy.log")
+    gw = Gateway(envoy, listen, admin, tmp_path / "envoy.log", metrics_port=metrics)
 
     def answered() -> bool:
         try:
@@ -103,6 +103,8 @@ def test_serve_over_tcp_answers_only_the_right_token(tcp_serve, keys):
         assert refused == {"code": "UNAUTHENTICATED", "authorization": None, "status": None, "connected": True}, token
     accepted = ext_proc_client(target, DASHSCOPE, creds.token)
     assert accepted["code"] == "OK" and accepted["authorization"] == f"Bearer {keys['YOUR_DASHSCOPE_API_KEY']}"
+    # Envoy's access log reached the metrics: its access-log stream carried the token too
+    wait_until(lambda: sum(v for (name, _), v in gw.metrics().items() if name == "llm_gateway_requests_total") >= 1, 10)
     # Envoy's own token never shows in its config dump (nor the key)
     dump = gw.admin("/config_dump?include_eds")
     assert creds.token not in dump and keys["YOUR_DASHSCOPE_API_KEY"] not in dump
@@ -138,3 +140,63 @@ def test_serve_refuses_tcp_without_a_token_and_a_socket_dir_it_does_not_own(tmp_
     loose.chmod(0o755)
     opened = run("--socket-dir", str(loose))
     assert opened.returncode == 1 and "must be 700" in opened.stderr
+
+
+def test_envoy_rereads_its_token_when_it_changes_on_disk(tcp_serve):
+    """As the kubelet rotates a projected token: a new file moved into the watched directory.
+    Envoy's next streams carry the new token (without a restart): a wrong one fails closed (500,
+    nothing forwarded), the right one serves again."""
+    gw, creds, control, ext_proc = tcp_serve
+
+    def rotate(token: str) -> None:
+        staged = creds.token_file.parent / ".token.new"
+        staged.write_text(token)
+        os.replace(staged, creds.token_file)
+
+    def status() -> int:
+        return gw.request(DASHSCOPE, {"messages": [{"role": "user", "content": "hi"}]}).status
+
+    rotate("w" * 43)
+    wait_until(lambda: status() == 500, 15, gw.log)
+    rotate(creds.token)
+    wait_until(lambda: status() == 200, 15, gw.log)
+
+
+def test_serve_and_a_separate_envoy_over_unix_sockets(tmp_path, ca, fresh_providers, keys):
+    """`serve` without TCP flags listens on Unix sockets in --socket-dir; `envoy-config --socket-dir`
+    points a separately run Envoy there; both sockets 0600 in a 0700 directory, removed on exit."""
+    from extproc.runner import envoy_binary
+    from helpers import Gateway
+
+    socks = tmp_path / "socks"
+    listen, admin = free_port(), free_port()
+    serve = subprocess.Popen([sys.executable, "-m", "extproc", "serve", "--config", str(seed_dir(tmp_path, "01")),
+                              "--socket-dir", str(socks), "--metrics", "none", *upstream_args(ca, fresh_providers)],
+                             stdout=(tmp_path / "serve.log").open("wb"), stderr=subprocess.STDOUT,
+                             env={**os.environ, **keys})
+    boot = subprocess.run([sys.executable, "-m", "extproc", "envoy-config", "--socket-dir", str(socks),
+                           "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}", "--access-log", "none"],
+                          capture_output=True, check=True)
+    assert boot.stderr == b""  # no warning: local mode needs no token
+    (tmp_path / "envoy.json").write_bytes(boot.stdout)
+    envoy = subprocess.Popen([envoy_binary(), "-c", str(tmp_path / "envoy.json"), "--disable-hot-restart",
+                              "--concurrency", "1", "--log-level", "error"],
+                             stdout=subprocess.DEVNULL, stderr=(tmp_path / "envoy.log").open("wb"))
+    gw = Gateway(envoy, listen, admin, tmp_path / "envoy.log")
+
+    def answered() -> bool:
+        try:
+            return gw.request(DASHSCOPE, {"messages": [{"role": "user", "content": "hi"}]}).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_until(answered, 20, lambda: (tmp_path / "serve.log").read_text() + gw.log())
+        assert stat.S_IMODE(socks.stat().st_mode) == 0o700
+        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in socks.iterdir()} == {"xds.sock": 0o600,
+                                                                                    "ext_proc.sock": 0o600}
+    finally:
+        gw.stop()
+        serve.terminate()
+        serve.wait(10)
+    assert list(socks.iterdir()) == []

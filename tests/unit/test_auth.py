@@ -4,6 +4,7 @@ compiles, `${VAR}` under --key-env, and the HTTP/2 server refusing streams witho
 from __future__ import annotations
 
 import asyncio
+import time
 import base64
 import json
 import os
@@ -290,3 +291,83 @@ def test_a_namespace_that_may_not_use_a_route_gets_the_unknown_host_answer():
     assert ask(Identity("team-a", "envoy"), "a.example") == (200, [b"Bearer sk-team-a"])
     assert ask(Identity("team-b", "envoy"), "shared.example") == (200, [b"Bearer sk-shared"])
     assert ask(LOCAL, "a.example") == (200, [b"Bearer sk-team-a"])
+
+
+@pytest.mark.parametrize("socket_dir, token_sds, kind", [
+    ("/run/gw", None, "pipe"), (None, "/etc/gw/token-sds.json", "token"), (None, None, "plain"),
+])
+def test_control_plane_clusters(socket_dir, token_sds, kind):
+    from extproc.envoy_config import TOKEN_SECRET, BootstrapOptions, bootstrap
+
+    boot = bootstrap(BootstrapOptions(socket_dir=socket_dir, token_sds=token_sds))
+    clusters = boot["static_resources"]["clusters"][:2]
+    for cluster, sock in zip(clusters, ("xds.sock", "ext_proc.sock")):
+        address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+        filters = [f["name"] for f in options.get("http_filters", [])]
+        if kind == "pipe":
+            assert address == {"pipe": {"path": f"/run/gw/{sock}"}} and not filters
+        else:
+            assert "socket_address" in address
+            assert filters == (["envoy.filters.http.credential_injector", "envoy.filters.http.upstream_codec"]
+                               if kind == "token" else [])
+    if kind == "token":
+        injector = options["http_filters"][0]["typed_config"]["credential"]["typed_config"]
+        assert injector["credential"] == {"name": TOKEN_SECRET, "sds_config": {
+            "path_config_source": {"path": token_sds}, "resource_api_version": "V3"}}
+        assert injector["header"] == "authorization" and injector["header_value_prefix"] == "Bearer "
+
+
+def test_h2_server_holds_frames_back_while_a_token_is_verified():
+    """A new token arrives in a header block split by CONTINUATION, with its messages and a second
+    stream in the same write: all wait for the review, then run in order, each stream once."""
+    import socket
+    import struct
+
+    import hpack
+
+    reviews: list[str] = []
+
+    def review(token, audience):
+        reviews.append(token)
+        time.sleep(0.2)  # a slow API server: the frames after the header block arrive meanwhile
+        return ReviewResult(True, "system:serviceaccount:team-a:envoy", (audience,))
+
+    def block() -> bytes:
+        return hpack.Encoder().encode([(":method", "POST"), (":scheme", "http"), (":path", METHOD), (":authority", "x"),
+                                       ("content-type", "application/grpc"), ("authorization", "Bearer slow-token")])
+
+    def message(data: bytes) -> bytes:
+        return struct.pack(">BI", 0, len(data)) + data
+
+    async def main():
+        server = await h2.serve("127.0.0.1", 0, {METHOD: Who}, 1 << 20, TokenReviewAuthenticator(review, AUD))
+        port = server.sockets[0].getsockname()[1]
+
+        def blocking():
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                first, second = block(), block()
+                sock.sendall(h2.PREFACE + h2.frame(h2.SETTINGS, 0, 0)
+                             + h2.frame(h2.HEADERS, 0, 1, first[:7]) + h2.frame(h2.CONTINUATION, h2.END_HEADERS, 1, first[7:])
+                             + h2.frame(h2.DATA, h2.END_STREAM, 1, message(b"x"))
+                             + h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, 3, second))
+                buf, frames = b"", []
+                while sum(1 for f in frames if f[0] == h2.HEADERS and f[1] & h2.END_STREAM) < 2:
+                    chunk = sock.recv(65536)
+                    assert chunk, "connection closed"
+                    buf += chunk
+                    while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
+                        length = int.from_bytes(buf[:3], "big")
+                        frames.append((buf[3], buf[4], int.from_bytes(buf[5:9], "big"), buf[9:9 + length]))
+                        buf = buf[9 + length:]
+                return frames
+        try:
+            return await asyncio.to_thread(blocking)
+        finally:
+            server.close()
+
+    frames = asyncio.run(main())
+    for sid in (1, 3):
+        data = b"".join(f[3] for f in frames if f[0] == h2.DATA and f[2] == sid)
+        assert data == struct.pack(">BI", 0, 12) + b"team-a/envoy", (sid, frames)
+    assert reviews == ["slow-token"]
