@@ -22,6 +22,7 @@ from .config.problems import ConfigError
 from .config.watch import FileSource
 from .control import ControlPlane
 from .envoy_config import DEFAULT_BODY_LIMIT, DEFAULT_BODY_TIMEOUT_S, BootstrapOptions, HostPort, UpstreamOptions, bootstrap
+from .gateways import MESH_VIEW, View
 from .ops_http import OpsServer
 
 log = logging.getLogger("extproc.runner")
@@ -64,18 +65,20 @@ class UpOptions:
     access_log: str | None = "/dev/stdout"
     kubernetes: bool = False
     namespace: str | None = None  # with `kubernetes`: one namespace, or all
+    view: View = MESH_VIEW  # the mesh, or the egress gateway this is (see extproc.gateways)
 
 
-def config_source(paths: list[str], kubernetes: bool, namespace: str | None, apply, reload_interval: float = 1.0):
+def config_source(paths: list[str], kubernetes: bool, namespace: str | None, apply, reload_interval: float = 1.0,
+                  view: View = MESH_VIEW):
     """The files, or the Kubernetes API server."""
     if kubernetes:
         from .config.kubernetes import KubernetesSource
 
         try:
-            return KubernetesSource(apply, namespace)
+            return KubernetesSource(apply, namespace, view=view)
         except Exception as exc:  # no kubeconfig, unreadable service account
             raise StartupError(f"cannot reach Kubernetes: {exc}") from None
-    return FileSource(paths, apply, reload_interval)
+    return FileSource(paths, apply, reload_interval, view)
 
 
 async def wait_ready(admin: HostPort, process: asyncio.subprocess.Process, timeout: float = 30.0) -> None:
@@ -108,7 +111,7 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
     """Run until a signal or until Envoy exits. Returns the process exit code."""
     binary = envoy_binary()
     control = ControlPlane(opts.upstream, opts.body_limit)
-    source = config_source(opts.config, opts.kubernetes, opts.namespace, control.apply, opts.reload_interval)
+    source = config_source(opts.config, opts.kubernetes, opts.namespace, control.apply, opts.reload_interval, opts.view)
     ops = OpsServer(control.metrics.registry, lambda: control.loaded)
     try:
         port = await control.start(opts.control)

@@ -28,6 +28,7 @@ from google.protobuf import struct_pb2
 
 from .envoy_config import DEFAULT_BODY_LIMIT, LOCAL_REPLIES
 from .errors import GatewayError
+from .gateways import refusal
 from .names import CLUSTER_HEADER, INTERNAL_HEADER_PREFIX, METADATA_NAMESPACE
 from .rewrite import rewrite_body
 from .routing import RoutingTable, Target
@@ -129,7 +130,8 @@ class ExternalProcessor:
                 strip.append(key)
         route = self._holder.table.route_for(authority)
         if route is None:
-            raise GatewayError(404, f"no LLMRoute or LLMProvider serves host {authority!r}", "unknown_host")
+            raise refusal(self._holder.table, authority) or GatewayError(
+                404, f"no LLMRoute or LLMProvider serves host {authority!r}", "unknown_host")
         if method != "POST":
             raise GatewayError(405, f"method {method} not allowed: send a POST with a chat request", "method_not_allowed")
         if headers_msg.end_of_stream:
