@@ -12,7 +12,7 @@ import sys
 from .config.problems import ConfigError
 from .config.watch import load_config
 from .envoy_config import DEFAULT_BODY_LIMIT, DEFAULT_BODY_TIMEOUT_S, SYSTEM_CA_BUNDLE, BootstrapOptions, HostPort, UpstreamOptions, bootstrap
-from .gateways import add_gateway_args, view_from_args
+from .gateways import add_gateway_args, forward_of, view_from_args
 from .runner import StartupError, UpOptions, config_source, load_initial, run_up
 
 log = logging.getLogger("extproc")
@@ -266,6 +266,9 @@ def cmd_route(args: argparse.Namespace) -> int:
             return 2
         headers[name.strip().lower()] = value.strip()
     route = compiled.table.route_for(args.host)
+    if route is None and forward_of(compiled.table, args.host):
+        print(forward_of(compiled.table, args.host))
+        return 0
     if route is None:
         print(f"no LLMRoute or LLMProvider serves host {args.host!r}: the request gets 404")
         return 1

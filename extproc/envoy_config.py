@@ -331,13 +331,14 @@ def route_configuration(hosts: list[str], route_timeout_s: int = 300, forwarded:
     """The sidecar's routes (sent over RDS): the LLM host names through the gateway, anything else
     to where the application sent it, with none of the gateway's filters on the way. `forwarded`
     (host -> cluster) are hosts an egress gateway decides: sent to its cluster as they came, Host
-    kept (see `extproc.gateways`); a host also in `hosts` is decided here."""
+    kept (see `extproc.gateways`). A host in both (only while a change rolls out: the union of old
+    and new) is forwarded: the gateway decides it, the sidecar's ext_proc would refuse it."""
     passthrough = {"name": "passthrough", "domains": ["*"], "routes": [_untouched_route(PASSTHROUGH_CLUSTER)]}
-    hosts = sorted(set(hosts))
+    forwarded = forwarded or {}
+    hosts = sorted(set(hosts) - set(forwarded))
     by_cluster: dict[str, list[str]] = {}
-    for host, cluster in sorted((forwarded or {}).items()):
-        if host not in hosts:
-            by_cluster.setdefault(cluster, []).append(host)
+    for host, cluster in sorted(forwarded.items()):
+        by_cluster.setdefault(cluster, []).append(host)
     egress = [{"name": cluster, "domains": domains, "routes": [_untouched_route(cluster)]}
               for cluster, domains in sorted(by_cluster.items())]
     return {"name": ROUTE_CONFIG_NAME,

@@ -195,6 +195,15 @@ def egress_clusters(table: RoutingTable) -> dict[str, dict]:
     return {forward.cluster: egress_cluster(forward) for forward in table.forwarded.values()}
 
 
+def forward_of(table: RoutingTable, host: str) -> str | None:
+    """For the dry run: where a forwarded host goes, in one line."""
+    forward = table.forwarded.get(normalize_host(host))
+    if forward is None:
+        return None
+    return (f"host {normalize_host(host)!r} is decided by the egress gateway {forward.gateway}: the sidecars send it "
+            f"to {forward.address} (cluster {forward.cluster}); add --gateway {forward.gateway} to see its decision")
+
+
 def refusal(table: RoutingTable, authority: str) -> GatewayError | None:
     """The sidecars' ext_proc never decides a forwarded host (their Envoy sends it to the gateway
     without asking; this answers anything that asks anyway): a JSON 404 that says where it is

@@ -167,3 +167,69 @@ def test_sidecar_sends_gateway_bound_hosts_to_the_egress_gateway_which_alone_hol
     # its ext_proc was asked about Moonshot only: the gateway-bound requests passed it by
     assert after["http.llm_gateway.ext_proc.request.streams_started"] - before["http.llm_gateway.ext_proc.request.streams_started"] == 1
     assert after["cluster.llm_egress_llm-gateway_egress.upstream_rq_200"] - before["cluster.llm_egress_llm-gateway_egress.upstream_rq_200"] == 2
+
+
+def test_validate_and_route_on_the_command_line(tmp_path, keys):
+    config = gateway_bound_config(tmp_path)
+
+    def extproc(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "extproc", *args], capture_output=True, text=True,
+                              env={**os.environ, **keys}, timeout=30)
+
+    unknown = extproc("validate", str(config))
+    assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
+    assert (f"{config / '02-LLMRoute.yaml'}: LLMRoute default/dashscope-route: spec.gateways[0]: no egress gateway "
+            f"{GATEWAY} is known (known: none; declare one with --egress-gateway)") in unknown.stderr
+    assert extproc("validate", str(config), "--egress-gateway", GATEWAY).returncode == 0
+    assert extproc("validate", str(config), "--gateway", GATEWAY).returncode == 0
+    bad = extproc("validate", str(config), "--egress-gateway", "egress")
+    assert bad.returncode == 2 and "'egress' is not NAMESPACE/NAME" in bad.stderr
+
+    mesh = extproc("route", "--config", str(config), "--host", DASHSCOPE, "--egress-gateway", f"{GATEWAY}=10.1.2.3:8080")
+    assert mesh.returncode == 0, mesh.stderr
+    assert f"decided by the egress gateway {GATEWAY}: the sidecars send it to 10.1.2.3:8080" in mesh.stdout
+    there = extproc("route", "--config", str(config), "--host", DASHSCOPE, "--gateway", GATEWAY, "-H", "user-type: subscriber")
+    assert there.returncode == 0 and "rule: vip-route" in there.stdout and "provider default/dashscope-qwen" in there.stdout
+    assert all(key not in mesh.stdout + there.stdout for key in keys.values())
+
+
+def test_a_host_moves_between_the_mesh_and_the_gateway_while_running(two_envoys, fresh_providers, keys, tmp_path):
+    """Binding Moonshot's host to the gateway, then unbinding it: the sidecar follows each change
+    (routes over RDS, the gateway's cluster over CDS) and the key goes where the decision is."""
+    gateway, sidecar = two_envoys
+    wait_until(lambda: sidecar.answers(MOONSHOT) and sidecar.answers(DASHSCOPE), 30, sidecar.logs, interval=0.2)
+    moon_route = tmp_path / "config" / "07-moonshot-route.yaml"
+    moon_route.write_text(f"""apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMRoute
+metadata:
+  name: moonshot-route
+spec:
+  host: {MOONSHOT}
+  gateways: [{GATEWAY}]
+  rules:
+  - backendRefs:
+    - providerHost: {MOONSHOT}
+""")
+
+    def gateway_sent_to_moonshot() -> int:
+        stats = (line.partition(": ") for line in gateway.admin("/stats").splitlines())
+        return next((int(v) for name, _, v in stats if name == "cluster.llm_provider_api_moonshot_cn.upstream_rq_200"), 0)
+
+    def decided_by_gateway() -> bool:
+        before = gateway_sent_to_moonshot()
+        return sidecar.answers(MOONSHOT) and gateway_sent_to_moonshot() == before + 1
+
+    wait_until(decided_by_gateway, 20, sidecar.logs, interval=0.3)
+    assert "llm_provider_api_moonshot_cn" not in sidecar.admin_get("/config_dump")  # the sidecar no longer needs it
+    fresh_providers[MOONSHOT].clear()
+    assert sidecar.answers(MOONSHOT)
+    assert fresh_providers[MOONSHOT].requests[-1].headers["authorization"] == f"Bearer {keys['YOUR_MOONSHOT_API_KEY']}"
+
+    moon_route.unlink()  # back to the mesh
+    wait_until(lambda: "llm_provider_api_moonshot_cn" in sidecar.admin_get("/config_dump") and sidecar.answers(MOONSHOT),
+               20, sidecar.logs, interval=0.3)
+    before = gateway_sent_to_moonshot()
+    started = sidecar.counters()["http.llm_gateway.ext_proc.request.streams_started"]
+    assert sidecar.answers(MOONSHOT)
+    assert sidecar.counters()["http.llm_gateway.ext_proc.request.streams_started"] == started + 1  # decided in the sidecar
+    assert gateway_sent_to_moonshot() == before

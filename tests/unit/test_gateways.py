@@ -220,10 +220,10 @@ def test_sidecar_routes_send_forwarded_hosts_to_the_gateway_untouched():
         "chat": "llm_egress_llm-gateway_egress", "chat.default": "llm_egress_llm-gateway_egress",
         "talk": "llm_egress_llm-gateway_other", "shared": "llm_egress_llm-gateway_other"})
     llm, egress, other, passthrough = config["virtual_hosts"]
-    assert llm["domains"] == ["b.example.com", "shared"]  # decided here wins over forwarded
+    assert llm["domains"] == ["b.example.com"]  # a host in both (a change rolling out) goes to the gateway
     assert llm["routes"][0]["route"]["cluster_header"] == CLUSTER_HEADER
     assert (egress["name"], egress["domains"]) == ("llm_egress_llm-gateway_egress", ["chat", "chat.default"])
-    assert (other["name"], other["domains"]) == ("llm_egress_llm-gateway_other", ["talk"])
+    assert (other["name"], other["domains"]) == ("llm_egress_llm-gateway_other", ["shared", "talk"])
     route_ = egress["routes"][0]
     assert route_["route"] == {"cluster": "llm_egress_llm-gateway_egress", "timeout": "0s"}  # no host rewrite
     assert route_["typed_per_filter_config"] == passthrough["routes"][0]["typed_per_filter_config"]
