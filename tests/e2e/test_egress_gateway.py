@@ -70,7 +70,10 @@ class Sidecar:
             conn.request("POST", "/", body=json.dumps(body), headers={"host": host, "content-type": "application/json",
                                                                       **(headers or {})})
             response = conn.getresponse()
-            return response.status, json.loads(response.read() or b"null")
+            data = response.read()
+            if response.getheader("content-type", "").startswith("text/event-stream"):
+                return response.status, data.decode()
+            return response.status, json.loads(data or b"null")
         finally:
             conn.close()
 
@@ -141,6 +144,14 @@ def test_sidecar_sends_gateway_bound_hosts_to_the_egress_gateway_which_alone_hol
     decided = gateway.access_entries()[gateway_before:]
     assert {(e["route"], e["host"]) for e in decided} == {("default/dashscope-route", DASHSCOPE)}
     assert {e["rule"] for e in decided} == {"vip-route", "rules[1]"}
+    # a streamed answer comes through both Envoys as events, and the gateway counts its tokens
+    status, events = sidecar.request(DASHSCOPE, {**CHAT, "stream": True})
+    assert status == 200 and events.rstrip().endswith("data: [DONE]") and '"usage"' in events, events
+    tokens = ("gen_ai_client_token_usage_count", frozenset({
+        ("gen_ai_operation_name", "chat"), ("gen_ai_provider_name", DASHSCOPE), ("gen_ai_request_model", "qwen1.5-72b-chat"),
+        ("gen_ai_response_model", "qwen1.5-72b-chat"), ("llm_route", "default/dashscope-route"), ("llm_rule", "rules[1]"),
+        ("llm_provider", "default/dashscope-qwen"), ("gen_ai_token_type", "output")}))
+    wait_until(lambda: gateway.metrics().get(tokens, 0) >= 2, 10, lambda: str(gateway.metrics()))
 
     # a host of the mesh (no route binds Moonshot elsewhere) is still decided by the sidecar itself
     status, answer = sidecar.request(MOONSHOT, CHAT)
@@ -166,7 +177,7 @@ def test_sidecar_sends_gateway_bound_hosts_to_the_egress_gateway_which_alone_hol
     after = sidecar.counters()
     # its ext_proc was asked about Moonshot only: the gateway-bound requests passed it by
     assert after["http.llm_gateway.ext_proc.request.streams_started"] - before["http.llm_gateway.ext_proc.request.streams_started"] == 1
-    assert after["cluster.llm_egress_llm-gateway_egress.upstream_rq_200"] - before["cluster.llm_egress_llm-gateway_egress.upstream_rq_200"] == 2
+    assert after["cluster.llm_egress_llm-gateway_egress.upstream_rq_200"] - before["cluster.llm_egress_llm-gateway_egress.upstream_rq_200"] == 3
 
 
 def test_validate_and_route_on_the_command_line(tmp_path, keys):
