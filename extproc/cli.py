@@ -15,6 +15,7 @@ from .config.watch import load_config
 from .auth import DEFAULT_AUDIENCE, home_namespace
 from .envoy_config import (DEFAULT_BODY_LIMIT, DEFAULT_BODY_TIMEOUT_S, SYSTEM_CA_BUNDLE, BootstrapOptions, HostPort,
                            UpstreamOptions, bootstrap, token_sds)
+from .gateways import add_gateway_args, forward_of, view_from_args
 from .runner import StartupError, UpOptions, config_source, load_initial, run_up
 
 log = logging.getLogger("extproc")
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="file for Envoy's JSON access log, a line per request (default /dev/stdout; 'none' for none)")
     _add_upstream_args(up)
     _add_key_args(up)
+    add_gateway_args(up)
 
     demo = sub.add_parser("demo", parents=[common], help="the embedded default: fake local providers, the seed manifests, ready-to-paste curls")
     demo.add_argument("--listen", type=_host_port, default=HostPort("127.0.0.1", 10000), metavar="HOST:PORT")
@@ -159,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_metrics_arg(serve, "0.0.0.0:9464")
     _add_upstream_args(serve)
     _add_key_args(serve)
+    add_gateway_args(serve)
 
     ec = sub.add_parser("envoy-config", parents=[common], help="print the Envoy bootstrap (JSON); it holds no API key")
     ec.add_argument("--control", type=_host_port, default=HostPort("127.0.0.1", 18000), metavar="HOST:PORT",
@@ -187,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", parents=[common], help="check config files; exit 1 and name file, object and field of each error")
     val.add_argument("paths", nargs="+", metavar="PATH")
+    add_gateway_args(val)
 
     sub.add_parser("crds", parents=[common], help="print the CustomResourceDefinitions (k8s/crds.yaml)")
 
@@ -194,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--config", action="append", required=True, metavar="PATH")
     route.add_argument("--host", required=True, help="the request's host (Host header or URL host)")
     route.add_argument("-H", "--header", action="append", default=[], metavar="NAME:VALUE", help="a request header (repeatable)")
+    add_gateway_args(route)
     return parser
 
 
@@ -222,7 +227,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                      envoy_log_level=args.envoy_log_level,
                      metrics=args.metrics, access_log=_access_log(args.access_log),
                      kubernetes=args.kubernetes, namespace=args.namespace, key_env=dict(args.key_env),
-                     home=home_namespace(args.control_namespace))
+                     home=home_namespace(args.control_namespace), view=view_from_args(args))
     return asyncio.run(run_up(opts))
 
 
@@ -264,7 +269,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         socket_dir, authenticator = _serve_transport(args)
         control = ControlPlane(_upstream(args), args.body_limit)
         source = config_source(args.config or [], args.kubernetes, args.namespace, control.apply,
-                               key_env=dict(args.key_env), home=home_namespace(args.control_namespace))
+                               key_env=dict(args.key_env), home=home_namespace(args.control_namespace),
+                               view=view_from_args(args))
         await load_initial(source)
         ops = OpsServer(control.metrics.registry, lambda: control.loaded)
         try:
@@ -311,10 +317,10 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_or_report(paths: list[str]):
+def _load_or_report(paths: list[str], args: argparse.Namespace | None = None):
     """The compiled config, or None after printing every error."""
     try:
-        return load_config(paths)
+        return load_config(paths, view=view_from_args(args))
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
@@ -322,7 +328,7 @@ def _load_or_report(paths: list[str]):
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    compiled = _load_or_report(args.paths)
+    compiled = _load_or_report(args.paths, args)
     if compiled is None:
         return 1
     for problem in compiled.problems:
@@ -333,7 +339,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    compiled = _load_or_report(args.config)
+    compiled = _load_or_report(args.config, args)
     if compiled is None:
         return 1
     headers: dict[str, str] = {}
@@ -344,6 +350,9 @@ def cmd_route(args: argparse.Namespace) -> int:
             return 2
         headers[name.strip().lower()] = value.strip()
     route = compiled.table.route_for(args.host)
+    if route is None and forward_of(compiled.table, args.host):
+        print(forward_of(compiled.table, args.host))
+        return 0
     if route is None:
         print(f"no LLMRoute or LLMProvider serves host {args.host!r}: the request gets 404")
         return 1

@@ -24,6 +24,7 @@ from .config.compile import Compiled
 from .envoy_config import (DEFAULT_BODY_LIMIT, HostPort, UpstreamOptions, provider_cluster, route_configuration,
                            to_cluster_proto, to_route_proto)
 from .auth import Authenticator, GrpcAuthInterceptor
+from .gateways import egress_clusters, forwarded_clusters
 from .h2_server import serve as serve_h2
 from .h2_server import serve_unix as serve_h2_unix
 from .metrics import GatewayMetrics
@@ -97,17 +98,22 @@ class ControlPlane:
             await self._server.stop(grace)
 
     def _clusters(self, table: RoutingTable) -> dict[str, dict]:
-        return {name: provider_cluster(name, host, self.upstream) for host, name in table.clusters.items()}
+        clusters = {name: provider_cluster(name, host, self.upstream) for host, name in table.clusters.items()}
+        clusters.update(egress_clusters(table))  # the egress gateways sidecars send hosts to
+        return clusters
 
     async def apply(self, compiled: Compiled) -> None:
         new = compiled.table
         old_clusters, new_clusters = self._clusters(self.holder.table), self._clusters(new)
         old_hosts, new_hosts = set(self.holder.table.routes), set(new.routes)
+        old_forwarded, new_forwarded = forwarded_clusters(self.holder.table), forwarded_clusters(new)
         first = self.clusters.version == 0
-        if first or new_clusters != old_clusters or new_hosts != old_hosts:
+        if first or new_clusters != old_clusters or new_hosts != old_hosts or new_forwarded != old_forwarded:
             union_clusters = {**old_clusters, **new_clusters}
             union_hosts = old_hosts | new_hosts
-            versions = (await self._publish_clusters(union_clusters), await self._publish_hosts(union_hosts))
+            union_forwarded = {**old_forwarded, **new_forwarded}
+            versions = (await self._publish_clusters(union_clusters),
+                        await self._publish_hosts(union_hosts, union_forwarded))
             for publisher, version in zip((self.clusters, self.routes), versions):
                 if not await publisher.wait_answered(version, ACK_TIMEOUT_S):
                     log.warning("not every Envoy answered %s version %d within %.0fs", publisher.type_url, version,
@@ -115,8 +121,8 @@ class ControlPlane:
             self.holder.table = new
             if union_clusters != new_clusters:
                 await self._publish_clusters(new_clusters)
-            if union_hosts != new_hosts:
-                await self._publish_hosts(new_hosts)
+            if union_hosts != new_hosts or union_forwarded != new_forwarded:
+                await self._publish_hosts(new_hosts, new_forwarded)
         else:
             self.holder.table = new
         self.loaded = True
@@ -125,5 +131,5 @@ class ControlPlane:
     async def _publish_clusters(self, clusters: dict[str, dict]) -> int:
         return await self.clusters.publish([to_cluster_proto(c) for c in clusters.values()])
 
-    async def _publish_hosts(self, hosts: set[str]) -> int:
-        return await self.routes.publish([to_route_proto(route_configuration(sorted(hosts)))])
+    async def _publish_hosts(self, hosts: set[str], forwarded: dict[str, str] | None = None) -> int:
+        return await self.routes.publish([to_route_proto(route_configuration(sorted(hosts), forwarded=forwarded))])

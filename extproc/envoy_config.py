@@ -317,28 +317,38 @@ def _llm_virtual_host(domains: list[str], route_timeout_s: int) -> dict:
     }
 
 
-def route_configuration(hosts: list[str], route_timeout_s: int = 300) -> dict:
-    """The sidecar's routes (sent over RDS): the LLM host names through the gateway, anything else
-    to where the application sent it, with none of the gateway's filters on the way."""
+def _untouched_route(cluster: str) -> dict:
+    """A route to `cluster` with none of the gateway's filters: the request leaves as it came."""
     off = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
-    passthrough = {
-        "name": "passthrough",
-        "domains": ["*"],
-        "routes": [{
-            "match": {"prefix": "/"},
-            "route": {"cluster": PASSTHROUGH_CLUSTER, "timeout": "0s"},
-            "typed_per_filter_config": {
-                "envoy.filters.http.ext_proc": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-                    "disabled": True},
-                "envoy.filters.http.json_to_metadata": off,
-                "llm_gateway.event_stream": off,
-            },
-        }],
+    return {
+        "match": {"prefix": "/"},
+        "route": {"cluster": cluster, "timeout": "0s"},
+        "typed_per_filter_config": {
+            "envoy.filters.http.ext_proc": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+                "disabled": True},
+            "envoy.filters.http.json_to_metadata": off,
+            "llm_gateway.event_stream": off,
+        },
     }
-    hosts = sorted(set(hosts))
+
+
+def route_configuration(hosts: list[str], route_timeout_s: int = 300, forwarded: dict[str, str] | None = None) -> dict:
+    """The sidecar's routes (sent over RDS): the LLM host names through the gateway, anything else
+    to where the application sent it, with none of the gateway's filters on the way. `forwarded`
+    (host -> cluster) are hosts an egress gateway decides: sent to its cluster as they came, Host
+    kept (see `extproc.gateways`). A host in both (only while a change rolls out: the union of old
+    and new) is forwarded: the gateway decides it, the sidecar's ext_proc would refuse it."""
+    passthrough = {"name": "passthrough", "domains": ["*"], "routes": [_untouched_route(PASSTHROUGH_CLUSTER)]}
+    forwarded = forwarded or {}
+    hosts = sorted(set(hosts) - set(forwarded))
+    by_cluster: dict[str, list[str]] = {}
+    for host, cluster in sorted(forwarded.items()):
+        by_cluster.setdefault(cluster, []).append(host)
+    egress = [{"name": cluster, "domains": domains, "routes": [_untouched_route(cluster)]}
+              for cluster, domains in sorted(by_cluster.items())]
     return {"name": ROUTE_CONFIG_NAME,
-            "virtual_hosts": ([_llm_virtual_host(hosts, route_timeout_s)] if hosts else []) + [passthrough]}
+            "virtual_hosts": ([_llm_virtual_host(hosts, route_timeout_s)] if hosts else []) + egress + [passthrough]}
 
 
 def to_route_proto(route_config: dict):

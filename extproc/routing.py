@@ -93,11 +93,21 @@ class Route:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """A host this proxy does not decide: its plain HTTP goes to an egress gateway (see `gateways`)."""
+
+    gateway: str  # "namespace/name"
+    cluster: str  # the sidecars' cluster for the gateway's Service
+    address: str  # "host:port" of the gateway's Service
+
+
 @dataclass(frozen=True)
 class RoutingTable:
     routes: Mapping[str, Route]  # by every host name the route answers to (lower case, no port)
     clusters: Mapping[str, str]  # provider host -> cluster name, for xDS
     version: str = "0"
+    forwarded: Mapping[str, Forward] = field(default_factory=dict)  # host -> egress gateway (mesh view)
 
     def route_for(self, authority: str) -> Route | None:
         return self.routes.get(normalize_host(authority))

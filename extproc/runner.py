@@ -23,6 +23,7 @@ from .control import ControlPlane
 from .auth import StaticToken, private_dir
 from .envoy_config import (DEFAULT_BODY_LIMIT, DEFAULT_BODY_TIMEOUT_S, BootstrapOptions, HostPort, UpstreamOptions, bootstrap,
                            token_sds)
+from .gateways import MESH_VIEW, View
 from .ops_http import OpsServer
 
 log = logging.getLogger("extproc.runner")
@@ -70,20 +71,21 @@ class UpOptions:
     # Envoy reaches the control plane over Unix sockets in a private directory. For measuring and
     # tests only: a token here makes it TCP on loopback, with that token.
     tcp_token: str | None = None
+    view: View = MESH_VIEW  # the mesh, or the egress gateway this is (see extproc.gateways)
 
 
 def config_source(paths: list[str], kubernetes: bool, namespace: str | None, apply, reload_interval: float = 1.0,
-                  key_env: dict[str, str] | None = None, home: str | None = None):
+                  key_env: dict[str, str] | None = None, home: str | None = None, view: View = MESH_VIEW):
     """The files, or the Kubernetes API server (where `${NAME}` expands only as `key_env` binds it,
     and `home` is the control plane's namespace, whose objects every namespace may use)."""
     if kubernetes:
         from .config.kubernetes import KubernetesSource
 
         try:
-            return KubernetesSource(apply, namespace, key_env=key_env or {}, home=home)
+            return KubernetesSource(apply, namespace, key_env=key_env or {}, home=home, view=view)
         except Exception as exc:  # no kubeconfig, unreadable service account
             raise StartupError(f"cannot reach Kubernetes: {exc}") from None
-    return FileSource(paths, apply, reload_interval)
+    return FileSource(paths, apply, reload_interval, view)
 
 
 async def wait_ready(admin: HostPort, process: asyncio.subprocess.Process, timeout: float = 30.0) -> None:
@@ -117,7 +119,7 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
     binary = envoy_binary()
     control = ControlPlane(opts.upstream, opts.body_limit)
     source = config_source(opts.config, opts.kubernetes, opts.namespace, control.apply, opts.reload_interval,
-                           opts.key_env, opts.home)
+                           opts.key_env, opts.home, opts.view)
     ops = OpsServer(control.metrics.registry, lambda: control.loaded)
     workdir = Path(private_dir())  # 0700: the sockets, the bootstrap; removed on exit
     local = opts.tcp_token is None

@@ -31,6 +31,7 @@ from . import endpoints
 from .endpoints import Endpoint
 from .envoy_config import DEFAULT_BODY_LIMIT, LOCAL_REPLIES
 from .errors import GatewayError
+from .gateways import refusal
 from .names import CLUSTER_HEADER, INTERNAL_HEADER_PREFIX, METADATA_NAMESPACE
 from .rewrite import rewrite_body
 from .routing import Route, RoutingTable, Target
@@ -154,7 +155,8 @@ class ExternalProcessor:
                 strip.append(key)
         route = self._holder.table.route_for(authority)
         if route is None or not may_use(namespace, route.visible):
-            raise GatewayError(404, f"no LLMRoute or LLMProvider serves host {authority!r}", "unknown_host")
+            raise (refusal(self._holder.table, authority) if route is None else None) or GatewayError(
+                404, f"no LLMRoute or LLMProvider serves host {authority!r}", "unknown_host")
         endpoint = endpoints.recognize(method, path, route.bases)
         if endpoint is endpoints.MODELS:
             raise _Reply(_model_list(route, authority))

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 from ..auth import may_use, visible_to
 from ..endpoints import base_path, route_bases
+from ..gateways import MESH_VIEW, View, declared_binding, forward_to, gateway_ref, provider_binding, route_binding
 from ..names import provider_cluster
-from ..routing import HeaderCondition, Route, RoutingTable, Rule, Target, host_aliases
+from ..routing import Forward, HeaderCondition, Route, RoutingTable, Rule, Target, host_aliases
 from .loader import Loaded
 from .models import LLMProvider, LLMRoute, OpenAIConfig, unimplemented_fields
 from .problems import Problem
@@ -28,8 +29,13 @@ class Compiled:
     accepted: list[Loaded]  # the objects that made it into the table
 
 
-def compile_config(objects: list[Loaded], namespaces: bool = False, home: str | None = None) -> Compiled:
-    """With `namespaces` (Kubernetes, where each namespace has its own authors), a route may use
+def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bool = False,
+                   home: str | None = None) -> Compiled:
+    """The routing table for `view` (the mesh, or one egress gateway; see `extproc.gateways`).
+    Which objects are accepted does not depend on the view, except that the mesh view also
+    refuses a route naming an egress gateway it does not know.
+
+    With `namespaces` (Kubernetes, where each namespace has its own authors), a route may use
     only providers exported to its namespace, and each route records the namespaces whose
     workloads may use it (see `extproc.auth.visible_to`; `home` is the control plane's namespace).
     Without (files, which the operator writes), every object may use every other."""
@@ -56,38 +62,76 @@ def compile_config(objects: list[Loaded], namespaces: bool = False, home: str | 
         providers[spec.host] = obj
 
     routes: dict[str, Route] = {}
-    owner: dict[str, Loaded] = {}
+    forwarded: dict[str, Forward] = {}
+    used: set[str] = set()  # provider hosts the routes served here send to
+    owner: dict[tuple[str, str], Loaded] = {}  # (mesh or gateway, host name) -> the route holding it
     accepted: list[Loaded] = []
     for obj in objects:
         if not isinstance(obj.resource, LLMRoute):
+            continue
+        spec, namespace = obj.resource.spec, obj.resource.metadata.namespace
+        check = route_binding(spec.gateways, namespace, view)
+        if check.errors:
+            problems.extend(Problem(message, file=obj.file, obj=obj.label, field=path, reason=reason)
+                            for path, message, reason in check.errors)
             continue
         route, route_problems = _compile_route(obj, providers, home if namespaces else None, namespaces)
         if route_problems:
             problems.extend(route_problems)
             continue
-        aliases = host_aliases(obj.resource.spec.host, obj.resource.metadata.namespace)
-        clash = next((name for name in aliases if name in owner), None)
+        # Two routes may share a host only when no proxy is bound to both (Istio's rule).
+        aliases = host_aliases(spec.host, namespace)
+        clash = next(((name, owner[(b, name)]) for name in aliases for b in sorted(check.binding) if (b, name) in owner),
+                     None)
         if clash is not None:
-            problems.append(Problem(f"host {clash!r} is already routed by {owner[clash].label}",
+            problems.append(Problem(f"host {clash[0]!r} is already routed by {clash[1].label}",
                                     file=obj.file, obj=obj.label, field="spec.host", reason="HostConflict"))
             continue
-        for name in aliases:
-            routes[name] = route
-            owner[name] = obj
+        for b in check.binding:
+            for name in aliases:
+                owner[(b, name)] = obj
         accepted.append(obj)
+        if view.target in check.binding:
+            for name in aliases:
+                routes[name] = route
+            used.update(t.provider_host for rule in route.rules for t in rule.targets)
+        else:
+            forward = forward_to([gateway_ref(g, namespace) for g in spec.gateways or []], view)
+            if forward is not None:
+                for name in aliases:
+                    forwarded.setdefault(name, forward)
 
-    # A provider host that no LLMRoute names is routed to the provider itself. Its exact host is
-    # claimed before any provider's namespace aliases; a name an LLMRoute holds stays the route's.
+    forwarded = {name: forward for name, forward in forwarded.items() if name not in routes}
+
+    # A provider host that no LLMRoute names is routed to the provider itself, where the
+    # provider's key is needed (see `extproc.gateways`). Its exact host is claimed before any
+    # provider's namespace aliases; a name an LLMRoute holds (here or forwarded) stays the route's.
+    referrers: dict[str, list[tuple[str, ...]]] = {host: [] for host in providers}
+    for obj in objects:
+        if isinstance(obj.resource, LLMRoute):
+            declared = declared_binding(obj.resource.spec.gateways, obj.resource.metadata.namespace)
+            for host in {ref.provider_host.lower() for rule in obj.resource.spec.rules for ref in rule.backend_refs}:
+                if host in referrers:
+                    referrers[host].append(declared)
     defaults = {host: _default_route(obj, home, namespaces) for host, obj in providers.items()}
+    bindings = {host: provider_binding(referrers[host]) for host in providers}
     accepted.extend(providers.values())
-    for host in providers:
-        routes.setdefault(host, defaults[host])
-    for host, obj in providers.items():
-        for name in host_aliases(host, obj.resource.metadata.namespace)[1:]:
-            routes.setdefault(name, defaults[host])
+    for exact in (True, False):
+        for host, obj in providers.items():
+            names = host_aliases(host, obj.resource.metadata.namespace)
+            for name in names[:1] if exact else names[1:]:
+                if name in routes or name in forwarded:
+                    continue
+                if view.target in bindings[host]:
+                    routes[name] = defaults[host]
+                    used.add(host)
+                else:
+                    forward = forward_to(bindings[host], view)
+                    if forward is not None:
+                        forwarded[name] = forward
 
-    clusters = {host: provider_cluster(host) for host in providers}
-    table = RoutingTable(routes=routes, clusters=clusters, version=_version(accepted))
+    clusters = {host: provider_cluster(host) for host in providers if host in used}
+    table = RoutingTable(routes=routes, clusters=clusters, version=_version(accepted), forwarded=forwarded)
     return Compiled(table=table, problems=problems, accepted=accepted)
 
 

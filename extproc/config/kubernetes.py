@@ -21,6 +21,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+from ..gateways import MESH_VIEW, View
 from .compile import Compiled, compile_config
 from .crds import GROUP, VERSION
 from .loader import Loaded, parse_object
@@ -52,7 +53,7 @@ class _Cached:
 class KubernetesSource:
     def __init__(self, apply: Callable[[Compiled], Awaitable[None]], namespace: str | None = None,
                  api_client: Any = None, debounce: float = 0.3, key_env: dict[str, str] | None = None,
-                 home: str | None = None):
+                 home: str | None = None, view: View = MESH_VIEW):
         from kubernetes import client, config
 
         if api_client is None:
@@ -68,6 +69,7 @@ class KubernetesSource:
         self._key_env = {name: host.lower() for name, host in (key_env or {}).items()}  # --key-env NAME=HOST
         self._home = home  # the control plane's namespace: its objects are every namespace's by default
         self._debounce = debounce
+        self._view = view  # an egress gateway leaves the objects' status to the control plane
         self._lock = threading.Lock()
         self._objects: dict[Key, _Cached] = {}
         self._secrets: dict[tuple[str, str], dict[str, str] | None] = {}  # referenced ones only
@@ -258,7 +260,8 @@ class KubernetesSource:
     async def _reconcile(self) -> Compiled:
         compiled, verdicts = await asyncio.to_thread(self._compile)
         await self._apply(compiled)
-        await asyncio.to_thread(self._write_statuses, verdicts)
+        if self._view.is_mesh:
+            await asyncio.to_thread(self._write_statuses, verdicts)
         return compiled
 
     def _compile(self) -> tuple[Compiled, dict[Key, tuple[bool, list[Problem]]]]:
@@ -272,7 +275,7 @@ class KubernetesSource:
             problems[key].extend(obj_problems)
             if obj is not None:
                 loaded.append(obj)
-        compiled = compile_config(loaded, namespaces=True, home=self._home)
+        compiled = compile_config(loaded, self._view, namespaces=True, home=self._home)
         by_label = {f"{k[0]} {k[1]}/{k[2]}": k for k in snapshot}
         for problem in compiled.problems:
             if problem.obj in by_label:

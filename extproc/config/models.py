@@ -218,7 +218,8 @@ def _check_host(value: str) -> str:
 def unimplemented_fields(obj: LLMProvider | LLMRoute) -> list[str]:
     """Paths of fields ASM defines that are accepted but have no effect here yet."""
     found = [f"spec.{alias}" for name, alias in (("workload_selector", "workloadSelector"), ("gateways", "gateways"))
-             if getattr(obj.spec, name) is not None]
+             if getattr(obj.spec, name) is not None
+             and not (isinstance(obj, LLMRoute) and name == "gateways")]  # a route's gateways: extproc.gateways
     if isinstance(obj, LLMRoute):
         for i, rule in enumerate(obj.spec.rules):
             for j, match in enumerate(rule.matches):

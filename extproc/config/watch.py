@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Awaitable, Callable
 
+from ..gateways import MESH_VIEW, View
 from .compile import Compiled, compile_config
 from .loader import config_files, load_paths
 from .problems import ConfigError, errors
@@ -21,10 +22,10 @@ from .problems import ConfigError, errors
 log = logging.getLogger("extproc.config")
 
 
-def load_config(paths: list[str | Path], environ: dict[str, str] | None = None) -> Compiled:
+def load_config(paths: list[str | Path], environ: dict[str, str] | None = None, view: View = MESH_VIEW) -> Compiled:
     """Load and compile; raise ConfigError listing every error. Warnings are logged."""
     objects, problems = load_paths(paths, environ)
-    compiled = compile_config(objects) if not errors(problems) else None
+    compiled = compile_config(objects, view) if not errors(problems) else None
     if compiled is not None:
         problems = problems + compiled.problems
     if errors(problems):
@@ -46,8 +47,10 @@ def _fingerprint(paths: list[str | Path]) -> tuple:
 class FileSource:
     """Watches config paths and hands each good config to `apply`."""
 
-    def __init__(self, paths: list[str | Path], apply: Callable[[Compiled], Awaitable[None]], interval: float = 1.0):
+    def __init__(self, paths: list[str | Path], apply: Callable[[Compiled], Awaitable[None]], interval: float = 1.0,
+                 view: View = MESH_VIEW):
         self._paths = paths
+        self._view = view
         self._apply = apply
         self._interval = interval
         self._seen: tuple | None = None
@@ -55,7 +58,7 @@ class FileSource:
     async def load_initial(self) -> Compiled:
         """The first load must succeed: there is no last good config to fall back on."""
         self._seen = _fingerprint(self._paths)
-        compiled = load_config(self._paths)
+        compiled = load_config(self._paths, view=self._view)
         await self._apply(compiled)
         return compiled
 
@@ -71,7 +74,7 @@ class FileSource:
             return False
         self._seen = current
         try:
-            compiled = await asyncio.to_thread(load_config, self._paths, dict(os.environ))
+            compiled = await asyncio.to_thread(load_config, self._paths, dict(os.environ), self._view)
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("config rejected, the last good config stays in force: %s", problem)

@@ -192,3 +192,85 @@ def test_seed_curl_without_proxy_is_intercepted_and_other_traffic_passes(pod, ca
         plain.server_close()
         fake.stop()
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_seed_curl_in_gateway_mode_reaches_the_provider_through_the_egress_gateway(pod, ca, keys, tmp_path):
+    """The same pod, the seed's route bound to an egress gateway outside the pod: the sidecar sends
+    the seed's plain curl to the gateway, which alone holds the key. The pod's control plane holds
+    a decoy key; neither the provider nor the pod's Envoy (its config dump) ever sees a key from it."""
+    from test_egress_gateway import DECOY, GATEWAY, gateway_bound_config
+
+    shared = Path(tempfile.mkdtemp(prefix="llmgw-pod-"))  # readable by Envoy's own user
+    shared.chmod(0o755)
+    cert = ca.issue(["dashscope.aliyuncs.com"], stem="pod-gw-dashscope")
+    fake = FakeProvider("dashscope", cert.cert_file, cert.key_file, api_key=keys["YOUR_DASHSCOPE_API_KEY"],
+                        host=HOST_IP, port=443).start()
+    config = gateway_bound_config(tmp_path)
+    (config / "04-LLMProvider-moonshot.yaml").unlink()
+    gateway_port, control, ext_proc = free_port(), free_port(), free_port()
+    # the egress gateway, outside the pod: its own config, key and ports; it finds the provider at
+    # the host side of the pod's link
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "extproc", "up", "--config", str(config), "--gateway", GATEWAY,
+         "--listen", f"{HOST_IP}:{gateway_port}", "--admin", f"127.0.0.1:{free_port()}", "--metrics", "none",
+         "--access-log", str(tmp_path / "gateway-access.log"), "--concurrency", "1",
+         "--upstream-ca", str(ca.cert_file), "--resolve", f"dashscope.aliyuncs.com={HOST_IP}:443"],
+        env={**os.environ, **keys}, stdout=(tmp_path / "gateway.log").open("wb"), stderr=subprocess.STDOUT)
+    # the pod's control plane: a decoy key, and where the egress gateway is
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "extproc", "serve", "--config", str(config), "--listen", f"{HOST_IP}:{control}",
+         "--ext-proc-listen", f"{HOST_IP}:{ext_proc}", "--metrics", "none", "--upstream-ca", str(ca.cert_file),
+         "--egress-gateway", f"{GATEWAY}={HOST_IP}:{gateway_port}"],
+        env={**os.environ, **keys, "YOUR_DASHSCOPE_API_KEY": DECOY},
+        stdout=(tmp_path / "serve.log").open("wb"), stderr=subprocess.STDOUT)
+    boot = subprocess.run([sys.executable, "-m", "extproc", "envoy-config", "--sidecar", "--control", f"{HOST_IP}:{control}",
+                           "--ext-proc", f"{HOST_IP}:{ext_proc}",
+                           "--listen", "0.0.0.0:15001", "--admin", "127.0.0.1:15000", "--access-log", "none"],
+                          capture_output=True, check=True, text=True).stdout
+    (shared / "envoy.json").write_text(boot)
+    (shared / "envoy.json").chmod(0o644)
+    envoy_log = tmp_path / "envoy.log"
+    envoy = subprocess.Popen(
+        ["ip", "netns", "exec", pod, "setpriv", f"--reuid={ENVOY_UID}", f"--regid={ENVOY_UID}", "--clear-groups",
+         envoy_binary(), "-c", str(shared / "envoy.json"), "--disable-hot-restart", "--concurrency", "1",
+         "--log-level", "warning"],
+        stdout=subprocess.DEVNULL, stderr=envoy_log.open("wb"))
+
+    def in_pod(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", pod, *args], capture_output=True, text=True, timeout=30)
+
+    def logs() -> str:
+        return "\n".join(p.read_text(errors="replace") for p in (envoy_log, tmp_path / "serve.log", tmp_path / "gateway.log"))
+
+    try:
+        seed_curl = ["curl", "-sS", "http://dashscope.aliyuncs.com", "-H", "Content-Type: application/json",
+                     "--data", SEED_CURL_BODY]
+        wait_until(lambda: '"model": "qwen1.5-72b-chat"' in in_pod(*seed_curl).stdout, 30,
+                   lambda: f"{in_pod(*seed_curl)}\n{logs()}", interval=0.2)
+        answer = json.loads(in_pod(*seed_curl).stdout)
+        assert answer["object"] == "chat.completion" and answer["model"] == "qwen1.5-72b-chat"
+        assert fake.requests and all(
+            r.sni == "dashscope.aliyuncs.com" and r.headers["authorization"] == f"Bearer {keys['YOUR_DASHSCOPE_API_KEY']}"
+            for r in fake.requests)
+        # decided by the gateway, from the Host the sidecar kept
+        entries = [json.loads(line) for line in (tmp_path / "gateway-access.log").read_text().splitlines() if line]
+        assert {(e["route"], e["host"]) for e in entries if e["status"] == 200} == {
+            ("default/dashscope-route", "dashscope.aliyuncs.com")}
+        # the pod's Envoy: asked the pod's admin from inside the pod, no key of any kind
+        dump = in_pod("curl", "-sS", "http://127.0.0.1:15000/config_dump?include_eds").stdout
+        assert "llm_egress_llm-gateway_egress" in dump and "llm_provider_dashscope_aliyuncs_com" not in dump
+        assert all(secret not in dump for secret in (DECOY, *keys.values()))
+        stats = in_pod("curl", "-sS", "http://127.0.0.1:15000/stats").stdout
+        assert "http.llm_gateway.ext_proc.request.streams_started: 0" in stats or \
+            "http.llm_gateway.ext_proc.request.streams_started" not in stats  # the pod's ext_proc was never asked
+    finally:
+        for process in (envoy, serve, gateway):
+            process.terminate()
+        for process in (envoy, serve, gateway):
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        fake.stop()
+        shutil.rmtree(shared, ignore_errors=True)

@@ -388,3 +388,65 @@ def test_key_variables_expand_only_where_the_operator_bound_them(clean, k8s_gate
     assert model_of(gw, MOONSHOT) == 404
     assert not any(keys["YOUR_DASHSCOPE_API_KEY"] in str(r.headers) for r in fresh_providers[MOONSHOT].requests)
     assert keys["YOUR_DASHSCOPE_API_KEY"] not in gw.log()
+
+
+def test_egress_gateway_manifests_apply_and_rbac_is_least_privilege(clean):
+    import json
+    from extproc.gateways import DEFAULT_GATEWAY_PORT, default_address
+
+    kube = clean
+    kube.run("apply", "-f", str(REPO / "k8s" / "control-plane.yaml"))
+    kube.run("apply", "-k", str(REPO / "k8s" / "egress-gateway"))
+    try:
+        pod = json.loads(kube.run("get", "deployment", "llm-egress-gateway", "-n", "llm-gateway", "-o", "json").stdout)[
+            "spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        args = container["args"]
+        gateway = args[args.index("--gateway") + 1]
+        assert args[:2] == ["up", "--kubernetes"] and container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert {"name": "TMPDIR", "value": "/run/llm-gateway"} in container["env"]
+        assert pod["volumes"][0]["emptyDir"]["medium"] == "Memory"
+        # the name in spec.gateways is the Service's namespace/name, and the control plane knows it,
+        # at the address it derives from that name
+        service = json.loads(kube.run("get", "service", "llm-egress-gateway", "-n", "llm-gateway", "-o", "json").stdout)
+        assert gateway == f"{service['metadata']['namespace']}/{service['metadata']['name']}"
+        (port,) = service["spec"]["ports"]
+        assert port["port"] == DEFAULT_GATEWAY_PORT and port["targetPort"] == "http"
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports["http"] == int(args[args.index("--listen") + 1].rpartition(":")[2])
+        control = json.loads(kube.run("get", "deployment", "llm-gateway-control", "-n", "llm-gateway", "-o", "json").stdout)
+        control_args = control["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert control_args[control_args.index("--egress-gateway") + 1] == gateway
+        assert default_address(gateway) == "llm-egress-gateway.llm-gateway.svc.cluster.local:80"
+
+        account = "system:serviceaccount:llm-gateway:llm-egress-gateway"
+        checks = [("list", "llmroutes.istio.alibabacloud.com", None, True),
+                  ("watch", "llmproviders.istio.alibabacloud.com", None, True), ("get", "secrets", None, True),
+                  ("patch", "llmroutes.istio.alibabacloud.com", "status", False),  # the control plane writes status
+                  ("update", "llmproviders.istio.alibabacloud.com", "status", False),
+                  ("patch", "llmroutes.istio.alibabacloud.com", None, False), ("create", "secrets", None, False),
+                  ("list", "pods", None, False), ("create", "tokenreviews.authentication.k8s.io", None, False)]
+        for verb, resource, subresource, allowed in checks:
+            can = ["auth", "can-i", verb, resource, "--as", account, "-n", "default"]
+            if subresource:
+                can.append(f"--subresource={subresource}")
+            assert (kube.run(*can, check=False).returncode == 0) == allowed, (verb, resource, subresource)
+    finally:
+        kube.run("delete", "-k", str(REPO / "k8s" / "egress-gateway"), "--wait=false", check=False)
+
+
+def test_egress_gateway_serves_only_its_routes_from_kubernetes_and_leaves_status_alone(clean, k8s_gateway,
+                                                                                      fresh_providers, keys):
+    kube = clean
+    kube.apply(seed("01"), seed("04"))
+    kube.run("apply", "-f", "-", stdin=seed("02").read_text().replace("spec:\n", "spec:\n  gateways: [llm-gateway/egress]\n", 1))
+    gw = k8s_gateway("--gateway", "llm-gateway/egress")
+    assert model_of(gw, DASHSCOPE) == "qwen1.5-72b-chat"  # the route bound to this gateway, and its provider
+    assert fresh_providers[DASHSCOPE].requests[-1].headers["authorization"] == f"Bearer {keys['YOUR_DASHSCOPE_API_KEY']}"
+    assert model_of(gw, MOONSHOT) == 404  # a provider of the mesh: not decided here
+    # a route bound to this gateway later reaches it
+    kube.run("apply", "-f", "-", stdin=seed("06").read_text().replace("spec:\n", "spec:\n  gateways: [llm-gateway/egress]\n", 1))
+    wait_until(lambda: model_of(gw, "demo-llm-server") != 404, 15, gw.log)
+    # the control plane (not running here) writes the conditions; the gateway writes none
+    for kind, name in (("llmroute", "dashscope-route"), ("llmprovider", "dashscope-qwen"), ("llmroute", "demo-llm-server")):
+        assert kube.condition(kind, name) == {}

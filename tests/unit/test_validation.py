@@ -134,8 +134,6 @@ def test_bad_object_left_out_by_compile_config_while_others_compile(tmp_path):
                  "LLMProvider default/p", id="provider-gateways"),
     pytest.param(route("r", "chat.example.com", [rule("a.example.com")], workloadSelector={"labels": {"app": "x"}}),
                  "spec.workloadSelector", "LLMRoute default/r", id="route-workloadSelector"),
-    pytest.param(route("r", "chat.example.com", [rule("a.example.com")], gateways=["gw"]), "spec.gateways",
-                 "LLMRoute default/r", id="route-gateways"),
     pytest.param(route("r", "chat.example.com", [rule("a.example.com", matches=[match(), {"sourceLabels": {"app": "x"}}])]),
                  "spec.rules[0].matches[1].sourceLabels", "LLMRoute default/r", id="match-sourceLabels"),
     pytest.param(route("r", "chat.example.com", [rule("a.example.com", matches=[{"gateways": ["gw"]}])]),
