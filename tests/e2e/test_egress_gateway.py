@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from auth_helpers import token_files
 from conftest import upstream_args
 from extproc.runner import envoy_binary
 from helpers import CHAT, SEED_MANIFESTS, free_port, start_gateway, wait_until
@@ -47,14 +48,17 @@ class Sidecar:
         self.control, self.ext_proc = free_port(), free_port()
         self.listen, self.admin = free_port(), free_port()
         self.serve_log, self.envoy_log = tmp_path / "sidecar-serve.log", tmp_path / "sidecar-envoy.log"
+        tokens = token_files(tmp_path)  # the sidecar authenticates to its control plane over TCP
         self.serve = subprocess.Popen(
             [sys.executable, "-m", "extproc", "serve", "--config", str(config), "--listen", f"127.0.0.1:{self.control}",
-             "--ext-proc-listen", f"127.0.0.1:{self.ext_proc}", "--metrics", "none", *extra],
+             "--ext-proc-listen", f"127.0.0.1:{self.ext_proc}", "--metrics", "none",
+             "--auth-token-file", str(tokens.token_file), *extra],
             env={**os.environ, **env}, stdout=self.serve_log.open("wb"), stderr=subprocess.STDOUT)
         boot = subprocess.run([sys.executable, "-m", "extproc", "envoy-config", "--sidecar",
                                "--control", f"127.0.0.1:{self.control}", "--ext-proc", f"127.0.0.1:{self.ext_proc}",
                                "--listen", f"127.0.0.1:{self.listen}", "--admin", f"127.0.0.1:{self.admin}",
-                               "--access-log", "none"], capture_output=True, text=True, check=True).stdout
+                               "--access-log", "none", *tokens.envoy_config_args()],
+                              capture_output=True, text=True, check=True).stdout
         (tmp_path / "sidecar.json").write_text(boot)
         self.envoy = subprocess.Popen([envoy_binary(), "-c", str(tmp_path / "sidecar.json"), "--disable-hot-restart",
                                        "--concurrency", "1", "--log-level", "warning"],
