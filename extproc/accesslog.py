@@ -14,6 +14,7 @@ import logging
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
 
+from .budgets import tokens_to_charge
 from .metrics import GatewayMetrics, RequestRecord
 from .names import METADATA_NAMESPACE
 
@@ -95,8 +96,9 @@ STREAM_ACCESS_LOGS = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessL
 class AccessLogReceiver:
     """`StreamAccessLogs`: a client stream of batches, one empty answer when Envoy closes it."""
 
-    def __init__(self, metrics: GatewayMetrics):
+    def __init__(self, metrics: GatewayMetrics, budgets=None):
         self._metrics = metrics
+        self._budgets = budgets  # extproc.budget_store.BudgetGate: charged from each finished answer
 
     def call(self) -> "AccessLogReceiver":
         return self  # no state per stream
@@ -104,10 +106,36 @@ class AccessLogReceiver:
     def on_message(self, data: bytes) -> tuple[bytes | None, bool]:
         for entry in als_pb2.StreamAccessLogsMessage.FromString(data).http_logs.log_entry:
             try:
-                self._metrics.observe(record_from_entry(entry))
+                record = record_from_entry(entry)
+                self._metrics.observe(record)
+                if self._budgets is not None:
+                    charge_budgets(self._budgets, entry, record)
             except Exception:  # one odd entry must not stop the stream
                 log.exception("cannot record an access log entry")
         return None, False
 
     def on_client_end(self) -> bytes:
         return als_pb2.StreamAccessLogsResponse().SerializeToString()
+
+
+def charge_budgets(gate, entry: accesslog_pb2.HTTPAccessLogEntry, record: RequestRecord) -> None:
+    """A finished answer's usage, taken off the budgets the ext_proc admitted it under."""
+    meta = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
+    if meta is None or "budget_buckets" not in meta.fields:
+        return
+    buckets = [v.string_value for v in meta.fields["budget_buckets"].list_value.values]
+
+    def number(key: str) -> float | None:
+        value = meta.fields.get(key)
+        kind = value.WhichOneof("kind") if value is not None else None
+        if kind == "number_value":
+            return value.number_value
+        if kind == "string_value":  # a reader that writes numbers as text
+            try:
+                return float(value.string_value)
+            except ValueError:
+                return None
+        return None
+
+    gate.charge(buckets, tokens_to_charge(record.outcome, number("total_tokens"), number("prompt_tokens"),
+                                          number("completion_tokens")))

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 
@@ -81,6 +82,15 @@ def _access_log(text: str) -> str | None:
     return None if text.lower() in ("", "none", "off") else text
 
 
+def _add_redis_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis", default=os.environ.get("LLM_GATEWAY_REDIS_URL") or None, metavar="URL",
+                   help="share LLMTokenRateLimit budgets with every gateway naming this Redis (redis://host:6379/0; "
+                        "default $LLM_GATEWAY_REDIS_URL; without it budgets are kept in this process)")
+    p.add_argument("--redis-fail-closed", action="store_true",
+                   help="while Redis is unreachable, answer requests a budget applies to with 503 "
+                        "(default: keep serving, budgets kept per instance)")
+
+
 def _upstream(args: argparse.Namespace) -> UpstreamOptions:
     return UpstreamOptions(ca_file=args.upstream_ca, resolve=dict(args.resolve))
 
@@ -112,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--access-log", default="/dev/stdout", metavar="PATH",
                     help="file for Envoy's JSON access log, a line per request (default /dev/stdout; 'none' for none)")
     _add_upstream_args(up)
+    _add_redis_args(up)
 
     demo = sub.add_parser("demo", parents=[common], help="the embedded default: fake local providers, the seed manifests, ready-to-paste curls")
     demo.add_argument("--listen", type=_host_port, default=HostPort("127.0.0.1", 10000), metavar="HOST:PORT")
@@ -127,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--body-limit", type=_size, default=DEFAULT_BODY_LIMIT, metavar="SIZE")
     _add_metrics_arg(serve, "0.0.0.0:9464")
     _add_upstream_args(serve)
+    _add_redis_args(serve)
 
     ec = sub.add_parser("envoy-config", parents=[common], help="print the Envoy bootstrap (JSON); it holds no API key")
     ec.add_argument("--control", type=_host_port, default=HostPort("127.0.0.1", 18000), metavar="HOST:PORT",
@@ -179,7 +191,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                      body_limit=args.body_limit, body_timeout_s=args.body_timeout, concurrency=args.concurrency,
                      envoy_log_level=args.envoy_log_level,
                      metrics=args.metrics, access_log=_access_log(args.access_log),
-                     kubernetes=args.kubernetes, namespace=args.namespace)
+                     kubernetes=args.kubernetes, namespace=args.namespace,
+                     redis_url=args.redis, redis_fail_closed=args.redis_fail_closed)
     return asyncio.run(run_up(opts))
 
 
@@ -194,10 +207,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .ops_http import OpsServer
 
     async def serve() -> int:
-        control = ControlPlane(_upstream(args), args.body_limit)
+        control = ControlPlane(_upstream(args), args.body_limit, args.redis, args.redis_fail_closed)
         source = config_source(args.config or [], args.kubernetes, args.namespace, control.apply)
         await load_initial(source)
-        ops = OpsServer(control.metrics.registry, lambda: control.loaded)
+        ops = OpsServer(control.metrics.registry, lambda: control.loaded, control.budgets.degraded_reason)
         try:
             await control.start(args.listen, args.ext_proc_listen)
             if args.metrics is not None:
@@ -244,7 +257,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for problem in compiled.problems:
         print(f"warning: {problem}", file=sys.stderr)
     kinds = [obj.resource.kind for obj in compiled.accepted]
-    print(f"ok: {kinds.count('LLMProvider')} LLMProvider, {kinds.count('LLMRoute')} LLMRoute")
+    budgets = f", {kinds.count('LLMTokenRateLimit')} LLMTokenRateLimit" if "LLMTokenRateLimit" in kinds else ""
+    print(f"ok: {kinds.count('LLMProvider')} LLMProvider, {kinds.count('LLMRoute')} LLMRoute{budgets}")
     return 0
 
 
@@ -276,6 +290,11 @@ def cmd_route(args: argparse.Namespace) -> int:
         stream = "" if target.stream is None else f" stream={str(target.stream).lower()}"
         print(f"  {share:5.1f}%  provider {target.provider} ({target.provider_host}{target.path})"
               f"  model {target.model}{stream}  cluster {target.cluster}")
+    if compiled.table.budgets is not None:
+        from .budgets import describe
+
+        for line in describe(compiled.table.budgets, route.name, headers):
+            print(line)
     return 0
 
 

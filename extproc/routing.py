@@ -92,6 +92,7 @@ class RoutingTable:
     routes: Mapping[str, Route]  # by every host name the route answers to (lower case, no port)
     clusters: Mapping[str, str]  # provider host -> cluster name, for xDS
     version: str = "0"
+    budgets: object = None  # extproc.budgets.BudgetTable: LLMTokenRateLimit objects by route name
 
     def route_for(self, authority: str) -> Route | None:
         return self.routes.get(normalize_host(authority))

@@ -64,6 +64,8 @@ class UpOptions:
     access_log: str | None = "/dev/stdout"
     kubernetes: bool = False
     namespace: str | None = None  # with `kubernetes`: one namespace, or all
+    redis_url: str | None = None  # budgets shared through this Redis; None: kept in this process
+    redis_fail_closed: bool = False
 
 
 def config_source(paths: list[str], kubernetes: bool, namespace: str | None, apply, reload_interval: float = 1.0):
@@ -107,9 +109,9 @@ def _http_get_status(url: str) -> int:
 async def run_up(opts: UpOptions, on_ready=None) -> int:
     """Run until a signal or until Envoy exits. Returns the process exit code."""
     binary = envoy_binary()
-    control = ControlPlane(opts.upstream, opts.body_limit)
+    control = ControlPlane(opts.upstream, opts.body_limit, opts.redis_url, opts.redis_fail_closed)
     source = config_source(opts.config, opts.kubernetes, opts.namespace, control.apply, opts.reload_interval)
-    ops = OpsServer(control.metrics.registry, lambda: control.loaded)
+    ops = OpsServer(control.metrics.registry, lambda: control.loaded, control.budgets.degraded_reason)
     try:
         port = await control.start(opts.control)
         if opts.metrics is not None:
