@@ -130,14 +130,14 @@ def admission(rule: BudgetRule, used_tokens: float, used_requests: float) -> Adm
     tokens_ok = used_tokens < rule.tokens
     requests_ok = rule.requests is None or used_requests + 1 <= rule.requests + 1e-9
     allowed = tokens_ok and requests_ok
-    waits: list[float] = []
-    if not tokens_ok:
-        waits.append((used_tokens - rule.tokens) / rule.token_rate)
-    if not requests_ok:
+    waits: list[tuple[float, str]] = []
+    if not tokens_ok:  # until the bucket is above zero (strictly: exactly zero still refuses)
+        waits.append((math.floor((used_tokens - rule.tokens) / rule.token_rate + 1e-9) + 1, "tokens"))
+    if not requests_ok:  # until one more request fits
         assert rule.requests is not None
-        waits.append((used_requests + 1 - rule.requests) / rule.request_rate)
-    reason = "" if allowed else ("tokens" if not tokens_ok else "requests")
-    retry_after = 0 if allowed else max(1, math.ceil(max(waits) + 1e-6))
+        waits.append((math.ceil((used_requests + 1 - rule.requests) / rule.request_rate - 1e-9), "requests"))
+    wait, reason = max(waits) if waits else (0, "")
+    retry_after = 0 if allowed else max(1, int(wait))
     remaining_tokens = max(0, math.floor(rule.tokens - used_tokens))
     headers = [
         ("x-ratelimit-limit-tokens", str(rule.tokens)),
