@@ -25,14 +25,14 @@ from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .budgets import (HEADER_METADATA, Admission, Budget, BudgetRefused, BudgetRule, BudgetTable, EMPTY_BUDGETS,
+from .budgets import (EMPTY_BUDGETS, HEADER_METADATA, Admission, Budget, BudgetRefused, BudgetRule, BudgetTable,
                       admission, budget_unavailable, bucket_id, drained, key_hash, most_restrictive,
                       parse_bucket_id)
 
 log = logging.getLogger("extproc.budgets")
 
 SYNC_INTERVAL_S = 0.1
-ACTIVE_S = 300.0  # a bucket untouched this long is no longer refreshed from Redis
+ACTIVE_S = 60.0  # a bucket untouched this long is no longer refreshed from Redis (nor kept in memory)
 REDIS_TIMEOUT_S = 0.5
 
 # Drain by Redis's clock, add this instance's increments, expire when fully drained.
@@ -183,6 +183,7 @@ class BudgetGate:
 
     async def start(self) -> None:
         if self.redis_url is None:
+            self._task = asyncio.create_task(self._forget_loop())
             return
         import redis.asyncio as aioredis
 
@@ -205,6 +206,25 @@ class BudgetGate:
             except Exception:
                 pass
             self._client = None
+
+    async def _forget_loop(self) -> None:
+        """In process: a bucket drained to zero is the same as no bucket; forget it."""
+        while True:
+            await asyncio.sleep(10.0)
+            self.forget_drained()
+
+    def forget_drained(self) -> int:
+        now = self._clock()
+        gone = []
+        for bucket, (tokens, requests, at) in self._mirror.items():
+            token_rate, request_rate = self._rates.get(bucket, (0.0, 0.0))
+            if drained(tokens, token_rate, now - at) == 0 and drained(requests, request_rate, now - at) == 0:
+                gone.append(bucket)
+        for bucket in gone:
+            self._mirror.pop(bucket, None)
+            self._rates.pop(bucket, None)
+            self._touched.pop(bucket, None)
+        return len(gone)
 
     async def _sync_loop(self) -> None:
         while True:

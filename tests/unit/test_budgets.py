@@ -277,3 +277,12 @@ def test_budget_on_route_alias_and_validate_route_commands(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"budget llm/per-user: rule everyone: 40 tokens per 3600s, key {key_hash('alice')} (header x-user-id)" in out
     assert "alice" not in out
+
+
+def test_gate_in_process_forgets_drained_buckets_only(gate):
+    first = gate.admit(gate.route, headers(x_user_id="a"))
+    gate.charge(first["budget_buckets"], 17)
+    gate.charge(gate.admit(gate.route, headers(x_user_id="b"))["budget_buckets"], 40)
+    gate.clock.now += 17 * 90 + 1  # a's 17 tokens drained (40 per hour), b's 40 not yet
+    assert gate.forget_drained() == 1
+    assert gate.admit(gate.route, headers(x_user_id="b"))["ratelimit_remaining_tokens"] == "17"
