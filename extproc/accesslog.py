@@ -14,7 +14,7 @@ import logging
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
 
-from .budgets import tokens_to_charge
+from .budgets import bucket_id, tokens_to_charge
 from .metrics import GatewayMetrics, RequestRecord
 from .names import METADATA_NAMESPACE
 
@@ -104,38 +104,53 @@ class AccessLogReceiver:
         return self  # no state per stream
 
     def on_message(self, data: bytes) -> tuple[bytes | None, bool]:
+        owed: dict[tuple[str, ...], int] = {}  # a batch's usage summed per set of buckets, charged once
         for entry in als_pb2.StreamAccessLogsMessage.FromString(data).http_logs.log_entry:
             try:
                 record = record_from_entry(entry)
                 self._metrics.observe(record)
                 if self._budgets is not None:
-                    charge_budgets(self._budgets, entry, record)
+                    charge_budgets(owed, entry, record)
             except Exception:  # one odd entry must not stop the stream
                 log.exception("cannot record an access log entry")
+        for buckets, tokens in owed.items():
+            self._budgets.charge(buckets, tokens)
         return None, False
 
     def on_client_end(self) -> bytes:
         return als_pb2.StreamAccessLogsResponse().SerializeToString()
 
 
-def charge_budgets(gate, entry: accesslog_pb2.HTTPAccessLogEntry, record: RequestRecord) -> None:
-    """A finished answer's usage, taken off the budgets the ext_proc admitted it under."""
+def charge_budgets(owed: dict[tuple[str, ...], int], entry: accesslog_pb2.HTTPAccessLogEntry,
+                   record: RequestRecord) -> None:
+    """A finished answer's usage, owed to the budgets the ext_proc admitted it under."""
     meta = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
-    if meta is None or "budget_buckets" not in meta.fields:
+    if meta is None:
         return
-    buckets = [v.string_value for v in meta.fields["budget_buckets"].list_value.values]
+    fields = meta.fields
+    budget = fields.get("budget")
+    if budget is None:
+        return
+    tokens = tokens_to_charge(record.outcome, _number(fields.get("total_tokens")), record.prompt_tokens,
+                              record.completion_tokens)
+    if not tokens:
+        return
+    listed = fields.get("budget_buckets")  # several objects limit the request; else one bucket
+    if listed is not None:
+        buckets = tuple(v.string_value for v in listed.list_value.values)
+    else:
+        buckets = (bucket_id(budget.string_value, fields["budget_rule"].string_value,
+                             fields["budget_key"].string_value),)
+    owed[buckets] = owed.get(buckets, 0) + tokens
 
-    def number(key: str) -> float | None:
-        value = meta.fields.get(key)
-        kind = value.WhichOneof("kind") if value is not None else None
-        if kind == "number_value":
-            return value.number_value
-        if kind == "string_value":  # a reader that writes numbers as text
-            try:
-                return float(value.string_value)
-            except ValueError:
-                return None
-        return None
 
-    gate.charge(buckets, tokens_to_charge(record.outcome, number("total_tokens"), number("prompt_tokens"),
-                                          number("completion_tokens")))
+def _number(value) -> float | None:
+    kind = value.WhichOneof("kind") if value is not None else None
+    if kind == "number_value":
+        return value.number_value
+    if kind == "string_value":  # a reader that writes numbers as text
+        try:
+            return float(value.string_value)
+        except ValueError:
+            return None
+    return None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct as _struct
 import time
 from typing import Callable, Iterable
 
@@ -31,6 +32,7 @@ from .budgets import (EMPTY_BUDGETS, HEADER_METADATA, Admission, Budget, BudgetR
 
 log = logging.getLogger("extproc.budgets")
 
+_DOUBLE = _struct.Struct("<d")
 SYNC_INTERVAL_S = 0.1
 ACTIVE_S = 60.0  # a bucket untouched this long is no longer refreshed from Redis (nor kept in memory)
 REDIS_TIMEOUT_S = 0.5
@@ -74,6 +76,84 @@ class BudgetMetrics:
                               "0 during an outage", registry=registry)
         self.syncs = Counter("llm_gateway_budget_syncs", "Successful syncs with Redis", registry=registry)
         self.redis_up.set(1)
+        self._charged: dict[tuple[str, str], object] = {}  # labelled series, looked up once
+
+    def charged_series(self, budget: str, rule: str):
+        series = self._charged.get((budget, rule))
+        if series is None:
+            series = self._charged[(budget, rule)] = self.charged.labels(budget, rule)
+        return series
+
+
+_IDENTITY: dict[tuple, bytes] = {}  # encoded identity fields, per bucket
+
+
+# google.protobuf.Struct in wire form: `fields` (1) entries of key (1) and Value (2); a Value is a
+# number (2, double), a string (3) or a list (6: ListValue, values (1)).
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _entry(key: str, value: bytes) -> bytes:
+    k = key.encode()
+    body = b"\x0a" + _varint(len(k)) + k + b"\x12" + _varint(len(value)) + value
+    return b"\x0a" + _varint(len(body)) + body
+
+
+def _string(text: str) -> bytes:
+    raw = text.encode()
+    return b"\x1a" + _varint(len(raw)) + raw
+
+
+def _number(value: float) -> bytes:
+    return b"\x11" + _DOUBLE.pack(value)
+
+
+def _list(values: list[bytes]) -> bytes:
+    inner = b"".join(b"\x0a" + _varint(len(v)) + v for v in values)
+    return b"\x32" + _varint(len(inner)) + inner
+
+
+class Admitted:
+    """An admission, written into the request's `llm_gateway` dynamic metadata: the budget, rule
+    and hashed key for the access log, the buckets to charge, the x-ratelimit-* header values."""
+
+    __slots__ = ("budget", "rule", "key", "answer", "buckets")
+
+    def __init__(self, budget: str, rule: str, key: str, answer: Admission, buckets: list[str]):
+        self.budget, self.rule, self.key, self.answer, self.buckets = budget, rule, key, answer, buckets
+
+    def write(self, struct) -> None:
+        """Into a protobuf Struct, as one merge of encoded bytes: the identity's part is encoded
+        once per bucket, the rest per request (several times cheaper than Struct.update)."""
+        ident = (self.budget, self.rule, self.key, *self.buckets)
+        static = _IDENTITY.get(ident)
+        if static is None:
+            if len(_IDENTITY) > 65536:
+                _IDENTITY.clear()
+            parts = [_entry("budget", _string(self.budget)), _entry("budget_rule", _string(self.rule)),
+                     _entry("budget_key", _string(self.key))]
+            if len(self.buckets) > 1:  # one bucket is named by the three fields above
+                parts.append(_entry("budget_buckets", _list([_string(b) for b in self.buckets])))
+            static = _IDENTITY[ident] = b"".join(parts)
+        struct.MergeFromString(static + _entry("budget_remaining_tokens", _number(self.answer.remaining_tokens))
+                               + b"".join(_entry(HEADER_METADATA[name], _string(value))
+                                          for name, value in self.answer.headers))
+
+    def as_dict(self) -> dict:
+        """The same, as plain values (tests, `extproc route`)."""
+        out: dict = {"budget": self.budget, "budget_rule": self.rule, "budget_key": self.key,
+                     "budget_remaining_tokens": self.answer.remaining_tokens}
+        if len(self.buckets) > 1:
+            out["budget_buckets"] = list(self.buckets)
+        for name, value in self.answer.headers:
+            out[HEADER_METADATA[name]] = value
+        return out
 
 
 class BudgetGate:
@@ -98,10 +178,10 @@ class BudgetGate:
 
     # -- the request path -------------------------------------------------------------------
 
-    def admit(self, route: str, headers: Iterable) -> dict | None:
-        """None when no budget applies; else the `llm_gateway` metadata of the admission (budget,
+    def admit(self, route: str, headers: Iterable) -> Admitted | None:
+        """None when no budget applies; else what to write into the request's metadata (budget,
         rule, hashed key, header values). Raises BudgetRefused (429) or a 503 (fail closed)."""
-        budgets: BudgetTable = getattr(self._table(), "budgets", None) or EMPTY_BUDGETS
+        budgets: BudgetTable = self._table().budgets or EMPTY_BUDGETS
         objects = budgets.by_route.get(route)
         if not objects:
             return None
@@ -132,12 +212,7 @@ class BudgetGate:
                 self._add(bucket, rule, 0.0, 1.0, now)
             else:
                 self._touched[bucket] = now
-        meta: dict = {"budget": head[0].name, "budget_rule": head[1].name, "budget_key": head[2],
-                      "budget_remaining_tokens": answer.remaining_tokens,
-                      "budget_buckets": [c[3] for c in chosen]}
-        for name, value in answer.headers:
-            meta[HEADER_METADATA[name]] = value
-        return meta
+        return Admitted(head[0].name, head[1].name, head[2], answer, [c[3] for c in chosen])
 
     def _usage(self, bucket: str, rule: BudgetRule, now: float) -> tuple[float, float]:
         state = self._mirror.get(bucket)
@@ -163,7 +238,7 @@ class BudgetGate:
         a bucket whose object or rule is gone is skipped)."""
         if tokens <= 0:
             return
-        budgets: BudgetTable = getattr(self._table(), "budgets", None) or EMPTY_BUDGETS
+        budgets: BudgetTable = self._table().budgets or EMPTY_BUDGETS
         now = self._clock()
         for bucket in buckets:
             parsed = parse_bucket_id(bucket)
@@ -171,7 +246,7 @@ class BudgetGate:
             if rule is None:
                 continue
             self._add(bucket, rule, float(tokens), 0.0, now)
-            self.metrics.charged.labels(parsed[0], parsed[1]).inc(tokens)
+            self.metrics.charged_series(parsed[0], parsed[1]).inc(tokens)
 
     # -- Redis --------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Mapping
 
 from .errors import GatewayError
@@ -36,20 +37,17 @@ class BudgetRule:
     tokens: int
     per_s: float
     requests: int | None = None
+    token_rate: float = field(init=False)  # tokens drained from `used` per second
+    request_rate: float = field(init=False)
+
+    def __post_init__(self) -> None:  # computed once: admission reads them per request
+        object.__setattr__(self, "token_rate", self.tokens / self.per_s)
+        object.__setattr__(self, "request_rate", (self.requests or 1) / self.per_s)
 
     def applies(self, headers: Mapping[str, str]) -> bool:
         if not self.matches:
             return True
         return any(all(cond.holds(headers) for cond in conds) for conds in self.matches)
-
-    @property
-    def token_rate(self) -> float:
-        """Tokens drained from `used` per second."""
-        return self.tokens / self.per_s
-
-    @property
-    def request_rate(self) -> float:
-        return (self.requests or 1) / self.per_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +89,7 @@ class BudgetTable:
 EMPTY_BUDGETS = BudgetTable()
 
 
+@lru_cache(maxsize=65536)
 def key_hash(value: str) -> str:
     """The key value as it may appear in logs, metadata and Redis: never raw."""
     return hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()[:16]

@@ -34,7 +34,7 @@ from .routing import RoutingTable, Target
 from .sse import SSEReader
 
 if TYPE_CHECKING:
-    from .budget_store import BudgetGate
+    from .budget_store import Admitted, BudgetGate
 
 log = logging.getLogger("extproc.server")
 
@@ -151,7 +151,7 @@ class ExternalProcessor:
 
     @staticmethod
     def _forward(body: bytes, chunks: int, target: Target, started: float, authority: str,
-                 strip: list[str], budget: dict | None = None) -> list[pb.ProcessingResponse]:
+                 strip: list[str], budget: "Admitted | None" = None) -> list[pb.ProcessingResponse]:
         """The held answer to the headers, then one answer per body chunk: all emptied but the
         last, which carries the whole rewritten body."""
         rewritten = rewrite_body(body, target)
@@ -169,8 +169,8 @@ class ExternalProcessor:
         fields["stream"].bool_value = rewritten.stream
         fields["started"].number_value = started
         fields["host"].string_value = authority
-        if budget:  # the budget charged, for the access log, and the x-ratelimit-* header values
-            response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.update(budget)
+        if budget is not None:  # the budget charged, for the access log, and the x-ratelimit-* header values
+            budget.write(response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value)
         last = pb.ProcessingResponse()
         last.request_body.response.body_mutation.body = rewritten.body
         return [response, *([_EMPTIED_CHUNK] * (chunks - 1)), last]
@@ -193,7 +193,7 @@ class Exchange:
         self._body = bytearray()
         self._chunks = 0
         self._observer: _EventStreamObserver | None = None
-        self._budget: dict | None = None
+        self._budget: Admitted | None = None
 
     def on_message(self, message: bytes) -> tuple[list[bytes], bool]:
         """The wire form, for the HTTP/2 server."""

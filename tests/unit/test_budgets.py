@@ -145,6 +145,14 @@ def headers(**values: str) -> list[base_pb2.HeaderValue]:
     return [base_pb2.HeaderValue(key=k.replace("_", "-"), raw_value=v.encode()) for k, v in values.items()]
 
 
+def buckets_of(meta: dict) -> list[str]:
+    return meta.get("budget_buckets") or [bucket_id(meta["budget"], meta["budget_rule"], meta["budget_key"])]
+
+
+def admit(gate, hdrs) -> dict:
+    return gate.admit(gate.route, hdrs).as_dict()
+
+
 @pytest.fixture
 def gate(tmp_path):
     compiled = load_docs(tmp_path, provider("dashscope", DASHSCOPE), budget_doc(RULES))
@@ -156,24 +164,24 @@ def gate(tmp_path):
 
 
 def test_gate_admits_until_charged_past_zero_then_refuses_per_key(gate):
-    meta = gate.admit(gate.route, headers(x_user_id="alice"))
+    meta = admit(gate, headers(x_user_id="alice"))
     assert (meta["budget"], meta["budget_rule"], meta["budget_key"]) == ("default/per-user", "everyone",
                                                                         key_hash("alice"))
     assert meta["ratelimit_remaining_tokens"] == "40" and "ratelimit_limit_requests" not in meta
     for _ in range(3):
-        gate.charge(meta["budget_buckets"], 17)
+        gate.charge(buckets_of(meta), 17)
     with pytest.raises(BudgetRefused) as refused:
-        gate.admit(gate.route, headers(x_user_id="alice"))
+        admit(gate, headers(x_user_id="alice"))
     assert dict(refused.value.headers)["retry-after"] == "991"
-    assert gate.admit(gate.route, headers(x_user_id="bob"))["ratelimit_remaining_tokens"] == "40"
-    assert gate.admit(gate.route, headers())["budget_key"] == key_hash("")  # no header: the "" budget
+    assert admit(gate, headers(x_user_id="bob"))["ratelimit_remaining_tokens"] == "40"
+    assert admit(gate, headers())["budget_key"] == key_hash("")  # no header: the "" budget
     gate.clock.now += 991  # refilled past zero (exactly zero is not above it)
-    assert gate.admit(gate.route, headers(x_user_id="alice"))["ratelimit_remaining_tokens"] == "0"
+    assert admit(gate, headers(x_user_id="alice"))["ratelimit_remaining_tokens"] == "0"
 
 
 def test_gate_counts_requests_at_admission(gate):
     for left in ("599", "598"):
-        meta = gate.admit(gate.route, headers(x_user_id="alice", user_type="subscriber"))
+        meta = admit(gate, headers(x_user_id="alice", user_type="subscriber"))
         assert meta["budget_rule"] == "subscribers" and meta["ratelimit_remaining_requests"] == left
 
 
@@ -193,7 +201,7 @@ def test_gate_fail_closed_while_degraded(tmp_path):
     compiled = load_docs(tmp_path, provider("dashscope", DASHSCOPE), budget_doc(RULES))
     g = BudgetGate(CollectorRegistry(), lambda: compiled.table, redis_url="redis://127.0.0.1:1/0", fail_closed=True)
     route = compiled.table.route_for(DASHSCOPE).name
-    assert g.admit(route, headers(x_user_id="a")) is not None
+    assert g.admit(route, headers(x_user_id="a")).as_dict()["budget"] == "default/per-user"
     g._set_up(False)
     with pytest.raises(GatewayError) as error:
         g.admit(route, headers(x_user_id="a"))
@@ -205,8 +213,8 @@ def test_gate_unreachable_redis_keeps_what_is_owed(tmp_path):
     compiled = load_docs(tmp_path, provider("dashscope", DASHSCOPE), budget_doc(RULES))
     g = BudgetGate(CollectorRegistry(), lambda: compiled.table, redis_url="redis://127.0.0.1:1/0")
     route = compiled.table.route_for(DASHSCOPE).name
-    meta = g.admit(route, headers(x_user_id="a"))
-    g.charge(meta["budget_buckets"], 17)
+    meta = g.admit(route, headers(x_user_id="a")).as_dict()
+    g.charge(buckets_of(meta), 17)
 
     async def one_sync() -> bool:
         await g.start()
@@ -218,22 +226,28 @@ def test_gate_unreachable_redis_keeps_what_is_owed(tmp_path):
 
     assert asyncio.run(one_sync()) is False
     assert g.degraded and "per instance" in g.degraded_reason()
-    assert g._pending[meta["budget_buckets"][0]] == [17.0, 0.0]  # sent when Redis is back
+    assert g._pending[buckets_of(meta)[0]] == [17.0, 0.0]  # sent when Redis is back
     with pytest.raises(BudgetRefused):  # and this instance keeps limiting meanwhile
-        g.charge(meta["budget_buckets"], 30)
+        g.charge(buckets_of(meta), 30)
         g.admit(route, headers(x_user_id="a"))
 
 
 def test_access_log_entry_charges_its_buckets(gate):
-    meta = gate.admit(gate.route, headers(x_user_id="alice"))
+    meta = admit(gate, headers(x_user_id="alice"))
     e = accesslog_pb2.HTTPAccessLogEntry()
     e.response.response_code.value = 200
     e.response.response_code_details = "via_upstream"
     e.common_properties.metadata.filter_metadata["llm_gateway"].update({**meta, "total_tokens": 17})
-    charge_budgets(gate, e, record_from_entry(e))
+    owed: dict = {}
+    charge_budgets(owed, e, record_from_entry(e))
+    charge_budgets(owed, e, record_from_entry(e))
     e.response.response_code.value = 500  # a provider error charges nothing
-    charge_budgets(gate, e, record_from_entry(e))
-    assert gate.admit(gate.route, headers(x_user_id="alice"))["ratelimit_remaining_tokens"] == "23"
+    charge_budgets(owed, e, record_from_entry(e))
+    assert owed == {tuple(buckets_of(meta)): 34}
+    owed[tuple(buckets_of(meta))] = 17
+    for buckets, tokens in owed.items():
+        gate.charge(buckets, tokens)
+    assert admit(gate, headers(x_user_id="alice"))["ratelimit_remaining_tokens"] == "23"
 
 
 # --- config ------------------------------------------------------------------------------------
@@ -280,9 +294,51 @@ def test_budget_on_route_alias_and_validate_route_commands(tmp_path, capsys):
 
 
 def test_gate_in_process_forgets_drained_buckets_only(gate):
-    first = gate.admit(gate.route, headers(x_user_id="a"))
-    gate.charge(first["budget_buckets"], 17)
-    gate.charge(gate.admit(gate.route, headers(x_user_id="b"))["budget_buckets"], 40)
+    first = admit(gate, headers(x_user_id="a"))
+    gate.charge(buckets_of(first), 17)
+    gate.charge(buckets_of(admit(gate, headers(x_user_id="b"))), 40)
     gate.clock.now += 17 * 90 + 1  # a's 17 tokens drained (40 per hour), b's 40 not yet
     assert gate.forget_drained() == 1
-    assert gate.admit(gate.route, headers(x_user_id="b"))["ratelimit_remaining_tokens"] == "17"
+    assert admit(gate, headers(x_user_id="b"))["ratelimit_remaining_tokens"] == "17"
+
+
+def test_admitted_writes_the_same_metadata_as_its_dict(gate):
+    from google.protobuf import json_format, struct_pb2
+
+    admitted = gate.admit(gate.route, headers(x_user_id="alice", user_type="subscriber"))
+    for _ in range(2):  # the second time from the cached identity
+        written = struct_pb2.Struct()
+        written.fields["route"].string_value = "kept"
+        admitted.write(written)
+        assert json_format.MessageToDict(written) == {"route": "kept", **admitted.as_dict()}
+        assert written.fields["ratelimit_limit_requests"].string_value == "600"
+    long = struct_pb2.Struct()  # lengths past one varint byte
+    from extproc.budget_store import Admitted
+    Admitted("ns/" + "n" * 200, "r" * 300, "k", admitted.answer, ["b" * 1000, "c"]).write(long)
+    assert long.fields["budget_rule"].string_value == "r" * 300
+    assert [v.string_value for v in long.fields["budget_buckets"].list_value.values] == ["b" * 1000, "c"]
+
+
+def test_two_objects_on_one_host_are_both_charged_and_the_tighter_one_answers(tmp_path):
+    compiled = load_docs(tmp_path, provider("dashscope", DASHSCOPE), budget_doc(RULES),
+                         budget_doc([{"name": "team", "tokens": 20, "per": "1h"}], name="per-team", key="x-team"))
+    g = BudgetGate(CollectorRegistry(), lambda: compiled.table)
+    route = compiled.table.route_for(DASHSCOPE).name
+    meta = g.admit(route, headers(x_user_id="alice", x_team="red")).as_dict()
+    assert meta["budget"] == "default/per-team" and meta["ratelimit_limit_tokens"] == "20"
+    assert len(meta["budget_buckets"]) == 2
+    e = accesslog_pb2.HTTPAccessLogEntry()
+    e.response.response_code.value = 200
+    e.response.response_code_details = "via_upstream"
+    e.common_properties.metadata.filter_metadata["llm_gateway"].update({**meta, "total_tokens": 25})
+    owed: dict = {}
+    charge_budgets(owed, e, record_from_entry(e))
+    for buckets, tokens in owed.items():
+        g.charge(buckets, tokens)
+    with pytest.raises(BudgetRefused):  # the team's 20 are spent
+        g.admit(route, headers(x_user_id="bob", x_team="red"))
+    tighter = g.admit(route, headers(x_user_id="alice", x_team="blue")).as_dict()  # alice: 15 left, blue: 20
+    assert (tighter["budget"], tighter["ratelimit_remaining_tokens"]) == ("default/per-user", "15")
+    other = g.admit(route, headers(x_user_id="carol", x_team="blue")).as_dict()
+    assert other["ratelimit_remaining_tokens"] == "20"  # per-team blue: untouched; alice's 25 on per-user
+    assert g.admit(route, headers(x_user_id="alice", x_team="green")).answer.allowed
