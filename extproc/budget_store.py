@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct as _struct
 import time
 from typing import Callable, Iterable
 
@@ -32,7 +31,6 @@ from .budgets import (EMPTY_BUDGETS, HEADER_METADATA, Admission, Budget, BudgetR
 
 log = logging.getLogger("extproc.budgets")
 
-_DOUBLE = _struct.Struct("<d")
 SYNC_INTERVAL_S = 0.1
 ACTIVE_S = 60.0  # a bucket untouched this long is no longer refreshed from Redis (nor kept in memory)
 REDIS_TIMEOUT_S = 0.5
@@ -105,13 +103,27 @@ def _entry(key: str, value: bytes) -> bytes:
     return b"\x0a" + _varint(len(body)) + body
 
 
+_LIMIT_HEADERS = frozenset({"x-ratelimit-limit-tokens", "x-ratelimit-limit-requests"})
+_SMALL = [bytes((i,)) for i in range(128)]
+_KEYS: dict[str, bytes] = {}  # a map entry's key part, per key
+
+
+def _string_entry(key: str, text: str) -> bytes:
+    """`key: text` as a Struct map entry: the common case (short values) without _varint."""
+    prefix = _KEYS.get(key)
+    if prefix is None:
+        k = key.encode()
+        prefix = _KEYS[key] = b"\x0a" + _varint(len(k)) + k + b"\x12"
+    raw = text.encode()
+    n = len(raw)
+    if len(prefix) + n + 3 < 128:  # every length fits in one byte
+        return b"".join((b"\x0a", _SMALL[len(prefix) + n + 3], prefix, _SMALL[n + 2], b"\x1a", _SMALL[n], raw))
+    return _entry(key, _string(text))
+
+
 def _string(text: str) -> bytes:
     raw = text.encode()
     return b"\x1a" + _varint(len(raw)) + raw
-
-
-def _number(value: float) -> bytes:
-    return b"\x11" + _DOUBLE.pack(value)
 
 
 def _list(values: list[bytes]) -> bytes:
@@ -129,26 +141,28 @@ class Admitted:
         self.budget, self.rule, self.key, self.answer, self.buckets = budget, rule, key, answer, buckets
 
     def write(self, struct) -> None:
-        """Into a protobuf Struct, as one merge of encoded bytes: the identity's part is encoded
-        once per bucket, the rest per request (several times cheaper than Struct.update)."""
-        ident = (self.budget, self.rule, self.key, *self.buckets)
+        """Into a protobuf Struct, as one merge of encoded bytes: the identity and the limits are
+        encoded once per bucket, what remains per request (several times cheaper than
+        Struct.update)."""
+        headers = self.answer.headers
+        limits = tuple(value for name, value in headers if name in _LIMIT_HEADERS)
+        ident = (self.budget, self.rule, self.key, limits, *self.buckets)
         static = _IDENTITY.get(ident)
         if static is None:
             if len(_IDENTITY) > 65536:
                 _IDENTITY.clear()
-            parts = [_entry("budget", _string(self.budget)), _entry("budget_rule", _string(self.rule)),
-                     _entry("budget_key", _string(self.key))]
+            parts = [_string_entry("budget", self.budget), _string_entry("budget_rule", self.rule),
+                     _string_entry("budget_key", self.key)]
+            parts += [_string_entry(HEADER_METADATA[name], value) for name, value in headers if name in _LIMIT_HEADERS]
             if len(self.buckets) > 1:  # one bucket is named by the three fields above
                 parts.append(_entry("budget_buckets", _list([_string(b) for b in self.buckets])))
             static = _IDENTITY[ident] = b"".join(parts)
-        struct.MergeFromString(static + _entry("budget_remaining_tokens", _number(self.answer.remaining_tokens))
-                               + b"".join(_entry(HEADER_METADATA[name], _string(value))
-                                          for name, value in self.answer.headers))
+        struct.MergeFromString(static + b"".join([_string_entry(HEADER_METADATA[name], value)
+                                                  for name, value in headers if name not in _LIMIT_HEADERS]))
 
     def as_dict(self) -> dict:
         """The same, as plain values (tests, `extproc route`)."""
-        out: dict = {"budget": self.budget, "budget_rule": self.rule, "budget_key": self.key,
-                     "budget_remaining_tokens": self.answer.remaining_tokens}
+        out: dict = {"budget": self.budget, "budget_rule": self.rule, "budget_key": self.key}
         if len(self.buckets) > 1:
             out["budget_buckets"] = list(self.buckets)
         for name, value in self.answer.headers:
@@ -172,6 +186,7 @@ class BudgetGate:
         self._pending: dict[str, list[float]] = {}  # bucket -> [tokens, requests] not yet in Redis
         self._touched: dict[str, float] = {}  # bucket -> last admission or charge
         self._rates: dict[str, tuple[float, float]] = {}  # bucket -> drain rates of its rule
+        self._ids: dict[tuple[str, str, str], tuple[str, str]] = {}  # (object, rule, key) -> (hash, bucket)
         self.degraded = False
         self._task: asyncio.Task | None = None
         self._client = None
@@ -186,7 +201,14 @@ class BudgetGate:
         if not objects:
             return None
         watched = objects[0].watched if len(objects) == 1 else frozenset().union(*(b.watched for b in objects))
-        values = {h.key: h.raw_value.decode("latin-1") for h in headers if h.key in watched}
+        values: dict[str, str] = {}
+        wanted = len(watched)
+        for h in headers:  # stops once every watched header is found
+            key = h.key
+            if key in watched:
+                values[key] = h.raw_value.decode("latin-1")
+                if len(values) == wanted:
+                    break
         now = self._clock()
         chosen: list[tuple[Budget, BudgetRule, str, str, Admission]] = []
         for budget in objects:
@@ -196,14 +218,24 @@ class BudgetGate:
             if self.degraded and self.fail_closed:
                 self.metrics.refused.labels(budget.name, rule.name, "unavailable").inc()
                 raise budget_unavailable()
-            hashed = key_hash(values.get(budget.key_header, "") if budget.key_header else "")
-            bucket = bucket_id(budget.name, rule.name, hashed)
+            named = (budget.name, rule.name, values.get(budget.key_header, "") if budget.key_header else "")
+            ids = self._ids.get(named)
+            if ids is None:
+                if len(self._ids) > 65536:
+                    self._ids.clear()
+                hashed = key_hash(named[2])
+                ids = self._ids[named] = (hashed, bucket_id(budget.name, rule.name, hashed))
+            hashed, bucket = ids
             used_tokens, used_requests = self._usage(bucket, rule, now)
             chosen.append((budget, rule, hashed, bucket, admission(rule, used_tokens, used_requests)))
         if not chosen:
             return None
-        answer = most_restrictive([c[4] for c in chosen])
-        head = next(c for c in chosen if c[4] is answer)
+        if len(chosen) == 1:
+            head = chosen[0]
+            answer = head[4]
+        else:
+            answer = most_restrictive([c[4] for c in chosen])
+            head = next(c for c in chosen if c[4] is answer)
         if not answer.allowed:
             self.metrics.refused.labels(head[0].name, head[1].name, answer.reason).inc()
             raise BudgetRefused(head[0].name, head[1].name, answer)

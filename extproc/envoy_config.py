@@ -244,7 +244,7 @@ ACCESS_LOG_FORMAT = {
     "budget": _meta("budget"),
     "budget_rule": _meta("budget_rule"),
     "budget_key": _meta("budget_key"),
-    "budget_remaining_tokens": _meta("budget_remaining_tokens"),
+    "budget_remaining_tokens": _meta("ratelimit_remaining_tokens"),
     "status": "%RESPONSE_CODE%",
     "details": "%RESPONSE_CODE_DETAILS%",
     "flags": "%RESPONSE_FLAGS%",

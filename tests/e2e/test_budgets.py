@@ -134,7 +134,7 @@ def test_budget_refuses_fourth_request_with_openai_headers_then_bigger_budget_ap
     first = entries[0]
     assert (first["budget"], first["budget_rule"], first["budget_key"]) == ("default/per-user", "everyone",
                                                                             key_hash("alice"))
-    assert first["budget_remaining_tokens"] == 40
+    assert first["budget_remaining_tokens"] == "40"
 
     # a live change to a bigger budget applies without a restart
     (config / "10-budget.yaml").write_text(budget_yaml(tokens=1000, per="1h"))

@@ -342,3 +342,15 @@ def test_two_objects_on_one_host_are_both_charged_and_the_tighter_one_answers(tm
     other = g.admit(route, headers(x_user_id="carol", x_team="blue")).as_dict()
     assert other["ratelimit_remaining_tokens"] == "20"  # per-team blue: untouched; alice's 25 on per-user
     assert g.admit(route, headers(x_user_id="alice", x_team="green")).answer.allowed
+
+
+@pytest.mark.parametrize("size", [0, 1, 60, 100, 120, 125, 126, 127, 200, 5000])
+def test_encoded_string_entries_parse_back_at_every_length(size):
+    from google.protobuf import struct_pb2
+
+    from extproc.budget_store import _string_entry
+
+    for key in ("k", "ratelimit_remaining_tokens", "x" * 130):
+        parsed = struct_pb2.Struct()
+        parsed.MergeFromString(_string_entry(key, "v" * size))
+        assert dict(parsed.fields.items())[key].string_value == "v" * size
