@@ -242,8 +242,9 @@ class BudgetGate:
         for _, rule, _, bucket, _ in chosen:
             if rule.requests is not None:
                 self._add(bucket, rule, 0.0, 1.0, now)
-            else:
+            else:  # refreshed from Redis while in use, drained at its rule's rates
                 self._touched[bucket] = now
+                self._rates[bucket] = (rule.token_rate, rule.request_rate)
         return Admitted(head[0].name, head[1].name, head[2], answer, [c[3] for c in chosen])
 
     def _usage(self, bucket: str, rule: BudgetRule, now: float) -> tuple[float, float]:

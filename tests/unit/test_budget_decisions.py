@@ -354,3 +354,11 @@ def test_encoded_string_entries_parse_back_at_every_length(size):
         parsed = struct_pb2.Struct()
         parsed.MergeFromString(_string_entry(key, "v" * size))
         assert dict(parsed.fields.items())[key].string_value == "v" * size
+
+
+def test_gate_syncs_an_admitted_bucket_at_its_rules_rates(tmp_path):
+    compiled = load_docs(tmp_path, provider("dashscope", DASHSCOPE), budget_doc(RULES))
+    g = BudgetGate(CollectorRegistry(), lambda: compiled.table, redis_url="redis://127.0.0.1:1/0")
+    route = compiled.table.route_for(DASHSCOPE).name
+    bucket = g.admit(route, headers(x_user_id="a")).buckets[0]  # admitted only, nothing charged yet
+    assert g._rates[bucket] == (40 / 3600, 1 / 3600)  # what a sync sends Redis to drain with
