@@ -14,6 +14,7 @@ import logging
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
 
+from .budgets import bucket_id, tokens_to_charge
 from .metrics import GatewayMetrics, RequestRecord
 from .names import METADATA_NAMESPACE
 
@@ -97,19 +98,61 @@ STREAM_ACCESS_LOGS = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessL
 class AccessLogReceiver:
     """`StreamAccessLogs`: a client stream of batches, one empty answer when Envoy closes it."""
 
-    def __init__(self, metrics: GatewayMetrics):
+    def __init__(self, metrics: GatewayMetrics, budgets=None):
         self._metrics = metrics
+        self._budgets = budgets  # extproc.budget_store.BudgetGate: charged from each finished answer
 
     def call(self, identity=None) -> "AccessLogReceiver":
         return self  # no state per stream; any authenticated Envoy may report usage
 
     def on_message(self, data: bytes) -> tuple[bytes | None, bool]:
+        owed: dict[tuple[str, ...], int] = {}  # a batch's usage summed per set of buckets, charged once
         for entry in als_pb2.StreamAccessLogsMessage.FromString(data).http_logs.log_entry:
             try:
-                self._metrics.observe(record_from_entry(entry))
+                record = record_from_entry(entry)
+                self._metrics.observe(record)
+                if self._budgets is not None:
+                    charge_budgets(owed, entry, record)
             except Exception:  # one odd entry must not stop the stream
                 log.exception("cannot record an access log entry")
+        for buckets, tokens in owed.items():
+            self._budgets.charge(buckets, tokens)
         return None, False
 
     def on_client_end(self) -> bytes:
         return als_pb2.StreamAccessLogsResponse().SerializeToString()
+
+
+def charge_budgets(owed: dict[tuple[str, ...], int], entry: accesslog_pb2.HTTPAccessLogEntry,
+                   record: RequestRecord) -> None:
+    """A finished answer's usage, owed to the budgets the ext_proc admitted it under."""
+    meta = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
+    if meta is None:
+        return
+    fields = meta.fields
+    budget = fields.get("budget")
+    if budget is None:
+        return
+    tokens = tokens_to_charge(record.outcome, _number(fields.get("total_tokens")), record.prompt_tokens,
+                              record.completion_tokens)
+    if not tokens:
+        return
+    listed = fields.get("budget_buckets")  # several objects limit the request; else one bucket
+    if listed is not None:
+        buckets = tuple(v.string_value for v in listed.list_value.values)
+    else:
+        buckets = (bucket_id(budget.string_value, fields["budget_rule"].string_value,
+                             fields["budget_key"].string_value),)
+    owed[buckets] = owed.get(buckets, 0) + tokens
+
+
+def _number(value) -> float | None:
+    kind = value.WhichOneof("kind") if value is not None else None
+    if kind == "number_value":
+        return value.number_value
+    if kind == "string_value":  # a reader that writes numbers as text
+        try:
+            return float(value.string_value)
+        except ValueError:
+            return None
+    return None

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -102,6 +103,15 @@ def _access_log(text: str) -> str | None:
     return None if text.lower() in ("", "none", "off") else text
 
 
+def _add_redis_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis", default=os.environ.get("LLM_GATEWAY_REDIS_URL") or None, metavar="URL",
+                   help="share LLMTokenRateLimit budgets with every gateway naming this Redis (redis://host:6379/0; "
+                        "default $LLM_GATEWAY_REDIS_URL; without it budgets are kept in this process)")
+    p.add_argument("--redis-fail-closed", action="store_true",
+                   help="while Redis is unreachable, answer requests a budget applies to with 503 "
+                        "(default: keep serving, budgets kept per instance)")
+
+
 def _upstream(args: argparse.Namespace) -> UpstreamOptions:
     return UpstreamOptions(ca_file=args.upstream_ca, resolve=dict(args.resolve))
 
@@ -135,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_upstream_args(up)
     _add_key_args(up)
     add_gateway_args(up)
+    _add_redis_args(up)
 
     demo = sub.add_parser("demo", parents=[common], help="the embedded default: fake local providers, the seed manifests, ready-to-paste curls")
     demo.add_argument("--listen", type=_host_port, default=HostPort("127.0.0.1", 10000), metavar="HOST:PORT")
@@ -162,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_upstream_args(serve)
     _add_key_args(serve)
     add_gateway_args(serve)
+    _add_redis_args(serve)
 
     ec = sub.add_parser("envoy-config", parents=[common], help="print the Envoy bootstrap (JSON); it holds no API key")
     ec.add_argument("--control", type=_host_port, default=HostPort("127.0.0.1", 18000), metavar="HOST:PORT",
@@ -227,7 +239,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                      envoy_log_level=args.envoy_log_level,
                      metrics=args.metrics, access_log=_access_log(args.access_log),
                      kubernetes=args.kubernetes, namespace=args.namespace, key_env=dict(args.key_env),
-                     home=home_namespace(args.control_namespace), view=view_from_args(args))
+                     home=home_namespace(args.control_namespace), view=view_from_args(args),
+                     redis_url=args.redis, redis_fail_closed=args.redis_fail_closed)
     return asyncio.run(run_up(opts))
 
 
@@ -267,12 +280,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     async def serve() -> int:
         socket_dir, authenticator = _serve_transport(args)
-        control = ControlPlane(_upstream(args), args.body_limit)
+        control = ControlPlane(_upstream(args), args.body_limit, args.redis, args.redis_fail_closed)
         source = config_source(args.config or [], args.kubernetes, args.namespace, control.apply,
                                key_env=dict(args.key_env), home=home_namespace(args.control_namespace),
                                view=view_from_args(args))
         await load_initial(source)
-        ops = OpsServer(control.metrics.registry, lambda: control.loaded)
+        ops = OpsServer(control.metrics.registry, lambda: control.loaded, control.budgets.degraded_reason)
         try:
             await control.start(args.listen or HostPort("0.0.0.0", 18000), args.ext_proc_listen,
                                 authenticator=authenticator, socket_dir=socket_dir)
@@ -334,7 +347,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for problem in compiled.problems:
         print(f"warning: {problem}", file=sys.stderr)
     kinds = [obj.resource.kind for obj in compiled.accepted]
-    print(f"ok: {kinds.count('LLMProvider')} LLMProvider, {kinds.count('LLMRoute')} LLMRoute")
+    budgets = f", {kinds.count('LLMTokenRateLimit')} LLMTokenRateLimit" if "LLMTokenRateLimit" in kinds else ""
+    print(f"ok: {kinds.count('LLMProvider')} LLMProvider, {kinds.count('LLMRoute')} LLMRoute{budgets}")
     return 0
 
 
@@ -369,6 +383,11 @@ def cmd_route(args: argparse.Namespace) -> int:
         stream = "" if target.stream is None else f" stream={str(target.stream).lower()}"
         print(f"  {share:5.1f}%  provider {target.provider} ({target.provider_host}{target.path})"
               f"  model {target.model}{stream}  cluster {target.cluster}")
+    if compiled.table.budgets is not None:
+        from .budgets import describe
+
+        for line in describe(compiled.table.budgets, route.name, headers):
+            print(line)
     return 0
 
 

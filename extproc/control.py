@@ -20,6 +20,7 @@ from envoy.service.cluster.v3 import cds_pb2_grpc
 from envoy.service.route.v3 import rds_pb2_grpc
 
 from .accesslog import STREAM_ACCESS_LOGS, AccessLogReceiver
+from .budget_store import BudgetGate
 from .config.compile import Compiled
 from .envoy_config import (DEFAULT_BODY_LIMIT, HostPort, UpstreamOptions, provider_cluster, route_configuration,
                            to_cluster_proto, to_route_proto)
@@ -39,13 +40,15 @@ XDS_SOCKET, EXT_PROC_SOCKET = "xds.sock", "ext_proc.sock"  # in local mode's soc
 
 
 class ControlPlane:
-    def __init__(self, upstream: UpstreamOptions, body_limit: int = DEFAULT_BODY_LIMIT):
+    def __init__(self, upstream: UpstreamOptions, body_limit: int = DEFAULT_BODY_LIMIT,
+                 redis_url: str | None = None, redis_fail_closed: bool = False):
         self.upstream = upstream
         self.holder = TableHolder(EMPTY_TABLE)
         self.clusters = Publisher(CLUSTER_TYPE_URL, "clusters")
         self.routes = Publisher(ROUTE_TYPE_URL, "sidecar routes")
         self.metrics = GatewayMetrics()
         self.loaded = False  # a config is in force (readiness)
+        self.budgets = BudgetGate(self.metrics.registry, lambda: self.holder.table, redis_url, redis_fail_closed)
         self._body_limit = body_limit
         self._server: grpc.aio.Server | None = None
         self._ext_proc_server: asyncio.Server | None = None
@@ -74,8 +77,8 @@ class ControlPlane:
         log.info("xDS (CDS, RDS) listening on %s", where if socket_dir is not None else f"{listen.host}:{self.port}")
         if ext_proc_listen is None:
             ext_proc_listen = HostPort(listen.host, listen.port + 1 if listen.port else 0)
-        methods = {PROCESS: ExternalProcessor(self.holder, body_limit=self._body_limit).exchange,
-                   STREAM_ACCESS_LOGS: AccessLogReceiver(self.metrics).call}
+        methods = {PROCESS: ExternalProcessor(self.holder, body_limit=self._body_limit, budgets=self.budgets).exchange,
+                   STREAM_ACCESS_LOGS: AccessLogReceiver(self.metrics, self.budgets).call}
         # The ext_proc answers a body over the limit with a 413 itself; a body chunk may be larger
         # than the limit (Envoy sends what it has read), up to Envoy's buffer limit.
         chunk_limit = self._body_limit + (4 << 20)
@@ -89,9 +92,11 @@ class ControlPlane:
                                                authenticator)
         self.ext_proc_port = self._ext_proc_server.sockets[0].getsockname()[1]
         log.info("ext_proc and access log service listening on %s:%d", ext_proc_listen.host, self.ext_proc_port)
+        await self.budgets.start()
         return self.port
 
     async def stop(self, grace: float = 2.0) -> None:
+        await self.budgets.stop()
         if self._ext_proc_server is not None:
             self._ext_proc_server.close()
         if self._server is not None:

@@ -242,6 +242,10 @@ ACCESS_LOG_FORMAT = {
     "ttft_ms": _meta("ttft_ms"),
     "tpot_ms": _meta("tpot_ms"),
     "stream_error": _meta("stream_error"),
+    "budget": _meta("budget"),
+    "budget_rule": _meta("budget_rule"),
+    "budget_key": _meta("budget_key"),
+    "budget_remaining_tokens": _meta("ratelimit_remaining_tokens"),
     "status": "%RESPONSE_CODE%",
     "details": "%RESPONSE_CODE_DETAILS%",
     "flags": "%RESPONSE_FLAGS%",
@@ -307,11 +311,22 @@ _XDS_SOURCE = {
 }
 
 
+def _budget_headers() -> list[dict]:
+    """An admitted request's x-ratelimit-* headers, from the values the ext_proc put in its
+    dynamic metadata (no extra message). Without a budget the values are empty and Envoy adds
+    nothing (keep_empty_value false)."""
+    from .budgets import HEADER_METADATA
+
+    return [{"header": {"key": name, "value": _meta(key)}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+             "keep_empty_value": False} for name, key in HEADER_METADATA.items()]
+
+
 def _llm_virtual_host(domains: list[str], route_timeout_s: int) -> dict:
     return {
         "name": "llm_gateway",
         "domains": domains,
         "request_headers_to_remove": [CLUSTER_HEADER],  # internal: never leaves Envoy
+        "response_headers_to_add": _budget_headers(),
         "routes": [{"match": {"prefix": "/"},
                     "route": {"cluster_header": CLUSTER_HEADER, "timeout": f"{route_timeout_s}s"}}],
     }

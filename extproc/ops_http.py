@@ -17,9 +17,11 @@ log = logging.getLogger("extproc.ops")
 
 
 class OpsServer:
-    def __init__(self, registry: CollectorRegistry, ready: Callable[[], bool]):
+    def __init__(self, registry: CollectorRegistry, ready: Callable[[], bool],
+                 degraded: Callable[[], str | None] | None = None):
         self._registry = registry
         self._ready = ready
+        self._degraded = degraded  # why the gateway serves in a degraded mode, or None
         self._server: asyncio.AbstractServer | None = None
         self.port = 0
 
@@ -66,6 +68,9 @@ class OpsServer:
             return "200 OK", "text/plain", b"ok\n"
         if path == "/readyz":
             if self._ready():
+                reason = self._degraded() if self._degraded is not None else None
+                if reason:  # still serving: taking the instance out would not help
+                    return "200 OK", "text/plain", f"ready, degraded: {reason}\n".encode()
                 return "200 OK", "text/plain", b"ready\n"
             return "503 Service Unavailable", "text/plain", b"not ready: no config loaded yet\n"
         return "404 Not Found", "text/plain", b"not found: try /metrics, /healthz or /readyz\n"

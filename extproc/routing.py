@@ -108,6 +108,7 @@ class RoutingTable:
     clusters: Mapping[str, str]  # provider host -> cluster name, for xDS
     version: str = "0"
     forwarded: Mapping[str, Forward] = field(default_factory=dict)  # host -> egress gateway (mesh view)
+    budgets: object = None  # extproc.budgets.BudgetTable: LLMTokenRateLimit objects by route name
 
     def route_for(self, authority: str) -> Route | None:
         return self.routes.get(normalize_host(authority))

@@ -72,6 +72,8 @@ class UpOptions:
     # tests only: a token here makes it TCP on loopback, with that token.
     tcp_token: str | None = None
     view: View = MESH_VIEW  # the mesh, or the egress gateway this is (see extproc.gateways)
+    redis_url: str | None = None  # budgets shared through this Redis; None: kept in this process
+    redis_fail_closed: bool = False
 
 
 def config_source(paths: list[str], kubernetes: bool, namespace: str | None, apply, reload_interval: float = 1.0,
@@ -117,10 +119,10 @@ def _http_get_status(url: str) -> int:
 async def run_up(opts: UpOptions, on_ready=None) -> int:
     """Run until a signal or until Envoy exits. Returns the process exit code."""
     binary = envoy_binary()
-    control = ControlPlane(opts.upstream, opts.body_limit)
+    control = ControlPlane(opts.upstream, opts.body_limit, opts.redis_url, opts.redis_fail_closed)
     source = config_source(opts.config, opts.kubernetes, opts.namespace, control.apply, opts.reload_interval,
                            opts.key_env, opts.home, opts.view)
-    ops = OpsServer(control.metrics.registry, lambda: control.loaded)
+    ops = OpsServer(control.metrics.registry, lambda: control.loaded, control.budgets.degraded_reason)
     workdir = Path(private_dir())  # 0700: the sockets, the bootstrap; removed on exit
     local = opts.tcp_token is None
     try:

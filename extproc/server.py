@@ -18,7 +18,7 @@ import logging
 import random
 import time
 from functools import lru_cache
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -36,6 +36,9 @@ from .names import CLUSTER_HEADER, INTERNAL_HEADER_PREFIX, METADATA_NAMESPACE
 from .rewrite import rewrite_body
 from .routing import Route, RoutingTable, Target
 from .sse import SSEReader
+
+if TYPE_CHECKING:
+    from .budget_store import Admitted, BudgetGate
 
 log = logging.getLogger("extproc.server")
 
@@ -106,12 +109,15 @@ def _model_list(route: Route, authority: str) -> pb.ProcessingResponse:
 
 
 def immediate(error: GatewayError) -> pb.ProcessingResponse:
-    return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
+    response = pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
         status=http_status_pb2.HttpStatus(code=error.status),
         headers=pb.HeaderMutation(set_headers=[_header("content-type", "application/json")]),
         body=error.body(),
         details=f"llm_gateway_{error.code}",
     ))
+    for name, value in getattr(error, "headers", ()):  # a 429's Retry-After and x-ratelimit-*
+        response.immediate_response.headers.set_headers.append(_header(name, value))
+    return response
 
 
 _TOO_LARGE_CODE, _TOO_LARGE_MESSAGE = LOCAL_REPLIES[413]  # the answer Envoy gives its own 413s
@@ -126,8 +132,10 @@ class ExternalProcessor:
     server (`extproc.h2_server`) drives message by message."""
 
     def __init__(self, holder: TableHolder, draw: Callable[[], float] = random.random,
-                 clock: Callable[[], float] = time.time, body_limit: int = DEFAULT_BODY_LIMIT):
+                 clock: Callable[[], float] = time.time, body_limit: int = DEFAULT_BODY_LIMIT,
+                 budgets: "BudgetGate | None" = None):
         self._holder = holder
+        self._budgets = budgets  # token/request budgets (extproc.budget_store)
         self._draw = draw
         self._clock = clock
         self._body_limit = body_limit
@@ -171,7 +179,8 @@ class ExternalProcessor:
 
     @staticmethod
     def _forward(body: bytes, chunks: int, target: Target, started: float, authority: str,
-                 strip: list[str], endpoint: Endpoint = endpoints.CHAT) -> list[pb.ProcessingResponse]:
+                 strip: list[str], endpoint: Endpoint = endpoints.CHAT,
+                 budget: "Admitted | None" = None) -> list[pb.ProcessingResponse]:
         """The held answer to the headers, then one answer per body chunk: all emptied but the
         last, which carries the whole rewritten body."""
         rewritten = rewrite_body(body, target, endpoint)
@@ -190,6 +199,8 @@ class ExternalProcessor:
         fields["started"].number_value = started
         fields["host"].string_value = authority
         fields["operation"].string_value = endpoint.operation
+        if budget is not None:  # the budget charged, for the access log, and the x-ratelimit-* header values
+            budget.write(response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value)
         last = pb.ProcessingResponse()
         last.request_body.response.body_mutation.body = rewritten.body
         return [response, *([_EMPTIED_CHUNK] * (chunks - 1)), last]
@@ -201,7 +212,7 @@ class Exchange:
     stream ends as soon as nothing more is needed, before Envoy has to cancel it."""
 
     __slots__ = ("_processor", "_namespace", "_target", "_started", "_authority", "_strip", "_body", "_chunks",
-                 "_observer", "_endpoint")
+                 "_observer", "_endpoint", "_budget")
 
     def __init__(self, processor: ExternalProcessor, namespace: str | None = None):
         self._processor = processor
@@ -214,6 +225,7 @@ class Exchange:
         self._chunks = 0
         self._observer: _EventStreamObserver | None = None
         self._endpoint = endpoints.CHAT
+        self._budget: Admitted | None = None
 
     def on_message(self, message: bytes) -> tuple[list[bytes], bool]:
         """The wire form, for the HTTP/2 server."""
@@ -230,6 +242,8 @@ class Exchange:
                 self._started = processor._clock()
                 self._authority, self._target, self._strip, self._endpoint = processor._choose(
                     request.request_headers, self._namespace)
+                if processor._budgets is not None:
+                    self._budget = processor._budgets.admit(self._target.route, request.request_headers.headers.headers)
                 return [], False  # answered with the body
             if phase == "request_body":
                 if self._target is None:  # cannot happen with our bootstrap; never forward unrewritten
@@ -242,7 +256,7 @@ class Exchange:
                 if not chunk.end_of_stream:
                     return [], False
                 return processor._forward(bytes(self._body), self._chunks, self._target, self._started,
-                                          self._authority, self._strip, self._endpoint), True
+                                          self._authority, self._strip, self._endpoint, self._budget), True
             if phase == "response_headers":
                 self._observer = _EventStreamObserver(request.metadata_context, processor._clock)
                 return [_CONTINUE_RESPONSE_HEADERS], False

@@ -150,8 +150,13 @@ def main() -> int:
     parser.add_argument("--no-litellm", action="store_true")
     parser.add_argument("--memory-requests", type=int, default=100_000)
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results")
+    parser.add_argument("--budgets", action="store_true",
+                        help="the budgets variant instead: CPU per request with and without an LLMTokenRateLimit "
+                             "matching every request (in process, and through Redis), and the overshoot bound")
     args = parser.parse_args()
     args.out.mkdir(exist_ok=True)
+    if args.budgets:
+        return budgets_main(args)
     work = Path(tempfile.mkdtemp(prefix="llm-gateway-bench-"))
     procs: list[subprocess.Popen] = []
     envoy = envoy_binary()
@@ -339,6 +344,153 @@ def chart(s: dict, path: Path) -> None:
     fig.suptitle("LLM gateway vs bare Envoy vs LiteLLM (same fake provider, medians)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+# --- the budgets variant (scripts/bench --budgets) ---------------------------------------------
+
+BUDGET_YAML = """apiVersion: llm-gateway.dev/v1alpha1
+kind: LLMTokenRateLimit
+metadata: {name: bench}
+spec:
+  host: dashscope.aliyuncs.com
+  key: {header: x-user-id}
+  rules:
+  - name: bound
+    matches:
+    - headers: {x-bench: {exact: bound}}
+    tokens: BOUND_TOKENS
+    per: 1h
+  - name: everyone
+    tokens: 1000000000000
+    per: 1h
+"""
+BOUND_TOKENS = 70  # ten answers of the fake's 7 tokens
+
+
+def _start_gateway(envoy_fake_port: int, ca: ThrowawayCA, work: Path, name: str, budget: bool,
+                   redis_url: str | None) -> tuple[subprocess.Popen, int]:
+    config = work / f"config-{name}"
+    config.mkdir()
+    shutil.copy(manifests_dir() / "01-LLMProvider.yaml", config)
+    if budget:
+        (config / "10-budget.yaml").write_text(BUDGET_YAML.replace("BOUND_TOKENS", str(BOUND_TOKENS)))
+    port = free_port()
+    args = [sys.executable, "-m", "extproc", "up", "--config", str(config), "--listen", f"127.0.0.1:{port}",
+            "--admin", f"127.0.0.1:{free_port()}", "--metrics", f"127.0.0.1:{free_port()}",
+            "--access-log", "none", "--upstream-ca", str(ca.cert_file),
+            "--resolve", f"{HOST}=127.0.0.1:{envoy_fake_port}"]
+    if redis_url:
+        args += ["--redis", redis_url]
+    process = subprocess.Popen(args, env={**os.environ, "YOUR_DASHSCOPE_API_KEY": KEY},
+                               stdout=(work / f"gateway-{name}.log").open("wb"), stderr=subprocess.STDOUT)
+    return process, port
+
+
+def _status(conn: http.client.HTTPConnection, headers: dict) -> tuple[int, float]:
+    body = json.dumps({"messages": MESSAGES}).encode()
+    conn.request("POST", "/", body=body, headers={"Host": HOST, "Content-Type": "application/json", **headers})
+    resp = conn.getresponse()
+    resp.read()
+    return resp.status, time.monotonic()
+
+
+def measure_bound(port_a: int, port_b: int, trials: int) -> dict:
+    """Overshoot between two instances on one Redis: one client alternates between them with a fresh
+    key per trial, on a budget of BOUND_TOKENS (the fake's answers cost 7 tokens each), until both
+    refuse. Tokens admitted beyond the budget, and the time from the answer that spent the budget
+    to the last admission on either instance."""
+    over_tokens, lag_s = [], []
+    conns = [http.client.HTTPConnection("127.0.0.1", p, timeout=30) for p in (port_a, port_b)]
+    for trial in range(trials):
+        headers = {"x-user-id": f"bound-{trial}-{os.urandom(4).hex()}", "x-bench": "bound"}
+        for conn in conns:  # both instances have seen the key (the first-request case is documented apart)
+            _status(conn, {**headers, "x-user-id": headers["x-user-id"] + "-warm"})
+        admitted, spent_at, last_ok, refused = 0, None, None, [False, False]
+        i = 0
+        while not all(refused):
+            status, at = _status(conns[i % 2], headers)
+            if status == 200:
+                admitted += 1
+                last_ok = at
+                if spent_at is None and admitted * 7 >= BOUND_TOKENS:
+                    spent_at = at
+            elif status == 429:
+                refused[i % 2] = True
+            i += 1
+        over_tokens.append(admitted * 7 - BOUND_TOKENS)
+        lag_s.append(max(0.0, (last_ok or 0) - (spent_at or last_ok or 0)))
+    for conn in conns:
+        conn.close()
+    return {"trials": trials, "overshoot_tokens": {"median": statistics.median(over_tokens), "max": max(over_tokens)},
+            "lag_s": {"median": statistics.median(lag_s), "max": max(lag_s)}}
+
+
+def budgets_main(args) -> int:
+    """CPU per request of the gateway's Python process (ext_proc, access log, Redis sync), a fixed
+    number of requests per variant, alternating: no budget, a budget matching every request kept in
+    process, the same through Redis; requests per second against bare Envoy as a ratio; and the
+    overshoot bound between two instances on one Redis."""
+    work = Path(tempfile.mkdtemp(prefix="llm-gateway-bench-budgets-"))
+    procs: list[subprocess.Popen] = []
+    envoy = envoy_binary()
+    ca = ThrowawayCA(work / "pki")
+    fake_port = free_port()
+    fake = start_envoy_fake(envoy, ca, [HOST], fake_port, free_port(), work)
+    redis_port = free_port()
+    try:
+        procs.append(subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                                       "--appendonly", "no", "--dir", str(work)], stdout=subprocess.DEVNULL))
+        redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        ports: dict[str, int] = {"bare": free_port()}
+        (work / "bare.json").write_text(json.dumps(bare_envoy_config(ports["bare"], free_port(), fake_port, ca.cert_file)))
+        procs.append(subprocess.Popen([envoy, "-c", str(work / "bare.json"), "--disable-hot-restart", "--log-level",
+                                       "error"], stdout=subprocess.DEVNULL, stderr=(work / "bare.log").open("wb")))
+        pids: dict[str, int] = {}
+        for name, budget, url in (("none", False, None), ("local", True, None), ("redis", True, redis_url),
+                                  ("redis-b", True, redis_url)):
+            process, ports[name] = _start_gateway(fake_port, ca, work, name, budget, url)
+            procs.append(process)
+            pids[name] = process.pid
+        for port in ports.values():
+            wait_until_serving(port)
+        script = work / "load.lua"
+        script.write_text(lua_script("/", HOST, {"messages": MESSAGES}) + 'wrk.headers["x-user-id"] = "bench-user"\n')
+        measured = ["bare", "none", "local", "redis"]
+        for name in measured:
+            run_wrk(ports[name], script, 4, 3)  # warm up
+        cpu = {n: {"seconds": 0.0, "requests": 0} for n in measured[1:]}
+        rps: dict[str, list[float]] = {n: [] for n in measured}
+        for r in range(args.rounds):
+            order = measured[r % len(measured):] + measured[:r % len(measured)]
+            for name in order:
+                before = cpu_seconds(pids[name]) if name in pids else None
+                result = run_wrk(ports[name], script, 16, args.seconds)
+                if before is not None:
+                    cpu[name]["seconds"] += cpu_seconds(pids[name]) - before
+                    cpu[name]["requests"] += result["requests"]
+                rps[name].append(result["rps"])
+                print(f"round {r + 1} {name:6s}: {result['rps']:8.0f} req/s  errors {result['errors']}", flush=True)
+        bound = measure_bound(ports["redis"], ports["redis-b"], 20)
+        out = {
+            "cpu_us_per_request": {n: 1e6 * c["seconds"] / max(c["requests"], 1) for n, c in cpu.items()},
+            "requests_measured": {n: c["requests"] for n, c in cpu.items()},
+            "rps_over_bare": {n: statistics.median(rps[n]) / statistics.median(rps["bare"]) for n in measured[1:]},
+            "bound": bound,
+        }
+        print(json.dumps(out, indent=2))
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        (args.out / f"bench-budgets-{stamp}.json").write_text(json.dumps(out, indent=2))
+        return 0
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        fake.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,13 @@ import re
 from dataclasses import dataclass
 
 from ..auth import may_use, visible_to
+from ..budgets import Budget, BudgetRule, BudgetTable
 from ..endpoints import base_path, route_bases
 from ..gateways import MESH_VIEW, View, declared_binding, forward_to, gateway_ref, provider_binding, route_binding
 from ..names import provider_cluster
-from ..routing import Forward, HeaderCondition, Route, RoutingTable, Rule, Target, host_aliases
+from ..routing import Forward, HeaderCondition, Route, RoutingTable, Rule, Target, host_aliases, normalize_host
 from .loader import Loaded
-from .models import LLMProvider, LLMRoute, OpenAIConfig, unimplemented_fields
+from .models import LLMProvider, LLMRoute, LLMTokenRateLimit, OpenAIConfig, unimplemented_fields
 from .problems import Problem
 
 
@@ -130,8 +131,10 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
                     if forward is not None:
                         forwarded[name] = forward
 
+    budgets = compile_budgets(objects, routes, problems, accepted)
     clusters = {host: provider_cluster(host) for host in providers if host in used}
-    table = RoutingTable(routes=routes, clusters=clusters, version=_version(accepted), forwarded=forwarded)
+    table = RoutingTable(routes=routes, clusters=clusters, version=_version(accepted), forwarded=forwarded,
+                         budgets=budgets)
     return Compiled(table=table, problems=problems, accepted=accepted)
 
 
@@ -238,3 +241,32 @@ def _version(objects: list[Loaded]) -> str:
     for obj in objects:
         digest.update(obj.resource.model_dump_json(by_alias=True).encode())
     return digest.hexdigest()[:12]
+
+
+def compile_budgets(objects: list[Loaded], routes: dict[str, Route], problems: list[Problem],
+                    accepted: list[Loaded]) -> BudgetTable:
+    """LLMTokenRateLimit objects, each attached to the route its host is routed by (so every
+    name that route answers to is limited). A host nobody serves is an error of that object."""
+    pairs: list[tuple[str, Budget]] = []
+    for obj in objects:
+        resource = obj.resource
+        if not isinstance(resource, LLMTokenRateLimit):
+            continue
+        route = routes.get(normalize_host(resource.spec.host))
+        if route is None:
+            problems.append(Problem(f"no LLMRoute or LLMProvider serves host {resource.spec.host!r}",
+                                    file=obj.file, obj=obj.label, field="spec.host", reason="HostNotFound"))
+            continue
+        key_header = resource.spec.key.header.lower() if resource.spec.key else ""
+        rules: list[BudgetRule] = []
+        watched: set[str] = {key_header} if key_header else set()
+        for i, rule in enumerate(resource.spec.rules):
+            conditions = tuple(
+                tuple(_condition(name, match) for name, match in m.headers.items()) for m in rule.matches)
+            for conds in conditions:
+                watched.update(c.name for c in conds)
+            rules.append(BudgetRule(rule.name or f"rules[{i}]", conditions, rule.tokens, rule.per_s, rule.requests))
+        name = f"{resource.metadata.namespace}/{resource.metadata.name}"
+        pairs.append((route.name, Budget(name, key_header, tuple(rules), frozenset(watched))))
+        accepted.append(obj)
+    return BudgetTable.of(pairs)

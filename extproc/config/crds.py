@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from .models import LLMProviderSpec, LLMRouteSpec
+from .models import BUDGET_API_VERSION, LLMProviderSpec, LLMRouteSpec, LLMTokenRateLimitSpec
 
 GROUP = "istio.alibabacloud.com"
 VERSION = "v1beta1"
+BUDGET_GROUP, BUDGET_VERSION = BUDGET_API_VERSION.split("/")  # our own kind, in our own group
 _KEEP = ("type", "description", "minimum", "minLength", "minItems", "maxProperties", "pattern", "enum")
 
 
@@ -75,18 +76,19 @@ _ACCEPTED = {"name": "Accepted", "type": "string", "jsonPath": '.status.conditio
 _AGE = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
 
 
-def _crd(kind: str, plural: str, spec: dict[str, Any], columns: list[dict[str, str]], short: str) -> dict[str, Any]:
+def _crd(kind: str, plural: str, spec: dict[str, Any], columns: list[dict[str, str]], short: str,
+         group: str = GROUP, version: str = VERSION) -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{plural}.{GROUP}"},
+        "metadata": {"name": f"{plural}.{group}"},
         "spec": {
-            "group": GROUP,
+            "group": group,
             "names": {"kind": kind, "listKind": f"{kind}List", "plural": plural, "singular": kind.lower(),
                       "shortNames": [short]},
             "scope": "Namespaced",
             "versions": [{
-                "name": VERSION,
+                "name": version,
                 "served": True,
                 "storage": True,
                 "subresources": {"status": {}},
@@ -116,7 +118,12 @@ def crd_documents() -> list[dict[str, Any]]:
         {"name": "Host", "type": "string", "jsonPath": ".spec.host"},
         {"name": "Rules", "type": "string", "jsonPath": ".spec.rules[*].name"},
     ], "llmr")
-    return [provider, route]
+    budget = _crd("LLMTokenRateLimit", "llmtokenratelimits", spec_schema(LLMTokenRateLimitSpec), [
+        {"name": "Host", "type": "string", "jsonPath": ".spec.host"},
+        {"name": "Key", "type": "string", "jsonPath": ".spec.key.header"},
+        {"name": "Rules", "type": "string", "jsonPath": ".spec.rules[*].name"},
+    ], "llmtrl", BUDGET_GROUP, BUDGET_VERSION)
+    return [provider, route, budget]
 
 
 def crds_yaml() -> str:

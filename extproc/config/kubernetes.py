@@ -23,14 +23,17 @@ from typing import Any, Awaitable, Callable
 
 from ..gateways import MESH_VIEW, View
 from .compile import Compiled, compile_config
-from .crds import GROUP, VERSION
+from .crds import BUDGET_GROUP, BUDGET_VERSION, GROUP, VERSION
 from .loader import Loaded, parse_object
 from .problems import Problem
 
 log = logging.getLogger("extproc.kubernetes")
 
 SOURCE_LABEL = "kubernetes"
-PLURALS = {"LLMProvider": "llmproviders", "LLMRoute": "llmroutes"}
+PLURALS = {"LLMProvider": "llmproviders", "LLMRoute": "llmroutes", "LLMTokenRateLimit": "llmtokenratelimits"}
+# our own kind lives in our own API group; its CRD may not be installed (then: no budgets)
+API_OF = {"LLMTokenRateLimit": (BUDGET_GROUP, BUDGET_VERSION)}
+OPTIONAL_KINDS = ("LLMTokenRateLimit",)
 WATCH_TIMEOUT_S = 240
 MAX_BACKOFF_S = 30.0
 
@@ -85,7 +88,14 @@ class KubernetesSource:
         self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
         for kind in PLURALS:
-            self._versions[kind] = await asyncio.to_thread(self._list, kind)
+            try:
+                self._versions[kind] = await asyncio.to_thread(self._list, kind)
+            except Exception as exc:
+                if kind not in OPTIONAL_KINDS or getattr(exc, "status", None) != 404:
+                    raise
+                log.warning("no %s CRD in the cluster (kubectl apply -f k8s/crds.yaml): no budgets until it is "
+                            "installed", kind)
+                self._versions[kind] = ""
         self._secret_version = await asyncio.to_thread(self._list_secrets_version)
         return await self._reconcile()
 
@@ -116,9 +126,10 @@ class KubernetesSource:
 
     def _list_call(self, kind: str):
         plural = PLURALS[kind]
+        group, version = API_OF.get(kind, (GROUP, VERSION))
         if self._namespace:
-            return lambda **kw: self._custom.list_namespaced_custom_object(GROUP, VERSION, self._namespace, plural, **kw)
-        return lambda **kw: self._custom.list_cluster_custom_object(GROUP, VERSION, plural, **kw)
+            return lambda **kw: self._custom.list_namespaced_custom_object(group, version, self._namespace, plural, **kw)
+        return lambda **kw: self._custom.list_cluster_custom_object(group, version, plural, **kw)
 
     def _list(self, kind: str) -> str:
         result = self._list_call(kind)()
@@ -127,7 +138,7 @@ class KubernetesSource:
                 del self._objects[key]
             for item in result.get("items", []):
                 item.setdefault("kind", kind)
-                item.setdefault("apiVersion", f"{GROUP}/{VERSION}")
+                item.setdefault("apiVersion", "/".join(API_OF.get(kind, (GROUP, VERSION))))
                 self._objects[_key(kind, item)] = _Cached(item)
         return (result.get("metadata") or {}).get("resourceVersion", "")
 
@@ -319,7 +330,8 @@ class KubernetesSource:
             kind, namespace, name = key
             try:
                 self._custom.patch_namespaced_custom_object_status(
-                    GROUP, VERSION, namespace, PLURALS[kind], name, {"status": {"conditions": [condition]}})
+                    *API_OF.get(kind, (GROUP, VERSION)), namespace, PLURALS[kind], name,
+                    {"status": {"conditions": [condition]}})
             except ApiException as exc:
                 if exc.status != 404:  # deleted meanwhile
                     log.warning("cannot write the status of %s %s/%s: %s", kind, namespace, name, _short(exc))

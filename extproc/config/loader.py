@@ -17,7 +17,8 @@ from typing import Any, Callable
 import yaml
 from pydantic import ValidationError
 
-from .models import API_VERSION, KINDS, LLMProvider, LLMRoute, OpenAIConfig
+from .models import (API_VERSION, BUDGET_API_VERSION, BUDGET_KIND, KINDS, LLMProvider, LLMRoute, LLMTokenRateLimit,
+                     OpenAIConfig)
 from .problems import Problem
 
 try:  # libyaml's loader is several times faster; fall back to pure Python where absent
@@ -28,7 +29,7 @@ except AttributeError:  # pragma: no cover - depends on how PyYAML was built
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
-Resource = LLMProvider | LLMRoute
+Resource = LLMProvider | LLMRoute | LLMTokenRateLimit
 
 
 @dataclass(frozen=True)
@@ -125,14 +126,15 @@ def parse_object(doc: Any, file: str, number: str, environ: dict[str, str] | Non
     if not isinstance(doc, dict):
         return None, [Problem(f"document {number} is not a mapping", file=file)]
     kind = doc.get("kind")
-    if kind not in KINDS:
+    if kind not in KINDS and kind != BUDGET_KIND:
         return None, []
     meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
     label = f"{kind} {meta.get('namespace') or 'default'}/{meta.get('name') or '<unnamed>'}"
-    if doc.get("apiVersion") != API_VERSION:
-        return None, [Problem(f"unsupported apiVersion {doc.get('apiVersion')!r}, expected {API_VERSION!r}",
+    expected = BUDGET_API_VERSION if kind == BUDGET_KIND else API_VERSION
+    if doc.get("apiVersion") != expected:
+        return None, [Problem(f"unsupported apiVersion {doc.get('apiVersion')!r}, expected {expected!r}",
                               file=file, obj=label, field="apiVersion")]
-    model = LLMProvider if kind == "LLMProvider" else LLMRoute
+    model = {"LLMProvider": LLMProvider, "LLMRoute": LLMRoute, BUDGET_KIND: LLMTokenRateLimit}[kind]
     try:
         resource = model.model_validate(doc)
     except ValidationError as exc:

@@ -217,6 +217,8 @@ def _check_host(value: str) -> str:
 
 def unimplemented_fields(obj: LLMProvider | LLMRoute) -> list[str]:
     """Paths of fields ASM defines that are accepted but have no effect here yet."""
+    if not isinstance(obj, (LLMProvider, LLMRoute)):
+        return []
     found = [f"spec.{alias}" for name, alias in (("workload_selector", "workloadSelector"), ("gateways", "gateways"))
              if getattr(obj.spec, name) is not None
              and not (isinstance(obj, LLMRoute) and name == "gateways")]  # a route's gateways: extproc.gateways
@@ -228,3 +230,76 @@ def unimplemented_fields(obj: LLMProvider | LLMRoute) -> list[str]:
                 if match.gateways is not None:
                     found.append(f"spec.rules[{i}].matches[{j}].gateways")
     return found
+
+
+# --- LLMTokenRateLimit: our own kind, in our own API group (token and request budgets) ---
+
+BUDGET_API_VERSION = "llm-gateway.dev/v1alpha1"
+BUDGET_KIND = "LLMTokenRateLimit"
+PER_PATTERN = r"^[0-9]+(ms|s|m|h|d)$"
+HEADER_NAME_PATTERN = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
+MIN_PER_S, MAX_PER_S = 1.0, 30 * 86400.0
+
+
+def parse_per(text: str) -> float:
+    """A budget's period in seconds: the `spec.timeout` syntax plus days ("30d")."""
+    if text.endswith("d") and text[:-1].isdigit():
+        return int(text[:-1]) * 86400.0
+    return parse_duration(text)
+
+
+class BudgetKeySpec(_Strict):
+    header: str = Field(min_length=1, pattern=HEADER_NAME_PATTERN,
+                        description="One budget per value of this request header; a request without it shares the \"\" budget.")
+
+
+class BudgetMatch(_Strict):
+    headers: dict[str, StringMatch] = Field(default_factory=dict)
+
+
+class BudgetRuleSpec(_Strict):
+    name: str | None = Field(default=None, min_length=1)
+    matches: list[BudgetMatch] = Field(default_factory=list)
+    tokens: int = Field(ge=1, description="Total tokens (prompt + completion) per `per`.")
+    requests: int | None = Field(default=None, ge=1, description="Requests per `per` (optional).")
+    per: str = Field(pattern=PER_PATTERN, description="The period: 1s to 30d, e.g. 1m, 1h, 1d.")
+
+    @field_validator("per")
+    @classmethod
+    def _per_in_range(cls, value: str) -> str:
+        seconds = parse_per(value)
+        if not MIN_PER_S <= seconds <= MAX_PER_S:
+            raise ValueError(f"per must be between 1s and 30d (got {value})")
+        return value
+
+    @property
+    def per_s(self) -> float:
+        return parse_per(self.per)
+
+
+class LLMTokenRateLimitSpec(_Strict):
+    host: str = Field(min_length=1, json_schema_extra={"pattern": HOST_PATTERN},
+                      description="A provider host or an LLMRoute host, as routing knows it.")
+    key: BudgetKeySpec | None = None
+    rules: list[BudgetRuleSpec] = Field(min_length=1)
+
+    @field_validator("host")
+    @classmethod
+    def _host_is_a_name(cls, value: str) -> str:
+        return _check_host(value)
+
+    @model_validator(mode="after")
+    def _unique_rule_names(self) -> "LLMTokenRateLimitSpec":
+        names = [rule.name for rule in self.rules if rule.name]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"rules: rule names must be unique (repeated: {', '.join(dupes)})")
+        return self
+
+
+class LLMTokenRateLimit(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+    api_version: Literal["llm-gateway.dev/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["LLMTokenRateLimit"]
+    metadata: Metadata
+    spec: LLMTokenRateLimitSpec

@@ -6,6 +6,7 @@ Gateway's test upstream is:
   x-fake-status: 429     answer with that status and an OpenAI-style error
   x-fake-reply: text     the assistant's reply (default: a greeting naming the model)
   x-fake-delay: 1.5      wait that many seconds before answering
+  x-fake-total-tokens: 17  report that many tokens in usage (about half prompt, half completion)
 Besides chat (any path but the two below) it answers `.../embeddings` (vectors derived from
 the input, as floats or base64 as asked) and `.../completions` (the legacy text completion).
 A body with "stream": true is answered as server-sent events, further steered by:
@@ -138,6 +139,9 @@ class _Handler(BaseHTTPRequestHandler):
         reply = headers.get("x-fake-reply") or f"Hello! I am {model}, served by {self.fake.name}."
         usage = {"prompt_tokens": prompt_tokens(body), "completion_tokens": count_tokens(reply)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        if "x-fake-total-tokens" in headers:
+            total = int(headers["x-fake-total-tokens"])
+            usage = {"prompt_tokens": total // 2, "completion_tokens": total - total // 2, "total_tokens": total}
         if self.path.endswith("/embeddings"):
             return self._embeddings(model, body)
         if body.get("stream") is True:

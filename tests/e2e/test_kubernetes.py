@@ -53,8 +53,9 @@ def kube():
     kubeconfig = re.search(r"export KUBECONFIG=(\S+)", started.stdout).group(1)
     k = Kube(kubeconfig)
     k.apply(REPO / "k8s" / "crds.yaml")
-    for crd in ("llmproviders", "llmroutes"):
-        k.run("wait", "--for", "condition=established", f"crd/{crd}.istio.alibabacloud.com", "--timeout", "60s")
+    for crd in ("llmproviders.istio.alibabacloud.com", "llmroutes.istio.alibabacloud.com",
+                "llmtokenratelimits.llm-gateway.dev"):
+        k.run("wait", "--for", "condition=established", f"crd/{crd}", "--timeout", "60s")
     yield k
     subprocess.run(["bash", str(KUBE_SCRIPT), "stop"], capture_output=True, timeout=60)
 
@@ -62,7 +63,8 @@ def kube():
 @pytest.fixture
 def clean(kube):
     yield kube
-    kube.run("delete", "llmroutes,llmproviders", "--all", "--all-namespaces", "--wait=false", check=False)
+    kube.run("delete", "llmroutes,llmproviders,llmtokenratelimits", "--all", "--all-namespaces", "--wait=false",
+             check=False)
     kube.run("delete", "secret", "llm-keys", "-n", "default", "--ignore-not-found", check=False)
 
 
@@ -200,7 +202,10 @@ def test_manifests_apply_and_rbac_is_least_privilege(clean):
               ("patch", "llmroutes.istio.alibabacloud.com", None, False), ("delete", "llmproviders.istio.alibabacloud.com", None, False),
               ("create", "secrets", None, False), ("list", "pods", None, False),
               ("create", "tokenreviews.authentication.k8s.io", None, True),
-              ("create", "serviceaccounts", "token", False)]
+              ("create", "serviceaccounts", "token", False),
+              ("watch", "llmtokenratelimits.llm-gateway.dev", None, True),
+              ("patch", "llmtokenratelimits.llm-gateway.dev", "status", True),
+              ("delete", "llmtokenratelimits.llm-gateway.dev", None, False)]
     for verb, resource, subresource, allowed in checks:
         args = ["auth", "can-i", verb, resource, "--as", account, "-n", "default"]
         if subresource:
@@ -450,3 +455,39 @@ def test_egress_gateway_serves_only_its_routes_from_kubernetes_and_leaves_status
     # the control plane (not running here) writes the conditions; the gateway writes none
     for kind, name in (("llmroute", "dashscope-route"), ("llmprovider", "dashscope-qwen"), ("llmroute", "demo-llm-server")):
         assert kube.condition(kind, name) == {}
+
+
+BUDGET = """apiVersion: llm-gateway.dev/v1alpha1
+kind: LLMTokenRateLimit
+metadata: {name: per-user, namespace: default}
+spec:
+  host: HOST
+  key: {header: x-user-id}
+  rules:
+  - name: everyone
+    tokens: TOKENS
+    per: 1h
+"""
+
+
+def test_token_budget_objects_are_watched_with_accepted_conditions(clean, k8s_gateway, fresh_providers):
+    kube = clean
+    kube.apply(seed("01"))
+    # the API server refuses what the schema says: no budget of zero tokens
+    refused = kube.run("apply", "-f", "-", stdin=BUDGET.replace("HOST", DASHSCOPE).replace("TOKENS", "0"), check=False)
+    assert refused.returncode != 0 and "tokens" in refused.stderr
+    kube.run("apply", "-f", "-", stdin=BUDGET.replace("HOST", DASHSCOPE).replace("TOKENS", "40"))
+    gw = k8s_gateway()
+    wait_until(lambda: kube.condition("llmtokenratelimit", "per-user").get("status") == "True", 10, gw.log)
+    headers = {"x-user-id": "kim", "x-fake-total-tokens": "17"}
+    resp = gw.request(DASHSCOPE, CHAT, headers)
+    assert resp.status == 200 and resp.headers["x-ratelimit-limit-tokens"] == "40"
+    listing = kube.run("get", "llmtokenratelimits").stdout
+    assert re.search(r"per-user\s+dashscope.aliyuncs.com\s+x-user-id\s+everyone\s+True", listing), listing
+
+    # a host nobody serves: left out, with the reason and the field
+    kube.run("apply", "-f", "-", stdin=BUDGET.replace("HOST", "nowhere.example.com").replace("TOKENS", "40"))
+    wait_until(lambda: kube.condition("llmtokenratelimit", "per-user").get("status") == "False", 10, gw.log)
+    condition = kube.condition("llmtokenratelimit", "per-user")
+    assert condition["reason"] == "HostNotFound" and "spec.host" in condition["message"]
+    wait_until(lambda: "x-ratelimit-limit-tokens" not in gw.request(DASHSCOPE, CHAT, headers).headers, 10, gw.log)

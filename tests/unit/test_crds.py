@@ -49,4 +49,18 @@ def test_provider_schema_has_secret_ref_and_no_pydantic_leftovers():
 def test_printer_columns():
     columns = {d["spec"]["names"]["kind"]: [c["name"] for c in d["spec"]["versions"][0]["additionalPrinterColumns"]]
                for d in crd_documents()}
-    assert columns == {"LLMProvider": ["Host", "Model", "Accepted", "Age"], "LLMRoute": ["Host", "Rules", "Accepted", "Age"]}
+    assert columns == {"LLMProvider": ["Host", "Model", "Accepted", "Age"], "LLMRoute": ["Host", "Rules", "Accepted", "Age"],
+                       "LLMTokenRateLimit": ["Host", "Key", "Rules", "Accepted", "Age"]}
+
+
+def test_budget_crd_is_in_our_own_group_with_its_checks():
+    (crd,) = [d for d in crd_documents() if d["spec"]["names"]["kind"] == "LLMTokenRateLimit"]
+    assert crd["spec"]["group"] == "llm-gateway.dev" and crd["metadata"]["name"] == "llmtokenratelimits.llm-gateway.dev"
+    (version,) = crd["spec"]["versions"]
+    assert version["name"] == "v1alpha1"
+    spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert spec["required"] == ["host", "rules"]
+    rule = spec["properties"]["rules"]["items"]
+    assert rule["required"] == ["tokens", "per"]
+    assert rule["properties"]["tokens"]["minimum"] == 1 and rule["properties"]["requests"]["minimum"] == 1
+    assert rule["properties"]["per"]["pattern"] == "^[0-9]+(ms|s|m|h|d)$"

@@ -1,0 +1,399 @@
+"""Where budget counts live, and the two calls that use them: admission (the ext_proc, on the
+request path) and charging (the access log, when an answer ends).
+
+The request path never waits for Redis. Every bucket's usage is kept in memory (`_mirror`:
+used tokens, used requests, and when that was true), drained locally as time passes. Without
+Redis that is the whole story (one instance, exact). With Redis, what this instance adds
+(requests admitted, tokens charged) is applied to the mirror at once and queued; a background
+task sends the queue every `sync_interval` as one pipelined round trip (a Lua script per bucket:
+drain by Redis's clock, add, set an expiry so idle buckets disappear) and replaces each active
+bucket's mirror with what Redis answered, so other instances' spending shows up here within
+one sync.
+
+Redis unreachable: the mirror keeps limiting per instance and the queue keeps what is owed
+(fail open); the outage is logged once, counted, and `/readyz` says degraded. With
+`fail_closed`, requests a budget applies to get a 503 until Redis answers again. Each sync tries
+again, so Redis coming back resumes sharing without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .budgets import (EMPTY_BUDGETS, HEADER_METADATA, Admission, Budget, BudgetRefused, BudgetRule, BudgetTable,
+                      admission, budget_unavailable, bucket_id, drained, key_hash, most_restrictive,
+                      parse_bucket_id)
+
+log = logging.getLogger("extproc.budgets")
+
+SYNC_INTERVAL_S = 0.1
+ACTIVE_S = 60.0  # a bucket untouched this long is no longer refreshed from Redis (nor kept in memory)
+REDIS_TIMEOUT_S = 0.5
+
+# Drain by Redis's clock, add this instance's increments, expire when fully drained.
+# KEYS[1] bucket; ARGV: token rate/s, request rate/s, tokens to add, requests to add.
+_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local v = redis.call('HMGET', KEYS[1], 'tok', 'req', 'at')
+local tok = tonumber(v[1]) or 0
+local req = tonumber(v[2]) or 0
+local at = tonumber(v[3]) or now
+local dt = now - at
+if dt < 0 then dt = 0 end
+local trate = tonumber(ARGV[1])
+local rrate = tonumber(ARGV[2])
+tok = math.max(0, tok - dt * trate) + tonumber(ARGV[3])
+req = math.max(0, req - dt * rrate) + tonumber(ARGV[4])
+if tok <= 0 and req <= 0 then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('HSET', KEYS[1], 'tok', tostring(tok), 'req', tostring(req), 'at', tostring(now))
+  redis.call('PEXPIRE', KEYS[1], math.ceil(math.max(tok / trate, req / rrate) * 1000) + 1000)
+end
+return {tostring(tok), tostring(req)}
+"""
+
+
+class BudgetMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.refused = Counter("llm_gateway_budget_refused", "Requests refused by a budget (reason: tokens, requests, "
+                               "unavailable)", ("budget", "rule", "reason"), registry=registry)
+        self.charged = Counter("llm_gateway_budget_tokens_charged", "Tokens charged to budgets",
+                               ("budget", "rule"), registry=registry)
+        self.redis_errors = Counter("llm_gateway_budget_redis_errors", "Failed syncs with Redis", registry=registry)
+        self.redis_seconds = Histogram("llm_gateway_budget_redis_sync_seconds", "Time of one sync with Redis "
+                                       "(one pipelined round trip)", registry=registry,
+                                       buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0))
+        self.redis_up = Gauge("llm_gateway_budget_redis_up", "1 while Redis answers (or no Redis is configured), "
+                              "0 during an outage", registry=registry)
+        self.syncs = Counter("llm_gateway_budget_syncs", "Successful syncs with Redis", registry=registry)
+        self.redis_up.set(1)
+        self._charged: dict[tuple[str, str], object] = {}  # labelled series, looked up once
+
+    def charged_series(self, budget: str, rule: str):
+        series = self._charged.get((budget, rule))
+        if series is None:
+            series = self._charged[(budget, rule)] = self.charged.labels(budget, rule)
+        return series
+
+
+_IDENTITY: dict[tuple, bytes] = {}  # encoded identity fields, per bucket
+
+
+# google.protobuf.Struct in wire form: `fields` (1) entries of key (1) and Value (2); a Value is a
+# number (2, double), a string (3) or a list (6: ListValue, values (1)).
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _entry(key: str, value: bytes) -> bytes:
+    k = key.encode()
+    body = b"\x0a" + _varint(len(k)) + k + b"\x12" + _varint(len(value)) + value
+    return b"\x0a" + _varint(len(body)) + body
+
+
+_LIMIT_HEADERS = frozenset({"x-ratelimit-limit-tokens", "x-ratelimit-limit-requests"})
+_SMALL = [bytes((i,)) for i in range(128)]
+_KEYS: dict[str, bytes] = {}  # a map entry's key part, per key
+
+
+def _string_entry(key: str, text: str) -> bytes:
+    """`key: text` as a Struct map entry: the common case (short values) without _varint."""
+    prefix = _KEYS.get(key)
+    if prefix is None:
+        k = key.encode()
+        prefix = _KEYS[key] = b"\x0a" + _varint(len(k)) + k + b"\x12"
+    raw = text.encode()
+    n = len(raw)
+    if len(prefix) + n + 3 < 128:  # every length fits in one byte
+        return b"".join((b"\x0a", _SMALL[len(prefix) + n + 3], prefix, _SMALL[n + 2], b"\x1a", _SMALL[n], raw))
+    return _entry(key, _string(text))
+
+
+def _string(text: str) -> bytes:
+    raw = text.encode()
+    return b"\x1a" + _varint(len(raw)) + raw
+
+
+def _list(values: list[bytes]) -> bytes:
+    inner = b"".join(b"\x0a" + _varint(len(v)) + v for v in values)
+    return b"\x32" + _varint(len(inner)) + inner
+
+
+class Admitted:
+    """An admission, written into the request's `llm_gateway` dynamic metadata: the budget, rule
+    and hashed key for the access log, the buckets to charge, the x-ratelimit-* header values."""
+
+    __slots__ = ("budget", "rule", "key", "answer", "buckets")
+
+    def __init__(self, budget: str, rule: str, key: str, answer: Admission, buckets: list[str]):
+        self.budget, self.rule, self.key, self.answer, self.buckets = budget, rule, key, answer, buckets
+
+    def write(self, struct) -> None:
+        """Into a protobuf Struct, as one merge of encoded bytes: the identity and the limits are
+        encoded once per bucket, what remains per request (several times cheaper than
+        Struct.update)."""
+        headers = self.answer.headers
+        limits = tuple(value for name, value in headers if name in _LIMIT_HEADERS)
+        ident = (self.budget, self.rule, self.key, limits, *self.buckets)
+        static = _IDENTITY.get(ident)
+        if static is None:
+            if len(_IDENTITY) > 65536:
+                _IDENTITY.clear()
+            parts = [_string_entry("budget", self.budget), _string_entry("budget_rule", self.rule),
+                     _string_entry("budget_key", self.key)]
+            parts += [_string_entry(HEADER_METADATA[name], value) for name, value in headers if name in _LIMIT_HEADERS]
+            if len(self.buckets) > 1:  # one bucket is named by the three fields above
+                parts.append(_entry("budget_buckets", _list([_string(b) for b in self.buckets])))
+            static = _IDENTITY[ident] = b"".join(parts)
+        struct.MergeFromString(static + b"".join([_string_entry(HEADER_METADATA[name], value)
+                                                  for name, value in headers if name not in _LIMIT_HEADERS]))
+
+    def as_dict(self) -> dict:
+        """The same, as plain values (tests, `extproc route`)."""
+        out: dict = {"budget": self.budget, "budget_rule": self.rule, "budget_key": self.key}
+        if len(self.buckets) > 1:
+            out["budget_buckets"] = list(self.buckets)
+        for name, value in self.answer.headers:
+            out[HEADER_METADATA[name]] = value
+        return out
+
+
+class BudgetGate:
+    """Admission and charging for every budget of the table in force."""
+
+    def __init__(self, registry: CollectorRegistry, table: Callable[[], object],
+                 redis_url: str | None = None, fail_closed: bool = False,
+                 clock: Callable[[], float] = time.monotonic, sync_interval: float = SYNC_INTERVAL_S):
+        self._table = table  # the routing table in force (its `.budgets`)
+        self._clock = clock
+        self.metrics = BudgetMetrics(registry)
+        self.redis_url = redis_url
+        self.fail_closed = fail_closed
+        self._sync_interval = sync_interval
+        self._mirror: dict[str, list[float]] = {}  # bucket -> [used tokens, used requests, as of]
+        self._pending: dict[str, list[float]] = {}  # bucket -> [tokens, requests] not yet in Redis
+        self._touched: dict[str, float] = {}  # bucket -> last admission or charge
+        self._rates: dict[str, tuple[float, float]] = {}  # bucket -> drain rates of its rule
+        self._ids: dict[tuple[str, str, str], tuple[str, str]] = {}  # (object, rule, key) -> (hash, bucket)
+        self.degraded = False
+        self._task: asyncio.Task | None = None
+        self._client = None
+
+    # -- the request path -------------------------------------------------------------------
+
+    def admit(self, route: str, headers: Iterable) -> Admitted | None:
+        """None when no budget applies; else what to write into the request's metadata (budget,
+        rule, hashed key, header values). Raises BudgetRefused (429) or a 503 (fail closed)."""
+        budgets: BudgetTable = self._table().budgets or EMPTY_BUDGETS
+        objects = budgets.by_route.get(route)
+        if not objects:
+            return None
+        watched = objects[0].watched if len(objects) == 1 else frozenset().union(*(b.watched for b in objects))
+        values: dict[str, str] = {}
+        wanted = len(watched)
+        for h in headers:  # stops once every watched header is found
+            key = h.key
+            if key in watched:
+                values[key] = h.raw_value.decode("latin-1")
+                if len(values) == wanted:
+                    break
+        now = self._clock()
+        chosen: list[tuple[Budget, BudgetRule, str, str, Admission]] = []
+        for budget in objects:
+            rule = budget.select(values)
+            if rule is None:
+                continue
+            if self.degraded and self.fail_closed:
+                self.metrics.refused.labels(budget.name, rule.name, "unavailable").inc()
+                raise budget_unavailable()
+            named = (budget.name, rule.name, values.get(budget.key_header, "") if budget.key_header else "")
+            ids = self._ids.get(named)
+            if ids is None:
+                if len(self._ids) > 65536:
+                    self._ids.clear()
+                hashed = key_hash(named[2])
+                ids = self._ids[named] = (hashed, bucket_id(budget.name, rule.name, hashed))
+            hashed, bucket = ids
+            used_tokens, used_requests = self._usage(bucket, rule, now)
+            chosen.append((budget, rule, hashed, bucket, admission(rule, used_tokens, used_requests)))
+        if not chosen:
+            return None
+        if len(chosen) == 1:
+            head = chosen[0]
+            answer = head[4]
+        else:
+            answer = most_restrictive([c[4] for c in chosen])
+            head = next(c for c in chosen if c[4] is answer)
+        if not answer.allowed:
+            self.metrics.refused.labels(head[0].name, head[1].name, answer.reason).inc()
+            raise BudgetRefused(head[0].name, head[1].name, answer)
+        for _, rule, _, bucket, _ in chosen:
+            if rule.requests is not None:
+                self._add(bucket, rule, 0.0, 1.0, now)
+            else:  # refreshed from Redis while in use, drained at its rule's rates
+                self._touched[bucket] = now
+                self._rates[bucket] = (rule.token_rate, rule.request_rate)
+        return Admitted(head[0].name, head[1].name, head[2], answer, [c[3] for c in chosen])
+
+    def _usage(self, bucket: str, rule: BudgetRule, now: float) -> tuple[float, float]:
+        state = self._mirror.get(bucket)
+        if state is None:
+            return 0.0, 0.0
+        elapsed = now - state[2]
+        return drained(state[0], rule.token_rate, elapsed), drained(state[1], rule.request_rate, elapsed)
+
+    def _add(self, bucket: str, rule: BudgetRule, tokens: float, requests: float, now: float) -> None:
+        used_tokens, used_requests = self._usage(bucket, rule, now)
+        self._mirror[bucket] = [used_tokens + tokens, used_requests + requests, now]
+        self._touched[bucket] = now
+        self._rates[bucket] = (rule.token_rate, rule.request_rate)
+        if self.redis_url is not None:
+            owed = self._pending.setdefault(bucket, [0.0, 0.0])
+            owed[0] += tokens
+            owed[1] += requests
+
+    # -- the end of an answer (access log) ------------------------------------------------
+
+    def charge(self, buckets: Iterable[str], tokens: int) -> None:
+        """Take a finished answer's tokens off each of its buckets (rules of the config in force;
+        a bucket whose object or rule is gone is skipped)."""
+        if tokens <= 0:
+            return
+        budgets: BudgetTable = self._table().budgets or EMPTY_BUDGETS
+        now = self._clock()
+        for bucket in buckets:
+            parsed = parse_bucket_id(bucket)
+            rule = budgets.rules.get((parsed[0], parsed[1])) if parsed else None
+            if rule is None:
+                continue
+            self._add(bucket, rule, float(tokens), 0.0, now)
+            self.metrics.charged_series(parsed[0], parsed[1]).inc(tokens)
+
+    # -- Redis --------------------------------------------------------------------------------
+
+    def degraded_reason(self) -> str | None:
+        if self.degraded:
+            mode = "limited requests get 503" if self.fail_closed else "budgets are kept per instance"
+            return f"Redis unreachable ({mode})"
+        return None
+
+    async def start(self) -> None:
+        if self.redis_url is None:
+            self._task = asyncio.create_task(self._forget_loop())
+            return
+        import redis.asyncio as aioredis
+
+        self._client = aioredis.Redis.from_url(self.redis_url, socket_timeout=REDIS_TIMEOUT_S,
+                                               socket_connect_timeout=REDIS_TIMEOUT_S)
+        self._script = self._client.register_script(_LUA)
+        self._task = asyncio.create_task(self._sync_loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._task = None
+        if self._client is not None:
+            try:
+                await self._client.aclose()
+            except Exception:
+                pass
+            self._client = None
+
+    async def _forget_loop(self) -> None:
+        """In process: a bucket drained to zero is the same as no bucket; forget it."""
+        while True:
+            await asyncio.sleep(10.0)
+            self.forget_drained()
+
+    def forget_drained(self) -> int:
+        now = self._clock()
+        gone = []
+        for bucket, (tokens, requests, at) in self._mirror.items():
+            token_rate, request_rate = self._rates.get(bucket, (0.0, 0.0))
+            if drained(tokens, token_rate, now - at) == 0 and drained(requests, request_rate, now - at) == 0:
+                gone.append(bucket)
+        for bucket in gone:
+            self._mirror.pop(bucket, None)
+            self._rates.pop(bucket, None)
+            self._touched.pop(bucket, None)
+        return len(gone)
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await self.sync()
+            await asyncio.sleep(self._sync_interval)
+
+    async def sync(self) -> bool:
+        """One round trip: send what is owed, read back every active bucket. False on failure."""
+        now = self._clock()
+        for bucket in [b for b, t in self._touched.items() if now - t > ACTIVE_S and b not in self._pending]:
+            self._touched.pop(bucket, None)
+            self._mirror.pop(bucket, None)
+            self._rates.pop(bucket, None)
+        buckets = list(self._touched)
+        if not buckets:
+            self._set_up(True)
+            return True
+        sent = self._pending
+        self._pending = {}
+        started = time.perf_counter()
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for bucket in buckets:
+                token_rate, request_rate = self._rates.get(bucket, (1.0, 1.0))
+                owed = sent.get(bucket, (0.0, 0.0))
+                await self._script(keys=[bucket], args=[repr(token_rate), repr(request_rate),
+                                                        repr(owed[0]), repr(owed[1])], client=pipe)
+            answers = await pipe.execute()
+        except Exception as exc:  # the connection, a timeout, a script error: all mean "not now"
+            for bucket, owed in sent.items():  # still owed: sent next time
+                mine = self._pending.setdefault(bucket, [0.0, 0.0])
+                mine[0] += owed[0]
+                mine[1] += owed[1]
+            self.metrics.redis_errors.inc()
+            if not self.degraded:
+                log.warning("Redis at %s unreachable (%s): %s until it is back", _safe_url(self.redis_url),
+                            type(exc).__name__, "limited requests get 503" if self.fail_closed
+                            else "failing open, budgets kept per instance")
+            self._set_up(False)
+            return False
+        self.metrics.redis_seconds.observe(time.perf_counter() - started)
+        now = self._clock()
+        for bucket, (tokens, requests) in zip(buckets, answers):
+            since = self._pending.get(bucket, (0.0, 0.0))  # added here while the answer was on its way
+            self._mirror[bucket] = [float(tokens) + since[0], float(requests) + since[1], now]
+        if self.degraded:
+            log.warning("Redis at %s is back: budgets are shared again", _safe_url(self.redis_url))
+        self._set_up(True)
+        self.metrics.syncs.inc()
+        return True
+
+    def _set_up(self, up: bool) -> None:
+        self.degraded = not up
+        self.metrics.redis_up.set(1 if up else 0)
+
+
+def _safe_url(url: str | None) -> str:
+    """The URL without a password (redis://user:secret@host -> redis://user:***@host)."""
+    if not url or "@" not in url:
+        return url or ""
+    scheme, _, rest = url.partition("://")
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
