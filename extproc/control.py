@@ -82,6 +82,7 @@ class ControlPlane:
         # The ext_proc answers a body over the limit with a 413 itself; a body chunk may be larger
         # than the limit (Envoy sends what it has read), up to Envoy's buffer limit.
         chunk_limit = self._body_limit + (4 << 20)
+        await self.budgets.start()
         if socket_dir is not None:
             path = f"{socket_dir}/{EXT_PROC_SOCKET}"
             os.chmod(f"{socket_dir}/{XDS_SOCKET}", 0o600)
@@ -92,7 +93,6 @@ class ControlPlane:
                                                authenticator)
         self.ext_proc_port = self._ext_proc_server.sockets[0].getsockname()[1]
         log.info("ext_proc and access log service listening on %s:%d", ext_proc_listen.host, self.ext_proc_port)
-        await self.budgets.start()
         return self.port
 
     async def stop(self, grace: float = 2.0) -> None:
