@@ -216,15 +216,17 @@ def test_seed_curl_in_gateway_mode_reaches_the_provider_through_the_egress_gatew
          "--access-log", str(tmp_path / "gateway-access.log"), "--concurrency", "1",
          "--upstream-ca", str(ca.cert_file), "--resolve", f"dashscope.aliyuncs.com={HOST_IP}:443"],
         env={**os.environ, **keys}, stdout=(tmp_path / "gateway.log").open("wb"), stderr=subprocess.STDOUT)
-    # the pod's control plane: a decoy key, and where the egress gateway is
+    # the pod's control plane: a decoy key, and where the egress gateway is; authenticated, as in
+    # the sidecar-deciding mode (Envoy's token readable by Envoy's user only)
+    creds = token_files(shared, uid=ENVOY_UID)
     serve = subprocess.Popen(
         [sys.executable, "-m", "extproc", "serve", "--config", str(config), "--listen", f"{HOST_IP}:{control}",
          "--ext-proc-listen", f"{HOST_IP}:{ext_proc}", "--metrics", "none", "--upstream-ca", str(ca.cert_file),
-         "--egress-gateway", f"{GATEWAY}={HOST_IP}:{gateway_port}"],
+         "--auth-token-file", str(creds.token_file), "--egress-gateway", f"{GATEWAY}={HOST_IP}:{gateway_port}"],
         env={**os.environ, **keys, "YOUR_DASHSCOPE_API_KEY": DECOY},
         stdout=(tmp_path / "serve.log").open("wb"), stderr=subprocess.STDOUT)
     boot = subprocess.run([sys.executable, "-m", "extproc", "envoy-config", "--sidecar", "--control", f"{HOST_IP}:{control}",
-                           "--ext-proc", f"{HOST_IP}:{ext_proc}",
+                           "--ext-proc", f"{HOST_IP}:{ext_proc}", *creds.envoy_config_args(),
                            "--listen", "0.0.0.0:15001", "--admin", "127.0.0.1:15000", "--access-log", "none"],
                           capture_output=True, check=True, text=True).stdout
     (shared / "envoy.json").write_text(boot)
