@@ -21,6 +21,7 @@ from .names import METADATA_NAMESPACE
 log = logging.getLogger("extproc.accesslog")
 
 GATEWAY_DETAILS_PREFIX = "llm_gateway_"
+CLIENT_GONE_DETAILS = "downstream_remote_disconnect"
 
 
 def _micros(text: str | None) -> int | None:
@@ -43,6 +44,10 @@ def stream_timings(content_type: str, tags, completion_tokens: int | None) -> tu
         tpot = generation_us / 1e6 / (completion_tokens - 1)
     return ttft, tpot
 
+
+def _client_went_away(details: str, flags) -> bool:
+    """The client hung up before the answer was whole: Envoy's DC flag or its reason."""
+    return flags.downstream_connection_termination or details.startswith(CLIENT_GONE_DETAILS)
 
 
 def record_from_entry(entry: accesslog_pb2.HTTPAccessLogEntry) -> RequestRecord:
@@ -78,6 +83,9 @@ def record_from_entry(entry: accesslog_pb2.HTTPAccessLogEntry) -> RequestRecord:
     if details.startswith(GATEWAY_DETAILS_PREFIX):
         outcome = "rejected" if status < 500 else "gateway_error"
         error_type = details[len(GATEWAY_DETAILS_PREFIX):]
+    elif _client_went_away(details, common.response_flags):
+        reason = details.split("{", 1)[0][:64]
+        outcome, error_type = "client_cancelled", reason if reason.startswith("downstream_") else CLIENT_GONE_DETAILS
     elif details == "via_upstream":
         if status >= 400:
             outcome, error_type = "provider_error", str(status)

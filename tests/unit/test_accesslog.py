@@ -267,3 +267,22 @@ def test_stream_timings_from_envoy_time_points(log_entry, ttft_s, tpot_s):
     assert (rec.ttft_s, rec.tpot_s) == (pytest.approx(ttft_s) if ttft_s is not None else None,
                                         pytest.approx(tpot_s) if tpot_s is not None else None)
 
+
+def cut(status: int, details: str, client_gone_flag: bool) -> accesslog_pb2.HTTPAccessLogEntry:
+    e = entry(status, details, meta={**DECISION, "stream": True})
+    e.common_properties.response_flags.downstream_connection_termination = client_gone_flag
+    return e
+
+
+@pytest.mark.parametrize(("log_entry", "error_type"), [
+    pytest.param(cut(200, "downstream_remote_disconnect", True), "downstream_remote_disconnect",
+                 id="stream-cut-by-client-after-first-byte"),
+    pytest.param(cut(0, "downstream_remote_disconnect", True), "downstream_remote_disconnect",
+                 id="client-gone-before-first-byte"),
+    pytest.param(cut(200, "via_upstream", True), "downstream_remote_disconnect", id="flag-alone"),
+    pytest.param(cut(0, "", False), "client_disconnected", id="no-status-no-details"),
+])
+def test_client_that_hangs_up_is_client_cancelled(log_entry, error_type):
+    """Users closing a tab mid-answer is not the gateway failing (the README's promise)."""
+    rec = record_from_entry(log_entry)
+    assert (rec.outcome, rec.error_type) == ("client_cancelled", error_type)
