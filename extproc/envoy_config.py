@@ -186,9 +186,12 @@ def _usage_from_event_stream() -> dict:
     the events pass: no round trip per event. Only `text/event-stream` answers are read (the
     filter's own check). The type is newer than xds-protos, so it is written here by its `@type`
     and checked by Envoy when it loads the bootstrap."""
-    def rule(path: list[str], key: str, kind: str) -> dict:
-        return {"rule": {"selectors": [{"key": p} for p in path],
-                         "on_present": {"metadata_namespace": METADATA_NAMESPACE, "key": key, "type": kind}}}
+    def rule(path: list[str], key: str, kind: str, once: bool = False) -> dict:
+        config = {"rule": {"selectors": [{"key": p} for p in path],
+                           "on_present": {"metadata_namespace": METADATA_NAMESPACE, "key": key, "type": kind}}}
+        if once:  # every event names the model: writing it once spares a metadata write per event
+            config["stop_processing_after_matches"] = 1
+        return config
 
     return {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.sse_to_metadata.v3.SseToMetadata",
@@ -198,7 +201,7 @@ def _usage_from_event_stream() -> dict:
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.content_parsers.json.v3.JsonContentParser",
                     # each event that has a field overwrites the last: the usage event is the last
-                    "rules": [rule(["model"], "response_model", "STRING"),
+                    "rules": [rule(["model"], "response_model", "STRING", once=True),
                               rule(["usage", "prompt_tokens"], "prompt_tokens", "NUMBER"),
                               rule(["usage", "completion_tokens"], "completion_tokens", "NUMBER"),
                               rule(["usage", "total_tokens"], "total_tokens", "NUMBER"),

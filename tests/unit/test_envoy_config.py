@@ -211,6 +211,8 @@ def test_event_streams_read_by_envoy_into_the_same_metadata_keys():
                        (("usage", "total_tokens"), "llm_gateway", "total_tokens"),
                        (("error", "code"), "llm_gateway", "stream_error"),
                        (("error", "type"), "llm_gateway", "stream_error")]  # the type, when there is one, wins
+    # every event names the model: it is written once, not once per event
+    assert [r.get("stop_processing_after_matches", 0) for r in parser["rules"]] == [1, 0, 0, 0, 0, 0]
     # no ext_proc reads answers: one ext_proc filter, for requests
     boot = bootstrap(BootstrapOptions())
     assert [f["name"] for f in hcm(boot)["http_filters"]].count("envoy.filters.http.ext_proc") == 1
