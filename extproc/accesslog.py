@@ -35,7 +35,7 @@ def stream_timings(content_type: str, tags, completion_tokens: int | None) -> tu
     request's first byte; the time per output token is the time from that first byte to the
     answer's last byte over the output tokens after the first. None for answers that are not
     event streams, and where a point is missing (no answer body)."""
-    if not content_type.startswith("text/event-stream"):
+    if not content_type.lower().startswith("text/event-stream"):
         return None, None
     ttft_us, generation_us = _micros(tags.get("ttft_us")), _micros(tags.get("generation_us"))
     ttft = ttft_us / 1e6 if ttft_us is not None else None

@@ -247,6 +247,8 @@ def timed(content_type: str | None, tags: dict[str, str], meta: dict | None = No
                  0.25, 0.1, id="stream: first body byte, then (last - first) / (tokens - 1)"),
     pytest.param(timed("text/event-stream; charset=utf-8", {"ttft_us": "1500", "generation_us": "0"},
                        {"completion_tokens": 3}), 0.0015, 0.0, id="content-type-with-parameters"),
+    pytest.param(timed("Text/Event-Stream", {"ttft_us": "1500", "generation_us": "0"},
+                       {"completion_tokens": 3}), 0.0015, 0.0, id="content-type-in-any-case"),
     pytest.param(timed("text/event-stream", {"ttft_us": "250000", "generation_us": "400000"}, {"completion_tokens": 1}),
                  0.25, None, id="one-output-token-no-tpot"),
     pytest.param(timed("text/event-stream", {"ttft_us": "250000", "generation_us": "400000"}),
