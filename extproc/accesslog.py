@@ -3,8 +3,9 @@
 Envoy batches finished requests into few messages, so metrics cost no extra round trip per
 request; the stream arrives on the lean HTTP/2 server, beside the ext_proc. Each entry carries
 what the ext_proc decided and what the answer said, as dynamic metadata in the `llm_gateway`
-namespace: usage and model from Envoy's json_to_metadata filter for JSON answers, from the
-ext_proc's event-stream reader for streamed ones.
+namespace: usage and model from Envoy's json_to_metadata filter for JSON answers, from its
+sse_to_metadata filter for streamed ones. A streamed answer's time to first token and time per
+output token come from Envoy's time points, sent as custom tags (see `stream_timings`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,33 @@ from .names import METADATA_NAMESPACE
 log = logging.getLogger("extproc.accesslog")
 
 GATEWAY_DETAILS_PREFIX = "llm_gateway_"
+CLIENT_GONE_DETAILS = "downstream_remote_disconnect"
+
+
+def _micros(text: str | None) -> int | None:
+    """A time point difference as Envoy formats it: whole microseconds, or `-`/empty if unknown."""
+    return int(text) if text and text.isdigit() else None
+
+
+def stream_timings(content_type: str, tags, completion_tokens: int | None) -> tuple[float | None, float | None]:
+    """Time to first token and per output token (seconds) of a streamed answer, from Envoy's time
+    points: the first token is the provider's first body byte (its first event) after the
+    request's first byte; the time per output token is the time from that first byte to the
+    answer's last byte over the output tokens after the first. None for answers that are not
+    event streams, and where a point is missing (no answer body)."""
+    if not content_type.lower().startswith("text/event-stream"):
+        return None, None
+    ttft_us, generation_us = _micros(tags.get("ttft_us")), _micros(tags.get("generation_us"))
+    ttft = ttft_us / 1e6 if ttft_us is not None else None
+    tpot = None
+    if ttft is not None and generation_us is not None and completion_tokens and completion_tokens > 1:
+        tpot = generation_us / 1e6 / (completion_tokens - 1)
+    return ttft, tpot
+
+
+def _client_went_away(details: str, flags) -> bool:
+    """The client hung up before the answer was whole: Envoy's DC flag or its reason."""
+    return flags.downstream_connection_termination or details.startswith(CLIENT_GONE_DETAILS)
 
 
 def record_from_entry(entry: accesslog_pb2.HTTPAccessLogEntry) -> RequestRecord:
@@ -58,6 +86,9 @@ def record_from_entry(entry: accesslog_pb2.HTTPAccessLogEntry) -> RequestRecord:
     elif details.startswith(GATEWAY_DETAILS_PREFIX):
         outcome = "rejected" if status < 500 else "gateway_error"
         error_type = details[len(GATEWAY_DETAILS_PREFIX):]
+    elif _client_went_away(details, common.response_flags):
+        reason = details.split("{", 1)[0][:64]
+        outcome, error_type = "client_cancelled", reason if reason.startswith("downstream_") else CLIENT_GONE_DETAILS
     elif details == "via_upstream":
         if status >= 400:
             outcome, error_type = "provider_error", str(status)
@@ -79,6 +110,12 @@ def record_from_entry(entry: accesslog_pb2.HTTPAccessLogEntry) -> RequestRecord:
 
     duration = common.time_to_last_downstream_tx_byte if common.HasField("time_to_last_downstream_tx_byte") else common.duration
     ttft_ms, tpot_ms = number("ttft_ms"), number("tpot_ms")
+    completion_tokens = tokens("completion_tokens")
+    if ttft_ms is None:  # nothing in Envoy wrote them: Envoy's time points of an event stream
+        ttft_s, tpot_s = stream_timings(entry.response.response_headers.get("content-type", ""),
+                                        common.custom_tags, completion_tokens)
+    else:
+        ttft_s, tpot_s = ttft_ms / 1000, tpot_ms / 1000 if tpot_ms is not None else None
     stream = fields.get("stream")
     return RequestRecord(
         route=text("route"), rule=text("rule"), provider=text("provider"), provider_host=text("provider_host"),
@@ -86,9 +123,8 @@ def record_from_entry(entry: accesslog_pb2.HTTPAccessLogEntry) -> RequestRecord:
         stream=bool(stream.bool_value) if stream is not None else False,
         status=status, outcome=outcome, error_type=error_type, operation=text("operation") or "chat",
         duration_s=duration.ToNanoseconds() / 1e9 if duration.ByteSize() else None,
-        prompt_tokens=tokens("prompt_tokens"), completion_tokens=tokens("completion_tokens"),
-        ttft_s=ttft_ms / 1000 if ttft_ms is not None else None,
-        tpot_s=tpot_ms / 1000 if tpot_ms is not None else None,
+        prompt_tokens=tokens("prompt_tokens"), completion_tokens=completion_tokens,
+        ttft_s=ttft_s, tpot_s=tpot_s,
     )
 
 

@@ -181,41 +181,46 @@ def _usage_from_json() -> dict:
     }
 
 
-def _event_stream_observer(opts: "BootstrapOptions") -> dict:
-    """A second ext_proc, for server-sent-event answers only: a matcher on the answer's
-    content type skips it for everything else, so JSON answers cost no extra message. It fails
-    open: an answer already under way is never cut because metrics could not be read."""
-    ext_proc = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-        "grpc_service": _grpc_service(opts),
-        "failure_mode_allow": True,
-        "message_timeout": "10s",
-        "processing_mode": {
-            "request_header_mode": "SKIP",
-            "response_header_mode": "SEND",
-            "request_body_mode": "NONE",
-            "response_body_mode": "STREAMED",
-            "request_trailer_mode": "SKIP",
-            "response_trailer_mode": "SKIP",
-        },
-        "metadata_options": {"forwarding_namespaces": {"untyped": [METADATA_NAMESPACE]},
-                             "receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
-        "stat_prefix": "event_stream",
-    }
-    not_event_stream = {"not_matcher": {"single_predicate": {
-        "input": {"name": "content-type", "typed_config": {
-            "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpResponseHeaderMatchInput", "header_name": "content-type"}},
-        "value_match": {"prefix": "text/event-stream"},
-    }}}
+def _usage_from_event_stream() -> dict:
+    """Envoy reads model, usage and error events of a server-sent-event answer itself, in C++, as
+    the events pass: no round trip per event. Only `text/event-stream` answers are read (the
+    filter's own check). The type is newer than xds-protos, so it is written here by its `@type`
+    and checked by Envoy when it loads the bootstrap."""
+    def rule(path: list[str], key: str, kind: str, once: bool = False) -> dict:
+        config = {"rule": {"selectors": [{"key": p} for p in path],
+                           "on_present": {"metadata_namespace": METADATA_NAMESPACE, "key": key, "type": kind}}}
+        if once:  # every event names the model: writing it once spares a metadata write per event
+            config["stop_processing_after_matches"] = 1
+        return config
+
     return {
-        "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
-        "extension_config": {"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc},
-        "xds_matcher": {"matcher_list": {"matchers": [{
-            "predicate": not_event_stream,
-            "on_match": {"action": {"name": "skip", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter"}}},
-        }]}},
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.sse_to_metadata.v3.SseToMetadata",
+        "response_rules": {
+            "content_parser": {
+                "name": "envoy.content_parsers.json",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.content_parsers.json.v3.JsonContentParser",
+                    # each event that has a field overwrites the last: the usage event is the last
+                    "rules": [rule(["model"], "response_model", "STRING", once=True),
+                              rule(["usage", "prompt_tokens"], "prompt_tokens", "NUMBER"),
+                              rule(["usage", "completion_tokens"], "completion_tokens", "NUMBER"),
+                              rule(["usage", "total_tokens"], "total_tokens", "NUMBER"),
+                              # an error event mid-stream: its code, else its type (read after)
+                              rule(["error", "code"], "stream_error", "STRING"),
+                              rule(["error", "type"], "stream_error", "STRING")],
+                },
+            },
+            "max_event_size": 1 << 20,
+        },
     }
+
+
+# Envoy's time points of a streamed answer, for time to first token and per output token: the
+# request's first byte, the provider's first body byte (its first event), its last byte.
+STREAM_TIMINGS = {
+    "ttft_us": "%COMMON_DURATION(DS_RX_BEG:US_RX_BODY_BEG:us)%",
+    "generation_us": "%COMMON_DURATION(US_RX_BODY_BEG:US_RX_END:us)%",
+}
 
 
 def _meta(key: str) -> str:
@@ -223,8 +228,8 @@ def _meta(key: str) -> str:
 
 
 # One JSON line per request. The `llm_gateway` dynamic metadata comes from the ext_proc (route,
-# rule, provider, request model, stream), from json_to_metadata (JSON answers) or the event-stream
-# reader (streamed answers): response model, tokens, time to first token, time per output token.
+# rule, provider, request model, stream), from json_to_metadata (JSON answers) or sse_to_metadata
+# (streamed answers): response model, tokens, an error event's type.
 ACCESS_LOG_FORMAT = {
     "start_time": "%START_TIME%",
     "method": "%REQ(:METHOD)%",
@@ -239,8 +244,8 @@ ACCESS_LOG_FORMAT = {
     "prompt_tokens": _meta("prompt_tokens"),
     "completion_tokens": _meta("completion_tokens"),
     "total_tokens": _meta("total_tokens"),
-    "ttft_ms": _meta("ttft_ms"),
-    "tpot_ms": _meta("tpot_ms"),
+    "ttft_ms": _meta("ttft_ms"),  # nothing writes it: null on a JSON answer's line (see below)
+    "generation_ms": _meta("generation_ms"),  # the same
     "stream_error": _meta("stream_error"),
     "budget": _meta("budget"),
     "budget_rule": _meta("budget_rule"),
@@ -257,6 +262,33 @@ ACCESS_LOG_FORMAT = {
 }
 
 
+_IS_EVENT_STREAM = ("'content-type' in response.headers"
+                    " && response.headers['content-type'].startsWith('text/event-stream')")
+
+
+def _cel_filter(expression: str) -> dict:
+    return {"extension_filter": {
+        "name": "envoy.access_loggers.extension_filters.cel",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                         "expression": expression}}}
+
+
+# A streamed answer's line: time to first token from Envoy's time points (whole milliseconds),
+# and the time from the first to the last byte of the answer (time per output token is that over
+# the output tokens after the first; the metrics compute it).
+STREAM_ACCESS_LOG_FORMAT = {
+    **ACCESS_LOG_FORMAT,
+    "ttft_ms": "%COMMON_DURATION(DS_RX_BEG:US_RX_BODY_BEG:ms)%",
+    "generation_ms": "%COMMON_DURATION(US_RX_BODY_BEG:US_RX_END:ms)%",
+}
+
+
+def _file_log(path: str, fmt: dict, expression: str) -> dict:
+    return {"name": "envoy.access_loggers.file", "filter": _cel_filter(expression),
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                             "path": path, "log_format": {"json_format": fmt}}}
+
+
 def _access_logs(opts: "BootstrapOptions") -> list[dict]:
     logs = [{
         # to the control plane, batched, for the Prometheus metrics
@@ -265,15 +297,16 @@ def _access_logs(opts: "BootstrapOptions") -> list[dict]:
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
             "common_config": {"log_name": "llm_gateway", "transport_api_version": "V3",
                               "grpc_service": {"envoy_grpc": {"cluster_name": EXT_PROC_CLUSTER}},
-                              "buffer_flush_interval": "0.5s"},
+                              "buffer_flush_interval": "0.5s",
+                              # a streamed answer's time points, read by the receiver
+                              "custom_tags": [{"tag": tag, "value": value} for tag, value in STREAM_TIMINGS.items()]},
+            "additional_response_headers_to_log": ["content-type"],
         },
     }]
     if opts.access_log:
-        logs.append({
-            "name": "envoy.access_loggers.file",
-            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                             "path": opts.access_log, "log_format": {"json_format": ACCESS_LOG_FORMAT}},
-        })
+        # one line per request either way; a streamed answer's line has its timings
+        logs.append(_file_log(opts.access_log, ACCESS_LOG_FORMAT, f"!({_IS_EVENT_STREAM})"))
+        logs.append(_file_log(opts.access_log, STREAM_ACCESS_LOG_FORMAT, _IS_EVENT_STREAM))
     return logs
 
 
@@ -408,7 +441,7 @@ def bootstrap(opts: BootstrapOptions) -> dict:
              "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
                               "max_request_bytes": opts.body_limit + BUFFER_MARGIN}},
             {"name": "envoy.filters.http.json_to_metadata", "typed_config": _usage_from_json()},
-            {"name": "llm_gateway.event_stream", "typed_config": _event_stream_observer(opts)},
+            {"name": "llm_gateway.event_stream", "typed_config": _usage_from_event_stream()},
             {"name": "envoy.filters.http.router",
              "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
                               "suppress_envoy_headers": True}},

@@ -8,8 +8,8 @@ mutation routing needs, the rewritten body's length, the decision as dynamic met
 access log) and the chunks' answers (the rewritten body in the last one). Everything that
 does not depend on the request is prebuilt per target, once.
 
-A second ext_proc filter sends only server-sent-event answers here, chunk by chunk: they are
-passed on unchanged while their content and usage events are read (see `extproc.sse`).
+Answers do not come here: Envoy reads their model, usage and error events itself
+(json_to_metadata, sse_to_metadata; see `extproc.envoy_config`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from .gateways import refusal
 from .names import CLUSTER_HEADER, INTERNAL_HEADER_PREFIX, METADATA_NAMESPACE
 from .rewrite import rewrite_body
 from .routing import Route, RoutingTable, Target
-from .sse import SSEReader
 
 if TYPE_CHECKING:
     from .budget_store import Admitted, BudgetGate
@@ -208,11 +207,10 @@ class ExternalProcessor:
 
 class Exchange:
     """One ext_proc stream (one HTTP request). The request's messages are answered all at once
-    when its body is whole (or at once with an error); an answer's messages each at once. The
-    stream ends as soon as nothing more is needed, before Envoy has to cancel it."""
+    when its body is whole (or at once with an error). The stream ends as soon as nothing more is needed, before Envoy has to cancel it."""
 
     __slots__ = ("_processor", "_namespace", "_target", "_started", "_authority", "_strip", "_body", "_chunks",
-                 "_observer", "_endpoint", "_budget")
+                 "_endpoint", "_budget")
 
     def __init__(self, processor: ExternalProcessor, namespace: str | None = None):
         self._processor = processor
@@ -223,7 +221,6 @@ class Exchange:
         self._strip: list[str] = []
         self._body = bytearray()
         self._chunks = 0
-        self._observer: _EventStreamObserver | None = None
         self._endpoint = endpoints.CHAT
         self._budget: Admitted | None = None
 
@@ -257,11 +254,6 @@ class Exchange:
                     return [], False
                 return processor._forward(bytes(self._body), self._chunks, self._target, self._started,
                                           self._authority, self._strip, self._endpoint, self._budget), True
-            if phase == "response_headers":
-                self._observer = _EventStreamObserver(request.metadata_context, processor._clock)
-                return [_CONTINUE_RESPONSE_HEADERS], False
-            if phase == "response_body" and self._observer is not None:
-                return [self._observer.on_chunk(request.response_body)], request.response_body.end_of_stream
             return [_continue(phase)], False
         except GatewayError as error:
             response = immediate(error)
@@ -276,56 +268,6 @@ class Exchange:
             if phase in ("request_headers", "request_body"):
                 return [immediate(GatewayError(500, "the gateway failed to process the request", "internal_error"))], True
             return [_continue(phase)], False  # an answer already under way is passed on as it is
-
-
-class _EventStreamObserver:
-    """One server-sent-event answer: chunks pass unchanged; at the end, what was read goes into
-    the request's dynamic metadata (response model, tokens, time to first token, time per token)."""
-
-    def __init__(self, metadata: base_pb2.Metadata, clock: Callable[[], float]):
-        decision = metadata.filter_metadata.get(METADATA_NAMESPACE)
-        self._started = decision.fields["started"].number_value if decision and "started" in decision.fields else None
-        self._clock = clock
-        self._reader = SSEReader()
-        self._first_token_at: float | None = None
-        self._last_token_at: float | None = None
-
-    def on_chunk(self, body: pb.HttpBody) -> pb.ProcessingResponse:
-        if self._reader.feed(body.body):
-            self._token_seen(self._clock())
-        response = pb.ProcessingResponse()
-        response.response_body.SetInParent()
-        if body.end_of_stream:
-            response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.update(self._summary(self._clock()))
-        return response
-
-    def _token_seen(self, now: float) -> None:
-        if self._first_token_at is None:
-            self._first_token_at = now
-        self._last_token_at = now
-
-    def _summary(self, ended: float) -> dict:
-        before = self._reader.summary.content_events
-        s = self._reader.finish()
-        if s.content_events > before:  # a last event that had no blank line after it
-            self._token_seen(ended)
-        out: dict = {}
-        if s.model:
-            out["response_model"] = s.model
-        for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
-            if getattr(s, key) is not None:
-                out[key] = getattr(s, key)
-        if s.error:
-            out["stream_error"] = s.error
-        first, last = self._first_token_at, self._last_token_at
-        if first is not None and self._started is not None:
-            out["ttft_ms"] = round((first - self._started) * 1000, 3)
-        if first is not None and last is not None and s.completion_tokens and s.completion_tokens > 1:
-            out["tpot_ms"] = round((last - first) * 1000 / (s.completion_tokens - 1), 3)
-        return out
-
-
-_CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
 
 
 def _continue(phase: str | None) -> pb.ProcessingResponse:

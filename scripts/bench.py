@@ -6,9 +6,14 @@ Every contender sends to the same fast fake provider (an Envoy answering a fixed
             no ext_proc (the limit we measure against)
   gateway   `extproc up` with everything a user gets by default (routing, body rewrite, token
             accounting, metrics, access log)
+  floor     the gateway's bootstrap with an ext_proc on the same lean server that answers every
+            request with a prebuilt response (scripts/bench_stream.py): the ext_proc design's cost
   litellm   LiteLLM proxy, one worker, in its own virtual environment (made by this script),
             sending over plain HTTP to the same fake (its TLS trust setup is awkward)
 Contenders alternate within each round, so drift hits all alike. Load comes from wrk.
+Then the streaming benchmark (bare, floor, gateway): a paced fake provider over TLS, C concurrent
+streams of E events P ms apart; CPU per event of each contender's processes, each event's delay,
+RSS per open stream (see scripts/bench_stream.py).
 """
 
 from __future__ import annotations
@@ -36,12 +41,16 @@ from extproc.demo.run import manifests_dir
 from extproc.envoy_config import HostPort, UpstreamOptions, provider_cluster
 from extproc.runner import envoy_binary
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_stream  # noqa: E402  (beside this file)
+
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "dashscope.aliyuncs.com"
 PATH = "/compatible-mode/v1/chat/completions"
 KEY = "sk-" + os.urandom(32).hex()  # the provider key, and LiteLLM's master key
 MESSAGES = [{"role": "user", "content": "Please introduce yourself."}]
-TARGETS = {"throughput_ratio_16": 0.75, "added_p50_ms_1": 0.5, "litellm_ratio_16": 20.0, "cpu_us_per_request": 150.0,
+PACED_HOST = "paced.llm.test"  # the streaming benchmark's provider
+TARGETS = {"stream_cpu_over_bare": 1.3, "throughput_ratio_16": 0.75, "added_p50_ms_1": 0.5, "litellm_ratio_16": 20.0, "cpu_us_per_request": 150.0,
            "memory_growth_pct": 10.0}
 
 
@@ -69,12 +78,13 @@ def wait_http(url: str, timeout: float = 60, process: subprocess.Popen | None = 
     raise RuntimeError(f"{url} did not answer within {timeout:.0f}s")
 
 
-def bare_envoy_config(listen: int, admin: int, fake_port: int, ca_file: Path) -> dict:
+def bare_envoy_config(listen: int, admin: int, fake_port: int, ca_file: Path, paced_port: int | None = None) -> dict:
     """The limit: Envoy alone doing what the gateway asks of it, with the config written by hand."""
     cluster = provider_cluster("provider", HOST, UpstreamOptions(ca_file=str(ca_file), resolve={HOST: HostPort("127.0.0.1", fake_port)}))
+    paced = [] if paced_port is None else [_bare_paced_host(paced_port, ca_file)]
     hcm = {"@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
            "stat_prefix": "bare", "codec_type": "AUTO",
-           "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [{
+           "route_config": {"virtual_hosts": [*(vh for vh, _ in paced), {"name": "all", "domains": ["*"], "routes": [{
                "match": {"prefix": "/"},
                "route": {"cluster": "provider", "prefix_rewrite": PATH, "host_rewrite_literal": HOST, "timeout": "300s"},
                "request_headers_to_add": [{"header": {"key": "authorization", "value": f"Bearer {KEY}"},
@@ -87,7 +97,55 @@ def bare_envoy_config(listen: int, admin: int, fake_port: int, ca_file: Path) ->
                                "per_connection_buffer_limit_bytes": 8 << 20,
                                "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
                                                                "typed_config": hcm}]}]}],
-                "clusters": [cluster]}}
+                "clusters": [cluster, *(c for _, c in paced)]}}
+
+
+def _bare_paced_host(paced_port: int, ca_file: Path) -> tuple[dict, dict]:
+    """Bare Envoy's route and cluster to the streaming benchmark's paced provider."""
+    cluster = provider_cluster("paced", PACED_HOST, UpstreamOptions(
+        ca_file=str(ca_file), resolve={PACED_HOST: HostPort("127.0.0.1", paced_port)}))
+    vhost = {"name": "paced", "domains": [PACED_HOST], "routes": [{
+        "match": {"prefix": "/"}, "route": {"cluster": "paced", "timeout": "300s"},
+        "request_headers_to_add": [{"header": {"key": "authorization", "value": f"Bearer {KEY}"},
+                                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]}]}
+    return vhost, cluster
+
+
+PACED_PROVIDER_YAML = f"""apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata:
+  name: paced
+spec:
+  host: {PACED_HOST}
+  configs:
+    defaultConfig:
+      openAIConfig:
+        model: paced-model
+        apiKey: ${{YOUR_DASHSCOPE_API_KEY}}
+"""
+
+
+def start_paced_and_floor(work: Path, ca, envoy: str, fake_port: int, procs: list) -> tuple[int, int, list[int]]:
+    """The streaming benchmark's paced provider, and the floor contender (its server and Envoy).
+    Returns the paced provider's port, the floor's listener port and the floor's pids."""
+    here = Path(__file__).resolve().parent
+    paced_port, floor_ext_proc, floor_port = free_port(), free_port(), free_port()
+    cert = ca.issue([PACED_HOST], stem="paced")
+    procs.append(subprocess.Popen([sys.executable, str(here / "bench_stream.py"), "provider", str(cert.cert_file),
+                                   str(cert.key_file), str(paced_port)], stderr=(work / "paced.log").open("wb")))
+    server = subprocess.Popen([sys.executable, str(here / "bench_stream.py"), "floor", str(floor_ext_proc),
+                               "llm_provider_dashscope_aliyuncs_com", HOST, PATH, KEY], stderr=(work / "floor.log").open("wb"), cwd=ROOT)
+    procs.append(server)
+    clusters = {HOST: provider_cluster("llm_provider_dashscope_aliyuncs_com", HOST, UpstreamOptions(
+                    ca_file=str(ca.cert_file), resolve={HOST: HostPort("127.0.0.1", fake_port)})),
+                PACED_HOST: provider_cluster("llm_provider_paced", PACED_HOST, UpstreamOptions(
+                    ca_file=str(ca.cert_file), resolve={PACED_HOST: HostPort("127.0.0.1", paced_port)}))}
+    boot = bench_stream.floor_bootstrap(floor_port, free_port(), floor_ext_proc, clusters, str(work / "floor-access.log"))
+    (work / "floor.json").write_text(json.dumps(boot))
+    floor_envoy = subprocess.Popen([envoy, "-c", str(work / "floor.json"), "--disable-hot-restart", "--log-level", "error"],
+                                   stdout=subprocess.DEVNULL, stderr=(work / "floor-envoy.log").open("wb"))
+    procs.append(floor_envoy)
+    return paced_port, floor_port, [floor_envoy.pid, server.pid]
 
 
 def lua_script(path: str, host: str, body: dict) -> str:
@@ -153,6 +211,7 @@ def main() -> int:
     parser.add_argument("--budgets", action="store_true",
                         help="the budgets variant instead: CPU per request with and without an LLMTokenRateLimit "
                              "matching every request (in process, and through Redis), and the overshoot bound")
+    add_streaming_arguments(parser)
     args = parser.parse_args()
     args.out.mkdir(exist_ok=True)
     if args.budgets:
@@ -165,26 +224,42 @@ def main() -> int:
     fake = start_envoy_fake(envoy, ca, [HOST], fake_port, free_port(), work, plain_port=fake_plain)
     ports: dict[str, int] = {}
     pids: dict[str, int] = {}
+    trees: dict[str, list[int]] = {}  # each contender's processes, for CPU from /proc
+    metrics_ports: dict[str, int] = {}
     try:
+        paced_port, floor_port, trees["floor"] = start_paced_and_floor(work, ca, envoy, fake_port, procs)
+        pids["floor"] = trees["floor"][1]  # its ext_proc
         # bare Envoy
         ports["bare"] = free_port()
-        (work / "bare.json").write_text(json.dumps(bare_envoy_config(ports["bare"], free_port(), fake_port, ca.cert_file)))
+        (work / "bare.json").write_text(json.dumps(bare_envoy_config(ports["bare"], free_port(), fake_port, ca.cert_file,
+                                                                     paced_port)))
         procs.append(subprocess.Popen([envoy, "-c", str(work / "bare.json"), "--disable-hot-restart", "--log-level", "error"],
                                       stdout=subprocess.DEVNULL, stderr=(work / "bare.log").open("wb")))
+        trees["bare"] = [procs[-1].pid]
+        ports["floor"] = floor_port
         # the gateway, with its defaults (metrics, access log), on the seed's first provider
         config = work / "config"
         config.mkdir()
         shutil.copy(manifests_dir() / "01-LLMProvider.yaml", config)
-        ports["gateway"], metrics = free_port(), free_port()
-        gateway = subprocess.Popen(
-            [sys.executable, "-m", "extproc", "up", "--config", str(config), "--listen", f"127.0.0.1:{ports['gateway']}",
-             "--admin", f"127.0.0.1:{free_port()}", "--metrics", f"127.0.0.1:{metrics}",
-             "--access-log", str(work / "access.log"), "--upstream-ca", str(ca.cert_file),
-             "--resolve", f"{HOST}=127.0.0.1:{fake_port}"],
-            env={**os.environ, "YOUR_DASHSCOPE_API_KEY": KEY}, stdout=(work / "gateway.log").open("wb"),
-            stderr=subprocess.STDOUT)
-        procs.append(gateway)
-        pids["gateway"] = gateway.pid
+        (config / "02-paced.yaml").write_text(PACED_PROVIDER_YAML)
+        if args.h2_library:
+            args.compare_source = h2_library_tree(work)
+        gateways = {"gateway": None, **({"gateway_cmp": args.compare_source} if args.compare_source else {})}
+        for name, source in gateways.items():
+            ports[name], metrics = free_port(), free_port()
+            metrics_ports[name] = metrics
+            env = {**os.environ, "YOUR_DASHSCOPE_API_KEY": KEY}
+            if source:  # another checkout of the gateway, for a before/after in one run
+                env["PYTHONPATH"] = str(source)
+            gateway = subprocess.Popen(
+                [sys.executable, "-m", "extproc", "up", "--config", str(config), "--listen", f"127.0.0.1:{ports[name]}",
+                 "--admin", f"127.0.0.1:{free_port()}", "--metrics", f"127.0.0.1:{metrics}",
+                 "--access-log", str(work / f"access-{name}.log"), "--upstream-ca", str(ca.cert_file),
+                 "--resolve", f"{HOST}=127.0.0.1:{fake_port}", "--resolve", f"{PACED_HOST}=127.0.0.1:{paced_port}"],
+                env=env, stdout=(work / f"{name}.log").open("wb"), stderr=subprocess.STDOUT, cwd=source or None)
+            procs.append(gateway)
+            pids[name] = gateway.pid
+            trees[name] = [gateway.pid]
         # LiteLLM, one worker
         litellm = None if args.no_litellm else ensure_litellm(args.out / ".litellm-venv")
         if litellm:
@@ -197,6 +272,7 @@ def main() -> int:
             procs.append(subprocess.Popen([str(litellm), "--config", str(work / "litellm.yaml"), "--port", str(ports["litellm"]),
                                            "--num_workers", "1"], stdout=(work / "litellm.log").open("wb"),
                                           stderr=subprocess.STDOUT, env={**os.environ, "LITELLM_LOG": "ERROR"}))
+            trees["litellm"] = [procs[-1].pid]
         for name, port in ports.items():
             url = f"http://127.0.0.1:{port}/health/liveliness" if name == "litellm" else None
             if url:
@@ -205,7 +281,9 @@ def main() -> int:
                 wait_until_serving(port)
         scripts = {name: work / f"{name}.lua" for name in ports}
         scripts["bare"].write_text(lua_script("/", HOST, {"messages": MESSAGES}))
-        scripts["gateway"].write_text(lua_script("/", HOST, {"messages": MESSAGES}))
+        for name in ("gateway", "floor", "gateway_cmp"):
+            if name in scripts:
+                scripts[name].write_text(lua_script("/", HOST, {"messages": MESSAGES}))
         if "litellm" in ports:
             scripts["litellm"].write_text(lua_script("/v1/chat/completions", f"127.0.0.1:{ports['litellm']}",
                                                      {"model": "qwen1.5-72b-chat", "messages": MESSAGES}))
@@ -215,13 +293,23 @@ def main() -> int:
 
         runs: dict[str, dict[int, list[dict]]] = {name: {1: [], 16: []} for name in ports}
         cpu = {"seconds": 0.0, "requests": 0}
+        cpu_all = {name: {"seconds": 0.0, "requests": 0} for name in ports}  # every process of each contender
+        processor_cpu = {name: {"seconds": 0.0, "requests": 0} for name in pids}  # the ext_proc's process alone
         names = list(ports)
         for r in range(args.rounds):
             order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
             for connections in (1, 16):
                 for name in order:
                     before = cpu_seconds(pids["gateway"]) if name == "gateway" and connections == 16 else None
+                    tree_before = bench_stream.tree_cpu_seconds(trees[name])
+                    own_before = cpu_seconds(pids[name]) if name in pids else 0.0
                     result = run_wrk(ports[name], scripts[name], connections, args.seconds)
+                    if connections == 16:
+                        cpu_all[name]["seconds"] += bench_stream.tree_cpu_seconds(trees[name]) - tree_before
+                        cpu_all[name]["requests"] += result["requests"]
+                        if name in pids:
+                            processor_cpu[name]["seconds"] += cpu_seconds(pids[name]) - own_before
+                            processor_cpu[name]["requests"] += result["requests"]
                     if before is not None:
                         cpu["seconds"] += cpu_seconds(pids["gateway"]) - before
                         cpu["requests"] += result["requests"]
@@ -245,6 +333,20 @@ def main() -> int:
         big_ms = {n: statistics.median(timed_requests(ports[n], HOST, big, 40)) for n in ("bare", "gateway")}
 
         summary = summarize(runs, cpu, rss_before, rss_after, sent, ttfb, big_ms, "litellm" in ports)
+        add_cpu_figures(summary, cpu_all, processor_cpu)
+        if not args.no_streams:
+            contenders = {n: (ports[n], trees[n]) for n in ("bare", "floor", "gateway", "gateway_cmp") if n in ports}
+            ttft_before = {n: sum_count(p, "gen_ai_server_time_to_first_token_seconds", "paced-model")
+                           for n, p in metrics_ports.items()}
+            summary["streaming"] = bench_stream.streaming_benchmark(
+                contenders, PACED_HOST, args.stream_rounds, args.stream_repeats, args.streams, args.events, args.pace_ms)
+            # each build's time to first token over the same paced streams, beside what the client saw
+            for n, port in metrics_ports.items():
+                (s0, c0), (s1, c1) = ttft_before[n], sum_count(port, "gen_ai_server_time_to_first_token_seconds",
+                                                               "paced-model")
+                summary["streaming"]["contenders"][n]["ttft_metric_ms_mean"] = 1000 * (s1 - s0) / (c1 - c0) if c1 > c0 else None
+            for n, figures in bench_stream.memory_per_stream(contenders, PACED_HOST, tuple(args.memory_streams)).items():
+                summary["streaming"]["contenders"][n].update(figures)
         report(summary, args.out)
         return 0
     finally:
@@ -323,10 +425,109 @@ def report(s: dict, out: Path) -> None:
     print(f"streamed answer, first event: bare {st['bare']:.2f} ms, gateway {st['gateway']:.2f} ms (+{st['added']:.2f} ms)")
     print(f"1 MiB body: bare {big['bare']:.2f} ms, gateway {big['gateway']:.2f} ms (+{big['added']:.2f} ms)")
     print(f"errors: {s['errors']}; LiteLLM: {s['litellm_transport']}")
+    report_extras(s)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (out / f"bench-{stamp}.json").write_text(json.dumps(s, indent=2))
     chart(s, out / f"bench-{stamp}.png")
     print(f"\nwritten: {out / f'bench-{stamp}.json'}, {out / f'bench-{stamp}.png'}")
+
+
+def add_streaming_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("the streaming benchmark and the floor")
+    g.add_argument("--streams", type=int, default=64, help="C: concurrent streams (default 64)")
+    g.add_argument("--events", type=int, default=50, help="E: events per stream (default 50)")
+    g.add_argument("--pace-ms", type=int, default=20, help="P: ms between events (default 20)")
+    g.add_argument("--stream-rounds", type=int, default=3, help="rounds, contenders rotated (default 3)")
+    g.add_argument("--stream-repeats", type=int, default=3, help="runs of C streams per contender per round")
+    g.add_argument("--memory-streams", type=int, nargs="*", default=[64, 512],
+                   help="open streams at which RSS per stream is read (default 64 512)")
+    g.add_argument("--no-streams", action="store_true", help="skip the streaming benchmark")
+    g.add_argument("--compare-source", type=Path, metavar="DIR",
+                   help="also run the gateway from another checkout (e.g. the previous commit) as gateway_cmp")
+    g.add_argument("--h2-library", action="store_true",
+                   help="also run the gateway with its HTTP/2 server swapped for the same handling on python-hyper's "
+                        "h2 (scripts/h2_library_server.py) as gateway_cmp")
+
+
+def h2_library_tree(work: Path) -> Path:
+    """A copy of this gateway whose ext_proc and access-log server is scripts/h2_library_server.py."""
+    tree = work / "h2lib"
+    shutil.copytree(ROOT / "extproc", tree / "extproc")
+    shutil.copy(Path(__file__).resolve().parent / "h2_library_server.py", tree / "extproc" / "h2_library_server.py")
+    with (tree / "extproc" / "h2_server.py").open("a") as f:
+        f.write("\nfrom .h2_library_server import serve  # noqa: E402,F811  (the bench's h2-library variant)\n")
+    return tree
+
+
+def sum_count(port: int, histogram: str, request_model: str) -> tuple[float, float]:
+    """A gateway's histogram sum and count over the requests for one model, from its /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    total = count = 0.0
+    for line in text.splitlines():
+        if f'gen_ai_request_model="{request_model}"' not in line:
+            continue
+        if line.startswith(histogram + "_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith(histogram + "_count"):
+            count += float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
+def add_cpu_figures(summary: dict, cpu_all: dict, processor_cpu: dict) -> None:
+    """CPU per request at 16 connections: all of each contender's processes, and its ext_proc
+    alone. CPU time from /proc over a fixed workload holds up on a shared machine; req/s does not."""
+    per = lambda c: 1e6 * c["seconds"] / max(c["requests"], 1)  # noqa: E731
+    summary["cpu_us_per_request_all_processes"] = {n: per(c) for n, c in cpu_all.items()}
+    summary["ext_proc_cpu_us_per_request_by_contender"] = {n: per(c) for n, c in processor_cpu.items()}
+    med = summary["medians"]
+    if "floor" in med:
+        summary["ratios"]["floor_over_bare_rps_16"] = med["floor"][16]["rps"] / med["bare"][16]["rps"]
+        summary["ratios"]["gateway_over_floor_rps_16"] = med["gateway"][16]["rps"] / med["floor"][16]["rps"]
+        summary["added_p50_ms_1_floor"] = med["floor"][1]["p50_ms"] - med["bare"][1]["p50_ms"]
+
+
+def report_extras(s: dict) -> None:
+    """The floor, CPU per request of every contender, and the streaming benchmark."""
+    r = s["ratios"]
+    if "floor_over_bare_rps_16" in r:
+        print(f"floor/bare req/s at 16 connections           {r['floor_over_bare_rps_16']:9.2f}")
+        print(f"gateway/floor req/s at 16 connections        {r['gateway_over_floor_rps_16']:9.2f}")
+        print(f"floor added p50 at 1 connection (ms)         {s['added_p50_ms_1_floor']:9.2f}")
+    print("CPU per request at 16 connections, us (all processes | the ext_proc alone):")
+    for n, v in s.get("cpu_us_per_request_all_processes", {}).items():
+        own = s.get("ext_proc_cpu_us_per_request_by_contender", {}).get(n)
+        print(f"  {n:12s} {v:8.1f}" + (f" | {own:8.1f}" if own is not None else ""))
+    st = s.get("streaming")
+    if not st:
+        return
+    print(f"\nstreaming: {st['streams']} streams x {st['events']} events, {st['pace_ms']} ms apart, "
+          f"{st['rounds']} rounds x {st['repeats']} runs")
+    print(f"{'contender':12s} {'CPU us/event':>12s} {'x bare':>7s} {'streams/s':>9s} {'delay p50':>9s} {'p99':>7s} "
+          f"{'added p50':>9s} {'p99':>7s} " + " ".join(f"{'KiB/str@' + str(k):>12s}" for k in (64, 512)))
+    for n, c in st["contenders"].items():
+        mem = " ".join(f"{c.get(f'rss_kib_per_stream_{k}', float('nan')):12.1f}" for k in (64, 512))
+        print(f"{n:12s} {c['cpu_us_per_event']:12.1f} {c.get('cpu_over_bare', float('nan')):7.2f} "
+              f"{c['streams_per_s']:9.1f} {c['delay_p50_ms']:9.2f} {c['delay_p99_ms']:7.2f} "
+              f"{c.get('added_delay_p50_ms', float('nan')):9.2f} {c.get('added_delay_p99_ms', float('nan')):7.2f} {mem}"
+              + (f"  ({c['events_missing']} events missing)" if c["events_missing"] else ""))
+    for name, c in st["contenders"].items():
+        if c.get("ttft_metric_ms_mean") is not None:
+            print(f"time to first token, {name}: metric mean {c['ttft_metric_ms_mean']:.2f} ms, the client's first "
+                  f"event {c['client_first_event_ms_mean']:.2f} ms after its request, same streams")
+    if "gateway" in st["contenders"]:
+        ratio = st["contenders"]["gateway"].get("cpu_over_bare", float("nan"))
+        target = TARGETS["stream_cpu_over_bare"]
+        print(f"gateway CPU per streamed event / bare's: {ratio:.2f}  <= {target:g}  {'met' if ratio <= target else 'NOT met'}")
+
+
+def chart_streaming(s: dict, ax) -> None:
+    st = s["streaming"]["contenders"]
+    names = list(st)
+    bars = ax.bar(names, [st[n]["cpu_us_per_event"] for n in names],
+                  color=["#888888", "#9bbb59", "#2a7ab0", "#4bacc6"][:len(names)])
+    ax.bar_label(bars, fmt="%.1f")
+    ax.set_title(f"CPU µs per streamed event (all processes)\n{s['streaming']['streams']} streams × "
+                 f"{s['streaming']['events']} events, {s['streaming']['pace_ms']} ms apart")
 
 
 def chart(s: dict, path: Path) -> None:
@@ -335,13 +536,17 @@ def chart(s: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(s["medians"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    streaming = "streaming" in s
+    fig, axes = plt.subplots(1, 3 if streaming else 2, figsize=(15 if streaming else 10, 4))
+    if streaming:
+        chart_streaming(s, axes[2])
+    colors = {"bare": "#888888", "floor": "#9bbb59", "gateway": "#2a7ab0", "gateway_cmp": "#4bacc6", "litellm": "#c0504d"}
     for ax, c in zip(axes, (1, 16)):
         values = [s["medians"][n][c]["rps"] for n in names]
-        bars = ax.bar(names, values, color=["#888888", "#2a7ab0", "#c0504d"][:len(names)])
+        bars = ax.bar(names, values, color=[colors.get(n, "#666666") for n in names])
         ax.bar_label(bars, fmt="%.0f")
         ax.set_title(f"requests/s, {c} connection{'s' if c > 1 else ''} ({s['machine']['cores']} cores)")
-    fig.suptitle("LLM gateway vs bare Envoy vs LiteLLM (same fake provider, medians)")
+    fig.suptitle("LLM gateway vs bare Envoy, the ext_proc floor and LiteLLM (same fake provider, medians)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

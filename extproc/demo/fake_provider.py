@@ -7,6 +7,7 @@ Gateway's test upstream is:
   x-fake-reply: text     the assistant's reply (default: a greeting naming the model)
   x-fake-delay: 1.5      wait that many seconds before answering
   x-fake-total-tokens: 17  report that many tokens in usage (about half prompt, half completion)
+  x-fake-body-delay: 1   a JSON answer's body sent in four pieces, that many seconds apart
 Besides chat (any path but the two below) it answers `.../embeddings` (vectors derived from
 the input, as floats or base64 as asked) and `.../completions` (the legacy text completion).
 A body with "stream": true is answered as server-sent events, further steered by:
@@ -159,7 +160,7 @@ class _Handler(BaseHTTPRequestHandler):
             "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
             "usage": usage,
         }
-        self._send(200, json.dumps(answer).encode(), "application/json")
+        self._send(200, json.dumps(answer).encode(), "application/json", float(headers.get("x-fake-body-delay", 0)))
 
     def _stream(self, model: str, reply: str, usage: dict, body: dict, headers: dict[str, str]) -> None:
         self.send_response(200)
@@ -219,9 +220,17 @@ class _Handler(BaseHTTPRequestHandler):
         kind = "rate_limit_error" if status == 429 else ("invalid_request_error" if status < 500 else "server_error")
         self._send(status, json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode(), "application/json")
 
-    def _send(self, status: int, payload: bytes, content_type: str) -> None:
+    def _send(self, status: int, payload: bytes, content_type: str, body_delay: float = 0) -> None:
         self.send_response(status)
         self.send_header("content-type", content_type)
         self.send_header("content-length", str(len(payload)))
         self.end_headers()
+        if body_delay:
+            quarter = len(payload) // 4 + 1
+            for i in range(0, len(payload), quarter):
+                if i:
+                    time.sleep(body_delay)
+                self.wfile.write(payload[i:i + quarter])
+                self.wfile.flush()
+            return
         self.wfile.write(payload)

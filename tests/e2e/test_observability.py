@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import time
 
 import pytest
@@ -141,3 +142,96 @@ def test_gateway_rejections_are_counted_by_reason(gw):
     rejected = lambda m: {dict(k[1])["error_type"]: v for k, v in m.items()  # noqa: E731
                           if k[0] == "llm_gateway_requests_total" and ("outcome", "rejected") in k[1]}
     wait_until(lambda: rejected(gw.metrics()) == {"unknown_host": 1, "invalid_json": 1}, 10, lambda: str(gw.metrics()))
+
+
+def hang_up(gw, headers: dict[str, str], stream: bool, after_first_byte: bool) -> bytes:
+    """Send a chat request on a raw connection and close it mid-answer: once the answer's headers
+    (and for a stream, its first event) arrived, or while the provider is still thinking."""
+    body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "stream": stream}).encode()
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    sock = socket.create_connection(("127.0.0.1", gw.listen_port), timeout=10)
+    sock.sendall(f"POST / HTTP/1.1\r\nhost: {DASHSCOPE}\r\ncontent-type: application/json\r\n"
+                 f"content-length: {len(body)}\r\n{head}\r\n".encode() + body)
+    got = b""
+    if after_first_byte:
+        while (b"data: " if stream else b"\r\n\r\n") not in got:
+            data = sock.recv(65536)
+            assert data, got
+            got += data
+    else:
+        time.sleep(0.5)  # the request is with the provider, which answers after 3 s
+    sock.close()
+    return got
+
+
+def test_client_hanging_up_is_client_cancelled(gw, fresh_providers):
+    """A user closing the tab mid-answer is counted as client_cancelled, never as the gateway
+    failing: streamed answers before and after the first event reached the client, JSON answers
+    before the first byte. A JSON answer reaches the client whole (Envoy holds its headers until
+    json_to_metadata has read the body), so a client that saw its first byte had all of it."""
+    before = {"x-fake-delay": "3"}
+    assert b"data: " in hang_up(gw, {"x-fake-event-delay": "0.5"}, stream=True, after_first_byte=True)
+    hang_up(gw, before, stream=True, after_first_byte=False)
+    hang_up(gw, before, stream=False, after_first_byte=False)
+
+    def outcomes() -> dict[tuple[str, str, str], float]:
+        return {(dict(k[1])["outcome"], dict(k[1])["error_type"], dict(k[1])["gen_ai_response_model"]): v
+                for k, v in gw.metrics().items() if k[0] == "llm_gateway_requests_total"}
+
+    wait_until(lambda: sum(outcomes().values()) == 3, 15, lambda: str(outcomes()))
+    assert outcomes() == {
+        ("client_cancelled", "downstream_remote_disconnect", "qwen1.5-72b-chat"): 1,  # the stream's first event said
+        ("client_cancelled", "downstream_remote_disconnect", ""): 2,
+    }, outcomes()
+
+    answer = hang_up(gw, {"x-fake-body-delay": "0.3"}, stream=False, after_first_byte=True)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    assert len(body) == length and json.loads(body)["usage"]["completion_tokens"] > 0  # whole, with the first byte
+    wait_until(lambda: outcomes().get(("success", "", "qwen1.5-72b-chat")) == 1, 15, lambda: str(outcomes()))
+    wait_until(lambda: len(gw.access_entries()) == 4, 10)
+    entries = gw.access_entries()
+    assert all(e["route"] == ROUTE for e in entries)
+    assert sorted((e["details"], e["flags"]) for e in entries) == [
+        ("downstream_remote_disconnect", "DC")] * 3 + [("via_upstream", "-")]
+
+
+def rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_ext_proc_streams_all_closed_and_memory_flat(gw):
+    """Every ext_proc stream Envoy opens is closed again, whatever the client does (answers read
+    whole, streams, clients gone), and the ext_proc's memory stays flat over many requests."""
+    def round_of_requests(n: int) -> None:
+        for i in range(n):
+            if i % 10 == 0:
+                hang_up(gw, {"x-fake-event-delay": "0.2"}, stream=True, after_first_byte=True)
+            elif i % 2:
+                status, _, _, _ = stream_request(gw, DASHSCOPE)
+                assert status == 200
+            else:
+                assert gw.request(DASHSCOPE, CHAT).status == 200
+
+    round_of_requests(60)  # warm: connections, caches, allocator arenas
+    start = rss_kib(gw.process.pid)
+    round_of_requests(240)
+
+    def stat(name: str) -> int:
+        for line in gw.admin("/stats").splitlines():
+            key, _, value = line.partition(": ")
+            if key == name:
+                return int(value)
+        raise AssertionError(f"no stat {name}")
+
+    prefix = "http.llm_gateway.ext_proc.request."
+    # on the ext_proc's cluster only the access-log stream stays open
+    wait_until(lambda: stat("cluster.llm_gateway_ext_proc.upstream_rq_active") == 1, 15, lambda: gw.admin("/stats"))
+    assert stat("cluster.llm_gateway_ext_proc.upstream_rq_total") == 301
+    assert stat(prefix + "streams_started") == 300 == stat(prefix + "streams_closed") + stat(prefix + "streams_failed")
+    assert stat(prefix + "streams_failed") == 0
+    grown = rss_kib(gw.process.pid) - start
+    assert grown < 4096, f"the ext_proc grew by {grown} KiB over 240 requests"

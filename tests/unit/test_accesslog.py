@@ -229,3 +229,62 @@ def test_receiver_with_no_messages():
 def test_no_answer_because_the_client_left_is_cancelled(details: str, error_type: str):
     rec = record_from_entry(entry(None, details, meta=DECISION))
     assert (rec.outcome, rec.error_type) == ("client_cancelled", error_type)
+
+
+def timed(content_type: str | None, tags: dict[str, str], meta: dict | None = None,
+          status: int = 200) -> accesslog_pb2.HTTPAccessLogEntry:
+    """An entry as the gRPC access log sends it: the answer's content type, the time-point tags."""
+    e = entry(status, meta={**DECISION, "stream": True, **(meta or {})})
+    if content_type is not None:
+        e.response.response_headers["content-type"] = content_type
+    for tag, value in tags.items():
+        e.common_properties.custom_tags[tag] = value
+    return e
+
+
+@pytest.mark.parametrize(("log_entry", "ttft_s", "tpot_s"), [
+    pytest.param(timed("text/event-stream", {"ttft_us": "250000", "generation_us": "400000"}, {"completion_tokens": 5}),
+                 0.25, 0.1, id="stream: first body byte, then (last - first) / (tokens - 1)"),
+    pytest.param(timed("text/event-stream; charset=utf-8", {"ttft_us": "1500", "generation_us": "0"},
+                       {"completion_tokens": 3}), 0.0015, 0.0, id="content-type-with-parameters"),
+    pytest.param(timed("Text/Event-Stream", {"ttft_us": "1500", "generation_us": "0"},
+                       {"completion_tokens": 3}), 0.0015, 0.0, id="content-type-in-any-case"),
+    pytest.param(timed("text/event-stream", {"ttft_us": "250000", "generation_us": "400000"}, {"completion_tokens": 1}),
+                 0.25, None, id="one-output-token-no-tpot"),
+    pytest.param(timed("text/event-stream", {"ttft_us": "250000", "generation_us": "400000"}),
+                 0.25, None, id="no-usage-no-tpot"),
+    pytest.param(timed("text/event-stream", {"ttft_us": "-", "generation_us": "-"}, {"completion_tokens": 5}),
+                 None, None, id="no-answer-body"),
+    pytest.param(timed("text/event-stream", {}, {"completion_tokens": 5}), None, None, id="no-tags"),
+    pytest.param(timed("application/json", {"ttft_us": "250000", "generation_us": "400000"}, {"completion_tokens": 5}),
+                 None, None, id="json-answer-has-no-ttft"),
+    pytest.param(timed(None, {"ttft_us": "250000", "generation_us": "400000"}, {"completion_tokens": 5}),
+                 None, None, id="no-content-type"),
+    pytest.param(timed("text/event-stream", {"ttft_us": "250000", "generation_us": "400000"},
+                       {"completion_tokens": 5, "ttft_ms": 125, "tpot_ms": 20}),
+                 0.125, 0.02, id="metadata-written-by-a-filter-wins"),
+])
+def test_stream_timings_from_envoy_time_points(log_entry, ttft_s, tpot_s):
+    rec = record_from_entry(log_entry)
+    assert (rec.ttft_s, rec.tpot_s) == (pytest.approx(ttft_s) if ttft_s is not None else None,
+                                        pytest.approx(tpot_s) if tpot_s is not None else None)
+
+
+def cut(status: int, details: str, client_gone_flag: bool) -> accesslog_pb2.HTTPAccessLogEntry:
+    e = entry(status, details, meta={**DECISION, "stream": True})
+    e.common_properties.response_flags.downstream_connection_termination = client_gone_flag
+    return e
+
+
+@pytest.mark.parametrize(("log_entry", "error_type"), [
+    pytest.param(cut(200, "downstream_remote_disconnect", True), "downstream_remote_disconnect",
+                 id="stream-cut-by-client-after-first-byte"),
+    pytest.param(cut(0, "downstream_remote_disconnect", True), "downstream_remote_disconnect",
+                 id="client-gone-before-first-byte"),
+    pytest.param(cut(200, "via_upstream", True), "downstream_remote_disconnect", id="flag-alone"),
+    pytest.param(cut(0, "", False), "client_disconnected", id="no-status-no-details"),
+])
+def test_client_that_hangs_up_is_client_cancelled(log_entry, error_type):
+    """Users closing a tab mid-answer is not the gateway failing (the README's promise)."""
+    rec = record_from_entry(log_entry)
+    assert (rec.outcome, rec.error_type) == ("client_cancelled", error_type)

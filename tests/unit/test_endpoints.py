@@ -292,20 +292,6 @@ def test_operation_reaches_the_metrics(meta, status, details, operation, outcome
         assert value == count and labels["gen_ai_operation_name"] == operation
 
 
-def test_completions_stream_text_counts_as_content():
-    from extproc.sse import SSEReader
-
-    reader = SSEReader()
-    events = [{"object": "text_completion", "model": "c", "choices": [{"index": 0, "text": "Hi "}]},
-              {"object": "text_completion", "model": "c", "choices": [{"index": 0, "text": "", "finish_reason": "stop"}]},
-              {"object": "text_completion", "model": "c", "choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 1,
-                                                                                "total_tokens": 3}}]
-    feed = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
-    assert reader.feed(feed) == 1
-    s = reader.finish()
-    assert (s.content_events, s.model, s.prompt_tokens, s.completion_tokens, s.done) == (1, "c", 2, 1, True)
-
-
 def test_a_refused_body_is_counted_under_its_endpoint(seed_table):
     (response,) = exchange(seed_table, DASHSCOPE, "/v1/embeddings", {"model": "e", "input": []})
     assert error_of(response)[1]["error"]["code"] == "invalid_input"

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import copy
+import json
+import subprocess
+
 import pytest
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2  # noqa: F401  (registers @type)
 from envoy.extensions.access_loggers.file.v3 import file_pb2  # noqa: F401
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2  # noqa: F401
-from envoy.extensions.common.matching.v3 import extension_matcher_pb2  # noqa: F401
-from envoy.extensions.filters.common.matcher.action.v3 import skip_action_pb2  # noqa: F401
 from envoy.extensions.filters.http.buffer.v3 import buffer_pb2  # noqa: F401
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401
 from envoy.extensions.filters.http.json_to_metadata.v3 import json_to_metadata_pb2  # noqa: F401
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2  # noqa: F401
-from envoy.type.matcher.v3 import http_inputs_pb2  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2  # noqa: F401
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
@@ -24,6 +25,18 @@ from extproc.envoy_config import (PASSTHROUGH_CLUSTER, ROUTE_CONFIG_NAME, Bootst
                                   bootstrap, provider_cluster, route_configuration, to_route_proto,
                                   to_cluster_proto)
 from extproc.names import CLUSTER_HEADER, CONTROL_CLUSTER, EXT_PROC_CLUSTER
+from extproc.runner import envoy_binary
+
+
+def parse_bootstrap(boot: dict) -> bootstrap_pb2.Bootstrap:
+    """The bootstrap as Envoy's API, in Python: sse_to_metadata is newer than xds-protos, so its
+    config is swapped for an empty known filter here (the real Envoy checks it:
+    `test_envoy_accepts_the_bootstrap`)."""
+    boot = copy.deepcopy(boot)
+    for f in hcm(boot)["http_filters"]:
+        if f["typed_config"]["@type"].endswith("SseToMetadata"):
+            f["typed_config"] = {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer"}
+    return json_format.ParseDict(boot, bootstrap_pb2.Bootstrap())
 
 
 def hcm(boot: dict) -> dict:
@@ -76,7 +89,7 @@ def test_sidecar_bootstrap_takes_routes_over_rds_and_passes_other_traffic_throug
     assert listener["listener_filters"][0]["name"] == "envoy.filters.listener.original_dst"
     passthrough = [c for c in boot["static_resources"]["clusters"] if c["name"] == PASSTHROUGH_CLUSTER]
     assert passthrough and passthrough[0]["type"] == "ORIGINAL_DST"
-    json_format.ParseDict(boot, bootstrap_pb2.Bootstrap())
+    parse_bootstrap(boot)
 
 
 def test_sidecar_route_configuration():
@@ -118,7 +131,7 @@ def test_bootstrap_addresses(opts, listen, control_type, ext_proc):
     assert endpoint(clusters[EXT_PROC_CLUSTER]) == ext_proc
     assert boot["dynamic_resources"]["cds_config"]["api_config_source"]["grpc_services"][0]["envoy_grpc"][
         "cluster_name"] == CONTROL_CLUSTER
-    parsed = json_format.ParseDict(boot, bootstrap_pb2.Bootstrap())  # valid Envoy API, every @type known
+    parsed = parse_bootstrap(boot)  # valid Envoy API, every @type known
     assert parsed.static_resources.listeners[0].per_connection_buffer_limit_bytes.value > opts.body_limit
 
 
@@ -185,18 +198,45 @@ def test_host_port_parse_rejects(text):
         HostPort.parse(text)
 
 
-def test_event_stream_observer_only_for_event_streams_and_fails_open():
-    observer = next(f for f in hcm(bootstrap(BootstrapOptions()))["http_filters"]
-                    if f["name"] == "llm_gateway.event_stream")["typed_config"]
-    proc = observer["extension_config"]["typed_config"]
-    assert proc["failure_mode_allow"] is True  # an answer under way is never cut for metrics
-    assert proc["processing_mode"]["response_body_mode"] == "STREAMED"
-    assert proc["processing_mode"]["request_header_mode"] == "SKIP"
-    (matcher,) = observer["xds_matcher"]["matcher_list"]["matchers"]
-    single = matcher["predicate"]["not_matcher"]["single_predicate"]
-    assert single["input"]["typed_config"]["header_name"] == "content-type"
-    assert single["value_match"] == {"prefix": "text/event-stream"}
-    assert matcher["on_match"]["action"]["typed_config"]["@type"].endswith("SkipFilter")
+def test_event_streams_read_by_envoy_into_the_same_metadata_keys():
+    reader = next(f for f in hcm(bootstrap(BootstrapOptions()))["http_filters"]
+                  if f["name"] == "llm_gateway.event_stream")["typed_config"]
+    assert reader["@type"] == "type.googleapis.com/envoy.extensions.filters.http.sse_to_metadata.v3.SseToMetadata"
+    parser = reader["response_rules"]["content_parser"]["typed_config"]
+    written = [(tuple(s["key"] for s in r["rule"]["selectors"]), r["rule"]["on_present"]["metadata_namespace"],
+                r["rule"]["on_present"]["key"]) for r in parser["rules"]]
+    assert written == [(("model",), "llm_gateway", "response_model"),
+                       (("usage", "prompt_tokens"), "llm_gateway", "prompt_tokens"),
+                       (("usage", "completion_tokens"), "llm_gateway", "completion_tokens"),
+                       (("usage", "total_tokens"), "llm_gateway", "total_tokens"),
+                       (("error", "code"), "llm_gateway", "stream_error"),
+                       (("error", "type"), "llm_gateway", "stream_error")]  # the type, when there is one, wins
+    # every event names the model: it is written once, not once per event
+    assert [r.get("stop_processing_after_matches", 0) for r in parser["rules"]] == [1, 0, 0, 0, 0, 0]
+    # no ext_proc reads answers: one ext_proc filter, for requests
+    boot = bootstrap(BootstrapOptions())
+    assert [f["name"] for f in hcm(boot)["http_filters"]].count("envoy.filters.http.ext_proc") == 1
+    assert "ExtProc" not in json.dumps(reader) and "ExternalProcessor" not in json.dumps(reader)
+
+
+@pytest.mark.parametrize("opts", [pytest.param(BootstrapOptions(), id="default"),
+                                  pytest.param(BootstrapOptions(sidecar=True, access_log=None), id="sidecar-no-file-log")])
+def test_envoy_accepts_the_bootstrap(tmp_path, opts):
+    """The real Envoy checks every field, the ones xds-protos does not know included."""
+    path = tmp_path / "bootstrap.json"
+    path.write_text(json.dumps(bootstrap(opts)))
+    result = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stdout + result.stderr
+
+
+def test_streamed_answer_timings_sent_to_the_metrics_as_time_points():
+    (grpc_log, *_) = hcm(bootstrap(BootstrapOptions()))["access_log"]
+    config = grpc_log["typed_config"]
+    tags = {t["tag"]: t["value"] for t in config["common_config"]["custom_tags"]}
+    assert tags == {"ttft_us": "%COMMON_DURATION(DS_RX_BEG:US_RX_BODY_BEG:us)%",
+                    "generation_us": "%COMMON_DURATION(US_RX_BODY_BEG:US_RX_END:us)%"}
+    assert config["additional_response_headers_to_log"] == ["content-type"]
 
 
 @pytest.mark.parametrize("access_log", ["/dev/stdout", "/tmp/x.log", None])
@@ -206,8 +246,17 @@ def test_access_logs(access_log):
     if access_log is None:
         assert len(logs) == 1
     else:
-        fmt = logs[1]["typed_config"]["log_format"]["json_format"]
-        assert logs[1]["typed_config"]["path"] == access_log
-        for key in ("route", "rule", "provider", "request_model", "response_model", "prompt_tokens",
-                    "completion_tokens", "total_tokens", "ttft_ms", "status", "duration_ms"):
-            assert key in fmt
+        # one line per request: a streamed answer's line (the content type says which) has its timings
+        (_, plain, streamed) = logs
+        stream_test = streamed["filter"]["extension_filter"]["typed_config"]["expression"]
+        assert plain["filter"]["extension_filter"]["typed_config"]["expression"] == f"!({stream_test})"
+        assert "text/event-stream" in stream_test
+        for log in (plain, streamed):
+            fmt = log["typed_config"]["log_format"]["json_format"]
+            assert log["typed_config"]["path"] == access_log
+            for key in ("route", "rule", "provider", "request_model", "response_model", "prompt_tokens",
+                        "completion_tokens", "total_tokens", "ttft_ms", "generation_ms", "status", "duration_ms"):
+                assert key in fmt
+        assert streamed["typed_config"]["log_format"]["json_format"]["ttft_ms"] == \
+            "%COMMON_DURATION(DS_RX_BEG:US_RX_BODY_BEG:ms)%"
+        assert plain["typed_config"]["log_format"]["json_format"]["ttft_ms"].startswith("%DYNAMIC_METADATA")

@@ -20,7 +20,6 @@ from extproc.errors import GatewayError
 from extproc import endpoints
 from extproc.rewrite import rewrite_body
 from extproc.routing import Target
-from extproc.sse import SSEReader
 
 EXAMPLES = int(os.environ.get("LLM_GATEWAY_FUZZ_EXAMPLES", "300"))
 fuzz = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -88,32 +87,6 @@ def test_embeddings_and_completions_get_a_rewrite_or_a_4xx(value, endpoint, targ
     assert data["model"] == out.model == expected_model
     assert data.get("stream") == value.get("stream")  # the config's stream is chat's only
     assert out.stream == (endpoint is endpoints.COMPLETIONS and value.get("stream") is True)
-
-
-@fuzz
-@given(st.lists(st.binary(max_size=200), max_size=20))
-def test_event_stream_reader_never_fails(chunks):
-    reader = SSEReader()
-    for chunk in chunks:
-        assert reader.feed(chunk) >= 0
-    summary = reader.finish()
-    assert summary.events >= summary.content_events >= 0
-
-
-@fuzz
-@given(st.lists(st.integers(min_value=0, max_value=400), max_size=6))
-def test_event_stream_reader_is_indifferent_to_chunk_boundaries(cuts):
-    events = [{"model": "m", "choices": [{"delta": {"content": f"w{i} "}}]} for i in range(5)]
-    events.append({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}})
-    stream = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
-    reader = SSEReader()
-    last = 0
-    for cut in sorted(set(min(c, len(stream)) for c in cuts)):
-        reader.feed(stream[last:cut])
-        last = cut
-    reader.feed(stream[last:])
-    s = reader.finish()
-    assert (s.content_events, s.prompt_tokens, s.completion_tokens, s.total_tokens, s.done) == (5, 3, 5, 8, True)
 
 
 @fuzz

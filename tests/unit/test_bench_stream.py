@@ -1,0 +1,48 @@
+"""The streaming benchmark's pieces that decide figures: the floor's bootstrap (checked by the real
+Envoy), percentiles of event delays, the paced provider's events as sse_to_metadata reads them."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from extproc.runner import envoy_binary
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+import bench_stream  # noqa: E402
+
+
+def test_floor_bootstrap_is_the_gateways_with_static_providers(tmp_path):
+    cluster = {"name": "llm_provider_x", "type": "STATIC", "connect_timeout": "1s",
+               "load_assignment": {"cluster_name": "llm_provider_x", "endpoints": [{"lb_endpoints": [{"endpoint": {
+                   "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}}}}]}]}}
+    boot = bench_stream.floor_bootstrap(1, 2, 3, {"x.example": cluster}, str(tmp_path / "access.log"))
+    hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert [f["name"] for f in hcm["http_filters"]][0] == "envoy.filters.http.ext_proc"
+    assert "dynamic_resources" not in boot
+    assert hcm["route_config"]["virtual_hosts"][0]["domains"] == ["x.example"]
+    path = tmp_path / "floor.json"
+    path.write_text(json.dumps(boot))
+    result = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("values", "q", "expected"), [
+    ([5.0], 0.99, 5.0), (list(range(100)), 0.99, 99), (list(range(100)), 0.5, 50), ([3, 1, 2], 0.0, 1), ([], 0.5, None)])
+def test_percentile(values, q, expected):
+    got = bench_stream.percentile(values, q)
+    assert (got != got) if expected is None else got == expected  # nan for no values
+
+
+def test_paced_events_carry_their_send_time_and_are_openai_chunks():
+    event = bench_stream._EVENT.format(t=123456789)
+    assert bench_stream._SENT.search(event.encode()).group(1) == b"123456789"
+    parsed = json.loads(event)
+    assert parsed["model"] == "paced-model" and parsed["choices"][0]["delta"]["content"]
+    assert re.fullmatch(r"\{.*\}", event)
