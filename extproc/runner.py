@@ -22,6 +22,7 @@ from .config.problems import ConfigError
 from .config.watch import FileSource
 from .control import ControlPlane
 from .envoy_config import DEFAULT_BODY_LIMIT, DEFAULT_BODY_TIMEOUT_S, BootstrapOptions, HostPort, UpstreamOptions, bootstrap
+from .lifecycle import die_with_parent, port_problem
 from .ops_http import OpsServer
 
 log = logging.getLogger("extproc.runner")
@@ -107,6 +108,9 @@ def _http_get_status(url: str) -> int:
 async def run_up(opts: UpOptions, on_ready=None) -> int:
     """Run until a signal or until Envoy exits. Returns the process exit code."""
     binary = envoy_binary()
+    for flag, address in (("--listen", opts.listen), ("--admin", opts.admin)):
+        if address.port and (problem := port_problem(flag, address)):
+            raise StartupError(problem)
     control = ControlPlane(opts.upstream, opts.body_limit)
     source = config_source(opts.config, opts.kubernetes, opts.namespace, control.apply, opts.reload_interval)
     ops = OpsServer(control.metrics.registry, lambda: control.loaded)
@@ -160,7 +164,9 @@ class EnvoySupervisor:
         self._restarts: list[float] = []
 
     async def start(self) -> None:
-        self.process = await asyncio.create_subprocess_exec(*self._args, stdin=asyncio.subprocess.DEVNULL)
+        # Envoy dies with us, however we die (SIGKILL included): never an orphan holding the ports.
+        self.process = await asyncio.create_subprocess_exec(*self._args, stdin=asyncio.subprocess.DEVNULL,
+                                                            preexec_fn=die_with_parent())
         await wait_ready(self._admin, self.process)
 
     async def run_until_signal(self) -> int:
