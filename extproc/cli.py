@@ -13,6 +13,7 @@ from .config.problems import ConfigError
 from .config.watch import load_config
 from .envoy_config import DEFAULT_BODY_LIMIT, DEFAULT_BODY_TIMEOUT_S, SYSTEM_CA_BUNDLE, BootstrapOptions, HostPort, UpstreamOptions, bootstrap
 from .runner import StartupError, UpOptions, config_source, load_initial, run_up
+from .scale_args import add_scale_args, check_scale_args
 
 log = logging.getLogger("extproc")
 
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--access-log", default="/dev/stdout", metavar="PATH",
                     help="file for Envoy's JSON access log, a line per request (default /dev/stdout; 'none' for none)")
     _add_upstream_args(up)
+    add_scale_args(up)
 
     demo = sub.add_parser("demo", parents=[common], help="the embedded default: fake local providers, the seed manifests, ready-to-paste curls")
     demo.add_argument("--listen", type=_host_port, default=HostPort("127.0.0.1", 10000), metavar="HOST:PORT")
@@ -127,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--body-limit", type=_size, default=DEFAULT_BODY_LIMIT, metavar="SIZE")
     _add_metrics_arg(serve, "0.0.0.0:9464")
     _add_upstream_args(serve)
+    add_scale_args(serve)
 
     ec = sub.add_parser("envoy-config", parents=[common], help="print the Envoy bootstrap (JSON); it holds no API key")
     ec.add_argument("--control", type=_host_port, default=HostPort("127.0.0.1", 18000), metavar="HOST:PORT",
@@ -175,11 +178,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    check_scale_args(args)
     opts = UpOptions(config=args.config or [], listen=args.listen, admin=args.admin, upstream=_upstream(args),
                      body_limit=args.body_limit, body_timeout_s=args.body_timeout, concurrency=args.concurrency,
                      envoy_log_level=args.envoy_log_level,
                      metrics=args.metrics, access_log=_access_log(args.access_log),
-                     kubernetes=args.kubernetes, namespace=args.namespace)
+                     kubernetes=args.kubernetes, namespace=args.namespace,
+                     max_body_bytes_in_flight=args.max_body_bytes_in_flight, drain_grace_s=args.drain_grace)
     return asyncio.run(run_up(opts))
 
 
@@ -191,13 +196,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .control import ControlPlane
+    from .drain import drain
     from .ops_http import OpsServer
 
+    check_scale_args(args)
+
     async def serve() -> int:
-        control = ControlPlane(_upstream(args), args.body_limit)
+        control = ControlPlane(_upstream(args), args.body_limit, args.max_body_bytes_in_flight)
         source = config_source(args.config or [], args.kubernetes, args.namespace, control.apply)
         await load_initial(source)
-        ops = OpsServer(control.metrics.registry, lambda: control.loaded)
+        ops = OpsServer(control.metrics.registry, lambda: control.loaded and not control.draining)
         try:
             await control.start(args.listen, args.ext_proc_listen)
             if args.metrics is not None:
@@ -210,6 +218,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         watcher = asyncio.create_task(source.run())
         await stop.wait()
+        await drain(control, args.drain_grace)  # requests in flight finish; Envoy goes elsewhere
         watcher.cancel()
         await ops.stop()
         await control.stop()

@@ -393,7 +393,10 @@ def bootstrap(opts: BootstrapOptions) -> dict:
         "per_connection_buffer_limit_bytes": opts.body_limit + BUFFER_MARGIN,
         "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
     }
-    clusters = [_grpc_cluster(CONTROL_CLUSTER, opts.control), _grpc_cluster(EXT_PROC_CLUSTER, ext_proc_address(opts))]
+    from .drain import replica_failover
+
+    clusters = [_grpc_cluster(CONTROL_CLUSTER, opts.control),
+                {**_grpc_cluster(EXT_PROC_CLUSTER, ext_proc_address(opts)), **replica_failover()}]
     if opts.sidecar:
         hcm["rds"] = {"route_config_name": ROUTE_CONFIG_NAME, "config_source": _XDS_SOURCE}
         hcm["strip_any_host_port"] = True

@@ -91,7 +91,8 @@ class _Stream:
 class H2Connection(asyncio.Protocol):
     """One Envoy connection. `methods` maps a gRPC path to a factory of calls."""
 
-    def __init__(self, methods: dict[str, Callable[[], Call]], max_message: int):
+    def __init__(self, methods: dict[str, Callable[[], Call]], max_message: int, registry: set | None = None):
+        self._registry = registry  # the server's open connections, for a graceful drain
         self._methods = methods
         self._max_message = max_message
         self._transport: asyncio.Transport | None = None
@@ -112,6 +113,8 @@ class H2Connection(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self._transport = transport
+        if self._registry is not None:
+            self._registry.add(self)
         settings = b"".join(struct.pack(">HI", k, v) for k, v in (
             (SETTINGS_HEADER_TABLE_SIZE, 0), (SETTINGS_INITIAL_WINDOW_SIZE, MAX_WINDOW),
             (SETTINGS_MAX_FRAME_SIZE, OUR_MAX_FRAME)))
@@ -119,8 +122,25 @@ class H2Connection(asyncio.Protocol):
                         frame(WINDOW_UPDATE, 0, 0, _U32.pack(MAX_WINDOW - DEFAULT_WINDOW)))
 
     def connection_lost(self, exc) -> None:
+        for stream in self._streams.values():
+            if not stream.closed:
+                _closed(stream.call)
         self._streams.clear()
         self._transport = None
+        if self._registry is not None:
+            self._registry.discard(self)
+
+    # draining
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    def go_away(self) -> None:
+        """Graceful shutdown (RFC 9113 6.8): the client opens no new stream here; streams
+        already open, and any that crossed this on the wire, are still served."""
+        if self._transport is not None:
+            self._transport.write(frame(GOAWAY, 0, 0, _U32.pack(MAX_WINDOW) + _U32.pack(NO_ERROR)))
 
     def data_received(self, data: bytes) -> None:
         if self._transport is None:
@@ -174,7 +194,8 @@ class H2Connection(asyncio.Protocol):
         elif ftype == CONTINUATION:
             self._on_continuation(flags, sid, payload)
         elif ftype == RST_STREAM:
-            self._streams.pop(sid, None)
+            if (reset := self._streams.pop(sid, None)) is not None and not reset.closed:
+                _closed(reset.call)
         elif ftype == SETTINGS:
             if not flags & ACK:
                 self._on_settings(payload)
@@ -341,6 +362,7 @@ class H2Connection(asyncio.Protocol):
     def _end(self, sid: int, stream: _Stream, trailer_block: bytes) -> None:
         stream.closed = True
         stream.buffer.clear()
+        _closed(stream.call)
         if not stream.headers_sent:
             self._out.append(frame(HEADERS, END_HEADERS | END_STREAM, sid, RESPONSE_HEADERS + trailer_block))
             self._streams.pop(sid, None)
@@ -395,6 +417,17 @@ class _ConnectionError(Exception):
         self.code = code
 
 
+def _closed(call: Call) -> None:
+    """Tells a call that defines `on_close()` that its stream is over, however it ended (answered,
+    reset by the client, connection lost), so it can let go of what it holds."""
+    on_close = getattr(call, "on_close", None)
+    if on_close is not None:
+        try:
+            on_close()
+        except Exception:
+            log.exception("gRPC call failed to close")
+
+
 def _unpad(payload: bytes) -> bytes:
     pad = payload[0] if payload else 0
     if pad >= len(payload):
@@ -403,6 +436,6 @@ def _unpad(payload: bytes) -> bytes:
 
 
 async def serve(host: str, port: int, methods: dict[str, Callable[[], Call]],
-                max_message: int) -> asyncio.Server:
+                max_message: int, registry: set | None = None) -> asyncio.Server:
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: H2Connection(methods, max_message), host, port)
+    return await loop.create_server(lambda: H2Connection(methods, max_message, registry), host, port)

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config.problems import ConfigError
+from .admission import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
 from .config.watch import FileSource
 from .control import ControlPlane
 from .envoy_config import DEFAULT_BODY_LIMIT, DEFAULT_BODY_TIMEOUT_S, BootstrapOptions, HostPort, UpstreamOptions, bootstrap
+from .drain import DEFAULT_GRACE_S, drain_envoy
 from .lifecycle import die_with_parent, port_problem
 from .ops_http import OpsServer
 
@@ -65,6 +67,8 @@ class UpOptions:
     access_log: str | None = "/dev/stdout"
     kubernetes: bool = False
     namespace: str | None = None  # with `kubernetes`: one namespace, or all
+    max_body_bytes_in_flight: int = DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
+    drain_grace_s: float = DEFAULT_GRACE_S
 
 
 def config_source(paths: list[str], kubernetes: bool, namespace: str | None, apply, reload_interval: float = 1.0):
@@ -111,7 +115,7 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
     for flag, address in (("--listen", opts.listen), ("--admin", opts.admin)):
         if address.port and (problem := port_problem(flag, address)):
             raise StartupError(problem)
-    control = ControlPlane(opts.upstream, opts.body_limit)
+    control = ControlPlane(opts.upstream, opts.body_limit, opts.max_body_bytes_in_flight)
     source = config_source(opts.config, opts.kubernetes, opts.namespace, control.apply, opts.reload_interval)
     ops = OpsServer(control.metrics.registry, lambda: control.loaded)
     try:
@@ -128,7 +132,8 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
                                       access_log=opts.access_log))
     boot_file = workdir / "envoy.json"
     boot_file.write_text(json.dumps(boot, indent=2))
-    args = [binary, "-c", str(boot_file), "--disable-hot-restart", "--log-level", opts.envoy_log_level]
+    args = [binary, "-c", str(boot_file), "--disable-hot-restart", "--log-level", opts.envoy_log_level,
+            "--drain-strategy", "immediate", "--drain-time-s", str(max(1, int(opts.drain_grace_s)))]
     if opts.concurrency:
         args += ["--concurrency", str(opts.concurrency)]
     envoy = EnvoySupervisor(args, opts.admin)
@@ -145,6 +150,8 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
     finally:
         if watcher is not None:
             watcher.cancel()
+        if envoy.process is not None and envoy.process.returncode is None:
+            await drain_envoy(str(opts.admin), opts.drain_grace_s)  # requests in flight finish first
         await envoy.stop()
         await ops.stop()
         await control.stop()

@@ -26,6 +26,7 @@ from envoy.type.v3 import http_status_pb2
 
 from google.protobuf import struct_pb2
 
+from .admission import Inflight, Overloaded
 from .envoy_config import DEFAULT_BODY_LIMIT, LOCAL_REPLIES
 from .errors import GatewayError
 from .names import CLUSTER_HEADER, INTERNAL_HEADER_PREFIX, METADATA_NAMESPACE
@@ -86,7 +87,8 @@ def _target_metadata(target: Target) -> struct_pb2.Struct:
 def immediate(error: GatewayError) -> pb.ProcessingResponse:
     return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
         status=http_status_pb2.HttpStatus(code=error.status),
-        headers=pb.HeaderMutation(set_headers=[_header("content-type", "application/json")]),
+        headers=pb.HeaderMutation(set_headers=[_header("content-type", "application/json"),
+                                                *(_header(k, v) for k, v in getattr(error, "headers", ()))]),
         body=error.body(),
         details=f"llm_gateway_{error.code}",
     ))
@@ -104,11 +106,13 @@ class ExternalProcessor:
     server (`extproc.h2_server`) drives message by message."""
 
     def __init__(self, holder: TableHolder, draw: Callable[[], float] = random.random,
-                 clock: Callable[[], float] = time.time, body_limit: int = DEFAULT_BODY_LIMIT):
+                 clock: Callable[[], float] = time.time, body_limit: int = DEFAULT_BODY_LIMIT,
+                 inflight: Inflight | None = None):
         self._holder = holder
         self._draw = draw
         self._clock = clock
         self._body_limit = body_limit
+        self.inflight = inflight or Inflight()
 
     def exchange(self) -> "Exchange":
         return Exchange(self)
@@ -171,10 +175,15 @@ class Exchange:
     when its body is whole (or at once with an error); an answer's messages each at once. The
     stream ends as soon as nothing more is needed, before Envoy has to cancel it."""
 
-    __slots__ = ("_processor", "_target", "_started", "_authority", "_strip", "_body", "_chunks", "_observer")
+    __slots__ = ("_processor", "_target", "_started", "_authority", "_strip", "_body", "_chunks", "_observer",
+                 "_held")
 
     def __init__(self, processor: ExternalProcessor):
         self._processor = processor
+        self._held = 0  # body bytes reserved in processor.inflight, given back on close
+        inflight = processor.inflight
+        inflight.streams += 1
+        inflight.opened += 1
         self._target: Target | None = None
         self._started = 0.0
         self._authority = ""
@@ -197,6 +206,7 @@ class Exchange:
             if phase == "request_headers":
                 self._started = processor._clock()
                 self._authority, self._target, self._strip = processor._choose(request.request_headers)
+                self._admit(_declared_length(request.request_headers), processor)
                 return [], False  # answered with the body
             if phase == "request_body":
                 if self._target is None:  # cannot happen with our bootstrap; never forward unrewritten
@@ -206,6 +216,8 @@ class Exchange:
                 self._chunks += 1
                 if len(self._body) > processor._body_limit:
                     raise GatewayError(413, _TOO_LARGE_MESSAGE, _TOO_LARGE_CODE)
+                if len(self._body) > self._held:  # more than declared (or nothing was)
+                    self._admit(len(self._body), processor)
                 if not chunk.end_of_stream:
                     return [], False
                 return processor._forward(bytes(self._body), self._chunks, self._target, self._started,
@@ -223,6 +235,33 @@ class Exchange:
             if phase in ("request_headers", "request_body"):
                 return [immediate(GatewayError(500, "the gateway failed to process the request", "internal_error"))], True
             return [_continue(phase)], False  # an answer already under way is passed on as it is
+
+
+    def _admit(self, size: int, processor: ExternalProcessor) -> None:
+        """Hold `size` body bytes in all (up to the body limit, which answers 413 past it), or 503."""
+        more = min(size, processor._body_limit) - self._held
+        if more > 0:
+            if not processor.inflight.take(more):
+                raise Overloaded(size, processor.inflight.cap)
+            self._held += more
+
+    def on_close(self) -> None:
+        """The stream is over, however it ended: its body bytes are no longer held."""
+        inflight = self._processor.inflight
+        if self._held >= 0:
+            inflight.streams -= 1
+            inflight.give_back(self._held)
+            self._held = -1
+
+
+def _declared_length(headers: pb.HttpHeaders) -> int:
+    for h in headers.headers.headers:
+        if h.key == "content-length":
+            try:
+                return int(h.raw_value)
+            except ValueError:
+                return 0
+    return 0
 
 
 class _EventStreamObserver:

@@ -104,3 +104,20 @@ def test_up_on_a_taken_port_exits_1_and_says_which(tmp_path, ca, fresh_providers
             assert not _children(gw.process.pid)
     finally:
         holder.close()
+
+
+def test_up_stopped_with_sigterm_finishes_the_requests_in_flight(tmp_path, gateway_factory):
+    import threading
+
+    gw = gateway_factory(seed_dir(tmp_path, "01"))
+    answers: list = []
+    slow = threading.Thread(target=lambda: answers.append(
+        Gateway(None, gw.listen_port, gw.admin_port, gw.log_file).request(DASHSCOPE, CHAT, {"x-fake-delay": "2"})))
+    slow.start()
+    wait_until(lambda: "downstream_rq_active: 1" in gw.admin("/stats?filter=http.llm_gateway.downstream_rq_active"),
+               10)
+    gw.process.send_signal(signal.SIGTERM)
+    slow.join(30)
+    assert gw.process.wait(30) == 0, gw.log()
+    assert [a.status for a in answers] == [200], gw.log()
+    assert "draining Envoy's listeners" in gw.log()

@@ -1,0 +1,27 @@
+"""Command-line flags of scaling and shutdown, shared by `up` and `serve` (see docs/scaling.md)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .admission import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
+from .drain import DEFAULT_GRACE_S
+from .runner import StartupError
+
+
+def add_scale_args(p: argparse.ArgumentParser) -> None:
+    from .cli import _seconds, _size
+
+    p.add_argument("--max-body-bytes-in-flight", type=_size, default=DEFAULT_MAX_BODY_BYTES_IN_FLIGHT, metavar="SIZE",
+                   help=f"cap on request-body bytes held at once across all requests (default "
+                        f"{DEFAULT_MAX_BODY_BYTES_IN_FLIGHT >> 20}m, fits the manifests' 512Mi limit); a body that "
+                        f"would pass it gets a JSON 503 'overloaded' with Retry-After")
+    p.add_argument("--drain-grace", type=_seconds, default=DEFAULT_GRACE_S, metavar="SECONDS",
+                   help=f"on SIGTERM, how long requests in flight may take to finish before the process exits "
+                        f"(default {DEFAULT_GRACE_S:g}; keep it below the pod's terminationGracePeriodSeconds)")
+
+
+def check_scale_args(args: argparse.Namespace) -> None:
+    if args.max_body_bytes_in_flight < args.body_limit:
+        raise StartupError(f"--max-body-bytes-in-flight ({args.max_body_bytes_in_flight} bytes) is below --body-limit "
+                           f"({args.body_limit} bytes): a body the limit allows could never be admitted")
