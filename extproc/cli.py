@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("--sidecar", action="store_true",
                     help="for a pod whose port-80 traffic is redirected to --listen: LLM hosts through the gateway "
                          "(routes over RDS), everything else on to its original destination")
+    ec.add_argument("--readiness", type=_host_port, default=HostPort("0.0.0.0", 15021), metavar="HOST:PORT",
+                    help="with --sidecar: where Envoy answers the readiness probe, GET /ready (default 0.0.0.0:15021)")
 
     val = sub.add_parser("validate", parents=[common], help="check config files; exit 1 and name file, object and field of each error")
     val.add_argument("paths", nargs="+", metavar="PATH")
@@ -230,7 +232,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_envoy_config(args: argparse.Namespace) -> int:
     opts = BootstrapOptions(listen=args.listen, admin=args.admin, control=args.control, ext_proc=args.ext_proc,
                             body_limit=args.body_limit, body_timeout_s=args.body_timeout,
-                            access_log=_access_log(args.access_log), sidecar=args.sidecar)
+                            access_log=_access_log(args.access_log), sidecar=args.sidecar,
+                            readiness=args.readiness)
     json.dump(bootstrap(opts), sys.stdout, indent=2)
     print()
     return 0

@@ -92,6 +92,7 @@ async def drain_envoy(admin: str, grace_s: float) -> int:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace_s
     try:
+        await asyncio.to_thread(call, "/healthcheck/fail", "POST")  # the readiness listener says 503
         await asyncio.to_thread(call, "/drain_listeners?graceful", "POST")
         log.info("draining Envoy's listeners")
         while (left := await asyncio.to_thread(active)) > 0 and loop.time() < deadline:
@@ -120,3 +121,27 @@ def replica_failover() -> dict:
             "interval": "1s", "base_ejection_time": "5s", "max_ejection_percent": 100,
         },
     }
+
+
+def readiness_listener(address) -> dict:
+    """A listener for the sidecar's readiness probe (GET /ready: 200, or 503 once Envoy is
+    draining), so the kubelet never needs Envoy's admin interface, which must stay on loopback."""
+    from .envoy_config import _address
+
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "llm_gateway_readiness",
+        "http_filters": [
+            {"name": "envoy.filters.http.health_check",
+             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck",
+                              "pass_through_mode": False,
+                              "headers": [{"name": ":path", "string_match": {"exact": "/ready"}}]}},
+            {"name": "envoy.filters.http.router",
+             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+        ],
+        "route_config": {"virtual_hosts": [{"name": "readiness", "domains": ["*"], "routes": [
+            {"match": {"prefix": "/"}, "direct_response": {"status": 404}}]}]},
+    }
+    return {"name": "llm_gateway_readiness", "address": _address(address),
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                            "typed_config": hcm}]}]}

@@ -286,6 +286,7 @@ class BootstrapOptions:
     # A sidecar behind iptables interception: LLM host names (over RDS) go through the gateway,
     # all other port-80 traffic goes on to its original destination untouched.
     sidecar: bool = False
+    readiness: HostPort = HostPort("0.0.0.0", 15021)  # sidecar only: GET /ready for the kubelet
 
 
 ROUTE_CONFIG_NAME = "llm_gateway"
@@ -393,7 +394,7 @@ def bootstrap(opts: BootstrapOptions) -> dict:
         "per_connection_buffer_limit_bytes": opts.body_limit + BUFFER_MARGIN,
         "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
     }
-    from .drain import replica_failover
+    from .drain import readiness_listener, replica_failover
 
     clusters = [_grpc_cluster(CONTROL_CLUSTER, opts.control),
                 {**_grpc_cluster(EXT_PROC_CLUSTER, ext_proc_address(opts)), **replica_failover()}]
@@ -413,7 +414,8 @@ def bootstrap(opts: BootstrapOptions) -> dict:
     return {
         "node": {"id": opts.node_id, "cluster": "llm-gateway"},
         "admin": {"address": _address(opts.admin)},
-        "static_resources": {"listeners": [listener], "clusters": clusters},
+        "static_resources": {"listeners": [listener, *([readiness_listener(opts.readiness)] if opts.sidecar else [])],
+                             "clusters": clusters},
         "dynamic_resources": {"cds_config": _XDS_SOURCE},
     }
 

@@ -164,6 +164,13 @@ def test_seed_curl_without_proxy_is_intercepted_and_other_traffic_passes(pod, ca
         assert request["headers"]["authorization"] == "Bearer app-own"  # never replaced by a provider key
         assert not any(k.lower().startswith("x-llm-gateway") for k in request["headers"])
         assert len(fake.requests) == provider_requests  # the plain request did not go to the provider
+
+        # the readiness probe: a listener of Envoy's own (the admin interface stays on loopback)
+        probe = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}"]
+        assert in_pod(*probe, "http://127.0.0.1:15021/ready").stdout == "200"
+        assert in_pod(*probe, "http://127.0.0.1:15021/stats").stdout == "404"
+        in_pod("curl", "-s", "-X", "POST", "http://127.0.0.1:15000/healthcheck/fail")  # as the preStop drain does
+        assert in_pod(*probe, "http://127.0.0.1:15021/ready").stdout == "503"
     finally:
         envoy.terminate()
         serve.terminate()

@@ -11,6 +11,7 @@ import pytest
 from extproc import h2_server as h2
 from extproc.admission import TRIM_AFTER_BYTES, Inflight
 from extproc.drain import HealthCheck, drain_plan
+from extproc.envoy_config import HostPort
 from extproc.server import ExternalProcessor, TableHolder
 from test_h2_server import frames_until, grpc_message, request_headers
 from test_server import DASHSCOPE, body_msg, error_of, headers_msg
@@ -142,3 +143,24 @@ def test_health_check_says_not_serving_while_draining(serving, answer):
 ])
 def test_drain_plan(grace, notice, expected):
     assert drain_plan(grace, notice) == expected
+
+
+def test_ext_proc_cluster_is_health_checked_and_a_dead_replica_ejected():
+    from envoy.config.bootstrap.v3 import bootstrap_pb2
+    import test_envoy_config  # noqa: F401  (registers every @type the bootstrap uses)
+    from google.protobuf import json_format
+
+    from extproc.envoy_config import BootstrapOptions, bootstrap
+    from extproc.names import CONTROL_CLUSTER, EXT_PROC_CLUSTER
+
+    boot = bootstrap(BootstrapOptions(control=HostPort("llm-gateway-control.llm-gateway.svc", 18000), sidecar=True))
+    parsed = json_format.ParseDict(boot, bootstrap_pb2.Bootstrap())  # valid Envoy API
+    clusters = {c.name: c for c in parsed.static_resources.clusters}
+    ext_proc = clusters[EXT_PROC_CLUSTER]
+    (check,) = ext_proc.health_checks
+    assert check.HasField("grpc_health_check") and check.unhealthy_threshold.value == 1
+    assert ext_proc.outlier_detection.consecutive_local_origin_failure.value == 1
+    assert not clusters[CONTROL_CLUSTER].health_checks  # grpcio's xDS: Envoy reconnects elsewhere by itself
+    listeners = {l.name: l for l in parsed.static_resources.listeners}
+    assert listeners["llm_gateway_readiness"].address.socket_address.port_value == 15021
+
