@@ -13,7 +13,7 @@ from .config.problems import ConfigError
 from .config.watch import load_config
 from .envoy_config import DEFAULT_BODY_LIMIT, DEFAULT_BODY_TIMEOUT_S, SYSTEM_CA_BUNDLE, BootstrapOptions, HostPort, UpstreamOptions, bootstrap
 from .runner import StartupError, UpOptions, config_source, load_initial, run_up
-from .scale_args import add_scale_args, check_scale_args
+from .scale_args import add_leader_args, add_scale_args, check_scale_args, leader_for
 
 log = logging.getLogger("extproc")
 
@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_metrics_arg(serve, "0.0.0.0:9464")
     _add_upstream_args(serve)
     add_scale_args(serve)
+    add_leader_args(serve)
 
     ec = sub.add_parser("envoy-config", parents=[common], help="print the Envoy bootstrap (JSON); it holds no API key")
     ec.add_argument("--control", type=_host_port, default=HostPort("127.0.0.1", 18000), metavar="HOST:PORT",
@@ -206,6 +207,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     async def serve() -> int:
         control = ControlPlane(_upstream(args), args.body_limit, args.max_body_bytes_in_flight)
         source = config_source(args.config or [], args.kubernetes, args.namespace, control.apply)
+        elector = leader_for(source, args)  # replicas: one writes status
         await load_initial(source)
         ops = OpsServer(control.metrics.registry, lambda: control.loaded and not control.draining)
         try:
@@ -219,7 +221,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         watcher = asyncio.create_task(source.run())
+        electing = asyncio.create_task(elector.run()) if elector else None
         await stop.wait()
+        if elector:
+            electing.cancel()
+            await elector.release()
         await drain(control, args.drain_grace)  # requests in flight finish; Envoy goes elsewhere
         watcher.cancel()
         await ops.stop()

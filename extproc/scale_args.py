@@ -25,3 +25,29 @@ def check_scale_args(args: argparse.Namespace) -> None:
     if args.max_body_bytes_in_flight < args.body_limit:
         raise StartupError(f"--max-body-bytes-in-flight ({args.max_body_bytes_in_flight} bytes) is below --body-limit "
                            f"({args.body_limit} bytes): a body the limit allows could never be admitted")
+
+
+def add_leader_args(p: argparse.ArgumentParser) -> None:
+    from .cli import _seconds
+    from .leader import DEFAULT_LEASE_DURATION_S, DEFAULT_LEASE_NAME
+
+    p.add_argument("--lease-namespace", metavar="NS", default=None,
+                   help="with --kubernetes: namespace of the Lease that elects the one replica writing status "
+                        "conditions (default: the pod's own namespace, else 'default')")
+    p.add_argument("--lease-name", metavar="NAME", default=DEFAULT_LEASE_NAME,
+                   help=f"with --kubernetes: the Lease's name (default {DEFAULT_LEASE_NAME})")
+    p.add_argument("--lease-duration", type=_seconds, default=DEFAULT_LEASE_DURATION_S, metavar="SECONDS",
+                   help=f"with --kubernetes: how long a replica waits on a leader that stopped renewing before it "
+                        f"takes over (default {DEFAULT_LEASE_DURATION_S:g})")
+
+
+def leader_for(source, args: argparse.Namespace):
+    """With --kubernetes: a LeaderElector that lets `source` write status only while elected."""
+    if not args.kubernetes:
+        return None
+    from .leader import LeaderElector, default_namespace
+
+    elector = LeaderElector(args.lease_namespace or default_namespace(), args.lease_name, args.lease_duration,
+                            on_elected=source.refresh)
+    source.may_write_status = elector.is_leader
+    return elector
