@@ -77,8 +77,10 @@ class Inflight:
                 self._trim()
 
 
-def register_metrics(registry, inflight: Inflight) -> None:
-    """Gauges of what is held now, and the refusals so far, read when /metrics is scraped."""
+def register_metrics(registry, inflight: Inflight, worker: str = "0") -> None:
+    """Gauges of what is held now, and the refusals so far, read when /metrics is scraped. With
+    worker processes (extproc.workers) every series is their sum, but for the streams opened,
+    which has one series per process (`worker`: 0 is the main one)."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     class _Collector:
@@ -93,8 +95,10 @@ def register_metrics(registry, inflight: Inflight) -> None:
                                       value=inflight.refused)
             yield GaugeMetricFamily("llm_gateway_ext_proc_streams", "ext_proc streams (requests) open now",
                                     value=inflight.streams)
-            yield CounterMetricFamily("llm_gateway_ext_proc_streams_opened",
-                                      "ext_proc streams opened by this process (a request's, and a streamed "
-                                      "answer's second)", value=inflight.opened)
+            opened = CounterMetricFamily("llm_gateway_ext_proc_streams_opened",
+                                         "ext_proc streams opened, by process (a request's, and a streamed "
+                                         "answer's second)", labels=["worker"])
+            opened.add_metric([worker], inflight.opened)
+            yield opened
 
     registry.register(_Collector())

@@ -13,7 +13,7 @@ from .config.problems import ConfigError
 from .config.watch import load_config
 from .envoy_config import DEFAULT_BODY_LIMIT, DEFAULT_BODY_TIMEOUT_S, SYSTEM_CA_BUNDLE, BootstrapOptions, HostPort, UpstreamOptions, bootstrap
 from .runner import StartupError, UpOptions, config_source, load_initial, run_up
-from .scale_args import add_leader_args, add_scale_args, check_scale_args, leader_for
+from .scale_args import add_leader_args, add_scale_args, add_worker_args, check_scale_args, leader_for
 
 log = logging.getLogger("extproc")
 
@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_upstream_args(serve)
     add_scale_args(serve)
     add_leader_args(serve)
+    add_worker_args(serve)
 
     ec = sub.add_parser("envoy-config", parents=[common], help="print the Envoy bootstrap (JSON); it holds no API key")
     ec.add_argument("--control", type=_host_port, default=HostPort("127.0.0.1", 18000), metavar="HOST:PORT",
@@ -201,17 +202,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .control import ControlPlane
     from .drain import drain
     from .ops_http import OpsServer
+    from .workers import WorkerSetup
 
     check_scale_args(args)
 
     async def serve() -> int:
         control = ControlPlane(_upstream(args), args.body_limit, args.max_body_bytes_in_flight)
+        workers = WorkerSetup(control, args.workers, args.max_body_bytes_in_flight, args.body_limit, args.log_level)
         source = config_source(args.config or [], args.kubernetes, args.namespace, control.apply)
         elector = leader_for(source, args)  # replicas: one writes status
         await load_initial(source)
-        ops = OpsServer(control.metrics.registry, lambda: control.loaded and not control.draining)
+        ops = OpsServer(workers.registry, lambda: control.loaded and not control.draining)
         try:
             await control.start(args.listen, args.ext_proc_listen)
+            await workers.start((args.ext_proc_listen or args.listen).host)
             if args.metrics is not None:
                 await ops.start(args.metrics)
         except OSError as exc:
@@ -226,7 +230,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if elector:
             electing.cancel()
             await elector.release()
-        await drain(control, args.drain_grace)  # requests in flight finish; Envoy goes elsewhere
+        # requests in flight finish, in every process; Envoy goes elsewhere
+        await asyncio.gather(drain(control, args.drain_grace), workers.drain(args.drain_grace))
         watcher.cancel()
         await ops.stop()
         await control.stop()

@@ -43,6 +43,7 @@ class ControlPlane:
         self.inflight = Inflight(max_body_bytes_in_flight, give_back_free_heap)
         self.draining = False  # set by a graceful drain: health checks say NOT_SERVING
         self.connections: set = set()  # the ext_proc's open HTTP/2 connections
+        self.reuse_port = False  # worker processes share the ext_proc port (extproc.workers)
         self.upstream = upstream
         self.holder = TableHolder(EMPTY_TABLE)
         self.clusters = Publisher(CLUSTER_TYPE_URL, "clusters")
@@ -77,7 +78,7 @@ class ControlPlane:
         # than the limit (Envoy sends what it has read), up to Envoy's buffer limit.
         chunk_limit = self._body_limit + (4 << 20)
         self._ext_proc_server = await serve_h2(ext_proc_listen.host, ext_proc_listen.port, methods, chunk_limit,
-                                               self.connections)
+                                               self.connections, self.reuse_port)
         self.ext_proc_port = self._ext_proc_server.sockets[0].getsockname()[1]
         log.info("ext_proc and access log service listening on %s:%d", ext_proc_listen.host, self.ext_proc_port)
         return self.port

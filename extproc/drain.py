@@ -103,12 +103,20 @@ async def drain_envoy(admin: str, grace_s: float) -> int:
     return left
 
 
-def replica_failover() -> dict:
-    """Fields for Envoy's ext_proc cluster so that a replica going away fails no new request:
-    an active gRPC health check (a draining replica says NOT_SERVING and gets no new stream),
-    and outlier detection that ejects a replica at its first refused connection (one killed
-    outright). With a single replica (`up`) an unhealthy host is still used (panic mode)."""
-    return {
+MAX_STREAMS_PER_CONNECTION = 1000
+
+
+def replica_failover(cluster: dict) -> dict:
+    """Envoy's ext_proc cluster made to fail no new request when a replica goes away: an active
+    gRPC health check (a draining replica says NOT_SERVING and gets no new stream), and outlier
+    detection that ejects a replica at its first refused connection (one killed outright). With
+    a single replica (`up`) an unhealthy host is still used (panic mode). A connection carries
+    at most MAX_STREAMS_PER_CONNECTION streams, so Envoy's few long-lived connections are renewed
+    now and then: each new one lands on a worker process of the kernel's choice (SO_REUSEPORT),
+    and on a new replica after a scale-up."""
+    options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    options["common_http_protocol_options"] = {"max_requests_per_connection": MAX_STREAMS_PER_CONNECTION}
+    return {**cluster,
         "health_checks": [{
             "timeout": "1s", "interval": "1s", "no_traffic_interval": "1s",
             "unhealthy_threshold": 1, "healthy_threshold": 1,

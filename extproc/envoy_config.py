@@ -397,7 +397,7 @@ def bootstrap(opts: BootstrapOptions) -> dict:
     from .drain import readiness_listener, replica_failover
 
     clusters = [_grpc_cluster(CONTROL_CLUSTER, opts.control),
-                {**_grpc_cluster(EXT_PROC_CLUSTER, ext_proc_address(opts)), **replica_failover()}]
+                replica_failover(_grpc_cluster(EXT_PROC_CLUSTER, ext_proc_address(opts)))]
     if opts.sidecar:
         hcm["rds"] = {"route_config_name": ROUTE_CONFIG_NAME, "config_source": _XDS_SOURCE}
         hcm["strip_any_host_port"] = True

@@ -436,6 +436,7 @@ def _unpad(payload: bytes) -> bytes:
 
 
 async def serve(host: str, port: int, methods: dict[str, Callable[[], Call]],
-                max_message: int, registry: set | None = None) -> asyncio.Server:
+                max_message: int, registry: set | None = None, reuse_port: bool = False) -> asyncio.Server:
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: H2Connection(methods, max_message, registry), host, port)
+    return await loop.create_server(lambda: H2Connection(methods, max_message, registry), host, port,
+                                    reuse_port=reuse_port or None)

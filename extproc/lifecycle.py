@@ -22,19 +22,20 @@ from .envoy_config import HostPort
 PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
+def die_with_parent(sig: int = signal.SIGKILL, parent: int | None = None) -> Callable[[], None] | None:
     """A `preexec_fn` that makes the child get `sig` when this process dies, or None where the
     C library has no `prctl` (not Linux). Everything it needs is looked up here, before the
     fork: the child only makes two system calls.
 
     The signal goes with the thread that forked, so call the subprocess from the thread that
-    lives as long as the process (the event loop's)."""
+    lives as long as the process (the event loop's). Called in the child itself (a worker arming
+    its own), `parent` is the parent's pid."""
     try:
         prctl = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl
     except (OSError, AttributeError, TypeError):
         return None
     prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
-    parent = os.getpid()
+    parent = os.getpid() if parent is None else parent
 
     def arm() -> None:
         prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)

@@ -21,7 +21,21 @@ def add_scale_args(p: argparse.ArgumentParser) -> None:
                         f"(default {DEFAULT_GRACE_S:g}; keep it below the pod's terminationGracePeriodSeconds)")
 
 
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="ext_proc processes sharing the ext_proc port (SO_REUSEPORT; a TCP address). Default: one "
+                        "per CPU, fewer if the share of --max-body-bytes-in-flight each gets would not hold a "
+                        "--body-limit body")
+
+
 def check_scale_args(args: argparse.Namespace) -> None:
+    workers = getattr(args, "workers", None)
+    if workers is not None and workers < 1:
+        raise StartupError(f"--workers {workers}: must be 1 or more")
+    if workers and args.max_body_bytes_in_flight // workers < args.body_limit:
+        raise StartupError(f"--workers {workers}: each process would hold at most "
+                           f"{args.max_body_bytes_in_flight // workers} bytes of bodies (its share of "
+                           f"--max-body-bytes-in-flight), less than --body-limit ({args.body_limit} bytes)")
     if args.max_body_bytes_in_flight < args.body_limit:
         raise StartupError(f"--max-body-bytes-in-flight ({args.max_body_bytes_in_flight} bytes) is below --body-limit "
                            f"({args.body_limit} bytes): a body the limit allows could never be admitted")
