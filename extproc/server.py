@@ -117,11 +117,12 @@ class ExternalProcessor:
     def exchange(self) -> "Exchange":
         return Exchange(self)
 
-    def _choose(self, headers_msg: pb.HttpHeaders) -> tuple[str, Target, list[str]]:
-        """The target, and the client headers that must not reach Envoy's router or the provider:
-        `x-envoy-*` (timeouts, retries) and the gateway's own."""
+    def _choose(self, headers_msg: pb.HttpHeaders) -> tuple[str, Target, list[str], bytes]:
+        """The target, the client headers that must not reach Envoy's router or the provider
+        (`x-envoy-*`: timeouts, retries; and the gateway's own), and the declared body length."""
         headers = headers_msg.headers.headers
         authority = method = ""
+        length = b""
         strip: list[str] = []
         for h in headers:
             key = h.key
@@ -129,6 +130,8 @@ class ExternalProcessor:
                 authority = h.raw_value.decode("latin-1")
             elif key == ":method":
                 method = h.raw_value.decode("latin-1")
+            elif key == "content-length":
+                length = h.raw_value
             elif key.startswith(_CLIENT_MUST_NOT_SET):
                 strip.append(key)
         route = self._holder.table.route_for(authority)
@@ -143,7 +146,7 @@ class ExternalProcessor:
         rule = route.select(values)
         if rule is None:
             raise GatewayError(404, f"no rule of route {route.name} matches the request", "no_matching_rule")
-        return authority, rule.pick(self._draw()), strip
+        return authority, rule.pick(self._draw()), strip, length
 
     @staticmethod
     def _forward(body: bytes, chunks: int, target: Target, started: float, authority: str,
@@ -205,8 +208,9 @@ class Exchange:
         try:
             if phase == "request_headers":
                 self._started = processor._clock()
-                self._authority, self._target, self._strip = processor._choose(request.request_headers)
-                self._admit(_declared_length(request.request_headers), processor)
+                self._authority, self._target, self._strip, length = processor._choose(request.request_headers)
+                if length:
+                    self._admit(_length(length), processor)
                 return [], False  # answered with the body
             if phase == "request_body":
                 if self._target is None:  # cannot happen with our bootstrap; never forward unrewritten
@@ -254,14 +258,11 @@ class Exchange:
             self._held = -1
 
 
-def _declared_length(headers: pb.HttpHeaders) -> int:
-    for h in headers.headers.headers:
-        if h.key == "content-length":
-            try:
-                return int(h.raw_value)
-            except ValueError:
-                return 0
-    return 0
+def _length(value: bytes) -> int:
+    try:
+        return int(value)
+    except ValueError:  # Envoy refuses such a request before; never trust it here either
+        return 0
 
 
 class _EventStreamObserver:
