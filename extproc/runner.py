@@ -24,7 +24,7 @@ from .config.watch import FileSource
 from .control import ControlPlane
 from .envoy_config import DEFAULT_BODY_LIMIT, DEFAULT_BODY_TIMEOUT_S, BootstrapOptions, HostPort, UpstreamOptions, bootstrap
 from .drain import DEFAULT_GRACE_S, drain_envoy
-from .lifecycle import die_with_parent, port_problem
+from .lifecycle import dying_with_us, port_problem
 from .ops_http import OpsServer
 
 log = logging.getLogger("extproc.runner")
@@ -172,8 +172,7 @@ class EnvoySupervisor:
 
     async def start(self) -> None:
         # Envoy dies with us, however we die (SIGKILL included): never an orphan holding the ports.
-        self.process = await asyncio.create_subprocess_exec(*self._args, stdin=asyncio.subprocess.DEVNULL,
-                                                            preexec_fn=die_with_parent())
+        self.process = await asyncio.create_subprocess_exec(*dying_with_us(self._args), stdin=asyncio.subprocess.DEVNULL)
         await wait_ready(self._admin, self.process)
 
     async def run_until_signal(self) -> int:
