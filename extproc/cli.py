@@ -18,6 +18,7 @@ from .envoy_config import (DEFAULT_BODY_LIMIT, DEFAULT_BODY_TIMEOUT_S, SYSTEM_CA
                            UpstreamOptions, bootstrap, token_sds)
 from .gateways import add_gateway_args, forward_of, view_from_args
 from .runner import StartupError, UpOptions, config_source, load_initial, run_up
+from .scale_args import add_leader_args, add_scale_args, add_worker_args, check_scale_args, leader_for
 
 log = logging.getLogger("extproc")
 
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_key_args(up)
     add_gateway_args(up)
     _add_redis_args(up)
+    add_scale_args(up)
 
     demo = sub.add_parser("demo", parents=[common], help="the embedded default: fake local providers, the seed manifests, ready-to-paste curls")
     demo.add_argument("--listen", type=_host_port, default=HostPort("127.0.0.1", 10000), metavar="HOST:PORT")
@@ -174,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_key_args(serve)
     add_gateway_args(serve)
     _add_redis_args(serve)
+    add_scale_args(serve)
+    add_leader_args(serve)
+    add_worker_args(serve)
 
     ec = sub.add_parser("envoy-config", parents=[common], help="print the Envoy bootstrap (JSON); it holds no API key")
     ec.add_argument("--control", type=_host_port, default=HostPort("127.0.0.1", 18000), metavar="HOST:PORT",
@@ -199,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("--sidecar", action="store_true",
                     help="for a pod whose port-80 traffic is redirected to --listen: LLM hosts through the gateway "
                          "(routes over RDS), everything else on to its original destination")
+    ec.add_argument("--readiness", type=_host_port, default=HostPort("0.0.0.0", 15021), metavar="HOST:PORT",
+                    help="with --sidecar: where Envoy answers the readiness probe, GET /ready (default 0.0.0.0:15021)")
 
     val = sub.add_parser("validate", parents=[common], help="check config files; exit 1 and name file, object and field of each error")
     val.add_argument("paths", nargs="+", metavar="PATH")
@@ -234,13 +241,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    check_scale_args(args)
     opts = UpOptions(config=args.config or [], listen=args.listen, admin=args.admin, upstream=_upstream(args),
                      body_limit=args.body_limit, body_timeout_s=args.body_timeout, concurrency=args.concurrency,
                      envoy_log_level=args.envoy_log_level,
                      metrics=args.metrics, access_log=_access_log(args.access_log),
                      kubernetes=args.kubernetes, namespace=args.namespace, key_env=dict(args.key_env),
                      home=home_namespace(args.control_namespace), view=view_from_args(args),
-                     redis_url=args.redis, redis_fail_closed=args.redis_fail_closed)
+                     redis_url=args.redis, redis_fail_closed=args.redis_fail_closed,
+                     max_body_bytes_in_flight=args.max_body_bytes_in_flight, drain_grace_s=args.drain_grace)
     return asyncio.run(run_up(opts))
 
 
@@ -274,21 +283,42 @@ def _serve_transport(args: argparse.Namespace):
                        "who reaches the port could obtain API keys (or use --socket-dir DIR for Unix sockets)")
 
 
+def worker_auth(args: argparse.Namespace) -> tuple[str, str]:
+    """How a worker process (extproc.workers) makes the same authenticator as `_serve_transport`:
+    a description it can be handed across processes, not the object (a Kubernetes client is not)."""
+    if args.auth_token_file:
+        return "static", args.auth_token_file
+    return "review", args.token_audience
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .control import EXT_PROC_SOCKET, XDS_SOCKET, ControlPlane
+    from .drain import drain
     from .ops_http import OpsServer
+    from .workers import WorkerSetup
+
+    check_scale_args(args)
 
     async def serve() -> int:
         socket_dir, authenticator = _serve_transport(args)
-        control = ControlPlane(_upstream(args), args.body_limit, args.redis, args.redis_fail_closed)
+        control = ControlPlane(_upstream(args), args.body_limit, args.redis, args.redis_fail_closed,
+                               max_body_bytes_in_flight=args.max_body_bytes_in_flight)
+        # worker processes share a TCP port (SO_REUSEPORT); local mode's Unix socket has one process
+        workers = WorkerSetup(control, args.workers if socket_dir is None else 1, args.max_body_bytes_in_flight,
+                              args.body_limit, args.log_level, worker_auth(args) if socket_dir is None else None,
+                              (args.redis, args.redis_fail_closed))
         source = config_source(args.config or [], args.kubernetes, args.namespace, control.apply,
                                key_env=dict(args.key_env), home=home_namespace(args.control_namespace),
                                view=view_from_args(args))
+        elector = leader_for(source, args)  # replicas: one writes status
         await load_initial(source)
-        ops = OpsServer(control.metrics.registry, lambda: control.loaded, control.budgets.degraded_reason)
+        ops = OpsServer(workers.registry, lambda: control.loaded and not control.draining,
+                        control.budgets.degraded_reason)
         try:
-            await control.start(args.listen or HostPort("0.0.0.0", 18000), args.ext_proc_listen,
-                                authenticator=authenticator, socket_dir=socket_dir)
+            listen = args.listen or HostPort("0.0.0.0", 18000)
+            await control.start(listen, args.ext_proc_listen, authenticator=authenticator, socket_dir=socket_dir)
+            if socket_dir is None:
+                await workers.start((args.ext_proc_listen or listen).host)
             if args.metrics is not None:
                 await ops.start(args.metrics)
         except OSError as exc:
@@ -298,7 +328,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         watcher = asyncio.create_task(source.run())
+        electing = asyncio.create_task(elector.run()) if elector else None
         await stop.wait()
+        if elector:
+            electing.cancel()
+            await elector.release()
+        # requests in flight finish, in every process; Envoy goes elsewhere
+        await asyncio.gather(drain(control, args.drain_grace), workers.drain(args.drain_grace))
         watcher.cancel()
         await ops.stop()
         await control.stop()
@@ -324,7 +360,8 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     opts = BootstrapOptions(listen=args.listen, admin=args.admin, control=args.control, ext_proc=args.ext_proc,
                             body_limit=args.body_limit, body_timeout_s=args.body_timeout,
                             access_log=_access_log(args.access_log), sidecar=args.sidecar, socket_dir=args.socket_dir,
-                            token_sds=args.token_sds if args.token_file and args.socket_dir is None else None)
+                            token_sds=args.token_sds if args.token_file and args.socket_dir is None else None,
+                            readiness=args.readiness)
     json.dump(bootstrap(opts), sys.stdout, indent=2)
     print()
     return 0

@@ -21,6 +21,8 @@ from envoy.service.route.v3 import rds_pb2_grpc
 
 from .accesslog import STREAM_ACCESS_LOGS, AccessLogReceiver
 from .budget_store import BudgetGate
+from .admission import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT, Inflight, register_metrics
+from .drain import HEALTH_CHECK, HealthCheck
 from .config.compile import Compiled
 from .envoy_config import (DEFAULT_BODY_LIMIT, HostPort, UpstreamOptions, provider_cluster, route_configuration,
                            to_cluster_proto, to_route_proto)
@@ -41,12 +43,20 @@ XDS_SOCKET, EXT_PROC_SOCKET = "xds.sock", "ext_proc.sock"  # in local mode's soc
 
 class ControlPlane:
     def __init__(self, upstream: UpstreamOptions, body_limit: int = DEFAULT_BODY_LIMIT,
-                 redis_url: str | None = None, redis_fail_closed: bool = False):
+                 redis_url: str | None = None, redis_fail_closed: bool = False,
+                 max_body_bytes_in_flight: int = DEFAULT_MAX_BODY_BYTES_IN_FLIGHT):
+        from .memory import give_back_free_heap
+
+        self.inflight = Inflight(max_body_bytes_in_flight, give_back_free_heap)
+        self.draining = False  # set by a graceful drain: health checks say NOT_SERVING
+        self.connections: set = set()  # the ext_proc's open HTTP/2 connections
+        self.reuse_port = False  # worker processes share the ext_proc port (extproc.workers)
         self.upstream = upstream
         self.holder = TableHolder(EMPTY_TABLE)
         self.clusters = Publisher(CLUSTER_TYPE_URL, "clusters")
         self.routes = Publisher(ROUTE_TYPE_URL, "sidecar routes")
         self.metrics = GatewayMetrics()
+        register_metrics(self.metrics.registry, self.inflight)
         self.loaded = False  # a config is in force (readiness)
         self.budgets = BudgetGate(self.metrics.registry, lambda: self.holder.table, redis_url, redis_fail_closed)
         self._body_limit = body_limit
@@ -77,8 +87,10 @@ class ControlPlane:
         log.info("xDS (CDS, RDS) listening on %s", where if socket_dir is not None else f"{listen.host}:{self.port}")
         if ext_proc_listen is None:
             ext_proc_listen = HostPort(listen.host, listen.port + 1 if listen.port else 0)
-        methods = {PROCESS: ExternalProcessor(self.holder, body_limit=self._body_limit, budgets=self.budgets).exchange,
-                   STREAM_ACCESS_LOGS: AccessLogReceiver(self.metrics, self.budgets).call}
+        methods = {PROCESS: ExternalProcessor(self.holder, body_limit=self._body_limit, budgets=self.budgets,
+                                              inflight=self.inflight).exchange,
+                   STREAM_ACCESS_LOGS: AccessLogReceiver(self.metrics, self.budgets).call,
+                   HEALTH_CHECK: lambda *_: HealthCheck(lambda: not self.draining)}
         # The ext_proc answers a body over the limit with a 413 itself; a body chunk may be larger
         # than the limit (Envoy sends what it has read), up to Envoy's buffer limit.
         chunk_limit = self._body_limit + (4 << 20)
@@ -86,11 +98,11 @@ class ControlPlane:
         if socket_dir is not None:
             path = f"{socket_dir}/{EXT_PROC_SOCKET}"
             os.chmod(f"{socket_dir}/{XDS_SOCKET}", 0o600)
-            self._ext_proc_server = await serve_h2_unix(path, methods, chunk_limit)
+            self._ext_proc_server = await serve_h2_unix(path, methods, chunk_limit, self.connections)
             log.info("ext_proc and access log service listening on unix:%s", path)
             return self.port
         self._ext_proc_server = await serve_h2(ext_proc_listen.host, ext_proc_listen.port, methods, chunk_limit,
-                                               authenticator)
+                                               authenticator, self.connections, self.reuse_port)
         self.ext_proc_port = self._ext_proc_server.sockets[0].getsockname()[1]
         log.info("ext_proc and access log service listening on %s:%d", ext_proc_listen.host, self.ext_proc_port)
         return self.port

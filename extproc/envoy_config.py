@@ -329,6 +329,7 @@ class BootstrapOptions:
     # TCP: the SDS file (see `token_sds`) naming the bearer token Envoy presents on every stream
     # to the control plane; Envoy re-reads the token when it changes on disk.
     token_sds: str | None = None
+    readiness: HostPort = HostPort("0.0.0.0", 15021)  # sidecar only: GET /ready for the kubelet
 
 
 ROUTE_CONFIG_NAME = "llm_gateway"
@@ -457,12 +458,14 @@ def bootstrap(opts: BootstrapOptions) -> dict:
         "per_connection_buffer_limit_bytes": opts.body_limit + BUFFER_MARGIN,
         "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
     }
+    from .drain import readiness_listener, replica_failover
+
     if opts.socket_dir is not None:
         clusters = [_grpc_cluster(CONTROL_CLUSTER, f"{opts.socket_dir}/xds.sock"),
                     _grpc_cluster(EXT_PROC_CLUSTER, f"{opts.socket_dir}/ext_proc.sock")]
-    else:
+    else:  # replicas behind a Service: health-checked, a dead one ejected (extproc.drain)
         clusters = [_grpc_cluster(CONTROL_CLUSTER, opts.control, opts.token_sds),
-                    _grpc_cluster(EXT_PROC_CLUSTER, ext_proc_address(opts), opts.token_sds)]
+                    replica_failover(_grpc_cluster(EXT_PROC_CLUSTER, ext_proc_address(opts), opts.token_sds))]
     if opts.sidecar:
         hcm["rds"] = {"route_config_name": ROUTE_CONFIG_NAME, "config_source": _XDS_SOURCE}
         hcm["strip_any_host_port"] = True
@@ -479,7 +482,8 @@ def bootstrap(opts: BootstrapOptions) -> dict:
     return {
         "node": {"id": opts.node_id, "cluster": "llm-gateway"},
         "admin": {"address": _address(opts.admin)},
-        "static_resources": {"listeners": [listener], "clusters": clusters},
+        "static_resources": {"listeners": [listener, *([readiness_listener(opts.readiness)] if opts.sidecar else [])],
+                             "clusters": clusters},
         "dynamic_resources": {"cds_config": _XDS_SOURCE},
     }
 

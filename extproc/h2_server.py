@@ -70,6 +70,9 @@ def trailers(status: int, message: str) -> bytes:
 
 
 UNIMPLEMENTED, INTERNAL, RESOURCE_EXHAUSTED, UNAUTHENTICATED = 12, 13, 8, 16
+# Envoy's active health checks carry no credentials (they bypass the cluster's upstream filters) and
+# learn nothing secret: serving or not.
+UNAUTHENTICATED_METHODS = frozenset({"/grpc.health.v1.Health/Check"})
 
 
 class Call(Protocol):
@@ -98,7 +101,8 @@ class H2Connection(asyncio.Protocol):
     """One Envoy connection. `methods` maps a gRPC path to a factory of calls, given the caller."""
 
     def __init__(self, methods: dict[str, Callable[[Identity], Call]], max_message: int,
-                 authenticator: Authenticator | None = None):
+                 authenticator: Authenticator | None = None, registry: set | None = None):
+        self._registry = registry  # the server's open connections, for a graceful drain
         self._methods = methods
         self._authenticator = authenticator
         self._verifying = False  # a token is being verified: frames wait in the buffer
@@ -122,6 +126,8 @@ class H2Connection(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self._transport = transport
+        if self._registry is not None:
+            self._registry.add(self)
         settings = b"".join(struct.pack(">HI", k, v) for k, v in (
             (SETTINGS_HEADER_TABLE_SIZE, 0), (SETTINGS_INITIAL_WINDOW_SIZE, MAX_WINDOW),
             (SETTINGS_MAX_FRAME_SIZE, OUR_MAX_FRAME)))
@@ -129,8 +135,25 @@ class H2Connection(asyncio.Protocol):
                         frame(WINDOW_UPDATE, 0, 0, _U32.pack(MAX_WINDOW - DEFAULT_WINDOW)))
 
     def connection_lost(self, exc) -> None:
+        for stream in self._streams.values():
+            if not stream.closed:
+                _closed(stream.call)
         self._streams.clear()
         self._transport = None
+        if self._registry is not None:
+            self._registry.discard(self)
+
+    # draining
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    def go_away(self) -> None:
+        """Graceful shutdown (RFC 9113 6.8): the client opens no new stream here; streams
+        already open, and any that crossed this on the wire, are still served."""
+        if self._transport is not None:
+            self._transport.write(frame(GOAWAY, 0, 0, _U32.pack(MAX_WINDOW) + _U32.pack(NO_ERROR)))
 
     def data_received(self, data: bytes) -> None:
         if self._transport is None:
@@ -197,7 +220,8 @@ class H2Connection(asyncio.Protocol):
         elif ftype == CONTINUATION:
             self._on_continuation(flags, sid, payload)
         elif ftype == RST_STREAM:
-            self._streams.pop(sid, None)
+            if (reset := self._streams.pop(sid, None)) is not None and not reset.closed:
+                _closed(reset.call)
         elif ftype == SETTINGS:
             if not flags & ACK:
                 self._on_settings(payload)
@@ -267,7 +291,7 @@ class H2Connection(asyncio.Protocol):
                     raise _Unverified(token or "")
                 identity = fresh[1]
         self._last_stream = sid
-        if identity is None:
+        if identity is None and path not in UNAUTHENTICATED_METHODS:
             self._out.append(frame(HEADERS, END_HEADERS | END_STREAM, sid, RESPONSE_HEADERS + trailers(
                 UNAUTHENTICATED, "a valid bearer token is required" if token else "a bearer token is required")))
             return
@@ -400,6 +424,7 @@ class H2Connection(asyncio.Protocol):
     def _end(self, sid: int, stream: _Stream, trailer_block: bytes) -> None:
         stream.closed = True
         stream.buffer.clear()
+        _closed(stream.call)
         if not stream.headers_sent:
             self._out.append(frame(HEADERS, END_HEADERS | END_STREAM, sid, RESPONSE_HEADERS + trailer_block))
             self._streams.pop(sid, None)
@@ -462,6 +487,17 @@ class _ConnectionError(Exception):
         self.code = code
 
 
+def _closed(call: Call) -> None:
+    """Tells a call that defines `on_close()` that its stream is over, however it ended (answered,
+    reset by the client, connection lost), so it can let go of what it holds."""
+    on_close = getattr(call, "on_close", None)
+    if on_close is not None:
+        try:
+            on_close()
+        except Exception:
+            log.exception("gRPC call failed to close")
+
+
 def _unpad(payload: bytes) -> bytes:
     pad = payload[0] if payload else 0
     if pad >= len(payload):
@@ -469,21 +505,25 @@ def _unpad(payload: bytes) -> bytes:
     return payload[1:len(payload) - pad]
 
 
-async def serve(host: str, port: int, methods: dict[str, Callable[[Identity], Call]],
-                max_message: int, authenticator: Authenticator | None = None) -> asyncio.Server:
-    """Over TCP; with an authenticator, every stream must prove its caller."""
+async def serve(host: str, port: int, methods: dict[str, Callable[[Identity], Call]], max_message: int,
+                authenticator: Authenticator | None = None, registry: set | None = None,
+                reuse_port: bool = False) -> asyncio.Server:
+    """Over TCP; with an authenticator, every stream must prove its caller. `registry` collects the
+    open connections (for a graceful drain); `reuse_port` lets worker processes share the port."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: H2Connection(methods, max_message, authenticator), host, port)
+    return await loop.create_server(lambda: H2Connection(methods, max_message, authenticator, registry), host, port,
+                                    reuse_port=reuse_port or None)
 
 
-async def serve_unix(path: str, methods: dict[str, Callable[[Identity], Call]], max_message: int) -> asyncio.Server:
+async def serve_unix(path: str, methods: dict[str, Callable[[Identity], Call]], max_message: int,
+                     registry: set | None = None) -> asyncio.Server:
     """On a Unix socket (mode 0600, in a directory only our user can open): the caller is local."""
     import os
 
     loop = asyncio.get_running_loop()
     old = os.umask(0o177)
     try:
-        server = await loop.create_unix_server(lambda: H2Connection(methods, max_message), path)
+        server = await loop.create_unix_server(lambda: H2Connection(methods, max_message, None, registry), path)
     finally:
         os.umask(old)
     os.chmod(path, 0o600)

@@ -34,3 +34,16 @@ def keep_body_buffers(largest: int = 32 << 20, keep: int = 64 << 20) -> bool:
     if not ok:
         log.debug("mallopt refused; glibc defaults kept")
     return ok
+
+
+def give_back_free_heap(keep: int = 64 << 20) -> bool:
+    """Return freed heap pages to the kernel after a burst of big bodies, keeping `keep` bytes at
+    the heap's top warm. Needed because freed bodies sit between live objects, where the trim
+    threshold never reaches them. False where the C library is not glibc."""
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return False
+    trim.argtypes = (ctypes.c_size_t,)
+    trim(keep)
+    return True

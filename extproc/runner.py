@@ -18,12 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config.problems import ConfigError
+from .admission import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
 from .config.watch import FileSource
 from .control import ControlPlane
 from .auth import StaticToken, private_dir
 from .envoy_config import (DEFAULT_BODY_LIMIT, DEFAULT_BODY_TIMEOUT_S, BootstrapOptions, HostPort, UpstreamOptions, bootstrap,
                            token_sds)
 from .gateways import MESH_VIEW, View
+from .drain import DEFAULT_GRACE_S, drain_envoy
+from .lifecycle import dying_with_us, port_problem
 from .ops_http import OpsServer
 
 log = logging.getLogger("extproc.runner")
@@ -74,6 +77,8 @@ class UpOptions:
     view: View = MESH_VIEW  # the mesh, or the egress gateway this is (see extproc.gateways)
     redis_url: str | None = None  # budgets shared through this Redis; None: kept in this process
     redis_fail_closed: bool = False
+    max_body_bytes_in_flight: int = DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
+    drain_grace_s: float = DEFAULT_GRACE_S
 
 
 def config_source(paths: list[str], kubernetes: bool, namespace: str | None, apply, reload_interval: float = 1.0,
@@ -119,7 +124,11 @@ def _http_get_status(url: str) -> int:
 async def run_up(opts: UpOptions, on_ready=None) -> int:
     """Run until a signal or until Envoy exits. Returns the process exit code."""
     binary = envoy_binary()
-    control = ControlPlane(opts.upstream, opts.body_limit, opts.redis_url, opts.redis_fail_closed)
+    for flag, address in (("--listen", opts.listen), ("--admin", opts.admin)):
+        if address.port and (problem := port_problem(flag, address)):
+            raise StartupError(problem)
+    control = ControlPlane(opts.upstream, opts.body_limit, opts.redis_url, opts.redis_fail_closed,
+                           max_body_bytes_in_flight=opts.max_body_bytes_in_flight)
     source = config_source(opts.config, opts.kubernetes, opts.namespace, control.apply, opts.reload_interval,
                            opts.key_env, opts.home, opts.view)
     ops = OpsServer(control.metrics.registry, lambda: control.loaded, control.budgets.degraded_reason)
@@ -146,7 +155,8 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
                                       token_sds=token_sds_file))
     boot_file = workdir / "envoy.json"
     boot_file.write_text(json.dumps(boot, indent=2))
-    args = [binary, "-c", str(boot_file), "--disable-hot-restart", "--log-level", opts.envoy_log_level]
+    args = [binary, "-c", str(boot_file), "--disable-hot-restart", "--log-level", opts.envoy_log_level,
+            "--drain-strategy", "immediate", "--drain-time-s", str(max(1, int(opts.drain_grace_s)))]
     if opts.concurrency:
         args += ["--concurrency", str(opts.concurrency)]
     envoy = EnvoySupervisor(args, opts.admin)
@@ -163,6 +173,8 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
     finally:
         if watcher is not None:
             watcher.cancel()
+        if envoy.process is not None and envoy.process.returncode is None:
+            await drain_envoy(str(opts.admin), opts.drain_grace_s)  # requests in flight finish first
         await envoy.stop()
         await ops.stop()
         await control.stop()
@@ -182,7 +194,8 @@ class EnvoySupervisor:
         self._restarts: list[float] = []
 
     async def start(self) -> None:
-        self.process = await asyncio.create_subprocess_exec(*self._args, stdin=asyncio.subprocess.DEVNULL)
+        # Envoy dies with us, however we die (SIGKILL included): never an orphan holding the ports.
+        self.process = await asyncio.create_subprocess_exec(*dying_with_us(self._args), stdin=asyncio.subprocess.DEVNULL)
         await wait_ready(self._admin, self.process)
 
     async def run_until_signal(self) -> int:

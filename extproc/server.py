@@ -29,6 +29,7 @@ from google.protobuf import struct_pb2
 from .auth import LOCAL, Identity, may_use
 from . import endpoints
 from .endpoints import Endpoint
+from .admission import Inflight, Overloaded
 from .envoy_config import DEFAULT_BODY_LIMIT, LOCAL_REPLIES
 from .errors import GatewayError
 from .gateways import refusal
@@ -110,7 +111,8 @@ def _model_list(route: Route, authority: str) -> pb.ProcessingResponse:
 def immediate(error: GatewayError) -> pb.ProcessingResponse:
     response = pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
         status=http_status_pb2.HttpStatus(code=error.status),
-        headers=pb.HeaderMutation(set_headers=[_header("content-type", "application/json")]),
+        headers=pb.HeaderMutation(set_headers=[_header("content-type", "application/json"),
+                                                *(_header(k, v) for k, v in getattr(error, "headers", ()))]),
         body=error.body(),
         details=f"llm_gateway_{error.code}",
     ))
@@ -132,23 +134,25 @@ class ExternalProcessor:
 
     def __init__(self, holder: TableHolder, draw: Callable[[], float] = random.random,
                  clock: Callable[[], float] = time.time, body_limit: int = DEFAULT_BODY_LIMIT,
-                 budgets: "BudgetGate | None" = None):
+                 budgets: "BudgetGate | None" = None, inflight: Inflight | None = None):
         self._holder = holder
         self._budgets = budgets  # token/request budgets (extproc.budget_store)
         self._draw = draw
         self._clock = clock
         self._body_limit = body_limit
+        self.inflight = inflight or Inflight()
 
     def exchange(self, identity: Identity = LOCAL) -> "Exchange":
         return Exchange(self, identity.namespace)
 
     def _choose(self, headers_msg: pb.HttpHeaders,
-                namespace: str | None = None) -> tuple[str, Target, list[str], Endpoint]:
-        """The target, and the client headers that must not reach Envoy's router or the provider:
-        `x-envoy-*` (timeouts, retries) and the gateway's own. A route the caller's namespace may
-        not use is answered as an unknown host."""
+                namespace: str | None = None) -> tuple[str, Target, list[str], Endpoint, bytes]:
+        """The target, the client headers that must not reach Envoy's router or the provider
+        (`x-envoy-*`: timeouts, retries; and the gateway's own), the endpoint and the declared body
+        length. A route the caller's namespace may not use is answered as an unknown host."""
         headers = headers_msg.headers.headers
         authority = method = path = ""
+        length = b""
         strip: list[str] = []
         for h in headers:
             key = h.key
@@ -158,6 +162,8 @@ class ExternalProcessor:
                 method = h.raw_value.decode("latin-1")
             elif key == ":path":
                 path = h.raw_value.decode("latin-1")
+            elif key == "content-length":
+                length = h.raw_value
             elif key.startswith(_CLIENT_MUST_NOT_SET):
                 strip.append(key)
         route = self._holder.table.route_for(authority)
@@ -174,7 +180,7 @@ class ExternalProcessor:
         rule = route.select(values)
         if rule is None:
             raise GatewayError(404, f"no rule of route {route.name} matches the request", "no_matching_rule")
-        return authority, rule.pick(self._draw()), strip, endpoint
+        return authority, rule.pick(self._draw()), strip, endpoint, length
 
     @staticmethod
     def _forward(body: bytes, chunks: int, target: Target, started: float, authority: str,
@@ -210,11 +216,15 @@ class Exchange:
     when its body is whole (or at once with an error). The stream ends as soon as nothing more is needed, before Envoy has to cancel it."""
 
     __slots__ = ("_processor", "_namespace", "_target", "_started", "_authority", "_strip", "_body", "_chunks",
-                 "_endpoint", "_budget")
+                 "_endpoint", "_budget", "_held")
 
     def __init__(self, processor: ExternalProcessor, namespace: str | None = None):
         self._processor = processor
         self._namespace = namespace  # the caller's (see extproc.auth); None: may use everything
+        self._held = 0  # body bytes reserved in processor.inflight, given back on close
+        inflight = processor.inflight
+        inflight.streams += 1
+        inflight.opened += 1
         self._target: Target | None = None
         self._started = 0.0
         self._authority = ""
@@ -237,8 +247,10 @@ class Exchange:
         try:
             if phase == "request_headers":
                 self._started = processor._clock()
-                self._authority, self._target, self._strip, self._endpoint = processor._choose(
+                self._authority, self._target, self._strip, self._endpoint, length = processor._choose(
                     request.request_headers, self._namespace)
+                if length:
+                    self._admit(_length(length), processor)
                 if processor._budgets is not None:
                     self._budget = processor._budgets.admit(self._target.route, request.request_headers.headers.headers)
                 return [], False  # answered with the body
@@ -250,6 +262,8 @@ class Exchange:
                 self._chunks += 1
                 if len(self._body) > processor._body_limit:
                     raise GatewayError(413, _TOO_LARGE_MESSAGE, _TOO_LARGE_CODE)
+                if len(self._body) > self._held:  # more than declared (or nothing was)
+                    self._admit(len(self._body), processor)
                 if not chunk.end_of_stream:
                     return [], False
                 return processor._forward(bytes(self._body), self._chunks, self._target, self._started,
@@ -268,6 +282,30 @@ class Exchange:
             if phase in ("request_headers", "request_body"):
                 return [immediate(GatewayError(500, "the gateway failed to process the request", "internal_error"))], True
             return [_continue(phase)], False  # an answer already under way is passed on as it is
+
+
+    def _admit(self, size: int, processor: ExternalProcessor) -> None:
+        """Hold `size` body bytes in all (up to the body limit, which answers 413 past it), or 503."""
+        more = min(size, processor._body_limit) - self._held
+        if more > 0:
+            if not processor.inflight.take(more):
+                raise Overloaded(size, processor.inflight.cap)
+            self._held += more
+
+    def on_close(self) -> None:
+        """The stream is over, however it ended: its body bytes are no longer held."""
+        inflight = self._processor.inflight
+        if self._held >= 0:
+            inflight.streams -= 1
+            inflight.give_back(self._held)
+            self._held = -1
+
+
+def _length(value: bytes) -> int:
+    try:
+        return int(value)
+    except ValueError:  # Envoy refuses such a request before; never trust it here either
+        return 0
 
 
 def _continue(phase: str | None) -> pb.ProcessingResponse:

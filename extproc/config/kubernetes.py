@@ -81,6 +81,8 @@ class KubernetesSource:
         self._stopping = threading.Event()
         self._versions: dict[str, str] = {}  # resourceVersion of each kind's first list
         self._secret_version = ""
+        # replicas: only the elected leader writes status (see extproc.leader); one process always may
+        self.may_write_status: Callable[[], bool] = lambda: True
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -271,9 +273,13 @@ class KubernetesSource:
     async def _reconcile(self) -> Compiled:
         compiled, verdicts = await asyncio.to_thread(self._compile)
         await self._apply(compiled)
-        if self._view.is_mesh:
+        if self._view.is_mesh and self.may_write_status():  # a gateway leaves status to the control plane
             await asyncio.to_thread(self._write_statuses, verdicts)
         return compiled
+
+    def refresh(self) -> None:
+        """Rebuild soon (and write every status that is not as it should be): a new leader's first act."""
+        self._signal()
 
     def _compile(self) -> tuple[Compiled, dict[Key, tuple[bool, list[Problem]]]]:
         with self._lock:
@@ -332,6 +338,7 @@ class KubernetesSource:
                 self._custom.patch_namespaced_custom_object_status(
                     *API_OF.get(kind, (GROUP, VERSION)), namespace, PLURALS[kind], name,
                     {"status": {"conditions": [condition]}})
+                log.info("status of %s %s/%s: Accepted=%s", kind, namespace, name, condition["status"])
             except ApiException as exc:
                 if exc.status != 404:  # deleted meanwhile
                     log.warning("cannot write the status of %s %s/%s: %s", kind, namespace, name, _short(exc))

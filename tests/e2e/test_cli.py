@@ -92,7 +92,8 @@ def test_up_refuses_bad_config_and_busy_port(tmp_path, keys):
         result = extproc("up", "--config", str(SEED_MANIFESTS), "--listen", f"127.0.0.1:{port}",
                          "--admin", f"127.0.0.1:{free_port()}", env=keys, timeout=60)
     assert result.returncode == 1
-    assert "envoy exited" in result.stderr and "Traceback" not in result.stderr
+    # said before Envoy is started (docs/scaling.md, No orphans)
+    assert f"--listen 127.0.0.1:{port}: the port is in use" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_demo_serves_the_three_scenarios_and_stops_cleanly(tmp_path):

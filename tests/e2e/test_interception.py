@@ -183,6 +183,12 @@ def test_seed_curl_without_proxy_is_intercepted_and_other_traffic_passes(pod, ca
         # the same client with Envoy's token works: the refusals above are the authentication's
         assert ext_proc_client(f"{HOST_IP}:{ext_proc}", "dashscope.aliyuncs.com", creds.token)["authorization"] == \
             f"Bearer {keys['YOUR_DASHSCOPE_API_KEY']}"
+        # the readiness probe: a listener of Envoy's own (the admin interface stays on loopback)
+        probe = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}"]
+        assert in_pod(*probe, "http://127.0.0.1:15021/ready").stdout == "200"
+        assert in_pod(*probe, "http://127.0.0.1:15021/stats").stdout == "404"
+        in_pod("curl", "-s", "-X", "POST", "http://127.0.0.1:15000/healthcheck/fail")  # as the preStop drain does
+        assert in_pod(*probe, "http://127.0.0.1:15021/ready").stdout == "503"
     finally:
         envoy.terminate()
         serve.terminate()

@@ -163,9 +163,29 @@ def test_api_key_from_a_secret_follows_secret_updates(clean, k8s_gateway, fresh_
     assert "sk-rotated-key" not in gw.log() and good not in gw.log()
 
 
+def for_kubernetes_1_20(manifest: str) -> str:
+    """The test API server is 1.20: it serves PodDisruptionBudget as policy/v1beta1 (v1 since 1.21)
+    and HorizontalPodAutoscaler as autoscaling/v2beta2 (v2 since 1.23), same fields as used here."""
+    return manifest.replace("apiVersion: policy/v1\n", "apiVersion: policy/v1beta1\n").replace(
+        "apiVersion: autoscaling/v2\n", "apiVersion: autoscaling/v2beta2\n")
+
+
 def test_manifests_apply_and_rbac_is_least_privilege(clean):
     kube = clean
-    kube.run("apply", "-f", str(REPO / "k8s" / "control-plane.yaml"))
+    for name in ("control-plane.yaml", "autoscaling.yaml"):
+        kube.run("apply", "-f", "-", stdin=for_kubernetes_1_20((REPO / "k8s" / name).read_text()))
+    import json
+    deployment = json.loads(kube.run("get", "deployment", "llm-gateway-control", "-n", "llm-gateway", "-o", "json").stdout)
+    assert deployment["spec"]["replicas"] == 2
+    control_pod = deployment["spec"]["template"]["spec"]
+    assert control_pod["affinity"]["podAntiAffinity"]
+    assert control_pod["terminationGracePeriodSeconds"] == 30
+    assert control_pod["containers"][0]["lifecycle"]["preStop"]
+    pdb = json.loads(kube.run("get", "pdb", "llm-gateway-control", "-n", "llm-gateway", "-o", "json").stdout)
+    assert pdb["spec"]["minAvailable"] == 1
+    assert kube.run("get", "hpa", "llm-gateway-control", "-n", "llm-gateway").returncode == 0
+    service = json.loads(kube.run("get", "service", "llm-gateway-control", "-n", "llm-gateway", "-o", "json").stdout)
+    assert service["spec"]["clusterIP"] == "None"  # headless: each sidecar sees every replica
     kube.run("apply", "-k", str(REPO / "k8s" / "sidecar"))
     import json
     pod = json.loads(kube.run("get", "deployment", "sleep", "-o", "json").stdout)["spec"]["template"]["spec"]
@@ -211,6 +231,18 @@ def test_manifests_apply_and_rbac_is_least_privilege(clean):
         if subresource:
             args.append(f"--subresource={subresource}")
         assert (kube.run(*args, check=False).returncode == 0) == allowed, (verb, resource, subresource)
+    # the Lease of the leader election: its own, in its own namespace, and nothing more
+    lease = "leases.coordination.k8s.io"
+    for verb, target, namespace, allowed in [
+            ("get", f"{lease}/llm-gateway-control", "llm-gateway", True),
+            ("update", f"{lease}/llm-gateway-control", "llm-gateway", True),
+            ("create", lease, "llm-gateway", True),
+            ("get", f"{lease}/other", "llm-gateway", False), ("update", f"{lease}/other", "llm-gateway", False),
+            ("delete", f"{lease}/llm-gateway-control", "llm-gateway", False), ("list", lease, "llm-gateway", False),
+            ("watch", lease, "llm-gateway", False), ("patch", f"{lease}/llm-gateway-control", "llm-gateway", False),
+            ("get", f"{lease}/llm-gateway-control", "default", False), ("create", lease, "default", False)]:
+        result = kube.run("auth", "can-i", verb, target, "--as", account, "-n", namespace, check=False)
+        assert (result.returncode == 0) == allowed, (verb, target, namespace)
     kube.run("delete", "-k", str(REPO / "k8s" / "sidecar"), "--wait=false", check=False)
 
 
@@ -491,3 +523,64 @@ def test_token_budget_objects_are_watched_with_accepted_conditions(clean, k8s_ga
     condition = kube.condition("llmtokenratelimit", "per-user")
     assert condition["reason"] == "HostNotFound" and "spec.host" in condition["message"]
     wait_until(lambda: "x-ratelimit-limit-tokens" not in gw.request(DASHSCOPE, CHAT, headers).headers, 10, gw.log)
+
+
+def test_replicas_elect_one_status_writer_and_another_takes_over_when_it_dies(clean, tmp_path, keys):
+    """Two `serve --kubernetes` replicas: one is elected and writes status; killed (SIGKILL, no
+    release), the other takes over after the lease duration and status updates go on."""
+    import secrets
+    import signal
+    import sys
+
+    from helpers import free_port
+
+    kube = clean
+    lease = f"test-{secrets.token_hex(4)}"
+
+    class Replica:
+        def __init__(self, name: str):
+            self.log_file = tmp_path / f"serve-{name}.log"
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "extproc", "serve", "--kubernetes", "--namespace", "default",
+                 "--listen", f"127.0.0.1:{free_port()}", "--ext-proc-listen", f"127.0.0.1:{free_port()}",
+                 "--metrics", "none", "--lease-namespace", "default", "--lease-name", lease, "--lease-duration", "4",
+                 "--drain-grace", "0.5"],
+                stdout=self.log_file.open("wb"), stderr=subprocess.STDOUT, env={**kube.env, **keys})
+
+        def log(self) -> str:
+            return self.log_file.read_text(errors="replace")
+
+    replicas = [Replica("a"), Replica("b")]
+    try:
+        kube.apply(seed("01"))
+        wait_until(lambda: kube.condition("llmprovider", "dashscope-qwen").get("status") == "True", 30,
+                   lambda: "\n".join(r.log() for r in replicas))
+        wait_until(lambda: sum("elected leader" in r.log() for r in replicas) == 1, 30)
+        (leader,) = [r for r in replicas if "elected leader" in r.log()]
+        (other,) = [r for r in replicas if r is not leader]
+        holder = kube.run("get", "lease", lease, "-n", "default", "-o", "jsonpath={.spec.holderIdentity}").stdout
+        assert holder and holder in leader.log()
+        assert "status of LLMProvider default/dashscope-qwen: Accepted=True" in leader.log()
+        assert "status of" not in other.log()  # exactly one writer
+
+        leader.process.send_signal(signal.SIGKILL)  # no release: the lease must expire
+        leader.process.wait()
+        broken = seed("01").read_text().replace("apiKey: ${YOUR_DASHSCOPE_API_KEY}",
+                                                "apiKeySecretRef: {name: missing-secret, key: k}")
+        kube.run("apply", "-f", "-", stdin=broken)
+        # the lease duration (4 s), a retry round, and the rebuild
+        wait_until(lambda: kube.condition("llmprovider", "dashscope-qwen").get("reason") == "SecretNotFound", 30,
+                   other.log)
+        assert "elected leader" in other.log()
+        assert "status of LLMProvider default/dashscope-qwen: Accepted=False" in other.log()
+
+        other.process.send_signal(signal.SIGTERM)
+        assert other.process.wait(30) == 0, other.log()
+        assert f"lease default/{lease} released" in other.log()
+        holder = kube.run("get", "lease", lease, "-n", "default", "-o", "jsonpath={.spec.holderIdentity}").stdout
+        assert holder == ""
+    finally:
+        for r in replicas:
+            if r.process.poll() is None:
+                r.process.kill()
+                r.process.wait()

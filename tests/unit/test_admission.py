@@ -1,0 +1,166 @@
+"""Admission by memory (a cap on body bytes held at once), stream accounting for the drain, and
+the health answers a draining server gives."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from extproc import h2_server as h2
+from extproc.admission import TRIM_AFTER_BYTES, Inflight
+from extproc.drain import HealthCheck, drain_plan
+from extproc.envoy_config import HostPort
+from extproc.server import ExternalProcessor, TableHolder
+from test_h2_server import frames_until, grpc_message, request_headers
+from test_server import DASHSCOPE, body_msg, error_of, headers_msg
+
+
+@pytest.fixture(scope="module")
+def seed_table():
+    from unit_helpers import load_seed
+
+    return load_seed("01-LLMProvider.yaml").table
+
+
+@pytest.mark.parametrize(("cap", "takes", "held", "refused"), [
+    pytest.param(100, [60, 40], 100, 0, id="up-to-the-cap"),
+    pytest.param(100, [60, 41], 60, 1, id="one-byte-over-is-refused"),
+    pytest.param(100, [101, 10], 10, 1, id="a-big-one-refused-a-small-one-after-it-admitted"),
+    pytest.param(100, [0, 0], 0, 0, id="nothing-held"),
+])
+def test_take_admits_up_to_the_cap(cap, takes, held, refused):
+    inflight = Inflight(cap)
+    for size in takes:
+        inflight.take(size)
+    assert (inflight.held, inflight.refused) == (held, refused)
+
+
+@pytest.mark.parametrize(("burst", "trims"), [
+    pytest.param([TRIM_AFTER_BYTES + 1], 1, id="a-big-burst-is-given-back"),
+    pytest.param([TRIM_AFTER_BYTES // 2, TRIM_AFTER_BYTES // 2 + 1], 1, id="many-bodies-make-a-big-burst"),
+    pytest.param([TRIM_AFTER_BYTES], 0, id="a-small-burst-stays-warm"),
+])
+def test_free_heap_is_given_back_once_a_big_burst_is_over(burst, trims):
+    calls = []
+    inflight = Inflight(1 << 40, trim=lambda: calls.append(1))
+    for size in burst:
+        assert inflight.take(size)
+    for size in burst[:-1]:
+        inflight.give_back(size)
+        assert calls == []  # not while bytes are still held
+    inflight.give_back(burst[-1])
+    assert len(calls) == trims
+
+
+def body_of_size(size: int) -> bytes:
+    body = b'{"messages": [{"role": "user", "content": ""}]}'
+    return body[:-3] + b" " * (size - len(body)) + body[-3:]
+
+
+def test_a_body_that_would_pass_the_cap_gets_503_before_its_bytes_and_smaller_ones_flow(seed_table):
+    proc = ExternalProcessor(TableHolder(seed_table), draw=lambda: 0.0, body_limit=1000, inflight=Inflight(1000))
+    big = proc.exchange()
+    assert big.on_request(headers_msg(DASHSCOPE, extra={"content-length": "700"})) == ([], False)
+    assert proc.inflight.held == 700
+
+    refused = proc.exchange()
+    answers, done = refused.on_request(headers_msg(DASHSCOPE, extra={"content-length": "400"}))
+    assert done  # answered at the headers: its body is never held
+    status, error, headers, details = error_of(answers[0])
+    assert (status, error["error"]["code"], error["error"]["type"]) == (503, "overloaded", "server_error")
+    assert headers["retry-after"] == "1" and headers["content-type"] == "application/json"
+    assert details == "llm_gateway_overloaded"
+    refused.on_close()
+
+    small = proc.exchange()
+    assert small.on_request(headers_msg(DASHSCOPE, extra={"content-length": "300"})) == ([], False)
+    answers, done = small.on_request(body_msg(body_of_size(300)))
+    assert done and answers[0].WhichOneof("response") == "request_headers"
+    small.on_close()
+
+    assert (proc.inflight.held, proc.inflight.refused, proc.inflight.streams) == (700, 1, 1)
+    big.on_close()
+    big.on_close()  # once only, however many times the server says so
+    assert (proc.inflight.held, proc.inflight.streams) == (0, 0)
+
+
+def test_a_body_without_length_is_counted_as_it_arrives(seed_table):
+    proc = ExternalProcessor(TableHolder(seed_table), draw=lambda: 0.0, body_limit=1000, inflight=Inflight(1000))
+    holder = proc.exchange()
+    holder.on_request(headers_msg(DASHSCOPE))
+    holder.on_request(body_msg(b" " * 600, end_of_stream=False))
+    assert proc.inflight.held == 600
+    chunked = proc.exchange()
+    chunked.on_request(headers_msg(DASHSCOPE))
+    assert chunked.on_request(body_msg(b" " * 300, end_of_stream=False)) == ([], False)
+    answers, done = chunked.on_request(body_msg(b" " * 200, end_of_stream=False))
+    assert done and error_of(answers[0])[0] == 503
+    chunked.on_close()
+    holder.on_close()
+    assert proc.inflight.held == 0
+
+
+def test_a_stream_reset_by_the_client_gives_back_what_it_held():
+    closed = []
+
+    class Holder:
+        def on_message(self, message):
+            return None, False
+
+        def on_close(self):
+            closed.append(1)
+
+    async def main():
+        server = await h2.serve("127.0.0.1", 0, {"/test.Echo/Chat": lambda identity: Holder()}, 1 << 20)
+        port = server.sockets[0].getsockname()[1]
+
+        def script():
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(h2.PREFACE + h2.frame(h2.SETTINGS, 0, 0)
+                             + h2.frame(h2.HEADERS, h2.END_HEADERS, 1, request_headers())
+                             + h2.frame(h2.DATA, 0, 1, grpc_message(b"body"))
+                             + h2.frame(h2.RST_STREAM, 0, 1, b"\0\0\0\x08") + h2.frame(h2.PING, 0, 0, b"12345678"))
+                frames_until(sock, lambda fs: any(f[0] == h2.PING for f in fs))
+        try:
+            await asyncio.to_thread(script)
+        finally:
+            server.close()
+
+    asyncio.run(main())
+    assert closed == [1]
+
+
+@pytest.mark.parametrize(("serving", "answer"), [(True, b"\x08\x01"), (False, b"\x08\x02")])
+def test_health_check_says_not_serving_while_draining(serving, answer):
+    assert HealthCheck(lambda: serving).on_message(b"") == (answer, True)
+
+
+@pytest.mark.parametrize(("grace", "notice", "expected"), [
+    pytest.param(25.0, 3.0, (3.0, 22.0), id="default"),
+    pytest.param(2.0, 3.0, (1.0, 1.0), id="a-short-grace-halves"),
+])
+def test_drain_plan(grace, notice, expected):
+    assert drain_plan(grace, notice) == expected
+
+
+def test_ext_proc_cluster_is_health_checked_and_a_dead_replica_ejected():
+    from envoy.config.bootstrap.v3 import bootstrap_pb2
+    import test_envoy_config  # noqa: F401  (registers every @type the bootstrap uses)
+    from google.protobuf import json_format
+
+    from extproc.envoy_config import BootstrapOptions, bootstrap
+    from extproc.names import CONTROL_CLUSTER, EXT_PROC_CLUSTER
+
+    boot = bootstrap(BootstrapOptions(control=HostPort("llm-gateway-control.llm-gateway.svc", 18000), sidecar=True))
+    parsed = json_format.ParseDict(boot, bootstrap_pb2.Bootstrap())  # valid Envoy API
+    clusters = {c.name: c for c in parsed.static_resources.clusters}
+    ext_proc = clusters[EXT_PROC_CLUSTER]
+    (check,) = ext_proc.health_checks
+    assert check.HasField("grpc_health_check") and check.unhealthy_threshold.value == 1
+    assert ext_proc.outlier_detection.consecutive_local_origin_failure.value == 1
+    assert not clusters[CONTROL_CLUSTER].health_checks  # grpcio's xDS: Envoy reconnects elsewhere by itself
+    listeners = {l.name: l for l in parsed.static_resources.listeners}
+    assert listeners["llm_gateway_readiness"].address.socket_address.port_value == 15021
+
