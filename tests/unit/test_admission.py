@@ -153,14 +153,16 @@ def test_ext_proc_cluster_is_health_checked_and_a_dead_replica_ejected():
     from extproc.envoy_config import BootstrapOptions, bootstrap
     from extproc.names import CONTROL_CLUSTER, EXT_PROC_CLUSTER
 
+    from envoy.config.cluster.v3 import cluster_pb2
+
     boot = bootstrap(BootstrapOptions(control=HostPort("llm-gateway-control.llm-gateway.svc", 18000), sidecar=True))
-    parsed = json_format.ParseDict(boot, bootstrap_pb2.Bootstrap())  # valid Envoy API
-    clusters = {c.name: c for c in parsed.static_resources.clusters}
+    # valid Envoy API (the clusters: the whole bootstrap names filters newer than xds-protos)
+    clusters = {c["name"]: json_format.ParseDict(c, cluster_pb2.Cluster()) for c in boot["static_resources"]["clusters"]}
     ext_proc = clusters[EXT_PROC_CLUSTER]
     (check,) = ext_proc.health_checks
     assert check.HasField("grpc_health_check") and check.unhealthy_threshold.value == 1
     assert ext_proc.outlier_detection.consecutive_local_origin_failure.value == 1
     assert not clusters[CONTROL_CLUSTER].health_checks  # grpcio's xDS: Envoy reconnects elsewhere by itself
-    listeners = {l.name: l for l in parsed.static_resources.listeners}
-    assert listeners["llm_gateway_readiness"].address.socket_address.port_value == 15021
+    listeners = {l["name"]: l for l in boot["static_resources"]["listeners"]}
+    assert listeners["llm_gateway_readiness"]["address"]["socket_address"]["port_value"] == 15021
 
