@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from auth_helpers import token_files
 
 from extproc.demo.envoy_fake import start_envoy_fake
 from extproc.demo.load import run_wrk
@@ -70,7 +71,9 @@ def two_replicas(tmp_path, ca, keys):
     assert shutil.which("wrk"), "wrk is missing: apt-get install wrk (scripts/test does)"
     fake = start_envoy_fake(envoy_binary(), ca, [DASHSCOPE], free_port(), free_port(), tmp_path)
     config = seed_dir(tmp_path, "01")
-    extra = ["--upstream-ca", str(ca.cert_file), "--resolve", f"{DASHSCOPE}=127.0.0.1:{fake.port}"]
+    tokens = token_files(tmp_path)  # replicas listen on TCP: Envoy presents its token
+    extra = ["--upstream-ca", str(ca.cert_file), "--resolve", f"{DASHSCOPE}=127.0.0.1:{fake.port}",
+             "--auth-token-file", str(tokens.token_file)]
     replicas: list[Replica] = []
     envoy = None
     try:
@@ -78,7 +81,8 @@ def two_replicas(tmp_path, ca, keys):
         listen, admin = free_port(), free_port()
         boot = bootstrap(BootstrapOptions(listen=HostPort("127.0.0.1", listen), admin=HostPort("127.0.0.1", admin),
                                           control=HostPort("127.0.0.1", replicas[0].control),
-                                          ext_proc=HostPort("127.0.0.1", replicas[0].ext_proc), access_log=None))
+                                          ext_proc=HostPort("127.0.0.1", replicas[0].ext_proc), access_log=None,
+                                          token_sds=str(tokens.sds_file)))
         kinds = {replicas[0].control: "control", replicas[0].ext_proc: "ext_proc"}
         for cluster in boot["static_resources"]["clusters"]:
             endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]

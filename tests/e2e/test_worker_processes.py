@@ -11,6 +11,7 @@ import sys
 import threading
 import urllib.request
 
+from auth_helpers import token_files
 from extproc.demo.envoy_fake import start_envoy_fake
 from extproc.envoy_config import BootstrapOptions, HostPort, bootstrap
 from extproc.names import EXT_PROC_CLUSTER
@@ -41,15 +42,17 @@ def test_two_workers_share_the_streams_and_metrics_add_up(tmp_path, ca, keys):
     fake = start_envoy_fake(envoy_binary(), ca, [DASHSCOPE], free_port(), free_port(), tmp_path)
     control, ext_proc, metrics, listen, admin = (free_port() for _ in range(5))
     log_file = tmp_path / "serve.log"
+    tokens = token_files(tmp_path)  # every worker checks Envoy's token
     serve = subprocess.Popen(
         [sys.executable, "-m", "extproc", "serve", "--config", str(seed_dir(tmp_path, "01")), "--workers", "2",
+         "--auth-token-file", str(tokens.token_file),
          "--listen", f"127.0.0.1:{control}", "--ext-proc-listen", f"127.0.0.1:{ext_proc}",
          "--metrics", f"127.0.0.1:{metrics}", "--upstream-ca", str(ca.cert_file),
          "--resolve", f"{DASHSCOPE}=127.0.0.1:{fake.port}"],
         stdout=log_file.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **keys})
     boot = bootstrap(BootstrapOptions(listen=HostPort("127.0.0.1", listen), admin=HostPort("127.0.0.1", admin),
                                       control=HostPort("127.0.0.1", control), ext_proc=HostPort("127.0.0.1", ext_proc),
-                                      access_log=None))
+                                      access_log=None, token_sds=str(tokens.sds_file)))
     # new connections (each placed on a worker by the kernel) every 20 streams rather than every
     # 1000, so that a few hundred requests spread for certain
     (cluster,) = [c for c in boot["static_resources"]["clusters"] if c["name"] == EXT_PROC_CLUSTER]
