@@ -15,6 +15,8 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
 
 from .metrics import GatewayMetrics, RequestRecord
+
+UPSTREAM_END = accesslog_pb2.AccessLogType.Value("UpstreamEnd")
 from .names import METADATA_NAMESPACE
 
 log = logging.getLogger("extproc.accesslog")
@@ -95,8 +97,9 @@ STREAM_ACCESS_LOGS = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessL
 class AccessLogReceiver:
     """`StreamAccessLogs`: a client stream of batches, one empty answer when Envoy closes it."""
 
-    def __init__(self, metrics: GatewayMetrics):
+    def __init__(self, metrics: GatewayMetrics, failover=None):
         self._metrics = metrics
+        self._failover = failover  # extproc.failover_log.FailoverObserver: attempts, passive health
 
     def call(self) -> "AccessLogReceiver":
         return self  # no state per stream
@@ -104,7 +107,10 @@ class AccessLogReceiver:
     def on_message(self, data: bytes) -> tuple[bytes | None, bool]:
         for entry in als_pb2.StreamAccessLogsMessage.FromString(data).http_logs.log_entry:
             try:
-                self._metrics.observe(record_from_entry(entry))
+                if self._failover is not None:
+                    self._failover.observe(entry)
+                if entry.common_properties.access_log_type != UPSTREAM_END:  # attempts are not requests
+                    self._metrics.observe(record_from_entry(entry))
             except Exception:  # one odd entry must not stop the stream
                 log.exception("cannot record an access log entry")
         return None, False

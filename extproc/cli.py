@@ -11,7 +11,7 @@ import sys
 
 from .config.problems import ConfigError
 from .config.watch import load_config
-from .envoy_config import DEFAULT_BODY_LIMIT, DEFAULT_BODY_TIMEOUT_S, SYSTEM_CA_BUNDLE, BootstrapOptions, HostPort, UpstreamOptions, bootstrap
+from .envoy_config import DEFAULT_BODY_LIMIT, DEFAULT_BODY_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, SYSTEM_CA_BUNDLE, BootstrapOptions, HostPort, UpstreamOptions, bootstrap
 from .runner import StartupError, UpOptions, config_source, load_initial, run_up
 
 log = logging.getLogger("extproc")
@@ -82,7 +82,8 @@ def _access_log(text: str) -> str | None:
 
 
 def _upstream(args: argparse.Namespace) -> UpstreamOptions:
-    return UpstreamOptions(ca_file=args.upstream_ca, resolve=dict(args.resolve))
+    return UpstreamOptions(ca_file=args.upstream_ca, resolve=dict(args.resolve),
+                           body_limit=getattr(args, "body_limit", DEFAULT_BODY_LIMIT))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--concurrency", type=int, default=None, metavar="N", help="Envoy worker threads (default: one per core)")
     up.add_argument("--body-limit", type=_size, default=DEFAULT_BODY_LIMIT, metavar="SIZE",
                     help="largest request body accepted (default 8m); larger gets 413")
+    up.add_argument("--idle-timeout", type=_seconds, default=DEFAULT_IDLE_TIMEOUT_S, metavar="SECONDS",
+                    help="silence allowed while waiting for or reading an answer, e.g. between streamed "
+                         f"events (default {DEFAULT_IDLE_TIMEOUT_S:g} s); past it the answer is cut")
     up.add_argument("--body-timeout", type=_seconds, default=DEFAULT_BODY_TIMEOUT_S, metavar="SECONDS",
                     help="how long a client may take to send its request body (default 30); later gets 408")
     up.add_argument("--envoy-log-level", default="warning", choices=["info", "warning", "error", "critical", "off"],
@@ -177,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     opts = UpOptions(config=args.config or [], listen=args.listen, admin=args.admin, upstream=_upstream(args),
                      body_limit=args.body_limit, body_timeout_s=args.body_timeout, concurrency=args.concurrency,
+                     idle_timeout_s=args.idle_timeout,
                      envoy_log_level=args.envoy_log_level,
                      metrics=args.metrics, access_log=_access_log(args.access_log),
                      kubernetes=args.kubernetes, namespace=args.namespace)

@@ -20,11 +20,16 @@ from envoy.service.route.v3 import rds_pb2_grpc
 
 from .accesslog import STREAM_ACCESS_LOGS, AccessLogReceiver
 from .config.compile import Compiled
-from .envoy_config import (DEFAULT_BODY_LIMIT, HostPort, UpstreamOptions, provider_cluster, route_configuration,
+from .envoy_config import (DEFAULT_BODY_LIMIT, HostPort, UpstreamOptions, any_host_route_configuration,
+                           provider_cluster, route_configuration,
                            to_cluster_proto, to_route_proto)
 from .h2_server import serve as serve_h2
 from .metrics import GatewayMetrics
 from .routing import EMPTY_TABLE, RoutingTable
+from .failover import PassiveHealth
+from .failover_log import FailoverObserver
+from .names import RETRY_AUTHORITY
+from .retry_rewrite import RetryRewriter
 from .server import PROCESS, ExternalProcessor, TableHolder
 from .xds import CLUSTER_TYPE_URL, ROUTE_TYPE_URL, ClusterDiscovery, Publisher, RouteDiscovery
 
@@ -42,6 +47,8 @@ class ControlPlane:
         self.metrics = GatewayMetrics()
         self.loaded = False  # a config is in force (readiness)
         self._body_limit = body_limit
+        self.health = PassiveHealth()  # failover's passive health, fed by the access log
+        self._hosts_of: tuple[RoutingTable, dict[str, str]] | None = None
         self._server: grpc.aio.Server | None = None
         self._ext_proc_server: asyncio.Server | None = None
         self.port = 0
@@ -61,8 +68,11 @@ class ControlPlane:
         log.info("xDS (CDS, RDS) listening on %s:%d", listen.host, self.port)
         if ext_proc_listen is None:
             ext_proc_listen = HostPort(listen.host, listen.port + 1 if listen.port else 0)
-        methods = {PROCESS: ExternalProcessor(self.holder, body_limit=self._body_limit).exchange,
-                   STREAM_ACCESS_LOGS: AccessLogReceiver(self.metrics).call}
+        health = self.health
+        failover = FailoverObserver(health, self.metrics.registry, hosts=lambda: self._cluster_hosts(self.holder.table))
+        methods = {PROCESS: ExternalProcessor(self.holder, body_limit=self._body_limit, health=health).exchange,
+                   RETRY_AUTHORITY + PROCESS: RetryRewriter(self.holder, self._body_limit).exchange,
+                   STREAM_ACCESS_LOGS: AccessLogReceiver(self.metrics, failover).call}
         # The ext_proc answers a body over the limit with a 413 itself; a body chunk may be larger
         # than the limit (Envoy sends what it has read), up to Envoy's buffer limit.
         chunk_limit = self._body_limit + (4 << 20)
@@ -70,6 +80,12 @@ class ControlPlane:
         self.ext_proc_port = self._ext_proc_server.sockets[0].getsockname()[1]
         log.info("ext_proc and access log service listening on %s:%d", ext_proc_listen.host, self.ext_proc_port)
         return self.port
+
+    def _cluster_hosts(self, table: RoutingTable) -> dict[str, str]:
+        cached = self._hosts_of
+        if cached is None or cached[0] is not table:
+            cached = self._hosts_of = (table, {cluster: host for host, cluster in table.clusters.items()})
+        return cached[1]
 
     async def stop(self, grace: float = 2.0) -> None:
         if self._ext_proc_server is not None:
@@ -88,7 +104,8 @@ class ControlPlane:
         if first or new_clusters != old_clusters or new_hosts != old_hosts:
             union_clusters = {**old_clusters, **new_clusters}
             union_hosts = old_hosts | new_hosts
-            versions = (await self._publish_clusters(union_clusters), await self._publish_hosts(union_hosts))
+            versions = (await self._publish_clusters(union_clusters),
+                        await self._publish_hosts(union_hosts, list(union_clusters)))
             for publisher, version in zip((self.clusters, self.routes), versions):
                 if not await publisher.wait_answered(version, ACK_TIMEOUT_S):
                     log.warning("not every Envoy answered %s version %d within %.0fs", publisher.type_url, version,
@@ -96,15 +113,17 @@ class ControlPlane:
             self.holder.table = new
             if union_clusters != new_clusters:
                 await self._publish_clusters(new_clusters)
-            if union_hosts != new_hosts:
-                await self._publish_hosts(new_hosts)
+            if union_hosts != new_hosts or union_clusters != new_clusters:
+                await self._publish_hosts(new_hosts, list(new_clusters))
         else:
             self.holder.table = new
+        self.health.configure(new.health)
         self.loaded = True
         log.info("routing table %s in force: %d host names, %d providers", new.version, len(new.routes), len(new.clusters))
 
     async def _publish_clusters(self, clusters: dict[str, dict]) -> int:
         return await self.clusters.publish([to_cluster_proto(c) for c in clusters.values()])
 
-    async def _publish_hosts(self, hosts: set[str]) -> int:
-        return await self.routes.publish([to_route_proto(route_configuration(sorted(hosts)))])
+    async def _publish_hosts(self, hosts: set[str], clusters: list[str]) -> int:
+        return await self.routes.publish([to_route_proto(route_configuration(sorted(hosts), clusters=clusters)),
+                                          to_route_proto(any_host_route_configuration(clusters))])

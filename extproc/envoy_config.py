@@ -16,12 +16,14 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
 
 from .errors import error_type
-from .names import CLUSTER_HEADER, CONTROL_CLUSTER, EXT_PROC_CLUSTER, METADATA_NAMESPACE
+from .failover_envoy import add_raw_fields, failover_route, retry_rewrite_filters, upstream_logs, with_raw_fields
+from .names import CLUSTER_HEADER, CONTROL_CLUSTER, EXT_PROC_CLUSTER, METADATA_NAMESPACE, ORDER_HEADER
 
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 DEFAULT_BODY_LIMIT = 8 * 1024 * 1024
 PROVIDER_PORT = 443
 DEFAULT_BODY_TIMEOUT_S = 30
+DEFAULT_IDLE_TIMEOUT_S = 300.0  # Envoy's own stream idle default: 5 minutes without a byte
 BUFFER_MARGIN = 1 << 20
 
 
@@ -48,6 +50,7 @@ class UpstreamOptions:
     ca_file: str = SYSTEM_CA_BUNDLE
     resolve: dict[str, HostPort] = field(default_factory=dict)
     connect_timeout_s: float = 10.0
+    body_limit: int = DEFAULT_BODY_LIMIT  # a retried attempt's body reaches the retry rewrite whole
 
 
 def _address(hp: HostPort) -> dict:
@@ -99,6 +102,8 @@ def provider_cluster(name: str, host: str, options: UpstreamOptions) -> dict:
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
                 "auto_config": {"http_protocol_options": {}, "http2_protocol_options": {}},
+                # a retried attempt rewritten for this provider (docs/failover.md)
+                "http_filters": retry_rewrite_filters(name, options.body_limit),
             },
         },
     }
@@ -241,6 +246,8 @@ ACCESS_LOG_FORMAT = {
     "ttft_ms": _meta("ttft_ms"),
     "tpot_ms": _meta("tpot_ms"),
     "stream_error": _meta("stream_error"),
+    "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+    "tried": _meta("tried"),
     "status": "%RESPONSE_CODE%",
     "details": "%RESPONSE_CODE_DETAILS%",
     "flags": "%RESPONSE_FLAGS%",
@@ -253,16 +260,7 @@ ACCESS_LOG_FORMAT = {
 
 
 def _access_logs(opts: "BootstrapOptions") -> list[dict]:
-    logs = [{
-        # to the control plane, batched, for the Prometheus metrics
-        "name": "envoy.access_loggers.http_grpc",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
-            "common_config": {"log_name": "llm_gateway", "transport_api_version": "V3",
-                              "grpc_service": {"envoy_grpc": {"cluster_name": EXT_PROC_CLUSTER}},
-                              "buffer_flush_interval": "0.5s"},
-        },
-    }]
+    logs = [_grpc_access_log()]
     if opts.access_log:
         logs.append({
             "name": "envoy.access_loggers.file",
@@ -270,6 +268,20 @@ def _access_logs(opts: "BootstrapOptions") -> list[dict]:
                              "path": opts.access_log, "log_format": {"json_format": ACCESS_LOG_FORMAT}},
         })
     return logs
+
+
+def _grpc_access_log() -> dict:
+    return {
+        # to the control plane, batched, for the Prometheus metrics
+        "name": "envoy.access_loggers.http_grpc",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+            "common_config": {"log_name": "llm_gateway", "transport_api_version": "V3",
+                              "grpc_service": {"envoy_grpc": {"cluster_name": EXT_PROC_CLUSTER}},
+                              "buffer_flush_interval": "0.5s"},
+            "additional_request_headers_to_log": [ORDER_HEADER],
+        },
+    }
 
 
 @dataclass(frozen=True)
@@ -280,7 +292,8 @@ class BootstrapOptions:
     ext_proc: HostPort | None = None  # None: the control host, on the next port
     body_limit: int = DEFAULT_BODY_LIMIT
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S  # how long a client may take to send its body
-    route_timeout_s: int = 300
+    route_timeout_s: int = 0  # no total bound: the ext_proc sets one per request where the config has one
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S  # silence allowed between bytes of an answer
     node_id: str = "llm-gateway"
     access_log: str | None = "/dev/stdout"  # a JSON line per request; None for no file log
     # A sidecar behind iptables interception: LLM host names (over RDS) go through the gateway,
@@ -289,6 +302,7 @@ class BootstrapOptions:
 
 
 ROUTE_CONFIG_NAME = "llm_gateway"
+ANY_HOST_ROUTE_CONFIG_NAME = "llm_gateway_any_host"
 PASSTHROUGH_CLUSTER = "llm_gateway_passthrough"
 _XDS_SOURCE = {
     "resource_api_version": "V3",
@@ -301,17 +315,26 @@ _XDS_SOURCE = {
 }
 
 
-def _llm_virtual_host(domains: list[str], route_timeout_s: int) -> dict:
+def _llm_virtual_host(domains: list[str], route_timeout_s: int, clusters: list[str] = ()) -> dict:
     return {
         "name": "llm_gateway",
         "domains": domains,
         "request_headers_to_remove": [CLUSTER_HEADER],  # internal: never leaves Envoy
-        "routes": [{"match": {"prefix": "/"},
-                    "route": {"cluster_header": CLUSTER_HEADER, "timeout": f"{route_timeout_s}s"}}],
+        "include_request_attempt_count": True,  # a retried attempt is told apart by it
+        # requests with an attempt order (rules with `retries`) fail over across providers
+        "routes": ([failover_route(list(clusters))] if clusters else []) + [
+            {"match": {"prefix": "/"},
+             "route": {"cluster_header": CLUSTER_HEADER, "timeout": f"{route_timeout_s}s"}}],
     }
 
 
-def route_configuration(hosts: list[str], route_timeout_s: int = 300) -> dict:
+def any_host_route_configuration(clusters: list[str]) -> dict:
+    """The gateway's own routes (sent over RDS, as they name the provider clusters): every host
+    through the ext_proc, which answers hosts it does not serve with a JSON 404."""
+    return {"name": ANY_HOST_ROUTE_CONFIG_NAME, "virtual_hosts": [_llm_virtual_host(["*"], 0, clusters)]}
+
+
+def route_configuration(hosts: list[str], route_timeout_s: int = 0, clusters: list[str] = ()) -> dict:
     """The sidecar's routes (sent over RDS): the LLM host names through the gateway, anything else
     to where the application sent it, with none of the gateway's filters on the way."""
     off = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
@@ -332,14 +355,17 @@ def route_configuration(hosts: list[str], route_timeout_s: int = 300) -> dict:
     }
     hosts = sorted(set(hosts))
     return {"name": ROUTE_CONFIG_NAME,
-            "virtual_hosts": ([_llm_virtual_host(hosts, route_timeout_s)] if hosts else []) + [passthrough]}
+            "virtual_hosts": ([_llm_virtual_host(hosts, route_timeout_s, clusters)] if hosts else []) + [passthrough]}
 
 
 def to_route_proto(route_config: dict):
     from envoy.config.route.v3 import route_pb2
     from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401  (registers @type)
 
-    return json_format.ParseDict(route_config, route_pb2.RouteConfiguration())
+    clean, raw = with_raw_fields(route_config)
+    message = json_format.ParseDict(clean, route_pb2.RouteConfiguration())
+    add_raw_fields(message, raw)
+    return message
 
 
 def bootstrap(opts: BootstrapOptions) -> dict:
@@ -380,9 +406,13 @@ def bootstrap(opts: BootstrapOptions) -> dict:
             {"name": "llm_gateway.event_stream", "typed_config": _event_stream_observer(opts)},
             {"name": "envoy.filters.http.router",
              "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
-                              "suppress_envoy_headers": True}},
+                              "suppress_envoy_headers": True,
+                              "upstream_log": upstream_logs(_grpc_access_log(), opts.access_log)}},
         ],
         "local_reply_config": _local_reply_config(opts.body_timeout_s),
+        # silence allowed while waiting for an answer or between its bytes (streamed events);
+        # there is no total bound unless a provider's spec.timeout sets one
+        "stream_idle_timeout": f"{opts.idle_timeout_s:g}s",
         "access_log": _access_logs(opts),
     }
     listener = {
@@ -404,9 +434,9 @@ def bootstrap(opts: BootstrapOptions) -> dict:
         clusters.append({"name": PASSTHROUGH_CLUSTER, "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
                          "connect_timeout": "10s"})
     else:
-        # One route for every host: the ext_proc answers hosts it does not serve with a JSON 404.
-        hcm["route_config"] = {"name": ROUTE_CONFIG_NAME,
-                               "virtual_hosts": [_llm_virtual_host(["*"], opts.route_timeout_s)]}
+        # One route for every host (over RDS: it names the provider clusters, see
+        # any_host_route_configuration); the ext_proc answers hosts it does not serve with a 404.
+        hcm["rds"] = {"route_config_name": ANY_HOST_ROUTE_CONFIG_NAME, "config_source": _XDS_SOURCE}
     return {
         "node": {"id": opts.node_id, "cluster": "llm-gateway"},
         "admin": {"address": _address(opts.admin)},

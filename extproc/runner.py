@@ -21,7 +21,7 @@ from pathlib import Path
 from .config.problems import ConfigError
 from .config.watch import FileSource
 from .control import ControlPlane
-from .envoy_config import DEFAULT_BODY_LIMIT, DEFAULT_BODY_TIMEOUT_S, BootstrapOptions, HostPort, UpstreamOptions, bootstrap
+from .envoy_config import DEFAULT_BODY_LIMIT, DEFAULT_BODY_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, BootstrapOptions, HostPort, UpstreamOptions, bootstrap
 from .ops_http import OpsServer
 
 log = logging.getLogger("extproc.runner")
@@ -57,6 +57,7 @@ class UpOptions:
     upstream: UpstreamOptions = UpstreamOptions()
     body_limit: int = DEFAULT_BODY_LIMIT
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     concurrency: int | None = None
     envoy_log_level: str = "warning"
     reload_interval: float = 1.0
@@ -121,7 +122,7 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
     boot = bootstrap(BootstrapOptions(listen=opts.listen, admin=opts.admin, control=HostPort(opts.control.host, port),
                                       ext_proc=HostPort(opts.control.host, control.ext_proc_port),
                                       body_limit=opts.body_limit, body_timeout_s=opts.body_timeout_s,
-                                      access_log=opts.access_log))
+                                      access_log=opts.access_log, idle_timeout_s=opts.idle_timeout_s))
     boot_file = workdir / "envoy.json"
     boot_file.write_text(json.dumps(boot, indent=2))
     args = [binary, "-c", str(boot_file), "--disable-hot-restart", "--log-level", opts.envoy_log_level]

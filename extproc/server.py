@@ -31,6 +31,8 @@ from .errors import GatewayError
 from .names import CLUSTER_HEADER, INTERNAL_HEADER_PREFIX, METADATA_NAMESPACE
 from .rewrite import rewrite_body
 from .routing import RoutingTable, Target
+from .failover import PassiveHealth, attempt_order
+from .retry_rewrite import order_headers
 from .sse import SSEReader
 
 log = logging.getLogger("extproc.server")
@@ -61,9 +63,11 @@ def _target_mutation(target: Target) -> pb.HeaderMutation:
         _header(":authority", target.provider_host),
         _header(CLUSTER_HEADER, target.cluster),
         _header("content-type", "application/json"),
-        # the provider's timeout: Envoy's router reads it (and answers 504 past it)
-        _header("x-envoy-upstream-rq-timeout-ms", str(int(target.timeout_s * 1000))),
     ])
+    if target.timeout_s is not None:  # the provider's total bound: Envoy's router answers 504 past it
+        mutation.set_headers.append(_header("x-envoy-upstream-rq-timeout-ms", str(int(target.timeout_s * 1000))))
+    else:
+        mutation.remove_headers.append("x-envoy-upstream-rq-timeout-ms")
     if target.api_key:
         mutation.set_headers.append(_header("authorization", f"Bearer {target.api_key}"))
     else:
@@ -104,11 +108,13 @@ class ExternalProcessor:
     server (`extproc.h2_server`) drives message by message."""
 
     def __init__(self, holder: TableHolder, draw: Callable[[], float] = random.random,
-                 clock: Callable[[], float] = time.time, body_limit: int = DEFAULT_BODY_LIMIT):
+                 clock: Callable[[], float] = time.time, body_limit: int = DEFAULT_BODY_LIMIT,
+                 health: PassiveHealth | None = None):
         self._holder = holder
         self._draw = draw
         self._clock = clock
         self._body_limit = body_limit
+        self._health = health if health is not None else PassiveHealth()
 
     def exchange(self) -> "Exchange":
         return Exchange(self)
@@ -139,7 +145,10 @@ class ExternalProcessor:
         rule = route.select(values)
         if rule is None:
             raise GatewayError(404, f"no rule of route {route.name} matches the request", "no_matching_rule")
-        return authority, rule.pick(self._draw()), strip
+        if rule.failover is None:
+            return authority, rule.pick(self._draw()), strip
+        order = attempt_order(rule.failover, rule.pick_index(self._draw()), self._health.cooling(self._clock()))
+        return authority, order[0], (strip, order_headers(order, rule.failover.policy))
 
     @staticmethod
     def _forward(body: bytes, chunks: int, target: Target, started: float, authority: str,
@@ -151,6 +160,11 @@ class ExternalProcessor:
         common = response.request_headers.response
         common.header_mutation.CopyFrom(_target_mutation(target))
         common.header_mutation.set_headers.append(_header("content-length", str(len(rewritten.body))))
+        if isinstance(strip, tuple):  # a rule with retries: the attempt order and retry policy
+            strip, failover_headers = strip
+            common.header_mutation.set_headers.extend(_header(k, v) for k, v in failover_headers)
+            set_now = {k for k, _ in failover_headers}
+            strip = [name for name in strip if name not in set_now]
         if strip:  # whatever the gateway sets itself is overwritten anyway; the rest goes
             common.header_mutation.remove_headers.extend(
                 name for name in strip if name not in _SET_BY_GATEWAY)

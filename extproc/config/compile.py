@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from ..names import provider_cluster
 from ..routing import HeaderCondition, Route, RoutingTable, Rule, Target, host_aliases
 from .loader import Loaded
-from .models import LLMProvider, LLMRoute, OpenAIConfig, unimplemented_fields
+from ..failover import DEFAULT_CONSECUTIVE_ERRORS, DEFAULT_COOL_DOWN_S, RetryPolicy, build_failover
+from .models import LLMProvider, LLMRoute, OpenAIConfig, parse_duration, unimplemented_fields
 from .problems import Problem
 
 
@@ -81,7 +82,8 @@ def compile_config(objects: list[Loaded]) -> Compiled:
             routes.setdefault(name, defaults[host])
 
     clusters = {host: provider_cluster(host) for host in providers}
-    table = RoutingTable(routes=routes, clusters=clusters, version=_version(accepted))
+    health = {host: _health(obj) for host, obj in providers.items()}
+    table = RoutingTable(routes=routes, clusters=clusters, version=_version(accepted), health=health)
     return Compiled(table=table, problems=problems, accepted=accepted)
 
 
@@ -110,12 +112,27 @@ def _compile_route(obj: Loaded, providers: dict[str, Loaded]) -> tuple[Route, li
         for conds in conditions:
             watched.update(c.name for c in conds)
         weights = [ref.weight if ref.weight is not None else 1 for ref in rule.backend_refs]
-        if targets and len(targets) == len(weights):
+        fallbacks: list[Target] = []
+        for j, ref in enumerate(rule.fallback_refs):
+            provider = providers.get(ref.provider_host.lower())
+            if provider is None:
+                problems.append(Problem(f"no LLMProvider serves host {ref.provider_host!r}", file=obj.file,
+                                        obj=obj.label, field=f"spec.rules[{i}].fallbackRefs[{j}].providerHost",
+                                        reason="ProviderNotFound"))
+                continue
+            fallbacks.append(_target(route_name, rule_label, rule.name, provider))
+        if targets and len(targets) == len(weights) and len(fallbacks) == len(rule.fallback_refs):
             running, cumulative = 0, []
             for w in weights:
                 running += w
                 cumulative.append(running)
-            rules.append(Rule(rule_label, conditions, tuple(targets), tuple(cumulative)))
+            failover = None
+            if rule.retries is not None:
+                r = rule.retries
+                policy = RetryPolicy.from_config(r.attempts, parse_duration(r.per_try_timeout) if r.per_try_timeout else None,
+                                                 r.retry_on)
+                failover = build_failover(tuple(targets), tuple(weights), tuple(fallbacks), policy)
+            rules.append(Rule(rule_label, conditions, tuple(targets), tuple(cumulative), failover))
     return Route(route_name, tuple(rules), frozenset(watched)), problems
 
 
@@ -146,6 +163,15 @@ def _target(route: str, rule_label: str, rule_name: str | None, provider: Loaded
         api_key=cfg.api_key,
         timeout_s=resource.spec.timeout_s,
     )
+
+
+def _health(provider: Loaded) -> tuple[int, float]:
+    """(consecutive errors, cool-down seconds) for passive health, defaults where not set."""
+    spec = provider.resource.spec
+    if spec.outlier_detection is None:
+        return DEFAULT_CONSECUTIVE_ERRORS, DEFAULT_COOL_DOWN_S
+    od = spec.outlier_detection
+    return od.consecutive_errors, parse_duration(od.base_ejection_time)
 
 
 def _merge(base: OpenAIConfig, override: OpenAIConfig) -> OpenAIConfig:
