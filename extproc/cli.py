@@ -12,6 +12,7 @@ import sys
 from .config.problems import ConfigError
 from .config.watch import load_config
 from .envoy_config import DEFAULT_BODY_LIMIT, DEFAULT_BODY_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, SYSTEM_CA_BUNDLE, BootstrapOptions, HostPort, UpstreamOptions, bootstrap
+from .failover import describe_failover
 from .runner import StartupError, UpOptions, config_source, load_initial, run_up
 
 log = logging.getLogger("extproc")
@@ -281,6 +282,7 @@ def cmd_route(args: argparse.Namespace) -> int:
         stream = "" if target.stream is None else f" stream={str(target.stream).lower()}"
         print(f"  {share:5.1f}%  provider {target.provider} ({target.provider_host}{target.path})"
               f"  model {target.model}{stream}  cluster {target.cluster}")
+    print(describe_failover(rule))
     return 0
 
 

@@ -161,3 +161,17 @@ class PassiveHealth:
         cooling = self.cooling(now)
         hosts = set(self.thresholds) | set(self._state)
         return {host: host in cooling for host in sorted(hosts)}
+
+
+def describe_failover(rule) -> str:
+    """For `extproc route`: the retry policy and the attempt order after each weighted pick."""
+    failover = rule.failover
+    if failover is None:
+        return "retries: none (a failed attempt's answer reaches the client)"
+    lines = [f"retries: {failover.policy.describe()}"]
+    for i, target in enumerate(rule.targets):
+        order = attempt_order(failover, i, frozenset())
+        lines.append(f"  attempt order when {target.provider_host} is picked: "
+                     + " -> ".join(t.provider_host for t in order))
+    lines.append("  (providers cooling down are skipped; all cooling: the pick is tried anyway)")
+    return "\n".join(lines)

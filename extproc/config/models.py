@@ -158,7 +158,7 @@ class Retries(_Strict):
     attempts: int = Field(ge=0, description="Further attempts after the first one, each to the next provider.")
     per_try_timeout: str | None = Field(default=None, alias="perTryTimeout", pattern=DURATION_PATTERN,
                                         description="Time to the first byte of an attempt's answer, e.g. 20s.")
-    retry_on: list[str | int] = Field(default_factory=lambda: ["connect-failure", "reset", "5xx", "429"],
+    retry_on: list[str] = Field(default_factory=lambda: ["connect-failure", "reset", "5xx", "429"],
                                       alias="retryOn",
                                       description="connect-failure, reset, 5xx, gateway-error, refused-stream, "
                                                   "or a status code such as 429 or 503.")
@@ -170,9 +170,17 @@ class Retries(_Strict):
             raise ValueError("perTryTimeout must be more than zero")
         return value
 
+    @field_validator("retry_on", mode="before")
+    @classmethod
+    def _codes_as_text(cls, values):
+        """A status code may be written as a number (429) or as text ("429")."""
+        if isinstance(values, list):
+            return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in values]
+        return values
+
     @field_validator("retry_on")
     @classmethod
-    def _known(cls, values: list[str | int]) -> list[str | int]:
+    def _known(cls, values: list[str]) -> list[str]:
         for value in values:
             text = str(value)
             if text in RETRY_ON_CONDITIONS:

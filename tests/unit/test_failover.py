@@ -1,0 +1,182 @@
+"""Table tests of failover's pure decisions: attempt order, retry headers, passive health, the
+per-attempt rewrite's target lookup, and the config checks of the new fields."""
+
+from __future__ import annotations
+
+import pytest
+
+from extproc.config.compile import compile_config
+from extproc.config.loader import load_text
+from extproc.errors import GatewayError
+from extproc.failover import PassiveHealth, RetryPolicy, attempt_order, build_failover, full_order
+from extproc.failover_envoy import add_raw_fields, failover_route, with_raw_fields
+from extproc.retry_rewrite import order_headers, retry_target
+from extproc.routing import Target
+
+
+def t(host: str) -> Target:
+    return Target("r", "rule", f"ns/{host}", host, f"c_{host}", "/v1", f"m-{host}", None, f"key-{host}")
+
+
+A, B, C, D = (t(h) for h in "abcd")
+
+
+@pytest.mark.parametrize("picked, weights, fallbacks, expected", [
+    (0, (50, 50), (C,), "abc"),
+    (1, (50, 50), (C,), "bac"),
+    (0, (10, 0, 30), (), "acb"),      # others by weight, highest first; weight 0 last
+    (1, (10, 0, 30), (), "bca"),
+    (0, (50, 50), (B, C), "abc"),     # a provider named twice is tried once, where it comes first
+    (0, (1,), (D, C), "adc"),         # fallbacks in written order
+])
+def test_full_order(picked, weights, fallbacks, expected):
+    targets = (A, B, C)[: len(weights)]
+    order = full_order(picked, targets, weights, fallbacks)
+    assert "".join(x.provider_host for x in order) == expected
+
+
+@pytest.mark.parametrize("attempts, cooling, expected", [
+    (2, set(), "abc"),
+    (1, set(), "ab"),
+    (0, set(), "a"),
+    (5, set(), "abc"),                # never longer than the providers there are
+    (2, {"a"}, "bc"),                 # the pick is cooling: the next provider goes first
+    (1, {"b"}, "ac"),
+    (2, {"a", "b", "c"}, "a"),        # all cooling: the pick alone, tried anyway
+])
+def test_attempt_order(attempts, cooling, expected):
+    failover = build_failover((A, B), (50, 50), (C,), RetryPolicy.from_config(attempts, None, ["5xx"]))
+    assert "".join(x.provider_host for x in attempt_order(failover, 0, cooling)) == expected
+
+
+@pytest.mark.parametrize("retry_on, per_try, expected", [
+    (["connect-failure", "reset", "5xx", "429"], 20.0,
+     {"x-envoy-max-retries": "2", "x-envoy-retry-on": "connect-failure,reset,5xx,retriable-status-codes",
+      "x-envoy-retriable-status-codes": "429", "x-envoy-upstream-rq-per-try-timeout-ms": "20000"}),
+    (["5xx"], None, {"x-envoy-max-retries": "2", "x-envoy-retry-on": "5xx"}),
+    (["503", "429"], 1.5, {"x-envoy-max-retries": "2", "x-envoy-retry-on": "retriable-status-codes",
+                           "x-envoy-retriable-status-codes": "429,503", "x-envoy-upstream-rq-per-try-timeout-ms": "1500"}),
+])
+def test_retry_headers(retry_on, per_try, expected):
+    assert dict(RetryPolicy.from_config(2, per_try, retry_on).envoy_headers()) == expected
+
+
+def test_order_headers_name_each_next_cluster():
+    headers = dict(order_headers((A, B, C), RetryPolicy.from_config(2, None, ["5xx"])))
+    assert headers["x-llm-gateway-order"] == "c_a,c_b,c_c"
+    assert headers["x-llm-gateway-next-c_a"] == "c_b" and headers["x-llm-gateway-next-c_b"] == "c_c"
+    assert headers["x-llm-gateway-next-c_c"] == "llm_gateway_no_provider"
+    assert not any("key-" in v for v in headers.values())  # no key in a header Envoy routes on
+
+
+def test_passive_health_cools_down_after_consecutive_failures_and_recovers():
+    h = PassiveHealth({"a": (3, 10.0)})
+    assert not h.failed("a", 0) and not h.failed("a", 1)
+    h.succeeded("a")  # a success in between: the count starts again
+    assert not h.failed("a", 2) and not h.failed("a", 3)
+    assert h.failed("a", 4)  # third in a row
+    assert "a" in h.cooling(5) and h.gauge(5) == {"a": True}
+    assert h.cooling(14.5) == {}  # the period is over: tried again
+    assert h.failed("a", 15)  # one more failure cools it down again
+    assert "a" in h.cooling(16)
+    h.succeeded("a")
+    assert h.cooling(17) == {} and h.gauge(17) == {"a": False}
+
+
+def test_unknown_provider_uses_the_default_thresholds():
+    h = PassiveHealth()
+    assert [h.failed("x", 0) for _ in range(3)] == [False, False, True]
+
+
+CONFIG = """
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata: {name: a}
+spec:
+  host: a.example.com
+  outlierDetection: {consecutiveErrors: 5, baseEjectionTime: 1m}
+  configs:
+    defaultConfig: {openAIConfig: {model: ma, apiKey: ka}}
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata: {name: b}
+spec:
+  host: b.example.com
+  timeout: 10s
+  configs:
+    defaultConfig: {openAIConfig: {model: mb, apiKey: kb}}
+    routeSpecificConfigs:
+      main: {openAIConfig: {model: mb-main}}
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMRoute
+metadata: {name: r}
+spec:
+  host: svc
+  rules:
+  - name: main
+    backendRefs: [{providerHost: a.example.com}]
+    fallbackRefs: [{providerHost: b.example.com}]
+    retries: {attempts: 1, perTryTimeout: 20s, retryOn: [5xx, 429]}
+"""
+
+
+def compiled(text: str):
+    loaded, problems = load_text(text, "f.yaml")
+    assert not problems, problems
+    return compile_config(loaded)
+
+
+def test_config_compiles_to_orders_policy_and_thresholds():
+    c = compiled(CONFIG)
+    assert not [p for p in c.problems if p.severity == "error"]
+    rule = c.table.route_for("svc").rules[0]
+    assert rule.failover.policy == RetryPolicy(1, 20.0, ("5xx",), (429,))
+    (order,) = rule.failover.orders
+    assert [x.model for x in order] == ["ma", "mb-main"]  # the rule's routeSpecificConfig for b
+    assert order[0].timeout_s is None and order[1].timeout_s == 10.0  # a total bound only where set
+    assert c.table.health == {"a.example.com": (5, 60.0), "b.example.com": (3, 30.0)}
+    # the retry of attempt 2 is rewritten for b, with the rule's own config for b
+    target = retry_target(c.table, "default/r", "main", "llm_provider_a_example_com,llm_provider_b_example_com", 2)
+    assert target.provider_host == "b.example.com" and target.model == "mb-main" and target.api_key == "kb"
+    with pytest.raises(GatewayError):
+        retry_target(c.table, "default/r", "main", "llm_provider_a_example_com", 2)  # beyond the order
+
+
+def test_rule_without_retries_has_no_failover():
+    c = compiled(CONFIG.replace("    retries: {attempts: 1, perTryTimeout: 20s, retryOn: [5xx, 429]}\n", ""))
+    assert c.table.route_for("svc").rules[0].failover is None
+
+
+@pytest.mark.parametrize("change, field, message", [
+    ("attempts: 1", "attempts: -1", "greater than or equal to 0"),
+    ("perTryTimeout: 20s", "perTryTimeout: soon", "should match pattern"),
+    ("retryOn: [5xx, 429]", "retryOn: [5xx, teapot]", "unknown retryOn value 'teapot'"),
+    ("retryOn: [5xx, 429]", "retryOn: [5xx, 200]", "unknown retryOn value '200'"),
+])
+def test_bad_retries_name_the_field(change, field, message):
+    loaded, problems = load_text(CONFIG.replace(change, field), "f.yaml")
+    text = "\n".join(str(p) for p in problems)
+    assert "f.yaml" in text and "LLMRoute default/r" in text and "spec.rules[0].retries" in text, text
+    assert message in text, text
+
+
+def test_fallback_no_provider_serves_names_the_field():
+    c = compiled(CONFIG.replace("fallbackRefs: [{providerHost: b.example.com}]", "fallbackRefs: [{providerHost: z.example.com}]"))
+    (problem,) = [p for p in c.problems if p.severity == "error"]
+    assert problem.field == "spec.rules[0].fallbackRefs[0].providerHost" and "z.example.com" in problem.message
+
+
+def test_route_proto_carries_the_fields_our_protobuf_package_lacks():
+    from extproc.envoy_config import any_host_route_configuration, to_route_proto
+
+    message = to_route_proto(any_host_route_configuration(["c1", "c2"]))
+    action = message.virtual_hosts[0].routes[0].route
+    assert action.inline_cluster_specifier_plugin.extension.name == "envoy.router.cluster_specifier_plugin.matcher"
+    assert b"c1" in action.inline_cluster_specifier_plugin.extension.typed_config.value
+    assert bytes([14 << 3, 1]) in action.retry_policy.SerializeToString()  # refresh_cluster_on_retry
+    assert message.virtual_hosts[0].routes[1].route.cluster_header  # rules without retries: as before
+    clean, where = with_raw_fields({"virtual_hosts": [{"routes": [failover_route(["x"])]}]})
+    assert where == [(0, 0, ["x"])] and "inline_cluster_specifier_plugin" not in clean["virtual_hosts"][0]["routes"][0]["route"]
+    assert add_raw_fields  # used by to_route_proto above
