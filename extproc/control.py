@@ -125,5 +125,6 @@ class ControlPlane:
         return await self.clusters.publish([to_cluster_proto(c) for c in clusters.values()])
 
     async def _publish_hosts(self, hosts: set[str], clusters: list[str]) -> int:
-        return await self.routes.publish([to_route_proto(route_configuration(sorted(hosts), clusters=clusters)),
-                                          to_route_proto(any_host_route_configuration(clusters))])
+        return await self.routes.publish([
+            to_route_proto(route_configuration(sorted(hosts), clusters=clusters, body_limit=self._body_limit)),
+            to_route_proto(any_host_route_configuration(clusters, self._body_limit))])

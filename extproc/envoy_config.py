@@ -78,6 +78,9 @@ def provider_cluster(name: str, host: str, options: UpstreamOptions) -> dict:
     cluster = {
         "name": name,
         "connect_timeout": f"{options.connect_timeout_s}s",
+        # a retried attempt's body passes the retry rewrite whole (buffered): above the body limit
+        # (at Envoy's 1 MiB default, a larger retried body crashed Envoy 1.40)
+        "per_connection_buffer_limit_bytes": options.body_limit + BUFFER_MARGIN,
         "type": "STATIC" if _is_ip(target.host) else "LOGICAL_DNS",
         "dns_lookup_family": "V4_PREFERRED",
         "load_assignment": {
@@ -315,26 +318,28 @@ _XDS_SOURCE = {
 }
 
 
-def _llm_virtual_host(domains: list[str], route_timeout_s: int, clusters: list[str] = ()) -> dict:
+def _llm_virtual_host(domains: list[str], route_timeout_s: int, clusters: list[str] = (),
+                      body_limit: int = DEFAULT_BODY_LIMIT) -> dict:
     return {
         "name": "llm_gateway",
         "domains": domains,
         "request_headers_to_remove": [CLUSTER_HEADER],  # internal: never leaves Envoy
         "include_request_attempt_count": True,  # a retried attempt is told apart by it
         # requests with an attempt order (rules with `retries`) fail over across providers
-        "routes": ([failover_route(list(clusters))] if clusters else []) + [
+        "routes": ([failover_route(list(clusters), body_limit)] if clusters else []) + [
             {"match": {"prefix": "/"},
              "route": {"cluster_header": CLUSTER_HEADER, "timeout": f"{route_timeout_s}s"}}],
     }
 
 
-def any_host_route_configuration(clusters: list[str]) -> dict:
+def any_host_route_configuration(clusters: list[str], body_limit: int = DEFAULT_BODY_LIMIT) -> dict:
     """The gateway's own routes (sent over RDS, as they name the provider clusters): every host
     through the ext_proc, which answers hosts it does not serve with a JSON 404."""
-    return {"name": ANY_HOST_ROUTE_CONFIG_NAME, "virtual_hosts": [_llm_virtual_host(["*"], 0, clusters)]}
+    return {"name": ANY_HOST_ROUTE_CONFIG_NAME, "virtual_hosts": [_llm_virtual_host(["*"], 0, clusters, body_limit)]}
 
 
-def route_configuration(hosts: list[str], route_timeout_s: int = 0, clusters: list[str] = ()) -> dict:
+def route_configuration(hosts: list[str], route_timeout_s: int = 0, clusters: list[str] = (),
+                        body_limit: int = DEFAULT_BODY_LIMIT) -> dict:
     """The sidecar's routes (sent over RDS): the LLM host names through the gateway, anything else
     to where the application sent it, with none of the gateway's filters on the way."""
     off = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
@@ -355,7 +360,7 @@ def route_configuration(hosts: list[str], route_timeout_s: int = 0, clusters: li
     }
     hosts = sorted(set(hosts))
     return {"name": ROUTE_CONFIG_NAME,
-            "virtual_hosts": ([_llm_virtual_host(hosts, route_timeout_s, clusters)] if hosts else []) + [passthrough]}
+            "virtual_hosts": ([_llm_virtual_host(hosts, route_timeout_s, clusters, body_limit)] if hosts else []) + [passthrough]}
 
 
 def to_route_proto(route_config: dict):

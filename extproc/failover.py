@@ -18,6 +18,9 @@ from typing import Iterable, Mapping
 
 from .routing import Target
 
+# Larger request bodies are sent without failover (one attempt, as without `retries`): Envoy 1.40
+# does not retry them, or crashes in the retried attempt's upstream filters (seen end to end).
+FAILOVER_BODY_MAX = 1_000_000
 DEFAULT_CONSECUTIVE_ERRORS = 3
 DEFAULT_COOL_DOWN_S = 30.0
 

@@ -66,7 +66,7 @@ _MATCHER_URL = "type.googleapis.com/envoy.extensions.router.cluster_specifiers.m
 _CLUSTER_ACTION_URL = "type.googleapis.com/envoy.extensions.router.cluster_specifiers.matcher.v3.ClusterAction"
 
 
-def failover_route(clusters: list[str]) -> dict:
+def failover_route(clusters: list[str], body_limit: int) -> dict:
     """The route for rules with `retries`, chosen when the ext_proc set the attempt order. Its
     cluster comes from the cluster header through Envoy's matcher cluster specifier, which
     `refresh_cluster_on_retry` runs again for each retry (a plain `cluster_header` route, or a
@@ -76,6 +76,8 @@ def failover_route(clusters: list[str]) -> dict:
     at once: the next attempt goes to another provider, there is nothing to wait for."""
     return {
         "match": {"prefix": "/", "headers": [{"name": ORDER_HEADER, "present_match": True}]},
+        # Envoy keeps a request body for retries only up to this; past it, no retry happens
+        "per_request_buffer_limit_bytes": body_limit + (1 << 20),
         "route": {
             "inline_cluster_specifier_plugin": {"extension": {"name": MATCHER_PLUGIN, "clusters": sorted(clusters)}},
             "timeout": "0s",

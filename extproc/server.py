@@ -31,7 +31,7 @@ from .errors import GatewayError
 from .names import CLUSTER_HEADER, INTERNAL_HEADER_PREFIX, METADATA_NAMESPACE
 from .rewrite import rewrite_body
 from .routing import RoutingTable, Target
-from .failover import PassiveHealth, attempt_order
+from .failover import FAILOVER_BODY_MAX, PassiveHealth, attempt_order
 from .retry_rewrite import order_headers
 from .sse import SSEReader
 
@@ -162,9 +162,10 @@ class ExternalProcessor:
         common.header_mutation.set_headers.append(_header("content-length", str(len(rewritten.body))))
         if isinstance(strip, tuple):  # a rule with retries: the attempt order and retry policy
             strip, failover_headers = strip
-            common.header_mutation.set_headers.extend(_header(k, v) for k, v in failover_headers)
-            set_now = {k for k, _ in failover_headers}
-            strip = [name for name in strip if name not in set_now]
+            if len(rewritten.body) <= FAILOVER_BODY_MAX:  # larger: one attempt (docs/failover.md)
+                common.header_mutation.set_headers.extend(_header(k, v) for k, v in failover_headers)
+                set_now = {k for k, _ in failover_headers}
+                strip = [name for name in strip if name not in set_now]
         if strip:  # whatever the gateway sets itself is overwritten anyway; the rest goes
             common.header_mutation.remove_headers.extend(
                 name for name in strip if name not in _SET_BY_GATEWAY)

@@ -251,3 +251,69 @@ def test_every_candidate_cooling_tries_the_primary_anyway(gateway, fakes):
     cooling = lambda host: gw.metrics().get(("llm_gateway_provider_cooling_down", frozenset({("provider", host)})))
     wait_until(lambda: cooling(A) == 1 and cooling(B) == 1, 10, lambda: str(gw.metrics()))
     answered_by(gw.request(ROUTE, CHAT), A)
+
+
+def read_stream(gw, host: str, headers: dict[str, str]) -> tuple[int, bytes, bool]:
+    """A streamed request: status, what arrived, and whether the answer was cut."""
+    conn = http.client.HTTPConnection("127.0.0.1", gw.listen_port, timeout=60)
+    conn.request("POST", f"http://{host}/", body=json.dumps(stream_body()),
+                 headers={"content-type": "application/json", **headers})
+    resp = conn.getresponse()
+    try:
+        body, cut = resp.read(), False
+    except http.client.IncompleteRead as error:
+        body, cut = error.partial, True
+    conn.close()
+    return resp.status, body, cut
+
+
+LONG_REPLY = " ".join(f"w{i}" for i in range(12))
+
+
+def test_a_long_stream_that_keeps_sending_is_not_cut(gateway, fakes):
+    """Six minutes scaled down: events every 0.4 s for about 5 s, with a 1 s idle bound and a
+    1 s time to first byte (perTryTimeout); no total bound is configured."""
+    _, started, _ = fakes
+    gw = gateway(config("attempts: 1\nperTryTimeout: 1s\nretryOn: [5xx]"), extra=["--idle-timeout", "1"])
+    status, body, cut = read_stream(gw, ROUTE, {"x-fake-reply": LONG_REPLY, "x-fake-event-delay": "0.4"})
+    assert status == 200 and not cut, body
+    assert body.rstrip().endswith(b"data: [DONE]")
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events_of(body) if e.get("choices")).split() \
+        == LONG_REPLY.split()
+    assert len(started[A].requests) == 1 and not started[B].requests
+
+
+def test_a_stream_that_goes_silent_is_cut(gateway, fakes):
+    _, started, _ = fakes
+    gw = gateway(config(retries=None), extra=["--idle-timeout", "1"])
+    status, body, cut = read_stream(gw, ROUTE, {"x-fake-reply": "one two three", "x-fake-event-delay": "3"})
+    assert status == 200 and cut, body  # the first event went out; then 1 s of silence ends it
+    assert b"[DONE]" not in body and len(events_of(body)) == 1
+
+
+def test_a_body_near_the_failover_limit_is_kept_for_the_retry(gateway, fakes):
+    """Envoy keeps the body for a retry only up to its buffer limit."""
+    _, started, _ = fakes
+    gw = gateway(config())
+    big = {"messages": [{"role": "user", "content": "x" * 990_000}]}
+    answered_by(gw.request(ROUTE, big, {"x-fake-fail": "a:503"}), B)
+    assert len(started[B].requests[0].body["messages"][0]["content"]) == 990_000
+    check_keys(started)
+
+
+def test_a_larger_body_goes_in_one_attempt(gateway, fakes):
+    """Past FAILOVER_BODY_MAX a request is sent once, as without retries (an Envoy 1.40 limit):
+    served when the provider answers, its failure passed on when it does not; Envoy stays up."""
+    _, started, _ = fakes
+    gw = gateway(config(), extra=["--body-limit", "3m"])
+    big = {"messages": [{"role": "user", "content": "x" * (2 << 20)}]}
+    answered_by(gw.request(ROUTE, big), A)
+    assert gw.request(ROUTE, big, {"x-fake-fail": "a:503"}).status == 503
+    assert not started[B].requests
+    answered_by(gw.request(ROUTE, CHAT, {"x-fake-fail": "a:503"}), B)  # small ones still fail over
+    assert "restarting it" not in gw.log()
+
+
+def events_of(body: bytes) -> list[dict]:
+    return [json.loads(line[6:]) for line in body.decode().splitlines()
+            if line.startswith("data: ") and line != "data: [DONE]"]
