@@ -81,6 +81,9 @@ def provider_cluster(name: str, host: str, options: UpstreamOptions) -> dict:
         # a retried attempt's body passes the retry rewrite whole (buffered): above the body limit
         # (at Envoy's 1 MiB default, a larger retried body crashed Envoy 1.40)
         "per_connection_buffer_limit_bytes": options.body_limit + BUFFER_MARGIN,
+        # retries in flight are failovers to another provider, not a retry storm on one: Envoy's
+        # default of 3 at a time would pass failures on to clients under load
+        "circuit_breakers": {"thresholds": [{"max_retries": 100_000}]},
         "type": "STATIC" if _is_ip(target.host) else "LOGICAL_DNS",
         "dns_lookup_family": "V4_PREFERRED",
         "load_assignment": {

@@ -152,14 +152,6 @@ def retry_rewrite_filters(cluster: str, body_limit: int) -> list[dict]:
         "value_match": {"exact": "1"},
     }}
     return [
-        # on every attempt: the cluster a retry of this attempt goes to (the route reads it again
-        # for each retry); nothing when the request has no attempt order
-        {"name": "llm_gateway.next_attempt", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-            "mutations": {"request_mutations": [{"append": {
-                "header": {"key": CLUSTER_HEADER, "value": f"%REQ({next_header(cluster)})%"},
-                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}]},
-        }},
         {"name": "llm_gateway.retry_rewrite", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
             "extension_config": {"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc},
@@ -168,6 +160,16 @@ def retry_rewrite_filters(cluster: str, body_limit: int) -> list[dict]:
                 "on_match": {"action": {"name": "skip", "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter"}}},
             }]}},
+        }},
+        # on every attempt: the cluster a retry of this attempt goes to (the route reads it again
+        # for each retry; nothing when the request has no attempt order), and the attempt count
+        # kept from the provider (Envoy sets it again for each retry)
+        {"name": "llm_gateway.next_attempt", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            "mutations": {"request_mutations": [{"append": {
+                "header": {"key": CLUSTER_HEADER, "value": f"%REQ({next_header(cluster)})%"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}},
+                {"remove": "x-envoy-attempt-count"}]},
         }},
         {"name": "envoy.filters.http.upstream_codec", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"}},
@@ -207,7 +209,9 @@ def upstream_logs(grpc_log: dict, access_log: str | None) -> list[dict]:
     if access_log:
         logs.append({
             "name": "envoy.access_loggers.file",
-            "filter": _FAILED_ATTEMPT,
+            # only for requests with an attempt order: others keep exactly one line per request
+            "filter": {"and_filter": {"filters": [_FAILED_ATTEMPT, {"header_filter": {"header": {
+                "name": ORDER_HEADER, "present_match": True}}}]}},
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
                              "path": access_log, "log_format": {"json_format": ATTEMPT_LOG_FORMAT}},
         })

@@ -87,7 +87,7 @@ class LLMProviderSpec(_Strict):
     configs: ProviderConfigs
     # Our extension: how long the provider has for a whole answer (streamed ones included).
     timeout: str | None = Field(default=None, pattern=DURATION_PATTERN,
-                                description="Time the provider has for the whole answer, e.g. 30s or 5m (default: no total bound).")
+                                description="Time the provider has for the whole answer, e.g. 30s or 5m (no total bound unless set).")
     outlier_detection: "OutlierDetection | None" = Field(default=None, alias="outlierDetection")
     workload_selector: dict | None = Field(default=None, alias="workloadSelector")
     gateways: list[str] | None = None
