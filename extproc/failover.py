@@ -61,6 +61,8 @@ class Failover:
 
     policy: RetryPolicy
     orders: tuple[tuple[Target, ...], ...]  # by index of the weighted pick
+    # the ext_proc's prebuilt headers per (pick, providers cooling down): see extproc.server
+    cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
 
 def build_failover(targets: tuple[Target, ...], weights: tuple[int, ...], fallbacks: tuple[Target, ...],

@@ -31,7 +31,7 @@ from .errors import GatewayError
 from .names import CLUSTER_HEADER, INTERNAL_HEADER_PREFIX, METADATA_NAMESPACE
 from .rewrite import rewrite_body
 from .routing import RoutingTable, Target
-from .failover import FAILOVER_BODY_MAX, PassiveHealth, attempt_order
+from .failover import FAILOVER_BODY_MAX, Failover, PassiveHealth, attempt_order
 from .retry_rewrite import order_headers
 from .sse import SSEReader
 
@@ -103,6 +103,20 @@ _CLIENT_MUST_NOT_SET = ("x-envoy-", INTERNAL_HEADER_PREFIX)
 _SET_BY_GATEWAY = frozenset({CLUSTER_HEADER, "x-envoy-upstream-rq-timeout-ms"})
 
 
+def _failover_headers(failover: Failover, picked: int, cooling: tuple[str, ...]
+                      ) -> tuple[Target, list[base_pb2.HeaderValueOption]]:
+    """The first target and the headers of a request with retries (attempt order, retry
+    policy), built once per weighted pick and cool-down state and kept on the rule's failover."""
+    key = (picked, cooling)
+    cached = failover.cache.get(key)
+    if cached is None:
+        order = attempt_order(failover, picked, cooling)
+        if len(failover.cache) > 256:
+            failover.cache.clear()
+        cached = failover.cache[key] = (order[0], [_header(k, v) for k, v in order_headers(order, failover.policy)])
+    return cached
+
+
 class ExternalProcessor:
     """The ext_proc service. `exchange()` makes the state of one stream, which the lean HTTP/2
     server (`extproc.h2_server`) drives message by message."""
@@ -147,8 +161,9 @@ class ExternalProcessor:
             raise GatewayError(404, f"no rule of route {route.name} matches the request", "no_matching_rule")
         if rule.failover is None:
             return authority, rule.pick(self._draw()), strip
-        order = attempt_order(rule.failover, rule.pick_index(self._draw()), self._health.cooling(self._clock()))
-        return authority, order[0], (strip, order_headers(order, rule.failover.policy))
+        picked, cooling = rule.pick_index(self._draw()), self._health.cooling(self._clock())
+        target, headers = _failover_headers(rule.failover, picked, tuple(sorted(cooling)))
+        return authority, target, (strip, headers)
 
     @staticmethod
     def _forward(body: bytes, chunks: int, target: Target, started: float, authority: str,
@@ -163,9 +178,9 @@ class ExternalProcessor:
         if isinstance(strip, tuple):  # a rule with retries: the attempt order and retry policy
             strip, failover_headers = strip
             if len(rewritten.body) <= FAILOVER_BODY_MAX:  # larger: one attempt (docs/failover.md)
-                common.header_mutation.set_headers.extend(_header(k, v) for k, v in failover_headers)
-                set_now = {k for k, _ in failover_headers}
-                strip = [name for name in strip if name not in set_now]
+                common.header_mutation.set_headers.extend(failover_headers)
+                if strip:
+                    strip = [name for name in strip if name not in {h.header.key for h in failover_headers}]
         if strip:  # whatever the gateway sets itself is overwritten anyway; the rest goes
             common.header_mutation.remove_headers.extend(
                 name for name in strip if name not in _SET_BY_GATEWAY)
