@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("--admin", type=_host_port, default=HostPort("127.0.0.1", 9901), metavar="HOST:PORT")
     ec.add_argument("--body-limit", type=_size, default=DEFAULT_BODY_LIMIT, metavar="SIZE")
     ec.add_argument("--body-timeout", type=_seconds, default=DEFAULT_BODY_TIMEOUT_S, metavar="SECONDS")
+    ec.add_argument("--idle-timeout", type=_seconds, default=DEFAULT_IDLE_TIMEOUT_S, metavar="SECONDS",
+                    help=f"silence allowed in an answer, e.g. between streamed events (default {DEFAULT_IDLE_TIMEOUT_S:g} s)")
     ec.add_argument("--access-log", default="/dev/stdout", metavar="PATH",
                     help="file for Envoy's JSON access log (default /dev/stdout; 'none' for none)")
     ec.add_argument("--sidecar", action="store_true",
@@ -227,7 +229,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_envoy_config(args: argparse.Namespace) -> int:
     opts = BootstrapOptions(listen=args.listen, admin=args.admin, control=args.control, ext_proc=args.ext_proc,
                             body_limit=args.body_limit, body_timeout_s=args.body_timeout,
-                            access_log=_access_log(args.access_log), sidecar=args.sidecar)
+                            access_log=_access_log(args.access_log), sidecar=args.sidecar,
+                            idle_timeout_s=args.idle_timeout)
     json.dump(bootstrap(opts), sys.stdout, indent=2)
     print()
     return 0

@@ -18,6 +18,7 @@ answers within one request; several "name:failure" items may be given, comma-sep
   x-fake-fail: a:close       fake `a` closes the connection without answering
   x-fake-fail: a:cut=1       fake `a` streams 1 event, then closes the connection mid-stream
   x-fake-fail: a:503/2       ... only every second request fake `a` receives (1st, 3rd, ...)
+  x-fake-retry-after: 60     an error answer carries `Retry-After: 60`
 """
 
 from __future__ import annotations
@@ -222,6 +223,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, payload: bytes, content_type: str) -> None:
         self.send_response(status)
+        if status >= 400 and "x-fake-retry-after" in self.headers:
+            self.send_header("retry-after", self.headers["x-fake-retry-after"])
         self.send_header("content-type", content_type)
         self.send_header("content-length", str(len(payload)))
         self.end_headers()

@@ -135,6 +135,13 @@ def test_a_fails_b_answers(gateway, fakes, failure):
     assert entry["tried"] == A, entry
     attempt = wait_until(lambda: [e for e in gw.access_entries() if e.get("kind") == "attempt"], 10)[-1]
     assert attempt["upstream_cluster"] == "llm_provider_a_example_com"
+    # metrics: A's failed attempt by reason, a failover from A, B's answer
+    reason = "timeout" if failure.startswith("delay") else failure
+    metric = lambda name, **labels: gw.metrics().get((name, frozenset(labels.items())))  # noqa: E731
+    wait_until(lambda: metric("llm_gateway_failovers_total", provider=A, reason=reason) == 1, 10,
+               lambda: str(gw.metrics()))
+    assert metric("llm_gateway_provider_attempts_total", provider=A, result=reason) == 1
+    assert metric("llm_gateway_provider_attempts_total", provider=B, result="ok") == 1
 
 
 def test_connection_refused_fails_over(gateway, fakes):
@@ -332,3 +339,12 @@ end
     failed_a = sum(1 for r in started[A].requests) // 2
     assert failed_a > 0 and len(started[B].requests) >= failed_a * 0.9 - 1, (len(started[A].requests), len(started[B].requests))
     check_keys(started)
+
+
+def test_429_with_retry_after_moves_on_at_once(gateway, fakes):
+    """A's Retry-After (60 s, past the client's own 30 s timeout) is not waited for: the
+    request goes on to B."""
+    _, started, _ = fakes
+    gw = gateway(config())
+    answered_by(gw.request(ROUTE, CHAT, {"x-fake-fail": "a:429", "x-fake-retry-after": "60"}), B)
+    assert len(started[A].requests) == 1 and len(started[B].requests) == 1
