@@ -11,13 +11,12 @@ The answer never carries another provider's key: every attempt sets (or removes)
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from .errors import GatewayError
-from .failover import RetryPolicy
+from .failover import Failover, RetryPolicy, attempt_order
 from .failover_envoy import NO_PROVIDER_CLUSTER, next_header
 from .names import METADATA_NAMESPACE, ORDER_HEADER
 from .rewrite import rewrite_body
@@ -33,7 +32,19 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
                                       append_action=_OVERWRITE)
 
 
-@lru_cache(maxsize=4096)
+def first_attempt(failover: Failover, picked: int, cooling) -> tuple[Target, list[base_pb2.HeaderValueOption]]:
+    """The first target of a request with retries and its headers (attempt order, retry policy),
+    built once per weighted pick and set of providers cooling down, and kept on the rule."""
+    key = (picked, tuple(sorted(cooling)) if cooling else ())
+    cached = failover.cache.get(key)
+    if cached is None:
+        order = attempt_order(failover, picked, cooling)
+        if len(failover.cache) > 256:  # cool-down states come and go
+            failover.cache.clear()
+        cached = failover.cache[key] = (order[0], [_header(k, v) for k, v in order_headers(order, failover.policy)])
+    return cached
+
+
 def order_headers(order: tuple[Target, ...], policy: RetryPolicy) -> tuple[tuple[str, str], ...]:
     """The headers a request with retries carries: its attempt order (cluster names, which
     Envoy's failover route reads per attempt) and the retry policy for Envoy's router."""

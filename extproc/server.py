@@ -31,8 +31,8 @@ from .errors import GatewayError
 from .names import CLUSTER_HEADER, INTERNAL_HEADER_PREFIX, METADATA_NAMESPACE
 from .rewrite import rewrite_body
 from .routing import RoutingTable, Target
-from .failover import FAILOVER_BODY_MAX, Failover, PassiveHealth, attempt_order
-from .retry_rewrite import order_headers
+from .failover import FAILOVER_BODY_MAX, PassiveHealth
+from .retry_rewrite import first_attempt
 from .sse import SSEReader
 
 log = logging.getLogger("extproc.server")
@@ -103,20 +103,6 @@ _CLIENT_MUST_NOT_SET = ("x-envoy-", INTERNAL_HEADER_PREFIX)
 _SET_BY_GATEWAY = frozenset({CLUSTER_HEADER, "x-envoy-upstream-rq-timeout-ms"})
 
 
-def _failover_headers(failover: Failover, picked: int, cooling: tuple[str, ...]
-                      ) -> tuple[Target, list[base_pb2.HeaderValueOption]]:
-    """The first target and the headers of a request with retries (attempt order, retry
-    policy), built once per weighted pick and cool-down state and kept on the rule's failover."""
-    key = (picked, cooling)
-    cached = failover.cache.get(key)
-    if cached is None:
-        order = attempt_order(failover, picked, cooling)
-        if len(failover.cache) > 256:
-            failover.cache.clear()
-        cached = failover.cache[key] = (order[0], [_header(k, v) for k, v in order_headers(order, failover.policy)])
-    return cached
-
-
 class ExternalProcessor:
     """The ext_proc service. `exchange()` makes the state of one stream, which the lean HTTP/2
     server (`extproc.h2_server`) drives message by message."""
@@ -133,7 +119,7 @@ class ExternalProcessor:
     def exchange(self) -> "Exchange":
         return Exchange(self)
 
-    def _choose(self, headers_msg: pb.HttpHeaders) -> tuple[str, Target, list[str]]:
+    def _choose(self, headers_msg: pb.HttpHeaders) -> tuple[str, Target, list[str], tuple]:
         """The target, and the client headers that must not reach Envoy's router or the provider:
         `x-envoy-*` (timeouts, retries) and the gateway's own."""
         headers = headers_msg.headers.headers
@@ -160,14 +146,16 @@ class ExternalProcessor:
         if rule is None:
             raise GatewayError(404, f"no rule of route {route.name} matches the request", "no_matching_rule")
         if rule.failover is None:
-            return authority, rule.pick(self._draw()), strip
-        picked, cooling = rule.pick_index(self._draw()), self._health.cooling(self._clock())
-        target, headers = _failover_headers(rule.failover, picked, tuple(sorted(cooling)))
-        return authority, target, (strip, headers)
+            return authority, rule.pick(self._draw()), strip, ()
+        # a rule with retries: the first provider of the attempt order, and the headers that give
+        # Envoy the order and the retry policy (extproc.retry_rewrite)
+        target, failover_headers = first_attempt(rule.failover, rule.pick_index(self._draw()),
+                                                 self._health.cooling(self._clock()))
+        return authority, target, strip, failover_headers
 
     @staticmethod
     def _forward(body: bytes, chunks: int, target: Target, started: float, authority: str,
-                 strip: list[str]) -> list[pb.ProcessingResponse]:
+                 strip: list[str], failover_headers=()) -> list[pb.ProcessingResponse]:
         """The held answer to the headers, then one answer per body chunk: all emptied but the
         last, which carries the whole rewritten body."""
         rewritten = rewrite_body(body, target)
@@ -175,12 +163,10 @@ class ExternalProcessor:
         common = response.request_headers.response
         common.header_mutation.CopyFrom(_target_mutation(target))
         common.header_mutation.set_headers.append(_header("content-length", str(len(rewritten.body))))
-        if isinstance(strip, tuple):  # a rule with retries: the attempt order and retry policy
-            strip, failover_headers = strip
-            if len(rewritten.body) <= FAILOVER_BODY_MAX:  # larger: one attempt (docs/failover.md)
-                common.header_mutation.set_headers.extend(failover_headers)
-                if strip:
-                    strip = [name for name in strip if name not in {h.header.key for h in failover_headers}]
+        if failover_headers and len(rewritten.body) <= FAILOVER_BODY_MAX:  # larger: one attempt (docs/failover.md)
+            common.header_mutation.set_headers.extend(failover_headers)
+            if strip:  # a client's x-envoy-retry-on and the like: overwritten, not removed
+                strip = [name for name in strip if name not in {h.header.key for h in failover_headers}]
         if strip:  # whatever the gateway sets itself is overwritten anyway; the rest goes
             common.header_mutation.remove_headers.extend(
                 name for name in strip if name not in _SET_BY_GATEWAY)
@@ -201,7 +187,8 @@ class Exchange:
     when its body is whole (or at once with an error); an answer's messages each at once. The
     stream ends as soon as nothing more is needed, before Envoy has to cancel it."""
 
-    __slots__ = ("_processor", "_target", "_started", "_authority", "_strip", "_body", "_chunks", "_observer")
+    __slots__ = ("_processor", "_target", "_started", "_authority", "_strip", "_failover", "_body", "_chunks",
+                 "_observer")
 
     def __init__(self, processor: ExternalProcessor):
         self._processor = processor
@@ -209,6 +196,7 @@ class Exchange:
         self._started = 0.0
         self._authority = ""
         self._strip: list[str] = []
+        self._failover: tuple = ()  # a rule with retries: the attempt order's headers
         self._body = bytearray()
         self._chunks = 0
         self._observer: _EventStreamObserver | None = None
@@ -226,7 +214,7 @@ class Exchange:
         try:
             if phase == "request_headers":
                 self._started = processor._clock()
-                self._authority, self._target, self._strip = processor._choose(request.request_headers)
+                self._authority, self._target, self._strip, self._failover = processor._choose(request.request_headers)
                 return [], False  # answered with the body
             if phase == "request_body":
                 if self._target is None:  # cannot happen with our bootstrap; never forward unrewritten
@@ -239,7 +227,7 @@ class Exchange:
                 if not chunk.end_of_stream:
                     return [], False
                 return processor._forward(bytes(self._body), self._chunks, self._target, self._started,
-                                          self._authority, self._strip), True
+                                          self._authority, self._strip, self._failover), True
             if phase == "response_headers":
                 self._observer = _EventStreamObserver(request.metadata_context, processor._clock)
                 return [_CONTINUE_RESPONSE_HEADERS], False
