@@ -180,3 +180,116 @@ def test_route_proto_carries_the_fields_our_protobuf_package_lacks():
     clean, where = with_raw_fields({"virtual_hosts": [{"routes": [failover_route(["x"], 1 << 20)]}]})
     assert where == [(0, 0, ["x"])] and "inline_cluster_specifier_plugin" not in clean["virtual_hosts"][0]["routes"][0]["route"]
     assert add_raw_fields  # used by to_route_proto above
+
+
+# The ext_proc: the first attempt's answer, and a retried attempt's rewrite.
+
+def _exchange_messages(table, extra=None, body=None):
+    import json as _json
+
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    from extproc.server import ExternalProcessor, TableHolder
+
+    pairs = {":method": "POST", ":path": "/", ":authority": "svc", **(extra or {})}
+    headers = pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(
+        headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs.items()])))
+    raw = body if body is not None else _json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+    body_msg = pb.ProcessingRequest(request_body=pb.HttpBody(body=raw, end_of_stream=True))
+    exchange = ExternalProcessor(TableHolder(table), draw=lambda: 0.0).exchange()
+    exchange.on_request(headers)
+    responses, done = exchange.on_request(body_msg)
+    mutation = responses[0].request_headers.response.header_mutation
+    return ({o.header.key: o.header.raw_value.decode() for o in mutation.set_headers}, list(mutation.remove_headers))
+
+
+def test_first_attempt_of_a_rule_with_retries_carries_order_and_policy():
+    c = compiled(CONFIG)
+    headers, removed = _exchange_messages(c.table, {"x-envoy-retry-on": "reset", "x-envoy-max-retries": "9",
+                                                    "x-envoy-hedge-on-per-try-timeout": "true"})
+    assert headers["authorization"] == "Bearer ka" and headers[":authority"] == "a.example.com"
+    assert headers["x-llm-gateway-order"] == "llm_provider_a_example_com,llm_provider_b_example_com"
+    assert headers["x-envoy-max-retries"] == "1" and headers["x-envoy-retry-on"] == "5xx,retriable-status-codes"
+    assert headers["x-envoy-upstream-rq-per-try-timeout-ms"] == "20000"
+    assert "x-envoy-upstream-rq-timeout-ms" in removed  # provider a sets no total bound
+    assert "x-envoy-hedge-on-per-try-timeout" in removed  # the client's own x-envoy-* go
+    assert "x-envoy-retry-on" not in removed  # overwritten with the rule's policy
+
+
+def test_rule_without_retries_sets_no_order_and_strips_client_retry_headers():
+    c = compiled(CONFIG.replace("    retries: {attempts: 1, perTryTimeout: 20s, retryOn: [5xx, 429]}\n", ""))
+    headers, removed = _exchange_messages(c.table, {"x-envoy-retry-on": "5xx", "x-envoy-max-retries": "3"})
+    assert not any(k.startswith(("x-llm-gateway-order", "x-llm-gateway-next", "x-envoy-retry")) for k in headers)
+    assert {"x-envoy-retry-on", "x-envoy-max-retries"} <= set(removed)
+
+
+def test_a_body_over_the_failover_limit_goes_in_one_attempt():
+    import json as _json
+
+    from extproc.failover import FAILOVER_BODY_MAX
+
+    c = compiled(CONFIG)
+    big = _json.dumps({"messages": [{"role": "user", "content": "x" * FAILOVER_BODY_MAX}]}).encode()
+    headers, _ = _exchange_messages(c.table, body=big)
+    assert "x-llm-gateway-order" not in headers and "x-envoy-retry-on" not in headers
+
+
+def test_cooling_provider_is_left_out_of_the_first_attempt():
+    from extproc.retry_rewrite import first_attempt
+
+    rule = compiled(CONFIG).table.route_for("svc").rules[0]
+    target, headers = first_attempt(rule.failover, 0, {"a.example.com": 99.0})
+    assert target.provider_host == "b.example.com"
+    values = {h.header.key: h.header.raw_value.decode() for h in headers}
+    assert values["x-llm-gateway-order"] == "llm_provider_b_example_com"
+    assert first_attempt(rule.failover, 0, {})[0].provider_host == "a.example.com"
+
+
+def _retry(table, order: str, attempt: int, route: str = "default/r", rule: str = "main", body: bytes | None = None):
+    import json as _json
+
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    from extproc.retry_rewrite import RetryExchange
+
+    headers = pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
+        base_pb2.HeaderValue(key="x-llm-gateway-order", raw_value=order.encode()),
+        base_pb2.HeaderValue(key="x-envoy-attempt-count", raw_value=str(attempt).encode()),
+        base_pb2.HeaderValue(key="authorization", raw_value=b"Bearer ka")])))
+    headers.metadata_context.filter_metadata["llm_gateway"].update({"route": route, "rule": rule})
+    exchange = RetryExchange(table)
+    first, done = exchange.on_request(headers)
+    if done:
+        return first, None
+    raw = body or _json.dumps({"model": "ma", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    second, done = exchange.on_request(pb.ProcessingRequest(request_body=pb.HttpBody(body=raw, end_of_stream=True)))
+    assert done
+    return first, second
+
+
+def test_retried_attempt_is_rewritten_for_its_provider():
+    import json as _json
+
+    table = compiled(CONFIG).table
+    (head,), (body,) = _retry(table, "llm_provider_a_example_com,llm_provider_b_example_com", 2)
+    values = {o.header.key: o.header.raw_value.decode() for o in head.request_headers.response.header_mutation.set_headers}
+    assert values == {":path": "/v1/chat/completions", ":authority": "b.example.com", "authorization": "Bearer kb"}
+    common = body.request_body.response
+    assert _json.loads(common.body_mutation.body)["model"] == "mb-main"
+    meta = body.dynamic_metadata.fields["llm_gateway"].struct_value.fields
+    assert meta["provider"].string_value == "default/b" and meta["tried"].string_value == "a.example.com"
+
+
+@pytest.mark.parametrize("order, attempt, route, code", [
+    ("llm_provider_a_example_com", 2, "default/r", "retry_error"),  # beyond the order
+    ("llm_provider_a_example_com,llm_provider_b_example_com", 1, "default/r", "retry_error"),
+    ("llm_provider_a_example_com,llm_provider_b_example_com", 2, "default/gone", "retry_provider_gone"),
+])
+def test_retry_that_cannot_be_prepared_is_an_error_not_a_request_with_the_old_key(order, attempt, route, code):
+    import json as _json
+
+    (answer,), _ = _retry(compiled(CONFIG).table, order, attempt, route=route)
+    assert answer.WhichOneof("response") == "immediate_response"
+    assert _json.loads(answer.immediate_response.body)["error"]["code"] == code
