@@ -293,3 +293,23 @@ def test_retry_that_cannot_be_prepared_is_an_error_not_a_request_with_the_old_ke
     (answer,), _ = _retry(compiled(CONFIG).table, order, attempt, route=route)
     assert answer.WhichOneof("response") == "immediate_response"
     assert _json.loads(answer.immediate_response.body)["error"]["code"] == code
+
+
+def test_dry_run_describes_policy_and_orders():
+    from extproc.failover import describe_failover
+
+    rule = compiled(CONFIG).table.route_for("svc").rules[0]
+    text = describe_failover(rule)
+    assert "attempts=1 perTryTimeout=20s retryOn=5xx,429" in text
+    assert "when a.example.com is picked: a.example.com -> b.example.com" in text
+    plain = compiled(CONFIG.replace("    retries: {attempts: 1, perTryTimeout: 20s, retryOn: [5xx, 429]}\n", ""))
+    assert describe_failover(plain.table.route_for("svc").rules[0]).startswith("retries: none")
+
+
+def test_crds_carry_the_new_fields():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "k8s" / "crds.yaml").read_text()
+    for name in ("fallbackRefs", "retries", "perTryTimeout", "retryOn", "outlierDetection", "consecutiveErrors",
+                 "baseEjectionTime"):
+        assert f"{name}:" in text, name
