@@ -348,3 +348,11 @@ def test_429_with_retry_after_moves_on_at_once(gateway, fakes):
     gw = gateway(config())
     answered_by(gw.request(ROUTE, CHAT, {"x-fake-fail": "a:429", "x-fake-retry-after": "60"}), B)
     assert len(started[A].requests) == 1 and len(started[B].requests) == 1
+
+
+def test_a_provider_that_never_answers_is_bounded_by_the_idle_timeout(gateway, fakes):
+    """No total bound is configured: the idle bound still ends a wait for an answer, as a JSON 504."""
+    gw = gateway(config(retries=None), extra=["--idle-timeout", "1"])
+    resp = gw.request(ROUTE, CHAT, {"x-fake-delay": "3"})
+    assert resp.status == 504 and resp.json()["error"]["code"] == "upstream_timeout", resp.body
+    assert "stream_idle_timeout" in resp.json()["error"]["message"]
