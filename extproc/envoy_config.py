@@ -17,7 +17,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa
 
 from .errors import error_type
 from .failover_envoy import add_raw_fields, failover_route, retry_rewrite_filters, upstream_logs, with_raw_fields
-from .names import CLUSTER_HEADER, CONTROL_CLUSTER, EXT_PROC_CLUSTER, METADATA_NAMESPACE, ORDER_HEADER
+from .names import CLUSTER_HEADER, CONTROL_CLUSTER, EXT_PROC_CLUSTER, METADATA_NAMESPACE
 
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 DEFAULT_BODY_LIMIT = 8 * 1024 * 1024
@@ -285,7 +285,6 @@ def _grpc_access_log() -> dict:
             "common_config": {"log_name": "llm_gateway", "transport_api_version": "V3",
                               "grpc_service": {"envoy_grpc": {"cluster_name": EXT_PROC_CLUSTER}},
                               "buffer_flush_interval": "0.5s"},
-            "additional_request_headers_to_log": [ORDER_HEADER],
         },
     }
 
