@@ -94,19 +94,6 @@ def attempt_order(failover: Failover, picked: int, cooling: Mapping[str, float] 
     return order[: 1 + failover.policy.attempts]
 
 
-# Why an attempt failed, from what Envoy's upstream log says about it.
-def failure_reason(status: int, flags: str, transport_failure: str = "") -> str:
-    if "UF" in flags.split(","):
-        return "tls" if "TLS" in transport_failure.upper() or "CERTIFICATE" in transport_failure.upper() else "connect_failure"
-    if "UT" in flags.split(","):
-        return "timeout"
-    if status:
-        return str(status)
-    if "UC" in flags.split(",") or "UR" in flags.split(","):
-        return "reset"
-    return "no_answer"
-
-
 def is_health_failure(status: int) -> bool:
     """A failure that counts against a provider's health: 5xx, 429, no answer at all."""
     return status == 0 or status == 429 or status >= 500

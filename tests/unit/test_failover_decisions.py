@@ -313,3 +313,63 @@ def test_crds_carry_the_new_fields():
     for name in ("fallbackRefs", "retries", "perTryTimeout", "retryOn", "outlierDetection", "consecutiveErrors",
                  "baseEjectionTime"):
         assert f"{name}:" in text, name
+
+
+def _entry(cluster: str, status: int, attempt: int = 1, request_id: str = "r1", upstream: bool = False, **flags):
+    from envoy.data.accesslog.v3 import accesslog_pb2
+
+    entry = accesslog_pb2.HTTPAccessLogEntry()
+    common = entry.common_properties
+    common.upstream_cluster = cluster
+    common.upstream_request_attempt_count = attempt
+    common.access_log_type = accesslog_pb2.AccessLogType.Value("UpstreamEnd" if upstream else "DownstreamEnd")
+    for name, value in flags.items():
+        if name == "failure":
+            common.upstream_transport_failure_reason = value
+        else:
+            setattr(common.response_flags, name, value)
+    if status:
+        entry.response.response_code.value = status
+    entry.request.request_id = request_id
+    return entry
+
+
+@pytest.mark.parametrize("status, flags, reason", [
+    (503, {}, "503"),
+    (429, {}, "429"),
+    (0, {"upstream_connection_failure": True}, "connect_failure"),
+    (0, {"upstream_connection_failure": True, "failure": "TLS_error:|268435581:SSL routines:CERTIFICATE_VERIFY_FAILED"}, "tls"),
+    (0, {"upstream_request_timeout": True}, "timeout"),
+    (0, {"upstream_remote_reset": True}, "reset"),
+    (0, {}, "no_answer"),
+])
+def test_attempt_reason(status, flags, reason):
+    from extproc.failover_log import attempt_reason
+
+    assert attempt_reason(_entry("c", status, upstream=True, **flags)) == reason
+
+
+def test_observer_counts_failovers_and_feeds_passive_health():
+    from prometheus_client import CollectorRegistry
+
+    from extproc.failover_log import FailoverObserver
+
+    registry = CollectorRegistry()
+    health = PassiveHealth({"a.example.com": (2, 30.0)})
+    observer = FailoverObserver(health, registry, clock=lambda: 100.0,
+                                hosts=lambda: {"llm_provider_a_example_com": "a.example.com",
+                                               "llm_provider_b_example_com": "b.example.com"})
+    # request r1: A fails (503), B answers
+    observer.observe(_entry("llm_provider_a_example_com", 503, 1, "r1", upstream=True))
+    observer.observe(_entry("llm_provider_b_example_com", 200, 2, "r1"))
+    # request r2: A fails again and nothing else was tried
+    observer.observe(_entry("llm_provider_a_example_com", 503, 1, "r2", upstream=True))
+    observer.observe(_entry("llm_provider_a_example_com", 503, 1, "r2"))
+    value = lambda name, **labels: registry.get_sample_value(name, labels)  # noqa: E731
+    assert value("llm_gateway_failovers_total", provider="a.example.com", reason="503") == 1
+    assert value("llm_gateway_provider_attempts_total", provider="a.example.com", result="503") == 2
+    assert value("llm_gateway_provider_attempts_total", provider="b.example.com", result="ok") == 1
+    assert value("llm_gateway_provider_cooling_down", provider="a.example.com") == 1  # two in a row
+    # an answer from A (a 4xx is the client's fault) clears it
+    observer.observe(_entry("llm_provider_a_example_com", 400, 1, "r3"))
+    assert value("llm_gateway_provider_cooling_down", provider="a.example.com") == 0
