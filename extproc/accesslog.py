@@ -17,6 +17,8 @@ from envoy.service.accesslog.v3 import als_pb2
 
 from .budgets import bucket_id, tokens_to_charge
 from .metrics import GatewayMetrics, RequestRecord
+
+UPSTREAM_END = accesslog_pb2.AccessLogType.Value("UpstreamEnd")
 from .names import METADATA_NAMESPACE
 
 log = logging.getLogger("extproc.accesslog")
@@ -134,9 +136,10 @@ STREAM_ACCESS_LOGS = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessL
 class AccessLogReceiver:
     """`StreamAccessLogs`: a client stream of batches, one empty answer when Envoy closes it."""
 
-    def __init__(self, metrics: GatewayMetrics, budgets=None):
+    def __init__(self, metrics: GatewayMetrics, budgets=None, failover=None):
         self._metrics = metrics
         self._budgets = budgets  # extproc.budget_store.BudgetGate: charged from each finished answer
+        self._failover = failover  # extproc.failover_log.FailoverObserver: attempts, passive health
 
     def call(self, identity=None) -> "AccessLogReceiver":
         return self  # no state per stream; any authenticated Envoy may report usage
@@ -145,10 +148,13 @@ class AccessLogReceiver:
         owed: dict[tuple[str, ...], int] = {}  # a batch's usage summed per set of buckets, charged once
         for entry in als_pb2.StreamAccessLogsMessage.FromString(data).http_logs.log_entry:
             try:
-                record = record_from_entry(entry)
-                self._metrics.observe(record)
-                if self._budgets is not None:
-                    charge_budgets(owed, entry, record)
+                if self._failover is not None:
+                    self._failover.observe(entry)
+                if entry.common_properties.access_log_type != UPSTREAM_END:  # attempts are not requests
+                    record = record_from_entry(entry)
+                    self._metrics.observe(record)
+                    if self._budgets is not None:
+                        charge_budgets(owed, entry, record)
             except Exception:  # one odd entry must not stop the stream
                 log.exception("cannot record an access log entry")
         for buckets, tokens in owed.items():

@@ -14,8 +14,9 @@ from pathlib import Path
 from .config.problems import ConfigError
 from .config.watch import load_config
 from .auth import DEFAULT_AUDIENCE, home_namespace
-from .envoy_config import (DEFAULT_BODY_LIMIT, DEFAULT_BODY_TIMEOUT_S, SYSTEM_CA_BUNDLE, BootstrapOptions, HostPort,
-                           UpstreamOptions, bootstrap, token_sds)
+from .envoy_config import (DEFAULT_BODY_LIMIT, DEFAULT_BODY_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, SYSTEM_CA_BUNDLE,
+                           BootstrapOptions, HostPort, UpstreamOptions, bootstrap, token_sds)
+from .failover import describe_failover
 from .gateways import add_gateway_args, forward_of, view_from_args
 from .runner import StartupError, UpOptions, config_source, load_initial, run_up
 from .scale_args import add_leader_args, add_scale_args, add_worker_args, check_scale_args, leader_for
@@ -114,7 +115,8 @@ def _add_redis_args(p: argparse.ArgumentParser) -> None:
 
 
 def _upstream(args: argparse.Namespace) -> UpstreamOptions:
-    return UpstreamOptions(ca_file=args.upstream_ca, resolve=dict(args.resolve))
+    return UpstreamOptions(ca_file=args.upstream_ca, resolve=dict(args.resolve),
+                           body_limit=getattr(args, "body_limit", DEFAULT_BODY_LIMIT))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--concurrency", type=int, default=None, metavar="N", help="Envoy worker threads (default: one per core)")
     up.add_argument("--body-limit", type=_size, default=DEFAULT_BODY_LIMIT, metavar="SIZE",
                     help="largest request body accepted (default 8m); larger gets 413")
+    up.add_argument("--idle-timeout", type=_seconds, default=DEFAULT_IDLE_TIMEOUT_S, metavar="SECONDS",
+                    help="silence allowed while waiting for or reading an answer, e.g. between streamed "
+                         f"events (default {DEFAULT_IDLE_TIMEOUT_S:g} s); past it the answer is cut")
     up.add_argument("--body-timeout", type=_seconds, default=DEFAULT_BODY_TIMEOUT_S, metavar="SECONDS",
                     help="how long a client may take to send its request body (default 30); later gets 408")
     up.add_argument("--envoy-log-level", default="warning", choices=["info", "warning", "error", "critical", "off"],
@@ -189,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("--admin", type=_host_port, default=HostPort("127.0.0.1", 9901), metavar="HOST:PORT")
     ec.add_argument("--body-limit", type=_size, default=DEFAULT_BODY_LIMIT, metavar="SIZE")
     ec.add_argument("--body-timeout", type=_seconds, default=DEFAULT_BODY_TIMEOUT_S, metavar="SECONDS")
+    ec.add_argument("--idle-timeout", type=_seconds, default=DEFAULT_IDLE_TIMEOUT_S, metavar="SECONDS",
+                    help=f"silence allowed in an answer, e.g. between streamed events (default {DEFAULT_IDLE_TIMEOUT_S:g} s)")
     ec.add_argument("--access-log", default="/dev/stdout", metavar="PATH",
                     help="file for Envoy's JSON access log (default /dev/stdout; 'none' for none)")
     ec.add_argument("--socket-dir", metavar="DIR",
@@ -244,6 +251,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     check_scale_args(args)
     opts = UpOptions(config=args.config or [], listen=args.listen, admin=args.admin, upstream=_upstream(args),
                      body_limit=args.body_limit, body_timeout_s=args.body_timeout, concurrency=args.concurrency,
+                     idle_timeout_s=args.idle_timeout,
                      envoy_log_level=args.envoy_log_level,
                      metrics=args.metrics, access_log=_access_log(args.access_log),
                      kubernetes=args.kubernetes, namespace=args.namespace, key_env=dict(args.key_env),
@@ -361,7 +369,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
                             body_limit=args.body_limit, body_timeout_s=args.body_timeout,
                             access_log=_access_log(args.access_log), sidecar=args.sidecar, socket_dir=args.socket_dir,
                             token_sds=args.token_sds if args.token_file and args.socket_dir is None else None,
-                            readiness=args.readiness)
+                            readiness=args.readiness, idle_timeout_s=args.idle_timeout)
     json.dump(bootstrap(opts), sys.stdout, indent=2)
     print()
     return 0
@@ -420,6 +428,7 @@ def cmd_route(args: argparse.Namespace) -> int:
         stream = "" if target.stream is None else f" stream={str(target.stream).lower()}"
         print(f"  {share:5.1f}%  provider {target.provider} ({target.provider_host}{target.path})"
               f"  model {target.model}{stream}  cluster {target.cluster}")
+    print(describe_failover(rule))
     if compiled.table.budgets is not None:
         from .budgets import describe
 

@@ -24,7 +24,8 @@ from .budget_store import BudgetGate
 from .admission import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT, Inflight, register_metrics
 from .drain import HEALTH_CHECK, HealthCheck
 from .config.compile import Compiled
-from .envoy_config import (DEFAULT_BODY_LIMIT, HostPort, UpstreamOptions, provider_cluster, route_configuration,
+from .envoy_config import (DEFAULT_BODY_LIMIT, HostPort, UpstreamOptions, any_host_route_configuration,
+                           provider_cluster, route_configuration,
                            to_cluster_proto, to_route_proto)
 from .auth import Authenticator, GrpcAuthInterceptor
 from .gateways import egress_clusters, forwarded_clusters
@@ -32,6 +33,10 @@ from .h2_server import serve as serve_h2
 from .h2_server import serve_unix as serve_h2_unix
 from .metrics import GatewayMetrics
 from .routing import EMPTY_TABLE, RoutingTable
+from .failover import PassiveHealth
+from .failover_log import FailoverObserver
+from .names import RETRY_AUTHORITY
+from .retry_rewrite import RetryRewriter
 from .server import PROCESS, ExternalProcessor, TableHolder
 from .xds import CLUSTER_TYPE_URL, ROUTE_TYPE_URL, ClusterDiscovery, Publisher, RouteDiscovery
 
@@ -60,6 +65,8 @@ class ControlPlane:
         self.loaded = False  # a config is in force (readiness)
         self.budgets = BudgetGate(self.metrics.registry, lambda: self.holder.table, redis_url, redis_fail_closed)
         self._body_limit = body_limit
+        self.health = PassiveHealth()  # failover's passive health, fed by the access log
+        self._hosts_of: tuple[RoutingTable, dict[str, str]] | None = None
         self._server: grpc.aio.Server | None = None
         self._ext_proc_server: asyncio.Server | None = None
         self.port = 0
@@ -87,9 +94,12 @@ class ControlPlane:
         log.info("xDS (CDS, RDS) listening on %s", where if socket_dir is not None else f"{listen.host}:{self.port}")
         if ext_proc_listen is None:
             ext_proc_listen = HostPort(listen.host, listen.port + 1 if listen.port else 0)
+        health = self.health
+        failover = FailoverObserver(health, self.metrics.registry, hosts=lambda: self._cluster_hosts(self.holder.table))
         methods = {PROCESS: ExternalProcessor(self.holder, body_limit=self._body_limit, budgets=self.budgets,
-                                              inflight=self.inflight).exchange,
-                   STREAM_ACCESS_LOGS: AccessLogReceiver(self.metrics, self.budgets).call,
+                                              inflight=self.inflight, health=health).exchange,
+                   RETRY_AUTHORITY + PROCESS: lambda *_: RetryRewriter(self.holder, self._body_limit).exchange(),
+                   STREAM_ACCESS_LOGS: AccessLogReceiver(self.metrics, self.budgets, failover).call,
                    HEALTH_CHECK: lambda *_: HealthCheck(lambda: not self.draining)}
         # The ext_proc answers a body over the limit with a 413 itself; a body chunk may be larger
         # than the limit (Envoy sends what it has read), up to Envoy's buffer limit.
@@ -106,6 +116,12 @@ class ControlPlane:
         self.ext_proc_port = self._ext_proc_server.sockets[0].getsockname()[1]
         log.info("ext_proc and access log service listening on %s:%d", ext_proc_listen.host, self.ext_proc_port)
         return self.port
+
+    def _cluster_hosts(self, table: RoutingTable) -> dict[str, str]:
+        cached = self._hosts_of
+        if cached is None or cached[0] is not table:
+            cached = self._hosts_of = (table, {cluster: host for host, cluster in table.clusters.items()})
+        return cached[1]
 
     async def stop(self, grace: float = 2.0) -> None:
         await self.budgets.stop()
@@ -130,7 +146,7 @@ class ControlPlane:
             union_hosts = old_hosts | new_hosts
             union_forwarded = {**old_forwarded, **new_forwarded}
             versions = (await self._publish_clusters(union_clusters),
-                        await self._publish_hosts(union_hosts, union_forwarded))
+                        await self._publish_hosts(union_hosts, list(union_clusters), union_forwarded))
             for publisher, version in zip((self.clusters, self.routes), versions):
                 if not await publisher.wait_answered(version, ACK_TIMEOUT_S):
                     log.warning("not every Envoy answered %s version %d within %.0fs", publisher.type_url, version,
@@ -138,15 +154,19 @@ class ControlPlane:
             self.holder.table = new
             if union_clusters != new_clusters:
                 await self._publish_clusters(new_clusters)
-            if union_hosts != new_hosts or union_forwarded != new_forwarded:
-                await self._publish_hosts(new_hosts, new_forwarded)
+            if union_hosts != new_hosts or union_clusters != new_clusters or union_forwarded != new_forwarded:
+                await self._publish_hosts(new_hosts, list(new_clusters), new_forwarded)
         else:
             self.holder.table = new
+        self.health.configure(new.health)
         self.loaded = True
         log.info("routing table %s in force: %d host names, %d providers", new.version, len(new.routes), len(new.clusters))
 
     async def _publish_clusters(self, clusters: dict[str, dict]) -> int:
         return await self.clusters.publish([to_cluster_proto(c) for c in clusters.values()])
 
-    async def _publish_hosts(self, hosts: set[str], forwarded: dict[str, str] | None = None) -> int:
-        return await self.routes.publish([to_route_proto(route_configuration(sorted(hosts), forwarded=forwarded))])
+    async def _publish_hosts(self, hosts: set[str], clusters: list[str], forwarded: dict[str, str] | None = None) -> int:
+        return await self.routes.publish([
+            to_route_proto(route_configuration(sorted(hosts), clusters=clusters, body_limit=self._body_limit,
+                                               forwarded=forwarded)),
+            to_route_proto(any_host_route_configuration(clusters, self._body_limit))])

@@ -16,12 +16,14 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
 
 from .errors import error_type
+from .failover_envoy import add_raw_fields, failover_route, retry_rewrite_filters, upstream_logs, with_raw_fields
 from .names import CLUSTER_HEADER, CONTROL_CLUSTER, EXT_PROC_CLUSTER, METADATA_NAMESPACE
 
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 DEFAULT_BODY_LIMIT = 8 * 1024 * 1024
 PROVIDER_PORT = 443
 DEFAULT_BODY_TIMEOUT_S = 30
+DEFAULT_IDLE_TIMEOUT_S = 300.0  # Envoy's own stream idle default: 5 minutes without a byte
 BUFFER_MARGIN = 1 << 20
 
 
@@ -48,6 +50,7 @@ class UpstreamOptions:
     ca_file: str = SYSTEM_CA_BUNDLE
     resolve: dict[str, HostPort] = field(default_factory=dict)
     connect_timeout_s: float = 10.0
+    body_limit: int = DEFAULT_BODY_LIMIT  # a retried attempt's body reaches the retry rewrite whole
 
 
 def _address(hp: HostPort) -> dict:
@@ -75,6 +78,12 @@ def provider_cluster(name: str, host: str, options: UpstreamOptions) -> dict:
     cluster = {
         "name": name,
         "connect_timeout": f"{options.connect_timeout_s}s",
+        # a retried attempt's body passes the retry rewrite whole (buffered): above the body limit
+        # (at Envoy's 1 MiB default, a larger retried body crashed Envoy 1.40)
+        "per_connection_buffer_limit_bytes": options.body_limit + BUFFER_MARGIN,
+        # retries in flight are failovers to another provider, not a retry storm on one: Envoy's
+        # default of 3 at a time would pass failures on to clients under load
+        "circuit_breakers": {"thresholds": [{"max_retries": 100_000}]},
         "type": "STATIC" if _is_ip(target.host) else "LOGICAL_DNS",
         "dns_lookup_family": "V4_PREFERRED",
         "load_assignment": {
@@ -99,6 +108,8 @@ def provider_cluster(name: str, host: str, options: UpstreamOptions) -> dict:
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
                 "auto_config": {"http_protocol_options": {}, "http2_protocol_options": {}},
+                # a retried attempt rewritten for this provider (docs/failover.md)
+                "http_filters": retry_rewrite_filters(name, options.body_limit),
             },
         },
     }
@@ -251,6 +262,8 @@ ACCESS_LOG_FORMAT = {
     "budget_rule": _meta("budget_rule"),
     "budget_key": _meta("budget_key"),
     "budget_remaining_tokens": _meta("ratelimit_remaining_tokens"),
+    "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+    "tried": _meta("tried"),
     "status": "%RESPONSE_CODE%",
     "details": "%RESPONSE_CODE_DETAILS%",
     "flags": "%RESPONSE_FLAGS%",
@@ -290,7 +303,16 @@ def _file_log(path: str, fmt: dict, expression: str) -> dict:
 
 
 def _access_logs(opts: "BootstrapOptions") -> list[dict]:
-    logs = [{
+    logs = [_grpc_access_log()]
+    if opts.access_log:
+        # one line per request either way; a streamed answer's line has its timings
+        logs.append(_file_log(opts.access_log, ACCESS_LOG_FORMAT, f"!({_IS_EVENT_STREAM})"))
+        logs.append(_file_log(opts.access_log, STREAM_ACCESS_LOG_FORMAT, _IS_EVENT_STREAM))
+    return logs
+
+
+def _grpc_access_log() -> dict:
+    return {
         # to the control plane, batched, for the Prometheus metrics
         "name": "envoy.access_loggers.http_grpc",
         "typed_config": {
@@ -302,12 +324,7 @@ def _access_logs(opts: "BootstrapOptions") -> list[dict]:
                               "custom_tags": [{"tag": tag, "value": value} for tag, value in STREAM_TIMINGS.items()]},
             "additional_response_headers_to_log": ["content-type"],
         },
-    }]
-    if opts.access_log:
-        # one line per request either way; a streamed answer's line has its timings
-        logs.append(_file_log(opts.access_log, ACCESS_LOG_FORMAT, f"!({_IS_EVENT_STREAM})"))
-        logs.append(_file_log(opts.access_log, STREAM_ACCESS_LOG_FORMAT, _IS_EVENT_STREAM))
-    return logs
+    }
 
 
 @dataclass(frozen=True)
@@ -318,7 +335,8 @@ class BootstrapOptions:
     ext_proc: HostPort | None = None  # None: the control host, on the next port
     body_limit: int = DEFAULT_BODY_LIMIT
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S  # how long a client may take to send its body
-    route_timeout_s: int = 300
+    route_timeout_s: int = 0  # no total bound: the ext_proc sets one per request where the config has one
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S  # silence allowed between bytes of an answer
     node_id: str = "llm-gateway"
     access_log: str | None = "/dev/stdout"  # a JSON line per request; None for no file log
     # A sidecar behind iptables interception: LLM host names (over RDS) go through the gateway,
@@ -333,6 +351,7 @@ class BootstrapOptions:
 
 
 ROUTE_CONFIG_NAME = "llm_gateway"
+ANY_HOST_ROUTE_CONFIG_NAME = "llm_gateway_any_host"
 PASSTHROUGH_CLUSTER = "llm_gateway_passthrough"
 _XDS_SOURCE = {
     "resource_api_version": "V3",
@@ -355,15 +374,25 @@ def _budget_headers() -> list[dict]:
              "keep_empty_value": False} for name, key in HEADER_METADATA.items()]
 
 
-def _llm_virtual_host(domains: list[str], route_timeout_s: int) -> dict:
+def _llm_virtual_host(domains: list[str], route_timeout_s: int, clusters: list[str] = (),
+                      body_limit: int = DEFAULT_BODY_LIMIT) -> dict:
     return {
         "name": "llm_gateway",
         "domains": domains,
         "request_headers_to_remove": [CLUSTER_HEADER],  # internal: never leaves Envoy
         "response_headers_to_add": _budget_headers(),
-        "routes": [{"match": {"prefix": "/"},
-                    "route": {"cluster_header": CLUSTER_HEADER, "timeout": f"{route_timeout_s}s"}}],
+        "include_request_attempt_count": True,  # a retried attempt is told apart by it
+        # requests with an attempt order (rules with `retries`) fail over across providers
+        "routes": ([failover_route(list(clusters), body_limit)] if clusters else []) + [
+            {"match": {"prefix": "/"},
+             "route": {"cluster_header": CLUSTER_HEADER, "timeout": f"{route_timeout_s}s"}}],
     }
+
+
+def any_host_route_configuration(clusters: list[str], body_limit: int = DEFAULT_BODY_LIMIT) -> dict:
+    """The gateway's own routes (sent over RDS, as they name the provider clusters): every host
+    through the ext_proc, which answers hosts it does not serve with a JSON 404."""
+    return {"name": ANY_HOST_ROUTE_CONFIG_NAME, "virtual_hosts": [_llm_virtual_host(["*"], 0, clusters, body_limit)]}
 
 
 def _untouched_route(cluster: str) -> dict:
@@ -382,7 +411,8 @@ def _untouched_route(cluster: str) -> dict:
     }
 
 
-def route_configuration(hosts: list[str], route_timeout_s: int = 300, forwarded: dict[str, str] | None = None) -> dict:
+def route_configuration(hosts: list[str], route_timeout_s: int = 0, clusters: list[str] = (),
+                        body_limit: int = DEFAULT_BODY_LIMIT, forwarded: dict[str, str] | None = None) -> dict:
     """The sidecar's routes (sent over RDS): the LLM host names through the gateway, anything else
     to where the application sent it, with none of the gateway's filters on the way. `forwarded`
     (host -> cluster) are hosts an egress gateway decides: sent to its cluster as they came, Host
@@ -397,14 +427,18 @@ def route_configuration(hosts: list[str], route_timeout_s: int = 300, forwarded:
     egress = [{"name": cluster, "domains": domains, "routes": [_untouched_route(cluster)]}
               for cluster, domains in sorted(by_cluster.items())]
     return {"name": ROUTE_CONFIG_NAME,
-            "virtual_hosts": ([_llm_virtual_host(hosts, route_timeout_s)] if hosts else []) + egress + [passthrough]}
+            "virtual_hosts": ([_llm_virtual_host(hosts, route_timeout_s, clusters, body_limit)] if hosts else [])
+            + egress + [passthrough]}
 
 
 def to_route_proto(route_config: dict):
     from envoy.config.route.v3 import route_pb2
     from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401  (registers @type)
 
-    return json_format.ParseDict(route_config, route_pb2.RouteConfiguration())
+    clean, raw = with_raw_fields(route_config)
+    message = json_format.ParseDict(clean, route_pb2.RouteConfiguration())
+    add_raw_fields(message, raw)
+    return message
 
 
 def bootstrap(opts: BootstrapOptions) -> dict:
@@ -445,9 +479,13 @@ def bootstrap(opts: BootstrapOptions) -> dict:
             {"name": "llm_gateway.event_stream", "typed_config": _usage_from_event_stream()},
             {"name": "envoy.filters.http.router",
              "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
-                              "suppress_envoy_headers": True}},
+                              "suppress_envoy_headers": True,
+                              "upstream_log": upstream_logs(_grpc_access_log(), opts.access_log)}},
         ],
         "local_reply_config": _local_reply_config(opts.body_timeout_s),
+        # silence allowed while waiting for an answer or between its bytes (streamed events);
+        # there is no total bound unless a provider's spec.timeout sets one
+        "stream_idle_timeout": f"{opts.idle_timeout_s:g}s",
         "access_log": _access_logs(opts),
     }
     listener = {
@@ -476,9 +514,9 @@ def bootstrap(opts: BootstrapOptions) -> dict:
         clusters.append({"name": PASSTHROUGH_CLUSTER, "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
                          "connect_timeout": "10s"})
     else:
-        # One route for every host: the ext_proc answers hosts it does not serve with a JSON 404.
-        hcm["route_config"] = {"name": ROUTE_CONFIG_NAME,
-                               "virtual_hosts": [_llm_virtual_host(["*"], opts.route_timeout_s)]}
+        # One route for every host (over RDS: it names the provider clusters, see
+        # any_host_route_configuration); the ext_proc answers hosts it does not serve with a 404.
+        hcm["rds"] = {"route_config_name": ANY_HOST_ROUTE_CONFIG_NAME, "config_source": _XDS_SOURCE}
     return {
         "node": {"id": opts.node_id, "cluster": "llm-gateway"},
         "admin": {"address": _address(opts.admin)},

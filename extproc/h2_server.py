@@ -315,6 +315,10 @@ class H2Connection(asyncio.Protocol):
             raise _ConnectionError(0x9, f"bad header block: {exc}") from None  # COMPRESSION_ERROR
         path = next((v.decode("latin-1") for k, v in headers if k == b":path"), None)
         token = bearer(next((v.decode("latin-1") for k, v in headers if k == b"authorization"), None))
+        # a method may also be served apart for one authority (methods keyed "authority/path")
+        authority = next((v.decode("latin-1") for k, v in headers if k == b":authority"), "")
+        if path is not None and authority + path in self._methods:
+            path = authority + path
         if len(self._decoder.header_table.dynamic_entries) == 0 and len(self._paths) < 64:
             self._paths[block] = (path, token)  # decoding it again could not give anything else
         return path, token

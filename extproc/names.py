@@ -24,3 +24,9 @@ def provider_cluster(host: str) -> str:
     """Cluster name for a provider host. Host names have no '_', so the mapping is one to one,
     and without dots the name reads as a single tag in Envoy's stats."""
     return PROVIDER_CLUSTER_PREFIX + host.replace(".", "_")
+
+# Set by the ext_proc for a rule with `retries`: the clusters of the request's attempt order,
+# comma-separated. Envoy's failover route picks attempt N's cluster from it.
+ORDER_HEADER = "x-llm-gateway-order"
+# The gRPC authority of the upstream ext_proc that rewrites a retried attempt for its provider.
+RETRY_AUTHORITY = "llm-gateway-retry"

@@ -9,7 +9,10 @@ from __future__ import annotations
 import bisect
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Mapping
+from typing import TYPE_CHECKING, Literal, Mapping
+
+if TYPE_CHECKING:
+    from .failover import Failover
 
 MatchKind = Literal["exact", "prefix", "regex", "present"]
 # Client base paths every route accepts, besides its providers' own: `/v1/...` and `/...`.
@@ -52,7 +55,7 @@ class Target:
     model: str | None
     stream: bool | None
     api_key: str | None = field(default=None, repr=False)
-    timeout_s: float = 300.0  # the whole answer, streamed ones included
+    timeout_s: float | None = None  # the whole answer, streamed ones included; None: no total bound
     base_path: str | None = None  # the provider's OpenAI base path (see `extproc.endpoints`)
     embedding_model: str | None = None  # replaces the client's model on embeddings
 
@@ -63,6 +66,7 @@ class Rule:
     matches: tuple[tuple[HeaderCondition, ...], ...]  # OR of ANDs; empty means "matches everything"
     targets: tuple[Target, ...]
     cumulative_weights: tuple[int, ...]  # running sums of the targets' weights
+    failover: "Failover | None" = None  # `retries` set: attempt orders and policy (extproc.failover)
 
     def applies(self, headers: Mapping[str, str]) -> bool:
         if not self.matches:
@@ -71,10 +75,12 @@ class Rule:
 
     def pick(self, draw: float) -> Target:
         """The target for a uniform draw in [0, 1): each target's share is its weight's share."""
+        return self.targets[self.pick_index(draw)]
+
+    def pick_index(self, draw: float) -> int:
         if len(self.targets) == 1:
-            return self.targets[0]
-        point = draw * self.cumulative_weights[-1]
-        return self.targets[bisect.bisect_right(self.cumulative_weights, point)]
+            return 0
+        return bisect.bisect_right(self.cumulative_weights, draw * self.cumulative_weights[-1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +115,7 @@ class RoutingTable:
     version: str = "0"
     forwarded: Mapping[str, Forward] = field(default_factory=dict)  # host -> egress gateway (mesh view)
     budgets: object = None  # extproc.budgets.BudgetTable: LLMTokenRateLimit objects by route name
+    health: Mapping[str, tuple[int, float]] = field(default_factory=dict)  # host -> passive-health thresholds
 
     def route_for(self, authority: str) -> Route | None:
         return self.routes.get(normalize_host(authority))

@@ -22,8 +22,8 @@ from .admission import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
 from .config.watch import FileSource
 from .control import ControlPlane
 from .auth import StaticToken, private_dir
-from .envoy_config import (DEFAULT_BODY_LIMIT, DEFAULT_BODY_TIMEOUT_S, BootstrapOptions, HostPort, UpstreamOptions, bootstrap,
-                           token_sds)
+from .envoy_config import (DEFAULT_BODY_LIMIT, DEFAULT_BODY_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, BootstrapOptions, HostPort,
+                           UpstreamOptions, bootstrap, token_sds)
 from .gateways import MESH_VIEW, View
 from .drain import DEFAULT_GRACE_S, drain_envoy
 from .lifecycle import dying_with_us, port_problem
@@ -62,6 +62,7 @@ class UpOptions:
     upstream: UpstreamOptions = UpstreamOptions()
     body_limit: int = DEFAULT_BODY_LIMIT
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     concurrency: int | None = None
     envoy_log_level: str = "warning"
     reload_interval: float = 1.0
@@ -152,7 +153,7 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
                                       ext_proc=HostPort(opts.control.host, control.ext_proc_port),
                                       body_limit=opts.body_limit, body_timeout_s=opts.body_timeout_s,
                                       access_log=opts.access_log, socket_dir=str(workdir) if local else None,
-                                      token_sds=token_sds_file))
+                                      token_sds=token_sds_file, idle_timeout_s=opts.idle_timeout_s))
     boot_file = workdir / "envoy.json"
     boot_file.write_text(json.dumps(boot, indent=2))
     args = [binary, "-c", str(boot_file), "--disable-hot-restart", "--log-level", opts.envoy_log_level,

@@ -36,6 +36,8 @@ from .gateways import refusal
 from .names import CLUSTER_HEADER, INTERNAL_HEADER_PREFIX, METADATA_NAMESPACE
 from .rewrite import rewrite_body
 from .routing import Route, RoutingTable, Target
+from .failover import FAILOVER_BODY_MAX, PassiveHealth
+from .retry_rewrite import first_attempt
 
 if TYPE_CHECKING:
     from .budget_store import Admitted, BudgetGate
@@ -68,9 +70,11 @@ def _target_mutation(target: Target, endpoint: Endpoint = endpoints.CHAT) -> pb.
         _header(":authority", target.provider_host),
         _header(CLUSTER_HEADER, target.cluster),
         _header("content-type", "application/json"),
-        # the provider's timeout: Envoy's router reads it (and answers 504 past it)
-        _header("x-envoy-upstream-rq-timeout-ms", str(int(target.timeout_s * 1000))),
     ])
+    if target.timeout_s is not None:  # the provider's total bound: Envoy's router answers 504 past it
+        mutation.set_headers.append(_header("x-envoy-upstream-rq-timeout-ms", str(int(target.timeout_s * 1000))))
+    else:
+        mutation.remove_headers.append("x-envoy-upstream-rq-timeout-ms")
     if target.api_key:
         mutation.set_headers.append(_header("authorization", f"Bearer {target.api_key}"))
     else:
@@ -134,22 +138,25 @@ class ExternalProcessor:
 
     def __init__(self, holder: TableHolder, draw: Callable[[], float] = random.random,
                  clock: Callable[[], float] = time.time, body_limit: int = DEFAULT_BODY_LIMIT,
-                 budgets: "BudgetGate | None" = None, inflight: Inflight | None = None):
+                 budgets: "BudgetGate | None" = None, inflight: Inflight | None = None,
+                 health: PassiveHealth | None = None):
         self._holder = holder
         self._budgets = budgets  # token/request budgets (extproc.budget_store)
         self._draw = draw
         self._clock = clock
         self._body_limit = body_limit
         self.inflight = inflight or Inflight()
+        self._health = health if health is not None else PassiveHealth()
 
     def exchange(self, identity: Identity = LOCAL) -> "Exchange":
         return Exchange(self, identity.namespace)
 
     def _choose(self, headers_msg: pb.HttpHeaders,
-                namespace: str | None = None) -> tuple[str, Target, list[str], Endpoint, bytes]:
+                namespace: str | None = None) -> tuple[str, Target, list[str], Endpoint, bytes, tuple]:
         """The target, the client headers that must not reach Envoy's router or the provider
-        (`x-envoy-*`: timeouts, retries; and the gateway's own), the endpoint and the declared body
-        length. A route the caller's namespace may not use is answered as an unknown host."""
+        (`x-envoy-*`: timeouts, retries; and the gateway's own), the endpoint, the declared body
+        length, and for a rule with retries the headers that give Envoy the attempt order and the
+        retry policy. A route the caller's namespace may not use is answered as an unknown host."""
         headers = headers_msg.headers.headers
         authority = method = path = ""
         length = b""
@@ -180,12 +187,18 @@ class ExternalProcessor:
         rule = route.select(values)
         if rule is None:
             raise GatewayError(404, f"no rule of route {route.name} matches the request", "no_matching_rule")
-        return authority, rule.pick(self._draw()), strip, endpoint, length
+        if rule.failover is None:
+            return authority, rule.pick(self._draw()), strip, endpoint, length, ()
+        # a rule with retries: the first provider of the attempt order, and the headers that give
+        # Envoy the order and the retry policy (extproc.retry_rewrite)
+        target, failover_headers = first_attempt(rule.failover, rule.pick_index(self._draw()),
+                                                 self._health.cooling(self._clock()))
+        return authority, target, strip, endpoint, length, failover_headers
 
     @staticmethod
     def _forward(body: bytes, chunks: int, target: Target, started: float, authority: str,
                  strip: list[str], endpoint: Endpoint = endpoints.CHAT,
-                 budget: "Admitted | None" = None) -> list[pb.ProcessingResponse]:
+                 budget: "Admitted | None" = None, failover_headers=()) -> list[pb.ProcessingResponse]:
         """The held answer to the headers, then one answer per body chunk: all emptied but the
         last, which carries the whole rewritten body."""
         rewritten = rewrite_body(body, target, endpoint)
@@ -193,6 +206,10 @@ class ExternalProcessor:
         common = response.request_headers.response
         common.header_mutation.CopyFrom(_target_mutation(target, endpoint))
         common.header_mutation.set_headers.append(_header("content-length", str(len(rewritten.body))))
+        if failover_headers and len(rewritten.body) <= FAILOVER_BODY_MAX:  # larger: one attempt (docs/failover.md)
+            common.header_mutation.set_headers.extend(failover_headers)
+            if strip:  # a client's x-envoy-retry-on and the like: overwritten, not removed
+                strip = [name for name in strip if name not in {h.header.key for h in failover_headers}]
         if strip:  # whatever the gateway sets itself is overwritten anyway; the rest goes
             common.header_mutation.remove_headers.extend(
                 name for name in strip if name not in _SET_BY_GATEWAY)
@@ -216,7 +233,7 @@ class Exchange:
     when its body is whole (or at once with an error). The stream ends as soon as nothing more is needed, before Envoy has to cancel it."""
 
     __slots__ = ("_processor", "_namespace", "_target", "_started", "_authority", "_strip", "_body", "_chunks",
-                 "_endpoint", "_budget", "_held")
+                 "_endpoint", "_budget", "_held", "_failover")
 
     def __init__(self, processor: ExternalProcessor, namespace: str | None = None):
         self._processor = processor
@@ -229,6 +246,7 @@ class Exchange:
         self._started = 0.0
         self._authority = ""
         self._strip: list[str] = []
+        self._failover: tuple = ()  # a rule with retries: the attempt order's headers
         self._body = bytearray()
         self._chunks = 0
         self._endpoint = endpoints.CHAT
@@ -247,8 +265,8 @@ class Exchange:
         try:
             if phase == "request_headers":
                 self._started = processor._clock()
-                self._authority, self._target, self._strip, self._endpoint, length = processor._choose(
-                    request.request_headers, self._namespace)
+                (self._authority, self._target, self._strip, self._endpoint, length,
+                 self._failover) = processor._choose(request.request_headers, self._namespace)
                 if length:
                     self._admit(_length(length), processor)
                 if processor._budgets is not None:
@@ -267,7 +285,8 @@ class Exchange:
                 if not chunk.end_of_stream:
                     return [], False
                 return processor._forward(bytes(self._body), self._chunks, self._target, self._started,
-                                          self._authority, self._strip, self._endpoint, self._budget), True
+                                          self._authority, self._strip, self._endpoint, self._budget,
+                                          self._failover), True
             return [_continue(phase)], False
         except GatewayError as error:
             response = immediate(error)

@@ -230,6 +230,10 @@ async def _worker(conn, host: str, port: int, table, body_limit: int, cap: int, 
     from .accesslog import STREAM_ACCESS_LOGS, AccessLogReceiver
     from .admission import Inflight, register_metrics
     from .budget_store import BudgetGate
+    from .failover import PassiveHealth
+    from .failover_log import FailoverObserver
+    from .names import RETRY_AUTHORITY
+    from .retry_rewrite import RetryRewriter
     from .drain import HEALTH_CHECK, HealthCheck, drain
     from .h2_server import serve as serve_h2
     from .memory import give_back_free_heap
@@ -244,8 +248,15 @@ async def _worker(conn, host: str, port: int, table, body_limit: int, cap: int, 
     # budgets: through the same Redis as the main process (without one, each process keeps its own)
     budgets = BudgetGate(metrics.registry, lambda: holder.table, redis[0], redis[1])
     await budgets.start()
-    methods = {PROCESS: ExternalProcessor(holder, body_limit=body_limit, budgets=budgets, inflight=inflight).exchange,
-               STREAM_ACCESS_LOGS: AccessLogReceiver(metrics, budgets).call,
+    # failover: passive health as this process sees it (as every replica's own)
+    health = PassiveHealth()
+    health.configure(table.health)
+    failover = FailoverObserver(health, metrics.registry,
+                                hosts=lambda: {cluster: host for host, cluster in holder.table.clusters.items()})
+    methods = {PROCESS: ExternalProcessor(holder, body_limit=body_limit, budgets=budgets, inflight=inflight,
+                                          health=health).exchange,
+               RETRY_AUTHORITY + PROCESS: lambda *_: RetryRewriter(holder, body_limit).exchange(),
+               STREAM_ACCESS_LOGS: AccessLogReceiver(metrics, budgets, failover).call,
                HEALTH_CHECK: lambda *_: HealthCheck(lambda: not control.draining)}
     try:
         control._ext_proc_server = await serve_h2(host, port, methods, body_limit + (4 << 20), _authenticator(auth),
@@ -267,6 +278,7 @@ async def _worker(conn, host: str, port: int, table, body_limit: int, cap: int, 
             return
         if kind == "table":
             holder.table = pickle.loads(rest[0])
+            health.configure(holder.table.health)
             conn.send("switched")
         elif kind == "metrics":
             conn.send(_flatten(metrics.registry.collect()))

@@ -19,7 +19,8 @@ from ..gateways import MESH_VIEW, View, declared_binding, forward_to, gateway_re
 from ..names import provider_cluster
 from ..routing import Forward, HeaderCondition, Route, RoutingTable, Rule, Target, host_aliases, normalize_host
 from .loader import Loaded
-from .models import LLMProvider, LLMRoute, LLMTokenRateLimit, OpenAIConfig, unimplemented_fields
+from ..failover import DEFAULT_CONSECUTIVE_ERRORS, DEFAULT_COOL_DOWN_S, RetryPolicy, build_failover
+from .models import LLMProvider, LLMRoute, LLMTokenRateLimit, OpenAIConfig, parse_duration, unimplemented_fields
 from .problems import Problem
 
 
@@ -96,6 +97,8 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
             for name in aliases:
                 routes[name] = route
             used.update(t.provider_host for rule in route.rules for t in rule.targets)
+            used.update(t.provider_host for rule in route.rules if rule.failover is not None
+                        for order in rule.failover.orders for t in order)  # fallbackRefs too
         else:
             forward = forward_to([gateway_ref(g, namespace) for g in spec.gateways or []], view)
             if forward is not None:
@@ -111,7 +114,8 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
     for obj in objects:
         if isinstance(obj.resource, LLMRoute):
             declared = declared_binding(obj.resource.spec.gateways, obj.resource.metadata.namespace)
-            for host in {ref.provider_host.lower() for rule in obj.resource.spec.rules for ref in rule.backend_refs}:
+            for host in {ref.provider_host.lower() for rule in obj.resource.spec.rules
+                         for ref in (*rule.backend_refs, *rule.fallback_refs)}:
                 if host in referrers:
                     referrers[host].append(declared)
     defaults = {host: _default_route(obj, home, namespaces) for host, obj in providers.items()}
@@ -133,8 +137,9 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
 
     budgets = compile_budgets(objects, routes, problems, accepted)
     clusters = {host: provider_cluster(host) for host in providers if host in used}
+    health = {host: _health(obj) for host, obj in providers.items()}
     table = RoutingTable(routes=routes, clusters=clusters, version=_version(accepted), forwarded=forwarded,
-                         budgets=budgets)
+                         budgets=budgets, health=health)
     return Compiled(table=table, problems=problems, accepted=accepted)
 
 
@@ -177,12 +182,34 @@ def _compile_route(obj: Loaded, providers: dict[str, Loaded], home: str | None,
         for conds in conditions:
             watched.update(c.name for c in conds)
         weights = [ref.weight if ref.weight is not None else 1 for ref in rule.backend_refs]
-        if targets and len(targets) == len(weights):
+        fallbacks: list[Target] = []
+        for j, ref in enumerate(rule.fallback_refs):
+            provider = providers.get(ref.provider_host.lower())
+            if provider is None:
+                problems.append(Problem(f"no LLMProvider serves host {ref.provider_host!r}", file=obj.file,
+                                        obj=obj.label, field=f"spec.rules[{i}].fallbackRefs[{j}].providerHost",
+                                        reason="ProviderNotFound"))
+                continue
+            if not may_use(resource.metadata.namespace if namespaces else None, _visible(provider, home, namespaces)):
+                problems.append(Problem(f"LLMProvider {provider.label.split(' ', 1)[1]} (host {ref.provider_host!r}) "
+                                        f"is not exported to namespace {resource.metadata.namespace} (its spec.exportTo)",
+                                        file=obj.file, obj=obj.label,
+                                        field=f"spec.rules[{i}].fallbackRefs[{j}].providerHost",
+                                        reason="ProviderNotExported"))
+                continue
+            fallbacks.append(_target(route_name, rule_label, rule.name, provider))
+        if targets and len(targets) == len(weights) and len(fallbacks) == len(rule.fallback_refs):
             running, cumulative = 0, []
             for w in weights:
                 running += w
                 cumulative.append(running)
-            rules.append(Rule(rule_label, conditions, tuple(targets), tuple(cumulative)))
+            failover = None
+            if rule.retries is not None:
+                r = rule.retries
+                policy = RetryPolicy.from_config(r.attempts, parse_duration(r.per_try_timeout) if r.per_try_timeout else None,
+                                                 r.retry_on)
+                failover = build_failover(tuple(targets), tuple(weights), tuple(fallbacks), policy)
+            rules.append(Rule(rule_label, conditions, tuple(targets), tuple(cumulative), failover))
     bases = route_bases(t for rule in rules for t in rule.targets)
     return Route(route_name, tuple(rules), frozenset(watched), visible=_visible(obj, home, namespaces),
                  bases=bases), problems
@@ -218,6 +245,15 @@ def _target(route: str, rule_label: str, rule_name: str | None, provider: Loaded
         base_path=base_path(resource.spec.path, resource.spec.base_path),
         embedding_model=cfg.embedding_model,
     )
+
+
+def _health(provider: Loaded) -> tuple[int, float]:
+    """(consecutive errors, cool-down seconds) for passive health, defaults where not set."""
+    spec = provider.resource.spec
+    if spec.outlier_detection is None:
+        return DEFAULT_CONSECUTIVE_ERRORS, DEFAULT_COOL_DOWN_S
+    od = spec.outlier_detection
+    return od.consecutive_errors, parse_duration(od.base_ejection_time)
 
 
 def _merge(base: OpenAIConfig, override: OpenAIConfig) -> OpenAIConfig:

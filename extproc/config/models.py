@@ -61,7 +61,6 @@ HOST_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-
 DURATION_PATTERN = r"^[0-9]+(ms|s|m|h)$"
 # exportTo entries: ".", "*" or a namespace name (a DNS label)
 ExportTarget = Annotated[str, Field(pattern=r"^(\.|\*|[a-z0-9]([-a-z0-9]*[a-z0-9])?)$", max_length=63)]
-DEFAULT_TIMEOUT_S = 300.0
 
 
 def parse_duration(text: str) -> float:
@@ -70,6 +69,22 @@ def parse_duration(text: str) -> float:
         if text.endswith(unit) and text[: -len(unit)].isdigit():
             return int(text[: -len(unit)]) * scale
     raise ValueError(f"{text!r} is not a duration like 1500ms, 30s, 5m or 1h")
+
+
+class OutlierDetection(_Strict):
+    """Our extension, Istio DestinationRule style: passive health for failover (docs/failover.md)."""
+
+    consecutive_errors: int = Field(default=3, ge=1, alias="consecutiveErrors",
+                                    description="Failed attempts in a row after which the provider cools down.")
+    base_ejection_time: str = Field(default="30s", alias="baseEjectionTime", pattern=DURATION_PATTERN,
+                                    description="How long a provider cools down, e.g. 30s.")
+
+    @field_validator("base_ejection_time")
+    @classmethod
+    def _positive(cls, value: str) -> str:
+        if parse_duration(value) <= 0:
+            raise ValueError("baseEjectionTime must be more than zero")
+        return value
 
 
 class LLMProviderSpec(_Strict):
@@ -83,7 +98,8 @@ class LLMProviderSpec(_Strict):
     configs: ProviderConfigs
     # Our extension: how long the provider has for a whole answer (streamed ones included).
     timeout: str | None = Field(default=None, pattern=DURATION_PATTERN,
-                                description="Time the provider has for the whole answer, e.g. 30s or 5m (default 300s).")
+                                description="Time the provider has for the whole answer, e.g. 30s or 5m (no total bound unless set).")
+    outlier_detection: "OutlierDetection | None" = Field(default=None, alias="outlierDetection")
     workload_selector: dict | None = Field(default=None, alias="workloadSelector")
     gateways: list[str] | None = None
     # Our extension (as Istio's exportTo): the namespaces whose workloads may use this object.
@@ -105,8 +121,9 @@ class LLMProviderSpec(_Strict):
         return value
 
     @property
-    def timeout_s(self) -> float:
-        return parse_duration(self.timeout) if self.timeout else DEFAULT_TIMEOUT_S
+    def timeout_s(self) -> float | None:
+        """The total bound on an answer, only where the config sets one."""
+        return parse_duration(self.timeout) if self.timeout else None
 
 
 class StringMatch(_Strict):
@@ -142,10 +159,61 @@ class BackendRef(_Strict):
     weight: int | None = Field(default=None, ge=0)
 
 
+class FallbackRef(_Strict):
+    """Our extension: a provider tried after the rule's own backendRefs (docs/failover.md)."""
+
+    provider_host: str = Field(alias="providerHost", min_length=1)
+
+
+RETRY_ON_CONDITIONS = ("connect-failure", "reset", "5xx", "gateway-error", "refused-stream")
+
+
+class Retries(_Strict):
+    """Our extension, Istio VirtualService style: further attempts, each to the next provider."""
+
+    attempts: int = Field(ge=0, description="Further attempts after the first one, each to the next provider.")
+    per_try_timeout: str | None = Field(default=None, alias="perTryTimeout", pattern=DURATION_PATTERN,
+                                        description="Time to the first byte of an attempt's answer, e.g. 20s.")
+    retry_on: list[str] = Field(default_factory=lambda: ["connect-failure", "reset", "5xx", "429"],
+                                      alias="retryOn",
+                                      description="connect-failure, reset, 5xx, gateway-error, refused-stream, "
+                                                  "or a status code such as 429 or 503.")
+
+    @field_validator("per_try_timeout")
+    @classmethod
+    def _positive(cls, value: str | None) -> str | None:
+        if value is not None and parse_duration(value) <= 0:
+            raise ValueError("perTryTimeout must be more than zero")
+        return value
+
+    @field_validator("retry_on", mode="before")
+    @classmethod
+    def _codes_as_text(cls, values):
+        """A status code may be written as a number (429) or as text ("429")."""
+        if isinstance(values, list):
+            return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in values]
+        return values
+
+    @field_validator("retry_on")
+    @classmethod
+    def _known(cls, values: list[str]) -> list[str]:
+        for value in values:
+            text = str(value)
+            if text in RETRY_ON_CONDITIONS:
+                continue
+            if text.isdigit() and 400 <= int(text) <= 599:
+                continue
+            raise ValueError(f"unknown retryOn value {value!r}: use {', '.join(RETRY_ON_CONDITIONS)} "
+                             "or a status code from 400 to 599")
+        return values
+
+
 class RouteRule(_Strict):
     name: str | None = Field(default=None, min_length=1)
     matches: list[RouteMatch] = Field(default_factory=list)
     backend_refs: list[BackendRef] = Field(alias="backendRefs", min_length=1)
+    fallback_refs: list[FallbackRef] = Field(default_factory=list, alias="fallbackRefs")
+    retries: Retries | None = None
 
     @model_validator(mode="after")
     def _weights(self) -> "RouteRule":

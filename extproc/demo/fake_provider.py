@@ -15,12 +15,21 @@ A body with "stream": true is answered as server-sent events, further steered by
   x-fake-split: 1           each event written in two pieces, a moment apart (an event split
                             across network chunks)
   x-fake-stream-error: 1    an error event after the first content event, then the end
+One named fake only (the others answer normally), so that one provider fails and the next
+answers within one request; several "name:failure" items may be given, comma-separated:
+  x-fake-fail: a:503         fake `a` answers 503 (any status)
+  x-fake-fail: a:delay=2     fake `a` waits 2 s before answering
+  x-fake-fail: a:close       fake `a` closes the connection without answering
+  x-fake-fail: a:cut=1       fake `a` streams 1 event, then closes the connection mid-stream
+  x-fake-fail: a:503/2       ... only every second request fake `a` receives (1st, 3rd, ...)
+  x-fake-retry-after: 60     an error answer carries `Retry-After: 60`
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import socket
 import ssl
 import struct
 import threading
@@ -87,6 +96,7 @@ class FakeProvider:
         self._server.socket = context.wrap_socket(self._server.socket, server_side=True, do_handshake_on_connect=False)
         self.port = self._server.server_address[1]
         self._lock = threading.Lock()
+        self._named: dict[str, int] = {}
         self._thread = threading.Thread(target=self._server.serve_forever, name=f"fake-{self.name}", daemon=True)
         self._thread.start()
         return self
@@ -102,6 +112,13 @@ class FakeProvider:
     def clear(self) -> None:
         with self._lock:
             self.requests.clear()
+            self._named.clear()
+
+    def count_named(self, failure: str) -> int:
+        """How many requests have asked this fake for `failure` so far (this one included)."""
+        with self._lock:
+            self._named[failure] = self._named.get(failure, 0) + 1
+            return self._named[failure]
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -126,6 +143,17 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {k.lower(): v for k, v in self.headers.items()}
         self.recorded = RecordedRequest("POST", self.path, headers, body, getattr(self.connection, "llm_sni", None))
         self.fake.record(self.recorded)
+        failure = self._named_failure(headers.get("x-fake-fail", ""))
+        if failure == "close":
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if failure.startswith("delay="):
+            time.sleep(float(failure[len("delay="):]))
+        elif failure.isdigit():
+            headers["x-fake-status"] = failure
+        elif failure.startswith("cut="):
+            headers["x-fake-cut"] = failure[len("cut="):]
 
         if "x-fake-delay" in headers:
             time.sleep(float(headers["x-fake-delay"]))
@@ -185,7 +213,12 @@ class _Handler(BaseHTTPRequestHandler):
             if (body.get("stream_options") or {}).get("include_usage"):
                 events.append({**base, "choices": [], "usage": usage})
         payloads = [f"data: {json.dumps(event)}\n\n".encode() for event in events] + [b"data: [DONE]\n\n"]
+        cut = int(headers["x-fake-cut"]) if "x-fake-cut" in headers else None
         for i, payload in enumerate(payloads):
+            if cut is not None and i == cut:  # the connection dropped mid-stream
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
             if i and delay:
                 time.sleep(delay)
             if split:
@@ -211,6 +244,17 @@ class _Handler(BaseHTTPRequestHandler):
         answer = {"object": "list", "data": data, "model": model,
                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
         self._send(200, json.dumps(answer).encode(), "application/json")
+    def _named_failure(self, spec: str) -> str:
+        """This fake's part of an `x-fake-fail` header ("" when none, or not this time)."""
+        for item in spec.split(","):
+            name, _, failure = item.strip().partition(":")
+            if name != self.fake.name or not failure:
+                continue
+            failure, _, every = failure.partition("/")
+            if every and (self.fake.count_named(failure) - 1) % int(every):
+                return ""
+            return failure
+        return ""
 
     def _chunk(self, data: bytes) -> None:
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
@@ -222,6 +266,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, payload: bytes, content_type: str, body_delay: float = 0) -> None:
         self.send_response(status)
+        if status >= 400 and "x-fake-retry-after" in self.headers:
+            self.send_header("retry-after", self.headers["x-fake-retry-after"])
         self.send_header("content-type", content_type)
         self.send_header("content-length", str(len(payload)))
         self.end_headers()

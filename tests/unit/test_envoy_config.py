@@ -22,10 +22,11 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from google.protobuf import json_format
 
-from extproc.envoy_config import (PASSTHROUGH_CLUSTER, ROUTE_CONFIG_NAME, BootstrapOptions, HostPort, UpstreamOptions,
+from extproc.envoy_config import (ANY_HOST_ROUTE_CONFIG_NAME, PASSTHROUGH_CLUSTER, ROUTE_CONFIG_NAME,
+                                  any_host_route_configuration, BootstrapOptions, HostPort, UpstreamOptions,
                                   bootstrap, provider_cluster, route_configuration, to_route_proto,
                                   to_cluster_proto)
-from extproc.names import CLUSTER_HEADER, CONTROL_CLUSTER, EXT_PROC_CLUSTER
+from extproc.names import CLUSTER_HEADER, CONTROL_CLUSTER, EXT_PROC_CLUSTER, ORDER_HEADER
 from extproc.runner import envoy_binary
 
 
@@ -72,13 +73,17 @@ def test_bootstrap_filters_and_limits(body_limit):
 
 
 def test_bootstrap_routes_on_the_cluster_header():
-    route_config = hcm(bootstrap(BootstrapOptions()))["route_config"]
+    # Changed with failover (docs/failover.md): the routes name the provider clusters, so they
+    # come over RDS; requests without an attempt order still route on the cluster header alone.
+    assert hcm(bootstrap(BootstrapOptions()))["rds"]["route_config_name"] == ANY_HOST_ROUTE_CONFIG_NAME
+    route_config = any_host_route_configuration(["llm_provider_a"])
     routes = [r for vh in route_config["virtual_hosts"] for r in vh["routes"]]
-    assert len(routes) == 1
-    assert routes[0]["route"]["cluster_header"] == CLUSTER_HEADER
-    assert "cluster" not in routes[0]["route"]
-    assert routes[0]["match"] == {"prefix": "/"}
+    assert len(routes) == 2 and routes[0]["match"]["headers"][0]["name"] == ORDER_HEADER
+    assert routes[1]["route"]["cluster_header"] == CLUSTER_HEADER
+    assert "cluster" not in routes[1]["route"]
+    assert routes[1]["match"] == {"prefix": "/"}
     assert CLUSTER_HEADER in route_config["virtual_hosts"][0]["request_headers_to_remove"]  # never sent upstream
+    assert [r["match"] for r in any_host_route_configuration([])["virtual_hosts"][0]["routes"]] == [{"prefix": "/"}]
 
 
 def test_sidecar_bootstrap_takes_routes_over_rds_and_passes_other_traffic_through():
