@@ -352,6 +352,7 @@ def floor_bootstrap(listen: int, admin: int, floor_port: int, provider_clusters:
                 f["typed_config"]["grpc_service"] = {"google_grpc": {
                     "target_uri": f"127.0.0.1:{floor_port}", "stat_prefix": "floor",
                     **({"per_stream_buffer_limit_bytes": limit} if limit else {})}}
+    hcm.pop("rds", None)  # static routes: the floor has no xDS
     hcm["route_config"] = {"name": "floor", "virtual_hosts": [
         {"name": name, "domains": [host], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": name, "timeout": "300s"}}]}
         for host, name in ((h, c["name"]) for h, c in provider_clusters.items())]}

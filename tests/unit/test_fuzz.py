@@ -161,7 +161,7 @@ def _well_formed(data: bytes) -> None:
 def test_h2_server_never_raises(frames, cuts, with_preface):
     wire = (h2.PREFACE if with_preface else b"") + b"".join(frames)
     transport = _Transport()
-    connection = h2.H2Connection({"/t/M": _Echo}, max_message=1000)
+    connection = h2.H2Connection({"/t/M": lambda identity: _Echo()}, max_message=1000)
     connection.connection_made(transport)
     failures = _Failures()
     logging.getLogger("extproc.h2").addHandler(failures)
