@@ -432,7 +432,7 @@ def test_egress_gateway_manifests_apply_and_rbac_is_least_privilege(clean):
     from extproc.gateways import DEFAULT_GATEWAY_PORT, default_address
 
     kube = clean
-    kube.run("apply", "-f", str(REPO / "k8s" / "control-plane.yaml"))
+    kube.run("apply", "-f", "-", stdin=for_kubernetes_1_20((REPO / "k8s" / "control-plane.yaml").read_text()))
     kube.run("apply", "-k", str(REPO / "k8s" / "egress-gateway"))
     try:
         pod = json.loads(kube.run("get", "deployment", "llm-egress-gateway", "-n", "llm-gateway", "-o", "json").stdout)[
@@ -544,7 +544,7 @@ def test_replicas_elect_one_status_writer_and_another_takes_over_when_it_dies(cl
                 [sys.executable, "-m", "extproc", "serve", "--kubernetes", "--namespace", "default",
                  "--listen", f"127.0.0.1:{free_port()}", "--ext-proc-listen", f"127.0.0.1:{free_port()}",
                  "--metrics", "none", "--lease-namespace", "default", "--lease-name", lease, "--lease-duration", "4",
-                 "--drain-grace", "0.5"],
+                 "--drain-grace", "0.5", *KEY_ENV],
                 stdout=self.log_file.open("wb"), stderr=subprocess.STDOUT, env={**kube.env, **keys})
 
         def log(self) -> str:
