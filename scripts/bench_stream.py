@@ -178,17 +178,25 @@ def floor_server(host: str, port: int, cluster: str, provider_host: str, path: s
     common.header_mutation.set_headers.extend([header(":path", path), header(CLUSTER_HEADER, cluster),
                                                header("authorization", f"Bearer {key}")])
     common.clear_route_cache = True
-    answers = [headers_answer.SerializeToString(), pb.ProcessingResponse(request_body=pb.BodyResponse()).SerializeToString()]
+    headers_bytes = headers_answer.SerializeToString()
+    body_bytes = pb.ProcessingResponse(request_body=pb.BodyResponse()).SerializeToString()
 
     class Prebuilt:
-        __slots__ = ("seen",)
+        """Headers, then the body in chunks (Envoy may send an empty last one): every message is
+        answered at once when the body is whole, as the gateway's ext_proc does."""
+        __slots__ = ("chunks",)
 
         def __init__(self) -> None:
-            self.seen = 0
+            self.chunks = 0
 
         def on_message(self, message: bytes):
-            self.seen += 1  # headers, then the body in one chunk (the bench's bodies are small)
-            return (answers, True) if self.seen == 2 else (None, False)
+            request = pb.ProcessingRequest.FromString(message)
+            if request.HasField("request_headers"):
+                return None, False
+            self.chunks += 1
+            if request.request_body.end_of_stream:
+                return [headers_bytes, *([body_bytes] * self.chunks)], True
+            return None, False
 
     class Drop:
         def on_message(self, message: bytes):
@@ -197,8 +205,11 @@ def floor_server(host: str, port: int, cluster: str, provider_host: str, path: s
         def on_client_end(self) -> bytes:
             return b""
 
-    methods = {"/envoy.service.ext_proc.v3.ExternalProcessor/Process": Prebuilt,
-               "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs": Drop}
+    from extproc.drain import HEALTH_CHECK, HealthCheck
+
+    methods = {"/envoy.service.ext_proc.v3.ExternalProcessor/Process": lambda identity: Prebuilt(),
+               "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs": lambda identity: Drop(),
+               HEALTH_CHECK: lambda identity: HealthCheck(lambda: True)}  # Envoy health-checks a TCP ext_proc
 
     async def main() -> None:
         server = await serve(host, port, methods, 16 << 20)
@@ -354,6 +365,7 @@ def floor_bootstrap(listen: int, admin: int, floor_port: int, provider_clusters:
                     **({"per_stream_buffer_limit_bytes": limit} if limit else {})}}
     hcm.pop("rds", None)  # static routes: the floor has no xDS
     hcm["route_config"] = {"name": "floor", "virtual_hosts": [
-        {"name": name, "domains": [host], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": name, "timeout": "300s"}}]}
+        {"name": name, "domains": [host], "include_request_attempt_count": True,  # the retry rewrite skips attempt 1
+         "routes": [{"match": {"prefix": "/"}, "route": {"cluster": name, "timeout": "300s"}}]}
         for host, name in ((h, c["name"]) for h, c in provider_clusters.items())]}
     return boot
