@@ -149,6 +149,25 @@ def _visible(obj: Loaded, home: str | None, namespaces: bool) -> frozenset[str] 
     return visible_to(obj.resource.metadata.namespace, obj.resource.spec.export_to, home)
 
 
+def _usable_provider(obj: Loaded, provider_host: str, field: str, providers: dict[str, Loaded],
+                     problems: list[Problem], home: str | None, namespaces: bool) -> Loaded | None:
+    """The LLMProvider a route's reference names, if it exists and is exported to the route's
+    namespace (else a problem naming the field): a backendRef and a fallbackRef alike, so that no
+    reference reaches another namespace's key."""
+    namespace = obj.resource.metadata.namespace
+    provider = providers.get(provider_host.lower())
+    if provider is None:
+        problems.append(Problem(f"no LLMProvider serves host {provider_host!r}", file=obj.file, obj=obj.label,
+                                field=field, reason="ProviderNotFound"))
+        return None
+    if not may_use(namespace if namespaces else None, _visible(provider, home, namespaces)):
+        problems.append(Problem(f"LLMProvider {provider.label.split(' ', 1)[1]} (host {provider_host!r}) "
+                                f"is not exported to namespace {namespace} (its spec.exportTo)",
+                                file=obj.file, obj=obj.label, field=field, reason="ProviderNotExported"))
+        return None
+    return provider
+
+
 def _compile_route(obj: Loaded, providers: dict[str, Loaded], home: str | None,
                    namespaces: bool) -> tuple[Route, list[Problem]]:
     resource = obj.resource
@@ -161,19 +180,9 @@ def _compile_route(obj: Loaded, providers: dict[str, Loaded], home: str | None,
         rule_label = rule.name or f"rules[{i}]"
         targets: list[Target] = []
         for j, ref in enumerate(rule.backend_refs):
-            host = ref.provider_host.lower()
-            provider = providers.get(host)
+            provider = _usable_provider(obj, ref.provider_host, f"spec.rules[{i}].backendRefs[{j}].providerHost",
+                                        providers, problems, home, namespaces)
             if provider is None:
-                problems.append(Problem(f"no LLMProvider serves host {ref.provider_host!r}", file=obj.file,
-                                        obj=obj.label, field=f"spec.rules[{i}].backendRefs[{j}].providerHost",
-                                        reason="ProviderNotFound"))
-                continue
-            if not may_use(resource.metadata.namespace if namespaces else None, _visible(provider, home, namespaces)):
-                problems.append(Problem(f"LLMProvider {provider.label.split(' ', 1)[1]} (host {ref.provider_host!r}) "
-                                        f"is not exported to namespace {resource.metadata.namespace} (its spec.exportTo)",
-                                        file=obj.file, obj=obj.label,
-                                        field=f"spec.rules[{i}].backendRefs[{j}].providerHost",
-                                        reason="ProviderNotExported"))
                 continue
             targets.append(_target(route_name, rule_label, rule.name, provider))
         conditions = tuple(
@@ -184,18 +193,9 @@ def _compile_route(obj: Loaded, providers: dict[str, Loaded], home: str | None,
         weights = [ref.weight if ref.weight is not None else 1 for ref in rule.backend_refs]
         fallbacks: list[Target] = []
         for j, ref in enumerate(rule.fallback_refs):
-            provider = providers.get(ref.provider_host.lower())
+            provider = _usable_provider(obj, ref.provider_host, f"spec.rules[{i}].fallbackRefs[{j}].providerHost",
+                                        providers, problems, home, namespaces)
             if provider is None:
-                problems.append(Problem(f"no LLMProvider serves host {ref.provider_host!r}", file=obj.file,
-                                        obj=obj.label, field=f"spec.rules[{i}].fallbackRefs[{j}].providerHost",
-                                        reason="ProviderNotFound"))
-                continue
-            if not may_use(resource.metadata.namespace if namespaces else None, _visible(provider, home, namespaces)):
-                problems.append(Problem(f"LLMProvider {provider.label.split(' ', 1)[1]} (host {ref.provider_host!r}) "
-                                        f"is not exported to namespace {resource.metadata.namespace} (its spec.exportTo)",
-                                        file=obj.file, obj=obj.label,
-                                        field=f"spec.rules[{i}].fallbackRefs[{j}].providerHost",
-                                        reason="ProviderNotExported"))
                 continue
             fallbacks.append(_target(route_name, rule_label, rule.name, provider))
         if targets and len(targets) == len(weights) and len(fallbacks) == len(rule.fallback_refs):

@@ -169,6 +169,17 @@ def test_a_route_may_not_use_a_provider_not_exported_to_its_namespace():
                     namespaces=False).table.route_for("chat").visible is None
 
 
+def test_a_fallback_may_not_reach_a_provider_not_exported_to_the_routes_namespace():
+    """A fallbackRef is a way to a provider's key like a backendRef: the same export check."""
+    own = {**rule("own.example"), "fallbackRefs": [{"providerHost": "a.example"}], "retries": {"attempts": 1}}
+    c = _compile(provider("a", "a.example", namespace="team-a", api_key="k"),
+                 provider("own", "own.example", namespace="team-b", api_key="k2"),
+                 route("steal", "chat", [own], namespace="team-b"))
+    (problem,) = [p for p in c.problems if p.severity == "error"]
+    assert problem.reason == "ProviderNotExported" and problem.field == "spec.rules[0].fallbackRefs[0].providerHost"
+    assert c.table.route_for("chat") is None
+
+
 @pytest.mark.parametrize("name, host, key_env, allowed", [
     ("K", "a.example", None, True),  # files: anything
     ("K", "a.example", {}, False),  # Kubernetes, nothing bound
