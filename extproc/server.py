@@ -115,13 +115,12 @@ def _model_list(route: Route, authority: str) -> pb.ProcessingResponse:
 def immediate(error: GatewayError) -> pb.ProcessingResponse:
     response = pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
         status=http_status_pb2.HttpStatus(code=error.status),
+        # with the error's own headers: a 429's Retry-After and x-ratelimit-*, a 503's Retry-After
         headers=pb.HeaderMutation(set_headers=[_header("content-type", "application/json"),
                                                 *(_header(k, v) for k, v in getattr(error, "headers", ()))]),
         body=error.body(),
         details=f"llm_gateway_{error.code}",
     ))
-    for name, value in getattr(error, "headers", ()):  # a 429's Retry-After and x-ratelimit-*
-        response.immediate_response.headers.set_headers.append(_header(name, value))
     return response
 
 
@@ -196,7 +195,7 @@ class ExternalProcessor:
         return authority, target, strip, endpoint, length, failover_headers
 
     @staticmethod
-    def _forward(body: bytes, chunks: int, target: Target, started: float, authority: str,
+    def _forward(body: bytes, chunks: int, target: Target, authority: str,
                  strip: list[str], endpoint: Endpoint = endpoints.CHAT,
                  budget: "Admitted | None" = None, failover_headers=()) -> list[pb.ProcessingResponse]:
         """The held answer to the headers, then one answer per body chunk: all emptied but the
@@ -218,7 +217,6 @@ class ExternalProcessor:
         fields = response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.fields
         fields["request_model"].string_value = rewritten.model
         fields["stream"].bool_value = rewritten.stream
-        fields["started"].number_value = started
         fields["host"].string_value = authority
         fields["operation"].string_value = endpoint.operation
         if budget is not None:  # the budget charged, for the access log, and the x-ratelimit-* header values
@@ -232,7 +230,7 @@ class Exchange:
     """One ext_proc stream (one HTTP request). The request's messages are answered all at once
     when its body is whole (or at once with an error). The stream ends as soon as nothing more is needed, before Envoy has to cancel it."""
 
-    __slots__ = ("_processor", "_namespace", "_target", "_started", "_authority", "_strip", "_body", "_chunks",
+    __slots__ = ("_processor", "_namespace", "_target", "_authority", "_strip", "_body", "_chunks",
                  "_endpoint", "_budget", "_held", "_failover")
 
     def __init__(self, processor: ExternalProcessor, namespace: str | None = None):
@@ -243,7 +241,6 @@ class Exchange:
         inflight.streams += 1
         inflight.opened += 1
         self._target: Target | None = None
-        self._started = 0.0
         self._authority = ""
         self._strip: list[str] = []
         self._failover: tuple = ()  # a rule with retries: the attempt order's headers
@@ -264,7 +261,6 @@ class Exchange:
         processor = self._processor
         try:
             if phase == "request_headers":
-                self._started = processor._clock()
                 (self._authority, self._target, self._strip, self._endpoint, length,
                  self._failover) = processor._choose(request.request_headers, self._namespace)
                 if length:
@@ -284,9 +280,8 @@ class Exchange:
                     self._admit(len(self._body), processor)
                 if not chunk.end_of_stream:
                     return [], False
-                return processor._forward(bytes(self._body), self._chunks, self._target, self._started,
-                                          self._authority, self._strip, self._endpoint, self._budget,
-                                          self._failover), True
+                return processor._forward(bytes(self._body), self._chunks, self._target, self._authority, self._strip,
+                                          self._endpoint, self._budget, self._failover), True
             return [_continue(phase)], False
         except GatewayError as error:
             response = immediate(error)

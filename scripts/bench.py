@@ -363,15 +363,20 @@ def main() -> int:
         report(summary, args.out)
         return 0
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        fake.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        stop_everything(procs, fake, work)
+
+
+def stop_everything(procs: list[subprocess.Popen], fake, work: Path, wait_s: float = 15) -> None:
+    """What a run started, stopped (SIGTERM, then SIGKILL after `wait_s`), and its files removed."""
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    fake.stop()
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def wait_until_serving(port: int) -> None:
@@ -700,15 +705,7 @@ def budgets_main(args) -> int:
         (args.out / f"bench-budgets-{stamp}.json").write_text(json.dumps(out, indent=2))
         return 0
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        fake.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        stop_everything(procs, fake, work)
 
 
 if __name__ == "__main__":

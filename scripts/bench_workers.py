@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import HOST, KEY, MESSAGES, bare_envoy_config, cpu_seconds, free_port, lua_script, wait_until_serving  # noqa: E402
+from bench import HOST, KEY, MESSAGES, bare_envoy_config, cpu_seconds, free_port, lua_script, stop_everything, wait_until_serving  # noqa: E402
 
 from extproc.demo.ca import ThrowawayCA  # noqa: E402
 from extproc.demo.envoy_fake import start_envoy_fake  # noqa: E402
@@ -95,15 +95,7 @@ def main() -> int:
                   f"ext_proc CPU {1e6 * cpu[name][0] / max(cpu[name][1], 1):.0f} us per request (all processes)")
         return 0
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        fake.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        stop_everything(procs, fake, work, wait_s=30)
 
 
 if __name__ == "__main__":

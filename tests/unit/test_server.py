@@ -271,3 +271,12 @@ def test_body_limit_is_enforced_across_chunks(seed_table, sizes, status):
         got_status, error, _, _ = error_of(responses[-1])
         assert (got_status, error["error"]["code"]) == (413, "request_too_large")
         assert len(responses) == 1
+
+
+def test_an_error_answer_carries_each_of_its_own_headers_once():
+    from extproc.admission import Overloaded
+    from extproc.server import immediate
+
+    headers = immediate(Overloaded(9 << 20, 8 << 20)).immediate_response.headers.set_headers
+    names = [h.header.key for h in headers]
+    assert sorted(names) == ["content-type", "retry-after"], names
