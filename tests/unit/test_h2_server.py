@@ -59,8 +59,20 @@ async def exchange(channel, messages: list[bytes], method: str = METHOD):
 
 
 def test_messages_answered_in_order_and_the_call_ended_by_the_handler():
-    answers, code = run_with_channel(lambda ch: exchange(ch, [b"abc", b"xyz", b"end", b"never read"]))
+    """The client never half-closes: the handler's answer to b"end" ends the call with OK. (What a
+    client writes after the end is checked on raw frames below: grpcio's client fails a write that
+    races the server's trailers with its own INTERNAL error.)"""
+    async def test(channel):
+        stream = call(channel)()
+        answers = []
+        for message in (b"abc", b"xyz", b"end"):
+            await stream.write(message)
+            answers.append(await stream.read())
+        return answers, await stream.read(), await stream.code()
+
+    answers, after_the_end, code = run_with_channel(test)
     assert answers == [b"cba", b"zyx", b"dne"]
+    assert after_the_end is grpc.aio.EOF
     assert code == grpc.StatusCode.OK
 
 
@@ -188,6 +200,22 @@ def test_continuation_and_padding_are_understood():
     assert data == grpc_message(b"olleh") + grpc_message(b"dne")
     trailers = hpack.Decoder().decode(frames[-1][3])
     assert ("grpc-status", "0") in trailers
+
+
+def test_messages_after_the_handler_ended_the_call_are_never_answered():
+    def script(sock):
+        sock.sendall(h2.PREFACE + h2.frame(h2.SETTINGS, 0, 0) + h2.frame(h2.HEADERS, h2.END_HEADERS, 1, request_headers())
+                     + h2.frame(h2.DATA, 0, 1, grpc_message(b"abc") + grpc_message(b"end") + grpc_message(b"never read")))
+        frames = frames_until(sock, lambda fs: any(f[0] == h2.HEADERS and f[1] & h2.END_STREAM for f in fs))
+        sock.sendall(h2.frame(h2.DATA, h2.END_STREAM, 1, grpc_message(b"late")) + h2.frame(h2.PING, 0, 0, b"87654321"))
+        return frames + frames_until(sock, lambda fs: any(f[0] == h2.PING for f in fs))
+
+    frames = raw_session(script)
+    on_the_stream = [f for f in frames if f[2] == 1]
+    assert b"".join(f[3] for f in on_the_stream if f[0] == h2.DATA) == grpc_message(b"cba") + grpc_message(b"dne")
+    assert ("grpc-status", "0") in hpack.Decoder().decode(on_the_stream[-1][3])
+    assert on_the_stream[-1][1] & h2.END_STREAM  # nothing on the stream after its trailers
+    assert (h2.PING, h2.ACK, 0, b"87654321") in frames  # the connection still serves
 
 
 def test_not_http2_is_refused_with_goaway():
