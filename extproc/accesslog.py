@@ -80,8 +80,9 @@ def record_from_entry(entry: accesslog_pb2.HTTPAccessLogEntry) -> RequestRecord:
         n = number(key)
         return int(n) if n is not None else None
 
-    status = entry.response.response_code.value
-    details = entry.response.response_code_details
+    response = entry.response
+    status = response.response_code.value
+    details = response.response_code_details
     stream_error = text("stream_error")
     if details.startswith(GATEWAY_DETAILS_PREFIX) and status < 400:  # answered by the gateway: the model list
         outcome, error_type = "success", ""
@@ -111,13 +112,9 @@ def record_from_entry(entry: accesslog_pb2.HTTPAccessLogEntry) -> RequestRecord:
             outcome = "gateway_error"
 
     duration = common.time_to_last_downstream_tx_byte if common.HasField("time_to_last_downstream_tx_byte") else common.duration
-    ttft_ms, tpot_ms = number("ttft_ms"), number("tpot_ms")
     completion_tokens = tokens("completion_tokens")
-    if ttft_ms is None:  # nothing in Envoy wrote them: Envoy's time points of an event stream
-        ttft_s, tpot_s = stream_timings(entry.response.response_headers.get("content-type", ""),
-                                        common.custom_tags, completion_tokens)
-    else:
-        ttft_s, tpot_s = ttft_ms / 1000, tpot_ms / 1000 if tpot_ms is not None else None
+    ttft_s, tpot_s = stream_timings(response.response_headers.get("content-type", ""),
+                                    common.custom_tags, completion_tokens)
     stream = fields.get("stream")
     return RequestRecord(
         route=text("route"), rule=text("rule"), provider=text("provider"), provider_host=text("provider_host"),
@@ -146,19 +143,21 @@ class AccessLogReceiver:
 
     def on_message(self, data: bytes) -> tuple[bytes | None, bool]:
         owed: dict[tuple[str, ...], int] = {}  # a batch's usage summed per set of buckets, charged once
+        budgets = self._budgets if self._budgets is not None and self._budgets.configured() else None
+        failover, observe = self._failover, self._metrics.observe
         for entry in als_pb2.StreamAccessLogsMessage.FromString(data).http_logs.log_entry:
             try:
-                if self._failover is not None:
-                    self._failover.observe(entry)
+                if failover is not None:
+                    failover.observe(entry)
                 if entry.common_properties.access_log_type != UPSTREAM_END:  # attempts are not requests
                     record = record_from_entry(entry)
-                    self._metrics.observe(record)
-                    if self._budgets is not None:
+                    observe(record)
+                    if budgets is not None:
                         charge_budgets(owed, entry, record)
             except Exception:  # one odd entry must not stop the stream
                 log.exception("cannot record an access log entry")
         for buckets, tokens in owed.items():
-            self._budgets.charge(buckets, tokens)
+            budgets.charge(buckets, tokens)
         return None, False
 
     def on_client_end(self) -> bytes:

@@ -191,6 +191,11 @@ class BudgetGate:
         self._task: asyncio.Task | None = None
         self._client = None
 
+    def configured(self) -> bool:
+        """Whether the table in force has any budget: without one, finished answers owe nothing."""
+        budgets = self._table().budgets
+        return budgets is not None and bool(budgets.by_route)
+
     # -- the request path -------------------------------------------------------------------
 
     def admit(self, route: str, headers: Iterable) -> Admitted | None:

@@ -35,7 +35,7 @@ from .metrics import GatewayMetrics
 from .routing import EMPTY_TABLE, RoutingTable
 from .failover import PassiveHealth
 from .failover_log import FailoverObserver
-from .names import RETRY_AUTHORITY
+from .names import FAILOVER_CLUSTER_PREFIX, RETRY_AUTHORITY
 from .retry_rewrite import RetryRewriter
 from .server import PROCESS, ExternalProcessor, TableHolder
 from .xds import CLUSTER_TYPE_URL, ROUTE_TYPE_URL, ClusterDiscovery, Publisher, RouteDiscovery
@@ -66,6 +66,7 @@ class ControlPlane:
         self.budgets = BudgetGate(self.metrics.registry, lambda: self.holder.table, redis_url, redis_fail_closed)
         self._body_limit = body_limit
         self.health = PassiveHealth()  # failover's passive health, fed by the access log
+        self._budgeted = False  # the routes in force carry the x-ratelimit-* headers
         self._hosts_of: tuple[RoutingTable, dict[str, str]] | None = None
         self._server: grpc.aio.Server | None = None
         self._ext_proc_server: asyncio.Server | None = None
@@ -120,7 +121,7 @@ class ControlPlane:
     def _cluster_hosts(self, table: RoutingTable) -> dict[str, str]:
         cached = self._hosts_of
         if cached is None or cached[0] is not table:
-            cached = self._hosts_of = (table, {cluster: host for host, cluster in table.clusters.items()})
+            cached = self._hosts_of = (table, table.cluster_hosts)
         return cached[1]
 
     async def stop(self, grace: float = 2.0) -> None:
@@ -132,6 +133,8 @@ class ControlPlane:
 
     def _clusters(self, table: RoutingTable) -> dict[str, dict]:
         clusters = {name: provider_cluster(name, host, self.upstream) for host, name in table.clusters.items()}
+        clusters.update((name, provider_cluster(name, host, self.upstream, failover=True))
+                        for host, name in table.failover_clusters.items())
         clusters.update(egress_clusters(table))  # the egress gateways sidecars send hosts to
         return clusters
 
@@ -140,8 +143,11 @@ class ControlPlane:
         old_clusters, new_clusters = self._clusters(self.holder.table), self._clusters(new)
         old_hosts, new_hosts = set(self.holder.table.routes), set(new.routes)
         old_forwarded, new_forwarded = forwarded_clusters(self.holder.table), forwarded_clusters(new)
+        old_budgeted, new_budgeted = _budgeted(self.holder.table), _budgeted(new)
+        self._budgeted = old_budgeted or new_budgeted  # while a change rolls out: headers for both
         first = self.clusters.version == 0
-        if first or new_clusters != old_clusters or new_hosts != old_hosts or new_forwarded != old_forwarded:
+        if (first or new_clusters != old_clusters or new_hosts != old_hosts or new_forwarded != old_forwarded
+                or new_budgeted != old_budgeted):
             union_clusters = {**old_clusters, **new_clusters}
             union_hosts = old_hosts | new_hosts
             union_forwarded = {**old_forwarded, **new_forwarded}
@@ -154,7 +160,9 @@ class ControlPlane:
             self.holder.table = new
             if union_clusters != new_clusters:
                 await self._publish_clusters(new_clusters)
-            if union_hosts != new_hosts or union_clusters != new_clusters or union_forwarded != new_forwarded:
+            self._budgeted = new_budgeted
+            if (union_hosts != new_hosts or union_clusters != new_clusters or union_forwarded != new_forwarded
+                    or old_budgeted != new_budgeted):
                 await self._publish_hosts(new_hosts, list(new_clusters), new_forwarded)
         else:
             self.holder.table = new
@@ -166,7 +174,14 @@ class ControlPlane:
         return await self.clusters.publish([to_cluster_proto(c) for c in clusters.values()])
 
     async def _publish_hosts(self, hosts: set[str], clusters: list[str], forwarded: dict[str, str] | None = None) -> int:
+        # the failover route names the failover clusters only; without rules with `retries` there is none
+        clusters = [name for name in clusters if name.startswith(FAILOVER_CLUSTER_PREFIX)]
         return await self.routes.publish([
             to_route_proto(route_configuration(sorted(hosts), clusters=clusters, body_limit=self._body_limit,
-                                               forwarded=forwarded)),
-            to_route_proto(any_host_route_configuration(clusters, self._body_limit))])
+                                               forwarded=forwarded, budget_headers=self._budgeted)),
+            to_route_proto(any_host_route_configuration(clusters, self._body_limit, self._budgeted))])
+
+
+def _budgeted(table: RoutingTable) -> bool:
+    """Whether a table has budgets (its answers then carry x-ratelimit-* headers)."""
+    return table.budgets is not None and bool(table.budgets.by_route)

@@ -71,19 +71,16 @@ _GETADDRINFO = {
 }
 
 
-def provider_cluster(name: str, host: str, options: UpstreamOptions) -> dict:
+def provider_cluster(name: str, host: str, options: UpstreamOptions, failover: bool = False) -> dict:
     """A TLS cluster to a provider: SNI and certificate name are the provider host, whatever
-    address it is reached at; the name resolves through the system resolver like any program's."""
+    address it is reached at; the name resolves through the system resolver like any program's.
+    `failover`: the provider's cluster for rules with `retries` (`extproc.names.failover_cluster`),
+    with the upstream filters that rewrite a retried attempt; the plain one has none, so requests
+    of other rules pay nothing for failover."""
     target = options.resolve.get(host, HostPort(host, PROVIDER_PORT))
     cluster = {
         "name": name,
         "connect_timeout": f"{options.connect_timeout_s}s",
-        # a retried attempt's body passes the retry rewrite whole (buffered): above the body limit
-        # (at Envoy's 1 MiB default, a larger retried body crashed Envoy 1.40)
-        "per_connection_buffer_limit_bytes": options.body_limit + BUFFER_MARGIN,
-        # retries in flight are failovers to another provider, not a retry storm on one: Envoy's
-        # default of 3 at a time would pass failures on to clients under load
-        "circuit_breakers": {"thresholds": [{"max_retries": 100_000}]},
         "type": "STATIC" if _is_ip(target.host) else "LOGICAL_DNS",
         "dns_lookup_family": "V4_PREFERRED",
         "load_assignment": {
@@ -108,11 +105,19 @@ def provider_cluster(name: str, host: str, options: UpstreamOptions) -> dict:
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
                 "auto_config": {"http_protocol_options": {}, "http2_protocol_options": {}},
-                # a retried attempt rewritten for this provider (docs/failover.md)
-                "http_filters": retry_rewrite_filters(name, options.body_limit),
             },
         },
     }
+    if failover:
+        # a retried attempt rewritten for this provider (docs/failover.md)
+        cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"][
+            "http_filters"] = retry_rewrite_filters(name, options.body_limit)
+        # a retried attempt's body passes the retry rewrite whole (buffered): above the body limit
+        # (at Envoy's 1 MiB default, a larger retried body crashed Envoy 1.40)
+        cluster["per_connection_buffer_limit_bytes"] = options.body_limit + BUFFER_MARGIN
+        # retries in flight are failovers to another provider, not a retry storm on one: Envoy's
+        # default of 3 at a time would pass failures on to clients under load
+        cluster["circuit_breakers"] = {"thresholds": [{"max_retries": 100_000}]}
     if cluster["type"] == "LOGICAL_DNS":
         cluster["typed_dns_resolver_config"] = _GETADDRINFO
     return cluster
@@ -275,18 +280,18 @@ ACCESS_LOG_FORMAT = {
 }
 
 
-_IS_EVENT_STREAM = ("'content-type' in response.headers"
-                    " && response.headers['content-type'].startsWith('text/event-stream')")
+def _streamed(streamed: bool) -> dict:
+    """Whether the request asked for a streamed answer (the ext_proc's `stream` decision): a
+    metadata filter, a lookup per line where a CEL expression on the answer's headers cost a few
+    microseconds per request (measured with scripts/bench). Envoy's metadata filter ignores the
+    matcher's `invert`: the two filters test for true and for false; no decision at all (a
+    request the ext_proc refused) counts as not streamed."""
+    return {"metadata_filter": {
+        "matcher": {"filter": METADATA_NAMESPACE, "path": [{"key": "stream"}], "value": {"bool_match": streamed}},
+        "match_if_key_not_found": not streamed}}
 
 
-def _cel_filter(expression: str) -> dict:
-    return {"extension_filter": {
-        "name": "envoy.access_loggers.extension_filters.cel",
-        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
-                         "expression": expression}}}
-
-
-# A streamed answer's line: time to first token from Envoy's time points (whole milliseconds),
+# A streamed request's line: time to first token from Envoy's time points (whole milliseconds),
 # and the time from the first to the last byte of the answer (time per output token is that over
 # the output tokens after the first; the metrics compute it).
 STREAM_ACCESS_LOG_FORMAT = {
@@ -296,8 +301,8 @@ STREAM_ACCESS_LOG_FORMAT = {
 }
 
 
-def _file_log(path: str, fmt: dict, expression: str) -> dict:
-    return {"name": "envoy.access_loggers.file", "filter": _cel_filter(expression),
+def _file_log(path: str, fmt: dict, streamed: bool) -> dict:
+    return {"name": "envoy.access_loggers.file", "filter": _streamed(streamed),
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
                              "path": path, "log_format": {"json_format": fmt}}}
 
@@ -305,9 +310,9 @@ def _file_log(path: str, fmt: dict, expression: str) -> dict:
 def _access_logs(opts: "BootstrapOptions") -> list[dict]:
     logs = [_grpc_access_log()]
     if opts.access_log:
-        # one line per request either way; a streamed answer's line has its timings
-        logs.append(_file_log(opts.access_log, ACCESS_LOG_FORMAT, f"!({_IS_EVENT_STREAM})"))
-        logs.append(_file_log(opts.access_log, STREAM_ACCESS_LOG_FORMAT, _IS_EVENT_STREAM))
+        # one line per request either way; a streamed request's line has its timings
+        logs.append(_file_log(opts.access_log, ACCESS_LOG_FORMAT, streamed=False))
+        logs.append(_file_log(opts.access_log, STREAM_ACCESS_LOG_FORMAT, streamed=True))
     return logs
 
 
@@ -367,7 +372,8 @@ _XDS_SOURCE = {
 def _budget_headers() -> list[dict]:
     """An admitted request's x-ratelimit-* headers, from the values the ext_proc put in its
     dynamic metadata (no extra message). Without a budget the values are empty and Envoy adds
-    nothing (keep_empty_value false)."""
+    nothing (keep_empty_value false). Only in the routes of a config with budgets: formatting
+    them costs every answer a few microseconds (measured with scripts/bench)."""
     from .budgets import HEADER_METADATA
 
     return [{"header": {"key": name, "value": _meta(key)}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
@@ -375,24 +381,31 @@ def _budget_headers() -> list[dict]:
 
 
 def _llm_virtual_host(domains: list[str], route_timeout_s: int, clusters: list[str] = (),
-                      body_limit: int = DEFAULT_BODY_LIMIT) -> dict:
-    return {
+                      body_limit: int = DEFAULT_BODY_LIMIT, budget_headers: bool = False) -> dict:
+    """`clusters`: the failover clusters (rules with `retries`); none, no failover route.
+    `budget_headers`: the config has budgets, whose answers carry x-ratelimit-* headers."""
+    vhost = {
         "name": "llm_gateway",
         "domains": domains,
         "request_headers_to_remove": [CLUSTER_HEADER],  # internal: never leaves Envoy
-        "response_headers_to_add": _budget_headers(),
-        "include_request_attempt_count": True,  # a retried attempt is told apart by it
         # requests with an attempt order (rules with `retries`) fail over across providers
         "routes": ([failover_route(list(clusters), body_limit)] if clusters else []) + [
             {"match": {"prefix": "/"},
              "route": {"cluster_header": CLUSTER_HEADER, "timeout": f"{route_timeout_s}s"}}],
     }
+    if clusters:
+        vhost["include_request_attempt_count"] = True  # a retried attempt is told apart by it
+    if budget_headers:
+        vhost["response_headers_to_add"] = _budget_headers()
+    return vhost
 
 
-def any_host_route_configuration(clusters: list[str], body_limit: int = DEFAULT_BODY_LIMIT) -> dict:
+def any_host_route_configuration(clusters: list[str], body_limit: int = DEFAULT_BODY_LIMIT,
+                                 budget_headers: bool = False) -> dict:
     """The gateway's own routes (sent over RDS, as they name the provider clusters): every host
     through the ext_proc, which answers hosts it does not serve with a JSON 404."""
-    return {"name": ANY_HOST_ROUTE_CONFIG_NAME, "virtual_hosts": [_llm_virtual_host(["*"], 0, clusters, body_limit)]}
+    return {"name": ANY_HOST_ROUTE_CONFIG_NAME,
+            "virtual_hosts": [_llm_virtual_host(["*"], 0, clusters, body_limit, budget_headers)]}
 
 
 def _untouched_route(cluster: str) -> dict:
@@ -412,7 +425,8 @@ def _untouched_route(cluster: str) -> dict:
 
 
 def route_configuration(hosts: list[str], route_timeout_s: int = 0, clusters: list[str] = (),
-                        body_limit: int = DEFAULT_BODY_LIMIT, forwarded: dict[str, str] | None = None) -> dict:
+                        body_limit: int = DEFAULT_BODY_LIMIT, forwarded: dict[str, str] | None = None,
+                        budget_headers: bool = False) -> dict:
     """The sidecar's routes (sent over RDS): the LLM host names through the gateway, anything else
     to where the application sent it, with none of the gateway's filters on the way. `forwarded`
     (host -> cluster) are hosts an egress gateway decides: sent to its cluster as they came, Host
@@ -427,7 +441,8 @@ def route_configuration(hosts: list[str], route_timeout_s: int = 0, clusters: li
     egress = [{"name": cluster, "domains": domains, "routes": [_untouched_route(cluster)]}
               for cluster, domains in sorted(by_cluster.items())]
     return {"name": ROUTE_CONFIG_NAME,
-            "virtual_hosts": ([_llm_virtual_host(hosts, route_timeout_s, clusters, body_limit)] if hosts else [])
+            "virtual_hosts": ([_llm_virtual_host(hosts, route_timeout_s, clusters, body_limit, budget_headers)]
+                              if hosts else [])
             + egress + [passthrough]}
 
 

@@ -13,9 +13,10 @@ Envoy does the retrying; these decide what it is told.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
+from .names import failover_cluster
 from .routing import Target
 
 # Larger request bodies are sent without failover (one attempt, as without `retries`): Envoy 1.40
@@ -67,6 +68,12 @@ class Failover:
 
 def build_failover(targets: tuple[Target, ...], weights: tuple[int, ...], fallbacks: tuple[Target, ...],
                    policy: RetryPolicy) -> Failover:
+    """Every attempt of such a rule, the first included, goes to its provider's failover cluster:
+    the one with the retry rewrite (see `extproc.names.failover_cluster`)."""
+    def on_failover_cluster(t: Target) -> Target:
+        return replace(t, cluster=failover_cluster(t.provider_host))
+
+    targets, fallbacks = tuple(map(on_failover_cluster, targets)), tuple(map(on_failover_cluster, fallbacks))
     return Failover(policy, tuple(full_order(i, targets, weights, fallbacks) for i in range(len(targets))))
 
 

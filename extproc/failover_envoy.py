@@ -196,9 +196,13 @@ def _status(op: str, code: int) -> dict:
         "default_value": code, "runtime_key": f"llm_gateway.attempt_log.{op.lower()}_{code}"}}}}
 
 
-# Only failed attempts are logged (5xx, 429, no answer at all): a first attempt that succeeds
-# costs nothing here; its success reaches passive health through the request's own log entry.
-_FAILED_ATTEMPT = {"or_filter": {"filters": [_status("GE", 500), _status("EQ", 429), _status("EQ", 0)]}}
+# Only failed attempts of requests with an attempt order are logged (5xx, 429, no answer at all).
+# The header test comes first: a request of a rule without `retries` costs one header lookup
+# here (its one attempt is read from its own entry); a first attempt that succeeds costs nothing
+# more, its success reaches passive health through the request's own entry.
+_FAILED_ATTEMPT = {"and_filter": {"filters": [
+    {"header_filter": {"header": {"name": ORDER_HEADER, "present_match": True}}},
+    {"or_filter": {"filters": [_status("GE", 500), _status("EQ", 429), _status("EQ", 0)]}}]}}
 
 
 def upstream_logs(grpc_log: dict, access_log: str | None) -> list[dict]:
@@ -209,9 +213,7 @@ def upstream_logs(grpc_log: dict, access_log: str | None) -> list[dict]:
     if access_log:
         logs.append({
             "name": "envoy.access_loggers.file",
-            # only for requests with an attempt order: others keep exactly one line per request
-            "filter": {"and_filter": {"filters": [_FAILED_ATTEMPT, {"header_filter": {"header": {
-                "name": ORDER_HEADER, "present_match": True}}}]}},
+            "filter": _FAILED_ATTEMPT,
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
                              "path": access_log, "log_format": {"json_format": ATTEMPT_LOG_FORMAT}},
         })

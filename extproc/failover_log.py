@@ -1,7 +1,8 @@
 """Envoy's access log entries, read for failover: metrics per attempt and passive health.
 
-Envoy's router logs each failed attempt (an `UpstreamEnd` entry) on the same stream as the
-requests' own entries, before the request's entry. A failed attempt counts against its
+Envoy's router logs each failed attempt of a request with an attempt order (an `UpstreamEnd`
+entry) on the same stream as the requests' own entries, before the request's entry; a request
+without one made one attempt, read from its own entry. A failed attempt counts against its
 provider's health; a request answered by a provider (its final attempt) clears it. Metrics:
 attempts by provider and result, failovers by provider and reason, and a cool-down gauge.
 """
@@ -17,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 
 from .failover import PassiveHealth, is_health_failure
-from .names import PROVIDER_CLUSTER_PREFIX
+from .names import PROVIDER_CLUSTER_PREFIXES, host_of_cluster
 
 UPSTREAM_END = accesslog_pb2.AccessLogType.Value("UpstreamEnd")
 _MAX_PENDING = 10_000  # failed attempts waiting for their request's entry
@@ -58,30 +59,31 @@ class FailoverObserver:
         registry.register(_CoolingGauge(health, clock))
 
     def _host(self, cluster: str) -> str:
-        host = self._hosts().get(cluster)
-        if host is None and cluster.startswith(PROVIDER_CLUSTER_PREFIX):
-            host = cluster[len(PROVIDER_CLUSTER_PREFIX):].replace("_", ".")
-        return host or cluster
+        return self._hosts().get(cluster) or host_of_cluster(cluster) or cluster
 
     def observe(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
         common = entry.common_properties
         if common.access_log_type == UPSTREAM_END:
             self._failed_attempt(entry)
-        elif common.upstream_cluster.startswith(PROVIDER_CLUSTER_PREFIX):
+        elif common.upstream_cluster.startswith(PROVIDER_CLUSTER_PREFIXES):
             self._request(entry)
 
     def _failed_attempt(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
         status = entry.response.response_code.value
         if not is_health_failure(status):
             return
-        host, reason = self._host(entry.common_properties.upstream_cluster), attempt_reason(entry)
-        self.attempts.labels(host, reason).inc()
-        self.health.failed(host, self._clock())
+        host, reason = self._failed(entry)
         request_id = entry.request.request_id
         if request_id:
             self._pending.setdefault(request_id, []).append((host, reason))
             while len(self._pending) > _MAX_PENDING:
                 self._pending.popitem(last=False)
+
+    def _failed(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> tuple[str, str]:
+        host, reason = self._host(entry.common_properties.upstream_cluster), attempt_reason(entry)
+        self.attempts.labels(host, reason).inc()
+        self.health.failed(host, self._clock())
+        return host, reason
 
     def _request(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
         common = entry.common_properties
@@ -94,6 +96,9 @@ class FailoverObserver:
         status = entry.response.response_code.value
         if failed and len(failed) >= tried:
             return  # the final attempt failed too: counted with the failed attempts
+        if not failed and status and is_health_failure(status):
+            self._failed(entry)  # no attempt order: its one attempt was not logged apart (0: the client left)
+            return
         if status and not is_health_failure(status):  # answered: a 4xx is the client's fault, not the provider's
             ok = self._ok.get(final)
             if ok is None:

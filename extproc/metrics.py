@@ -23,9 +23,10 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 
 MAX_MODEL_LABELS = 200  # distinct values of a label that is not from the config; more are "other"
+MAX_BUNDLES = 4096  # cached sets of label values (see GatewayMetrics.observe)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs microseconds per record to build
 class RequestRecord:
     route: str = ""
     rule: str = ""
@@ -72,6 +73,8 @@ class GatewayMetrics:
         # labelled series, looked up once (`labels()` costs more than an update) and made only when
         # first used, so a request without tokens adds no empty token series
         self._series: dict[tuple, object] = {}
+        # per set of a record's label values: its series, found with one lookup (see `observe`)
+        self._bundles: dict[tuple, list] = {}
 
     def _capped(self, kind: str, value: str) -> str:
         seen = self._seen[kind]
@@ -83,20 +86,44 @@ class GatewayMetrics:
         return value
 
     def observe(self, rec: RequestRecord) -> None:
+        key = (rec.operation, rec.provider_host, rec.request_model, rec.response_model, rec.route, rec.rule,
+               rec.provider, rec.outcome, rec.error_type)
+        bundle = self._bundles.get(key)
+        if bundle is None:
+            if len(self._bundles) >= MAX_BUNDLES:  # label values a client or provider chose: keep it bounded
+                self._bundles.clear()
+            bundle = self._bundles[key] = self._bundle(rec)
+        requests, duration, tokens_in, tokens_out, ttft, tpot = bundle
+        requests().inc()
+        if rec.duration_s is not None:
+            duration().observe(rec.duration_s)
+        if rec.prompt_tokens is not None:
+            tokens_in().observe(rec.prompt_tokens)
+        if rec.completion_tokens is not None:
+            tokens_out().observe(rec.completion_tokens)
+        if rec.ttft_s is not None:
+            ttft().observe(rec.ttft_s)
+        if rec.tpot_s is not None:
+            tpot().observe(rec.tpot_s)
+
+    def _bundle(self, rec: RequestRecord) -> list:
+        """A record's six series, each made on first use (capped label values decided once)."""
         base = (rec.operation, rec.provider_host, self._capped("request_model", rec.request_model),
                 self._capped("response_model", rec.response_model), rec.route, rec.rule, rec.provider)
         error_type = self._capped("error_type", rec.error_type)
-        self._series_of(self.requests, *base, rec.outcome, error_type).inc()
-        if rec.duration_s is not None:
-            self._series_of(self.duration, *base, error_type).observe(rec.duration_s)
-        if rec.prompt_tokens is not None:
-            self._series_of(self.token_usage, *base, "input").observe(rec.prompt_tokens)
-        if rec.completion_tokens is not None:
-            self._series_of(self.token_usage, *base, "output").observe(rec.completion_tokens)
-        if rec.ttft_s is not None:
-            self._series_of(self.ttft, *base).observe(rec.ttft_s)
-        if rec.tpot_s is not None:
-            self._series_of(self.tpot, *base).observe(rec.tpot_s)
+        wanted = ((self.requests, (*base, rec.outcome, error_type)), (self.duration, (*base, error_type)),
+                  (self.token_usage, (*base, "input")), (self.token_usage, (*base, "output")),
+                  (self.ttft, base), (self.tpot, base))
+        return [self._lazy(metric, labels) for metric, labels in wanted]
+
+    def _lazy(self, metric, labels: tuple):
+        series: list = []
+
+        def get():
+            if not series:
+                series.append(self._series_of(metric, *labels))
+            return series[0]
+        return get
 
     def _series_of(self, metric, *labels: str):
         key = (metric, labels)

@@ -20,10 +20,30 @@ PROVIDER_CLUSTER_PREFIX = "llm_provider_"
 METADATA_NAMESPACE = "llm_gateway"
 
 
+# Prefix of a provider's second cluster, for rules with `retries` only: `llm_failover_<host>`. It
+# carries the upstream filters that rewrite a retried attempt; requests of other rules go to the
+# plain cluster and pay nothing for failover.
+FAILOVER_CLUSTER_PREFIX = "llm_failover_"
+PROVIDER_CLUSTER_PREFIXES = (PROVIDER_CLUSTER_PREFIX, FAILOVER_CLUSTER_PREFIX)
+
+
 def provider_cluster(host: str) -> str:
     """Cluster name for a provider host. Host names have no '_', so the mapping is one to one,
     and without dots the name reads as a single tag in Envoy's stats."""
     return PROVIDER_CLUSTER_PREFIX + host.replace(".", "_")
+
+
+def failover_cluster(host: str) -> str:
+    """The provider's cluster for requests of rules with `retries` (see FAILOVER_CLUSTER_PREFIX)."""
+    return FAILOVER_CLUSTER_PREFIX + host.replace(".", "_")
+
+
+def host_of_cluster(cluster: str) -> str | None:
+    """The provider host a provider cluster (either kind) was named for."""
+    for prefix in PROVIDER_CLUSTER_PREFIXES:
+        if cluster.startswith(prefix):
+            return cluster[len(prefix):].replace("_", ".")
+    return None
 
 # Set by the ext_proc for a rule with `retries`: the clusters of the request's attempt order,
 # comma-separated. Envoy's failover route picks attempt N's cluster from it.

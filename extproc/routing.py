@@ -116,6 +116,12 @@ class RoutingTable:
     forwarded: Mapping[str, Forward] = field(default_factory=dict)  # host -> egress gateway (mesh view)
     budgets: object = None  # extproc.budgets.BudgetTable: LLMTokenRateLimit objects by route name
     health: Mapping[str, tuple[int, float]] = field(default_factory=dict)  # host -> passive-health thresholds
+    failover_clusters: Mapping[str, str] = field(default_factory=dict)  # provider host -> its failover cluster
+
+    @property
+    def cluster_hosts(self) -> dict[str, str]:
+        """Every provider cluster (plain and failover) -> its provider host."""
+        return {cluster: host for clusters in (self.clusters, self.failover_clusters) for host, cluster in clusters.items()}
 
     def route_for(self, authority: str) -> Route | None:
         return self.routes.get(normalize_host(authority))

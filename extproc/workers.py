@@ -215,6 +215,17 @@ def _worker_main(conn, parent: int, host: str, port: int, table: bytes, body_lim
         pass
 
 
+def _cluster_hosts(holder: TableHolder):
+    """cluster -> provider host of the table in force, made once per table."""
+    cached: list = [None, {}]
+
+    def hosts() -> dict[str, str]:
+        if cached[0] is not holder.table:
+            cached[:] = [holder.table, holder.table.cluster_hosts]
+        return cached[1]
+    return hosts
+
+
 def _authenticator(auth: tuple[str, str] | None):
     """The same check as the main process's (see `extproc.cli.worker_auth`)."""
     from .auth import StaticToken, TokenReviewAuthenticator, kubernetes_review
@@ -252,7 +263,7 @@ async def _worker(conn, host: str, port: int, table, body_limit: int, cap: int, 
     health = PassiveHealth()
     health.configure(table.health)
     failover = FailoverObserver(health, metrics.registry,
-                                hosts=lambda: {cluster: host for host, cluster in holder.table.clusters.items()})
+                                hosts=_cluster_hosts(holder))
     methods = {PROCESS: ExternalProcessor(holder, body_limit=body_limit, budgets=budgets, inflight=inflight,
                                           health=health).exchange,
                RETRY_AUTHORITY + PROCESS: lambda *_: RetryRewriter(holder, body_limit).exchange(),

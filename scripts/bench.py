@@ -80,8 +80,8 @@ def wait_http(url: str, timeout: float = 60, process: subprocess.Popen | None = 
 
 def bare_envoy_config(listen: int, admin: int, fake_port: int, ca_file: Path, paced_port: int | None = None) -> dict:
     """The limit: Envoy alone doing what the gateway asks of it, with the config written by hand."""
-    cluster = _without_retry_rewrite(provider_cluster("provider", HOST, UpstreamOptions(
-        ca_file=str(ca_file), resolve={HOST: HostPort("127.0.0.1", fake_port)})))
+    cluster = provider_cluster("provider", HOST, UpstreamOptions(
+        ca_file=str(ca_file), resolve={HOST: HostPort("127.0.0.1", fake_port)}))
     paced = [] if paced_port is None else [_bare_paced_host(paced_port, ca_file)]
     hcm = {"@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
            "stat_prefix": "bare", "codec_type": "AUTO",
@@ -101,18 +101,10 @@ def bare_envoy_config(listen: int, admin: int, fake_port: int, ca_file: Path, pa
                 "clusters": [cluster, *(c for _, c in paced)]}}
 
 
-def _without_retry_rewrite(cluster: dict) -> dict:
-    """A provider cluster as bare Envoy needs it: without the gateway's per-attempt retry rewrite
-    (an upstream ext_proc on the gateway's ext_proc cluster, which bare Envoy does not have)."""
-    options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
-    options.pop("http_filters", None)
-    return cluster
-
-
 def _bare_paced_host(paced_port: int, ca_file: Path) -> tuple[dict, dict]:
     """Bare Envoy's route and cluster to the streaming benchmark's paced provider."""
-    cluster = _without_retry_rewrite(provider_cluster("paced", PACED_HOST, UpstreamOptions(
-        ca_file=str(ca_file), resolve={PACED_HOST: HostPort("127.0.0.1", paced_port)})))
+    cluster = provider_cluster("paced", PACED_HOST, UpstreamOptions(
+        ca_file=str(ca_file), resolve={PACED_HOST: HostPort("127.0.0.1", paced_port)}))
     vhost = {"name": "paced", "domains": [PACED_HOST], "routes": [{
         "match": {"prefix": "/"}, "route": {"cluster": "paced", "timeout": "300s"},
         "request_headers_to_add": [{"header": {"key": "authorization", "value": f"Bearer {KEY}"},

@@ -137,9 +137,11 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
 
     budgets = compile_budgets(objects, routes, problems, accepted)
     clusters = {host: provider_cluster(host) for host in providers if host in used}
+    failover_clusters = {t.provider_host: t.cluster for route in routes.values() for rule in route.rules
+                         if rule.failover is not None for order in rule.failover.orders for t in order}
     health = {host: _health(obj) for host, obj in providers.items()}
     table = RoutingTable(routes=routes, clusters=clusters, version=_version(accepted), forwarded=forwarded,
-                         budgets=budgets, health=health)
+                         budgets=budgets, health=health, failover_clusters=failover_clusters)
     return Compiled(table=table, problems=problems, accepted=accepted)
 
 

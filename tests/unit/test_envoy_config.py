@@ -182,6 +182,23 @@ def test_provider_cluster(host, resolve, address, port, cluster_type):
     assert msg.HasField("typed_dns_resolver_config") is (cluster_type == cluster_pb2.Cluster.LOGICAL_DNS)
 
 
+@pytest.mark.parametrize("failover", [False, True])
+def test_only_a_failover_cluster_carries_the_retry_rewrite(failover):
+    """Requests of rules without `retries` go to the plain cluster: no upstream filters (Envoy's
+    default codec), Envoy's default buffer limit and retry budget: they pay nothing for failover."""
+    cluster = provider_cluster("c", "a.example.com", UpstreamOptions(body_limit=4 << 20), failover=failover)
+    msg = to_cluster_proto(cluster)
+    options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    names = [f["name"] for f in options.get("http_filters", [])]
+    if failover:
+        assert names == ["llm_gateway.retry_rewrite", "llm_gateway.next_attempt", "envoy.filters.http.upstream_codec"]
+        assert msg.per_connection_buffer_limit_bytes.value == (4 << 20) + (1 << 20)
+        assert msg.circuit_breakers.thresholds[0].max_retries.value == 100_000
+    else:
+        assert names == []
+        assert not msg.HasField("per_connection_buffer_limit_bytes") and not msg.HasField("circuit_breakers")
+
+
 def test_provider_cluster_connect_timeout():
     msg = to_cluster_proto(provider_cluster("c", "a.example.com", UpstreamOptions(connect_timeout_s=2.5)))
     assert msg.connect_timeout.ToMilliseconds() == 2500
@@ -252,11 +269,12 @@ def test_access_logs(access_log):
     if access_log is None:
         assert len(logs) == 1
     else:
-        # one line per request: a streamed answer's line (the content type says which) has its timings
+        # one line per request: a streamed request's line (the ext_proc's `stream` decision) has its timings
         (_, plain, streamed) = logs
-        stream_test = streamed["filter"]["extension_filter"]["typed_config"]["expression"]
-        assert plain["filter"]["extension_filter"]["typed_config"]["expression"] == f"!({stream_test})"
-        assert "text/event-stream" in stream_test
+        stream_test, plain_test = streamed["filter"]["metadata_filter"], plain["filter"]["metadata_filter"]
+        assert stream_test["matcher"]["path"] == plain_test["matcher"]["path"] == [{"key": "stream"}]
+        assert stream_test["matcher"]["value"] == {"bool_match": True} and plain_test["matcher"]["value"] == {"bool_match": False}
+        assert not stream_test["match_if_key_not_found"] and plain_test["match_if_key_not_found"]  # no decision: plain
         for log in (plain, streamed):
             fmt = log["typed_config"]["log_format"]["json_format"]
             assert log["typed_config"]["path"] == access_log

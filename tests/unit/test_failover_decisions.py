@@ -138,10 +138,10 @@ def test_config_compiles_to_orders_policy_and_thresholds():
     assert order[0].timeout_s is None and order[1].timeout_s == 10.0  # a total bound only where set
     assert c.table.health == {"a.example.com": (5, 60.0), "b.example.com": (3, 30.0)}
     # the retry of attempt 2 is rewritten for b, with the rule's own config for b
-    target = retry_target(c.table, "default/r", "main", "llm_provider_a_example_com,llm_provider_b_example_com", 2)
+    target = retry_target(c.table, "default/r", "main", "llm_failover_a_example_com,llm_failover_b_example_com", 2)
     assert target.provider_host == "b.example.com" and target.model == "mb-main" and target.api_key == "kb"
     with pytest.raises(GatewayError):
-        retry_target(c.table, "default/r", "main", "llm_provider_a_example_com", 2)  # beyond the order
+        retry_target(c.table, "default/r", "main", "llm_failover_a_example_com", 2)  # beyond the order
 
 
 def test_rule_without_retries_has_no_failover():
@@ -204,12 +204,28 @@ def _exchange_messages(table, extra=None, body=None):
     return ({o.header.key: o.header.raw_value.decode() for o in mutation.set_headers}, list(mutation.remove_headers))
 
 
+def test_only_rules_with_retries_use_the_failover_clusters():
+    """A rule with `retries` sends every attempt to its providers' failover clusters (the ones with
+    the retry rewrite); the provider's own default route, without retries, to the plain cluster."""
+    c = compiled(CONFIG)
+    assert c.table.failover_clusters == {"a.example.com": "llm_failover_a_example_com",
+                                         "b.example.com": "llm_failover_b_example_com"}
+    assert c.table.clusters == {"a.example.com": "llm_provider_a_example_com",
+                                "b.example.com": "llm_provider_b_example_com"}
+    assert c.table.cluster_hosts["llm_failover_b_example_com"] == "b.example.com"
+    assert c.table.cluster_hosts["llm_provider_b_example_com"] == "b.example.com"
+    headers, _ = _exchange_messages(c.table)
+    assert headers["x-llm-gateway-cluster"] == "llm_failover_a_example_com"
+    (plain,) = c.table.route_for("a.example.com").rules
+    assert plain.failover is None and {t.cluster for t in plain.targets} == {"llm_provider_a_example_com"}
+
+
 def test_first_attempt_of_a_rule_with_retries_carries_order_and_policy():
     c = compiled(CONFIG)
     headers, removed = _exchange_messages(c.table, {"x-envoy-retry-on": "reset", "x-envoy-max-retries": "9",
                                                     "x-envoy-hedge-on-per-try-timeout": "true"})
     assert headers["authorization"] == "Bearer ka" and headers[":authority"] == "a.example.com"
-    assert headers["x-llm-gateway-order"] == "llm_provider_a_example_com,llm_provider_b_example_com"
+    assert headers["x-llm-gateway-order"] == "llm_failover_a_example_com,llm_failover_b_example_com"
     assert headers["x-envoy-max-retries"] == "1" and headers["x-envoy-retry-on"] == "5xx,retriable-status-codes"
     assert headers["x-envoy-upstream-rq-per-try-timeout-ms"] == "20000"
     assert "x-envoy-upstream-rq-timeout-ms" in removed  # provider a sets no total bound
@@ -242,7 +258,7 @@ def test_cooling_provider_is_left_out_of_the_first_attempt():
     target, headers = first_attempt(rule.failover, 0, {"a.example.com": 99.0})
     assert target.provider_host == "b.example.com"
     values = {h.header.key: h.header.raw_value.decode() for h in headers}
-    assert values["x-llm-gateway-order"] == "llm_provider_b_example_com"
+    assert values["x-llm-gateway-order"] == "llm_failover_b_example_com"
     assert first_attempt(rule.failover, 0, {})[0].provider_host == "a.example.com"
 
 
@@ -273,7 +289,7 @@ def test_retried_attempt_is_rewritten_for_its_provider():
     import json as _json
 
     table = compiled(CONFIG).table
-    (head,), (body,) = _retry(table, "llm_provider_a_example_com,llm_provider_b_example_com", 2)
+    (head,), (body,) = _retry(table, "llm_failover_a_example_com,llm_failover_b_example_com", 2)
     values = {o.header.key: o.header.raw_value.decode() for o in head.request_headers.response.header_mutation.set_headers}
     assert values == {":path": "/v1/chat/completions", ":authority": "b.example.com", "authorization": "Bearer kb"}
     common = body.request_body.response
@@ -283,9 +299,9 @@ def test_retried_attempt_is_rewritten_for_its_provider():
 
 
 @pytest.mark.parametrize("order, attempt, route, code", [
-    ("llm_provider_a_example_com", 2, "default/r", "retry_error"),  # beyond the order
-    ("llm_provider_a_example_com,llm_provider_b_example_com", 1, "default/r", "retry_error"),
-    ("llm_provider_a_example_com,llm_provider_b_example_com", 2, "default/gone", "retry_provider_gone"),
+    ("llm_failover_a_example_com", 2, "default/r", "retry_error"),  # beyond the order
+    ("llm_failover_a_example_com,llm_failover_b_example_com", 1, "default/r", "retry_error"),
+    ("llm_failover_a_example_com,llm_failover_b_example_com", 2, "default/gone", "retry_provider_gone"),
 ])
 def test_retry_that_cannot_be_prepared_is_an_error_not_a_request_with_the_old_key(order, attempt, route, code):
     import json as _json
@@ -372,4 +388,30 @@ def test_observer_counts_failovers_and_feeds_passive_health():
     assert value("llm_gateway_provider_cooling_down", provider="a.example.com") == 1  # two in a row
     # an answer from A (a 4xx is the client's fault) clears it
     observer.observe(_entry("llm_provider_a_example_com", 400, 1, "r3"))
+    assert value("llm_gateway_provider_cooling_down", provider="a.example.com") == 0
+
+
+def test_a_request_without_an_attempt_order_is_its_own_attempt():
+    """Envoy logs attempts apart only for requests with an attempt order; a request of a rule
+    without `retries` made one attempt, read from the request's own entry. A client that left
+    (no status) says nothing about the provider."""
+    from prometheus_client import CollectorRegistry
+
+    from extproc.failover_log import FailoverObserver
+
+    registry = CollectorRegistry()
+    health = PassiveHealth({"a.example.com": (2, 30.0)})
+    observer = FailoverObserver(health, registry, clock=lambda: 100.0,
+                                hosts=lambda: {"llm_provider_a_example_com": "a.example.com"})
+    value = lambda name, **labels: registry.get_sample_value(name, labels)  # noqa: E731
+    observer.observe(_entry("llm_provider_a_example_com", 0, 1, "r0"))  # the client left
+    observer.observe(_entry("llm_provider_a_example_com", 503, 1, "r1"))
+    assert value("llm_gateway_provider_cooling_down", provider="a.example.com") == 0
+    observer.observe(_entry("llm_provider_a_example_com", 0, 1, "r2", upstream_connection_failure=True))
+    assert value("llm_gateway_provider_attempts_total", provider="a.example.com", result="503") == 1
+    assert value("llm_gateway_provider_attempts_total", provider="a.example.com", result="no_answer") is None
+    assert value("llm_gateway_failovers_total", provider="a.example.com", reason="503") is None  # nothing failed over
+    observer.observe(_entry("llm_provider_a_example_com", 502, 1, "r3"))
+    assert value("llm_gateway_provider_cooling_down", provider="a.example.com") == 1  # two in a row
+    observer.observe(_entry("llm_provider_a_example_com", 200, 1, "r4"))
     assert value("llm_gateway_provider_cooling_down", provider="a.example.com") == 0
