@@ -96,8 +96,7 @@ def register_metrics(registry, inflight: Inflight, worker: str = "0") -> None:
             yield GaugeMetricFamily("llm_gateway_ext_proc_streams", "ext_proc streams (requests) open now",
                                     value=inflight.streams)
             opened = CounterMetricFamily("llm_gateway_ext_proc_streams_opened",
-                                         "ext_proc streams opened, by process (a request's, and a streamed "
-                                         "answer's second)", labels=["worker"])
+                                         "ext_proc streams opened, by process (one per request)", labels=["worker"])
             opened.add_metric([worker], inflight.opened)
             yield opened
 
