@@ -113,7 +113,7 @@ def drained(used: float, rate: float, elapsed_s: float) -> float:
     return max(0.0, used - rate * max(0.0, elapsed_s))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per request, and a frozen dataclass costs microseconds to build
 class Admission:
     """The answer for one bucket: admitted or not, and what the client is told."""
 

@@ -248,6 +248,7 @@ def _meta(key: str) -> str:
 # (streamed answers): response model, tokens, an error event's type.
 ACCESS_LOG_FORMAT = {
     "start_time": "%START_TIME%",
+    "request_id": "%REQ(x-request-id)%",  # joins a request's line to its failed attempts' lines
     "method": "%REQ(:METHOD)%",
     "host": _meta("host"),
     "operation": _meta("operation"),

@@ -135,6 +135,7 @@ def test_a_fails_b_answers(gateway, fakes, failure):
     assert entry["tried"] == A, entry
     attempt = wait_until(lambda: [e for e in gw.access_entries() if e.get("kind") == "attempt"], 10)[-1]
     assert attempt["upstream_cluster"] == "llm_failover_a_example_com"
+    assert attempt["request_id"] == entry["request_id"] and entry["request_id"]  # the lines join
     # metrics: A's failed attempt by reason, a failover from A, B's answer
     reason = "timeout" if failure.startswith("delay") else failure
     metric = lambda name, **labels: gw.metrics().get((name, frozenset(labels.items())))  # noqa: E731
