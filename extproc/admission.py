@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import orjson
 
 from .errors import GatewayError
 
@@ -37,10 +36,8 @@ class Overloaded(GatewayError):
 
     def __init__(self, size: int, cap: int):
         super().__init__(503, f"the gateway is holding too many request bodies right now (a body of {size} bytes "
-                              f"would pass its limit of {cap} bytes in flight); retry in a moment", "overloaded")
-
-    def body(self) -> bytes:
-        return orjson.dumps({"error": {"message": self.message, "type": "server_error", "code": self.code}})
+                              f"would pass its limit of {cap} bytes in flight); retry in a moment", "overloaded",
+                         "server_error")
 
 
 class Inflight:

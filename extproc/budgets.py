@@ -195,8 +195,7 @@ class BudgetRefused(GatewayError):
     def __init__(self, budget: str, rule: str, answer: Admission):
         what = "tokens" if answer.reason == "tokens" else "requests"
         super().__init__(429, f"rate limit reached for {what} ({budget}, rule {rule}): "
-                              f"retry after {answer.retry_after_s}s", "rate_limit_exceeded")
-        self.kind = what
+                              f"retry after {answer.retry_after_s}s", "rate_limit_exceeded", what)
         self.headers = (("retry-after", str(answer.retry_after_s)), *answer.headers)
 
     def body(self) -> bytes:
@@ -209,7 +208,7 @@ class BudgetRefused(GatewayError):
 def budget_unavailable() -> GatewayError:
     """--redis-fail-closed while the shared counts cannot be reached."""
     return GatewayError(503, "the rate-limit store is unreachable: limited requests are refused until it is back",
-                        "rate_limit_unavailable")
+                        "rate_limit_unavailable", "server_error")
 
 
 def tokens_to_charge(outcome: str, total_tokens: float | None, prompt_tokens: float | None,

@@ -19,19 +19,22 @@ _TYPES = {
 class GatewayError(Exception):
     """A request the gateway answers itself, with a status and an OpenAI-style JSON body."""
 
-    def __init__(self, status: int, message: str, code: str):
+    def __init__(self, status: int, message: str, code: str, kind: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
+        # the OpenAI `type`; by status unless given (the gateway's own 503s are `server_error`:
+        # no provider was involved)
+        self.kind = kind or error_type(status)
 
     def body(self) -> bytes:
-        return error_body(self.status, self.message, self.code)
+        return error_body(self.status, self.message, self.code, self.kind)
 
 
 def error_type(status: int) -> str:
     return _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
 
 
-def error_body(status: int, message: str, code: str) -> bytes:
-    return orjson.dumps({"error": {"message": message, "type": error_type(status), "code": code}})
+def error_body(status: int, message: str, code: str, kind: str | None = None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": kind or error_type(status), "code": code}})

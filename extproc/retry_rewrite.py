@@ -80,7 +80,8 @@ def retry_target(table: RoutingTable, route: str, rule: str, order: str, attempt
         raise GatewayError(500, "the gateway could not prepare a retry", "retry_error")
     target = _targets_by_rule(table).get((route, rule), {}).get(clusters[attempt - 1])
     if target is None:  # the config changed under the request: its rule no longer names it
-        raise GatewayError(503, "the provider of this retry is no longer configured", "retry_provider_gone")
+        raise GatewayError(503, "the provider of this retry is no longer configured", "retry_provider_gone",
+                               "server_error")
     return target
 
 

@@ -262,6 +262,7 @@ def test_fail_closed_answers_503_while_redis_is_down(tmp_path, gateway_factory, 
     resp = ask(gw, "jack")
     assert resp.headers["content-type"] == "application/json"
     assert resp.json()["error"]["code"] == "rate_limit_unavailable"
+    assert resp.json()["error"]["type"] == "server_error"  # the gateway's own store, not a provider
     assert ask(gw, "jack", host=MOONSHOT).status == 200  # no budget on that host: served
     redis_server.start()
     wait_until(lambda: ask(gw, "jack").status == 200, 10, lambda: gw.log())

@@ -195,3 +195,15 @@ def test_stream_options_of_wrong_type_is_a_400():
     with pytest.raises(GatewayError) as info:
         rewrite_body(json.dumps({"messages": MESSAGES, "stream": True, "stream_options": "yes"}).encode(), target())
     assert info.value.status == 400 and info.value.code == "invalid_stream_options"
+
+
+def test_the_gateways_own_503s_are_server_errors():
+    """No provider was involved: clients that retry on `upstream_error` should not blame one."""
+    import orjson
+
+    from extproc.admission import Overloaded
+    from extproc.budgets import budget_unavailable
+
+    for error in (Overloaded(10, 5), budget_unavailable()):
+        assert error.status == 503 and orjson.loads(error.body())["error"]["type"] == "server_error"
+    assert orjson.loads(GatewayError(503, "x", "y").body())["error"]["type"] == "upstream_error"
