@@ -26,8 +26,8 @@ from typing import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .budgets import (EMPTY_BUDGETS, HEADER_METADATA, Admission, Budget, BudgetRefused, BudgetRule, BudgetTable,
-                      admission, budget_unavailable, bucket_id, drained, key_hash, most_restrictive,
-                      parse_bucket_id)
+                      admission, budget_unavailable, bucket_id, drained, has_budgets, key_hash,
+                      most_restrictive, parse_bucket_id)
 
 log = logging.getLogger("extproc.budgets")
 
@@ -193,8 +193,7 @@ class BudgetGate:
 
     def configured(self) -> bool:
         """Whether the table in force has any budget: without one, finished answers owe nothing."""
-        budgets = self._table().budgets
-        return budgets is not None and bool(budgets.by_route)
+        return has_budgets(self._table())
 
     # -- the request path -------------------------------------------------------------------
 

@@ -205,6 +205,12 @@ class BudgetRefused(GatewayError):
                                        "code": self.code}})
 
 
+def has_budgets(table) -> bool:
+    """Whether a routing table limits any request (its answers then carry x-ratelimit-* headers,
+    and finished answers are charged)."""
+    return table.budgets is not None and bool(table.budgets.by_route)
+
+
 def budget_unavailable() -> GatewayError:
     """--redis-fail-closed while the shared counts cannot be reached."""
     return GatewayError(503, "the rate-limit store is unreachable: limited requests are refused until it is back",

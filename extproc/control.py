@@ -21,6 +21,7 @@ from envoy.service.route.v3 import rds_pb2_grpc
 
 from .accesslog import STREAM_ACCESS_LOGS, AccessLogReceiver
 from .budget_store import BudgetGate
+from .budgets import has_budgets
 from .admission import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT, Inflight, register_metrics
 from .drain import HEALTH_CHECK, HealthCheck
 from .config.compile import Compiled
@@ -66,8 +67,6 @@ class ControlPlane:
         self.budgets = BudgetGate(self.metrics.registry, lambda: self.holder.table, redis_url, redis_fail_closed)
         self._body_limit = body_limit
         self.health = PassiveHealth()  # failover's passive health, fed by the access log
-        self._budgeted = False  # the routes in force carry the x-ratelimit-* headers
-        self._hosts_of: tuple[RoutingTable, dict[str, str]] | None = None
         self._server: grpc.aio.Server | None = None
         self._ext_proc_server: asyncio.Server | None = None
         self.port = 0
@@ -96,7 +95,7 @@ class ControlPlane:
         if ext_proc_listen is None:
             ext_proc_listen = HostPort(listen.host, listen.port + 1 if listen.port else 0)
         health = self.health
-        failover = FailoverObserver(health, self.metrics.registry, hosts=lambda: self._cluster_hosts(self.holder.table))
+        failover = FailoverObserver(health, self.metrics.registry, hosts=lambda: self.holder.table.cluster_hosts)
         methods = {PROCESS: ExternalProcessor(self.holder, body_limit=self._body_limit, budgets=self.budgets,
                                               inflight=self.inflight, health=health).exchange,
                    RETRY_AUTHORITY + PROCESS: lambda *_: RetryRewriter(self.holder, self._body_limit).exchange(),
@@ -118,12 +117,6 @@ class ControlPlane:
         log.info("ext_proc and access log service listening on %s:%d", ext_proc_listen.host, self.ext_proc_port)
         return self.port
 
-    def _cluster_hosts(self, table: RoutingTable) -> dict[str, str]:
-        cached = self._hosts_of
-        if cached is None or cached[0] is not table:
-            cached = self._hosts_of = (table, table.cluster_hosts)
-        return cached[1]
-
     async def stop(self, grace: float = 2.0) -> None:
         await self.budgets.stop()
         if self._ext_proc_server is not None:
@@ -143,8 +136,7 @@ class ControlPlane:
         old_clusters, new_clusters = self._clusters(self.holder.table), self._clusters(new)
         old_hosts, new_hosts = set(self.holder.table.routes), set(new.routes)
         old_forwarded, new_forwarded = forwarded_clusters(self.holder.table), forwarded_clusters(new)
-        old_budgeted, new_budgeted = _budgeted(self.holder.table), _budgeted(new)
-        self._budgeted = old_budgeted or new_budgeted  # while a change rolls out: headers for both
+        old_budgeted, new_budgeted = has_budgets(self.holder.table), has_budgets(new)
         first = self.clusters.version == 0
         if (first or new_clusters != old_clusters or new_hosts != old_hosts or new_forwarded != old_forwarded
                 or new_budgeted != old_budgeted):
@@ -152,7 +144,9 @@ class ControlPlane:
             union_hosts = old_hosts | new_hosts
             union_forwarded = {**old_forwarded, **new_forwarded}
             versions = (await self._publish_clusters(union_clusters),
-                        await self._publish_hosts(union_hosts, list(union_clusters), union_forwarded))
+                        # while a change rolls out, the x-ratelimit-* headers for both tables
+                        await self._publish_hosts(union_hosts, list(union_clusters), union_forwarded,
+                                                  old_budgeted or new_budgeted))
             for publisher, version in zip((self.clusters, self.routes), versions):
                 if not await publisher.wait_answered(version, ACK_TIMEOUT_S):
                     log.warning("not every Envoy answered %s version %d within %.0fs", publisher.type_url, version,
@@ -160,10 +154,9 @@ class ControlPlane:
             self.holder.table = new
             if union_clusters != new_clusters:
                 await self._publish_clusters(new_clusters)
-            self._budgeted = new_budgeted
             if (union_hosts != new_hosts or union_clusters != new_clusters or union_forwarded != new_forwarded
                     or old_budgeted != new_budgeted):
-                await self._publish_hosts(new_hosts, list(new_clusters), new_forwarded)
+                await self._publish_hosts(new_hosts, list(new_clusters), new_forwarded, new_budgeted)
         else:
             self.holder.table = new
         self.health.configure(new.health)
@@ -173,15 +166,11 @@ class ControlPlane:
     async def _publish_clusters(self, clusters: dict[str, dict]) -> int:
         return await self.clusters.publish([to_cluster_proto(c) for c in clusters.values()])
 
-    async def _publish_hosts(self, hosts: set[str], clusters: list[str], forwarded: dict[str, str] | None = None) -> int:
+    async def _publish_hosts(self, hosts: set[str], clusters: list[str], forwarded: dict[str, str] | None = None,
+                             budget_headers: bool = False) -> int:
         # the failover route names the failover clusters only; without rules with `retries` there is none
         clusters = [name for name in clusters if name.startswith(FAILOVER_CLUSTER_PREFIX)]
         return await self.routes.publish([
             to_route_proto(route_configuration(sorted(hosts), clusters=clusters, body_limit=self._body_limit,
-                                               forwarded=forwarded, budget_headers=self._budgeted)),
-            to_route_proto(any_host_route_configuration(clusters, self._body_limit, self._budgeted))])
-
-
-def _budgeted(table: RoutingTable) -> bool:
-    """Whether a table has budgets (its answers then carry x-ratelimit-* headers)."""
-    return table.budgets is not None and bool(table.budgets.by_route)
+                                               forwarded=forwarded, budget_headers=budget_headers)),
+            to_route_proto(any_host_route_configuration(clusters, self._body_limit, budget_headers))])

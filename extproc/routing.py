@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Literal, Mapping
 
 if TYPE_CHECKING:
@@ -118,7 +119,7 @@ class RoutingTable:
     health: Mapping[str, tuple[int, float]] = field(default_factory=dict)  # host -> passive-health thresholds
     failover_clusters: Mapping[str, str] = field(default_factory=dict)  # provider host -> its failover cluster
 
-    @property
+    @cached_property  # once per table (not a dataclass field: no part of equality)
     def cluster_hosts(self) -> dict[str, str]:
         """Every provider cluster (plain and failover) -> its provider host."""
         return {cluster: host for clusters in (self.clusters, self.failover_clusters) for host, cluster in clusters.items()}

@@ -215,17 +215,6 @@ def _worker_main(conn, parent: int, host: str, port: int, table: bytes, body_lim
         pass
 
 
-def _cluster_hosts(holder: TableHolder):
-    """cluster -> provider host of the table in force, made once per table."""
-    cached: list = [None, {}]
-
-    def hosts() -> dict[str, str]:
-        if cached[0] is not holder.table:
-            cached[:] = [holder.table, holder.table.cluster_hosts]
-        return cached[1]
-    return hosts
-
-
 def _authenticator(auth: tuple[str, str] | None):
     """The same check as the main process's (see `extproc.cli.worker_auth`)."""
     from .auth import StaticToken, TokenReviewAuthenticator, kubernetes_review
@@ -263,7 +252,7 @@ async def _worker(conn, host: str, port: int, table, body_limit: int, cap: int, 
     health = PassiveHealth()
     health.configure(table.health)
     failover = FailoverObserver(health, metrics.registry,
-                                hosts=_cluster_hosts(holder))
+                                hosts=lambda: holder.table.cluster_hosts)
     methods = {PROCESS: ExternalProcessor(holder, body_limit=body_limit, budgets=budgets, inflight=inflight,
                                           health=health).exchange,
                RETRY_AUTHORITY + PROCESS: lambda *_: RetryRewriter(holder, body_limit).exchange(),

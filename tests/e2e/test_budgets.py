@@ -142,6 +142,25 @@ def test_budget_refuses_fourth_request_with_openai_headers_then_bigger_budget_ap
     assert ask(gw, "alice").headers["x-ratelimit-limit-tokens"] == "1000"
 
 
+def test_a_budget_added_and_removed_live_brings_and_takes_its_headers(tmp_path, gateway_factory):
+    """The x-ratelimit-* headers are in Envoy's routes only while the config has a budget: adding
+    the first one republishes the routes with them, removing the last one without."""
+    config = seed_dir(tmp_path, "01")
+    gw = gateway_factory(config)
+    assert "x-ratelimit-limit-tokens" not in ask(gw, "dave").headers
+    (config / "10-budget.yaml").write_text(budget_yaml(tokens=10_000_000, per="1h"))
+
+    def admitted_with_headers() -> bool:  # admitted: the headers come from the routes, not a 429's own
+        resp = ask(gw, "dave")
+        assert resp.status == 200, resp.body
+        return resp.headers.get("x-ratelimit-limit-tokens") == "10000000"
+
+    wait_until(admitted_with_headers, 10, lambda: gw.log())
+    (config / "10-budget.yaml").unlink()
+    wait_until(lambda: "x-ratelimit-limit-tokens" not in ask(gw, "dave").headers, 10, lambda: gw.log())
+    assert ask(gw, "dave").status == 200
+
+
 def test_bucket_refills_after_its_period(tmp_path, gateway_factory):
     config = seed_dir(tmp_path, "01")
     (config / "10-budget.yaml").write_text(budget_yaml(tokens=40, per="2s"))

@@ -99,6 +99,22 @@ def pod(tmp_path):
         shutil.rmtree(etc, ignore_errors=True)
 
 
+def start_sidecar_envoy(pod: str, shared: Path, control: int, ext_proc: int, creds, log: Path) -> subprocess.Popen:
+    """The pod's sidecar Envoy, as Envoy's own user, from `envoy-config --sidecar` (the bootstrap
+    in `shared`, readable by that user), reaching the control plane on the host side of the link."""
+    boot = subprocess.run([sys.executable, "-m", "extproc", "envoy-config", "--sidecar", "--control", f"{HOST_IP}:{control}",
+                           "--ext-proc", f"{HOST_IP}:{ext_proc}", *creds.envoy_config_args(),
+                           "--listen", "0.0.0.0:15001", "--admin", "127.0.0.1:15000", "--access-log", "none"],
+                          capture_output=True, check=True, text=True).stdout
+    (shared / "envoy.json").write_text(boot)
+    (shared / "envoy.json").chmod(0o644)
+    return subprocess.Popen(
+        ["ip", "netns", "exec", pod, "setpriv", f"--reuid={ENVOY_UID}", f"--regid={ENVOY_UID}", "--clear-groups",
+         envoy_binary(), "-c", str(shared / "envoy.json"), "--disable-hot-restart", "--concurrency", "1",
+         "--log-level", "warning"],
+        stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+
+
 def test_seed_curl_without_proxy_is_intercepted_and_other_traffic_passes(pod, ca, keys, tmp_path):
     shared = Path(tempfile.mkdtemp(prefix="llmgw-pod-"))  # readable by Envoy's own user
     shared.chmod(0o755)
@@ -123,18 +139,8 @@ def test_seed_curl_without_proxy_is_intercepted_and_other_traffic_passes(pod, ca
          "--ext-proc-listen", f"{HOST_IP}:{ext_proc}", "--auth-token-file", str(creds.token_file),
          "--metrics", "none", "--upstream-ca", str(ca_file)],
         env={**os.environ, **keys}, stdout=(tmp_path / "serve.log").open("wb"), stderr=subprocess.STDOUT)
-    boot = subprocess.run([sys.executable, "-m", "extproc", "envoy-config", "--sidecar", "--control", f"{HOST_IP}:{control}",
-                           "--ext-proc", f"{HOST_IP}:{ext_proc}", *creds.envoy_config_args(),
-                           "--listen", "0.0.0.0:15001", "--admin", "127.0.0.1:15000", "--access-log", "none"],
-                          capture_output=True, check=True, text=True).stdout
-    (shared / "envoy.json").write_text(boot)
-    (shared / "envoy.json").chmod(0o644)
     envoy_log = tmp_path / "envoy.log"
-    envoy = subprocess.Popen(
-        ["ip", "netns", "exec", pod, "setpriv", f"--reuid={ENVOY_UID}", f"--regid={ENVOY_UID}", "--clear-groups",
-         envoy_binary(), "-c", str(shared / "envoy.json"), "--disable-hot-restart", "--concurrency", "1",
-         "--log-level", "warning"],
-        stdout=subprocess.DEVNULL, stderr=envoy_log.open("wb"))
+    envoy = start_sidecar_envoy(pod, shared, control, ext_proc, creds, envoy_log)
 
     def in_pod(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["ip", "netns", "exec", pod, *args], capture_output=True, text=True, timeout=30)
@@ -231,18 +237,8 @@ def test_seed_curl_in_gateway_mode_reaches_the_provider_through_the_egress_gatew
          "--auth-token-file", str(creds.token_file), "--egress-gateway", f"{GATEWAY}={HOST_IP}:{gateway_port}"],
         env={**os.environ, **keys, "YOUR_DASHSCOPE_API_KEY": DECOY},
         stdout=(tmp_path / "serve.log").open("wb"), stderr=subprocess.STDOUT)
-    boot = subprocess.run([sys.executable, "-m", "extproc", "envoy-config", "--sidecar", "--control", f"{HOST_IP}:{control}",
-                           "--ext-proc", f"{HOST_IP}:{ext_proc}", *creds.envoy_config_args(),
-                           "--listen", "0.0.0.0:15001", "--admin", "127.0.0.1:15000", "--access-log", "none"],
-                          capture_output=True, check=True, text=True).stdout
-    (shared / "envoy.json").write_text(boot)
-    (shared / "envoy.json").chmod(0o644)
     envoy_log = tmp_path / "envoy.log"
-    envoy = subprocess.Popen(
-        ["ip", "netns", "exec", pod, "setpriv", f"--reuid={ENVOY_UID}", f"--regid={ENVOY_UID}", "--clear-groups",
-         envoy_binary(), "-c", str(shared / "envoy.json"), "--disable-hot-restart", "--concurrency", "1",
-         "--log-level", "warning"],
-        stdout=subprocess.DEVNULL, stderr=envoy_log.open("wb"))
+    envoy = start_sidecar_envoy(pod, shared, control, ext_proc, creds, envoy_log)
 
     def in_pod(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["ip", "netns", "exec", pod, *args], capture_output=True, text=True, timeout=30)

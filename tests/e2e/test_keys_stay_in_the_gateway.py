@@ -55,12 +55,32 @@ def test_up_talks_over_a_private_unix_socket_another_user_cannot_open(gateway_fa
     assert not directory.exists(), "up must remove its socket directory on exit"
 
 
-@pytest.fixture
-def tcp_serve(tmp_path, ca, fresh_providers, keys):
-    """`extproc serve` over TCP with a static token, and a separately run Envoy presenting it."""
+def envoy_beside_serve(tmp_path, boot: bytes, listen: int, admin: int, metrics: int = 0):
+    """A separately run Envoy on `boot` (the bootstrap `envoy-config` printed), beside a `serve`."""
     from extproc.runner import envoy_binary
     from helpers import Gateway
 
+    (tmp_path / "envoy.json").write_bytes(boot)
+    envoy = subprocess.Popen([envoy_binary(), "-c", str(tmp_path / "envoy.json"), "--disable-hot-restart",
+                              "--concurrency", "1", "--log-level", "error"],
+                             stdout=subprocess.DEVNULL, stderr=(tmp_path / "envoy.log").open("wb"))
+    return Gateway(envoy, listen, admin, tmp_path / "envoy.log", metrics_port=metrics)
+
+
+def wait_answering(gw, tmp_path) -> None:
+    """Until a chat request goes through the Envoy and the `serve` beside it (`serve.log`)."""
+    def answered() -> bool:
+        try:
+            return gw.request(DASHSCOPE, {"messages": [{"role": "user", "content": "hi"}]}).status == 200
+        except OSError:
+            return False
+
+    wait_until(answered, 20, lambda: (tmp_path / "serve.log").read_text() + gw.log())
+
+
+@pytest.fixture
+def tcp_serve(tmp_path, ca, fresh_providers, keys):
+    """`extproc serve` over TCP with a static token, and a separately run Envoy presenting it."""
     creds = token_files(tmp_path)
     control, ext_proc, listen, admin, metrics = free_port(), free_port(), free_port(), free_port(), free_port()
     env = {**os.environ, **keys}
@@ -74,20 +94,9 @@ def tcp_serve(tmp_path, ca, fresh_providers, keys):
                            "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}", "--access-log", "none"],
                           capture_output=True, check=True).stdout
     assert creds.token.encode() not in boot
-    (tmp_path / "envoy.json").write_bytes(boot)
-    envoy = subprocess.Popen([envoy_binary(), "-c", str(tmp_path / "envoy.json"), "--disable-hot-restart",
-                              "--concurrency", "1", "--log-level", "error"],
-                             stdout=subprocess.DEVNULL, stderr=(tmp_path / "envoy.log").open("wb"))
-    gw = Gateway(envoy, listen, admin, tmp_path / "envoy.log", metrics_port=metrics)
-
-    def answered() -> bool:
-        try:
-            return gw.request(DASHSCOPE, {"messages": [{"role": "user", "content": "hi"}]}).status == 200
-        except OSError:
-            return False
-
+    gw = envoy_beside_serve(tmp_path, boot, listen, admin, metrics)
     try:
-        wait_until(answered, 20, lambda: (tmp_path / "serve.log").read_text() + gw.log())
+        wait_answering(gw, tmp_path)
         yield gw, creds, control, ext_proc
     finally:
         gw.stop()
@@ -165,9 +174,6 @@ def test_envoy_rereads_its_token_when_it_changes_on_disk(tcp_serve):
 def test_serve_and_a_separate_envoy_over_unix_sockets(tmp_path, ca, fresh_providers, keys):
     """`serve` without TCP flags listens on Unix sockets in --socket-dir; `envoy-config --socket-dir`
     points a separately run Envoy there; both sockets 0600 in a 0700 directory, removed on exit."""
-    from extproc.runner import envoy_binary
-    from helpers import Gateway
-
     socks = tmp_path / "socks"
     listen, admin = free_port(), free_port()
     serve = subprocess.Popen([sys.executable, "-m", "extproc", "serve", "--config", str(seed_dir(tmp_path, "01")),
@@ -178,20 +184,9 @@ def test_serve_and_a_separate_envoy_over_unix_sockets(tmp_path, ca, fresh_provid
                            "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}", "--access-log", "none"],
                           capture_output=True, check=True)
     assert boot.stderr == b""  # no warning: local mode needs no token
-    (tmp_path / "envoy.json").write_bytes(boot.stdout)
-    envoy = subprocess.Popen([envoy_binary(), "-c", str(tmp_path / "envoy.json"), "--disable-hot-restart",
-                              "--concurrency", "1", "--log-level", "error"],
-                             stdout=subprocess.DEVNULL, stderr=(tmp_path / "envoy.log").open("wb"))
-    gw = Gateway(envoy, listen, admin, tmp_path / "envoy.log")
-
-    def answered() -> bool:
-        try:
-            return gw.request(DASHSCOPE, {"messages": [{"role": "user", "content": "hi"}]}).status == 200
-        except OSError:
-            return False
-
+    gw = envoy_beside_serve(tmp_path, boot.stdout, listen, admin)
     try:
-        wait_until(answered, 20, lambda: (tmp_path / "serve.log").read_text() + gw.log())
+        wait_answering(gw, tmp_path)
         assert stat.S_IMODE(socks.stat().st_mode) == 0o700
         assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in socks.iterdir()} == {"xds.sock": 0o600,
                                                                                     "ext_proc.sock": 0o600}

@@ -232,12 +232,18 @@ def test_gate_unreachable_redis_keeps_what_is_owed(tmp_path):
         g.admit(route, headers(x_user_id="a"))
 
 
-def test_access_log_entry_charges_its_buckets(gate):
-    meta = admit(gate, headers(x_user_id="alice"))
+def answered_entry(meta: dict, total_tokens: int) -> accesslog_pb2.HTTPAccessLogEntry:
+    """The access-log entry of a provider's 200 to a request admitted with `meta`."""
     e = accesslog_pb2.HTTPAccessLogEntry()
     e.response.response_code.value = 200
     e.response.response_code_details = "via_upstream"
-    e.common_properties.metadata.filter_metadata["llm_gateway"].update({**meta, "total_tokens": 17})
+    e.common_properties.metadata.filter_metadata["llm_gateway"].update({**meta, "total_tokens": total_tokens})
+    return e
+
+
+def test_access_log_entry_charges_its_buckets(gate):
+    meta = admit(gate, headers(x_user_id="alice"))
+    e = answered_entry(meta, total_tokens=17)
     owed: dict = {}
     charge_budgets(owed, e, record_from_entry(e))
     charge_budgets(owed, e, record_from_entry(e))
@@ -327,10 +333,7 @@ def test_two_objects_on_one_host_are_both_charged_and_the_tighter_one_answers(tm
     meta = g.admit(route, headers(x_user_id="alice", x_team="red")).as_dict()
     assert meta["budget"] == "default/per-team" and meta["ratelimit_limit_tokens"] == "20"
     assert len(meta["budget_buckets"]) == 2
-    e = accesslog_pb2.HTTPAccessLogEntry()
-    e.response.response_code.value = 200
-    e.response.response_code_details = "via_upstream"
-    e.common_properties.metadata.filter_metadata["llm_gateway"].update({**meta, "total_tokens": 25})
+    e = answered_entry(meta, total_tokens=25)
     owed: dict = {}
     charge_budgets(owed, e, record_from_entry(e))
     for buckets, tokens in owed.items():
