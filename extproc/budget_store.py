@@ -20,14 +20,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from . import series
 
 from .budgets import (EMPTY_BUDGETS, HEADER_METADATA, Admission, Budget, BudgetRefused, BudgetRule, BudgetTable,
                       admission, budget_unavailable, bucket_id, drained, has_budgets, key_hash,
                       most_restrictive, parse_bucket_id)
+from . import wire
 
 log = logging.getLogger("extproc.budgets")
 
@@ -62,9 +66,9 @@ return {tostring(tok), tostring(req)}
 
 class BudgetMetrics:
     def __init__(self, registry: CollectorRegistry):
-        self.refused = Counter("llm_gateway_budget_refused", "Requests refused by a budget (reason: tokens, requests, "
+        self.refused = series.Counter("llm_gateway_budget_refused", "Requests refused by a budget (reason: tokens, requests, "
                                "unavailable)", ("budget", "rule", "reason"), registry=registry)
-        self.charged = Counter("llm_gateway_budget_tokens_charged", "Tokens charged to budgets",
+        self.charged = series.Counter("llm_gateway_budget_tokens_charged", "Tokens charged to budgets",
                                ("budget", "rule"), registry=registry)
         self.redis_errors = Counter("llm_gateway_budget_redis_errors", "Failed syncs with Redis", registry=registry)
         self.redis_seconds = Histogram("llm_gateway_budget_redis_sync_seconds", "Time of one sync with Redis "
@@ -83,82 +87,48 @@ class BudgetMetrics:
         return series
 
 
-_IDENTITY: dict[tuple, bytes] = {}  # encoded identity fields, per bucket
-
-
-# google.protobuf.Struct in wire form: `fields` (1) entries of key (1) and Value (2); a Value is a
-# number (2, double), a string (3) or a list (6: ListValue, values (1)).
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _entry(key: str, value: bytes) -> bytes:
-    k = key.encode()
-    body = b"\x0a" + _varint(len(k)) + k + b"\x12" + _varint(len(value)) + value
-    return b"\x0a" + _varint(len(body)) + body
-
-
 _LIMIT_HEADERS = frozenset({"x-ratelimit-limit-tokens", "x-ratelimit-limit-requests"})
-_SMALL = [bytes((i,)) for i in range(128)]
-_KEYS: dict[str, bytes] = {}  # a map entry's key part, per key
+_CACHE_MAX = 65536  # entries per cache below; past it the cache starts again
 
 
-def _string_entry(key: str, text: str) -> bytes:
-    """`key: text` as a Struct map entry: the common case (short values) without _varint."""
-    prefix = _KEYS.get(key)
-    if prefix is None:
-        k = key.encode()
-        prefix = _KEYS[key] = b"\x0a" + _varint(len(k)) + k + b"\x12"
-    raw = text.encode()
-    n = len(raw)
-    if len(prefix) + n + 3 < 128:  # every length fits in one byte
-        return b"".join((b"\x0a", _SMALL[len(prefix) + n + 3], prefix, _SMALL[n + 2], b"\x1a", _SMALL[n], raw))
-    return _entry(key, _string(text))
+def _identity(budget: str, rule: str, key: str, answer: Admission, buckets: list[str]) -> bytes:
+    """The metadata entries that are the same for every admission to the same buckets: the
+    budget, rule and hashed key for the access log, the buckets to charge (where several), the
+    limits."""
+    parts = [wire.string_entry("budget", budget), wire.string_entry("budget_rule", rule),
+             wire.string_entry("budget_key", key)]
+    parts += [wire.string_entry(HEADER_METADATA[name], value) for name, value in answer.headers if name in _LIMIT_HEADERS]
+    if len(buckets) > 1:  # one bucket is named by the three fields above
+        parts.append(wire.struct_entry("budget_buckets", wire.list_value([wire.string_value(b) for b in buckets])))
+    return b"".join(parts)
 
 
-def _string(text: str) -> bytes:
-    raw = text.encode()
-    return b"\x1a" + _varint(len(raw)) + raw
-
-
-def _list(values: list[bytes]) -> bytes:
-    inner = b"".join(b"\x0a" + _varint(len(v)) + v for v in values)
-    return b"\x32" + _varint(len(inner)) + inner
+def _numbers(answer: Admission) -> bytes:
+    """The metadata entries that change with the bucket's level: what remains, when it resets."""
+    return b"".join([wire.string_entry(HEADER_METADATA[name], value)
+                     for name, value in answer.headers if name not in _LIMIT_HEADERS])
 
 
 class Admitted:
-    """An admission, written into the request's `llm_gateway` dynamic metadata: the budget, rule
-    and hashed key for the access log, the buckets to charge, the x-ratelimit-* header values."""
+    """An admission, for the request's `llm_gateway` dynamic metadata: the budget, rule and hashed
+    key for the access log, the buckets to charge, the x-ratelimit-* header values."""
 
-    __slots__ = ("budget", "rule", "key", "answer", "buckets")
+    __slots__ = ("budget", "rule", "key", "answer", "buckets", "_identity", "_numbers")
 
-    def __init__(self, budget: str, rule: str, key: str, answer: Admission, buckets: list[str]):
+    def __init__(self, budget: str, rule: str, key: str, answer: Admission, buckets: list[str],
+                 identity: bytes | None = None, numbers: bytes | None = None):
         self.budget, self.rule, self.key, self.answer, self.buckets = budget, rule, key, answer, buckets
+        self._identity, self._numbers = identity, numbers  # both cached by the gate on the request path
 
-    def write(self, struct) -> None:
-        """Into a protobuf Struct, as one merge of encoded bytes: the identity and the limits are
-        encoded once per bucket, what remains per request (several times cheaper than
-        Struct.update)."""
-        headers = self.answer.headers
-        limits = tuple(value for name, value in headers if name in _LIMIT_HEADERS)
-        ident = (self.budget, self.rule, self.key, limits, *self.buckets)
-        static = _IDENTITY.get(ident)
-        if static is None:
-            if len(_IDENTITY) > 65536:
-                _IDENTITY.clear()
-            parts = [_string_entry("budget", self.budget), _string_entry("budget_rule", self.rule),
-                     _string_entry("budget_key", self.key)]
-            parts += [_string_entry(HEADER_METADATA[name], value) for name, value in headers if name in _LIMIT_HEADERS]
-            if len(self.buckets) > 1:  # one bucket is named by the three fields above
-                parts.append(_entry("budget_buckets", _list([_string(b) for b in self.buckets])))
-            static = _IDENTITY[ident] = b"".join(parts)
-        struct.MergeFromString(static + b"".join([_string_entry(HEADER_METADATA[name], value)
-                                                  for name, value in headers if name not in _LIMIT_HEADERS]))
+    def encoded(self) -> bytes:
+        """The entries in wire form, to append to the namespace's Struct (`extproc.wire`)."""
+        identity = self._identity
+        if identity is None:
+            identity = self._identity = _identity(self.budget, self.rule, self.key, self.answer, self.buckets)
+        numbers = self._numbers
+        if numbers is None:
+            numbers = self._numbers = _numbers(self.answer)
+        return identity + numbers
 
     def as_dict(self) -> dict:
         """The same, as plain values (tests, `extproc route`)."""
@@ -168,6 +138,33 @@ class Admitted:
         for name, value in self.answer.headers:
             out[HEADER_METADATA[name]] = value
         return out
+
+
+def _duration_key(seconds: float) -> int:
+    """A number that is the same exactly when `openai_duration(seconds)` is."""
+    if seconds <= 0:
+        return 0
+    if seconds < 1:
+        return -math.ceil(seconds * 1000)
+    return math.ceil(seconds - 1e-9)
+
+
+def answer_key(rule: BudgetRule, used_tokens: float, used_requests: float) -> tuple | None:
+    """What an admission's answer depends on, where it admits: two levels of one rule with the
+    same key get the same answer and headers (so it is computed once). None where it refuses.
+    The rule is named by its identity: keys are kept only while the table holding it is in force."""
+    if used_tokens >= rule.tokens:
+        return None
+    if rule.requests is None:  # the rule by identity: hashing a rule's fields would cost more than the rest
+        return id(rule), math.floor(rule.tokens - used_tokens), _duration_key(used_tokens / rule.token_rate)
+    after = used_requests + 1
+    if after > rule.requests + 1e-9:
+        return None
+    return (id(rule), math.floor(rule.tokens - used_tokens), _duration_key(used_tokens / rule.token_rate),
+            math.floor(rule.requests - after + 1e-9), _duration_key(after / rule.request_rate))
+
+
+_NO_RULE = ()  # a decision: no rule of the object matches
 
 
 class BudgetGate:
@@ -186,7 +183,9 @@ class BudgetGate:
         self._pending: dict[str, list[float]] = {}  # bucket -> [tokens, requests] not yet in Redis
         self._touched: dict[str, float] = {}  # bucket -> last admission or charge
         self._rates: dict[str, tuple[float, float]] = {}  # bucket -> drain rates of its rule
-        self._ids: dict[tuple[str, str, str], tuple[str, str]] = {}  # (object, rule, key) -> (hash, bucket)
+        self._decided_for: object = None  # the table the two caches below were worked out for
+        self._decisions: dict[tuple[str, tuple], tuple] = {}  # (object, header values) -> rule, bucket, ...
+        self._answers: dict[tuple, tuple[Admission, bytes | None]] = {}  # answer_key -> answer, its numbers
         self.degraded = False
         self._task: asyncio.Task | None = None
         self._client = None
@@ -197,59 +196,86 @@ class BudgetGate:
 
     # -- the request path -------------------------------------------------------------------
 
-    def admit(self, route: str, headers: Iterable) -> Admitted | None:
-        """None when no budget applies; else what to write into the request's metadata (budget,
-        rule, hashed key, header values). Raises BudgetRefused (429) or a 503 (fail closed)."""
-        budgets: BudgetTable = self._table().budgets or EMPTY_BUDGETS
-        objects = budgets.by_route.get(route)
+    def admit(self, route: str, headers: Mapping[str, bytes]) -> Admitted | None:
+        """`headers`: the request's, by name. None when no budget applies; else what to write into the request's metadata (budget,
+        rule, hashed key, header values). Raises BudgetRefused (429) or a 503 (fail closed).
+        Per request this is a bucket's level and a few dictionary lookups: which
+        rule and bucket a set of header values means, and the answer for a level, are each
+        worked out once (per table in force)."""
+        table = self._table()
+        objects = (table.budgets or EMPTY_BUDGETS).by_route.get(route)
         if not objects:
             return None
-        watched = objects[0].watched if len(objects) == 1 else frozenset().union(*(b.watched for b in objects))
-        values: dict[str, str] = {}
-        wanted = len(watched)
-        for h in headers:  # stops once every watched header is found
-            key = h.key
-            if key in watched:
-                values[key] = h.raw_value.decode("latin-1")
-                if len(values) == wanted:
-                    break
+        if table is not self._decided_for:  # a new table: new rules, new answers
+            self._decided_for = table
+            self._decisions.clear()
+            self._answers.clear()
+        if len(objects) == 1:
+            values = {key: headers[key].decode("latin-1") for key in objects[0].watched if key in headers}
+        else:
+            values = {key: headers[key].decode("latin-1") for key in frozenset().union(*(b.watched for b in objects))
+                      if key in headers}
+        seen = tuple(values.items())
         now = self._clock()
-        chosen: list[tuple[Budget, BudgetRule, str, str, Admission]] = []
+        chosen: list[tuple[Budget, tuple, Admission, bytes | None]] = []
         for budget in objects:
-            rule = budget.select(values)
-            if rule is None:
+            decision = self._decisions.get((budget.name, seen))
+            if decision is None:
+                decision = self._decide(budget, values, seen)
+            if decision is _NO_RULE:
                 continue
+            rule = decision[0]
             if self.degraded and self.fail_closed:
                 self.metrics.refused.labels(budget.name, rule.name, "unavailable").inc()
                 raise budget_unavailable()
-            named = (budget.name, rule.name, values.get(budget.key_header, "") if budget.key_header else "")
-            ids = self._ids.get(named)
-            if ids is None:
-                if len(self._ids) > 65536:
-                    self._ids.clear()
-                hashed = key_hash(named[2])
-                ids = self._ids[named] = (hashed, bucket_id(budget.name, rule.name, hashed))
-            hashed, bucket = ids
-            used_tokens, used_requests = self._usage(bucket, rule, now)
-            chosen.append((budget, rule, hashed, bucket, admission(rule, used_tokens, used_requests)))
+            used_tokens, used_requests = self._usage(decision[2], rule, now)
+            key = answer_key(rule, used_tokens, used_requests)
+            known = self._answers.get(key) if key is not None else None
+            if known is None:
+                answer = admission(rule, used_tokens, used_requests)
+                known = (answer, _numbers(answer) if answer.allowed else None)
+                if key is not None:
+                    if len(self._answers) > _CACHE_MAX:
+                        self._answers.clear()
+                    self._answers[key] = known
+            chosen.append((budget, decision, *known))
         if not chosen:
             return None
         if len(chosen) == 1:
             head = chosen[0]
-            answer = head[4]
+            answer = head[2]
         else:
-            answer = most_restrictive([c[4] for c in chosen])
-            head = next(c for c in chosen if c[4] is answer)
+            answer = most_restrictive([c[2] for c in chosen])
+            head = next(c for c in chosen if c[2] is answer)
+        budget, (rule, hashed, bucket, identity), _, numbers = head
         if not answer.allowed:
-            self.metrics.refused.labels(head[0].name, head[1].name, answer.reason).inc()
-            raise BudgetRefused(head[0].name, head[1].name, answer)
-        for _, rule, _, bucket, _ in chosen:
-            if rule.requests is not None:
-                self._add(bucket, rule, 0.0, 1.0, now)
+            self.metrics.refused.labels(budget.name, rule.name, answer.reason).inc()
+            raise BudgetRefused(budget.name, rule.name, answer)
+        for _, (rule_, _, bucket_, _), _, _ in chosen:
+            if rule_.requests is not None:
+                self._add(bucket_, rule_, 0.0, 1.0, now)
             else:  # refreshed from Redis while in use, drained at its rule's rates
-                self._touched[bucket] = now
-                self._rates[bucket] = (rule.token_rate, rule.request_rate)
-        return Admitted(head[0].name, head[1].name, head[2], answer, [c[3] for c in chosen])
+                self._touched[bucket_] = now
+                self._rates[bucket_] = (rule_.token_rate, rule_.request_rate)
+        if len(chosen) > 1:  # the identity names every bucket: not the one cached for this bucket alone
+            return Admitted(budget.name, rule.name, hashed, answer, [c[1][2] for c in chosen], None, numbers)
+        return Admitted(budget.name, rule.name, hashed, answer, [bucket], identity, numbers)
+
+    def _decide(self, budget: Budget, values: dict[str, str], seen: tuple) -> tuple:
+        """Which rule of `budget` these header values match, and its bucket: (rule, hashed key,
+        bucket, the bucket's identity entries), or _NO_RULE. Kept for the table in force."""
+        rule = budget.select(values)
+        if rule is None:
+            decision: tuple = _NO_RULE
+        else:
+            hashed = key_hash(values.get(budget.key_header, "") if budget.key_header else "")
+            bucket = bucket_id(budget.name, rule.name, hashed)
+            limits = admission(rule, 0.0, 0.0)  # only its limit headers are read
+            decision = (rule, hashed, bucket, _identity(budget.name, rule.name, hashed, limits, [bucket]))
+        if len(self._decisions) > _CACHE_MAX:
+            self._decisions.clear()
+        self._decisions[(budget.name, seen)] = decision
+        return decision
 
     def _usage(self, bucket: str, rule: BudgetRule, now: float) -> tuple[float, float]:
         state = self._mirror.get(bucket)

@@ -211,6 +211,19 @@ def has_budgets(table) -> bool:
     return table.budgets is not None and bool(table.budgets.by_route)
 
 
+_TOKEN_HEADERS = ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens")
+_REQUEST_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests")
+
+
+def response_headers(table) -> frozenset[str]:
+    """The x-ratelimit-* headers a table's admitted answers can carry: none without budgets, the
+    `-requests` ones only where a rule counts requests (Envoy formats each for every answer)."""
+    if not has_budgets(table):
+        return frozenset()
+    counts_requests = any(rule.requests is not None for rule in table.budgets.rules.values())
+    return frozenset(_TOKEN_HEADERS + (_REQUEST_HEADERS if counts_requests else ()))
+
+
 def budget_unavailable() -> GatewayError:
     """--redis-fail-closed while the shared counts cannot be reached."""
     return GatewayError(503, "the rate-limit store is unreachable: limited requests are refused until it is back",

@@ -231,9 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("up", "demo", "serve"):
-        from .memory import keep_body_buffers
+        from .memory import collect_cycles_rarely, keep_body_buffers
 
         keep_body_buffers()
+        collect_cycles_rarely()
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler = {"up": cmd_up, "demo": cmd_demo, "serve": cmd_serve, "envoy-config": cmd_envoy_config,

@@ -21,7 +21,7 @@ from envoy.service.route.v3 import rds_pb2_grpc
 
 from .accesslog import STREAM_ACCESS_LOGS, AccessLogReceiver
 from .budget_store import BudgetGate
-from .budgets import has_budgets
+from .budgets import response_headers
 from .admission import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT, Inflight, register_metrics
 from .drain import HEALTH_CHECK, HealthCheck
 from .config.compile import Compiled
@@ -136,7 +136,7 @@ class ControlPlane:
         old_clusters, new_clusters = self._clusters(self.holder.table), self._clusters(new)
         old_hosts, new_hosts = set(self.holder.table.routes), set(new.routes)
         old_forwarded, new_forwarded = forwarded_clusters(self.holder.table), forwarded_clusters(new)
-        old_budgeted, new_budgeted = has_budgets(self.holder.table), has_budgets(new)
+        old_budgeted, new_budgeted = response_headers(self.holder.table), response_headers(new)
         first = self.clusters.version == 0
         if (first or new_clusters != old_clusters or new_hosts != old_hosts or new_forwarded != old_forwarded
                 or new_budgeted != old_budgeted):
@@ -146,7 +146,7 @@ class ControlPlane:
             versions = (await self._publish_clusters(union_clusters),
                         # while a change rolls out, the x-ratelimit-* headers for both tables
                         await self._publish_hosts(union_hosts, list(union_clusters), union_forwarded,
-                                                  old_budgeted or new_budgeted))
+                                                  old_budgeted | new_budgeted))
             for publisher, version in zip((self.clusters, self.routes), versions):
                 if not await publisher.wait_answered(version, ACK_TIMEOUT_S):
                     log.warning("not every Envoy answered %s version %d within %.0fs", publisher.type_url, version,
@@ -167,7 +167,7 @@ class ControlPlane:
         return await self.clusters.publish([to_cluster_proto(c) for c in clusters.values()])
 
     async def _publish_hosts(self, hosts: set[str], clusters: list[str], forwarded: dict[str, str] | None = None,
-                             budget_headers: bool = False) -> int:
+                             budget_headers: frozenset[str] = frozenset()) -> int:
         # the failover route names the failover clusters only; without rules with `retries` there is none
         clusters = [name for name in clusters if name.startswith(FAILOVER_CLUSTER_PREFIX)]
         return await self.routes.publish([

@@ -370,21 +370,21 @@ _XDS_SOURCE = {
 }
 
 
-def _budget_headers() -> list[dict]:
-    """An admitted request's x-ratelimit-* headers, from the values the ext_proc put in its
-    dynamic metadata (no extra message). Without a budget the values are empty and Envoy adds
-    nothing (keep_empty_value false). Only in the routes of a config with budgets: formatting
-    them costs every answer a few microseconds (measured with scripts/bench)."""
+def _budget_headers(names: frozenset[str]) -> list[dict]:
+    """An admitted request's x-ratelimit-* headers (`names`), from the values the ext_proc put
+    in its dynamic metadata (no extra message). Without a budget the values are empty and Envoy
+    adds nothing (keep_empty_value false). Only the headers the config's budgets can give:
+    formatting each costs every answer a few microseconds (measured with scripts/bench)."""
     from .budgets import HEADER_METADATA
 
     return [{"header": {"key": name, "value": _meta(key)}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-             "keep_empty_value": False} for name, key in HEADER_METADATA.items()]
+             "keep_empty_value": False} for name, key in HEADER_METADATA.items() if name in names]
 
 
 def _llm_virtual_host(domains: list[str], route_timeout_s: int, clusters: list[str] = (),
-                      body_limit: int = DEFAULT_BODY_LIMIT, budget_headers: bool = False) -> dict:
+                      body_limit: int = DEFAULT_BODY_LIMIT, budget_headers: frozenset[str] = frozenset()) -> dict:
     """`clusters`: the failover clusters (rules with `retries`); none, no failover route.
-    `budget_headers`: the config has budgets, whose answers carry x-ratelimit-* headers."""
+    `budget_headers`: the x-ratelimit-* headers the config's budgets give admitted answers."""
     vhost = {
         "name": "llm_gateway",
         "domains": domains,
@@ -397,12 +397,12 @@ def _llm_virtual_host(domains: list[str], route_timeout_s: int, clusters: list[s
     if clusters:
         vhost["include_request_attempt_count"] = True  # a retried attempt is told apart by it
     if budget_headers:
-        vhost["response_headers_to_add"] = _budget_headers()
+        vhost["response_headers_to_add"] = _budget_headers(budget_headers)
     return vhost
 
 
 def any_host_route_configuration(clusters: list[str], body_limit: int = DEFAULT_BODY_LIMIT,
-                                 budget_headers: bool = False) -> dict:
+                                 budget_headers: frozenset[str] = frozenset()) -> dict:
     """The gateway's own routes (sent over RDS, as they name the provider clusters): every host
     through the ext_proc, which answers hosts it does not serve with a JSON 404."""
     return {"name": ANY_HOST_ROUTE_CONFIG_NAME,
@@ -427,7 +427,7 @@ def _untouched_route(cluster: str) -> dict:
 
 def route_configuration(hosts: list[str], route_timeout_s: int = 0, clusters: list[str] = (),
                         body_limit: int = DEFAULT_BODY_LIMIT, forwarded: dict[str, str] | None = None,
-                        budget_headers: bool = False) -> dict:
+                        budget_headers: frozenset[str] = frozenset()) -> dict:
     """The sidecar's routes (sent over RDS): the LLM host names through the gateway, anything else
     to where the application sent it, with none of the gateway's filters on the way. `forwarded`
     (host -> cluster) are hosts an egress gateway decides: sent to its cluster as they came, Host

@@ -59,6 +59,9 @@ class Target:
     timeout_s: float | None = None  # the whole answer, streamed ones included; None: no total bound
     base_path: str | None = None  # the provider's OpenAI base path (see `extproc.endpoints`)
     embedding_model: str | None = None  # replaces the client's model on embeddings
+    # what the ext_proc answers every request to this target with, per endpoint, built once
+    # (`extproc.server`): kept here because hashing a target's fields per lookup costs more
+    answers: dict = field(default_factory=dict, init=False, compare=False, hash=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

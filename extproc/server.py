@@ -24,7 +24,6 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 
-from google.protobuf import struct_pb2
 
 from .auth import LOCAL, Identity, may_use
 from . import endpoints
@@ -34,6 +33,7 @@ from .envoy_config import DEFAULT_BODY_LIMIT, LOCAL_REPLIES
 from .errors import GatewayError
 from .gateways import refusal
 from .names import CLUSTER_HEADER, INTERNAL_HEADER_PREFIX, METADATA_NAMESPACE
+from . import wire
 from .rewrite import rewrite_body
 from .routing import Route, RoutingTable, Target
 from .failover import FAILOVER_BODY_MAX, PassiveHealth
@@ -84,14 +84,44 @@ def _target_mutation(target: Target, endpoint: Endpoint = endpoints.CHAT) -> pb.
     return mutation
 
 
-@lru_cache(maxsize=4096)
-def _target_metadata(target: Target) -> struct_pb2.Struct:
-    """The decision, for the access log and metrics: `llm_gateway` dynamic metadata."""
-    meta = struct_pb2.Struct()
-    meta.fields[METADATA_NAMESPACE].struct_value.update({
-        "route": target.route, "rule": target.rule, "provider": target.provider, "provider_host": target.provider_host,
-    })
-    return meta
+def _prebuilt(target: Target, endpoint: Endpoint) -> tuple[bytes, bytes]:
+    """What every answer to a request to this target shares, serialized once and kept on the
+    target: the headers' answer (its header mutation, and the route cache cleared: the cluster
+    header changed), and the decision's entries of the `llm_gateway` metadata (for the access
+    log and metrics). The rest is appended in wire form per request (`extproc.wire`)."""
+    built = target.answers.get(endpoint)
+    if built is None:
+        response = pb.ProcessingResponse()
+        common = response.request_headers.response
+        common.header_mutation.CopyFrom(_target_mutation(target, endpoint))
+        common.clear_route_cache = True
+        decision = b"".join(wire.string_entry(key, value) for key, value in (
+            ("route", target.route), ("rule", target.rule), ("provider", target.provider),
+            ("provider_host", target.provider_host), ("operation", endpoint.operation)))
+        built = target.answers[endpoint] = (response.SerializeToString(), decision)
+    return built
+
+
+@lru_cache(maxsize=8192)
+def _content_length(length: int) -> bytes:
+    return wire.request_headers_set(wire.header_option("content-length", str(length).encode()))
+
+
+_STREAM_ENTRY = {True: wire.bool_entry("stream", True), False: wire.bool_entry("stream", False)}
+
+
+def _more_headers(strip: list[str], failover_headers) -> bytes:
+    """The mutations only some requests need (a rule with retries, a client's x-envoy-*
+    headers), appended to the headers' answer."""
+    response = pb.ProcessingResponse()
+    mutation = response.request_headers.response.header_mutation
+    if failover_headers:
+        mutation.set_headers.extend(failover_headers)
+        if strip:  # a client's x-envoy-retry-on and the like: overwritten, not removed
+            strip = [name for name in strip if name not in {h.header.key for h in failover_headers}]
+    # whatever the gateway sets itself is overwritten anyway; the rest goes
+    mutation.remove_headers.extend(name for name in strip if name not in _SET_BY_GATEWAY)
+    return response.SerializeToString()
 
 
 class _Reply(Exception):
@@ -126,7 +156,7 @@ def immediate(error: GatewayError) -> pb.ProcessingResponse:
 
 _TOO_LARGE_CODE, _TOO_LARGE_MESSAGE = LOCAL_REPLIES[413]  # the answer Envoy gives its own 413s
 _EMPTIED_CHUNK = pb.ProcessingResponse(request_body=pb.BodyResponse(
-    response=pb.CommonResponse(body_mutation=pb.BodyMutation(clear_body=True))))
+    response=pb.CommonResponse(body_mutation=pb.BodyMutation(clear_body=True)))).SerializeToString()
 _CLIENT_MUST_NOT_SET = ("x-envoy-", INTERNAL_HEADER_PREFIX)
 _SET_BY_GATEWAY = frozenset({CLUSTER_HEADER, "x-envoy-upstream-rq-timeout-ms"})
 
@@ -150,80 +180,63 @@ class ExternalProcessor:
     def exchange(self, identity: Identity = LOCAL) -> "Exchange":
         return Exchange(self, identity.namespace)
 
-    def _choose(self, headers_msg: pb.HttpHeaders,
-                namespace: str | None = None) -> tuple[str, Target, list[str], Endpoint, bytes, tuple]:
+    def _choose(self, headers_msg: pb.HttpHeaders, namespace: str | None = None
+                ) -> tuple[str, Target, list[str], Endpoint, bytes, tuple, dict[str, bytes]]:
         """The target, the client headers that must not reach Envoy's router or the provider
         (`x-envoy-*`: timeouts, retries; and the gateway's own), the endpoint, the declared body
-        length, and for a rule with retries the headers that give Envoy the attempt order and the
-        retry policy. A route the caller's namespace may not use is answered as an unknown host."""
-        headers = headers_msg.headers.headers
-        authority = method = path = ""
-        length = b""
-        strip: list[str] = []
-        for h in headers:
-            key = h.key
-            if key == ":authority":
-                authority = h.raw_value.decode("latin-1")
-            elif key == ":method":
-                method = h.raw_value.decode("latin-1")
-            elif key == ":path":
-                path = h.raw_value.decode("latin-1")
-            elif key == "content-length":
-                length = h.raw_value
-            elif key.startswith(_CLIENT_MUST_NOT_SET):
-                strip.append(key)
+        length, for a rule with retries the headers that give Envoy the attempt order and the
+        retry policy, and the request's headers by name (read once, for rules and budgets). A
+        route the caller's namespace may not use is answered as an unknown host."""
+        raw: dict[str, bytes] = {}
+        for h in headers_msg.headers.headers:  # a name sent twice: the last value, as everywhere
+            raw[h.key] = h.raw_value
+        authority = raw.get(":authority", b"").decode("latin-1")
+        length = raw.get("content-length", b"")
+        strip = [key for key in raw if key.startswith(_CLIENT_MUST_NOT_SET)]
         route = self._holder.table.route_for(authority)
         if route is None or not may_use(namespace, route.visible):
             raise (refusal(self._holder.table, authority) if route is None else None) or GatewayError(
                 404, f"no LLMRoute or LLMProvider serves host {authority!r}", "unknown_host")
-        endpoint = endpoints.recognize(method, path, route.bases)
+        endpoint = endpoints.recognize(raw.get(":method", b"").decode("latin-1"),
+                                       raw.get(":path", b"").decode("latin-1"), route.bases)
         if endpoint is endpoints.MODELS:
             raise _Reply(_model_list(route, authority))
         if headers_msg.end_of_stream:
             raise GatewayError(400, f"request body is required: a JSON {endpoint.name} request", "missing_body")
         watched = route.match_headers
-        values = {h.key: h.raw_value.decode("latin-1") for h in headers if h.key in watched} if watched else {}
+        values = {key: raw[key].decode("latin-1") for key in watched if key in raw} if watched else {}
         rule = route.select(values)
         if rule is None:
             raise GatewayError(404, f"no rule of route {route.name} matches the request", "no_matching_rule")
         if rule.failover is None:
-            return authority, rule.pick(self._draw()), strip, endpoint, length, ()
+            return authority, rule.pick(self._draw()), strip, endpoint, length, (), raw
         # a rule with retries: the first provider of the attempt order, and the headers that give
         # Envoy the order and the retry policy (extproc.retry_rewrite)
         target, failover_headers = first_attempt(rule.failover, rule.pick_index(self._draw()),
                                                  self._health.cooling(self._clock()))
-        return authority, target, strip, endpoint, length, failover_headers
+        return authority, target, strip, endpoint, length, failover_headers, raw
 
     @staticmethod
     def _forward(body: bytes, chunks: int, target: Target, authority: str,
                  strip: list[str], endpoint: Endpoint = endpoints.CHAT,
-                 budget: "Admitted | None" = None, failover_headers=()) -> list[pb.ProcessingResponse]:
+                 budget: "Admitted | None" = None, failover_headers=()) -> list[bytes]:
         """The held answer to the headers, then one answer per body chunk: all emptied but the
-        last, which carries the whole rewritten body."""
+        last, which carries the whole rewritten body. In wire form: the target's prebuilt part
+        and what this request adds (`extproc.wire`)."""
         rewritten = rewrite_body(body, target, endpoint)
-        response = pb.ProcessingResponse()
-        common = response.request_headers.response
-        common.header_mutation.CopyFrom(_target_mutation(target, endpoint))
-        common.header_mutation.set_headers.append(_header("content-length", str(len(rewritten.body))))
-        if failover_headers and len(rewritten.body) <= FAILOVER_BODY_MAX:  # larger: one attempt (docs/failover.md)
-            common.header_mutation.set_headers.extend(failover_headers)
-            if strip:  # a client's x-envoy-retry-on and the like: overwritten, not removed
-                strip = [name for name in strip if name not in {h.header.key for h in failover_headers}]
-        if strip:  # whatever the gateway sets itself is overwritten anyway; the rest goes
-            common.header_mutation.remove_headers.extend(
-                name for name in strip if name not in _SET_BY_GATEWAY)
-        common.clear_route_cache = True
-        response.dynamic_metadata.CopyFrom(_target_metadata(target))
-        fields = response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.fields
-        fields["request_model"].string_value = rewritten.model
-        fields["stream"].bool_value = rewritten.stream
-        fields["host"].string_value = authority
-        fields["operation"].string_value = endpoint.operation
+        length = len(rewritten.body)
+        headers_answer, decision = _prebuilt(target, endpoint)
+        parts = [headers_answer, _content_length(length)]
+        if length > FAILOVER_BODY_MAX:  # larger: one attempt (docs/failover.md)
+            failover_headers = ()
+        if strip or failover_headers:
+            parts.append(_more_headers(strip, failover_headers))
+        entries = (decision + wire.string_entry("request_model", rewritten.model)
+                   + _STREAM_ENTRY[rewritten.stream] + wire.string_entry("host", authority))
         if budget is not None:  # the budget charged, for the access log, and the x-ratelimit-* header values
-            budget.write(response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value)
-        last = pb.ProcessingResponse()
-        last.request_body.response.body_mutation.body = rewritten.body
-        return [response, *([_EMPTIED_CHUNK] * (chunks - 1)), last]
+            entries += budget.encoded()
+        parts.append(wire.dynamic_metadata(METADATA_NAMESPACE, entries))
+        return [b"".join(parts), *([_EMPTIED_CHUNK] * (chunks - 1)), wire.request_body_replaced(rewritten.body)]
 
 
 class Exchange:
@@ -250,23 +263,26 @@ class Exchange:
         self._budget: Admitted | None = None
 
     def on_message(self, message: bytes) -> tuple[list[bytes], bool]:
-        """The wire form, for the HTTP/2 server."""
-        responses, done = self.on_request(pb.ProcessingRequest.FromString(message))
-        return [r.SerializeToString() for r in responses], done
+        """The answers this message completes, in wire form (none while the request body is
+        incomplete), and whether the stream is over: for the HTTP/2 server."""
+        return self._answer(pb.ProcessingRequest.FromString(message))
 
     def on_request(self, request: pb.ProcessingRequest) -> tuple[list[pb.ProcessingResponse], bool]:
-        """The answers this message completes (none while the request body is incomplete), and
-        whether the stream is over."""
+        """The same, as protobuf messages (tests, tools)."""
+        answers, done = self._answer(request)
+        return [pb.ProcessingResponse.FromString(answer) for answer in answers], done
+
+    def _answer(self, request: pb.ProcessingRequest) -> tuple[list[bytes], bool]:
         phase = request.WhichOneof("request")
         processor = self._processor
         try:
             if phase == "request_headers":
                 (self._authority, self._target, self._strip, self._endpoint, length,
-                 self._failover) = processor._choose(request.request_headers, self._namespace)
+                 self._failover, raw) = processor._choose(request.request_headers, self._namespace)
                 if length:
                     self._admit(_length(length), processor)
                 if processor._budgets is not None:
-                    self._budget = processor._budgets.admit(self._target.route, request.request_headers.headers.headers)
+                    self._budget = processor._budgets.admit(self._target.route, raw)
                 return [], False  # answered with the body
             if phase == "request_body":
                 if self._target is None:  # cannot happen with our bootstrap; never forward unrewritten
@@ -282,20 +298,21 @@ class Exchange:
                     return [], False
                 return processor._forward(bytes(self._body), self._chunks, self._target, self._authority, self._strip,
                                           self._endpoint, self._budget, self._failover), True
-            return [_continue(phase)], False
+            return [_continue(phase).SerializeToString()], False
         except GatewayError as error:
             response = immediate(error)
             if phase == "request_body":  # a refused body: counted under its endpoint's operation
                 response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.update(
                     {"operation": self._endpoint.operation})
-            return [response], True
+            return [response.SerializeToString()], True
         except _Reply as reply:
-            return [reply.response], True
+            return [reply.response.SerializeToString()], True
         except Exception:  # never a stack trace to the client, never a request sent unrewritten
             log.exception("ext_proc failed on %s", phase)
             if phase in ("request_headers", "request_body"):
-                return [immediate(GatewayError(500, "the gateway failed to process the request", "internal_error"))], True
-            return [_continue(phase)], False  # an answer already under way is passed on as it is
+                return [immediate(GatewayError(500, "the gateway failed to process the request",
+                                               "internal_error")).SerializeToString()], True
+            return [_continue(phase).SerializeToString()], False  # an answer already under way is passed on as it is
 
 
     def _admit(self, size: int, processor: ExternalProcessor) -> None:

@@ -206,9 +206,10 @@ def _worker_main(conn, parent: int, host: str, port: int, table: bytes, body_lim
         arm()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the main process decides
     logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s")
-    from .memory import keep_body_buffers
+    from .memory import collect_cycles_rarely, keep_body_buffers
 
     keep_body_buffers()
+    collect_cycles_rarely()
     try:
         asyncio.run(_worker(conn, host, port, pickle.loads(table), body_limit, cap, index, auth, redis))
     except KeyboardInterrupt:
