@@ -228,7 +228,13 @@ class BudgetGate:
             if self.degraded and self.fail_closed:
                 self.metrics.refused.labels(budget.name, rule.name, "unavailable").inc()
                 raise budget_unavailable()
-            used_tokens, used_requests = self._usage(decision[2], rule, now)
+            state = self._mirror.get(decision[2])
+            if state is None:
+                used_tokens = used_requests = 0.0
+            else:  # what is still used after draining since (as `_usage`, inline: once per request)
+                elapsed = max(0.0, now - state[2])
+                used_tokens = max(0.0, state[0] - rule.token_rate * elapsed)
+                used_requests = max(0.0, state[1] - rule.request_rate * elapsed)
             key = answer_key(rule, used_tokens, used_requests)
             known = self._answers.get(key) if key is not None else None
             if known is None:
@@ -247,23 +253,24 @@ class BudgetGate:
         else:
             answer = most_restrictive([c[2] for c in chosen])
             head = next(c for c in chosen if c[2] is answer)
-        budget, (rule, hashed, bucket, identity), _, numbers = head
+        budget, (rule, hashed, bucket, identity, _), _, numbers = head
         if not answer.allowed:
             self.metrics.refused.labels(budget.name, rule.name, answer.reason).inc()
             raise BudgetRefused(budget.name, rule.name, answer)
-        for _, (rule_, _, bucket_, _), _, _ in chosen:
+        for _, (rule_, _, bucket_, _, rates), _, _ in chosen:
             if rule_.requests is not None:
                 self._add(bucket_, rule_, 0.0, 1.0, now)
             else:  # refreshed from Redis while in use, drained at its rule's rates
                 self._touched[bucket_] = now
-                self._rates[bucket_] = (rule_.token_rate, rule_.request_rate)
+                self._rates[bucket_] = rates
         if len(chosen) > 1:  # the identity names every bucket: not the one cached for this bucket alone
             return Admitted(budget.name, rule.name, hashed, answer, [c[1][2] for c in chosen], None, numbers)
         return Admitted(budget.name, rule.name, hashed, answer, [bucket], identity, numbers)
 
     def _decide(self, budget: Budget, values: dict[str, str], seen: tuple) -> tuple:
         """Which rule of `budget` these header values match, and its bucket: (rule, hashed key,
-        bucket, the bucket's identity entries), or _NO_RULE. Kept for the table in force."""
+        bucket, the bucket's identity entries, the rule's drain rates), or _NO_RULE. Kept for the
+        table in force."""
         rule = budget.select(values)
         if rule is None:
             decision: tuple = _NO_RULE
@@ -271,7 +278,8 @@ class BudgetGate:
             hashed = key_hash(values.get(budget.key_header, "") if budget.key_header else "")
             bucket = bucket_id(budget.name, rule.name, hashed)
             limits = admission(rule, 0.0, 0.0)  # only its limit headers are read
-            decision = (rule, hashed, bucket, _identity(budget.name, rule.name, hashed, limits, [bucket]))
+            decision = (rule, hashed, bucket, _identity(budget.name, rule.name, hashed, limits, [bucket]),
+                        (rule.token_rate, rule.request_rate))
         if len(self._decisions) > _CACHE_MAX:
             self._decisions.clear()
         self._decisions[(budget.name, seen)] = decision
