@@ -394,9 +394,9 @@ class H2Connection(asyncio.Protocol):
                 log.exception("gRPC call failed")
                 self._end(sid, stream, trailers(INTERNAL, "internal error"))
                 return
-            if isinstance(response, list):
-                for one in response:
-                    self._send(sid, stream, _MESSAGE_HEAD.pack(0, len(one)) + one)
+            if isinstance(response, list):  # several messages in one DATA frame where the windows allow
+                if response:
+                    self._send(sid, stream, b"".join([_MESSAGE_HEAD.pack(0, len(one)) + one for one in response]))
             elif response is not None:
                 self._send(sid, stream, _MESSAGE_HEAD.pack(0, len(response)) + response)
             if done:

@@ -218,6 +218,31 @@ def test_messages_after_the_handler_ended_the_call_are_never_answered():
     assert (h2.PING, h2.ACK, 0, b"87654321") in frames  # the connection still serves
 
 
+class Several:
+    """Answers a message with three (the ext_proc answers a whole request at once this way)."""
+
+    def on_message(self, message: bytes) -> tuple[list[bytes], bool]:
+        return [message, message.upper(), b""], True
+
+
+def test_several_answers_to_one_message_go_in_one_data_frame():
+    async def main():
+        def blocking():
+            with socket.create_connection(("127.0.0.1", server.sockets[0].getsockname()[1]), timeout=5) as sock:
+                sock.sendall(h2.PREFACE + h2.frame(h2.SETTINGS, 0, 0)
+                             + h2.frame(h2.HEADERS, h2.END_HEADERS, 1, request_headers("/test.Several/Call"))
+                             + h2.frame(h2.DATA, 0, 1, grpc_message(b"abc")))
+                return frames_until(sock, lambda fs: any(f[0] == h2.HEADERS and f[1] & h2.END_STREAM for f in fs))
+        server = await h2.serve("127.0.0.1", 0, {"/test.Several/Call": lambda identity: Several()}, LIMIT)
+        try:
+            return await asyncio.to_thread(blocking)
+        finally:
+            server.close()
+
+    data = [f for f in asyncio.run(main()) if f[0] == h2.DATA and f[2] == 1]
+    assert [f[3] for f in data] == [grpc_message(b"abc") + grpc_message(b"ABC") + grpc_message(b"")]
+
+
 def test_not_http2_is_refused_with_goaway():
     def script(sock):
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
