@@ -88,7 +88,7 @@ class BudgetMetrics:
 
 
 _LIMIT_HEADERS = frozenset({"x-ratelimit-limit-tokens", "x-ratelimit-limit-requests"})
-_CACHE_MAX = 65536  # entries per cache below; past it the cache starts again
+_CACHE_MAX = 16384  # entries per cache below (a few hundred bytes each); past it the cache starts again
 
 
 def _identity(budget: str, rule: str, key: str, answer: Admission, buckets: list[str]) -> bytes:

@@ -184,6 +184,24 @@ def test_gate_counts_requests_at_admission(gate):
         assert meta["budget_rule"] == "subscribers" and meta["ratelimit_remaining_requests"] == left
 
 
+def test_gate_works_decisions_out_again_for_a_new_table(tmp_path):
+    """The gate keeps which rule a set of header values means, and the answer for a level: a
+    new table (a bigger budget, a rule gone) must be decided afresh, not from what was kept."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    small = load_docs(tmp_path / "a", provider("dashscope", DASHSCOPE), budget_doc(RULES))
+    bigger = load_docs(tmp_path / "b", provider("dashscope", DASHSCOPE),
+                       budget_doc([{"name": "everyone", "tokens": 400, "per": "1h"}]))
+    holder = [small.table]
+    g = BudgetGate(CollectorRegistry(), lambda: holder[0], clock=Clock())
+    route = small.table.route_for(DASHSCOPE).name
+    subscriber = headers(x_user_id="alice", user_type="subscriber")
+    assert g.admit(route, subscriber).as_dict()["budget_rule"] == "subscribers"
+    assert g.admit(route, headers(x_user_id="alice")).as_dict()["ratelimit_limit_tokens"] == "40"
+    holder[0] = bigger.table
+    assert g.admit(route, subscriber).as_dict()["budget_rule"] == "everyone"  # its rule is gone
+    assert g.admit(route, headers(x_user_id="alice")).as_dict()["ratelimit_limit_tokens"] == "400"
+
+
 def test_gate_other_route_is_not_limited(tmp_path):
     compiled = load_docs(tmp_path, provider("dashscope", DASHSCOPE), provider("other", "other.example.com"),
                          budget_doc(RULES))
