@@ -197,11 +197,11 @@ class BudgetGate:
     # -- the request path -------------------------------------------------------------------
 
     def admit(self, route: str, headers: Mapping[str, bytes]) -> Admitted | None:
-        """`headers`: the request's, by name. None when no budget applies; else what to write into the request's metadata (budget,
-        rule, hashed key, header values). Raises BudgetRefused (429) or a 503 (fail closed).
-        Per request this is a bucket's level and a few dictionary lookups: which
-        rule and bucket a set of header values means, and the answer for a level, are each
-        worked out once (per table in force)."""
+        """`headers`: the request's, by name. None when no budget applies; else what to write into
+        the request's metadata (budget, rule, hashed key, header values). Raises BudgetRefused
+        (429) or a 503 (fail closed). Per request this is a bucket's level and a few dictionary
+        lookups: which rule and bucket a set of header values means, and the answer for a level,
+        are each worked out once (per table in force)."""
         table = self._table()
         objects = (table.budgets or EMPTY_BUDGETS).by_route.get(route)
         if not objects:
@@ -210,62 +210,75 @@ class BudgetGate:
             self._decided_for = table
             self._decisions.clear()
             self._answers.clear()
-        if len(objects) == 1:
-            values = {key: headers[key].decode("latin-1") for key in objects[0].watched if key in headers}
-        else:
-            values = {key: headers[key].decode("latin-1") for key in frozenset().union(*(b.watched for b in objects))
-                      if key in headers}
-        seen = tuple(values.items())
         now = self._clock()
+        if len(objects) == 1:  # the common case, without the lists the general one needs
+            budget = objects[0]
+            decision = self._decision(budget, headers)
+            if decision is _NO_RULE:
+                return None
+            rule, hashed, bucket, identity, rates = decision
+            answer, numbers = self._answer(budget, rule, bucket, now)
+            if not answer.allowed:
+                self.metrics.refused.labels(budget.name, rule.name, answer.reason).inc()
+                raise BudgetRefused(budget.name, rule.name, answer)
+            self._used(bucket, rule, rates, now)
+            return Admitted(budget.name, rule.name, hashed, answer, [bucket], identity, numbers)
         chosen: list[tuple[Budget, tuple, Admission, bytes | None]] = []
         for budget in objects:
-            decision = self._decisions.get((budget.name, seen))
-            if decision is None:
-                decision = self._decide(budget, values, seen)
-            if decision is _NO_RULE:
-                continue
-            rule = decision[0]
-            if self.degraded and self.fail_closed:
-                self.metrics.refused.labels(budget.name, rule.name, "unavailable").inc()
-                raise budget_unavailable()
-            state = self._mirror.get(decision[2])
-            if state is None:
-                used_tokens = used_requests = 0.0
-            else:  # what is still used after draining since (as `_usage`, inline: once per request)
-                elapsed = max(0.0, now - state[2])
-                used_tokens = max(0.0, state[0] - rule.token_rate * elapsed)
-                used_requests = max(0.0, state[1] - rule.request_rate * elapsed)
-            key = answer_key(rule, used_tokens, used_requests)
-            known = self._answers.get(key) if key is not None else None
-            if known is None:
-                answer = admission(rule, used_tokens, used_requests)
-                known = (answer, _numbers(answer) if answer.allowed else None)
-                if key is not None:
-                    if len(self._answers) > _CACHE_MAX:
-                        self._answers.clear()
-                    self._answers[key] = known
-            chosen.append((budget, decision, *known))
+            decision = self._decision(budget, headers)
+            if decision is not _NO_RULE:
+                chosen.append((budget, decision, *self._answer(budget, decision[0], decision[2], now)))
         if not chosen:
             return None
-        if len(chosen) == 1:
-            head = chosen[0]
-            answer = head[2]
-        else:
-            answer = most_restrictive([c[2] for c in chosen])
-            head = next(c for c in chosen if c[2] is answer)
-        budget, (rule, hashed, bucket, identity, _), _, numbers = head
+        answer = most_restrictive([c[2] for c in chosen])
+        budget, (rule, hashed, _, _, _), _, numbers = next(c for c in chosen if c[2] is answer)
         if not answer.allowed:
             self.metrics.refused.labels(budget.name, rule.name, answer.reason).inc()
             raise BudgetRefused(budget.name, rule.name, answer)
         for _, (rule_, _, bucket_, _, rates), _, _ in chosen:
-            if rule_.requests is not None:
-                self._add(bucket_, rule_, 0.0, 1.0, now)
-            else:  # refreshed from Redis while in use, drained at its rule's rates
-                self._touched[bucket_] = now
-                self._rates[bucket_] = rates
-        if len(chosen) > 1:  # the identity names every bucket: not the one cached for this bucket alone
-            return Admitted(budget.name, rule.name, hashed, answer, [c[1][2] for c in chosen], None, numbers)
-        return Admitted(budget.name, rule.name, hashed, answer, [bucket], identity, numbers)
+            self._used(bucket_, rule_, rates, now)
+        # the identity names every bucket: not the one kept for the head's bucket alone
+        return Admitted(budget.name, rule.name, hashed, answer, [c[1][2] for c in chosen], None, numbers)
+
+    def _decision(self, budget: Budget, headers: Mapping[str, bytes]) -> tuple:
+        """The kept decision for this request's values of the headers `budget` reads."""
+        seen = tuple([headers.get(name) for name in budget.watched])  # a frozenset: one order per process
+        decision = self._decisions.get((budget.name, seen))
+        if decision is None:
+            decision = self._decide(budget, {name: value.decode("latin-1") for name, value in
+                                             zip(budget.watched, seen) if value is not None}, seen)
+        return decision
+
+    def _answer(self, budget: Budget, rule: BudgetRule, bucket: str, now: float) -> tuple[Admission, bytes | None]:
+        """The answer for the bucket's level now, and its encoded numbers (None for a refusal)."""
+        if self.degraded and self.fail_closed:
+            self.metrics.refused.labels(budget.name, rule.name, "unavailable").inc()
+            raise budget_unavailable()
+        state = self._mirror.get(bucket)
+        if state is None:
+            used_tokens = used_requests = 0.0
+        else:  # what is still used after draining since (as `_usage`, inline: once per request)
+            elapsed = max(0.0, now - state[2])
+            used_tokens = max(0.0, state[0] - rule.token_rate * elapsed)
+            used_requests = max(0.0, state[1] - rule.request_rate * elapsed)
+        key = answer_key(rule, used_tokens, used_requests)
+        known = self._answers.get(key) if key is not None else None
+        if known is None:
+            answer = admission(rule, used_tokens, used_requests)
+            known = (answer, _numbers(answer) if answer.allowed else None)
+            if key is not None:
+                if len(self._answers) > _CACHE_MAX:
+                    self._answers.clear()
+                self._answers[key] = known
+        return known
+
+    def _used(self, bucket: str, rule: BudgetRule, rates: tuple[float, float], now: float) -> None:
+        """An admitted request: counted where the rule counts requests; its bucket kept fresh."""
+        if rule.requests is not None:
+            self._add(bucket, rule, 0.0, 1.0, now)
+        else:  # refreshed from Redis while in use, drained at its rule's rates
+            self._touched[bucket] = now
+            self._rates[bucket] = rates
 
     def _decide(self, budget: Budget, values: dict[str, str], seen: tuple) -> tuple:
         """Which rule of `budget` these header values match, and its bucket: (rule, hashed key,
