@@ -686,13 +686,20 @@ def budgets_main(args) -> int:
                 rps[name].append(result["rps"])
                 print(f"round {r + 1} {name:6s}: {result['rps']:8.0f} req/s  errors {result['errors']}", flush=True)
         bound = measure_bound(ports["redis"], ports["redis-b"], 20)
+        # each round's requests/s over bare Envoy's in the same round: their spread is the noise
+        # a difference between the variants must exceed to mean anything
+        by_round = {n: [r / b for r, b in zip(rps[n], rps["bare"])] for n in measured[1:]}
         out = {
             "cpu_us_per_request": {n: 1e6 * c["seconds"] / max(c["requests"], 1) for n, c in cpu.items()},
             "requests_measured": {n: c["requests"] for n, c in cpu.items()},
             "rps_over_bare": {n: statistics.median(rps[n]) / statistics.median(rps["bare"]) for n in measured[1:]},
+            "rps_over_bare_by_round": by_round,
             "bound": bound,
         }
         print(json.dumps(out, indent=2))
+        for n in measured[1:]:
+            print(f"{n:6s} req/s over bare {out['rps_over_bare'][n]:.3f} (rounds {min(by_round[n]):.3f}-"
+                  f"{max(by_round[n]):.3f}), CPU per request {out['cpu_us_per_request'][n]:.0f} us")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         (args.out / f"bench-budgets-{stamp}.json").write_text(json.dumps(out, indent=2))
         return 0
