@@ -128,7 +128,9 @@ class RoutingTable:
         return {cluster: host for clusters in (self.clusters, self.failover_clusters) for host, cluster in clusters.items()}
 
     def route_for(self, authority: str) -> Route | None:
-        return self.routes.get(normalize_host(authority))
+        # routes are keyed by normalized names: an exact hit needs no normalizing (the usual case)
+        route = self.routes.get(authority)
+        return route if route is not None else self.routes.get(normalize_host(authority))
 
 
 EMPTY_TABLE = RoutingTable(routes={}, clusters={})
