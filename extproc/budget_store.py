@@ -26,12 +26,10 @@ from typing import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from . import series
-
+from . import series, wire
 from .budgets import (EMPTY_BUDGETS, HEADER_METADATA, Admission, Budget, BudgetRefused, BudgetRule, BudgetTable,
                       admission, budget_unavailable, bucket_id, drained, has_budgets, key_hash,
                       most_restrictive, parse_bucket_id)
-from . import wire
 
 log = logging.getLogger("extproc.budgets")
 
@@ -183,9 +181,10 @@ class BudgetGate:
         self._pending: dict[str, list[float]] = {}  # bucket -> [tokens, requests] not yet in Redis
         self._touched: dict[str, float] = {}  # bucket -> last admission or charge
         self._rates: dict[str, tuple[float, float]] = {}  # bucket -> drain rates of its rule
-        self._decided_for: object = None  # the table the two caches below were worked out for
+        self._decided_for: object = None  # the table the caches below were worked out for
         self._decisions: dict[tuple[str, tuple], tuple] = {}  # (object, header values) -> rule, bucket, ...
         self._answers: dict[tuple, tuple[Admission, bytes | None]] = {}  # answer_key -> answer, its numbers
+        self._identities: dict[tuple[str, ...], bytes] = {}  # several objects: head and buckets -> identity
         self.degraded = False
         self._task: asyncio.Task | None = None
         self._client = None
@@ -210,6 +209,7 @@ class BudgetGate:
             self._decided_for = table
             self._decisions.clear()
             self._answers.clear()
+            self._identities.clear()
         now = self._clock()
         if len(objects) == 1:  # the common case, without the lists the general one needs
             budget = objects[0]
@@ -237,8 +237,16 @@ class BudgetGate:
             raise BudgetRefused(budget.name, rule.name, answer)
         for _, (rule_, _, bucket_, _, rates), _, _ in chosen:
             self._used(bucket_, rule_, rates, now)
-        # the identity names every bucket: not the one kept for the head's bucket alone
-        return Admitted(budget.name, rule.name, hashed, answer, [c[1][2] for c in chosen], None, numbers)
+        buckets = [c[1][2] for c in chosen]
+        # the identity names every bucket (not the one kept for the head's bucket alone), and the
+        # head's limits: kept per head and set of buckets, like the decisions
+        named = (budget.name, rule.name, hashed, *buckets)
+        identity = self._identities.get(named)
+        if identity is None:
+            if len(self._identities) > _CACHE_MAX:
+                self._identities.clear()
+            identity = self._identities[named] = _identity(budget.name, rule.name, hashed, answer, buckets)
+        return Admitted(budget.name, rule.name, hashed, answer, buckets, identity, numbers)
 
     def _decision(self, budget: Budget, headers: Mapping[str, bytes]) -> tuple:
         """The kept decision for this request's values of the headers `budget` reads."""
@@ -254,13 +262,7 @@ class BudgetGate:
         if self.degraded and self.fail_closed:
             self.metrics.refused.labels(budget.name, rule.name, "unavailable").inc()
             raise budget_unavailable()
-        state = self._mirror.get(bucket)
-        if state is None:
-            used_tokens = used_requests = 0.0
-        else:  # what is still used after draining since (as `_usage`, inline: once per request)
-            elapsed = max(0.0, now - state[2])
-            used_tokens = max(0.0, state[0] - rule.token_rate * elapsed)
-            used_requests = max(0.0, state[1] - rule.request_rate * elapsed)
+        used_tokens, used_requests = self._usage(bucket, rule, now)
         key = answer_key(rule, used_tokens, used_requests)
         known = self._answers.get(key) if key is not None else None
         if known is None:

@@ -211,8 +211,8 @@ def has_budgets(table) -> bool:
     return table.budgets is not None and bool(table.budgets.by_route)
 
 
-_TOKEN_HEADERS = ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens")
-_REQUEST_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests")
+_TOKEN_HEADERS = tuple(name for name in HEADER_METADATA if name.endswith("-tokens"))
+_REQUEST_HEADERS = tuple(name for name in HEADER_METADATA if name.endswith("-requests"))
 
 
 def response_headers(table) -> frozenset[str]:

@@ -136,17 +136,17 @@ class ControlPlane:
         old_clusters, new_clusters = self._clusters(self.holder.table), self._clusters(new)
         old_hosts, new_hosts = set(self.holder.table.routes), set(new.routes)
         old_forwarded, new_forwarded = forwarded_clusters(self.holder.table), forwarded_clusters(new)
-        old_budgeted, new_budgeted = response_headers(self.holder.table), response_headers(new)
+        old_limits, new_limits = response_headers(self.holder.table), response_headers(new)  # x-ratelimit-*
         first = self.clusters.version == 0
         if (first or new_clusters != old_clusters or new_hosts != old_hosts or new_forwarded != old_forwarded
-                or new_budgeted != old_budgeted):
+                or new_limits != old_limits):
             union_clusters = {**old_clusters, **new_clusters}
             union_hosts = old_hosts | new_hosts
             union_forwarded = {**old_forwarded, **new_forwarded}
             versions = (await self._publish_clusters(union_clusters),
                         # while a change rolls out, the x-ratelimit-* headers for both tables
                         await self._publish_hosts(union_hosts, list(union_clusters), union_forwarded,
-                                                  old_budgeted | new_budgeted))
+                                                  old_limits | new_limits))
             for publisher, version in zip((self.clusters, self.routes), versions):
                 if not await publisher.wait_answered(version, ACK_TIMEOUT_S):
                     log.warning("not every Envoy answered %s version %d within %.0fs", publisher.type_url, version,
@@ -155,8 +155,8 @@ class ControlPlane:
             if union_clusters != new_clusters:
                 await self._publish_clusters(new_clusters)
             if (union_hosts != new_hosts or union_clusters != new_clusters or union_forwarded != new_forwarded
-                    or old_budgeted != new_budgeted):
-                await self._publish_hosts(new_hosts, list(new_clusters), new_forwarded, new_budgeted)
+                    or old_limits != new_limits):
+                await self._publish_hosts(new_hosts, list(new_clusters), new_forwarded, new_limits)
         else:
             self.holder.table = new
         self.health.configure(new.health)

@@ -24,7 +24,6 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 
-
 from .auth import LOCAL, Identity, may_use
 from . import endpoints
 from .endpoints import Endpoint
@@ -62,9 +61,8 @@ def _header(key: str, value: str | bytes) -> base_pb2.HeaderValueOption:
     return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, raw_value=raw), append_action=_OVERWRITE)
 
 
-@lru_cache(maxsize=4096)
 def _target_mutation(target: Target, endpoint: Endpoint = endpoints.CHAT) -> pb.HeaderMutation:
-    """Header changes for a target, built once: path, host, key, cluster, content type."""
+    """Header changes for a target (built once, by `_prebuilt`): path, host, key, cluster, content type."""
     mutation = pb.HeaderMutation(set_headers=[
         _header(":path", endpoints.upstream_path(endpoint, target)),
         _header(":authority", target.provider_host),

@@ -202,6 +202,24 @@ def test_gate_works_decisions_out_again_for_a_new_table(tmp_path):
     assert g.admit(route, headers(x_user_id="alice")).as_dict()["ratelimit_limit_tokens"] == "400"
 
 
+@pytest.mark.parametrize(("rules", "expected"), [
+    (None, set()),  # no budget: no header formatted for any answer
+    ([{"name": "everyone", "tokens": 40, "per": "1h"}],
+     {"x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"}),
+    (RULES, {"x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens",
+             "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"}),
+])
+def test_routes_carry_only_the_rate_limit_headers_a_config_can_give(tmp_path, rules, expected):
+    from extproc.budgets import response_headers
+    from extproc.envoy_config import route_configuration
+
+    docs = [provider("dashscope", DASHSCOPE)] + ([budget_doc(rules)] if rules else [])
+    names = response_headers(load_docs(tmp_path, *docs).table)
+    assert names == expected
+    vhost = route_configuration([DASHSCOPE], budget_headers=names)["virtual_hosts"][0]
+    assert {h["header"]["key"] for h in vhost.get("response_headers_to_add", [])} == expected
+
+
 def test_gate_other_route_is_not_limited(tmp_path):
     compiled = load_docs(tmp_path, provider("dashscope", DASHSCOPE), provider("other", "other.example.com"),
                          budget_doc(RULES))
@@ -362,6 +380,11 @@ def test_two_objects_on_one_host_are_both_charged_and_the_tighter_one_answers(tm
     other = g.admit(route, headers(x_user_id="carol", x_team="blue")).as_dict()
     assert other["ratelimit_remaining_tokens"] == "20"  # per-team blue: untouched; alice's 25 on per-user
     assert g.admit(route, headers(x_user_id="alice", x_team="green")).answer.allowed
+    from google.protobuf import json_format, struct_pb2
+
+    for _ in range(2):  # the metadata of an admission by two objects, the second time from the kept identity
+        admitted = g.admit(route, headers(x_user_id="carol", x_team="blue"))
+        assert json_format.MessageToDict(struct_pb2.Struct.FromString(admitted.encoded())) == admitted.as_dict()
 
 
 def test_gate_syncs_an_admitted_bucket_at_its_rules_rates(tmp_path):
