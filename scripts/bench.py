@@ -674,12 +674,19 @@ def budgets_main(args) -> int:
         for name in measured:
             run_wrk(ports[name], script, 4, 3)  # warm up
         cpu = {n: {"seconds": 0.0, "requests": 0} for n in measured[1:]}
+        # every process that serves a variant: its Envoy too, and Redis for the Redis one
+        trees = {"bare": [procs[1].pid], **{n: [pids[n]] for n in measured[1:]}}
+        trees["redis"] = trees["redis"] + [procs[0].pid]
+        cpu_all = {n: {"seconds": 0.0, "requests": 0} for n in measured}
         rps: dict[str, list[float]] = {n: [] for n in measured}
         for r in range(args.rounds):
             order = measured[r % len(measured):] + measured[:r % len(measured)]
             for name in order:
                 before = cpu_seconds(pids[name]) if name in pids else None
+                tree_before = bench_stream.tree_cpu_seconds(trees[name])
                 result = run_wrk(ports[name], script, 16, args.seconds)
+                cpu_all[name]["seconds"] += bench_stream.tree_cpu_seconds(trees[name]) - tree_before
+                cpu_all[name]["requests"] += result["requests"]
                 if before is not None:
                     cpu[name]["seconds"] += cpu_seconds(pids[name]) - before
                     cpu[name]["requests"] += result["requests"]
@@ -689,8 +696,12 @@ def budgets_main(args) -> int:
         # each round's requests/s over bare Envoy's in the same round: their spread is the noise
         # a difference between the variants must exceed to mean anything
         by_round = {n: [r / b for r, b in zip(rps[n], rps["bare"])] for n in measured[1:]}
+        all_us = {n: 1e6 * c["seconds"] / max(c["requests"], 1) for n, c in cpu_all.items()}
         out = {
             "cpu_us_per_request": {n: 1e6 * c["seconds"] / max(c["requests"], 1) for n, c in cpu.items()},
+            "cpu_us_per_request_all_processes": all_us,
+            # what a budget costs in all: the variant's CPU per request over the no-budget one's
+            "cpu_over_none": {n: all_us[n] / all_us["none"] for n in measured[1:]},
             "requests_measured": {n: c["requests"] for n, c in cpu.items()},
             "rps_over_bare": {n: statistics.median(rps[n]) / statistics.median(rps["bare"]) for n in measured[1:]},
             "rps_over_bare_by_round": by_round,
@@ -699,7 +710,8 @@ def budgets_main(args) -> int:
         print(json.dumps(out, indent=2))
         for n in measured[1:]:
             print(f"{n:6s} req/s over bare {out['rps_over_bare'][n]:.3f} (rounds {min(by_round[n]):.3f}-"
-                  f"{max(by_round[n]):.3f}), CPU per request {out['cpu_us_per_request'][n]:.0f} us")
+                  f"{max(by_round[n]):.3f}), CPU per request {out['cpu_us_per_request'][n]:.0f} us in the "
+                  f"ext_proc, {all_us[n]:.0f} us in all ({out['cpu_over_none'][n]:.3f} of no budget's)")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         (args.out / f"bench-budgets-{stamp}.json").write_text(json.dumps(out, indent=2))
         return 0

@@ -50,6 +50,10 @@ def entry(status: int | None = 200, details: str = "via_upstream", meta: dict | 
         RequestRecord(**LABELS, status=200, outcome="success", prompt_tokens=12),
         id="numbers-as-strings"),
     pytest.param(
+        entry(200, meta={**DECISION, "prompt_tokens": 0, "completion_tokens": "0"}),
+        RequestRecord(**LABELS, status=200, outcome="success", prompt_tokens=0, completion_tokens=0),
+        id="zero-tokens-are-zero-not-unknown"),
+    pytest.param(
         entry(200, meta={**DECISION, "prompt_tokens": True, "completion_tokens": None}),
         RequestRecord(**LABELS, status=200, outcome="success"),
         id="tokens-of-other-kinds-ignored"),
@@ -262,6 +266,9 @@ def timed(content_type: str | None, tags: dict[str, str], meta: dict | None = No
     pytest.param(timed("text/event-stream", {"ttft_us": "250000", "generation_us": "400000"},
                        {"completion_tokens": 5, "ttft_ms": 125, "tpot_ms": 20}),
                  0.25, 0.1, id="only-envoy-time-points-count-not-metadata"),
+    pytest.param(timed("text/event-stream", {"ttft_us": "250000", "generation_us": "400000"},
+                       {"completion_tokens": 5, "stream": False}),
+                 None, None, id="a-request-that-did-not-ask-for-a-stream-has-none (as its file-log line)"),
 ])
 def test_stream_timings_from_envoy_time_points(log_entry, ttft_s, tpot_s):
     rec = record_from_entry(log_entry)
