@@ -7,8 +7,8 @@ port with SO_REUSEPORT, and the kernel spreads Envoy's connections over all N.
 
 The main process hands each worker every new routing table over a pipe and waits for each to
 say it switched before the rollout goes on (so no worker routes to a cluster Envoy no longer
-has). `/metrics` (served by the main process) asks each worker for its samples and adds them
-up: counters, histograms and gauges are sums over the processes. The cap on body bytes in flight
+has). `/metrics` (served by the main process, from its own thread) asks each worker for its
+samples and adds them up: counters, histograms and gauges are sums over the processes. The cap on body bytes in flight
 is split evenly: each process holds at most its share. On SIGTERM every process drains at once
 (extproc.drain). Workers die with the main process (PR_SET_PDEATHSIG).
 
@@ -24,6 +24,8 @@ import multiprocessing
 import os
 import pickle
 import signal
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,8 +82,15 @@ class BroadcastingHolder(TableHolder):
 
 
 class WorkerPool:
-    def __init__(self, workers: list[_Worker]):
+    """The workers, and the questions the main process asks them over their pipes. Questions
+    come from two threads (the event loop hands over tables, the `/metrics` thread asks for
+    samples): one at a time, each numbered, so a reply always belongs to its own question."""
+
+    def __init__(self, workers: list[_Worker], reply_timeout_s: float = REPLY_TIMEOUT_S):
         self._workers = workers
+        self._reply_timeout_s = reply_timeout_s
+        self._lock = threading.Lock()  # a pipe is one conversation: one question and its replies
+        self._asked = 0
 
     @classmethod
     def start(cls, count: int, host: str, port: int, table, body_limit: int, cap_share: int,
@@ -107,36 +116,49 @@ class WorkerPool:
                  count + 1, host, port, count)
         return pool
 
-    def _reply(self, worker: _Worker, timeout: float = REPLY_TIMEOUT_S):
-        if worker.conn.poll(timeout):
+    def _reply(self, worker: _Worker, timeout: float = REPLY_TIMEOUT_S, asked: int | None = None):
+        """The worker's reply to question `asked` (None: its first word, at start). A reply to an
+        earlier question that timed out comes late: it is read and dropped, never taken for this
+        question's."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not worker.conn.poll(left):
+                return "no answer"
             try:
-                return worker.conn.recv()
+                reply = worker.conn.recv()
             except (EOFError, OSError):
                 return "gone"
-        return "no answer"
+            if asked is None:
+                return reply
+            if isinstance(reply, tuple) and len(reply) == 2 and reply[0] == asked:
+                return reply[1]
 
-    def _ask(self, message) -> list:
-        for w in self._workers:
-            try:
-                w.conn.send(message)
-            except OSError:
-                pass
-        return [self._reply(w) for w in self._workers]
+    def _ask(self, *message) -> list:
+        with self._lock:
+            self._asked += 1
+            for w in self._workers:
+                try:
+                    w.conn.send((self._asked, *message))
+                except OSError:
+                    pass
+            return [self._reply(w, self._reply_timeout_s, self._asked) for w in self._workers]
 
     def broadcast(self, table) -> None:
-        replies = self._ask(("table", pickle.dumps(table)))
+        replies = self._ask("table", pickle.dumps(table))
         if any(r != "switched" for r in replies):
             log.error("a worker did not take the new routing table: %s", replies)
 
     def families(self) -> list[list]:
-        return [r for r in self._ask(("metrics",)) if isinstance(r, list)]
+        return [r for r in self._ask("metrics") if isinstance(r, list)]
 
     async def drain(self, grace_s: float) -> None:
-        for w in self._workers:
-            try:
-                w.conn.send(("drain", grace_s))
-            except OSError:
-                pass
+        with self._lock:
+            for w in self._workers:
+                try:
+                    w.conn.send((0, "drain", grace_s))  # no reply: the worker drains and exits
+                except OSError:
+                    pass
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s + 2
         while any(w.process.is_alive() for w in self._workers) and loop.time() < deadline:
@@ -272,7 +294,7 @@ async def _worker(conn, host: str, port: int, table, body_limit: int, cap: int, 
 
     def on_message() -> None:
         try:
-            kind, *rest = conn.recv()
+            asked, kind, *rest = conn.recv()
         except (EOFError, OSError):  # the main process is gone
             stop.set()
             loop.remove_reader(conn.fileno())
@@ -280,9 +302,9 @@ async def _worker(conn, host: str, port: int, table, body_limit: int, cap: int, 
         if kind == "table":
             holder.table = pickle.loads(rest[0])
             health.configure(holder.table.health)
-            conn.send("switched")
+            conn.send((asked, "switched"))
         elif kind == "metrics":
-            conn.send(_flatten(metrics.registry.collect()))
+            conn.send((asked, _flatten(metrics.registry.collect())))
         elif kind == "drain":
             grace.append(rest[0])
             stop.set()
