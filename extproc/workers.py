@@ -8,9 +8,9 @@ port with SO_REUSEPORT, and the kernel spreads Envoy's connections over all N.
 The main process hands each worker every new routing table over a pipe and waits for each to
 say it switched before the rollout goes on (so no worker routes to a cluster Envoy no longer
 has). `/metrics` (served by the main process, from its own thread) asks each worker for its
-samples and adds them up: counters, histograms and gauges are sums over the processes. The cap on body bytes in flight
-is split evenly: each process holds at most its share. On SIGTERM every process drains at once
-(extproc.drain). Workers die with the main process (PR_SET_PDEATHSIG).
+samples and adds them up: counters, histograms and gauges are sums over the processes. The cap
+on body bytes in flight is split evenly: each process holds at most its share. On SIGTERM every
+process drains at once (extproc.drain). Workers die with the main process (PR_SET_PDEATHSIG).
 
 SO_REUSEPORT spreads TCP connections; it does nothing for a Unix domain socket, so workers need
 a TCP ext_proc address.

@@ -655,11 +655,13 @@ def budgets_main(args) -> int:
     try:
         procs.append(subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
                                        "--appendonly", "no", "--dir", str(work)], stdout=subprocess.DEVNULL))
+        redis_pid = procs[-1].pid
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
         ports: dict[str, int] = {"bare": free_port()}
         (work / "bare.json").write_text(json.dumps(bare_envoy_config(ports["bare"], free_port(), fake_port, ca.cert_file)))
         procs.append(subprocess.Popen([envoy, "-c", str(work / "bare.json"), "--disable-hot-restart", "--log-level",
                                        "error"], stdout=subprocess.DEVNULL, stderr=(work / "bare.log").open("wb")))
+        bare_pid = procs[-1].pid
         pids: dict[str, int] = {}
         for name, budget, url in (("none", False, None), ("local", True, None), ("redis", True, redis_url),
                                   ("redis-b", True, redis_url)):
@@ -675,8 +677,8 @@ def budgets_main(args) -> int:
             run_wrk(ports[name], script, 4, 3)  # warm up
         cpu = {n: {"seconds": 0.0, "requests": 0} for n in measured[1:]}
         # every process that serves a variant: its Envoy too, and Redis for the Redis one
-        trees = {"bare": [procs[1].pid], **{n: [pids[n]] for n in measured[1:]}}
-        trees["redis"] = trees["redis"] + [procs[0].pid]
+        trees = {"bare": [bare_pid], **{n: [pids[n]] for n in measured[1:]}}
+        trees["redis"] = trees["redis"] + [redis_pid]
         cpu_all = {n: {"seconds": 0.0, "requests": 0} for n in measured}
         rps: dict[str, list[float]] = {n: [] for n in measured}
         for r in range(args.rounds):
