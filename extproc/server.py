@@ -116,7 +116,8 @@ def _more_headers(strip: list[str], failover_headers) -> bytes:
     if failover_headers:
         mutation.set_headers.extend(failover_headers)
         if strip:  # a client's x-envoy-retry-on and the like: overwritten, not removed
-            strip = [name for name in strip if name not in {h.header.key for h in failover_headers}]
+            overwritten = {h.header.key for h in failover_headers}
+            strip = [name for name in strip if name not in overwritten]
     # whatever the gateway sets itself is overwritten anyway; the rest goes
     mutation.remove_headers.extend(name for name in strip if name not in _SET_BY_GATEWAY)
     return response.SerializeToString()
