@@ -50,8 +50,10 @@ PATH = "/compatible-mode/v1/chat/completions"
 KEY = "sk-" + os.urandom(32).hex()  # the provider key, and LiteLLM's master key
 MESSAGES = [{"role": "user", "content": "Please introduce yourself."}]
 PACED_HOST = "paced.llm.test"  # the streaming benchmark's provider
-TARGETS = {"stream_cpu_over_bare": 1.3, "throughput_ratio_16": 0.75, "added_p50_ms_1": 0.5, "litellm_ratio_16": 20.0, "cpu_us_per_request": 150.0,
-           "memory_growth_pct": 10.0}
+# The goals of issue 12 (docs/performance.md): 0.45 of bare Envoy's requests/s, or, where the floor
+# shows that out of reach for any processor in this design, 0.9 of the floor's.
+TARGETS = {"stream_cpu_over_bare": 1.3, "throughput_ratio_16": 0.45, "floor_ratio_16": 0.9, "added_p50_ms_1": 0.5,
+           "litellm_ratio_16": 20.0, "cpu_us_per_request": 150.0, "memory_growth_pct": 10.0}
 
 
 def free_port() -> int:
@@ -501,7 +503,8 @@ def report_extras(s: dict) -> None:
     r = s["ratios"]
     if "floor_over_bare_rps_16" in r:
         print(f"floor/bare req/s at 16 connections           {r['floor_over_bare_rps_16']:9.2f}")
-        print(f"gateway/floor req/s at 16 connections        {r['gateway_over_floor_rps_16']:9.2f}")
+        ratio, target = r["gateway_over_floor_rps_16"], TARGETS["floor_ratio_16"]
+        print(f"gateway/floor req/s at 16 connections        {ratio:9.2f}  >= {target:g}  {'met' if ratio >= target else 'NOT met'}")
         print(f"floor added p50 at 1 connection (ms)         {s['added_p50_ms_1_floor']:9.2f}")
     print("CPU per request at 16 connections, us (all processes | the ext_proc alone):")
     for n, v in s.get("cpu_us_per_request_all_processes", {}).items():

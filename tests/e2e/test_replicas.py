@@ -152,9 +152,13 @@ def test_a_replica_killed_fails_only_its_requests_in_flight(tmp_path, two_replic
     load.join(90)
     print(f"\nSIGKILL one of two replicas under load: {result}")
     assert result["requests"] > 0
-    # what was in flight on the killed replica (at most one per client connection), and at most
-    # one refused connection before Envoy ejects it
-    assert result["errors"] <= CONNECTIONS + 1, result
+    # What was in flight on the killed replica (at most one per client connection), and what its
+    # dead address refused before Envoy's workers learnt of the ejection: each worker has its own
+    # connection pool and hears of an ejection from the main thread, so a loaded machine (the
+    # whole suite at once) sees a few refusals, not one (once: 11 errors with 8 connections).
+    # Bounded at one more per client connection; a replica never ejected fails about half of
+    # the thousands of requests that follow.
+    assert result["errors"] <= 2 * CONNECTIONS, result
     after, after_result = _load(gw, tmp_path, 3)
     after.join(60)
     assert after_result["requests"] > 0
