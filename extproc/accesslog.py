@@ -15,7 +15,7 @@ import logging
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
 
-from .budgets import bucket_id, tokens_to_charge
+from .budgets import bucket_id, is_charged, tokens_to_charge
 from .metrics import GatewayMetrics, RequestRecord
 
 UPSTREAM_END = accesslog_pb2.AccessLogType.Value("UpstreamEnd")
@@ -177,7 +177,7 @@ class AccessLogReceiver:
 def charge_budgets(owed: dict[tuple[str, ...], int], entry: accesslog_pb2.HTTPAccessLogEntry,
                    record: RequestRecord) -> None:
     """A finished answer's usage, owed to the budgets the ext_proc admitted it under."""
-    if record.outcome != "success":  # an error or a cut stream costs nothing (`tokens_to_charge`)
+    if not is_charged(record.outcome):
         return
     meta = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
     if meta is None:

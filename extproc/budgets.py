@@ -230,11 +230,17 @@ def budget_unavailable() -> GatewayError:
                         "rate_limit_unavailable", "server_error")
 
 
+def is_charged(outcome: str) -> bool:
+    """Whether a finished request's usage is charged at all: only a successful answer's (an
+    error or a cut stream costs nothing). The access log asks first, to read nothing more."""
+    return outcome == "success"
+
+
 def tokens_to_charge(outcome: str, total_tokens: float | None, prompt_tokens: float | None,
                      completion_tokens: float | None) -> int:
     """What a finished request costs its buckets: the provider's usage of a successful answer;
     nothing for an error, a cut stream or an answer without usage."""
-    if outcome != "success":
+    if not is_charged(outcome):
         return 0
     if total_tokens is not None:
         return max(0, int(total_tokens))
