@@ -43,6 +43,7 @@ from extproc.runner import envoy_binary
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_stream  # noqa: E402  (beside this file)
+import bench_work  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "dashscope.aliyuncs.com"
@@ -341,6 +342,7 @@ def main() -> int:
 
         summary = summarize(runs, cpu, rss_before, rss_after, sent, ttfb, big_ms, "litellm" in ports)
         add_cpu_figures(summary, cpu_all, processor_cpu)
+        summary["processor_work_us"] = bench_work.processor_work_us()  # in process, while nothing else runs
         if not args.no_streams:
             contenders = {n: (ports[n], trees[n]) for n in ("bare", "floor", "gateway", "gateway_cmp") if n in ports}
             ttft_before = {n: sum_count(p, "gen_ai_server_time_to_first_token_seconds", "paced-model")
@@ -496,6 +498,10 @@ def add_cpu_figures(summary: dict, cpu_all: dict, processor_cpu: dict) -> None:
         summary["ratios"]["floor_over_bare_rps_16"] = med["floor"][16]["rps"] / med["bare"][16]["rps"]
         summary["ratios"]["gateway_over_floor_rps_16"] = med["gateway"][16]["rps"] / med["floor"][16]["rps"]
         summary["added_p50_ms_1_floor"] = med["floor"][1]["p50_ms"] - med["bare"][1]["p50_ms"]
+        summary["floor_margin"] = bench_work.floor_margin(
+            summary["cpu_us_per_request_all_processes"]["floor"], summary["ext_proc_cpu_us_per_request_by_contender"]["floor"],
+            summary["cpu_us_per_request_all_processes"]["gateway"],
+            summary["ext_proc_cpu_us_per_request_by_contender"]["gateway"], TARGETS["floor_ratio_16"])
 
 
 def report_extras(s: dict) -> None:
@@ -510,6 +516,7 @@ def report_extras(s: dict) -> None:
     for n, v in s.get("cpu_us_per_request_all_processes", {}).items():
         own = s.get("ext_proc_cpu_us_per_request_by_contender", {}).get(n)
         print(f"  {n:12s} {v:8.1f}" + (f" | {own:8.1f}" if own is not None else ""))
+    report_margin(s)
     st = s.get("streaming")
     if not st:
         return
@@ -531,6 +538,22 @@ def report_extras(s: dict) -> None:
         ratio = st["contenders"]["gateway"].get("cpu_over_bare", float("nan"))
         target = TARGETS["stream_cpu_over_bare"]
         print(f"gateway CPU per streamed event / bare's: {ratio:.2f}  <= {target:g}  {'met' if ratio <= target else 'NOT met'}")
+
+
+def report_margin(s: dict) -> None:
+    """What 0.9 of the floor allows per request beside what the gateway spends there (evidence for
+    issue 12's fallback goal), and the ext_proc's own work measured in process."""
+    m, work = s.get("floor_margin"), s.get("processor_work_us")
+    if m:
+        print(f"beyond the floor, CPU per request (us): Envoy {m['envoy_extra_us']:.1f} (the gateway's answers: rewritten "
+              f"body, decision metadata), ext_proc {m['ext_proc_extra_us']:.1f}")
+        print(f"  {TARGETS['floor_ratio_16']:g} of the floor allows {m['allowed_extra_us']:.1f} in all, which leaves the "
+              f"ext_proc {m['left_for_ext_proc_us']:.1f}; a processor whose own work cost nothing would reach "
+              f"{m['best_with_free_processor']:.2f} of the floor")
+    if work:
+        print(f"  the ext_proc's own work in process (no I/O, warm cache, us per request): choosing and rewriting "
+              f"{work['choose_and_rewrite_us']:.1f}, the access-log entry {work['access_log_entry_us']:.1f} "
+              f"(reading the messages, as the floor does too: {work['read_messages_us']:.1f})")
 
 
 def chart_streaming(s: dict, ax) -> None:

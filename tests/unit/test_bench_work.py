@@ -1,0 +1,68 @@
+"""The bench's account of the floor's margin (issue 12), and its in-process measure of the
+ext_proc's own work: that it measures the real path (answers routed, entries recorded with usage)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+import bench_work  # noqa: E402
+
+
+@pytest.mark.parametrize(("floor", "gateway", "expected"), [
+    # a run of the bench: Envoy's extra alone takes all 0.9 of the floor allows
+    ((235.1, 37.7), (312.3, 88.9), {"envoy_extra_us": 26.0, "ext_proc_extra_us": 51.2, "allowed_extra_us": 26.12,
+                                    "left_for_ext_proc_us": 0.12, "best_with_free_processor": 0.9004}),
+    # a gateway that cost what the floor does
+    ((200.0, 40.0), (200.0, 40.0), {"envoy_extra_us": 0.0, "ext_proc_extra_us": 0.0, "allowed_extra_us": 22.22,
+                                    "left_for_ext_proc_us": 22.22, "best_with_free_processor": 1.0}),
+    # Envoy cheaper for the gateway than for the floor: a free processor cannot beat the floor
+    ((200.0, 40.0), (230.0, 80.0), {"envoy_extra_us": -10.0, "ext_proc_extra_us": 40.0, "allowed_extra_us": 22.22,
+                                    "left_for_ext_proc_us": 32.22, "best_with_free_processor": 1.0}),
+])
+def test_floor_margin(floor, gateway, expected):
+    got = bench_work.floor_margin(*floor, *gateway)
+    assert got == pytest.approx(expected, abs=0.005)
+
+
+def _answers():
+    from extproc.config.compile import compile_config
+    from extproc.config.loader import load_paths
+    from extproc.demo.run import manifests_dir
+    from extproc.server import ExternalProcessor, TableHolder
+
+    objects, _ = load_paths([str(manifests_dir() / "01-LLMProvider.yaml")], {"YOUR_DASHSCOPE_API_KEY": "sk-t"})
+    exchange = ExternalProcessor(TableHolder(compile_config(objects).table)).exchange()
+    return [a for m in bench_work._request_messages() for a in exchange.on_message(m)[0]]
+
+
+def test_the_bench_request_is_routed_and_rewritten():
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    answers = [pb.ProcessingResponse.FromString(a) for a in _answers()]
+    assert [a.WhichOneof("response") for a in answers] == ["request_headers", "request_body", "request_body"]
+    assert answers[2].request_body.response.body_mutation.body.startswith(b'{"messages"')
+
+
+@pytest.mark.parametrize(("status", "recorded"), [(200, (24, 24)), (503, (0, 24))])  # usage is counted either way
+def test_the_bench_log_entries_count_as_answered_with_usage(status, recorded):
+    from envoy.service.accesslog.v3 import als_pb2
+
+    from extproc.accesslog import AccessLogReceiver
+    from extproc.metrics import GatewayMetrics
+
+    batch = als_pb2.StreamAccessLogsMessage.FromString(bench_work._log_batch(_answers()[0]))
+    for entry in batch.http_logs.log_entry:
+        entry.response.response_code.value = status
+    metrics = GatewayMetrics()
+    AccessLogReceiver(metrics).on_message(batch.SerializeToString())
+    assert bench_work._recorded(metrics) == recorded
+
+
+def test_processor_work_is_measured():
+    work = bench_work.processor_work_us(0.05)
+    assert set(work) == {"read_messages_us", "choose_and_rewrite_us", "access_log_entry_us"}
+    assert all(v > 0 for v in work.values())
