@@ -166,17 +166,19 @@ def _recorded(metrics) -> tuple[float, float]:
 
 
 def floor_margin(floor_all_us: float, floor_ext_proc_us: float, gateway_all_us: float,
-                 gateway_ext_proc_us: float, target: float = 0.9) -> dict[str, float]:
+                 gateway_ext_proc_us: float, target: float = 0.9, own_work_us: float = 0.0) -> dict[str, float]:
     """Where the gateway's CPU per request goes beyond the floor's, against what `target` of the
     floor's throughput allows (requests/s follow CPU per request on a busy machine): Envoy's extra
     work for the gateway's answers (the rewritten body, the decision's metadata, which its logs
-    carry), the ext_proc's extra, what is allowed in all, what that leaves the ext_proc, and the
-    best a processor whose own work cost nothing could reach, giving Envoy the same answers."""
-    envoy_extra = (gateway_all_us - gateway_ext_proc_us) - (floor_all_us - floor_ext_proc_us)
+    carry), the ext_proc's extra, what is allowed in all, what that leaves the ext_proc; and the
+    best a processor giving Envoy the same answers could reach if its own work cost nothing, or
+    only `own_work_us` (that work measured in process: no framing, no event loop)."""
+    envoy_extra = max((gateway_all_us - gateway_ext_proc_us) - (floor_all_us - floor_ext_proc_us), 0.0)
     allowed = floor_all_us / target - floor_all_us
     return {"envoy_extra_us": envoy_extra, "ext_proc_extra_us": gateway_ext_proc_us - floor_ext_proc_us,
             "allowed_extra_us": allowed, "left_for_ext_proc_us": allowed - envoy_extra,
-            "best_with_free_processor": floor_all_us / (floor_all_us + max(envoy_extra, 0.0))}
+            "best_with_free_processor": floor_all_us / (floor_all_us + envoy_extra),
+            "best_with_own_work_only": floor_all_us / (floor_all_us + envoy_extra + own_work_us)}
 
 
 if __name__ == "__main__":

@@ -12,19 +12,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import bench_work  # noqa: E402
 
 
-@pytest.mark.parametrize(("floor", "gateway", "expected"), [
+@pytest.mark.parametrize(("floor", "gateway", "work", "expected"), [
     # a run of the bench: Envoy's extra alone takes all 0.9 of the floor allows
-    ((235.1, 37.7), (312.3, 88.9), {"envoy_extra_us": 26.0, "ext_proc_extra_us": 51.2, "allowed_extra_us": 26.12,
-                                    "left_for_ext_proc_us": 0.12, "best_with_free_processor": 0.9004}),
+    ((235.1, 37.7), (312.3, 88.9), 24.7, {
+        "envoy_extra_us": 26.0, "ext_proc_extra_us": 51.2, "allowed_extra_us": 26.12, "left_for_ext_proc_us": 0.12,
+        "best_with_free_processor": 0.9004, "best_with_own_work_only": 0.8219}),
     # a gateway that cost what the floor does
-    ((200.0, 40.0), (200.0, 40.0), {"envoy_extra_us": 0.0, "ext_proc_extra_us": 0.0, "allowed_extra_us": 22.22,
-                                    "left_for_ext_proc_us": 22.22, "best_with_free_processor": 1.0}),
-    # Envoy cheaper for the gateway than for the floor: a free processor cannot beat the floor
-    ((200.0, 40.0), (230.0, 80.0), {"envoy_extra_us": -10.0, "ext_proc_extra_us": 40.0, "allowed_extra_us": 22.22,
-                                    "left_for_ext_proc_us": 32.22, "best_with_free_processor": 1.0}),
+    ((200.0, 40.0), (200.0, 40.0), 0.0, {
+        "envoy_extra_us": 0.0, "ext_proc_extra_us": 0.0, "allowed_extra_us": 22.22, "left_for_ext_proc_us": 22.22,
+        "best_with_free_processor": 1.0, "best_with_own_work_only": 1.0}),
+    # Envoy no busier for the gateway than for the floor (the difference is noise): counted as none
+    ((200.0, 40.0), (230.0, 80.0), 20.0, {
+        "envoy_extra_us": 0.0, "ext_proc_extra_us": 40.0, "allowed_extra_us": 22.22, "left_for_ext_proc_us": 22.22,
+        "best_with_free_processor": 1.0, "best_with_own_work_only": 0.9091}),
 ])
-def test_floor_margin(floor, gateway, expected):
-    got = bench_work.floor_margin(*floor, *gateway)
+def test_floor_margin(floor, gateway, work, expected):
+    got = bench_work.floor_margin(*floor, *gateway, own_work_us=work)
     assert got == pytest.approx(expected, abs=0.005)
 
 
