@@ -341,7 +341,7 @@ def main() -> int:
         big_ms = {n: statistics.median(timed_requests(ports[n], HOST, big, 40)) for n in ("bare", "gateway")}
 
         summary = summarize(runs, cpu, rss_before, rss_after, sent, ttfb, big_ms, "litellm" in ports)
-        summary["processor_work_us"] = bench_work.processor_work_us()  # in process, while nothing else runs
+        summary["processor_work_us"] = bench_work.processor_work_us()  # in process, the contenders idle
         add_cpu_figures(summary, cpu_all, processor_cpu)
         if not args.no_streams:
             contenders = {n: (ports[n], trees[n]) for n in ("bare", "floor", "gateway", "gateway_cmp") if n in ports}

@@ -43,7 +43,7 @@ def _request_messages() -> list[bytes]:
 def _log_batch(answer: bytes) -> bytes:
     """A batch of access-log entries as Envoy sends them for a JSON answer: its time points,
     addresses, the decision (from `answer`, the gateway's own) and usage as metadata."""
-    from envoy.config.core.v3 import address_pb2
+    from envoy.config.core.v3 import address_pb2, base_pb2
     from envoy.data.accesslog.v3 import accesslog_pb2
     from envoy.service.accesslog.v3 import als_pb2
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -70,7 +70,7 @@ def _log_batch(answer: bytes) -> bytes:
     meta.MergeFrom(decided)
     meta.update({"response_model": "qwen1.5-72b-chat", "prompt_tokens": 12, "completion_tokens": 34,
                  "total_tokens": 46})
-    entry.request.request_method = 1  # GET in Envoy's enum; read by nothing here
+    entry.request.request_method = base_pb2.POST
     entry.request.request_id = "4b7da332-d267-4689-a371-f07cba936023"
     entry.request.authority = HOST
     entry.request.path = "/compatible-mode/v1/chat/completions"
