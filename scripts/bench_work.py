@@ -12,7 +12,6 @@ bench's figures it says how much of the floor's 10 % margin the work itself take
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable
 
@@ -96,13 +95,9 @@ def _best_us(run: Callable[[], int], seconds: float) -> float:
             return best
 
 
-def processor_work_us(seconds: float = 1.0) -> dict[str, float]:
-    """µs per request of: reading the three ext_proc messages (what the floor's server does too),
-    the gateway's handling of them beyond that (choosing, rewriting, building the answers), and
-    its handling of the request's access-log entry (metrics, passive health)."""
-    os.environ.setdefault("YOUR_DASHSCOPE_API_KEY", "sk-bench")
-    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-
+def seed_gateway():
+    """The gateway's ext_proc and access-log receiver on the seed's first provider, as `up` wires
+    them (metrics, budgets, passive health), with a stand-in key: (processor, receiver, metrics)."""
     from extproc.accesslog import AccessLogReceiver
     from extproc.budget_store import BudgetGate
     from extproc.config.compile import compile_config
@@ -113,13 +108,23 @@ def processor_work_us(seconds: float = 1.0) -> dict[str, float]:
     from extproc.metrics import GatewayMetrics
     from extproc.server import ExternalProcessor, TableHolder
 
-    objects, _ = load_paths([str(manifests_dir() / "01-LLMProvider.yaml")])
+    objects, _ = load_paths([str(manifests_dir() / "01-LLMProvider.yaml")], {"YOUR_DASHSCOPE_API_KEY": "sk-bench"})
     holder = TableHolder(compile_config(objects).table)
     metrics = GatewayMetrics()
     budgets = BudgetGate(metrics.registry, lambda: holder.table, None, False)
     processor = ExternalProcessor(holder, budgets=budgets)
     receiver = AccessLogReceiver(metrics, budgets, FailoverObserver(
         PassiveHealth(), metrics.registry, hosts=lambda: holder.table.cluster_hosts))
+    return processor, receiver, metrics
+
+
+def processor_work_us(seconds: float = 1.0) -> dict[str, float]:
+    """µs per request of: reading the three ext_proc messages (what the floor's server does too),
+    the gateway's handling of them beyond that (choosing, rewriting, building the answers), and
+    its handling of the request's access-log entry (metrics, passive health)."""
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    processor, receiver, metrics = seed_gateway()
     messages = _request_messages()
 
     def read() -> int:

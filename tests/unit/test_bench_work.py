@@ -32,13 +32,7 @@ def test_floor_margin(floor, gateway, work, expected):
 
 
 def _answers():
-    from extproc.config.compile import compile_config
-    from extproc.config.loader import load_paths
-    from extproc.demo.run import manifests_dir
-    from extproc.server import ExternalProcessor, TableHolder
-
-    objects, _ = load_paths([str(manifests_dir() / "01-LLMProvider.yaml")], {"YOUR_DASHSCOPE_API_KEY": "sk-t"})
-    exchange = ExternalProcessor(TableHolder(compile_config(objects).table)).exchange()
+    exchange = bench_work.seed_gateway()[0].exchange()
     return [a for m in bench_work._request_messages() for a in exchange.on_message(m)[0]]
 
 
@@ -54,14 +48,11 @@ def test_the_bench_request_is_routed_and_rewritten():
 def test_the_bench_log_entries_count_as_answered_with_usage(status, recorded):
     from envoy.service.accesslog.v3 import als_pb2
 
-    from extproc.accesslog import AccessLogReceiver
-    from extproc.metrics import GatewayMetrics
-
+    _, receiver, metrics = bench_work.seed_gateway()  # as the bench wires it
     batch = als_pb2.StreamAccessLogsMessage.FromString(bench_work._log_batch(_answers()[0]))
     for entry in batch.http_logs.log_entry:
         entry.response.response_code.value = status
-    metrics = GatewayMetrics()
-    AccessLogReceiver(metrics).on_message(batch.SerializeToString())
+    receiver.on_message(batch.SerializeToString())
     assert bench_work._recorded(metrics) == recorded
 
 
