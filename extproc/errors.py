@@ -28,8 +28,25 @@ class GatewayError(Exception):
         # no provider was involved)
         self.kind = kind or error_type(status)
 
+    # extra answer headers (a 429's Retry-After and x-ratelimit-*, a 503's Retry-After)
+    headers: tuple[tuple[str, str], ...] = ()
+
     def body(self) -> bytes:
         return error_body(self.status, self.message, self.code, self.kind)
+
+
+# Envoy's own answers, by status: (error code, message). Envoy's reason is added to the message
+# (see `extproc.envoy.local_replies`); the ext_proc answers its own 413 with the same words.
+LOCAL_REPLIES = {
+    400: ("bad_request", "the request is not valid HTTP"),
+    404: ("not_found", "no route for this request"),
+    413: ("request_too_large", "the request body is larger than the gateway accepts"),
+    431: ("headers_too_large", "the request headers are larger than the gateway accepts"),
+    500: ("gateway_error", "the gateway could not process the request"),
+    502: ("bad_upstream_response", "the provider's answer could not be read"),
+    503: ("upstream_unavailable", "the provider could not be reached over verified TLS"),
+    504: ("upstream_timeout", "the provider did not answer in time"),
+}
 
 
 def error_type(status: int) -> str:

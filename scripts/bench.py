@@ -35,11 +35,12 @@ import urllib.request
 from pathlib import Path
 
 from extproc.demo.ca import ThrowawayCA
-from extproc.demo.envoy_fake import STREAM_HEADER, start_envoy_fake
-from extproc.demo.load import run_wrk
+from extproc.testing.envoy_fake import start_envoy_fake, STREAM_HEADER
+from extproc.testing.load import run_wrk
 from extproc.demo.run import manifests_dir
-from extproc.envoy_config import HostPort, UpstreamOptions, provider_cluster
-from extproc.runner import envoy_binary
+from extproc.envoy.addresses import HostPort
+from extproc.envoy.clusters import provider_cluster, UpstreamOptions
+from extproc.ops.up import envoy_binary
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_stream  # noqa: E402  (beside this file)

@@ -30,17 +30,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import HOST, KEY, MESSAGES, cpu_seconds, free_port, lua_script, wait_until_serving  # noqa: E402
 
 from extproc.demo.ca import ThrowawayCA  # noqa: E402
-from extproc.demo.envoy_fake import start_envoy_fake  # noqa: E402
-from extproc.demo.load import run_wrk  # noqa: E402
+from extproc.testing.envoy_fake import start_envoy_fake  # noqa: E402
+from extproc.testing.load import run_wrk  # noqa: E402
 from extproc.demo.run import manifests_dir  # noqa: E402
-from extproc.runner import envoy_binary  # noqa: E402
+from extproc.ops.up import envoy_binary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # `up` with a token: not a command-line option (over TCP, `serve` and a separately run Envoy are
 # the supported form); the runner's option for tests and measurements
-TCP_UP = ("import asyncio, sys; from extproc.runner import UpOptions, run_up; "
-          "from extproc.cli import build_parser, _upstream; a = build_parser().parse_args(['up', *sys.argv[1:]]); "
-          "sys.exit(asyncio.run(run_up(UpOptions(config=a.config, listen=a.listen, admin=a.admin, upstream=_upstream(a), "
+TCP_UP = ("import asyncio, sys; from extproc.ops.up import UpOptions, run_up; "
+          "from extproc.cli.main import build_parser; from extproc.cli.flags import upstream_options; a = build_parser().parse_args(['up', *sys.argv[1:]]); "
+          "sys.exit(asyncio.run(run_up(UpOptions(config=a.config, listen=a.listen, admin=a.admin, upstream=upstream_options(a), "
           "metrics=None, access_log=None, concurrency=a.concurrency, tcp_token='t' * 43))))")
 
 
@@ -71,12 +71,13 @@ def start(variant: str, before_src: Path, config: Path, ca: ThrowawayCA, fake_po
 
 def check_costs() -> dict[str, float]:
     """µs per stream of the authenticator's cache lookup."""
-    from extproc.auth import Identity, StaticToken, TokenReviewAuthenticator, _key
+    from extproc.dataplane.authentication import _key, StaticToken, TokenReviewAuthenticator
+    from extproc.policy.caller import Caller
 
     static = StaticToken("s" * 43)
     review = TokenReviewAuthenticator(lambda t, a: None)
     token = "x" * 900  # about a projected ServiceAccount token's length
-    review._cache[_key(token)] = (Identity("ns", "sa"), time.time() + 3600)
+    review._cache[_key(token)] = (Caller("ns", "sa"), time.time() + 3600)
     n = 200_000
     return {"static_token_us": timeit.timeit(lambda: static.cached("s" * 43), number=n) / n * 1e6,
             "token_review_hit_us": timeit.timeit(lambda: review.cached(token), number=n) / n * 1e6}

@@ -164,8 +164,8 @@ def floor_server(host: str, port: int, cluster: str, provider_host: str, path: s
     from envoy.config.core.v3 import base_pb2
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-    from extproc.h2_server import serve
-    from extproc.names import CLUSTER_HEADER
+    from extproc.dataplane.grpc_h2 import serve
+    from extproc.protocol import CLUSTER_HEADER
 
     def header(k: str, v: str) -> base_pb2.HeaderValueOption:
         return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, raw_value=v.encode()),
@@ -205,7 +205,8 @@ def floor_server(host: str, port: int, cluster: str, provider_host: str, path: s
         def on_client_end(self) -> bytes:
             return b""
 
-    from extproc.drain import HEALTH_CHECK, HealthCheck
+    from extproc.dataplane.health_check import HealthCheck
+    from extproc.protocol import HEALTH_CHECK
 
     methods = {"/envoy.service.ext_proc.v3.ExternalProcessor/Process": lambda identity: Prebuilt(),
                "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs": lambda identity: Drop(),
@@ -341,8 +342,9 @@ def floor_bootstrap(listen: int, admin: int, floor_port: int, provider_clusters:
                     access_log: str) -> dict:
     """The gateway's own bootstrap (the same filters, access logs and limits), its ext_proc being
     the floor server, the provider clusters static and chosen by host (the floor reads nothing)."""
-    from extproc.envoy_config import BootstrapOptions, HostPort, bootstrap
-    from extproc.names import CONTROL_CLUSTER
+    from extproc.envoy.addresses import HostPort
+    from extproc.envoy.bootstrap import bootstrap, BootstrapOptions
+    from extproc.protocol import CONTROL_CLUSTER
 
     boot = bootstrap(BootstrapOptions(listen=HostPort("127.0.0.1", listen), admin=HostPort("127.0.0.1", admin),
                                       ext_proc=HostPort("127.0.0.1", floor_port), access_log=access_log))

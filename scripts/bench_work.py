@@ -47,7 +47,7 @@ def _log_batch(answer: bytes) -> bytes:
     from envoy.service.accesslog.v3 import als_pb2
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-    from extproc.names import METADATA_NAMESPACE
+    from extproc.protocol import METADATA_NAMESPACE
 
     entry = accesslog_pb2.HTTPAccessLogEntry()
     common = entry.common_properties
@@ -98,22 +98,23 @@ def _best_us(run: Callable[[], int], seconds: float) -> float:
 def seed_gateway():
     """The gateway's ext_proc and access-log receiver on the seed's first provider, as `up` wires
     them (metrics, budgets, passive health), with a stand-in key: (processor, receiver, metrics)."""
-    from extproc.accesslog import AccessLogReceiver
-    from extproc.budget_store import BudgetGate
+    from extproc.dataplane.accesslog_receiver import AccessLogReceiver
+    from extproc.policy.budget_gate import BudgetGate
     from extproc.config.compile import compile_config
     from extproc.config.loader import load_paths
     from extproc.demo.run import manifests_dir
-    from extproc.failover import PassiveHealth
-    from extproc.failover_log import FailoverObserver
-    from extproc.metrics import GatewayMetrics
-    from extproc.server import ExternalProcessor, TableHolder
+    from extproc.policy.passive_health import PassiveHealth
+    from extproc.policy.passive_health import AttemptObserver
+    from extproc.telemetry.metrics import GatewayMetrics
+    from extproc.dataplane.processor import ExternalProcessor
+    from extproc.policy.table import TableHolder
 
     objects, _ = load_paths([str(manifests_dir() / "01-LLMProvider.yaml")], {"YOUR_DASHSCOPE_API_KEY": "sk-bench"})
     holder = TableHolder(compile_config(objects).table)
     metrics = GatewayMetrics()
     budgets = BudgetGate(metrics.registry, lambda: holder.table, None, False)
     processor = ExternalProcessor(holder, budgets=budgets)
-    receiver = AccessLogReceiver(metrics, budgets, FailoverObserver(
+    receiver = AccessLogReceiver(metrics, budgets, AttemptObserver(
         PassiveHealth(), metrics.registry, hosts=lambda: holder.table.cluster_hosts))
     return processor, receiver, metrics
 

@@ -16,11 +16,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import HOST, KEY, MESSAGES, bare_envoy_config, cpu_seconds, free_port, lua_script, stop_everything, wait_until_serving  # noqa: E402
 
 from extproc.demo.ca import ThrowawayCA  # noqa: E402
-from extproc.demo.envoy_fake import start_envoy_fake  # noqa: E402
-from extproc.demo.load import run_wrk  # noqa: E402
+from extproc.testing.envoy_fake import start_envoy_fake  # noqa: E402
+from extproc.testing.load import run_wrk  # noqa: E402
 from extproc.demo.run import manifests_dir  # noqa: E402
-from extproc.envoy_config import BootstrapOptions, HostPort, bootstrap  # noqa: E402
-from extproc.runner import envoy_binary  # noqa: E402
+from extproc.envoy.addresses import HostPort
+from extproc.envoy.bootstrap import bootstrap, BootstrapOptions  # noqa: E402
+from extproc.ops.up import envoy_binary  # noqa: E402
 
 
 def process_tree_cpu(pid: int) -> float:

@@ -15,12 +15,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 from prometheus_client import CollectorRegistry
 
-from extproc.accesslog import AccessLogReceiver
-from extproc.budget_store import BudgetGate
-from extproc.config.watch import load_config
-from extproc.metrics import GatewayMetrics
-from extproc.names import METADATA_NAMESPACE
-from extproc.server import ExternalProcessor, TableHolder
+from extproc.dataplane.accesslog_receiver import AccessLogReceiver
+from extproc.policy.budget_gate import BudgetGate
+from extproc.config.file_source import load_config
+from extproc.telemetry.metrics import GatewayMetrics
+from extproc.protocol import METADATA_NAMESPACE
+from extproc.dataplane.processor import ExternalProcessor
+from extproc.policy.table import TableHolder
 
 PROVIDER = """apiVersion: istio.alibabacloud.com/v1beta1
 kind: LLMProvider

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 from extproc.demo.ca import ThrowawayCA
-from extproc.demo.envoy_fake import start_envoy_fake
-from extproc.demo.load import ROTATING_SEED_HOSTS_LUA, run_wrk
+from extproc.testing.envoy_fake import start_envoy_fake
+from extproc.testing.load import ROTATING_SEED_HOSTS_LUA, run_wrk
 from extproc.demo.run import manifests_dir
-from extproc.runner import envoy_binary
+from extproc.ops.up import envoy_binary
 
 HOSTS = ("dashscope.aliyuncs.com", "api.moonshot.cn")
 

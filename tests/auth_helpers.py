@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from extproc.envoy_config import token_sds
+from extproc.envoy.bootstrap import token_sds
 
 CLIENT = Path(__file__).parent / "ext_proc_client.py"
 

@@ -12,14 +12,24 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from ..auth import may_use, visible_to
-from ..budgets import Budget, BudgetRule, BudgetTable
-from ..endpoints import base_path, route_bases
-from ..gateways import MESH_VIEW, View, declared_binding, forward_to, gateway_ref, provider_binding, route_binding
-from ..names import provider_cluster
-from ..routing import Forward, HeaderCondition, Route, RoutingTable, Rule, Target, host_aliases, normalize_host
+from ..policy.budgets import Budget, BudgetRule, BudgetTable
+from ..policy.failover import build_failover
+from ..policy.gateway_binding import (
+    MESH_VIEW,
+    View,
+    declared_binding,
+    forward_to,
+    gateway_ref,
+    provider_binding,
+    route_binding,
+)
+from ..policy.matching import HeaderCondition
+from ..policy.openai_api import base_path, route_bases
+from ..policy.passive_health import DEFAULT_CONSECUTIVE_ERRORS, DEFAULT_COOL_DOWN_S
+from ..policy.table import Forward, RetryPolicy, Route, RoutingTable, Rule, Target, host_aliases, normalize_host
+from ..policy.visibility import may_use, visible_to
+from ..protocol import provider_cluster
 from .loader import Loaded
-from ..failover import DEFAULT_CONSECUTIVE_ERRORS, DEFAULT_COOL_DOWN_S, RetryPolicy, build_failover
 from .models import LLMProvider, LLMRoute, LLMTokenRateLimit, OpenAIConfig, parse_duration, unimplemented_fields
 from .problems import Problem
 

@@ -10,15 +10,24 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
-from .models import (API_VERSION, BUDGET_API_VERSION, BUDGET_KIND, KINDS, LLMProvider, LLMRoute, LLMTokenRateLimit,
-                     OpenAIConfig)
+from .models import (
+    API_VERSION,
+    BUDGET_API_VERSION,
+    BUDGET_KIND,
+    KINDS,
+    LLMProvider,
+    LLMRoute,
+    LLMTokenRateLimit,
+    OpenAIConfig,
+)
 from .problems import Problem
 
 try:  # libyaml's loader is several times faster; fall back to pure Python where absent
@@ -117,7 +126,7 @@ def _documents(docs: list[Any]) -> list[tuple[str, Any]]:
 
 
 def parse_object(doc: Any, file: str, number: str, environ: dict[str, str] | None = None,
-                 secrets: "SecretLookup | None" = None,
+                 secrets: SecretLookup | None = None,
                  key_env: dict[str, str] | None = None) -> tuple[Loaded | None, list[Problem]]:
     """Turn one document into a model, or say why not. Other kinds are skipped silently.
     `key_env` (Kubernetes objects, which anyone allowed to create one writes): `${NAME}` expands

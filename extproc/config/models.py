@@ -38,7 +38,7 @@ class OpenAIConfig(_Strict):
                                         description="Model for embeddings requests (unset: the client's).")
 
     @model_validator(mode="after")
-    def _one_key_source(self) -> "OpenAIConfig":
+    def _one_key_source(self) -> OpenAIConfig:
         if self.api_key is not None and self.api_key_secret_ref is not None:
             raise ValueError("set apiKey or apiKeySecretRef, not both")
         return self
@@ -99,7 +99,7 @@ class LLMProviderSpec(_Strict):
     # Our extension: how long the provider has for a whole answer (streamed ones included).
     timeout: str | None = Field(default=None, pattern=DURATION_PATTERN,
                                 description="Time the provider has for the whole answer, e.g. 30s or 5m (no total bound unless set).")
-    outlier_detection: "OutlierDetection | None" = Field(default=None, alias="outlierDetection")
+    outlier_detection: OutlierDetection | None = Field(default=None, alias="outlierDetection")
     workload_selector: dict | None = Field(default=None, alias="workloadSelector")
     gateways: list[str] | None = None
     # Our extension (as Istio's exportTo): the namespaces whose workloads may use this object.
@@ -136,7 +136,7 @@ class StringMatch(_Strict):
     regex: str | None = None
 
     @model_validator(mode="after")
-    def _one_kind(self) -> "StringMatch":
+    def _one_kind(self) -> StringMatch:
         given = [k for k in ("exact", "prefix", "regex") if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"set only one of exact, prefix, regex (got {', '.join(given)})")
@@ -216,7 +216,7 @@ class RouteRule(_Strict):
     retries: Retries | None = None
 
     @model_validator(mode="after")
-    def _weights(self) -> "RouteRule":
+    def _weights(self) -> RouteRule:
         given = [ref.weight is not None for ref in self.backend_refs]
         if any(given) and not all(given):
             raise ValueError("backendRefs: set weight on every backendRef of a rule, or on none")
@@ -242,7 +242,7 @@ class LLMRouteSpec(_Strict):
         return _check_host(value)
 
     @model_validator(mode="after")
-    def _unique_rule_names(self) -> "LLMRouteSpec":
+    def _unique_rule_names(self) -> LLMRouteSpec:
         names = [rule.name for rule in self.rules if rule.name]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -357,7 +357,7 @@ class LLMTokenRateLimitSpec(_Strict):
         return _check_host(value)
 
     @model_validator(mode="after")
-    def _unique_rule_names(self) -> "LLMTokenRateLimitSpec":
+    def _unique_rule_names(self) -> LLMTokenRateLimitSpec:
         names = [rule.name for rule in self.rules if rule.name]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

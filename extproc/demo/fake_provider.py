@@ -77,7 +77,7 @@ class FakeProvider:
     port: int = 0
     requests: list[RecordedRequest] = field(default_factory=list)
 
-    def start(self) -> "FakeProvider":
+    def start(self) -> FakeProvider:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(self.cert_file, self.key_file)
         context.set_alpn_protocols(["http/1.1"])

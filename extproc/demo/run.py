@@ -14,8 +14,9 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-from ..envoy_config import HostPort, UpstreamOptions
-from ..runner import UpOptions, run_up
+from ..envoy.addresses import HostPort
+from ..envoy.clusters import UpstreamOptions
+from ..ops.up import UpOptions, run_up
 from .ca import ThrowawayCA
 from .fake_provider import FakeProvider
 

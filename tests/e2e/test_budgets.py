@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 import redis
 
-from extproc.budgets import bucket_id, key_hash
+from extproc.policy.budgets import bucket_id, key_hash
 from helpers import CHAT, free_port, seed_dir, wait_until
 
 DASHSCOPE, MOONSHOT = "dashscope.aliyuncs.com", "api.moonshot.cn"

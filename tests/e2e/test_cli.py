@@ -54,7 +54,7 @@ def test_route_dry_run(keys):
 
 
 def test_envoy_config_is_valid_for_envoy_and_holds_no_key(tmp_path, keys):
-    from extproc.runner import envoy_binary
+    from extproc.ops.up import envoy_binary
 
     result = extproc("envoy-config", "--control", "extproc.llm-gateway.svc:18000", env=keys)
     assert result.returncode == 0

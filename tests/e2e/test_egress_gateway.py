@@ -20,7 +20,7 @@ import pytest
 
 from auth_helpers import token_files
 from conftest import upstream_args
-from extproc.runner import envoy_binary
+from extproc.ops.up import envoy_binary
 from helpers import CHAT, SEED_MANIFESTS, free_port, start_gateway, wait_until
 
 GATEWAY = "llm-gateway/egress"

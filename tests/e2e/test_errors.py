@@ -125,7 +125,7 @@ def test_unreachable_and_untrusted_providers_get_503(tmp_path, gateway_factory, 
 def test_ext_proc_down_fails_closed(tmp_path, ca, fresh_providers, keys):
     """Envoy run on its own (`extproc envoy-config`) against `extproc serve`; the server dies."""
     from conftest import upstream_args
-    from extproc.runner import envoy_binary
+    from extproc.ops.up import envoy_binary
 
     control, ext_proc, listen, admin = free_port(), free_port(), free_port(), free_port()
     creds = token_files(tmp_path)

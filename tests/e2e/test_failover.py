@@ -323,7 +323,7 @@ def events_of(body: bytes) -> list[dict]:
 def test_under_load_with_a_failing_half_of_its_requests_no_client_errors(gateway, fakes, tmp_path):
     """wrk for a few seconds; A answers every second request it gets with a 503: every
     client request is answered 200 (by A or, after A's failure, by B)."""
-    from extproc.demo.load import run_wrk
+    from extproc.testing.load import run_wrk
 
     _, started, _ = fakes
     gw = gateway(config())

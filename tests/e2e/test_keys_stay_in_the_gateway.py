@@ -57,7 +57,7 @@ def test_up_talks_over_a_private_unix_socket_another_user_cannot_open(gateway_fa
 
 def envoy_beside_serve(tmp_path, boot: bytes, listen: int, admin: int, metrics: int = 0):
     """A separately run Envoy on `boot` (the bootstrap `envoy-config` printed), beside a `serve`."""
-    from extproc.runner import envoy_binary
+    from extproc.ops.up import envoy_binary
     from helpers import Gateway
 
     (tmp_path / "envoy.json").write_bytes(boot)

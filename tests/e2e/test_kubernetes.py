@@ -318,7 +318,8 @@ def test_token_review_accepts_only_live_tokens_for_our_audience(clean):
 
     from kubernetes import config as kconfig
 
-    from extproc.auth import Identity, TokenReviewAuthenticator, kubernetes_review
+    from extproc.dataplane.authentication import kubernetes_review, TokenReviewAuthenticator
+    from extproc.policy.caller import Caller
 
     kube = clean
     team_a = _namespace(kube, "team-a", ("envoy", "gone"))
@@ -342,7 +343,7 @@ def test_token_review_accepts_only_live_tokens_for_our_audience(clean):
             ("expired", expired), ("gone", gone), ("garbage", "not-a-token"))}
 
     results = asyncio.run(main())
-    envoy = Identity(team_a, "envoy")
+    envoy = Caller(team_a, "envoy")
     assert results == {"right": envoy, "resigned_live": envoy, "other_audience": None, "expired": None, "gone": None,
                        "garbage": None}, results
     assert auth.cached(right) == envoy  # later streams: no TokenReview
@@ -429,7 +430,7 @@ def test_key_variables_expand_only_where_the_operator_bound_them(clean, k8s_gate
 
 def test_egress_gateway_manifests_apply_and_rbac_is_least_privilege(clean):
     import json
-    from extproc.gateways import DEFAULT_GATEWAY_PORT, default_address
+    from extproc.policy.gateway_binding import default_address, DEFAULT_GATEWAY_PORT
 
     kube = clean
     kube.run("apply", "-f", "-", stdin=for_kubernetes_1_20((REPO / "k8s" / "control-plane.yaml").read_text()))

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from conftest import upstream_args
-from extproc.envoy_config import HostPort
-from extproc.lifecycle import port_problem
+from extproc.envoy.addresses import HostPort
+from extproc.ops.children import port_problem
 from helpers import CHAT, Gateway, free_port, seed_dir, wait_until
 
 DASHSCOPE = "dashscope.aliyuncs.com"

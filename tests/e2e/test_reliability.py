@@ -15,9 +15,9 @@ from pathlib import Path
 
 from auth_helpers import token_files
 from conftest import upstream_args
-from extproc.demo.envoy_fake import start_envoy_fake
-from extproc.demo.load import ROTATING_SEED_HOSTS_LUA, run_wrk
-from extproc.runner import envoy_binary
+from extproc.testing.envoy_fake import start_envoy_fake
+from extproc.testing.load import ROTATING_SEED_HOSTS_LUA, run_wrk
+from extproc.ops.up import envoy_binary
 from helpers import CHAT, Gateway, free_port, provider_yaml, seed_dir, wait_until
 
 DASHSCOPE, MOONSHOT = "dashscope.aliyuncs.com", "api.moonshot.cn"

@@ -7,8 +7,9 @@ import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
 
-from extproc.accesslog import AccessLogReceiver, record_from_entry
-from extproc.metrics import GatewayMetrics, RequestRecord
+from extproc.dataplane.accesslog_receiver import AccessLogReceiver
+from extproc.telemetry.access_entries import record_from_entry
+from extproc.telemetry.metrics import GatewayMetrics, RequestRecord
 
 HOST = "dashscope.aliyuncs.com"
 DECISION = {"route": "llm-route", "rule": "subscriber", "provider": "dashscope", "provider_host": HOST,

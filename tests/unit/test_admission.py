@@ -8,11 +8,13 @@ import socket
 
 import pytest
 
-from extproc import h2_server as h2
-from extproc.admission import TRIM_AFTER_BYTES, Inflight
-from extproc.drain import HealthCheck, drain_plan
-from extproc.envoy_config import HostPort
-from extproc.server import ExternalProcessor, TableHolder
+from extproc.dataplane import grpc_h2 as h2
+from extproc.policy.body_memory import Inflight, TRIM_AFTER_BYTES
+from extproc.dataplane.health_check import HealthCheck
+from extproc.ops.drain import drain_plan
+from extproc.envoy.addresses import HostPort
+from extproc.dataplane.processor import ExternalProcessor
+from extproc.policy.table import TableHolder
 from test_h2_server import frames_until, grpc_message, request_headers
 from test_server import DASHSCOPE, body_msg, error_of, headers_msg
 
@@ -150,8 +152,8 @@ def test_ext_proc_cluster_is_health_checked_and_a_dead_replica_ejected():
     import test_envoy_config  # noqa: F401  (registers every @type the bootstrap uses)
     from google.protobuf import json_format
 
-    from extproc.envoy_config import BootstrapOptions, bootstrap
-    from extproc.names import CONTROL_CLUSTER, EXT_PROC_CLUSTER
+    from extproc.envoy.bootstrap import bootstrap, BootstrapOptions
+    from extproc.protocol import CONTROL_CLUSTER, EXT_PROC_CLUSTER
 
     from envoy.config.cluster.v3 import cluster_pb2
 

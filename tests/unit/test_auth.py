@@ -13,9 +13,11 @@ import stat
 import grpc
 import pytest
 
-from extproc import h2_server as h2
-from extproc.auth import (LOCAL, PENDING, Identity, ReviewResult, StaticToken, TokenReviewAuthenticator, bearer,
-                          cache_until, identity_of, may_use, private_dir, token_expiry, visible_to)
+from extproc.dataplane import grpc_h2 as h2
+from extproc.dataplane.authentication import bearer, cache_until, identity_of, PENDING, ReviewResult, StaticToken, token_expiry, TokenReviewAuthenticator
+from extproc.ops.socket_dir import private_dir
+from extproc.policy.caller import Caller, LOCAL
+from extproc.policy.visibility import may_use, visible_to
 from extproc.config.compile import compile_config
 from extproc.config.loader import key_env_allowed, parse_object
 from unit_helpers import provider, route, rule
@@ -32,7 +34,7 @@ def test_bearer(value, token):
 
 
 @pytest.mark.parametrize("result, identity", [
-    (ReviewResult(True, "system:serviceaccount:team-a:sleep", (AUD,)), Identity("team-a", "sleep")),
+    (ReviewResult(True, "system:serviceaccount:team-a:sleep", (AUD,)), Caller("team-a", "sleep")),
     (ReviewResult(True, "system:serviceaccount:team-a:sleep", ("https://kubernetes.default.svc",)), None),
     (ReviewResult(True, "system:serviceaccount:team-a:sleep", ()), None),  # no audience said: not ours
     (ReviewResult(False, "", (AUD,), "token has expired"), None),
@@ -58,9 +60,9 @@ def test_token_expiry(token, expiry):
 
 
 @pytest.mark.parametrize("identity, expiry, until", [
-    (Identity("a", "b"), None, 1300.0),  # at most max_ttl
-    (Identity("a", "b"), 1100.0, 1070.0),  # margin before expiry
-    (Identity("a", "b"), 5000.0, 1300.0),
+    (Caller("a", "b"), None, 1300.0),  # at most max_ttl
+    (Caller("a", "b"), 1100.0, 1070.0),  # margin before expiry
+    (Caller("a", "b"), 5000.0, 1300.0),
     (None, 5000.0, 1005.0),  # refusals briefly
 ])
 def test_cache_until(identity, expiry, until):
@@ -92,14 +94,14 @@ def test_token_review_is_asked_once_per_token_until_shortly_before_expiry():
     async def main():
         assert auth.cached(good) is PENDING and auth.cached(None) is None
         results = await asyncio.gather(*(auth.verify(good) for _ in range(5)))  # concurrent: one review
-        assert all(r == (good, Identity("team-a", "sleep")) for r in results)
+        assert all(r == (good, Caller("team-a", "sleep")) for r in results)
         assert await auth.verify(bad) == (bad, None)
 
     asyncio.run(main())
     assert asked == [(good, AUD), (bad, AUD)]
-    assert auth.cached(good) == Identity("team-a", "sleep") and auth.cached(bad) is None
+    assert auth.cached(good) == Caller("team-a", "sleep") and auth.cached(bad) is None
     now[0] = 1169.0
-    assert auth.cached(good) == Identity("team-a", "sleep")
+    assert auth.cached(good) == Caller("team-a", "sleep")
     now[0] = 1171.0  # within 30 s of expiry: asked again
     assert auth.cached(good) is PENDING and auth.cached(bad) is PENDING
 
@@ -226,7 +228,7 @@ METHOD = "/test.Who/Ask"
 
 
 class Who:
-    def __init__(self, identity: Identity):
+    def __init__(self, identity: Caller):
         self.identity = identity
 
     def on_message(self, message: bytes):
@@ -274,13 +276,14 @@ def test_a_namespace_that_may_not_use_a_route_gets_the_unknown_host_answer():
     from envoy.config.core.v3 import base_pb2
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-    from extproc.server import ExternalProcessor, TableHolder
+    from extproc.dataplane.processor import ExternalProcessor
+    from extproc.policy.table import TableHolder
 
     table = _compile(provider("a", "a.example", namespace="team-a", api_key="sk-team-a"),
                      provider("shared", "shared.example", namespace=HOME, api_key="sk-shared")).table
     processor = ExternalProcessor(TableHolder(table))
 
-    def ask(identity: Identity, host: str):
+    def ask(identity: Caller, host: str):
         headers = [base_pb2.HeaderValue(key=k, raw_value=v.encode())
                    for k, v in ((":authority", host), (":method", "POST"), (":path", "/"))]
         exchange = processor.exchange(identity)
@@ -296,11 +299,11 @@ def test_a_namespace_that_may_not_use_a_route_gets_the_unknown_host_answer():
                 if h.header.key == "authorization"]
         return 200, keys
 
-    unknown = ask(Identity("team-b", "envoy"), "nobody.example")
+    unknown = ask(Caller("team-b", "envoy"), "nobody.example")
     assert unknown[0] == 404
-    assert ask(Identity("team-b", "envoy"), "a.example") == unknown  # indistinguishable from an unknown host
-    assert ask(Identity("team-a", "envoy"), "a.example") == (200, [b"Bearer sk-team-a"])
-    assert ask(Identity("team-b", "envoy"), "shared.example") == (200, [b"Bearer sk-shared"])
+    assert ask(Caller("team-b", "envoy"), "a.example") == unknown  # indistinguishable from an unknown host
+    assert ask(Caller("team-a", "envoy"), "a.example") == (200, [b"Bearer sk-team-a"])
+    assert ask(Caller("team-b", "envoy"), "shared.example") == (200, [b"Bearer sk-shared"])
     assert ask(LOCAL, "a.example") == (200, [b"Bearer sk-team-a"])
 
 
@@ -308,7 +311,7 @@ def test_a_namespace_that_may_not_use_a_route_gets_the_unknown_host_answer():
     ("/run/gw", None, "pipe"), (None, "/etc/gw/token-sds.json", "token"), (None, None, "plain"),
 ])
 def test_control_plane_clusters(socket_dir, token_sds, kind):
-    from extproc.envoy_config import TOKEN_SECRET, BootstrapOptions, bootstrap
+    from extproc.envoy.bootstrap import bootstrap, BootstrapOptions, TOKEN_SECRET
 
     boot = bootstrap(BootstrapOptions(socket_dir=socket_dir, token_sds=token_sds))
     clusters = boot["static_resources"]["clusters"][:2]

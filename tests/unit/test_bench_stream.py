@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from extproc.runner import envoy_binary
+from extproc.ops.up import envoy_binary
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import bench_stream  # noqa: E402

@@ -10,11 +10,11 @@ import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 from prometheus_client import CollectorRegistry
 
-from extproc.accesslog import charge_budgets, record_from_entry
-from extproc.budget_store import BudgetGate, _safe_url
-from extproc.budgets import (BudgetRefused, BudgetRule, admission, bucket_id, drained, key_hash, most_restrictive,
-                             openai_duration, parse_bucket_id, tokens_to_charge)
-from extproc.cli import main
+from extproc.dataplane.accesslog_receiver import charge_budgets
+from extproc.telemetry.access_entries import record_from_entry
+from extproc.policy.budget_gate import _safe_url, BudgetGate
+from extproc.policy.budgets import admission, bucket_id, BudgetRefused, BudgetRule, drained, key_hash, most_restrictive, openai_duration, parse_bucket_id, tokens_to_charge
+from extproc.cli.main import main
 from extproc.config.models import parse_per
 from extproc.config.problems import ConfigError
 from extproc.errors import GatewayError
@@ -210,11 +210,11 @@ def test_gate_works_decisions_out_again_for_a_new_table(tmp_path):
              "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"}),
 ])
 def test_routes_carry_only_the_rate_limit_headers_a_config_can_give(tmp_path, rules, expected):
-    from extproc.budgets import response_headers
-    from extproc.envoy_config import route_configuration
+    from extproc.policy.budgets import response_headers
+    from extproc.envoy.routes import route_configuration
 
     docs = [provider("dashscope", DASHSCOPE)] + ([budget_doc(rules)] if rules else [])
-    names = response_headers(load_docs(tmp_path, *docs).table)
+    names = response_headers(load_docs(tmp_path, *docs).table.budgets)
     assert names == expected
     vhost = route_configuration([DASHSCOPE], budget_headers=names)["virtual_hosts"][0]
     assert {h["header"]["key"] for h in vhost.get("response_headers_to_add", [])} == expected
@@ -353,7 +353,7 @@ def test_admitted_encodes_the_same_metadata_as_its_dict(gate):
         written.MergeFromString(admitted.encoded())
         assert json_format.MessageToDict(written) == {"route": "kept", **admitted.as_dict()}
         assert written.fields["ratelimit_limit_requests"].string_value == "600"
-    from extproc.budget_store import Admitted
+    from extproc.policy.budget_gate import Admitted
     long = struct_pb2.Struct.FromString(  # lengths past one varint byte
         Admitted("ns/" + "n" * 200, "r" * 300, "k", admitted.answer, ["b" * 1000, "c"]).encoded())
     assert long.fields["budget_rule"].string_value == "r" * 300

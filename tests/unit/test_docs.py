@@ -7,7 +7,7 @@ import argparse
 import re
 from pathlib import Path
 
-from extproc.cli import build_parser
+from extproc.cli.main import build_parser
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 

@@ -8,12 +8,12 @@ import json
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from extproc import endpoints
-from extproc.endpoints import CHAT, COMPLETIONS, EMBEDDINGS, MODELS
+from extproc.policy import openai_api as endpoints
+from extproc.policy.openai_api import CHAT, COMPLETIONS, EMBEDDINGS, MODELS
 from extproc.errors import GatewayError
-from extproc.names import METADATA_NAMESPACE
-from extproc.rewrite import rewrite_body
-from extproc.routing import DEFAULT_BASES, Target
+from extproc.protocol import METADATA_NAMESPACE
+from extproc.dataplane.body_rewrite import rewrite_body
+from extproc.policy.table import DEFAULT_BASES, Target
 from test_server import body_msg, error_of, headers_msg, processor, run, set_headers
 from unit_helpers import DASHSCOPE, MOONSHOT, load_docs, load_seed, provider, route, rule
 
@@ -276,8 +276,8 @@ def _entry(meta: dict, status: int = 200, details: str = "via_upstream"):
     ({"operation": "embeddings"}, 429, "via_upstream", "embeddings", "provider_error", {}),
 ])
 def test_operation_reaches_the_metrics(meta, status, details, operation, outcome, tokens):
-    from extproc.accesslog import record_from_entry
-    from extproc.metrics import GatewayMetrics
+    from extproc.telemetry.access_entries import record_from_entry
+    from extproc.telemetry.metrics import GatewayMetrics
 
     record = record_from_entry(_entry({"route": "default/r", "provider_host": "h", **meta}, status, details))
     assert (record.operation, record.outcome) == (operation, outcome)

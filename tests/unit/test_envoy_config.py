@@ -22,12 +22,12 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from google.protobuf import json_format
 
-from extproc.envoy_config import (ANY_HOST_ROUTE_CONFIG_NAME, PASSTHROUGH_CLUSTER, ROUTE_CONFIG_NAME,
-                                  any_host_route_configuration, BootstrapOptions, HostPort, UpstreamOptions,
-                                  bootstrap, provider_cluster, route_configuration, to_route_proto,
-                                  to_cluster_proto)
-from extproc.names import CLUSTER_HEADER, CONTROL_CLUSTER, EXT_PROC_CLUSTER, ORDER_HEADER
-from extproc.runner import envoy_binary
+from extproc.envoy.addresses import HostPort
+from extproc.envoy.bootstrap import bootstrap, BootstrapOptions
+from extproc.envoy.clusters import provider_cluster, to_cluster_proto, UpstreamOptions
+from extproc.envoy.routes import ANY_HOST_ROUTE_CONFIG_NAME, any_host_route_configuration, PASSTHROUGH_CLUSTER, ROUTE_CONFIG_NAME, route_configuration, to_route_proto
+from extproc.protocol import CLUSTER_HEADER, CONTROL_CLUSTER, EXT_PROC_CLUSTER, ORDER_HEADER
+from extproc.ops.up import envoy_binary
 
 
 def parse_bootstrap(boot: dict) -> bootstrap_pb2.Bootstrap:

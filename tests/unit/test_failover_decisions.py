@@ -8,10 +8,12 @@ import pytest
 from extproc.config.compile import compile_config
 from extproc.config.loader import load_text
 from extproc.errors import GatewayError
-from extproc.failover import PassiveHealth, RetryPolicy, attempt_order, build_failover, full_order
-from extproc.failover_envoy import add_raw_fields, failover_route, with_raw_fields
-from extproc.retry_rewrite import order_headers, retry_target
-from extproc.routing import Target
+from extproc.policy.failover import attempt_order, build_failover, full_order
+from extproc.policy.passive_health import PassiveHealth
+from extproc.policy.table import RetryPolicy
+from extproc.envoy.failover import add_raw_fields, failover_route, with_raw_fields
+from extproc.policy.failover import order_headers, retry_target
+from extproc.policy.table import Target
 
 
 def t(host: str) -> Target:
@@ -169,7 +171,7 @@ def test_fallback_no_provider_serves_names_the_field():
 
 
 def test_route_proto_carries_the_fields_our_protobuf_package_lacks():
-    from extproc.envoy_config import any_host_route_configuration, to_route_proto
+    from extproc.envoy.routes import any_host_route_configuration, to_route_proto
 
     message = to_route_proto(any_host_route_configuration(["c1", "c2"]))
     action = message.virtual_hosts[0].routes[0].route
@@ -190,7 +192,8 @@ def _exchange_messages(table, extra=None, body=None):
     from envoy.config.core.v3 import base_pb2
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-    from extproc.server import ExternalProcessor, TableHolder
+    from extproc.dataplane.processor import ExternalProcessor
+    from extproc.policy.table import TableHolder
 
     pairs = {":method": "POST", ":path": "/", ":authority": "svc", **(extra or {})}
     headers = pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(
@@ -243,7 +246,7 @@ def test_rule_without_retries_sets_no_order_and_strips_client_retry_headers():
 def test_a_body_over_the_failover_limit_goes_in_one_attempt():
     import json as _json
 
-    from extproc.failover import FAILOVER_BODY_MAX
+    from extproc.policy.failover import FAILOVER_BODY_MAX
 
     c = compiled(CONFIG)
     big = _json.dumps({"messages": [{"role": "user", "content": "x" * FAILOVER_BODY_MAX}]}).encode()
@@ -252,12 +255,12 @@ def test_a_body_over_the_failover_limit_goes_in_one_attempt():
 
 
 def test_cooling_provider_is_left_out_of_the_first_attempt():
-    from extproc.retry_rewrite import first_attempt
+    from extproc.policy.failover import first_attempt
 
     rule = compiled(CONFIG).table.route_for("svc").rules[0]
     target, headers = first_attempt(rule.failover, 0, {"a.example.com": 99.0})
     assert target.provider_host == "b.example.com"
-    values = {h.header.key: h.header.raw_value.decode() for h in headers}
+    values = dict(headers)
     assert values["x-llm-gateway-order"] == "llm_failover_b_example_com"
     assert first_attempt(rule.failover, 0, {})[0].provider_host == "a.example.com"
 
@@ -268,7 +271,7 @@ def _retry(table, order: str, attempt: int, route: str = "default/r", rule: str 
     from envoy.config.core.v3 import base_pb2
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-    from extproc.retry_rewrite import RetryExchange
+    from extproc.dataplane.retry_processor import RetryExchange
 
     headers = pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
         base_pb2.HeaderValue(key="x-llm-gateway-order", raw_value=order.encode()),
@@ -312,7 +315,7 @@ def test_retry_that_cannot_be_prepared_is_an_error_not_a_request_with_the_old_ke
 
 
 def test_dry_run_describes_policy_and_orders():
-    from extproc.failover import describe_failover
+    from extproc.policy.failover import describe_failover
 
     rule = compiled(CONFIG).table.route_for("svc").rules[0]
     text = describe_failover(rule)
@@ -360,7 +363,7 @@ def _entry(cluster: str, status: int, attempt: int = 1, request_id: str = "r1", 
     (0, {}, "no_answer"),
 ])
 def test_attempt_reason(status, flags, reason):
-    from extproc.failover_log import attempt_reason
+    from extproc.policy.passive_health import attempt_reason
 
     assert attempt_reason(_entry("c", status, upstream=True, **flags)) == reason
 
@@ -368,11 +371,11 @@ def test_attempt_reason(status, flags, reason):
 def test_observer_counts_failovers_and_feeds_passive_health():
     from prometheus_client import CollectorRegistry
 
-    from extproc.failover_log import FailoverObserver
+    from extproc.policy.passive_health import AttemptObserver
 
     registry = CollectorRegistry()
     health = PassiveHealth({"a.example.com": (2, 30.0)})
-    observer = FailoverObserver(health, registry, clock=lambda: 100.0,
+    observer = AttemptObserver(health, registry, clock=lambda: 100.0,
                                 hosts=lambda: {"llm_provider_a_example_com": "a.example.com",
                                                "llm_provider_b_example_com": "b.example.com"})
     # request r1: A fails (503), B answers
@@ -397,11 +400,11 @@ def test_a_request_without_an_attempt_order_is_its_own_attempt():
     (no status) says nothing about the provider."""
     from prometheus_client import CollectorRegistry
 
-    from extproc.failover_log import FailoverObserver
+    from extproc.policy.passive_health import AttemptObserver
 
     registry = CollectorRegistry()
     health = PassiveHealth({"a.example.com": (2, 30.0)})
-    observer = FailoverObserver(health, registry, clock=lambda: 100.0,
+    observer = AttemptObserver(health, registry, clock=lambda: 100.0,
                                 hosts=lambda: {"llm_provider_a_example_com": "a.example.com"})
     value = lambda name, **labels: registry.get_sample_value(name, labels)  # noqa: E731
     observer.observe(_entry("llm_provider_a_example_com", 0, 1, "r0"))  # the client left

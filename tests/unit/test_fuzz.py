@@ -14,12 +14,12 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from extproc import h2_server as h2
+from extproc.dataplane import grpc_h2 as h2
 from extproc.config.loader import parse_object
 from extproc.errors import GatewayError
-from extproc import endpoints
-from extproc.rewrite import rewrite_body
-from extproc.routing import Target
+from extproc.policy import openai_api as endpoints
+from extproc.dataplane.body_rewrite import rewrite_body
+from extproc.policy.table import Target
 
 EXAMPLES = int(os.environ.get("LLM_GATEWAY_FUZZ_EXAMPLES", "300"))
 fuzz = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])

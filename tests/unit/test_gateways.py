@@ -9,11 +9,13 @@ import pytest
 from extproc.config.compile import compile_config
 from extproc.config.loader import load_paths
 from extproc.config.problems import ConfigError
-from extproc.config.watch import load_config
-from extproc.envoy_config import CLUSTER_HEADER, PASSTHROUGH_CLUSTER, route_configuration, to_route_proto
-from extproc.gateways import (MESH, View, default_address, egress_cluster, egress_clusters, gateway_ref,
-                              parse_gateway_name, provider_binding)
-from extproc.server import ExternalProcessor, TableHolder
+from extproc.config.file_source import load_config
+from extproc.envoy.routes import PASSTHROUGH_CLUSTER, route_configuration, to_route_proto
+from extproc.protocol import CLUSTER_HEADER
+from extproc.envoy.clusters import egress_cluster, egress_clusters
+from extproc.policy.gateway_binding import default_address, gateway_ref, MESH, parse_gateway_name, provider_binding, View
+from extproc.dataplane.processor import ExternalProcessor
+from extproc.policy.table import TableHolder
 from test_server import body_msg, headers_msg, run, CHAT
 from unit_helpers import provider, route, rule, write
 

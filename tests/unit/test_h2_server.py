@@ -10,7 +10,7 @@ import grpc
 import hpack
 import pytest
 
-from extproc import h2_server as h2
+from extproc.dataplane import grpc_h2 as h2
 
 METHOD = "/test.Echo/Chat"
 LIMIT = 8 << 20

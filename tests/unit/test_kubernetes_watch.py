@@ -9,8 +9,8 @@ import kubernetes
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from extproc.config import kubernetes as source_module
-from extproc.config.kubernetes import KubernetesSource
+from extproc.config import kubernetes_source as source_module
+from extproc.config.kubernetes_source import KubernetesSource
 
 
 def route(name: str, generation: int = 1, status: dict | None = None, version: str = "1") -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from extproc.leader import CREATE, RENEW, TAKE, WAIT, Seen, next_step
+from extproc.ops.leader import CREATE, next_step, RENEW, Seen, TAKE, WAIT
 
 ME, OTHER = "me", "other"
 
@@ -34,7 +34,7 @@ class FakeClock:
 def test_leader_stops_claiming_before_anyone_can_take_over():
     """A leader that cannot renew stops writing after two thirds of the duration; another replica
     takes over only after the whole duration unchanged, so they never both write."""
-    from extproc.leader import LeaderElector
+    from extproc.ops.leader import LeaderElector
 
     clock = FakeClock()
     elector = LeaderElector("ns", duration_s=15.0, api=object(), clock=clock)

@@ -12,7 +12,7 @@ def test_big_buffers_reuse_warm_pages():
     faults; glibc's defaults take about 256 per buffer (fresh pages every time)."""
     script = textwrap.dedent("""
         import resource, sys
-        from extproc.memory import keep_body_buffers
+        from extproc.ops.malloc import keep_body_buffers
         if sys.argv[1] == "tuned":
             assert keep_body_buffers()
         def faults():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from extproc import metrics as metrics_module
-from extproc.metrics import GatewayMetrics, RequestRecord
+from extproc.telemetry import metrics as metrics_module
+from extproc.telemetry.metrics import GatewayMetrics, RequestRecord
 
 BASE = dict(route="llm-route", rule="default", provider="dashscope", provider_host="dashscope.aliyuncs.com",
             request_model="qwen-turbo", response_model="qwen-turbo-0919")
@@ -149,7 +149,7 @@ def test_no_created_series(m):
 
 
 def test_client_supplied_values_are_capped_too(monkeypatch):
-    import extproc.metrics as metrics_module
+    import extproc.telemetry.metrics as metrics_module
     monkeypatch.setattr(metrics_module, "MAX_MODEL_LABELS", 1)
     m = GatewayMetrics()
     for i in range(3):

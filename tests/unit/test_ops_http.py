@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from extproc.envoy_config import HostPort
-from extproc.metrics import GatewayMetrics, RequestRecord
-from extproc.ops_http import OpsServer
+from extproc.envoy.addresses import HostPort
+from extproc.telemetry.metrics import GatewayMetrics, RequestRecord
+from extproc.ops.status_http import StatusServer
 
 
 async def request(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -32,7 +32,7 @@ def test_ops_endpoints():
     ready = [False]
 
     async def scenario():
-        server = OpsServer(metrics.registry, lambda: ready[0])
+        server = StatusServer(metrics.registry, lambda: ready[0])
         port = await server.start(HostPort("127.0.0.1", 0))
         assert port == server.port and port > 0
         try:
@@ -87,7 +87,7 @@ def test_ready_is_asked_on_every_probe():
         return len(calls) > 2
 
     async def scenario():
-        server = OpsServer(GatewayMetrics().registry, ready)
+        server = StatusServer(GatewayMetrics().registry, ready)
         port = await server.start(HostPort("127.0.0.1", 0))
         try:
             return [(await request(port, get(port, "/readyz")))[0] for _ in range(4)]
@@ -99,7 +99,7 @@ def test_ready_is_asked_on_every_probe():
 
 def test_garbage_and_silence_do_not_stop_the_server():
     async def scenario():
-        server = OpsServer(GatewayMetrics().registry, lambda: True)
+        server = StatusServer(GatewayMetrics().registry, lambda: True)
         port = await server.start(HostPort("127.0.0.1", 0))
         try:
             garbage = (await request(port, b"BOGUS\r\n\r\n"))[0]

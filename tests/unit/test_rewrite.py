@@ -7,9 +7,9 @@ import json
 import orjson
 import pytest
 
-from extproc.errors import GatewayError, error_body, error_type
-from extproc.rewrite import rewrite_body
-from extproc.routing import Target
+from extproc.errors import error_body, error_type, GatewayError
+from extproc.dataplane.body_rewrite import rewrite_body
+from extproc.policy.table import Target
 
 
 def target(model: str | None = "qwen-turbo", stream: bool | None = None) -> Target:
@@ -201,8 +201,8 @@ def test_the_gateways_own_503s_are_server_errors():
     """No provider was involved: clients that retry on `upstream_error` should not blame one."""
     import orjson
 
-    from extproc.admission import Overloaded
-    from extproc.budgets import budget_unavailable
+    from extproc.policy.body_memory import Overloaded
+    from extproc.policy.budgets import budget_unavailable
 
     for error in (Overloaded(10, 5), budget_unavailable()):
         assert error.status == 503 and orjson.loads(error.body())["error"]["type"] == "server_error"

@@ -7,10 +7,28 @@ import re
 
 import pytest
 
-from extproc.names import provider_cluster
-from extproc.routing import HeaderCondition, Route, Rule, Target, decide, normalize_host
+from extproc.errors import GatewayError
+from extproc.policy.caller import LOCAL
+from extproc.policy.decide import Decision, decide
+from extproc.policy.matching import HeaderCondition
+from extproc.policy.table import Route, RoutingTable, Rule, Target, normalize_host
+from extproc.protocol import provider_cluster
 from unit_helpers import (DASHSCOPE, DASHSCOPE_KEY, MOONSHOT, MOONSHOT_KEY, load_docs, load_seed, provider, route,
                           rule)
+
+
+def pick(table: RoutingTable, authority: str, headers: dict[str, str], draw: float) -> Target | None:
+    """The provider the one decision function picks for a chat request, or None when it
+    answers 404 (no route, no rule)."""
+    raw = {":authority": authority.encode(), ":method": b"POST", ":path": b"/v1/chat/completions",
+           **{k: v.encode() for k, v in headers.items()}}
+    try:
+        decision = decide(table, raw, True, LOCAL, draw, {})
+    except GatewayError as refusal:
+        assert refusal.status == 404
+        return None
+    assert isinstance(decision, Decision)
+    return decision.target
 
 
 def target(name: str) -> Target:
@@ -181,14 +199,14 @@ def test_rule_pick_50_50_with_default_random_is_within_45_to_55_percent():
 
 def test_seed_weighted_route_draws_split_between_providers():
     table = load_seed("01-LLMProvider.yaml", "04-LLMProvider-moonshot.yaml", "06-LLMRoute-weighted.yaml").table
-    picks = {draw: decide(table, "demo-llm-server", {}, draw) for draw in (0.0, 0.49, 0.5, 0.99)}
+    picks = {draw: pick(table, "demo-llm-server", {}, draw) for draw in (0.0, 0.49, 0.5, 0.99)}
     assert [picks[d].provider_host for d in (0.0, 0.49, 0.5, 0.99)] == [DASHSCOPE, DASHSCOPE, MOONSHOT, MOONSHOT]
     assert picks[0.0].rule == "migrate-rule" and picks[0.0].route == "default/demo-llm-server"
     assert (picks[0.0].model, picks[0.0].api_key) == ("qwen1.5-72b-chat", DASHSCOPE_KEY)
     assert (picks[0.5].model, picks[0.5].api_key, picks[0.5].stream) == ("moonshot-v1-8k", MOONSHOT_KEY, False)
     rng = random.Random(7)
     n = 10_000
-    dash = sum(decide(table, "demo-llm-server.default.svc.cluster.local", {}, rng.random()).provider_host == DASHSCOPE
+    dash = sum(pick(table, "demo-llm-server.default.svc.cluster.local", {}, rng.random()).provider_host == DASHSCOPE
                for _ in range(n))
     assert 0.45 * n <= dash <= 0.55 * n
 
@@ -196,7 +214,7 @@ def test_seed_weighted_route_draws_split_between_providers():
 def test_provider_without_route_gets_default_route():
     table = load_seed("04-LLMProvider-moonshot.yaml").table
     for authority in (MOONSHOT, "API.MOONSHOT.CN:443", f"{MOONSHOT}.default"):
-        t = decide(table, authority, {"user-type": "subscriber"}, 0.7)
+        t = pick(table, authority, {"user-type": "subscriber"}, 0.7)
         assert t is not None, authority
         assert (t.route, t.rule, t.provider) == ("default/moonshot", "default", "default/moonshot")
         assert (t.model, t.api_key, t.stream, t.path) == ("moonshot-v1-8k", MOONSHOT_KEY, False, "/v1/chat/completions")
@@ -206,7 +224,7 @@ def test_provider_without_route_gets_default_route():
 
 def test_default_route_uses_default_config_not_route_specific():
     table = load_seed("03-LLMProvider-with-route-config.yaml").table  # routeSpecificConfigs but no LLMRoute
-    t = decide(table, DASHSCOPE, {"user-type": "subscriber"}, 0.0)
+    t = pick(table, DASHSCOPE, {"user-type": "subscriber"}, 0.0)
     assert (t.model, t.api_key, t.path) == ("qwen1.5-72b-chat", DASHSCOPE_KEY, "/compatible-mode/v1/chat/completions")
 
 
@@ -221,7 +239,7 @@ def test_scenario_1_route_on_provider_host_takes_over(headers, rule_name, model)
     route_ = table.route_for(DASHSCOPE)
     assert route_.name == "default/dashscope-route"
     assert route_.match_headers == frozenset({"user-type"})
-    t = decide(table, DASHSCOPE, headers, 0.0)
+    t = pick(table, DASHSCOPE, headers, 0.0)
     assert (t.route, t.rule, t.model, t.api_key) == ("default/dashscope-route", rule_name, model, DASHSCOPE_KEY)
     assert (t.provider, t.provider_host, t.path) == ("default/dashscope-qwen", DASHSCOPE,
                                                       "/compatible-mode/v1/chat/completions")
@@ -229,7 +247,7 @@ def test_scenario_1_route_on_provider_host_takes_over(headers, rule_name, model)
 
 def test_scenario_1_without_03_subscriber_gets_default_config():
     table = load_seed("01-LLMProvider.yaml", "02-LLMRoute.yaml").table
-    t = decide(table, DASHSCOPE, {"user-type": "subscriber"}, 0.0)
+    t = pick(table, DASHSCOPE, {"user-type": "subscriber"}, 0.0)
     assert (t.rule, t.model) == ("vip-route", "qwen1.5-72b-chat")
 
 
@@ -238,8 +256,8 @@ def test_route_on_other_host_does_not_take_over_provider_host(tmp_path):
                       route("r", "chat.example.com", [rule("backend.example.com", matches=[{"headers": {"x": {}}}])])).table
     assert table.route_for("chat.example.com").name == "default/r"
     assert table.route_for("backend.example.com").name == "default/p"
-    assert decide(table, "chat.example.com", {}, 0.0) is None  # the only rule needs header x
-    assert decide(table, "backend.example.com", {}, 0.0).model == "m-default"
+    assert pick(table, "chat.example.com", {}, 0.0) is None  # the only rule needs header x
+    assert pick(table, "backend.example.com", {}, 0.0).model == "m-default"
 
 
 @pytest.mark.parametrize(("specific", "expected"), [
@@ -254,9 +272,9 @@ def test_route_specific_config_merges_over_default(tmp_path, specific, expected)
             route("r", "chat.example.com", [rule("backend.example.com", name="vip", matches=[{"headers": {"x-vip": {}}}]),
                                              rule("backend.example.com", name="other")])]
     table = load_docs(tmp_path, *docs).table
-    vip = decide(table, "chat.example.com", {"x-vip": "1"}, 0.0)
+    vip = pick(table, "chat.example.com", {"x-vip": "1"}, 0.0)
     assert (vip.rule, vip.model, vip.api_key, vip.stream) == ("vip", *expected)
-    other = decide(table, "chat.example.com", {}, 0.0)
+    other = pick(table, "chat.example.com", {}, 0.0)
     assert (other.rule, other.model, other.api_key, other.stream) == ("other", "m-default", "sk-default", True)
 
 
@@ -265,8 +283,8 @@ def test_route_specific_config_applies_per_provider(tmp_path):
             provider("b", "b.example.com", model="b-default", api_key="sk-b"),
             route("r", "chat.example.com", [rule("a.example.com", "b.example.com", name="mix", weights=[1, 1])])]
     table = load_docs(tmp_path, *docs).table
-    a = decide(table, "chat.example.com", {}, 0.1)
-    b = decide(table, "chat.example.com", {}, 0.9)
+    a = pick(table, "chat.example.com", {}, 0.1)
+    b = pick(table, "chat.example.com", {}, 0.9)
     assert (a.provider_host, a.model, a.api_key) == ("a.example.com", "a-mix", "sk-a")
     assert (b.provider_host, b.model, b.api_key) == ("b.example.com", "b-default", "sk-b")
 
@@ -274,7 +292,7 @@ def test_route_specific_config_applies_per_provider(tmp_path):
 def test_provider_host_reference_is_case_insensitive(tmp_path):
     table = load_docs(tmp_path, provider("p", "backend.example.com"),
                       route("r", "chat.example.com", [rule("Backend.Example.COM")])).table
-    assert decide(table, "chat.example.com", {}, 0.0).provider_host == "backend.example.com"
+    assert pick(table, "chat.example.com", {}, 0.0).provider_host == "backend.example.com"
 
 
 def test_header_match_names_are_case_insensitive(tmp_path):
@@ -284,12 +302,12 @@ def test_header_match_names_are_case_insensitive(tmp_path):
                                                             matches=[{"headers": {"User-Type": {"exact": "subscriber"}}}]),
                                                        rule("backend.example.com")])).table
     assert table.route_for("chat.example.com").match_headers == frozenset({"user-type"})
-    assert decide(table, "chat.example.com", {"user-type": "subscriber"}, 0.0).model == "m-vip"
+    assert pick(table, "chat.example.com", {"user-type": "subscriber"}, 0.0).model == "m-vip"
 
 
-def test_decide_unknown_host_is_none():
+def test_unknown_host_is_refused():
     table = load_seed("01-LLMProvider.yaml").table
-    assert decide(table, "unknown.example.com", {}, 0.0) is None
+    assert pick(table, "unknown.example.com", {}, 0.0) is None
 
 
 def test_provider_exact_host_wins_over_another_providers_namespace_alias(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
-from extproc import series
+from extproc.telemetry import fast_series as series
 
 prometheus_client.disable_created_metrics()  # as extproc.metrics does: no `_created` series
 

@@ -10,9 +10,10 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from extproc.names import CLUSTER_HEADER
-from extproc.routing import EMPTY_TABLE
-from extproc.server import ExternalProcessor, TableHolder
+from extproc.protocol import CLUSTER_HEADER
+from extproc.policy.table import EMPTY_TABLE
+from extproc.dataplane.processor import ExternalProcessor
+from extproc.policy.table import TableHolder
 from unit_helpers import (DASHSCOPE, DASHSCOPE_KEY, MOONSHOT, MOONSHOT_KEY, load_docs, load_seed, provider, route,
                           rule)
 
@@ -274,8 +275,8 @@ def test_body_limit_is_enforced_across_chunks(seed_table, sizes, status):
 
 
 def test_an_error_answer_carries_each_of_its_own_headers_once():
-    from extproc.admission import Overloaded
-    from extproc.server import immediate
+    from extproc.policy.body_memory import Overloaded
+    from extproc.dataplane.answers import immediate
 
     headers = immediate(Overloaded(9 << 20, 8 << 20)).immediate_response.headers.set_headers
     names = [h.header.key for h in headers]
@@ -285,15 +286,15 @@ def test_an_error_answer_carries_each_of_its_own_headers_once():
 @pytest.mark.parametrize("model_size", [8, 300])  # 300: past the cached sizes, encoded per request
 @pytest.mark.parametrize("stream", [False, True])
 def test_the_decision_metadata_names_target_model_stream_and_host(tmp_path, model_size, stream):
-    from extproc.server import _decision_metadata
+    from extproc.dataplane.answers import cached_decision_metadata
 
     model = "m" * model_size
     table = load_docs(tmp_path, provider("local", "local.example.com", model=model)).table
-    _decision_metadata.cache_clear()
+    cached_decision_metadata.cache_clear()
     for authority in ("local.example.com", "LOCAL.example.com:80"):  # the host as the client sent it
         response = forward(table, authority, body={**CHAT, "model": model, "stream": stream})
         meta = response.headers.dynamic_metadata.fields["llm_gateway"].struct_value.fields
         assert {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in meta.items()} == {
             "route": "default/local", "rule": "default", "provider": "default/local", "provider_host": "local.example.com",
             "operation": "chat", "request_model": model, "stream": stream, "host": authority}
-    assert _decision_metadata.cache_info().currsize == (2 if model_size < 256 else 0)
+    assert cached_decision_metadata.cache_info().currsize == (2 if model_size < 256 else 0)

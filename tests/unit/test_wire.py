@@ -10,9 +10,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import json_format, struct_pb2
 from hypothesis import given, settings, strategies as st
 
-from extproc import wire
-from extproc.budget_store import answer_key
-from extproc.budgets import BudgetRule, admission
+from extproc import protobuf_wire as wire
+from extproc.policy.budget_gate import answer_key
+from extproc.policy.budgets import admission, BudgetRule
 
 LENGTHS = [0, 1, 60, 100, 117, 118, 119, 120, 125, 126, 127, 128, 200, 5000, 70000]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 
-from extproc.workers import WorkerPool, _Worker
+from extproc.ops.workers import _Worker, WorkerPool
 
 
 def _worker(conn, hold_first: threading.Event | None = None) -> threading.Thread:

@@ -6,8 +6,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from extproc import workers
-from extproc.workers import MergedRegistry, _flatten, plan
+from extproc.ops import workers as workers
+from extproc.ops.workers import _flatten, MergedRegistry, plan
 
 MIB = 1 << 20
 

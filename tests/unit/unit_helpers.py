@@ -9,7 +9,7 @@ import yaml
 
 import extproc
 from extproc.config.compile import Compiled
-from extproc.config.watch import load_config
+from extproc.config.file_source import load_config
 
 API = "istio.alibabacloud.com/v1beta1"
 SEED = Path(extproc.__file__).parent / "demo" / "manifests"

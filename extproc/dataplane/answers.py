@@ -1,0 +1,184 @@
+"""The ext_proc's answers: header mutations, the rewritten body, the decision's metadata, and
+the gateway's own answers (errors, the model list), mostly in prebuilt wire form.
+
+Building protobuf objects per request cost more than deciding (docs/performance.md): what every
+request to a target shares is serialized once and kept on the target; what varies per request
+is appended in wire form (`extproc.protobuf_wire`).
+
+Two security rules live here and only here: every attempt sets its own provider's key or
+removes any (`set_credential`), and the client's Envoy/internal headers never reach the
+router (`more_headers`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import lru_cache
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.type.v3 import http_status_pb2
+
+from .. import protobuf_wire as wire
+from ..errors import LOCAL_REPLIES, GatewayError
+from ..policy import openai_api
+from ..policy.openai_api import Endpoint
+from ..policy.table import Route, Target
+from ..protocol import CLUSTER_HEADER, METADATA_NAMESPACE
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+TIMEOUT_HEADER = "x-envoy-upstream-rq-timeout-ms"
+# Headers the gateway sets itself on the first attempt: a client's value is overwritten anyway.
+SET_BY_GATEWAY = frozenset({CLUSTER_HEADER, TIMEOUT_HEADER})
+
+
+def header(key: str, value: str | bytes) -> base_pb2.HeaderValueOption:
+    raw = value if isinstance(value, bytes) else value.encode()
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, raw_value=raw), append_action=_OVERWRITE)
+
+
+def set_credential(mutation: pb.HeaderMutation, target: Target) -> None:
+    """The one rule for keys: every attempt (the first, and each retry) sets its own provider's
+    key, or removes any: never the client's, never another provider's."""
+    if target.api_key:
+        mutation.set_headers.append(header("authorization", f"Bearer {target.api_key}"))
+    else:
+        mutation.remove_headers.append("authorization")
+
+
+def attempt_mutation(mutation: pb.HeaderMutation, target: Target, path: str) -> None:
+    """What every attempt to `target` sets: its path, its host, its key."""
+    mutation.set_headers.extend([header(":path", path), header(":authority", target.provider_host)])
+    set_credential(mutation, target)
+
+
+def target_mutation(target: Target, endpoint: Endpoint = openai_api.CHAT) -> pb.HeaderMutation:
+    """A first attempt's header changes (built once per target and endpoint, by `prebuilt`):
+    the attempt's path, host and key, the cluster, the content type, the provider's total bound."""
+    mutation = pb.HeaderMutation()
+    attempt_mutation(mutation, target, openai_api.upstream_path(endpoint, target))
+    mutation.set_headers.extend([header(CLUSTER_HEADER, target.cluster), header("content-type", "application/json")])
+    if target.timeout_s is not None:  # the provider's total bound: Envoy's router answers 504 past it
+        mutation.set_headers.append(header(TIMEOUT_HEADER, str(int(target.timeout_s * 1000))))
+    else:
+        mutation.remove_headers.append(TIMEOUT_HEADER)
+    # an uncompressed answer, so its usage can be read
+    mutation.remove_headers.append("accept-encoding")
+    return mutation
+
+
+def prebuilt(target: Target, endpoint: Endpoint) -> tuple[bytes, bytes]:
+    """What every answer to a request to this target shares, serialized once and kept on the
+    target: the headers' answer (its header mutation, and the route cache cleared: the cluster
+    header changed), and the decision's entries of the `llm_gateway` metadata (for the access
+    log and metrics). The rest is appended in wire form per request."""
+    built = target.answers.get(endpoint)
+    if built is None:
+        response = pb.ProcessingResponse()
+        common = response.request_headers.response
+        common.header_mutation.CopyFrom(target_mutation(target, endpoint))
+        common.clear_route_cache = True
+        decision = b"".join(wire.string_entry(key, value) for key, value in (
+            ("route", target.route), ("rule", target.rule), ("provider", target.provider),
+            ("provider_host", target.provider_host), ("operation", endpoint.operation)))
+        built = target.answers[endpoint] = (response.SerializeToString(), decision)
+    return built
+
+
+@lru_cache(maxsize=8192)
+def content_length(length: int) -> bytes:
+    return wire.request_headers_set(wire.header_option("content-length", str(length).encode()))
+
+
+_STREAM_ENTRY = {True: wire.bool_entry("stream", True), False: wire.bool_entry("stream", False)}
+CACHED_VALUES_MAX = 256  # longer request models or hosts (client-chosen) are encoded per request
+
+
+@lru_cache(maxsize=4096)
+def cached_decision_metadata(decision: bytes, model: str, stream: bool, host: str) -> tuple[bytes, bytes]:
+    """`decision_metadata`, kept for the few combinations that come back request after request."""
+    return _decision_metadata(decision, model, stream, host)
+
+
+def _decision_metadata(decision: bytes, model: str, stream: bool, host: str) -> tuple[bytes, bytes]:
+    entries = decision + wire.string_entry("request_model", model) + _STREAM_ENTRY[stream] + wire.string_entry("host", host)
+    return entries, wire.dynamic_metadata(METADATA_NAMESPACE, entries)
+
+
+def decision_metadata(decision: bytes, model: str, stream: bool, host: str) -> tuple[bytes, bytes]:
+    """The decision's metadata entries, and the answer's `dynamic_metadata` holding just them:
+    the same few combinations of target, model and host come back request after request, and
+    encoding them costs about 2 µs per request (scripts/bench_work.py). Long values (a
+    client-chosen model or host) are encoded per request and never cached."""
+    if len(model) + len(host) <= CACHED_VALUES_MAX:
+        return cached_decision_metadata(decision, model, stream, host)
+    return _decision_metadata(decision, model, stream, host)
+
+
+@lru_cache(maxsize=256)
+def _attempt_options(attempt_headers: tuple[tuple[str, str], ...]) -> tuple[base_pb2.HeaderValueOption, ...]:
+    """A rule's attempt-order headers as protobuf, once per order (a few per rule)."""
+    return tuple(header(k, v) for k, v in attempt_headers)
+
+
+def more_headers(strip: list[str], attempt_headers: tuple[tuple[str, str], ...]) -> bytes:
+    """The mutations only some requests need (a rule with retries, a client's x-envoy-* headers),
+    appended to the headers' answer. Whatever the gateway sets itself is overwritten anyway; the
+    rest of what a client may not set goes."""
+    response = pb.ProcessingResponse()
+    mutation = response.request_headers.response.header_mutation
+    if attempt_headers:
+        mutation.set_headers.extend(_attempt_options(attempt_headers))
+        if strip:  # a client's x-envoy-retry-on and the like: overwritten, not removed
+            overwritten = {name for name, _ in attempt_headers}
+            strip = [name for name in strip if name not in overwritten]
+    mutation.remove_headers.extend(name for name in strip if name not in SET_BY_GATEWAY)
+    return response.SerializeToString()
+
+
+def model_list(route: Route, authority: str) -> pb.ProcessingResponse:
+    """`GET .../models`: OpenAI's list, from the config (`extproc.policy.openai_api.model_list`)."""
+    response = pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=200),
+        headers=pb.HeaderMutation(set_headers=[header("content-type", "application/json")]),
+        body=openai_api.model_list(route), details="llm_gateway_models"))
+    response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.update(
+        {"route": route.name, "operation": openai_api.MODELS.operation, "host": authority})
+    return response
+
+
+def immediate(error: GatewayError) -> pb.ProcessingResponse:
+    """The gateway's own answer to an error: its status, its OpenAI-style JSON body, its headers
+    (a 429's Retry-After and x-ratelimit-*, a 503's Retry-After)."""
+    return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=error.status),
+        headers=pb.HeaderMutation(set_headers=[header("content-type", "application/json"),
+                                                *(header(k, v) for k, v in error.headers)]),
+        body=error.body(),
+        details=f"llm_gateway_{error.code}",
+    ))
+
+
+def continue_phase(phase: str | None) -> pb.ProcessingResponse:
+    """An answer that changes nothing, for a phase the gateway does not process."""
+    response = pb.ProcessingResponse()
+    if phase in ("response_headers", "response_body", "request_trailers", "response_trailers"):
+        getattr(response, phase).SetInParent()
+    return response
+
+
+def with_operation(response: pb.ProcessingResponse, operation: str) -> pb.ProcessingResponse:
+    """A refused body's answer, counted under its endpoint's operation."""
+    response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.update({"operation": operation})
+    return response
+
+
+TOO_LARGE_CODE, TOO_LARGE_MESSAGE = LOCAL_REPLIES[413]  # the answer Envoy gives its own 413s
+EMPTIED_CHUNK = pb.ProcessingResponse(request_body=pb.BodyResponse(
+    response=pb.CommonResponse(body_mutation=pb.BodyMutation(clear_body=True)))).SerializeToString()
+
+
+def body_answers(headers_answer: Iterable[bytes], chunks: int, body: bytes) -> list[bytes]:
+    """The held answer to the headers, then one answer per body chunk: all emptied but the last,
+    which carries the whole rewritten body."""
+    return [b"".join(headers_answer), *([EMPTIED_CHUNK] * (chunks - 1)), wire.request_body_replaced(body)]

@@ -1,0 +1,247 @@
+"""Who may talk to the control plane: every stream proves which Envoy it comes from.
+
+Everything the ext_proc answers can carry a provider key, and the access-log service feeds the
+usage metrics, so every gRPC stream to the control plane must come from an Envoy that proved
+who it is. Two ways:
+
+- Local mode: Envoy reaches the control plane over Unix sockets in a directory only the
+  gateway's user can open. The file system is the check; the caller is `LOCAL` (sees all).
+- TCP: each stream carries `authorization: Bearer <token>`. Either one static token from a file
+  (compared in constant time; the caller is `LOCAL`), or a Kubernetes ServiceAccount token
+  checked with the TokenReview API for a dedicated audience; the caller is then the token's
+  ServiceAccount, and sees only what its namespace may use (`extproc.policy.visibility`).
+
+The TokenReview result is cached until shortly before the token expires (at most `max_ttl_s`),
+so a stream costs a dict lookup; the API server is asked once per token, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+
+from ..policy.caller import LOCAL, Caller
+
+log = logging.getLogger("extproc.auth")
+
+DEFAULT_AUDIENCE = "llm-gateway"
+SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
+
+
+class Pending:
+    """`Authenticator.cached` cannot answer without asking someone: call `verify` first."""
+
+
+PENDING = Pending()
+
+
+class Authenticator(Protocol):
+    def cached(self, token: str | None) -> Caller | None | Pending:
+        """The caller for this token now, without I/O: an identity, None (refused), or PENDING."""
+
+    async def verify(self, token: str) -> tuple[str, Caller | None]:
+        """Looks the token up (so that `cached` can answer it from now on); the token and its caller."""
+
+
+def bearer(value: str | None) -> str | None:
+    """The token of an `authorization: Bearer <token>` value (scheme case-insensitive)."""
+    if not value:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+class StaticToken:
+    """One shared token, read from a file once (for `serve` over TCP outside Kubernetes)."""
+
+    def __init__(self, token: str):
+        if len(token) < 16:
+            raise ValueError("the token is shorter than 16 characters")
+        self._token = token.encode()
+
+    @classmethod
+    def from_file(cls, path: str) -> StaticToken:
+        return cls(Path(path).read_text().strip())
+
+    def cached(self, token: str | None) -> Caller | None:
+        if token is None:
+            return None
+        return LOCAL if hmac.compare_digest(token.encode(), self._token) else None
+
+    async def verify(self, token: str) -> tuple[str, Caller | None]:  # never PENDING
+        return token, self.cached(token)
+
+
+@dataclass(frozen=True)
+class ReviewResult:
+    """What the TokenReview API said about a token."""
+
+    authenticated: bool
+    username: str = ""
+    audiences: tuple[str, ...] = ()
+    error: str = ""
+
+
+def identity_of(result: ReviewResult, audience: str) -> Caller | None:
+    """The ServiceAccount a reviewed token proves, or None: not authenticated, not for our audience
+    (a token meant for anything else, the API server's own included, is refused), or not a
+    ServiceAccount's."""
+    if not result.authenticated or audience not in result.audiences:
+        return None
+    if not result.username.startswith(SERVICE_ACCOUNT_PREFIX):
+        return None
+    namespace, _, name = result.username[len(SERVICE_ACCOUNT_PREFIX):].partition(":")
+    if not namespace or not name:
+        return None
+    return Caller(namespace, name)
+
+
+def token_expiry(token: str) -> float | None:
+    """The `exp` claim of a JWT, read without checking the signature: only used to bound how long
+    a result the API server gave is kept."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        exp = claims.get("exp")
+        return float(exp) if isinstance(exp, (int, float)) else None
+    except (IndexError, ValueError, TypeError, UnicodeDecodeError):
+        return None
+
+
+def cache_until(now: float, identity: Caller | None, expiry: float | None, max_ttl_s: float,
+                negative_ttl_s: float, margin_s: float) -> float:
+    """How long a review's answer is kept: a refusal briefly (so a flood of bad tokens does not
+    become a flood of TokenReviews), an acceptance until `margin_s` before the token expires and
+    at most `max_ttl_s` (so a deleted ServiceAccount stops working within that)."""
+    if identity is None:
+        return now + negative_ttl_s
+    until = now + max_ttl_s
+    if expiry is not None:
+        until = min(until, expiry - margin_s)
+    return until
+
+
+def _key(token: str) -> str:
+    """The cache key: the token itself. The HTTP/2 server hands over the same string object for
+    every stream of a header block, whose hash Python keeps, so a hit is one dict lookup (a
+    SHA-256 of a ~900-byte token per stream cost ten times more); the token is in this process's
+    memory anyway, in the connection's header-block cache."""
+    return token
+
+
+class TokenReviewAuthenticator:
+    """Kubernetes ServiceAccount tokens for `audience`, checked with the TokenReview API."""
+
+    def __init__(self, review: Callable[[str, str], ReviewResult], audience: str = DEFAULT_AUDIENCE,
+                 clock: Callable[[], float] = time.time, max_ttl_s: float = 300.0,
+                 negative_ttl_s: float = 5.0, margin_s: float = 30.0, max_entries: int = 10000):
+        self._review = review
+        self.audience = audience
+        self._clock = clock
+        self._max_ttl_s = max_ttl_s
+        self._negative_ttl_s = negative_ttl_s
+        self._margin_s = margin_s
+        self._max_entries = max_entries
+        self._cache: dict[str, tuple[Caller | None, float]] = {}
+        self._in_flight: dict[str, asyncio.Future] = {}
+
+    def cached(self, token: str | None) -> Caller | None | Pending:
+        if token is None:
+            return None
+        entry = self._cache.get(_key(token))
+        if entry is None or entry[1] <= self._clock():
+            return PENDING
+        return entry[0]
+
+    async def verify(self, token: str) -> tuple[str, Caller | None]:
+        key = _key(token)
+        running = self._in_flight.get(key)
+        if running is not None:  # the same token on many new streams: one review
+            return token, await asyncio.shield(running)
+        identity: Caller | None = None
+        future = asyncio.get_running_loop().create_future()
+        self._in_flight[key] = future
+        try:
+            try:
+                result = await asyncio.to_thread(self._review, token, self.audience)
+            except Exception as exc:  # the API server unreachable: refuse, briefly
+                result = ReviewResult(False, error=f"TokenReview failed: {type(exc).__name__}")
+            identity = identity_of(result, self.audience)
+            if identity is None:
+                log.warning("refused a control-plane caller: %s", result.error or "token not valid for audience "
+                            f"{self.audience!r}")
+            now = self._clock()
+            if len(self._cache) >= self._max_entries:
+                self._cache = {k: v for k, v in self._cache.items() if v[1] > now}
+                if len(self._cache) >= self._max_entries:
+                    self._cache.clear()
+            self._cache[key] = (identity, cache_until(now, identity, token_expiry(token), self._max_ttl_s,
+                                                      self._negative_ttl_s, self._margin_s))
+        finally:
+            self._in_flight.pop(key, None)
+            future.set_result(identity)
+        return token, identity
+
+
+def authenticator_for(kind: str, value: str) -> Authenticator:
+    """An authenticator from its description (what a worker process is handed, as the object
+    itself cannot cross processes): ("static", token file) or ("review", audience)."""
+    if kind == "static":
+        return StaticToken.from_file(value)
+    return TokenReviewAuthenticator(kubernetes_review(), value)
+
+
+def kubernetes_review(api_client=None) -> Callable[[str, str], ReviewResult]:
+    """A TokenReview call with the official client (in-cluster credentials, or KUBECONFIG)."""
+    from kubernetes import client, config
+
+    if api_client is None:
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        api_client = client.ApiClient()
+    api = client.AuthenticationV1Api(api_client)
+
+    def review(token: str, audience: str) -> ReviewResult:
+        body = client.V1TokenReview(spec=client.V1TokenReviewSpec(token=token, audiences=[audience]))
+        status = api.create_token_review(body, _request_timeout=10).status
+        user = status.user
+        return ReviewResult(authenticated=bool(status.authenticated), username=(user.username if user else "") or "",
+                            audiences=tuple(status.audiences or ()), error=status.error or "")
+
+    return review
+
+
+class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):
+    """xDS over TCP: a stream without a valid bearer token ends with UNAUTHENTICATED before
+    any resource is sent (and before it counts as an Envoy that must acknowledge)."""
+
+    def __init__(self, authenticator: Authenticator):
+        self._authenticator = authenticator
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid bearer token is required")
+
+        self._deny = grpc.stream_stream_rpc_method_handler(deny)
+
+    async def intercept_service(self, continuation, details):
+        value = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
+        token = bearer(value if isinstance(value, str) else None)
+        identity = self._authenticator.cached(token)
+        if identity is PENDING and token is not None:
+            _, identity = await self._authenticator.verify(token)
+        if identity is None or identity is PENDING:
+            return self._deny
+        return await continuation(details)

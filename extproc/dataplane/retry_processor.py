@@ -1,0 +1,94 @@
+"""A retried attempt, rewritten for the provider it goes to (docs/failover.md).
+
+The first attempt is rewritten by the request's own ext_proc exchange
+(`extproc.dataplane.processor`), in its one round trip. When Envoy retries, the failover route
+sends attempt N to the N-th cluster of the attempt order, and that cluster's upstream ext_proc
+(skipped on attempt 1) asks here: the attempt's headers (order, attempt count) and the body the
+previous attempt sent come in; that provider's path, host, key, model and stream go out. Only
+retries pay this round trip. The answer never carries another provider's key: every attempt
+sets (or removes) its own (`extproc.dataplane.answers.set_credential`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from ..errors import GatewayError
+from ..policy.failover import retry_target, tried_before
+from ..policy.table import RoutingTable, TableHolder, Target
+from ..protocol import METADATA_NAMESPACE, ORDER_HEADER
+from . import answers
+from .body_rewrite import rewrite_body
+
+log = logging.getLogger("extproc.retry")
+
+
+class RetryRewriter:
+    """The upstream ext_proc service for retried attempts: one `RetryExchange` per attempt."""
+
+    def __init__(self, holder: TableHolder, body_limit: int):
+        self._holder = holder
+        self._body_limit = body_limit
+
+    def exchange(self) -> RetryExchange:
+        return RetryExchange(self._holder.table)
+
+
+class RetryExchange:
+    __slots__ = ("_table", "_target", "_tried")
+
+    def __init__(self, table: RoutingTable):
+        self._table = table
+        self._target: Target | None = None
+        self._tried = ""
+
+    def on_message(self, message: bytes) -> tuple[list[bytes], bool]:
+        responses, done = self.on_request(pb.ProcessingRequest.FromString(message))
+        return [r.SerializeToString() for r in responses], done
+
+    def on_request(self, request: pb.ProcessingRequest) -> tuple[list[pb.ProcessingResponse], bool]:
+        phase = request.WhichOneof("request")
+        try:
+            if phase == "request_headers":
+                return [self._on_headers(request)], False
+            if phase == "request_body" and self._target is not None:
+                return [self._on_body(request.request_body)], True
+            raise GatewayError(500, "the gateway could not prepare a retry", "retry_error")
+        except GatewayError as error:
+            return [answers.immediate(error)], True
+        except Exception:  # never an attempt sent with the previous provider's key or model
+            log.exception("retry rewrite failed on %s", phase)
+            return [answers.immediate(GatewayError(500, "the gateway could not prepare a retry", "retry_error"))], True
+
+    def _on_headers(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        order, attempt = "", 0
+        for h in request.request_headers.headers.headers:
+            if h.key == ORDER_HEADER:
+                order = h.raw_value.decode("latin-1")
+            elif h.key == "x-envoy-attempt-count":
+                attempt = int(h.raw_value or b"0")
+        decision = request.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
+        fields = decision.fields if decision is not None else {}
+        route = fields["route"].string_value if "route" in fields else ""
+        rule = fields["rule"].string_value if "rule" in fields else ""
+        target = self._target = retry_target(self._table, route, rule, order, attempt)
+        self._tried = tried_before(self._table, route, rule, order, attempt)
+        response = pb.ProcessingResponse()
+        answers.attempt_mutation(response.request_headers.response.header_mutation, target, target.path)
+        return response
+
+    def _on_body(self, body: pb.HttpBody) -> pb.ProcessingResponse:
+        target = self._target
+        assert target is not None
+        rewritten = rewrite_body(body.body, target)
+        response = pb.ProcessingResponse()
+        common = response.request_body.response
+        common.header_mutation.set_headers.append(answers.header("content-length", str(len(rewritten.body))))
+        common.body_mutation.body = rewritten.body
+        response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.update({
+            "provider": target.provider, "provider_host": target.provider_host,
+            "request_model": rewritten.model, "stream": rewritten.stream, "tried": self._tried,
+        })
+        return response

@@ -1,0 +1,1 @@
+"""The demo: the gateway on an embedded default (fake providers, the seed manifests)."""

@@ -1,0 +1,42 @@
+"""Envoy's own error answers (no upstream, TLS failure, body too large, ext_proc down), in the
+same OpenAI-style JSON as the ext_proc's (`extproc.errors`)."""
+
+from __future__ import annotations
+
+from ..errors import LOCAL_REPLIES, error_type
+from ..protocol import GATEWAY_DETAILS_PREFIX
+
+
+def local_reply_config(body_timeout_s: float) -> dict:
+    """Envoy's own error answers (no upstream, TLS failure, body too large, ext_proc down) in the
+    same OpenAI-style JSON as the ext_proc's. The ext_proc's own answers pass through as they are."""
+    def json_body(status: int, code: str, message: str) -> dict:
+        text = f"{message} (%RESPONSE_CODE_DETAILS%)"
+        return {"json_format": {"error": {"message": text, "type": error_type(status), "code": code}},
+                "content_type": "application/json"}
+
+    def status_is(code: int) -> dict:
+        return {"status_code_filter": {"comparison": {"op": "EQ", "value": {"default_value": code, "runtime_key": f"llm_gateway.local_reply.{code}"}}}}
+
+    def details_start(prefix: str) -> dict:
+        return {"extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                             "expression": f"response.code_details.startsWith('{prefix}')"}}}
+
+    mappers = [{
+        # Answers the ext_proc made itself: their body is already the JSON error.
+        "filter": details_start(GATEWAY_DETAILS_PREFIX),
+        "body_format_override": {"text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
+                                 "content_type": "application/json"},
+    }, {
+        # The ext_proc answers a request's headers once its body is whole: a timeout there is a
+        # body that did not arrive in time (Envoy would say 504, as if the provider were slow).
+        "filter": details_start("ext_proc_error_per-message_timeout"),
+        "status_code": 408,
+        "body_format_override": json_body(
+            408, "request_timeout", f"the request body did not arrive within {body_timeout_s:g} s of its headers"),
+    }]
+    for status, (code, message) in LOCAL_REPLIES.items():
+        mappers.append({"filter": status_is(status), "body_format_override": json_body(status, code, message)})
+    return {"mappers": mappers, "body_format": json_body(500, "gateway_error", "the gateway could not answer")}

@@ -1,0 +1,97 @@
+"""The data plane of one process, built in one place: what answers Envoy per request (the
+ext_proc, the retry processor, the access-log receiver, health checks) and the state behind it
+(the routing table in force, body memory, budgets, passive health, metrics).
+
+The single process (`up`, `serve`) and each worker process (`serve --workers N`) build it the
+same way, here; only where it listens differs (a Unix socket, or a TCP port the workers share).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from ..dataplane import grpc_h2
+from ..dataplane.accesslog_receiver import AccessLogReceiver
+from ..dataplane.authentication import Authenticator
+from ..dataplane.grpc_h2 import Call, H2Connection
+from ..dataplane.health_check import HealthCheck
+from ..dataplane.processor import ExternalProcessor
+from ..dataplane.retry_processor import RetryRewriter
+from ..policy.body_memory import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT, Inflight, register_metrics
+from ..policy.budget_gate import BudgetGate
+from ..policy.caller import Caller
+from ..policy.passive_health import AttemptObserver, PassiveHealth
+from ..policy.table import RoutingTable, TableHolder
+from ..protocol import DEFAULT_BODY_LIMIT, HEALTH_CHECK, PROCESS, RETRY_AUTHORITY, STREAM_ACCESS_LOGS
+from ..telemetry.metrics import GatewayMetrics
+from .malloc import give_back_free_heap
+
+log = logging.getLogger("extproc.dataplane")
+
+# A body chunk may be larger than the body limit (Envoy sends what it has read, up to its buffer
+# limit); the ext_proc answers a body over the limit with a 413 itself.
+CHUNK_MARGIN = 4 << 20
+
+
+class DataPlane:
+    """One process's data plane. `worker` names the process in the per-process metric series
+    (0: the main one)."""
+
+    def __init__(self, holder: TableHolder, body_limit: int = DEFAULT_BODY_LIMIT,
+                 max_body_bytes_in_flight: int = DEFAULT_MAX_BODY_BYTES_IN_FLIGHT,
+                 redis_url: str | None = None, redis_fail_closed: bool = False, worker: int = 0):
+        self.holder = holder
+        self.body_limit = body_limit
+        self.inflight = Inflight(max_body_bytes_in_flight, give_back_free_heap)
+        self.metrics = GatewayMetrics()
+        register_metrics(self.metrics.registry, self.inflight, str(worker))
+        self.budgets = BudgetGate(self.metrics.registry, lambda: self.holder.table, redis_url, redis_fail_closed)
+        self.health = PassiveHealth()  # failover's passive health, fed by the access log
+        self.health.configure(holder.table.health)
+        self.draining = False  # set by a graceful drain: health checks say NOT_SERVING
+        self.connections: set[H2Connection] = set()  # open HTTP/2 connections from Envoys
+        self.server: asyncio.Server | None = None
+        attempts = AttemptObserver(self.health, self.metrics.registry, hosts=lambda: self.holder.table.cluster_hosts)
+        processor = ExternalProcessor(holder, body_limit=body_limit, budgets=self.budgets, inflight=self.inflight,
+                                      health=self.health)
+        retries = RetryRewriter(holder, body_limit)
+        receiver = AccessLogReceiver(self.metrics, self.budgets, attempts)
+        self.methods: dict[str, Callable[[Caller], Call]] = {
+            PROCESS: processor.exchange,
+            RETRY_AUTHORITY + PROCESS: lambda _caller: retries.exchange(),
+            STREAM_ACCESS_LOGS: receiver.call,
+            HEALTH_CHECK: lambda _caller: HealthCheck(lambda: not self.draining),
+        }
+
+    def switch(self, table: RoutingTable) -> None:
+        """The routing table every new request is decided over from now on."""
+        self.holder.table = table
+        self.health.configure(table.health)
+
+    async def start(self) -> None:
+        await self.budgets.start()
+
+    async def listen_tcp(self, host: str, port: int, authenticator: Authenticator | None,
+                         reuse_port: bool = False) -> int:
+        """Serves on TCP (every stream proves its caller to `authenticator`); the port taken."""
+        self.server = await grpc_h2.serve(host, port, self.methods, self.body_limit + CHUNK_MARGIN, authenticator,
+                                          self.connections, reuse_port)
+        port = int(self.server.sockets[0].getsockname()[1])
+        log.info("ext_proc and access log service listening on %s:%d", host, port)
+        return port
+
+    async def listen_unix(self, path: str) -> None:
+        """Serves on a Unix socket (local mode: the caller is local)."""
+        self.server = await grpc_h2.serve_unix(path, self.methods, self.body_limit + CHUNK_MARGIN, self.connections)
+        log.info("ext_proc and access log service listening on unix:%s", path)
+
+    def stop_listening(self) -> None:
+        """No new connections; those open stay (a graceful drain sends them GOAWAY)."""
+        if self.server is not None:
+            self.server.close()
+
+    async def stop(self) -> None:
+        self.stop_listening()
+        await self.budgets.stop()

@@ -1,0 +1,136 @@
+"""`extproc serve`: the control plane alone, for Envoys run elsewhere (sidecars, an egress
+gateway, `envoy-config`), on Unix sockets (local mode) or authenticated TCP, with replicas
+(leader election for status) and worker processes (`--workers`)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..dataplane.authentication import Authenticator, authenticator_for
+from ..envoy.addresses import HostPort
+from ..envoy.clusters import UpstreamOptions
+from ..policy.body_memory import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
+from ..policy.gateway_binding import MESH_VIEW, View
+from ..protocol import DEFAULT_BODY_LIMIT, EXT_PROC_SOCKET, XDS_SOCKET
+from .control_plane import ControlPlane
+from .data_plane import DataPlane
+from .drain import DEFAULT_GRACE_S, drain
+from .leader import DEFAULT_LEASE_DURATION_S, DEFAULT_LEASE_NAME, LeaderElector, default_namespace
+from .socket_dir import default_socket_dir, private_dir
+from .startup import StartupError, config_source, load_initial
+from .status_http import StatusServer
+from .workers import WorkerSetup
+
+DEFAULT_XDS_LISTEN = HostPort("0.0.0.0", 18000)
+
+
+@dataclass
+class ServeOptions:
+    config: list[str] = field(default_factory=list)  # files and directories; empty with `kubernetes`
+    kubernetes: bool = False
+    namespace: str | None = None
+    key_env: dict[str, str] = field(default_factory=dict)
+    home: str | None = None  # the control plane's namespace (see extproc.policy.visibility)
+    view: View = MESH_VIEW
+    upstream: UpstreamOptions = field(default_factory=UpstreamOptions)
+    body_limit: int = DEFAULT_BODY_LIMIT
+    socket_dir: str | None = None  # local mode
+    listen: HostPort | None = None  # TCP: xDS (the ext_proc on the next port unless `ext_proc_listen`)
+    ext_proc_listen: HostPort | None = None
+    auth_token_file: str | None = None
+    token_audience: str = "llm-gateway"
+    metrics: HostPort | None = None
+    redis_url: str | None = None
+    redis_fail_closed: bool = False
+    max_body_bytes_in_flight: int = DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
+    drain_grace_s: float = DEFAULT_GRACE_S
+    workers: int | None = None
+    log_level: str = "info"
+    lease_namespace: str | None = None
+    lease_name: str = DEFAULT_LEASE_NAME
+    lease_duration_s: float = DEFAULT_LEASE_DURATION_S
+
+    @property
+    def tcp(self) -> bool:
+        return self.socket_dir is None and (self.kubernetes or self.listen is not None
+                                            or self.ext_proc_listen is not None)
+
+    def auth_description(self) -> tuple[str, str]:
+        """How callers prove who they are over TCP, as a worker process is handed it
+        (`extproc.dataplane.authentication.authenticator_for`)."""
+        if self.auth_token_file:
+            return "static", self.auth_token_file
+        return "review", self.token_audience
+
+
+def transport(opts: ServeOptions) -> tuple[str | None, Authenticator | None]:
+    """(socket dir, None) for local mode, or (None, authenticator) for TCP."""
+    if not opts.tcp:
+        try:
+            return private_dir(opts.socket_dir or default_socket_dir()), None
+        except OSError as exc:
+            raise StartupError(f"cannot use the socket directory: {exc}") from None
+    if opts.auth_token_file:
+        try:
+            return None, authenticator_for("static", opts.auth_token_file)
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"--auth-token-file {opts.auth_token_file}: {exc}") from None
+    if opts.kubernetes:
+        try:
+            return None, authenticator_for("review", opts.token_audience)
+        except Exception as exc:
+            raise StartupError(f"cannot reach Kubernetes for TokenReviews: {exc}") from None
+    raise StartupError("serve over TCP (--listen/--ext-proc-listen) needs --auth-token-file FILE: without it anyone "
+                       "who reaches the port could obtain API keys (or use --socket-dir DIR for Unix sockets)")
+
+
+async def run_serve(opts: ServeOptions) -> int:
+    """Serve until SIGINT or SIGTERM, then drain every process. Returns the exit code."""
+    socket_dir, authenticator = transport(opts)
+    # worker processes share a TCP port (SO_REUSEPORT); local mode's Unix socket has one process
+    workers = WorkerSetup(opts.workers if socket_dir is None else 1, opts.max_body_bytes_in_flight, opts.body_limit,
+                          opts.log_level, opts.auth_description() if socket_dir is None else None,
+                          (opts.redis_url, opts.redis_fail_closed))
+    plane = DataPlane(workers.holder, opts.body_limit, workers.share, opts.redis_url, opts.redis_fail_closed)
+    control = ControlPlane(opts.upstream, plane, reuse_port=workers.reuse_port)
+    source = config_source(opts.config, opts.kubernetes, opts.namespace, control.apply, key_env=opts.key_env,
+                           home=opts.home, view=opts.view)
+    elector = None
+    if opts.kubernetes:  # replicas: one writes status
+        elector = LeaderElector(opts.lease_namespace or default_namespace(), opts.lease_name, opts.lease_duration_s,
+                                on_elected=source.refresh)
+        source.may_write_status = elector.is_leader
+    await load_initial(source)
+    status = StatusServer(workers.registry(plane.metrics.registry), lambda: control.loaded and not plane.draining,
+                          plane.budgets.degraded_reason)
+    try:
+        listen = opts.listen or DEFAULT_XDS_LISTEN
+        await control.start(listen, opts.ext_proc_listen, authenticator=authenticator, socket_dir=socket_dir)
+        if socket_dir is None:
+            await workers.start((opts.ext_proc_listen or listen).host, control.ext_proc_port)
+        if opts.metrics is not None:
+            await status.start(opts.metrics)
+    except OSError as exc:
+        raise StartupError(f"cannot listen: {exc}") from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    watcher = asyncio.create_task(source.run())
+    electing = asyncio.create_task(elector.run()) if elector else None
+    await stop.wait()
+    if elector is not None and electing is not None:
+        electing.cancel()
+        await elector.release()
+    # requests in flight finish, in every process; Envoy goes elsewhere
+    await asyncio.gather(drain(plane, opts.drain_grace_s, xds=control.xds_server), workers.drain(opts.drain_grace_s))
+    watcher.cancel()
+    await status.stop()
+    await control.stop()
+    if socket_dir is not None:
+        for name in (XDS_SOCKET, EXT_PROC_SOCKET):
+            Path(socket_dir, name).unlink(missing_ok=True)
+    return 0

@@ -1,0 +1,76 @@
+"""The operations endpoint: `/metrics` (Prometheus), `/healthz` and `/readyz` (for probes).
+
+A few lines of asyncio rather than a web framework: three fixed GET paths, nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from ..envoy.addresses import HostPort
+
+log = logging.getLogger("extproc.ops")
+
+
+class StatusServer:
+    def __init__(self, registry: CollectorRegistry, ready: Callable[[], bool],
+                 degraded: Callable[[], str | None] | None = None):
+        self._registry = registry
+        self._ready = ready
+        self._degraded = degraded  # why the gateway serves in a degraded mode, or None
+        self._server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    async def start(self, listen: HostPort) -> int:
+        self._server = await asyncio.start_server(self._handle, listen.host, listen.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("metrics on http://%s:%d/metrics", listen.host, self.port)
+        return self.port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request_line = await asyncio.wait_for(self._read_head(reader), 5)
+            parts = request_line.decode("latin-1").split()
+            method, path = (parts[0], parts[1].split("?", 1)[0]) if len(parts) >= 2 else ("", "")
+            status, content_type, body = self._answer(method, path)
+            head = (f"HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {len(body)}\r\n"
+                    "connection: close\r\n\r\n").encode()
+            writer.write(head + (body if method != "HEAD" else b""))
+            await writer.drain()
+        except (TimeoutError, ConnectionError, ValueError):  # slow, gone, or oversized: drop it
+            pass
+        finally:
+            writer.close()
+
+    @staticmethod
+    async def _read_head(reader: asyncio.StreamReader) -> bytes:
+        """The request line; the headers are read and dropped (none is needed)."""
+        request_line = await reader.readline()
+        while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+            pass
+        return request_line
+
+    def _answer(self, method: str, path: str) -> tuple[str, str, bytes]:
+        if method not in ("GET", "HEAD"):
+            return "405 Method Not Allowed", "text/plain", b"method not allowed\n"
+        if path == "/metrics":
+            return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self._registry)
+        if path == "/healthz":
+            return "200 OK", "text/plain", b"ok\n"
+        if path == "/readyz":
+            if self._ready():
+                reason = self._degraded() if self._degraded is not None else None
+                if reason:  # still serving: taking the instance out would not help
+                    return "200 OK", "text/plain", f"ready, degraded: {reason}\n".encode()
+                return "200 OK", "text/plain", b"ready\n"
+            return "503 Service Unavailable", "text/plain", b"not ready: no config loaded yet\n"
+        return "404 Not Found", "text/plain", b"not found: try /metrics, /healthz or /readyz\n"

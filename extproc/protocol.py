@@ -1,0 +1,95 @@
+"""Names shared by the data plane (what answers Envoy per request) and Envoy's configuration.
+
+Both halves must agree on every name here: a header the ext_proc sets and a route matches on,
+a metadata namespace the ext_proc writes and an access-log format reads, a gRPC path Envoy
+calls and the server dispatches. Written once, here, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from envoy.data.accesslog.v3 import accesslog_pb2
+
+# --- headers -----------------------------------------------------------------------------------
+
+# The header the ext_proc sets to pick the upstream cluster. Envoy routes on it, then removes it
+# before the request leaves; a client-sent value is always overwritten.
+CLUSTER_HEADER = "x-llm-gateway-cluster"
+# Prefix of every header internal to the gateway: stripped from client requests.
+INTERNAL_HEADER_PREFIX = "x-llm-gateway-"
+# Set by the ext_proc for a rule with `retries`: the clusters of the request's attempt order,
+# comma-separated. Envoy's failover route picks attempt N's cluster from it.
+ORDER_HEADER = "x-llm-gateway-order"
+# Per cluster of an attempt order: the cluster a retry of that attempt goes to (`next_header`).
+NEXT_HEADER_PREFIX = "x-llm-gateway-next-"
+# The "next" cluster of an order's last attempt: there is none, a retry from there finds nothing.
+NO_PROVIDER_CLUSTER = "llm_gateway_no_provider"
+
+
+def next_header(cluster: str) -> str:
+    """The request header that names the cluster after `cluster` in a request's attempt order."""
+    return NEXT_HEADER_PREFIX + cluster
+
+
+# --- dynamic metadata and Envoy's reasons ----------------------------------------------------------
+
+# Dynamic metadata namespace the ext_proc writes (the decision) and Envoy's filters add to (the
+# answer's model and usage); the access logs read it.
+METADATA_NAMESPACE = "llm_gateway"
+# `response_code_details` of every answer the ext_proc made itself: `llm_gateway_<error code>`.
+GATEWAY_DETAILS_PREFIX = "llm_gateway_"
+
+# --- clusters ----------------------------------------------------------------------------------
+
+# Envoy's static cluster for this process's xDS server (grpcio).
+CONTROL_CLUSTER = "llm_gateway_control"
+# Envoy's static cluster for what every request passes through: the ext_proc and the access log
+# service (a lean HTTP/2 server, on the next port).
+EXT_PROC_CLUSTER = "llm_gateway_ext_proc"
+# Prefix of every provider cluster: `llm_provider_<host with dots as underscores>`.
+PROVIDER_CLUSTER_PREFIX = "llm_provider_"
+# Prefix of a provider's second cluster, for rules with `retries` only: `llm_failover_<host>`. It
+# carries the upstream filters that rewrite a retried attempt; requests of other rules go to the
+# plain cluster and pay nothing for failover.
+FAILOVER_CLUSTER_PREFIX = "llm_failover_"
+PROVIDER_CLUSTER_PREFIXES = (PROVIDER_CLUSTER_PREFIX, FAILOVER_CLUSTER_PREFIX)
+
+
+def provider_cluster(host: str) -> str:
+    """Cluster name for a provider host. Host names have no '_', so the mapping is one to one,
+    and without dots the name reads as a single tag in Envoy's stats."""
+    return PROVIDER_CLUSTER_PREFIX + host.replace(".", "_")
+
+
+def failover_cluster(host: str) -> str:
+    """The provider's cluster for requests of rules with `retries` (see FAILOVER_CLUSTER_PREFIX)."""
+    return FAILOVER_CLUSTER_PREFIX + host.replace(".", "_")
+
+
+def host_of_cluster(cluster: str) -> str | None:
+    """The provider host a provider cluster (either kind) was named for."""
+    for prefix in PROVIDER_CLUSTER_PREFIXES:
+        if cluster.startswith(prefix):
+            return cluster[len(prefix):].replace("_", ".")
+    return None
+
+
+# --- gRPC methods Envoy calls on the data plane --------------------------------------------------
+
+PROCESS = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+STREAM_ACCESS_LOGS = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+# The gRPC authority of the upstream ext_proc that rewrites a retried attempt for its provider:
+# the same Process method, told apart by it (served as RETRY_AUTHORITY + PROCESS).
+RETRY_AUTHORITY = "llm-gateway-retry"
+# An access-log entry of one attempt (the router's upstream log), not of a whole request.
+UPSTREAM_END = accesslog_pb2.AccessLogType.Value("UpstreamEnd")
+
+# Local mode: the control plane's Unix sockets, in a directory only the gateway's user can open.
+XDS_SOCKET, EXT_PROC_SOCKET = "xds.sock", "ext_proc.sock"
+
+# --- sizes both halves size by ---------------------------------------------------------------------
+
+DEFAULT_BODY_LIMIT = 8 * 1024 * 1024  # the largest request body accepted (--body-limit)
+# Envoy's buffers are this much above the body limit, which the ext_proc enforces itself (413):
+# Envoy's flow control must never stop reading a body the ext_proc is still waiting for.
+BUFFER_MARGIN = 1 << 20

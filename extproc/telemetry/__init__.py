@@ -1,0 +1,1 @@
+"""Telemetry: what a finished request's access-log entry says, as GenAI metrics."""

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests and the benches: a stand-in Envoy, load generation."""
