@@ -71,13 +71,13 @@ def start(variant: str, before_src: Path, config: Path, ca: ThrowawayCA, fake_po
 
 def check_costs() -> dict[str, float]:
     """µs per stream of the authenticator's cache lookup."""
-    from extproc.dataplane.authentication import _key, StaticToken, TokenReviewAuthenticator
+    from extproc.dataplane.authentication import StaticToken, TokenReviewAuthenticator, cache_key
     from extproc.policy.caller import Caller
 
     static = StaticToken("s" * 43)
     review = TokenReviewAuthenticator(lambda t, a: None)
     token = "x" * 900  # about a projected ServiceAccount token's length
-    review._cache[_key(token)] = (Caller("ns", "sa"), time.time() + 3600)
+    review._cache[cache_key(token)] = (Caller("ns", "sa"), time.time() + 3600)
     n = 200_000
     return {"static_token_us": timeit.timeit(lambda: static.cached("s" * 43), number=n) / n * 1e6,
             "token_review_hit_us": timeit.timeit(lambda: review.cached(token), number=n) / n * 1e6}

@@ -132,7 +132,7 @@ def cache_until(now: float, identity: Caller | None, expiry: float | None, max_t
     return until
 
 
-def _key(token: str) -> str:
+def cache_key(token: str) -> str:
     """The cache key: the token itself. The HTTP/2 server hands over the same string object for
     every stream of a header block, whose hash Python keeps, so a hit is one dict lookup (a
     SHA-256 of a ~900-byte token per stream cost ten times more); the token is in this process's
@@ -159,13 +159,13 @@ class TokenReviewAuthenticator:
     def cached(self, token: str | None) -> Caller | None | Pending:
         if token is None:
             return None
-        entry = self._cache.get(_key(token))
+        entry = self._cache.get(cache_key(token))
         if entry is None or entry[1] <= self._clock():
             return PENDING
         return entry[0]
 
     async def verify(self, token: str) -> tuple[str, Caller | None]:
-        key = _key(token)
+        key = cache_key(token)
         running = self._in_flight.get(key)
         if running is not None:  # the same token on many new streams: one review
             return token, await asyncio.shield(running)

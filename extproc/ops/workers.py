@@ -67,7 +67,7 @@ def plan(requested: int | None, cap: int, body_limit: int) -> tuple[int, int, st
 
 
 @dataclass
-class _Worker:
+class Worker:
     process: Any
     conn: Any
 
@@ -95,7 +95,7 @@ class WorkerPool:
     come from two threads (the event loop hands over tables, the `/metrics` thread asks for
     samples): one at a time, each numbered, so a reply always belongs to its own question."""
 
-    def __init__(self, workers: list[_Worker], reply_timeout_s: float = REPLY_TIMEOUT_S):
+    def __init__(self, workers: list[Worker], reply_timeout_s: float = REPLY_TIMEOUT_S):
         self._workers = workers
         self._reply_timeout_s = reply_timeout_s
         self._lock = threading.Lock()  # a pipe is one conversation: one question and its replies
@@ -114,7 +114,7 @@ class WorkerPool:
                                             cap_share, log_level, index + 1, auth, redis))
             process.start()
             theirs.close()
-            workers.append(_Worker(process, ours))
+            workers.append(Worker(process, ours))
         pool = cls(workers)
         for w in workers:
             reply = pool._reply(w)
@@ -125,7 +125,7 @@ class WorkerPool:
                  count + 1, host, port, count)
         return pool
 
-    def _reply(self, worker: _Worker, timeout: float = REPLY_TIMEOUT_S, asked: int | None = None):
+    def _reply(self, worker: Worker, timeout: float = REPLY_TIMEOUT_S, asked: int | None = None):
         """The worker's reply to question `asked` (None: its first word, at start). A reply to an
         earlier question that timed out comes late: it is read and dropped, never taken for this
         question's."""
@@ -191,7 +191,7 @@ class MergedRegistry:
     def collect(self) -> Iterator[Metric]:
         merged: dict[str, Metric] = {}
         sums: dict[str, dict[tuple, list]] = {}
-        sources = [_flatten(self._registry.collect()), *(self.pool.families() if self.pool else [])]
+        sources = [flatten_families(self._registry.collect()), *(self.pool.families() if self.pool else [])]
         for families in sources:
             for name, kind, documentation, samples in families:
                 if name not in merged:
@@ -209,7 +209,7 @@ class MergedRegistry:
             yield metric
 
 
-def _flatten(families) -> list:
+def flatten_families(families) -> list:
     return [(f.name, f.type, f.documentation, [(s.name, dict(s.labels), s.value) for s in f.samples])
             for f in families]
 
@@ -257,7 +257,7 @@ async def _worker(conn, host: str, port: int, table: RoutingTable, body_limit: i
             plane.switch(pickle.loads(rest[0]))
             conn.send((asked, "switched"))
         elif kind == "metrics":
-            conn.send((asked, _flatten(plane.metrics.registry.collect())))
+            conn.send((asked, flatten_families(plane.metrics.registry.collect())))
         elif kind == "drain":
             grace.append(rest[0])
             stop.set()

@@ -436,7 +436,7 @@ class BudgetGate:
                 mine[1] += owed[1]
             self.metrics.redis_errors.inc()
             if not self.degraded:
-                log.warning("Redis at %s unreachable (%s): %s until it is back", _safe_url(self.redis_url),
+                log.warning("Redis at %s unreachable (%s): %s until it is back", redacted_url(self.redis_url),
                             type(exc).__name__, "limited requests get 503" if self.fail_closed
                             else "failing open, budgets kept per instance")
             self._set_up(False)
@@ -447,7 +447,7 @@ class BudgetGate:
             since = self._pending.get(bucket, (0.0, 0.0))  # added here while the answer was on its way
             self._mirror[bucket] = [float(tokens) + since[0], float(requests) + since[1], now]
         if self.degraded:
-            log.warning("Redis at %s is back: budgets are shared again", _safe_url(self.redis_url))
+            log.warning("Redis at %s is back: budgets are shared again", redacted_url(self.redis_url))
         self._set_up(True)
         self.metrics.syncs.inc()
         return True
@@ -457,7 +457,7 @@ class BudgetGate:
         self.metrics.redis_up.set(1 if up else 0)
 
 
-def _safe_url(url: str | None) -> str:
+def redacted_url(url: str | None) -> str:
     """The URL without a password (redis://user:secret@host -> redis://user:***@host)."""
     if not url or "@" not in url:
         return url or ""

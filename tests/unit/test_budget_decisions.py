@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from extproc.dataplane.accesslog_receiver import charge_budgets
 from extproc.telemetry.access_entries import record_from_entry
-from extproc.policy.budget_gate import _safe_url, BudgetGate
+from extproc.policy.budget_gate import redacted_url, BudgetGate
 from extproc.policy.budgets import admission, bucket_id, BudgetRefused, BudgetRule, drained, key_hash, most_restrictive, openai_duration, parse_bucket_id, tokens_to_charge
 from extproc.cli.main import main
 from extproc.config.models import parse_per
@@ -112,9 +112,9 @@ def test_refusal_is_openai_shaped_429():
 
 
 def test_safe_url_hides_the_password():
-    assert _safe_url("redis://user:s3cret@redis:6379/0") == "redis://user:***@redis:6379/0"
-    assert _safe_url("redis://:s3cret@redis") == "redis://:***@redis"
-    assert _safe_url("redis://redis:6379") == "redis://redis:6379"
+    assert redacted_url("redis://user:s3cret@redis:6379/0") == "redis://user:***@redis:6379/0"
+    assert redacted_url("redis://:s3cret@redis") == "redis://:***@redis"
+    assert redacted_url("redis://redis:6379") == "redis://redis:6379"
 
 
 # --- the gate, in process, with a fake clock ---------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 
-from extproc.ops.workers import _Worker, WorkerPool
+from extproc.ops.workers import Worker, WorkerPool
 
 
 def _worker(conn, hold_first: threading.Event | None = None) -> threading.Thread:
@@ -35,7 +35,7 @@ def test_a_late_reply_is_not_taken_for_the_next_question():
     ours, theirs = multiprocessing.Pipe()
     released = threading.Event()
     worker = _worker(theirs, hold_first=released)
-    pool = WorkerPool([_Worker(process=None, conn=ours)], reply_timeout_s=0.2)
+    pool = WorkerPool([Worker(process=None, conn=ours)], reply_timeout_s=0.2)
     assert pool._ask("metrics") == ["no answer"]  # the worker holds its answer past the timeout
     released.set()  # its answer to question 1 now arrives, before the answer to question 2
     assert pool._ask("metrics") == ["metrics 2"]
@@ -48,7 +48,7 @@ def test_questions_from_two_threads_get_their_own_replies():
     """The event loop hands over tables while the /metrics thread asks for samples."""
     pipes = [multiprocessing.Pipe() for _ in range(2)]
     workers = [_worker(theirs) for _, theirs in pipes]
-    pool = WorkerPool([_Worker(process=None, conn=ours) for ours, _ in pipes], reply_timeout_s=5)
+    pool = WorkerPool([Worker(process=None, conn=ours) for ours, _ in pipes], reply_timeout_s=5)
     wrong: list = []
 
     def ask(kind: str) -> None:

@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.ops import workers as workers
-from extproc.ops.workers import _flatten, MergedRegistry, plan
+from extproc.ops.workers import flatten_families, MergedRegistry, plan
 
 MIB = 1 << 20
 
@@ -30,7 +30,7 @@ class FakePool:
         self.registries = registries
 
     def families(self):
-        return [_flatten(r.collect()) for r in self.registries]
+        return [flatten_families(r.collect()) for r in self.registries]
 
 
 def process_registry(requests: int, held: int, worker: str) -> CollectorRegistry:
