@@ -124,7 +124,8 @@ def add_gateway_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gateway", type=gateway, default=None, metavar="NAMESPACE/NAME",
                         help="be the egress gateway NAMESPACE/NAME: serve only the LLMRoutes whose spec.gateways "
                              "names it (and the providers they use); Kubernetes status is left to the control plane")
-    parser.add_argument("--egress-gateway", type=egress, action="append", default=[], metavar="NAMESPACE/NAME[=HOST:PORT]",
+    parser.add_argument("--egress-gateway", type=egress, action="append", default=[],
+                        metavar="NAMESPACE/NAME[=HOST:PORT]",
                         help="an egress gateway LLMRoutes may name in spec.gateways: sidecars send those hosts to it, "
                              "at HOST:PORT (default NAME.NAMESPACE.svc.cluster.local:80); repeatable")
 

@@ -53,13 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--log-level", default=argparse.SUPPRESS, choices=levels, help="log level (default info)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", parents=[common], help="run the gateway: the ext_proc/xDS server and a real Envoy, in the foreground")
+    up = sub.add_parser("up", parents=[common],
+                        help="run the gateway: the ext_proc/xDS server and a real Envoy, in the foreground")
     add_source_args(up)
     up.add_argument("--listen", type=host_port, default=HostPort("127.0.0.1", 10000), metavar="HOST:PORT",
                     help="where Envoy accepts application traffic (default 127.0.0.1:10000)")
     up.add_argument("--admin", type=host_port, default=HostPort("127.0.0.1", 9901), metavar="HOST:PORT",
                     help="Envoy admin address (default 127.0.0.1:9901)")
-    up.add_argument("--concurrency", type=int, default=None, metavar="N", help="Envoy worker threads (default: one per core)")
+    up.add_argument("--concurrency", type=int, default=None, metavar="N",
+                    help="Envoy worker threads (default: one per core)")
     up.add_argument("--body-limit", type=size, default=DEFAULT_BODY_LIMIT, metavar="SIZE",
                     help="largest request body accepted (default 8m); larger gets 413")
     up.add_argument("--idle-timeout", type=seconds, default=DEFAULT_IDLE_TIMEOUT_S, metavar="SECONDS",
@@ -79,12 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_redis_args(up)
     add_scale_args(up)
 
-    demo = sub.add_parser("demo", parents=[common], help="the embedded default: fake local providers, the seed manifests, ready-to-paste curls")
+    demo = sub.add_parser("demo", parents=[common],
+                          help="the embedded default: fake local providers, the seed manifests, ready-to-paste curls")
     demo.add_argument("--listen", type=host_port, default=HostPort("127.0.0.1", 10000), metavar="HOST:PORT")
     demo.add_argument("--admin", type=host_port, default=HostPort("127.0.0.1", 9901), metavar="HOST:PORT")
     add_metrics_arg(demo, "127.0.0.1:9464")
 
-    serve = sub.add_parser("serve", parents=[common], help="the ext_proc and xDS server only, for an Envoy run elsewhere")
+    serve = sub.add_parser("serve", parents=[common],
+                           help="the ext_proc and xDS server only, for an Envoy run elsewhere")
     add_source_args(serve)
     serve.add_argument("--socket-dir", metavar="DIR",
                        help="local mode: xds.sock and ext_proc.sock in DIR (made 0700; an existing one must be ours "
@@ -93,10 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", type=host_port, default=None, metavar="HOST:PORT",
                        help="TCP, authenticated: gRPC address for xDS (default with --kubernetes 0.0.0.0:18000)")
     serve.add_argument("--ext-proc-listen", type=host_port, default=None, metavar="HOST:PORT",
-                       help="TCP: gRPC address for the ext_proc and the access log service (default: --listen's host, on the next port)")
+                       help="TCP: gRPC address for the ext_proc and the access log service (default: --listen's host, "
+                            "on the next port)")
     serve.add_argument("--auth-token-file", metavar="FILE",
-                       help="TCP: the bearer token every Envoy must present (at least 16 characters; Envoy: envoy-config "
-                            "--token-file). Without it, --kubernetes checks ServiceAccount tokens with the TokenReview API")
+                       help="TCP: the bearer token every Envoy must present (at least 16 characters; Envoy: "
+                            "envoy-config --token-file). Without it, --kubernetes checks ServiceAccount tokens with "
+                            "the TokenReview API")
     serve.add_argument("--token-audience", default=DEFAULT_AUDIENCE, metavar="AUD",
                        help=f"with --kubernetes over TCP: the audience Envoys' ServiceAccount tokens must be for "
                             f"(default {DEFAULT_AUDIENCE})")
@@ -120,17 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("--body-limit", type=size, default=DEFAULT_BODY_LIMIT, metavar="SIZE")
     ec.add_argument("--body-timeout", type=seconds, default=DEFAULT_BODY_TIMEOUT_S, metavar="SECONDS")
     ec.add_argument("--idle-timeout", type=seconds, default=DEFAULT_IDLE_TIMEOUT_S, metavar="SECONDS",
-                    help=f"silence allowed in an answer, e.g. between streamed events (default {DEFAULT_IDLE_TIMEOUT_S:g} s)")
+                    help="silence allowed in an answer, e.g. between streamed events "
+                         f"(default {DEFAULT_IDLE_TIMEOUT_S:g} s)")
     ec.add_argument("--access-log", default="/dev/stdout", metavar="PATH",
                     help="file for Envoy's JSON access log (default /dev/stdout; 'none' for none)")
     ec.add_argument("--socket-dir", metavar="DIR",
-                    help="local mode: reach `extproc serve --socket-dir DIR` over its Unix sockets (instead of --control)")
+                    help="local mode: reach `extproc serve --socket-dir DIR` over its Unix sockets "
+                         "(instead of --control)")
     ec.add_argument("--token-file", metavar="PATH",
                     help="TCP: the bearer token Envoy presents to the control plane, re-read when it changes "
                          "(a projected ServiceAccount token); needs the SDS file at --token-sds")
     ec.add_argument("--token-sds", default="/etc/llm-gateway/token-sds.json", metavar="PATH",
-                    help="where Envoy finds the SDS file naming --token-file (default /etc/llm-gateway/token-sds.json); "
-                         "write it with --print-token-sds")
+                    help="where Envoy finds the SDS file naming --token-file "
+                         "(default /etc/llm-gateway/token-sds.json); write it with --print-token-sds")
     ec.add_argument("--print-token-sds", action="store_true",
                     help="print the SDS file for --token-file instead of the bootstrap")
     ec.add_argument("--sidecar", action="store_true",
@@ -139,16 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("--readiness", type=host_port, default=HostPort("0.0.0.0", 15021), metavar="HOST:PORT",
                     help="with --sidecar: where Envoy answers the readiness probe, GET /ready (default 0.0.0.0:15021)")
 
-    val = sub.add_parser("validate", parents=[common], help="check config files; exit 1 and name file, object and field of each error")
+    val = sub.add_parser("validate", parents=[common],
+                         help="check config files; exit 1 and name file, object and field of each error")
     val.add_argument("paths", nargs="+", metavar="PATH")
     add_gateway_args(val)
 
     sub.add_parser("crds", parents=[common], help="print the CustomResourceDefinitions (k8s/crds.yaml)")
 
-    route = sub.add_parser("route", parents=[common], help="dry run: which route, rule, provider, model and cluster a request gets")
+    route = sub.add_parser("route", parents=[common],
+                           help="dry run: which route, rule, provider, model and cluster a request gets")
     route.add_argument("--config", action="append", required=True, metavar="PATH")
     route.add_argument("--host", required=True, help="the request's host (Host header or URL host)")
-    route.add_argument("-H", "--header", action="append", default=[], metavar="NAME:VALUE", help="a request header (repeatable)")
+    route.add_argument("-H", "--header", action="append", default=[], metavar="NAME:VALUE",
+                       help="a request header (repeatable)")
     add_gateway_args(route)
     return parser
 
@@ -216,7 +227,8 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
               file=sys.stderr)
     opts = BootstrapOptions(listen=args.listen, admin=args.admin, control=args.control, ext_proc=args.ext_proc,
                             body_limit=args.body_limit, body_timeout_s=args.body_timeout,
-                            access_log=access_log_path(args.access_log), sidecar=args.sidecar, socket_dir=args.socket_dir,
+                            access_log=access_log_path(args.access_log), sidecar=args.sidecar,
+                            socket_dir=args.socket_dir,
                             token_sds=args.token_sds if args.token_file and args.socket_dir is None else None,
                             readiness=args.readiness, idle_timeout_s=args.idle_timeout)
     json.dump(bootstrap(opts), sys.stdout, indent=2)
@@ -268,7 +280,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     total = rule.cumulative_weights[-1]
     previous = 0
     print(f"route: {route.name}\nrule: {rule.name}")
-    for target, cumulative in zip(rule.targets, rule.cumulative_weights):
+    for target, cumulative in zip(rule.targets, rule.cumulative_weights, strict=True):
         share = 100.0 * (cumulative - previous) / total
         previous = cumulative
         stream = "" if target.stream is None else f" stream={str(target.stream).lower()}"

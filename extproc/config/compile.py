@@ -30,7 +30,15 @@ from ..policy.table import Forward, RetryPolicy, Route, RoutingTable, Rule, Targ
 from ..policy.visibility import may_use, visible_to
 from ..protocol import provider_cluster
 from .loader import Loaded
-from .models import LLMProvider, LLMRoute, LLMTokenRateLimit, OpenAIConfig, parse_duration, unimplemented_fields
+from .models import (
+    LLMProvider,
+    LLMRoute,
+    LLMTokenRateLimit,
+    OpenAIConfig,
+    StringMatch,
+    parse_duration,
+    unimplemented_fields,
+)
 from .problems import Problem
 
 
@@ -81,8 +89,8 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
     for obj in objects:
         if not isinstance(obj.resource, LLMRoute):
             continue
-        spec, namespace = obj.resource.spec, obj.resource.metadata.namespace
-        check = route_binding(spec.gateways, namespace, view)
+        route_spec, namespace = obj.resource.spec, obj.resource.metadata.namespace
+        check = route_binding(route_spec.gateways, namespace, view)
         if check.errors:
             problems.extend(Problem(message, file=obj.file, obj=obj.label, field=path, reason=reason)
                             for path, message, reason in check.errors)
@@ -92,9 +100,9 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
             problems.extend(route_problems)
             continue
         # Two routes may share a host only when no proxy is bound to both (Istio's rule).
-        aliases = host_aliases(spec.host, namespace)
-        clash = next(((name, owner[(b, name)]) for name in aliases for b in sorted(check.binding) if (b, name) in owner),
-                     None)
+        aliases = host_aliases(route_spec.host, namespace)
+        clash = next(((name, owner[(b, name)]) for name in aliases for b in sorted(check.binding)
+                      if (b, name) in owner), None)
         if clash is not None:
             problems.append(Problem(f"host {clash[0]!r} is already routed by {clash[1].label}",
                                     file=obj.file, obj=obj.label, field="spec.host", reason="HostConflict"))
@@ -110,7 +118,7 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
             used.update(t.provider_host for rule in route.rules if rule.failover is not None
                         for order in rule.failover.orders for t in order)  # fallbackRefs too
         else:
-            forward = forward_to([gateway_ref(g, namespace) for g in spec.gateways or []], view)
+            forward = forward_to([gateway_ref(g, namespace) for g in route_spec.gateways or []], view)
             if forward is not None:
                 for name in aliases:
                     forwarded.setdefault(name, forward)
@@ -124,8 +132,9 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
     for obj in objects:
         if isinstance(obj.resource, LLMRoute):
             declared = declared_binding(obj.resource.spec.gateways, obj.resource.metadata.namespace)
-            for host in {ref.provider_host.lower() for rule in obj.resource.spec.rules
-                         for ref in (*rule.backend_refs, *rule.fallback_refs)}:
+            for host in {ref_host.lower() for rule in obj.resource.spec.rules
+                         for ref_host in (*(ref.provider_host for ref in rule.backend_refs),
+                                          *(ref.provider_host for ref in rule.fallback_refs))}:
                 if host in referrers:
                     referrers[host].append(declared)
     defaults = {host: _default_route(obj, home, namespaces) for host, obj in providers.items()}
@@ -158,7 +167,9 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
 def _visible(obj: Loaded, home: str | None, namespaces: bool) -> frozenset[str] | None:
     if not namespaces:
         return None
-    return visible_to(obj.resource.metadata.namespace, obj.resource.spec.export_to, home)
+    resource = obj.resource
+    assert isinstance(resource, (LLMProvider, LLMRoute))  # the kinds that can be exported
+    return visible_to(resource.metadata.namespace, resource.spec.export_to, home)
 
 
 def _usable_provider(obj: Loaded, provider_host: str, field: str, providers: dict[str, Loaded],
@@ -204,8 +215,8 @@ def _compile_route(obj: Loaded, providers: dict[str, Loaded], home: str | None,
             watched.update(c.name for c in conds)
         weights = [ref.weight if ref.weight is not None else 1 for ref in rule.backend_refs]
         fallbacks: list[Target] = []
-        for j, ref in enumerate(rule.fallback_refs):
-            provider = _usable_provider(obj, ref.provider_host, f"spec.rules[{i}].fallbackRefs[{j}].providerHost",
+        for j, fallback in enumerate(rule.fallback_refs):
+            provider = _usable_provider(obj, fallback.provider_host, f"spec.rules[{i}].fallbackRefs[{j}].providerHost",
                                         providers, problems, home, namespaces)
             if provider is None:
                 continue
@@ -218,8 +229,8 @@ def _compile_route(obj: Loaded, providers: dict[str, Loaded], home: str | None,
             failover = None
             if rule.retries is not None:
                 r = rule.retries
-                policy = RetryPolicy.from_config(r.attempts, parse_duration(r.per_try_timeout) if r.per_try_timeout else None,
-                                                 r.retry_on)
+                per_try = parse_duration(r.per_try_timeout) if r.per_try_timeout else None
+                policy = RetryPolicy.from_config(r.attempts, per_try, r.retry_on)
                 failover = build_failover(tuple(targets), tuple(weights), tuple(fallbacks), policy)
             rules.append(Rule(rule_label, conditions, tuple(targets), tuple(cumulative), failover))
     bases = route_bases(t for rule in rules for t in rule.targets)
@@ -261,7 +272,9 @@ def _target(route: str, rule_label: str, rule_name: str | None, provider: Loaded
 
 def _health(provider: Loaded) -> tuple[int, float]:
     """(consecutive errors, cool-down seconds) for passive health, defaults where not set."""
-    spec = provider.resource.spec
+    resource = provider.resource
+    assert isinstance(resource, LLMProvider)
+    spec = resource.spec
     if spec.outlier_detection is None:
         return DEFAULT_CONSECUTIVE_ERRORS, DEFAULT_COOL_DOWN_S
     od = spec.outlier_detection
@@ -273,7 +286,7 @@ def _merge(base: OpenAIConfig, override: OpenAIConfig) -> OpenAIConfig:
     return base.model_copy(update=override.model_dump(exclude_none=True))
 
 
-def _condition(name: str, match) -> HeaderCondition:
+def _condition(name: str, match: StringMatch) -> HeaderCondition:
     header = name.lower()
     if match.exact is not None:
         return HeaderCondition(header, "exact", match.exact)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel
+
 from .models import BUDGET_API_VERSION, LLMProviderSpec, LLMRouteSpec, LLMTokenRateLimitSpec
 
 GROUP = "istio.alibabacloud.com"
@@ -45,7 +47,7 @@ def _structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def spec_schema(model: type) -> dict[str, Any]:
+def spec_schema(model: type[BaseModel]) -> dict[str, Any]:
     schema = model.model_json_schema(by_alias=True, mode="validation")
     return _structural(schema, schema.get("$defs", {}))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from ..policy.gateway_binding import MESH_VIEW, View
@@ -22,7 +22,7 @@ from .problems import ConfigError, errors
 log = logging.getLogger("extproc.config")
 
 
-def load_config(paths: list[str | Path], environ: dict[str, str] | None = None, view: View = MESH_VIEW) -> Compiled:
+def load_config(paths: Sequence[str | Path], environ: dict[str, str] | None = None, view: View = MESH_VIEW) -> Compiled:
     """Load and compile; raise ConfigError listing every error. Warnings are logged."""
     objects, problems = load_paths(paths, environ)
     compiled = compile_config(objects, view) if not errors(problems) else None
@@ -36,7 +36,7 @@ def load_config(paths: list[str | Path], environ: dict[str, str] | None = None, 
     return compiled
 
 
-def _fingerprint(paths: list[str | Path]) -> tuple:
+def _fingerprint(paths: Sequence[str | Path]) -> tuple[object, ...]:
     try:
         stats = [(f, f.stat()) for f in config_files(paths)]
         return tuple((str(f), st.st_mtime_ns, st.st_size) for f, st in stats)
@@ -47,13 +47,13 @@ def _fingerprint(paths: list[str | Path]) -> tuple:
 class FileSource:
     """Watches config paths and hands each good config to `apply`."""
 
-    def __init__(self, paths: list[str | Path], apply: Callable[[Compiled], Awaitable[None]], interval: float = 1.0,
-                 view: View = MESH_VIEW):
+    def __init__(self, paths: Sequence[str | Path], apply: Callable[[Compiled], Awaitable[None]],
+                 interval: float = 1.0, view: View = MESH_VIEW):
         self._paths = paths
         self._view = view
         self._apply = apply
         self._interval = interval
-        self._seen: tuple | None = None
+        self._seen: tuple[object, ...] | None = None
 
     async def load_initial(self) -> Compiled:
         """The first load must succeed: there is no last good config to fall back on."""

@@ -127,11 +127,12 @@ class KubernetesSource:
 
     # ------------------------------------------------------------------ list and watch
 
-    def _list_call(self, kind: str):
+    def _list_call(self, kind: str) -> Callable[..., Any]:
         plural = PLURALS[kind]
         group, version = API_OF.get(kind, (GROUP, VERSION))
         if self._namespace:
-            return lambda **kw: self._custom.list_namespaced_custom_object(group, version, self._namespace, plural, **kw)
+            namespace = self._namespace
+            return lambda **kw: self._custom.list_namespaced_custom_object(group, version, namespace, plural, **kw)
         return lambda **kw: self._custom.list_cluster_custom_object(group, version, plural, **kw)
 
     def _list(self, kind: str) -> str:
@@ -143,13 +144,13 @@ class KubernetesSource:
                 item.setdefault("kind", kind)
                 item.setdefault("apiVersion", "/".join(API_OF.get(kind, (GROUP, VERSION))))
                 self._objects[_key(kind, item)] = _Cached(item)
-        return (result.get("metadata") or {}).get("resourceVersion", "")
+        return str((result.get("metadata") or {}).get("resourceVersion", ""))
 
     def _watch_kind(self, kind: str) -> None:
         from kubernetes import watch
         from kubernetes.client.exceptions import ApiException
 
-        version = self._versions[kind]
+        version: str | None = self._versions[kind]
         backoff = 0.5
         while not self._stopping.is_set():
             try:
@@ -202,7 +203,7 @@ class KubernetesSource:
         if changed:
             self._signal()
 
-    def _secret_list_call(self):
+    def _secret_list_call(self) -> Callable[..., Any]:
         if self._namespace:
             return lambda **kw: self._core.list_namespaced_secret(self._namespace, **kw)
         return lambda **kw: self._core.list_secret_for_all_namespaces(**kw)
@@ -329,7 +330,8 @@ class KubernetesSource:
                 message = "; ".join(f"{p.field}: {p.message}" if p.field else p.message for p in found) or "not served"
             condition = {"type": "Accepted", "status": "True" if accepted else "False", "reason": reason,
                          "message": message[:1000], "observedGeneration": generation}
-            current = next((c for c in ((raw.get("status") or {}).get("conditions") or []) if c.get("type") == "Accepted"), None)
+            conditions = (raw.get("status") or {}).get("conditions") or []
+            current = next((c for c in conditions if c.get("type") == "Accepted"), None)
             if current is not None and all(current.get(k) == v for k, v in condition.items()):
                 continue
             condition["lastTransitionTime"] = (current or {}).get("lastTransitionTime") if (

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from .models import (
     API_VERSION,
@@ -59,7 +60,7 @@ class Loaded:
         return f"{self.resource.kind} {meta.namespace}/{meta.name}"
 
 
-def config_files(paths: list[str | Path]) -> list[Path]:
+def config_files(paths: Sequence[str | Path]) -> list[Path]:
     """The files a list of paths stands for, in load order. Missing paths raise FileNotFoundError."""
     files: list[Path] = []
     for raw in paths:
@@ -73,7 +74,8 @@ def config_files(paths: list[str | Path]) -> list[Path]:
     return files
 
 
-def load_paths(paths: list[str | Path], environ: dict[str, str] | None = None) -> tuple[list[Loaded], list[Problem]]:
+def load_paths(paths: Sequence[str | Path], environ: dict[str, str] | None = None
+               ) -> tuple[list[Loaded], list[Problem]]:
     """Parse every object in `paths`. Returns the objects (later duplicates winning) and the problems."""
     problems: list[Problem] = []
     try:
@@ -125,6 +127,10 @@ def _documents(docs: list[Any]) -> list[tuple[str, Any]]:
     return out
 
 
+MODELS: dict[str, type[LLMProvider] | type[LLMRoute] | type[LLMTokenRateLimit]] = {
+    "LLMProvider": LLMProvider, "LLMRoute": LLMRoute, BUDGET_KIND: LLMTokenRateLimit}
+
+
 def parse_object(doc: Any, file: str, number: str, environ: dict[str, str] | None = None,
                  secrets: SecretLookup | None = None,
                  key_env: dict[str, str] | None = None) -> tuple[Loaded | None, list[Problem]]:
@@ -137,13 +143,14 @@ def parse_object(doc: Any, file: str, number: str, environ: dict[str, str] | Non
     kind = doc.get("kind")
     if kind not in KINDS and kind != BUDGET_KIND:
         return None, []
-    meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+    found_meta = doc.get("metadata")
+    meta: dict[str, Any] = found_meta if isinstance(found_meta, dict) else {}
     label = f"{kind} {meta.get('namespace') or 'default'}/{meta.get('name') or '<unnamed>'}"
     expected = BUDGET_API_VERSION if kind == BUDGET_KIND else API_VERSION
     if doc.get("apiVersion") != expected:
         return None, [Problem(f"unsupported apiVersion {doc.get('apiVersion')!r}, expected {expected!r}",
                               file=file, obj=label, field="apiVersion")]
-    model = {"LLMProvider": LLMProvider, "LLMRoute": LLMRoute, BUDGET_KIND: LLMTokenRateLimit}[kind]
+    model = MODELS[kind]
     try:
         resource = model.model_validate(doc)
     except ValidationError as exc:
@@ -168,7 +175,7 @@ def key_env_allowed(name: str, host: str, key_env: dict[str, str] | None) -> boo
     return key_env is None or key_env.get(name) == host.lower()
 
 
-def _resolve_api_keys(provider: LLMProvider, environ: Any, secrets: SecretLookup | None,
+def _resolve_api_keys(provider: LLMProvider, environ: Mapping[str, str], secrets: SecretLookup | None,
                       key_env: dict[str, str] | None = None) -> tuple[LLMProvider, list[tuple[str, str, str]]]:
     """Each openAIConfig's key: `${VAR}` in apiKey read from the environment, apiKeySecretRef read
     from a Secret of the provider's namespace. An unset variable or a missing Secret is an error."""
@@ -181,7 +188,8 @@ def _resolve_api_keys(provider: LLMProvider, environ: Any, secrets: SecretLookup
             host = provider.spec.host
             if not key_env_allowed(name, host, key_env):
                 problems.append((field, f"${{{name}}} may not be used here: the control plane binds no environment "
-                                        f"variable {name} to host {host} (--key-env {name}={host})", "KeyEnvNotAllowed"))
+                                        f"variable {name} to host {host} (--key-env {name}={host})",
+                                 "KeyEnvNotAllowed"))
                 return ""
             found = environ.get(name)
             if found is None:
@@ -201,7 +209,8 @@ def _resolve_api_keys(provider: LLMProvider, environ: Any, secrets: SecretLookup
             return cfg
         field = f"{path}.apiKeySecretRef"
         if secrets is None:
-            problems.append((field, "a Secret can only be read with the Kubernetes source (--kubernetes)", "InvalidAPIKey"))
+            problems.append((field, "a Secret can only be read with the Kubernetes source (--kubernetes)",
+                             "InvalidAPIKey"))
             return cfg
         value = secrets(namespace, ref.name, ref.key)
         if value is None:
@@ -235,10 +244,9 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def _error_message(err: dict[str, Any]) -> str:
+def _error_message(err: ErrorDetails) -> str:
     if err["type"] == "extra_forbidden":
         return "unknown field (check its spelling)"
     if err["type"] == "missing":
         return "required field is missing"
-    msg = err["msg"]
-    return msg.removeprefix("Value error, ")
+    return err["msg"].removeprefix("Value error, ")

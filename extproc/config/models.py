@@ -8,7 +8,7 @@ gateway does not implement yet are accepted and reported through `unimplemented_
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -98,9 +98,10 @@ class LLMProviderSpec(_Strict):
     configs: ProviderConfigs
     # Our extension: how long the provider has for a whole answer (streamed ones included).
     timeout: str | None = Field(default=None, pattern=DURATION_PATTERN,
-                                description="Time the provider has for the whole answer, e.g. 30s or 5m (no total bound unless set).")
+                                description="Time the provider has for the whole answer, e.g. 30s or 5m "
+                                            "(no total bound unless set).")
     outlier_detection: OutlierDetection | None = Field(default=None, alias="outlierDetection")
-    workload_selector: dict | None = Field(default=None, alias="workloadSelector")
+    workload_selector: dict[str, Any] | None = Field(default=None, alias="workloadSelector")
     gateways: list[str] | None = None
     # Our extension (as Istio's exportTo): the namespaces whose workloads may use this object.
     export_to: list[ExportTarget] | None = Field(
@@ -129,7 +130,8 @@ class LLMProviderSpec(_Strict):
 class StringMatch(_Strict):
     """Istio's StringMatch: at most one of exact, prefix, regex; none means "present"."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, json_schema_extra={"maxProperties": 1})
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True,
+                              json_schema_extra={"maxProperties": 1})
 
     exact: str | None = None
     prefix: str | None = None
@@ -188,7 +190,7 @@ class Retries(_Strict):
 
     @field_validator("retry_on", mode="before")
     @classmethod
-    def _codes_as_text(cls, values):
+    def _codes_as_text(cls, values: object) -> object:
         """A status code may be written as a number (429) or as text ("429")."""
         if isinstance(values, list):
             return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in values]
@@ -228,7 +230,7 @@ class RouteRule(_Strict):
 class LLMRouteSpec(_Strict):
     host: str = Field(min_length=1, json_schema_extra={"pattern": HOST_PATTERN})
     rules: list[RouteRule] = Field(min_length=1)
-    workload_selector: dict | None = Field(default=None, alias="workloadSelector")
+    workload_selector: dict[str, Any] | None = Field(default=None, alias="workloadSelector")
     gateways: list[str] | None = None
     # Our extension (as Istio's exportTo): the namespaces whose workloads may use this object.
     export_to: list[ExportTarget] | None = Field(
@@ -283,7 +285,7 @@ def _check_host(value: str) -> str:
     return value.lower()
 
 
-def unimplemented_fields(obj: LLMProvider | LLMRoute) -> list[str]:
+def unimplemented_fields(obj: LLMProvider | LLMRoute | LLMTokenRateLimit) -> list[str]:
     """Paths of fields ASM defines that are accepted but have no effect here yet."""
     if not isinstance(obj, (LLMProvider, LLMRoute)):
         return []
@@ -318,7 +320,8 @@ def parse_per(text: str) -> float:
 
 class BudgetKeySpec(_Strict):
     header: str = Field(min_length=1, pattern=HEADER_NAME_PATTERN,
-                        description="One budget per value of this request header; a request without it shares the \"\" budget.")
+                        description="One budget per value of this request header; a request without it shares "
+                                    "the \"\" budget.")
 
 
 class BudgetMatch(_Strict):

@@ -50,8 +50,9 @@ class AccessLogReceiver:
                         charge_budgets(owed, entry, record)
             except Exception:  # one odd entry must not stop the stream
                 log.exception("cannot record an access log entry")
-        for buckets, tokens in owed.items():
-            budgets.charge(buckets, tokens)
+        if budgets is not None:
+            for buckets, tokens in owed.items():
+                budgets.charge(buckets, tokens)
         return None, False
 
     def on_client_end(self) -> bytes:

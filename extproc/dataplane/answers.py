@@ -101,7 +101,8 @@ def cached_decision_metadata(decision: bytes, model: str, stream: bool, host: st
 
 
 def _decision_metadata(decision: bytes, model: str, stream: bool, host: str) -> tuple[bytes, bytes]:
-    entries = decision + wire.string_entry("request_model", model) + _STREAM_ENTRY[stream] + wire.string_entry("host", host)
+    entries = (decision + wire.string_entry("request_model", model) + _STREAM_ENTRY[stream]
+               + wire.string_entry("host", host))
     return entries, wire.dynamic_metadata(METADATA_NAMESPACE, entries)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import enum
 import hmac
 import json
 import logging
@@ -38,11 +39,13 @@ DEFAULT_AUDIENCE = "llm-gateway"
 SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
 
 
-class Pending:
+class Pending(enum.Enum):
     """`Authenticator.cached` cannot answer without asking someone: call `verify` first."""
 
+    PENDING = "pending"
 
-PENDING = Pending()
+
+PENDING = Pending.PENDING
 
 
 class Authenticator(Protocol):

@@ -42,7 +42,11 @@ def _loads(body: bytes):
     data = orjson.loads(body)
     if not _may_have_lost_digits(data):
         return data, orjson.dumps
-    return json.loads(body.decode("utf-8")), lambda data: json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+    return json.loads(body.decode("utf-8")), _exact_dumps
+
+
+def _exact_dumps(data: object) -> bytes:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def rewrite_body(body: bytes, target: Target, endpoint: Endpoint = CHAT) -> Rewritten:

@@ -104,7 +104,7 @@ class _Stream:
 class H2Connection(asyncio.Protocol):
     """One Envoy connection. `methods` maps a gRPC path to a factory of calls, given the caller."""
 
-    def __init__(self, methods: dict[str, Callable[[Caller], Call]], max_message: int,
+    def __init__(self, methods: dict[str, Callable[[Caller | None], Call]], max_message: int,
                  authenticator: Authenticator | None = None, registry: set | None = None):
         self._registry = registry  # the server's open connections, for a graceful drain
         self._methods = methods
@@ -288,12 +288,13 @@ class H2Connection(asyncio.Protocol):
             raise _ConnectionError(PROTOCOL_ERROR, "even stream id from a client")
         identity: Caller | None = LOCAL
         if self._authenticator is not None:
-            identity = self._authenticator.cached(token)
-            if identity is PENDING:
+            cached = self._authenticator.cached(token)
+            if cached is PENDING:
                 fresh = self._fresh
                 if fresh is None or fresh[0] != token:
                     raise _Unverified(token or "")
-                identity = fresh[1]
+                cached = fresh[1]
+            identity = cached
         self._last_stream = sid
         if identity is None and path not in UNAUTHENTICATED_METHODS:
             self._out.append(frame(HEADERS, END_HEADERS | END_STREAM, sid, RESPONSE_HEADERS + trailers(
@@ -513,7 +514,7 @@ def _unpad(payload: bytes) -> bytes:
     return payload[1:len(payload) - pad]
 
 
-async def serve(host: str, port: int, methods: dict[str, Callable[[Caller], Call]], max_message: int,
+async def serve(host: str, port: int, methods: dict[str, Callable[[Caller | None], Call]], max_message: int,
                 authenticator: Authenticator | None = None, registry: set | None = None,
                 reuse_port: bool = False) -> asyncio.Server:
     """Over TCP; with an authenticator, every stream must prove its caller. `registry` collects the
@@ -523,7 +524,7 @@ async def serve(host: str, port: int, methods: dict[str, Callable[[Caller], Call
                                     reuse_port=reuse_port or None)
 
 
-async def serve_unix(path: str, methods: dict[str, Callable[[Caller], Call]], max_message: int,
+async def serve_unix(path: str, methods: dict[str, Callable[[Caller | None], Call]], max_message: int,
                      registry: set | None = None) -> asyncio.Server:
     """On a Unix socket (mode 0600, in a directory only our user can open): the caller is local."""
     loop = asyncio.get_running_loop()

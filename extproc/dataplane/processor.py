@@ -53,7 +53,11 @@ class ExternalProcessor:
         self.inflight = inflight or Inflight()
         self.health = health if health is not None else PassiveHealth()
 
-    def exchange(self, caller: Caller = LOCAL) -> Exchange:
+    def exchange(self, caller: Caller | None = LOCAL) -> Exchange:
+        """A new stream's state, for a verified caller (the HTTP/2 server never opens an ext_proc
+        stream for an unverified one)."""
+        if caller is None:
+            raise ValueError("an ext_proc stream needs a verified caller")
         return Exchange(self, caller)
 
     def decide(self, headers_msg: pb.HttpHeaders, caller: Caller) -> Decision | ModelList:
@@ -118,18 +122,18 @@ class Exchange:
         processor = self._processor
         try:
             if phase == "request_headers":
-                decision = processor.decide(request.request_headers, self._caller)
-                if isinstance(decision, ModelList):
-                    return [answers.model_list(decision.route, decision.authority).SerializeToString()], True
-                self._decision = decision
+                decided = processor.decide(request.request_headers, self._caller)
+                if isinstance(decided, ModelList):
+                    return [answers.model_list(decided.route, decided.authority).SerializeToString()], True
+                self._decision = decision = decided
                 if decision.declared_length:
                     self._admit(decision.declared_length, processor)
                 if processor.budgets is not None:
                     self._budget = processor.budgets.admit(decision.target.route, decision.headers)
                 return [], False  # answered with the body
             if phase == "request_body":
-                decision = self._decision
-                if decision is None:  # cannot happen with our bootstrap; never forward unrewritten
+                held = self._decision
+                if held is None:  # cannot happen with our bootstrap; never forward unrewritten
                     raise GatewayError(500, "request body arrived before its headers", "internal_error")
                 chunk = request.request_body
                 self._body += chunk.body
@@ -140,7 +144,7 @@ class Exchange:
                     self._admit(len(self._body), processor)
                 if not chunk.end_of_stream:
                     return [], False
-                return processor.forward(bytes(self._body), self._chunks, decision, self._budget), True
+                return processor.forward(bytes(self._body), self._chunks, held, self._budget), True
             return [answers.continue_phase(phase).SerializeToString()], False
         except GatewayError as error:
             response = answers.immediate(error)

@@ -197,8 +197,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         delay = float(headers.get("x-fake-event-delay", 0))
         split = headers.get("x-fake-split") == "1"
-        base = {"id": f"chatcmpl-{self.fake.name}", "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
-        events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": word + " "}, "finish_reason": None}]}
+        base = {"id": f"chatcmpl-{self.fake.name}", "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": model}
+        events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": word + " "},
+                                        "finish_reason": None}]}
                   for word in reply.split()]
         completion = not self.path.endswith("/chat/completions") and self.path.endswith("/completions")
         if completion:  # the legacy text completion's stream: `text` instead of `delta`
@@ -206,7 +208,9 @@ class _Handler(BaseHTTPRequestHandler):
             events = [{**base, "choices": [{"index": 0, "text": word + " ", "logprobs": None, "finish_reason": None}]}
                       for word in reply.split()]
         if headers.get("x-fake-stream-error") == "1":
-            events = events[:1] + [{"error": {"message": "the model failed mid-stream", "type": "server_error", "code": None}}]
+            failed: dict[str, object] = {"error": {"message": "the model failed mid-stream", "type": "server_error",
+                                                   "code": None}}
+            events = [*events[:1], failed]
         else:
             events.append({**base, "choices": [{"index": 0, **({"text": ""} if completion else {"delta": {}}),
                                                 "finish_reason": "stop"}]})
@@ -262,7 +266,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _error(self, status: int, message: str, code: str) -> None:
         kind = "rate_limit_error" if status == 429 else ("invalid_request_error" if status < 500 else "server_error")
-        self._send(status, json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode(), "application/json")
+        body = json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode()
+        self._send(status, body, "application/json")
 
     def _send(self, status: int, payload: bytes, content_type: str, body_delay: float = 0) -> None:
         self.send_response(status)

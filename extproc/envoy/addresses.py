@@ -37,5 +37,6 @@ def is_ip(host: str) -> bool:
 
 GETADDRINFO_RESOLVER = {
     "name": "envoy.network.dns_resolver.getaddrinfo",
-    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.network.dns_resolver.getaddrinfo.v3.GetAddrInfoDnsResolverConfig"},
+    "typed_config": {"@type": "type.googleapis.com/"
+                              "envoy.extensions.network.dns_resolver.getaddrinfo.v3.GetAddrInfoDnsResolverConfig"},
 }

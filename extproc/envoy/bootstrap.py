@@ -6,6 +6,7 @@ clusters, routes). It holds no API key and no provider."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ..protocol import (
     BUFFER_MARGIN,
@@ -23,6 +24,9 @@ from .local_replies import local_reply_config
 from .routes import ANY_HOST_ROUTE_CONFIG_NAME, PASSTHROUGH_CLUSTER, ROUTE_CONFIG_NAME
 from .usage_readers import usage_from_event_stream, usage_from_json
 
+HCM_NAME = "envoy.filters.network.http_connection_manager"
+HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+
 DEFAULT_BODY_TIMEOUT_S = 30
 
 
@@ -30,7 +34,8 @@ DEFAULT_IDLE_TIMEOUT_S = 300.0  # Envoy's own stream idle default: 5 minutes wit
 
 
 def _grpc_service(opts: BootstrapOptions) -> dict:
-    return {"envoy_grpc": {"cluster_name": EXT_PROC_CLUSTER, "max_receive_message_length": opts.body_limit + BUFFER_MARGIN}}
+    return {"envoy_grpc": {"cluster_name": EXT_PROC_CLUSTER,
+                           "max_receive_message_length": opts.body_limit + BUFFER_MARGIN}}
 
 
 @dataclass(frozen=True)
@@ -90,8 +95,8 @@ def bootstrap(opts: BootstrapOptions) -> dict:
         "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
         "stat_prefix": "request",
     }
-    hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+    hcm: dict[str, Any] = {
+        "@type": HCM_TYPE,
         "stat_prefix": "llm_gateway",
         "codec_type": "AUTO",
         "http_filters": [
@@ -120,7 +125,7 @@ def bootstrap(opts: BootstrapOptions) -> dict:
         # above the body limit, which the ext_proc enforces (413): Envoy's flow control must not
         # stop reading a body the ext_proc is still waiting for
         "per_connection_buffer_limit_bytes": opts.body_limit + BUFFER_MARGIN,
-        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+        "filter_chains": [{"filters": [{"name": HCM_NAME, "typed_config": hcm}]}],
     }
     if opts.socket_dir is not None:
         clusters = [_grpc_cluster(CONTROL_CLUSTER, f"{opts.socket_dir}/{XDS_SOCKET}"),
@@ -134,7 +139,8 @@ def bootstrap(opts: BootstrapOptions) -> dict:
         hcm["generate_request_id"] = False  # passthrough traffic leaves as it came
         listener["listener_filters"] = [{
             "name": "envoy.filters.listener.original_dst",
-            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"}}]
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"}}]
         clusters.append({"name": PASSTHROUGH_CLUSTER, "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
                          "connect_timeout": "10s"})
     else:
@@ -195,7 +201,7 @@ def _token_filters(token_sds_file: str) -> list[dict]:
 
 def _grpc_cluster(name: str, address: HostPort | str, token_sds_file: str | None = None) -> dict:
     """A control-plane cluster: a Unix socket path (local mode) or HOST:PORT (TCP, with the token)."""
-    options = {
+    options: dict[str, Any] = {
         "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
         "explicit_http_config": {"http2_protocol_options": {}},
     }
@@ -247,7 +253,7 @@ def readiness_listener(address: HostPort) -> dict:
     """A listener for the sidecar's readiness probe (GET /ready: 200, or 503 once Envoy is
     draining), so the kubelet never needs Envoy's admin interface, which must stay on loopback."""
     hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "@type": HCM_TYPE,
         "stat_prefix": "llm_gateway_readiness",
         "http_filters": [
             {"name": "envoy.filters.http.health_check",
@@ -261,5 +267,4 @@ def readiness_listener(address: HostPort) -> dict:
             {"match": {"prefix": "/"}, "direct_response": {"status": 404}}]}]},
     }
     return {"name": "llm_gateway_readiness", "address": socket_address(address),
-            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
-                                            "typed_config": hcm}]}]}
+            "filter_chains": [{"filters": [{"name": HCM_NAME, "typed_config": hcm}]}]}

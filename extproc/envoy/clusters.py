@@ -6,6 +6,7 @@ into protobuf for CDS."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 # Imported for their side effect: registering the types that `@type` names below.
 from envoy.config.cluster.v3 import cluster_pb2
@@ -42,7 +43,7 @@ def provider_cluster(name: str, host: str, options: UpstreamOptions, failover: b
     with the upstream filters that rewrite a retried attempt; the plain one has none, so requests
     of other rules pay nothing for failover."""
     target = options.resolve.get(host, HostPort(host, PROVIDER_PORT))
-    cluster = {
+    cluster: dict[str, Any] = {
         "name": name,
         "connect_timeout": f"{options.connect_timeout_s}s",
         "type": "STATIC" if is_ip(target.host) else "LOGICAL_DNS",

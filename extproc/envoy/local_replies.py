@@ -16,12 +16,14 @@ def local_reply_config(body_timeout_s: float) -> dict:
                 "content_type": "application/json"}
 
     def status_is(code: int) -> dict:
-        return {"status_code_filter": {"comparison": {"op": "EQ", "value": {"default_value": code, "runtime_key": f"llm_gateway.local_reply.{code}"}}}}
+        value = {"default_value": code, "runtime_key": f"llm_gateway.local_reply.{code}"}
+        return {"status_code_filter": {"comparison": {"op": "EQ", "value": value}}}
 
     def details_start(prefix: str) -> dict:
         return {"extension_filter": {
             "name": "envoy.access_loggers.extension_filters.cel",
-            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
                              "expression": f"response.code_details.startsWith('{prefix}')"}}}
 
     mappers = [{

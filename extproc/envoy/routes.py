@@ -4,6 +4,9 @@ gateway, everything else on untouched)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from google.protobuf import json_format
 
 from ..policy.budgets import HEADER_METADATA
@@ -29,11 +32,11 @@ def _budget_headers(names: frozenset[str]) -> list[dict]:
              "keep_empty_value": False} for name, key in HEADER_METADATA.items() if name in names]
 
 
-def _llm_virtual_host(domains: list[str], route_timeout_s: int, clusters: list[str] = (),
+def _llm_virtual_host(domains: list[str], route_timeout_s: int, clusters: Sequence[str] = (),
                       body_limit: int = DEFAULT_BODY_LIMIT, budget_headers: frozenset[str] = frozenset()) -> dict:
     """`clusters`: the failover clusters (rules with `retries`); none, no failover route.
     `budget_headers`: the x-ratelimit-* headers the config's budgets give admitted answers."""
-    vhost = {
+    vhost: dict[str, Any] = {
         "name": "llm_gateway",
         "domains": domains,
         "request_headers_to_remove": [CLUSTER_HEADER],  # internal: never leaves Envoy
@@ -73,7 +76,7 @@ def _untouched_route(cluster: str) -> dict:
     }
 
 
-def route_configuration(hosts: list[str], route_timeout_s: int = 0, clusters: list[str] = (),
+def route_configuration(hosts: list[str], route_timeout_s: int = 0, clusters: Sequence[str] = (),
                         body_limit: int = DEFAULT_BODY_LIMIT, forwarded: dict[str, str] | None = None,
                         budget_headers: frozenset[str] = frozenset()) -> dict:
     """The sidecar's routes (sent over RDS): the LLM host names through the gateway, anything else

@@ -4,6 +4,8 @@ and of a server-sent-event stream, error events included (sse_to_metadata), writ
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..protocol import METADATA_NAMESPACE
 
 
@@ -30,8 +32,8 @@ def usage_from_event_stream() -> dict:
     the events pass: no round trip per event. Only `text/event-stream` answers are read (the
     filter's own check). The type is newer than xds-protos, so it is written here by its `@type`
     and checked by Envoy when it loads the bootstrap."""
-    def rule(path: list[str], key: str, kind: str, once: bool = False) -> dict:
-        config = {"rule": {"selectors": [{"key": p} for p in path],
+    def rule(path: list[str], key: str, kind: str, once: bool = False) -> dict[str, Any]:
+        config: dict[str, Any] = {"rule": {"selectors": [{"key": p} for p in path],
                            "on_present": {"metadata_namespace": METADATA_NAMESPACE, "key": key, "type": kind}}}
         if once:  # every event names the model: writing it once spares a metadata write per event
             config["stop_processing_after_matches"] = 1

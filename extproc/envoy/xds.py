@@ -113,7 +113,8 @@ class Publisher:
                 continue
             version = int(request.response_nonce)
             if request.HasField("error_detail"):
-                log.error("envoy %s rejected %s version %d: %s", node, self._what, version, request.error_detail.message)
+                log.error("envoy %s rejected %s version %d: %s", node, self._what, version,
+                          request.error_detail.message)
             await self._record(stream, version)
 
 

@@ -113,7 +113,7 @@ class ControlPlane:
                         # while a change rolls out, the x-ratelimit-* headers for both tables
                         await self._publish_hosts(union_hosts, list(union_clusters), union_forwarded,
                                                   old_limits | new_limits))
-            for publisher, version in zip((self.clusters, self.routes), versions):
+            for publisher, version in zip((self.clusters, self.routes), versions, strict=True):
                 if not await publisher.wait_answered(version, ACK_TIMEOUT_S):
                     log.warning("not every Envoy answered %s version %d within %.0fs", publisher.type_url, version,
                                 ACK_TIMEOUT_S)
@@ -126,7 +126,8 @@ class ControlPlane:
         else:
             self.data_plane.switch(new)
         self.loaded = True
-        log.info("routing table %s in force: %d host names, %d providers", new.version, len(new.routes), len(new.clusters))
+        log.info("routing table %s in force: %d host names, %d providers", new.version, len(new.routes),
+                 len(new.clusters))
 
     async def _publish_clusters(self, clusters: dict[str, dict]) -> int:
         return await self.clusters.publish([to_cluster_proto(c) for c in clusters.values()])

@@ -58,7 +58,7 @@ class DataPlane:
                                       health=self.health)
         retries = RetryRewriter(holder, body_limit)
         receiver = AccessLogReceiver(self.metrics, self.budgets, attempts)
-        self.methods: dict[str, Callable[[Caller], Call]] = {
+        self.methods: dict[str, Callable[[Caller | None], Call]] = {
             PROCESS: processor.exchange,
             RETRY_AUTHORITY + PROCESS: lambda _caller: retries.exchange(),
             STREAM_ACCESS_LOGS: receiver.call,

@@ -114,7 +114,7 @@ class LeaderElector:
                 raise
             lease = None
         spec = lease.spec if lease is not None else None
-        holder = None if lease is None else (spec.holder_identity or "")
+        holder = None if spec is None else (spec.holder_identity or "")
         renewed = "" if spec is None or spec.renew_time is None else str(spec.renew_time)
         step, self._seen = next_step(holder, renewed, self.me, self._seen, self._clock(), self.duration)
         if step == WAIT:
@@ -128,6 +128,7 @@ class LeaderElector:
                 spec=client.V1LeaseSpec(holder_identity=self.me, lease_duration_seconds=int(round(self.duration)),
                                         acquire_time=stamp, renew_time=stamp, lease_transitions=0)))
         else:
+            assert spec is not None  # a Lease was read: RENEW and TAKE follow from its holder
             if step == TAKE:
                 spec.holder_identity = self.me
                 spec.acquire_time = stamp

@@ -9,6 +9,7 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config.kubernetes_source import KubernetesSource
 from ..dataplane.authentication import Authenticator, authenticator_for
 from ..envoy.addresses import HostPort
 from ..envoy.clusters import UpstreamOptions
@@ -99,7 +100,7 @@ async def run_serve(opts: ServeOptions) -> int:
     source = config_source(opts.config, opts.kubernetes, opts.namespace, control.apply, key_env=opts.key_env,
                            home=opts.home, view=opts.view)
     elector = None
-    if opts.kubernetes:  # replicas: one writes status
+    if isinstance(source, KubernetesSource):  # replicas: one writes status
         elector = LeaderElector(opts.lease_namespace or default_namespace(), opts.lease_name, opts.lease_duration_s,
                                 on_elected=source.refresh)
         source.may_write_status = elector.is_leader

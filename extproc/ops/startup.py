@@ -25,7 +25,8 @@ class StartupError(RuntimeError):
 
 def config_source(paths: list[str], kubernetes: bool, namespace: str | None,
                   apply: Callable[[Compiled], Awaitable[None]], reload_interval: float = 1.0,
-                  key_env: dict[str, str] | None = None, home: str | None = None, view: View = MESH_VIEW) -> FileSource | KubernetesSource:
+                  key_env: dict[str, str] | None = None, home: str | None = None,
+                  view: View = MESH_VIEW) -> FileSource | KubernetesSource:
     """The files, or the Kubernetes API server (where `${NAME}` expands only as `key_env` binds it,
     and `home` is the control plane's namespace, whose objects every namespace may use)."""
     if kubernetes:

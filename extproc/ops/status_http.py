@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.registry import Collector
 
 from ..envoy.addresses import HostPort
 
@@ -17,7 +18,7 @@ log = logging.getLogger("extproc.ops")
 
 
 class StatusServer:
-    def __init__(self, registry: CollectorRegistry, ready: Callable[[], bool],
+    def __init__(self, registry: CollectorRegistry | Collector, ready: Callable[[], bool],
                  degraded: Callable[[], str | None] | None = None):
         self._registry = registry
         self._ready = ready

@@ -121,10 +121,11 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
                            opts.key_env, opts.home, opts.view)
     ops = StatusServer(plane.metrics.registry, lambda: control.loaded, plane.budgets.degraded_reason)
     workdir = Path(private_dir())  # 0700: the sockets, the bootstrap; removed on exit
-    local = opts.tcp_token is None
+    tcp_token = opts.tcp_token
+    local = tcp_token is None
     try:
-        port = await control.start(opts.control, socket_dir=str(workdir) if local else None,
-                                   authenticator=None if local else StaticToken(opts.tcp_token))
+        port = await control.start(opts.control, socket_dir=str(workdir) if tcp_token is None else None,
+                                   authenticator=None if tcp_token is None else StaticToken(tcp_token))
         if opts.metrics is not None:
             await ops.start(opts.metrics)
     except OSError as exc:
@@ -132,8 +133,8 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
         raise StartupError(f"cannot listen: {exc}") from None
     token_sds_file = None
-    if not local:
-        (workdir / "token").write_text(opts.tcp_token)
+    if tcp_token is not None:
+        (workdir / "token").write_text(tcp_token)
         token_sds_file = str(workdir / "token-sds.json")
         Path(token_sds_file).write_text(json.dumps(token_sds(str(workdir / "token"))))
     boot = bootstrap(BootstrapOptions(listen=opts.listen, admin=opts.admin, control=HostPort(opts.control.host, port),
@@ -183,7 +184,8 @@ class EnvoySupervisor:
 
     async def start(self) -> None:
         # Envoy dies with us, however we die (SIGKILL included): never an orphan holding the ports.
-        self.process = await asyncio.create_subprocess_exec(*dying_with_us(self._args), stdin=asyncio.subprocess.DEVNULL)
+        self.process = await asyncio.create_subprocess_exec(*dying_with_us(self._args),
+                                                            stdin=asyncio.subprocess.DEVNULL)
         await wait_ready(self._admin, self.process)
 
     async def run_until_signal(self) -> int:
@@ -204,8 +206,8 @@ class EnvoySupervisor:
                 now = loop.time()
                 self._restarts = [t for t in self._restarts if now - t < self.RESTART_WINDOW_S] + [now]
                 if len(self._restarts) > self.MAX_RESTARTS:
-                    log.error("envoy exited with code %s, the %d. time within %.0fs: giving up", self.process.returncode,
-                              len(self._restarts), self.RESTART_WINDOW_S)
+                    log.error("envoy exited with code %s, the %d. time within %.0fs: giving up",
+                              self.process.returncode, len(self._restarts), self.RESTART_WINDOW_S)
                     return 1
                 log.error("envoy exited unexpectedly with code %s: restarting it", self.process.returncode)
                 await asyncio.sleep(0.5 * len(self._restarts))

@@ -32,6 +32,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from ..dataplane.authentication import authenticator_for
 from ..policy.table import EMPTY_TABLE, RoutingTable, TableHolder
@@ -79,7 +80,7 @@ class BroadcastingHolder(TableHolder):
         self._table = table
         self.pool: WorkerPool | None = None
 
-    @property  # type: ignore[override]  (a plain attribute in TableHolder)
+    @property  # a plain attribute in TableHolder
     def table(self) -> RoutingTable:
         return self._table
 
@@ -181,7 +182,7 @@ class WorkerPool:
             w.process.join(5)
 
 
-class MergedRegistry:
+class MergedRegistry(Collector):
     """What `/metrics` shows with workers: this process's samples plus every worker's, summed."""
 
     def __init__(self, registry, pool: WorkerPool | None = None):
@@ -221,7 +222,8 @@ def _worker_main(conn, parent: int, host: str, port: int, table: bytes, body_lim
     if arm is not None:
         arm()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the main process decides
-    logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s")
+    logging.basicConfig(level=log_level.upper(),
+                        format=f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s")
     keep_body_buffers()
     collect_cycles_rarely()
     try:

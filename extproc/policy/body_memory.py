@@ -18,6 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from ..errors import GatewayError
 
@@ -43,7 +49,8 @@ class Inflight:
     """Streams open and body bytes held, with the cap on the bytes. Single-threaded (the event
     loop's); `take`/`give_back` are the only operations on the request path."""
 
-    def __init__(self, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES_IN_FLIGHT, trim=None):
+    def __init__(self, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES_IN_FLIGHT,
+                 trim: Callable[[], object] | None = None):
         self.cap = max_body_bytes
         self.held = 0
         self.streams = 0
@@ -73,16 +80,15 @@ class Inflight:
                 self._trim()
 
 
-def register_metrics(registry, inflight: Inflight, worker: str = "0") -> None:
+def register_metrics(registry: CollectorRegistry, inflight: Inflight, worker: str = "0") -> None:
     """Gauges of what is held now, and the refusals so far, read when /metrics is scraped. With
-    worker processes (extproc.workers) every series is their sum, but for the streams opened,
+    worker processes (extproc.ops.workers) every series is their sum, but for the streams opened,
     which has one series per process (`worker`: 0 is the main one)."""
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-    class _Collector:
-        def collect(self):
+    class _Collector(Collector):
+        def collect(self) -> Iterator[Metric]:
             yield GaugeMetricFamily("llm_gateway_body_bytes_in_flight",
-                                    "Request-body bytes the ext_proc holds now, across all streams", value=inflight.held)
+                                    "Request-body bytes the ext_proc holds now, across all streams",
+                                    value=inflight.held)
             yield GaugeMetricFamily("llm_gateway_body_bytes_in_flight_limit",
                                     "The cap on request-body bytes held at once (--max-body-bytes-in-flight)",
                                     value=inflight.cap)

@@ -25,9 +25,11 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from redis.asyncio import Redis
 
 from .. import protobuf_wire as wire
 from ..telemetry import fast_series as series
+from ..telemetry.fast_series import CounterSeries
 from .budgets import (
     HEADER_METADATA,
     Admission,
@@ -79,8 +81,9 @@ return {tostring(tok), tostring(req)}
 
 class BudgetMetrics:
     def __init__(self, registry: CollectorRegistry):
-        self.refused = series.Counter("llm_gateway_budget_refused", "Requests refused by a budget (reason: tokens, requests, "
-                               "unavailable)", ("budget", "rule", "reason"), registry=registry)
+        self.refused = series.Counter("llm_gateway_budget_refused",
+                                      "Requests refused by a budget (reason: tokens, requests, unavailable)",
+                                      ("budget", "rule", "reason"), registry=registry)
         self.charged = series.Counter("llm_gateway_budget_tokens_charged", "Tokens charged to budgets",
                                ("budget", "rule"), registry=registry)
         self.redis_errors = Counter("llm_gateway_budget_redis_errors", "Failed syncs with Redis", registry=registry)
@@ -91,9 +94,9 @@ class BudgetMetrics:
                               "0 during an outage", registry=registry)
         self.syncs = Counter("llm_gateway_budget_syncs", "Successful syncs with Redis", registry=registry)
         self.redis_up.set(1)
-        self._charged: dict[tuple[str, str], object] = {}  # labelled series, looked up once
+        self._charged: dict[tuple[str, str], CounterSeries] = {}  # labelled series, looked up once
 
-    def charged_series(self, budget: str, rule: str):
+    def charged_series(self, budget: str, rule: str) -> CounterSeries:
         series = self._charged.get((budget, rule))
         if series is None:
             series = self._charged[(budget, rule)] = self.charged.labels(budget, rule)
@@ -110,7 +113,8 @@ def _identity(budget: str, rule: str, key: str, answer: Admission, buckets: list
     limits."""
     parts = [wire.string_entry("budget", budget), wire.string_entry("budget_rule", rule),
              wire.string_entry("budget_key", key)]
-    parts += [wire.string_entry(HEADER_METADATA[name], value) for name, value in answer.headers if name in _LIMIT_HEADERS]
+    parts += [wire.string_entry(HEADER_METADATA[name], value) for name, value in answer.headers
+              if name in _LIMIT_HEADERS]
     if len(buckets) > 1:  # one bucket is named by the three fields above
         parts.append(wire.struct_entry("budget_buckets", wire.list_value([wire.string_value(b) for b in buckets])))
     return b"".join(parts)
@@ -143,9 +147,9 @@ class Admitted:
             numbers = self._numbers = _numbers(self.answer)
         return identity + numbers
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, object]:
         """The same, as plain values (tests, `extproc route`)."""
-        out: dict = {"budget": self.budget, "budget_rule": self.rule, "budget_key": self.key}
+        out: dict[str, object] = {"budget": self.budget, "budget_rule": self.rule, "budget_key": self.key}
         if len(self.buckets) > 1:
             out["budget_buckets"] = list(self.buckets)
         for name, value in self.answer.headers:
@@ -162,7 +166,10 @@ def _duration_key(seconds: float) -> int:
     return math.ceil(seconds - 1e-9)
 
 
-def answer_key(rule: BudgetRule, used_tokens: float, used_requests: float) -> tuple | None:
+AnswerKey = tuple[int, int, int] | tuple[int, int, int, int, int]
+
+
+def answer_key(rule: BudgetRule, used_tokens: float, used_requests: float) -> AnswerKey | None:
     """What an admission's answer depends on, where it admits: two levels of one rule with the
     same key get the same answer and headers (so it is computed once). None where it refuses.
     The rule is named by its identity: keys are kept only while the table holding it is in force."""
@@ -177,7 +184,11 @@ def answer_key(rule: BudgetRule, used_tokens: float, used_requests: float) -> tu
             math.floor(rule.requests - after + 1e-9), _duration_key(after / rule.request_rate))
 
 
-_NO_RULE = ()  # a decision: no rule of the object matches
+# Which rule and bucket a set of header values means, worked out once: (rule, hashed key, bucket,
+# the bucket's identity entries, the rule's drain rates), or _NO_RULE.
+Decided = tuple[BudgetRule, str, str, bytes, tuple[float, float]]
+Decision = Decided | tuple[()]
+_NO_RULE: tuple[()] = ()  # a decision: no rule of the object matches
 
 
 class BudgetGate:
@@ -197,12 +208,13 @@ class BudgetGate:
         self._touched: dict[str, float] = {}  # bucket -> last admission or charge
         self._rates: dict[str, tuple[float, float]] = {}  # bucket -> drain rates of its rule
         self._decided_for: object = None  # the table the caches below were worked out for
-        self._decisions: dict[tuple[str, tuple], tuple] = {}  # (object, header values) -> rule, bucket, ...
-        self._answers: dict[tuple, tuple[Admission, bytes | None]] = {}  # answer_key -> answer, its numbers
+        # (object, header values) -> rule, bucket, ...
+        self._decisions: dict[tuple[str, tuple[bytes | None, ...]], Decision] = {}
+        self._answers: dict[AnswerKey, tuple[Admission, bytes | None]] = {}  # answer_key -> answer, its numbers
         self._identities: dict[tuple[str, ...], bytes] = {}  # several objects: head and buckets -> identity
         self.degraded = False
-        self._task: asyncio.Task | None = None
-        self._client = None
+        self._task: asyncio.Task[None] | None = None
+        self._client: Redis | None = None
 
     def configured(self) -> bool:
         """Whether the table in force has any budget: without one, finished answers owe nothing."""
@@ -229,7 +241,7 @@ class BudgetGate:
         if len(objects) == 1:  # the common case, without the lists the general one needs
             budget = objects[0]
             decision = self._decision(budget, headers)
-            if decision is _NO_RULE:
+            if not decision:  # _NO_RULE
                 return None
             rule, hashed, bucket, identity, rates = decision
             answer, numbers = self._answer(budget, rule, bucket, now)
@@ -238,10 +250,10 @@ class BudgetGate:
                 raise BudgetRefused(budget.name, rule.name, answer)
             self._used(bucket, rule, rates, now)
             return Admitted(budget.name, rule.name, hashed, answer, [bucket], identity, numbers)
-        chosen: list[tuple[Budget, tuple, Admission, bytes | None]] = []
+        chosen: list[tuple[Budget, Decided, Admission, bytes | None]] = []
         for budget in objects:
             decision = self._decision(budget, headers)
-            if decision is not _NO_RULE:
+            if decision:  # not _NO_RULE
                 chosen.append((budget, decision, *self._answer(budget, decision[0], decision[2], now)))
         if not chosen:
             return None
@@ -256,20 +268,20 @@ class BudgetGate:
         # the identity names every bucket (not the one kept for the head's bucket alone), and the
         # head's limits: kept per head and set of buckets, like the decisions
         named = (budget.name, rule.name, hashed, *buckets)
-        identity = self._identities.get(named)
-        if identity is None:
+        known = self._identities.get(named)
+        if known is None:
             if len(self._identities) > _CACHE_MAX:
                 self._identities.clear()
-            identity = self._identities[named] = _identity(budget.name, rule.name, hashed, answer, buckets)
-        return Admitted(budget.name, rule.name, hashed, answer, buckets, identity, numbers)
+            known = self._identities[named] = _identity(budget.name, rule.name, hashed, answer, buckets)
+        return Admitted(budget.name, rule.name, hashed, answer, buckets, known, numbers)
 
-    def _decision(self, budget: Budget, headers: Mapping[str, bytes]) -> tuple:
+    def _decision(self, budget: Budget, headers: Mapping[str, bytes]) -> Decision:
         """The kept decision for this request's values of the headers `budget` reads."""
         seen = tuple([headers.get(name) for name in budget.watched])  # a frozenset: one order per process
         decision = self._decisions.get((budget.name, seen))
         if decision is None:
             decision = self._decide(budget, {name: value.decode("latin-1") for name, value in
-                                             zip(budget.watched, seen) if value is not None}, seen)
+                                             zip(budget.watched, seen, strict=True) if value is not None}, seen)
         return decision
 
     def _answer(self, budget: Budget, rule: BudgetRule, bucket: str, now: float) -> tuple[Admission, bytes | None]:
@@ -297,13 +309,13 @@ class BudgetGate:
             self._touched[bucket] = now
             self._rates[bucket] = rates
 
-    def _decide(self, budget: Budget, values: dict[str, str], seen: tuple) -> tuple:
+    def _decide(self, budget: Budget, values: dict[str, str], seen: tuple[bytes | None, ...]) -> Decision:
         """Which rule of `budget` these header values match, and its bucket: (rule, hashed key,
         bucket, the bucket's identity entries, the rule's drain rates), or _NO_RULE. Kept for the
         table in force."""
         rule = budget.select(values)
         if rule is None:
-            decision: tuple = _NO_RULE
+            decision: Decision = _NO_RULE
         else:
             hashed = key_hash(values.get(budget.key_header, "") if budget.key_header else "")
             bucket = bucket_id(budget.name, rule.name, hashed)
@@ -343,11 +355,14 @@ class BudgetGate:
         now = self._clock()
         for bucket in buckets:
             parsed = parse_bucket_id(bucket)
-            rule = budgets.rules.get((parsed[0], parsed[1])) if parsed else None
+            if parsed is None:
+                continue
+            rule_key = (parsed[0], parsed[1])
+            rule = budgets.rules.get(rule_key)
             if rule is None:
                 continue
             self._add(bucket, rule, float(tokens), 0.0, now)
-            self.metrics.charged_series(parsed[0], parsed[1]).inc(tokens)
+            self.metrics.charged_series(rule_key[0], rule_key[1]).inc(tokens)
 
     # -- Redis --------------------------------------------------------------------------------
 
@@ -361,11 +376,10 @@ class BudgetGate:
         if self.redis_url is None:
             self._task = asyncio.create_task(self._forget_loop())
             return
-        import redis.asyncio as aioredis
-
-        self._client = aioredis.Redis.from_url(self.redis_url, socket_timeout=REDIS_TIMEOUT_S,
+        client = Redis.from_url(self.redis_url, socket_timeout=REDIS_TIMEOUT_S,
                                                socket_connect_timeout=REDIS_TIMEOUT_S)
-        self._script = self._client.register_script(_LUA)
+        self._client = client
+        self._script = client.register_script(_LUA)
         self._task = asyncio.create_task(self._sync_loop())
 
     async def stop(self) -> None:
@@ -422,6 +436,7 @@ class BudgetGate:
         self._pending = {}
         started = time.perf_counter()
         try:
+            assert self._client is not None  # started with a Redis URL
             pipe = self._client.pipeline(transaction=False)
             for bucket in buckets:
                 token_rate, request_rate = self._rates.get(bucket, (1.0, 1.0))
@@ -443,7 +458,7 @@ class BudgetGate:
             return False
         self.metrics.redis_seconds.observe(time.perf_counter() - started)
         now = self._clock()
-        for bucket, (tokens, requests) in zip(buckets, answers):
+        for bucket, (tokens, requests) in zip(buckets, answers, strict=False):
             since = self._pending.get(bucket, (0.0, 0.0))  # added here while the answer was on its way
             self._mirror[bucket] = [float(tokens) + since[0], float(requests) + since[1], now]
         if self.degraded:

@@ -77,7 +77,7 @@ def order_headers(order: tuple[Target, ...], policy: RetryPolicy) -> tuple[tuple
     """The headers a request with retries carries: its attempt order (cluster names, which
     Envoy's failover route reads per attempt) and the retry policy for Envoy's router."""
     clusters = [t.cluster for t in order]
-    nexts = [(next_header(c), after) for c, after in zip(clusters, [*clusters[1:], NO_PROVIDER_CLUSTER])]
+    nexts = [(next_header(c), after) for c, after in zip(clusters, [*clusters[1:], NO_PROVIDER_CLUSTER], strict=True)]
     return ((ORDER_HEADER, ",".join(clusters)), *nexts, *policy.envoy_headers())
 
 

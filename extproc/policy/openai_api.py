@@ -89,7 +89,7 @@ def upstream_path(endpoint: Endpoint, target: Target) -> str:
     return f"{target.base_path}/{endpoint.name}"
 
 
-def check_body(endpoint: Endpoint, data: dict) -> None:
+def check_body(endpoint: Endpoint, data: dict[str, object]) -> None:
     """The endpoint's own required field, with OpenAI's accepted shapes (400 otherwise)."""
     field = endpoint.required
     value = data.get(field) if field else None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from envoy.data.accesslog.v3 import accesslog_pb2
@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 
 from ..protocol import PROVIDER_CLUSTER_PREFIXES, UPSTREAM_END, host_of_cluster
-from ..telemetry.fast_series import Counter  # updated per finished request: the cheap kind
+from ..telemetry.fast_series import Counter, CounterSeries  # updated per finished request: the cheap kind
 
 DEFAULT_CONSECUTIVE_ERRORS = 3
 DEFAULT_COOL_DOWN_S = 30.0
@@ -126,7 +126,7 @@ class AttemptObserver:
         self.failovers = Counter("llm_gateway_failovers",
                                  "Failed attempts after which the request went on to the next provider",
                                  ("provider", "reason"), registry=registry)
-        self._ok: dict[str, object] = {}
+        self._ok: dict[str, CounterSeries] = {}
         registry.register(_CoolingGauge(health, clock))
 
     def _host(self, cluster: str) -> str:
@@ -185,7 +185,7 @@ class _CoolingGauge:
         self._health = health
         self._clock = clock
 
-    def collect(self):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         gauge = GaugeMetricFamily("llm_gateway_provider_cooling_down",
                                   "1 while a provider is cooling down (skipped by failover after consecutive failures)",
                                   labels=["provider"])

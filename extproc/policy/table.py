@@ -37,7 +37,8 @@ class Target:
     embedding_model: str | None = None  # replaces the client's model on embeddings
     # what the ext_proc answers every request to this target with, per endpoint, built once
     # (`extproc.dataplane.answers`): kept here because hashing a target's fields per lookup costs more
-    answers: dict[object, tuple[bytes, bytes]] = field(default_factory=dict, init=False, compare=False, hash=False, repr=False)
+    answers: dict[object, tuple[bytes, bytes]] = field(default_factory=dict, init=False, compare=False, hash=False,
+                                                       repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +110,8 @@ class Route:
     name: str  # "namespace/name"
     rules: tuple[Rule, ...]
     match_headers: frozenset[str]  # the lower-case header names any rule looks at
-    visible: frozenset[str] | None = None  # namespaces whose workloads may use it; None: all (see extproc.policy.visibility)
+    # namespaces whose workloads may use it; None: all (see extproc.policy.visibility)
+    visible: frozenset[str] | None = None
     bases: frozenset[str] = DEFAULT_BASES  # the client base paths it accepts (see `extproc.policy.openai_api`)
 
     def select(self, headers: Mapping[str, str]) -> Rule | None:
@@ -122,7 +124,8 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class Forward:
-    """A host this proxy does not decide: its plain HTTP goes to an egress gateway (see `extproc.policy.gateway_binding`)."""
+    """A host this proxy does not decide: its plain HTTP goes to an egress gateway (see
+    `extproc.policy.gateway_binding`)."""
 
     gateway: str  # "namespace/name"
     cluster: str  # the sidecars' cluster for the gateway's Service
@@ -142,7 +145,8 @@ class RoutingTable:
     @cached_property  # once per table (not a dataclass field: no part of equality)
     def cluster_hosts(self) -> dict[str, str]:
         """Every provider cluster (plain and failover) -> its provider host."""
-        return {cluster: host for clusters in (self.clusters, self.failover_clusters) for host, cluster in clusters.items()}
+        return {cluster: host for clusters in (self.clusters, self.failover_clusters)
+                for host, cluster in clusters.items()}
 
     def route_for(self, authority: str) -> Route | None:
         # routes are keyed by normalized names: an exact hit needs no normalizing (the usual case)

@@ -9,6 +9,8 @@ token and time per output token come from Envoy's time points, sent as custom ta
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import struct_pb2
 
@@ -23,7 +25,8 @@ def _micros(text: str | None) -> int | None:
     return int(text) if text and text.isdigit() else None
 
 
-def stream_timings(content_type: str, tags, completion_tokens: int | None) -> tuple[float | None, float | None]:
+def stream_timings(content_type: str, tags: Mapping[str, str], completion_tokens: int | None
+                   ) -> tuple[float | None, float | None]:
     """Time to first token and per output token (seconds) of a streamed answer, from Envoy's time
     points: the first token is the provider's first body byte (its first event) after the
     request's first byte; the time per output token is the time from that first byte to the
@@ -39,12 +42,13 @@ def stream_timings(content_type: str, tags, completion_tokens: int | None) -> tu
     return ttft, tpot
 
 
-def _client_went_away(details: str, flags) -> bool:
+def _client_went_away(details: str, flags: accesslog_pb2.ResponseFlags) -> bool:
     """The client hung up before the answer was whole: Envoy's DC flag or its reason."""
-    return flags.downstream_connection_termination or details.startswith(CLIENT_GONE_DETAILS)
+    gone: bool = flags.downstream_connection_termination
+    return gone or details.startswith(CLIENT_GONE_DETAILS)
 
 
-def outcome_of(status: int, details: str, stream_error: str, flags) -> tuple[str, str]:
+def outcome_of(status: int, details: str, stream_error: str, flags: accesslog_pb2.ResponseFlags) -> tuple[str, str]:
     """(outcome, error type) of a finished request, from its status, Envoy's reason for it
     (`response_code_details`), an error event seen in its stream and Envoy's response flags."""
     if details == "via_upstream" and not flags.downstream_connection_termination:  # most requests
@@ -70,11 +74,12 @@ def outcome_of(status: int, details: str, stream_error: str, flags) -> tuple[str
     return "gateway_error", error_type
 
 
-_NO_FIELDS: dict = {}
+_NO_FIELDS: dict[str, struct_pb2.Value] = {}
 
 
-def _text(value) -> str:
-    return value.string_value if value is not None else ""
+def _text(value: struct_pb2.Value | None) -> str:
+    text: str = value.string_value if value is not None else ""
+    return text
 
 
 def metadata_number(value: struct_pb2.Value | None) -> float | None:
@@ -82,7 +87,7 @@ def metadata_number(value: struct_pb2.Value | None) -> float | None:
     writes them as text is read too. None where it is absent or not a number."""
     if value is None:
         return None
-    number = value.number_value
+    number: float = value.number_value
     if number:  # the common case, without asking which kind the value is (a costly call here)
         return number
     kind = value.WhichOneof("kind")
@@ -96,7 +101,7 @@ def metadata_number(value: struct_pb2.Value | None) -> float | None:
     return None
 
 
-def _tokens(value) -> int | None:
+def _tokens(value: struct_pb2.Value | None) -> int | None:
     number = metadata_number(value)
     return int(number) if number is not None else None
 

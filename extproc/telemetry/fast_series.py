@@ -13,8 +13,13 @@ not yet): the next scrape is exact again, as Prometheus' own clients allow.
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections.abc import Iterable
+from typing import Generic, TypeVar
 
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 
@@ -36,20 +41,23 @@ class HistogramSeries:
 class CounterSeries:
     __slots__ = ("value",)
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.value = 0.0
 
     def inc(self, amount: float = 1) -> None:
         self.value += amount
 
 
-class _Family:
-    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...], registry):
+S = TypeVar("S", HistogramSeries, CounterSeries)
+
+
+class _Family(Collector, Generic[S]):
+    def __init__(self, name: str, documentation: str, labelnames: Iterable[str], registry: CollectorRegistry):
         self.name, self.documentation, self.labelnames = name, documentation, tuple(labelnames)
-        self._series: dict[tuple[str, ...], object] = {}
+        self._series: dict[tuple[str, ...], S] = {}
         registry.register(self)
 
-    def labels(self, *values: str):
+    def labels(self, *values: str) -> S:
         """The series of these label values (made on first use), as prometheus-client's `labels`."""
         if len(values) != len(self.labelnames):
             raise ValueError(f"{self.name}: {len(self.labelnames)} label values expected, got {len(values)}")
@@ -59,18 +67,19 @@ class _Family:
             series = self._series[values] = self._new()
         return series
 
-    def _new(self):
+    def _new(self) -> S:
         raise NotImplementedError
 
-    def describe(self):  # registration without a collect (prometheus-client asks for names)
+    def describe(self) -> list[Metric]:  # registration without a collect (prometheus-client asks for names)
         return [self._empty()]
 
-    def _empty(self):
+    def _empty(self) -> Metric:
         raise NotImplementedError
 
 
-class Histogram(_Family):
-    def __init__(self, name: str, documentation: str, labelnames, buckets: tuple[float, ...], registry):
+class Histogram(_Family[HistogramSeries]):
+    def __init__(self, name: str, documentation: str, labelnames: Iterable[str], buckets: Iterable[float],
+                 registry: CollectorRegistry):
         self._bounds = tuple(float(b) for b in buckets)
         self._les = [floatToGoString(b) for b in self._bounds] + ["+Inf"]
         super().__init__(name, documentation, labelnames, registry)
@@ -81,25 +90,25 @@ class Histogram(_Family):
     def _empty(self) -> HistogramMetricFamily:
         return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
-    def collect(self):
+    def collect(self) -> list[Metric]:
         family = self._empty()
         for values, series in list(self._series.items()):
             running, buckets = 0, []
-            for le, count in zip(self._les, list(series.counts)):
+            for le, count in zip(self._les, list(series.counts), strict=True):
                 running += count
                 buckets.append((le, running))
             family.add_metric(list(values), buckets, series.sum)
         return [family]
 
 
-class Counter(_Family):
+class Counter(_Family[CounterSeries]):
     def _new(self) -> CounterSeries:
         return CounterSeries()
 
     def _empty(self) -> CounterMetricFamily:
         return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
-    def collect(self):
+    def collect(self) -> list[Metric]:
         family = self._empty()
         for values, series in list(self._series.items()):
             family.add_metric(list(values), series.value)

@@ -8,12 +8,19 @@ small bounded set (outcome, error type); a provider-reported model name is cappe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry
 
-from .fast_series import Counter, Histogram  # prometheus-client's families, cheaper to update (see there)
+from .fast_series import (  # prometheus-client's families, cheaper to update (see there)
+    Counter,
+    CounterSeries,
+    Histogram,
+    HistogramSeries,
+)
 
 # `*_created` series double the exposition for no use here.
 prometheus_client.disable_created_metrics()
@@ -56,27 +63,31 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.token_usage = Histogram("gen_ai_client_token_usage", "Tokens used per request (GenAI gen_ai.client.token.usage)",
+        self.token_usage = Histogram("gen_ai_client_token_usage",
+                                     "Tokens used per request (GenAI gen_ai.client.token.usage)",
                                      (*_BASE, "gen_ai_token_type"), buckets=TOKEN_BUCKETS, registry=r)
         self.duration = Histogram("gen_ai_server_request_duration_seconds",
                                   "Request duration through the gateway (GenAI gen_ai.server.request.duration)",
                                   (*_BASE, "error_type"), buckets=DURATION_BUCKETS, registry=r)
         self.ttft = Histogram("gen_ai_server_time_to_first_token_seconds",
-                              "Time to the first generated token of a streamed answer (GenAI gen_ai.server.time_to_first_token)",
+                              "Time to the first generated token of a streamed answer "
+                              "(GenAI gen_ai.server.time_to_first_token)",
                               _BASE, buckets=TTFT_BUCKETS, registry=r)
         self.tpot = Histogram("gen_ai_server_time_per_output_token_seconds",
-                              "Time per output token after the first, streamed answers (GenAI gen_ai.server.time_per_output_token)",
+                              "Time per output token after the first, streamed answers "
+                              "(GenAI gen_ai.server.time_per_output_token)",
                               _BASE, buckets=TPOT_BUCKETS, registry=r)
         self.requests = Counter("llm_gateway_requests",
-                                "Requests by outcome: success, provider_error, rejected, gateway_error, client_cancelled",
+                                "Requests by outcome: success, provider_error, rejected, gateway_error, "
+                                "client_cancelled",
                                 (*_BASE, "outcome", "error_type"), registry=r)
         # values that come from clients or providers, not from the config: capped in number
         self._seen: dict[str, set[str]] = {"request_model": set(), "response_model": set(), "error_type": set()}
         # labelled series, looked up once (`labels()` costs more than an update) and made only when
         # first used, so a request without tokens adds no empty token series
-        self._series: dict[tuple, object] = {}
+        self._series: dict[tuple[object, tuple[str, ...]], HistogramSeries | CounterSeries] = {}
         # per set of a record's label values: its series, found with one lookup (see `observe`)
-        self._bundles: dict[tuple, list] = {}
+        self._bundles: dict[tuple[str, ...], list[Callable[[], Any]]] = {}
 
     def _capped(self, kind: str, value: str) -> str:
         seen = self._seen[kind]
@@ -108,7 +119,7 @@ class GatewayMetrics:
         if rec.tpot_s is not None:
             tpot().observe(rec.tpot_s)
 
-    def _bundle(self, rec: RequestRecord) -> list:
+    def _bundle(self, rec: RequestRecord) -> list[Callable[[], Any]]:
         """A record's six series, each made on first use (capped label values decided once)."""
         base = (rec.operation, rec.provider_host, self._capped("request_model", rec.request_model),
                 self._capped("response_model", rec.response_model), rec.route, rec.rule, rec.provider)
@@ -118,16 +129,16 @@ class GatewayMetrics:
                   (self.ttft, base), (self.tpot, base))
         return [self._lazy(metric, labels) for metric, labels in wanted]
 
-    def _lazy(self, metric, labels: tuple):
-        series: list = []
+    def _lazy(self, metric: Histogram | Counter, labels: tuple[str, ...]) -> Callable[[], Any]:
+        series: list[HistogramSeries | CounterSeries] = []
 
-        def get():
+        def get() -> HistogramSeries | CounterSeries:
             if not series:
                 series.append(self._series_of(metric, *labels))
             return series[0]
         return get
 
-    def _series_of(self, metric, *labels: str):
+    def _series_of(self, metric: Histogram | Counter, *labels: str) -> HistogramSeries | CounterSeries:
         key = (metric, labels)
         series = self._series.get(key)
         if series is None:

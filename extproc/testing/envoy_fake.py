@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..demo.ca import ThrowawayCA
+from ..envoy.bootstrap import HCM_NAME, HCM_TYPE
 
 ANSWER = {
     "id": "chatcmpl-fast", "object": "chat.completion", "created": 1720680044, "model": "fast-fake-model",
@@ -37,7 +38,7 @@ def fake_bootstrap(cert_file: Path, key_file: Path, port: int, admin_port: int, 
     tls = {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
            "common_tls_context": {"alpn_protocols": ["h2", "http/1.1"], "tls_certificates": [{
                "certificate_chain": {"filename": str(cert_file)}, "private_key": {"filename": str(key_file)}}]}}
-    hcm = {"@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+    hcm = {"@type": HCM_TYPE,
            "stat_prefix": "fake", "codec_type": "AUTO",
            "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [{
                "match": {"prefix": "/", "headers": [{"name": STREAM_HEADER, "present_match": True}]},
@@ -51,12 +52,12 @@ def fake_bootstrap(cert_file: Path, key_file: Path, port: int, admin_port: int, 
     listeners = [{
         "name": "fake", "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
         "filter_chains": [{"transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": tls},
-                           "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+                           "filters": [{"name": HCM_NAME, "typed_config": hcm}]}],
     }]
     if plain_port is not None:  # the same answers over plain HTTP, for clients whose TLS trust is awkward
         listeners.append({
             "name": "fake_plain", "address": {"socket_address": {"address": "127.0.0.1", "port_value": plain_port}},
-            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+            "filter_chains": [{"filters": [{"name": HCM_NAME, "typed_config": hcm}]}],
         })
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
@@ -81,7 +82,8 @@ def start_envoy_fake(envoy: str, ca: ThrowawayCA, hosts: list[str], port: int, a
                      concurrency: int = 1, plain_port: int | None = None) -> EnvoyFake:
     cert = ca.issue(hosts, stem="envoy-fake")
     config = workdir / "envoy-fake.json"
-    config.write_text(json.dumps(fake_bootstrap(cert.cert_file, cert.key_file, port, admin_port, plain_port=plain_port)))
+    boot = fake_bootstrap(cert.cert_file, cert.key_file, port, admin_port, plain_port=plain_port)
+    config.write_text(json.dumps(boot))
     process = subprocess.Popen([envoy, "-c", str(config), "--disable-hot-restart", "--concurrency", str(concurrency),
                                 "--log-level", "error"],
                                stdout=subprocess.DEVNULL, stderr=(workdir / "envoy-fake.log").open("wb"))

@@ -19,22 +19,32 @@ end
 """
 
 
+def _found(pattern: str, text: str, flags: int = 0) -> str:
+    """The first group of `pattern` in wrk's output; wrk printed something else: say so."""
+    m = re.search(pattern, text, flags)
+    if m is None:
+        raise RuntimeError(f"wrk's output has no {pattern!r}:\n{text}")
+    return m.group(1)
+
+
 def _ms(text: str) -> float:
-    value, unit = re.match(r"([\d.]+)(us|ms|s|m)", text).groups()
+    value, unit = _found(r"^([\d.]+)(us|ms|s|m)$", text), _found(r"^[\d.]+(us|ms|s|m)$", text)
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
 
 
 def run_wrk(port: int, script: Path, connections: int, seconds: float, threads: int | None = None) -> dict:
     """requests, rps, p50_ms, p99_ms and errors (non-2xx answers plus socket errors) of one wrk run."""
     threads = threads or (1 if connections == 1 else 2)
-    out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{int(seconds)}s", "--latency", "--timeout", "10s",
+    out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{int(seconds)}s", "--latency",
+                          "--timeout", "10s",
                           "-s", str(script), f"http://127.0.0.1:{port}/"],
                          capture_output=True, text=True, timeout=seconds + 60).stdout
-    result = {"requests": int(re.search(r"(\d+) requests in", out).group(1)),
-              "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+    result: dict[str, float] = {
+              "requests": int(_found(r"(\d+) requests in", out)),
+              "rps": float(_found(r"Requests/sec:\s+([\d.]+)", out)),
               # the latency distribution's own lines (Thread Stats has percentages too)
-              "p50_ms": _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),
-              "p99_ms": _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)),
+              "p50_ms": _ms(_found(r"^\s+50%\s+(\S+)", out, re.M)),
+              "p99_ms": _ms(_found(r"^\s+99%\s+(\S+)", out, re.M)),
               "non_2xx": 0, "socket_errors": 0}
     if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
         result["non_2xx"] = int(m.group(1))
