@@ -81,32 +81,12 @@ def order_headers(order: tuple[Target, ...], policy: RetryPolicy) -> tuple[tuple
     return ((ORDER_HEADER, ",".join(clusters)), *nexts, *policy.envoy_headers())
 
 
-_index_of: list[object] = [None, None]  # the last table and its index
-
-
-def _targets_by_rule(table: RoutingTable) -> dict[tuple[str, str], dict[str, Target]]:
-    """(route, rule) -> cluster -> the target that rule gives that provider, for a table."""
-    if _index_of[0] is table:
-        return _index_of[1]  # type: ignore[return-value]
-    index: dict[tuple[str, str], dict[str, Target]] = {}
-    for route in table.routes.values():
-        for rule in route.rules:
-            if rule.failover is None:
-                continue
-            by_cluster = index.setdefault((route.name, rule.name), {})
-            for order in rule.failover.orders:
-                for target in order:
-                    by_cluster.setdefault(target.cluster, target)
-    _index_of[:] = [table, index]
-    return index
-
-
 def retry_target(table: RoutingTable, route: str, rule: str, order: str, attempt: int) -> Target:
     """The target of attempt `attempt` (2 or more) of a request of `route`/`rule`."""
     clusters = order.split(",") if order else []
     if not 2 <= attempt <= len(clusters):
         raise GatewayError(500, "the gateway could not prepare a retry", "retry_error")
-    target = _targets_by_rule(table).get((route, rule), {}).get(clusters[attempt - 1])
+    target = table.retry_targets.get((route, rule), {}).get(clusters[attempt - 1])
     if target is None:  # the config changed under the request: its rule no longer names it
         raise GatewayError(503, "the provider of this retry is no longer configured", "retry_provider_gone",
                            "server_error")
@@ -115,7 +95,7 @@ def retry_target(table: RoutingTable, route: str, rule: str, order: str, attempt
 
 def tried_before(table: RoutingTable, route: str, rule: str, order: str, attempt: int) -> str:
     """The provider hosts of the attempts before `attempt`, comma-separated (the access log's `tried`)."""
-    by_cluster = _targets_by_rule(table).get((route, rule), {})
+    by_cluster = table.retry_targets.get((route, rule), {})
     return ",".join(by_cluster[c].provider_host if c in by_cluster else c for c in order.split(",")[: attempt - 1])
 
 

@@ -148,6 +148,21 @@ class RoutingTable:
         return {cluster: host for clusters in (self.clusters, self.failover_clusters)
                 for host, cluster in clusters.items()}
 
+    @cached_property
+    def retry_targets(self) -> dict[tuple[str, str], dict[str, Target]]:
+        """(route, rule) -> cluster -> the target that rule gives that provider: a retried
+        attempt's provider, found from the cluster its attempt order names."""
+        index: dict[tuple[str, str], dict[str, Target]] = {}
+        for route in self.routes.values():
+            for rule in route.rules:
+                if rule.failover is None:
+                    continue
+                by_cluster = index.setdefault((route.name, rule.name), {})
+                for order in rule.failover.orders:
+                    for target in order:
+                        by_cluster.setdefault(target.cluster, target)
+        return index
+
     def route_for(self, authority: str) -> Route | None:
         # routes are keyed by normalized names: an exact hit needs no normalizing (the usual case)
         route = self.routes.get(authority)
