@@ -52,6 +52,7 @@ class ExternalProcessor:
         self.body_limit = body_limit
         self.inflight = inflight or Inflight()
         self.health = health if health is not None else PassiveHealth()
+        self._cooling = lambda: self.health.cooling(self.clock())
 
     def exchange(self, caller: Caller | None = LOCAL) -> Exchange:
         """A new stream's state, for a verified caller (the HTTP/2 server never opens an ext_proc
@@ -64,8 +65,7 @@ class ExternalProcessor:
         """The request's decision, from its headers (a name sent twice: the last value, as
         everywhere; read with a comprehension, a µs less than a loop)."""
         raw: dict[str, bytes] = {h.key: h.raw_value for h in headers_msg.headers.headers}
-        return decide(self.holder.table, raw, not headers_msg.end_of_stream, caller, self.draw(),
-                      self.health.cooling(self.clock()))
+        return decide(self.holder.table, raw, not headers_msg.end_of_stream, caller, self.draw(), self._cooling)
 
     @staticmethod
     def forward(body: bytes, chunks: int, decision: Decision, budget: Admitted | None = None) -> list[bytes]:

@@ -15,7 +15,7 @@ headers). The body is checked and rewritten for the decision's target by
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ..errors import GatewayError
@@ -85,11 +85,14 @@ def match(table: RoutingTable, authority: str, headers: Mapping[str, str],
 
 
 def decide(table: RoutingTable, headers: dict[str, bytes], has_body: bool, caller: Caller, draw: float,
-           cooling: Mapping[str, float]) -> Decision | ModelList:
+           cooling: Callable[[], Mapping[str, float]]) -> Decision | ModelList:
     """The decision for one request (see the module's docstring). `cooling`: the provider hosts
-    cooling down now (`extproc.policy.passive_health`), left out of attempt orders."""
+    cooling down now (`extproc.policy.passive_health`), left out of attempt orders; asked only
+    for a rule with retries."""
     authority = headers.get(":authority", b"").decode("latin-1")
-    route = route_for(table, authority, caller.namespace)
+    route = table.route_for(authority)
+    if route is None or not may_use(caller.namespace, route.visible):
+        route = route_for(table, authority, caller.namespace)  # says why not
     endpoint = openai_api.recognize(headers.get(":method", b"").decode("latin-1"),
                                     headers.get(":path", b"").decode("latin-1"), route.bases)
     if endpoint is openai_api.MODELS:
@@ -107,7 +110,7 @@ def decide(table: RoutingTable, headers: dict[str, bytes], has_body: bool, calle
                         declared)
     # a rule with retries: the first provider of the attempt order, and the headers that give
     # Envoy the order and the retry policy (extproc.policy.failover)
-    target, attempt_headers = first_attempt(rule.failover, rule.pick_index(draw), cooling)
+    target, attempt_headers = first_attempt(rule.failover, rule.pick_index(draw), cooling())
     return Decision(route, rule, target, endpoint, authority, headers, strip, attempt_headers, declared)
 
 

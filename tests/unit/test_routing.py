@@ -23,7 +23,7 @@ def pick(table: RoutingTable, authority: str, headers: dict[str, str], draw: flo
     raw = {":authority": authority.encode(), ":method": b"POST", ":path": b"/v1/chat/completions",
            **{k: v.encode() for k, v in headers.items()}}
     try:
-        decision = decide(table, raw, True, LOCAL, draw, {})
+        decision = decide(table, raw, True, LOCAL, draw, dict)
     except GatewayError as refusal:
         assert refusal.status == 404
         return None
