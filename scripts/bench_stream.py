@@ -7,7 +7,7 @@ request benchmark and this one change independently.
 - `run_streams`: C concurrent streamed requests to a contender; per event, the gap between the
   provider writing it and the client reading it.
 - `floor_server`: the ext_proc design's floor: the same lean HTTP/2 server as the gateway
-  (`extproc.h2_server`) answering every request with a prebuilt response (no parsing, routing or
+  (`extproc.dataplane.grpc_h2`) answering every request with a prebuilt response (no parsing, routing or
   rewrite), and taking the access log without reading it.
 
 Experiment knobs for the floor's bootstrap (attributing a cost; not for the headline figures):

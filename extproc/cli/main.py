@@ -41,7 +41,7 @@ from .flags import (
     view_from_args,
 )
 
-log = logging.getLogger("extproc")
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:

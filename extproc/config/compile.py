@@ -51,13 +51,13 @@ class Compiled:
 
 def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bool = False,
                    home: str | None = None) -> Compiled:
-    """The routing table for `view` (the mesh, or one egress gateway; see `extproc.gateways`).
+    """The routing table for `view` (the mesh, or one egress gateway; see `extproc.policy.gateway_binding`).
     Which objects are accepted does not depend on the view, except that the mesh view also
     refuses a route naming an egress gateway it does not know.
 
     With `namespaces` (Kubernetes, where each namespace has its own authors), a route may use
     only providers exported to its namespace, and each route records the namespaces whose
-    workloads may use it (see `extproc.auth.visible_to`; `home` is the control plane's namespace).
+    workloads may use it (see `extproc.policy.visibility`; `home` is the control plane's namespace).
     Without (files, which the operator writes), every object may use every other."""
     problems: list[Problem] = []
     for obj in objects:
@@ -126,7 +126,7 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
     forwarded = {name: forward for name, forward in forwarded.items() if name not in routes}
 
     # A provider host that no LLMRoute names is routed to the provider itself, where the
-    # provider's key is needed (see `extproc.gateways`). Its exact host is claimed before any
+    # provider's key is needed (see `extproc.policy.gateway_binding`). Its exact host is claimed before any
     # provider's namespace aliases; a name an LLMRoute holds (here or forwarded) stays the route's.
     referrers: dict[str, list[tuple[str, ...]]] = {host: [] for host in providers}
     for obj in objects:

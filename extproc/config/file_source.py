@@ -19,7 +19,7 @@ from .compile import Compiled, compile_config
 from .loader import config_files, load_paths
 from .problems import ConfigError, errors
 
-log = logging.getLogger("extproc.config")
+log = logging.getLogger(__name__)
 
 
 def load_config(paths: Sequence[str | Path], environ: dict[str, str] | None = None, view: View = MESH_VIEW) -> Compiled:

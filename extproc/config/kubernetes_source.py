@@ -28,7 +28,7 @@ from .crds import BUDGET_GROUP, BUDGET_VERSION, GROUP, VERSION
 from .loader import Loaded, parse_object
 from .problems import Problem
 
-log = logging.getLogger("extproc.kubernetes")
+log = logging.getLogger(__name__)
 
 SOURCE_LABEL = "kubernetes"
 PLURALS = {"LLMProvider": "llmproviders", "LLMRoute": "llmroutes", "LLMTokenRateLimit": "llmtokenratelimits"}
@@ -82,7 +82,7 @@ class KubernetesSource:
         self._stopping = threading.Event()
         self._versions: dict[str, str] = {}  # resourceVersion of each kind's first list
         self._secret_version = ""
-        # replicas: only the elected leader writes status (see extproc.leader); one process always may
+        # replicas: only the elected leader writes status (see extproc.ops.leader); one process always may
         self.may_write_status: Callable[[], bool] = lambda: True
 
     # ------------------------------------------------------------------ lifecycle

@@ -291,7 +291,8 @@ def unimplemented_fields(obj: LLMProvider | LLMRoute | LLMTokenRateLimit) -> lis
         return []
     found = [f"spec.{alias}" for name, alias in (("workload_selector", "workloadSelector"), ("gateways", "gateways"))
              if getattr(obj.spec, name) is not None
-             and not (isinstance(obj, LLMRoute) and name == "gateways")]  # a route's gateways: extproc.gateways
+             # a route's gateways are served: extproc.policy.gateway_binding
+             and not (isinstance(obj, LLMRoute) and name == "gateways")]
     if isinstance(obj, LLMRoute):
         for i, rule in enumerate(obj.spec.rules):
             for j, match in enumerate(rule.matches):

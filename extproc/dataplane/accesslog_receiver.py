@@ -20,7 +20,7 @@ from ..protocol import METADATA_NAMESPACE, UPSTREAM_END
 from ..telemetry.access_entries import metadata_number, record_from_entry
 from ..telemetry.metrics import GatewayMetrics, RequestRecord
 
-log = logging.getLogger("extproc.accesslog")
+log = logging.getLogger(__name__)
 
 
 class AccessLogReceiver:

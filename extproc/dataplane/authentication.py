@@ -33,7 +33,7 @@ import grpc
 
 from ..policy.caller import LOCAL, Caller
 
-log = logging.getLogger("extproc.auth")
+log = logging.getLogger(__name__)
 
 DEFAULT_AUDIENCE = "llm-gateway"
 SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"

@@ -31,7 +31,7 @@ from ..policy.caller import LOCAL, Caller
 from ..protocol import HEALTH_CHECK
 from .authentication import PENDING, Authenticator, bearer
 
-log = logging.getLogger("extproc.h2")
+log = logging.getLogger(__name__)
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 

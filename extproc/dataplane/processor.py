@@ -34,7 +34,7 @@ from ..protocol import DEFAULT_BODY_LIMIT, METADATA_NAMESPACE
 from . import answers
 from .body_rewrite import rewrite_body
 
-log = logging.getLogger("extproc.processor")
+log = logging.getLogger(__name__)
 
 
 class ExternalProcessor:

@@ -22,7 +22,7 @@ from ..protocol import METADATA_NAMESPACE, ORDER_HEADER
 from . import answers
 from .body_rewrite import rewrite_body
 
-log = logging.getLogger("extproc.retry")
+log = logging.getLogger(__name__)
 
 
 class RetryRewriter:

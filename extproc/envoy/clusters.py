@@ -39,7 +39,7 @@ class UpstreamOptions:
 def provider_cluster(name: str, host: str, options: UpstreamOptions, failover: bool = False) -> dict:
     """A TLS cluster to a provider: SNI and certificate name are the provider host, whatever
     address it is reached at; the name resolves through the system resolver like any program's.
-    `failover`: the provider's cluster for rules with `retries` (`extproc.names.failover_cluster`),
+    `failover`: the provider's cluster for rules with `retries` (`extproc.protocol.failover_cluster`),
     with the upstream filters that rewrite a retried attempt; the plain one has none, so requests
     of other rules pay nothing for failover."""
     target = options.resolve.get(host, HostPort(host, PROVIDER_PORT))

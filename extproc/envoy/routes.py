@@ -82,7 +82,7 @@ def route_configuration(hosts: list[str], route_timeout_s: int = 0, clusters: Se
     """The sidecar's routes (sent over RDS): the LLM host names through the gateway, anything else
     to where the application sent it, with none of the gateway's filters on the way. `forwarded`
     (host -> cluster) are hosts an egress gateway decides: sent to its cluster as they came, Host
-    kept (see `extproc.gateways`). A host in both (only while a change rolls out: the union of old
+    kept (see `extproc.policy.gateway_binding`). A host in both (only while a change rolls out: the union of old
     and new) is forwarded: the gateway decides it, the sidecar's ext_proc would refuse it."""
     passthrough = {"name": "passthrough", "domains": ["*"], "routes": [_untouched_route(PASSTHROUGH_CLUSTER)]}
     forwarded = forwarded or {}

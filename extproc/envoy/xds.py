@@ -20,7 +20,7 @@ from envoy.service.route.v3 import rds_pb2_grpc
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-log = logging.getLogger("extproc.xds")
+log = logging.getLogger(__name__)
 
 CLUSTER_TYPE_URL = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ROUTE_TYPE_URL = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"

@@ -28,7 +28,7 @@ PR_SET_PDEATHSIG = 1
 def die_with_parent(sig: int = signal.SIGKILL, parent: int | None = None) -> Callable[[], None] | None:
     """A function that makes the calling process get `sig` when its parent (pid `parent`) dies,
     or None where the C library has no `prctl` (not Linux). A worker process calls it on itself,
-    first thing (extproc.workers)."""
+    first thing (extproc.ops.workers)."""
     try:
         prctl = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl
     except (OSError, AttributeError, TypeError):

@@ -30,7 +30,7 @@ from ..policy.table import RoutingTable
 from ..protocol import EXT_PROC_SOCKET, FAILOVER_CLUSTER_PREFIX, XDS_SOCKET
 from .data_plane import DataPlane
 
-log = logging.getLogger("extproc.control")
+log = logging.getLogger(__name__)
 
 ACK_TIMEOUT_S = 5.0
 

@@ -28,7 +28,7 @@ from ..protocol import DEFAULT_BODY_LIMIT, HEALTH_CHECK, PROCESS, RETRY_AUTHORIT
 from ..telemetry.metrics import GatewayMetrics
 from .malloc import give_back_free_heap
 
-log = logging.getLogger("extproc.dataplane")
+log = logging.getLogger(__name__)
 
 # A body chunk may be larger than the body limit (Envoy sends what it has read, up to its buffer
 # limit); the ext_proc answers a body over the limit with a 413 itself.

@@ -20,7 +20,7 @@ import grpc
 
 from .data_plane import DataPlane
 
-log = logging.getLogger("extproc.drain")
+log = logging.getLogger(__name__)
 
 DEFAULT_GRACE_S = 25.0  # below Kubernetes' default terminationGracePeriodSeconds of 30
 NOTICE_S = 3.0  # Envoy's health check runs every second and marks a host down at its first failure

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 
 from .startup import home_namespace
 
-log = logging.getLogger("extproc.leader")
+log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_NAME = "llm-gateway-control"
 DEFAULT_LEASE_DURATION_S = 15.0

@@ -16,7 +16,7 @@ import ctypes.util
 import gc
 import logging
 
-log = logging.getLogger("extproc.memory")
+log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3

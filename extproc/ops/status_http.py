@@ -14,7 +14,7 @@ from prometheus_client.registry import Collector
 
 from ..envoy.addresses import HostPort
 
-log = logging.getLogger("extproc.ops")
+log = logging.getLogger(__name__)
 
 
 class StatusServer:

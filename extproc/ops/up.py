@@ -33,7 +33,7 @@ from .socket_dir import private_dir
 from .startup import StartupError, config_source, load_initial
 from .status_http import StatusServer
 
-log = logging.getLogger("extproc.runner")
+log = logging.getLogger(__name__)
 
 
 def envoy_binary() -> str:

@@ -41,7 +41,7 @@ from .data_plane import DataPlane
 from .drain import drain
 from .malloc import collect_cycles_rarely, keep_body_buffers
 
-log = logging.getLogger("extproc.workers")
+log = logging.getLogger(__name__)
 
 REPLY_TIMEOUT_S = 5.0
 

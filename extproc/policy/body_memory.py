@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 
 from ..errors import GatewayError
 
-log = logging.getLogger("extproc.admission")
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES_IN_FLIGHT = 256 << 20
 RETRY_AFTER_S = 1

@@ -48,7 +48,7 @@ from .budgets import (
 )
 from .table import RoutingTable
 
-log = logging.getLogger("extproc.budgets")
+log = logging.getLogger(__name__)
 
 SYNC_INTERVAL_S = 0.1
 ACTIVE_S = 60.0  # a bucket untouched this long is no longer refreshed from Redis (nor kept in memory)

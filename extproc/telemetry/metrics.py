@@ -1,7 +1,7 @@
 """LLM metrics in Prometheus form, with OpenTelemetry GenAI semantic-convention names.
 
 Every finished request becomes one `RequestRecord` (built from Envoy's access log, see
-`extproc.accesslog`), and `GatewayMetrics.observe` turns it into histogram and counter
+`extproc.telemetry.access_entries`), and `GatewayMetrics.observe` turns it into histogram and counter
 updates. Labels come from the config (routes, rules, providers, configured models) or from a
 small bounded set (outcome, error type); a provider-reported model name is capped in count.
 """

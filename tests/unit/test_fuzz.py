@@ -164,7 +164,7 @@ def test_h2_server_never_raises(frames, cuts, with_preface):
     connection = h2.H2Connection({"/t/M": lambda identity: _Echo()}, max_message=1000)
     connection.connection_made(transport)
     failures = _Failures()
-    logging.getLogger("extproc.h2").addHandler(failures)
+    logging.getLogger("extproc.dataplane.grpc_h2").addHandler(failures)
     try:
         pos = 0
         for cut in [*cuts, len(wire)]:
@@ -173,7 +173,7 @@ def test_h2_server_never_raises(frames, cuts, with_preface):
             connection.data_received(wire[pos:pos + cut])  # also after a close, as asyncio may
             pos += cut
     finally:
-        logging.getLogger("extproc.h2").removeHandler(failures)
+        logging.getLogger("extproc.dataplane.grpc_h2").removeHandler(failures)
     assert failures.seen == [], "the connection's last-resort catch was reached: a bug"
     _well_formed(bytes(transport.out))
     if not with_preface and wire and not wire.startswith(h2.PREFACE[:len(wire)]):
