@@ -6,22 +6,18 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from benchmarks import floor, measure, streams
 from extproc.ops.up import envoy_binary
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-import bench_stream  # noqa: E402
 
 
 def test_floor_bootstrap_is_the_gateways_with_static_providers(tmp_path):
     cluster = {"name": "llm_provider_x", "type": "STATIC", "connect_timeout": "1s",
                "load_assignment": {"cluster_name": "llm_provider_x", "endpoints": [{"lb_endpoints": [{"endpoint": {
                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}}}}]}]}}
-    boot = bench_stream.floor_bootstrap(1, 2, 3, {"x.example": cluster}, str(tmp_path / "access.log"))
+    boot = floor.floor_bootstrap(1, 2, 3, {"x.example": cluster}, str(tmp_path / "access.log"))
     hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     assert [f["name"] for f in hcm["http_filters"]][0] == "envoy.filters.http.ext_proc"
     assert "dynamic_resources" not in boot
@@ -34,15 +30,16 @@ def test_floor_bootstrap_is_the_gateways_with_static_providers(tmp_path):
 
 
 @pytest.mark.parametrize(("values", "q", "expected"), [
-    ([5.0], 0.99, 5.0), (list(range(100)), 0.99, 99), (list(range(100)), 0.5, 50), ([3, 1, 2], 0.0, 1), ([], 0.5, None)])
+    ([5.0], 0.99, 5.0), (list(range(100)), 0.99, 99), (list(range(100)), 0.5, 50), ([3, 1, 2], 0.0, 1),
+    ([], 0.5, None)])
 def test_percentile(values, q, expected):
-    got = bench_stream.percentile(values, q)
+    got = measure.percentile(values, q)
     assert (got != got) if expected is None else got == expected  # nan for no values
 
 
 def test_paced_events_carry_their_send_time_and_are_openai_chunks():
-    event = bench_stream._EVENT.format(t=123456789)
-    assert bench_stream._SENT.search(event.encode()).group(1) == b"123456789"
+    event = streams._EVENT.format(t=123456789)
+    assert streams._SENT.search(event.encode()).group(1) == b"123456789"
     parsed = json.loads(event)
     assert parsed["model"] == "paced-model" and parsed["choices"][0]["delta"]["content"]
     assert re.fullmatch(r"\{.*\}", event)
