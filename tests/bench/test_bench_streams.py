@@ -4,8 +4,10 @@ Envoy), percentiles of event delays, the paced provider's events as sse_to_metad
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -43,3 +45,19 @@ def test_paced_events_carry_their_send_time_and_are_openai_chunks():
     parsed = json.loads(event)
     assert parsed["model"] == "paced-model" and parsed["choices"][0]["delta"]["content"]
     assert re.fullmatch(r"\{.*\}", event)
+
+
+def test_the_h2_library_copy_serves_with_the_library(tmp_path):
+    """scripts/bench --h2-library measures the copy's HTTP/2 server only if the data plane reaches
+    it: `up` listens through grpc_h2.serve_unix, `serve` through grpc_h2.serve."""
+    pytest.importorskip("h2")
+    from benchmarks.contenders import h2_library_source
+
+    tree = h2_library_source(tmp_path)
+    check = ("from extproc.ops import data_plane; g = data_plane.grpc_h2; "
+             "print(g.__file__, g.serve.__module__, g.serve_unix.__module__)")
+    out = subprocess.run([sys.executable, "-c", check], cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(tree / "extproc" / "dataplane" / "grpc_h2.py"),
+                                  "extproc.dataplane.h2_library_server", "extproc.dataplane.h2_library_server"]
