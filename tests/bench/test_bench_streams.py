@@ -4,24 +4,22 @@ Envoy), percentiles of event delays, the paced provider's events as sse_to_metad
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from benchmarks import floor, measure, streams
 from extproc.ops.up import envoy_binary
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-import bench_stream  # noqa: E402
 
 
 def test_floor_bootstrap_is_the_gateways_with_static_providers(tmp_path):
     cluster = {"name": "llm_provider_x", "type": "STATIC", "connect_timeout": "1s",
                "load_assignment": {"cluster_name": "llm_provider_x", "endpoints": [{"lb_endpoints": [{"endpoint": {
                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}}}}]}]}}
-    boot = bench_stream.floor_bootstrap(1, 2, 3, {"x.example": cluster}, str(tmp_path / "access.log"))
+    boot = floor.floor_bootstrap(1, 2, 3, {"x.example": cluster}, str(tmp_path / "access.log"))
     hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     assert [f["name"] for f in hcm["http_filters"]][0] == "envoy.filters.http.ext_proc"
     assert "dynamic_resources" not in boot
@@ -34,15 +32,32 @@ def test_floor_bootstrap_is_the_gateways_with_static_providers(tmp_path):
 
 
 @pytest.mark.parametrize(("values", "q", "expected"), [
-    ([5.0], 0.99, 5.0), (list(range(100)), 0.99, 99), (list(range(100)), 0.5, 50), ([3, 1, 2], 0.0, 1), ([], 0.5, None)])
+    ([5.0], 0.99, 5.0), (list(range(100)), 0.99, 99), (list(range(100)), 0.5, 50), ([3, 1, 2], 0.0, 1),
+    ([], 0.5, None)])
 def test_percentile(values, q, expected):
-    got = bench_stream.percentile(values, q)
+    got = measure.percentile(values, q)
     assert (got != got) if expected is None else got == expected  # nan for no values
 
 
 def test_paced_events_carry_their_send_time_and_are_openai_chunks():
-    event = bench_stream._EVENT.format(t=123456789)
-    assert bench_stream._SENT.search(event.encode()).group(1) == b"123456789"
+    event = streams._EVENT.format(t=123456789)
+    assert streams._SENT.search(event.encode()).group(1) == b"123456789"
     parsed = json.loads(event)
     assert parsed["model"] == "paced-model" and parsed["choices"][0]["delta"]["content"]
     assert re.fullmatch(r"\{.*\}", event)
+
+
+def test_the_h2_library_copy_serves_with_the_library(tmp_path):
+    """scripts/bench --h2-library measures the copy's HTTP/2 server only if the data plane reaches
+    it: `up` listens through grpc_h2.serve_unix, `serve` through grpc_h2.serve."""
+    pytest.importorskip("h2")
+    from benchmarks.contenders import h2_library_source
+
+    tree = h2_library_source(tmp_path)
+    check = ("from extproc.ops import data_plane; g = data_plane.grpc_h2; "
+             "print(g.__file__, g.serve.__module__, g.serve_unix.__module__)")
+    out = subprocess.run([sys.executable, "-c", check], cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(tree / "extproc" / "dataplane" / "grpc_h2.py"),
+                                  "extproc.dataplane.h2_library_server", "extproc.dataplane.h2_library_server"]

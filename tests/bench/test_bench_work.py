@@ -3,16 +3,12 @@ ext_proc's own work: that it measures the real path (answers routed, entries rec
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-import bench_work  # noqa: E402
+from benchmarks import work
 
 
-@pytest.mark.parametrize(("floor", "gateway", "work", "expected"), [
+@pytest.mark.parametrize(("floor", "gateway", "own_work", "expected"), [
     # a run of the bench: Envoy's extra alone takes all 0.9 of the floor allows
     ((235.1, 37.7), (312.3, 88.9), 24.7, {
         "envoy_extra_us": 26.0, "ext_proc_extra_us": 51.2, "allowed_extra_us": 26.12, "left_for_ext_proc_us": 0.12,
@@ -26,14 +22,14 @@ import bench_work  # noqa: E402
         "envoy_extra_us": 0.0, "ext_proc_extra_us": 40.0, "allowed_extra_us": 22.22, "left_for_ext_proc_us": 22.22,
         "best_with_free_processor": 1.0, "best_with_own_work_only": 0.9091}),
 ])
-def test_floor_margin(floor, gateway, work, expected):
-    got = bench_work.floor_margin(*floor, *gateway, own_work_us=work)
+def test_floor_margin(floor, gateway, own_work, expected):
+    got = work.floor_margin(*floor, *gateway, own_work_us=own_work)
     assert got == pytest.approx(expected, abs=0.005)
 
 
 def _answers():
-    exchange = bench_work.seed_gateway()[0].exchange()
-    return [a for m in bench_work._request_messages() for a in exchange.on_message(m)[0]]
+    exchange = work.seed_gateway()[0].exchange()
+    return [a for m in work._request_messages() for a in exchange.on_message(m)[0]]
 
 
 def test_the_bench_request_is_routed_and_rewritten():
@@ -48,15 +44,15 @@ def test_the_bench_request_is_routed_and_rewritten():
 def test_the_bench_log_entries_count_as_answered_with_usage(status, recorded):
     from envoy.service.accesslog.v3 import als_pb2
 
-    _, receiver, metrics = bench_work.seed_gateway()  # as the bench wires it
-    batch = als_pb2.StreamAccessLogsMessage.FromString(bench_work._log_batch(_answers()[0]))
+    _, receiver, metrics = work.seed_gateway()  # as the bench wires it
+    batch = als_pb2.StreamAccessLogsMessage.FromString(work._log_batch(_answers()[0]))
     for entry in batch.http_logs.log_entry:
         entry.response.response_code.value = status
     receiver.on_message(batch.SerializeToString())
-    assert bench_work._recorded(metrics) == recorded
+    assert work._recorded(metrics) == recorded
 
 
 def test_processor_work_is_measured():
-    work = bench_work.processor_work_us(0.05)
-    assert set(work) == {"read_messages_us", "choose_and_rewrite_us", "access_log_entry_us"}
-    assert all(v > 0 for v in work.values())
+    figures = work.processor_work_us(0.05)
+    assert set(figures) == {"read_messages_us", "choose_and_rewrite_us", "access_log_entry_us"}
+    assert all(v > 0 for v in figures.values())

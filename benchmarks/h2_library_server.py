@@ -1,22 +1,31 @@
-"""The same gRPC handling as `extproc/h2_server.py`, on python-hyper's `h2` state machine: for the
-side-by-side measurement of scripts/bench (`--h2-library`), not used by the gateway.
+"""The same gRPC handling as `extproc/dataplane/grpc_h2.py`, on python-hyper's `h2` state machine:
+for the side-by-side measurement of scripts/bench (`--h2-library`), not used by the gateway. The
+bench copies this file into a copy of `extproc/dataplane/` and rebinds `grpc_h2.serve` and
+`grpc_h2.serve_unix` to the ones here (`benchmarks.contenders.h2_library_source`).
 
-Same contract: `serve(host, port, methods, max_message)`, each message answered straight from the
-socket callback by a synchronous `Call`, everything a callback produced leaving in one write.
+Same contract: `serve(host, port, methods, max_message, ...)` and `serve_unix(path, methods,
+max_message, ...)`, a method's factory given the caller, methods keyed by path or by
+"authority/path", each message answered straight from the socket callback by a synchronous `Call`
+told `on_close()` when its stream is over, everything a callback produced leaving in one write,
+connections in `registry` answering `open_streams` and `go_away()` for a graceful drain. Local
+callers only: a Unix socket, or TCP without an authenticator.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+
+from extproc.policy.caller import LOCAL
 
 log = logging.getLogger("extproc.h2lib")
 
@@ -37,10 +46,21 @@ class _Stream:
         self.closed = False
 
 
+def _closed(call) -> None:
+    """Tells a call that defines `on_close()` that its stream is over, however it ended."""
+    on_close = getattr(call, "on_close", None)
+    if on_close is not None:
+        try:
+            on_close()
+        except Exception:
+            log.exception("gRPC call failed to close")
+
+
 class H2LibraryConnection(asyncio.Protocol):
-    def __init__(self, methods: dict[str, Callable[[], object]], max_message: int):
+    def __init__(self, methods: dict[str, Callable[[object], object]], max_message: int, registry: set | None = None):
         self._methods = methods
         self._max_message = max_message
+        self._registry = registry
         config = h2.config.H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=False,
                                            validate_outbound_headers=False, normalize_outbound_headers=False)
         self._conn = h2.connection.H2Connection(config=config)
@@ -49,6 +69,8 @@ class H2LibraryConnection(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self._transport = transport
+        if self._registry is not None:
+            self._registry.add(self)
         self._conn.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.HEADER_TABLE_SIZE: 0,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: (1 << 31) - 1,
@@ -58,8 +80,23 @@ class H2LibraryConnection(asyncio.Protocol):
         transport.write(self._conn.data_to_send())
 
     def connection_lost(self, exc) -> None:
+        for stream in self._streams.values():
+            if not stream.closed:
+                _closed(stream.call)
         self._streams.clear()
         self._transport = None
+        if self._registry is not None:
+            self._registry.discard(self)
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    def go_away(self) -> None:
+        """Graceful shutdown: no new streams; those open are still served."""
+        if self._transport is not None:
+            self._conn.close_connection(last_stream_id=(1 << 31) - 1)
+            self._write()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -72,13 +109,15 @@ class H2LibraryConnection(asyncio.Protocol):
             return
         for event in events:
             if isinstance(event, h2.events.RequestReceived):
-                path = dict(event.headers).get(b":path", b"").decode()
-                factory = self._methods.get(path)
+                headers = dict(event.headers)
+                path = headers.get(b":path", b"").decode()
+                authority = headers.get(b":authority", b"").decode()
+                factory = self._methods.get(authority + path) or self._methods.get(path)
                 if factory is None:
                     self._conn.send_headers(event.stream_id, RESPONSE_HEADERS + [("grpc-status", str(UNIMPLEMENTED))],
                                             end_stream=True)
                     continue
-                self._streams[event.stream_id] = _Stream(factory())
+                self._streams[event.stream_id] = _Stream(factory(LOCAL))
             elif isinstance(event, h2.events.DataReceived):
                 if event.flow_controlled_length:  # keep Envoy's windows open
                     self._conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
@@ -89,7 +128,9 @@ class H2LibraryConnection(asyncio.Protocol):
             elif isinstance(event, h2.events.StreamEnded):
                 self._client_ended(event.stream_id)
             elif isinstance(event, h2.events.StreamReset):
-                self._streams.pop(event.stream_id, None)
+                stream = self._streams.pop(event.stream_id, None)
+                if stream is not None and not stream.closed:
+                    _closed(stream.call)
             elif isinstance(event, h2.events.WindowUpdated):
                 self._send_pending()
         self._write()
@@ -131,6 +172,7 @@ class H2LibraryConnection(asyncio.Protocol):
 
     def _end(self, sid: int, stream: _Stream, trailers: list) -> None:
         stream.closed = True
+        _closed(stream.call)
         stream.pending.append(trailers)
         self._send_stream(sid, stream)
 
@@ -166,6 +208,22 @@ class H2LibraryConnection(asyncio.Protocol):
             self._transport.write(data)
 
 
-async def serve(host: str, port: int, methods: dict[str, Callable[[], object]], max_message: int) -> asyncio.Server:
+async def serve(host: str, port: int, methods: dict[str, Callable[[object], object]], max_message: int,
+                authenticator=None, registry: set | None = None, reuse_port: bool = False) -> asyncio.Server:
+    if authenticator is not None:
+        raise ValueError("the h2-library variant serves local callers only: no authenticator")
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: H2LibraryConnection(methods, max_message), host, port)
+    return await loop.create_server(lambda: H2LibraryConnection(methods, max_message, registry), host, port,
+                                    reuse_port=reuse_port or None)
+
+
+async def serve_unix(path: str, methods: dict[str, Callable[[object], object]], max_message: int,
+                     registry: set | None = None) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    old = os.umask(0o177)
+    try:
+        server = await loop.create_unix_server(lambda: H2LibraryConnection(methods, max_message, registry), path)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    return server
