@@ -50,7 +50,6 @@ def test_paced_events_carry_their_send_time_and_are_openai_chunks():
 def test_the_h2_library_copy_serves_with_the_library(tmp_path):
     """scripts/bench --h2-library measures the copy's HTTP/2 server only if the data plane reaches
     it: `up` listens through grpc_h2.serve_unix, `serve` through grpc_h2.serve."""
-    pytest.importorskip("h2")
     from benchmarks.contenders import h2_library_source
 
     tree = h2_library_source(tmp_path)
