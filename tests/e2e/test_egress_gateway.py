@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from auth_helpers import token_files
-from conftest import upstream_args
+from support.auth_helpers import token_files
 from extproc.ops.up import envoy_binary
-from helpers import CHAT, SEED_MANIFESTS, free_port, start_gateway, wait_until
+from support.helpers import CHAT, SEED_MANIFESTS, free_port, start_gateway, wait_until, upstream_args
 
 GATEWAY = "llm-gateway/egress"
 DASHSCOPE, MOONSHOT = "dashscope.aliyuncs.com", "api.moonshot.cn"

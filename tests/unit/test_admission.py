@@ -21,7 +21,7 @@ from test_server import DASHSCOPE, body_msg, error_of, headers_msg
 
 @pytest.fixture(scope="module")
 def seed_table():
-    from unit_helpers import load_seed
+    from support.manifests import load_seed
 
     return load_seed("01-LLMProvider.yaml").table
 

@@ -20,7 +20,7 @@ from extproc.policy.caller import Caller, LOCAL
 from extproc.policy.visibility import may_use, visible_to
 from extproc.config.compile import compile_config
 from extproc.config.loader import key_env_allowed, parse_object
-from unit_helpers import provider, route, rule
+from support.manifests import provider, route, rule
 
 AUD = "llm-gateway"
 

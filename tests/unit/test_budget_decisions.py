@@ -18,7 +18,7 @@ from extproc.cli.main import main
 from extproc.config.models import parse_per
 from extproc.config.problems import ConfigError
 from extproc.errors import GatewayError
-from unit_helpers import DASHSCOPE, load_docs, provider, write
+from support.manifests import DASHSCOPE, load_docs, provider, write
 
 RULE = BudgetRule("everyone", (), tokens=40, per_s=3600.0)
 WITH_REQUESTS = BudgetRule("everyone", (), tokens=40, per_s=60.0, requests=2)

@@ -17,7 +17,7 @@ from extproc.policy.gateway_binding import default_address, gateway_ref, MESH, p
 from extproc.dataplane.processor import ExternalProcessor
 from extproc.policy.table import TableHolder
 from test_server import body_msg, headers_msg, run, CHAT
-from unit_helpers import provider, route, rule, write
+from support.manifests import provider, route, rule, write
 
 EGRESS = "llm-gateway/egress"
 EGRESS_ADDR = "10.0.0.7:8080"

@@ -9,7 +9,7 @@ import pytest
 from extproc.config.loader import load_paths
 from extproc.config.problems import ConfigError
 from extproc.config.file_source import load_config
-from unit_helpers import API, SEED, SEED_ENV, DASHSCOPE_KEY, provider, route, rule, write
+from support.manifests import API, SEED, SEED_ENV, DASHSCOPE_KEY, provider, route, rule, write
 
 SHARED_SEED = Path(__file__).parents[3] / "shared" / "seed" / "manifests"
 

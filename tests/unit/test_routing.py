@@ -13,7 +13,7 @@ from extproc.policy.decide import Decision, decide
 from extproc.policy.matching import HeaderCondition
 from extproc.policy.table import Route, RoutingTable, Rule, Target, normalize_host
 from extproc.protocol import provider_cluster
-from unit_helpers import (DASHSCOPE, DASHSCOPE_KEY, MOONSHOT, MOONSHOT_KEY, load_docs, load_seed, provider, route,
+from support.manifests import (DASHSCOPE, DASHSCOPE_KEY, MOONSHOT, MOONSHOT_KEY, load_docs, load_seed, provider, route,
                           rule)
 
 
@@ -311,7 +311,7 @@ def test_unknown_host_is_refused():
 
 
 def test_provider_exact_host_wins_over_another_providers_namespace_alias(tmp_path):
-    from unit_helpers import load_docs, provider
+    from support.manifests import load_docs, provider
     compiled = load_docs(tmp_path, provider("short", "svc", "m-short", namespace="a"),
                          provider("long", "svc.a", "m-long"))
     assert compiled.table.route_for("svc.a").rules[0].targets[0].model == "m-long"
@@ -320,7 +320,7 @@ def test_provider_exact_host_wins_over_another_providers_namespace_alias(tmp_pat
 
 
 def test_route_on_provider_host_in_other_namespace_keeps_providers_own_aliases(tmp_path):
-    from unit_helpers import load_docs, provider, route, rule
+    from support.manifests import load_docs, provider, route, rule
     compiled = load_docs(tmp_path, provider("p", "svc", "m-provider", namespace="a"),
                          route("r", "svc", [rule("svc", name="vip")], namespace="b"))
     assert compiled.table.route_for("svc").name == "b/r"

@@ -14,7 +14,7 @@ from extproc.protocol import CLUSTER_HEADER
 from extproc.policy.table import EMPTY_TABLE
 from extproc.dataplane.processor import ExternalProcessor
 from extproc.policy.table import TableHolder
-from unit_helpers import (DASHSCOPE, DASHSCOPE_KEY, MOONSHOT, MOONSHOT_KEY, load_docs, load_seed, provider, route,
+from support.manifests import (DASHSCOPE, DASHSCOPE_KEY, MOONSHOT, MOONSHOT_KEY, load_docs, load_seed, provider, route,
                           rule)
 
 DASH_CLUSTER = "llm_provider_dashscope_aliyuncs_com"

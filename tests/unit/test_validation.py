@@ -10,7 +10,7 @@ from extproc.config.compile import compile_config
 from extproc.config.loader import load_paths
 from extproc.config.problems import ConfigError
 from extproc.config.file_source import load_config
-from unit_helpers import load_docs, provider, route, rule, write
+from support.manifests import load_docs, provider, route, rule, write
 
 BACKEND = "backend.example.com"
 PB = provider("backend", BACKEND)

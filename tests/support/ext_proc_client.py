@@ -4,7 +4,7 @@ print what came back as one JSON line: the gRPC status, the answer's HTTP status
 response), and any `authorization` header the gateway set. Run as a separate process, so a test
 can run it as another user or inside another network namespace.
 
-    python tests/ext_proc_client.py TARGET HOST [TOKEN]"""
+    python tests/support/ext_proc_client.py TARGET HOST [TOKEN]"""
 
 import json
 import sys

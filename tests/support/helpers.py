@@ -14,8 +14,13 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-REPO = Path(__file__).resolve().parent.parent
+if TYPE_CHECKING:
+    from extproc.demo.ca import ThrowawayCA
+    from extproc.demo.fake_provider import FakeProvider
+
+REPO = Path(__file__).resolve().parents[2]
 SEED_MANIFESTS = REPO / "extproc" / "demo" / "manifests"
 CHAT = {"messages": [{"role": "user", "content": "Please introduce yourself."}]}
 
@@ -24,6 +29,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def upstream_args(ca: ThrowawayCA, providers: dict[str, FakeProvider]) -> list[str]:
+    """`extproc up`'s flags that make it trust the test CA and dial the local fake providers."""
+    args = ["--upstream-ca", str(ca.cert_file)]
+    for host, fake in providers.items():
+        args += ["--resolve", f"{host}=127.0.0.1:{fake.port}"]
+    return args
 
 
 def seed_dir(tmp: Path, *names: str) -> Path:
