@@ -3,20 +3,16 @@ the health answers a draining server gives."""
 
 from __future__ import annotations
 
-import asyncio
-import socket
-
 import pytest
 
-from extproc.dataplane import grpc_h2 as h2
 from extproc.policy.body_memory import Inflight, TRIM_AFTER_BYTES
 from extproc.dataplane.health_check import HealthCheck
 from extproc.ops.drain import drain_plan
 from extproc.envoy.addresses import HostPort
 from extproc.dataplane.processor import ExternalProcessor
 from extproc.policy.table import TableHolder
-from test_h2_server import frames_until, grpc_message, request_headers
-from test_server import DASHSCOPE, body_msg, error_of, headers_msg
+from support.ext_proc_messages import body_msg, error_of, headers_msg
+from support.manifests import DASHSCOPE
 
 
 @pytest.fixture(scope="module")
@@ -104,36 +100,6 @@ def test_a_body_without_length_is_counted_as_it_arrives(seed_table):
     assert proc.inflight.held == 0
 
 
-def test_a_stream_reset_by_the_client_gives_back_what_it_held():
-    closed = []
-
-    class Holder:
-        def on_message(self, message):
-            return None, False
-
-        def on_close(self):
-            closed.append(1)
-
-    async def main():
-        server = await h2.serve("127.0.0.1", 0, {"/test.Echo/Chat": lambda identity: Holder()}, 1 << 20)
-        port = server.sockets[0].getsockname()[1]
-
-        def script():
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-                sock.sendall(h2.PREFACE + h2.frame(h2.SETTINGS, 0, 0)
-                             + h2.frame(h2.HEADERS, h2.END_HEADERS, 1, request_headers())
-                             + h2.frame(h2.DATA, 0, 1, grpc_message(b"body"))
-                             + h2.frame(h2.RST_STREAM, 0, 1, b"\0\0\0\x08") + h2.frame(h2.PING, 0, 0, b"12345678"))
-                frames_until(sock, lambda fs: any(f[0] == h2.PING for f in fs))
-        try:
-            await asyncio.to_thread(script)
-        finally:
-            server.close()
-
-    asyncio.run(main())
-    assert closed == [1]
-
-
 @pytest.mark.parametrize(("serving", "answer"), [(True, b"\x08\x01"), (False, b"\x08\x02")])
 def test_health_check_says_not_serving_while_draining(serving, answer):
     assert HealthCheck(lambda: serving).on_message(b"") == (answer, True)
@@ -149,7 +115,7 @@ def test_drain_plan(grace, notice, expected):
 
 def test_ext_proc_cluster_is_health_checked_and_a_dead_replica_ejected():
     from envoy.config.bootstrap.v3 import bootstrap_pb2
-    import test_envoy_config  # noqa: F401  (registers every @type the bootstrap uses)
+    import support.envoy_api  # noqa: F401  (registers every @type the bootstrap uses)
     from google.protobuf import json_format
 
     from extproc.envoy.bootstrap import bootstrap, BootstrapOptions

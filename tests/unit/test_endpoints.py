@@ -14,7 +14,7 @@ from extproc.errors import GatewayError
 from extproc.protocol import METADATA_NAMESPACE
 from extproc.dataplane.body_rewrite import rewrite_body
 from extproc.policy.table import DEFAULT_BASES, Target
-from test_server import body_msg, error_of, headers_msg, processor, run, set_headers
+from support.ext_proc_messages import body_msg, error_of, headers_msg, processor, run, set_headers
 from support.manifests import DASHSCOPE, MOONSHOT, load_docs, load_seed, provider, route, rule
 
 DASH_BASES = DEFAULT_BASES | {"/compatible-mode/v1"}

@@ -16,7 +16,7 @@ from extproc.envoy.clusters import egress_cluster, egress_clusters
 from extproc.policy.gateway_binding import default_address, gateway_ref, MESH, parse_gateway_name, provider_binding, View
 from extproc.dataplane.processor import ExternalProcessor
 from extproc.policy.table import TableHolder
-from test_server import body_msg, headers_msg, run, CHAT
+from support.ext_proc_messages import CHAT, body_msg, headers_msg, run
 from support.manifests import provider, route, rule, write
 
 EGRESS = "llm-gateway/egress"

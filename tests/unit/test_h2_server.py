@@ -251,3 +251,33 @@ def test_not_http2_is_refused_with_goaway():
     frames = raw_session(script)
     goaway = next(f for f in frames if f[0] == h2.GOAWAY)
     assert int.from_bytes(goaway[3][4:8], "big") == h2.PROTOCOL_ERROR
+
+
+def test_a_stream_reset_by_the_client_gives_back_what_it_held():
+    closed = []
+
+    class Holder:
+        def on_message(self, message):
+            return None, False
+
+        def on_close(self):
+            closed.append(1)
+
+    async def main():
+        server = await h2.serve("127.0.0.1", 0, {"/test.Echo/Chat": lambda identity: Holder()}, 1 << 20)
+        port = server.sockets[0].getsockname()[1]
+
+        def script():
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(h2.PREFACE + h2.frame(h2.SETTINGS, 0, 0)
+                             + h2.frame(h2.HEADERS, h2.END_HEADERS, 1, request_headers())
+                             + h2.frame(h2.DATA, 0, 1, grpc_message(b"body"))
+                             + h2.frame(h2.RST_STREAM, 0, 1, b"\0\0\0\x08") + h2.frame(h2.PING, 0, 0, b"12345678"))
+                frames_until(sock, lambda fs: any(f[0] == h2.PING for f in fs))
+        try:
+            await asyncio.to_thread(script)
+        finally:
+            server.close()
+
+    asyncio.run(main())
+    assert closed == [1]

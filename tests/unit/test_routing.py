@@ -14,7 +14,7 @@ from extproc.policy.matching import HeaderCondition
 from extproc.policy.table import Route, RoutingTable, Rule, Target, normalize_host
 from extproc.protocol import provider_cluster
 from support.manifests import (DASHSCOPE, DASHSCOPE_KEY, MOONSHOT, MOONSHOT_KEY, load_docs, load_seed, provider, route,
-                          rule)
+                               rule)
 
 
 def pick(table: RoutingTable, authority: str, headers: dict[str, str], draw: float) -> Target | None:
