@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import yaml
 
 from extproc.config.crds import crd_documents, crds_yaml
-
-REPO = Path(__file__).resolve().parents[2]
+from support.helpers import REPO
 
 
 def test_committed_crds_match_the_generator():

@@ -328,7 +328,7 @@ def test_dry_run_describes_policy_and_orders():
 def test_crds_carry_the_new_fields():
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[2] / "k8s" / "crds.yaml").read_text()
+    text = (Path(__file__).resolve().parents[3] / "k8s" / "crds.yaml").read_text()
     for name in ("fallbackRefs", "retries", "perTryTimeout", "retryOn", "outlierDetection", "consecutiveErrors",
                  "baseEjectionTime"):
         assert f"{name}:" in text, name

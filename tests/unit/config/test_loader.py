@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from extproc.config.loader import load_paths
 from extproc.config.problems import ConfigError
 from extproc.config.file_source import load_config
+from support.helpers import REPO
 from support.manifests import API, SEED, SEED_ENV, DASHSCOPE_KEY, provider, route, rule, write
 
-SHARED_SEED = Path(__file__).parents[3] / "shared" / "seed" / "manifests"
+SHARED_SEED = REPO.parent / "shared" / "seed" / "manifests"
 
 SERVICE = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "svc"}, "spec": {"ports": [{"port": 80}]}}
 DEPLOYMENT = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "dep"},
@@ -251,5 +250,5 @@ def test_seed_copies_are_byte_identical_to_the_shared_originals():
         assert (SEED / name).read_bytes() == (SHARED_SEED / name).read_bytes(), f"{name} differs from the original"
 
     # the sidecar overlay carries the seed's client pod as it is
-    sidecar_copy = Path(__file__).parents[2] / "k8s" / "sidecar" / "sleep.yaml"
+    sidecar_copy = REPO / "k8s" / "sidecar" / "sleep.yaml"
     assert sidecar_copy.read_bytes() == (SHARED_SEED / "sleep.yaml").read_bytes()
