@@ -61,3 +61,10 @@ def test_budget_crd_is_in_our_own_group_with_its_checks():
     assert rule["required"] == ["tokens", "per"]
     assert rule["properties"]["tokens"]["minimum"] == 1 and rule["properties"]["requests"]["minimum"] == 1
     assert rule["properties"]["per"]["pattern"] == "^[0-9]+(ms|s|m|h|d)$"
+
+
+def test_crds_carry_the_new_fields():
+    text = (REPO / "k8s" / "crds.yaml").read_text()
+    for name in ("fallbackRefs", "retries", "perTryTimeout", "retryOn", "outlierDetection", "consecutiveErrors",
+                 "baseEjectionTime"):
+        assert f"{name}:" in text, name

@@ -7,9 +7,10 @@ import logging
 import pytest
 
 from extproc.config.compile import compile_config
-from extproc.config.loader import load_paths
+from extproc.config.loader import load_paths, load_text
 from extproc.config.problems import ConfigError
 from extproc.config.file_source import load_config
+from support.failover_config import CONFIG, compiled
 from support.manifests import load_docs, provider, route, rule, write
 
 BACKEND = "backend.example.com"
@@ -207,3 +208,22 @@ def test_empty_environment_variable_for_api_key_is_an_error(tmp_path):
     (problem,) = info.value.problems
     assert problem.field == "spec.configs.defaultConfig.openAIConfig.apiKey"
     assert problem.message == "environment variable EMPTY_KEY is empty"
+
+
+@pytest.mark.parametrize("change, field, message", [
+    ("attempts: 1", "attempts: -1", "greater than or equal to 0"),
+    ("perTryTimeout: 20s", "perTryTimeout: soon", "should match pattern"),
+    ("retryOn: [5xx, 429]", "retryOn: [5xx, teapot]", "unknown retryOn value 'teapot'"),
+    ("retryOn: [5xx, 429]", "retryOn: [5xx, 200]", "unknown retryOn value '200'"),
+])
+def test_bad_retries_name_the_field(change, field, message):
+    loaded, problems = load_text(CONFIG.replace(change, field), "f.yaml")
+    text = "\n".join(str(p) for p in problems)
+    assert "f.yaml" in text and "LLMRoute default/r" in text and "spec.rules[0].retries" in text, text
+    assert message in text, text
+
+
+def test_fallback_no_provider_serves_names_the_field():
+    c = compiled(CONFIG.replace("fallbackRefs: [{providerHost: b.example.com}]", "fallbackRefs: [{providerHost: z.example.com}]"))
+    (problem,) = [p for p in c.problems if p.severity == "error"]
+    assert problem.field == "spec.rules[0].fallbackRefs[0].providerHost" and "z.example.com" in problem.message
