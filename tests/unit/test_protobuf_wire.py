@@ -1,6 +1,6 @@
-"""The hand-written wire form (extproc.wire) and what is cached on top of it: every piece parses
-back with protobuf to what the protobuf objects would have said, at every length a varint changes
-size, and a cached budget answer is exactly the answer worked out afresh."""
+"""The hand-written wire form (extproc.protobuf_wire): every piece parses back with protobuf to
+what the protobuf objects would have said, at every length a varint changes size. (A cached budget
+answer is exactly the answer worked out afresh: policy/test_budget_gate.py.)"""
 
 from __future__ import annotations
 
@@ -8,11 +8,8 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import json_format, struct_pb2
-from hypothesis import given, settings, strategies as st
 
 from extproc import protobuf_wire as wire
-from extproc.policy.budget_gate import answer_key
-from extproc.policy.budgets import admission, BudgetRule
 
 LENGTHS = [0, 1, 60, 100, 117, 118, 119, 120, 125, 126, 127, 128, 200, 5000, 70000]
 
@@ -63,24 +60,3 @@ def test_appended_parts_merge_into_one_answer():
     assert [o.header.key for o in common.header_mutation.set_headers] == ["first", "second"]
     assert list(common.header_mutation.remove_headers) == ["gone"] and common.clear_route_cache
     assert merged.dynamic_metadata.fields["ns"].struct_value.fields["k"].string_value == "v"
-
-
-RULES = [BudgetRule("t", (), tokens=40, per_s=3600.0), BudgetRule("r", (), tokens=1000, per_s=60.0, requests=5),
-         BudgetRule("big", (), tokens=10**12, per_s=3600.0), BudgetRule("fast", (), tokens=3, per_s=1.0, requests=1000)]
-
-
-@settings(max_examples=400, deadline=None)
-@given(rule=st.sampled_from(RULES), tokens=st.floats(0, 2000), requests=st.floats(0, 10),
-       other_tokens=st.floats(0, 2000), other_requests=st.floats(0, 10))
-def test_equal_answer_keys_mean_equal_answers(rule, tokens, requests, other_tokens, other_requests):
-    """The gate works out an admission once per answer key: two levels with one key must get the
-    same answer, headers included; a level that refuses has no key (never cached)."""
-    first, second = admission(rule, tokens, requests), admission(rule, other_tokens, other_requests)
-    key = answer_key(rule, tokens, requests)
-    assert (key is None) == (not first.allowed)
-    if key is not None and key == answer_key(rule, other_tokens, other_requests):
-        assert first == second
-    for level in (tokens, tokens / 7, tokens * 1e-6):  # near the same level, where keys often match
-        near = answer_key(rule, level, requests)
-        if key is not None and near == key:
-            assert admission(rule, level, requests) == first

@@ -10,8 +10,9 @@ from extproc.config.compile import compile_config
 from extproc.config.loader import load_paths, load_text
 from extproc.config.problems import ConfigError
 from extproc.config.file_source import load_config
+from support.budget_docs import budget_doc
 from support.failover_config import CONFIG, compiled
-from support.manifests import load_docs, provider, route, rule, write
+from support.manifests import DASHSCOPE, load_docs, provider, route, rule, write
 
 BACKEND = "backend.example.com"
 PB = provider("backend", BACKEND)
@@ -227,3 +228,33 @@ def test_fallback_no_provider_serves_names_the_field():
     c = compiled(CONFIG.replace("fallbackRefs: [{providerHost: b.example.com}]", "fallbackRefs: [{providerHost: z.example.com}]"))
     (problem,) = [p for p in c.problems if p.severity == "error"]
     assert problem.field == "spec.rules[0].fallbackRefs[0].providerHost" and "z.example.com" in problem.message
+
+
+@pytest.mark.parametrize(("doc", "message", "field"), [
+    pytest.param(budget_doc([{"tokens": 0, "per": "1h"}]), "greater than or equal to 1", "spec.rules[0].tokens",
+                 id="zero-tokens"),
+    pytest.param(budget_doc([{"tokens": 10, "per": "31d"}]), "between 1s and 30d", "spec.rules[0].per", id="per-too-long"),
+    pytest.param(budget_doc([{"tokens": 10, "per": "500ms"}]), "between 1s and 30d", "spec.rules[0].per",
+                 id="per-too-short"),
+    pytest.param(budget_doc([{"tokens": 10, "per": "1 hour"}]), "should match pattern", "spec.rules[0].per",
+                 id="per-not-a-duration"),
+    pytest.param(budget_doc([{"tokens": 10, "per": "1h", "requests": 0}]), "greater than or equal to 1",
+                 "spec.rules[0].requests", id="zero-requests"),
+    pytest.param(budget_doc([{"tokens": 10, "per": "1h", "tokenz": 3}]), "unknown field", "spec.rules[0].tokenz",
+                 id="typo"),
+    pytest.param(budget_doc([]), "at least 1 item", "spec.rules", id="no-rules"),
+    pytest.param(budget_doc([{"name": "a", "tokens": 1, "per": "1h"}, {"name": "a", "tokens": 1, "per": "1h"}]),
+                 "rule names must be unique", "spec", id="duplicate-rule-names"),
+    pytest.param(budget_doc([{"tokens": 10, "per": "1h"}], key="bad header"), "should match pattern",
+                 "spec.key.header", id="bad-key-header"),
+    pytest.param(budget_doc([{"tokens": 10, "per": "1h"}], host="nowhere.example.com"),
+                 "no LLMRoute or LLMProvider serves host 'nowhere.example.com'", "spec.host", id="unknown-host"),
+    pytest.param({**budget_doc([{"tokens": 10, "per": "1h"}]), "apiVersion": "istio.alibabacloud.com/v1beta1"},
+                 "expected 'llm-gateway.dev/v1alpha1'", "apiVersion", id="wrong-group"),
+])
+def test_bad_budget_names_file_object_field(tmp_path, doc, message, field):
+    with pytest.raises(ConfigError) as error:
+        load_docs(tmp_path, provider("dashscope", DASHSCOPE), doc)
+    text = "\n".join(str(p) for p in error.value.problems)
+    assert message in text and f": {field}: " in text and "LLMTokenRateLimit default/per-user" in text
+    assert "config.yaml" in text

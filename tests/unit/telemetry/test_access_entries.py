@@ -1,35 +1,16 @@
-"""Envoy's gRPC access log entries turned into request records, and streamed into the metrics."""
+"""Envoy's gRPC access log entries turned into request records: labels, outcome, error type,
+tokens and timings."""
 
 from __future__ import annotations
 
 
 import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
-from envoy.service.accesslog.v3 import als_pb2
 
-from extproc.dataplane.accesslog_receiver import AccessLogReceiver
 from extproc.telemetry.access_entries import record_from_entry
-from extproc.telemetry.metrics import GatewayMetrics, RequestRecord
-
-HOST = "dashscope.aliyuncs.com"
-DECISION = {"route": "llm-route", "rule": "subscriber", "provider": "dashscope", "provider_host": HOST,
-            "request_model": "qwen-turbo"}
-LABELS = dict(route="llm-route", rule="subscriber", provider="dashscope", provider_host=HOST, request_model="qwen-turbo")
-
-
-def entry(status: int | None = 200, details: str = "via_upstream", meta: dict | None = None,
-          last_tx_ms: int | None = None, duration_ms: int | None = None) -> accesslog_pb2.HTTPAccessLogEntry:
-    e = accesslog_pb2.HTTPAccessLogEntry()
-    if status is not None:
-        e.response.response_code.value = status
-    e.response.response_code_details = details
-    if meta is not None:
-        e.common_properties.metadata.filter_metadata["llm_gateway"].update(meta)
-    if last_tx_ms is not None:
-        e.common_properties.time_to_last_downstream_tx_byte.FromMilliseconds(last_tx_ms)
-    if duration_ms is not None:
-        e.common_properties.duration.FromMilliseconds(duration_ms)
-    return e
+from extproc.protocol import METADATA_NAMESPACE
+from extproc.telemetry.metrics import RequestRecord
+from support.access_log_entries import DECISION, LABELS, entry
 
 
 @pytest.mark.parametrize(("log_entry", "expected"), [
@@ -150,82 +131,6 @@ def test_other_namespaces_are_not_read():
     assert record_from_entry(e) == RequestRecord(status=200, outcome="success")
 
 
-def requests_total(metrics: GatewayMetrics, outcome: str, error_type: str = "", response_model: str = "",
-                   decision: dict = DECISION) -> float | None:
-    return metrics.registry.get_sample_value("llm_gateway_requests_total", {
-        "gen_ai_operation_name": "chat", "gen_ai_provider_name": decision.get("provider_host", ""),
-        "gen_ai_request_model": decision.get("request_model", ""), "gen_ai_response_model": response_model,
-        "llm_route": decision.get("route", ""), "llm_rule": decision.get("rule", ""),
-        "llm_provider": decision.get("provider", ""), "outcome": outcome, "error_type": error_type})
-
-
-def token_sample(metrics: GatewayMetrics, suffix: str, token_type: str, response_model: str) -> float | None:
-    return metrics.registry.get_sample_value(f"gen_ai_client_token_usage_{suffix}", {
-        "gen_ai_operation_name": "chat", "gen_ai_provider_name": HOST, "gen_ai_request_model": "qwen-turbo",
-        "gen_ai_response_model": response_model, "llm_route": "llm-route", "llm_rule": "subscriber",
-        "llm_provider": "dashscope", "gen_ai_token_type": token_type})
-
-
-def stream_logs(receiver: AccessLogReceiver, *messages: als_pb2.StreamAccessLogsMessage):
-    """One access log stream in wire form; the answer sent when Envoy closes it."""
-    call = receiver.call()
-    for m in messages:
-        assert call.on_message(m.SerializeToString()) == (None, False)
-    return als_pb2.StreamAccessLogsResponse.FromString(call.on_client_end())
-
-
-def message(*entries: accesslog_pb2.HTTPAccessLogEntry, first: bool = False) -> als_pb2.StreamAccessLogsMessage:
-    m = als_pb2.StreamAccessLogsMessage()
-    if first:
-        m.identifier.log_name = "llm_gateway"
-        m.identifier.node.id = "envoy"
-    m.http_logs.log_entry.extend(entries)
-    return m
-
-
-def test_receiver_streams_entries_into_metrics():
-    metrics = GatewayMetrics()
-    ok = {**DECISION, "response_model": "qwen-turbo-0919", "prompt_tokens": 10, "completion_tokens": 20}
-    answer = stream_logs(
-        AccessLogReceiver(metrics),
-        message(entry(200, meta=ok, last_tx_ms=100), entry(429, meta=DECISION, last_tx_ms=50),
-                entry(200, meta={**ok, "prompt_tokens": 5, "completion_tokens": 1}), first=True),
-        message(entry(400, "llm_gateway_invalid_json"), entry(200, meta=ok)),
-    )
-    assert isinstance(answer, als_pb2.StreamAccessLogsResponse)
-    assert requests_total(metrics, "success", response_model="qwen-turbo-0919") == 3
-    assert requests_total(metrics, "provider_error", "429") == 1
-    assert requests_total(metrics, "rejected", "invalid_json", decision={}) == 1
-    assert requests_total(metrics, "success") is None  # the success samples all carry the response model
-    assert token_sample(metrics, "sum", "input", "qwen-turbo-0919") == 25
-    assert token_sample(metrics, "count", "input", "qwen-turbo-0919") == 3
-    assert token_sample(metrics, "sum", "output", "qwen-turbo-0919") == 41
-    assert metrics.registry.get_sample_value("gen_ai_server_request_duration_seconds_count", {
-        "gen_ai_operation_name": "chat", "gen_ai_provider_name": HOST, "gen_ai_request_model": "qwen-turbo",
-        "gen_ai_response_model": "qwen-turbo-0919", "llm_route": "llm-route", "llm_rule": "subscriber",
-        "llm_provider": "dashscope", "error_type": ""}) == 1  # only the first success has a duration
-
-
-def test_receiver_survives_an_entry_it_cannot_record():
-    class Flaky(GatewayMetrics):
-        def observe(self, rec: RequestRecord) -> None:
-            if rec.route == "boom":
-                raise RuntimeError("boom")
-            super().observe(rec)
-
-    metrics = Flaky()
-    stream_logs(AccessLogReceiver(metrics),
-                message(entry(200, meta=DECISION), entry(200, meta={"route": "boom"}), entry(200, meta=DECISION)),
-                message(entry(200, meta=DECISION)))
-    assert requests_total(metrics, "success") == 3
-
-
-def test_receiver_with_no_messages():
-    metrics = GatewayMetrics()
-    assert isinstance(stream_logs(AccessLogReceiver(metrics)), als_pb2.StreamAccessLogsResponse)
-    assert requests_total(metrics, "success") is None
-
-
 @pytest.mark.parametrize(("details", "error_type"), [
     pytest.param("downstream_remote_disconnect", "downstream_remote_disconnect", id="client-went-away"),
     pytest.param("", "client_disconnected", id="no-details"),
@@ -295,3 +200,39 @@ def test_client_that_hangs_up_is_client_cancelled(log_entry, error_type):
     """Users closing a tab mid-answer is not the gateway failing (the README's promise)."""
     rec = record_from_entry(log_entry)
     assert (rec.outcome, rec.error_type) == ("client_cancelled", error_type)
+
+
+def operation_entry(meta: dict, status: int = 200, details: str = "via_upstream"):
+    from envoy.data.accesslog.v3 import accesslog_pb2
+
+    e = accesslog_pb2.HTTPAccessLogEntry()
+    e.response.response_code.value = status
+    e.response.response_code_details = details
+    e.common_properties.metadata.filter_metadata[METADATA_NAMESPACE].update(meta)
+    return e
+
+
+@pytest.mark.parametrize(("meta", "status", "details", "operation", "outcome", "tokens"), [
+    ({"operation": "embeddings", "prompt_tokens": 7, "total_tokens": 7}, 200, "via_upstream", "embeddings", "success",
+     {"input": 7.0}),
+    ({"operation": "text_completion", "prompt_tokens": 3, "completion_tokens": 5}, 200, "via_upstream",
+     "text_completion", "success", {"input": 3.0, "output": 5.0}),
+    ({"prompt_tokens": 3, "completion_tokens": 5}, 200, "via_upstream", "chat", "success", {"input": 3.0, "output": 5.0}),
+    ({"operation": "models"}, 200, "llm_gateway_models", "models", "success", {}),
+    ({"operation": "embeddings"}, 429, "via_upstream", "embeddings", "provider_error", {}),
+])
+def test_operation_reaches_the_metrics(meta, status, details, operation, outcome, tokens):
+    from extproc.telemetry.access_entries import record_from_entry
+    from extproc.telemetry.metrics import GatewayMetrics
+
+    record = record_from_entry(operation_entry({"route": "default/r", "provider_host": "h", **meta}, status, details))
+    assert (record.operation, record.outcome) == (operation, outcome)
+    metrics = GatewayMetrics()
+    metrics.observe(record)
+    samples = {(s.name, s.labels.get("gen_ai_token_type")): (s.value, s.labels)
+               for family in metrics.registry.collect() for s in family.samples}
+    value, labels = samples[("llm_gateway_requests_total", None)]
+    assert value == 1 and labels["gen_ai_operation_name"] == operation and labels["outcome"] == outcome
+    for kind, count in tokens.items():
+        value, labels = samples[("gen_ai_client_token_usage_sum", kind)]
+        assert value == count and labels["gen_ai_operation_name"] == operation
