@@ -5,14 +5,9 @@ from __future__ import annotations
 
 from envoy.data.accesslog.v3 import accesslog_pb2
 
-
 HOST = "dashscope.aliyuncs.com"
-
-
 DECISION = {"route": "llm-route", "rule": "subscriber", "provider": "dashscope", "provider_host": HOST,
             "request_model": "qwen-turbo"}
-
-
 LABELS = dict(route="llm-route", rule="subscriber", provider="dashscope", provider_host=HOST, request_model="qwen-turbo")
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from extproc.config.compile import compile_config
 from extproc.config.loader import load_text
 
-
 CONFIG = """
 apiVersion: istio.alibabacloud.com/v1beta1
 kind: LLMProvider

@@ -1,4 +1,5 @@
-"""Builders shared by the unit tests: manifests as dicts, written as YAML into a tmp dir."""
+"""Builders shared by the unit tests: manifests as dicts, written as YAML into a tmp dir, and loaded or
+compiled as `extproc up` (files) or the Kubernetes source (namespaces) would."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from typing import Any
 import yaml
 
 import extproc
-from extproc.config.compile import Compiled
+from extproc.config.compile import Compiled, compile_config
 from extproc.config.file_source import load_config
+from extproc.config.loader import parse_object
 
 API = "istio.alibabacloud.com/v1beta1"
 SEED = Path(extproc.__file__).parent / "demo" / "manifests"
@@ -18,6 +20,7 @@ MOONSHOT_KEY = "sk-unit-moonshot"
 SEED_ENV = {"YOUR_DASHSCOPE_API_KEY": DASHSCOPE_KEY, "YOUR_MOONSHOT_API_KEY": MOONSHOT_KEY}
 DASHSCOPE = "dashscope.aliyuncs.com"
 MOONSHOT = "api.moonshot.cn"
+HOME = "llm-gateway"  # the control plane's namespace, where the Kubernetes tests' shared objects live
 
 
 def provider(name: str, host: str, model: str | None = "m-default", *, namespace: str | None = None,
@@ -79,3 +82,11 @@ def load_docs(tmp_path: Path, *docs: Any, environ: dict[str, str] | None = None)
 
 def load_seed(*names: str, environ: dict[str, str] | None = None) -> Compiled:
     return load_config([SEED / n for n in names], SEED_ENV if environ is None else environ)
+
+
+def compile_in_namespaces(*docs: Any, namespaces: bool = True) -> Compiled:
+    """Compile the documents as the Kubernetes source does: each route and provider visible to the
+    namespaces it is exported to (the control plane's namespace is HOME); `namespaces=False`
+    compiles them as files are."""
+    loaded = [parse_object(d, "t.yaml", str(i))[0] for i, d in enumerate(docs)]
+    return compile_config(loaded, namespaces=namespaces, home=HOME)

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from extproc.config.loader import load_paths
+from extproc.config.loader import key_env_allowed, load_paths, parse_object
 from extproc.config.problems import ConfigError
 from extproc.config.file_source import load_config
-from support.helpers import REPO
 from support.manifests import API, SEED, SEED_ENV, DASHSCOPE_KEY, provider, route, rule, write
-
-SHARED_SEED = REPO.parent / "shared" / "seed" / "manifests"
 
 SERVICE = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "svc"}, "spec": {"ports": [{"port": 80}]}}
 DEPLOYMENT = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "dep"},
@@ -240,15 +237,26 @@ def test_missing_path_is_a_problem(tmp_path, make_paths):
     assert "no such file or directory" in str(info.value)
 
 
-def test_seed_copies_are_byte_identical_to_the_shared_originals():
-    assert SHARED_SEED.is_dir(), f"shared seed manifests not found at {SHARED_SEED}"
-    originals = sorted(p.name for p in SHARED_SEED.iterdir() if p.is_file())
-    copies = sorted(p.name for p in SEED.iterdir() if p.is_file())
-    assert copies == originals
-    assert originals, "the shared seed directory is empty"
-    for name in originals:
-        assert (SEED / name).read_bytes() == (SHARED_SEED / name).read_bytes(), f"{name} differs from the original"
+@pytest.mark.parametrize("name, host, key_env, allowed", [
+    ("K", "a.example", None, True),  # files: anything
+    ("K", "a.example", {}, False),  # Kubernetes, nothing bound
+    ("K", "a.example", {"K": "a.example"}, True),
+    ("K", "evil.example", {"K": "a.example"}, False),
+    ("OTHER", "a.example", {"K": "a.example"}, False),
+    ("K", "A.Example", {"K": "a.example"}, True),
+])
+def test_key_env_allowed(name, host, key_env, allowed):
+    assert key_env_allowed(name, host, key_env) is allowed
 
-    # the sidecar overlay carries the seed's client pod as it is
-    sidecar_copy = REPO / "k8s" / "sidecar" / "sleep.yaml"
-    assert sidecar_copy.read_bytes() == (SHARED_SEED / "sleep.yaml").read_bytes()
+
+def test_unbound_key_variable_is_refused_with_its_reason():
+    doc = provider("p", "evil.example", namespace="tenant", api_key="${YOUR_DASHSCOPE_API_KEY}")
+    env = {"YOUR_DASHSCOPE_API_KEY": "sk-secret"}
+    obj, problems = parse_object(doc, "k8s", "1", env, key_env={"YOUR_DASHSCOPE_API_KEY": "dashscope.aliyuncs.com"})
+    assert obj is None
+    (problem,) = problems
+    assert problem.reason == "KeyEnvNotAllowed" and problem.field == "spec.configs.defaultConfig.openAIConfig.apiKey"
+    assert "sk-secret" not in str(problem)
+    ok, problems = parse_object(provider("p", "dashscope.aliyuncs.com", api_key="${YOUR_DASHSCOPE_API_KEY}"), "k8s", "1",
+                                env, key_env={"YOUR_DASHSCOPE_API_KEY": "dashscope.aliyuncs.com"})
+    assert not problems and ok.resource.spec.configs.default_config.openai_config.api_key == "sk-secret"

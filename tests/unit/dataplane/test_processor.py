@@ -1,4 +1,6 @@
-"""The ext_proc service, driven directly: ProcessingRequest messages in, ProcessingResponse messages out."""
+"""The ext_proc service, driven directly: ProcessingRequest messages in, ProcessingResponse messages out.
+Routing, rewriting and refusing a request, what a namespace may use, and the hosts a sidecar leaves to
+an egress gateway."""
 
 from __future__ import annotations
 
@@ -9,13 +11,15 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from extproc.protocol import CLUSTER_HEADER
+from extproc.policy.caller import Caller, LOCAL
 from extproc.policy.table import EMPTY_TABLE
 from extproc.dataplane.processor import ExternalProcessor
 from extproc.policy.table import TableHolder
 from support.ext_proc_messages import (CHAT, DASH_CLUSTER, MOON_CLUSTER, body_msg, error_of, forward, headers_msg,
                                        processor, run, set_headers)
-from support.manifests import (DASHSCOPE, DASHSCOPE_KEY, MOONSHOT, MOONSHOT_KEY, load_docs, load_seed, provider, route,
-                               rule)
+from support.gateway_docs import A, B, EGRESS, KEY_A, KEY_B, MESH_VIEW, compiled, providers
+from support.manifests import (DASHSCOPE, DASHSCOPE_KEY, HOME, MOONSHOT, MOONSHOT_KEY, compile_in_namespaces, load_docs,
+                               load_seed, provider, route, rule)
 
 
 @pytest.fixture(scope="module")
@@ -203,27 +207,52 @@ def test_body_limit_is_enforced_across_chunks(seed_table, sizes, status):
         assert len(responses) == 1
 
 
-def test_an_error_answer_carries_each_of_its_own_headers_once():
-    from extproc.policy.body_memory import Overloaded
-    from extproc.dataplane.answers import immediate
+def test_sidecar_ext_proc_refuses_a_forwarded_host_and_gives_no_key(tmp_path):
+    table = compiled(tmp_path, providers() + [route("r", "chat", [rule(A)], gateways=[EGRESS])], MESH_VIEW).table
+    ext_proc = ExternalProcessor(TableHolder(table), draw=lambda: 0.0)
+    for host in ("chat", "chat.default.svc:80", A):
+        (answer,) = run(ext_proc, headers_msg(host), body_msg(CHAT))
+        response = answer.immediate_response
+        assert response.status.code == 404
+        assert b'"code":"egress_gateway_host"' in response.body and EGRESS.encode() in response.body
+        assert KEY_A.encode() not in answer.SerializeToString()
+    (unknown,) = run(ext_proc, headers_msg("nothing.example.com"), body_msg(CHAT))
+    assert b'"code":"unknown_host"' in unknown.immediate_response.body
+    (served,) = run(ext_proc, headers_msg(B), body_msg(CHAT))[:1]  # the mesh's own provider still works
+    assert any(h.header.raw_value == f"Bearer {KEY_B}".encode()
+               for h in served.request_headers.response.header_mutation.set_headers)
 
-    headers = immediate(Overloaded(9 << 20, 8 << 20)).immediate_response.headers.set_headers
-    names = [h.header.key for h in headers]
-    assert sorted(names) == ["content-type", "retry-after"], names
 
+def test_a_namespace_that_may_not_use_a_route_gets_the_unknown_host_answer():
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-@pytest.mark.parametrize("model_size", [8, 300])  # 300: past the cached sizes, encoded per request
-@pytest.mark.parametrize("stream", [False, True])
-def test_the_decision_metadata_names_target_model_stream_and_host(tmp_path, model_size, stream):
-    from extproc.dataplane.answers import cached_decision_metadata
+    from extproc.dataplane.processor import ExternalProcessor
+    from extproc.policy.table import TableHolder
 
-    model = "m" * model_size
-    table = load_docs(tmp_path, provider("local", "local.example.com", model=model)).table
-    cached_decision_metadata.cache_clear()
-    for authority in ("local.example.com", "LOCAL.example.com:80"):  # the host as the client sent it
-        response = forward(table, authority, body={**CHAT, "model": model, "stream": stream})
-        meta = response.headers.dynamic_metadata.fields["llm_gateway"].struct_value.fields
-        assert {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in meta.items()} == {
-            "route": "default/local", "rule": "default", "provider": "default/local", "provider_host": "local.example.com",
-            "operation": "chat", "request_model": model, "stream": stream, "host": authority}
-    assert cached_decision_metadata.cache_info().currsize == (2 if model_size < 256 else 0)
+    table = compile_in_namespaces(provider("a", "a.example", namespace="team-a", api_key="sk-team-a"),
+                                  provider("shared", "shared.example", namespace=HOME, api_key="sk-shared")).table
+    processor = ExternalProcessor(TableHolder(table))
+
+    def ask(identity: Caller, host: str):
+        headers = [base_pb2.HeaderValue(key=k, raw_value=v.encode())
+                   for k, v in ((":authority", host), (":method", "POST"), (":path", "/"))]
+        exchange = processor.exchange(identity)
+        out, _ = exchange.on_request(pb.ProcessingRequest(
+            request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=headers))))
+        if not out:
+            chat = b'{"messages": [{"role": "user", "content": "hi"}]}'
+            out, _ = exchange.on_request(pb.ProcessingRequest(request_body=pb.HttpBody(body=chat, end_of_stream=True)))
+        first = out[0]
+        if first.HasField("immediate_response"):
+            return first.immediate_response.status.code, first.immediate_response.body.replace(host.encode(), b"HOST")
+        keys = [h.header.raw_value for h in first.request_headers.response.header_mutation.set_headers
+                if h.header.key == "authorization"]
+        return 200, keys
+
+    unknown = ask(Caller("team-b", "envoy"), "nobody.example")
+    assert unknown[0] == 404
+    assert ask(Caller("team-b", "envoy"), "a.example") == unknown  # indistinguishable from an unknown host
+    assert ask(Caller("team-a", "envoy"), "a.example") == (200, [b"Bearer sk-team-a"])
+    assert ask(Caller("team-b", "envoy"), "shared.example") == (200, [b"Bearer sk-shared"])
+    assert ask(LOCAL, "a.example") == (200, [b"Bearer sk-team-a"])

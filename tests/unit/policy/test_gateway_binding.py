@@ -1,6 +1,7 @@
 """`LLMRoute.spec.gateways`: which proxy decides which host (the mesh's sidecars or an egress
 gateway), what the sidecars forward, and what neither may hold. Table tests of the decisions,
-through the real loader and compiler, then the sidecars' ext_proc and routes."""
+through the real loader and compiler. (The sidecars' ext_proc: dataplane/test_processor.py; their
+routes and clusters: envoy/test_routes.py, envoy/test_clusters.py.)"""
 
 from __future__ import annotations
 
@@ -10,27 +11,10 @@ from extproc.config.compile import compile_config
 from extproc.config.loader import load_paths
 from extproc.config.problems import ConfigError
 from extproc.config.file_source import load_config
-from extproc.envoy.routes import PASSTHROUGH_CLUSTER, route_configuration, to_route_proto
-from extproc.protocol import CLUSTER_HEADER
-from extproc.envoy.clusters import egress_cluster, egress_clusters
 from extproc.policy.gateway_binding import default_address, gateway_ref, MESH, parse_gateway_name, provider_binding, View
-from extproc.dataplane.processor import ExternalProcessor
-from extproc.policy.table import TableHolder
-from support.ext_proc_messages import CHAT, body_msg, headers_msg, run
-from support.manifests import provider, route, rule, write
-
-EGRESS = "llm-gateway/egress"
-EGRESS_ADDR = "10.0.0.7:8080"
-OTHER = "llm-gateway/other"
-MESH_VIEW = View(egress={EGRESS: EGRESS_ADDR, OTHER: "other.llm-gateway.svc.cluster.local:80"})
-GATEWAY_VIEW = View(gateway=EGRESS)
-OTHER_VIEW = View(gateway=OTHER)
-A, B = "a.example.com", "b.example.com"
-KEY_A, KEY_B = "sk-unit-a", "sk-unit-b"
-
-
-def providers() -> list[dict]:
-    return [provider("pa", A, "model-a", api_key=KEY_A), provider("pb", B, "model-b", api_key=KEY_B)]
+from support.gateway_docs import (A, B, EGRESS, GATEWAY_VIEW, KEY_A, KEY_B, MESH_VIEW, OTHER, OTHER_VIEW, compiled,
+                                  providers)
+from support.manifests import route, rule, write
 
 
 @pytest.mark.parametrize(("entry", "namespace", "expected"), [
@@ -60,12 +44,6 @@ def test_command_line_names_and_default_address():
     assert provider_binding([]) == (MESH,)
     assert provider_binding([(OTHER, EGRESS), (MESH, OTHER)]) == (OTHER, EGRESS, MESH)
     assert provider_binding([()]) == ()  # named only by a route whose entries are all malformed: nowhere
-
-
-def compiled(tmp_path, docs, view):
-    objects, problems = load_paths([write(tmp_path / "c.yaml", *docs)], {})
-    assert problems == []
-    return compile_config(objects, view)
 
 
 # (docs, view, hosts decided here, hosts forwarded to which gateway, provider clusters here)
@@ -131,21 +109,6 @@ def test_who_decides_which_host(tmp_path, routes, view, decided, forwarded, clus
     assert keys == {KEY_A if h == A else KEY_B for h in clusters}
 
 
-def test_forward_carries_the_gateway_address(tmp_path):
-    table = compiled(tmp_path, providers() + [route("r", "chat", [rule(A)], gateways=[EGRESS])], MESH_VIEW).table
-    forward = table.forwarded["chat"]
-    assert (forward.cluster, forward.address) == ("llm_egress_llm-gateway_egress", EGRESS_ADDR)
-    cluster = egress_cluster(forward)
-    assert cluster["type"] == "STATIC" and "transport_socket" not in cluster  # plain HTTP to the gateway
-    address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
-    assert address == {"address": "10.0.0.7", "port_value": 8080}
-    assert list(egress_clusters(table)) == ["llm_egress_llm-gateway_egress"]
-    by_name = egress_cluster(compiled(tmp_path, providers() + [route("r", "chat", [rule(A)], gateways=[OTHER])],
-                                      MESH_VIEW).table.forwarded["chat"])
-    assert by_name["type"] == "STRICT_DNS" and by_name["load_assignment"]["endpoints"][0]["lb_endpoints"][0][
-        "endpoint"]["address"]["socket_address"] == {"address": "other.llm-gateway.svc.cluster.local", "port_value": 80}
-
-
 def test_a_provider_named_only_by_a_rejected_gateway_route_stays_out_of_the_mesh(tmp_path):
     """A gateway-bound route that fails (here: a second providerHost nobody serves) does not hand
     its provider's key to the sidecars: the provider's own host still follows the route's binding."""
@@ -199,37 +162,3 @@ def test_a_host_is_held_once_per_proxy(tmp_path, r1, r2, conflict):
         result = compiled(tmp_path, docs, view)
         found = [(p.obj, p.field, p.reason) for p in result.problems if p.severity == "error"]
         assert found == ([("LLMRoute default/r2", "spec.host", "HostConflict")] if conflict else [])
-
-
-def test_sidecar_ext_proc_refuses_a_forwarded_host_and_gives_no_key(tmp_path):
-    table = compiled(tmp_path, providers() + [route("r", "chat", [rule(A)], gateways=[EGRESS])], MESH_VIEW).table
-    ext_proc = ExternalProcessor(TableHolder(table), draw=lambda: 0.0)
-    for host in ("chat", "chat.default.svc:80", A):
-        (answer,) = run(ext_proc, headers_msg(host), body_msg(CHAT))
-        response = answer.immediate_response
-        assert response.status.code == 404
-        assert b'"code":"egress_gateway_host"' in response.body and EGRESS.encode() in response.body
-        assert KEY_A.encode() not in answer.SerializeToString()
-    (unknown,) = run(ext_proc, headers_msg("nothing.example.com"), body_msg(CHAT))
-    assert b'"code":"unknown_host"' in unknown.immediate_response.body
-    (served,) = run(ext_proc, headers_msg(B), body_msg(CHAT))[:1]  # the mesh's own provider still works
-    assert any(h.header.raw_value == f"Bearer {KEY_B}".encode()
-               for h in served.request_headers.response.header_mutation.set_headers)
-
-
-def test_sidecar_routes_send_forwarded_hosts_to_the_gateway_untouched():
-    config = route_configuration(["b.example.com", "shared"], forwarded={
-        "chat": "llm_egress_llm-gateway_egress", "chat.default": "llm_egress_llm-gateway_egress",
-        "talk": "llm_egress_llm-gateway_other", "shared": "llm_egress_llm-gateway_other"})
-    llm, egress, other, passthrough = config["virtual_hosts"]
-    assert llm["domains"] == ["b.example.com"]  # a host in both (a change rolling out) goes to the gateway
-    assert llm["routes"][0]["route"]["cluster_header"] == CLUSTER_HEADER
-    assert (egress["name"], egress["domains"]) == ("llm_egress_llm-gateway_egress", ["chat", "chat.default"])
-    assert (other["name"], other["domains"]) == ("llm_egress_llm-gateway_other", ["shared", "talk"])
-    route_ = egress["routes"][0]
-    assert route_["route"] == {"cluster": "llm_egress_llm-gateway_egress", "timeout": "0s"}  # no host rewrite
-    assert route_["typed_per_filter_config"] == passthrough["routes"][0]["typed_per_filter_config"]
-    assert route_["typed_per_filter_config"]["envoy.filters.http.ext_proc"]["disabled"] is True
-    assert "request_headers_to_remove" not in egress
-    assert passthrough["routes"][0]["route"]["cluster"] == PASSTHROUGH_CLUSTER
-    to_route_proto(config)  # valid Envoy API

@@ -60,8 +60,6 @@ def test_other_names_do_not_resolve_to_the_route(alias_table, authority):
 
 
 A = cond("a", "exact", "1")
-
-
 B = cond("b", "exact", "2")
 
 
