@@ -10,7 +10,8 @@ def test_compiled_routes_carry_their_namespace_views():
     c = compile_in_namespaces(provider("shared", "shared.example", namespace=HOME, api_key="k1"),
                               provider("a", "a.example", namespace="team-a", api_key="k2"),
                               provider("b", "b.example", namespace="team-b", api_key="k3", exportTo=["team-a"]),
-                              route("ra", "chat-a", [rule("shared.example", "a.example", "b.example")], namespace="team-a"),
+                              route("ra", "chat-a", [rule("shared.example", "a.example", "b.example")],
+                                    namespace="team-a"),
                               route("open", "chat-open", [rule("shared.example")], namespace="team-c", exportTo=["*"]))
     assert not [p for p in c.problems if p.severity == "error"], c.problems
     views = {host: c.table.routes[host].visible for host in

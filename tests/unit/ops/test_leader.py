@@ -1,4 +1,4 @@
-"""Leader election decisions (extproc.leader): what a replica does with the Lease it reads."""
+"""Leader election decisions (extproc.ops.leader): what a replica does with the Lease it reads."""
 
 from __future__ import annotations
 

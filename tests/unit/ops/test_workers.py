@@ -1,4 +1,4 @@
-"""Worker processes (extproc.workers): how many, each one's share of the cap, and /metrics summed."""
+"""Worker processes (extproc.ops.workers): how many, each one's share of the cap, and /metrics summed."""
 
 from __future__ import annotations
 

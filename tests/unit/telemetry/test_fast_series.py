@@ -1,4 +1,4 @@
-"""extproc.series against prometheus-client itself: the same observations give the same
+"""extproc.telemetry.fast_series against prometheus-client itself: the same observations give the same
 exposition, byte for byte (bucket bounds, `le` on a bound, +Inf, sums, counters' `_total`)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from extproc.telemetry import fast_series as series
 
-prometheus_client.disable_created_metrics()  # as extproc.metrics does: no `_created` series
+prometheus_client.disable_created_metrics()  # as extproc.telemetry.metrics does: no `_created` series
 
 BOUNDS = (0.01, 0.1, 1, 10, 1024)
 values = st.one_of(st.sampled_from([0, *BOUNDS, 1e9]), st.floats(0, 2000, allow_nan=False))
