@@ -8,7 +8,7 @@ form. A parser merges repeated occurrences of a message field, so `prefix + more
 message with both parts. Map entries do not merge (the last entry of a key wins): a Struct's
 entries are therefore always written whole, inside one `llm_gateway` entry.
 
-Tests parse every answer back with protobuf (tests/unit/test_wire.py, tests/unit/test_server.py).
+Tests parse every answer back with protobuf (tests/unit/test_protobuf_wire.py, tests/unit/dataplane/test_processor.py).
 """
 
 from __future__ import annotations

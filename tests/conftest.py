@@ -4,9 +4,11 @@ import secrets
 
 import pytest
 
-from extproc.demo.ca import ThrowawayCA
-from extproc.demo.fake_provider import FakeProvider
-from helpers import Gateway, start_gateway
+pytest.register_assert_rewrite("support")  # the shared helpers' asserts explain themselves, as the tests' do
+
+from extproc.demo.ca import ThrowawayCA  # noqa: E402
+from extproc.demo.fake_provider import FakeProvider  # noqa: E402
+from support.helpers import Gateway, start_gateway, upstream_args  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -41,13 +43,6 @@ def fresh_providers(providers):
     for fake in providers.values():
         fake.clear()
     return providers
-
-
-def upstream_args(ca: ThrowawayCA, providers: dict[str, FakeProvider]) -> list[str]:
-    args = ["--upstream-ca", str(ca.cert_file)]
-    for host, fake in providers.items():
-        args += ["--resolve", f"{host}=127.0.0.1:{fake.port}"]
-    return args
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from extproc.policy.budgets import bucket_id, key_hash
-from helpers import CHAT, free_port, seed_dir, wait_until
+from support.helpers import CHAT, free_port, seed_dir, wait_until
 
 DASHSCOPE, MOONSHOT = "dashscope.aliyuncs.com", "api.moonshot.cn"
 SEVENTEEN = {"x-fake-total-tokens": "17"}
@@ -237,7 +237,7 @@ def test_redis_killed_under_load_fails_open_and_comes_back(tmp_path, gateway_fac
     stop = threading.Event()
 
     def load() -> None:
-        from helpers import Gateway
+        from support.helpers import Gateway
 
         client = Gateway(gw.process, gw.listen_port, gw.admin_port, gw.log_file)  # its own connection
         for _ in range(400):  # bounded

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 from extproc.demo.fake_provider import fake_embedding
-from helpers import CHAT, REPO, SEED_MANIFESTS, Gateway, free_port, wait_until
+from support.helpers import CHAT, REPO, SEED_MANIFESTS, Gateway, free_port, wait_until
 
 
 def extproc(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import threading
 
-from helpers import CHAT, add_seed, seed_dir, wait_until
+from support.helpers import CHAT, add_seed, seed_dir, wait_until
 
 DASHSCOPE, MOONSHOT = "dashscope.aliyuncs.com", "api.moonshot.cn"
 
@@ -13,7 +13,7 @@ DASHSCOPE, MOONSHOT = "dashscope.aliyuncs.com", "api.moonshot.cn"
 def test_in_flight_request_survives_change_and_provider_removal(tmp_path, gateway_factory, fresh_providers):
     config = seed_dir(tmp_path, "01", "04")
     gw = gateway_factory(config)
-    from helpers import Gateway
+    from support.helpers import Gateway
     slow = Gateway(gw.process, gw.listen_port, gw.admin_port, gw.log_file)  # its own connection
     result = {}
     thread = threading.Thread(target=lambda: result.setdefault(

@@ -11,34 +11,18 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from auth_helpers import token_files
-from conftest import upstream_args
+from support.auth_helpers import token_files
 from extproc.ops.up import envoy_binary
-from helpers import CHAT, SEED_MANIFESTS, free_port, start_gateway, wait_until
+from support.egress_gateway import DECOY, GATEWAY, gateway_bound_config
+from support.helpers import CHAT, free_port, start_gateway, upstream_args, wait_until
 
-GATEWAY = "llm-gateway/egress"
 DASHSCOPE, MOONSHOT = "dashscope.aliyuncs.com", "api.moonshot.cn"
-DECOY = "sk-decoy-the-sidecar-must-never-send-this"
-
-
-def gateway_bound_config(tmp_path: Path) -> Path:
-    """The seed's DashScope provider and route, the route bound to the egress gateway; Moonshot's
-    provider as it is (no route names it: the mesh decides it)."""
-    config = tmp_path / "config"
-    config.mkdir()
-    for name in ("01-LLMProvider.yaml", "04-LLMProvider-moonshot.yaml"):
-        shutil.copy(SEED_MANIFESTS / name, config / name)
-    route = (SEED_MANIFESTS / "02-LLMRoute.yaml").read_text()
-    (config / "02-LLMRoute.yaml").write_text(
-        route.replace("spec:\n", f"spec:\n  gateways: [{GATEWAY}]\n", 1))
-    return config
 
 
 class Sidecar:

@@ -12,10 +12,10 @@ import time
 import orjson
 import pytest
 
-from auth_helpers import token_files
+from support.auth_helpers import token_files
 
 from extproc.demo.fake_provider import FakeProvider
-from helpers import CHAT, free_port, provider_yaml, seed_dir, wait_until
+from support.helpers import CHAT, free_port, provider_yaml, seed_dir, wait_until
 
 DASHSCOPE = "dashscope.aliyuncs.com"
 
@@ -124,8 +124,8 @@ def test_unreachable_and_untrusted_providers_get_503(tmp_path, gateway_factory, 
 
 def test_ext_proc_down_fails_closed(tmp_path, ca, fresh_providers, keys):
     """Envoy run on its own (`extproc envoy-config`) against `extproc serve`; the server dies."""
-    from conftest import upstream_args
     from extproc.ops.up import envoy_binary
+    from support.helpers import upstream_args
 
     control, ext_proc, listen, admin = free_port(), free_port(), free_port(), free_port()
     creds = token_files(tmp_path)
@@ -146,7 +146,7 @@ def test_ext_proc_down_fails_closed(tmp_path, ca, fresh_providers, keys):
                               "--concurrency", "1", "--log-level", "error"],
                              stdout=subprocess.DEVNULL, stderr=(tmp_path / "envoy.log").open("wb"))
     try:
-        from helpers import Gateway
+        from support.helpers import Gateway
         gw = Gateway(envoy, listen, admin, tmp_path / "envoy.log")
         wait_until(lambda: _status(gw) == 200, 20, lambda: f"no answer through envoy: {(tmp_path / 'serve.log').read_text()}")
         serve.kill()

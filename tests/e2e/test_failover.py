@@ -11,7 +11,7 @@ import pytest
 
 from extproc.demo.ca import ThrowawayCA
 from extproc.demo.fake_provider import FakeProvider
-from helpers import CHAT, free_port, start_gateway, wait_until
+from support.helpers import CHAT, free_port, start_gateway, wait_until
 
 A, B, C = "a.example.com", "b.example.com", "c.example.com"
 ROUTE = "llm-failover"

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from auth_helpers import ext_proc_client, token_files
+from support.auth_helpers import ext_proc_client, token_files
 from extproc.demo.fake_provider import FakeProvider
 from extproc.ops.up import envoy_binary
-from helpers import SEED_MANIFESTS, free_port, wait_until
+from support.helpers import SEED_MANIFESTS, free_port, wait_until
 
 HOST_IP, POD_IP = "198.51.100.1", "198.51.100.2"  # TEST-NET-2, only in our namespace
 ENVOY_UID = 1337
@@ -210,7 +210,7 @@ def test_seed_curl_in_gateway_mode_reaches_the_provider_through_the_egress_gatew
     """The same pod, the seed's route bound to an egress gateway outside the pod: the sidecar sends
     the seed's plain curl to the gateway, which alone holds the key. The pod's control plane holds
     a decoy key; neither the provider nor the pod's Envoy (its config dump) ever sees a key from it."""
-    from test_egress_gateway import DECOY, GATEWAY, gateway_bound_config
+    from support.egress_gateway import DECOY, GATEWAY, gateway_bound_config
 
     shared = Path(tempfile.mkdtemp(prefix="llmgw-pod-"))  # readable by Envoy's own user
     shared.chmod(0o755)

@@ -1,5 +1,5 @@
 """Issue 15: only the gateway's own Envoys get anything that carries a key. The issue's ext_proc
-client (tests/ext_proc_client.py) tries `extproc up` (Unix sockets in a private directory) as
+client (tests/support/ext_proc_client.py) tries `extproc up` (Unix sockets in a private directory) as
 another local user, and `extproc serve` over TCP without, with a wrong and with the right token;
 xDS and the access-log service refuse callers without a token too."""
 
@@ -19,9 +19,8 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.cluster.v3 import cds_pb2_grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
-from auth_helpers import ext_proc_client, token_files
-from conftest import upstream_args
-from helpers import free_port, seed_dir, wait_until
+from support.auth_helpers import ext_proc_client, token_files
+from support.helpers import free_port, seed_dir, wait_until, upstream_args
 
 DASHSCOPE = "dashscope.aliyuncs.com"
 
@@ -58,7 +57,7 @@ def test_up_talks_over_a_private_unix_socket_another_user_cannot_open(gateway_fa
 def envoy_beside_serve(tmp_path, boot: bytes, listen: int, admin: int, metrics: int = 0):
     """A separately run Envoy on `boot` (the bootstrap `envoy-config` printed), beside a `serve`."""
     from extproc.ops.up import envoy_binary
-    from helpers import Gateway
+    from support.helpers import Gateway
 
     (tmp_path / "envoy.json").write_bytes(boot)
     envoy = subprocess.Popen([envoy_binary(), "-c", str(tmp_path / "envoy.json"), "--disable-hot-restart",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import CHAT, REPO, SEED_MANIFESTS, wait_until
+from support.helpers import CHAT, REPO, SEED_MANIFESTS, wait_until
 
 KUBE_SCRIPT = Path(os.environ.get("KUBE_TEST_SCRIPT", REPO.parent / "shared" / "kube-test-apiserver.sh"))
 KUBE_HOME = Path(os.environ.get("KUBE_TEST_HOME", "/var/cache/kube-test-apiserver"))
@@ -354,8 +354,7 @@ def k8s_serve(clean, tmp_path, ca, fresh_providers):
     """`extproc serve --kubernetes` over TCP (TokenReview), as the control plane runs in a cluster."""
     import sys
 
-    from conftest import upstream_args
-    from helpers import free_port
+    from support.helpers import free_port, upstream_args
 
     control, ext_proc = free_port(), free_port()
     home = _namespace(clean, "gw-home", ("envoy",))
@@ -378,8 +377,8 @@ def k8s_serve(clean, tmp_path, ca, fresh_providers):
 def test_a_namespace_gets_decisions_only_for_what_it_may_use(clean, k8s_serve):
     import json
 
-    from auth_helpers import ext_proc_client
-    from helpers import provider_yaml
+    from support.auth_helpers import ext_proc_client
+    from support.helpers import provider_yaml
 
     kube, (target, serve_log, home) = clean, k8s_serve
     team_a, team_b = _namespace(kube, "team-a", ("envoy",)), _namespace(kube, "team-b", ("envoy",))
@@ -533,7 +532,7 @@ def test_replicas_elect_one_status_writer_and_another_takes_over_when_it_dies(cl
     import signal
     import sys
 
-    from helpers import free_port
+    from support.helpers import free_port
 
     kube = clean
     lease = f"test-{secrets.token_hex(4)}"

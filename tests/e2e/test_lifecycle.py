@@ -10,10 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import upstream_args
 from extproc.envoy.addresses import HostPort
 from extproc.ops.children import port_problem
-from helpers import CHAT, Gateway, free_port, seed_dir, wait_until
+from support.helpers import CHAT, Gateway, free_port, seed_dir, wait_until, upstream_args
 
 DASHSCOPE = "dashscope.aliyuncs.com"
 

@@ -13,7 +13,7 @@ import json
 import select
 import threading
 
-from helpers import CHAT, Gateway, seed_dir, wait_until
+from support.helpers import CHAT, Gateway, seed_dir, wait_until
 
 DASHSCOPE = "dashscope.aliyuncs.com"
 MIB = 1 << 20
@@ -24,7 +24,7 @@ ADMITTED = CAP // SIZE  # 16
 # What the process may hold above its idle size plus the cap, at its peak: one body being
 # rewritten at a time (parsed, rewritten, serialised: about 4 copies) plus glibc's arena slack.
 PEAK_MARGIN = 96 * MIB
-# What may stay after the burst: the warm heap kept for the next body (extproc.memory, 64 MiB)
+# What may stay after the burst: the warm heap kept for the next body (extproc.ops.malloc, 64 MiB)
 # plus allocator slack.
 AFTER_MARGIN = 64 * MIB + 32 * MIB
 

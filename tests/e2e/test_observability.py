@@ -11,7 +11,7 @@ import time
 import pytest
 
 from extproc.demo.fake_provider import count_tokens
-from helpers import CHAT, seed_dir, wait_until
+from support.helpers import CHAT, seed_dir, wait_until
 
 DASHSCOPE, MOONSHOT = "dashscope.aliyuncs.com", "api.moonshot.cn"
 ROUTE = "default/dashscope-route"

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from extproc.demo.fake_provider import count_tokens, fake_embedding
-from helpers import add_seed, seed_dir, wait_until
+from support.helpers import add_seed, seed_dir, wait_until
 
 DASHSCOPE, MOONSHOT = "dashscope.aliyuncs.com", "api.moonshot.cn"
 HELLO = [{"role": "user", "content": "Please introduce yourself."}]

@@ -13,12 +13,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from auth_helpers import token_files
-from conftest import upstream_args
+from support.auth_helpers import token_files
 from extproc.testing.envoy_fake import start_envoy_fake
 from extproc.testing.load import ROTATING_SEED_HOSTS_LUA, run_wrk
 from extproc.ops.up import envoy_binary
-from helpers import CHAT, Gateway, free_port, provider_yaml, seed_dir, wait_until
+from support.helpers import CHAT, Gateway, free_port, provider_yaml, seed_dir, wait_until, upstream_args
 
 DASHSCOPE, MOONSHOT = "dashscope.aliyuncs.com", "api.moonshot.cn"
 LOAD_SECONDS = float(os.environ.get("LLM_GATEWAY_LOAD_SECONDS", "60"))

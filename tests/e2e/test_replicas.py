@@ -15,14 +15,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from auth_helpers import token_files
+from support.auth_helpers import token_files
 
 from extproc.testing.envoy_fake import start_envoy_fake
 from extproc.testing.load import run_wrk
 from extproc.envoy.addresses import HostPort
 from extproc.envoy.bootstrap import bootstrap, BootstrapOptions
 from extproc.ops.up import envoy_binary
-from helpers import CHAT, Gateway, free_port, seed_dir, wait_until
+from support.helpers import CHAT, Gateway, free_port, seed_dir, wait_until
 
 DASHSCOPE = "dashscope.aliyuncs.com"
 CONNECTIONS = 8

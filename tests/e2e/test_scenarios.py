@@ -6,7 +6,7 @@ import collections
 
 import pytest
 
-from helpers import CHAT, add_seed, seed_dir, wait_until
+from support.helpers import CHAT, add_seed, seed_dir, wait_until
 
 DASHSCOPE, MOONSHOT = "dashscope.aliyuncs.com", "api.moonshot.cn"
 

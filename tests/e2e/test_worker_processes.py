@@ -11,13 +11,13 @@ import sys
 import threading
 import urllib.request
 
-from auth_helpers import token_files
+from support.auth_helpers import token_files
 from extproc.testing.envoy_fake import start_envoy_fake
 from extproc.envoy.addresses import HostPort
 from extproc.envoy.bootstrap import bootstrap, BootstrapOptions
 from extproc.protocol import EXT_PROC_CLUSTER
 from extproc.ops.up import envoy_binary
-from helpers import CHAT, Gateway, free_port, seed_dir, wait_until
+from support.helpers import CHAT, Gateway, free_port, seed_dir, wait_until
 
 DASHSCOPE = "dashscope.aliyuncs.com"
 THREADS, PER_THREAD = 4, 100

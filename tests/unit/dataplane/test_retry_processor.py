@@ -1,0 +1,57 @@
+"""The rewrite of a retried attempt (the failover clusters' ext_proc): the request made again for
+the provider its attempt goes to, or an error, never the old provider's key sent to the next."""
+
+from __future__ import annotations
+
+import pytest
+
+from support.failover_config import CONFIG, compiled
+
+
+def _retry(table, order: str, attempt: int, route: str = "default/r", rule: str = "main", body: bytes | None = None):
+    import json as _json
+
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    from extproc.dataplane.retry_processor import RetryExchange
+
+    headers = pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
+        base_pb2.HeaderValue(key="x-llm-gateway-order", raw_value=order.encode()),
+        base_pb2.HeaderValue(key="x-envoy-attempt-count", raw_value=str(attempt).encode()),
+        base_pb2.HeaderValue(key="authorization", raw_value=b"Bearer ka")])))
+    headers.metadata_context.filter_metadata["llm_gateway"].update({"route": route, "rule": rule})
+    exchange = RetryExchange(table)
+    first, done = exchange.on_request(headers)
+    if done:
+        return first, None
+    raw = body or _json.dumps({"model": "ma", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    second, done = exchange.on_request(pb.ProcessingRequest(request_body=pb.HttpBody(body=raw, end_of_stream=True)))
+    assert done
+    return first, second
+
+
+def test_retried_attempt_is_rewritten_for_its_provider():
+    import json as _json
+
+    table = compiled(CONFIG).table
+    (head,), (body,) = _retry(table, "llm_failover_a_example_com,llm_failover_b_example_com", 2)
+    values = {o.header.key: o.header.raw_value.decode() for o in head.request_headers.response.header_mutation.set_headers}
+    assert values == {":path": "/v1/chat/completions", ":authority": "b.example.com", "authorization": "Bearer kb"}
+    common = body.request_body.response
+    assert _json.loads(common.body_mutation.body)["model"] == "mb-main"
+    meta = body.dynamic_metadata.fields["llm_gateway"].struct_value.fields
+    assert meta["provider"].string_value == "default/b" and meta["tried"].string_value == "a.example.com"
+
+
+@pytest.mark.parametrize("order, attempt, route, code", [
+    ("llm_failover_a_example_com", 2, "default/r", "retry_error"),  # beyond the order
+    ("llm_failover_a_example_com,llm_failover_b_example_com", 1, "default/r", "retry_error"),
+    ("llm_failover_a_example_com,llm_failover_b_example_com", 2, "default/gone", "retry_provider_gone"),
+])
+def test_retry_that_cannot_be_prepared_is_an_error_not_a_request_with_the_old_key(order, attempt, route, code):
+    import json as _json
+
+    (answer,), _ = _retry(compiled(CONFIG).table, order, attempt, route=route)
+    assert answer.WhichOneof("response") == "immediate_response"
+    assert _json.loads(answer.immediate_response.body)["error"]["code"] == code

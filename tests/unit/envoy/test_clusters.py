@@ -1,0 +1,86 @@
+"""The clusters sent over CDS: a provider's (TLS to its host, whatever address is dialled), its
+failover cluster's, and an egress gateway's."""
+
+from __future__ import annotations
+
+import pytest
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
+
+from extproc.envoy.addresses import HostPort
+from extproc.envoy.clusters import egress_cluster, egress_clusters, provider_cluster, to_cluster_proto, UpstreamOptions
+from support.gateway_docs import A, EGRESS, EGRESS_ADDR, MESH_VIEW, OTHER, compiled, providers
+from support.manifests import route, rule
+
+
+def test_forward_carries_the_gateway_address(tmp_path):
+    table = compiled(tmp_path, providers() + [route("r", "chat", [rule(A)], gateways=[EGRESS])], MESH_VIEW).table
+    forward = table.forwarded["chat"]
+    assert (forward.cluster, forward.address) == ("llm_egress_llm-gateway_egress", EGRESS_ADDR)
+    cluster = egress_cluster(forward)
+    assert cluster["type"] == "STATIC" and "transport_socket" not in cluster  # plain HTTP to the gateway
+    address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    assert address == {"address": "10.0.0.7", "port_value": 8080}
+    assert list(egress_clusters(table)) == ["llm_egress_llm-gateway_egress"]
+    by_name = egress_cluster(compiled(tmp_path, providers() + [route("r", "chat", [rule(A)], gateways=[OTHER])],
+                                      MESH_VIEW).table.forwarded["chat"])
+    assert by_name["type"] == "STRICT_DNS" and by_name["load_assignment"]["endpoints"][0]["lb_endpoints"][0][
+        "endpoint"]["address"]["socket_address"] == {"address": "other.llm-gateway.svc.cluster.local", "port_value": 80}
+
+
+def tls(cluster_msg: cluster_pb2.Cluster) -> tls_pb2.UpstreamTlsContext:
+    ctx = tls_pb2.UpstreamTlsContext()
+    assert cluster_msg.transport_socket.typed_config.Unpack(ctx)
+    return ctx
+
+
+@pytest.mark.parametrize(("host", "resolve", "address", "port", "cluster_type"), [
+    pytest.param("dashscope.aliyuncs.com", {}, "dashscope.aliyuncs.com", 443, cluster_pb2.Cluster.LOGICAL_DNS,
+                 id="name-default-port"),
+    pytest.param("api.moonshot.cn", {"api.moonshot.cn": HostPort("127.0.0.1", 8443)}, "127.0.0.1", 8443,
+                 cluster_pb2.Cluster.STATIC, id="resolve-to-ipv4"),
+    pytest.param("api.moonshot.cn", {"api.moonshot.cn": HostPort("::1", 9443)}, "::1", 9443,
+                 cluster_pb2.Cluster.STATIC, id="resolve-to-ipv6"),
+    pytest.param("api.moonshot.cn", {"api.moonshot.cn": HostPort("fake-provider", 443)}, "fake-provider", 443,
+                 cluster_pb2.Cluster.LOGICAL_DNS, id="resolve-to-other-name"),
+    pytest.param("api.moonshot.cn", {"dashscope.aliyuncs.com": HostPort("127.0.0.1", 1)}, "api.moonshot.cn", 443,
+                 cluster_pb2.Cluster.LOGICAL_DNS, id="resolve-for-other-host-ignored"),
+])
+def test_provider_cluster(host, resolve, address, port, cluster_type):
+    name = "llm_provider_x"
+    cluster = provider_cluster(name, host, UpstreamOptions(resolve=resolve, ca_file="/tmp/ca.pem"))
+    msg = to_cluster_proto(cluster)
+    assert msg.name == name
+    assert msg.type == cluster_type
+    endpoint = msg.load_assignment.endpoints[0].lb_endpoints[0].endpoint
+    assert (endpoint.address.socket_address.address, endpoint.address.socket_address.port_value) == (address, port)
+    assert endpoint.hostname == host
+    ctx = tls(msg)
+    assert ctx.sni == host  # SNI is the provider host whatever address is dialled
+    validation = ctx.common_tls_context.validation_context
+    assert validation.trusted_ca.filename == "/tmp/ca.pem"
+    sans = [(m.san_type, m.matcher.exact) for m in validation.match_typed_subject_alt_names]
+    assert sans == [(common_pb2.SubjectAltNameMatcher.DNS, host)]
+    assert msg.HasField("typed_dns_resolver_config") is (cluster_type == cluster_pb2.Cluster.LOGICAL_DNS)
+
+
+@pytest.mark.parametrize("failover", [False, True])
+def test_only_a_failover_cluster_carries_the_retry_rewrite(failover):
+    """Requests of rules without `retries` go to the plain cluster: no upstream filters (Envoy's
+    default codec), Envoy's default buffer limit and retry budget: they pay nothing for failover."""
+    cluster = provider_cluster("c", "a.example.com", UpstreamOptions(body_limit=4 << 20), failover=failover)
+    msg = to_cluster_proto(cluster)
+    options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    names = [f["name"] for f in options.get("http_filters", [])]
+    if failover:
+        assert names == ["llm_gateway.retry_rewrite", "llm_gateway.next_attempt", "envoy.filters.http.upstream_codec"]
+        assert msg.per_connection_buffer_limit_bytes.value == (4 << 20) + (1 << 20)
+        assert msg.circuit_breakers.thresholds[0].max_retries.value == 100_000
+    else:
+        assert names == []
+        assert not msg.HasField("per_connection_buffer_limit_bytes") and not msg.HasField("circuit_breakers")
+
+
+def test_provider_cluster_connect_timeout():
+    msg = to_cluster_proto(provider_cluster("c", "a.example.com", UpstreamOptions(connect_timeout_s=2.5)))
+    assert msg.connect_timeout.ToMilliseconds() == 2500
