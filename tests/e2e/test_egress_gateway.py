@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from support.auth_helpers import token_files
 from extproc.ops.up import envoy_binary
+from support.auth_helpers import token_files
 from support.egress_gateway import DECOY, GATEWAY, gateway_bound_config
 from support.helpers import CHAT, free_port, start_gateway, upstream_args, wait_until
 

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import subprocess
 import sys
-import socket
 import time
 
 import orjson
 import pytest
 
-from support.auth_helpers import token_files
-
 from extproc.demo.fake_provider import FakeProvider
+from support.auth_helpers import token_files
 from support.helpers import CHAT, free_port, provider_yaml, seed_dir, wait_until
 
 DASHSCOPE = "dashscope.aliyuncs.com"

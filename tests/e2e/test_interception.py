@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from support.auth_helpers import ext_proc_client, token_files
 from extproc.demo.fake_provider import FakeProvider
 from extproc.ops.up import envoy_binary
+from support.auth_helpers import ext_proc_client, token_files
 from support.helpers import SEED_MANIFESTS, free_port, wait_until
 
 HOST_IP, POD_IP = "198.51.100.1", "198.51.100.2"  # TEST-NET-2, only in our namespace

@@ -5,7 +5,6 @@ xDS and the access-log service refuse callers without a token too."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
@@ -20,7 +19,7 @@ from envoy.service.cluster.v3 import cds_pb2_grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
 from support.auth_helpers import ext_proc_client, token_files
-from support.helpers import free_port, seed_dir, wait_until, upstream_args
+from support.helpers import free_port, seed_dir, upstream_args, wait_until
 
 DASHSCOPE = "dashscope.aliyuncs.com"
 

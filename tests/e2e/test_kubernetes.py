@@ -318,7 +318,7 @@ def test_token_review_accepts_only_live_tokens_for_our_audience(clean):
 
     from kubernetes import config as kconfig
 
-    from extproc.dataplane.authentication import kubernetes_review, TokenReviewAuthenticator
+    from extproc.dataplane.authentication import TokenReviewAuthenticator, kubernetes_review
     from extproc.policy.caller import Caller
 
     kube = clean
@@ -429,7 +429,8 @@ def test_key_variables_expand_only_where_the_operator_bound_them(clean, k8s_gate
 
 def test_egress_gateway_manifests_apply_and_rbac_is_least_privilege(clean):
     import json
-    from extproc.policy.gateway_binding import default_address, DEFAULT_GATEWAY_PORT
+
+    from extproc.policy.gateway_binding import DEFAULT_GATEWAY_PORT, default_address
 
     kube = clean
     kube.run("apply", "-f", "-", stdin=for_kubernetes_1_20((REPO / "k8s" / "control-plane.yaml").read_text()))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from extproc.envoy.addresses import HostPort
 from extproc.ops.children import port_problem
-from support.helpers import CHAT, Gateway, free_port, seed_dir, wait_until, upstream_args
+from support.helpers import CHAT, Gateway, free_port, seed_dir, upstream_args, wait_until
 
 DASHSCOPE = "dashscope.aliyuncs.com"
 

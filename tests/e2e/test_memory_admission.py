@@ -13,7 +13,7 @@ import json
 import select
 import threading
 
-from support.helpers import CHAT, Gateway, seed_dir, wait_until
+from support.helpers import CHAT, seed_dir, wait_until
 
 DASHSCOPE = "dashscope.aliyuncs.com"
 MIB = 1 << 20

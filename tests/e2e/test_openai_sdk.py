@@ -4,12 +4,11 @@ address with a `Host` header. A real Envoy, the real ext_proc and local HTTPS fa
 
 from __future__ import annotations
 
-
 import openai
 import pytest
 
 from extproc.demo.fake_provider import count_tokens, fake_embedding
-from support.helpers import add_seed, seed_dir, wait_until
+from support.helpers import seed_dir, wait_until
 
 DASHSCOPE, MOONSHOT = "dashscope.aliyuncs.com", "api.moonshot.cn"
 HELLO = [{"role": "user", "content": "Please introduce yourself."}]

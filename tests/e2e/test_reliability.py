@@ -13,11 +13,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from support.auth_helpers import token_files
+from extproc.ops.up import envoy_binary
 from extproc.testing.envoy_fake import start_envoy_fake
 from extproc.testing.load import ROTATING_SEED_HOSTS_LUA, run_wrk
-from extproc.ops.up import envoy_binary
-from support.helpers import CHAT, Gateway, free_port, provider_yaml, seed_dir, wait_until, upstream_args
+from support.auth_helpers import token_files
+from support.helpers import CHAT, Gateway, free_port, provider_yaml, seed_dir, upstream_args, wait_until
 
 DASHSCOPE, MOONSHOT = "dashscope.aliyuncs.com", "api.moonshot.cn"
 LOAD_SECONDS = float(os.environ.get("LLM_GATEWAY_LOAD_SECONDS", "60"))
@@ -59,7 +59,7 @@ class Load:
         self._stop = threading.Event()
         self._lock = threading.Lock()
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         self._workers = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(self.threads)]
         self.started = time.monotonic()
         for w in self._workers:

@@ -15,13 +15,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from support.auth_helpers import token_files
 
+from extproc.envoy.addresses import HostPort
+from extproc.envoy.bootstrap import BootstrapOptions, bootstrap
+from extproc.ops.up import envoy_binary
 from extproc.testing.envoy_fake import start_envoy_fake
 from extproc.testing.load import run_wrk
-from extproc.envoy.addresses import HostPort
-from extproc.envoy.bootstrap import bootstrap, BootstrapOptions
-from extproc.ops.up import envoy_binary
+from support.auth_helpers import token_files
 from support.helpers import CHAT, Gateway, free_port, seed_dir, wait_until
 
 DASHSCOPE = "dashscope.aliyuncs.com"

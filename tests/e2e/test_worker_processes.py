@@ -11,12 +11,12 @@ import sys
 import threading
 import urllib.request
 
-from support.auth_helpers import token_files
-from extproc.testing.envoy_fake import start_envoy_fake
 from extproc.envoy.addresses import HostPort
-from extproc.envoy.bootstrap import bootstrap, BootstrapOptions
-from extproc.protocol import EXT_PROC_CLUSTER
+from extproc.envoy.bootstrap import BootstrapOptions, bootstrap
 from extproc.ops.up import envoy_binary
+from extproc.protocol import EXT_PROC_CLUSTER
+from extproc.testing.envoy_fake import start_envoy_fake
+from support.auth_helpers import token_files
 from support.helpers import CHAT, Gateway, free_port, seed_dir, wait_until
 
 DASHSCOPE = "dashscope.aliyuncs.com"

@@ -6,15 +6,15 @@ from __future__ import annotations
 import copy
 
 from envoy.config.bootstrap.v3 import bootstrap_pb2
-from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2  # noqa: F401  (registers @type)
 from envoy.extensions.access_loggers.file.v3 import file_pb2  # noqa: F401
+from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2  # noqa: F401  (registers @type)
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2  # noqa: F401
 from envoy.extensions.filters.http.buffer.v3 import buffer_pb2  # noqa: F401
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401
 from envoy.extensions.filters.http.health_check.v3 import health_check_pb2  # noqa: F401
 from envoy.extensions.filters.http.json_to_metadata.v3 import json_to_metadata_pb2  # noqa: F401
-from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
+from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2  # noqa: F401
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2  # noqa: F401
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
 from google.protobuf import json_format

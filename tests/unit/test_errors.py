@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from extproc.errors import error_body, error_type, GatewayError
+from extproc.errors import GatewayError, error_body, error_type
 
 
 @pytest.mark.parametrize(("status", "type_"), [

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from extproc.config.file_source import load_config
 from extproc.config.loader import key_env_allowed, load_paths, parse_object
 from extproc.config.problems import ConfigError
-from extproc.config.file_source import load_config
-from support.manifests import API, SEED, SEED_ENV, DASHSCOPE_KEY, provider, route, rule, write
+from support.manifests import API, DASHSCOPE_KEY, SEED, SEED_ENV, provider, route, rule, write
 
 SERVICE = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "svc"}, "spec": {"ports": [{"port": 80}]}}
 DEPLOYMENT = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "dep"},

@@ -7,9 +7,9 @@ import logging
 import pytest
 
 from extproc.config.compile import compile_config
+from extproc.config.file_source import load_config
 from extproc.config.loader import load_paths, load_text
 from extproc.config.problems import ConfigError
-from extproc.config.file_source import load_config
 from support.budget_docs import budget_doc
 from support.failover_config import CONFIG, compiled
 from support.manifests import DASHSCOPE, load_docs, provider, route, rule, write

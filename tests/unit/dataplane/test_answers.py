@@ -10,8 +10,8 @@ from support.manifests import load_docs, provider
 
 
 def test_an_error_answer_carries_each_of_its_own_headers_once():
-    from extproc.policy.body_memory import Overloaded
     from extproc.dataplane.answers import immediate
+    from extproc.policy.body_memory import Overloaded
 
     headers = immediate(Overloaded(9 << 20, 8 << 20)).immediate_response.headers.set_headers
     names = [h.header.key for h in headers]

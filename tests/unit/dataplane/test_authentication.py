@@ -5,16 +5,25 @@ their cache, a static token, and the HTTP/2 server refusing streams without a va
 from __future__ import annotations
 
 import asyncio
-import time
 import base64
 import json
+import time
 
 import grpc
 import pytest
 
 from extproc.dataplane import grpc_h2 as h2
-from extproc.dataplane.authentication import bearer, cache_until, identity_of, PENDING, ReviewResult, StaticToken, token_expiry, TokenReviewAuthenticator
-from extproc.policy.caller import Caller, LOCAL
+from extproc.dataplane.authentication import (
+    PENDING,
+    ReviewResult,
+    StaticToken,
+    TokenReviewAuthenticator,
+    bearer,
+    cache_until,
+    identity_of,
+    token_expiry,
+)
+from extproc.policy.caller import LOCAL, Caller
 
 AUD = "llm-gateway"
 

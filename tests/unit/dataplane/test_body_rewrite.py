@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from extproc.errors import GatewayError
 from extproc.dataplane.body_rewrite import rewrite_body
+from extproc.errors import GatewayError
 from extproc.policy.table import Target
 
 

@@ -9,9 +9,9 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
+from extproc.dataplane.body_rewrite import rewrite_body
 from extproc.errors import GatewayError
 from extproc.policy import openai_api as endpoints
-from extproc.dataplane.body_rewrite import rewrite_body
 from extproc.policy.table import Target
 from support.fuzz import fuzz, json_values
 

@@ -10,16 +10,36 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from extproc.protocol import CLUSTER_HEADER
-from extproc.policy.caller import Caller, LOCAL
-from extproc.policy.table import EMPTY_TABLE
 from extproc.dataplane.processor import ExternalProcessor
-from extproc.policy.table import TableHolder
-from support.ext_proc_messages import (CHAT, DASH_CLUSTER, MOON_CLUSTER, body_msg, error_of, forward, headers_msg,
-                                       processor, run, set_headers)
-from support.gateway_docs import A, B, EGRESS, KEY_A, KEY_B, MESH_VIEW, compiled, providers
-from support.manifests import (DASHSCOPE, DASHSCOPE_KEY, HOME, MOONSHOT, MOONSHOT_KEY, compile_in_namespaces, load_docs,
-                               load_seed, provider, route, rule)
+from extproc.policy.caller import LOCAL, Caller
+from extproc.policy.table import EMPTY_TABLE, TableHolder
+from extproc.protocol import CLUSTER_HEADER
+from support.ext_proc_messages import (
+    CHAT,
+    DASH_CLUSTER,
+    MOON_CLUSTER,
+    body_msg,
+    error_of,
+    forward,
+    headers_msg,
+    processor,
+    run,
+    set_headers,
+)
+from support.gateway_docs import EGRESS, KEY_A, KEY_B, MESH_VIEW, A, B, compiled, providers
+from support.manifests import (
+    DASHSCOPE,
+    DASHSCOPE_KEY,
+    HOME,
+    MOONSHOT,
+    MOONSHOT_KEY,
+    compile_in_namespaces,
+    load_docs,
+    load_seed,
+    provider,
+    route,
+    rule,
+)
 
 
 @pytest.fixture(scope="module")

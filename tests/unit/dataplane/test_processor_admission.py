@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from extproc.policy.body_memory import Inflight
 from extproc.dataplane.processor import ExternalProcessor
+from extproc.policy.body_memory import Inflight
 from extproc.policy.table import TableHolder
 from support.ext_proc_messages import body_msg, error_of, headers_msg
 from support.manifests import DASHSCOPE

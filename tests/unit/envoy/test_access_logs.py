@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from extproc.envoy.bootstrap import bootstrap, BootstrapOptions
+from extproc.envoy.bootstrap import BootstrapOptions, bootstrap
 from extproc.protocol import EXT_PROC_CLUSTER
 from support.envoy_api import hcm
 

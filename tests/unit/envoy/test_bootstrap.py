@@ -9,10 +9,15 @@ import subprocess
 import pytest
 
 from extproc.envoy.addresses import HostPort
-from extproc.envoy.bootstrap import bootstrap, BootstrapOptions
-from extproc.envoy.routes import ANY_HOST_ROUTE_CONFIG_NAME, any_host_route_configuration, PASSTHROUGH_CLUSTER, ROUTE_CONFIG_NAME
-from extproc.protocol import CLUSTER_HEADER, CONTROL_CLUSTER, EXT_PROC_CLUSTER, ORDER_HEADER
+from extproc.envoy.bootstrap import BootstrapOptions, bootstrap
+from extproc.envoy.routes import (
+    ANY_HOST_ROUTE_CONFIG_NAME,
+    PASSTHROUGH_CLUSTER,
+    ROUTE_CONFIG_NAME,
+    any_host_route_configuration,
+)
 from extproc.ops.up import envoy_binary
+from extproc.protocol import CLUSTER_HEADER, CONTROL_CLUSTER, EXT_PROC_CLUSTER, ORDER_HEADER
 from support.envoy_api import ext_proc, hcm, parse_bootstrap
 
 
@@ -109,14 +114,12 @@ def test_envoy_accepts_the_bootstrap(tmp_path, opts):
 
 
 def test_ext_proc_cluster_is_health_checked_and_a_dead_replica_ejected():
-    from envoy.config.bootstrap.v3 import bootstrap_pb2
-    import support.envoy_api  # noqa: F401  (registers every @type the bootstrap uses)
+    from envoy.config.cluster.v3 import cluster_pb2
     from google.protobuf import json_format
 
-    from extproc.envoy.bootstrap import bootstrap, BootstrapOptions
+    import support.envoy_api  # noqa: F401  (registers every @type the bootstrap uses)
+    from extproc.envoy.bootstrap import BootstrapOptions, bootstrap
     from extproc.protocol import CONTROL_CLUSTER, EXT_PROC_CLUSTER
-
-    from envoy.config.cluster.v3 import cluster_pb2
 
     boot = bootstrap(BootstrapOptions(control=HostPort("llm-gateway-control.llm-gateway.svc", 18000), sidecar=True))
     # valid Envoy API (the clusters: the whole bootstrap names filters newer than xds-protos)
@@ -134,7 +137,7 @@ def test_ext_proc_cluster_is_health_checked_and_a_dead_replica_ejected():
     ("/run/gw", None, "pipe"), (None, "/etc/gw/token-sds.json", "token"), (None, None, "plain"),
 ])
 def test_control_plane_clusters(socket_dir, token_sds, kind):
-    from extproc.envoy.bootstrap import bootstrap, BootstrapOptions, TOKEN_SECRET
+    from extproc.envoy.bootstrap import TOKEN_SECRET, BootstrapOptions, bootstrap
 
     boot = bootstrap(BootstrapOptions(socket_dir=socket_dir, token_sds=token_sds))
     clusters = boot["static_resources"]["clusters"][:2]

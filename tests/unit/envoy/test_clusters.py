@@ -8,8 +8,8 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 
 from extproc.envoy.addresses import HostPort
-from extproc.envoy.clusters import egress_cluster, egress_clusters, provider_cluster, to_cluster_proto, UpstreamOptions
-from support.gateway_docs import A, EGRESS, EGRESS_ADDR, MESH_VIEW, OTHER, compiled, providers
+from extproc.envoy.clusters import UpstreamOptions, egress_cluster, egress_clusters, provider_cluster, to_cluster_proto
+from support.gateway_docs import EGRESS, EGRESS_ADDR, MESH_VIEW, OTHER, A, compiled, providers
 from support.manifests import route, rule
 
 

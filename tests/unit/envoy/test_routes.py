@@ -19,8 +19,8 @@ from support.manifests import DASHSCOPE, load_docs, provider
              "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"}),
 ])
 def test_routes_carry_only_the_rate_limit_headers_a_config_can_give(tmp_path, rules, expected):
-    from extproc.policy.budgets import response_headers
     from extproc.envoy.routes import route_configuration
+    from extproc.policy.budgets import response_headers
 
     docs = [provider("dashscope", DASHSCOPE)] + ([budget_doc(rules)] if rules else [])
     names = response_headers(load_docs(tmp_path, *docs).table.budgets)

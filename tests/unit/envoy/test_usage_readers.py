@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from extproc.envoy.bootstrap import bootstrap, BootstrapOptions
+from extproc.envoy.bootstrap import BootstrapOptions, bootstrap
 from support.envoy_api import hcm
 
 

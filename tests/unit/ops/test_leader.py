@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from extproc.ops.leader import CREATE, next_step, RENEW, Seen, TAKE, WAIT
+from extproc.ops.leader import CREATE, RENEW, TAKE, WAIT, Seen, next_step
 
 ME, OTHER = "me", "other"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from extproc.envoy.addresses import HostPort
-from extproc.telemetry.metrics import GatewayMetrics, RequestRecord
 from extproc.ops.status_http import StatusServer
+from extproc.telemetry.metrics import GatewayMetrics, RequestRecord
 
 
 async def request(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:

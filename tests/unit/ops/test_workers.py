@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.ops import workers as workers
-from extproc.ops.workers import flatten_families, MergedRegistry, plan
+from extproc.ops.workers import MergedRegistry, flatten_families, plan
 
 MIB = 1 << 20
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from extproc.policy.body_memory import Inflight, TRIM_AFTER_BYTES
+from extproc.policy.body_memory import TRIM_AFTER_BYTES, Inflight
 
 
 @pytest.mark.parametrize(("cap", "takes", "held", "refused"), [

@@ -7,17 +7,17 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from extproc.dataplane.accesslog_receiver import charge_budgets
-from extproc.telemetry.access_entries import record_from_entry
-from extproc.policy.budget_gate import answer_key, redacted_url, BudgetGate
-from extproc.policy.budgets import admission, BudgetRefused, BudgetRule, key_hash
 from extproc.errors import GatewayError
-from support.budget_docs import RULES, Clock, admit, answered_entry, budget_doc, buckets_of, headers, make_gate
+from extproc.policy.budget_gate import BudgetGate, answer_key, redacted_url
+from extproc.policy.budgets import BudgetRefused, BudgetRule, admission, key_hash
+from extproc.telemetry.access_entries import record_from_entry
+from support.budget_docs import RULES, Clock, admit, answered_entry, buckets_of, budget_doc, headers, make_gate
 from support.manifests import DASHSCOPE, load_docs, provider
-
 
 
 def test_safe_url_hides_the_password():

@@ -5,8 +5,18 @@ from __future__ import annotations
 
 import pytest
 
-from extproc.policy.budgets import (admission, bucket_id, BudgetRefused, BudgetRule, drained, key_hash, most_restrictive,
-                                    openai_duration, parse_bucket_id, tokens_to_charge)
+from extproc.policy.budgets import (
+    BudgetRefused,
+    BudgetRule,
+    admission,
+    bucket_id,
+    drained,
+    key_hash,
+    most_restrictive,
+    openai_duration,
+    parse_bucket_id,
+    tokens_to_charge,
+)
 
 RULE = BudgetRule("everyone", (), tokens=40, per_s=3600.0)
 WITH_REQUESTS = BudgetRule("everyone", (), tokens=40, per_s=60.0, requests=2)

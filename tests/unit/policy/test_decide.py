@@ -12,8 +12,17 @@ from extproc.policy.caller import LOCAL
 from extproc.policy.decide import Decision, decide
 from extproc.policy.table import RoutingTable, Target
 from extproc.protocol import provider_cluster
-from support.manifests import (DASHSCOPE, DASHSCOPE_KEY, MOONSHOT, MOONSHOT_KEY, load_docs, load_seed, provider, route,
-                               rule)
+from support.manifests import (
+    DASHSCOPE,
+    DASHSCOPE_KEY,
+    MOONSHOT,
+    MOONSHOT_KEY,
+    load_docs,
+    load_seed,
+    provider,
+    route,
+    rule,
+)
 
 
 def pick(table: RoutingTable, authority: str, headers: dict[str, str], draw: float) -> Target | None:

@@ -6,10 +6,8 @@ from __future__ import annotations
 import pytest
 
 from extproc.errors import GatewayError
-from extproc.policy.failover import attempt_order, build_failover, full_order
-from extproc.policy.table import RetryPolicy
-from extproc.policy.failover import order_headers, retry_target
-from extproc.policy.table import Target
+from extproc.policy.failover import attempt_order, build_failover, full_order, order_headers, retry_target
+from extproc.policy.table import RetryPolicy, Target
 from support.failover_config import CONFIG, compiled
 
 

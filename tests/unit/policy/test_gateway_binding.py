@@ -8,12 +8,30 @@ from __future__ import annotations
 import pytest
 
 from extproc.config.compile import compile_config
+from extproc.config.file_source import load_config
 from extproc.config.loader import load_paths
 from extproc.config.problems import ConfigError
-from extproc.config.file_source import load_config
-from extproc.policy.gateway_binding import default_address, gateway_ref, MESH, parse_gateway_name, provider_binding, View
-from support.gateway_docs import (A, B, EGRESS, GATEWAY_VIEW, KEY_A, KEY_B, MESH_VIEW, OTHER, OTHER_VIEW, compiled,
-                                  providers)
+from extproc.policy.gateway_binding import (
+    MESH,
+    View,
+    default_address,
+    gateway_ref,
+    parse_gateway_name,
+    provider_binding,
+)
+from support.gateway_docs import (
+    EGRESS,
+    GATEWAY_VIEW,
+    KEY_A,
+    KEY_B,
+    MESH_VIEW,
+    OTHER,
+    OTHER_VIEW,
+    A,
+    B,
+    compiled,
+    providers,
+)
 from support.manifests import route, rule, write
 
 

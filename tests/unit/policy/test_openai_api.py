@@ -8,10 +8,10 @@ import json
 
 import pytest
 
+from extproc.dataplane.body_rewrite import rewrite_body
+from extproc.errors import GatewayError
 from extproc.policy import openai_api as endpoints
 from extproc.policy.openai_api import CHAT, COMPLETIONS, EMBEDDINGS, MODELS
-from extproc.errors import GatewayError
-from extproc.dataplane.body_rewrite import rewrite_body
 from extproc.policy.table import DEFAULT_BASES, Target
 
 DASH_BASES = DEFAULT_BASES | {"/compatible-mode/v1"}

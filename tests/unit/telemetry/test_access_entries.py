@@ -3,12 +3,11 @@ tokens and timings."""
 
 from __future__ import annotations
 
-
 import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 
-from extproc.telemetry.access_entries import record_from_entry
 from extproc.protocol import METADATA_NAMESPACE
+from extproc.telemetry.access_entries import record_from_entry
 from extproc.telemetry.metrics import RequestRecord
 from support.access_log_entries import DECISION, LABELS, entry
 

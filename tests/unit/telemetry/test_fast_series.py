@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import prometheus_client
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
 from extproc.telemetry import fast_series as series
