@@ -111,7 +111,7 @@ def test_budget_refuses_fourth_request_with_openai_headers_then_bigger_budget_ap
         assert resp.status == 200, resp.body
         assert resp.headers["x-ratelimit-limit-tokens"] == "40"
         assert "x-ratelimit-limit-requests" not in resp.headers  # no `requests` in the rule: no header
-        wait_until(lambda: charged(gw) == 17 * n, 10, lambda: f"not charged: {gw.metrics()}")
+        wait_until(lambda n=n: charged(gw) == 17 * n, 10, lambda: f"not charged: {gw.metrics()}")
     resp = ask(gw, "alice")
     assert resp.status == 429, resp.body
     error = resp.json()["error"]
@@ -221,7 +221,7 @@ def test_request_limit_is_shared_and_refused_at_once(tmp_path, gateway_factory, 
     wait_until(lambda: float(redis_server.client().hget(key, "req") or 0) >= 1.99, 10)
     for gw in (gw1, gw2):  # a sync of each instance after Redis held both requests
         syncs = metric(gw, "llm_gateway_budget_syncs_total")
-        wait_until(lambda: metric(gw, "llm_gateway_budget_syncs_total") >= syncs + 2, 10)
+        wait_until(lambda gw=gw, syncs=syncs: metric(gw, "llm_gateway_budget_syncs_total") >= syncs + 2, 10)
     for gw in (gw1, gw2):  # the third request is refused at once, on either instance
         third = ask(gw, "gina")
         assert third.status == 429 and third.json()["error"]["type"] == "requests"

@@ -42,7 +42,8 @@ def test_bad_config_keeps_last_good_and_fix_recovers(tmp_path, gateway_factory):
     }
     for name, (text, message) in bad_versions.items():
         provider.write_text(text)
-        wait_until(lambda: message in gw.log(), 10, lambda: f"{name}: error not logged:\n{gw.log()}")
+        wait_until(lambda message=message: message in gw.log(), 10,
+                   lambda name=name: f"{name}: error not logged:\n{gw.log()}")
         assert str(provider) in gw.log()
         resp = gw.request(DASHSCOPE, CHAT)
         assert resp.status == 200 and resp.json()["model"] == "qwen1.5-72b-chat", name

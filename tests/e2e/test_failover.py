@@ -249,7 +249,9 @@ def test_every_candidate_cooling_tries_the_primary_anyway(gateway, fakes):
     gw = gateway(config("attempts: 1\nretryOn: [5xx]", fallback=False)
                  .replace("  configs:", "  outlierDetection: {consecutiveErrors: 1, baseEjectionTime: 60s}\n  configs:"))
     assert gw.request(ROUTE, CHAT, {"x-fake-fail": "a:500,b:500"}).status == 500
-    cooling = lambda host: gw.metrics().get(("llm_gateway_provider_cooling_down", frozenset({("provider", host)})))
+    def cooling(host):
+        return gw.metrics().get(("llm_gateway_provider_cooling_down", frozenset({("provider", host)})))
+
     wait_until(lambda: cooling(A) == 1 and cooling(B) == 1, 10, lambda: str(gw.metrics()))
     answered_by(gw.request(ROUTE, CHAT), A)
 

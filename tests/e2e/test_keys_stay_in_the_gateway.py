@@ -138,8 +138,10 @@ def test_xds_and_access_log_service_refuse_callers_without_the_token(tcp_serve):
 
 
 def test_serve_refuses_tcp_without_a_token_and_a_socket_dir_it_does_not_own(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "extproc", "serve", "--config", str(seed_dir(tmp_path, "01")),
-                                     "--metrics", "none", *a], capture_output=True, text=True, timeout=60)
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "extproc", "serve", "--config", str(seed_dir(tmp_path, "01")),
+                               "--metrics", "none", *a], capture_output=True, text=True, timeout=60)
+
     tcp = run("--listen", f"127.0.0.1:{free_port()}")
     assert tcp.returncode == 1 and "needs --auth-token-file" in tcp.stderr
     loose = tmp_path / "loose"

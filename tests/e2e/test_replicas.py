@@ -95,8 +95,8 @@ def two_replicas(tmp_path, ca, keys):
                                  stderr=(tmp_path / "envoy.log").open("wb"))
         gw = Gateway(envoy, listen, admin, tmp_path / "envoy.log")
         for r in replicas:
-            wait_until(lambda: "ext_proc and access log service listening" in r.log() or r.process.poll() is not None,
-                       30, r.log)
+            wait_until(lambda r=r: ("ext_proc and access log service listening" in r.log()
+                                    or r.process.poll() is not None), 30, r.log)
             assert r.process.poll() is None, r.log()
         wait_until(lambda: _ok(gw), 30, lambda: "\n".join(r.log() for r in replicas))
         # both replicas healthy in Envoy's eyes before the load starts

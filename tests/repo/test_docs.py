@@ -25,7 +25,7 @@ def flags(parser: argparse.ArgumentParser) -> list[str]:
 def sections(text: str) -> dict[str, str]:
     """`## extproc NAME` headings and the text under each."""
     parts = re.split(r"^## extproc (\S+)\s*$", text, flags=re.MULTILINE)
-    return dict(zip(parts[1::2], parts[2::2]))
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
 
 
 def documented(flag: str, text: str) -> bool:

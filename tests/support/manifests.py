@@ -51,7 +51,7 @@ def rule(*hosts: str, name: str | None = None, weights: list[int] | None = None,
          matches: list[dict] | None = None) -> dict:
     refs = [{"providerHost": h} for h in hosts]
     if weights is not None:
-        for ref, w in zip(refs, weights):
+        for ref, w in zip(refs, weights, strict=False):
             if w is not None:
                 ref["weight"] = w
     out: dict[str, Any] = {"backendRefs": refs}

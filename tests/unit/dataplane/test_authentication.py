@@ -50,7 +50,9 @@ def test_identity_of_a_review(result, identity):
 
 
 def _jwt(claims: dict) -> str:
-    part = lambda d: base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
+    def part(d):
+        return base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
+
     return f"{part({'alg': 'RS256'})}.{part(claims)}.sig"
 
 

@@ -134,7 +134,7 @@ def test_numbers_kept_exactly(extra):
     body = b'{"messages": [{"role": "user", "content": "hi"}], "t": 0.5, ' + extra + b"}"
     out = rewrite_body(body, target(model="m")).body
     assert json.loads(out) == {**json.loads(body), "model": "m"}  # json reads integers exactly
-    assert all(type(a) is type(b) for a, b in zip(_leaves(json.loads(out)), _leaves(json.loads(body))))
+    assert all(type(a) is type(b) for a, b in zip(_leaves(json.loads(out)), _leaves(json.loads(body)), strict=True))
 
 
 def _leaves(value):

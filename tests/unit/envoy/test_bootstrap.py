@@ -129,7 +129,7 @@ def test_ext_proc_cluster_is_health_checked_and_a_dead_replica_ejected():
     assert check.HasField("grpc_health_check") and check.unhealthy_threshold.value == 1
     assert ext_proc.outlier_detection.consecutive_local_origin_failure.value == 1
     assert not clusters[CONTROL_CLUSTER].health_checks  # grpcio's xDS: Envoy reconnects elsewhere by itself
-    listeners = {l["name"]: l for l in boot["static_resources"]["listeners"]}
+    listeners = {listener["name"]: listener for listener in boot["static_resources"]["listeners"]}
     assert listeners["llm_gateway_readiness"]["address"]["socket_address"]["port_value"] == 15021
 
 
@@ -141,7 +141,7 @@ def test_control_plane_clusters(socket_dir, token_sds, kind):
 
     boot = bootstrap(BootstrapOptions(socket_dir=socket_dir, token_sds=token_sds))
     clusters = boot["static_resources"]["clusters"][:2]
-    for cluster, sock in zip(clusters, ("xds.sock", "ext_proc.sock")):
+    for cluster, sock in zip(clusters, ("xds.sock", "ext_proc.sock"), strict=False):
         address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
         options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
         filters = [f["name"] for f in options.get("http_filters", [])]
