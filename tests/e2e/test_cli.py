@@ -101,7 +101,8 @@ def test_demo_serves_the_three_scenarios_and_stops_cleanly(tmp_path):
     env = {k: v for k, v in os.environ.items() if "API_KEY" not in k}
     log = tmp_path / "demo.log"
     process = subprocess.Popen([sys.executable, "-m", "extproc", "demo", "--listen", f"127.0.0.1:{listen}",
-                                "--admin", f"127.0.0.1:{admin}"], stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
+                                "--admin", f"127.0.0.1:{admin}"],
+                               stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
     gw = Gateway(process, listen, admin, log)
     try:
         wait_until(lambda: "Ctrl-C stops it." in gw.log() or process.poll() is not None, 30, gw.log)

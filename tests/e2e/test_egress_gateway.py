@@ -125,7 +125,8 @@ def test_sidecar_sends_gateway_bound_hosts_to_the_egress_gateway_which_alone_hol
     status, answer = sidecar.request(DASHSCOPE, CHAT, {"user-type": "subscriber"})
     assert status == 200 and answer["model"] == "qwen1.5-72b-chat"  # the vip rule, no route-specific config here
     dash = fresh_providers[DASHSCOPE].requests
-    assert len(dash) == 2 and all(r.headers["authorization"] == f"Bearer {keys['YOUR_DASHSCOPE_API_KEY']}" for r in dash)
+    assert len(dash) == 2 and all(r.headers["authorization"] == f"Bearer {keys['YOUR_DASHSCOPE_API_KEY']}"
+                                  for r in dash)
     assert all(r.sni == DASHSCOPE and r.path == "/compatible-mode/v1/chat/completions" for r in dash)
     # decided by the gateway: its access log names the route and the Host the sidecar kept
     wait_until(lambda: len(gateway.access_entries()) >= gateway_before + 2, 10)
@@ -136,8 +137,9 @@ def test_sidecar_sends_gateway_bound_hosts_to_the_egress_gateway_which_alone_hol
     status, events = sidecar.request(DASHSCOPE, {**CHAT, "stream": True})
     assert status == 200 and events.rstrip().endswith("data: [DONE]") and '"usage"' in events, events
     tokens = ("gen_ai_client_token_usage_count", frozenset({
-        ("gen_ai_operation_name", "chat"), ("gen_ai_provider_name", DASHSCOPE), ("gen_ai_request_model", "qwen1.5-72b-chat"),
-        ("gen_ai_response_model", "qwen1.5-72b-chat"), ("llm_route", "default/dashscope-route"), ("llm_rule", "rules[1]"),
+        ("gen_ai_operation_name", "chat"), ("gen_ai_provider_name", DASHSCOPE),
+        ("gen_ai_request_model", "qwen1.5-72b-chat"), ("gen_ai_response_model", "qwen1.5-72b-chat"),
+        ("llm_route", "default/dashscope-route"), ("llm_rule", "rules[1]"),
         ("llm_provider", "default/dashscope-qwen"), ("gen_ai_token_type", "output")}))
     wait_until(lambda: gateway.metrics().get(tokens, 0) >= 2, 10, lambda: str(gateway.metrics()))
 
@@ -164,8 +166,10 @@ def test_sidecar_sends_gateway_bound_hosts_to_the_egress_gateway_which_alone_hol
     assert all(secret not in dump for secret in (DECOY, *keys.values()))
     after = sidecar.counters()
     # its ext_proc was asked about Moonshot only: the gateway-bound requests passed it by
-    assert after["http.llm_gateway.ext_proc.request.streams_started"] - before["http.llm_gateway.ext_proc.request.streams_started"] == 1
-    assert after["cluster.llm_egress_llm-gateway_egress.upstream_rq_200"] - before["cluster.llm_egress_llm-gateway_egress.upstream_rq_200"] == 3
+    assert (after["http.llm_gateway.ext_proc.request.streams_started"]
+            - before["http.llm_gateway.ext_proc.request.streams_started"]) == 1
+    assert (after["cluster.llm_egress_llm-gateway_egress.upstream_rq_200"]
+            - before["cluster.llm_egress_llm-gateway_egress.upstream_rq_200"]) == 3
 
 
 def test_validate_and_route_on_the_command_line(tmp_path, keys):
@@ -184,11 +188,14 @@ def test_validate_and_route_on_the_command_line(tmp_path, keys):
     bad = extproc("validate", str(config), "--egress-gateway", "egress")
     assert bad.returncode == 2 and "'egress' is not NAMESPACE/NAME" in bad.stderr
 
-    mesh = extproc("route", "--config", str(config), "--host", DASHSCOPE, "--egress-gateway", f"{GATEWAY}=10.1.2.3:8080")
+    mesh = extproc("route", "--config", str(config), "--host", DASHSCOPE,
+                   "--egress-gateway", f"{GATEWAY}=10.1.2.3:8080")
     assert mesh.returncode == 0, mesh.stderr
     assert f"decided by the egress gateway {GATEWAY}: the sidecars send it to 10.1.2.3:8080" in mesh.stdout
-    there = extproc("route", "--config", str(config), "--host", DASHSCOPE, "--gateway", GATEWAY, "-H", "user-type: subscriber")
-    assert there.returncode == 0 and "rule: vip-route" in there.stdout and "provider default/dashscope-qwen" in there.stdout
+    there = extproc("route", "--config", str(config), "--host", DASHSCOPE, "--gateway", GATEWAY,
+                    "-H", "user-type: subscriber")
+    assert (there.returncode == 0 and "rule: vip-route" in there.stdout
+            and "provider default/dashscope-qwen" in there.stdout)
     assert all(key not in mesh.stdout + there.stdout for key in keys.values())
 
 
@@ -212,7 +219,8 @@ spec:
 
     def gateway_sent_to_moonshot() -> int:
         stats = (line.partition(": ") for line in gateway.admin("/stats").splitlines())
-        return next((int(v) for name, _, v in stats if name == "cluster.llm_provider_api_moonshot_cn.upstream_rq_200"), 0)
+        return next((int(v) for name, _, v in stats
+                     if name == "cluster.llm_provider_api_moonshot_cn.upstream_rq_200"), 0)
 
     def decided_by_gateway() -> bool:
         before = gateway_sent_to_moonshot()
@@ -225,7 +233,8 @@ spec:
     assert fresh_providers[MOONSHOT].requests[-1].headers["authorization"] == f"Bearer {keys['YOUR_MOONSHOT_API_KEY']}"
 
     moon_route.unlink()  # back to the mesh
-    wait_until(lambda: "llm_provider_api_moonshot_cn" in sidecar.admin_get("/config_dump") and sidecar.answers(MOONSHOT),
+    wait_until(lambda: ("llm_provider_api_moonshot_cn" in sidecar.admin_get("/config_dump")
+                        and sidecar.answers(MOONSHOT)),
                20, sidecar.logs, interval=0.3)
     # the gateway drops its own Moonshot cluster in its own time (its counter then reads 0), so the proof
     # is the sidecar's: its ext_proc decided, and its own Moonshot cluster carried the request
@@ -233,7 +242,8 @@ spec:
     started = sidecar.counters()
     assert sidecar.answers(MOONSHOT)
     after = sidecar.counters()
-    assert after["http.llm_gateway.ext_proc.request.streams_started"] == started["http.llm_gateway.ext_proc.request.streams_started"] + 1
+    assert (after["http.llm_gateway.ext_proc.request.streams_started"]
+            == started["http.llm_gateway.ext_proc.request.streams_started"] + 1)
     assert after[direct] == started.get(direct, 0) + 1
     assert after.get("cluster.llm_egress_llm-gateway_egress.upstream_rq_200", 0) == \
         started.get("cluster.llm_egress_llm-gateway_egress.upstream_rq_200", 0)

@@ -147,7 +147,8 @@ def test_ext_proc_down_fails_closed(tmp_path, ca, fresh_providers, keys):
     try:
         from support.helpers import Gateway
         gw = Gateway(envoy, listen, admin, tmp_path / "envoy.log")
-        wait_until(lambda: _status(gw) == 200, 20, lambda: f"no answer through envoy: {(tmp_path / 'serve.log').read_text()}")
+        wait_until(lambda: _status(gw) == 200, 20,
+                   lambda: f"no answer through envoy: {(tmp_path / 'serve.log').read_text()}")
         serve.kill()
         serve.wait()
         fresh_providers[DASHSCOPE].clear()
@@ -173,7 +174,8 @@ def test_slow_provider_gets_its_own_timeout_as_json_504(tmp_path, gateway_factor
     config = tmp_path / "config"
     config.mkdir()
     (config / "p.yaml").write_text(provider_yaml("quick", DASHSCOPE, key="${YOUR_DASHSCOPE_API_KEY}")
-                                   .replace("  path: /v1/chat/completions", "  path: /v1/chat/completions\n  timeout: 1s"))
+                                   .replace("  path: /v1/chat/completions",
+                                            "  path: /v1/chat/completions\n  timeout: 1s"))
     gw = gateway_factory(config)
     assert gw.request(DASHSCOPE, CHAT, {"x-fake-delay": "0.2"}).status == 200
     started = __import__("time").monotonic()

@@ -107,7 +107,10 @@ def config(retries: str | None = RETRIES, fallback: bool = True, a_extra: str = 
 
 
 def answered_by(resp, host: str, fakes_by_host=None) -> None:
-    assert resp.status == 200, (resp.body, fakes_by_host and {h: [(r.headers.get("x-envoy-attempt-count"), r.headers.get("authorization"), r.headers.get("host")) for r in f.requests] for h, f in fakes_by_host.items()})
+    assert resp.status == 200, (resp.body, fakes_by_host and {
+        h: [(r.headers.get("x-envoy-attempt-count"), r.headers.get("authorization"), r.headers.get("host"))
+            for r in f.requests]
+        for h, f in fakes_by_host.items()})
     assert resp.json()["model"] == MODELS[host]
 
 
@@ -247,7 +250,8 @@ def test_cool_down_skips_a_dead_provider_then_tries_it_again(gateway, fakes):
 def test_every_candidate_cooling_tries_the_primary_anyway(gateway, fakes):
     _, started, _ = fakes
     gw = gateway(config("attempts: 1\nretryOn: [5xx]", fallback=False)
-                 .replace("  configs:", "  outlierDetection: {consecutiveErrors: 1, baseEjectionTime: 60s}\n  configs:"))
+                 .replace("  configs:",
+                          "  outlierDetection: {consecutiveErrors: 1, baseEjectionTime: 60s}\n  configs:"))
     assert gw.request(ROUTE, CHAT, {"x-fake-fail": "a:500,b:500"}).status == 500
     def cooling(host):
         return gw.metrics().get(("llm_gateway_provider_cooling_down", frozenset({("provider", host)})))
@@ -340,7 +344,8 @@ end
     result = run_wrk(gw.listen_port, script, connections=8, seconds=3)
     assert result["requests"] > 0 and result["errors"] == 0, result
     failed_a = sum(1 for r in started[A].requests) // 2
-    assert failed_a > 0 and len(started[B].requests) >= failed_a * 0.9 - 1, (len(started[A].requests), len(started[B].requests))
+    assert failed_a > 0 and len(started[B].requests) >= failed_a * 0.9 - 1, \
+        (len(started[A].requests), len(started[B].requests))
     check_keys(started)
 
 

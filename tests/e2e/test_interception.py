@@ -48,8 +48,8 @@ class Recorder(http.server.BaseHTTPRequestHandler):
 
     def _record(self) -> None:
         body = self.rfile.read(int(self.headers.get("content-length") or 0))
-        Recorder.seen.append({"method": self.command, "path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
-                              "body": body})
+        Recorder.seen.append({"method": self.command, "path": self.path,
+                              "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})
         payload = b"plain service says hi"
         self.send_response(200)
         self.send_header("content-length", str(len(payload)))
@@ -85,7 +85,8 @@ def pod(tmp_path):
         # what the sidecar's init container does
         sh(*inside, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "80",
            "-m", "owner", "--uid-owner", str(ENVOY_UID), "-j", "RETURN")
-        sh(*inside, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "80", "-d", "127.0.0.1/32", "-j", "RETURN")
+        sh(*inside, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "80",
+           "-d", "127.0.0.1/32", "-j", "RETURN")
         sh(*inside, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "80", "-j", "REDIRECT",
            "--to-ports", "15001")
         etc.mkdir(parents=True)
@@ -102,8 +103,9 @@ def pod(tmp_path):
 def start_sidecar_envoy(pod: str, shared: Path, control: int, ext_proc: int, creds, log: Path) -> subprocess.Popen:
     """The pod's sidecar Envoy, as Envoy's own user, from `envoy-config --sidecar` (the bootstrap
     in `shared`, readable by that user), reaching the control plane on the host side of the link."""
-    boot = subprocess.run([sys.executable, "-m", "extproc", "envoy-config", "--sidecar", "--control", f"{HOST_IP}:{control}",
-                           "--ext-proc", f"{HOST_IP}:{ext_proc}", *creds.envoy_config_args(),
+    boot = subprocess.run([sys.executable, "-m", "extproc", "envoy-config", "--sidecar",
+                           "--control", f"{HOST_IP}:{control}", "--ext-proc", f"{HOST_IP}:{ext_proc}",
+                           *creds.envoy_config_args(),
                            "--listen", "0.0.0.0:15001", "--admin", "127.0.0.1:15000", "--access-log", "none"],
                           capture_output=True, check=True, text=True).stdout
     (shared / "envoy.json").write_text(boot)
@@ -167,8 +169,8 @@ def test_seed_curl_without_proxy_is_intercepted_and_other_traffic_passes(pod, ca
         assert request["body"] == b"raw body, not JSON"
         assert request["headers"]["host"] == "plain-service"
         # only what any HTTP proxy adds (and Istio's sidecars add too)
-        assert set(request["headers"]) <= {"host", "user-agent", "accept", "x-custom", "authorization", "content-length",
-                                           "content-type", "x-forwarded-proto"}, request["headers"]
+        assert set(request["headers"]) <= {"host", "user-agent", "accept", "x-custom", "authorization",
+                                           "content-length", "content-type", "x-forwarded-proto"}, request["headers"]
         assert request["headers"]["x-custom"] == "kept"
         assert request["headers"]["authorization"] == "Bearer app-own"  # never replaced by a provider key
         assert not any(k.lower().startswith("x-llm-gateway") for k in request["headers"])
@@ -179,7 +181,8 @@ def test_seed_curl_without_proxy_is_intercepted_and_other_traffic_passes(pod, ca
         for target in (f"{HOST_IP}:{ext_proc}", f"{HOST_IP}:{control}"):
             got = ext_proc_client(target, "dashscope.aliyuncs.com", prefix=app)
             assert got["code"] in ("UNAUTHENTICATED", "UNIMPLEMENTED") and got["authorization"] is None, (target, got)
-        assert ext_proc_client(f"{HOST_IP}:{ext_proc}", "dashscope.aliyuncs.com", prefix=app)["code"] == "UNAUTHENTICATED"
+        assert (ext_proc_client(f"{HOST_IP}:{ext_proc}", "dashscope.aliyuncs.com", prefix=app)["code"]
+                == "UNAUTHENTICATED")
         read = subprocess.run([*app, "cat", str(creds.token_file)], capture_output=True, text=True, timeout=30)
         assert read.returncode != 0 and creds.token not in read.stdout
         dump = subprocess.run([*app, "curl", "-sS", "http://127.0.0.1:15000/config_dump?include_eds"],
@@ -244,7 +247,8 @@ def test_seed_curl_in_gateway_mode_reaches_the_provider_through_the_egress_gatew
         return subprocess.run(["ip", "netns", "exec", pod, *args], capture_output=True, text=True, timeout=30)
 
     def logs() -> str:
-        return "\n".join(p.read_text(errors="replace") for p in (envoy_log, tmp_path / "serve.log", tmp_path / "gateway.log"))
+        return "\n".join(p.read_text(errors="replace")
+                         for p in (envoy_log, tmp_path / "serve.log", tmp_path / "gateway.log"))
 
     try:
         seed_curl = ["curl", "-sS", "http://dashscope.aliyuncs.com", "-H", "Content-Type: application/json",
@@ -254,7 +258,8 @@ def test_seed_curl_in_gateway_mode_reaches_the_provider_through_the_egress_gatew
         answer = json.loads(in_pod(*seed_curl).stdout)
         assert answer["object"] == "chat.completion" and answer["model"] == "qwen1.5-72b-chat"
         assert fake.requests and all(
-            r.sni == "dashscope.aliyuncs.com" and r.headers["authorization"] == f"Bearer {keys['YOUR_DASHSCOPE_API_KEY']}"
+            r.sni == "dashscope.aliyuncs.com"
+            and r.headers["authorization"] == f"Bearer {keys['YOUR_DASHSCOPE_API_KEY']}"
             for r in fake.requests)
         # decided by the gateway, from the Host the sidecar kept
         entries = [json.loads(line) for line in (tmp_path / "gateway-access.log").read_text().splitlines() if line]

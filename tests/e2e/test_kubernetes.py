@@ -29,7 +29,8 @@ class Kube:
         self.kubectl = str(KUBE_HOME / "bin" / "kubectl")
 
     def run(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run([self.kubectl, *args], input=stdin, capture_output=True, text=True, env=self.env, timeout=60)
+        result = subprocess.run([self.kubectl, *args], input=stdin, capture_output=True, text=True, env=self.env,
+                                timeout=60)
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
         return result
@@ -49,7 +50,8 @@ class Kube:
 def kube():
     assert KUBE_SCRIPT.exists(), f"{KUBE_SCRIPT} is missing (the shared/ folder beside the repository)"
     started = subprocess.run(["bash", str(KUBE_SCRIPT), "start"], capture_output=True, text=True, timeout=300)
-    assert started.returncode == 0, f"kube-apiserver did not start (run `{KUBE_SCRIPT} install` once):\n{started.stderr}"
+    assert started.returncode == 0, \
+        f"kube-apiserver did not start (run `{KUBE_SCRIPT} install` once):\n{started.stderr}"
     kubeconfig = re.search(r"export KUBECONFIG=(\S+)", started.stdout).group(1)
     k = Kube(kubeconfig)
     k.apply(REPO / "k8s" / "crds.yaml")
@@ -75,7 +77,8 @@ KEY_ENV = ["--key-env", f"YOUR_DASHSCOPE_API_KEY={DASHSCOPE}", "--key-env", f"YO
 @pytest.fixture
 def k8s_gateway(clean, gateway_factory, tmp_path):
     def start(*extra: str):
-        return gateway_factory([], extra=["--kubernetes", *KEY_ENV, *extra], env={"KUBECONFIG": clean.env["KUBECONFIG"]})
+        return gateway_factory([], extra=["--kubernetes", *KEY_ENV, *extra],
+                               env={"KUBECONFIG": clean.env["KUBECONFIG"]})
     return start
 
 
@@ -93,7 +96,8 @@ def model_of(gw, host: str, headers: dict | None = None) -> str | int:
     pytest.param(("weight: 50", "weight: -5"), "should be greater than or equal to 0", id="negative-weight"),
     pytest.param(("weight: 50", "weight: lots"), "spec.rules.backendRefs.weight", id="weight-not-a-number"),
     pytest.param(("host: demo-llm-server", "host: http://demo-llm-server"), "spec.host", id="host-with-scheme"),
-    pytest.param(("  - backendRefs:", "  - matches:\n    - headers:\n        x: {exact: a, prefix: b}\n    backendRefs:"),
+    pytest.param(("  - backendRefs:",
+                  "  - matches:\n    - headers:\n        x: {exact: a, prefix: b}\n    backendRefs:"),
                  "should have at most 1 properties", id="two-match-kinds"),
     pytest.param(None, "spec.rules", id="no-rules"),
 ])
@@ -175,7 +179,8 @@ def test_manifests_apply_and_rbac_is_least_privilege(clean):
     for name in ("control-plane.yaml", "autoscaling.yaml"):
         kube.run("apply", "-f", "-", stdin=for_kubernetes_1_20((REPO / "k8s" / name).read_text()))
     import json
-    deployment = json.loads(kube.run("get", "deployment", "llm-gateway-control", "-n", "llm-gateway", "-o", "json").stdout)
+    deployment = json.loads(kube.run("get", "deployment", "llm-gateway-control", "-n", "llm-gateway",
+                                     "-o", "json").stdout)
     assert deployment["spec"]["replicas"] == 2
     control_pod = deployment["spec"]["template"]["spec"]
     assert control_pod["affinity"]["podAntiAffinity"]
@@ -217,9 +222,11 @@ def test_manifests_apply_and_rbac_is_least_privilege(clean):
     assert "YOUR_DASHSCOPE_API_KEY=dashscope.aliyuncs.com" in container["args"]
 
     account = "system:serviceaccount:llm-gateway:llm-gateway"
-    checks = [("list", "llmroutes.istio.alibabacloud.com", None, True), ("watch", "llmproviders.istio.alibabacloud.com", None, True),
+    checks = [("list", "llmroutes.istio.alibabacloud.com", None, True),
+              ("watch", "llmproviders.istio.alibabacloud.com", None, True),
               ("patch", "llmroutes.istio.alibabacloud.com", "status", True), ("get", "secrets", None, True),
-              ("patch", "llmroutes.istio.alibabacloud.com", None, False), ("delete", "llmproviders.istio.alibabacloud.com", None, False),
+              ("patch", "llmroutes.istio.alibabacloud.com", None, False),
+              ("delete", "llmproviders.istio.alibabacloud.com", None, False),
               ("create", "secrets", None, False), ("list", "pods", None, False),
               ("create", "tokenreviews.authentication.k8s.io", None, True),
               ("create", "serviceaccounts", "token", False),
@@ -251,7 +258,8 @@ def test_committed_sidecar_bootstrap_matches_generator():
     import sys
     token = ["--token-file", "/var/run/secrets/llm-gateway/token"]
     out = subprocess.run([sys.executable, "-m", "extproc", "envoy-config", "--sidecar", "--control",
-                          "llm-gateway-control.llm-gateway.svc:18000", "--listen", "0.0.0.0:15001", "--admin", "127.0.0.1:15000",
+                          "llm-gateway-control.llm-gateway.svc:18000", "--listen", "0.0.0.0:15001",
+                          "--admin", "127.0.0.1:15000",
                           *token, "--token-sds", "/etc/llm-gateway/token-sds.json"],
                          capture_output=True, text=True, check=True).stdout
     assert json.loads((REPO / "k8s" / "sidecar" / "envoy-bootstrap.json").read_text()) == json.loads(out)
@@ -417,7 +425,8 @@ def test_key_variables_expand_only_where_the_operator_bound_them(clean, k8s_gate
     kube.run("apply", "-f", "-", stdin=tenant)
     gw = k8s_gateway()
     assert model_of(gw, DASHSCOPE) == "qwen1.5-72b-chat"
-    assert fresh_providers[DASHSCOPE].requests[-1].headers["authorization"] == f"Bearer {keys['YOUR_DASHSCOPE_API_KEY']}"
+    assert (fresh_providers[DASHSCOPE].requests[-1].headers["authorization"]
+            == f"Bearer {keys['YOUR_DASHSCOPE_API_KEY']}")
     wait_until(lambda: kube.condition("llmprovider", "exfiltrate", tenant_ns).get("reason") == "KeyEnvNotAllowed", 10,
                gw.log)
     condition = kube.condition("llmprovider", "exfiltrate", tenant_ns)
@@ -452,7 +461,8 @@ def test_egress_gateway_manifests_apply_and_rbac_is_least_privilege(clean):
         assert port["port"] == DEFAULT_GATEWAY_PORT and port["targetPort"] == "http"
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["http"] == int(args[args.index("--listen") + 1].rpartition(":")[2])
-        control = json.loads(kube.run("get", "deployment", "llm-gateway-control", "-n", "llm-gateway", "-o", "json").stdout)
+        control = json.loads(kube.run("get", "deployment", "llm-gateway-control", "-n", "llm-gateway",
+                                      "-o", "json").stdout)
         control_args = control["spec"]["template"]["spec"]["containers"][0]["args"]
         assert control_args[control_args.index("--egress-gateway") + 1] == gateway
         assert default_address(gateway) == "llm-egress-gateway.llm-gateway.svc.cluster.local:80"
@@ -477,16 +487,20 @@ def test_egress_gateway_serves_only_its_routes_from_kubernetes_and_leaves_status
                                                                                       fresh_providers, keys):
     kube = clean
     kube.apply(seed("01"), seed("04"))
-    kube.run("apply", "-f", "-", stdin=seed("02").read_text().replace("spec:\n", "spec:\n  gateways: [llm-gateway/egress]\n", 1))
+    kube.run("apply", "-f", "-",
+             stdin=seed("02").read_text().replace("spec:\n", "spec:\n  gateways: [llm-gateway/egress]\n", 1))
     gw = k8s_gateway("--gateway", "llm-gateway/egress")
     assert model_of(gw, DASHSCOPE) == "qwen1.5-72b-chat"  # the route bound to this gateway, and its provider
-    assert fresh_providers[DASHSCOPE].requests[-1].headers["authorization"] == f"Bearer {keys['YOUR_DASHSCOPE_API_KEY']}"
+    assert (fresh_providers[DASHSCOPE].requests[-1].headers["authorization"]
+            == f"Bearer {keys['YOUR_DASHSCOPE_API_KEY']}")
     assert model_of(gw, MOONSHOT) == 404  # a provider of the mesh: not decided here
     # a route bound to this gateway later reaches it
-    kube.run("apply", "-f", "-", stdin=seed("06").read_text().replace("spec:\n", "spec:\n  gateways: [llm-gateway/egress]\n", 1))
+    kube.run("apply", "-f", "-",
+             stdin=seed("06").read_text().replace("spec:\n", "spec:\n  gateways: [llm-gateway/egress]\n", 1))
     wait_until(lambda: model_of(gw, "demo-llm-server") != 404, 15, gw.log)
     # the control plane (not running here) writes the conditions; the gateway writes none
-    for kind, name in (("llmroute", "dashscope-route"), ("llmprovider", "dashscope-qwen"), ("llmroute", "demo-llm-server")):
+    for kind, name in (("llmroute", "dashscope-route"), ("llmprovider", "dashscope-qwen"),
+                       ("llmroute", "demo-llm-server")):
         assert kube.condition(kind, name) == {}
 
 

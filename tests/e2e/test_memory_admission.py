@@ -91,7 +91,8 @@ def test_bodies_past_the_cap_get_503_small_requests_flow_and_memory_stays_bounde
 
     def accounted() -> bool:
         m = gw.metrics()
-        held, refused = m[("llm_gateway_body_bytes_in_flight", frozenset())], m[("llm_gateway_overload_refusals_total", frozenset())]
+        held, refused = (m[("llm_gateway_body_bytes_in_flight", frozenset())],
+                         m[("llm_gateway_overload_refusals_total", frozenset())])
         return held == ADMITTED * SIZE and refused == CLIENTS - ADMITTED and len(early) == refused
 
     wait_until(accounted, 60, lambda: f"{gw.metrics()}, {len(early)} answered early")

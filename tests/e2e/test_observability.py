@@ -117,8 +117,9 @@ def test_provider_errors_pass_through_and_are_counted(gw, fresh_providers, statu
                                      "type": "rate_limit_error" if status == 429 else "server_error",
                                      "code": "fake_error"}}
     key = ("llm_gateway_requests_total", frozenset({
-        ("gen_ai_operation_name", "chat"), ("gen_ai_provider_name", MOONSHOT), ("gen_ai_request_model", "moonshot-v1-8k"),
-        ("gen_ai_response_model", ""), ("llm_route", "default/moonshot"), ("llm_rule", "default"),
+        ("gen_ai_operation_name", "chat"), ("gen_ai_provider_name", MOONSHOT),
+        ("gen_ai_request_model", "moonshot-v1-8k"), ("gen_ai_response_model", ""),
+        ("llm_route", "default/moonshot"), ("llm_rule", "default"),
         ("llm_provider", "default/moonshot"), ("outcome", "provider_error"), ("error_type", str(status))}))
     wait_until(lambda: gw.metrics().get(key) == 1, 10, lambda: str(gw.metrics()))
     wait_until(lambda: gw.access_entries(), 10)
@@ -129,9 +130,11 @@ def test_provider_errors_pass_through_and_are_counted(gw, fresh_providers, statu
 def test_error_event_mid_stream_passes_through_and_is_counted(gw):
     status, _, _, body = stream_request(gw, DASHSCOPE, {"x-fake-stream-error": "1"})
     assert status == 200
-    assert events(body)[1] == {"error": {"message": "the model failed mid-stream", "type": "server_error", "code": None}}
+    assert events(body)[1] == {"error": {"message": "the model failed mid-stream", "type": "server_error",
+                                         "code": None}}
     wait_until(lambda: any(k[0] == "llm_gateway_requests_total" and ("error_type", "server_error") in k[1]
-                           and ("outcome", "provider_error") in k[1] for k in gw.metrics()), 10, lambda: str(gw.metrics()))
+                           and ("outcome", "provider_error") in k[1] for k in gw.metrics()),
+               10, lambda: str(gw.metrics()))
     wait_until(lambda: gw.access_entries(), 10)
     assert gw.access_entries()[0]["stream_error"] == "server_error"
 
@@ -186,7 +189,8 @@ def test_client_hanging_up_is_client_cancelled(gw, fresh_providers):
 
     answer = hang_up(gw, {"x-fake-body-delay": "0.3"}, stream=False, after_first_byte=True)
     head, _, body = answer.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
     assert len(body) == length and json.loads(body)["usage"]["completion_tokens"] > 0  # whole, with the first byte
     wait_until(lambda: outcomes().get(("success", "", "qwen1.5-72b-chat")) == 1, 15, lambda: str(outcomes()))
     wait_until(lambda: len(gw.access_entries()) == 4, 10)

@@ -106,7 +106,8 @@ def test_embeddings_and_completions_through_a_weighted_route(gw, fresh_providers
 
     streamed = list(client.completions.create(model="qwen-completer", prompt="Say hello", stream=True))
     text = "".join(c.choices[0].text for c in streamed if c.choices)
-    assert text.strip() in {"Hello! I am qwen-completer, served by dashscope.", "Hello! I am qwen-completer, served by moonshot."}
+    assert text.strip() in {"Hello! I am qwen-completer, served by dashscope.",
+                            "Hello! I am qwen-completer, served by moonshot."}
     assert streamed[-1].usage.completion_tokens == count_tokens(text)
     last = (fresh_providers[DASHSCOPE].requests + fresh_providers[MOONSHOT].requests)
     completions = [r for r in last if r.path.endswith("/completions") and not r.path.endswith("chat/completions")]
@@ -159,7 +160,8 @@ def test_usage_of_each_operation_in_metrics_and_access_log(gw, fresh_providers):
         entries = gw.access_entries()
         return entries if len(entries) >= 5 else None
 
-    entries = {(e["operation"], e["status"]): e for e in wait_until(logged, 10, lambda: f"access log: {gw.access_entries()}")}
+    entries = {(e["operation"], e["status"]): e
+               for e in wait_until(logged, 10, lambda: f"access log: {gw.access_entries()}")}
     assert entries[("embeddings", 400)]["details"] == "llm_gateway_invalid_input"
     entries = {op: e for (op, status), e in entries.items() if status == 200}
     assert entries["embeddings"]["prompt_tokens"] == 3 and entries["embeddings"]["completion_tokens"] is None

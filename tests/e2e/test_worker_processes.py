@@ -28,11 +28,13 @@ def _metrics(port: int) -> dict[tuple[str, frozenset], float]:
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
 
 
 def _by_worker(m: dict) -> dict[str, float]:
-    return {dict(labels)["worker"]: v for (name, labels), v in m.items() if name == "llm_gateway_ext_proc_streams_opened_total"}
+    return {dict(labels)["worker"]: v for (name, labels), v in m.items()
+            if name == "llm_gateway_ext_proc_streams_opened_total"}
 
 
 def _requests(m: dict) -> float:

@@ -8,7 +8,8 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 HOST = "dashscope.aliyuncs.com"
 DECISION = {"route": "llm-route", "rule": "subscriber", "provider": "dashscope", "provider_host": HOST,
             "request_model": "qwen-turbo"}
-LABELS = dict(route="llm-route", rule="subscriber", provider="dashscope", provider_host=HOST, request_model="qwen-turbo")
+LABELS = dict(route="llm-route", rule="subscriber", provider="dashscope", provider_host=HOST,
+              request_model="qwen-turbo")
 
 
 def entry(status: int | None = 200, details: str = "via_upstream", meta: dict | None = None,

@@ -32,7 +32,8 @@ def test_struct_values_of_each_kind():
 def test_dynamic_metadata_is_one_namespace_holding_the_entries(size):
     response = pb.ProcessingResponse.FromString(
         wire.dynamic_metadata("llm_gateway", wire.string_entry("host", "h" * size) + wire.bool_entry("stream", True)))
-    assert json_format.MessageToDict(response) == {"dynamicMetadata": {"llm_gateway": {"host": "h" * size, "stream": True}}}
+    assert json_format.MessageToDict(response) == {
+        "dynamicMetadata": {"llm_gateway": {"host": "h" * size, "stream": True}}}
 
 
 @pytest.mark.parametrize("size", LENGTHS)

@@ -46,7 +46,8 @@ def test_provider_schema_has_secret_ref_and_no_pydantic_leftovers():
 def test_printer_columns():
     columns = {d["spec"]["names"]["kind"]: [c["name"] for c in d["spec"]["versions"][0]["additionalPrinterColumns"]]
                for d in crd_documents()}
-    assert columns == {"LLMProvider": ["Host", "Model", "Accepted", "Age"], "LLMRoute": ["Host", "Rules", "Accepted", "Age"],
+    assert columns == {"LLMProvider": ["Host", "Model", "Accepted", "Age"],
+                       "LLMRoute": ["Host", "Rules", "Accepted", "Age"],
                        "LLMTokenRateLimit": ["Host", "Key", "Rules", "Accepted", "Age"]}
 
 

@@ -100,7 +100,8 @@ def test_status_only_change_does_not_rebuild(monkeypatch):
     custom = FakeCustom([[]])
     src, _ = make_source(monkeypatch, custom, [[
         {"type": "ADDED", "object": route("a")},
-        {"type": "MODIFIED", "object": route("a", status={"conditions": [{"type": "Accepted", "status": "True"}]}, version="2")},
+        {"type": "MODIFIED",
+         "object": route("a", status={"conditions": [{"type": "Accepted", "status": "True"}]}, version="2")},
         {"type": "MODIFIED", "object": route("a", generation=2, version="3")},
         {"type": "DELETED", "object": route("a", generation=2, version="4")},
     ]])

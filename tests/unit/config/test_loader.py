@@ -33,9 +33,11 @@ def keys(loaded) -> list[tuple[str, str, str]]:
     pytest.param([P1], [("LLMProvider", "default", "p1")], id="namespace-defaults-to-default"),
     pytest.param([P2], [("LLMProvider", "team", "p2")], id="explicit-namespace-kept"),
     pytest.param([P1, provider("p1", "other.example.com", namespace="team")],
-                 [("LLMProvider", "default", "p1"), ("LLMProvider", "team", "p1")], id="same-name-other-namespace-both-kept"),
+                 [("LLMProvider", "default", "p1"), ("LLMProvider", "team", "p1")],
+                 id="same-name-other-namespace-both-kept"),
     pytest.param([P1, route("p1", "r.example.com", [rule("p1.example.com")])],
-                 [("LLMProvider", "default", "p1"), ("LLMRoute", "default", "p1")], id="same-name-other-kind-both-kept"),
+                 [("LLMProvider", "default", "p1"), ("LLMRoute", "default", "p1")],
+                 id="same-name-other-kind-both-kept"),
 ])
 def test_objects_loaded_from_multi_document_file(tmp_path, docs, expected):
     loaded, problems = load_paths([write(tmp_path / "all.yaml", *docs)], {})
@@ -83,7 +85,8 @@ def test_seed_directory_loads_every_llm_object_once():
 
 
 @pytest.mark.parametrize(("layout", "expected_hosts"), [
-    pytest.param({"b.yaml": "b.example.com", "a.yaml": "a.example.com"}, ["b.example.com"], id="sorted-by-name-later-wins"),
+    pytest.param({"b.yaml": "b.example.com", "a.yaml": "a.example.com"}, ["b.example.com"],
+                 id="sorted-by-name-later-wins"),
     pytest.param({"a.yml": "yml.example.com"}, ["yml.example.com"], id="yml-suffix"),
     pytest.param({"a.json": "json.example.com"}, ["json.example.com"], id="json-suffix"),
     pytest.param({"a.yaml": "a.example.com", "notes.txt": "txt.example.com", "z.yaml.bak": "bak.example.com"},
@@ -128,7 +131,8 @@ def test_seed_api_keys_expanded_from_environ():
 @pytest.mark.parametrize(("doc", "label", "field"), [
     pytest.param(provider("dash", "d.example.com", api_key="${MISSING_KEY}"), "LLMProvider default/dash",
                  "spec.configs.defaultConfig.openAIConfig.apiKey", id="default-config"),
-    pytest.param(provider("dash", "d.example.com", api_key="sk-ok", route_configs={"vip": {"apiKey": "${MISSING_KEY}"}}),
+    pytest.param(provider("dash", "d.example.com", api_key="sk-ok",
+                          route_configs={"vip": {"apiKey": "${MISSING_KEY}"}}),
                  "LLMProvider default/dash", "spec.configs.routeSpecificConfigs.vip.openAIConfig.apiKey",
                  id="route-specific-config"),
     pytest.param(provider("dash", "d.example.com", api_key="${MISSING_KEY}", namespace="team"), "LLMProvider team/dash",
@@ -257,6 +261,6 @@ def test_unbound_key_variable_is_refused_with_its_reason():
     (problem,) = problems
     assert problem.reason == "KeyEnvNotAllowed" and problem.field == "spec.configs.defaultConfig.openAIConfig.apiKey"
     assert "sk-secret" not in str(problem)
-    ok, problems = parse_object(provider("p", "dashscope.aliyuncs.com", api_key="${YOUR_DASHSCOPE_API_KEY}"), "k8s", "1",
-                                env, key_env={"YOUR_DASHSCOPE_API_KEY": "dashscope.aliyuncs.com"})
+    ok, problems = parse_object(provider("p", "dashscope.aliyuncs.com", api_key="${YOUR_DASHSCOPE_API_KEY}"),
+                                "k8s", "1", env, key_env={"YOUR_DASHSCOPE_API_KEY": "dashscope.aliyuncs.com"})
     assert not problems and ok.resource.spec.configs.default_config.openai_config.api_key == "sk-secret"

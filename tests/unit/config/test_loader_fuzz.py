@@ -17,6 +17,7 @@ def test_config_documents_parse_or_say_why(doc, kind):
     if kind is not None:
         doc = {**doc, "kind": kind, "apiVersion": "istio.alibabacloud.com/v1beta1"}
     obj, problems = parse_object(doc, "fuzz.yaml", "1", {})
-    assert obj is not None or problems or kind in (None, "Service") or doc.get("kind") not in ("LLMProvider", "LLMRoute")
+    assert (obj is not None or problems or kind in (None, "Service")
+            or doc.get("kind") not in ("LLMProvider", "LLMRoute"))
     for problem in problems:
         assert problem.file == "fuzz.yaml" and problem.message

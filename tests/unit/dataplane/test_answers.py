@@ -30,6 +30,7 @@ def test_the_decision_metadata_names_target_model_stream_and_host(tmp_path, mode
         response = forward(table, authority, body={**CHAT, "model": model, "stream": stream})
         meta = response.headers.dynamic_metadata.fields["llm_gateway"].struct_value.fields
         assert {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in meta.items()} == {
-            "route": "default/local", "rule": "default", "provider": "default/local", "provider_host": "local.example.com",
-            "operation": "chat", "request_model": model, "stream": stream, "host": authority}
+            "route": "default/local", "rule": "default", "provider": "default/local",
+            "provider_host": "local.example.com", "operation": "chat", "request_model": model, "stream": stream,
+            "host": authority}
     assert cached_decision_metadata.cache_info().currsize == (2 if model_size < 256 else 0)

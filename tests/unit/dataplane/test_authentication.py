@@ -200,7 +200,8 @@ def test_h2_server_holds_frames_back_while_a_token_is_verified():
             with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
                 first, second = block(), block()
                 sock.sendall(h2.PREFACE + h2.frame(h2.SETTINGS, 0, 0)
-                             + h2.frame(h2.HEADERS, 0, 1, first[:7]) + h2.frame(h2.CONTINUATION, h2.END_HEADERS, 1, first[7:])
+                             + h2.frame(h2.HEADERS, 0, 1, first[:7])
+                             + h2.frame(h2.CONTINUATION, h2.END_HEADERS, 1, first[7:])
                              + h2.frame(h2.DATA, h2.END_STREAM, 1, message(b"x"))
                              + h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, 3, second))
                 buf, frames = b"", []

@@ -70,7 +70,8 @@ def test_embeddings_and_completions_get_a_rewrite_or_a_4xx(value, endpoint, targ
         return
     data = orjson.loads(out.body)
     assert data[endpoint.required] == value[endpoint.required]
-    expected_model = target.embedding_model if endpoint is endpoints.EMBEDDINGS and target.embedding_model else value["model"]
+    expected_model = (target.embedding_model if endpoint is endpoints.EMBEDDINGS and target.embedding_model
+                      else value["model"])
     assert data["model"] == out.model == expected_model
     assert data.get("stream") == value.get("stream")  # the config's stream is chat's only
     assert out.stream == (endpoint is endpoints.COMPLETIONS and value.get("stream") is True)

@@ -192,7 +192,8 @@ def test_continuation_and_padding_are_understood():
         padded = bytes([3]) + grpc_message(b"hello") + b"\0\0\0"
         sock.sendall(h2.PREFACE + h2.frame(h2.SETTINGS, 0, 0)
                      + h2.frame(h2.HEADERS, 0, 1, block[:5]) + h2.frame(h2.CONTINUATION, h2.END_HEADERS, 1, block[5:])
-                     + h2.frame(h2.DATA, h2.PADDED, 1, padded) + h2.frame(h2.DATA, h2.END_STREAM, 1, grpc_message(b"end")))
+                     + h2.frame(h2.DATA, h2.PADDED, 1, padded)
+                     + h2.frame(h2.DATA, h2.END_STREAM, 1, grpc_message(b"end")))
         return frames_until(sock, lambda fs: any(f[0] == h2.HEADERS and f[1] & h2.END_STREAM for f in fs))
 
     frames = [f for f in raw_session(script) if f[2] == 1]
@@ -204,8 +205,10 @@ def test_continuation_and_padding_are_understood():
 
 def test_messages_after_the_handler_ended_the_call_are_never_answered():
     def script(sock):
-        sock.sendall(h2.PREFACE + h2.frame(h2.SETTINGS, 0, 0) + h2.frame(h2.HEADERS, h2.END_HEADERS, 1, request_headers())
-                     + h2.frame(h2.DATA, 0, 1, grpc_message(b"abc") + grpc_message(b"end") + grpc_message(b"never read")))
+        sock.sendall(h2.PREFACE + h2.frame(h2.SETTINGS, 0, 0)
+                     + h2.frame(h2.HEADERS, h2.END_HEADERS, 1, request_headers())
+                     + h2.frame(h2.DATA, 0, 1,
+                                grpc_message(b"abc") + grpc_message(b"end") + grpc_message(b"never read")))
         frames = frames_until(sock, lambda fs: any(f[0] == h2.HEADERS and f[1] & h2.END_STREAM for f in fs))
         sock.sendall(h2.frame(h2.DATA, h2.END_STREAM, 1, grpc_message(b"late")) + h2.frame(h2.PING, 0, 0, b"87654321"))
         return frames + frames_until(sock, lambda fs: any(f[0] == h2.PING for f in fs))

@@ -64,7 +64,8 @@ def test_embedding_model_from_the_config_and_route_specific_config(tmp_path):
     (headers, body) = exchange_with(table, "svc", "/v1/embeddings", {"input": "x", "model": "client"}, {})
     assert json.loads(body.request_body.response.body_mutation.body)["model"] == "client"
     # chat still goes to spec.path with the chat model
-    (headers, body) = exchange_with(table, "svc", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, {})
+    (headers, body) = exchange_with(table, "svc", "/v1/chat/completions",
+                                    {"messages": [{"role": "user", "content": "x"}]}, {})
     assert set_headers(headers)[":path"] == "/api/chat"
     assert json.loads(body.request_body.response.body_mutation.body)["model"] == "chat-1"
 
@@ -76,7 +77,8 @@ def exchange_with(table, authority, path, body, extra):
 
 def test_provider_without_base_path_answers_chat_only(tmp_path):
     table = load_docs(tmp_path, provider("p", "p.example.com", path="/api/chat")).table
-    headers, _ = exchange(table, "p.example.com", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})
+    headers, _ = exchange(table, "p.example.com", "/v1/chat/completions",
+                          {"messages": [{"role": "user", "content": "x"}]})
     assert set_headers(headers)[":path"] == "/api/chat"
     (response,) = exchange(table, "p.example.com", "/v1/embeddings", {"input": "x", "model": "e"})
     status, err, _, _ = error_of(response)
@@ -95,7 +97,8 @@ def test_models_answered_by_the_gateway_from_the_config(seed_table, host, path, 
     (response,) = exchange(seed_table, host, path, None, method="GET")
     imm = response.immediate_response
     assert imm.status.code == 200 and imm.details == "llm_gateway_models"
-    assert {o.header.key: o.header.raw_value.decode() for o in imm.headers.set_headers}["content-type"] == "application/json"
+    assert ({o.header.key: o.header.raw_value.decode() for o in imm.headers.set_headers}["content-type"]
+            == "application/json")
     listing = json.loads(imm.body)
     assert listing["object"] == "list"
     assert [(m["id"], m["owned_by"]) for m in listing["data"]] == expected
@@ -106,7 +109,8 @@ def test_models_answered_by_the_gateway_from_the_config(seed_table, host, path, 
 
 
 def test_models_lists_embedding_models_once(tmp_path):
-    table = load_docs(tmp_path, provider("a", "a.example.com", model="m1", route_configs={"x": {"embeddingModel": "e1"}}),
+    table = load_docs(tmp_path,
+                      provider("a", "a.example.com", model="m1", route_configs={"x": {"embeddingModel": "e1"}}),
                       provider("b", "b.example.com", model="m1"),
                       route("r", "svc", [rule("a.example.com", name="x"), rule("b.example.com")])).table
     (response,) = exchange(table, "svc", "/v1/models", None, method="GET")

@@ -36,7 +36,8 @@ def test_retried_attempt_is_rewritten_for_its_provider():
 
     table = compiled(CONFIG).table
     (head,), (body,) = _retry(table, "llm_failover_a_example_com,llm_failover_b_example_com", 2)
-    values = {o.header.key: o.header.raw_value.decode() for o in head.request_headers.response.header_mutation.set_headers}
+    values = {o.header.key: o.header.raw_value.decode()
+              for o in head.request_headers.response.header_mutation.set_headers}
     assert values == {":path": "/v1/chat/completions", ":authority": "b.example.com", "authorization": "Bearer kb"}
     common = body.request_body.response
     assert _json.loads(common.body_mutation.body)["model"] == "mb-main"

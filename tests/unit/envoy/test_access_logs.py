@@ -30,7 +30,8 @@ def test_access_logs(access_log):
         (_, plain, streamed) = logs
         stream_test, plain_test = streamed["filter"]["metadata_filter"], plain["filter"]["metadata_filter"]
         assert stream_test["matcher"]["path"] == plain_test["matcher"]["path"] == [{"key": "stream"}]
-        assert stream_test["matcher"]["value"] == {"bool_match": True} and plain_test["matcher"]["value"] == {"bool_match": False}
+        assert (stream_test["matcher"]["value"] == {"bool_match": True}
+                and plain_test["matcher"]["value"] == {"bool_match": False})
         assert not stream_test["match_if_key_not_found"] and plain_test["match_if_key_not_found"]  # no decision: plain
         for log in (plain, streamed):
             fmt = log["typed_config"]["log_format"]["json_format"]

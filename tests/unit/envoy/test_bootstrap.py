@@ -103,7 +103,8 @@ def test_bootstrap_holds_no_provider():
 
 
 @pytest.mark.parametrize("opts", [pytest.param(BootstrapOptions(), id="default"),
-                                  pytest.param(BootstrapOptions(sidecar=True, access_log=None), id="sidecar-no-file-log")])
+                                  pytest.param(BootstrapOptions(sidecar=True, access_log=None),
+                                               id="sidecar-no-file-log")])
 def test_envoy_accepts_the_bootstrap(tmp_path, opts):
     """The real Envoy checks every field, the ones xds-protos does not know included."""
     path = tmp_path / "bootstrap.json"
@@ -123,7 +124,8 @@ def test_ext_proc_cluster_is_health_checked_and_a_dead_replica_ejected():
 
     boot = bootstrap(BootstrapOptions(control=HostPort("llm-gateway-control.llm-gateway.svc", 18000), sidecar=True))
     # valid Envoy API (the clusters: the whole bootstrap names filters newer than xds-protos)
-    clusters = {c["name"]: json_format.ParseDict(c, cluster_pb2.Cluster()) for c in boot["static_resources"]["clusters"]}
+    clusters = {c["name"]: json_format.ParseDict(c, cluster_pb2.Cluster())
+                for c in boot["static_resources"]["clusters"]}
     ext_proc = clusters[EXT_PROC_CLUSTER]
     (check,) = ext_proc.health_checks
     assert check.HasField("grpc_health_check") and check.unhealthy_threshold.value == 1

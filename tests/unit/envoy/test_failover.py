@@ -16,5 +16,6 @@ def test_route_proto_carries_the_fields_our_protobuf_package_lacks():
     assert bytes([14 << 3, 1]) in action.retry_policy.SerializeToString()  # refresh_cluster_on_retry
     assert message.virtual_hosts[0].routes[1].route.cluster_header  # rules without retries: as before
     clean, where = with_raw_fields({"virtual_hosts": [{"routes": [failover_route(["x"], 1 << 20)]}]})
-    assert where == [(0, 0, ["x"])] and "inline_cluster_specifier_plugin" not in clean["virtual_hosts"][0]["routes"][0]["route"]
+    assert (where == [(0, 0, ["x"])]
+            and "inline_cluster_specifier_plugin" not in clean["virtual_hosts"][0]["routes"][0]["route"])
     assert add_raw_fields  # used by to_route_proto above

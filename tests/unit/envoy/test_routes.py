@@ -55,7 +55,8 @@ def test_sidecar_route_configuration():
     assert passthrough["domains"] == ["*"]
     route = passthrough["routes"][0]
     assert route["route"]["cluster"] == PASSTHROUGH_CLUSTER
-    assert set(route["typed_per_filter_config"]) == {"envoy.filters.http.ext_proc", "envoy.filters.http.json_to_metadata",
+    assert set(route["typed_per_filter_config"]) == {"envoy.filters.http.ext_proc",
+                                                    "envoy.filters.http.json_to_metadata",
                                                     "llm_gateway.event_stream"}
     assert "request_headers_to_remove" not in passthrough  # other traffic leaves untouched
     to_route_proto(config)  # valid Envoy API

@@ -15,7 +15,8 @@ ME, OTHER = "me", "other"
     pytest.param("", "t1", Seen(OTHER, "t0", 0.0), 1.0, TAKE, None, id="released-take-at-once"),
     pytest.param(OTHER, "t1", None, 5.0, WAIT, Seen(OTHER, "t1", 5.0), id="first-look-starts-the-clock"),
     pytest.param(OTHER, "t2", Seen(OTHER, "t1", 0.0), 14.0, WAIT, Seen(OTHER, "t2", 14.0), id="renewed-alive"),
-    pytest.param(OTHER, "t1", Seen(OTHER, "t1", 0.0), 14.9, WAIT, Seen(OTHER, "t1", 0.0), id="unchanged-not-yet-expired"),
+    pytest.param(OTHER, "t1", Seen(OTHER, "t1", 0.0), 14.9, WAIT, Seen(OTHER, "t1", 0.0),
+                 id="unchanged-not-yet-expired"),
     pytest.param(OTHER, "t1", Seen(OTHER, "t1", 0.0), 15.0, TAKE, None, id="unchanged-for-the-duration-take"),
     pytest.param("third", "t1", Seen(OTHER, "t1", 0.0), 20.0, WAIT, Seen("third", "t1", 20.0), id="new-holder-alive"),
 ])

@@ -95,7 +95,8 @@ def test_scenario_1_without_03_subscriber_gets_default_config():
 
 def test_route_on_other_host_does_not_take_over_provider_host(tmp_path):
     table = load_docs(tmp_path, provider("p", "backend.example.com", model="m-default"),
-                      route("r", "chat.example.com", [rule("backend.example.com", matches=[{"headers": {"x": {}}}])])).table
+                      route("r", "chat.example.com",
+                            [rule("backend.example.com", matches=[{"headers": {"x": {}}}])])).table
     assert table.route_for("chat.example.com").name == "default/r"
     assert table.route_for("backend.example.com").name == "default/p"
     assert pick(table, "chat.example.com", {}, 0.0) is None  # the only rule needs header x
@@ -105,13 +106,15 @@ def test_route_on_other_host_does_not_take_over_provider_host(tmp_path):
 @pytest.mark.parametrize(("specific", "expected"), [
     pytest.param({"model": "m-vip"}, ("m-vip", "sk-default", True), id="no-api-key-inherits-default"),
     pytest.param({"apiKey": "sk-vip"}, ("m-default", "sk-vip", True), id="no-model-inherits-default"),
-    pytest.param({"model": "m-vip", "apiKey": "sk-vip", "stream": False}, ("m-vip", "sk-vip", False), id="all-overridden"),
+    pytest.param({"model": "m-vip", "apiKey": "sk-vip", "stream": False}, ("m-vip", "sk-vip", False),
+                 id="all-overridden"),
     pytest.param({"stream": False}, ("m-default", "sk-default", False), id="only-stream"),
 ])
 def test_route_specific_config_merges_over_default(tmp_path, specific, expected):
     docs = [provider("p", "backend.example.com", model="m-default", api_key="sk-default", stream=True,
                      route_configs={"vip": specific}),
-            route("r", "chat.example.com", [rule("backend.example.com", name="vip", matches=[{"headers": {"x-vip": {}}}]),
+            route("r", "chat.example.com", [rule("backend.example.com", name="vip",
+                                                  matches=[{"headers": {"x-vip": {}}}]),
                                              rule("backend.example.com", name="other")])]
     table = load_docs(tmp_path, *docs).table
     vip = pick(table, "chat.example.com", {"x-vip": "1"}, 0.0)
@@ -121,7 +124,8 @@ def test_route_specific_config_merges_over_default(tmp_path, specific, expected)
 
 
 def test_route_specific_config_applies_per_provider(tmp_path):
-    docs = [provider("a", "a.example.com", model="a-default", api_key="sk-a", route_configs={"mix": {"model": "a-mix"}}),
+    docs = [provider("a", "a.example.com", model="a-default", api_key="sk-a",
+                     route_configs={"mix": {"model": "a-mix"}}),
             provider("b", "b.example.com", model="b-default", api_key="sk-b"),
             route("r", "chat.example.com", [rule("a.example.com", "b.example.com", name="mix", weights=[1, 1])])]
     table = load_docs(tmp_path, *docs).table
@@ -140,9 +144,10 @@ def test_provider_host_reference_is_case_insensitive(tmp_path):
 def test_header_match_names_are_case_insensitive(tmp_path):
     table = load_docs(tmp_path, provider("p", "backend.example.com", model="m-default",
                                          route_configs={"vip": {"model": "m-vip"}}),
-                      route("r", "chat.example.com", [rule("backend.example.com", name="vip",
-                                                            matches=[{"headers": {"User-Type": {"exact": "subscriber"}}}]),
-                                                       rule("backend.example.com")])).table
+                      route("r", "chat.example.com",
+                            [rule("backend.example.com", name="vip",
+                                  matches=[{"headers": {"User-Type": {"exact": "subscriber"}}}]),
+                             rule("backend.example.com")])).table
     assert table.route_for("chat.example.com").match_headers == frozenset({"user-type"})
     assert pick(table, "chat.example.com", {"user-type": "subscriber"}, 0.0).model == "m-vip"
 

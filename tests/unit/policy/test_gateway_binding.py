@@ -152,7 +152,8 @@ def test_bad_gateways_entries_name_file_object_field(tmp_path, gateways, view, f
     objects, _ = load_paths([file], {})
     result = compile_config(objects, view)
     (problem,) = [p for p in result.problems if p.severity == "error"]
-    assert (problem.file, problem.obj, problem.field, problem.reason) == (str(file), "LLMRoute default/r", field, reason)
+    assert ((problem.file, problem.obj, problem.field, problem.reason)
+            == (str(file), "LLMRoute default/r", field, reason))
     assert message in problem.message
     assert "chat" not in result.table.routes and "chat" not in result.table.forwarded
     with pytest.raises(ConfigError) as info:  # files: the whole config is refused, naming the place

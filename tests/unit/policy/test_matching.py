@@ -9,7 +9,8 @@ from support.table_parts import cond
 
 @pytest.mark.parametrize(("condition", "headers", "expected"), [
     pytest.param(cond("user-type", "exact", "subscriber"), {"user-type": "subscriber"}, True, id="exact-equal"),
-    pytest.param(cond("user-type", "exact", "subscriber"), {"user-type": "Subscriber"}, False, id="exact-case-sensitive"),
+    pytest.param(cond("user-type", "exact", "subscriber"), {"user-type": "Subscriber"}, False,
+                 id="exact-case-sensitive"),
     pytest.param(cond("user-type", "exact", "subscriber"), {"user-type": "subscriber2"}, False, id="exact-longer"),
     pytest.param(cond("user-type", "exact", "subscriber"), {}, False, id="exact-absent"),
     pytest.param(cond("user-type", "exact", ""), {"user-type": ""}, True, id="exact-empty-value"),

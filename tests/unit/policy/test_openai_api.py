@@ -103,7 +103,8 @@ def test_upstream_path_without_base_is_a_404_naming_the_provider_and_field():
     (EMBEDDINGS, {"input": "hi", "model": "e", "dimensions": 8, "encoding_format": "base64"}, target(stream=True),
      {"input": "hi", "model": "e", "dimensions": 8, "encoding_format": "base64"}),  # config stream is chat's
     # completions: the client's model; stream as the client asked, with usage asked for
-    (COMPLETIONS, {"prompt": "Say hi", "model": "client-c"}, target(stream=False), {"prompt": "Say hi", "model": "client-c"}),
+    (COMPLETIONS, {"prompt": "Say hi", "model": "client-c"}, target(stream=False),
+     {"prompt": "Say hi", "model": "client-c"}),
     (COMPLETIONS, {"prompt": ["a"], "model": "c", "stream": True}, target(stream=False),
      {"prompt": ["a"], "model": "c", "stream": True, "stream_options": {"include_usage": True}}),
     # chat: unchanged, the configured model and stream

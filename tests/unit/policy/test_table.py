@@ -160,7 +160,8 @@ def test_route_on_provider_host_in_other_namespace_keeps_providers_own_aliases(t
       "x-envoy-retriable-status-codes": "429", "x-envoy-upstream-rq-per-try-timeout-ms": "20000"}),
     (["5xx"], None, {"x-envoy-max-retries": "2", "x-envoy-retry-on": "5xx"}),
     (["503", "429"], 1.5, {"x-envoy-max-retries": "2", "x-envoy-retry-on": "retriable-status-codes",
-                           "x-envoy-retriable-status-codes": "429,503", "x-envoy-upstream-rq-per-try-timeout-ms": "1500"}),
+                           "x-envoy-retriable-status-codes": "429,503",
+                           "x-envoy-upstream-rq-per-try-timeout-ms": "1500"}),
 ])
 def test_retry_headers(retry_on, per_try, expected):
     assert dict(RetryPolicy.from_config(2, per_try, retry_on).envoy_headers()) == expected

@@ -78,8 +78,8 @@ from support.access_log_entries import DECISION, LABELS, entry
     pytest.param(
         entry(503, "upstream_reset_before_response_started{remote_connection_failure|TLS_error}", meta=DECISION,
               last_tx_ms=12),
-        RequestRecord(**LABELS, status=503, outcome="gateway_error", error_type="upstream_reset_before_response_started",
-                      duration_s=0.012),
+        RequestRecord(**LABELS, status=503, outcome="gateway_error",
+                      error_type="upstream_reset_before_response_started", duration_s=0.012),
         id="envoy-local-503-braces-dropped"),
     pytest.param(
         entry(413, "request_payload_too_large"),
@@ -216,7 +216,8 @@ def operation_entry(meta: dict, status: int = 200, details: str = "via_upstream"
      {"input": 7.0}),
     ({"operation": "text_completion", "prompt_tokens": 3, "completion_tokens": 5}, 200, "via_upstream",
      "text_completion", "success", {"input": 3.0, "output": 5.0}),
-    ({"prompt_tokens": 3, "completion_tokens": 5}, 200, "via_upstream", "chat", "success", {"input": 3.0, "output": 5.0}),
+    ({"prompt_tokens": 3, "completion_tokens": 5}, 200, "via_upstream", "chat", "success",
+     {"input": 3.0, "output": 5.0}),
     ({"operation": "models"}, 200, "llm_gateway_models", "models", "success", {}),
     ({"operation": "embeddings"}, 429, "via_upstream", "embeddings", "provider_error", {}),
 ])

@@ -84,7 +84,8 @@ def test_ttft_and_tpot_only_when_present(m):
 
 def test_nothing_timed_nothing_observed(m):
     m.observe(record(response_model="m2"))
-    for name in ("gen_ai_server_time_to_first_token_seconds_count", "gen_ai_server_time_per_output_token_seconds_count"):
+    for name in ("gen_ai_server_time_to_first_token_seconds_count",
+                 "gen_ai_server_time_per_output_token_seconds_count"):
         assert sample(m, name, **labels("m2")) is None
     assert sample(m, "gen_ai_server_request_duration_seconds_count", **labels("m2", error_type="")) is None
     assert sample(m, "llm_gateway_requests_total", **labels("m2", outcome="success", error_type="")) == 1
