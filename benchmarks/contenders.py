@@ -36,9 +36,10 @@ from extproc.envoy.bootstrap import BootstrapOptions, bootstrap, token_sds
 from extproc.envoy.clusters import UpstreamOptions, provider_cluster
 from extproc.ops.up import envoy_binary
 from extproc.testing.envoy_fake import start_envoy_fake
+from extproc.testing.ports import free_port
 
 from .floor import floor_bootstrap
-from .measure import Processes, free_port, timed_requests, wait_http
+from .measure import Processes, timed_requests, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: `python -m benchmarks` runs from here
 HOST = "dashscope.aliyuncs.com"  # the seed's first provider, served by the fake

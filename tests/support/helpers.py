@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from extproc.testing.ports import free_port
+
 if TYPE_CHECKING:
     from extproc.demo.ca import ThrowawayCA
     from extproc.demo.fake_provider import FakeProvider
@@ -23,12 +24,6 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[2]
 SEED_MANIFESTS = REPO / "extproc" / "demo" / "manifests"
 CHAT = {"messages": [{"role": "user", "content": "Please introduce yourself."}]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def upstream_args(ca: ThrowawayCA, providers: dict[str, FakeProvider]) -> list[str]:
