@@ -23,6 +23,10 @@ ORDER_HEADER = "x-llm-gateway-order"
 NEXT_HEADER_PREFIX = "x-llm-gateway-next-"
 # The "next" cluster of an order's last attempt: there is none, a retry from there finds nothing.
 NO_PROVIDER_CLUSTER = "llm_gateway_no_provider"
+# Set by the ext_proc on a request whose answer comes back through it (the client's format may
+# differ from the provider's: `extproc.policy.answer_format`): Envoy's answer filter runs only
+# where it is set, and the route removes it before the request leaves.
+ANSWER_HEADER = "x-llm-gateway-answer"
 
 
 def next_header(cluster: str) -> str:
@@ -81,6 +85,9 @@ HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 # The gRPC authority of the upstream ext_proc that rewrites a retried attempt for its provider:
 # the same Process method, told apart by it (served as RETRY_AUTHORITY + PROCESS).
 RETRY_AUTHORITY = "llm-gateway-retry"
+# The gRPC authority of the answer filter's ext_proc (`extproc.dataplane.answer_exchange`): the
+# answer of a request that set ANSWER_HEADER, on a stream of its own (served as ANSWER_AUTHORITY + PROCESS).
+ANSWER_AUTHORITY = "llm-gateway-answer"
 # An access-log entry of one attempt (the router's upstream log), not of a whole request.
 UPSTREAM_END = accesslog_pb2.AccessLogType.Value("UpstreamEnd")
 

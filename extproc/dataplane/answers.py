@@ -22,14 +22,19 @@ from envoy.type.v3 import http_status_pb2
 from .. import protobuf_wire as wire
 from ..errors import LOCAL_REPLIES, GatewayError
 from ..policy import openai_api
+from ..policy.answer_format import AnswerPlan
 from ..policy.openai_api import Endpoint
 from ..policy.table import Route, Target
-from ..protocol import CLUSTER_HEADER, METADATA_NAMESPACE
+from ..protocol import ANSWER_HEADER, CLUSTER_HEADER, METADATA_NAMESPACE
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 TIMEOUT_HEADER = "x-envoy-upstream-rq-timeout-ms"
 # Headers the gateway sets itself on the first attempt: a client's value is overwritten anyway.
 SET_BY_GATEWAY = frozenset({CLUSTER_HEADER, TIMEOUT_HEADER})
+# The decision's metadata keys of a request whose answer is processed: what its client asked
+# for, read by the answer's exchange (`extproc.dataplane.answer_exchange`) and by a retried
+# attempt's rewrite (`extproc.dataplane.retry_processor`).
+CLIENT_STREAM, INCLUDE_USAGE = "client_stream", "include_usage"
 
 
 def header(key: str, value: str | bytes) -> base_pb2.HeaderValueOption:
@@ -122,12 +127,18 @@ def _attempt_options(attempt_headers: tuple[tuple[str, str], ...]) -> tuple[base
     return tuple(header(k, v) for k, v in attempt_headers)
 
 
-def more_headers(strip: list[str], attempt_headers: tuple[tuple[str, str], ...]) -> bytes:
-    """The mutations only some requests need (a rule with retries, a client's x-envoy-* headers),
-    appended to the headers' answer. Whatever the gateway sets itself is overwritten anyway; the
-    rest of what a client may not set goes."""
+_ANSWER_OPTION = header(ANSWER_HEADER, b"1")
+
+
+def more_headers(strip: list[str], attempt_headers: tuple[tuple[str, str], ...], answer: bool = False) -> bytes:
+    """The mutations only some requests need (a rule with retries, a client's x-envoy-* headers,
+    an answer to process), appended to the headers' answer. Whatever the gateway sets itself is
+    overwritten anyway; the rest of what a client may not set goes."""
     response = pb.ProcessingResponse()
     mutation = response.request_headers.response.header_mutation
+    if answer:  # Envoy's answer filter runs for this request (a client's own value is overwritten)
+        mutation.set_headers.append(_ANSWER_OPTION)
+        strip = [name for name in strip if name != ANSWER_HEADER]
     if attempt_headers:
         mutation.set_headers.extend(_attempt_options(attempt_headers))
         if strip:  # a client's x-envoy-retry-on and the like: overwritten, not removed
@@ -135,6 +146,15 @@ def more_headers(strip: list[str], attempt_headers: tuple[tuple[str, str], ...])
             strip = [name for name in strip if name not in overwritten]
     mutation.remove_headers.extend(name for name in strip if name not in SET_BY_GATEWAY)
     return response.SerializeToString()
+
+
+_PLAN_ENTRIES = {(stream, usage): wire.bool_entry(CLIENT_STREAM, stream) + wire.bool_entry(INCLUDE_USAGE, usage)
+                 for stream in (True, False) for usage in (True, False)}
+
+
+def plan_entries(plan: AnswerPlan) -> bytes:
+    """The decision's metadata entries that carry what the client asked for to its answer."""
+    return _PLAN_ENTRIES[plan.client_stream, plan.include_usage]
 
 
 def model_list(route: Route, authority: str) -> pb.ProcessingResponse:

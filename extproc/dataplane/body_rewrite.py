@@ -16,6 +16,8 @@ class Rewritten(NamedTuple):
     body: bytes
     stream: bool  # the provider is asked for server-sent events
     model: str  # the model the provider is asked for
+    client_stream: bool = False  # the body asked for server-sent events (the client's own, on a first attempt)
+    include_usage: bool = False  # ... and for the usage event (`stream_options.include_usage`)
 
 
 # orjson reads integers only up to 64 bits: a larger one becomes a float. A body where orjson gave
@@ -49,11 +51,15 @@ def _exact_dumps(data: object) -> bytes:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def rewrite_body(body: bytes, target: Target, endpoint: Endpoint = CHAT) -> Rewritten:
+def rewrite_body(body: bytes, target: Target, endpoint: Endpoint = CHAT, client_stream: bool | None = None
+                 ) -> Rewritten:
     """The body with `model` from the chosen config (replacing the client's) and `stream` where the
-    config sets it; every other field kept as sent. A streamed request also asks for the usage
-    event (`stream_options.include_usage`), so its tokens can be counted. Raises GatewayError
-    (400) for a body that is not a request for that endpoint (see `extproc.policy.openai_api`)."""
+    config sets it, else `client_stream` where given (a retried attempt: the client's own, which
+    the previous attempt's body may no longer hold), else as sent; every other field kept as
+    sent. A streamed request also asks for the usage event (`stream_options.include_usage`), so
+    its tokens can be counted; a stream turned off drops the `stream_options` a provider refuses
+    without one. Raises GatewayError (400) for a body that is not a request for that endpoint
+    (see `extproc.policy.openai_api`)."""
     try:
         data, dumps = _loads(body)
     except (ValueError, RecursionError) as exc:  # orjson.JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -71,15 +77,22 @@ def rewrite_body(body: bytes, target: Target, endpoint: Endpoint = CHAT) -> Rewr
         data["model"] = model
     elif not data.get("model"):
         raise GatewayError(400, "'model' is required: the provider config names none", "missing_model")
+    sent_stream = data.get("stream") is True
+    options = data.get("stream_options")
+    include_usage = sent_stream and isinstance(options, dict) and options.get("include_usage") is True
+    if config_stream is None:
+        config_stream = client_stream
     if config_stream is not None:
         data["stream"] = config_stream
     stream = endpoint.streams and data.get("stream") is True
     if stream:
-        options = data.get("stream_options")
         if options is None:
             data["stream_options"] = {"include_usage": True}
         elif not isinstance(options, dict):
             raise GatewayError(400, "'stream_options' must be an object", "invalid_stream_options")
         elif options.get("include_usage") is not True:
             options["include_usage"] = True
-    return Rewritten(dumps(data), stream, data["model"])
+    elif endpoint.streams and sent_stream and options is not None:
+        # the gateway turned the stream off: its options go too
+        del data["stream_options"]
+    return Rewritten(dumps(data), stream, data["model"], sent_stream, include_usage)

@@ -9,7 +9,10 @@ metadata for the access log) and the chunks' answers (the rewritten body in the 
 does not depend on the request is prebuilt per target, once (`extproc.dataplane.answers`).
 
 Answers do not come here: Envoy reads their model, usage and error events itself
-(json_to_metadata, sse_to_metadata; see `extproc.envoy.bootstrap`).
+(json_to_metadata, sse_to_metadata; see `extproc.envoy.bootstrap`). Only a request whose
+provider may answer in another format than its client asked for (`extproc.policy.answer_format`)
+is marked for Envoy's answer filter, whose own stream brings the answer to
+`extproc.dataplane.answer_exchange`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from .. import protobuf_wire as wire
 from ..errors import GatewayError
+from ..policy.answer_format import answer_plan
 from ..policy.body_memory import Inflight, Overloaded
 from ..policy.budget_gate import Admitted, BudgetGate
 from ..policy.caller import LOCAL, Caller
@@ -79,11 +83,16 @@ class ExternalProcessor:
         attempt_headers = decision.attempt_headers
         if length > FAILOVER_BODY_MAX:  # larger: one attempt (docs/failover.md)
             attempt_headers = ()
-        if decision.strip or attempt_headers:
-            parts.append(answers.more_headers(decision.strip, attempt_headers))
+        # the answer comes back to be turned into the client's format, where a provider may send another
+        plan = answer_plan(endpoint, target, decision.rule.failover if attempt_headers else None,
+                           rewritten.client_stream, rewritten.include_usage)
+        if decision.strip or attempt_headers or plan is not None:
+            parts.append(answers.more_headers(decision.strip, attempt_headers, plan is not None))
         entries, metadata = answers.decision_metadata(prebuilt, rewritten.model, rewritten.stream, decision.authority)
-        if budget is not None:  # the budget charged, for the access log, and the x-ratelimit-* header values
-            metadata = wire.dynamic_metadata(METADATA_NAMESPACE, entries + budget.encoded())
+        if budget is not None or plan is not None:
+            # the budget charged, for the access log, and the x-ratelimit-* header values; what the client asked for
+            metadata = wire.dynamic_metadata(METADATA_NAMESPACE, entries + (budget.encoded() if budget else b"")
+                                             + (answers.plan_entries(plan) if plan else b""))
         parts.append(metadata)
         return answers.body_answers(parts, chunks, rewritten.body)
 

@@ -4,7 +4,9 @@ The first attempt is rewritten by the request's own ext_proc exchange
 (`extproc.dataplane.processor`), in its one round trip. When Envoy retries, the failover route
 sends attempt N to the N-th cluster of the attempt order, and that cluster's upstream ext_proc
 (skipped on attempt 1) asks here: the attempt's headers (order, attempt count) and the body the
-previous attempt sent come in; that provider's path, host, key, model and stream go out. Only
+previous attempt sent come in; that provider's path, host, key, model and stream go out (where
+its config sets no `stream`, the client's own: the request's decision carries it whenever a
+provider of the order forces another). Only
 retries pay this round trip. The answer never carries another provider's key: every attempt
 sets (or removes) its own (`extproc.dataplane.answers.set_credential`).
 """
@@ -37,12 +39,13 @@ class RetryRewriter:
 
 
 class RetryExchange:
-    __slots__ = ("_table", "_target", "_tried")
+    __slots__ = ("_table", "_target", "_tried", "_client_stream")
 
     def __init__(self, table: RoutingTable):
         self._table = table
         self._target: Target | None = None
         self._tried = ""
+        self._client_stream: bool | None = None  # what the client asked for, where its answer is processed
 
     def on_message(self, message: bytes) -> tuple[list[bytes], bool]:
         responses, done = self.on_request(pb.ProcessingRequest.FromString(message))
@@ -75,6 +78,8 @@ class RetryExchange:
         rule = fields["rule"].string_value if "rule" in fields else ""
         target = self._target = retry_target(self._table, route, rule, order, attempt)
         self._tried = tried_before(self._table, route, rule, order, attempt)
+        if answers.CLIENT_STREAM in fields:  # the previous attempt's body may hold its provider's `stream`
+            self._client_stream = fields[answers.CLIENT_STREAM].bool_value
         response = pb.ProcessingResponse()
         answers.attempt_mutation(response.request_headers.response.header_mutation, target, target.path)
         return response
@@ -82,7 +87,7 @@ class RetryExchange:
     def _on_body(self, body: pb.HttpBody) -> pb.ProcessingResponse:
         target = self._target
         assert target is not None
-        rewritten = rewrite_body(body.body, target)
+        rewritten = rewrite_body(body.body, target, client_stream=self._client_stream)
         response = pb.ProcessingResponse()
         common = response.request_body.response
         common.header_mutation.set_headers.append(answers.header("content-length", str(len(rewritten.body))))

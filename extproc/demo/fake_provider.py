@@ -164,6 +164,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(status, f"fake provider answered {status} as asked", "fake_error")
         if not isinstance(body, dict):
             return self._error(400, "body is not JSON", "invalid_json")
+        if body.get("stream_options") is not None and body.get("stream") is not True:  # as OpenAI refuses it
+            return self._error(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                               "invalid_value")
         model = body.get("model", "")
         reply = headers.get("x-fake-reply") or f"Hello! I am {model}, served by {self.fake.name}."
         usage = {"prompt_tokens": prompt_tokens(body), "completion_tokens": count_tokens(reply)}

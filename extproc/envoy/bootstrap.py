@@ -19,6 +19,7 @@ from ..protocol import (
 )
 from .access_logs import access_logs, grpc_access_log
 from .addresses import HostPort, is_ip, socket_address
+from .answer_filter import answer_filter
 from .failover import upstream_logs
 from .local_replies import local_reply_config
 from .routes import ANY_HOST_ROUTE_CONFIG_NAME, PASSTHROUGH_CLUSTER, ROUTE_CONFIG_NAME
@@ -101,6 +102,9 @@ def bootstrap(opts: BootstrapOptions) -> dict:
         "codec_type": "AUTO",
         "http_filters": [
             {"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc},
+            # Only for requests the ext_proc marked: their answer, turned into the client's format
+            # (after the usage readers on the way back, which read the provider's own answer)
+            answer_filter(opts.body_limit),
             # The rewritten body, whole, with its content-length (a streamed body would go to the
             # provider chunked): some providers want the length.
             {"name": "envoy.filters.http.buffer",

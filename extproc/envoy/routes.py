@@ -10,8 +10,9 @@ from typing import Any
 from google.protobuf import json_format
 
 from ..policy.budgets import HEADER_METADATA
-from ..protocol import CLUSTER_HEADER, DEFAULT_BODY_LIMIT
+from ..protocol import ANSWER_HEADER, CLUSTER_HEADER, DEFAULT_BODY_LIMIT
 from .access_logs import metadata_value
+from .answer_filter import ANSWER_FILTER
 from .failover import add_raw_fields, failover_route, with_raw_fields
 
 ROUTE_CONFIG_NAME = "llm_gateway"
@@ -39,7 +40,7 @@ def _llm_virtual_host(domains: list[str], route_timeout_s: int, clusters: Sequen
     vhost: dict[str, Any] = {
         "name": "llm_gateway",
         "domains": domains,
-        "request_headers_to_remove": [CLUSTER_HEADER],  # internal: never leaves Envoy
+        "request_headers_to_remove": [CLUSTER_HEADER, ANSWER_HEADER],  # internal: never leave Envoy
         # requests with an attempt order (rules with `retries`) fail over across providers
         "routes": ([failover_route(list(clusters), body_limit)] if clusters else []) + [
             {"match": {"prefix": "/"},
@@ -72,6 +73,7 @@ def _untouched_route(cluster: str) -> dict:
                 "disabled": True},
             "envoy.filters.http.json_to_metadata": off,
             "llm_gateway.event_stream": off,
+            ANSWER_FILTER: off,
         },
     }
 

@@ -1,5 +1,5 @@
 """The data plane of one process, built in one place: what answers Envoy per request (the
-ext_proc, the retry processor, the access-log receiver, health checks) and the state behind it
+ext_proc, the retry processor, the answer exchange, the access-log receiver, health checks) and the state behind it
 (the routing table in force, body memory, budgets, passive health, metrics).
 
 The single process (`up`, `serve`) and each worker process (`serve --workers N`) build it the
@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from ..dataplane import grpc_h2
 from ..dataplane.accesslog_receiver import AccessLogReceiver
+from ..dataplane.answer_exchange import AnswerProcessor
 from ..dataplane.authentication import Authenticator
 from ..dataplane.grpc_h2 import Call, H2Connection
 from ..dataplane.health_check import HealthCheck
@@ -24,7 +25,14 @@ from ..policy.budget_gate import BudgetGate
 from ..policy.caller import Caller
 from ..policy.passive_health import AttemptObserver, PassiveHealth
 from ..policy.table import RoutingTable, TableHolder
-from ..protocol import DEFAULT_BODY_LIMIT, HEALTH_CHECK, PROCESS, RETRY_AUTHORITY, STREAM_ACCESS_LOGS
+from ..protocol import (
+    ANSWER_AUTHORITY,
+    DEFAULT_BODY_LIMIT,
+    HEALTH_CHECK,
+    PROCESS,
+    RETRY_AUTHORITY,
+    STREAM_ACCESS_LOGS,
+)
 from ..telemetry.metrics import GatewayMetrics
 from .malloc import give_back_free_heap
 
@@ -57,10 +65,12 @@ class DataPlane:
         processor = ExternalProcessor(holder, body_limit=body_limit, budgets=self.budgets, inflight=self.inflight,
                                       health=self.health)
         retries = RetryRewriter(holder, body_limit)
+        answer = AnswerProcessor(self.inflight)  # answers turned into the client's format
         receiver = AccessLogReceiver(self.metrics, self.budgets, attempts)
         self.methods: dict[str, Callable[[Caller | None], Call]] = {
             PROCESS: processor.exchange,
             RETRY_AUTHORITY + PROCESS: lambda _caller: retries.exchange(),
+            ANSWER_AUTHORITY + PROCESS: lambda _caller: answer.exchange(),
             STREAM_ACCESS_LOGS: receiver.call,
             HEALTH_CHECK: lambda _caller: HealthCheck(lambda: not self.draining),
         }

@@ -53,9 +53,9 @@ MESSAGES = [{"role": "user", "content": "hi"}]
                  target(stream=False),
                  {"model": "qwen-turbo", "messages": MESSAGES, "temperature": 0.2, "top_p": 1, "max_tokens": 64,
                   "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
-                  "stream": False, "stream_options": {"include_usage": True}, "user": "u-1", "n": None,
+                  "stream": False, "user": "u-1", "n": None,
                   "metadata": {"unicode": "你好 ✓", "nested": [1, [2, {"k": None}]]}},
-                 id="other-fields-kept"),
+                 id="other-fields-kept-stream-options-dropped-with-the-stream"),
     pytest.param({"messages": [{"role": "system", "content": "s"},
                                {"role": "user", "content": [{"type": "text", "text": "t"}]}]},
                  target(), {"messages": [{"role": "system", "content": "s"},
@@ -178,3 +178,43 @@ def test_stream_options_of_wrong_type_is_a_400():
     with pytest.raises(GatewayError) as info:
         rewrite_body(json.dumps({"messages": MESSAGES, "stream": True, "stream_options": "yes"}).encode(), target())
     assert info.value.status == 400 and info.value.code == "invalid_stream_options"
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    pytest.param({"messages": MESSAGES}, (False, False), id="no-stream"),
+    pytest.param({"messages": MESSAGES, "stream": True}, (True, False), id="stream-no-usage"),
+    pytest.param({"messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}}, (True, True),
+                 id="stream-with-usage"),
+    pytest.param({"messages": MESSAGES, "stream": True, "stream_options": {"include_usage": False}}, (True, False),
+                 id="stream-usage-declined"),
+    pytest.param({"messages": MESSAGES, "stream": False, "stream_options": {"include_usage": True}}, (False, False),
+                 id="usage-without-stream-is-no-ask"),
+])
+@pytest.mark.parametrize("forced", [None, True, False])
+def test_what_the_client_asked_for_is_kept_whatever_the_config_forces(body, expected, forced):
+    """The answer's format follows the client's own `stream` and usage ask, not the config's."""
+    out = rewrite_body(json.dumps(body).encode(), target(stream=forced))
+    assert (out.client_stream, out.include_usage) == expected
+
+
+@pytest.mark.parametrize(("client_stream", "forced", "sent"), [
+    pytest.param(True, None, True, id="retry-keeps-the-client-stream"),
+    pytest.param(False, None, False, id="retry-keeps-the-client-json"),
+    pytest.param(True, False, False, id="config-wins-over-the-client"),
+    pytest.param(False, True, True, id="config-forces-a-stream"),
+])
+def test_a_retry_asks_for_the_clients_stream_where_the_config_sets_none(client_stream, forced, sent):
+    """A retried attempt gets the previous attempt's body, whose `stream` may be its provider's."""
+    previous = {"messages": MESSAGES, "model": "m", "stream": not client_stream}
+    out = rewrite_body(json.dumps(previous).encode(), target(stream=forced), client_stream=client_stream)
+    assert out.stream is sent
+    body = json.loads(out.body)
+    assert body["stream"] is sent
+    assert ("stream_options" in body) is sent
+
+
+def test_a_stream_turned_off_by_the_config_drops_its_options():
+    """OpenAI refuses `stream_options` without a stream: the gateway's own change must not cause a 400."""
+    sent = {"messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}}
+    out = rewrite_body(json.dumps(sent).encode(), target(stream=False))
+    assert json.loads(out.body) == {"messages": MESSAGES, "stream": False, "model": "qwen-turbo"}

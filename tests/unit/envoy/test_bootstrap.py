@@ -17,7 +17,7 @@ from extproc.envoy.routes import (
     any_host_route_configuration,
 )
 from extproc.ops.up import envoy_binary
-from extproc.protocol import CLUSTER_HEADER, CONTROL_CLUSTER, EXT_PROC_CLUSTER, ORDER_HEADER
+from extproc.protocol import ANSWER_HEADER, CLUSTER_HEADER, CONTROL_CLUSTER, EXT_PROC_CLUSTER, ORDER_HEADER
 from support.envoy_api import ext_proc, hcm, parse_bootstrap
 
 
@@ -26,9 +26,10 @@ from support.envoy_api import ext_proc, hcm, parse_bootstrap
 def test_bootstrap_filters_and_limits(body_limit):
     boot = bootstrap(BootstrapOptions(body_limit=body_limit))
     names = [f["name"] for f in hcm(boot)["http_filters"]]
-    # the request ext_proc first, the answer's readers next, the router last
-    assert names == ["envoy.filters.http.ext_proc", "envoy.filters.http.buffer", "envoy.filters.http.json_to_metadata",
-                     "llm_gateway.event_stream", "envoy.filters.http.router"]
+    # the request ext_proc first, then the answer filter: on the way back it runs after the answer's
+    # readers, which so read the provider's own answer; the router last
+    assert names == ["envoy.filters.http.ext_proc", "llm_gateway.answer", "envoy.filters.http.buffer",
+                     "envoy.filters.http.json_to_metadata", "llm_gateway.event_stream", "envoy.filters.http.router"]
     proc = ext_proc(boot)
     assert proc["failure_mode_allow"] is False
     # the body streamed right behind the headers: the ext_proc answers both in one round trip
@@ -53,7 +54,7 @@ def test_bootstrap_routes_on_the_cluster_header():
     assert routes[1]["route"]["cluster_header"] == CLUSTER_HEADER
     assert "cluster" not in routes[1]["route"]
     assert routes[1]["match"] == {"prefix": "/"}
-    assert CLUSTER_HEADER in route_config["virtual_hosts"][0]["request_headers_to_remove"]  # never sent upstream
+    assert {CLUSTER_HEADER, ANSWER_HEADER} <= set(route_config["virtual_hosts"][0]["request_headers_to_remove"])
     assert [r["match"] for r in any_host_route_configuration([])["virtual_hosts"][0]["routes"]] == [{"prefix": "/"}]
 
 

@@ -55,7 +55,7 @@ def test_sidecar_route_configuration():
     assert passthrough["domains"] == ["*"]
     route = passthrough["routes"][0]
     assert route["route"]["cluster"] == PASSTHROUGH_CLUSTER
-    assert set(route["typed_per_filter_config"]) == {"envoy.filters.http.ext_proc",
+    assert set(route["typed_per_filter_config"]) == {"envoy.filters.http.ext_proc", "llm_gateway.answer",
                                                     "envoy.filters.http.json_to_metadata",
                                                     "llm_gateway.event_stream"}
     assert "request_headers_to_remove" not in passthrough  # other traffic leaves untouched
