@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from .openai_api import Endpoint, configured_stream
+from .openai_api import CHAT, Endpoint, configured_stream
 from .table import Failover, Target
 
 # The conversions an answer can need (`conversion`); the data plane has one converter for each.
@@ -42,11 +42,11 @@ def answer_plan(endpoint: Endpoint, target: Target, failover: Failover | None, c
                 include_usage: bool) -> AnswerPlan | None:
     """A plan when a provider this request may reach is configured to answer in the other
     format (its `stream` set, and not to the client's): the first attempt's, or for a rule with
-    `retries` any provider of its attempt orders. None otherwise: the answer is not processed."""
-    if not endpoint.streams:
-        return None
-    forced = configured_stream(endpoint, target)
-    if forced is not None and forced != client_stream:
+    `retries` any provider of its attempt orders. None otherwise: the answer is not processed.
+    The config's `stream` is a chat setting (`configured_stream`); the common case (no `stream`
+    set, no retries) costs two comparisons."""
+    forced = target.stream
+    if forced is not None and forced is not client_stream and endpoint is CHAT:
         return AnswerPlan(client_stream, include_usage)
     if failover is not None and _any_forced_other(endpoint, failover.orders[0], client_stream):
         return AnswerPlan(client_stream, include_usage)

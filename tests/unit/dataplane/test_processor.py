@@ -276,3 +276,34 @@ def test_a_namespace_that_may_not_use_a_route_gets_the_unknown_host_answer():
     assert ask(Caller("team-a", "envoy"), "a.example") == (200, [b"Bearer sk-team-a"])
     assert ask(Caller("team-b", "envoy"), "shared.example") == (200, [b"Bearer sk-shared"])
     assert ask(LOCAL, "a.example") == (200, [b"Bearer sk-team-a"])
+
+
+@pytest.mark.parametrize(("draw", "body", "marked", "asked"), [
+    pytest.param(0.75, {**CHAT, "stream": True}, True, (True, False), id="moonshot-json-to-a-streaming-client"),
+    pytest.param(0.75, {**CHAT, "stream": True, "stream_options": {"include_usage": True}}, True, (True, True),
+                 id="moonshot-with-the-usage-asked-for"),
+    pytest.param(0.75, CHAT, False, None, id="moonshot-json-to-a-json-client"),
+    pytest.param(0.25, {**CHAT, "stream": True}, False, None, id="dashscope-keeps-the-clients-stream"),
+    pytest.param(0.25, CHAT, False, None, id="dashscope-keeps-the-clients-json"),
+])
+def test_only_a_request_a_provider_may_answer_in_another_format_is_marked(seed_table, draw, body, marked, asked):
+    """The answer filter runs only where the header is set; the client's ask rides on the metadata."""
+    from extproc.protocol import ANSWER_HEADER
+
+    response = forward(seed_table, "demo-llm-server", body=body, draw=draw)
+    assert (ANSWER_HEADER in set_headers(response.headers)) is marked
+    fields = response.headers.dynamic_metadata.fields["llm_gateway"].struct_value.fields
+    if marked:
+        assert (fields["client_stream"].bool_value, fields["include_usage"].bool_value) == asked
+        assert fields["stream"].bool_value is False  # what the provider is asked for
+    else:
+        assert "client_stream" not in fields and "include_usage" not in fields
+
+
+def test_a_client_cannot_mark_its_own_request(seed_table):
+    """Only the gateway asks for an answer to be processed: a client's header is removed."""
+    from extproc.protocol import ANSWER_HEADER
+
+    response = forward(seed_table, "demo-llm-server", body=CHAT, draw=0.25, extra={ANSWER_HEADER: "1"})
+    assert ANSWER_HEADER not in set_headers(response.headers)
+    assert ANSWER_HEADER in response.headers.request_headers.response.header_mutation.remove_headers

@@ -8,7 +8,8 @@ import pytest
 from support.failover_config import CONFIG, compiled
 
 
-def _retry(table, order: str, attempt: int, route: str = "default/r", rule: str = "main", body: bytes | None = None):
+def _retry(table, order: str, attempt: int, route: str = "default/r", rule: str = "main", body: bytes | None = None,
+           asked: dict | None = None):
     import json as _json
 
     from envoy.config.core.v3 import base_pb2
@@ -20,7 +21,7 @@ def _retry(table, order: str, attempt: int, route: str = "default/r", rule: str 
         base_pb2.HeaderValue(key="x-llm-gateway-order", raw_value=order.encode()),
         base_pb2.HeaderValue(key="x-envoy-attempt-count", raw_value=str(attempt).encode()),
         base_pb2.HeaderValue(key="authorization", raw_value=b"Bearer ka")])))
-    headers.metadata_context.filter_metadata["llm_gateway"].update({"route": route, "rule": rule})
+    headers.metadata_context.filter_metadata["llm_gateway"].update({"route": route, "rule": rule, **(asked or {})})
     exchange = RetryExchange(table)
     first, done = exchange.on_request(headers)
     if done:
@@ -56,3 +57,23 @@ def test_retry_that_cannot_be_prepared_is_an_error_not_a_request_with_the_old_ke
     (answer,), _ = _retry(compiled(CONFIG).table, order, attempt, route=route)
     assert answer.WhichOneof("response") == "immediate_response"
     assert _json.loads(answer.immediate_response.body)["error"]["code"] == code
+
+
+@pytest.mark.parametrize(("asked", "previous", "sent"), [
+    pytest.param(None, True, True, id="no-ask-keeps-the-previous-bodys"),
+    pytest.param({"client_stream": True}, False, True, id="the-clients-stream-back"),
+    pytest.param({"client_stream": False}, True, False, id="the-clients-json-back"),
+])
+def test_a_retry_asks_its_provider_for_the_clients_format(asked, previous, sent):
+    """The previous attempt's body holds its provider's `stream`; where the request's decision
+    carries the client's own (its answer is processed), a provider without a `stream` setting
+    is asked for that."""
+    import json as _json
+
+    body = _json.dumps({"model": "ma", "messages": [{"role": "user", "content": "hi"}], "stream": previous}).encode()
+    _, (answer,) = _retry(compiled(CONFIG).table, "llm_failover_a_example_com,llm_failover_b_example_com", 2,
+                          body=body, asked=asked)
+    rewritten = _json.loads(answer.request_body.response.body_mutation.body)
+    assert rewritten["stream"] is sent
+    assert ("stream_options" in rewritten) is sent
+    assert answer.dynamic_metadata.fields["llm_gateway"].struct_value.fields["stream"].bool_value is sent
