@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import sys
+from collections import Counter
 
 from ..config.crds import crds_yaml
 from ..config.file_source import load_config
@@ -237,24 +239,32 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
 
 
 def _load_or_report(paths: list[str], args: argparse.Namespace | None = None):
-    """The compiled config, or None after printing every error."""
+    """The compiled config after printing its warnings, or None after printing every error."""
     try:
-        return load_config(paths, view=view_from_args(args))
+        compiled = load_config(paths, view=view_from_args(args), log_warnings=False)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
         return None
+    for problem in compiled.problems:
+        if problem.severity == "warning":
+            print(f"warning: {problem}", file=sys.stderr)
+    return compiled
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     compiled = _load_or_report(args.paths, args)
     if compiled is None:
         return 1
-    for problem in compiled.problems:
-        print(f"warning: {problem}", file=sys.stderr)
     kinds = [obj.resource.kind for obj in compiled.accepted]
     budgets = f", {kinds.count('LLMTokenRateLimit')} LLMTokenRateLimit" if "LLMTokenRateLimit" in kinds else ""
-    print(f"ok: {kinds.count('LLMProvider')} LLMProvider, {kinds.count('LLMRoute')} LLMRoute{budgets}")
+    skipped = [p for p in compiled.problems if p.severity == "note"]
+    others = ""
+    if skipped:  # Kubernetes' and Istio's own objects kept beside the gateway's (the seed's Service)
+        names = Counter(match.group(1) for p in skipped if (match := re.search(r"\((\S+) ", p.obj or "")))
+        others = f"; skipped {len(skipped)} Kubernetes/Istio object{'s' if len(skipped) > 1 else ''} (" + \
+            ", ".join(f"{n} {kind}" for kind, n in names.items()) + ")"
+    print(f"ok: {kinds.count('LLMProvider')} LLMProvider, {kinds.count('LLMRoute')} LLMRoute{budgets}{others}")
     return 0
 
 

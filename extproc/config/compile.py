@@ -181,7 +181,7 @@ def _usable_provider(obj: Loaded, provider_host: str, field: str, providers: dic
     provider = providers.get(provider_host.lower())
     if provider is None:
         problems.append(Problem(f"no LLMProvider serves host {provider_host!r}", file=obj.file, obj=obj.label,
-                                field=field, reason="ProviderNotFound"))
+                                field=field, reason="ProviderNotFound", host=provider_host))
         return None
     if not may_use(namespace if namespaces else None, _visible(provider, home, namespaces)):
         problems.append(Problem(f"LLMProvider {provider.label.split(' ', 1)[1]} (host {provider_host!r}) "
@@ -316,7 +316,8 @@ def compile_budgets(objects: list[Loaded], routes: dict[str, Route], problems: l
         route = routes.get(normalize_host(resource.spec.host))
         if route is None:
             problems.append(Problem(f"no LLMRoute or LLMProvider serves host {resource.spec.host!r}",
-                                    file=obj.file, obj=obj.label, field="spec.host", reason="HostNotFound"))
+                                    file=obj.file, obj=obj.label, field="spec.host", reason="HostNotFound",
+                                    host=resource.spec.host))
             continue
         key_header = resource.spec.key.header.lower() if resource.spec.key else ""
         rules: list[BudgetRule] = []

@@ -12,28 +12,38 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from ..policy.gateway_binding import MESH_VIEW, View
 from .compile import Compiled, compile_config
 from .loader import config_files, load_paths
-from .problems import ConfigError, errors
+from .problems import ConfigError, Problem, errors, without_consequences
 
 log = logging.getLogger(__name__)
 
 
-def load_config(paths: Sequence[str | Path], environ: dict[str, str] | None = None, view: View = MESH_VIEW) -> Compiled:
-    """Load and compile; raise ConfigError listing every error. Warnings are logged."""
+def load_config(paths: Sequence[str | Path], environ: dict[str, str] | None = None, view: View = MESH_VIEW,
+                log_warnings: bool = True) -> Compiled:
+    """Load and compile; raise ConfigError listing every error: those of single objects and those
+    across the objects that parsed, in one round. Warnings are logged (unless the caller prints
+    them); the compiled config carries every problem that is not an error (warnings and notes,
+    for `extproc validate`)."""
     objects, problems = load_paths(paths, environ)
-    compiled = compile_config(objects, view) if not errors(problems) else None
-    if compiled is not None:
-        problems = problems + compiled.problems
+    compiled = compile_config(objects, view)
+    hosts = {obj.label: obj.resource.spec.host for obj in objects}
+    problems = problems + without_consequences(problems, compiled.problems, hosts)
+    if not objects and all(p.reason != "EmptyDirectory" for p in problems):  # nothing would be served
+        problems.append(Problem(f"no LLMProvider, LLMRoute or LLMTokenRateLimit in {', '.join(map(str, paths))}: "
+                                "every request is answered 404 until one is added", severity="warning",
+                                reason="Empty"))
     if errors(problems):
         raise ConfigError(problems)
-    for problem in problems:
-        log.warning("%s", problem)
-    assert compiled is not None
-    return compiled
+    if log_warnings:
+        for problem in problems:
+            if problem.severity == "warning":
+                log.warning("%s", problem)
+    return replace(compiled, problems=problems)
 
 
 def _fingerprint(paths: Sequence[str | Path]) -> tuple[object, ...]:

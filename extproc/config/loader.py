@@ -1,13 +1,19 @@
 """Read LLMProvider and LLMRoute objects from YAML files, the way `kubectl apply -f` takes them.
 
 A path is a file or a directory (its `*.yaml`, `*.yml` and `*.json` files, sorted by name,
-not recursive). Files hold one or more YAML documents; a `kind: List` is unpacked; kinds
-other than ours are skipped. When two documents name the same kind/namespace/name, the
-later one wins, as a second `kubectl apply` of an updated object would.
+not recursive). Files hold one or more YAML documents; a `kind: List` is unpacked. When two
+documents name the same kind/namespace/name, the later one wins, as a second `kubectl apply`
+of an updated object would.
+
+Every document is read as one of (`classify`): ours (parsed); Kubernetes' or Istio's own kinds,
+kept beside ours as the seed keeps its Service (skipped, noted for `extproc validate`); a kind
+the gateway knows but does not read from files, a Secret (skipped with a warning); anything
+else, a typo included (`LLMRoutes`), an error naming file and document, with a "did you mean".
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -23,7 +29,6 @@ from .models import (
     API_VERSION,
     BUDGET_API_VERSION,
     BUDGET_KIND,
-    KINDS,
     LLMProvider,
     LLMRoute,
     LLMTokenRateLimit,
@@ -66,12 +71,16 @@ def config_files(paths: Sequence[str | Path]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files.extend(sorted(p for p in path.iterdir() if p.suffix in CONFIG_SUFFIXES and p.is_file()))
+            files.extend(_directory_files(path))
         elif path.is_file():
             files.append(path)
         else:
             raise FileNotFoundError(f"{path}: no such file or directory")
     return files
+
+
+def _directory_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.suffix in CONFIG_SUFFIXES and p.is_file())
 
 
 def load_paths(paths: Sequence[str | Path], environ: dict[str, str] | None = None
@@ -82,6 +91,11 @@ def load_paths(paths: Sequence[str | Path], environ: dict[str, str] | None = Non
         files = config_files(paths)
     except FileNotFoundError as exc:
         return [], [Problem(str(exc))]
+    for raw in paths:  # a directory that holds no config file at all is most likely the wrong one
+        if Path(raw).is_dir() and not _directory_files(Path(raw)):
+            problems.append(Problem(f"no config files ({', '.join('*' + s for s in CONFIG_SUFFIXES)}) in this "
+                                    f"directory: nothing to serve", file=str(raw), severity="warning",
+                                    reason="EmptyDirectory"))
     by_key: dict[tuple[str, str, str], Loaded] = {}
     for file in files:
         try:
@@ -129,38 +143,96 @@ def _documents(docs: list[Any]) -> list[tuple[str, Any]]:
 
 MODELS: dict[str, type[LLMProvider] | type[LLMRoute] | type[LLMTokenRateLimit]] = {
     "LLMProvider": LLMProvider, "LLMRoute": LLMRoute, BUDGET_KIND: LLMTokenRateLimit}
+API_VERSIONS = {kind: BUDGET_API_VERSION if kind == BUDGET_KIND else API_VERSION for kind in MODELS}
+OUR_GROUPS = {version.split("/")[0] for version in API_VERSIONS.values()}
+READS = f"LLMProvider and LLMRoute ({API_VERSION}), LLMTokenRateLimit ({BUDGET_API_VERSION})"
+# Kinds the gateway knows but does not read from files: why, and what to do instead.
+NOT_FROM_FILES = {("v1", "Secret"): "a Secret is read only with --kubernetes (an LLMProvider's apiKeySecretRef); "
+                                    "in files give the key as apiKey: ${VARIABLE}"}
+# API groups of Kubernetes itself and of Istio: their objects are skipped (the seed keeps a
+# Service beside its LLMRoutes), with no word but a note.
+_BUILT_IN_GROUPS = frozenset({"", "apps", "batch", "policy", "autoscaling"})
+
+
+def _group(api_version: str) -> str:
+    return api_version.rpartition("/")[0] if "/" in api_version else ""
+
+
+def is_kubernetes_or_istio(api_version: str) -> bool:
+    group = _group(api_version)
+    return group in _BUILT_IN_GROUPS or group.endswith((".k8s.io", ".istio.io"))
+
+
+def near_kind(kind: str) -> str | None:
+    """One of our kinds `kind` is most likely a typo of (case, a plural, a letter or two)."""
+    for ours in MODELS:
+        if kind.lower() in (ours.lower(), ours.lower() + "s"):
+            return ours
+    found = difflib.get_close_matches(kind, list(MODELS), n=1, cutoff=0.8)
+    return found[0] if found else None
+
+
+def classify(kind: object, api_version: object) -> tuple[str, str | None]:
+    """What a document is: ("ours", None), ("skip", None) for Kubernetes' and Istio's own
+    kinds, ("warn", why) for a kind the gateway does not read from files, ("error", what is
+    wrong) for a kind it does not know."""
+    if not isinstance(kind, str) or not kind:
+        return "error", "the document has no kind"
+    version = api_version if isinstance(api_version, str) else ""
+    if kind in MODELS:
+        return "ours", None
+    near = near_kind(kind)
+    if near is not None:
+        return "error", f"unknown kind {kind!r}: did you mean {near} ({API_VERSIONS[near]})?"
+    if (version, kind) in NOT_FROM_FILES:
+        return "warn", NOT_FROM_FILES[version, kind]
+    if _group(version) in OUR_GROUPS:
+        return "error", f"unknown kind {kind!r} in {version}: the gateway reads {READS}"
+    if is_kubernetes_or_istio(version):
+        return "skip", None
+    return "error", (f"unknown kind {kind!r} ({version or 'no apiVersion'}): the gateway reads {READS}, and skips "
+                     f"Kubernetes' and Istio's own kinds; keep other manifests out of its config directory")
 
 
 def parse_object(doc: Any, file: str, number: str, environ: dict[str, str] | None = None,
                  secrets: SecretLookup | None = None,
                  key_env: dict[str, str] | None = None) -> tuple[Loaded | None, list[Problem]]:
-    """Turn one document into a model, or say why not. Other kinds are skipped silently.
-    `key_env` (Kubernetes objects, which anyone allowed to create one writes): `${NAME}` expands
-    only where it maps NAME to the provider's own host; None (files, which the operator writes):
-    any variable expands."""
+    """Turn one document into a model, or say why not (`classify`: Kubernetes' and Istio's own
+    kinds are skipped with a note). `key_env` (Kubernetes objects, which anyone allowed to create
+    one writes): `${NAME}` expands only where it maps NAME to the provider's own host; None
+    (files, which the operator writes): any variable expands."""
     if not isinstance(doc, dict):
         return None, [Problem(f"document {number} is not a mapping", file=file)]
     kind = doc.get("kind")
-    if kind not in KINDS and kind != BUDGET_KIND:
-        return None, []
     found_meta = doc.get("metadata")
     meta: dict[str, Any] = found_meta if isinstance(found_meta, dict) else {}
     label = f"{kind} {meta.get('namespace') or 'default'}/{meta.get('name') or '<unnamed>'}"
-    expected = BUDGET_API_VERSION if kind == BUDGET_KIND else API_VERSION
+    verdict, why = classify(kind, doc.get("apiVersion"))
+    if verdict != "ours":
+        where = f"document {number} ({label})" if isinstance(kind, str) and kind else f"document {number}"
+        if verdict == "error":
+            return None, [Problem(why or "", file=file, obj=where, field="kind")]
+        why = why or f"a Kubernetes or Istio object ({doc.get('apiVersion') or 'no apiVersion'}): not for the gateway"
+        return None, [Problem(f"{why}; skipped", file=file, obj=where,
+                              severity="warning" if verdict == "warn" else "note", reason="Skipped")]
+    assert isinstance(kind, str)
+    spec = doc.get("spec")
+    host = spec.get("host") if isinstance(spec, dict) and isinstance(spec.get("host"), str) else None
+    expected = API_VERSIONS[kind]
     if doc.get("apiVersion") != expected:
         return None, [Problem(f"unsupported apiVersion {doc.get('apiVersion')!r}, expected {expected!r}",
-                              file=file, obj=label, field="apiVersion")]
+                              file=file, obj=label, field="apiVersion", host=host)]
     model = MODELS[kind]
     try:
         resource = model.model_validate(doc)
     except ValidationError as exc:
-        return None, [Problem(_error_message(err), file=file, obj=label, field=_field_path(err["loc"]))
+        return None, [Problem(_error_message(err), file=file, obj=label, field=_field_path(err["loc"]), host=host)
                       for err in exc.errors()]
     if isinstance(resource, LLMProvider):
         resource, key_problems = _resolve_api_keys(resource, environ if environ is not None else os.environ, secrets,
                                                    key_env)
         if key_problems:
-            return None, [Problem(msg, file=file, obj=label, field=field, reason=reason)
+            return None, [Problem(msg, file=file, obj=label, field=field, reason=reason, host=host)
                           for field, msg, reason in key_problems]
     return Loaded(resource, file), []
 
