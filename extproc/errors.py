@@ -30,13 +30,15 @@ class GatewayError(Exception):
 
     # extra answer headers (a 429's Retry-After and x-ratelimit-*, a 503's Retry-After)
     headers: tuple[tuple[str, str], ...] = ()
+    # the OpenAI operation a refused request was for, where no decision names it (metrics' label)
+    operation: str | None = None
 
     def body(self) -> bytes:
         return error_body(self.status, self.message, self.code, self.kind)
 
 
 # Envoy's own answers, by status: (error code, message). Envoy's reason is added to the message
-# (see `extproc.envoy.local_replies`); the ext_proc answers its own 413 with the same words.
+# (see `extproc.envoy.local_replies`); a 413, the ext_proc's or Envoy's, says the limit (`too_large_message`).
 LOCAL_REPLIES = {
     400: ("bad_request", "the request is not valid HTTP"),
     404: ("not_found", "no route for this request"),
@@ -47,6 +49,11 @@ LOCAL_REPLIES = {
     503: ("upstream_unavailable", "the provider could not be reached over verified TLS"),
     504: ("upstream_timeout", "the provider did not answer in time"),
 }
+
+
+def too_large_message(limit: int) -> str:
+    """A 413's words, the ext_proc's and Envoy's alike: the limit, and the flag that sets it."""
+    return f"{LOCAL_REPLIES[413][1]}: its limit is {limit} bytes (set with --body-limit)"
 
 
 def error_type(status: int) -> str:

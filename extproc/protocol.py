@@ -21,6 +21,10 @@ INTERNAL_HEADER_PREFIX = "x-llm-gateway-"
 ORDER_HEADER = "x-llm-gateway-order"
 # Per cluster of an attempt order: the cluster a retry of that attempt goes to (`next_header`).
 NEXT_HEADER_PREFIX = "x-llm-gateway-next-"
+# Set on each attempt of a request with an attempt order, by the failover clusters' upstream
+# filters: the attempt's number (Envoy's x-envoy-attempt-count, kept from the provider), for the
+# log line of a failed attempt.
+ATTEMPT_HEADER = "x-llm-gateway-attempt"
 # The "next" cluster of an order's last attempt: there is none, a retry from there finds nothing.
 NO_PROVIDER_CLUSTER = "llm_gateway_no_provider"
 # Set by the ext_proc on a request whose answer comes back through it (the client's format may

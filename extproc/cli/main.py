@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the embedded default: fake local providers, the seed manifests, ready-to-paste curls")
     demo.add_argument("--listen", type=host_port, default=HostPort("127.0.0.1", 10000), metavar="HOST:PORT")
     demo.add_argument("--admin", type=host_port, default=HostPort("127.0.0.1", 9901), metavar="HOST:PORT")
+    demo.add_argument("--config", action="append", default=[], metavar="PATH",
+                      help="your own LLMProvider/LLMRoute/LLMTokenRateLimit file or directory, loaded after the seed's "
+                           "(repeatable; reloaded on change); providers on the seed's two hosts reach the fakes")
     add_metrics_arg(demo, "127.0.0.1:9464")
 
     serve = sub.add_parser("serve", parents=[common],
@@ -199,7 +202,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return asyncio.run(run_demo(args.listen, args.admin, args.metrics))
+    return asyncio.run(run_demo(args.listen, args.admin, args.metrics, args.config))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

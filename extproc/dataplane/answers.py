@@ -188,13 +188,15 @@ def continue_phase(phase: str | None) -> pb.ProcessingResponse:
     return response
 
 
-def with_operation(response: pb.ProcessingResponse, operation: str) -> pb.ProcessingResponse:
-    """A refused body's answer, counted under its endpoint's operation."""
-    response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.update({"operation": operation})
+def with_operation(response: pb.ProcessingResponse, operation: str, route: str | None = None
+                   ) -> pb.ProcessingResponse:
+    """A refusal's answer, counted under its endpoint's operation and, once decided, its route."""
+    response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.update(
+        {"operation": operation} if route is None else {"operation": operation, "route": route})
     return response
 
 
-TOO_LARGE_CODE, TOO_LARGE_MESSAGE = LOCAL_REPLIES[413]  # the answer Envoy gives its own 413s
+TOO_LARGE_CODE = LOCAL_REPLIES[413][0]  # the code Envoy gives its own 413s
 EMPTIED_CHUNK = pb.ProcessingResponse(request_body=pb.BodyResponse(
     response=pb.CommonResponse(body_mutation=pb.BodyMutation(clear_body=True)))).SerializeToString()
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from .. import protobuf_wire as wire
-from ..errors import GatewayError
+from ..errors import GatewayError, too_large_message
 from ..policy.answer_format import answer_plan
 from ..policy.body_memory import Inflight, Overloaded
 from ..policy.budget_gate import Admitted, BudgetGate
@@ -148,7 +148,7 @@ class Exchange:
                 self._body += chunk.body
                 self._chunks += 1
                 if len(self._body) > processor.body_limit:
-                    raise GatewayError(413, answers.TOO_LARGE_MESSAGE, answers.TOO_LARGE_CODE)
+                    raise GatewayError(413, too_large_message(processor.body_limit), answers.TOO_LARGE_CODE)
                 if len(self._body) > self._held:  # more than declared (or nothing was)
                     self._admit(len(self._body), processor)
                 if not chunk.end_of_stream:
@@ -157,8 +157,11 @@ class Exchange:
             return [answers.continue_phase(phase).SerializeToString()], False
         except GatewayError as error:
             response = answers.immediate(error)
-            if phase == "request_body" and self._decision is not None:  # counted under its endpoint's operation
-                answers.with_operation(response, self._decision.endpoint.operation)
+            decided = self._decision
+            if decided is not None:  # refused once decided (a budget, body memory, the body): its route and endpoint
+                answers.with_operation(response, decided.endpoint.operation, decided.target.route)
+            elif error.operation is not None:
+                answers.with_operation(response, error.operation)
             return [response.SerializeToString()], True
         except Exception:  # never a stack trace to the client, never a request sent unrewritten
             log.exception("ext_proc failed on %s", phase)

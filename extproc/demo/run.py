@@ -2,7 +2,8 @@
 
 Local HTTPS fake providers stand in for DashScope and Moonshot, with certificates from a
 throwaway CA that only this run trusts; the seed's manifests are loaded unchanged, their
-`${...}` keys set to random values the fakes check.
+`${...}` keys set to random values the fakes check. `--config` adds the user's own manifests
+(a failover route, a budget) without editing the repository.
 """
 
 from __future__ import annotations
@@ -69,7 +70,10 @@ An OpenAI base URL: embeddings, and the model list the gateway answers itself (d
 """
 
 
-async def run_demo(listen: HostPort, admin: HostPort, metrics: HostPort | None) -> int:
+async def run_demo(listen: HostPort, admin: HostPort, metrics: HostPort | None,
+                   config: list[str] | None = None) -> int:
+    """`config`: the user's own manifests, loaded after the seed's (an object of the same kind,
+    namespace and name replaces the seed's; their providers on the seed's two hosts reach the fakes)."""
     workdir = Path(tempfile.mkdtemp(prefix="llm-gateway-demo-"))
     fakes: dict[str, FakeProvider] = {}
     try:
@@ -80,19 +84,23 @@ async def run_demo(listen: HostPort, admin: HostPort, metrics: HostPort | None) 
             resolve={host: HostPort("127.0.0.1", fake.port) for host, fake in fakes.items()},
         )
         access_log = workdir / "access.log"
-        opts = UpOptions(config=[str(manifests_dir())], listen=listen, admin=admin, upstream=upstream,
-                         metrics=metrics, access_log=str(access_log))
+        opts = UpOptions(config=[str(manifests_dir()), *(config or [])], listen=listen, admin=admin,
+                         upstream=upstream, metrics=metrics, access_log=str(access_log))
 
         def ready() -> None:
-            print(f"\nLLM gateway demo is up. Config: {manifests_dir()} (the seed's manifests)")
+            extra = f", then {', '.join(config)}" if config else ""
+            print(f"\nLLM gateway demo is up. Config: {manifests_dir()} (the seed's manifests){extra}")
             print("Fake providers: " + ", ".join(f"{h} -> 127.0.0.1:{f.port}" for h, f in fakes.items()))
+            print("  steered by request headers: x-fake-fail: dashscope:503, x-fake-total-tokens: 17, ... "
+                  "(docs/cli.md, the demo's fake providers)")
             print(curl_examples(listen))
             print("A streamed answer, read as it arrives:")
             print(f"  curl -N -x http://{listen} http://demo-llm-server --data "
                   "'{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"stream\": true}'\n")
             if metrics is not None:
                 print(f"Metrics:      curl -s http://{metrics}/metrics | grep gen_ai_")
-            print(f"Access log:   tail -f {access_log}   (one JSON line per request: route, model, tokens)")
+            print(f"Access log:   tail -f {access_log}   (one JSON line per request: route, model, tokens;"
+                  " written within about a second)")
             print(f"Envoy stats:  curl -s http://{admin}/stats | grep llm_provider_")
             print("Ctrl-C stops it.", flush=True)
 

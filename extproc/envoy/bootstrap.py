@@ -117,7 +117,7 @@ def bootstrap(opts: BootstrapOptions) -> dict:
                               "suppress_envoy_headers": True,
                               "upstream_log": upstream_logs(grpc_access_log(), opts.access_log)}},
         ],
-        "local_reply_config": local_reply_config(opts.body_timeout_s),
+        "local_reply_config": local_reply_config(opts.body_timeout_s, opts.body_limit),
         # silence allowed while waiting for an answer or between its bytes (streamed events);
         # there is no total bound unless a provider's spec.timeout sets one
         "stream_idle_timeout": f"{opts.idle_timeout_s:g}s",

@@ -23,6 +23,7 @@ from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2  
 from envoy.type.matcher.v3 import http_inputs_pb2  # noqa: F401
 
 from ..protocol import (
+    ATTEMPT_HEADER,
     BUFFER_MARGIN,
     CLUSTER_HEADER,
     EXT_PROC_CLUSTER,
@@ -82,7 +83,8 @@ def failover_route(clusters: list[str], body_limit: int) -> dict:
     return {
         "match": {"prefix": "/", "headers": [{"name": ORDER_HEADER, "present_match": True}]},
         # Envoy keeps a request body for retries only up to this; past it, no retry happens
-        "per_request_buffer_limit_bytes": body_limit + BUFFER_MARGIN,
+        # (`request_body_buffer_limit`: `per_request_buffer_limit_bytes` is deprecated in 1.40)
+        "request_body_buffer_limit": body_limit + BUFFER_MARGIN,
         "route": {
             "inline_cluster_specifier_plugin": {"extension": {"name": MATCHER_PLUGIN, "clusters": sorted(clusters)}},
             "timeout": "0s",
@@ -163,12 +165,15 @@ def retry_rewrite_filters(cluster: str, body_limit: int) -> list[dict]:
         }},
         # on every attempt: the cluster a retry of this attempt goes to (the route reads it again
         # for each retry; nothing when the request has no attempt order), and the attempt count
-        # kept from the provider (Envoy sets it again for each retry)
+        # kept from the provider (Envoy sets it again for each retry) but for the attempt log,
+        # which reads it from ATTEMPT_HEADER (Envoy's own count is 0 in an upstream log)
         {"name": "llm_gateway.next_attempt", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
             "mutations": {"request_mutations": [{"append": {
                 "header": {"key": CLUSTER_HEADER, "value": f"%REQ({next_header(cluster)})%"},
                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}},
+                {"append": {"header": {"key": ATTEMPT_HEADER, "value": "%REQ(x-envoy-attempt-count)%"},
+                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}},
                 {"remove": "x-envoy-attempt-count"}]},
         }},
         {"name": "envoy.filters.http.upstream_codec", "typed_config": {
@@ -181,7 +186,7 @@ ATTEMPT_LOG_FORMAT = {
     "kind": "attempt",
     "start_time": "%START_TIME%",
     "request_id": "%REQ(x-request-id)%",
-    "attempt": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+    "attempt": f"%REQ({ATTEMPT_HEADER})%",  # 1 for the first attempt, 2 for the first retry, ...
     "upstream_cluster": "%UPSTREAM_CLUSTER%",
     "upstream_host": "%UPSTREAM_HOST%",
     "status": "%RESPONSE_CODE%",

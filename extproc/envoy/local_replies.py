@@ -3,11 +3,11 @@ same OpenAI-style JSON as the ext_proc's (`extproc.errors`)."""
 
 from __future__ import annotations
 
-from ..errors import LOCAL_REPLIES, error_type
-from ..protocol import GATEWAY_DETAILS_PREFIX
+from ..errors import LOCAL_REPLIES, error_type, too_large_message
+from ..protocol import DEFAULT_BODY_LIMIT, GATEWAY_DETAILS_PREFIX
 
 
-def local_reply_config(body_timeout_s: float) -> dict:
+def local_reply_config(body_timeout_s: float, body_limit: int = DEFAULT_BODY_LIMIT) -> dict:
     """Envoy's own error answers (no upstream, TLS failure, body too large, ext_proc down) in the
     same OpenAI-style JSON as the ext_proc's. The ext_proc's own answers pass through as they are."""
     def json_body(status: int, code: str, message: str) -> dict:
@@ -40,5 +40,7 @@ def local_reply_config(body_timeout_s: float) -> dict:
             408, "request_timeout", f"the request body did not arrive within {body_timeout_s:g} s of its headers"),
     }]
     for status, (code, message) in LOCAL_REPLIES.items():
+        if status == 413:  # the limit, and the flag that sets it
+            message = too_large_message(body_limit)
         mappers.append({"filter": status_is(status), "body_format_override": json_body(status, code, message)})
     return {"mappers": mappers, "body_format": json_body(500, "gateway_error", "the gateway could not answer")}

@@ -77,3 +77,11 @@ def port_problem(flag: str, address: HostPort) -> str | None:
                 return f"{flag} {address}: not an address of this host"
             return f"{flag} {address}: cannot listen there: {exc.strerror or exc}"
     return None
+
+
+def listening_problems(flags: list[tuple[str, HostPort | None]]) -> list[str]:
+    """Why any of a command's listening addresses (flag, address; None or port 0: not asked
+    for, or any free port) cannot be listened on: checked together, before anything starts, so
+    a busy port is named by its flag and nothing is left half started."""
+    return [problem for flag, address in flags
+            if address is not None and address.port and (problem := port_problem(flag, address))]

@@ -16,6 +16,7 @@ from ..envoy.clusters import UpstreamOptions
 from ..policy.body_memory import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
 from ..policy.gateway_binding import MESH_VIEW, View
 from ..protocol import DEFAULT_BODY_LIMIT, EXT_PROC_SOCKET, XDS_SOCKET
+from .children import listening_problems
 from .control_plane import ControlPlane
 from .data_plane import DataPlane
 from .drain import DEFAULT_GRACE_S, drain
@@ -91,6 +92,13 @@ def transport(opts: ServeOptions) -> tuple[str | None, Authenticator | None]:
 async def run_serve(opts: ServeOptions) -> int:
     """Serve until SIGINT or SIGTERM, then drain every process. Returns the exit code."""
     socket_dir, authenticator = transport(opts)
+    listen = opts.listen or DEFAULT_XDS_LISTEN
+    busy = listening_problems([("--metrics", opts.metrics)] + ([] if socket_dir is not None else [
+        ("--listen", listen),
+        ("--ext-proc-listen" if opts.ext_proc_listen else "--listen (its next port, the ext_proc's)",
+         opts.ext_proc_listen or HostPort(listen.host, listen.port + 1))]))
+    if busy:  # said before anything starts
+        raise StartupError("\n".join(busy))
     # worker processes share a TCP port (SO_REUSEPORT); local mode's Unix socket has one process
     workers = WorkerSetup(opts.workers if socket_dir is None else 1, opts.max_body_bytes_in_flight, opts.body_limit,
                           opts.log_level, opts.auth_description() if socket_dir is None else None,
@@ -108,7 +116,6 @@ async def run_serve(opts: ServeOptions) -> int:
     status = StatusServer(workers.registry(plane.metrics.registry), lambda: control.loaded and not plane.draining,
                           plane.budgets.degraded_reason)
     try:
-        listen = opts.listen or DEFAULT_XDS_LISTEN
         await control.start(listen, opts.ext_proc_listen, authenticator=authenticator, socket_dir=socket_dir)
         if socket_dir is None:
             await workers.start((opts.ext_proc_listen or listen).host, control.ext_proc_port)

@@ -25,7 +25,7 @@ from ..policy.body_memory import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
 from ..policy.gateway_binding import MESH_VIEW, View
 from ..policy.table import EMPTY_TABLE, TableHolder
 from ..protocol import DEFAULT_BODY_LIMIT
-from .children import dying_with_us, port_problem
+from .children import dying_with_us, listening_problems
 from .control_plane import ControlPlane
 from .data_plane import DataPlane
 from .drain import DEFAULT_GRACE_S, drain_envoy
@@ -108,12 +108,31 @@ def _http_get_status(url: str) -> int:
         return exc.code
 
 
+# Envoy writes its access-log file when this much time has passed (its default is 10 s): a line
+# appears within about a second of its request, as the demo's `tail -f` expects.
+ACCESS_LOG_FLUSH_MS = 1000
+
+
+def envoy_args(binary: str, bootstrap_file: str, opts: UpOptions) -> list[str]:
+    """Envoy's command line. At the default level (warning), Envoy's `misc` warnings are left out:
+    they are about the gateway's own config (the work-in-progress extensions it uses, read from
+    the bootstrap at every start), which no operator can act on; `--envoy-log-level info` shows them."""
+    args = [binary, "-c", bootstrap_file, "--disable-hot-restart", "--log-level", opts.envoy_log_level,
+            "--drain-strategy", "immediate", "--drain-time-s", str(max(1, int(opts.drain_grace_s))),
+            "--file-flush-interval-msec", str(ACCESS_LOG_FLUSH_MS)]
+    if opts.envoy_log_level == "warning":
+        args += ["--component-log-level", "misc:error"]
+    if opts.concurrency:
+        args += ["--concurrency", str(opts.concurrency)]
+    return args
+
+
 async def run_up(opts: UpOptions, on_ready=None) -> int:
     """Run until a signal or until Envoy exits. Returns the process exit code."""
     binary = envoy_binary()
-    for flag, address in (("--listen", opts.listen), ("--admin", opts.admin)):
-        if address.port and (problem := port_problem(flag, address)):
-            raise StartupError(problem)
+    busy = listening_problems([("--listen", opts.listen), ("--admin", opts.admin), ("--metrics", opts.metrics)])
+    if busy:
+        raise StartupError("\n".join(busy))
     plane = DataPlane(TableHolder(EMPTY_TABLE), opts.body_limit, opts.max_body_bytes_in_flight, opts.redis_url,
                       opts.redis_fail_closed)
     control = ControlPlane(opts.upstream, plane)
@@ -144,11 +163,7 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
                                       token_sds=token_sds_file, idle_timeout_s=opts.idle_timeout_s))
     boot_file = workdir / "envoy.json"
     boot_file.write_text(json.dumps(boot, indent=2))
-    args = [binary, "-c", str(boot_file), "--disable-hot-restart", "--log-level", opts.envoy_log_level,
-            "--drain-strategy", "immediate", "--drain-time-s", str(max(1, int(opts.drain_grace_s)))]
-    if opts.concurrency:
-        args += ["--concurrency", str(opts.concurrency)]
-    envoy = EnvoySupervisor(args, opts.admin)
+    envoy = EnvoySupervisor(envoy_args(binary, str(boot_file), opts), opts.admin)
     watcher: asyncio.Task | None = None
     try:
         # The first config must load before Envoy asks for clusters; a bad one stops here.

@@ -70,8 +70,11 @@ def recognize(method: str, path: str, bases: frozenset[str]) -> Endpoint:
                 if found is not None and (endpoint is None or len(base) > len(best)):
                     endpoint, best = found, base
     if endpoint is None:
-        raise GatewayError(404, f"no endpoint at path {path or '/'!r}: this gateway serves {SUPPORTED}",
-                           "unknown_endpoint")
+        refused = GatewayError(404, f"no endpoint at path {path or '/'!r}: this gateway serves {SUPPORTED}",
+                               "unknown_endpoint")
+        if any(path.startswith(f"{base}/{MODELS.name}/") for base in bases):  # retrieving one model
+            refused.operation = MODELS.operation
+        raise refused
     if method != endpoint.method:
         raise GatewayError(405, f"method {method} not allowed on {endpoint.name}: send a {endpoint.method}"
                            f" ({SUPPORTED})", "method_not_allowed")

@@ -124,6 +124,9 @@ def test_budget_refuses_fourth_request_with_openai_headers_then_bigger_budget_ap
     assert resp.headers["x-ratelimit-reset-tokens"].endswith("s") and "h" in resp.headers["x-ratelimit-reset-tokens"]
     assert metric(gw, "llm_gateway_budget_refused_total", budget="default/per-user", rule="everyone",
                   reason="tokens") == 1
+    # the refusal is counted under its route and operation (its llm_route was empty)
+    wait_until(lambda: metric(gw, "llm_gateway_requests_total", outcome="rejected", llm_route="default/dashscope-qwen",
+                              gen_ai_operation_name="chat") == 1, 10, lambda: str(gw.metrics()))
     other = ask(gw, "bob")  # another key has its own budget
     assert other.status == 200 and other.headers["x-ratelimit-remaining-tokens"] == "40"
     assert ask(gw, "alice", {"user-type": "subscriber"}).status == 200  # another rule, another bucket

@@ -182,6 +182,12 @@ def test_all_failing_gives_the_last_answer_after_1_plus_attempts(gateway, fakes)
     assert resp.status == 503, resp.body
     assert [len(started[h].requests) for h in (A, B, C)] == [1, 1, 1]
     check_keys(started)
+    # one log line per failed attempt, each with its own number (it said 0 for every one)
+    lines = wait_until(lambda: len([e for e in gw.access_entries() if e.get("kind") == "attempt"]) == 3
+                       and [e for e in gw.access_entries() if e.get("kind") == "attempt"], 10)
+    assert [(e["attempt"], e["upstream_cluster"], e["status"]) for e in lines] == [
+        ("1", "llm_failover_a_example_com", 500), ("2", "llm_failover_b_example_com", 502),
+        ("3", "llm_failover_c_example_com", 503)]
 
 
 def test_without_retries_a_500_reaches_the_client(gateway, fakes):

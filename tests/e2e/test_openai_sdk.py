@@ -137,7 +137,10 @@ def test_errors_surface_as_the_sdks_exceptions(gw, fresh_providers):
     # the gateway's own answers: our code and message, readable from the SDK's exception
     with pytest.raises(openai.BadRequestError) as bad:
         client.embeddings.create(model="m", input="")
-    assert bad.value.code == "invalid_input" and "'input'" in bad.value.message
+    assert bad.value.code == "invalid_input"
+    # as docs/api.md shows it: the SDK's message leads with the status, the gateway's words are the body's
+    assert bad.value.body["message"] == "'input' must be a non-empty string or array"
+    assert bad.value.message.startswith("Error code: 400 - ")
     with pytest.raises(openai.NotFoundError) as unknown:
         via_proxy(gw, "http://unknown.example.com/v1").models.list()
     assert unknown.value.code == "unknown_host" and "unknown.example.com" in unknown.value.message
@@ -155,14 +158,17 @@ def test_usage_of_each_operation_in_metrics_and_access_log(gw, fresh_providers):
     client.models.list()
     with pytest.raises(openai.BadRequestError):
         client.embeddings.create(model="e", input=[])
+    with pytest.raises(openai.NotFoundError):  # retrieving one model: not supported, counted as models
+        client.models.retrieve("qwen1.5-72b-chat")
 
     def logged():
         entries = gw.access_entries()
-        return entries if len(entries) >= 5 else None
+        return entries if len(entries) >= 6 else None
 
     entries = {(e["operation"], e["status"]): e
                for e in wait_until(logged, 10, lambda: f"access log: {gw.access_entries()}")}
     assert entries[("embeddings", 400)]["details"] == "llm_gateway_invalid_input"
+    assert entries[("models", 404)]["details"] == "llm_gateway_unknown_endpoint"
     entries = {op: e for (op, status), e in entries.items() if status == 200}
     assert entries["embeddings"]["prompt_tokens"] == 3 and entries["embeddings"]["completion_tokens"] is None
     assert entries["embeddings"]["request_model"] == "text-embedding-v3"
@@ -181,4 +187,4 @@ def test_usage_of_each_operation_in_metrics_and_access_log(gw, fresh_providers):
     requests = {(dict(labels)["gen_ai_operation_name"], dict(labels)["outcome"]): value
                 for (name, labels), value in gw.metrics().items() if name == "llm_gateway_requests_total"}
     assert requests == {("embeddings", "success"): 1, ("text_completion", "success"): 1, ("chat", "success"): 1,
-                        ("models", "success"): 1, ("embeddings", "rejected"): 1}
+                        ("models", "success"): 1, ("embeddings", "rejected"): 1, ("models", "rejected"): 1}

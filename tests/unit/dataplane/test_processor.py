@@ -224,6 +224,7 @@ def test_body_limit_is_enforced_across_chunks(seed_table, sizes, status):
     else:
         got_status, error, _, _ = error_of(responses[-1])
         assert (got_status, error["error"]["code"]) == (413, "request_too_large")
+        assert error["error"]["message"].endswith("its limit is 200 bytes (set with --body-limit)")
         assert len(responses) == 1
 
 

@@ -134,3 +134,18 @@ def test_a_refused_body_is_counted_under_its_endpoint(seed_table):
     assert error_of(response)[1]["error"]["code"] == "invalid_input"
     meta = response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.fields
     assert meta["operation"].string_value == "embeddings"
+    assert meta["route"].string_value == "default/dashscope-route"
+
+
+@pytest.mark.parametrize("path", ["/v1/models/qwen-turbo", "/compatible-mode/v1/models/qwen-turbo", "/models/x"])
+def test_retrieving_one_model_is_a_404_counted_as_models(seed_table, path):
+    """Not supported (docs/api.md), and counted as what it is: not a chat request."""
+    (response,) = exchange(seed_table, DASHSCOPE, path, None, method="GET")
+    assert error_of(response)[1]["error"]["code"] == "unknown_endpoint"
+    meta = response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.fields
+    assert meta["operation"].string_value == "models"
+
+
+def test_an_unknown_endpoint_names_no_operation(seed_table):
+    (response,) = exchange(seed_table, DASHSCOPE, "/v1/images/generations", {"prompt": "x"})
+    assert METADATA_NAMESPACE not in response.dynamic_metadata.fields
