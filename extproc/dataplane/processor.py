@@ -157,9 +157,9 @@ class Exchange:
             return [answers.continue_phase(phase).SerializeToString()], False
         except GatewayError as error:
             response = answers.immediate(error)
-            decided = self._decision
-            if decided is not None:  # refused once decided (a budget, body memory, the body): its route and endpoint
-                answers.with_operation(response, decided.endpoint.operation, decided.target.route)
+            held = self._decision
+            if held is not None:  # refused once decided (a budget, body memory, the body): its route and endpoint
+                answers.with_operation(response, held.endpoint.operation, held.target.route)
             elif error.operation is not None:
                 answers.with_operation(response, error.operation)
             return [response.SerializeToString()], True
