@@ -96,6 +96,44 @@ def test_up_refuses_bad_config_and_busy_port(tmp_path, keys):
     assert f"--listen 127.0.0.1:{port}: the port is in use" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_every_listening_flag_is_checked_before_anything_starts(tmp_path, keys):
+    """A busy --metrics port is named by its flag, before the ext_proc, xDS or Envoy start
+    (it used to fail after the gRPC servers had started, with a message naming no flag)."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = extproc("up", "--config", str(SEED_MANIFESTS), "--listen", f"127.0.0.1:{free_port()}",
+                         "--admin", f"127.0.0.1:{free_port()}", "--metrics", f"127.0.0.1:{port}", env=keys, timeout=60)
+        serve = extproc("serve", "--config", str(SEED_MANIFESTS), "--socket-dir", str(tmp_path / "sockets"),
+                        "--metrics", f"127.0.0.1:{port}", env=keys, timeout=60)
+    for failed in (result, serve):
+        assert failed.returncode == 1, failed.stderr
+        assert f"--metrics 127.0.0.1:{port}: the port is in use by another process" in failed.stderr
+        assert "listening on" not in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_no_envoy_noise_at_start_and_reload(tmp_path, keys, providers, ca):
+    """Envoy says nothing at start and on a reload of a config with `retries` but what an
+    operator can act on: no work-in-progress notices about the gateway's own config, no
+    deprecated field (three 600-character warnings per reload before)."""
+    from support.helpers import seed_dir, start_gateway, upstream_args
+
+    config = seed_dir(tmp_path, "01", "04", "05", "06")
+    route = (config / "06-LLMRoute-weighted.yaml").read_text()
+    gw = start_gateway(config, tmp_path, keys, upstream_args(ca, providers))
+    try:
+        (config / "06-LLMRoute-weighted.yaml").write_text(route + "    retries: {attempts: 1}\n")
+        wait_until(lambda: gw.log().count("config reloaded") == 1, 15, gw.log)
+        assert gw.request("demo-llm-server", CHAT).status == 200  # the failover route is in force
+        envoy_warnings = [line for line in gw.log().splitlines() if "][warning][" in line or "][error][" in line]
+        # what remains is Envoy's advice on connection limits, about its own listener
+        assert all("global_downstream_max_connections" in line for line in envoy_warnings), envoy_warnings
+        assert "work-in-progress" not in gw.log() and "Deprecated field" not in gw.log()
+    finally:
+        gw.stop()
+
+
 def test_demo_serves_the_three_scenarios_and_stops_cleanly(tmp_path):
     listen, admin = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if "API_KEY" not in k}
