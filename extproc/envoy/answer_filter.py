@@ -7,6 +7,11 @@ lookup). It processes nothing of the request; it sends the answer's headers and,
 exchange asks for it, the whole answer body, on a gRPC stream of its own (its own authority), so
 the request's exchange still ends as soon as the request is rewritten.
 
+It is off by default and turned on by the gateway's own routes (`ENABLED`, on their virtual
+host): an answer Envoy makes without a route, such as the 400 to a request that is not valid HTTP,
+must not wait for it (its matcher has no request headers to look at there, and Envoy resets the
+connection instead of answering: seen end to end).
+
 Why a second filter: the first ext_proc's per-request `mode_override` is honoured only in an
 answer to the request headers sent before the body; ours is sent once the body is whole (one
 round trip), and Envoy 1.40 then ignores the override (tried end to end).
@@ -28,6 +33,28 @@ ANSWER_FILTER = "llm_gateway.answer"
 # How long the ext_proc may take over one message of an answer (converting a whole answer is
 # a few milliseconds per megabyte).
 ANSWER_MESSAGE_TIMEOUT = "5s"
+
+
+def _skip_unmarked() -> dict:
+    """The answer filter's matcher: skip it for every request the ext_proc did not mark."""
+    unmarked = {"not_matcher": {"single_predicate": {
+        "input": {"name": "answer", "typed_config": {
+            "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+            "header_name": ANSWER_HEADER}},
+        "value_match": {"exact": "1"},
+    }}}
+    return {"matcher_list": {"matchers": [{
+        "predicate": unmarked,
+        "on_match": {"action": {"name": "skip", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter"}}},
+    }]}}
+
+
+# The per-route (here: per virtual host) config that turns the answer filter on, with the same
+# matcher (Envoy wants a config beside `disabled: false`).
+ENABLED = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": False,
+           "config": {"@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcherPerRoute",
+                      "xds_matcher": _skip_unmarked()}}
 
 
 def answer_filter(body_limit: int) -> dict:
@@ -55,18 +82,8 @@ def answer_filter(body_limit: int) -> dict:
         "metadata_options": {"forwarding_namespaces": {"untyped": [METADATA_NAMESPACE]}},
         "stat_prefix": "answer",
     }
-    unmarked = {"not_matcher": {"single_predicate": {
-        "input": {"name": "answer", "typed_config": {
-            "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
-            "header_name": ANSWER_HEADER}},
-        "value_match": {"exact": "1"},
-    }}}
-    return {"name": ANSWER_FILTER, "typed_config": {
+    return {"name": ANSWER_FILTER, "disabled": True, "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
         "extension_config": {"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc},
-        "xds_matcher": {"matcher_list": {"matchers": [{
-            "predicate": unmarked,
-            "on_match": {"action": {"name": "skip", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter"}}},
-        }]}},
+        "xds_matcher": _skip_unmarked(),
     }}

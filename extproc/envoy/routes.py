@@ -13,6 +13,7 @@ from ..policy.budgets import HEADER_METADATA
 from ..protocol import ANSWER_HEADER, CLUSTER_HEADER, DEFAULT_BODY_LIMIT
 from .access_logs import metadata_value
 from .answer_filter import ANSWER_FILTER
+from .answer_filter import ENABLED as ANSWER_FILTER_ON
 from .failover import add_raw_fields, failover_route, with_raw_fields
 
 ROUTE_CONFIG_NAME = "llm_gateway"
@@ -41,6 +42,8 @@ def _llm_virtual_host(domains: list[str], route_timeout_s: int, clusters: Sequen
         "name": "llm_gateway",
         "domains": domains,
         "request_headers_to_remove": [CLUSTER_HEADER, ANSWER_HEADER],  # internal: never leave Envoy
+        # the answer filter, off by default, runs on the gateway's own routes (for marked requests)
+        "typed_per_filter_config": {ANSWER_FILTER: ANSWER_FILTER_ON},
         # requests with an attempt order (rules with `retries`) fail over across providers
         "routes": ([failover_route(list(clusters), body_limit)] if clusters else []) + [
             {"match": {"prefix": "/"},
