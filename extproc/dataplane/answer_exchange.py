@@ -89,7 +89,7 @@ class AnswerExchange:
             elif h.key == "content-type":
                 content_type = h.raw_value.decode("latin-1")
         kind = conversion(plan.client_stream, status, content_type)
-        if kind is None:
+        if kind is None or request.response_headers.end_of_stream:  # nothing to convert, or no body to do it on
             return PASS
         self._converter = CONVERTERS[kind]
         return CONTINUE_HEADERS  # the body comes next, whole

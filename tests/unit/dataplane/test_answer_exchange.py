@@ -88,3 +88,10 @@ def test_an_unreadable_answer_is_passed_on_unchanged():
     assert done and response.WhichOneof("response") == "response_body"
     assert not response.response_body.response.HasField("body_mutation")
     assert not response.response_body.response.HasField("header_mutation")
+
+
+def test_an_answer_without_a_body_passes():
+    message = pb.ProcessingRequest.FromString(headers(200, "application/json", {"client_stream": True}))
+    message.response_headers.end_of_stream = True
+    raw, done = AnswerProcessor().exchange().on_message(message.SerializeToString())
+    assert done and answer(raw).HasField("mode_override")
