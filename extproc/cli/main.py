@@ -253,8 +253,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for problem in compiled.problems:
         print(f"warning: {problem}", file=sys.stderr)
     kinds = [obj.resource.kind for obj in compiled.accepted]
-    budgets = f", {kinds.count('LLMTokenRateLimit')} LLMTokenRateLimit" if "LLMTokenRateLimit" in kinds else ""
-    print(f"ok: {kinds.count('LLMProvider')} LLMProvider, {kinds.count('LLMRoute')} LLMRoute{budgets}")
+    own = "".join(f", {kinds.count(kind)} {kind}" for kind in ("LLMTokenRateLimit", "LLMPriceTable") if kind in kinds)
+    print(f"ok: {kinds.count('LLMProvider')} LLMProvider, {kinds.count('LLMRoute')} LLMRoute{own}")
     return 0
 
 
