@@ -25,6 +25,7 @@ from ..policy.decide import match
 from ..policy.failover import describe_failover
 from ..policy.gateway_binding import forward_of
 from ..protocol import DEFAULT_BODY_LIMIT
+from ..telemetry.spans import tracing_endpoint
 from .argtypes import access_log_path, host_port, seconds, size
 from .flags import (
     add_gateway_args,
@@ -34,6 +35,7 @@ from .flags import (
     add_redis_args,
     add_scale_args,
     add_source_args,
+    add_tracing_arg,
     add_upstream_args,
     add_worker_args,
     check_scale_args,
@@ -80,12 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_gateway_args(up)
     add_redis_args(up)
     add_scale_args(up)
+    add_tracing_arg(up)
 
     demo = sub.add_parser("demo", parents=[common],
                           help="the embedded default: fake local providers, the seed manifests, ready-to-paste curls")
     demo.add_argument("--listen", type=host_port, default=HostPort("127.0.0.1", 10000), metavar="HOST:PORT")
     demo.add_argument("--admin", type=host_port, default=HostPort("127.0.0.1", 9901), metavar="HOST:PORT")
     add_metrics_arg(demo, "127.0.0.1:9464")
+    add_tracing_arg(demo)
 
     serve = sub.add_parser("serve", parents=[common],
                            help="the ext_proc and xDS server only, for an Envoy run elsewhere")
@@ -115,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_scale_args(serve)
     add_leader_args(serve)
     add_worker_args(serve)
+    add_tracing_arg(serve)
 
     ec = sub.add_parser("envoy-config", parents=[common], help="print the Envoy bootstrap (JSON); it holds no API key")
     ec.add_argument("--control", type=host_port, default=HostPort("127.0.0.1", 18000), metavar="HOST:PORT",
@@ -192,12 +197,13 @@ def cmd_up(args: argparse.Namespace) -> int:
                      kubernetes=args.kubernetes, namespace=args.namespace, key_env=dict(args.key_env),
                      home=home_namespace(args.control_namespace), view=view_from_args(args),
                      redis_url=args.redis, redis_fail_closed=args.redis_fail_closed,
-                     max_body_bytes_in_flight=args.max_body_bytes_in_flight, drain_grace_s=args.drain_grace)
+                     max_body_bytes_in_flight=args.max_body_bytes_in_flight, drain_grace_s=args.drain_grace,
+                     otlp_endpoint=tracing_endpoint(args.otlp_endpoint))
     return asyncio.run(run_up(opts))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return asyncio.run(run_demo(args.listen, args.admin, args.metrics))
+    return asyncio.run(run_demo(args.listen, args.admin, args.metrics, tracing_endpoint(args.otlp_endpoint)))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -210,7 +216,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         metrics=args.metrics, redis_url=args.redis, redis_fail_closed=args.redis_fail_closed,
                         max_body_bytes_in_flight=args.max_body_bytes_in_flight, drain_grace_s=args.drain_grace,
                         workers=args.workers, log_level=args.log_level, lease_namespace=args.lease_namespace,
-                        lease_name=args.lease_name, lease_duration_s=args.lease_duration)
+                        lease_name=args.lease_name, lease_duration_s=args.lease_duration,
+                        otlp_endpoint=tracing_endpoint(args.otlp_endpoint))
     return asyncio.run(run_serve(opts))
 
 

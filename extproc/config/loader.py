@@ -24,10 +24,10 @@ from .models import (
     BUDGET_API_VERSION,
     BUDGET_KIND,
     KINDS,
-    LLMProvider,
-    LLMRoute,
     PRICE_KIND,
     LLMPriceTable,
+    LLMProvider,
+    LLMRoute,
     LLMTokenRateLimit,
     OpenAIConfig,
 )

@@ -8,9 +8,19 @@ gateway does not implement yet are accepted and reported through `unimplemented_
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 API_VERSION = "istio.alibabacloud.com/v1beta1"
 KINDS = ("LLMProvider", "LLMRoute")
@@ -390,11 +400,15 @@ def _price_text(value: object) -> object:
     if isinstance(value, bool):
         return value
     if isinstance(value, int | float):
-        return format(value, "f").rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
+        if isinstance(value, int):
+            return str(value)
+        text = format(Decimal(repr(value)), "f")  # 1e-07 -> "0.0000001": refused, never rounded to 0
+        return text.rstrip("0").rstrip(".") if "." in text else text
     return value
 
 
-PriceText = Annotated[str, BeforeValidator(_price_text), Field(pattern=PRICE_PATTERN)]
+PriceText = Annotated[str, BeforeValidator(_price_text), StringConstraints(pattern=PRICE_PATTERN),
+                      WithJsonSchema({"type": "string", "pattern": PRICE_PATTERN})]
 
 
 class ModelPrice(_Strict):
@@ -402,7 +416,8 @@ class ModelPrice(_Strict):
     input: PriceText = Field(description="Price per million input (prompt) tokens, e.g. \"0.30\".")
     output: PriceText = Field(description="Price per million output (completion) tokens.")
     cached_input: PriceText | None = Field(default=None, alias="cachedInput",
-                                           description="Price per million cached input tokens (default: input).")
+                                           description="Price per million cached input tokens; unset, the input "
+                                                       "price.")
 
 
 class LLMPriceTableSpec(_Strict):

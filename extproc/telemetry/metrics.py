@@ -21,6 +21,7 @@ from .fast_series import (  # prometheus-client's families, cheaper to update (s
     Histogram,
     HistogramSeries,
 )
+from .spend import SpendLedger
 
 # `*_created` series double the exposition for no use here.
 prometheus_client.disable_created_metrics()
@@ -53,6 +54,11 @@ class RequestRecord:
     ttft_s: float | None = None
     tpot_s: float | None = None
     operation: str = "chat"  # gen_ai_operation_name: chat, text_completion, embeddings, models
+    cached_tokens: int | None = None  # prompt tokens the provider served from its cache (part of prompt_tokens)
+    currency: str = ""  # the price's currency; "" when the model has no price (unpriced)
+    budget_key: str = ""  # the hashed key of the budget the request was admitted under
+    cost: int | None = None  # pico-units of `currency` (extproc.policy.pricing), set by the receiver
+    caller: str = ""  # who: a sidecar's namespace/ServiceAccount, else "key:<budget key>", else ""
 
 
 _BASE = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_response_model",
@@ -88,6 +94,7 @@ class GatewayMetrics:
         self._series: dict[tuple[object, tuple[str, ...]], HistogramSeries | CounterSeries] = {}
         # per set of a record's label values: its series, found with one lookup (see `observe`)
         self._bundles: dict[tuple[str, ...], list[Callable[[], Any]]] = {}
+        self.spend = SpendLedger(r)  # usage and cost per caller, route, provider, model, currency
 
     def _capped(self, kind: str, value: str) -> str:
         seen = self._seen[kind]
@@ -118,6 +125,9 @@ class GatewayMetrics:
             ttft().observe(rec.ttft_s)
         if rec.tpot_s is not None:
             tpot().observe(rec.tpot_s)
+        if rec.prompt_tokens is not None or rec.completion_tokens is not None:  # usage: spent
+            self.spend.add((rec.caller, rec.route, rec.provider, rec.request_model, rec.currency),
+                           rec.prompt_tokens or 0, rec.completion_tokens or 0, rec.cached_tokens or 0, rec.cost or 0)
 
     def _bundle(self, rec: RequestRecord) -> list[Callable[[], Any]]:
         """A record's six series, each made on first use (capped label values decided once)."""
