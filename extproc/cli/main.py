@@ -26,6 +26,7 @@ from ..policy.failover import describe_failover
 from ..policy.gateway_binding import forward_of
 from ..protocol import DEFAULT_BODY_LIMIT
 from ..telemetry.spans import tracing_endpoint
+from ..telemetry.spend import format_report
 from .argtypes import access_log_path, host_port, seconds, size
 from .flags import (
     add_gateway_args,
@@ -159,6 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("crds", parents=[common], help="print the CustomResourceDefinitions (k8s/crds.yaml)")
 
+    spend = sub.add_parser("spend", parents=[common],
+                           help="who spent what since the gateway started: cost and tokens by caller, model and route")
+    spend.add_argument("--url", default="http://127.0.0.1:9464", metavar="URL",
+                       help="the gateway's ops endpoint, its --metrics address (default http://127.0.0.1:9464)")
+    spend.add_argument("--by", default="caller,model,route", metavar="GROUPS",
+                       help="group by these, comma-separated: caller, route, provider, model (default "
+                            "caller,model,route); currencies are always kept apart")
+    spend.add_argument("--json", action="store_true", help="print the JSON report (as GET /spend answers it)")
+
     route = sub.add_parser("route", parents=[common],
                            help="dry run: which route, rule, provider, model and cluster a request gets")
     route.add_argument("--config", action="append", required=True, metavar="PATH")
@@ -177,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler = {"up": cmd_up, "demo": cmd_demo, "serve": cmd_serve, "envoy-config": cmd_envoy_config,
-               "validate": cmd_validate, "route": cmd_route, "crds": cmd_crds}[args.command]
+               "validate": cmd_validate, "route": cmd_route, "crds": cmd_crds, "spend": cmd_spend}[args.command]
     try:
         return handler(args)
     except StartupError as exc:
@@ -301,4 +311,30 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 def cmd_crds(args: argparse.Namespace) -> int:
     sys.stdout.write(crds_yaml())
+    return 0
+
+
+def cmd_spend(args: argparse.Namespace) -> int:
+    """GET /spend of a running gateway, as a table (or its JSON)."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    url = f"{args.url.rstrip('/')}/spend?by={urllib.parse.quote(args.by)}"
+    if "://" not in args.url:
+        url = "http://" + url
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            report = json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        print(f"error: {url}: {exc.code} {exc.read().decode(errors='replace').strip()}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot read {url}: {exc} (is the gateway running with --metrics there?)", file=sys.stderr)
+        return 1
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        print()
+    else:
+        print(format_report(report))
     return 0

@@ -108,7 +108,7 @@ async def run_serve(opts: ServeOptions) -> int:
         source.may_write_status = elector.is_leader
     await load_initial(source)
     status = StatusServer(workers.registry(plane.metrics.registry), lambda: control.loaded and not plane.draining,
-                          plane.budgets.degraded_reason)
+                          plane.budgets.degraded_reason, plane.metrics.spend.since)
     try:
         listen = opts.listen or DEFAULT_XDS_LISTEN
         await control.start(listen, opts.ext_proc_listen, authenticator=authenticator, socket_dir=socket_dir)

@@ -120,7 +120,8 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
     control = ControlPlane(opts.upstream, plane)
     source = config_source(opts.config, opts.kubernetes, opts.namespace, control.apply, opts.reload_interval,
                            opts.key_env, opts.home, opts.view)
-    ops = StatusServer(plane.metrics.registry, lambda: control.loaded, plane.budgets.degraded_reason)
+    ops = StatusServer(plane.metrics.registry, lambda: control.loaded, plane.budgets.degraded_reason,
+                       plane.metrics.spend.since)
     workdir = Path(private_dir())  # 0700: the sockets, the bootstrap; removed on exit
     tcp_token = opts.tcp_token
     local = tcp_token is None

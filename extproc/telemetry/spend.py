@@ -21,7 +21,7 @@ from decimal import Decimal
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
 
 PICO = 10**12
@@ -31,7 +31,6 @@ LABELS = ("llm_caller", "llm_route", "llm_provider", "gen_ai_request_model", "cu
 REQUESTS = "llm_gateway_spend_requests"
 TOKENS = "llm_gateway_spend_tokens"
 COST = "llm_gateway_cost"
-SINCE = "llm_gateway_spend_since_timestamp_seconds"
 GROUPS = ("caller", "route", "provider", "model", "currency")
 
 SpendKey = tuple[str, str, str, str, str]  # caller, route, provider, model, currency ("" unpriced)
@@ -99,9 +98,7 @@ class SpendLedger:
                 tokens.add_metric([*labels, kind], value)
             if labels[4]:
                 cost.add_metric(labels, entry[4] / PICO)
-        since = GaugeMetricFamily(SINCE, "Since when the spend counters count (this process's start)")
-        since.add_metric([], self.since)
-        yield from (requests, tokens, cost, since)
+        yield from (requests, tokens, cost)
 
 
 def spend_report(families: Iterable[Metric], by: Sequence[str] = ("caller", "model", "route"),
@@ -114,7 +111,6 @@ def spend_report(families: Iterable[Metric], by: Sequence[str] = ("caller", "mod
         raise ValueError(f"cannot group by {', '.join(unknown)}: use {', '.join(GROUPS[:4])}")
     keep = [GROUPS.index(g) for g in by if g != "currency"]
     rows: dict[tuple[str, ...], dict[str, Any]] = {}
-    started: list[float] = []
 
     def row(labels: dict[str, str]) -> dict[str, Any]:
         values = [labels.get(name, "") for name in LABELS]
@@ -138,9 +134,7 @@ def spend_report(families: Iterable[Metric], by: Sequence[str] = ("caller", "mod
             elif sample.name == COST + "_total":
                 found = row(sample.labels)
                 found["cost"] = (found["cost"] or Decimal(0)) + Decimal(repr(sample.value))
-            elif sample.name == SINCE:
-                started.append(sample.value)
-    start = since if since is not None else (min(started) if started else None)
+    start = since
     totals: dict[str, Decimal] = {}
     unpriced = {"requests": 0, "input_tokens": 0, "output_tokens": 0}
     out_rows = []
