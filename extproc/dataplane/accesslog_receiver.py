@@ -9,6 +9,7 @@ request; the stream arrives on the lean HTTP/2 server, beside the ext_proc.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
@@ -17,7 +18,7 @@ from ..policy.budget_gate import BudgetGate
 from ..policy.budgets import bucket_id, is_charged, tokens_to_charge
 from ..policy.caller import Caller
 from ..policy.passive_health import AttemptObserver
-from ..policy.pricing import Price, cost_of, pico_from_per_million
+from ..policy.pricing import EMPTY_PRICES, Price, PriceTable, cost_of
 from ..protocol import METADATA_NAMESPACE, UPSTREAM_END
 from ..telemetry.access_entries import metadata_number, record_from_entry
 from ..telemetry.metrics import GatewayMetrics, RequestRecord
@@ -40,12 +41,13 @@ class AccessLogReceiver:
     """`StreamAccessLogs`: a client stream of batches, one empty answer when Envoy closes it."""
 
     def __init__(self, metrics: GatewayMetrics, budgets: BudgetGate | None = None,
-                 attempts: AttemptObserver | None = None, spans: SpanSink | None = None):
+                 attempts: AttemptObserver | None = None, spans: SpanSink | None = None,
+                 prices: Callable[[], PriceTable] = lambda: EMPTY_PRICES):
         self._metrics = metrics
         self._budgets = budgets  # charged from each finished answer
         self._attempts = attempts  # failed attempts and answered requests: passive health
         self._spans = spans  # None: no traces exported, nothing done per entry
-        self._prices: dict[tuple[str, float, float, float], Price] = {}  # as the metadata carries them
+        self._prices = prices  # the price tables of the config in force
 
     def call(self, caller: Caller | None = None) -> AccessLogStream:
         """A stream from one Envoy; any authenticated Envoy may report usage, spent by its caller."""
@@ -55,15 +57,24 @@ class AccessLogReceiver:
         owed: dict[tuple[str, ...], int] = {}  # a batch's usage summed per set of buckets, charged once
         budgets = self._budgets if self._budgets is not None and self._budgets.configured() else None
         attempts, observe, spans = self._attempts, self._metrics.observe, self._spans
+        priced = self._prices().by_host  # per provider host: its models' prices; empty: nothing is priced
         for entry in als_pb2.StreamAccessLogsMessage.FromString(data).http_logs.log_entry:
             try:
                 if attempts is not None:
                     attempts.observe(entry)
                 if entry.common_properties.access_log_type != UPSTREAM_END:  # attempts are not requests
                     record = record_from_entry(entry)
-                    if record.currency:  # the model has a price: what the answer cost
-                        record.cost = self._cost(entry, record)
-                    record.caller = caller or (f"key:{record.budget_key}" if record.budget_key else "")
+                    if priced:  # the model's price, where it has one: what the answer cost
+                        models = priced.get(record.provider_host)
+                        price = models.get(record.request_model) if models is not None else None
+                        if price is not None:
+                            price_answer(entry, record, price)
+                    if caller:
+                        record.caller = caller
+                    elif budgets is not None:  # the gateway's own Envoy: a budget's key tells callers apart
+                        key = _budget_key(entry)
+                        if key:
+                            record.caller = f"key:{key}"
                     observe(record)
                     if budgets is not None:
                         charge_budgets(owed, entry, record)
@@ -81,19 +92,24 @@ class AccessLogReceiver:
     def on_client_end(self) -> bytes:
         return als_pb2.StreamAccessLogsResponse().SerializeToString()
 
-    def _cost(self, entry: accesslog_pb2.HTTPAccessLogEntry, record: RequestRecord) -> int | None:
-        """The answer's cost at the price the ext_proc (or the retry processor, for the attempt
-        that answered) wrote beside the decision: exact, in pico-units of its currency."""
-        fields = entry.common_properties.metadata.filter_metadata[METADATA_NAMESPACE].fields
-        key = (record.currency, fields["price_input"].number_value, fields["price_output"].number_value,
-               fields["price_cached_input"].number_value)
-        price = self._prices.get(key)
-        if price is None:
-            if len(self._prices) > 4096:
-                self._prices.clear()
-            price = self._prices[key] = Price(key[0], pico_from_per_million(key[1]), pico_from_per_million(key[2]),
-                                              pico_from_per_million(key[3]))
-        return cost_of(price, record.prompt_tokens, record.completion_tokens, record.cached_tokens)
+
+
+def price_answer(entry: accesslog_pb2.HTTPAccessLogEntry, record: RequestRecord, price: Price) -> None:
+    """The answer's currency and exact cost (pico-units), at the price of the provider and model
+    that answered (after a failover: the last attempt's, as the retry processor wrote them), from
+    its usage, cached prompt tokens at the cached price. Where a cost budget would be charged."""
+    record.currency = price.currency
+    meta = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
+    cached = meta.fields.get("cached_tokens") if meta is not None else None
+    if cached is not None:
+        record.cached_tokens = int(cached.number_value)
+    record.cost = cost_of(price, record.prompt_tokens, record.completion_tokens, record.cached_tokens)
+
+
+def _budget_key(entry: accesslog_pb2.HTTPAccessLogEntry) -> str:
+    meta = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
+    key = meta.fields.get("budget_key") if meta is not None else None
+    return key.string_value if key is not None else ""
 
 
 class AccessLogStream:

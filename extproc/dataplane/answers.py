@@ -133,6 +133,20 @@ def price_entries(price: Price) -> bytes:
         "price_cached_input": struct_pb2.Value(number_value=per_cached)}).SerializeToString(deterministic=True)
 
 
+def with_price(target: Target, decision: bytes, model: str) -> bytes:
+    """The decision's entries with the price of `model` at the target's provider (as they are where
+    it has none), kept on the target per priced model: the same bytes object every time, so the
+    metadata built from it is cached too (`decision_metadata`)."""
+    price = target.prices.get(model)
+    if price is None:
+        return decision
+    key = ("price", decision, model)
+    built = target.answers.get(key)
+    if built is None:
+        built = target.answers[key] = (decision + price_entries(price), b"")
+    return built[0]
+
+
 def price_values(price: Price | None) -> dict[str, object]:
     """The same, as plain values (the retry processor's metadata update); an unpriced provider
     clears the currency, so a failed-over request is never charged at the first provider's price."""

@@ -84,14 +84,12 @@ class ExternalProcessor:
             attempt_headers = ()
         if decision.strip or attempt_headers:
             parts.append(answers.more_headers(decision.strip, attempt_headers))
+        if target.prices:  # the provider has a price table: the model's price, for the request's cost
+            prebuilt = answers.with_price(target, prebuilt, rewritten.model)
         entries, metadata = answers.decision_metadata(prebuilt, rewritten.model, rewritten.stream, decision.authority)
         more = b""
         if budget is not None:  # the budget charged, for the access log, and the x-ratelimit-* header values
             more = budget.encoded()
-        if target.prices:  # the provider has a price table: the model's price, for the request's cost
-            price = target.prices.get(rewritten.model)
-            if price is not None:
-                more += answers.price_entries(price)
         if trace is not None:  # a sampled request: its provider continues the trace
             header_part, trace_entries = answers.trace_parts(trace)
             parts.append(header_part)

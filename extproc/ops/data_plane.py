@@ -64,7 +64,8 @@ class DataPlane:
         processor = ExternalProcessor(holder, body_limit=body_limit, budgets=self.budgets, inflight=self.inflight,
                                       health=self.health, tracing=sampler_from_env() if sink is not None else None)
         retries = RetryRewriter(holder, body_limit)
-        receiver = AccessLogReceiver(self.metrics, self.budgets, attempts, sink)
+        receiver = AccessLogReceiver(self.metrics, self.budgets, attempts, sink,
+                                     prices=lambda: self.holder.table.prices)
         self.methods: dict[str, Callable[[Caller | None], Call]] = {
             PROCESS: processor.exchange,
             RETRY_AUTHORITY + PROCESS: lambda _caller: retries.exchange(),

@@ -107,27 +107,34 @@ class GatewayMetrics:
 
     def observe(self, rec: RequestRecord) -> None:
         key = (rec.operation, rec.provider_host, rec.request_model, rec.response_model, rec.route, rec.rule,
-               rec.provider, rec.outcome, rec.error_type)
+               rec.provider, rec.outcome, rec.error_type, rec.caller, rec.currency)
         bundle = self._bundles.get(key)
         if bundle is None:
             if len(self._bundles) >= MAX_BUNDLES:  # label values a client or provider chose: keep it bounded
                 self._bundles.clear()
             bundle = self._bundles[key] = self._bundle(rec)
-        requests, duration, tokens_in, tokens_out, ttft, tpot = bundle
+        requests, duration, tokens_in, tokens_out, ttft, tpot, spent = bundle
         requests().inc()
         if rec.duration_s is not None:
             duration().observe(rec.duration_s)
-        if rec.prompt_tokens is not None:
-            tokens_in().observe(rec.prompt_tokens)
-        if rec.completion_tokens is not None:
-            tokens_out().observe(rec.completion_tokens)
+        prompt, completion = rec.prompt_tokens, rec.completion_tokens
+        if prompt is not None:
+            tokens_in().observe(prompt)
+        if completion is not None:
+            tokens_out().observe(completion)
         if rec.ttft_s is not None:
             ttft().observe(rec.ttft_s)
         if rec.tpot_s is not None:
             tpot().observe(rec.tpot_s)
-        if rec.prompt_tokens is not None or rec.completion_tokens is not None:  # usage: spent
-            self.spend.add((rec.caller, rec.route, rec.provider, rec.request_model, rec.currency),
-                           rec.prompt_tokens or 0, rec.completion_tokens or 0, rec.cached_tokens or 0, rec.cost or 0)
+        if prompt is not None or completion is not None:  # usage: spent (extproc.telemetry.spend)
+            entry = spent()
+            entry[0] += 1
+            entry[1] += prompt or 0
+            entry[2] += completion or 0
+            if rec.cached_tokens:
+                entry[3] += rec.cached_tokens
+            if rec.cost:
+                entry[4] += rec.cost
 
     def _bundle(self, rec: RequestRecord) -> list[Callable[[], Any]]:
         """A record's six series, each made on first use (capped label values decided once)."""
@@ -137,7 +144,14 @@ class GatewayMetrics:
         wanted = ((self.requests, (*base, rec.outcome, error_type)), (self.duration, (*base, error_type)),
                   (self.token_usage, (*base, "input")), (self.token_usage, (*base, "output")),
                   (self.ttft, base), (self.tpot, base))
-        return [self._lazy(metric, labels) for metric, labels in wanted]
+        spend_key = (rec.caller, rec.route, rec.provider, rec.request_model, rec.currency)
+        kept: list[list[int]] = []
+
+        def spent() -> list[int]:  # the spend ledger's counts for this record's key, looked up once
+            if not kept:
+                kept.append(self.spend.entry(spend_key))
+            return kept[0]
+        return [*(self._lazy(metric, labels) for metric, labels in wanted), spent]
 
     def _lazy(self, metric: Histogram | Counter, labels: tuple[str, ...]) -> Callable[[], Any]:
         series: list[HistogramSeries | CounterSeries] = []

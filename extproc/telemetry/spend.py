@@ -50,10 +50,13 @@ class SpendLedger:
         if registry is not None:
             registry.register(self)
 
-    def add(self, key: SpendKey, prompt: int, completion: int, cached: int, cost: int) -> None:
+    def entry(self, key: SpendKey) -> list[int]:
+        """The counts kept for `key` (capped), to add to."""
         entry = self._lookup.get(key)
-        if entry is None:
-            entry = self._new(key)
+        return entry if entry is not None else self._new(key)
+
+    def add(self, key: SpendKey, prompt: int, completion: int, cached: int, cost: int) -> None:
+        entry = self.entry(key)
         entry[0] += 1
         entry[1] += prompt
         entry[2] += completion
@@ -92,6 +95,8 @@ class SpendLedger:
         cost = CounterMetricFamily(COST, "What those answers cost, in units of `currency` (priced models only)",
                                    labels=LABELS)
         for key, entry in list(self.entries.items()):
+            if not entry[0]:
+                continue
             labels = list(key)
             requests.add_metric(labels, entry[0])
             for kind, value in (("input", entry[1]), ("output", entry[2]), ("cached_input", entry[3])):
