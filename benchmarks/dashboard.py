@@ -251,7 +251,8 @@ def draw(samples: list[tuple[float, dict]], path: Path) -> None:
     bars(axes[2][1], {**{f"budget refused: {k}": v for k, v in refused.items()},
                       **{f"unpriced: {k}": v for k, v in unpriced.items()}},
          "Budget rejections; unpriced answers", "%d")
-    health = {dict(ls).get("provider", ""): v for (n, ls), v in last.items() if n == "llm_gateway_provider_cooling_down"}
+    health = {dict(ls).get("provider", ""): v for (n, ls), v in last.items()
+              if n == "llm_gateway_provider_cooling_down"}
     bars(axes[2][2], health, "Provider health (1: cooling down)", "%d")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
