@@ -29,6 +29,8 @@ from .models import (
     API_VERSION,
     BUDGET_API_VERSION,
     BUDGET_KIND,
+    PRICE_KIND,
+    LLMPriceTable,
     LLMProvider,
     LLMRoute,
     LLMTokenRateLimit,
@@ -44,7 +46,7 @@ except AttributeError:  # pragma: no cover - depends on how PyYAML was built
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
-Resource = LLMProvider | LLMRoute | LLMTokenRateLimit
+Resource = LLMProvider | LLMRoute | LLMTokenRateLimit | LLMPriceTable
 
 
 @dataclass(frozen=True)
@@ -141,11 +143,12 @@ def _documents(docs: list[Any]) -> list[tuple[str, Any]]:
     return out
 
 
-MODELS: dict[str, type[LLMProvider] | type[LLMRoute] | type[LLMTokenRateLimit]] = {
-    "LLMProvider": LLMProvider, "LLMRoute": LLMRoute, BUDGET_KIND: LLMTokenRateLimit}
-API_VERSIONS = {kind: BUDGET_API_VERSION if kind == BUDGET_KIND else API_VERSION for kind in MODELS}
+MODELS: dict[str, type[LLMProvider] | type[LLMRoute] | type[LLMTokenRateLimit] | type[LLMPriceTable]] = {
+    "LLMProvider": LLMProvider, "LLMRoute": LLMRoute, BUDGET_KIND: LLMTokenRateLimit, PRICE_KIND: LLMPriceTable}
+OWN_KINDS = (BUDGET_KIND, PRICE_KIND)  # our own kinds, in our own API group
+API_VERSIONS = {kind: BUDGET_API_VERSION if kind in OWN_KINDS else API_VERSION for kind in MODELS}
 OUR_GROUPS = {version.split("/")[0] for version in API_VERSIONS.values()}
-READS = f"LLMProvider and LLMRoute ({API_VERSION}), LLMTokenRateLimit ({BUDGET_API_VERSION})"
+READS = f"LLMProvider and LLMRoute ({API_VERSION}), LLMTokenRateLimit and LLMPriceTable ({BUDGET_API_VERSION})"
 # Kinds the gateway knows but does not read from files: why, and what to do instead.
 NOT_FROM_FILES = {("v1", "Secret"): "a Secret is read only with --kubernetes (an LLMProvider's apiKeySecretRef); "
                                     "in files give the key as apiKey: ${VARIABLE}"}
