@@ -367,7 +367,7 @@ def compile_prices(objects: list[Loaded], providers: dict[str, Loaded], problems
         provider = providers.get(spec.host)
         if provider is None:
             problems.append(Problem(f"no LLMProvider serves host {spec.host!r}", file=obj.file, obj=obj.label,
-                                    field="spec.host", reason="HostNotFound"))
+                                    field="spec.host", reason="HostNotFound", host=spec.host))
             continue
         if namespaces and namespace not in (provider.resource.metadata.namespace, home):
             problems.append(Problem(f"the LLMProvider of host {spec.host!r} is in namespace "
