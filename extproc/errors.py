@@ -30,6 +30,8 @@ class GatewayError(Exception):
 
     # extra answer headers (a 429's Retry-After and x-ratelimit-*, a 503's Retry-After)
     headers: tuple[tuple[str, str], ...] = ()
+    # entries of the `llm_gateway` metadata for the access log (a refusing data policy's rule)
+    metadata: tuple[tuple[str, str], ...] = ()
 
     def body(self) -> bytes:
         return error_body(self.status, self.message, self.code, self.kind)

@@ -29,6 +29,7 @@ from ..policy.passive_health import DEFAULT_CONSECUTIVE_ERRORS, DEFAULT_COOL_DOW
 from ..policy.table import Forward, RetryPolicy, Route, RoutingTable, Rule, Target, host_aliases, normalize_host
 from ..policy.visibility import may_use, visible_to
 from ..protocol import provider_cluster
+from .data_policies import compile_protection
 from .loader import Loaded
 from .models import (
     LLMProvider,
@@ -155,12 +156,14 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
                         forwarded[name] = forward
 
     budgets = compile_budgets(objects, routes, problems, accepted)
+    protection = compile_protection(objects, routes, problems, accepted, namespaces, home)
     clusters = {host: provider_cluster(host) for host in providers if host in used}
     failover_clusters = {t.provider_host: t.cluster for route in routes.values() for rule in route.rules
                          if rule.failover is not None for order in rule.failover.orders for t in order}
     health = {host: _health(obj) for host, obj in providers.items()}
     table = RoutingTable(routes=routes, clusters=clusters, version=_version(accepted), forwarded=forwarded,
-                         budgets=budgets, health=health, failover_clusters=failover_clusters)
+                         budgets=budgets, health=health, failover_clusters=failover_clusters,
+                         protection=protection)
     return Compiled(table=table, problems=problems, accepted=accepted)
 
 

@@ -168,9 +168,11 @@ def continue_phase(phase: str | None) -> pb.ProcessingResponse:
     return response
 
 
-def with_operation(response: pb.ProcessingResponse, operation: str) -> pb.ProcessingResponse:
-    """A refused body's answer, counted under its endpoint's operation."""
-    response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.update({"operation": operation})
+def with_operation(response: pb.ProcessingResponse, operation: str,
+                   more: tuple[tuple[str, str], ...] = ()) -> pb.ProcessingResponse:
+    """A refused body's answer, counted under its endpoint's operation (with what else the
+    refusal tells the access log: a data policy's rule)."""
+    response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.update({"operation": operation, **dict(more)})
     return response
 
 

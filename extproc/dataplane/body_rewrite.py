@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -54,6 +55,16 @@ def rewrite_body(body: bytes, target: Target, endpoint: Endpoint = CHAT) -> Rewr
     config sets it; every other field kept as sent. A streamed request also asks for the usage
     event (`stream_options.include_usage`), so its tokens can be counted. Raises GatewayError
     (400) for a body that is not a request for that endpoint (see `extproc.policy.openai_api`)."""
+    data, dumps = parse_request(body, endpoint)
+    return rewrite_parsed(data, dumps, target, endpoint)
+
+
+Dumps = Callable[[Any], bytes]
+
+
+def parse_request(body: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], Dumps]:
+    """The request body as a JSON object checked for its endpoint, and how to write it back
+    (exactly, where orjson would have lost digits). Raises GatewayError (400) otherwise."""
     try:
         data, dumps = _loads(body)
     except (ValueError, RecursionError) as exc:  # orjson.JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -62,6 +73,11 @@ def rewrite_body(body: bytes, target: Target, endpoint: Endpoint = CHAT) -> Rewr
     if not isinstance(data, dict):
         raise GatewayError(400, "request body must be a JSON object", "invalid_body")
     check_body(endpoint, data)
+    return data, dumps
+
+
+def rewrite_parsed(data: dict[str, Any], dumps: Dumps, target: Target, endpoint: Endpoint) -> Rewritten:
+    """`rewrite_body` on a body already parsed and checked (by `parse_request`)."""
     if "model" in data and not isinstance(data["model"], str):
         raise GatewayError(400, "'model' must be a string", "invalid_model")
     if "stream" in data and not isinstance(data["stream"], bool):

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from prometheus_client import CollectorRegistry
 
 from .. import protobuf_wire as wire
 from ..errors import GatewayError
@@ -32,7 +33,8 @@ from ..policy.passive_health import PassiveHealth
 from ..policy.table import TableHolder
 from ..protocol import DEFAULT_BODY_LIMIT, METADATA_NAMESPACE
 from . import answers
-from .body_rewrite import rewrite_body
+from .body_rewrite import parse_request, rewrite_body, rewrite_parsed
+from .data_protection import PromptCheck, ProtectionMetrics, judge_unasked
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ class ExternalProcessor:
     def __init__(self, holder: TableHolder, draw: Callable[[], float] = random.random,
                  clock: Callable[[], float] = time.time, body_limit: int = DEFAULT_BODY_LIMIT,
                  budgets: BudgetGate | None = None, inflight: Inflight | None = None,
-                 health: PassiveHealth | None = None):
+                 health: PassiveHealth | None = None, protection: ProtectionMetrics | None = None):
         self.holder = holder
         self.budgets = budgets  # token/request budgets (extproc.policy.budget_gate)
         self.draw = draw
@@ -53,6 +55,8 @@ class ExternalProcessor:
         self.inflight = inflight or Inflight()
         self.health = health if health is not None else PassiveHealth()
         self._cooling = lambda: self.health.cooling(self.clock())
+        # LLMDataPolicy's counts (extproc.dataplane.data_protection)
+        self.protection = protection if protection is not None else ProtectionMetrics(CollectorRegistry())
 
     def exchange(self, caller: Caller | None = LOCAL) -> Exchange:
         """A new stream's state, for a verified caller (the HTTP/2 server never opens an ext_proc
@@ -67,12 +71,20 @@ class ExternalProcessor:
         raw: dict[str, bytes] = {h.key: h.raw_value for h in headers_msg.headers.headers}
         return decide(self.holder.table, raw, not headers_msg.end_of_stream, caller, self.draw(), self._cooling)
 
-    @staticmethod
-    def forward(body: bytes, chunks: int, decision: Decision, budget: Admitted | None = None) -> list[bytes]:
+    def forward(self, body: bytes, chunks: int, decision: Decision, budget: Admitted | None = None) -> list[bytes]:
         """The held answer to the headers, then one answer per body chunk (the last one with the
         rewritten body). In wire form: the target's prebuilt part and what this request adds."""
         target, endpoint = decision.target, decision.endpoint
-        rewritten = rewrite_body(body, target, endpoint)
+        protected = b""
+        if decision.guard is None:
+            rewritten = rewrite_body(body, target, endpoint)
+        else:  # an LLMDataPolicy applies: the prompt is checked (refused, masked, counted) first
+            data, dumps = parse_request(body, endpoint)
+            check = PromptCheck(decision.guard, endpoint, data)
+            for rule, judge in check.pending():
+                check.judged(rule, judge_unasked(judge, check.prompt_text()), self.protection)
+            protected = check.finish(self.protection)
+            rewritten = rewrite_parsed(data, dumps, target, endpoint)
         length = len(rewritten.body)
         headers_answer, prebuilt = answers.prebuilt(target, endpoint)
         parts = [headers_answer, answers.content_length(length)]
@@ -83,7 +95,9 @@ class ExternalProcessor:
             parts.append(answers.more_headers(decision.strip, attempt_headers))
         entries, metadata = answers.decision_metadata(prebuilt, rewritten.model, rewritten.stream, decision.authority)
         if budget is not None:  # the budget charged, for the access log, and the x-ratelimit-* header values
-            metadata = wire.dynamic_metadata(METADATA_NAMESPACE, entries + budget.encoded())
+            entries += budget.encoded()
+        if budget is not None or protected:  # and a data policy's deciding rule and action
+            metadata = wire.dynamic_metadata(METADATA_NAMESPACE, entries + protected)
         parts.append(metadata)
         return answers.body_answers(parts, chunks, rewritten.body)
 
@@ -149,7 +163,7 @@ class Exchange:
         except GatewayError as error:
             response = answers.immediate(error)
             if phase == "request_body" and self._decision is not None:  # counted under its endpoint's operation
-                answers.with_operation(response, self._decision.endpoint.operation)
+                answers.with_operation(response, self._decision.endpoint.operation, error.metadata)
             return [response.SerializeToString()], True
         except Exception:  # never a stack trace to the client, never a request sent unrewritten
             log.exception("ext_proc failed on %s", phase)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from ..dataplane import grpc_h2
 from ..dataplane.accesslog_receiver import AccessLogReceiver
 from ..dataplane.authentication import Authenticator
+from ..dataplane.data_protection import ProtectionMetrics
 from ..dataplane.grpc_h2 import Call, H2Connection
 from ..dataplane.health_check import HealthCheck
 from ..dataplane.processor import ExternalProcessor
@@ -55,7 +56,7 @@ class DataPlane:
         self.server: asyncio.Server | None = None
         attempts = AttemptObserver(self.health, self.metrics.registry, hosts=lambda: self.holder.table.cluster_hosts)
         processor = ExternalProcessor(holder, body_limit=body_limit, budgets=self.budgets, inflight=self.inflight,
-                                      health=self.health)
+                                      health=self.health, protection=ProtectionMetrics(self.metrics.registry))
         retries = RetryRewriter(holder, body_limit)
         receiver = AccessLogReceiver(self.metrics, self.budgets, attempts)
         self.methods: dict[str, Callable[[Caller | None], Call]] = {
