@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .models import BUDGET_API_VERSION, LLMProviderSpec, LLMRouteSpec, LLMTokenRateLimitSpec
+from .models import BUDGET_API_VERSION, LLMDataPolicySpec, LLMProviderSpec, LLMRouteSpec, LLMTokenRateLimitSpec
 
 GROUP = "istio.alibabacloud.com"
 VERSION = "v1beta1"
@@ -125,7 +125,12 @@ def crd_documents() -> list[dict[str, Any]]:
         {"name": "Key", "type": "string", "jsonPath": ".spec.key.header"},
         {"name": "Rules", "type": "string", "jsonPath": ".spec.rules[*].name"},
     ], "llmtrl", BUDGET_GROUP, BUDGET_VERSION)
-    return [provider, route, budget]
+    data_policy = _crd("LLMDataPolicy", "llmdatapolicies", spec_schema(LLMDataPolicySpec), [
+        {"name": "Hosts", "type": "string", "jsonPath": ".spec.hosts"},
+        {"name": "Rules", "type": "string", "jsonPath": ".spec.rules[*].name"},
+        {"name": "Actions", "type": "string", "jsonPath": ".spec.rules[*].action"},
+    ], "llmdp", BUDGET_GROUP, BUDGET_VERSION)
+    return [provider, route, budget, data_policy]
 
 
 def crds_yaml() -> str:

@@ -390,7 +390,7 @@ class JudgeConfig(_Strict):
     host: str = Field(min_length=1, json_schema_extra={"pattern": HOST_PATTERN},
                       description="A route or provider host this gateway serves (an in-cluster model).")
     model: str | None = Field(default=None, min_length=1,
-                              description="The model to ask (default: the provider config's).")
+                              description="The model to ask (unset: the provider config's).")
     timeout: str = Field(default="3s", pattern=DURATION_PATTERN,
                          description="How long the judge has to answer, e.g. 3s.")
     fail_open: bool = Field(default=False, alias="failOpen",
@@ -421,7 +421,7 @@ class DataDetector(_Strict):
         default=None, min_length=1, description="Words found in any case, anywhere in the text.")
     judge: JudgeConfig | None = None
     name: str | None = Field(default=None, pattern=DETECTOR_NAME_PATTERN,
-                             description="The detector's name for regex and keywords (default: regex, keywords): "
+                             description="The detector's name for regex and keywords (unset: regex, keywords): "
                                          "in metrics, errors and its mask placeholder [NAME].")
 
     @field_validator("regex")
@@ -478,7 +478,7 @@ class DataResponses(_Strict):
 
 class LLMDataPolicySpec(_Strict):
     hosts: list[Annotated[str, Field(min_length=1, json_schema_extra={"pattern": HOST_PATTERN})]] | None = Field(
-        default=None, description="Route or provider hosts it applies to (default: every route).")
+        default=None, description="Route or provider hosts it applies to (unset: every route).")
     rules: list[DataRuleSpec] = Field(min_length=1)
     responses: DataResponses | None = None
 

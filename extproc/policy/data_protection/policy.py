@@ -87,7 +87,7 @@ class Guard:
 
     rules: tuple[DataRule, ...]
     scanner: Scanner = field(init=False)
-    _owners: tuple[tuple[int, ...], ...] = field(init=False)  # per pattern: the rules looking for it
+    owners: tuple[tuple[int, ...], ...] = field(init=False)  # per pattern: the rules looking for it
     judged: tuple[int, ...] = field(init=False)  # rules with a judge
 
     def __post_init__(self) -> None:
@@ -103,7 +103,7 @@ class Guard:
                 if r not in owners[index[pattern]]:
                     owners[index[pattern]].append(r)
         object.__setattr__(self, "scanner", Scanner(patterns))
-        object.__setattr__(self, "_owners", tuple(tuple(o) for o in owners))
+        object.__setattr__(self, "owners", tuple(tuple(o) for o in owners))
         object.__setattr__(self, "judged", tuple(r for r, rule in enumerate(self.rules) if rule.judge is not None))
 
     def inspect(self, texts: Sequence[bytes]) -> Verdict:
@@ -115,7 +115,7 @@ class Guard:
         for per_text in found:
             for f in per_text:
                 detector = patterns[f.pattern].detector
-                for r in self._owners[f.pattern]:
+                for r in self.owners[f.pattern]:
                     counts[(r, detector)] = counts.get((r, detector), 0) + 1
         hits = [Hit(r, d, n) for (r, d), n in counts.items()]
         return self._decided(hits, found)
@@ -151,7 +151,7 @@ class Guard:
         """Each text with the values masking rules found replaced by their placeholders; None
         where nothing in it is masked (the text goes on as it was)."""
         patterns = self.scanner.patterns
-        masking = {i for i, owners in enumerate(self._owners)
+        masking = {i for i, owners in enumerate(self.owners)
                    if any(self.rules[r].action is Action.MASK for r in owners)}
         placeholders = [p.placeholder for p in patterns]
         out: list[bytes | None] = []
