@@ -130,8 +130,8 @@ def test_scope_files_apply_to_everyone_kubernetes_to_the_policys_namespace():
             + policy("  rules:\n  - {name: mesh, detectors: [{builtin: secret}], action: block}\n",
                      "mesh-wide", "llm-gateway")
             + policy("  rules:\n  - {name: team, detectors: [{builtin: email}], action: mask}\n", "team-a", "team-a")
-            + policy("  hosts: [api.moonshot.cn]\n  rules:\n  - {name: moon, detectors: [{builtin: ipv4}], action: log}\n",
-                     "moon", "team-b"))
+            + policy("  hosts: [api.moonshot.cn]\n  rules:\n"
+                     "  - {name: moon, detectors: [{builtin: ipv4}], action: log}\n", "moon", "team-b"))
     # files: every policy applies to every caller
     _, _, files = load(text)
     protection = files.table.protection
