@@ -39,6 +39,14 @@ class ProtectionMetrics:
         self.judged = series.Counter(
             "llm_gateway_data_policy_judgements", "A judge's answers: yes, no, garbage, timeout, unavailable",
             ("policy", "rule", "answer"), registry=registry)
+        self._series: dict[tuple[str, ...], series.CounterSeries] = {}  # labelled series, looked up once
+
+    def count(self, family: series.Counter, *labels: str, by: float = 1) -> None:
+        key = (family.name, *labels)
+        found = self._series.get(key)
+        if found is None:
+            found = self._series[key] = family.labels(*labels)
+        found.inc(by)
 
 
 class PromptCheck:
@@ -68,7 +76,7 @@ class PromptCheck:
         assert spec is not None
         if metrics is not None:
             decided = self.guard.rules[rule]
-            metrics.judged.labels(decided.policy, decided.name, judgement.value).inc()
+            metrics.count(metrics.judged, decided.policy, decided.name, judgement.value)
         failed = judgement not in (Judgement.SENSITIVE, Judgement.CLEAN)
         self.verdict = self.guard.judged_by(self.verdict, rule, spec.decides(judgement), failed)
 
@@ -81,11 +89,11 @@ class PromptCheck:
         rules = self.guard.rules
         for hit in verdict.hits:
             rule = rules[hit.rule]
-            metrics.found.labels(rule.policy, rule.name, hit.detector, rule.action.label).inc(hit.times)
+            metrics.count(metrics.found, rule.policy, rule.name, hit.detector, rule.action.label, by=hit.times)
         decided = verdict.rule
         assert decided is not None
         action = verdict.action.label
-        metrics.requests.labels(decided.policy, decided.name, action).inc()
+        metrics.count(metrics.requests, decided.policy, decided.name, action)
         detectors = ",".join(sorted({hit.detector for hit in verdict.hits}))
         entries = (("data_policy", decided.policy), ("data_rule", decided.name), ("data_action", action),
                    ("data_detectors", detectors))

@@ -89,6 +89,7 @@ class Guard:
     scanner: Scanner = field(init=False)
     owners: tuple[tuple[int, ...], ...] = field(init=False)  # per pattern: the rules looking for it
     judged: tuple[int, ...] = field(init=False)  # rules with a judge
+    masking: frozenset[int] = field(init=False)  # patterns a masking rule looks for
 
     def __post_init__(self) -> None:
         patterns: list[Pattern] = []
@@ -105,6 +106,8 @@ class Guard:
         object.__setattr__(self, "scanner", Scanner(patterns))
         object.__setattr__(self, "owners", tuple(tuple(o) for o in owners))
         object.__setattr__(self, "judged", tuple(r for r, rule in enumerate(self.rules) if rule.judge is not None))
+        object.__setattr__(self, "masking", frozenset(i for i, rules in enumerate(owners)
+                                                      if any(self.rules[r].action is Action.MASK for r in rules)))
 
     def inspect(self, texts: Sequence[bytes]) -> Verdict:
         """The verdict of the pattern detectors on the prompt's texts (judges are asked apart)."""
@@ -150,10 +153,8 @@ class Guard:
     def masked_texts(self, texts: Sequence[bytes], verdict: Verdict) -> list[bytes | None]:
         """Each text with the values masking rules found replaced by their placeholders; None
         where nothing in it is masked (the text goes on as it was)."""
-        patterns = self.scanner.patterns
-        masking = {i for i, owners in enumerate(self.owners)
-                   if any(self.rules[r].action is Action.MASK for r in owners)}
-        placeholders = [p.placeholder for p in patterns]
+        masking = self.masking
+        placeholders = [p.placeholder for p in self.scanner.patterns]
         out: list[bytes | None] = []
         for text, per_text in zip(texts, verdict.found, strict=True):
             masks = [f for f in per_text if f.pattern in masking]

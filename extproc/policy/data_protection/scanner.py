@@ -1,10 +1,11 @@
 """Running detectors over text: a whole text (a prompt), or a stream of pieces (an answer).
 
 `Scanner.find` costs one RE2 pass over a text that holds nothing (the common case): all the
-patterns combined into one alternation (RE2 runs it as one automaton). Only where that pass
-finds a candidate does each pattern scan, from the first candidate on. Each pattern's scan is
-linear (RE2) and resumes after its last match (or its extension), and every check is bounded
-by the pattern's `max_len`: bounded work per byte, whatever the text or the patterns.
+patterns combined into one alternation (RE2 runs it as one automaton). Where that pass finds a
+candidate, an RE2 set anchored there says which patterns start at it, and only those are
+matched (anchored), checked and extended: a few steps per value, each bounded by the pattern's
+`max_len` (a value's extension resumes nothing: a pattern's values never overlap). Bounded work
+per byte, whatever the text or the patterns.
 
 `StreamScanner` is the same over a stream: a match may be split across pieces (a card number
 over two events), so it holds back the last `hold` bytes (the longest span any pattern can
@@ -15,12 +16,35 @@ block) keeps being masked as it comes.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import re2
 
 from .detectors import Extension, Pattern, compile_re2, re2_options
+
+
+Spans = Callable[[bytes, int, int], "list[tuple[int, int]] | None"]  # (text, pos, endpos) -> group spans
+
+
+def _spans(compiled: Any, anchored: bool) -> Spans:
+    """A compiled pattern's match as its groups' spans, or None. google-re2's Python wrapper makes
+    a generator and a match object per call (about 1 µs, more than RE2's own match on a short
+    span): its C++ match is called directly where the wrapper exposes it, else the wrapper."""
+    regexp, anchors = getattr(compiled, "_regexp", None), getattr(re2, "_Anchor", None)
+    if regexp is not None and anchors is not None and hasattr(regexp, "Match"):
+        raw, anchor = regexp.Match, anchors.ANCHOR_START if anchored else anchors.UNANCHORED
+
+        def direct(text: bytes, pos: int, endpos: int) -> list[tuple[int, int]] | None:
+            spans: list[tuple[int, int]] = raw(anchor, text, pos, endpos)
+            return None if spans[0][0] < 0 else spans
+        return direct
+    call = compiled.match if anchored else compiled.search
+
+    def wrapped(text: bytes, pos: int, endpos: int) -> list[tuple[int, int]] | None:
+        match = call(text, pos, endpos)
+        return None if match is None else [match.span(g) for g in range(compiled.groups + 1)]
+    return wrapped
 
 
 class Found(NamedTuple):
@@ -35,32 +59,87 @@ class Scanner:
     def __init__(self, patterns: Sequence[Pattern]):
         self.patterns = tuple(patterns)
         self._compiled = [compile_re2(p.regex) for p in self.patterns]
+        self._anchored = [_spans(c, anchored=True) for c in self._compiled]
         self.extents = [_Extent(p.extend) if p.extend is not None else None for p in self.patterns]
         self.hold = max((p.max_len for p in self.patterns), default=0)
-        self._any: Any = None
+        self._any: Any = None  # every pattern in one alternation: where the next value starts
+        self._set: Any = None  # the bounded patterns as an anchored set: which of them start there
+        self._unbounded: tuple[int, ...] = ()  # patterns the set cannot rule out: always tried
+        self._bounded: list[int] = []  # the set's index -> the pattern's
         if len(self.patterns) > 1:
             options = re2_options()
             options.never_capture = True
-            try:  # one pass for all; too big for RE2's memory bound: each pattern scans instead
+            try:  # too big for RE2's memory bound: each pattern scans the text instead
                 self._any = re2.compile("|".join(f"(?:{p.regex})" for p in self.patterns), options)
+                self._next = _spans(self._any, anchored=False)
+                bounded = [i for i, p in enumerate(self.patterns) if p.bounded]
+                if bounded:
+                    self._set = re2.Set.MatchSet(options)
+                    for i in bounded:
+                        if self._set.Add(self.patterns[i].regex) != bounded.index(i):
+                            raise re2.error("set index")
+                    self._set.Compile()
+                    self._bounded = bounded
+                self._unbounded = tuple(i for i, p in enumerate(self.patterns) if not p.bounded)
             except re2.error:
-                self._any = None
+                self._any = self._set = None
 
     def find(self, text: bytes, final: bool = True) -> list[Found]:
-        """Every value in `text`, by pattern, in order of the patterns then of position. Not
-        `final` (a stream): a value that may go on past the text ends where the text does."""
-        begin = 0
-        if self._any is not None:
-            first = self._any.search(text)
-            if first is None:
-                return []
-            begin = first.start()
-        found: list[Found] = []
-        for index, compiled in enumerate(self._compiled):
-            self._scan(index, compiled, text, begin, found, final)
+        """Every value in `text` (in order of where its match starts). Not `final` (a stream): a
+        value that may go on past the text ends where the text does.
+
+        One RE2 pass finds where the next candidate of any pattern starts; there the set says
+        which patterns match (anchored, within `hold` bytes), and only those are matched, checked
+        and extended. A text without values is one pass; each value adds a few bounded steps."""
+        if self._any is None:
+            found: list[Found] = []
+            for index, compiled in enumerate(self._compiled):
+                self._scan(index, compiled, text, 0, found, final)
+            return found
+        found = []
+        covered = [0] * len(self.patterns)  # per pattern: where its last value ended (its values never overlap)
+        search, patterns, anchored, extents = self._next, self.patterns, self._anchored, self.extents
+        limit, pos = len(text), 0
+        while pos <= limit:
+            candidate = search(text, pos, limit)
+            if candidate is None:
+                break
+            start = candidate[0][0]
+            for index in self._starting(text, start):
+                if start < covered[index]:
+                    continue
+                spans = anchored[index](text, start, limit)
+                if spans is None:
+                    continue
+                pattern = patterns[index]
+                value_start, value_end = spans[pattern.group]
+                if value_end <= value_start or (pattern.validate is not None
+                                                and not pattern.validate(text, value_start, value_end)):
+                    continue
+                extent = extents[index]
+                if extent is not None:
+                    value_end = extent.end(text, value_end, final)[0]
+                found.append(Found(value_start, value_end, index))
+                covered[index] = max(spans[0][1], value_end)
+            pos = start + 1
         return found
 
+    def _starting(self, text: bytes, start: int) -> Sequence[int]:
+        """The patterns that may match at `start`: the set's answer on the next `hold` bytes (the
+        bounded patterns cannot reach further), and every unbounded one. An empty answer (RE2's set
+        out of memory, or only unbounded patterns there): all of them."""
+        if self._set is None:
+            return range(len(self.patterns))
+        hits = self._set.Match(text[start:start + self.hold])
+        if not hits:
+            return range(len(self.patterns))
+        bounded = self._bounded
+        if len(hits) == 1 and not self._unbounded:
+            return (bounded[hits[0]],)
+        return sorted([*(bounded[h] for h in hits), *self._unbounded])
+
     def _scan(self, index: int, compiled: Any, text: bytes, pos: int, found: list[Found], final: bool) -> None:
+        """One pattern over the whole text (when the patterns could not be combined)."""
         pattern = self.patterns[index]
         group, validate, extent = pattern.group, pattern.validate, self.extents[index]
         limit = len(text)
