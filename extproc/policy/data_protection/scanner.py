@@ -23,7 +23,6 @@ import re2
 
 from .detectors import Extension, Pattern, compile_re2, re2_options
 
-
 Spans = Callable[[bytes, int, int], "list[tuple[int, int]] | None"]  # (text, pos, endpos) -> group spans
 
 
