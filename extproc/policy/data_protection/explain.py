@@ -40,7 +40,7 @@ def explain(guard: Guard | None, data: dict[str, Any]) -> list[str]:
     lines = [f"data policies ({endpoint.name}, {len(slots)} prompt strings):"]
     for r, rule in enumerate(guard.rules):
         found_here = [f"{detector} x{len(paths)} in {', '.join(dict.fromkeys(paths))}"
-                      for (rr, detector), paths in where.items() if rr == r]
+                      for detector in dict.fromkeys(rule.detectors) if (paths := where.get((r, detector)))]
         what = "; ".join(found_here) or "nothing found"
         lines.append(f"  {rule.policy} rule {rule.name} ({rule.action.label}): {what}")
         if rule.judge is not None:
