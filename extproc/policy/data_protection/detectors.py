@@ -25,6 +25,7 @@ Slack tokens, private key blocks, JWTs, bearer tokens).
 from __future__ import annotations
 
 import datetime
+import functools
 import operator
 import re
 from collections.abc import Callable, Sequence
@@ -104,10 +105,13 @@ def _digits(value: bytes) -> bytes:
     return value.translate(None, _NOT_DIGITS)
 
 
+def _not_followed(chars: bytes, text: bytes, _start: int, end: int) -> bool:
+    return end >= len(text) or text[end] not in chars
+
+
 def _not_followed_by(chars: bytes) -> Validator:
-    def check(text: bytes, _start: int, end: int) -> bool:
-        return end >= len(text) or text[end] not in chars
-    return check
+    """A check that the value is not followed by one of `chars` (picklable: tables go to workers)."""
+    return functools.partial(_not_followed, chars)
 
 
 _DIGITS = b"0123456789"
@@ -146,7 +150,7 @@ def resident_id_checksum(value: bytes) -> bool:
     """The 18th character of a China resident identity number from the first 17 digits."""
     if len(value) != 18 or not value[:17].isdigit():
         return False
-    total = sum(map(operator.mul, value[:17], _ID_WEIGHTS)) - 0x30 * _ID_WEIGHT_SUM
+    total: int = sum(map(operator.mul, value[:17], _ID_WEIGHTS)) - 0x30 * _ID_WEIGHT_SUM
     return _ID_CHECK[total % 11] == value[17:18].upper()[0]
 
 

@@ -39,8 +39,8 @@ def explain(guard: Guard | None, data: dict[str, Any]) -> list[str]:
                 paths.append(slot.path)
     lines = [f"data policies ({endpoint.name}, {len(slots)} prompt strings):"]
     for r, rule in enumerate(guard.rules):
-        found_here = [f"{detector} x{len(paths)} in {', '.join(dict.fromkeys(paths))}"
-                      for detector in dict.fromkeys(rule.detectors) if (paths := where.get((r, detector)))]
+        found_here = [f"{detector} x{len(where[(r, detector)])} in {', '.join(dict.fromkeys(where[(r, detector)]))}"
+                      for detector in dict.fromkeys(rule.detectors) if (r, detector) in where]
         what = "; ".join(found_here) or "nothing found"
         lines.append(f"  {rule.policy} rule {rule.name} ({rule.action.label}): {what}")
         if rule.judge is not None:

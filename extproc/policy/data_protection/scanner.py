@@ -83,6 +83,11 @@ class Scanner:
             except re2.error:
                 self._any = self._set = None
 
+    def __reduce__(self) -> tuple[type[Scanner], tuple[tuple[Pattern, ...]]]:
+        """Pickled as its patterns, compiled again where it is loaded (a worker process gets each
+        routing table pickled; RE2's objects and the direct match functions do not pickle)."""
+        return (Scanner, (self.patterns,))
+
     def find(self, text: bytes, final: bool = True) -> list[Found]:
         """Every value in `text` (in order of where its match starts). Not `final` (a stream): a
         value that may go on past the text ends where the text does.

@@ -173,3 +173,16 @@ def test_a_policy_with_an_error_never_replaces_the_one_in_force(tmp_path):
     assert "spec.rules[1].detectors[1].regex" in str(refused.value)
     guard = applied[0].table.protection.guard("default/dashscope", None)
     assert [p.detector for p in guard.rules[1].patterns][-1] == "acme-ticket"
+
+
+def test_a_table_with_policies_reaches_worker_processes_pickled():
+    """`serve --workers N` hands each worker the routing table pickled: the guards go with it."""
+    import pickle
+
+    _, _, compiled = load(PROVIDERS.replace("NS", "default") + policy(ISSUE_EXAMPLE))
+    table = pickle.loads(pickle.dumps(compiled.table))
+    guard = table.protection.guard("default/dashscope", None)
+    text = b"card 4111 1111 1111 1111, AKIAIOSFODNN7EXAMPLE, ACME-123456"
+    verdict = guard.inspect([text])
+    assert (verdict.action, verdict.rule.name, verdict.detector) == (Action.BLOCK, "credentials", "secret")
+    assert guard.masked_texts([text], verdict) == [b"card [BANK-CARD], AKIAIOSFODNN7EXAMPLE, ACME-123456"]
