@@ -50,21 +50,14 @@ def _exact_dumps(data: object) -> bytes:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def rewrite_body(body: bytes, target: Target, endpoint: Endpoint = CHAT) -> Rewritten:
+def rewrite_body(body: bytes, target: Target, endpoint: Endpoint = CHAT,
+                 inspect: Callable[[dict[str, Any]], None] | None = None) -> Rewritten:
     """The body with `model` from the chosen config (replacing the client's) and `stream` where the
     config sets it; every other field kept as sent. A streamed request also asks for the usage
     event (`stream_options.include_usage`), so its tokens can be counted. Raises GatewayError
-    (400) for a body that is not a request for that endpoint (see `extproc.policy.openai_api`)."""
-    data, dumps = parse_request(body, endpoint)
-    return rewrite_parsed(data, dumps, target, endpoint)
-
-
-Dumps = Callable[[Any], bytes]
-
-
-def parse_request(body: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], Dumps]:
-    """The request body as a JSON object checked for its endpoint, and how to write it back
-    (exactly, where orjson would have lost digits). Raises GatewayError (400) otherwise."""
+    (400) for a body that is not a request for that endpoint (see `extproc.policy.openai_api`).
+    `inspect`: called on the parsed body before it is rewritten (a data policy's check, which may
+    refuse it or mask it in place); None for a route without one, which pays nothing more."""
     try:
         data, dumps = _loads(body)
     except (ValueError, RecursionError) as exc:  # orjson.JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -73,11 +66,8 @@ def parse_request(body: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], Dump
     if not isinstance(data, dict):
         raise GatewayError(400, "request body must be a JSON object", "invalid_body")
     check_body(endpoint, data)
-    return data, dumps
-
-
-def rewrite_parsed(data: dict[str, Any], dumps: Dumps, target: Target, endpoint: Endpoint) -> Rewritten:
-    """`rewrite_body` on a body already parsed and checked (by `parse_request`)."""
+    if inspect is not None:
+        inspect(data)
     if "model" in data and not isinstance(data["model"], str):
         raise GatewayError(400, "'model' must be a string", "invalid_model")
     if "stream" in data and not isinstance(data["stream"], bool):

@@ -33,7 +33,7 @@ from ..policy.passive_health import PassiveHealth
 from ..policy.table import TableHolder
 from ..protocol import DEFAULT_BODY_LIMIT, METADATA_NAMESPACE
 from . import answers
-from .body_rewrite import parse_request, rewrite_body, rewrite_parsed
+from .body_rewrite import Rewritten, rewrite_body
 from .data_protection import PromptCheck, ProtectionMetrics, judge_unasked
 
 log = logging.getLogger(__name__)
@@ -75,16 +75,10 @@ class ExternalProcessor:
         """The held answer to the headers, then one answer per body chunk (the last one with the
         rewritten body). In wire form: the target's prebuilt part and what this request adds."""
         target, endpoint = decision.target, decision.endpoint
-        protected = b""
         if decision.guard is None:
-            rewritten = rewrite_body(body, target, endpoint)
+            rewritten, protected = rewrite_body(body, target, endpoint), None
         else:  # an LLMDataPolicy applies: the prompt is checked (refused, masked, counted) first
-            data, dumps = parse_request(body, endpoint)
-            check = PromptCheck(decision.guard, endpoint, data)
-            for rule, judge in check.pending():
-                check.judged(rule, judge_unasked(judge, check.prompt_text()), self.protection)
-            protected = check.finish(self.protection)
-            rewritten = rewrite_parsed(data, dumps, target, endpoint)
+            rewritten, protected = self._protected(body, decision)
         length = len(rewritten.body)
         headers_answer, prebuilt = answers.prebuilt(target, endpoint)
         parts = [headers_answer, answers.content_length(length)]
@@ -95,11 +89,26 @@ class ExternalProcessor:
             parts.append(answers.more_headers(decision.strip, attempt_headers))
         entries, metadata = answers.decision_metadata(prebuilt, rewritten.model, rewritten.stream, decision.authority)
         if budget is not None:  # the budget charged, for the access log, and the x-ratelimit-* header values
-            entries += budget.encoded()
-        if budget is not None or protected:  # and a data policy's deciding rule and action
+            metadata = wire.dynamic_metadata(METADATA_NAMESPACE, entries + budget.encoded() + (protected or b""))
+        elif protected:  # a data policy's deciding rule and action
             metadata = wire.dynamic_metadata(METADATA_NAMESPACE, entries + protected)
         parts.append(metadata)
         return answers.body_answers(parts, chunks, rewritten.body)
+
+    def _protected(self, body: bytes, decision: Decision) -> tuple[Rewritten, bytes]:
+        """The body rewritten once its prompt passed the decision's data policies (refused: the
+        refusal is raised; masked in place; counted), and their metadata entries for the access log."""
+        guard, endpoint, protected = decision.guard, decision.endpoint, b""
+        assert guard is not None
+
+        def check_prompt(data: dict) -> None:
+            nonlocal protected
+            check = PromptCheck(guard, endpoint, data)
+            for rule, judge in check.pending():  # the seam of the judge (extproc.dataplane.data_protection)
+                check.judged(rule, judge_unasked(judge, check.prompt_text()), self.protection)
+            protected = check.finish(self.protection)
+
+        return rewrite_body(body, decision.target, endpoint, check_prompt), protected
 
 
 class Exchange:
