@@ -26,12 +26,14 @@ from ..policy.gateway_binding import (
 from ..policy.matching import HeaderCondition
 from ..policy.openai_api import base_path, route_bases
 from ..policy.passive_health import DEFAULT_CONSECUTIVE_ERRORS, DEFAULT_COOL_DOWN_S
+from ..policy.pricing import Price, PriceTable, price_per_token
 from ..policy.table import Forward, RetryPolicy, Route, RoutingTable, Rule, Target, host_aliases, normalize_host
 from ..policy.visibility import may_use, visible_to
 from ..protocol import provider_cluster
 from .data_policies import compile_protection
 from .loader import Loaded
 from .models import (
+    LLMPriceTable,
     LLMProvider,
     LLMRoute,
     LLMTokenRateLimit,
@@ -82,6 +84,7 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
             continue
         providers[spec.host] = obj
 
+    prices = compile_prices(objects, providers, problems, home if namespaces else None, namespaces)
     routes: dict[str, Route] = {}
     forwarded: dict[str, Forward] = {}
     used: set[str] = set()  # provider hosts the routes served here send to
@@ -96,7 +99,7 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
             problems.extend(Problem(message, file=obj.file, obj=obj.label, field=path, reason=reason)
                             for path, message, reason in check.errors)
             continue
-        route, route_problems = _compile_route(obj, providers, home if namespaces else None, namespaces)
+        route, route_problems = _compile_route(obj, providers, home if namespaces else None, namespaces, prices)
         if route_problems:
             problems.extend(route_problems)
             continue
@@ -138,9 +141,10 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
                                           *(ref.provider_host for ref in rule.fallback_refs))}:
                 if host in referrers:
                     referrers[host].append(declared)
-    defaults = {host: _default_route(obj, home, namespaces) for host, obj in providers.items()}
+    defaults = {host: _default_route(obj, home, namespaces, prices) for host, obj in providers.items()}
     bindings = {host: provider_binding(referrers[host]) for host in providers}
     accepted.extend(providers.values())
+    accepted.extend(prices.accepted)
     for exact in (True, False):
         for host, obj in providers.items():
             names = host_aliases(host, obj.resource.metadata.namespace)
@@ -163,7 +167,7 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
     health = {host: _health(obj) for host, obj in providers.items()}
     table = RoutingTable(routes=routes, clusters=clusters, version=_version(accepted), forwarded=forwarded,
                          budgets=budgets, health=health, failover_clusters=failover_clusters,
-                         protection=protection)
+                         prices=prices.table, protection=protection)
     return Compiled(table=table, problems=problems, accepted=accepted)
 
 
@@ -195,7 +199,7 @@ def _usable_provider(obj: Loaded, provider_host: str, field: str, providers: dic
 
 
 def _compile_route(obj: Loaded, providers: dict[str, Loaded], home: str | None,
-                   namespaces: bool) -> tuple[Route, list[Problem]]:
+                   namespaces: bool, prices: CompiledPrices) -> tuple[Route, list[Problem]]:
     resource = obj.resource
     assert isinstance(resource, LLMRoute)
     route_name = f"{resource.metadata.namespace}/{resource.metadata.name}"
@@ -210,7 +214,7 @@ def _compile_route(obj: Loaded, providers: dict[str, Loaded], home: str | None,
                                         providers, problems, home, namespaces)
             if provider is None:
                 continue
-            targets.append(_target(route_name, rule_label, rule.name, provider))
+            targets.append(_target(route_name, rule_label, rule.name, provider, prices))
         conditions = tuple(
             tuple(_condition(name, match) for name, match in m.headers.items()) for m in rule.matches
         )
@@ -223,7 +227,7 @@ def _compile_route(obj: Loaded, providers: dict[str, Loaded], home: str | None,
                                         providers, problems, home, namespaces)
             if provider is None:
                 continue
-            fallbacks.append(_target(route_name, rule_label, rule.name, provider))
+            fallbacks.append(_target(route_name, rule_label, rule.name, provider, prices))
         if targets and len(targets) == len(weights) and len(fallbacks) == len(rule.fallback_refs):
             running, cumulative = 0, []
             for w in weights:
@@ -241,15 +245,17 @@ def _compile_route(obj: Loaded, providers: dict[str, Loaded], home: str | None,
                  bases=bases), problems
 
 
-def _default_route(obj: Loaded, home: str | None = None, namespaces: bool = False) -> Route:
+def _default_route(obj: Loaded, home: str | None = None, namespaces: bool = False,
+                   prices: CompiledPrices | None = None) -> Route:
     resource = obj.resource
     name = f"{resource.metadata.namespace}/{resource.metadata.name}"
-    target = _target(name, "default", None, obj)
+    target = _target(name, "default", None, obj, prices)
     return Route(name, (Rule("default", (), (target,), (1,)),), frozenset(), visible=_visible(obj, home, namespaces),
                  bases=route_bases([target]))
 
 
-def _target(route: str, rule_label: str, rule_name: str | None, provider: Loaded) -> Target:
+def _target(route: str, rule_label: str, rule_name: str | None, provider: Loaded,
+            prices: CompiledPrices | None = None) -> Target:
     resource = provider.resource
     assert isinstance(resource, LLMProvider)
     configs = resource.spec.configs
@@ -270,6 +276,7 @@ def _target(route: str, rule_label: str, rule_name: str | None, provider: Loaded
         timeout_s=resource.spec.timeout_s,
         base_path=base_path(resource.spec.path, resource.spec.base_path),
         embedding_model=cfg.embedding_model,
+        prices=prices.table.by_host.get(resource.spec.host, _NO_PRICES) if prices is not None else _NO_PRICES,
     )
 
 
@@ -334,3 +341,53 @@ def compile_budgets(objects: list[Loaded], routes: dict[str, Route], problems: l
         pairs.append((route.name, Budget(name, key_header, tuple(rules), frozenset(watched))))
         accepted.append(obj)
     return BudgetTable.of(pairs)
+
+
+_NO_PRICES: dict[str, Price] = {}  # shared by every target whose provider has no price table
+
+
+@dataclass(frozen=True)
+class CompiledPrices:
+    table: PriceTable
+    accepted: list[Loaded]
+
+
+def compile_prices(objects: list[Loaded], providers: dict[str, Loaded], problems: list[Problem],
+                   home: str | None, namespaces: bool) -> CompiledPrices:
+    """LLMPriceTable objects: one per LLMProvider host, naming a host an LLMProvider serves. With
+    `namespaces` (Kubernetes), a table prices only a provider of its own namespace, or any from
+    the control plane's namespace: a namespace cannot set what another's spending costs."""
+    by_host: dict[str, dict[str, Price]] = {}
+    owner: dict[str, Loaded] = {}
+    accepted: list[Loaded] = []
+    for obj in objects:
+        resource = obj.resource
+        if not isinstance(resource, LLMPriceTable):
+            continue
+        spec, namespace = resource.spec, resource.metadata.namespace
+        provider = providers.get(spec.host)
+        if provider is None:
+            problems.append(Problem(f"no LLMProvider serves host {spec.host!r}", file=obj.file, obj=obj.label,
+                                    field="spec.host", reason="HostNotFound"))
+            continue
+        if namespaces and namespace not in (provider.resource.metadata.namespace, home):
+            problems.append(Problem(f"the LLMProvider of host {spec.host!r} is in namespace "
+                                    f"{provider.resource.metadata.namespace}: a price table applies to a provider of "
+                                    f"its own namespace (or any, from the control plane's)",
+                                    file=obj.file, obj=obj.label, field="spec.host", reason="ProviderNotInNamespace"))
+            continue
+        if spec.host in owner:
+            problems.append(Problem(f"host {spec.host!r} is already priced by {owner[spec.host].label}",
+                                    file=obj.file, obj=obj.label, field="spec.host", reason="HostConflict"))
+            continue
+        name = f"{namespace}/{resource.metadata.name}"
+        models: dict[str, Price] = {}
+        for item in spec.models:
+            input_price = price_per_token(item.input)
+            models[item.model] = Price(spec.currency, input_price, price_per_token(item.output),
+                                       price_per_token(item.cached_input) if item.cached_input is not None
+                                       else input_price, name)
+        owner[spec.host] = obj
+        by_host[spec.host] = models
+        accepted.append(obj)
+    return CompiledPrices(PriceTable(by_host), accepted)

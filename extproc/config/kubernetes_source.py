@@ -32,10 +32,11 @@ log = logging.getLogger(__name__)
 
 SOURCE_LABEL = "kubernetes"
 PLURALS = {"LLMProvider": "llmproviders", "LLMRoute": "llmroutes", "LLMTokenRateLimit": "llmtokenratelimits",
-           "LLMDataPolicy": "llmdatapolicies"}
+           "LLMPriceTable": "llmpricetables", "LLMDataPolicy": "llmdatapolicies"}
 # our own kinds live in our own API group; their CRDs may not be installed (then: none of them)
-API_OF = {"LLMTokenRateLimit": (BUDGET_GROUP, BUDGET_VERSION), "LLMDataPolicy": (BUDGET_GROUP, BUDGET_VERSION)}
-OPTIONAL_KINDS = ("LLMTokenRateLimit", "LLMDataPolicy")
+API_OF = {"LLMTokenRateLimit": (BUDGET_GROUP, BUDGET_VERSION), "LLMPriceTable": (BUDGET_GROUP, BUDGET_VERSION),
+          "LLMDataPolicy": (BUDGET_GROUP, BUDGET_VERSION)}
+OPTIONAL_KINDS = ("LLMTokenRateLimit", "LLMPriceTable", "LLMDataPolicy")
 # kinds whose last accepted version keeps serving while a newer one is invalid: a data policy
 # with an error must not leave the prompts it protected unprotected
 KEEP_LAST_GOOD = ("LLMDataPolicy",)

@@ -26,7 +26,9 @@ from .models import (
     DATA_POLICY_KIND,
     KINDS,
     OWN_KINDS,
+    PRICE_KIND,
     LLMDataPolicy,
+    LLMPriceTable,
     LLMProvider,
     LLMRoute,
     LLMTokenRateLimit,
@@ -42,7 +44,7 @@ except AttributeError:  # pragma: no cover - depends on how PyYAML was built
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
-Resource = LLMProvider | LLMRoute | LLMTokenRateLimit | LLMDataPolicy
+Resource = LLMProvider | LLMRoute | LLMTokenRateLimit | LLMPriceTable | LLMDataPolicy
 
 
 @dataclass(frozen=True)
@@ -130,8 +132,10 @@ def _documents(docs: list[Any]) -> list[tuple[str, Any]]:
     return out
 
 
-MODELS: dict[str, type[LLMProvider] | type[LLMRoute] | type[LLMTokenRateLimit] | type[LLMDataPolicy]] = {
-    "LLMProvider": LLMProvider, "LLMRoute": LLMRoute, BUDGET_KIND: LLMTokenRateLimit, DATA_POLICY_KIND: LLMDataPolicy}
+MODELS: dict[str, type[LLMProvider] | type[LLMRoute] | type[LLMTokenRateLimit] | type[LLMPriceTable]
+             | type[LLMDataPolicy]] = {
+    "LLMProvider": LLMProvider, "LLMRoute": LLMRoute, BUDGET_KIND: LLMTokenRateLimit, PRICE_KIND: LLMPriceTable,
+    DATA_POLICY_KIND: LLMDataPolicy}
 
 
 def parse_object(doc: Any, file: str, number: str, environ: dict[str, str] | None = None,

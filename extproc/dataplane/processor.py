@@ -32,6 +32,7 @@ from ..policy.failover import FAILOVER_BODY_MAX
 from ..policy.passive_health import PassiveHealth
 from ..policy.table import TableHolder
 from ..protocol import DEFAULT_BODY_LIMIT, METADATA_NAMESPACE
+from ..telemetry.trace_context import TRACEPARENT, Sampler, TraceContext
 from . import answers
 from .body_rewrite import Rewritten, rewrite_body
 from .data_protection import PromptCheck, ProtectionMetrics, judge_unasked
@@ -46,8 +47,10 @@ class ExternalProcessor:
     def __init__(self, holder: TableHolder, draw: Callable[[], float] = random.random,
                  clock: Callable[[], float] = time.time, body_limit: int = DEFAULT_BODY_LIMIT,
                  budgets: BudgetGate | None = None, inflight: Inflight | None = None,
-                 health: PassiveHealth | None = None, protection: ProtectionMetrics | None = None):
+                 health: PassiveHealth | None = None, tracing: Sampler | None = None,
+                 protection: ProtectionMetrics | None = None):
         self.holder = holder
+        self.tracing = tracing  # None: no traces (no exporter configured), nothing done per request
         self.budgets = budgets  # token/request budgets (extproc.policy.budget_gate)
         self.draw = draw
         self.clock = clock
@@ -71,7 +74,8 @@ class ExternalProcessor:
         raw: dict[str, bytes] = {h.key: h.raw_value for h in headers_msg.headers.headers}
         return decide(self.holder.table, raw, not headers_msg.end_of_stream, caller, self.draw(), self._cooling)
 
-    def forward(self, body: bytes, chunks: int, decision: Decision, budget: Admitted | None = None) -> list[bytes]:
+    def forward(self, body: bytes, chunks: int, decision: Decision, budget: Admitted | None = None,
+                trace: TraceContext | None = None) -> list[bytes]:
         """The held answer to the headers, then one answer per body chunk (the last one with the
         rewritten body). In wire form: the target's prebuilt part and what this request adds."""
         target, endpoint = decision.target, decision.endpoint
@@ -87,11 +91,20 @@ class ExternalProcessor:
             attempt_headers = ()
         if decision.strip or attempt_headers:
             parts.append(answers.more_headers(decision.strip, attempt_headers))
+        if target.prices:  # the provider has a price table: the model's price, for the request's cost
+            prebuilt = answers.with_price(target, prebuilt, rewritten.model)
         entries, metadata = answers.decision_metadata(prebuilt, rewritten.model, rewritten.stream, decision.authority)
+        more = b""
         if budget is not None:  # the budget charged, for the access log, and the x-ratelimit-* header values
-            metadata = wire.dynamic_metadata(METADATA_NAMESPACE, entries + budget.encoded() + (protected or b""))
-        elif protected:  # a data policy's deciding rule and action
-            metadata = wire.dynamic_metadata(METADATA_NAMESPACE, entries + protected)
+            more = budget.encoded()
+        if trace is not None:  # a sampled request: its provider continues the trace
+            header_part, trace_entries = answers.trace_parts(trace)
+            parts.append(header_part)
+            more += trace_entries
+        if protected:  # a data policy's deciding rule and action
+            more += protected
+        if more:
+            metadata = wire.dynamic_metadata(METADATA_NAMESPACE, entries + more)
         parts.append(metadata)
         return answers.body_answers(parts, chunks, rewritten.body)
 
@@ -116,7 +129,7 @@ class Exchange:
     when its body is whole (or at once with an error). The stream ends as soon as nothing more
     is needed, before Envoy has to cancel it."""
 
-    __slots__ = ("_processor", "_caller", "_decision", "_body", "_chunks", "_budget", "_held")
+    __slots__ = ("_processor", "_caller", "_decision", "_body", "_chunks", "_budget", "_held", "_trace")
 
     def __init__(self, processor: ExternalProcessor, caller: Caller = LOCAL):
         self._processor = processor
@@ -129,6 +142,7 @@ class Exchange:
         self._body = bytearray()
         self._chunks = 0
         self._budget: Admitted | None = None
+        self._trace: TraceContext | None = None
 
     def on_message(self, message: bytes) -> tuple[list[bytes], bool]:
         """The answers this message completes, in wire form (none while the request body is
@@ -153,6 +167,8 @@ class Exchange:
                     self._admit(decision.declared_length, processor)
                 if processor.budgets is not None:
                     self._budget = processor.budgets.admit(decision.target.route, decision.headers)
+                if processor.tracing is not None:
+                    self._trace = processor.tracing.start(decision.headers.get(TRACEPARENT))
                 return [], False  # answered with the body
             if phase == "request_body":
                 held = self._decision
@@ -167,7 +183,7 @@ class Exchange:
                     self._admit(len(self._body), processor)
                 if not chunk.end_of_stream:
                     return [], False
-                return processor.forward(bytes(self._body), self._chunks, held, self._budget), True
+                return processor.forward(bytes(self._body), self._chunks, held, self._budget, self._trace), True
             return [answers.continue_phase(phase).SerializeToString()], False
         except GatewayError as error:
             response = answers.immediate(error)

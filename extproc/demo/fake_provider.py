@@ -8,6 +8,7 @@ Gateway's test upstream is:
   x-fake-echo: 1         the reply is the last message's text as the fake received it (what a policy masked)
   x-fake-delay: 1.5      wait that many seconds before answering
   x-fake-total-tokens: 17  report that many tokens in usage (about half prompt, half completion)
+  x-fake-cached-tokens: 3  report that many of the prompt tokens as cached (prompt_tokens_details)
   x-fake-body-delay: 1   a JSON answer's body sent in four pieces, that many seconds apart
 Besides chat (any path but the two below) it answers `.../embeddings` (vectors derived from
 the input, as floats or base64 as asked) and `.../completions` (the legacy text completion).
@@ -183,11 +184,13 @@ class _Handler(BaseHTTPRequestHandler):
         reply = headers.get("x-fake-reply") or self.fake.reply or f"Hello! I am {model}, served by {self.fake.name}."
         if headers.get("x-fake-echo") == "1":
             reply = _last_text(body) or reply
-        usage = {"prompt_tokens": prompt_tokens(body), "completion_tokens": count_tokens(reply)}
+        usage: dict[str, Any] = {"prompt_tokens": prompt_tokens(body), "completion_tokens": count_tokens(reply)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if "x-fake-total-tokens" in headers:
             total = int(headers["x-fake-total-tokens"])
             usage = {"prompt_tokens": total // 2, "completion_tokens": total - total // 2, "total_tokens": total}
+        if "x-fake-cached-tokens" in headers:
+            usage["prompt_tokens_details"] = {"cached_tokens": int(headers["x-fake-cached-tokens"])}
         if self.path.endswith("/embeddings"):
             return self._embeddings(model, body)
         if body.get("stream") is True:

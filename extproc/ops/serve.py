@@ -53,6 +53,7 @@ class ServeOptions:
     lease_namespace: str | None = None
     lease_name: str = DEFAULT_LEASE_NAME
     lease_duration_s: float = DEFAULT_LEASE_DURATION_S
+    otlp_endpoint: str | None = None  # spans exported here by every process; None: no traces
 
     @property
     def tcp(self) -> bool:
@@ -94,8 +95,9 @@ async def run_serve(opts: ServeOptions) -> int:
     # worker processes share a TCP port (SO_REUSEPORT); local mode's Unix socket has one process
     workers = WorkerSetup(opts.workers if socket_dir is None else 1, opts.max_body_bytes_in_flight, opts.body_limit,
                           opts.log_level, opts.auth_description() if socket_dir is None else None,
-                          (opts.redis_url, opts.redis_fail_closed))
-    plane = DataPlane(workers.holder, opts.body_limit, workers.share, opts.redis_url, opts.redis_fail_closed)
+                          (opts.redis_url, opts.redis_fail_closed), opts.otlp_endpoint)
+    plane = DataPlane(workers.holder, opts.body_limit, workers.share, opts.redis_url, opts.redis_fail_closed,
+                      otlp_endpoint=opts.otlp_endpoint)
     control = ControlPlane(opts.upstream, plane, reuse_port=workers.reuse_port)
     source = config_source(opts.config, opts.kubernetes, opts.namespace, control.apply, key_env=opts.key_env,
                            home=opts.home, view=opts.view)
@@ -106,7 +108,7 @@ async def run_serve(opts: ServeOptions) -> int:
         source.may_write_status = elector.is_leader
     await load_initial(source)
     status = StatusServer(workers.registry(plane.metrics.registry), lambda: control.loaded and not plane.draining,
-                          plane.budgets.degraded_reason)
+                          plane.budgets.degraded_reason, plane.metrics.spend.since)
     try:
         listen = opts.listen or DEFAULT_XDS_LISTEN
         await control.start(listen, opts.ext_proc_listen, authenticator=authenticator, socket_dir=socket_dir)

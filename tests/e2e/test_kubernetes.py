@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from support.helpers import CHAT, REPO, SEED_MANIFESTS, wait_until
+from support.helpers import CHAT, REPO, SEED_MANIFESTS, free_port, wait_until
 
 KUBE_SCRIPT = Path(os.environ.get("KUBE_TEST_SCRIPT", REPO.parent / "shared" / "kube-test-apiserver.sh"))
 KUBE_HOME = Path(os.environ.get("KUBE_TEST_HOME", "/var/cache/kube-test-apiserver"))
@@ -47,19 +47,28 @@ class Kube:
 
 
 @pytest.fixture(scope="module")
-def kube():
+def kube(tmp_path_factory):
+    """An API server of this test run's own: its own run directory (etcd data, pid files) and port, and
+    a kubeconfig of its own naming that port, so that test runs side by side on one machine (several
+    worktrees) never share or stop each other's server. The build and the PKI are shared."""
     assert KUBE_SCRIPT.exists(), f"{KUBE_SCRIPT} is missing (the shared/ folder beside the repository)"
-    started = subprocess.run(["bash", str(KUBE_SCRIPT), "start"], capture_output=True, text=True, timeout=300)
+    run_dir, port = tmp_path_factory.mktemp("kube-run"), free_port()
+    env = {**os.environ, "KUBE_TEST_RUN_DIR": str(run_dir), "KUBE_TEST_APISERVER_PORT": str(port)}
+    started = subprocess.run(["bash", str(KUBE_SCRIPT), "start"], capture_output=True, text=True, timeout=300,
+                             env=env)
     assert started.returncode == 0, \
         f"kube-apiserver did not start (run `{KUBE_SCRIPT} install` once):\n{started.stderr}"
-    kubeconfig = re.search(r"export KUBECONFIG=(\S+)", started.stdout).group(1)
-    k = Kube(kubeconfig)
+    shared = Path(re.search(r"export KUBECONFIG=(\S+)", started.stdout).group(1)).read_text()
+    kubeconfig = run_dir / "kubeconfig"
+    kubeconfig.write_text(re.sub(r"server: https://127\.0\.0\.1:\d+", f"server: https://127.0.0.1:{port}", shared))
+    kubeconfig.chmod(0o600)
+    k = Kube(str(kubeconfig))
     k.apply(REPO / "k8s" / "crds.yaml")
     for crd in ("llmproviders.istio.alibabacloud.com", "llmroutes.istio.alibabacloud.com",
                 "llmtokenratelimits.llm-gateway.dev", "llmdatapolicies.llm-gateway.dev"):
         k.run("wait", "--for", "condition=established", f"crd/{crd}", "--timeout", "60s")
     yield k
-    subprocess.run(["bash", str(KUBE_SCRIPT), "stop"], capture_output=True, timeout=60)
+    subprocess.run(["bash", str(KUBE_SCRIPT), "stop"], capture_output=True, timeout=60, env=env)
 
 
 @pytest.fixture
@@ -366,7 +375,7 @@ def k8s_serve(clean, tmp_path, ca, fresh_providers):
     """`extproc serve --kubernetes` over TCP (TokenReview), as the control plane runs in a cluster."""
     import sys
 
-    from support.helpers import free_port, upstream_args
+    from support.helpers import upstream_args
 
     control, ext_proc = free_port(), free_port()
     home = _namespace(clean, "gw-home", ("envoy",))
@@ -619,7 +628,6 @@ def test_replicas_elect_one_status_writer_and_another_takes_over_when_it_dies(cl
     import signal
     import sys
 
-    from support.helpers import free_port
 
     kube = clean
     lease = f"test-{secrets.token_hex(4)}"
