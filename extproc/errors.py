@@ -32,6 +32,8 @@ class GatewayError(Exception):
     headers: tuple[tuple[str, str], ...] = ()
     # the OpenAI operation a refused request was for, where no decision names it (metrics' label)
     operation: str | None = None
+    # entries of the `llm_gateway` metadata for the access log (a refusing data policy's rule)
+    metadata: tuple[tuple[str, str], ...] = ()
 
     def body(self) -> bytes:
         return error_body(self.status, self.message, self.code, self.kind)

@@ -23,6 +23,7 @@ from ..ops.serve import ServeOptions, run_serve
 from ..ops.startup import StartupError, home_namespace
 from ..ops.up import UpOptions, run_up
 from ..policy.budgets import describe as describe_budgets
+from ..policy.data_protection.explain import explain as explain_protection
 from ..policy.decide import match
 from ..policy.failover import describe_failover
 from ..policy.gateway_binding import forward_of
@@ -180,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--host", required=True, help="the request's host (Host header or URL host)")
     route.add_argument("-H", "--header", action="append", default=[], metavar="NAME:VALUE",
                        help="a request header (repeatable)")
+    route.add_argument("--body", metavar="FILE",
+                       help="a request body (JSON): which LLMDataPolicy rules it would meet, where they find "
+                            "values (never what), and whether it would be refused, masked or logged")
     add_gateway_args(route)
     return parser
 
@@ -278,7 +282,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if compiled is None:
         return 1
     kinds = [obj.resource.kind for obj in compiled.accepted]
-    own = "".join(f", {kinds.count(kind)} {kind}" for kind in ("LLMTokenRateLimit", "LLMPriceTable") if kind in kinds)
+    own = "".join(f", {kinds.count(kind)} {kind}" for kind in ("LLMTokenRateLimit", "LLMPriceTable", "LLMDataPolicy")
+                  if kind in kinds)
     skipped = [p for p in compiled.problems if p.severity == "note"]
     others = ""
     if skipped:  # Kubernetes' and Istio's own objects kept beside the gateway's (the seed's Service)
@@ -319,6 +324,33 @@ def cmd_route(args: argparse.Namespace) -> int:
               f"  model {target.model}{stream}  cluster {target.cluster}")
     print(describe_failover(rule))
     for line in describe_budgets(compiled.table.budgets, route.name, headers):
+        print(line)
+    if args.body is not None:
+        return _explain_body(args.body, compiled.table.protection.guard(route.name, None))
+    return 0
+
+
+def _explain_body(path: str, guard) -> int:
+    """`route --body FILE`: the data policies' verdict on that body (the same guard and steps)."""
+    import orjson
+
+    try:
+        data = orjson.loads(open(path, "rb").read())
+    except OSError as exc:
+        print(f"error: cannot read {path}: {exc.strerror}", file=sys.stderr)
+        return 2
+    except orjson.JSONDecodeError as exc:
+        print(f"error: {path} is not JSON: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(data, dict):
+        print(f"error: {path} is not a JSON object", file=sys.stderr)
+        return 2
+    try:
+        lines = explain_protection(guard, data)
+    except GatewayError as refusal:
+        print(f"error: {path}: {refusal.message}", file=sys.stderr)
+        return 2
+    for line in lines:
         print(line)
     return 0
 

@@ -30,6 +30,7 @@ from ..policy.pricing import Price, PriceTable, price_per_token
 from ..policy.table import Forward, RetryPolicy, Route, RoutingTable, Rule, Target, host_aliases, normalize_host
 from ..policy.visibility import may_use, visible_to
 from ..protocol import provider_cluster
+from .data_policies import compile_protection
 from .loader import Loaded
 from .models import (
     LLMPriceTable,
@@ -159,13 +160,14 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
                         forwarded[name] = forward
 
     budgets = compile_budgets(objects, routes, problems, accepted)
+    protection = compile_protection(objects, routes, problems, accepted, namespaces, home)
     clusters = {host: provider_cluster(host) for host in providers if host in used}
     failover_clusters = {t.provider_host: t.cluster for route in routes.values() for rule in route.rules
                          if rule.failover is not None for order in rule.failover.orders for t in order}
     health = {host: _health(obj) for host, obj in providers.items()}
     table = RoutingTable(routes=routes, clusters=clusters, version=_version(accepted), forwarded=forwarded,
                          budgets=budgets, health=health, failover_clusters=failover_clusters,
-                         prices=prices.table)
+                         prices=prices.table, protection=protection)
     return Compiled(table=table, problems=problems, accepted=accepted)
 
 

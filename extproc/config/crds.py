@@ -12,7 +12,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .models import BUDGET_API_VERSION, LLMPriceTableSpec, LLMProviderSpec, LLMRouteSpec, LLMTokenRateLimitSpec
+from .models import (
+    BUDGET_API_VERSION,
+    LLMDataPolicySpec,
+    LLMPriceTableSpec,
+    LLMProviderSpec,
+    LLMRouteSpec,
+    LLMTokenRateLimitSpec,
+)
 
 GROUP = "istio.alibabacloud.com"
 VERSION = "v1beta1"
@@ -130,7 +137,12 @@ def crd_documents() -> list[dict[str, Any]]:
         {"name": "Currency", "type": "string", "jsonPath": ".spec.currency"},
         {"name": "Models", "type": "string", "jsonPath": ".spec.models[*].model"},
     ], "llmprice", BUDGET_GROUP, BUDGET_VERSION)
-    return [provider, route, budget, prices]
+    data_policy = _crd("LLMDataPolicy", "llmdatapolicies", spec_schema(LLMDataPolicySpec), [
+        {"name": "Hosts", "type": "string", "jsonPath": ".spec.hosts"},
+        {"name": "Rules", "type": "string", "jsonPath": ".spec.rules[*].name"},
+        {"name": "Actions", "type": "string", "jsonPath": ".spec.rules[*].action"},
+    ], "llmdp", BUDGET_GROUP, BUDGET_VERSION)
+    return [provider, route, budget, prices, data_policy]
 
 
 def crds_yaml() -> str:

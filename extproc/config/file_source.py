@@ -18,6 +18,7 @@ from pathlib import Path
 from ..policy.gateway_binding import MESH_VIEW, View
 from .compile import Compiled, compile_config
 from .loader import config_files, load_paths
+from .models import LLMDataPolicySpec
 from .problems import ConfigError, Problem, errors, without_consequences
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,8 @@ def load_config(paths: Sequence[str | Path], environ: dict[str, str] | None = No
     for `extproc validate`)."""
     objects, problems = load_paths(paths, environ)
     compiled = compile_config(objects, view)
-    hosts = {obj.label: obj.resource.spec.host for obj in objects}
+    # each object's own host (a data policy names several, and no route depends on it)
+    hosts = {obj.label: spec.host for obj in objects if not isinstance(spec := obj.resource.spec, LLMDataPolicySpec)}
     problems = problems + without_consequences(problems, compiled.problems, hosts)
     if not objects and all(p.reason != "EmptyDirectory" for p in problems):  # nothing would be served
         problems.append(Problem(f"no LLMProvider, LLMRoute or LLMTokenRateLimit in {', '.join(map(str, paths))}: "

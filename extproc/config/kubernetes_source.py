@@ -32,10 +32,14 @@ log = logging.getLogger(__name__)
 
 SOURCE_LABEL = "kubernetes"
 PLURALS = {"LLMProvider": "llmproviders", "LLMRoute": "llmroutes", "LLMTokenRateLimit": "llmtokenratelimits",
-           "LLMPriceTable": "llmpricetables"}
-# our own kind lives in our own API group; its CRD may not be installed (then: no budgets)
-API_OF = {"LLMTokenRateLimit": (BUDGET_GROUP, BUDGET_VERSION), "LLMPriceTable": (BUDGET_GROUP, BUDGET_VERSION)}
-OPTIONAL_KINDS = ("LLMTokenRateLimit", "LLMPriceTable")
+           "LLMPriceTable": "llmpricetables", "LLMDataPolicy": "llmdatapolicies"}
+# our own kinds live in our own API group; their CRDs may not be installed (then: none of them)
+API_OF = {"LLMTokenRateLimit": (BUDGET_GROUP, BUDGET_VERSION), "LLMPriceTable": (BUDGET_GROUP, BUDGET_VERSION),
+          "LLMDataPolicy": (BUDGET_GROUP, BUDGET_VERSION)}
+OPTIONAL_KINDS = ("LLMTokenRateLimit", "LLMPriceTable", "LLMDataPolicy")
+# kinds whose last accepted version keeps serving while a newer one is invalid: a data policy
+# with an error must not leave the prompts it protected unprotected
+KEEP_LAST_GOOD = ("LLMDataPolicy",)
 WATCH_TIMEOUT_S = 240
 MAX_BACKOFF_S = 30.0
 
@@ -77,6 +81,7 @@ class KubernetesSource:
         self._view = view  # an egress gateway leaves the objects' status to the control plane
         self._lock = threading.Lock()
         self._objects: dict[Key, _Cached] = {}
+        self._last_good: dict[Key, dict[str, Any]] = {}  # KEEP_LAST_GOOD kinds: the last accepted version
         self._secrets: dict[tuple[str, str], dict[str, str] | None] = {}  # referenced ones only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Event | None = None
@@ -97,8 +102,8 @@ class KubernetesSource:
             except Exception as exc:
                 if kind not in OPTIONAL_KINDS or getattr(exc, "status", None) != 404:
                     raise
-                log.warning("no %s CRD in the cluster (kubectl apply -f k8s/crds.yaml): no %s until it is "
-                            "installed", kind, "prices" if kind == "LLMPriceTable" else "budgets")
+                log.warning("no %s CRD in the cluster (kubectl apply -f k8s/crds.yaml): no %s objects until it is "
+                            "installed", kind, kind)
                 self._versions[kind] = ""
         self._secret_version = await asyncio.to_thread(self._list_secrets_version)
         return await self._reconcile()
@@ -191,7 +196,7 @@ class KubernetesSource:
 
     def _on_object(self, kind: str, event: str, obj: dict[str, Any]) -> None:
         obj.setdefault("kind", kind)
-        obj.setdefault("apiVersion", f"{GROUP}/{VERSION}")
+        obj.setdefault("apiVersion", "/".join(API_OF.get(kind, (GROUP, VERSION))))
         key = _key(kind, obj)
         with self._lock:
             before = self._objects.get(key)
@@ -290,9 +295,19 @@ class KubernetesSource:
         environ = dict(os.environ)
         loaded: list[Loaded] = []
         problems: dict[Key, list[Problem]] = {k: [] for k in snapshot}
+        stale: set[Key] = set()  # invalid now, served as last accepted
         for key, raw in sorted(snapshot.items(), key=lambda kv: _creation_order(kv[1])):
             obj, obj_problems = parse_object(raw, SOURCE_LABEL, key[2], environ, self._secret, self._key_env)
             problems[key].extend(obj_problems)
+            last = self._last_good.get(key)
+            if obj is None and last is not None:
+                obj, _ = parse_object(last, SOURCE_LABEL, key[2], environ, self._secret, self._key_env)
+                if obj is not None:
+                    stale.add(key)
+                    generation = (last.get("metadata") or {}).get("generation")
+                    problems[key].append(Problem(
+                        f"this version is not served: the last accepted one (generation {generation}) stays in force "
+                        "until the errors are fixed", obj=f"{key[0]} {key[1]}/{key[2]}", reason="LastGoodKept"))
             if obj is not None:
                 loaded.append(obj)
         compiled = compile_config(loaded, self._view, namespaces=True, home=self._home)
@@ -301,9 +316,14 @@ class KubernetesSource:
             if problem.obj in by_label:
                 problems[by_label[problem.obj]].append(problem)
         accepted = {obj.key for obj in compiled.accepted}
+        for key in [k for k in self._last_good if k not in snapshot]:
+            del self._last_good[key]  # deleted: nothing of it stays
+        for key in accepted - stale:
+            if key[0] in KEEP_LAST_GOOD:
+                self._last_good[key] = snapshot[key]
         verdicts: dict[Key, tuple[bool, list[Problem]]] = {}
         for key, found in problems.items():
-            ok = key in accepted
+            ok = key in accepted and key not in stale
             kept = [p for p in found if (p.severity == "warning") == ok]  # warnings if served, errors if not
             for problem in kept:
                 log.log(logging.WARNING if ok else logging.ERROR, "%s", problem)

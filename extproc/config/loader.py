@@ -29,7 +29,10 @@ from .models import (
     API_VERSION,
     BUDGET_API_VERSION,
     BUDGET_KIND,
+    DATA_POLICY_KIND,
+    OWN_KINDS,
     PRICE_KIND,
+    LLMDataPolicy,
     LLMPriceTable,
     LLMProvider,
     LLMRoute,
@@ -46,7 +49,7 @@ except AttributeError:  # pragma: no cover - depends on how PyYAML was built
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
-Resource = LLMProvider | LLMRoute | LLMTokenRateLimit | LLMPriceTable
+Resource = LLMProvider | LLMRoute | LLMTokenRateLimit | LLMPriceTable | LLMDataPolicy
 
 
 @dataclass(frozen=True)
@@ -143,12 +146,14 @@ def _documents(docs: list[Any]) -> list[tuple[str, Any]]:
     return out
 
 
-MODELS: dict[str, type[LLMProvider] | type[LLMRoute] | type[LLMTokenRateLimit] | type[LLMPriceTable]] = {
-    "LLMProvider": LLMProvider, "LLMRoute": LLMRoute, BUDGET_KIND: LLMTokenRateLimit, PRICE_KIND: LLMPriceTable}
-OWN_KINDS = (BUDGET_KIND, PRICE_KIND)  # our own kinds, in our own API group
+MODELS: dict[str, type[LLMProvider] | type[LLMRoute] | type[LLMTokenRateLimit] | type[LLMPriceTable]
+             | type[LLMDataPolicy]] = {
+    "LLMProvider": LLMProvider, "LLMRoute": LLMRoute, BUDGET_KIND: LLMTokenRateLimit, PRICE_KIND: LLMPriceTable,
+    DATA_POLICY_KIND: LLMDataPolicy}
 API_VERSIONS = {kind: BUDGET_API_VERSION if kind in OWN_KINDS else API_VERSION for kind in MODELS}
 OUR_GROUPS = {version.split("/")[0] for version in API_VERSIONS.values()}
-READS = f"LLMProvider and LLMRoute ({API_VERSION}), LLMTokenRateLimit and LLMPriceTable ({BUDGET_API_VERSION})"
+READS = (f"LLMProvider and LLMRoute ({API_VERSION}), LLMTokenRateLimit, LLMPriceTable and LLMDataPolicy "
+         f"({BUDGET_API_VERSION})")
 # Kinds the gateway knows but does not read from files: why, and what to do instead.
 NOT_FROM_FILES = {("v1", "Secret"): "a Secret is read only with --kubernetes (an LLMProvider's apiKeySecretRef); "
                                     "in files give the key as apiKey: ${VARIABLE}"}

@@ -295,7 +295,7 @@ def _check_host(value: str) -> str:
     return value.lower()
 
 
-def unimplemented_fields(obj: LLMProvider | LLMRoute | LLMTokenRateLimit | LLMPriceTable) -> list[str]:
+def unimplemented_fields(obj: LLMProvider | LLMRoute | LLMTokenRateLimit | LLMPriceTable | LLMDataPolicy) -> list[str]:
     """Paths of fields ASM defines that are accepted but have no effect here yet."""
     if not isinstance(obj, (LLMProvider, LLMRoute)):
         return []
@@ -446,3 +446,130 @@ class LLMPriceTable(BaseModel):
     kind: Literal["LLMPriceTable"]
     metadata: Metadata
     spec: LLMPriceTableSpec
+
+
+# --- LLMDataPolicy: our own kind, in our own API group (what may leave the mesh in a prompt) ---
+
+DATA_POLICY_KIND = "LLMDataPolicy"
+OWN_KINDS = (BUDGET_KIND, PRICE_KIND, DATA_POLICY_KIND)  # in BUDGET_API_VERSION's group
+DETECTOR_NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+
+
+class JudgeConfig(_Strict):
+    """A private model asked whether the prompt holds sensitive data (docs/data-protection.md)."""
+
+    host: str = Field(min_length=1, json_schema_extra={"pattern": HOST_PATTERN},
+                      description="A route or provider host this gateway serves (an in-cluster model).")
+    model: str | None = Field(default=None, min_length=1,
+                              description="The model to ask (unset: the provider config's).")
+    timeout: str = Field(default="3s", pattern=DURATION_PATTERN,
+                         description="How long the judge has to answer, e.g. 3s.")
+    fail_open: bool = Field(default=False, alias="failOpen",
+                            description="On a timeout, an error or an answer that is not YES or NO: true lets the "
+                                        "request through, false applies the rule's action (default false).")
+
+    @field_validator("host")
+    @classmethod
+    def _host_is_a_name(cls, value: str) -> str:
+        return _check_host(value)
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout_positive(cls, value: str) -> str:
+        if parse_duration(value) <= 0:
+            raise ValueError("timeout must be more than zero")
+        return value
+
+
+class DataDetector(_Strict):
+    """One of: a built-in (`builtin`), a pattern (`regex`), words (`keywords`), a judge (`judge`)."""
+
+    builtin: Literal["email", "phone", "china-resident-id", "bank-card", "ipv4", "secret"] | None = Field(
+        default=None, description="A built-in detector: email, phone, china-resident-id, bank-card, ipv4, secret.")
+    regex: str | None = Field(default=None, min_length=1,
+                              description="An RE2 pattern (linear time: no lookaround, no backreferences).")
+    keywords: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        default=None, min_length=1, description="Words found in any case, anywhere in the text.")
+    judge: JudgeConfig | None = None
+    name: str | None = Field(default=None, pattern=DETECTOR_NAME_PATTERN,
+                             description="The detector's name for regex and keywords (unset: regex, keywords): "
+                                         "in metrics, errors and its mask placeholder [NAME].")
+
+    @field_validator("regex")
+    @classmethod
+    def _re2_can_run(cls, value: str | None) -> str | None:
+        from ..policy.data_protection.detectors import check_regex
+
+        if value is not None:
+            problem = check_regex(value)
+            if problem is not None:
+                raise ValueError(problem)
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> DataDetector:
+        given = [k for k in ("builtin", "regex", "keywords", "judge") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("set exactly one of builtin, regex, keywords, judge"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        if self.name is not None and given[0] not in ("regex", "keywords"):
+            raise ValueError(f"name is for regex and keywords detectors (a {given[0]} detector has its own)")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The name it is reported under."""
+        if self.builtin is not None:
+            return self.builtin
+        if self.judge is not None:
+            return "judge"
+        return self.name or ("regex" if self.regex is not None else "keywords")
+
+
+class DataRuleSpec(_Strict):
+    name: str | None = Field(default=None, min_length=1)
+    detectors: list[DataDetector] = Field(min_length=1)
+    action: Literal["block", "mask", "log"] = Field(
+        description="block: refuse with 400 content_policy_violation; mask: replace each value found with its "
+                    "placeholder and forward; log: only count.")
+
+    @model_validator(mode="after")
+    def _judge_cannot_mask(self) -> DataRuleSpec:
+        judges = sum(d.judge is not None for d in self.detectors)
+        if judges > 1:
+            raise ValueError("detectors: one judge per rule")
+        if self.action == "mask" and judges:
+            raise ValueError("a judge finds no text to mask: give a rule with a judge the action block or log")
+        return self
+
+
+class DataResponses(_Strict):
+    check: bool = Field(default=False, description="Also check answers (not implemented yet).")
+
+
+class LLMDataPolicySpec(_Strict):
+    hosts: list[Annotated[str, Field(min_length=1, json_schema_extra={"pattern": HOST_PATTERN})]] | None = Field(
+        default=None, description="Route or provider hosts it applies to (unset: every route).")
+    rules: list[DataRuleSpec] = Field(min_length=1)
+    responses: DataResponses | None = None
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts_are_names(cls, value: list[str] | None) -> list[str] | None:
+        return [_check_host(h) for h in value] if value is not None else None
+
+    @model_validator(mode="after")
+    def _unique_rule_names(self) -> LLMDataPolicySpec:
+        names = [rule.name for rule in self.rules if rule.name]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"rules: rule names must be unique (repeated: {', '.join(dupes)})")
+        return self
+
+
+class LLMDataPolicy(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+    api_version: Literal["llm-gateway.dev/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["LLMDataPolicy"]
+    metadata: Metadata
+    spec: LLMDataPolicySpec

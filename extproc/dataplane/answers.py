@@ -240,11 +240,14 @@ def continue_phase(phase: str | None) -> pb.ProcessingResponse:
     return response
 
 
-def with_operation(response: pb.ProcessingResponse, operation: str, route: str | None = None
-                   ) -> pb.ProcessingResponse:
-    """A refusal's answer, counted under its endpoint's operation and, once decided, its route."""
-    response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.update(
-        {"operation": operation} if route is None else {"operation": operation, "route": route})
+def with_operation(response: pb.ProcessingResponse, operation: str, route: str | None = None,
+                   more: tuple[tuple[str, str], ...] = ()) -> pb.ProcessingResponse:
+    """A refusal's answer, counted under its endpoint's operation and, once decided, its route (with
+    what else the refusal tells the access log: a data policy's rule)."""
+    entries: dict[str, str] = {"operation": operation, **dict(more)}
+    if route is not None:
+        entries["route"] = route
+    response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.update(entries)
     return response
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -51,15 +52,17 @@ def _exact_dumps(data: object) -> bytes:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def rewrite_body(body: bytes, target: Target, endpoint: Endpoint = CHAT, client_stream: bool | None = None
-                 ) -> Rewritten:
+def rewrite_body(body: bytes, target: Target, endpoint: Endpoint = CHAT, client_stream: bool | None = None,
+                 inspect: Callable[[dict[str, Any]], None] | None = None) -> Rewritten:
     """The body with `model` from the chosen config (replacing the client's) and `stream` where the
     config sets it, else `client_stream` where given (a retried attempt: the client's own, which
     the previous attempt's body may no longer hold), else as sent; every other field kept as
     sent. A streamed request also asks for the usage event (`stream_options.include_usage`), so
     its tokens can be counted; a stream turned off drops the `stream_options` a provider refuses
     without one. Raises GatewayError (400) for a body that is not a request for that endpoint
-    (see `extproc.policy.openai_api`)."""
+    (see `extproc.policy.openai_api`). `inspect`: called on the parsed body before it is rewritten
+    (a data policy's check, which may refuse it or mask it in place); None for a route without
+    one, which pays nothing more."""
     try:
         data, dumps = _loads(body)
     except (ValueError, RecursionError) as exc:  # orjson.JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -68,6 +71,8 @@ def rewrite_body(body: bytes, target: Target, endpoint: Endpoint = CHAT, client_
     if not isinstance(data, dict):
         raise GatewayError(400, "request body must be a JSON object", "invalid_body")
     check_body(endpoint, data)
+    if inspect is not None:
+        inspect(data)
     if "model" in data and not isinstance(data["model"], str):
         raise GatewayError(400, "'model' must be a string", "invalid_model")
     if "stream" in data and not isinstance(data["stream"], bool):

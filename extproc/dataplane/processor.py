@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from prometheus_client import CollectorRegistry
 
 from .. import protobuf_wire as wire
 from ..errors import GatewayError, too_large_message
@@ -37,7 +38,8 @@ from ..policy.table import TableHolder
 from ..protocol import DEFAULT_BODY_LIMIT, METADATA_NAMESPACE
 from ..telemetry.trace_context import TRACEPARENT, Sampler, TraceContext
 from . import answers
-from .body_rewrite import rewrite_body
+from .body_rewrite import Rewritten, rewrite_body
+from .data_protection import PromptCheck, ProtectionMetrics, judge_unasked
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,8 @@ class ExternalProcessor:
     def __init__(self, holder: TableHolder, draw: Callable[[], float] = random.random,
                  clock: Callable[[], float] = time.time, body_limit: int = DEFAULT_BODY_LIMIT,
                  budgets: BudgetGate | None = None, inflight: Inflight | None = None,
-                 health: PassiveHealth | None = None, tracing: Sampler | None = None):
+                 health: PassiveHealth | None = None, tracing: Sampler | None = None,
+                 protection: ProtectionMetrics | None = None):
         self.holder = holder
         self.tracing = tracing  # None: no traces (no exporter configured), nothing done per request
         self.budgets = budgets  # token/request budgets (extproc.policy.budget_gate)
@@ -59,6 +62,8 @@ class ExternalProcessor:
         self.inflight = inflight or Inflight()
         self.health = health if health is not None else PassiveHealth()
         self._cooling = lambda: self.health.cooling(self.clock())
+        # LLMDataPolicy's counts (extproc.dataplane.data_protection)
+        self.protection = protection if protection is not None else ProtectionMetrics(CollectorRegistry())
 
     def exchange(self, caller: Caller | None = LOCAL) -> Exchange:
         """A new stream's state, for a verified caller (the HTTP/2 server never opens an ext_proc
@@ -73,13 +78,15 @@ class ExternalProcessor:
         raw: dict[str, bytes] = {h.key: h.raw_value for h in headers_msg.headers.headers}
         return decide(self.holder.table, raw, not headers_msg.end_of_stream, caller, self.draw(), self._cooling)
 
-    @staticmethod
-    def forward(body: bytes, chunks: int, decision: Decision, budget: Admitted | None = None,
+    def forward(self, body: bytes, chunks: int, decision: Decision, budget: Admitted | None = None,
                 trace: TraceContext | None = None) -> list[bytes]:
         """The held answer to the headers, then one answer per body chunk (the last one with the
         rewritten body). In wire form: the target's prebuilt part and what this request adds."""
         target, endpoint = decision.target, decision.endpoint
-        rewritten = rewrite_body(body, target, endpoint)
+        if decision.guard is None:
+            rewritten, protected = rewrite_body(body, target, endpoint), None
+        else:  # an LLMDataPolicy applies: the prompt is checked (refused, masked, counted) first
+            rewritten, protected = self._protected(body, decision)
         length = len(rewritten.body)
         headers_answer, prebuilt = answers.prebuilt(target, endpoint)
         parts = [headers_answer, answers.content_length(length)]
@@ -103,10 +110,27 @@ class ExternalProcessor:
             more += trace_entries
         if plan is not None:  # what the client asked for, for its answer and a retry
             more += answers.plan_entries(plan)
+        if protected:  # a data policy's deciding rule and action
+            more += protected
         if more:
             metadata = wire.dynamic_metadata(METADATA_NAMESPACE, entries + more)
         parts.append(metadata)
         return answers.body_answers(parts, chunks, rewritten.body)
+
+    def _protected(self, body: bytes, decision: Decision) -> tuple[Rewritten, bytes]:
+        """The body rewritten once its prompt passed the decision's data policies (refused: the
+        refusal is raised; masked in place; counted), and their metadata entries for the access log."""
+        guard, endpoint, protected = decision.guard, decision.endpoint, b""
+        assert guard is not None
+
+        def check_prompt(data: dict) -> None:
+            nonlocal protected
+            check = PromptCheck(guard, endpoint, data)
+            for rule, judge in check.pending():  # the seam of the judge (extproc.dataplane.data_protection)
+                check.judged(rule, judge_unasked(judge, check.prompt_text()), self.protection)
+            protected = check.finish(self.protection)
+
+        return rewrite_body(body, decision.target, endpoint, inspect=check_prompt), protected
 
 
 class Exchange:
@@ -174,7 +198,7 @@ class Exchange:
             response = answers.immediate(error)
             held = self._decision
             if held is not None:  # refused once decided (a budget, body memory, the body): its route and endpoint
-                answers.with_operation(response, held.endpoint.operation, held.target.route)
+                answers.with_operation(response, held.endpoint.operation, held.target.route, error.metadata)
             elif error.operation is not None:
                 answers.with_operation(response, error.operation)
             return [response.SerializeToString()], True

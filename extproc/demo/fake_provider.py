@@ -4,7 +4,8 @@ It answers chat completions with the model it was asked for, checks the API key,
 every request (path, headers, body, SNI), and is steered by request headers, as Envoy AI
 Gateway's test upstream is:
   x-fake-status: 429     answer with that status and an OpenAI-style error
-  x-fake-reply: text     the assistant's reply (default: a greeting naming the model)
+  x-fake-reply: text     the assistant's reply (default: the fake's `reply`, else a greeting naming the model)
+  x-fake-echo: 1         the reply is the last message's text as the fake received it (what a policy masked)
   x-fake-delay: 1.5      wait that many seconds before answering
   x-fake-total-tokens: 17  report that many tokens in usage (about half prompt, half completion)
   x-fake-cached-tokens: 3  report that many of the prompt tokens as cached (prompt_tokens_details)
@@ -77,6 +78,8 @@ class FakeProvider:
     host: str = "127.0.0.1"
     port: int = 0
     requests: list[RecordedRequest] = field(default_factory=list)
+    reply: str | None = None  # the reply when a request names none (a judge model's YES or NO)
+    delay_s: float = 0.0  # every answer waits this long (a model that never answers in time)
 
     def start(self) -> FakeProvider:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -122,6 +125,18 @@ class FakeProvider:
             return self._named[failure]
 
 
+def _last_text(body: dict) -> str:
+    """The text of a request's last message (its string, or its content parts' texts), or its prompt."""
+    messages = body.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+        content = messages[-1].get("content")
+        if isinstance(content, list):
+            return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        return str(content or "")
+    prompt = body.get("prompt")
+    return prompt if isinstance(prompt, str) else ""
+
+
 class _QuietServer(ThreadingHTTPServer):
     def handle_error(self, request, client_address) -> None:
         pass  # a client gone mid-answer (a timeout test) is not worth a traceback
@@ -156,8 +171,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif failure.startswith("cut="):
             headers["x-fake-cut"] = failure[len("cut="):]
 
-        if "x-fake-delay" in headers:
-            time.sleep(float(headers["x-fake-delay"]))
+        if "x-fake-delay" in headers or self.fake.delay_s:
+            time.sleep(float(headers.get("x-fake-delay", self.fake.delay_s)))
         if self.fake.api_key and headers.get("authorization") != f"Bearer {self.fake.api_key}":
             return self._error(401, "Incorrect API key provided", "invalid_api_key")
         if "x-fake-status" in headers:
@@ -169,7 +184,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                                "invalid_value")
         model = body.get("model", "")
-        reply = headers.get("x-fake-reply") or f"Hello! I am {model}, served by {self.fake.name}."
+        reply = headers.get("x-fake-reply") or self.fake.reply or f"Hello! I am {model}, served by {self.fake.name}."
+        if headers.get("x-fake-echo") == "1":
+            reply = _last_text(body) or reply
         usage: dict[str, Any] = {"prompt_tokens": prompt_tokens(body), "completion_tokens": count_tokens(reply)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if "x-fake-total-tokens" in headers:

@@ -37,6 +37,11 @@ def prices_dir() -> Path:
     return Path(str(resources.files(__package__) / "prices"))
 
 
+def policies_dir() -> Path:
+    """The demo's own LLMDataPolicy, beside the seed's manifests (which stay as the seed has them)."""
+    return Path(str(resources.files(__package__) / "policies"))
+
+
 def start_fakes(workdir: Path) -> tuple[ThrowawayCA, dict[str, FakeProvider], dict[str, str]]:
     """A CA and one fake per seed provider. Returns them and the key variables to set."""
     ca = ThrowawayCA(workdir / "pki")
@@ -68,6 +73,13 @@ Scenario 2, 50/50 across providers (qwen1.5-72b-chat or moonshot-v1-8k):
 The same without a proxy setting, naming the host in a header:
   curl http://{listen}/ -H 'Host: demo-llm-server' -H 'Content-Type: application/json' --data {body}
 
+Data protection (docs/data-protection.md): a card and an email masked before they leave (the fake
+echoes what it received), a provider key refused with a 400:
+  curl -x {proxy} http://dashscope.aliyuncs.com -H 'x-fake-echo: 1' \\
+    --data '{{"messages": [{{"role": "user", "content": "Card 4111 1111 1111 1111, mail jane@example.com"}}]}}'
+  curl -x {proxy} http://dashscope.aliyuncs.com \\
+    --data '{{"messages": [{{"role": "user", "content": "my key is sk-0123456789abcdef0123456789"}}]}}'
+
 An OpenAI base URL: embeddings, and the model list the gateway answers itself (docs/api.md):
   curl -x {proxy} http://dashscope.aliyuncs.com/compatible-mode/v1/embeddings \\
     -H 'Content-Type: application/json' --data '{{"model": "text-embedding-v3", "input": "Hi"}}'
@@ -89,14 +101,15 @@ async def run_demo(listen: HostPort, admin: HostPort, metrics: HostPort | None,
             resolve={host: HostPort("127.0.0.1", fake.port) for host, fake in fakes.items()},
         )
         access_log = workdir / "access.log"
-        opts = UpOptions(config=[str(manifests_dir()), str(prices_dir()), *(config or [])], listen=listen,
+        opts = UpOptions(config=[str(manifests_dir()), str(prices_dir()), str(policies_dir()), *(config or [])],
+                         listen=listen,
                          admin=admin, upstream=upstream, metrics=metrics, access_log=str(access_log),
                          otlp_endpoint=otlp_endpoint)
 
         def ready() -> None:
             extra = f", then {', '.join(config)}" if config else ""
-            print(f"\nLLM gateway demo is up. Config: {manifests_dir()} (the seed's manifests) and "
-                  f"{prices_dir()} (example prices, not the providers'){extra}")
+            print(f"\nLLM gateway demo is up. Config: {manifests_dir()} (the seed's manifests), "
+                  f"{prices_dir()} (example prices, not the providers') and {policies_dir()} (a data policy){extra}")
             print("Fake providers: " + ", ".join(f"{h} -> 127.0.0.1:{f.port}" for h, f in fakes.items()))
             print("  steered by request headers: x-fake-fail: dashscope:503, x-fake-total-tokens: 17, ... "
                   "(docs/cli.md, the demo's fake providers)")

@@ -45,6 +45,12 @@ ACCESS_LOG_FORMAT = {
     "budget_rule": metadata_value("budget_rule"),
     "budget_key": metadata_value("budget_key"),
     "budget_remaining_tokens": metadata_value("ratelimit_remaining_tokens"),
+    # an LLMDataPolicy's deciding rule and its action (block, mask, log), and the detectors that
+    # found something: names only, never what they found
+    "data_policy": metadata_value("data_policy"),
+    "data_rule": metadata_value("data_rule"),
+    "data_action": metadata_value("data_action"),
+    "data_detectors": metadata_value("data_detectors"),
     "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
     "tried": metadata_value("tried"),
     "status": "%RESPONSE_CODE%",

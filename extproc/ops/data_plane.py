@@ -16,6 +16,7 @@ from ..dataplane import grpc_h2
 from ..dataplane.accesslog_receiver import AccessLogReceiver
 from ..dataplane.answer_exchange import AnswerProcessor
 from ..dataplane.authentication import Authenticator
+from ..dataplane.data_protection import ProtectionMetrics
 from ..dataplane.grpc_h2 import Call, H2Connection
 from ..dataplane.health_check import HealthCheck
 from ..dataplane.processor import ExternalProcessor
@@ -70,7 +71,8 @@ class DataPlane:
         sink = (SpanSink(self.spans.put, gateway_resource(), lambda: self.holder.table.cluster_hosts)
                 if self.spans is not None else None)
         processor = ExternalProcessor(holder, body_limit=body_limit, budgets=self.budgets, inflight=self.inflight,
-                                      health=self.health, tracing=sampler_from_env() if sink is not None else None)
+                                      health=self.health, tracing=sampler_from_env() if sink is not None else None,
+                                      protection=ProtectionMetrics(self.metrics.registry))
         retries = RetryRewriter(holder, body_limit)
         answer = AnswerProcessor(self.inflight)  # answers turned into the client's format
         receiver = AccessLogReceiver(self.metrics, self.budgets, attempts, sink,

@@ -22,6 +22,7 @@ from ..errors import GatewayError
 from ..protocol import INTERNAL_HEADER_PREFIX
 from . import openai_api
 from .caller import Caller
+from .data_protection.policy import Guard
 from .failover import first_attempt
 from .gateway_binding import refusal
 from .openai_api import Endpoint
@@ -49,6 +50,7 @@ class Decision:
     strip: list[str]  # client headers that must not reach Envoy's router or the provider
     attempt_headers: tuple[tuple[str, str], ...]  # a rule with retries: attempt order and retry policy
     declared_length: int | None  # the body's content-length, where the client declared one
+    guard: Guard | None = None  # the LLMDataPolicy rules its prompt is checked against (extproc.policy.data_protection)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,13 +107,15 @@ def decide(table: RoutingTable, headers: dict[str, bytes], has_body: bool, calle
     strip = [key for key in headers if key.startswith(CLIENT_MUST_NOT_SET)]
     length = headers.get("content-length")
     declared = _length(length) if length else None
+    protection = table.protection
+    guard = protection.guard(route.name, caller.namespace) if protection.by_route else None
     if rule.failover is None:
         return Decision(route, rule, rule.pick(draw), endpoint, authority, headers, strip, NO_ATTEMPT_HEADERS,
-                        declared)
+                        declared, guard)
     # a rule with retries: the first provider of the attempt order, and the headers that give
     # Envoy the order and the retry policy (extproc.policy.failover)
     target, attempt_headers = first_attempt(rule.failover, rule.pick_index(draw), cooling())
-    return Decision(route, rule, target, endpoint, authority, headers, strip, attempt_headers, declared)
+    return Decision(route, rule, target, endpoint, authority, headers, strip, attempt_headers, declared, guard)
 
 
 def _length(value: bytes) -> int:

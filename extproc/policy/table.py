@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from .budgets import EMPTY_BUDGETS, BudgetTable
+from .data_protection.policy import EMPTY_PROTECTION, ProtectionTable
 from .matching import Matches, matches_any
 from .pricing import EMPTY_PRICES, Price, PriceTable
 
@@ -145,6 +146,7 @@ class RoutingTable:
     health: Mapping[str, tuple[int, float]] = field(default_factory=dict)  # host -> passive-health thresholds
     failover_clusters: Mapping[str, str] = field(default_factory=dict)  # provider host -> its failover cluster
     prices: PriceTable = EMPTY_PRICES  # LLMPriceTable objects: per provider host, per model
+    protection: ProtectionTable = EMPTY_PROTECTION  # LLMDataPolicy guards by route name and caller namespace
 
     @cached_property  # once per table (not a dataclass field: no part of equality)
     def cluster_hosts(self) -> dict[str, str]:

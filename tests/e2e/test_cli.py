@@ -158,6 +158,14 @@ def test_demo_serves_the_three_scenarios_and_stops_cleanly(tmp_path):
         assert embedded.json()["data"][0]["embedding"] == fake_embedding("Hi"), embedded.body
         listing = gw.request("demo-llm-server", None, method="GET", path="/v1/models").json()
         assert [m["id"] for m in listing["data"]] == ["qwen1.5-72b-chat", "moonshot-v1-8k"]
+        # the data-protection examples it prints: masked (the fake echoes what it got), refused
+        assert "x-fake-echo: 1" in gw.log()
+        echoed = gw.request("dashscope.aliyuncs.com", {"messages": [
+            {"role": "user", "content": "Card 4111 1111 1111 1111, mail jane@example.com"}]}, {"x-fake-echo": "1"})
+        assert echoed.json()["choices"][0]["message"]["content"] == "Card [BANK-CARD], mail [EMAIL]"
+        refused = gw.request("dashscope.aliyuncs.com", {"messages": [
+            {"role": "user", "content": "my key is sk-0123456789abcdef0123456789"}]})
+        assert (refused.status, refused.json()["error"]["code"]) == (400, "content_policy_violation")
         process.send_signal(signal.SIGINT)
         assert process.wait(15) == 0
     finally:

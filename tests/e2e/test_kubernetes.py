@@ -65,7 +65,7 @@ def kube(tmp_path_factory):
     k = Kube(str(kubeconfig))
     k.apply(REPO / "k8s" / "crds.yaml")
     for crd in ("llmproviders.istio.alibabacloud.com", "llmroutes.istio.alibabacloud.com",
-                "llmtokenratelimits.llm-gateway.dev"):
+                "llmtokenratelimits.llm-gateway.dev", "llmdatapolicies.llm-gateway.dev"):
         k.run("wait", "--for", "condition=established", f"crd/{crd}", "--timeout", "60s")
     yield k
     subprocess.run(["bash", str(KUBE_SCRIPT), "stop"], capture_output=True, timeout=60, env=env)
@@ -74,7 +74,8 @@ def kube(tmp_path_factory):
 @pytest.fixture
 def clean(kube):
     yield kube
-    kube.run("delete", "llmroutes,llmproviders,llmtokenratelimits", "--all", "--all-namespaces", "--wait=false",
+    kube.run("delete", "llmroutes,llmproviders,llmtokenratelimits,llmdatapolicies", "--all", "--all-namespaces",
+             "--wait=false",
              check=False)
     kube.run("delete", "secret", "llm-keys", "-n", "default", "--ignore-not-found", check=False)
 
@@ -241,7 +242,10 @@ def test_manifests_apply_and_rbac_is_least_privilege(clean):
               ("create", "serviceaccounts", "token", False),
               ("watch", "llmtokenratelimits.llm-gateway.dev", None, True),
               ("patch", "llmtokenratelimits.llm-gateway.dev", "status", True),
-              ("delete", "llmtokenratelimits.llm-gateway.dev", None, False)]
+              ("delete", "llmtokenratelimits.llm-gateway.dev", None, False),
+              ("watch", "llmdatapolicies.llm-gateway.dev", None, True),
+              ("patch", "llmdatapolicies.llm-gateway.dev", "status", True),
+              ("update", "llmdatapolicies.llm-gateway.dev", None, False)]
     for verb, resource, subresource, allowed in checks:
         args = ["auth", "can-i", verb, resource, "--as", account, "-n", "default"]
         if subresource:
@@ -547,6 +551,74 @@ def test_token_budget_objects_are_watched_with_accepted_conditions(clean, k8s_ga
     condition = kube.condition("llmtokenratelimit", "per-user")
     assert condition["reason"] == "HostNotFound" and "spec.host" in condition["message"]
     wait_until(lambda: "x-ratelimit-limit-tokens" not in gw.request(DASHSCOPE, CHAT, headers).headers, 10, gw.log)
+
+
+DATA_POLICY = """apiVersion: llm-gateway.dev/v1alpha1
+kind: LLMDataPolicy
+metadata: {name: no-secrets-out, namespace: default}
+spec:
+  hosts: [dashscope.aliyuncs.com]
+  rules:
+  - name: cards-and-mail
+    detectors: [{builtin: bank-card}, {builtin: email}]
+    action: ACTION
+  - name: tickets
+    detectors: [{regex: 'REGEX', name: acme-ticket}]
+    action: block
+"""
+
+
+def data_policy(action: str = "mask", regex: str = "ACME-[0-9]{6}", extra: str = "") -> str:
+    return DATA_POLICY.replace("ACTION", action).replace("REGEX", regex) + extra
+
+
+def test_data_policy_objects_are_watched_with_accepted_conditions(clean, k8s_gateway, fresh_providers):
+    kube = clean
+    kube.apply(seed("01"))
+    # the API server refuses what the schema says: an action that does not exist
+    refused = kube.run("apply", "-f", "-", stdin=data_policy(action="delete"), check=False)
+    assert refused.returncode != 0 and "action" in refused.stderr, refused.stderr
+    kube.run("apply", "-f", "-", stdin=data_policy())
+    gw = k8s_gateway()
+    wait_until(lambda: kube.condition("llmdatapolicy", "no-secrets-out").get("status") == "True", 10, gw.log)
+    dashscope = fresh_providers[DASHSCOPE]
+    mail = {"messages": [{"role": "user", "content": "mail jane@example.com"}]}
+
+    def forwarded() -> str:
+        resp = gw.request(DASHSCOPE, mail)
+        assert resp.status == 200, resp.body
+        return dashscope.requests[-1].body["messages"][0]["content"]
+
+    assert forwarded() == "mail [EMAIL]"
+    assert gw.request(DASHSCOPE, {"messages": [{"role": "user", "content": "ACME-123456"}]}).status == 400
+    listing = kube.run("get", "llmdatapolicies").stdout
+    # (kubectl 1.20 shows the first of a column's values)
+    assert re.search(r"no-secrets-out\s+\[\"dashscope.aliyuncs.com\"\]\s+cards-and-mail\s+mask\s+True",
+                     listing), listing
+
+    # a version RE2 cannot run: refused naming the field, and the last accepted one stays in force
+    kube.run("apply", "-f", "-", stdin=data_policy(regex="(?=ACME)[0-9]+"))
+    wait_until(lambda: kube.condition("llmdatapolicy", "no-secrets-out").get("status") == "False", 10, gw.log)
+    condition = kube.condition("llmdatapolicy", "no-secrets-out")
+    assert condition["reason"] == "InvalidSpec", condition
+    assert "spec.rules[1].detectors[0].regex: RE2 cannot run this pattern" in condition["message"]
+    assert "the last accepted one (generation 1) stays in force" in condition["message"]
+    assert forwarded() == "mail [EMAIL]"
+    assert gw.request(DASHSCOPE, {"messages": [{"role": "user", "content": "ACME-123456"}]}).status == 400
+
+    # fixed, with what is accepted but not done yet: a warning in an Accepted=True condition
+    kube.run("apply", "-f", "-", stdin=data_policy(action="log", extra="  responses: {check: true}\n"))
+    wait_until(lambda: kube.condition("llmdatapolicy", "no-secrets-out").get("status") == "True", 10, gw.log)
+    assert "spec.responses.check: accepted but not implemented yet" in \
+        kube.condition("llmdatapolicy", "no-secrets-out")["message"]
+    wait_until(lambda: forwarded() == "mail jane@example.com", 10, gw.log)
+
+    # deleted: nothing of it stays (not even a last accepted version)
+    kube.run("apply", "-f", "-", stdin=data_policy(regex="(?=x)"))
+    wait_until(lambda: kube.condition("llmdatapolicy", "no-secrets-out").get("status") == "False", 10, gw.log)
+    kube.run("delete", "llmdatapolicy", "no-secrets-out")
+    wait_until(lambda: gw.request(DASHSCOPE, {"messages": [{"role": "user", "content": "ACME-123456"}]}).status
+               == 200, 10, gw.log)
 
 
 def test_replicas_elect_one_status_writer_and_another_takes_over_when_it_dies(clean, tmp_path, keys):

@@ -17,3 +17,58 @@ def test_budget_on_route_alias_and_validate_route_commands(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"budget llm/per-user: rule everyone: 40 tokens per 3600s, key {key_hash('alice')} (header x-user-id)" in out
     assert "alice" not in out
+
+
+DATA_POLICY = {"apiVersion": "llm-gateway.dev/v1alpha1", "kind": "LLMDataPolicy",
+               "metadata": {"name": "no-secrets-out", "namespace": "llm"},
+               "spec": {"rules": [
+                   {"name": "cards", "detectors": [{"builtin": "bank-card"}, {"builtin": "email"}], "action": "mask"},
+                   {"name": "credentials", "detectors": [{"builtin": "secret"}], "action": "block"},
+                   {"name": "judged", "detectors": [{"judge": {"host": DASHSCOPE, "failOpen": True}}],
+                    "action": "log"}]}}
+
+
+def test_route_body_tells_which_rules_a_body_meets_never_what_they_found(tmp_path, capsys):
+    import json
+
+    file = write(tmp_path / "c.yaml", provider("dashscope", DASHSCOPE, namespace="llm"), DATA_POLICY)
+    assert main(["validate", str(file)]) == 0
+    assert "1 LLMDataPolicy" in capsys.readouterr().out
+    body = tmp_path / "body.json"
+
+    def route(content) -> tuple[int, str]:
+        body.write_text(json.dumps(content))
+        code = main(["route", "--config", str(file), "--host", DASHSCOPE, "--body", str(body)])
+        return code, capsys.readouterr().out
+
+    code, out = route({"messages": [{"role": "user", "content": "card 4111 1111 1111 1111 mail a@b.io"},
+                                    {"role": "user", "content": [{"type": "text", "text": "c@d.io"}]}]})
+    assert code == 0
+    assert ("llm/no-secrets-out rule cards (mask): bank-card x1 in messages[0].content; email x2 in "
+            "messages[0].content, messages[1].content[0].text") in out
+    assert "llm/no-secrets-out rule credentials (block): nothing found" in out
+    assert f"judge {DASHSCOPE}: asked per request (timeout 3s, failOpen true); not asked by a dry run" in out
+    assert "verdict: mask (rule cards of llm/no-secrets-out)" in out
+    assert "4111" not in out and "a@b.io" not in out
+
+    code, out = route({"model": "m", "input": ["key sk-0123456789abcdef0123456789abcdef"]})
+    assert code == 0 and "data policies (embeddings, 1 prompt strings)" in out
+    assert "verdict: block: the request gets 400 content_policy_violation" in out and "sk-0123" not in out
+
+    code, out = route({"model": "m", "prompt": "hello"})
+    assert code == 0 and "verdict: nothing found: forwarded as it is" in out
+
+    body.write_text("{not json")
+    assert main(["route", "--config", str(file), "--host", DASHSCOPE, "--body", str(body)]) == 2
+    assert "is not JSON" in capsys.readouterr().err
+    body.write_text(json.dumps({"nothing": 1}))
+    assert main(["route", "--config", str(file), "--host", DASHSCOPE, "--body", str(body)]) == 2
+    assert "none of messages (chat), prompt (completions), input (embeddings)" in capsys.readouterr().err
+
+
+def test_route_body_without_a_policy(tmp_path, capsys):
+    file = write(tmp_path / "c.yaml", provider("dashscope", DASHSCOPE, namespace="llm"))
+    body = tmp_path / "body.json"
+    body.write_text('{"messages": [{"role": "user", "content": "hi"}]}')
+    assert main(["route", "--config", str(file), "--host", DASHSCOPE, "--body", str(body)]) == 0
+    assert "data policies: none applies to this route" in capsys.readouterr().out

@@ -49,7 +49,8 @@ def test_printer_columns():
     assert columns == {"LLMProvider": ["Host", "Model", "Accepted", "Age"],
                        "LLMRoute": ["Host", "Rules", "Accepted", "Age"],
                        "LLMTokenRateLimit": ["Host", "Key", "Rules", "Accepted", "Age"],
-                       "LLMPriceTable": ["Host", "Currency", "Models", "Accepted", "Age"]}
+                       "LLMPriceTable": ["Host", "Currency", "Models", "Accepted", "Age"],
+                       "LLMDataPolicy": ["Hosts", "Rules", "Actions", "Accepted", "Age"]}
 
 
 def test_budget_crd_is_in_our_own_group_with_its_checks():
