@@ -124,6 +124,9 @@ async def run_serve(opts: ServeOptions) -> int:
         if opts.metrics is not None:
             await status.start(opts.metrics)
     except OSError as exc:
+        await workers.drain(0)
+        await status.stop()
+        await control.stop()  # the servers it started: none outlives the failed start
         raise StartupError(f"cannot listen: {exc}") from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

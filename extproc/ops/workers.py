@@ -44,6 +44,9 @@ from .malloc import collect_cycles_rarely, keep_body_buffers
 log = logging.getLogger(__name__)
 
 REPLY_TIMEOUT_S = 5.0
+# A worker's first word: a fresh interpreter imports the package and binds the port. Seconds on
+# an idle machine; far more on a loaded one, where giving up would fail the whole `serve`.
+START_TIMEOUT_S = 60.0
 
 
 def default_workers() -> int:
@@ -118,7 +121,7 @@ class WorkerPool:
             workers.append(Worker(process, ours))
         pool = cls(workers)
         for w in workers:
-            reply = pool._reply(w)
+            reply = pool._reply(w, START_TIMEOUT_S)
             if reply != "ready":
                 pool.kill()
                 raise OSError(f"a worker could not start: {reply}")
