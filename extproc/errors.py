@@ -49,6 +49,12 @@ LOCAL_REPLIES = {
 }
 
 
+# Envoy's 503 for a provider cluster without an address: its host name has not resolved (yet).
+# `server_error`: no provider was reached, as for the gateway's own 503s.
+ADDRESS_UNKNOWN = ("provider_address_unknown", "the address of provider %REQ(:AUTHORITY)% is unknown: its host name "
+                   "does not resolve (yet); the gateway keeps asking and serves it as soon as it does")
+
+
 def error_type(status: int) -> str:
     return _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
 

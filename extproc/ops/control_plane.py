@@ -94,7 +94,8 @@ class ControlPlane:
         clusters = {name: provider_cluster(name, host, self.upstream) for host, name in table.clusters.items()}
         clusters.update((name, provider_cluster(name, host, self.upstream, failover=True))
                         for host, name in table.failover_clusters.items())
-        clusters.update(egress_clusters(table))  # the egress gateways sidecars send hosts to
+        # the egress gateways sidecars send hosts to
+        clusters.update(egress_clusters(table, self.upstream.dns_resolver))
         return clusters
 
     async def apply(self, compiled: Compiled) -> None:
