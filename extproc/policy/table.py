@@ -141,6 +141,9 @@ class RoutingTable:
     budgets: BudgetTable = EMPTY_BUDGETS  # LLMTokenRateLimit objects by route name
     health: Mapping[str, tuple[int, float]] = field(default_factory=dict)  # host -> passive-health thresholds
     failover_clusters: Mapping[str, str] = field(default_factory=dict)  # provider host -> its failover cluster
+    # provider hosts whose name does not resolve now (extproc.policy.addresses): failover leaves
+    # them out of attempt orders, as providers cooling down. Set by the control plane, not the config.
+    unresolved: frozenset[str] = frozenset()
 
     @cached_property  # once per table (not a dataclass field: no part of equality)
     def cluster_hosts(self) -> dict[str, str]:
