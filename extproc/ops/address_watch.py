@@ -16,10 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
-
-import dns.asyncresolver
-import dns.exception
-import dns.resolver
+from typing import Any
 
 from ..envoy.addresses import HostPort
 from ..policy.addresses import Change, Lookup, ProviderNames, Resolution
@@ -114,16 +111,21 @@ class ServerResolver:
     A, then AAAA where there is no A record."""
 
     def __init__(self, server: HostPort, timeout_s: float = LOOKUP_TIMEOUT_S, queries: int = SERVER_QUERIES):
+        import dns.asyncresolver  # dnspython loads only when a DNS server is named (--dns-resolver)
+
         resolver = dns.asyncresolver.Resolver(configure=False)
         resolver.nameservers = [server.host]
         resolver.port = server.port
         resolver.lifetime = timeout_s
         resolver.timeout = min(1.0, timeout_s)  # per try: a dropped query is sent again
-        self._resolver = resolver
+        self._resolver: Any = resolver
         self._queries = queries
         self._slots: asyncio.Semaphore | None = None
 
     async def lookup(self, name: str) -> Lookup:
+        import dns.exception
+        import dns.resolver
+
         if self._slots is None:
             self._slots = asyncio.Semaphore(self._queries)
         async with self._slots:
@@ -140,6 +142,8 @@ class ServerResolver:
         return _found(answer)
 
     async def _query(self, name: str, kind: str) -> list[str]:
+        import dns.resolver
+
         try:
             answer = await self._resolver.resolve(name, kind, search=False)
         except dns.resolver.NoAnswer:

@@ -20,6 +20,7 @@ from dataclasses import replace
 import grpc
 from envoy.service.cluster.v3 import cds_pb2_grpc
 from envoy.service.route.v3 import rds_pb2_grpc
+from google.protobuf.message import Message
 
 from ..config.compile import Compiled
 from ..dataplane.authentication import Authenticator, GrpcAuthInterceptor
@@ -51,6 +52,8 @@ class ControlPlane:
         self.clusters = Publisher(CLUSTER_TYPE_URL, "clusters")
         self.routes = Publisher(ROUTE_TYPE_URL, "sidecar routes")
         self.loaded = False  # a config is in force (readiness)
+        self._built: dict[tuple[str, str, bool], dict] = {}  # (name, host, failover) -> cluster
+        self._protos: dict[str, tuple[dict, Message]] = {}  # name -> (cluster, its protobuf)
         self.xds_server: grpc.aio.Server | None = None
         self.port = 0
         self.ext_proc_port = 0
@@ -105,9 +108,18 @@ class ControlPlane:
         if self.xds_server is not None:
             await self.xds_server.stop(grace)
 
+    def _provider_cluster(self, name: str, host: str, failover: bool) -> dict:
+        """A provider's cluster, built once while it is configured (thousands of providers: a
+        reload builds and converts only the new ones)."""
+        key = (name, host, failover)
+        cluster = self._built.get(key)
+        if cluster is None:
+            cluster = self._built[key] = provider_cluster(name, host, self.upstream, failover=failover)
+        return cluster
+
     def _clusters(self, table: RoutingTable) -> dict[str, dict]:
-        clusters = {name: provider_cluster(name, host, self.upstream) for host, name in table.clusters.items()}
-        clusters.update((name, provider_cluster(name, host, self.upstream, failover=True))
+        clusters = {name: self._provider_cluster(name, host, False) for host, name in table.clusters.items()}
+        clusters.update((name, self._provider_cluster(name, host, True))
                         for host, name in table.failover_clusters.items())
         # the egress gateways sidecars send hosts to
         clusters.update(egress_clusters(table, self.upstream.dns_resolver))
@@ -136,6 +148,7 @@ class ControlPlane:
             self._switch(new)
             if union_clusters != new_clusters:
                 await self._publish_clusters(new_clusters)
+            self._forget_clusters(new_clusters)
             if (union_hosts != new_hosts or union_clusters != new_clusters or union_forwarded != new_forwarded
                     or old_limits != new_limits):
                 await self._publish_hosts(new_hosts, list(new_clusters), new_forwarded, new_limits)
@@ -178,7 +191,21 @@ class ControlPlane:
             self.on_addresses({host: lookup for host, lookup in self.addresses.lookups() if lookup is not None})
 
     async def _publish_clusters(self, clusters: dict[str, dict]) -> int:
-        return await self.clusters.publish([to_cluster_proto(c) for c in clusters.values()])
+        return await self.clusters.publish([self._cluster_proto(c) for c in clusters.values()])
+
+    def _cluster_proto(self, cluster: dict) -> Message:
+        """`cluster` as protobuf, converted once per cluster dict (`_provider_cluster` keeps them)."""
+        cached = self._protos.get(cluster["name"])
+        if cached is not None and cached[0] is cluster:
+            return cached[1]
+        proto = to_cluster_proto(cluster)
+        self._protos[cluster["name"]] = (cluster, proto)
+        return proto
+
+    def _forget_clusters(self, keep: dict[str, dict]) -> None:
+        """Built clusters no longer published are dropped."""
+        self._built = {key: c for key, c in self._built.items() if keep.get(key[0]) is c}
+        self._protos = {name: entry for name, entry in self._protos.items() if keep.get(name) is entry[0]}
 
     async def _publish_hosts(self, hosts: set[str], clusters: list[str], forwarded: dict[str, str] | None = None,
                              budget_headers: frozenset[str] = frozenset()) -> int:
