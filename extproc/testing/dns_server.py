@@ -71,6 +71,7 @@ class DnsServer:
         self.silent = {_name(h) for h in self.silent}
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._sock.bind((self.host, self.bind_port))
+        self._sock.settimeout(0.1)  # a closed socket does not wake a thread blocked reading it: look now and then
         self._thread = threading.Thread(target=self._serve, name="dns-server", daemon=True)
         self._thread.start()
         return self
@@ -91,9 +92,11 @@ class DnsServer:
     def _serve(self) -> None:
         sock = self._sock
         assert sock is not None
-        while True:
+        while self._sock is sock:
             try:
                 data, peer = sock.recvfrom(4096)
+            except TimeoutError:
+                continue
             except OSError:
                 return  # closed
             reply = self._reply(data)
