@@ -173,10 +173,13 @@ class ControlPlane:
         return names
 
     def _addresses_changed(self, changes: list[Change]) -> None:
-        """Names that stopped (or started) resolving: said once each, failover told, and the
-        listener (Kubernetes conditions) given every provider's last lookup."""
+        """Names looked up for the first time, or that stopped (or started) resolving: a name
+        that does not resolve said once, failover told, and the listener (Kubernetes
+        conditions) given every provider's last lookup."""
         for change in changes:
             providers = ", ".join(self.addresses.hosts_of(change.name)) or change.name
+            if change.lookup.resolved and change.before is None:
+                continue  # resolves at its first lookup, as nearly every name does: nothing to say
             if change.lookup.resolved:
                 log.info("provider %s: its host name resolves again (%s): serving it", providers,
                          change.lookup.describe(change.name))

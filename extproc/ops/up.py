@@ -158,6 +158,8 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
     control = ControlPlane(opts.upstream, plane)
     source = config_source(opts.config, opts.kubernetes, opts.namespace, control.apply, opts.reload_interval,
                            opts.key_env, opts.home, opts.view)
+    # Kubernetes: whether each provider's name resolves, as its LLMProvider's condition
+    control.on_addresses = getattr(source, "addresses_changed", None)
     ops = StatusServer(plane.metrics.registry, lambda: control.loaded, plane.budgets.degraded_reason)
     workdir = Path(private_dir())  # 0700: the sockets, the bootstrap; removed on exit
     tcp_token = opts.tcp_token

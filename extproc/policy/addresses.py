@@ -67,7 +67,7 @@ class Lookup:
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """A name whose state changed: it stopped resolving (or never did), or it resolves again."""
+    """A name's first verdict, or a changed one: it stopped resolving, or it resolves again."""
 
     name: str
     lookup: Lookup
@@ -124,8 +124,8 @@ class AddressBook:
         return self._queue[0][0] if self._queue else None
 
     def record(self, name: str, lookup: Lookup, now: float) -> Change | None:
-        """A lookup's result; the name is due again later. A Change when the name's verdict
-        changed: it does not resolve (first found, or again after resolving), or resolves again."""
+        """A lookup's result; the name is due again later. A Change at its first verdict and
+        whenever the verdict changes (it stops resolving, or resolves again)."""
         entry = self._entries.get(name)
         if entry is None:
             return None  # forgotten while it was being looked up
@@ -142,9 +142,7 @@ class AddressBook:
             self.unknown = self.unknown - {name} if name in self.unknown else self.unknown
         elif name not in self.unknown:
             self.unknown = self.unknown | {name}
-        if before is None:
-            return None if lookup.resolved else Change(name, lookup, None)
-        if before.resolved != lookup.resolved:
+        if before is None or before.resolved != lookup.resolved:
             return Change(name, lookup, before)
         return None
 

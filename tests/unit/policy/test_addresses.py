@@ -38,11 +38,12 @@ def test_a_name_that_does_not_resolve_is_asked_again_soon_then_less_often(result
         now += wait
 
 
-def test_changes_are_told_when_the_verdict_changes_only():
+def test_changes_are_told_at_the_first_verdict_and_when_it_changes():
     book = AddressBook()
     book.track(["a.test", "b.test"], now=0.0)
     book.due(0.0)
-    assert book.record("b.test", OK, 0.0) is None  # resolves at its first lookup: nothing to say
+    resolves = book.record("b.test", OK, 0.0)
+    assert resolves is not None and resolves.before is None and resolves.lookup == OK  # its first verdict
     first = book.record("a.test", NX, 0.0)
     assert first is not None and first.before is None and first.lookup == NX
     assert book.unknown == {"a.test"}
