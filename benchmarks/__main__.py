@@ -15,6 +15,7 @@ COMMANDS = {
     "soak": ("soak", "main", "scripts/soak [MINUTES]: a steady load with config changes, memory before and after"),
     "auth": ("auth", "main", "how Envoy reaches the control plane: CPU per request of each way (issue 15)"),
     "work": ("work", "main", "the ext_proc's own work per request, in process"),
+    "startup": ("startup", "main", "start and reload with thousands of providers, some never answering DNS (issue 30)"),
     "budget-hook": ("budgets", "hook_main", "the budget hook's CPU per request, in process"),
     "paced-provider": ("streams", "main", "(started by the bench) the streaming benchmark's paced provider"),
     "floor-server": ("floor", "main", "(started by the bench) the floor's ext_proc server"),

@@ -25,6 +25,7 @@ from google.protobuf.message import Message
 from ..config.compile import Compiled
 from ..dataplane.authentication import Authenticator, GrpcAuthInterceptor
 from ..envoy.addresses import HostPort, is_ip
+from ..envoy.cluster_protos import ClusterProtos
 from ..envoy.clusters import PROVIDER_PORT, UpstreamOptions, egress_clusters, provider_cluster, to_cluster_proto
 from ..envoy.routes import any_host_route_configuration, route_configuration, to_route_proto
 from ..envoy.xds import CLUSTER_TYPE_URL, ROUTE_TYPE_URL, ClusterDiscovery, Publisher, RouteDiscovery
@@ -54,6 +55,8 @@ class ControlPlane:
         self.loaded = False  # a config is in force (readiness)
         self._built: dict[tuple[str, str, bool], dict] = {}  # (name, host, failover) -> cluster
         self._protos: dict[str, tuple[dict, Message]] = {}  # name -> (cluster, its protobuf)
+        self._hosts: dict[str, str] = {}  # a built provider cluster's name -> its host
+        self._converter = ClusterProtos()
         self.xds_server: grpc.aio.Server | None = None
         self.port = 0
         self.ext_proc_port = 0
@@ -115,6 +118,7 @@ class ControlPlane:
         cluster = self._built.get(key)
         if cluster is None:
             cluster = self._built[key] = provider_cluster(name, host, self.upstream, failover=failover)
+            self._hosts[name] = host
         return cluster
 
     def _clusters(self, table: RoutingTable) -> dict[str, dict]:
@@ -197,17 +201,21 @@ class ControlPlane:
         return await self.clusters.publish([self._cluster_proto(c) for c in clusters.values()])
 
     def _cluster_proto(self, cluster: dict) -> Message:
-        """`cluster` as protobuf, converted once per cluster dict (`_provider_cluster` keeps them)."""
-        cached = self._protos.get(cluster["name"])
+        """`cluster` as protobuf, converted once per cluster dict (`_provider_cluster` keeps them),
+        a provider's through its kind's template (`extproc.envoy.cluster_protos`)."""
+        name = cluster["name"]
+        cached = self._protos.get(name)
         if cached is not None and cached[0] is cluster:
             return cached[1]
-        proto = to_cluster_proto(cluster)
+        host = self._hosts.get(name)
+        proto = self._converter.convert(cluster, name, host) if host else to_cluster_proto(cluster)
         self._protos[cluster["name"]] = (cluster, proto)
         return proto
 
     def _forget_clusters(self, keep: dict[str, dict]) -> None:
         """Built clusters no longer published are dropped."""
         self._built = {key: c for key, c in self._built.items() if keep.get(key[0]) is c}
+        self._hosts = {key[0]: key[1] for key in self._built}
         self._protos = {name: entry for name, entry in self._protos.items() if keep.get(name) is entry[0]}
 
     async def _publish_hosts(self, hosts: set[str], clusters: list[str], forwarded: dict[str, str] | None = None,

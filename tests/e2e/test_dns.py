@@ -10,8 +10,8 @@ import time
 
 import pytest
 
+from extproc.testing.dns_providers import loopback_provider, provider_docs, write
 from extproc.testing.dns_server import DnsServer
-from support.dns import loopback_provider, provider_docs, write
 from support.helpers import CHAT, seed_dir, wait_until
 
 KEY = "sk-test-dns-" + secrets.token_hex(6)

@@ -605,8 +605,8 @@ def test_a_provider_whose_name_does_not_resolve_says_so_in_its_condition(clean, 
     """`AddressResolved` on each LLMProvider found by DNS (docs/reliability.md#dns): False with
     the reason while its name does not resolve, True once it does; `Accepted` stays True, and the
     provider at a fixed address (--resolve) gets none."""
+    from extproc.testing.dns_providers import provider_docs
     from extproc.testing.dns_server import DnsServer
-    from support.dns import provider_docs
 
     kube = clean
     with DnsServer() as dns:

@@ -1,4 +1,4 @@
-"""Providers found by DNS in tests: a local DNS server (`extproc.testing.dns_server`) that
+"""Providers found by DNS, for tests and benches: a local DNS server (`extproc.testing.dns_server`) that
 `extproc up --dns-resolver` points Envoy and the gateway at, and HTTPS fake providers on port
 443 of a loopback address of their own (127.x.y.z), as a real provider is reached at its
 name's address on 443. Port 443 needs root, as the tests run (network namespaces need it too)."""
