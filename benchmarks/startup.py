@@ -7,8 +7,10 @@ Three parts, each printed as a table:
    a reload of thousands of providers redoes);
 2. `extproc up` with N providers found by a local DNS server (`--dns-resolver`), all of them
    resolvable, then with a tenth that never answer: the time to ready and where it goes (log
-   timestamps: config published, Envoy started, Envoy has the clusters, the routes, ready),
-   then a resolvable provider must answer and a silent one must get its 503;
+   timestamps: config published, Envoy started, Envoy asks for the clusters, then for the
+   routes once it has set the clusters up, ready) and the CPU seconds each process used until
+   then (which, unlike times, hold up on a busy machine); then a resolvable provider must
+   answer and a silent one must get its 503;
 3. a reload that adds N providers (a tenth silent) at once to a running gateway serving one
    provider: the time until the new table is in force, until a new provider answers, and the
    requests to the old provider that failed meanwhile (sent one after the other throughout).
@@ -133,6 +135,13 @@ class Gateway:
                     found[label] = when - self.started
         return found
 
+    def cpu(self) -> tuple[float, float]:
+        """CPU seconds so far of the control plane (this process) and of Envoy (its descendants)."""
+        from .measure import cpu_seconds, process_tree
+
+        own = cpu_seconds(self.process.pid)
+        return own, sum(cpu_seconds(pid) for pid in process_tree(self.process.pid)[1:])
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -205,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             print(f"\n2. `extproc up` with {n} providers found by DNS "
                   f"({'the throwaway CA only' if args.small_ca else 'the system CA bundle'}; seconds from start)")
-            print(f"   {'providers':28s} {'ready':>6s}  " + "  ".join(f"{label:>14s}" for label, _ in STEPS[:-1]))
+            print(f"   {'providers':26s} {'ready':>6s}" + "".join(f"{label:>15s}" for label, _ in STEPS[:-1])
+                  + f"{'CPU: python':>13s}{'envoy':>7s}")
             for never in (set(), silent):
                 for host in hosts:
                     if host in never:
@@ -217,10 +227,12 @@ def main(argv: list[str] | None = None) -> int:
                 (config / "providers.yaml").write_text(provider_docs(hosts, KEY))
                 gw, ready = start_up(config, ca_file, dns.address, work)
                 try:
+                    python_cpu, envoy_cpu = gw.cpu()
                     steps = gw.steps()
                     label = "all resolvable" if not never else f"{len(never)} never answering"
-                    print(f"   {label:28s} {ready:6.2f}  " + "  ".join(
-                        f"{steps.get(step, float('nan')):14.2f}" for step, _ in STEPS[:-1]))
+                    print(f"   {label:26s} {ready:6.2f}" + "".join(
+                        f"{steps.get(step, float('nan')):15.2f}" for step, _ in STEPS[:-1])
+                        + f"{python_cpu:13.2f}{envoy_cpu:7.2f}")
                     good = next(h for h in hosts if h not in never)
                     status, body = gw.request(good)
                     assert status == 200, (good, status, body[:300])
@@ -278,7 +290,9 @@ def reload(work: Path, ca_file: str, dns, address: str, hosts: list[str], silent
         failed = sum(1 for status in during if status != 200)
         print(f"   new table in force after {in_force:.2f}s (the file source looks every second), "
               f"a new provider served after {serving:.2f}s;")
-        print(f"   requests to the old provider meanwhile: {len(during)}, failed: {failed}")
+        print(f"   requests to the old provider meanwhile: {len(during)}, failed: {failed}"
+              + ("; Envoy answered the new clusters late (see the log)" if "not every Envoy answered" in gw.log()
+                 else ""))
     finally:
         stop.set()
         gw.stop()

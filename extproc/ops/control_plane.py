@@ -40,6 +40,7 @@ from .data_plane import DataPlane
 log = logging.getLogger(__name__)
 
 ACK_TIMEOUT_S = 5.0
+ACK_S_PER_NEW_CLUSTER = 0.005  # and this much longer per cluster a change adds
 
 
 class ControlPlane:
@@ -145,10 +146,13 @@ class ControlPlane:
                         # while a change rolls out, the x-ratelimit-* headers for both tables
                         await self._publish_hosts(union_hosts, list(union_clusters), union_forwarded,
                                                   old_limits | new_limits))
+            # Envoy answers once it has built the new clusters: about 2 ms each (most of it parsing
+            # the CA bundle), so thousands of new providers take seconds
+            wait_s = ACK_TIMEOUT_S + ACK_S_PER_NEW_CLUSTER * len(new_clusters.keys() - old_clusters.keys())
             for publisher, version in zip((self.clusters, self.routes), versions, strict=True):
-                if not await publisher.wait_answered(version, ACK_TIMEOUT_S):
+                if not await publisher.wait_answered(version, wait_s):
                     log.warning("not every Envoy answered %s version %d within %.0fs", publisher.type_url, version,
-                                ACK_TIMEOUT_S)
+                                wait_s)
             self._switch(new)
             if union_clusters != new_clusters:
                 await self._publish_clusters(new_clusters)
