@@ -14,7 +14,7 @@ from ..ops.startup import StartupError
 from ..policy.body_memory import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
 from ..policy.gateway_binding import MESH_VIEW, View, default_address, parse_gateway_name
 from ..protocol import DEFAULT_BODY_LIMIT
-from .argtypes import host_port, key_env, optional_host_port, resolve, seconds, size
+from .argtypes import host_port, ip_port, key_env, optional_host_port, resolve, seconds, size
 
 
 def add_upstream_args(p: argparse.ArgumentParser) -> None:
@@ -22,7 +22,7 @@ def add_upstream_args(p: argparse.ArgumentParser) -> None:
                    help="reach provider HOST at ADDR:PORT, keeping SNI and certificate checks for HOST (repeatable)")
     p.add_argument("--upstream-ca", default=SYSTEM_CA_BUNDLE, metavar="FILE",
                    help=f"CA bundle that provider certificates must chain to (default: {SYSTEM_CA_BUNDLE})")
-    p.add_argument("--dns-resolver", type=host_port, default=None, metavar="HOST:PORT",
+    p.add_argument("--dns-resolver", type=ip_port, default=None, metavar="IP:PORT",
                    help="resolve provider names with this DNS server only (default: the system resolver)")
 
 

@@ -17,3 +17,17 @@ def test_budget_on_route_alias_and_validate_route_commands(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"budget llm/per-user: rule everyone: 40 tokens per 3600s, key {key_hash('alice')} (header x-user-id)" in out
     assert "alice" not in out
+
+
+def test_dns_resolver_takes_an_ip_address():
+    import argparse
+
+    import pytest
+
+    from extproc.cli.argtypes import ip_port
+    from extproc.envoy.addresses import HostPort
+
+    assert ip_port("127.0.0.1:5353") == HostPort("127.0.0.1", 5353)
+    assert ip_port("[::1]:53") == HostPort("::1", 53)
+    with pytest.raises(argparse.ArgumentTypeError, match="an IP address, not a name"):
+        ip_port("dns.example.com:53")
