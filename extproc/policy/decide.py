@@ -112,7 +112,7 @@ def decide(table: RoutingTable, headers: dict[str, bytes], has_body: bool, calle
     # Envoy the order and the retry policy (extproc.policy.failover)
     skipped: Mapping[str, float] | Set[str] = cooling()
     if table.unresolved:  # names that do not resolve: Envoy would answer 503 without trying the next
-        skipped = table.unresolved.union(skipped)
+        skipped = table.unresolved.union(skipped) if skipped else table.unresolved
     target, attempt_headers = first_attempt(rule.failover, rule.pick_index(draw), skipped)
     return Decision(route, rule, target, endpoint, authority, headers, strip, attempt_headers, declared)
 

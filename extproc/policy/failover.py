@@ -64,7 +64,9 @@ def first_attempt(failover: Failover, picked: int, cooling: Mapping[str, float] 
                   ) -> tuple[Target, tuple[tuple[str, str], ...]]:
     """The first target of a request with retries and its headers (attempt order, retry policy),
     worked out once per weighted pick and set of providers cooling down, and kept on the rule."""
-    key = (picked, tuple(sorted(cooling)) if cooling else ())
+    # the table's own set of unresolved providers is the same object request after request: a
+    # key as it is (its hash is kept); a cooling-down dict is new each time: its sorted hosts
+    key = (picked, cooling if isinstance(cooling, frozenset) else tuple(sorted(cooling)) if cooling else ())
     cached = failover.cache.get(key)
     if cached is None:
         order = attempt_order(failover, picked, cooling)

@@ -80,7 +80,7 @@ class Failover:
     policy: RetryPolicy
     orders: tuple[tuple[Target, ...], ...]  # by index of the weighted pick
     # the first attempt per (pick, providers cooling down), worked out once (extproc.policy.failover)
-    cache: dict[tuple[int, tuple[str, ...]], tuple[Target, tuple[tuple[str, str], ...]]] = field(
+    cache: dict[tuple[int, tuple[str, ...] | frozenset[str]], tuple[Target, tuple[tuple[str, str], ...]]] = field(
         default_factory=dict, compare=False, hash=False, repr=False)
 
 
