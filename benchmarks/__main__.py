@@ -15,6 +15,7 @@ COMMANDS = {
     "soak": ("soak", "main", "scripts/soak [MINUTES]: a steady load with config changes, memory before and after"),
     "auth": ("auth", "main", "how Envoy reaches the control plane: CPU per request of each way (issue 15)"),
     "work": ("work", "main", "the ext_proc's own work per request, in process"),
+    "startup": ("startup", "main", "start and reload with thousands of providers, some never answering DNS (issue 30)"),
     "budget-hook": ("budgets", "hook_main", "the budget hook's CPU per request, in process"),
     "data-protection": ("data_protection", "main", "LLMDataPolicy's CPU per request on a 4 KiB prompt, in process"),
     "dashboard": ("dashboard", "main", "docs/images/dashboard.png: the dashboard's panels from a real run's /metrics"),

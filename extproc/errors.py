@@ -56,6 +56,10 @@ LOCAL_REPLIES = {
 def too_large_message(limit: int) -> str:
     """A 413's words, the ext_proc's and Envoy's alike: the limit, and the flag that sets it."""
     return f"{LOCAL_REPLIES[413][1]}: its limit is {limit} bytes (set with --body-limit)"
+# Envoy's 503 for a provider cluster without an address: its host name has not resolved (yet).
+# `server_error`: no provider was reached, as for the gateway's own 503s.
+ADDRESS_UNKNOWN = ("provider_address_unknown", "the address of provider %REQ(:AUTHORITY)% is unknown: its host name "
+                   "does not resolve (yet); the gateway keeps asking and serves it as soon as it does")
 
 
 def error_type(status: int) -> str:

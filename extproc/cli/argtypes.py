@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..envoy.addresses import HostPort
+from ..envoy.addresses import HostPort, is_ip
 
 
 def host_port(text: str) -> HostPort:
@@ -20,6 +20,14 @@ def resolve(text: str) -> tuple[str, HostPort]:
     if not sep or not host:
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST=ADDR:PORT")
     return host.lower(), host_port(target)
+
+
+def ip_port(text: str) -> HostPort:
+    """IP:PORT: an address that needs no name resolved to reach (a DNS server's)."""
+    address = host_port(text)
+    if not is_ip(address.host):
+        raise argparse.ArgumentTypeError(f"{text!r} is not IP:PORT (an IP address, not a name)")
+    return address
 
 
 def optional_host_port(text: str) -> HostPort | None:

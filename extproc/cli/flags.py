@@ -14,7 +14,7 @@ from ..ops.startup import StartupError
 from ..policy.body_memory import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
 from ..policy.gateway_binding import MESH_VIEW, View, default_address, parse_gateway_name
 from ..protocol import DEFAULT_BODY_LIMIT
-from .argtypes import host_port, key_env, optional_host_port, resolve, seconds, size
+from .argtypes import host_port, ip_port, key_env, optional_host_port, resolve, seconds, size
 
 
 def add_upstream_args(p: argparse.ArgumentParser) -> None:
@@ -22,6 +22,8 @@ def add_upstream_args(p: argparse.ArgumentParser) -> None:
                    help="reach provider HOST at ADDR:PORT, keeping SNI and certificate checks for HOST (repeatable)")
     p.add_argument("--upstream-ca", default=SYSTEM_CA_BUNDLE, metavar="FILE",
                    help=f"CA bundle that provider certificates must chain to (default: {SYSTEM_CA_BUNDLE})")
+    p.add_argument("--dns-resolver", type=ip_port, default=None, metavar="IP:PORT",
+                   help="resolve provider names with this DNS server only (default: the system resolver)")
 
 
 def add_source_args(p: argparse.ArgumentParser) -> None:
@@ -65,7 +67,7 @@ def add_redis_args(p: argparse.ArgumentParser) -> None:
 
 
 def upstream_options(args: argparse.Namespace) -> UpstreamOptions:
-    return UpstreamOptions(ca_file=args.upstream_ca, resolve=dict(args.resolve),
+    return UpstreamOptions(ca_file=args.upstream_ca, resolve=dict(args.resolve), dns_resolver=args.dns_resolver,
                            body_limit=getattr(args, "body_limit", DEFAULT_BODY_LIMIT))
 
 

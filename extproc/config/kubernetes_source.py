@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..policy.addresses import Lookup
 from ..policy.gateway_binding import MESH_VIEW, View
 from .compile import Compiled, compile_config
 from .crds import BUDGET_GROUP, BUDGET_VERSION, GROUP, VERSION
@@ -40,6 +41,7 @@ OPTIONAL_KINDS = ("LLMTokenRateLimit", "LLMPriceTable", "LLMDataPolicy")
 # kinds whose last accepted version keeps serving while a newer one is invalid: a data policy
 # with an error must not leave the prompts it protected unprotected
 KEEP_LAST_GOOD = ("LLMDataPolicy",)
+ADDRESS_CONDITION = "AddressResolved"  # an LLMProvider's: does its host name resolve (extproc.policy.addresses)
 WATCH_TIMEOUT_S = 240
 MAX_BACKOFF_S = 30.0
 
@@ -90,6 +92,10 @@ class KubernetesSource:
         self._secret_version = ""
         # replicas: only the elected leader writes status (see extproc.ops.leader); one process always may
         self.may_write_status: Callable[[], bool] = lambda: True
+        self._verdicts: dict[Key, tuple[bool, list[Problem]]] = {}  # of the last rebuild
+        self._addresses: dict[str, Lookup] = {}  # provider host -> its name's last lookup
+        self._status_lock = threading.Lock()
+        self._writes: set[asyncio.Future[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -280,6 +286,7 @@ class KubernetesSource:
 
     async def _reconcile(self) -> Compiled:
         compiled, verdicts = await asyncio.to_thread(self._compile)
+        self._verdicts = verdicts
         await self._apply(compiled)
         if self._view.is_mesh and self.may_write_status():  # a gateway leaves status to the control plane
             await asyncio.to_thread(self._write_statuses, verdicts)
@@ -330,42 +337,83 @@ class KubernetesSource:
             verdicts[key] = (ok, kept)
         return compiled, verdicts
 
+    def addresses_changed(self, lookups: dict[str, Lookup]) -> None:
+        """Whether each provider's host name resolves (`extproc.policy.addresses`), told by the
+        control plane when one changes: written as the LLMProviders' `AddressResolved` condition."""
+        self._addresses = dict(lookups)
+        if self._view.is_mesh and self.may_write_status() and self._verdicts:
+            task = asyncio.ensure_future(asyncio.to_thread(self._write_statuses, self._verdicts))
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
+
     def _write_statuses(self, verdicts: dict[Key, tuple[bool, list[Problem]]]) -> None:
-        """Each object's `Accepted` condition, written only when it changed."""
+        """Each object's `Accepted` condition (and an LLMProvider's `AddressResolved`), written
+        only when one changed."""
         from kubernetes.client.exceptions import ApiException
 
         with self._lock:
             snapshot = {k: v.raw for k, v in self._objects.items()}
-        for key, (accepted, found) in verdicts.items():
-            raw = snapshot.get(key)
-            if raw is None:
-                continue
-            generation = (raw.get("metadata") or {}).get("generation")
-            if accepted:
-                reason = "Accepted"
-                message = "served by the gateway"
-                if found:
-                    message += "; " + "; ".join(f"{p.field}: {p.message}" for p in found)
-            else:
-                reason = found[0].reason if found else "Invalid"
-                message = "; ".join(f"{p.field}: {p.message}" if p.field else p.message for p in found) or "not served"
-            condition = {"type": "Accepted", "status": "True" if accepted else "False", "reason": reason,
-                         "message": message[:1000], "observedGeneration": generation}
-            conditions = (raw.get("status") or {}).get("conditions") or []
-            current = next((c for c in conditions if c.get("type") == "Accepted"), None)
-            if current is not None and all(current.get(k) == v for k, v in condition.items()):
-                continue
-            condition["lastTransitionTime"] = (current or {}).get("lastTransitionTime") if (
-                current and current.get("status") == condition["status"]) else _now()
-            kind, namespace, name = key
-            try:
-                self._custom.patch_namespaced_custom_object_status(
-                    *API_OF.get(kind, (GROUP, VERSION)), namespace, PLURALS[kind], name,
-                    {"status": {"conditions": [condition]}})
-                log.info("status of %s %s/%s: Accepted=%s", kind, namespace, name, condition["status"])
-            except ApiException as exc:
-                if exc.status != 404:  # deleted meanwhile
-                    log.warning("cannot write the status of %s %s/%s: %s", kind, namespace, name, _short(exc))
+        with self._status_lock:  # a rebuild and an address change may both write
+            for key, (accepted, found) in verdicts.items():
+                raw = snapshot.get(key)
+                if raw is None:
+                    continue
+                generation = (raw.get("metadata") or {}).get("generation")
+                wanted = [_accepted_condition(accepted, found)]
+                if key[0] == "LLMProvider" and accepted:
+                    host = str((raw.get("spec") or {}).get("host", "")).lower()
+                    lookup = self._addresses.get(host)
+                    if lookup is not None:
+                        wanted.append(_address_condition(host, lookup))
+                conditions = (raw.get("status") or {}).get("conditions") or []
+                current = {c.get("type"): c for c in conditions}
+                written = []
+                for condition in wanted:
+                    condition["observedGeneration"] = generation
+                    before = current.get(condition["type"])
+                    same = before is not None and before.get("status") == condition["status"]
+                    condition["lastTransitionTime"] = (before or {}).get("lastTransitionTime") if same else _now()
+                    written.append(condition)
+                if all(current.get(c["type"]) is not None and all(current[c["type"]].get(k) == v
+                                                                  for k, v in c.items() if k != "lastTransitionTime")
+                       for c in written) and len(written) == len(conditions):
+                    continue
+                kind, namespace, name = key
+                try:
+                    self._custom.patch_namespaced_custom_object_status(
+                        *API_OF.get(kind, (GROUP, VERSION)), namespace, PLURALS[kind], name,
+                        {"status": {"conditions": written}})
+                    raw.setdefault("status", {})["conditions"] = written  # as written, until the watch says
+                    log.info("status of %s %s/%s: %s", kind, namespace, name,
+                             ", ".join(f"{c['type']}={c['status']}" for c in written))
+                except ApiException as exc:
+                    if exc.status != 404:  # deleted meanwhile
+                        log.warning("cannot write the status of %s %s/%s: %s", kind, namespace, name, _short(exc))
+
+
+def _accepted_condition(accepted: bool, found: list[Problem]) -> dict[str, Any]:
+    if accepted:
+        reason = "Accepted"
+        message = "served by the gateway"
+        if found:
+            message += "; " + "; ".join(f"{p.field}: {p.message}" for p in found)
+    else:
+        reason = found[0].reason if found else "Invalid"
+        message = "; ".join(f"{p.field}: {p.message}" if p.field else p.message for p in found) or "not served"
+    return {"type": "Accepted", "status": "True" if accepted else "False", "reason": reason,
+            "message": message[:1000]}
+
+
+def _address_condition(host: str, lookup: Lookup) -> dict[str, Any]:
+    """`AddressResolved`: whether the provider's host name resolves, as the gateway last found.
+    No addresses in the message: a name's addresses may change at every lookup, the verdict not."""
+    if lookup.resolved:
+        message = f"{host} resolves"
+    else:
+        message = (f"{lookup.describe(host)}: its requests get a 503 provider_address_unknown, and failover "
+                   "skips it, until it resolves")
+    return {"type": ADDRESS_CONDITION, "status": "True" if lookup.resolved else "False",
+            "reason": lookup.resolution.value, "message": message[:1000]}
 
 
 class _Gone(Exception):

@@ -1,5 +1,6 @@
 """Addresses in Envoy's configuration: HOST:PORT as the command line gives it, socket
-addresses, and the system resolver Envoy uses for DNS names (as any program on the host)."""
+addresses, and the DNS resolver Envoy uses for names: the system's (as any program on the
+host), or one DNS server (`--dns-resolver`)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,20 @@ GETADDRINFO_RESOLVER = {
     "typed_config": {"@type": "type.googleapis.com/"
                               "envoy.extensions.network.dns_resolver.getaddrinfo.v3.GetAddrInfoDnsResolverConfig"},
 }
+
+
+def dns_resolver(server: HostPort | None = None) -> dict:
+    """The resolver of a cluster whose address is a name: the system's (`getaddrinfo`, so
+    /etc/hosts and the host's DNS settings count), or c-ares asking `server` only.
+
+    Each cluster gets its own resolver instance (Envoy makes one per cluster that configures
+    one): a name that never answers occupies only its own cluster's lookups, never the others'."""
+    if server is None:
+        return GETADDRINFO_RESOLVER
+    return {
+        "name": "envoy.network.dns_resolver.cares",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
+            "resolvers": [socket_address(server)],
+        },
+    }

@@ -10,6 +10,7 @@ from typing import Any
 
 # Imported for their side effect: registering the types that `@type` names below.
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.extensions.network.dns_resolver.cares.v3 import cares_dns_resolver_pb2  # noqa: F401
 from envoy.extensions.network.dns_resolver.getaddrinfo.v3 import getaddrinfo_dns_resolver_pb2  # noqa: F401
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
@@ -17,7 +18,7 @@ from google.protobuf import json_format
 
 from ..policy.table import Forward, RoutingTable
 from ..protocol import BUFFER_MARGIN, DEFAULT_BODY_LIMIT
-from .addresses import GETADDRINFO_RESOLVER, HostPort, is_ip, socket_address
+from .addresses import HostPort, dns_resolver, is_ip, socket_address
 from .failover import retry_rewrite_filters
 
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
@@ -34,6 +35,7 @@ class UpstreamOptions:
     resolve: dict[str, HostPort] = field(default_factory=dict)
     connect_timeout_s: float = 10.0
     body_limit: int = DEFAULT_BODY_LIMIT  # a retried attempt's body reaches the retry rewrite whole
+    dns_resolver: HostPort | None = None  # one DNS server for provider names; None: the system resolver
 
 
 def provider_cluster(name: str, host: str, options: UpstreamOptions, failover: bool = False) -> dict:
@@ -84,15 +86,25 @@ def provider_cluster(name: str, host: str, options: UpstreamOptions, failover: b
         # default of 3 at a time would pass failures on to clients under load
         cluster["circuit_breakers"] = {"thresholds": [{"max_retries": 100_000}]}
     if cluster["type"] == "LOGICAL_DNS":
-        cluster["typed_dns_resolver_config"] = GETADDRINFO_RESOLVER
+        cluster.update(resolving(options.dns_resolver))
     return cluster
+
+
+def resolving(server: HostPort | None) -> dict:
+    """The fields of a cluster found by DNS. `wait_for_warm_on_init: false`: Envoy's readiness
+    (and a CDS update's warming) does not wait for the name's first answer, so a name that
+    resolves slowly or never holds up no other route; until it resolves, the cluster has no
+    host and its requests get a 503 `provider_address_unknown` (`extproc.envoy.local_replies`).
+    A name that does not resolve is asked again at the cluster's refresh rate (Envoy's default,
+    5 s; the cluster's `dns_failure_refresh_rate`, which could ask sooner, is deprecated in 1.40)."""
+    return {"typed_dns_resolver_config": dns_resolver(server), "wait_for_warm_on_init": False}
 
 
 def to_cluster_proto(cluster: dict) -> cluster_pb2.Cluster:
     return json_format.ParseDict(cluster, cluster_pb2.Cluster())
 
 
-def egress_cluster(forward: Forward) -> dict:
+def egress_cluster(forward: Forward, dns_server: HostPort | None = None) -> dict:
     """The sidecars' cluster for an egress gateway's Service: plain HTTP (the gateway originates
     TLS to the provider), found by DNS like any Service, or at a fixed address."""
     address = HostPort.parse(forward.address)
@@ -105,11 +117,11 @@ def egress_cluster(forward: Forward) -> dict:
         "load_assignment": {"cluster_name": forward.cluster, "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": socket_address(address)}}]}]},
     }
-    if kind == "STRICT_DNS":  # the system resolver, as for providers
-        cluster["typed_dns_resolver_config"] = GETADDRINFO_RESOLVER
+    if kind == "STRICT_DNS":  # the same resolver as providers'
+        cluster.update(resolving(dns_server))
     return cluster
 
 
-def egress_clusters(table: RoutingTable) -> dict[str, dict]:
+def egress_clusters(table: RoutingTable, dns_server: HostPort | None = None) -> dict[str, dict]:
     """The clusters of the egress gateways this table forwards to, by name (CDS)."""
-    return {forward.cluster: egress_cluster(forward) for forward in table.forwarded.values()}
+    return {forward.cluster: egress_cluster(forward, dns_server) for forward in table.forwarded.values()}

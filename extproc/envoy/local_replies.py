@@ -3,16 +3,16 @@ same OpenAI-style JSON as the ext_proc's (`extproc.errors`)."""
 
 from __future__ import annotations
 
-from ..errors import LOCAL_REPLIES, error_type, too_large_message
+from ..errors import ADDRESS_UNKNOWN, LOCAL_REPLIES, error_type, too_large_message
 from ..protocol import DEFAULT_BODY_LIMIT, GATEWAY_DETAILS_PREFIX
 
 
 def local_reply_config(body_timeout_s: float, body_limit: int = DEFAULT_BODY_LIMIT) -> dict:
     """Envoy's own error answers (no upstream, TLS failure, body too large, ext_proc down) in the
     same OpenAI-style JSON as the ext_proc's. The ext_proc's own answers pass through as they are."""
-    def json_body(status: int, code: str, message: str) -> dict:
+    def json_body(status: int, code: str, message: str, kind: str | None = None) -> dict:
         text = f"{message} (%RESPONSE_CODE_DETAILS%)"
-        return {"json_format": {"error": {"message": text, "type": error_type(status), "code": code}},
+        return {"json_format": {"error": {"message": text, "type": kind or error_type(status), "code": code}},
                 "content_type": "application/json"}
 
     def status_is(code: int) -> dict:
@@ -38,6 +38,12 @@ def local_reply_config(body_timeout_s: float, body_limit: int = DEFAULT_BODY_LIM
         "status_code": 408,
         "body_format_override": json_body(
             408, "request_timeout", f"the request body did not arrive within {body_timeout_s:g} s of its headers"),
+    }, {
+        # No host in the provider's cluster: its name has not resolved (yet); see
+        # `extproc.envoy.clusters.resolving`. Envoy does not retry this, so failover leaves such
+        # providers out of attempt orders (`extproc.policy.addresses`).
+        "filter": {"response_flag_filter": {"flags": ["UH"]}},
+        "body_format_override": json_body(503, *ADDRESS_UNKNOWN, kind="server_error"),
     }]
     for status, (code, message) in LOCAL_REPLIES.items():
         if status == 413:  # the limit, and the flag that sets it

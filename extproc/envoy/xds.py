@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 CLUSTER_TYPE_URL = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ROUTE_TYPE_URL = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+LISTED = 10  # resource names a version's log line lists (a config may have thousands)
 
 
 class Publisher:
@@ -52,8 +53,9 @@ class Publisher:
             self._version += 1
             self._resources = packed
             self._changed.notify_all()
-        names = ", ".join(getattr(r, "name", "?") for r in resources) or "(none)"
-        log.info("%s version %d: %s", self._what, self._version, names)
+        names = [getattr(r, "name", "?") for r in resources]
+        listed = ", ".join(names[:LISTED]) + (f" and {len(names) - LISTED} more" if len(names) > LISTED else "")
+        log.info("%s version %d: %s", self._what, self._version, listed or "(none)")
         return self._version
 
     async def wait_answered(self, version: int, timeout: float) -> bool:

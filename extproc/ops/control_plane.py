@@ -11,28 +11,36 @@ pass by the gateway.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import replace
 
 import grpc
 from envoy.service.cluster.v3 import cds_pb2_grpc
 from envoy.service.route.v3 import rds_pb2_grpc
+from google.protobuf.message import Message
 
 from ..config.compile import Compiled
 from ..dataplane.authentication import Authenticator, GrpcAuthInterceptor
-from ..envoy.addresses import HostPort
-from ..envoy.clusters import UpstreamOptions, egress_clusters, provider_cluster, to_cluster_proto
+from ..envoy.addresses import HostPort, is_ip
+from ..envoy.cluster_protos import ClusterProtos
+from ..envoy.clusters import PROVIDER_PORT, UpstreamOptions, egress_clusters, provider_cluster, to_cluster_proto
 from ..envoy.routes import any_host_route_configuration, route_configuration, to_route_proto
 from ..envoy.xds import CLUSTER_TYPE_URL, ROUTE_TYPE_URL, ClusterDiscovery, Publisher, RouteDiscovery
+from ..policy.addresses import AddressBook, AddressGauge, Change, Lookup, ProviderNames
 from ..policy.budgets import response_headers
 from ..policy.gateway_binding import forwarded_clusters
 from ..policy.table import RoutingTable
 from ..protocol import EXT_PROC_SOCKET, FAILOVER_CLUSTER_PREFIX, XDS_SOCKET
+from .address_watch import AddressWatch, resolver_for
 from .data_plane import DataPlane
 
 log = logging.getLogger(__name__)
 
 ACK_TIMEOUT_S = 5.0
+ACK_S_PER_NEW_CLUSTER = 0.005  # and this much longer per cluster a change adds
 
 
 class ControlPlane:
@@ -46,9 +54,20 @@ class ControlPlane:
         self.clusters = Publisher(CLUSTER_TYPE_URL, "clusters")
         self.routes = Publisher(ROUTE_TYPE_URL, "sidecar routes")
         self.loaded = False  # a config is in force (readiness)
+        self._built: dict[tuple[str, str, bool], dict] = {}  # (name, host, failover) -> cluster
+        self._protos: dict[str, tuple[dict, Message]] = {}  # name -> (cluster, its protobuf)
+        self._hosts: dict[str, str] = {}  # a built provider cluster's name -> its host
+        self._converter = ClusterProtos()
         self.xds_server: grpc.aio.Server | None = None
         self.port = 0
         self.ext_proc_port = 0
+        # whether providers' names resolve (extproc.policy.addresses), asked as Envoy asks
+        self.addresses = ProviderNames(AddressBook())
+        self.watch = AddressWatch(resolver_for(upstream.dns_resolver), self.addresses, self._addresses_changed)
+        self._watching: asyncio.Task | None = None
+        data_plane.metrics.registry.register(AddressGauge(self.addresses))
+        # told every provider's last lookup when one changes (Kubernetes: the LLMProviders' conditions)
+        self.on_addresses: Callable[[dict[str, Lookup]], None] | None = None
 
     @property
     def table(self) -> RoutingTable:
@@ -77,6 +96,7 @@ class ControlPlane:
         if ext_proc_listen is None:
             ext_proc_listen = HostPort(listen.host, listen.port + 1 if listen.port else 0)
         await self.data_plane.start()
+        self._watching = asyncio.create_task(self.watch.run())
         if socket_dir is not None:
             os.chmod(f"{socket_dir}/{XDS_SOCKET}", 0o600)
             await self.data_plane.listen_unix(f"{socket_dir}/{EXT_PROC_SOCKET}")
@@ -86,15 +106,28 @@ class ControlPlane:
         return self.port
 
     async def stop(self, grace: float = 2.0) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
         await self.data_plane.stop()
         if self.xds_server is not None:
             await self.xds_server.stop(grace)
 
+    def _provider_cluster(self, name: str, host: str, failover: bool) -> dict:
+        """A provider's cluster, built once while it is configured (thousands of providers: a
+        reload builds and converts only the new ones)."""
+        key = (name, host, failover)
+        cluster = self._built.get(key)
+        if cluster is None:
+            cluster = self._built[key] = provider_cluster(name, host, self.upstream, failover=failover)
+            self._hosts[name] = host
+        return cluster
+
     def _clusters(self, table: RoutingTable) -> dict[str, dict]:
-        clusters = {name: provider_cluster(name, host, self.upstream) for host, name in table.clusters.items()}
-        clusters.update((name, provider_cluster(name, host, self.upstream, failover=True))
+        clusters = {name: self._provider_cluster(name, host, False) for host, name in table.clusters.items()}
+        clusters.update((name, self._provider_cluster(name, host, True))
                         for host, name in table.failover_clusters.items())
-        clusters.update(egress_clusters(table))  # the egress gateways sidecars send hosts to
+        # the egress gateways sidecars send hosts to
+        clusters.update(egress_clusters(table, self.upstream.dns_resolver))
         return clusters
 
     async def apply(self, compiled: Compiled) -> None:
@@ -113,24 +146,81 @@ class ControlPlane:
                         # while a change rolls out, the x-ratelimit-* headers for both tables
                         await self._publish_hosts(union_hosts, list(union_clusters), union_forwarded,
                                                   old_limits | new_limits))
+            # Envoy answers once it has built the new clusters: about 2 ms each (most of it parsing
+            # the CA bundle), so thousands of new providers take seconds
+            wait_s = ACK_TIMEOUT_S + ACK_S_PER_NEW_CLUSTER * len(new_clusters.keys() - old_clusters.keys())
             for publisher, version in zip((self.clusters, self.routes), versions, strict=True):
-                if not await publisher.wait_answered(version, ACK_TIMEOUT_S):
+                if not await publisher.wait_answered(version, wait_s):
                     log.warning("not every Envoy answered %s version %d within %.0fs", publisher.type_url, version,
-                                ACK_TIMEOUT_S)
-            self.data_plane.switch(new)
+                                wait_s)
+            self._switch(new)
             if union_clusters != new_clusters:
                 await self._publish_clusters(new_clusters)
+            self._forget_clusters(new_clusters)
             if (union_hosts != new_hosts or union_clusters != new_clusters or union_forwarded != new_forwarded
                     or old_limits != new_limits):
                 await self._publish_hosts(new_hosts, list(new_clusters), new_forwarded, new_limits)
         else:
-            self.data_plane.switch(new)
+            self._switch(new)
         self.loaded = True
         log.info("routing table %s in force: %d host names, %d providers", new.version, len(new.routes),
                  len(new.clusters))
 
+    def _switch(self, table: RoutingTable) -> None:
+        """The data plane's table from now on, with the providers whose name does not resolve."""
+        self.watch.track(self._dns_names(table))
+        self.data_plane.switch(replace(table, unresolved=self.addresses.unresolved()))
+
+    def _dns_names(self, table: RoutingTable) -> dict[str, str]:
+        """Provider host -> the name Envoy resolves for it (none for a fixed IP address)."""
+        names = {}
+        for host in table.clusters:
+            target = self.upstream.resolve.get(host, HostPort(host, PROVIDER_PORT)).host
+            if not is_ip(target):
+                names[host] = target
+        return names
+
+    def _addresses_changed(self, changes: list[Change]) -> None:
+        """Names looked up for the first time, or that stopped (or started) resolving: a name
+        that does not resolve said once, failover told, and the listener (Kubernetes
+        conditions) given every provider's last lookup."""
+        for change in changes:
+            providers = ", ".join(self.addresses.hosts_of(change.name)) or change.name
+            if change.lookup.resolved and change.before is None:
+                continue  # resolves at its first lookup, as nearly every name does: nothing to say
+            if change.lookup.resolved:
+                log.info("provider %s: its host name resolves again (%s): serving it", providers,
+                         change.lookup.describe(change.name))
+            else:
+                log.warning("provider %s: its host name %s; its requests get a 503 provider_address_unknown and "
+                            "failover skips it until it resolves (asked again within seconds)", providers,
+                            change.lookup.describe(change.name).removeprefix(change.name + " "))
+        unresolved = self.addresses.unresolved()
+        if unresolved != self.table.unresolved:
+            self.data_plane.switch(replace(self.table, unresolved=unresolved))
+        if self.on_addresses is not None:
+            self.on_addresses({host: lookup for host, lookup in self.addresses.lookups() if lookup is not None})
+
     async def _publish_clusters(self, clusters: dict[str, dict]) -> int:
-        return await self.clusters.publish([to_cluster_proto(c) for c in clusters.values()])
+        return await self.clusters.publish([self._cluster_proto(c) for c in clusters.values()])
+
+    def _cluster_proto(self, cluster: dict) -> Message:
+        """`cluster` as protobuf, converted once per cluster dict (`_provider_cluster` keeps them),
+        a provider's through its kind's template (`extproc.envoy.cluster_protos`)."""
+        name = cluster["name"]
+        cached = self._protos.get(name)
+        if cached is not None and cached[0] is cluster:
+            return cached[1]
+        host = self._hosts.get(name)
+        proto = self._converter.convert(cluster, name, host) if host else to_cluster_proto(cluster)
+        self._protos[cluster["name"]] = (cluster, proto)
+        return proto
+
+    def _forget_clusters(self, keep: dict[str, dict]) -> None:
+        """Built clusters no longer published are dropped."""
+        self._built = {key: c for key, c in self._built.items() if keep.get(key[0]) is c}
+        self._hosts = {key[0]: key[1] for key in self._built}
+        self._protos = {name: entry for name, entry in self._protos.items() if keep.get(name) is entry[0]}
 
     async def _publish_hosts(self, hosts: set[str], clusters: list[str], forwarded: dict[str, str] | None = None,
                              budget_headers: frozenset[str] = frozenset()) -> int:

@@ -109,6 +109,8 @@ async def run_serve(opts: ServeOptions) -> int:
     control = ControlPlane(opts.upstream, plane, reuse_port=workers.reuse_port)
     source = config_source(opts.config, opts.kubernetes, opts.namespace, control.apply, key_env=opts.key_env,
                            home=opts.home, view=opts.view)
+    # Kubernetes: whether each provider's name resolves, as its LLMProvider's condition
+    control.on_addresses = getattr(source, "addresses_changed", None)
     elector = None
     if isinstance(source, KubernetesSource):  # replicas: one writes status
         elector = LeaderElector(opts.lease_namespace or default_namespace(), opts.lease_name, opts.lease_duration_s,

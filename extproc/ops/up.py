@@ -13,11 +13,14 @@ import os
 import shutil
 import signal
 import sys
+import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..dataplane.authentication import StaticToken
+from ..envoy import readiness
 from ..envoy.addresses import HostPort
 from ..envoy.bootstrap import DEFAULT_BODY_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, BootstrapOptions, bootstrap, token_sds
 from ..envoy.clusters import UpstreamOptions
@@ -83,11 +86,17 @@ class UpOptions:
     otlp_endpoint: str | None = None  # spans exported here (extproc.telemetry.spans); None: no traces
 
 
-async def wait_ready(admin: HostPort, process: asyncio.subprocess.Process, timeout: float = 30.0) -> None:
-    """Wait until Envoy's admin says LIVE (listeners up, clusters received), or Envoy exits."""
+START_TIMEOUT_S = 30.0
+REPORT_EVERY_S = 5.0
+
+
+async def wait_ready(admin: HostPort, process: asyncio.subprocess.Process, timeout: float = START_TIMEOUT_S) -> None:
+    """Wait until Envoy's admin says LIVE (listeners up, clusters received), or Envoy exits.
+    Every few seconds it says what Envoy is still waiting for, and a timeout names it."""
     url = f"http://{admin}/ready"
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    start = loop.time()
+    deadline, report = start + timeout, start + REPORT_EVERY_S
     while loop.time() < deadline:
         if process.returncode is not None:
             raise StartupError(f"envoy exited with code {process.returncode} while starting (its log is above)")
@@ -97,8 +106,38 @@ async def wait_ready(admin: HostPort, process: asyncio.subprocess.Process, timeo
                 return
         except OSError:
             pass
+        if loop.time() >= report:
+            report += REPORT_EVERY_S
+            what = await asyncio.to_thread(envoy_waits_for, admin)
+            log.info("Envoy not ready after %.0fs: waiting for %s", loop.time() - start, what)
         await asyncio.sleep(0.1)
-    raise StartupError(f"envoy was not ready within {timeout:.0f}s (admin {url})")
+    what = await asyncio.to_thread(envoy_waits_for, admin)
+    raise StartupError(f"envoy was not ready within {timeout:.0f}s: it was still waiting for {what} (admin {url})")
+
+
+def envoy_waits_for(admin: HostPort) -> str:
+    """What Envoy is waiting for, asked of its admin interface (see `extproc.envoy.readiness`)."""
+    base = f"http://{admin}"
+    try:
+        state = _http_get_text(f"{base}/ready")
+    except OSError:
+        return readiness.waiting_for(None, {})
+    try:
+        stats = readiness.parse_stats(_http_get_text(
+            f"{base}/stats?filter={urllib.parse.quote(readiness.STATS_FILTER)}"))
+        warming = readiness.warming_clusters(json.loads(_http_get_text(base + readiness.WARMING_PATH) or "{}"))
+        unready = readiness.unready_targets(json.loads(_http_get_text(f"{base}/init_dump") or "{}"))
+    except (OSError, ValueError):
+        stats, warming, unready = {}, [], []
+    return readiness.waiting_for(state, stats, warming, unready)
+
+
+def _http_get_text(url: str) -> str:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return str(response.read().decode("utf-8", "replace"))
+    except urllib.error.HTTPError as exc:  # /ready answers 503 while not ready, with the state
+        return str(exc.read().decode("utf-8", "replace"))
 
 
 def _http_get_status(url: str) -> int:
@@ -139,6 +178,8 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
     control = ControlPlane(opts.upstream, plane)
     source = config_source(opts.config, opts.kubernetes, opts.namespace, control.apply, opts.reload_interval,
                            opts.key_env, opts.home, opts.view)
+    # Kubernetes: whether each provider's name resolves, as its LLMProvider's condition
+    control.on_addresses = getattr(source, "addresses_changed", None)
     ops = StatusServer(plane.metrics.registry, lambda: control.loaded, plane.budgets.degraded_reason,
                        plane.metrics.spend.since)
     workdir = Path(private_dir())  # 0700: the sockets, the bootstrap; removed on exit
@@ -203,6 +244,8 @@ class EnvoySupervisor:
         # Envoy dies with us, however we die (SIGKILL included): never an orphan holding the ports.
         self.process = await asyncio.create_subprocess_exec(*dying_with_us(self._args),
                                                             stdin=asyncio.subprocess.DEVNULL)
+        log.info("Envoy started (pid %d): waiting for its listener, and its clusters and routes from the control "
+                 "plane (not for providers' DNS names)", self.process.pid)
         await wait_ready(self._admin, self.process)
 
     async def run_until_signal(self) -> int:

@@ -15,7 +15,7 @@ headers). The body is checked and rewritten for the decision's target by
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass
 
 from ..errors import GatewayError
@@ -89,8 +89,8 @@ def match(table: RoutingTable, authority: str, headers: Mapping[str, str],
 def decide(table: RoutingTable, headers: dict[str, bytes], has_body: bool, caller: Caller, draw: float,
            cooling: Callable[[], Mapping[str, float]]) -> Decision | ModelList:
     """The decision for one request (see the module's docstring). `cooling`: the provider hosts
-    cooling down now (`extproc.policy.passive_health`), left out of attempt orders; asked only
-    for a rule with retries."""
+    cooling down now (`extproc.policy.passive_health`), left out of attempt orders with those
+    whose name does not resolve (`table.unresolved`); asked only for a rule with retries."""
     authority = headers.get(":authority", b"").decode("latin-1")
     route = table.route_for(authority)
     if route is None or not may_use(caller.namespace, route.visible):
@@ -114,7 +114,10 @@ def decide(table: RoutingTable, headers: dict[str, bytes], has_body: bool, calle
                         declared, guard)
     # a rule with retries: the first provider of the attempt order, and the headers that give
     # Envoy the order and the retry policy (extproc.policy.failover)
-    target, attempt_headers = first_attempt(rule.failover, rule.pick_index(draw), cooling())
+    skipped: Mapping[str, float] | Set[str] = cooling()
+    if table.unresolved:  # names that do not resolve: Envoy would answer 503 without trying the next
+        skipped = table.unresolved.union(skipped) if skipped else table.unresolved
+    target, attempt_headers = first_attempt(rule.failover, rule.pick_index(draw), skipped)
     return Decision(route, rule, target, endpoint, authority, headers, strip, attempt_headers, declared, guard)
 
 

@@ -1,8 +1,9 @@
 """Failover across providers: pure decisions (docs/failover.md).
 
 - the attempt order of a request: the weighted pick, the rule's other backendRefs by weight
-  (highest first), then its fallbackRefs; no provider twice; providers cooling down left out
-  (all of them cooling: the pick alone, tried anyway); at most 1 + attempts long;
+  (highest first), then its fallbackRefs; no provider twice; providers cooling down, and those
+  whose name does not resolve, left out (all of them: the pick alone, tried anyway); at most
+  1 + attempts long;
 - the retry policy as the request headers Envoy's router reads;
 - a retried attempt's provider, from the order the request carries.
 
@@ -59,11 +60,13 @@ def attempt_order(failover: Failover, picked: int, cooling: Mapping[str, float] 
     return order[: 1 + failover.policy.attempts]
 
 
-def first_attempt(failover: Failover, picked: int, cooling: Mapping[str, float]
+def first_attempt(failover: Failover, picked: int, cooling: Mapping[str, float] | Set[str]
                   ) -> tuple[Target, tuple[tuple[str, str], ...]]:
     """The first target of a request with retries and its headers (attempt order, retry policy),
     worked out once per weighted pick and set of providers cooling down, and kept on the rule."""
-    key = (picked, tuple(sorted(cooling)) if cooling else ())
+    # the table's own set of unresolved providers is the same object request after request: a
+    # key as it is (its hash is kept); a cooling-down dict is new each time: its sorted hosts
+    key = (picked, cooling if isinstance(cooling, frozenset) else tuple(sorted(cooling)) if cooling else ())
     cached = failover.cache.get(key)
     if cached is None:
         order = attempt_order(failover, picked, cooling)

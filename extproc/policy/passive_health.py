@@ -93,11 +93,14 @@ class PassiveHealth:
 
 
 def attempt_reason(entry: accesslog_pb2.HTTPAccessLogEntry) -> str:
-    """Why an attempt failed: connect_failure, tls, timeout, reset, or the status code."""
+    """Why an attempt failed: address_unknown (its name did not resolve), connect_failure, tls,
+    timeout, reset, or the status code."""
     common = entry.common_properties
     flags = common.response_flags
     failure = common.upstream_transport_failure_reason.lower()
-    if flags.upstream_connection_failure or flags.no_healthy_upstream:
+    if flags.no_healthy_upstream:
+        return "address_unknown"
+    if flags.upstream_connection_failure:
         return "tls" if ("tls" in failure or "certificate" in failure or "ssl" in failure) else "connect_failure"
     if flags.upstream_request_timeout:
         return "timeout"
@@ -121,7 +124,7 @@ class AttemptObserver:
         self._pending: OrderedDict[str, list[tuple[str, str]]] = OrderedDict()  # request id -> [(host, reason)]
         self.attempts = Counter("llm_gateway_provider_attempts",
                                 "Attempts sent to a provider, by result: ok, or why it failed "
-                                "(status code, connect_failure, tls, timeout, reset)",
+                                "(status code, address_unknown, connect_failure, tls, timeout, reset)",
                                 ("provider", "result"), registry=registry)
         self.failovers = Counter("llm_gateway_failovers",
                                  "Failed attempts after which the request went on to the next provider",

@@ -84,7 +84,7 @@ class Failover:
     policy: RetryPolicy
     orders: tuple[tuple[Target, ...], ...]  # by index of the weighted pick
     # the first attempt per (pick, providers cooling down), worked out once (extproc.policy.failover)
-    cache: dict[tuple[int, tuple[str, ...]], tuple[Target, tuple[tuple[str, str], ...]]] = field(
+    cache: dict[tuple[int, tuple[str, ...] | frozenset[str]], tuple[Target, tuple[tuple[str, str], ...]]] = field(
         default_factory=dict, compare=False, hash=False, repr=False)
 
 
@@ -147,6 +147,9 @@ class RoutingTable:
     failover_clusters: Mapping[str, str] = field(default_factory=dict)  # provider host -> its failover cluster
     prices: PriceTable = EMPTY_PRICES  # LLMPriceTable objects: per provider host, per model
     protection: ProtectionTable = EMPTY_PROTECTION  # LLMDataPolicy guards by route name and caller namespace
+    # provider hosts whose name does not resolve now (extproc.policy.addresses): failover leaves
+    # them out of attempt orders, as providers cooling down. Set by the control plane, not the config.
+    unresolved: frozenset[str] = frozenset()
 
     @cached_property  # once per table (not a dataclass field: no part of equality)
     def cluster_hosts(self) -> dict[str, str]:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import struct_pb2
 
+from ..errors import ADDRESS_UNKNOWN
 from ..protocol import GATEWAY_DETAILS_PREFIX, METADATA_NAMESPACE
 from .metrics import RequestRecord
 
@@ -66,6 +67,8 @@ def outcome_of(status: int, details: str, stream_error: str, flags: accesslog_pb
         return "client_cancelled", details.split("{", 1)[0][:64] or "client_disconnected"
     # Envoy's own answer (no upstream, TLS failure, body too large, ext_proc down), or an answer
     # cut after it started (Envoy keeps the upstream's status and logs its own reason)
+    if flags.no_healthy_upstream:  # no address for the provider yet (extproc.envoy.local_replies)
+        return "gateway_error", ADDRESS_UNKNOWN[0]
     error_type = details.split("{", 1)[0][:64] or str(status)
     if 400 <= status < 500:
         return "rejected", error_type

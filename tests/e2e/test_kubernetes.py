@@ -39,9 +39,9 @@ class Kube:
         for f in files:
             self.run("apply", "-f", str(f))
 
-    def condition(self, kind: str, name: str, namespace: str = "default") -> dict:
+    def condition(self, kind: str, name: str, namespace: str = "default", kind_of: str = "Accepted") -> dict:
         out = self.run("get", kind, name, "-n", namespace, "-o",
-                       "jsonpath={.status.conditions[?(@.type==\"Accepted\")]}").stdout
+                       f"jsonpath={{.status.conditions[?(@.type==\"{kind_of}\")]}}").stdout
         import json
         return json.loads(out) if out.strip() else {}
 
@@ -679,3 +679,30 @@ def test_replicas_elect_one_status_writer_and_another_takes_over_when_it_dies(cl
             if r.process.poll() is None:
                 r.process.kill()
                 r.process.wait()
+
+
+def test_a_provider_whose_name_does_not_resolve_says_so_in_its_condition(clean, k8s_gateway, tmp_path):
+    """`AddressResolved` on each LLMProvider found by DNS (docs/reliability.md#dns): False with
+    the reason while its name does not resolve, True once it does; `Accepted` stays True, and the
+    provider at a fixed address (--resolve) gets none."""
+    from extproc.testing.dns_providers import provider_docs
+    from extproc.testing.dns_server import DnsServer
+
+    kube = clean
+    with DnsServer() as dns:
+        kube.apply(seed("01"))
+        kube.run("apply", "-f", "-", stdin=provider_docs(["gone.dns.test"], "sk-test-inline"))
+        gw = k8s_gateway("--dns-resolver", dns.address)
+        wait_until(lambda: kube.condition("llmprovider", "p-0", kind_of="AddressResolved").get("status") == "False",
+                   20, gw.log)
+        condition = kube.condition("llmprovider", "p-0", kind_of="AddressResolved")
+        assert condition["reason"] == "NameNotFound", condition
+        assert "gone.dns.test does not exist in DNS (NXDOMAIN)" in condition["message"], condition
+        assert "provider_address_unknown" in condition["message"]
+        assert kube.condition("llmprovider", "p-0")["status"] == "True"  # Accepted: the config is fine
+        assert kube.condition("llmprovider", "dashscope-qwen", kind_of="AddressResolved") == {}
+        dns.answer("gone.dns.test", "127.0.0.1")
+        wait_until(lambda: kube.condition("llmprovider", "p-0", kind_of="AddressResolved").get("status") == "True",
+                   30, gw.log)
+        assert kube.condition("llmprovider", "p-0")["status"] == "True"
+        assert kube.condition("llmprovider", "dashscope-qwen")["status"] == "True"

@@ -72,3 +72,15 @@ def test_route_body_without_a_policy(tmp_path, capsys):
     body.write_text('{"messages": [{"role": "user", "content": "hi"}]}')
     assert main(["route", "--config", str(file), "--host", DASHSCOPE, "--body", str(body)]) == 0
     assert "data policies: none applies to this route" in capsys.readouterr().out
+def test_dns_resolver_takes_an_ip_address():
+    import argparse
+
+    import pytest
+
+    from extproc.cli.argtypes import ip_port
+    from extproc.envoy.addresses import HostPort
+
+    assert ip_port("127.0.0.1:5353") == HostPort("127.0.0.1", 5353)
+    assert ip_port("[::1]:53") == HostPort("::1", 53)
+    with pytest.raises(argparse.ArgumentTypeError, match="an IP address, not a name"):
+        ip_port("dns.example.com:53")

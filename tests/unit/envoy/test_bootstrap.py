@@ -159,3 +159,19 @@ def test_control_plane_clusters(socket_dir, token_sds, kind):
         assert injector["credential"] == {"name": TOKEN_SECRET, "sds_config": {
             "path_config_source": {"path": token_sds}, "resource_api_version": "V3"}}
         assert injector["header"] == "authorization" and injector["header_value_prefix"] == "Bearer "
+
+
+def test_a_provider_without_an_address_gets_a_clear_json_503():
+    """Envoy's own answer when a provider's cluster has no host (its name has not resolved):
+    `provider_address_unknown`, `server_error`, naming the provider host (the request's
+    authority, set by the ext_proc); before the generic 503 mapper."""
+    from extproc.envoy.local_replies import local_reply_config
+
+    mappers = local_reply_config(30)["mappers"]
+    (uh,) = [m for m in mappers if m["filter"].get("response_flag_filter") == {"flags": ["UH"]}]
+    error = uh["body_format_override"]["json_format"]["error"]
+    assert (error["code"], error["type"]) == ("provider_address_unknown", "server_error")
+    assert "%REQ(:AUTHORITY)%" in error["message"]
+    generic_503 = next(i for i, m in enumerate(mappers) if "status_code_filter" in m["filter"]
+                       and m["filter"]["status_code_filter"]["comparison"]["value"]["default_value"] == 503)
+    assert mappers.index(uh) < generic_503

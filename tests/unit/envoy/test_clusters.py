@@ -84,3 +84,42 @@ def test_only_a_failover_cluster_carries_the_retry_rewrite(failover):
 def test_provider_cluster_connect_timeout():
     msg = to_cluster_proto(provider_cluster("c", "a.example.com", UpstreamOptions(connect_timeout_s=2.5)))
     assert msg.connect_timeout.ToMilliseconds() == 2500
+
+
+@pytest.mark.parametrize(("dns_server", "resolver"), [
+    pytest.param(None, "envoy.network.dns_resolver.getaddrinfo", id="system-resolver"),
+    pytest.param(HostPort("127.0.0.1", 5353), "envoy.network.dns_resolver.cares", id="dns-resolver-flag"),
+])
+@pytest.mark.parametrize("failover", [False, True])
+def test_a_provider_name_never_holds_up_readiness(dns_server, resolver, failover):
+    """A cluster found by DNS does not wait for its first answer (Envoy's readiness, a CDS
+    update's warming), asks again at its refresh rate when a name does not resolve, and resolves with the
+    system resolver or, with --dns-resolver, c-ares asking that server only."""
+    msg = to_cluster_proto(provider_cluster("c", "a.example.com", UpstreamOptions(dns_resolver=dns_server),
+                                            failover=failover))
+    assert msg.type == cluster_pb2.Cluster.LOGICAL_DNS
+    assert msg.HasField("wait_for_warm_on_init") and msg.wait_for_warm_on_init.value is False
+    assert not msg.HasField("dns_failure_refresh_rate")  # deprecated in Envoy 1.40: the refresh rate applies
+    assert msg.typed_dns_resolver_config.name == resolver
+    if dns_server is not None:
+        from envoy.extensions.network.dns_resolver.cares.v3 import cares_dns_resolver_pb2
+
+        cares = cares_dns_resolver_pb2.CaresDnsResolverConfig()
+        assert msg.typed_dns_resolver_config.typed_config.Unpack(cares)
+        assert [(r.socket_address.address, r.socket_address.port_value) for r in cares.resolvers] == [
+            ("127.0.0.1", 5353)]
+
+
+def test_a_provider_at_a_fixed_address_has_no_resolver():
+    msg = to_cluster_proto(provider_cluster("c", "a.example.com", UpstreamOptions(
+        resolve={"a.example.com": HostPort("10.0.0.1", 443)}, dns_resolver=HostPort("127.0.0.1", 53))))
+    assert msg.type == cluster_pb2.Cluster.STATIC
+    assert not msg.HasField("typed_dns_resolver_config") and not msg.HasField("wait_for_warm_on_init")
+
+
+def test_an_egress_gateway_name_never_holds_up_a_sidecar(tmp_path):
+    table = compiled(tmp_path, providers() + [route("r", "chat", [rule(A)], gateways=[OTHER])], MESH_VIEW).table
+    (cluster,) = egress_clusters(table, HostPort("127.0.0.1", 5353)).values()
+    msg = to_cluster_proto(cluster)
+    assert msg.type == cluster_pb2.Cluster.STRICT_DNS and msg.wait_for_warm_on_init.value is False
+    assert msg.typed_dns_resolver_config.name == "envoy.network.dns_resolver.cares"

@@ -95,3 +95,27 @@ def test_dry_run_describes_policy_and_orders():
     assert "when a.example.com is picked: a.example.com -> b.example.com" in text
     plain = compiled(CONFIG.replace("    retries: {attempts: 1, perTryTimeout: 20s, retryOn: [5xx, 429]}\n", ""))
     assert describe_failover(plain.table.route_for("svc").rules[0]).startswith("retries: none")
+
+
+@pytest.mark.parametrize(("unresolved", "cooling", "first"), [
+    pytest.param(frozenset(), {}, "a.example.com", id="all-resolve"),
+    pytest.param(frozenset({"a.example.com"}), {}, "b.example.com", id="pick-does-not-resolve"),
+    pytest.param(frozenset({"b.example.com"}), {}, "a.example.com", id="fallback-does-not-resolve"),
+    pytest.param(frozenset({"a.example.com"}), {"b.example.com": 9.0}, "a.example.com", id="none-left-the-pick"),
+])
+def test_a_provider_whose_name_does_not_resolve_is_left_out(unresolved, cooling, first):
+    """Envoy answers a cluster without an address itself and never retries it: decide() leaves
+    such providers out of the attempt order, as providers cooling down (all left out: the pick)."""
+    from dataclasses import replace
+
+    from extproc.policy.caller import LOCAL
+    from extproc.policy.decide import decide
+
+    table = replace(compiled(CONFIG).table, unresolved=unresolved)
+    headers = {":authority": b"svc", ":method": b"POST", ":path": b"/v1/chat/completions"}
+    decision = decide(table, headers, True, LOCAL, 0.0, lambda: cooling)
+    assert decision.target.provider_host == first
+    order = dict(decision.attempt_headers)["x-llm-gateway-order"]
+    assert order.split(",")[0] == decision.target.cluster
+    if unresolved and not cooling:
+        assert all(host.replace(".", "_") not in order for host in unresolved)

@@ -50,6 +50,7 @@ def _entry(cluster: str, status: int, attempt: int = 1, request_id: str = "r1", 
     (503, {}, "503"),
     (429, {}, "429"),
     (0, {"upstream_connection_failure": True}, "connect_failure"),
+    (503, {"no_healthy_upstream": True}, "address_unknown"),  # its name has not resolved (yet)
     (0, {"upstream_connection_failure": True,
          "failure": "TLS_error:|268435581:SSL routines:CERTIFICATE_VERIFY_FAILED"}, "tls"),
     (0, {"upstream_request_timeout": True}, "timeout"),

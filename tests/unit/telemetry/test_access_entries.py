@@ -236,3 +236,12 @@ def test_operation_reaches_the_metrics(meta, status, details, operation, outcome
     for kind, count in tokens.items():
         value, labels = samples[("gen_ai_client_token_usage_sum", kind)]
         assert value == count and labels["gen_ai_operation_name"] == operation
+
+
+def test_a_provider_without_an_address_is_counted_by_its_code():
+    """Envoy's 503 for a provider cluster that has no host (its name has not resolved): the
+    same code as the client's JSON error (extproc.envoy.local_replies)."""
+    e = entry(503, "no_healthy_upstream", meta=DECISION)
+    e.common_properties.response_flags.no_healthy_upstream = True
+    rec = record_from_entry(e)
+    assert (rec.outcome, rec.error_type) == ("gateway_error", "provider_address_unknown")
