@@ -1,6 +1,10 @@
 """Envoy's access log, streamed to this process (gRPC access log service): each finished
 request becomes metrics (`extproc.telemetry`), charges its budgets, and feeds passive health.
 
+Each stream comes from one authenticated Envoy: its verified caller (a sidecar's pod, or the
+caller local mode states) is who made the requests it logs, so the per-caller metrics are
+counted by the stream's caller, never by anything in the entries.
+
 Envoy batches finished requests into few messages, so this costs no extra round trip per
 request; the stream arrives on the lean HTTP/2 server, beside the ext_proc.
 """
@@ -32,10 +36,14 @@ class AccessLogReceiver:
         self._budgets = budgets  # charged from each finished answer
         self._attempts = attempts  # failed attempts and answered requests: passive health
 
-    def call(self, caller: Caller | None = None) -> AccessLogReceiver:
-        return self  # no state per stream; any authenticated Envoy may report usage
+    def call(self, caller: Caller | None = None) -> AccessLogReceiver | CallerLogStream:
+        """A stream's handler: this receiver, or for a caller with a namespace or workload, one
+        that counts its requests under that caller."""
+        if caller is None or not (caller.namespace or caller.workload):
+            return self
+        return CallerLogStream(self, caller.namespace or "", caller.workload or "")
 
-    def on_message(self, data: bytes) -> tuple[bytes | None, bool]:
+    def on_message(self, data: bytes, caller: tuple[str, str] | None = None) -> tuple[bytes | None, bool]:
         owed: dict[tuple[str, ...], int] = {}  # a batch's usage summed per set of buckets, charged once
         budgets = self._budgets if self._budgets is not None and self._budgets.configured() else None
         attempts, observe = self._attempts, self._metrics.observe
@@ -45,6 +53,8 @@ class AccessLogReceiver:
                     attempts.observe(entry)
                 if entry.common_properties.access_log_type != UPSTREAM_END:  # attempts are not requests
                     record = record_from_entry(entry)
+                    if caller is not None:
+                        record.caller_namespace, record.caller_workload = caller
                     observe(record)
                     if budgets is not None:
                         charge_budgets(owed, entry, record)
@@ -57,6 +67,22 @@ class AccessLogReceiver:
 
     def on_client_end(self) -> bytes:
         return als_pb2.StreamAccessLogsResponse().SerializeToString()
+
+
+class CallerLogStream:
+    """One Envoy's access-log stream, its requests counted under its verified caller."""
+
+    __slots__ = ("_receiver", "_caller")
+
+    def __init__(self, receiver: AccessLogReceiver, namespace: str, workload: str):
+        self._receiver = receiver
+        self._caller = (namespace, workload)
+
+    def on_message(self, data: bytes) -> tuple[bytes | None, bool]:
+        return self._receiver.on_message(data, self._caller)
+
+    def on_client_end(self) -> bytes:
+        return self._receiver.on_client_end()
 
 
 def charge_budgets(owed: dict[tuple[str, ...], int], entry: accesslog_pb2.HTTPAccessLogEntry,

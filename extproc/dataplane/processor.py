@@ -68,7 +68,8 @@ class ExternalProcessor:
         return decide(self.holder.table, raw, not headers_msg.end_of_stream, caller, self.draw(), self._cooling)
 
     @staticmethod
-    def forward(body: bytes, chunks: int, decision: Decision, budget: Admitted | None = None) -> list[bytes]:
+    def forward(body: bytes, chunks: int, decision: Decision, budget: Admitted | None = None,
+                caller: Caller = LOCAL) -> list[bytes]:
         """The held answer to the headers, then one answer per body chunk (the last one with the
         rewritten body). In wire form: the target's prebuilt part and what this request adds."""
         target, endpoint = decision.target, decision.endpoint
@@ -81,7 +82,8 @@ class ExternalProcessor:
             attempt_headers = ()
         if decision.strip or attempt_headers:
             parts.append(answers.more_headers(decision.strip, attempt_headers))
-        entries, metadata = answers.decision_metadata(prebuilt, rewritten.model, rewritten.stream, decision.authority)
+        entries, metadata = answers.decision_metadata(prebuilt, rewritten.model, rewritten.stream, decision.authority,
+                                                      answers.caller_entries(caller))
         if budget is not None:  # the budget charged, for the access log, and the x-ratelimit-* header values
             metadata = wire.dynamic_metadata(METADATA_NAMESPACE, entries + budget.encoded())
         parts.append(metadata)
@@ -129,7 +131,7 @@ class Exchange:
                 if decision.declared_length:
                     self._admit(decision.declared_length, processor)
                 if processor.budgets is not None:
-                    self._budget = processor.budgets.admit(decision.target.route, decision.headers)
+                    self._budget = processor.budgets.admit(decision.target.route, decision.headers, self._caller)
                 return [], False  # answered with the body
             if phase == "request_body":
                 held = self._decision
@@ -144,7 +146,7 @@ class Exchange:
                     self._admit(len(self._body), processor)
                 if not chunk.end_of_stream:
                     return [], False
-                return processor.forward(bytes(self._body), self._chunks, held, self._budget), True
+                return processor.forward(bytes(self._body), self._chunks, held, self._budget, self._caller), True
             return [answers.continue_phase(phase).SerializeToString()], False
         except GatewayError as error:
             response = answers.immediate(error)

@@ -100,7 +100,7 @@ class ControlPlane:
     async def apply(self, compiled: Compiled) -> None:
         old, new = self.table, compiled.table
         old_clusters, new_clusters = self._clusters(old), self._clusters(new)
-        old_hosts, new_hosts = set(old.routes), set(new.routes)
+        old_hosts, new_hosts = set(old.host_names), set(new.host_names)
         old_forwarded, new_forwarded = forwarded_clusters(old), forwarded_clusters(new)
         old_limits, new_limits = response_headers(old.budgets), response_headers(new.budgets)  # x-ratelimit-*
         first = self.clusters.version == 0
@@ -126,7 +126,7 @@ class ControlPlane:
         else:
             self.data_plane.switch(new)
         self.loaded = True
-        log.info("routing table %s in force: %d host names, %d providers", new.version, len(new.routes),
+        log.info("routing table %s in force: %d host names, %d providers", new.version, len(new.host_names),
                  len(new.clusters))
 
     async def _publish_clusters(self, clusters: dict[str, dict]) -> int:

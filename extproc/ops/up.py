@@ -22,6 +22,7 @@ from ..envoy.addresses import HostPort
 from ..envoy.bootstrap import DEFAULT_BODY_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, BootstrapOptions, bootstrap, token_sds
 from ..envoy.clusters import UpstreamOptions
 from ..policy.body_memory import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
+from ..policy.caller import LOCAL, Caller
 from ..policy.gateway_binding import MESH_VIEW, View
 from ..policy.table import EMPTY_TABLE, TableHolder
 from ..protocol import DEFAULT_BODY_LIMIT
@@ -80,6 +81,7 @@ class UpOptions:
     redis_fail_closed: bool = False
     max_body_bytes_in_flight: int = DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
     drain_grace_s: float = DEFAULT_GRACE_S
+    caller: Caller = LOCAL  # who its Envoy's requests come from (--source-labels, --source-namespace)
 
 
 async def wait_ready(admin: HostPort, process: asyncio.subprocess.Process, timeout: float = 30.0) -> None:
@@ -115,7 +117,7 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
         if address.port and (problem := port_problem(flag, address)):
             raise StartupError(problem)
     plane = DataPlane(TableHolder(EMPTY_TABLE), opts.body_limit, opts.max_body_bytes_in_flight, opts.redis_url,
-                      opts.redis_fail_closed)
+                      opts.redis_fail_closed, local=opts.caller)
     control = ControlPlane(opts.upstream, plane)
     source = config_source(opts.config, opts.kubernetes, opts.namespace, control.apply, opts.reload_interval,
                            opts.key_env, opts.home, opts.view)
@@ -125,7 +127,7 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
     local = tcp_token is None
     try:
         port = await control.start(opts.control, socket_dir=str(workdir) if tcp_token is None else None,
-                                   authenticator=None if tcp_token is None else StaticToken(tcp_token))
+                                   authenticator=None if tcp_token is None else StaticToken(tcp_token, opts.caller))
         if opts.metrics is not None:
             await ops.start(opts.metrics)
     except OSError as exc:

@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from ..dataplane.authentication import authenticator_for
+from ..dataplane.authentication import AuthSetup
 from ..policy.table import EMPTY_TABLE, RoutingTable, TableHolder
 from .children import die_with_parent
 from .data_plane import DataPlane
@@ -104,7 +104,7 @@ class WorkerPool:
 
     @classmethod
     def start(cls, count: int, host: str, port: int, table, body_limit: int, cap_share: int,
-              log_level: str, auth: tuple[str, str] | None = None,
+              log_level: str, auth: AuthSetup | None = None,
               redis: tuple[str | None, bool] = (None, False)) -> WorkerPool:
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no copied loop or threads
         workers = []
@@ -216,7 +216,7 @@ def flatten_families(families) -> list:
 
 
 def _worker_main(conn, parent: int, host: str, port: int, table: bytes, body_limit: int, cap: int,
-                 log_level: str, index: int, auth: tuple[str, str] | None = None,
+                 log_level: str, index: int, auth: AuthSetup | None = None,
                  redis: tuple[str | None, bool] = (None, False)) -> None:
     arm = die_with_parent(signal.SIGTERM, parent)
     if arm is not None:
@@ -233,13 +233,13 @@ def _worker_main(conn, parent: int, host: str, port: int, table: bytes, body_lim
 
 
 async def _worker(conn, host: str, port: int, table: RoutingTable, body_limit: int, cap: int, index: int,
-                  auth: tuple[str, str] | None = None, redis: tuple[str | None, bool] = (None, False)) -> None:
+                  auth: AuthSetup | None = None, redis: tuple[str | None, bool] = (None, False)) -> None:
     # the same data plane as the main process's (budgets through the same Redis; without one, each
     # process keeps its own; passive health as this process sees it)
     plane = DataPlane(TableHolder(table), body_limit, cap, redis[0], redis[1], worker=index)
     await plane.start()
     try:
-        await plane.listen_tcp(host, port, authenticator_for(*auth) if auth else None, reuse_port=True)
+        await plane.listen_tcp(host, port, auth.build() if auth else None, reuse_port=True)
     except (OSError, ValueError) as exc:
         conn.send(f"cannot listen on {host}:{port}: {exc}")
         return
@@ -277,7 +277,7 @@ class WorkerSetup:
     ext_proc port is known."""
 
     def __init__(self, requested: int | None, cap: int, body_limit: int, log_level: str,
-                 auth: tuple[str, str] | None = None, redis: tuple[str | None, bool] = (None, False)):
+                 auth: AuthSetup | None = None, redis: tuple[str | None, bool] = (None, False)):
         self.count, self.share, note = plan(requested, cap, body_limit)
         self._auth, self._redis = auth, redis
         self.pool: WorkerPool | None = None

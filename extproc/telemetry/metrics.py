@@ -4,6 +4,10 @@ Every finished request becomes one `RequestRecord` (built from Envoy's access lo
 `extproc.telemetry.access_entries`), and `GatewayMetrics.observe` turns it into histogram and counter
 updates. Labels come from the config (routes, rules, providers, configured models) or from a
 small bounded set (outcome, error type); a provider-reported model name is capped in count.
+
+Who called (the verified caller's namespace and workload, never its pod: a pod name is one
+series per pod) is counted apart, in two counters of its own (`llm_gateway_caller_*`), so the
+GenAI histograms keep their size: requests by outcome and tokens by type, per caller and route.
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ class RequestRecord:
     ttft_s: float | None = None
     tpot_s: float | None = None
     operation: str = "chat"  # gen_ai_operation_name: chat, text_completion, embeddings, models
+    caller_namespace: str = ""  # the verified caller (its Envoy's access-log stream), where known
+    caller_workload: str = ""
 
 
 _BASE = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_response_model",
@@ -81,6 +87,14 @@ class GatewayMetrics:
                                 "Requests by outcome: success, provider_error, rejected, gateway_error, "
                                 "client_cancelled",
                                 (*_BASE, "outcome", "error_type"), registry=r)
+        self.caller_requests = Counter("llm_gateway_caller_requests",
+                                       "Requests by verified caller (namespace, workload), route and outcome",
+                                       ("caller_namespace", "caller_workload", "llm_route", "outcome"), registry=r)
+        self.caller_tokens = Counter("llm_gateway_caller_tokens",
+                                     "Tokens used by verified caller (namespace, workload) and route",
+                                     ("caller_namespace", "caller_workload", "llm_route", "gen_ai_token_type"),
+                                     registry=r)
+        self._callers: dict[tuple[str, ...], tuple[CounterSeries, CounterSeries, CounterSeries]] = {}
         # values that come from clients or providers, not from the config: capped in number
         self._seen: dict[str, set[str]] = {"request_model": set(), "response_model": set(), "error_type": set()}
         # labelled series, looked up once (`labels()` costs more than an update) and made only when
@@ -118,6 +132,25 @@ class GatewayMetrics:
             ttft().observe(rec.ttft_s)
         if rec.tpot_s is not None:
             tpot().observe(rec.tpot_s)
+        if rec.caller_namespace or rec.caller_workload:
+            self._observe_caller(rec)
+
+    def _observe_caller(self, rec: RequestRecord) -> None:
+        key = (rec.caller_namespace, rec.caller_workload, rec.route, rec.outcome)
+        found = self._callers.get(key)
+        if found is None:
+            if len(self._callers) >= MAX_BUNDLES:
+                self._callers.clear()
+            base = (rec.caller_namespace, rec.caller_workload, rec.route)
+            found = self._callers[key] = (self.caller_requests.labels(*base, rec.outcome),
+                                          self.caller_tokens.labels(*base, "input"),
+                                          self.caller_tokens.labels(*base, "output"))
+        requests, tokens_in, tokens_out = found
+        requests.inc()
+        if rec.prompt_tokens:
+            tokens_in.inc(rec.prompt_tokens)
+        if rec.completion_tokens:
+            tokens_out.inc(rec.completion_tokens)
 
     def _bundle(self, rec: RequestRecord) -> list[Callable[[], Any]]:
         """A record's six series, each made on first use (capped label values decided once)."""
