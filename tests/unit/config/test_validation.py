@@ -121,7 +121,8 @@ def test_bad_object_left_out_by_compile_config_while_others_compile(tmp_path):
 
 
 @pytest.mark.parametrize("doc", [
-    pytest.param(provider("p", "a.example.com", workloadSelector={"labels": {"app": "x"}}), id="provider-workloadSelector"),
+    pytest.param(provider("p", "a.example.com", workloadSelector={"labels": {"app": "x"}}),
+                 id="provider-workloadSelector"),
     pytest.param(provider("p", "a.example.com", gateways=["mesh"]), id="provider-gateways"),
     pytest.param(route("r", "chat.example.com", [rule("a.example.com")], workloadSelector={"labels": {"app": "x"}}),
                  id="route-workloadSelector"),
