@@ -121,16 +121,17 @@ def decision_metadata(decision: bytes, model: str, stream: bool, host: str, call
 
 
 def caller_entries(caller: Caller) -> bytes:
-    """Who called, as `llm_gateway` metadata entries for the access log: the namespace, the
-    ServiceAccount, the workload and the pod, where known. Encoded once per caller (kept on it);
-    nothing for the gateway's own Envoy in local mode (`LOCAL`)."""
+    """Who called, as the `llm_gateway` metadata entry `caller` for the access log: a struct of
+    the namespace, the ServiceAccount, the workload and the pod, where known (one entry, so
+    Envoy's file log formats one field for it). Encoded once per caller (kept on it); nothing for
+    the gateway's own Envoy in local mode (`LOCAL`)."""
     memo = caller.memo
     kept = memo.get("entries")
     if kept is None:
-        values = (("caller_namespace", caller.namespace), ("caller_service_account",
-                                                           caller.name if caller.namespace else None),
-                  ("caller_workload", caller.workload), ("caller_pod", caller.pod))
-        kept = memo["entries"] = b"".join(wire.string_entry(key, value) for key, value in values if value)
+        values = (("namespace", caller.namespace), ("service_account", caller.name if caller.namespace else None),
+                  ("workload", caller.workload), ("pod", caller.pod))
+        fields = b"".join(wire.string_entry(key, value) for key, value in values if value)
+        kept = memo["entries"] = wire.struct_entry("caller", wire.struct_value(fields)) if fields else b""
     return kept
 
 

@@ -42,11 +42,9 @@ ACCESS_LOG_FORMAT = {
     "budget_rule": metadata_value("budget_rule"),
     "budget_key": metadata_value("budget_key"),
     "budget_remaining_tokens": metadata_value("ratelimit_remaining_tokens"),
-    # the verified caller (extproc.policy.caller): never from the request
-    "caller_namespace": metadata_value("caller_namespace"),
-    "caller_service_account": metadata_value("caller_service_account"),
-    "caller_workload": metadata_value("caller_workload"),
-    "caller_pod": metadata_value("caller_pod"),
+    # the verified caller (extproc.policy.caller), never from the request: {namespace,
+    # service_account, workload, pod}, one field (each field formatted costs every request)
+    "caller": metadata_value("caller"),
     "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
     "tried": metadata_value("tried"),
     "status": "%RESPONSE_CODE%",

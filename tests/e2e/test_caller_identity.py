@@ -56,9 +56,9 @@ def test_source_labels_drive_the_same_rule_through_a_real_envoy(tmp_path, gatewa
     # the access log and the metrics carry the stated caller
     wait_until(lambda: len(payments.access_entries()) >= 2, 10)
     entry = payments.access_entries()[0]
-    assert (entry["caller_namespace"], entry["caller_workload"], entry["rule"]) == ("shop", None, "vip-route")
+    assert (entry["caller"], entry["rule"]) == ({"namespace": "shop", "service_account": "local"}, "vip-route")
     wait_until(lambda: len(anyone.access_entries()) >= 3, 10)
-    assert all(e["caller_namespace"] is None for e in anyone.access_entries())
+    assert all(e["caller"] is None for e in anyone.access_entries())
     key = ("llm_gateway_caller_requests_total", frozenset({
         ("caller_namespace", "shop"), ("caller_workload", ""), ("llm_route", "shop/dashscope-route"),
         ("outcome", "success")}))

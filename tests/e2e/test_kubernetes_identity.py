@@ -161,9 +161,9 @@ def test_the_calling_pod_decides_routes_budgets_and_metrics(kube, mesh, keys):
     # the access log and the metrics say who called: namespace and workload (the pod only in the log)
     wait_until(lambda: any(e["host"] == "audit-llm" for e in payments.access_entries()), 10)
     entry = next(e for e in payments.access_entries() if e["host"] == "audit-llm")
-    assert (entry["caller_namespace"], entry["caller_service_account"], entry["caller_workload"],
-            entry["caller_pod"]) == (shop, "payments", "payments", PAYMENTS_POD)
-    assert next(e for e in web.access_entries() if e["status"] == 200)["caller_workload"] == WEB_POD
+    assert entry["caller"] == {"namespace": shop, "service_account": "payments", "workload": "payments",
+                               "pod": PAYMENTS_POD}
+    assert next(e for e in web.access_entries() if e["status"] == 200)["caller"]["workload"] == WEB_POD
 
     def caller_requests() -> dict[str, float]:
         from prometheus_client.parser import text_string_to_metric_families

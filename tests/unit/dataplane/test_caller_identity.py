@@ -52,17 +52,18 @@ def test_the_decision_and_the_access_logs_metadata_name_the_verified_caller():
     first, body = exchange(PAYMENTS, {"x-llm-gateway-caller": "someone-else", "app": "web"})
     meta = metadata(first)
     assert json.loads(body.request_body.response.body_mutation.body)["model"] == "qwen-max"
-    assert (meta["rule"], meta["caller_namespace"], meta["caller_service_account"], meta["caller_workload"],
-            meta["caller_pod"]) == ("payments", "shop", "payments-sa", "payments", "payments-7d9f8c7b5-x2x4q")
+    assert meta["rule"] == "payments" and dict(meta["caller"]) == {
+        "namespace": "shop", "service_account": "payments-sa", "workload": "payments",
+        "pod": "payments-7d9f8c7b5-x2x4q"}
     other = Caller("shop", "web-sa", "web-1", labels_of({"app": "web"}), "web")
     first, body = exchange(other, {"app": "payments"})  # a header claiming the label changes nothing
     assert json.loads(body.request_body.response.body_mutation.body)["model"] == "qwen-turbo"
-    assert metadata(first)["caller_workload"] == "web"
+    assert metadata(first)["caller"]["workload"] == "web"
 
 
 def test_the_gateways_own_envoy_writes_no_caller():
     first, _ = exchange(LOCAL)
-    assert not [key for key in metadata(first) if key.startswith("caller_")]
+    assert "caller" not in metadata(first)
 
 
 def test_labels_not_known_answer_503_where_they_decide():
@@ -76,7 +77,7 @@ def test_the_access_log_stream_counts_usage_under_its_envoys_caller():
     receiver = AccessLogReceiver(metrics)
     batch = als_pb2.StreamAccessLogsMessage()
     # an entry's own metadata claiming another caller is not what counts: the stream's caller is
-    batch.http_logs.log_entry.extend([entry(meta={**DECISION, "caller_namespace": "other", "prompt_tokens": 12,
+    batch.http_logs.log_entry.extend([entry(meta={**DECISION, "caller": {"namespace": "other"}, "prompt_tokens": 12,
                                                   "completion_tokens": 30})] * 2)
     receiver.call(PAYMENTS).on_message(batch.SerializeToString())
     receiver.call(LOCAL).on_message(batch.SerializeToString())  # local mode states no caller: not counted
