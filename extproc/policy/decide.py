@@ -7,6 +7,9 @@ must be told) or a `ModelList` (the gateway answers itself), or raises `GatewayE
 request is answered with an OpenAI-style error). No I/O and no state: the ext_proc calls it once
 per request, `extproc route` explains a request with `match`, and both are table-tested.
 
+The caller decides what it sees: its namespace's names, what it may use, the rules its labels
+select (`extproc.policy.caller_view`, worked out once per caller and table).
+
 The body is not read here: every decision of today's config is taken from the headers, so that
 it can be taken before the body arrives (budgets and body memory admit a request at its
 headers). The body is checked and rewritten for the decision's target by
@@ -93,8 +96,7 @@ def decide(table: RoutingTable, headers: dict[str, bytes], has_body: bool, calle
     cooling down now (`extproc.policy.passive_health`), left out of attempt orders; asked only
     for a rule with retries."""
     authority = headers.get(":authority", b"").decode("latin-1")
-    memo = caller.memo.get("view")  # the caller's view of this table (extproc.policy.caller_view)
-    view = memo[1] if memo is not None and memo[0] is table else view_of(table, caller)
+    view = view_of(table, caller)  # kept on the caller: a lookup (extproc.policy.caller_view)
     route = view.routes.get(authority)
     if route is None:
         route = view.resolve(table, authority)  # normalized, or why not
