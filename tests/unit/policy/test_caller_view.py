@@ -170,3 +170,11 @@ def test_match_says_why_a_rule_matched():
     assert (match(tbl, DASH, {"user-type": "vip"}, caller(labels={"tier": "gold"}))[2]
             == "matches[0]: header user-type exact 'vip' and sourceLabels tier=gold")
     assert match(tbl, DASH, {}, caller())[2] == "it has no matches: every request"
+
+
+def test_a_providers_workload_selector_keeps_its_own_host_to_the_selected_proxies():
+    tbl = compile_in_namespaces(provider("own", "own.example.com", namespace="shop", api_key="k",
+                                         workloadSelector={"labels": PAYMENTS})).table
+    assert ask(tbl, caller(labels=PAYMENTS), "own.example.com") == ("shop/own", "default", "m-default")
+    assert ask(tbl, caller(labels={"app": "web"}), "own.example.com") == "404 unknown_host"
+    assert ask(tbl, caller(known=False), "own.example.com") == "503 caller_unresolved"
