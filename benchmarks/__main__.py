@@ -16,6 +16,7 @@ COMMANDS = {
     "auth": ("auth", "main", "how Envoy reaches the control plane: CPU per request of each way (issue 15)"),
     "work": ("work", "main", "the ext_proc's own work per request, in process"),
     "budget-hook": ("budgets", "hook_main", "the budget hook's CPU per request, in process"),
+    "dashboard": ("dashboard", "main", "docs/images/dashboard.png: the dashboard's panels from a real run's /metrics"),
     "paced-provider": ("streams", "main", "(started by the bench) the streaming benchmark's paced provider"),
     "floor-server": ("floor", "main", "(started by the bench) the floor's ext_proc server"),
 }

@@ -104,7 +104,8 @@ def seed_gateway():
     budgets = BudgetGate(metrics.registry, lambda: holder.table, None, False)
     processor = ExternalProcessor(holder, budgets=budgets)
     receiver = AccessLogReceiver(metrics, budgets, AttemptObserver(
-        PassiveHealth(), metrics.registry, hosts=lambda: holder.table.cluster_hosts))
+        PassiveHealth(), metrics.registry, hosts=lambda: holder.table.cluster_hosts),
+        prices=lambda: holder.table.prices)
     return processor, receiver, metrics
 
 

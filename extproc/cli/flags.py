@@ -49,6 +49,13 @@ def add_metrics_arg(p: argparse.ArgumentParser, default: str) -> None:
                    help=f"serve /metrics (Prometheus), /healthz and /readyz here (default {default}; 'none' for none)")
 
 
+def add_tracing_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--otlp-endpoint", default=None, metavar="URL",
+                   help="export OpenTelemetry spans (a request's and each provider attempt's) over OTLP gRPC to URL, "
+                        "e.g. http://127.0.0.1:4317 (default: $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or "
+                        "$OTEL_EXPORTER_OTLP_ENDPOINT; none set: no traces, nothing done per request)")
+
+
 def add_redis_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis", default=os.environ.get("LLM_GATEWAY_REDIS_URL") or None, metavar="URL",
                    help="share LLMTokenRateLimit budgets with every gateway naming this Redis (redis://host:6379/0; "

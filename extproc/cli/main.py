@@ -26,6 +26,8 @@ from ..policy.decide import match
 from ..policy.failover import describe_failover
 from ..policy.gateway_binding import forward_of
 from ..protocol import DEFAULT_BODY_LIMIT
+from ..telemetry.spans import tracing_endpoint
+from ..telemetry.spend import format_report
 from .argtypes import access_log_path, host_port, seconds, size
 from .flags import (
     add_caller_args,
@@ -36,6 +38,7 @@ from .flags import (
     add_redis_args,
     add_scale_args,
     add_source_args,
+    add_tracing_arg,
     add_upstream_args,
     add_worker_args,
     check_scale_args,
@@ -84,12 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_caller_args(up, "the calling workload's identity in local mode")
     add_redis_args(up)
     add_scale_args(up)
+    add_tracing_arg(up)
 
     demo = sub.add_parser("demo", parents=[common],
                           help="the embedded default: fake local providers, the seed manifests, ready-to-paste curls")
     demo.add_argument("--listen", type=host_port, default=HostPort("127.0.0.1", 10000), metavar="HOST:PORT")
     demo.add_argument("--admin", type=host_port, default=HostPort("127.0.0.1", 9901), metavar="HOST:PORT")
     add_metrics_arg(demo, "127.0.0.1:9464")
+    add_tracing_arg(demo)
 
     serve = sub.add_parser("serve", parents=[common],
                            help="the ext_proc and xDS server only, for an Envoy run elsewhere")
@@ -124,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_scale_args(serve)
     add_leader_args(serve)
     add_worker_args(serve)
+    add_tracing_arg(serve)
 
     ec = sub.add_parser("envoy-config", parents=[common], help="print the Envoy bootstrap (JSON); it holds no API key")
     ec.add_argument("--control", type=host_port, default=HostPort("127.0.0.1", 18000), metavar="HOST:PORT",
@@ -163,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("crds", parents=[common], help="print the CustomResourceDefinitions (k8s/crds.yaml)")
 
+    spend = sub.add_parser("spend", parents=[common],
+                           help="who spent what since the gateway started: cost and tokens by caller, model and route")
+    spend.add_argument("--url", default="http://127.0.0.1:9464", metavar="URL",
+                       help="the gateway's ops endpoint, its --metrics address (default http://127.0.0.1:9464)")
+    spend.add_argument("--by", default="caller,model,route", metavar="GROUPS",
+                       help="group by these, comma-separated: caller, route, provider, model (default "
+                            "caller,model,route); currencies are always kept apart")
+    spend.add_argument("--json", action="store_true", help="print the JSON report (as GET /spend answers it)")
+
     route = sub.add_parser("route", parents=[common],
                            help="dry run: which route, rule, provider, model and cluster a request gets")
     route.add_argument("--config", action="append", required=True, metavar="PATH")
@@ -182,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler = {"up": cmd_up, "demo": cmd_demo, "serve": cmd_serve, "envoy-config": cmd_envoy_config,
-               "validate": cmd_validate, "route": cmd_route, "crds": cmd_crds}[args.command]
+               "validate": cmd_validate, "route": cmd_route, "crds": cmd_crds, "spend": cmd_spend}[args.command]
     try:
         return handler(args)
     except StartupError as exc:
@@ -203,12 +218,12 @@ def cmd_up(args: argparse.Namespace) -> int:
                      home=home_namespace(args.control_namespace), view=view_from_args(args),
                      redis_url=args.redis, redis_fail_closed=args.redis_fail_closed,
                      max_body_bytes_in_flight=args.max_body_bytes_in_flight, drain_grace_s=args.drain_grace,
-                     caller=source_caller(args))
+                     caller=source_caller(args), otlp_endpoint=tracing_endpoint(args.otlp_endpoint))
     return asyncio.run(run_up(opts))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return asyncio.run(run_demo(args.listen, args.admin, args.metrics))
+    return asyncio.run(run_demo(args.listen, args.admin, args.metrics, tracing_endpoint(args.otlp_endpoint)))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -222,7 +237,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         max_body_bytes_in_flight=args.max_body_bytes_in_flight, drain_grace_s=args.drain_grace,
                         workers=args.workers, log_level=args.log_level, lease_namespace=args.lease_namespace,
                         lease_name=args.lease_name, lease_duration_s=args.lease_duration,
-                        caller=source_caller(args), identity_grace_s=args.identity_grace)
+                        caller=source_caller(args), identity_grace_s=args.identity_grace,
+                        otlp_endpoint=tracing_endpoint(args.otlp_endpoint))
     return asyncio.run(run_serve(opts))
 
 
@@ -265,8 +281,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for problem in compiled.problems:
         print(f"warning: {problem}", file=sys.stderr)
     kinds = [obj.resource.kind for obj in compiled.accepted]
-    budgets = f", {kinds.count('LLMTokenRateLimit')} LLMTokenRateLimit" if "LLMTokenRateLimit" in kinds else ""
-    print(f"ok: {kinds.count('LLMProvider')} LLMProvider, {kinds.count('LLMRoute')} LLMRoute{budgets}")
+    own = "".join(f", {kinds.count(kind)} {kind}" for kind in ("LLMTokenRateLimit", "LLMPriceTable") if kind in kinds)
+    print(f"ok: {kinds.count('LLMProvider')} LLMProvider, {kinds.count('LLMRoute')} LLMRoute{own}")
     return 0
 
 
@@ -307,4 +323,30 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 def cmd_crds(args: argparse.Namespace) -> int:
     sys.stdout.write(crds_yaml())
+    return 0
+
+
+def cmd_spend(args: argparse.Namespace) -> int:
+    """GET /spend of a running gateway, as a table (or its JSON)."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    url = f"{args.url.rstrip('/')}/spend?by={urllib.parse.quote(args.by)}"
+    if "://" not in args.url:
+        url = "http://" + url
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            report = json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        print(f"error: {url}: {exc.code} {exc.read().decode(errors='replace').strip()}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot read {url}: {exc} (is the gateway running with --metrics there?)", file=sys.stderr)
+        return 1
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        print()
+    else:
+        print(format_report(report))
     return 0

@@ -30,6 +30,7 @@ from ..policy.gateway_binding import (
 from ..policy.matching import HeaderCondition
 from ..policy.openai_api import base_path, route_bases
 from ..policy.passive_health import DEFAULT_CONSECUTIVE_ERRORS, DEFAULT_COOL_DOWN_S
+from ..policy.pricing import Price, PriceTable, price_per_token
 from ..policy.table import (
     Claim,
     Forward,
@@ -45,6 +46,7 @@ from ..policy.visibility import may_use, visible_to
 from ..protocol import provider_cluster
 from .loader import Loaded
 from .models import (
+    LLMPriceTable,
     LLMProvider,
     LLMRoute,
     LLMTokenRateLimit,
@@ -101,6 +103,7 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
             declared[spec.host] = declared_binding(spec.gateways, obj.resource.metadata.namespace)
         providers[spec.host] = obj
 
+    prices = compile_prices(objects, providers, problems, home if namespaces else None, namespaces)
     claimed: dict[str, list[Claim]] = {}  # host name -> the routes answering to it here
     forwarded: dict[str, Forward] = {}
     used: set[str] = set()  # provider hosts the routes served here send to
@@ -118,8 +121,8 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
                             for path, message, reason in check.errors)
             problems.extend(errors)
             continue
-        route, route_problems = _compile_route(obj, providers, home if namespaces else None, namespaces, view,
-                                               check.binding, declared)
+        route, route_problems = _compile_route(obj, providers, home if namespaces else None, namespaces, prices,
+                                               view, check.binding, declared)
         if route_problems:
             problems.extend(route_problems)
             continue
@@ -159,10 +162,11 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
                     referrers[host].append(bound)
     bindings = {host: declared.get(host) or provider_binding(referrers[host]) for host in providers}
     accepted.extend(providers.values())
+    accepted.extend(prices.accepted)
     for host, obj in providers.items():
         namespace = obj.resource.metadata.namespace
         if view.target in bindings[host]:
-            default = _default_route(obj, home, namespaces)
+            default = _default_route(obj, home, namespaces, prices)
             names = [name for name in host_aliases(host, namespace) if name not in forwarded]
             if names:
                 _claim(claimed, host, namespace, default, names)
@@ -200,7 +204,7 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
     health = {host: _health(obj) for host, obj in providers.items()}
     table = RoutingTable(routes=routes, clusters=clusters, version=_version(accepted), forwarded=forwarded,
                          budgets=budgets, health=health, failover_clusters=failover_clusters, claims=claims,
-                         home=home if namespaces else None)
+                         home=home if namespaces else None, prices=prices.table)
     return Compiled(table=table, problems=problems, accepted=accepted)
 
 
@@ -272,7 +276,7 @@ def _usable_provider(obj: Loaded, provider_host: str, field: str, providers: dic
 
 
 def _compile_route(obj: Loaded, providers: dict[str, Loaded], home: str | None, namespaces: bool,
-                   view: View = MESH_VIEW, binding: frozenset[str] = frozenset({MESH}),
+                   prices: CompiledPrices, view: View = MESH_VIEW, binding: frozenset[str] = frozenset({MESH}),
                    declared: dict[str, tuple[str, ...]] | None = None) -> tuple[Route, list[Problem]]:
     resource = obj.resource
     assert isinstance(resource, LLMRoute)
@@ -289,7 +293,7 @@ def _compile_route(obj: Loaded, providers: dict[str, Loaded], home: str | None, 
                                         providers, problems, home, namespaces, binding, declared)
             if provider is None:
                 continue
-            targets.append(_target(route_name, rule_label, rule.name, provider))
+            targets.append(_target(route_name, rule_label, rule.name, provider, prices))
         # `matches[].gateways` (Istio's): an entry applies only at the proxies it names (default: the route's)
         applying = [m for m in rule.matches
                     if view.target in ({gateway_ref(g, namespace) for g in m.gateways} if m.gateways else binding)]
@@ -304,7 +308,7 @@ def _compile_route(obj: Loaded, providers: dict[str, Loaded], home: str | None, 
                                         providers, problems, home, namespaces, binding, declared)
             if provider is None:
                 continue
-            fallbacks.append(_target(route_name, rule_label, rule.name, provider))
+            fallbacks.append(_target(route_name, rule_label, rule.name, provider, prices))
         if rule.matches and not applying:
             continue  # every entry applies at other proxies only: the rule never matches here
         if targets and len(targets) == len(weights) and len(fallbacks) == len(rule.fallback_refs):
@@ -330,17 +334,19 @@ def _selector(resource: LLMRoute | LLMProvider) -> Labels | None:
     return labels_of(selector.selector) if selector is not None else None
 
 
-def _default_route(obj: Loaded, home: str | None = None, namespaces: bool = False) -> Route:
+def _default_route(obj: Loaded, home: str | None = None, namespaces: bool = False,
+                   prices: CompiledPrices | None = None) -> Route:
     resource = obj.resource
     assert isinstance(resource, LLMProvider)
     name = f"{resource.metadata.namespace}/{resource.metadata.name}"
-    target = _target(name, "default", None, obj)
+    target = _target(name, "default", None, obj, prices)
     return Route(name, (Rule("default", (), (target,), (1,)),), frozenset(), visible=_visible(obj, home, namespaces),
                  bases=route_bases([target]), namespace=resource.metadata.namespace, selector=_selector(resource),
                  provider_default=True)
 
 
-def _target(route: str, rule_label: str, rule_name: str | None, provider: Loaded) -> Target:
+def _target(route: str, rule_label: str, rule_name: str | None, provider: Loaded,
+            prices: CompiledPrices | None = None) -> Target:
     resource = provider.resource
     assert isinstance(resource, LLMProvider)
     configs = resource.spec.configs
@@ -361,6 +367,7 @@ def _target(route: str, rule_label: str, rule_name: str | None, provider: Loaded
         timeout_s=resource.spec.timeout_s,
         base_path=base_path(resource.spec.path, resource.spec.base_path),
         embedding_model=cfg.embedding_model,
+        prices=prices.table.by_host.get(resource.spec.host, _NO_PRICES) if prices is not None else _NO_PRICES,
     )
 
 
@@ -428,3 +435,53 @@ def compile_budgets(objects: list[Loaded], resolve: Callable[[str, str], Route |
                                          key.caller if key is not None and key.caller else "")))
         accepted.append(obj)
     return BudgetTable.of(pairs)
+
+
+_NO_PRICES: dict[str, Price] = {}  # shared by every target whose provider has no price table
+
+
+@dataclass(frozen=True)
+class CompiledPrices:
+    table: PriceTable
+    accepted: list[Loaded]
+
+
+def compile_prices(objects: list[Loaded], providers: dict[str, Loaded], problems: list[Problem],
+                   home: str | None, namespaces: bool) -> CompiledPrices:
+    """LLMPriceTable objects: one per LLMProvider host, naming a host an LLMProvider serves. With
+    `namespaces` (Kubernetes), a table prices only a provider of its own namespace, or any from
+    the control plane's namespace: a namespace cannot set what another's spending costs."""
+    by_host: dict[str, dict[str, Price]] = {}
+    owner: dict[str, Loaded] = {}
+    accepted: list[Loaded] = []
+    for obj in objects:
+        resource = obj.resource
+        if not isinstance(resource, LLMPriceTable):
+            continue
+        spec, namespace = resource.spec, resource.metadata.namespace
+        provider = providers.get(spec.host)
+        if provider is None:
+            problems.append(Problem(f"no LLMProvider serves host {spec.host!r}", file=obj.file, obj=obj.label,
+                                    field="spec.host", reason="HostNotFound"))
+            continue
+        if namespaces and namespace not in (provider.resource.metadata.namespace, home):
+            problems.append(Problem(f"the LLMProvider of host {spec.host!r} is in namespace "
+                                    f"{provider.resource.metadata.namespace}: a price table applies to a provider of "
+                                    f"its own namespace (or any, from the control plane's)",
+                                    file=obj.file, obj=obj.label, field="spec.host", reason="ProviderNotInNamespace"))
+            continue
+        if spec.host in owner:
+            problems.append(Problem(f"host {spec.host!r} is already priced by {owner[spec.host].label}",
+                                    file=obj.file, obj=obj.label, field="spec.host", reason="HostConflict"))
+            continue
+        name = f"{namespace}/{resource.metadata.name}"
+        models: dict[str, Price] = {}
+        for item in spec.models:
+            input_price = price_per_token(item.input)
+            models[item.model] = Price(spec.currency, input_price, price_per_token(item.output),
+                                       price_per_token(item.cached_input) if item.cached_input is not None
+                                       else input_price, name)
+        owner[spec.host] = obj
+        by_host[spec.host] = models
+        accepted.append(obj)
+    return CompiledPrices(PriceTable(by_host), accepted)

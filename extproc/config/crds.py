@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .models import BUDGET_API_VERSION, LLMProviderSpec, LLMRouteSpec, LLMTokenRateLimitSpec
+from .models import BUDGET_API_VERSION, LLMPriceTableSpec, LLMProviderSpec, LLMRouteSpec, LLMTokenRateLimitSpec
 
 GROUP = "istio.alibabacloud.com"
 VERSION = "v1beta1"
@@ -125,7 +125,12 @@ def crd_documents() -> list[dict[str, Any]]:
         {"name": "Key", "type": "string", "jsonPath": ".spec.key.header"},
         {"name": "Rules", "type": "string", "jsonPath": ".spec.rules[*].name"},
     ], "llmtrl", BUDGET_GROUP, BUDGET_VERSION)
-    return [provider, route, budget]
+    prices = _crd("LLMPriceTable", "llmpricetables", spec_schema(LLMPriceTableSpec), [
+        {"name": "Host", "type": "string", "jsonPath": ".spec.host"},
+        {"name": "Currency", "type": "string", "jsonPath": ".spec.currency"},
+        {"name": "Models", "type": "string", "jsonPath": ".spec.models[*].model"},
+    ], "llmprice", BUDGET_GROUP, BUDGET_VERSION)
+    return [provider, route, budget, prices]
 
 
 def crds_yaml() -> str:

@@ -31,10 +31,11 @@ from .problems import Problem
 log = logging.getLogger(__name__)
 
 SOURCE_LABEL = "kubernetes"
-PLURALS = {"LLMProvider": "llmproviders", "LLMRoute": "llmroutes", "LLMTokenRateLimit": "llmtokenratelimits"}
+PLURALS = {"LLMProvider": "llmproviders", "LLMRoute": "llmroutes", "LLMTokenRateLimit": "llmtokenratelimits",
+           "LLMPriceTable": "llmpricetables"}
 # our own kind lives in our own API group; its CRD may not be installed (then: no budgets)
-API_OF = {"LLMTokenRateLimit": (BUDGET_GROUP, BUDGET_VERSION)}
-OPTIONAL_KINDS = ("LLMTokenRateLimit",)
+API_OF = {"LLMTokenRateLimit": (BUDGET_GROUP, BUDGET_VERSION), "LLMPriceTable": (BUDGET_GROUP, BUDGET_VERSION)}
+OPTIONAL_KINDS = ("LLMTokenRateLimit", "LLMPriceTable")
 WATCH_TIMEOUT_S = 240
 MAX_BACKOFF_S = 30.0
 
@@ -96,8 +97,8 @@ class KubernetesSource:
             except Exception as exc:
                 if kind not in OPTIONAL_KINDS or getattr(exc, "status", None) != 404:
                     raise
-                log.warning("no %s CRD in the cluster (kubectl apply -f k8s/crds.yaml): no budgets until it is "
-                            "installed", kind)
+                log.warning("no %s CRD in the cluster (kubectl apply -f k8s/crds.yaml): no %s until it is "
+                            "installed", kind, "prices" if kind == "LLMPriceTable" else "budgets")
                 self._versions[kind] = ""
         self._secret_version = await asyncio.to_thread(self._list_secrets_version)
         return await self._reconcile()

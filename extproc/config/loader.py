@@ -24,6 +24,8 @@ from .models import (
     BUDGET_API_VERSION,
     BUDGET_KIND,
     KINDS,
+    PRICE_KIND,
+    LLMPriceTable,
     LLMProvider,
     LLMRoute,
     LLMTokenRateLimit,
@@ -39,7 +41,7 @@ except AttributeError:  # pragma: no cover - depends on how PyYAML was built
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
-Resource = LLMProvider | LLMRoute | LLMTokenRateLimit
+Resource = LLMProvider | LLMRoute | LLMTokenRateLimit | LLMPriceTable
 
 
 @dataclass(frozen=True)
@@ -127,8 +129,9 @@ def _documents(docs: list[Any]) -> list[tuple[str, Any]]:
     return out
 
 
-MODELS: dict[str, type[LLMProvider] | type[LLMRoute] | type[LLMTokenRateLimit]] = {
-    "LLMProvider": LLMProvider, "LLMRoute": LLMRoute, BUDGET_KIND: LLMTokenRateLimit}
+MODELS: dict[str, type[LLMProvider] | type[LLMRoute] | type[LLMTokenRateLimit] | type[LLMPriceTable]] = {
+    "LLMProvider": LLMProvider, "LLMRoute": LLMRoute, BUDGET_KIND: LLMTokenRateLimit, PRICE_KIND: LLMPriceTable}
+OWN_KINDS = (BUDGET_KIND, PRICE_KIND)  # our own kinds, in our own API group
 
 
 def parse_object(doc: Any, file: str, number: str, environ: dict[str, str] | None = None,
@@ -141,12 +144,12 @@ def parse_object(doc: Any, file: str, number: str, environ: dict[str, str] | Non
     if not isinstance(doc, dict):
         return None, [Problem(f"document {number} is not a mapping", file=file)]
     kind = doc.get("kind")
-    if kind not in KINDS and kind != BUDGET_KIND:
+    if kind not in KINDS and kind not in OWN_KINDS:
         return None, []
     found_meta = doc.get("metadata")
     meta: dict[str, Any] = found_meta if isinstance(found_meta, dict) else {}
     label = f"{kind} {meta.get('namespace') or 'default'}/{meta.get('name') or '<unnamed>'}"
-    expected = BUDGET_API_VERSION if kind == BUDGET_KIND else API_VERSION
+    expected = BUDGET_API_VERSION if kind in OWN_KINDS else API_VERSION
     if doc.get("apiVersion") != expected:
         return None, [Problem(f"unsupported apiVersion {doc.get('apiVersion')!r}, expected {expected!r}",
                               file=file, obj=label, field="apiVersion")]

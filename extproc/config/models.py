@@ -7,9 +7,19 @@ served. Unknown fields under `spec` are errors (they are usually typos).
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from ..policy.caller import LABEL_VALUE_PATTERN, label_problems
 
@@ -414,3 +424,64 @@ class LLMTokenRateLimit(BaseModel):
     kind: Literal["LLMTokenRateLimit"]
     metadata: Metadata
     spec: LLMTokenRateLimitSpec
+
+
+# --- LLMPriceTable: our own kind, in our own API group (what tokens cost; docs/cost.md) ---
+
+PRICE_KIND = "LLMPriceTable"
+CURRENCY_PATTERN = r"^[A-Z]{3}$"
+# a price per million tokens: a decimal with at most six decimals (whole pico-units per token)
+PRICE_PATTERN = r"^[0-9]{1,9}(\.[0-9]{1,6})?$"
+
+
+def _price_text(value: object) -> object:
+    """A price written as a YAML number (0.3) is read as its text ("0.3"), never through a float."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        if isinstance(value, int):
+            return str(value)
+        text = format(Decimal(repr(value)), "f")  # 1e-07 -> "0.0000001": refused, never rounded to 0
+        return text.rstrip("0").rstrip(".") if "." in text else text
+    return value
+
+
+PriceText = Annotated[str, BeforeValidator(_price_text), StringConstraints(pattern=PRICE_PATTERN),
+                      WithJsonSchema({"type": "string", "pattern": PRICE_PATTERN})]
+
+
+class ModelPrice(_Strict):
+    model: str = Field(min_length=1, description="The model name as the gateway sends it to the provider.")
+    input: PriceText = Field(description="Price per million input (prompt) tokens, e.g. \"0.30\".")
+    output: PriceText = Field(description="Price per million output (completion) tokens.")
+    cached_input: PriceText | None = Field(default=None, alias="cachedInput",
+                                           description="Price per million cached input tokens; unset, the input "
+                                                       "price.")
+
+
+class LLMPriceTableSpec(_Strict):
+    host: str = Field(min_length=1, json_schema_extra={"pattern": HOST_PATTERN},
+                      description="The LLMProvider host whose answers these prices apply to.")
+    currency: str = Field(pattern=CURRENCY_PATTERN, description="ISO 4217 code of every price here, e.g. USD.")
+    models: list[ModelPrice] = Field(min_length=1)
+
+    @field_validator("host")
+    @classmethod
+    def _host_is_a_name(cls, value: str) -> str:
+        return _check_host(value)
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> LLMPriceTableSpec:
+        names = [price.model for price in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"models: each model is priced once (repeated: {', '.join(dupes)})")
+        return self
+
+
+class LLMPriceTable(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+    api_version: Literal["llm-gateway.dev/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["LLMPriceTable"]
+    metadata: Metadata
+    spec: LLMPriceTableSpec

@@ -24,8 +24,10 @@ from ..errors import LOCAL_REPLIES, GatewayError
 from ..policy import openai_api
 from ..policy.caller import Caller
 from ..policy.openai_api import Endpoint
+from ..policy.pricing import Price
 from ..policy.table import Route, Target
 from ..protocol import CLUSTER_HEADER, METADATA_NAMESPACE
+from ..telemetry.trace_context import TRACEPARENT, TraceContext, attempt_span_id, traceparent
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 TIMEOUT_HEADER = "x-envoy-upstream-rq-timeout-ms"
@@ -133,6 +135,56 @@ def caller_entries(caller: Caller) -> bytes:
         fields = b"".join(wire.string_entry(key, value) for key, value in values if value)
         kept = memo["entries"] = wire.struct_entry("caller", wire.struct_value(fields)) if fields else b""
     return kept
+
+
+@lru_cache(maxsize=1024)
+def price_entries(price: Price) -> bytes:
+    """The price of the request's provider and model as `llm_gateway` metadata entries, for the
+    access log's cost (Envoy's CEL) and the receiver's (exact): the currency, and the prices per
+    million tokens as numbers. Encoded once per price."""
+    from google.protobuf import struct_pb2
+
+    per_input, per_output, per_cached = price.per_million()
+    return struct_pb2.Struct(fields={
+        "currency": struct_pb2.Value(string_value=price.currency),
+        "price_input": struct_pb2.Value(number_value=per_input),
+        "price_output": struct_pb2.Value(number_value=per_output),
+        "price_cached_input": struct_pb2.Value(number_value=per_cached)}).SerializeToString(deterministic=True)
+
+
+def with_price(target: Target, decision: bytes, model: str) -> bytes:
+    """The decision's entries with the price of `model` at the target's provider (as they are where
+    it has none), kept on the target per priced model: the same bytes object every time, so the
+    metadata built from it is cached too (`decision_metadata`)."""
+    price = target.prices.get(model)
+    if price is None:
+        return decision
+    key = ("price", decision, model)
+    built = target.answers.get(key)
+    if built is None:
+        built = target.answers[key] = (decision + price_entries(price), b"")
+    return built[0]
+
+
+def price_values(price: Price | None) -> dict[str, object]:
+    """The same, as plain values (the retry processor's metadata update); an unpriced provider
+    clears the currency, so a failed-over request is never charged at the first provider's price."""
+    if price is None:
+        return {"currency": ""}
+    per_input, per_output, per_cached = price.per_million()
+    return {"currency": price.currency, "price_input": per_input, "price_output": per_output,
+            "price_cached_input": per_cached}
+
+
+def trace_parts(trace: TraceContext) -> tuple[bytes, bytes]:
+    """A sampled request's `traceparent` for its first attempt (a header mutation to append to
+    the headers' answer), and the trace's ids as metadata entries (for the spans the access-log
+    receiver builds, and the retry processor's later attempts)."""
+    header_part = wire.request_headers_set(wire.header_option(
+        TRACEPARENT, traceparent(trace.trace_id, attempt_span_id(trace.span_id, 1)).encode()))
+    entries = (wire.string_entry("trace_id", trace.trace_id) + wire.string_entry("span_id", trace.span_id)
+               + wire.string_entry("parent_span_id", trace.parent_span_id))
+    return header_part, entries
 
 
 @lru_cache(maxsize=256)

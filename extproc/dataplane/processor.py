@@ -31,6 +31,7 @@ from ..policy.failover import FAILOVER_BODY_MAX
 from ..policy.passive_health import PassiveHealth
 from ..policy.table import TableHolder
 from ..protocol import DEFAULT_BODY_LIMIT, METADATA_NAMESPACE
+from ..telemetry.trace_context import TRACEPARENT, Sampler, TraceContext
 from . import answers
 from .body_rewrite import rewrite_body
 
@@ -44,8 +45,9 @@ class ExternalProcessor:
     def __init__(self, holder: TableHolder, draw: Callable[[], float] = random.random,
                  clock: Callable[[], float] = time.time, body_limit: int = DEFAULT_BODY_LIMIT,
                  budgets: BudgetGate | None = None, inflight: Inflight | None = None,
-                 health: PassiveHealth | None = None):
+                 health: PassiveHealth | None = None, tracing: Sampler | None = None):
         self.holder = holder
+        self.tracing = tracing  # None: no traces (no exporter configured), nothing done per request
         self.budgets = budgets  # token/request budgets (extproc.policy.budget_gate)
         self.draw = draw
         self.clock = clock
@@ -69,7 +71,7 @@ class ExternalProcessor:
 
     @staticmethod
     def forward(body: bytes, chunks: int, decision: Decision, budget: Admitted | None = None,
-                caller: Caller = LOCAL) -> list[bytes]:
+                trace: TraceContext | None = None, caller: Caller = LOCAL) -> list[bytes]:
         """The held answer to the headers, then one answer per body chunk (the last one with the
         rewritten body). In wire form: the target's prebuilt part and what this request adds."""
         target, endpoint = decision.target, decision.endpoint
@@ -82,10 +84,19 @@ class ExternalProcessor:
             attempt_headers = ()
         if decision.strip or attempt_headers:
             parts.append(answers.more_headers(decision.strip, attempt_headers))
+        if target.prices:  # the provider has a price table: the model's price, for the request's cost
+            prebuilt = answers.with_price(target, prebuilt, rewritten.model)
         entries, metadata = answers.decision_metadata(prebuilt, rewritten.model, rewritten.stream, decision.authority,
                                                       answers.caller_entries(caller))
+        more = b""
         if budget is not None:  # the budget charged, for the access log, and the x-ratelimit-* header values
-            metadata = wire.dynamic_metadata(METADATA_NAMESPACE, entries + budget.encoded())
+            more = budget.encoded()
+        if trace is not None:  # a sampled request: its provider continues the trace
+            header_part, trace_entries = answers.trace_parts(trace)
+            parts.append(header_part)
+            more += trace_entries
+        if more:
+            metadata = wire.dynamic_metadata(METADATA_NAMESPACE, entries + more)
         parts.append(metadata)
         return answers.body_answers(parts, chunks, rewritten.body)
 
@@ -95,7 +106,7 @@ class Exchange:
     when its body is whole (or at once with an error). The stream ends as soon as nothing more
     is needed, before Envoy has to cancel it."""
 
-    __slots__ = ("_processor", "_caller", "_decision", "_body", "_chunks", "_budget", "_held")
+    __slots__ = ("_processor", "_caller", "_decision", "_body", "_chunks", "_budget", "_held", "_trace")
 
     def __init__(self, processor: ExternalProcessor, caller: Caller = LOCAL):
         self._processor = processor
@@ -108,6 +119,7 @@ class Exchange:
         self._body = bytearray()
         self._chunks = 0
         self._budget: Admitted | None = None
+        self._trace: TraceContext | None = None
 
     def on_message(self, message: bytes) -> tuple[list[bytes], bool]:
         """The answers this message completes, in wire form (none while the request body is
@@ -132,6 +144,8 @@ class Exchange:
                     self._admit(decision.declared_length, processor)
                 if processor.budgets is not None:
                     self._budget = processor.budgets.admit(decision.target.route, decision.headers, self._caller)
+                if processor.tracing is not None:
+                    self._trace = processor.tracing.start(decision.headers.get(TRACEPARENT))
                 return [], False  # answered with the body
             if phase == "request_body":
                 held = self._decision
@@ -146,7 +160,8 @@ class Exchange:
                     self._admit(len(self._body), processor)
                 if not chunk.end_of_stream:
                     return [], False
-                return processor.forward(bytes(self._body), self._chunks, held, self._budget, self._caller), True
+                return processor.forward(bytes(self._body), self._chunks, held, self._budget, self._trace,
+                                         self._caller), True
             return [answers.continue_phase(phase).SerializeToString()], False
         except GatewayError as error:
             response = answers.immediate(error)

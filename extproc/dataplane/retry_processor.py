@@ -19,6 +19,7 @@ from ..errors import GatewayError
 from ..policy.failover import retry_target, tried_before
 from ..policy.table import RoutingTable, TableHolder, Target
 from ..protocol import METADATA_NAMESPACE, ORDER_HEADER
+from ..telemetry.trace_context import TRACEPARENT, attempt_span_id, traceparent
 from . import answers
 from .body_rewrite import rewrite_body
 
@@ -37,12 +38,13 @@ class RetryRewriter:
 
 
 class RetryExchange:
-    __slots__ = ("_table", "_target", "_tried")
+    __slots__ = ("_table", "_target", "_tried", "_priced")
 
     def __init__(self, table: RoutingTable):
         self._table = table
         self._target: Target | None = None
         self._tried = ""
+        self._priced = False  # the request carries a price (of an earlier attempt's provider)
 
     def on_message(self, message: bytes) -> tuple[list[bytes], bool]:
         responses, done = self.on_request(pb.ProcessingRequest.FromString(message))
@@ -73,10 +75,16 @@ class RetryExchange:
         fields = decision.fields if decision is not None else {}
         route = fields["route"].string_value if "route" in fields else ""
         rule = fields["rule"].string_value if "rule" in fields else ""
+        self._priced = "currency" in fields
         target = self._target = retry_target(self._table, route, rule, order, attempt)
         self._tried = tried_before(self._table, route, rule, order, attempt)
         response = pb.ProcessingResponse()
-        answers.attempt_mutation(response.request_headers.response.header_mutation, target, target.path)
+        mutation = response.request_headers.response.header_mutation
+        answers.attempt_mutation(mutation, target, target.path)
+        if "span_id" in fields and "trace_id" in fields:  # a sampled request: this attempt's own span
+            span = attempt_span_id(fields["span_id"].string_value, attempt)
+            mutation.set_headers.append(answers.header(
+                TRACEPARENT, traceparent(fields["trace_id"].string_value, span)))
         return response
 
     def _on_body(self, body: pb.HttpBody) -> pb.ProcessingResponse:
@@ -87,8 +95,9 @@ class RetryExchange:
         common = response.request_body.response
         common.header_mutation.set_headers.append(answers.header("content-length", str(len(rewritten.body))))
         common.body_mutation.body = rewritten.body
-        response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.update({
-            "provider": target.provider, "provider_host": target.provider_host,
-            "request_model": rewritten.model, "stream": rewritten.stream, "tried": self._tried,
-        })
+        decided = {"provider": target.provider, "provider_host": target.provider_host,
+                   "request_model": rewritten.model, "stream": rewritten.stream, "tried": self._tried}
+        if target.prices or self._priced:  # this attempt's price (or none), never the previous provider's
+            decided.update(answers.price_values(target.prices.get(rewritten.model)))
+        response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.update(decided)
         return response

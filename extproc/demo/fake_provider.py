@@ -7,6 +7,7 @@ Gateway's test upstream is:
   x-fake-reply: text     the assistant's reply (default: a greeting naming the model)
   x-fake-delay: 1.5      wait that many seconds before answering
   x-fake-total-tokens: 17  report that many tokens in usage (about half prompt, half completion)
+  x-fake-cached-tokens: 3  report that many of the prompt tokens as cached (prompt_tokens_details)
   x-fake-body-delay: 1   a JSON answer's body sent in four pieces, that many seconds apart
 Besides chat (any path but the two below) it answers `.../embeddings` (vectors derived from
 the input, as floats or base64 as asked) and `.../completions` (the legacy text completion).
@@ -166,11 +167,13 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(400, "body is not JSON", "invalid_json")
         model = body.get("model", "")
         reply = headers.get("x-fake-reply") or f"Hello! I am {model}, served by {self.fake.name}."
-        usage = {"prompt_tokens": prompt_tokens(body), "completion_tokens": count_tokens(reply)}
+        usage: dict[str, Any] = {"prompt_tokens": prompt_tokens(body), "completion_tokens": count_tokens(reply)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if "x-fake-total-tokens" in headers:
             total = int(headers["x-fake-total-tokens"])
             usage = {"prompt_tokens": total // 2, "completion_tokens": total - total // 2, "total_tokens": total}
+        if "x-fake-cached-tokens" in headers:
+            usage["prompt_tokens_details"] = {"cached_tokens": int(headers["x-fake-cached-tokens"])}
         if self.path.endswith("/embeddings"):
             return self._embeddings(model, body)
         if body.get("stream") is True:

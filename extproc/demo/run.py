@@ -31,6 +31,11 @@ def manifests_dir() -> Path:
     return Path(str(resources.files(__package__) / "manifests"))
 
 
+def prices_dir() -> Path:
+    """The example LLMPriceTable for the seed's models (placeholder prices, not the providers')."""
+    return Path(str(resources.files(__package__) / "prices"))
+
+
 def start_fakes(workdir: Path) -> tuple[ThrowawayCA, dict[str, FakeProvider], dict[str, str]]:
     """A CA and one fake per seed provider. Returns them and the key variables to set."""
     ca = ThrowawayCA(workdir / "pki")
@@ -69,7 +74,8 @@ An OpenAI base URL: embeddings, and the model list the gateway answers itself (d
 """
 
 
-async def run_demo(listen: HostPort, admin: HostPort, metrics: HostPort | None) -> int:
+async def run_demo(listen: HostPort, admin: HostPort, metrics: HostPort | None,
+                   otlp_endpoint: str | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="llm-gateway-demo-"))
     fakes: dict[str, FakeProvider] = {}
     try:
@@ -80,11 +86,12 @@ async def run_demo(listen: HostPort, admin: HostPort, metrics: HostPort | None) 
             resolve={host: HostPort("127.0.0.1", fake.port) for host, fake in fakes.items()},
         )
         access_log = workdir / "access.log"
-        opts = UpOptions(config=[str(manifests_dir())], listen=listen, admin=admin, upstream=upstream,
-                         metrics=metrics, access_log=str(access_log))
+        opts = UpOptions(config=[str(manifests_dir()), str(prices_dir())], listen=listen, admin=admin,
+                         upstream=upstream, metrics=metrics, access_log=str(access_log), otlp_endpoint=otlp_endpoint)
 
         def ready() -> None:
-            print(f"\nLLM gateway demo is up. Config: {manifests_dir()} (the seed's manifests)")
+            print(f"\nLLM gateway demo is up. Config: {manifests_dir()} (the seed's manifests) and "
+                  f"{prices_dir()} (example prices, not the providers')")
             print("Fake providers: " + ", ".join(f"{h} -> 127.0.0.1:{f.port}" for h, f in fakes.items()))
             print(curl_examples(listen))
             print("A streamed answer, read as it arrives:")
@@ -92,7 +99,11 @@ async def run_demo(listen: HostPort, admin: HostPort, metrics: HostPort | None) 
                   "'{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"stream\": true}'\n")
             if metrics is not None:
                 print(f"Metrics:      curl -s http://{metrics}/metrics | grep gen_ai_")
-            print(f"Access log:   tail -f {access_log}   (one JSON line per request: route, model, tokens)")
+                print(f"Spend:        extproc spend --url http://{metrics}   (who spent what, by caller, model, "
+                      "route)")
+            if otlp_endpoint:
+                print(f"Traces:       spans of every request and provider attempt go to {otlp_endpoint} (OTLP)")
+            print(f"Access log:   tail -f {access_log}   (one JSON line per request: route, model, tokens, cost)")
             print(f"Envoy stats:  curl -s http://{admin}/stats | grep llm_provider_")
             print("Ctrl-C stops it.", flush=True)
 

@@ -35,6 +35,9 @@ ACCESS_LOG_FORMAT = {
     "prompt_tokens": metadata_value("prompt_tokens"),
     "completion_tokens": metadata_value("completion_tokens"),
     "total_tokens": metadata_value("total_tokens"),
+    "cached_tokens": metadata_value("cached_tokens"),
+    "cost": metadata_value("cost"),  # nothing writes it: null, but on a priced answer's line (COST)
+    "currency": metadata_value("currency"),
     "ttft_ms": metadata_value("ttft_ms"),  # nothing writes it: null on a JSON answer's line (see below)
     "generation_ms": metadata_value("generation_ms"),  # the same
     "stream_error": metadata_value("stream_error"),
@@ -55,7 +58,43 @@ ACCESS_LOG_FORMAT = {
     "upstream_host": "%UPSTREAM_HOST%",
     "bytes_received": "%BYTES_RECEIVED%",
     "bytes_sent": "%BYTES_SENT%",
+    "trace_id": metadata_value("trace_id"),
 }
+
+
+def _usage(key: str) -> str:
+    return f"('{key}' in M ? double(M['{key}']) : 0.0)"
+
+
+# A priced answer's cost (docs/cost.md): the prompt's uncached tokens at the input price, its
+# cached tokens at the cached price, the completion at the output price, prices per million
+# tokens as the ext_proc wrote them for the attempt's provider and model. Envoy's CEL formats
+# the double (small amounts in exponent form, e.g. 3e-07); the metrics and the spend report use
+# the receiver's exact sum of the same terms (`extproc.policy.pricing.cost_of`).
+COST = ("%CEL((" + f"({_usage('prompt_tokens')} - {_usage('cached_tokens')}) * double(M['price_input'])"
+        f" + {_usage('cached_tokens')} * double(M['price_cached_input'])"
+        f" + {_usage('completion_tokens')} * double(M['price_output'])"
+        ") / 1000000.0)%").replace("M[", f"metadata.filter_metadata['{METADATA_NAMESPACE}'][").replace(
+            "in M ", f"in metadata.filter_metadata['{METADATA_NAMESPACE}'] ")
+
+
+def _priced(priced: bool) -> dict:
+    """Whether the answer has a cost to log: a currency (its model has a price) and usage. Only
+    those lines pay for the CEL expression; the others have `cost` null. Envoy's metadata filter
+    cannot negate (it ignores a matcher's `invert`), so "not priced" is written out: no currency
+    (absent or empty), or no usage (a string matcher never matches the number a present
+    `prompt_tokens` holds)."""
+    def matcher(key: str, value: dict, if_absent: bool) -> dict:
+        return {"metadata_filter": {"matcher": {"filter": METADATA_NAMESPACE, "path": [{"key": key}], "value": value},
+                                    "match_if_key_not_found": if_absent}}
+
+    if priced:
+        return {"and_filter": {"filters": [
+            matcher("currency", {"string_match": {"safe_regex": {"regex": ".+"}}}, False),
+            matcher("prompt_tokens", {"present_match": True}, False)]}}
+    return {"or_filter": {"filters": [
+        matcher("currency", {"string_match": {"exact": ""}}, True),
+        matcher("prompt_tokens", {"string_match": {"exact": "not a number"}}, True)]}}
 
 
 def _streamed(streamed: bool) -> dict:
@@ -79,8 +118,11 @@ STREAM_ACCESS_LOG_FORMAT = {
 }
 
 
-def _file_log(path: str, fmt: dict, streamed: bool) -> dict:
-    return {"name": "envoy.access_loggers.file", "filter": _streamed(streamed),
+def _file_log(path: str, fmt: dict, streamed: bool, priced: bool) -> dict:
+    if priced:
+        fmt = {**fmt, "cost": COST}
+    return {"name": "envoy.access_loggers.file",
+            "filter": {"and_filter": {"filters": [_streamed(streamed), _priced(priced)]}},
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
                              "path": path, "log_format": {"json_format": fmt}}}
 
@@ -89,9 +131,12 @@ def access_logs(path: str | None) -> list[dict]:
     """The request logs: to the control plane, and to `path` when there is one."""
     logs = [grpc_access_log()]
     if path:
-        # one line per request either way; a streamed request's line has its timings
-        logs.append(_file_log(path, ACCESS_LOG_FORMAT, streamed=False))
-        logs.append(_file_log(path, STREAM_ACCESS_LOG_FORMAT, streamed=True))
+        # one line per request either way; a streamed request's line has its timings, a priced
+        # answer's its cost
+        for streamed in (False, True):
+            fmt = STREAM_ACCESS_LOG_FORMAT if streamed else ACCESS_LOG_FORMAT
+            for priced in (False, True):
+                logs.append(_file_log(path, fmt, streamed, priced))
     return logs
 
 

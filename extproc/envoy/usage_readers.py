@@ -21,7 +21,9 @@ def usage_from_json() -> dict:
             "rules": [rule(["model"], "response_model", "STRING"),
                       rule(["usage", "prompt_tokens"], "prompt_tokens", "NUMBER"),
                       rule(["usage", "completion_tokens"], "completion_tokens", "NUMBER"),
-                      rule(["usage", "total_tokens"], "total_tokens", "NUMBER")],
+                      rule(["usage", "total_tokens"], "total_tokens", "NUMBER"),
+                      # cached prompt tokens (OpenAI's and DashScope's field), priced apart
+                      rule(["usage", "prompt_tokens_details", "cached_tokens"], "cached_tokens", "NUMBER")],
             "allow_content_types_regex": {"regex": "application/json.*"},
         },
     }
@@ -51,6 +53,7 @@ def usage_from_event_stream() -> dict:
                               rule(["usage", "prompt_tokens"], "prompt_tokens", "NUMBER"),
                               rule(["usage", "completion_tokens"], "completion_tokens", "NUMBER"),
                               rule(["usage", "total_tokens"], "total_tokens", "NUMBER"),
+                              rule(["usage", "prompt_tokens_details", "cached_tokens"], "cached_tokens", "NUMBER"),
                               # an error event mid-stream: its code, else its type (read after)
                               rule(["error", "code"], "stream_error", "STRING"),
                               rule(["error", "type"], "stream_error", "STRING")],

@@ -26,6 +26,8 @@ from ..policy.passive_health import AttemptObserver, PassiveHealth
 from ..policy.table import RoutingTable, TableHolder
 from ..protocol import DEFAULT_BODY_LIMIT, HEALTH_CHECK, PROCESS, RETRY_AUTHORITY, STREAM_ACCESS_LOGS
 from ..telemetry.metrics import GatewayMetrics
+from ..telemetry.spans import SpanQueue, SpanSink, gateway_resource, start_export
+from ..telemetry.trace_context import sampler_from_env
 from .malloc import give_back_free_heap
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,7 @@ class DataPlane:
     def __init__(self, holder: TableHolder, body_limit: int = DEFAULT_BODY_LIMIT,
                  max_body_bytes_in_flight: int = DEFAULT_MAX_BODY_BYTES_IN_FLIGHT,
                  redis_url: str | None = None, redis_fail_closed: bool = False, worker: int = 0,
-                 local: Caller = LOCAL):
+                 otlp_endpoint: str | None = None, local: Caller = LOCAL):
         self.holder = holder
         self.local = local  # the caller on a Unix socket: as the operator states it (--source-labels)
         self.body_limit = body_limit
@@ -56,10 +58,15 @@ class DataPlane:
         self.connections: set[H2Connection] = set()  # open HTTP/2 connections from Envoys
         self.server: asyncio.Server | None = None
         attempts = AttemptObserver(self.health, self.metrics.registry, hosts=lambda: self.holder.table.cluster_hosts)
+        # traces only where an exporter is configured: otherwise nothing is done per request
+        self.spans: SpanQueue | None = start_export(otlp_endpoint, self.metrics.registry) if otlp_endpoint else None
+        sink = (SpanSink(self.spans.put, gateway_resource(), lambda: self.holder.table.cluster_hosts)
+                if self.spans is not None else None)
         processor = ExternalProcessor(holder, body_limit=body_limit, budgets=self.budgets, inflight=self.inflight,
-                                      health=self.health)
+                                      health=self.health, tracing=sampler_from_env() if sink is not None else None)
         retries = RetryRewriter(holder, body_limit)
-        receiver = AccessLogReceiver(self.metrics, self.budgets, attempts)
+        receiver = AccessLogReceiver(self.metrics, self.budgets, attempts, sink,
+                                     prices=lambda: self.holder.table.prices)
         self.methods: dict[str, Callable[[Caller | None], Call]] = {
             PROCESS: processor.exchange,
             RETRY_AUTHORITY + PROCESS: lambda _caller: retries.exchange(),
@@ -98,3 +105,5 @@ class DataPlane:
     async def stop(self) -> None:
         self.stop_listening()
         await self.budgets.stop()
+        if self.spans is not None:
+            await asyncio.to_thread(self.spans.stop)

@@ -57,6 +57,7 @@ class ServeOptions:
     lease_duration_s: float = DEFAULT_LEASE_DURATION_S
     caller: Caller = LOCAL  # local mode and a static token: who the Envoy's requests come from
     identity_grace_s: float = DEFAULT_IDENTITY_GRACE_S  # --kubernetes: last known pod labels, how long
+    otlp_endpoint: str | None = None  # spans exported here by every process; None: no traces
 
     @property
     def tcp(self) -> bool:
@@ -100,9 +101,9 @@ async def run_serve(opts: ServeOptions) -> int:
     # worker processes share a TCP port (SO_REUSEPORT); local mode's Unix socket has one process
     workers = WorkerSetup(opts.workers if socket_dir is None else 1, opts.max_body_bytes_in_flight, opts.body_limit,
                           opts.log_level, opts.auth_description() if socket_dir is None else None,
-                          (opts.redis_url, opts.redis_fail_closed))
+                          (opts.redis_url, opts.redis_fail_closed), opts.otlp_endpoint)
     plane = DataPlane(workers.holder, opts.body_limit, workers.share, opts.redis_url, opts.redis_fail_closed,
-                      local=opts.caller)
+                      otlp_endpoint=opts.otlp_endpoint, local=opts.caller)
     control = ControlPlane(opts.upstream, plane, reuse_port=workers.reuse_port)
     source = config_source(opts.config, opts.kubernetes, opts.namespace, control.apply, key_env=opts.key_env,
                            home=opts.home, view=opts.view)
@@ -113,7 +114,7 @@ async def run_serve(opts: ServeOptions) -> int:
         source.may_write_status = elector.is_leader
     await load_initial(source)
     status = StatusServer(workers.registry(plane.metrics.registry), lambda: control.loaded and not plane.draining,
-                          plane.budgets.degraded_reason)
+                          plane.budgets.degraded_reason, plane.metrics.spend.since)
     try:
         listen = opts.listen or DEFAULT_XDS_LISTEN
         await control.start(listen, opts.ext_proc_listen, authenticator=authenticator, socket_dir=socket_dir)

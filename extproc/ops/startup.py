@@ -6,15 +6,12 @@ from __future__ import annotations
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..config.compile import Compiled
 from ..config.file_source import FileSource
+from ..config.kubernetes_source import KubernetesSource
 from ..config.problems import ConfigError
 from ..policy.gateway_binding import MESH_VIEW, View
-
-if TYPE_CHECKING:
-    from ..config.kubernetes_source import KubernetesSource
 
 IN_CLUSTER_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
@@ -30,8 +27,6 @@ def config_source(paths: list[str], kubernetes: bool, namespace: str | None,
     """The files, or the Kubernetes API server (where `${NAME}` expands only as `key_env` binds it,
     and `home` is the control plane's namespace, whose objects every namespace may use)."""
     if kubernetes:
-        from ..config.kubernetes_source import KubernetesSource  # the kubernetes client loads only when asked for
-
         try:
             return KubernetesSource(apply, namespace, key_env=key_env or {}, home=home, view=view)
         except Exception as exc:  # no kubeconfig, unreadable service account

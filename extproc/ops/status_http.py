@@ -1,26 +1,31 @@
-"""The operations endpoint: `/metrics` (Prometheus), `/healthz` and `/readyz` (for probes).
+"""The operations endpoint: `/metrics` (Prometheus), `/healthz` and `/readyz` (for probes), and
+`/spend` (who spent what, as JSON; docs/cost.md).
 
-A few lines of asyncio rather than a web framework: three fixed GET paths, nothing else.
+A few lines of asyncio rather than a web framework: four fixed GET paths, nothing else.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import urllib.parse
 from collections.abc import Callable
 
+import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
 
 from ..envoy.addresses import HostPort
+from ..telemetry.spend import spend_report
 
 log = logging.getLogger(__name__)
 
 
 class StatusServer:
     def __init__(self, registry: CollectorRegistry | Collector, ready: Callable[[], bool],
-                 degraded: Callable[[], str | None] | None = None):
+                 degraded: Callable[[], str | None] | None = None, spend_since: float | None = None):
         self._registry = registry
+        self._spend_since = spend_since  # when this process's spend counters started
         self._ready = ready
         self._degraded = degraded  # why the gateway serves in a degraded mode, or None
         self._server: asyncio.AbstractServer | None = None
@@ -41,8 +46,9 @@ class StatusServer:
         try:
             request_line = await asyncio.wait_for(self._read_head(reader), 5)
             parts = request_line.decode("latin-1").split()
-            method, path = (parts[0], parts[1].split("?", 1)[0]) if len(parts) >= 2 else ("", "")
-            status, content_type, body = self._answer(method, path)
+            method, target = (parts[0], parts[1]) if len(parts) >= 2 else ("", "")
+            path, _, query = target.partition("?")
+            status, content_type, body = self._answer(method, path, query)
             head = (f"HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {len(body)}\r\n"
                     "connection: close\r\n\r\n").encode()
             writer.write(head + (body if method != "HEAD" else b""))
@@ -60,11 +66,13 @@ class StatusServer:
             pass
         return request_line
 
-    def _answer(self, method: str, path: str) -> tuple[str, str, bytes]:
+    def _answer(self, method: str, path: str, query: str = "") -> tuple[str, str, bytes]:
         if method not in ("GET", "HEAD"):
             return "405 Method Not Allowed", "text/plain", b"method not allowed\n"
         if path == "/metrics":
             return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self._registry)
+        if path == "/spend":
+            return self._spend(query)
         if path == "/healthz":
             return "200 OK", "text/plain", b"ok\n"
         if path == "/readyz":
@@ -74,4 +82,15 @@ class StatusServer:
                     return "200 OK", "text/plain", f"ready, degraded: {reason}\n".encode()
                 return "200 OK", "text/plain", b"ready\n"
             return "503 Service Unavailable", "text/plain", b"not ready: no config loaded yet\n"
-        return "404 Not Found", "text/plain", b"not found: try /metrics, /healthz or /readyz\n"
+        return "404 Not Found", "text/plain", b"not found: try /metrics, /spend, /healthz or /readyz\n"
+
+    def _spend(self, query: str) -> tuple[str, str, bytes]:
+        """`/spend?by=caller,model`: the spend counters (summed over workers) as a JSON report."""
+        wanted = urllib.parse.parse_qs(query).get("by", ["caller,model,route"])[-1]
+        by = [g.strip() for g in wanted.split(",") if g.strip()]
+        try:
+            report = spend_report(self._registry.collect(), by, self._spend_since)
+        except ValueError as exc:
+            return "400 Bad Request", "application/json", orjson.dumps({"error": {"message": str(exc),
+                                                                                  "code": "invalid_group"}})
+        return "200 OK", "application/json", orjson.dumps(report, option=orjson.OPT_INDENT_2)

@@ -82,6 +82,7 @@ class UpOptions:
     max_body_bytes_in_flight: int = DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
     drain_grace_s: float = DEFAULT_GRACE_S
     caller: Caller = LOCAL  # who its Envoy's requests come from (--source-labels, --source-namespace)
+    otlp_endpoint: str | None = None  # spans exported here (extproc.telemetry.spans); None: no traces
 
 
 async def wait_ready(admin: HostPort, process: asyncio.subprocess.Process, timeout: float = 30.0) -> None:
@@ -117,11 +118,12 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
         if address.port and (problem := port_problem(flag, address)):
             raise StartupError(problem)
     plane = DataPlane(TableHolder(EMPTY_TABLE), opts.body_limit, opts.max_body_bytes_in_flight, opts.redis_url,
-                      opts.redis_fail_closed, local=opts.caller)
+                      opts.redis_fail_closed, otlp_endpoint=opts.otlp_endpoint, local=opts.caller)
     control = ControlPlane(opts.upstream, plane)
     source = config_source(opts.config, opts.kubernetes, opts.namespace, control.apply, opts.reload_interval,
                            opts.key_env, opts.home, opts.view)
-    ops = StatusServer(plane.metrics.registry, lambda: control.loaded, plane.budgets.degraded_reason)
+    ops = StatusServer(plane.metrics.registry, lambda: control.loaded, plane.budgets.degraded_reason,
+                       plane.metrics.spend.since)
     workdir = Path(private_dir())  # 0700: the sockets, the bootstrap; removed on exit
     tcp_token = opts.tcp_token
     local = tcp_token is None

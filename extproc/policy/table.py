@@ -15,6 +15,7 @@ from functools import cached_property
 from .budgets import EMPTY_BUDGETS, BudgetTable
 from .caller import Labels
 from .matching import Matches, matches_any
+from .pricing import EMPTY_PRICES, Price, PriceTable
 
 # Client base paths every route accepts, besides its providers' own: `/v1/...` and `/...`.
 DEFAULT_BASES = frozenset({"/v1", ""})
@@ -36,6 +37,8 @@ class Target:
     timeout_s: float | None = None  # the whole answer, streamed ones included; None: no total bound
     base_path: str | None = None  # the provider's OpenAI base path (see `extproc.policy.openai_api`)
     embedding_model: str | None = None  # replaces the client's model on embeddings
+    # the provider's prices by model (its LLMPriceTable; see `extproc.policy.pricing`), empty when none
+    prices: Mapping[str, Price] = field(default_factory=dict, compare=False, hash=False, repr=False)
     # what the ext_proc answers every request to this target with, per endpoint, built once
     # (`extproc.dataplane.answers`): kept here because hashing a target's fields per lookup costs more
     answers: dict[object, tuple[bytes, bytes]] = field(default_factory=dict, init=False, compare=False, hash=False,
@@ -169,6 +172,7 @@ class RoutingTable:
     home: str | None = None  # the control plane's namespace, whose objects are everyone's by default
     # per caller (namespace, labels): the routes it sees, worked out once per table
     views: dict[object, object] = field(default_factory=dict, compare=False, hash=False, repr=False)
+    prices: PriceTable = EMPTY_PRICES  # LLMPriceTable objects: per provider host, per model
 
     @cached_property  # once per table (not a dataclass field: no part of equality)
     def cluster_hosts(self) -> dict[str, str]:

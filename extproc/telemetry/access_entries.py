@@ -137,3 +137,4 @@ def record_from_entry(entry: accesslog_pb2.HTTPAccessLogEntry) -> RequestRecord:
         _text(get("request_model")), _text(get("response_model")), stream, status, outcome, error_type,
         (seconds * 1_000_000_000 + nanos) / 1e9 if seconds or nanos else None,
         _tokens(get("prompt_tokens")), completion_tokens, ttft_s, tpot_s, _text(get("operation")) or "chat")
+    # the price (currency, cached tokens) and the budget key are read by the receiver, where configured

@@ -4,10 +4,6 @@ Every finished request becomes one `RequestRecord` (built from Envoy's access lo
 `extproc.telemetry.access_entries`), and `GatewayMetrics.observe` turns it into histogram and counter
 updates. Labels come from the config (routes, rules, providers, configured models) or from a
 small bounded set (outcome, error type); a provider-reported model name is capped in count.
-
-Who called (the verified caller's namespace and workload, never its pod: a pod name is one
-series per pod) is counted apart, in two counters of its own (`llm_gateway_caller_*`), so the
-GenAI histograms keep their size: requests by outcome and tokens by type, per caller and route.
 """
 
 from __future__ import annotations
@@ -25,6 +21,7 @@ from .fast_series import (  # prometheus-client's families, cheaper to update (s
     Histogram,
     HistogramSeries,
 )
+from .spend import SpendLedger
 
 # `*_created` series double the exposition for no use here.
 prometheus_client.disable_created_metrics()
@@ -57,8 +54,11 @@ class RequestRecord:
     ttft_s: float | None = None
     tpot_s: float | None = None
     operation: str = "chat"  # gen_ai_operation_name: chat, text_completion, embeddings, models
-    caller_namespace: str = ""  # the verified caller (its Envoy's access-log stream), where known
-    caller_workload: str = ""
+    cached_tokens: int | None = None  # prompt tokens the provider served from its cache (part of prompt_tokens)
+    currency: str = ""  # the price's currency; "" when the model has no price (unpriced)
+    budget_key: str = ""  # the hashed key of the budget the request was admitted under
+    cost: int | None = None  # pico-units of `currency` (extproc.policy.pricing), set by the receiver
+    caller: str = ""  # who: a sidecar's namespace/ServiceAccount, else "key:<budget key>", else ""
 
 
 _BASE = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_response_model",
@@ -87,14 +87,6 @@ class GatewayMetrics:
                                 "Requests by outcome: success, provider_error, rejected, gateway_error, "
                                 "client_cancelled",
                                 (*_BASE, "outcome", "error_type"), registry=r)
-        self.caller_requests = Counter("llm_gateway_caller_requests",
-                                       "Requests by verified caller (namespace, workload), route and outcome",
-                                       ("caller_namespace", "caller_workload", "llm_route", "outcome"), registry=r)
-        self.caller_tokens = Counter("llm_gateway_caller_tokens",
-                                     "Tokens used by verified caller (namespace, workload) and route",
-                                     ("caller_namespace", "caller_workload", "llm_route", "gen_ai_token_type"),
-                                     registry=r)
-        self._callers: dict[tuple[str, ...], tuple[CounterSeries, CounterSeries, CounterSeries]] = {}
         # values that come from clients or providers, not from the config: capped in number
         self._seen: dict[str, set[str]] = {"request_model": set(), "response_model": set(), "error_type": set()}
         # labelled series, looked up once (`labels()` costs more than an update) and made only when
@@ -102,6 +94,7 @@ class GatewayMetrics:
         self._series: dict[tuple[object, tuple[str, ...]], HistogramSeries | CounterSeries] = {}
         # per set of a record's label values: its series, found with one lookup (see `observe`)
         self._bundles: dict[tuple[str, ...], list[Callable[[], Any]]] = {}
+        self.spend = SpendLedger(r)  # usage and cost per caller, route, provider, model, currency
 
     def _capped(self, kind: str, value: str) -> str:
         seen = self._seen[kind]
@@ -114,43 +107,34 @@ class GatewayMetrics:
 
     def observe(self, rec: RequestRecord) -> None:
         key = (rec.operation, rec.provider_host, rec.request_model, rec.response_model, rec.route, rec.rule,
-               rec.provider, rec.outcome, rec.error_type)
+               rec.provider, rec.outcome, rec.error_type, rec.caller, rec.currency)
         bundle = self._bundles.get(key)
         if bundle is None:
             if len(self._bundles) >= MAX_BUNDLES:  # label values a client or provider chose: keep it bounded
                 self._bundles.clear()
             bundle = self._bundles[key] = self._bundle(rec)
-        requests, duration, tokens_in, tokens_out, ttft, tpot = bundle
+        requests, duration, tokens_in, tokens_out, ttft, tpot, spent = bundle
         requests().inc()
         if rec.duration_s is not None:
             duration().observe(rec.duration_s)
-        if rec.prompt_tokens is not None:
-            tokens_in().observe(rec.prompt_tokens)
-        if rec.completion_tokens is not None:
-            tokens_out().observe(rec.completion_tokens)
+        prompt, completion = rec.prompt_tokens, rec.completion_tokens
+        if prompt is not None:
+            tokens_in().observe(prompt)
+        if completion is not None:
+            tokens_out().observe(completion)
         if rec.ttft_s is not None:
             ttft().observe(rec.ttft_s)
         if rec.tpot_s is not None:
             tpot().observe(rec.tpot_s)
-        if rec.caller_namespace or rec.caller_workload:
-            self._observe_caller(rec)
-
-    def _observe_caller(self, rec: RequestRecord) -> None:
-        key = (rec.caller_namespace, rec.caller_workload, rec.route, rec.outcome)
-        found = self._callers.get(key)
-        if found is None:
-            if len(self._callers) >= MAX_BUNDLES:
-                self._callers.clear()
-            base = (rec.caller_namespace, rec.caller_workload, rec.route)
-            found = self._callers[key] = (self.caller_requests.labels(*base, rec.outcome),
-                                          self.caller_tokens.labels(*base, "input"),
-                                          self.caller_tokens.labels(*base, "output"))
-        requests, tokens_in, tokens_out = found
-        requests.inc()
-        if rec.prompt_tokens:
-            tokens_in.inc(rec.prompt_tokens)
-        if rec.completion_tokens:
-            tokens_out.inc(rec.completion_tokens)
+        if prompt is not None or completion is not None:  # usage: spent (extproc.telemetry.spend)
+            entry = spent()
+            entry[0] += 1
+            entry[1] += prompt or 0
+            entry[2] += completion or 0
+            if rec.cached_tokens:
+                entry[3] += rec.cached_tokens
+            if rec.cost:
+                entry[4] += rec.cost
 
     def _bundle(self, rec: RequestRecord) -> list[Callable[[], Any]]:
         """A record's six series, each made on first use (capped label values decided once)."""
@@ -160,7 +144,14 @@ class GatewayMetrics:
         wanted = ((self.requests, (*base, rec.outcome, error_type)), (self.duration, (*base, error_type)),
                   (self.token_usage, (*base, "input")), (self.token_usage, (*base, "output")),
                   (self.ttft, base), (self.tpot, base))
-        return [self._lazy(metric, labels) for metric, labels in wanted]
+        spend_key = (rec.caller, rec.route, rec.provider, rec.request_model, rec.currency)
+        kept: list[list[int]] = []
+
+        def spent() -> list[int]:  # the spend ledger's counts for this record's key, looked up once
+            if not kept:
+                kept.append(self.spend.entry(spend_key))
+            return kept[0]
+        return [*(self._lazy(metric, labels) for metric, labels in wanted), spent]
 
     def _lazy(self, metric: Histogram | Counter, labels: tuple[str, ...]) -> Callable[[], Any]:
         series: list[HistogramSeries | CounterSeries] = []

@@ -8,6 +8,6 @@ from support.kube import started_api_server
 
 
 @pytest.fixture(scope="module")
-def kube():
-    """A real kube-apiserver with the CRDs applied, for the test module that asks for it."""
-    yield from started_api_server()
+def kube(tmp_path_factory):
+    """A real kube-apiserver of this run's own with the CRDs applied, for the test module that asks for it."""
+    yield from started_api_server(tmp_path_factory)

@@ -26,7 +26,20 @@ from extproc.ops.up import envoy_binary
 from support.auth_helpers import ext_proc_client, token_files
 from support.helpers import SEED_MANIFESTS, free_port, wait_until
 
-HOST_IP, POD_IP = "198.51.100.1", "198.51.100.2"  # TEST-NET-2, only in our namespace
+
+def _free_subnet() -> str:
+    """A /24 of 198.18.0.0/15 (the benchmarking range) that no route of this machine uses: test runs
+    side by side (several worktrees) each get their own pod network."""
+    routes = subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
+    for _ in range(64):
+        subnet = f"198.{secrets.choice((18, 19))}.{secrets.randbelow(256)}"
+        if f"{subnet}." not in routes:
+            return subnet
+    raise RuntimeError(f"no free /24 in 198.18.0.0/15:\n{routes}")
+
+
+SUBNET = _free_subnet()
+HOST_IP, POD_IP = f"{SUBNET}.1", f"{SUBNET}.2"  # only in our namespace
 ENVOY_UID = 1337
 SEED_CURL_BODY = '{"messages": [{"role": "user", "content": "Please introduce yourself."}]}'
 
@@ -67,7 +80,7 @@ def pod(tmp_path):
     for tool in ("ip", "iptables", "setpriv"):
         assert shutil.which(tool), f"{tool} is missing: apt-get install iproute2 iptables util-linux"
     routes = sh("ip", "route").stdout
-    assert "198.51.100." not in routes, f"198.51.100.0/24 is in use on this machine:\n{routes}"
+    assert f"{SUBNET}." not in routes, f"{SUBNET}.0/24 is in use on this machine:\n{routes}"
     tag = secrets.token_hex(3)
     ns, host_if, pod_if = f"llmgw-{tag}", f"lgw{tag}h", f"lgw{tag}p"
     sh("ip", "netns", "add", ns)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from support.helpers import CHAT, REPO, SEED_MANIFESTS, wait_until
+from support.helpers import CHAT, REPO, SEED_MANIFESTS, free_port, wait_until
 from support.kube import KUBE_HOME
 from support.kube import in_namespace as _in_namespace
 from support.kube import new_namespace as _namespace
@@ -301,7 +301,7 @@ def k8s_serve(clean, tmp_path, ca, fresh_providers):
     """`extproc serve --kubernetes` over TCP (TokenReview), as the control plane runs in a cluster."""
     import sys
 
-    from support.helpers import free_port, upstream_args
+    from support.helpers import upstream_args
 
     control, ext_proc = free_port(), free_port()
     home = _namespace(clean, "gw-home", ("envoy",))
@@ -486,7 +486,6 @@ def test_replicas_elect_one_status_writer_and_another_takes_over_when_it_dies(cl
     import signal
     import sys
 
-    from support.helpers import free_port
 
     kube = clean
     lease = f"test-{secrets.token_hex(4)}"

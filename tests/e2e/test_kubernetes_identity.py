@@ -171,13 +171,15 @@ def test_the_calling_pod_decides_routes_budgets_and_metrics(kube, mesh, keys):
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
             text = r.read().decode()
         assert PAYMENTS_POD not in text  # never a metric label
-        return {s.labels["caller_workload"]: s.value for f in text_string_to_metric_families(text)
-                for s in f.samples if s.name == "llm_gateway_caller_requests_total"
-                and s.labels["caller_namespace"] == shop and s.labels["llm_route"] == f"{shop}/dash"
-                and s.labels["outcome"] == "success"}
+        spent: dict[str, float] = {}
+        for s in (s for f in text_string_to_metric_families(text) for s in f.samples):
+            if s.name == "llm_gateway_spend_requests_total" and s.labels["llm_route"] == f"{shop}/dash":
+                spent[s.labels["llm_caller"]] = spent.get(s.labels["llm_caller"], 0) + s.value
+        return spent
 
-    wait_until(lambda: caller_requests().get("payments", 0) >= 1 and caller_requests().get(WEB_POD, 0) >= 5, 10,
-               lambda: str(caller_requests()))
+    # who spent what: by namespace/workload (the payments Deployment, the bare pod by its own name)
+    wait_until(lambda: caller_requests().get(f"{shop}/payments", 0) >= 1
+               and caller_requests().get(f"{shop}/{WEB_POD}", 0) >= 5, 10, lambda: str(caller_requests()))
 
     # relabelling a pod moves its next request, without a restart
     kube.run("label", "pod", WEB_POD, "-n", shop, "app=payments", "--overwrite")

@@ -12,7 +12,7 @@ import secrets
 import subprocess
 from pathlib import Path
 
-from support.helpers import REPO
+from support.helpers import REPO, free_port
 
 KUBE_SCRIPT = Path(os.environ.get("KUBE_TEST_SCRIPT", REPO.parent / "shared" / "kube-test-apiserver.sh"))
 KUBE_HOME = Path(os.environ.get("KUBE_TEST_HOME", "/var/cache/kube-test-apiserver"))
@@ -40,21 +40,29 @@ class Kube:
         return json.loads(out) if out.strip() else {}
 
 
-def started_api_server():
-    """The `kube` fixture's body (tests/e2e/conftest.py): the API server with our CRDs, for one
-    test module; stopped after it."""
+def started_api_server(tmp_path_factory):
+    """The `kube` fixture's body (tests/e2e/conftest.py): an API server of this test run's own, with
+    our CRDs, for one test module: its own run directory (etcd data, pid files) and port, and a
+    kubeconfig of its own naming that port, so that test runs side by side on one machine
+    (several worktrees) never share or stop each other's server. The build and the PKI are shared."""
     assert KUBE_SCRIPT.exists(), f"{KUBE_SCRIPT} is missing (the shared/ folder beside the repository)"
-    started = subprocess.run(["bash", str(KUBE_SCRIPT), "start"], capture_output=True, text=True, timeout=300)
+    run_dir, port = tmp_path_factory.mktemp("kube-run"), free_port()
+    env = {**os.environ, "KUBE_TEST_RUN_DIR": str(run_dir), "KUBE_TEST_APISERVER_PORT": str(port)}
+    started = subprocess.run(["bash", str(KUBE_SCRIPT), "start"], capture_output=True, text=True, timeout=300,
+                             env=env)
     assert started.returncode == 0, \
         f"kube-apiserver did not start (run `{KUBE_SCRIPT} install` once):\n{started.stderr}"
-    kubeconfig = re.search(r"export KUBECONFIG=(\S+)", started.stdout).group(1)
-    k = Kube(kubeconfig)
+    shared = Path(re.search(r"export KUBECONFIG=(\S+)", started.stdout).group(1)).read_text()
+    kubeconfig = run_dir / "kubeconfig"
+    kubeconfig.write_text(re.sub(r"server: https://127\.0\.0\.1:\d+", f"server: https://127.0.0.1:{port}", shared))
+    kubeconfig.chmod(0o600)
+    k = Kube(str(kubeconfig))
     k.apply(REPO / "k8s" / "crds.yaml")
     for crd in ("llmproviders.istio.alibabacloud.com", "llmroutes.istio.alibabacloud.com",
                 "llmtokenratelimits.llm-gateway.dev"):
         k.run("wait", "--for", "condition=established", f"crd/{crd}", "--timeout", "60s")
     yield k
-    subprocess.run(["bash", str(KUBE_SCRIPT), "stop"], capture_output=True, timeout=60)
+    subprocess.run(["bash", str(KUBE_SCRIPT), "stop"], capture_output=True, timeout=60, env=env)
 
 
 def new_namespace(kube: Kube, base: str, accounts: tuple[str, ...] = ()) -> str:

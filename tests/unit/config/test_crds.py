@@ -48,7 +48,8 @@ def test_printer_columns():
                for d in crd_documents()}
     assert columns == {"LLMProvider": ["Host", "Model", "Accepted", "Age"],
                        "LLMRoute": ["Host", "Rules", "Accepted", "Age"],
-                       "LLMTokenRateLimit": ["Host", "Key", "Rules", "Accepted", "Age"]}
+                       "LLMTokenRateLimit": ["Host", "Key", "Rules", "Accepted", "Age"],
+                       "LLMPriceTable": ["Host", "Currency", "Models", "Accepted", "Age"]}
 
 
 def test_budget_crd_is_in_our_own_group_with_its_checks():
@@ -69,3 +70,17 @@ def test_crds_carry_the_new_fields():
     for name in ("fallbackRefs", "retries", "perTryTimeout", "retryOn", "outlierDetection", "consecutiveErrors",
                  "baseEjectionTime"):
         assert f"{name}:" in text, name
+
+
+def test_price_table_crd_is_in_our_own_group_with_its_checks():
+    (crd,) = [d for d in crd_documents() if d["spec"]["names"]["kind"] == "LLMPriceTable"]
+    assert crd["spec"]["group"] == "llm-gateway.dev" and crd["metadata"]["name"] == "llmpricetables.llm-gateway.dev"
+    (version,) = crd["spec"]["versions"]
+    spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert spec["required"] == ["host", "currency", "models"]
+    assert spec["properties"]["currency"]["pattern"] == "^[A-Z]{3}$"
+    price = spec["properties"]["models"]["items"]
+    assert price["required"] == ["model", "input", "output"]
+    for name in ("input", "output", "cachedInput"):  # decimals as text, at most six of them
+        assert price["properties"][name] == {**price["properties"][name], "type": "string",
+                                             "pattern": "^[0-9]{1,9}(\\.[0-9]{1,6})?$"}

@@ -26,19 +26,29 @@ def test_access_logs(access_log):
     if access_log is None:
         assert len(logs) == 1
     else:
-        # one line per request: a streamed request's line (the ext_proc's `stream` decision) has its timings
-        (_, plain, streamed) = logs
-        stream_test, plain_test = streamed["filter"]["metadata_filter"], plain["filter"]["metadata_filter"]
-        assert stream_test["matcher"]["path"] == plain_test["matcher"]["path"] == [{"key": "stream"}]
-        assert (stream_test["matcher"]["value"] == {"bool_match": True}
-                and plain_test["matcher"]["value"] == {"bool_match": False})
-        assert not stream_test["match_if_key_not_found"] and plain_test["match_if_key_not_found"]  # no decision: plain
-        for log in (plain, streamed):
+        # one line per request: a streamed request's line (the ext_proc's `stream` decision) has its
+        # timings, a priced answer's line its cost; each line's filter is (streamed?) and (priced?)
+        assert len(logs) == 5
+        by_kind = {}
+        for log in logs[1:]:
+            streamed_test, priced_test = log["filter"]["and_filter"]["filters"]
+            stream_match = streamed_test["metadata_filter"]
+            assert stream_match["matcher"]["path"] == [{"key": "stream"}]
+            streamed = stream_match["matcher"]["value"] == {"bool_match": True}
+            assert stream_match["match_if_key_not_found"] is not streamed  # no decision: plain
+            priced = "and_filter" in priced_test
+            by_kind[(streamed, priced)] = log
             fmt = log["typed_config"]["log_format"]["json_format"]
             assert log["typed_config"]["path"] == access_log
             for key in ("route", "rule", "provider", "request_model", "response_model", "prompt_tokens",
-                        "completion_tokens", "total_tokens", "ttft_ms", "generation_ms", "status", "duration_ms"):
+                        "completion_tokens", "total_tokens", "cached_tokens", "cost", "currency", "ttft_ms",
+                        "generation_ms", "status", "duration_ms", "trace_id"):
                 assert key in fmt
-        assert streamed["typed_config"]["log_format"]["json_format"]["ttft_ms"] == \
-            "%COMMON_DURATION(DS_RX_BEG:US_RX_BODY_BEG:ms)%"
-        assert plain["typed_config"]["log_format"]["json_format"]["ttft_ms"].startswith("%DYNAMIC_METADATA")
+            assert fmt["cost"].startswith("%CEL(") is priced
+            assert fmt["ttft_ms"].startswith("%COMMON_DURATION") is streamed
+        assert set(by_kind) == {(False, False), (False, True), (True, False), (True, True)}
+        priced_filters = by_kind[(False, True)]["filter"]["and_filter"]["filters"][1]["and_filter"]["filters"]
+        assert [f["metadata_filter"]["matcher"]["path"] for f in priced_filters] == [[{"key": "currency"}],
+                                                                                     [{"key": "prompt_tokens"}]]
+        unpriced = by_kind[(False, False)]["filter"]["and_filter"]["filters"][1]["or_filter"]["filters"]
+        assert all(f["metadata_filter"]["match_if_key_not_found"] for f in unpriced)  # no currency, or no usage

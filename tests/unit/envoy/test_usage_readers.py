@@ -20,10 +20,11 @@ def test_event_streams_read_by_envoy_into_the_same_metadata_keys():
                        (("usage", "prompt_tokens"), "llm_gateway", "prompt_tokens"),
                        (("usage", "completion_tokens"), "llm_gateway", "completion_tokens"),
                        (("usage", "total_tokens"), "llm_gateway", "total_tokens"),
+                       (("usage", "prompt_tokens_details", "cached_tokens"), "llm_gateway", "cached_tokens"),
                        (("error", "code"), "llm_gateway", "stream_error"),
                        (("error", "type"), "llm_gateway", "stream_error")]  # the type, when there is one, wins
     # every event names the model: it is written once, not once per event
-    assert [r.get("stop_processing_after_matches", 0) for r in parser["rules"]] == [1, 0, 0, 0, 0, 0]
+    assert [r.get("stop_processing_after_matches", 0) for r in parser["rules"]] == [1, 0, 0, 0, 0, 0, 0]
     # no ext_proc reads answers: one ext_proc filter, for requests
     boot = bootstrap(BootstrapOptions())
     assert [f["name"] for f in hcm(boot)["http_filters"]].count("envoy.filters.http.ext_proc") == 1
