@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..envoy.addresses import HostPort, is_ip
+from ..policy.caller import parse_labels
 
 
 def host_port(text: str) -> HostPort:
@@ -64,3 +65,20 @@ def key_env(text: str) -> tuple[str, str]:
 
 def access_log_path(text: str) -> str | None:
     return None if text.lower() in ("", "none", "off") else text
+
+
+def labels(text: str) -> dict[str, str]:
+    """`--source-labels k=v[,k=v]`: Kubernetes label syntax."""
+    try:
+        return parse_labels(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def namespace(text: str) -> str:
+    """A Kubernetes namespace name (a DNS label)."""
+    import re
+
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a namespace name (a lower-case DNS label)")
+    return text

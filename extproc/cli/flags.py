@@ -12,9 +12,10 @@ from ..ops.drain import DEFAULT_GRACE_S
 from ..ops.leader import DEFAULT_LEASE_DURATION_S, DEFAULT_LEASE_NAME
 from ..ops.startup import StartupError
 from ..policy.body_memory import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
+from ..policy.caller import Caller, local_caller
 from ..policy.gateway_binding import MESH_VIEW, View, default_address, parse_gateway_name
 from ..protocol import DEFAULT_BODY_LIMIT
-from .argtypes import host_port, ip_port, key_env, optional_host_port, resolve, seconds, size
+from .argtypes import host_port, ip_port, key_env, labels, namespace, optional_host_port, resolve, seconds, size
 
 
 def add_upstream_args(p: argparse.ArgumentParser) -> None:
@@ -144,3 +145,22 @@ def view_from_args(args: argparse.Namespace | None) -> View:
     if args is None:
         return MESH_VIEW
     return View(gateway=getattr(args, "gateway", None), egress=dict(getattr(args, "egress_gateway", [])))
+
+
+def add_caller_args(p: argparse.ArgumentParser, what: str) -> None:
+    """`--source-labels`, `--source-namespace`: who the calling workload is, where the operator
+    states it (local mode; `route`'s dry run)."""
+    p.add_argument("--source-labels", type=labels, action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help=f"{what}: the calling workload's pod labels, which LLMRoutes' sourceLabels and "
+                        "workloadSelector match (repeatable)")
+    p.add_argument("--source-namespace", type=namespace, default=None, metavar="NS",
+                   help=f"{what}: the calling workload's namespace: short hosts resolve there, exportTo and "
+                        "workloadSelector apply (default: none, which may use every object)")
+
+
+def source_caller(args: argparse.Namespace) -> Caller:
+    """The caller `--source-labels`/`--source-namespace` state (`LOCAL` when neither is given)."""
+    merged: dict[str, str] = {}
+    for given in getattr(args, "source_labels", []) or []:
+        merged.update(given)
+    return local_caller(getattr(args, "source_namespace", None), merged)

@@ -14,6 +14,7 @@ from ..config.crds import crds_yaml
 from ..config.file_source import load_config
 from ..config.problems import ConfigError
 from ..dataplane.authentication import DEFAULT_AUDIENCE
+from ..dataplane.workload_identity import DEFAULT_GRACE_S as DEFAULT_IDENTITY_GRACE_S
 from ..demo.run import run_demo
 from ..envoy.addresses import HostPort
 from ..envoy.bootstrap import DEFAULT_BODY_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, BootstrapOptions, bootstrap, token_sds
@@ -32,6 +33,7 @@ from ..telemetry.spans import tracing_endpoint
 from ..telemetry.spend import format_report
 from .argtypes import access_log_path, host_port, seconds, size
 from .flags import (
+    add_caller_args,
     add_gateway_args,
     add_key_args,
     add_leader_args,
@@ -43,6 +45,7 @@ from .flags import (
     add_upstream_args,
     add_worker_args,
     check_scale_args,
+    source_caller,
     upstream_options,
     view_from_args,
 )
@@ -84,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_upstream_args(up)
     add_key_args(up)
     add_gateway_args(up)
+    add_caller_args(up, "the calling workload's identity in local mode")
     add_redis_args(up)
     add_scale_args(up)
     add_tracing_arg(up)
@@ -122,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_upstream_args(serve)
     add_key_args(serve)
     add_gateway_args(serve)
+    add_caller_args(serve, "local mode or --auth-token-file: the Envoy's workload")
+    serve.add_argument("--identity-grace", type=seconds, default=DEFAULT_IDENTITY_GRACE_S, metavar="SECONDS",
+                       help=f"with --kubernetes: how long a caller is decided with its pod's last known labels once "
+                            f"the pod is gone or the API server out of reach (default {DEFAULT_IDENTITY_GRACE_S:g}); "
+                            "after it, what depends on them answers 503")
     add_redis_args(serve)
     add_scale_args(serve)
     add_leader_args(serve)
@@ -184,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--body", metavar="FILE",
                        help="a request body (JSON): which LLMDataPolicy rules it would meet, where they find "
                             "values (never what), and whether it would be refused, masked or logged")
+    add_caller_args(route, "the calling workload")
     add_gateway_args(route)
     return parser
 
@@ -217,7 +227,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                      home=home_namespace(args.control_namespace), view=view_from_args(args),
                      redis_url=args.redis, redis_fail_closed=args.redis_fail_closed,
                      max_body_bytes_in_flight=args.max_body_bytes_in_flight, drain_grace_s=args.drain_grace,
-                     otlp_endpoint=tracing_endpoint(args.otlp_endpoint))
+                     caller=source_caller(args), otlp_endpoint=tracing_endpoint(args.otlp_endpoint))
     return asyncio.run(run_up(opts))
 
 
@@ -237,6 +247,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         max_body_bytes_in_flight=args.max_body_bytes_in_flight, drain_grace_s=args.drain_grace,
                         workers=args.workers, log_level=args.log_level, lease_namespace=args.lease_namespace,
                         lease_name=args.lease_name, lease_duration_s=args.lease_duration,
+                        caller=source_caller(args), identity_grace_s=args.identity_grace,
                         otlp_endpoint=tracing_endpoint(args.otlp_endpoint))
     return asyncio.run(run_serve(opts))
 
@@ -308,14 +319,15 @@ def cmd_route(args: argparse.Namespace) -> int:
     if forward_of(compiled.table, args.host):
         print(forward_of(compiled.table, args.host))
         return 0
+    caller = source_caller(args)
     try:
-        route, rule = match(compiled.table, args.host, headers)
+        route, rule, why = match(compiled.table, args.host, headers, caller)
     except GatewayError as refusal:
         print(f"{refusal.message}: the request gets {refusal.status}")
         return 1
     total = rule.cumulative_weights[-1]
     previous = 0
-    print(f"route: {route.name}\nrule: {rule.name}")
+    print(f"route: {route.name}\nrule: {rule.name}" + (f"\nwhy: {why}" if why else ""))
     for target, cumulative in zip(rule.targets, rule.cumulative_weights, strict=True):
         share = 100.0 * (cumulative - previous) / total
         previous = cumulative
@@ -323,7 +335,7 @@ def cmd_route(args: argparse.Namespace) -> int:
         print(f"  {share:5.1f}%  provider {target.provider} ({target.provider_host}{target.path})"
               f"  model {target.model}{stream}  cluster {target.cluster}")
     print(describe_failover(rule))
-    for line in describe_budgets(compiled.table.budgets, route.name, headers):
+    for line in describe_budgets(compiled.table.budgets, route.name, headers, caller):
         print(line)
     if args.body is not None:
         return _explain_body(args.body, compiled.table.protection.guard(route.name, None))

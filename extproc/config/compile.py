@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..policy.budgets import Budget, BudgetRule, BudgetTable
+from ..policy.caller import Labels, labels_of
+from ..policy.caller_view import pick
 from ..policy.failover import build_failover
 from ..policy.gateway_binding import (
+    MESH,
     MESH_VIEW,
     View,
     declared_binding,
@@ -27,7 +31,17 @@ from ..policy.matching import HeaderCondition
 from ..policy.openai_api import base_path, route_bases
 from ..policy.passive_health import DEFAULT_CONSECUTIVE_ERRORS, DEFAULT_COOL_DOWN_S
 from ..policy.pricing import Price, PriceTable, price_per_token
-from ..policy.table import Forward, RetryPolicy, Route, RoutingTable, Rule, Target, host_aliases, normalize_host
+from ..policy.table import (
+    Claim,
+    Forward,
+    RetryPolicy,
+    Route,
+    RoutingTable,
+    Rule,
+    Target,
+    host_aliases,
+    normalize_host,
+)
 from ..policy.visibility import may_use, visible_to
 from ..protocol import provider_cluster
 from .data_policies import compile_protection
@@ -40,7 +54,6 @@ from .models import (
     OpenAIConfig,
     StringMatch,
     parse_duration,
-    unimplemented_fields,
 )
 from .problems import Problem
 
@@ -56,20 +69,20 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
                    home: str | None = None) -> Compiled:
     """The routing table for `view` (the mesh, or one egress gateway; see `extproc.policy.gateway_binding`).
     Which objects are accepted does not depend on the view, except that the mesh view also
-    refuses a route naming an egress gateway it does not know.
+    refuses an object naming an egress gateway it does not know.
 
     With `namespaces` (Kubernetes, where each namespace has its own authors), a route may use
     only providers exported to its namespace, and each route records the namespaces whose
     workloads may use it (see `extproc.policy.visibility`; `home` is the control plane's namespace).
-    Without (files, which the operator writes), every object may use every other."""
-    problems: list[Problem] = []
-    for obj in objects:
-        for path in unimplemented_fields(obj.resource):
-            problems.append(Problem("accepted but not implemented yet: it has no effect",
-                                    file=obj.file, obj=obj.label, field=path, severity="warning",
-                                    reason="NotImplemented"))
+    Without (files, which the operator writes), every object may use every other.
 
+    Host names: an object's host as written resolves in the caller's namespace first, and with
+    its namespace (`svc.ns`, `svc.ns.svc`, `svc.ns.svc.cluster.local`) from anywhere (see
+    `extproc.policy.caller_view`). Two objects conflict only on the same host in the same
+    namespace, for the same proxy."""
+    problems: list[Problem] = []
     providers: dict[str, Loaded] = {}
+    declared: dict[str, tuple[str, ...]] = {}  # provider host -> its own spec.gateways, where set
     for obj in objects:
         if not isinstance(obj.resource, LLMProvider):
             continue
@@ -82,93 +95,148 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
             problems.append(Problem(f"host {spec.host!r} is already served by {providers[spec.host].label}",
                                     file=obj.file, obj=obj.label, field="spec.host", reason="HostConflict"))
             continue
+        if spec.gateways is not None:
+            check = route_binding(spec.gateways, obj.resource.metadata.namespace, view)
+            if check.errors:
+                problems.extend(Problem(message, file=obj.file, obj=obj.label, field=path, reason=reason)
+                                for path, message, reason in check.errors)
+                continue
+            declared[spec.host] = declared_binding(spec.gateways, obj.resource.metadata.namespace)
         providers[spec.host] = obj
 
     prices = compile_prices(objects, providers, problems, home if namespaces else None, namespaces)
-    routes: dict[str, Route] = {}
+    claimed: dict[str, list[Claim]] = {}  # host name -> the routes answering to it here
     forwarded: dict[str, Forward] = {}
     used: set[str] = set()  # provider hosts the routes served here send to
-    owner: dict[tuple[str, str], Loaded] = {}  # (mesh or gateway, host name) -> the route holding it
+    owner: dict[tuple[str, str, str], Loaded] = {}  # (mesh or gateway, namespace, host) -> the route holding it
     accepted: list[Loaded] = []
     for obj in objects:
         if not isinstance(obj.resource, LLMRoute):
             continue
         route_spec, namespace = obj.resource.spec, obj.resource.metadata.namespace
         check = route_binding(route_spec.gateways, namespace, view)
-        if check.errors:
+        match_problems = _match_gateway_problems(obj, check.binding)
+        errors = [p for p in match_problems if p.severity == "error"]
+        if check.errors or errors:
             problems.extend(Problem(message, file=obj.file, obj=obj.label, field=path, reason=reason)
                             for path, message, reason in check.errors)
+            problems.extend(errors)
             continue
-        route, route_problems = _compile_route(obj, providers, home if namespaces else None, namespaces, prices)
+        route, route_problems = _compile_route(obj, providers, home if namespaces else None, namespaces, prices,
+                                               view, check.binding, declared)
         if route_problems:
             problems.extend(route_problems)
             continue
-        # Two routes may share a host only when no proxy is bound to both (Istio's rule).
-        aliases = host_aliases(route_spec.host, namespace)
-        clash = next(((name, owner[(b, name)]) for name in aliases for b in sorted(check.binding)
-                      if (b, name) in owner), None)
+        # Two routes may share a host only when no proxy is bound to both (Istio's rule), in one namespace.
+        clash = next((owner[(b, namespace, route_spec.host)] for b in sorted(check.binding)
+                      if (b, namespace, route_spec.host) in owner), None)
         if clash is not None:
-            problems.append(Problem(f"host {clash[0]!r} is already routed by {clash[1].label}",
+            problems.append(Problem(f"host {route_spec.host!r} is already routed by {clash.label}",
                                     file=obj.file, obj=obj.label, field="spec.host", reason="HostConflict"))
             continue
         for b in check.binding:
-            for name in aliases:
-                owner[(b, name)] = obj
+            owner[(b, namespace, route_spec.host)] = obj
+        problems.extend(p for p in match_problems if p.severity == "warning")
         accepted.append(obj)
         if view.target in check.binding:
-            for name in aliases:
-                routes[name] = route
+            _claim(claimed, route_spec.host, namespace, route)
             used.update(t.provider_host for rule in route.rules for t in rule.targets)
             used.update(t.provider_host for rule in route.rules if rule.failover is not None
                         for order in rule.failover.orders for t in order)  # fallbackRefs too
         else:
             forward = forward_to([gateway_ref(g, namespace) for g in route_spec.gateways or []], view)
             if forward is not None:
-                for name in aliases:
+                for name in host_aliases(route_spec.host, namespace):
                     forwarded.setdefault(name, forward)
 
-    forwarded = {name: forward for name, forward in forwarded.items() if name not in routes}
-
     # A provider host that no LLMRoute names is routed to the provider itself, where the
-    # provider's key is needed (see `extproc.policy.gateway_binding`). Its exact host is claimed before any
-    # provider's namespace aliases; a name an LLMRoute holds (here or forwarded) stays the route's.
+    # provider's key is needed (see `extproc.policy.gateway_binding`); an LLMRoute on the same
+    # name takes it over (for whoever may use that route). A name forwarded to a gateway stays so.
     referrers: dict[str, list[tuple[str, ...]]] = {host: [] for host in providers}
     for obj in objects:
         if isinstance(obj.resource, LLMRoute):
-            declared = declared_binding(obj.resource.spec.gateways, obj.resource.metadata.namespace)
+            bound = declared_binding(obj.resource.spec.gateways, obj.resource.metadata.namespace)
             for host in {ref_host.lower() for rule in obj.resource.spec.rules
                          for ref_host in (*(ref.provider_host for ref in rule.backend_refs),
                                           *(ref.provider_host for ref in rule.fallback_refs))}:
                 if host in referrers:
-                    referrers[host].append(declared)
-    defaults = {host: _default_route(obj, home, namespaces, prices) for host, obj in providers.items()}
-    bindings = {host: provider_binding(referrers[host]) for host in providers}
+                    referrers[host].append(bound)
+    bindings = {host: declared.get(host) or provider_binding(referrers[host]) for host in providers}
     accepted.extend(providers.values())
     accepted.extend(prices.accepted)
-    for exact in (True, False):
-        for host, obj in providers.items():
-            names = host_aliases(host, obj.resource.metadata.namespace)
-            for name in names[:1] if exact else names[1:]:
-                if name in routes or name in forwarded:
-                    continue
-                if view.target in bindings[host]:
-                    routes[name] = defaults[host]
-                    used.add(host)
-                else:
-                    forward = forward_to(bindings[host], view)
-                    if forward is not None:
-                        forwarded[name] = forward
+    for host, obj in providers.items():
+        namespace = obj.resource.metadata.namespace
+        if view.target in bindings[host]:
+            default = _default_route(obj, home, namespaces, prices)
+            names = [name for name in host_aliases(host, namespace) if name not in forwarded]
+            if names:
+                _claim(claimed, host, namespace, default, names)
+                used.add(host)
+        else:
+            forward = forward_to(bindings[host], view)
+            if forward is not None:
+                for name in host_aliases(host, namespace):
+                    if name not in claimed:
+                        forwarded.setdefault(name, forward)
+    forwarded = {name: forward for name, forward in forwarded.items() if name not in claimed}
 
-    budgets = compile_budgets(objects, routes, problems, accepted)
+    routes: dict[str, Route] = {}
+    claims: dict[str, tuple[Claim, ...]] = {}
+    for name, found in claimed.items():
+        if len(found) == 1:
+            routes[name] = found[0].route
+            continue
+        claims[name] = tuple(found)
+        chosen = pick(claims[name], None, home if namespaces else None)
+        if chosen is not None:
+            routes[name] = chosen
+
+    def resolve(host: str, namespace: str) -> Route | None:
+        name = normalize_host(host)
+        if name in claims:
+            return pick(claims[name], namespace, home if namespaces else None)
+        return routes.get(name)
+
+    budgets = compile_budgets(objects, resolve, problems, accepted)
     protection = compile_protection(objects, routes, problems, accepted, namespaces, home)
     clusters = {host: provider_cluster(host) for host in providers if host in used}
-    failover_clusters = {t.provider_host: t.cluster for route in routes.values() for rule in route.rules
+    all_routes = {id(c.route): c.route for found in claimed.values() for c in found}.values()
+    failover_clusters = {t.provider_host: t.cluster for route in all_routes for rule in route.rules
                          if rule.failover is not None for order in rule.failover.orders for t in order}
     health = {host: _health(obj) for host, obj in providers.items()}
     table = RoutingTable(routes=routes, clusters=clusters, version=_version(accepted), forwarded=forwarded,
-                         budgets=budgets, health=health, failover_clusters=failover_clusters,
-                         prices=prices.table, protection=protection)
+                         budgets=budgets, health=health, failover_clusters=failover_clusters, claims=claims,
+                         home=home if namespaces else None, prices=prices.table, protection=protection)
     return Compiled(table=table, problems=problems, accepted=accepted)
+
+
+def _claim(claimed: dict[str, list[Claim]], host: str, namespace: str, route: Route,
+           names: list[str] | None = None) -> None:
+    """A route's names: its host as written, and with its namespace (qualified)."""
+    for name in names if names is not None else host_aliases(host, namespace):
+        claimed.setdefault(name, []).append(Claim(route, qualified=name != host))
+
+
+def _match_gateway_problems(obj: Loaded, binding: frozenset[str]) -> list[Problem]:
+    """`matches[].gateways`: a malformed entry is an error; one naming a proxy the route is not
+    bound to (its `spec.gateways`) never applies: a warning."""
+    resource = obj.resource
+    assert isinstance(resource, LLMRoute)
+    found: list[Problem] = []
+    for i, rule in enumerate(resource.spec.rules):
+        for j, match in enumerate(rule.matches):
+            for k, entry in enumerate(match.gateways or ()):
+                field = f"spec.rules[{i}].matches[{j}].gateways[{k}]"
+                try:
+                    ref = gateway_ref(entry, resource.metadata.namespace)
+                except ValueError as exc:
+                    found.append(Problem(str(exc), file=obj.file, obj=obj.label, field=field))
+                    continue
+                if ref not in binding:
+                    bound = ", ".join(sorted(binding))
+                    found.append(Problem(f"{ref} never applies: the route is bound to {bound} only (spec.gateways)",
+                                         file=obj.file, obj=obj.label, field=field, severity="warning"))
+    return found
 
 
 def _visible(obj: Loaded, home: str | None, namespaces: bool) -> frozenset[str] | None:
@@ -180,10 +248,13 @@ def _visible(obj: Loaded, home: str | None, namespaces: bool) -> frozenset[str] 
 
 
 def _usable_provider(obj: Loaded, provider_host: str, field: str, providers: dict[str, Loaded],
-                     problems: list[Problem], home: str | None, namespaces: bool) -> Loaded | None:
-    """The LLMProvider a route's reference names, if it exists and is exported to the route's
-    namespace (else a problem naming the field): a backendRef and a fallbackRef alike, so that no
-    reference reaches another namespace's key."""
+                     problems: list[Problem], home: str | None, namespaces: bool,
+                     binding: frozenset[str] = frozenset(), declared: dict[str, tuple[str, ...]] | None = None
+                     ) -> Loaded | None:
+    """The LLMProvider a route's reference names, if it exists, is exported to the route's
+    namespace, and is decided wherever the route is (its own `spec.gateways`, where set); else a
+    problem naming the field: a backendRef and a fallbackRef alike, so that no reference reaches
+    another namespace's key, or a key to a proxy the provider is kept from."""
     namespace = obj.resource.metadata.namespace
     provider = providers.get(provider_host.lower())
     if provider is None:
@@ -195,14 +266,24 @@ def _usable_provider(obj: Loaded, provider_host: str, field: str, providers: dic
                                 f"is not exported to namespace {namespace} (its spec.exportTo)",
                                 file=obj.file, obj=obj.label, field=field, reason="ProviderNotExported"))
         return None
+    allowed = (declared or {}).get(provider_host.lower())
+    if allowed is not None and not binding <= set(allowed):
+        missing = ", ".join(sorted(binding - set(allowed)))
+        problems.append(Problem(f"LLMProvider {provider.label.split(' ', 1)[1]} (host {provider_host!r}) is decided "
+                                f"only at {', '.join(allowed)} (its spec.gateways), not at {missing} where this "
+                                "route applies", file=obj.file, obj=obj.label, field=field,
+                                reason="ProviderNotBound"))
+        return None
     return provider
 
 
-def _compile_route(obj: Loaded, providers: dict[str, Loaded], home: str | None,
-                   namespaces: bool, prices: CompiledPrices) -> tuple[Route, list[Problem]]:
+def _compile_route(obj: Loaded, providers: dict[str, Loaded], home: str | None, namespaces: bool,
+                   prices: CompiledPrices, view: View = MESH_VIEW, binding: frozenset[str] = frozenset({MESH}),
+                   declared: dict[str, tuple[str, ...]] | None = None) -> tuple[Route, list[Problem]]:
     resource = obj.resource
     assert isinstance(resource, LLMRoute)
-    route_name = f"{resource.metadata.namespace}/{resource.metadata.name}"
+    namespace = resource.metadata.namespace
+    route_name = f"{namespace}/{resource.metadata.name}"
     problems: list[Problem] = []
     rules: list[Rule] = []
     watched: set[str] = set()
@@ -211,23 +292,27 @@ def _compile_route(obj: Loaded, providers: dict[str, Loaded], home: str | None,
         targets: list[Target] = []
         for j, ref in enumerate(rule.backend_refs):
             provider = _usable_provider(obj, ref.provider_host, f"spec.rules[{i}].backendRefs[{j}].providerHost",
-                                        providers, problems, home, namespaces)
+                                        providers, problems, home, namespaces, binding, declared)
             if provider is None:
                 continue
             targets.append(_target(route_name, rule_label, rule.name, provider, prices))
-        conditions = tuple(
-            tuple(_condition(name, match) for name, match in m.headers.items()) for m in rule.matches
-        )
+        # `matches[].gateways` (Istio's): an entry applies only at the proxies it names (default: the route's)
+        applying = [m for m in rule.matches
+                    if view.target in ({gateway_ref(g, namespace) for g in m.gateways} if m.gateways else binding)]
+        conditions = tuple(tuple(_condition(name, match) for name, match in m.headers.items()) for m in applying)
+        sources = tuple(labels_of(m.source_labels) if m.source_labels is not None else None for m in applying)
         for conds in conditions:
             watched.update(c.name for c in conds)
         weights = [ref.weight if ref.weight is not None else 1 for ref in rule.backend_refs]
         fallbacks: list[Target] = []
         for j, fallback in enumerate(rule.fallback_refs):
             provider = _usable_provider(obj, fallback.provider_host, f"spec.rules[{i}].fallbackRefs[{j}].providerHost",
-                                        providers, problems, home, namespaces)
+                                        providers, problems, home, namespaces, binding, declared)
             if provider is None:
                 continue
             fallbacks.append(_target(route_name, rule_label, rule.name, provider, prices))
+        if rule.matches and not applying:
+            continue  # every entry applies at other proxies only: the rule never matches here
         if targets and len(targets) == len(weights) and len(fallbacks) == len(rule.fallback_refs):
             running, cumulative = 0, []
             for w in weights:
@@ -239,19 +324,27 @@ def _compile_route(obj: Loaded, providers: dict[str, Loaded], home: str | None,
                 per_try = parse_duration(r.per_try_timeout) if r.per_try_timeout else None
                 policy = RetryPolicy.from_config(r.attempts, per_try, r.retry_on)
                 failover = build_failover(tuple(targets), tuple(weights), tuple(fallbacks), policy)
-            rules.append(Rule(rule_label, conditions, tuple(targets), tuple(cumulative), failover))
+            rules.append(Rule(rule_label, conditions, tuple(targets), tuple(cumulative), failover,
+                              sources if any(s is not None for s in sources) else ()))
     bases = route_bases(t for rule in rules for t in rule.targets)
     return Route(route_name, tuple(rules), frozenset(watched), visible=_visible(obj, home, namespaces),
-                 bases=bases), problems
+                 bases=bases, namespace=namespace, selector=_selector(resource)), problems
+
+
+def _selector(resource: LLMRoute | LLMProvider) -> Labels | None:
+    selector = resource.spec.workload_selector
+    return labels_of(selector.selector) if selector is not None else None
 
 
 def _default_route(obj: Loaded, home: str | None = None, namespaces: bool = False,
                    prices: CompiledPrices | None = None) -> Route:
     resource = obj.resource
+    assert isinstance(resource, LLMProvider)
     name = f"{resource.metadata.namespace}/{resource.metadata.name}"
     target = _target(name, "default", None, obj, prices)
     return Route(name, (Rule("default", (), (target,), (1,)),), frozenset(), visible=_visible(obj, home, namespaces),
-                 bases=route_bases([target]))
+                 bases=route_bases([target]), namespace=resource.metadata.namespace, selector=_selector(resource),
+                 provider_default=True)
 
 
 def _target(route: str, rule_label: str, rule_name: str | None, provider: Loaded,
@@ -314,22 +407,24 @@ def _version(objects: list[Loaded]) -> str:
     return digest.hexdigest()[:12]
 
 
-def compile_budgets(objects: list[Loaded], routes: dict[str, Route], problems: list[Problem],
+def compile_budgets(objects: list[Loaded], resolve: Callable[[str, str], Route | None], problems: list[Problem],
                     accepted: list[Loaded]) -> BudgetTable:
-    """LLMTokenRateLimit objects, each attached to the route its host is routed by (so every
-    name that route answers to is limited). A host nobody serves is an error of that object."""
+    """LLMTokenRateLimit objects, each attached to the route its host is routed by, as a caller
+    of the object's namespace resolves it (so every name that route answers to is limited). A
+    host nobody serves is an error of that object."""
     pairs: list[tuple[str, Budget]] = []
     for obj in objects:
         resource = obj.resource
         if not isinstance(resource, LLMTokenRateLimit):
             continue
-        route = routes.get(normalize_host(resource.spec.host))
+        route = resolve(resource.spec.host, resource.metadata.namespace)
         if route is None:
             problems.append(Problem(f"no LLMRoute or LLMProvider serves host {resource.spec.host!r}",
                                     file=obj.file, obj=obj.label, field="spec.host", reason="HostNotFound",
                                     host=resource.spec.host))
             continue
-        key_header = resource.spec.key.header.lower() if resource.spec.key else ""
+        key = resource.spec.key
+        key_header = key.header.lower() if key is not None and key.header else ""
         rules: list[BudgetRule] = []
         watched: set[str] = {key_header} if key_header else set()
         for i, rule in enumerate(resource.spec.rules):
@@ -339,7 +434,8 @@ def compile_budgets(objects: list[Loaded], routes: dict[str, Route], problems: l
                 watched.update(c.name for c in conds)
             rules.append(BudgetRule(rule.name or f"rules[{i}]", conditions, rule.tokens, rule.per_s, rule.requests))
         name = f"{resource.metadata.namespace}/{resource.metadata.name}"
-        pairs.append((route.name, Budget(name, key_header, tuple(rules), frozenset(watched))))
+        pairs.append((route.name, Budget(name, key_header, tuple(rules), frozenset(watched),
+                                         key.caller if key is not None and key.caller else "")))
         accepted.append(obj)
     return BudgetTable.of(pairs)
 

@@ -1,15 +1,14 @@
 """The `istio.alibabacloud.com/v1beta1` custom resources, as pydantic models.
 
-The models mirror the fields ASM documents for `LLMProvider` and `LLMRoute`. Unknown
-fields under `spec` are errors (they are usually typos); fields ASM defines that this
-gateway does not implement yet are accepted and reported through `unimplemented_fields`.
+The models mirror the fields ASM documents for `LLMProvider` and `LLMRoute`, every one of them
+served. Unknown fields under `spec` are errors (they are usually typos).
 """
 
 from __future__ import annotations
 
 import re
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -21,6 +20,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from ..policy.caller import LABEL_VALUE_PATTERN, label_problems
 
 API_VERSION = "istio.alibabacloud.com/v1beta1"
 KINDS = ("LLMProvider", "LLMRoute")
@@ -73,6 +74,41 @@ DURATION_PATTERN = r"^[0-9]+(ms|s|m|h)$"
 ExportTarget = Annotated[str, Field(pattern=r"^(\.|\*|[a-z0-9]([-a-z0-9]*[a-z0-9])?)$", max_length=63)]
 
 
+# Kubernetes labels: the CRD's schema checks the values at apply time (it cannot say it for a
+# map's keys); `_labels` checks both, with a message naming the label.
+LabelValue = Annotated[str, Field(json_schema_extra={"pattern": LABEL_VALUE_PATTERN})]
+LabelMap = dict[str, LabelValue]
+
+
+def _labels(labels: dict[str, str] | None) -> dict[str, str] | None:
+    problems = label_problems(labels or {})
+    if problems:
+        raise ValueError("; ".join(problems))
+    return labels
+
+
+class WorkloadSelector(_Strict):
+    """Istio's workload selector: the proxies (by their pod's labels, in the object's namespace)
+    an object applies to. `labels` as Istio's Sidecar and EnvoyFilter write it, or `matchLabels`
+    as its security policies do; not both."""
+
+    labels: LabelMap | None = Field(default=None, description="Labels a proxy's pod must all have.")
+    match_labels: LabelMap | None = Field(default=None, alias="matchLabels",
+                                          description="The same as labels (Istio's other spelling).")
+
+    _keys = field_validator("labels", "match_labels")(_labels)
+
+    @model_validator(mode="after")
+    def _one_spelling(self) -> WorkloadSelector:
+        if self.labels is not None and self.match_labels is not None:
+            raise ValueError("set labels or matchLabels, not both")
+        return self
+
+    @property
+    def selector(self) -> dict[str, str]:
+        return dict(self.labels if self.labels is not None else self.match_labels or {})
+
+
 def parse_duration(text: str) -> float:
     """"1500ms", "30s", "5m", "1h" in seconds."""
     for unit, scale in (("ms", 0.001), ("s", 1), ("m", 60), ("h", 3600)):
@@ -111,8 +147,12 @@ class LLMProviderSpec(_Strict):
                                 description="Time the provider has for the whole answer, e.g. 30s or 5m "
                                             "(no total bound unless set).")
     outlier_detection: OutlierDetection | None = Field(default=None, alias="outlierDetection")
-    workload_selector: dict[str, Any] | None = Field(default=None, alias="workloadSelector")
-    gateways: list[str] | None = None
+    workload_selector: WorkloadSelector | None = Field(
+        default=None, alias="workloadSelector",
+        description="Only proxies whose pod has these labels (in this namespace) see this provider.")
+    gateways: list[str] | None = Field(
+        default=None, description="Where this provider is decided: 'mesh' (the sidecars) and/or egress gateways "
+                                  "(namespace/name). Default: wherever the routes naming it are.")
     # Our extension (as Istio's exportTo): the namespaces whose workloads may use this object.
     export_to: list[ExportTarget] | None = Field(
         default=None, alias="exportTo",
@@ -162,8 +202,14 @@ class StringMatch(_Strict):
 
 class RouteMatch(_Strict):
     headers: dict[str, StringMatch] = Field(default_factory=dict)
-    source_labels: dict[str, str] | None = Field(default=None, alias="sourceLabels")
-    gateways: list[str] | None = None
+    source_labels: LabelMap | None = Field(
+        default=None, alias="sourceLabels",
+        description="The calling pod's labels must include all of these (with headers, both must hold).")
+    gateways: list[str] | None = Field(
+        default=None, description="The proxies this match applies at ('mesh', namespace/name); unset, the "
+                                  "route's gateways.")
+
+    _keys = field_validator("source_labels")(_labels)
 
 
 class BackendRef(_Strict):
@@ -240,7 +286,9 @@ class RouteRule(_Strict):
 class LLMRouteSpec(_Strict):
     host: str = Field(min_length=1, json_schema_extra={"pattern": HOST_PATTERN})
     rules: list[RouteRule] = Field(min_length=1)
-    workload_selector: dict[str, Any] | None = Field(default=None, alias="workloadSelector")
+    workload_selector: WorkloadSelector | None = Field(
+        default=None, alias="workloadSelector",
+        description="Only proxies whose pod has these labels (in this namespace) see this route.")
     gateways: list[str] | None = None
     # Our extension (as Istio's exportTo): the namespaces whose workloads may use this object.
     export_to: list[ExportTarget] | None = Field(
@@ -295,24 +343,6 @@ def _check_host(value: str) -> str:
     return value.lower()
 
 
-def unimplemented_fields(obj: LLMProvider | LLMRoute | LLMTokenRateLimit | LLMPriceTable | LLMDataPolicy) -> list[str]:
-    """Paths of fields ASM defines that are accepted but have no effect here yet."""
-    if not isinstance(obj, (LLMProvider, LLMRoute)):
-        return []
-    found = [f"spec.{alias}" for name, alias in (("workload_selector", "workloadSelector"), ("gateways", "gateways"))
-             if getattr(obj.spec, name) is not None
-             # a route's gateways are served: extproc.policy.gateway_binding
-             and not (isinstance(obj, LLMRoute) and name == "gateways")]
-    if isinstance(obj, LLMRoute):
-        for i, rule in enumerate(obj.spec.rules):
-            for j, match in enumerate(rule.matches):
-                if match.source_labels is not None:
-                    found.append(f"spec.rules[{i}].matches[{j}].sourceLabels")
-                if match.gateways is not None:
-                    found.append(f"spec.rules[{i}].matches[{j}].gateways")
-    return found
-
-
 # --- LLMTokenRateLimit: our own kind, in our own API group (token and request budgets) ---
 
 BUDGET_API_VERSION = "llm-gateway.dev/v1alpha1"
@@ -330,9 +360,18 @@ def parse_per(text: str) -> float:
 
 
 class BudgetKeySpec(_Strict):
-    header: str = Field(min_length=1, pattern=HEADER_NAME_PATTERN,
-                        description="One budget per value of this request header; a request without it shares "
-                                    "the \"\" budget.")
+    header: str | None = Field(default=None, min_length=1, pattern=HEADER_NAME_PATTERN,
+                               description="One budget per value of this request header; a request without it "
+                                           "shares the \"\" budget.")
+    caller: Literal["namespace", "serviceAccount", "workload"] | None = Field(
+        default=None, description="One budget per verified caller: its namespace, ServiceAccount or workload "
+                                  "(not a header: an application cannot choose it).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BudgetKeySpec:
+        if (self.header is None) == (self.caller is None):
+            raise ValueError("set exactly one of header or caller")
+        return self
 
 
 class BudgetMatch(_Strict):

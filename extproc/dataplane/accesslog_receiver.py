@@ -29,11 +29,14 @@ log = logging.getLogger(__name__)
 
 def caller_label(caller: Caller | None) -> str:
     """Who an Envoy's requests are spent by: a sidecar proven by its ServiceAccount token is its
-    workload (`namespace/serviceaccount`); the gateway's own Envoy (local mode, a static token)
-    speaks for many callers, which only a budget's key tells apart (see `RequestRecord.caller`).
-    Where caller identity grows (namespace and workload of each request), it plugs in here."""
+    workload, `namespace/workload` (the pod's owner, `extproc.policy.caller`), or where its pod's
+    workload is not known, `namespace/serviceaccount`; the gateway's own Envoy (local mode, a
+    static token) speaks for many callers, which only a budget's key tells apart (see
+    `RequestRecord.caller`), unless `--source-namespace` states one."""
     if caller is None or caller.namespace is None:
         return ""
+    if caller.workload:
+        return f"{caller.namespace}/{caller.workload}"
     return f"{caller.namespace}/{caller.name}"
 
 
@@ -50,7 +53,8 @@ class AccessLogReceiver:
         self._prices = prices  # the price tables of the config in force
 
     def call(self, caller: Caller | None = None) -> AccessLogStream:
-        """A stream from one Envoy; any authenticated Envoy may report usage, spent by its caller."""
+        """A stream from one Envoy; any authenticated Envoy may report usage, spent by its caller
+        (its verified identity, never anything an entry says)."""
         return AccessLogStream(self, caller_label(caller))
 
     def on_message(self, data: bytes, caller: str = "") -> tuple[bytes | None, bool]:

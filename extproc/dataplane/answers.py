@@ -23,6 +23,7 @@ from .. import protobuf_wire as wire
 from ..errors import LOCAL_REPLIES, GatewayError
 from ..policy import openai_api
 from ..policy.answer_format import AnswerPlan
+from ..policy.caller import Caller
 from ..policy.openai_api import Endpoint
 from ..policy.pricing import Price
 from ..policy.table import Route, Target
@@ -102,25 +103,43 @@ CACHED_VALUES_MAX = 256  # longer request models or hosts (client-chosen) are en
 
 
 @lru_cache(maxsize=4096)
-def cached_decision_metadata(decision: bytes, model: str, stream: bool, host: str) -> tuple[bytes, bytes]:
+def cached_decision_metadata(decision: bytes, model: str, stream: bool, host: str,
+                             caller: bytes = b"") -> tuple[bytes, bytes]:
     """`decision_metadata`, kept for the few combinations that come back request after request."""
-    return _decision_metadata(decision, model, stream, host)
+    return _decision_metadata(decision, model, stream, host, caller)
 
 
-def _decision_metadata(decision: bytes, model: str, stream: bool, host: str) -> tuple[bytes, bytes]:
+def _decision_metadata(decision: bytes, model: str, stream: bool, host: str,
+                       caller: bytes = b"") -> tuple[bytes, bytes]:
     entries = (decision + wire.string_entry("request_model", model) + _STREAM_ENTRY[stream]
-               + wire.string_entry("host", host))
+               + wire.string_entry("host", host) + caller)
     return entries, wire.dynamic_metadata(METADATA_NAMESPACE, entries)
 
 
-def decision_metadata(decision: bytes, model: str, stream: bool, host: str) -> tuple[bytes, bytes]:
+def decision_metadata(decision: bytes, model: str, stream: bool, host: str, caller: bytes = b"") -> tuple[bytes, bytes]:
     """The decision's metadata entries, and the answer's `dynamic_metadata` holding just them:
     the same few combinations of target, model and host come back request after request, and
     encoding them costs about 2 µs per request (scripts/bench_work.py). Long values (a
-    client-chosen model or host) are encoded per request and never cached."""
+    client-chosen model or host) are encoded per request and never cached. `caller`: the
+    caller's entries (`caller_entries`)."""
     if len(model) + len(host) <= CACHED_VALUES_MAX:
-        return cached_decision_metadata(decision, model, stream, host)
-    return _decision_metadata(decision, model, stream, host)
+        return cached_decision_metadata(decision, model, stream, host, caller)
+    return _decision_metadata(decision, model, stream, host, caller)
+
+
+def caller_entries(caller: Caller) -> bytes:
+    """Who called, as the `llm_gateway` metadata entry `caller` for the access log: a struct of
+    the namespace, the ServiceAccount, the workload and the pod, where known (one entry, so
+    Envoy's file log formats one field for it). Encoded once per caller (kept on it); nothing for
+    the gateway's own Envoy in local mode (`LOCAL`)."""
+    memo = caller.memo
+    kept = memo.get("entries")
+    if kept is None:
+        values = (("namespace", caller.namespace), ("service_account", caller.name if caller.namespace else None),
+                  ("workload", caller.workload), ("pod", caller.pod))
+        fields = b"".join(wire.string_entry(key, value) for key, value in values if value)
+        kept = memo["entries"] = wire.struct_entry("caller", wire.struct_value(fields)) if fields else b""
+    return kept
 
 
 @lru_cache(maxsize=1024)

@@ -7,12 +7,15 @@ who it is. Two ways:
 - Local mode: Envoy reaches the control plane over Unix sockets in a directory only the
   gateway's user can open. The file system is the check; the caller is `LOCAL` (sees all).
 - TCP: each stream carries `authorization: Bearer <token>`. Either one static token from a file
-  (compared in constant time; the caller is `LOCAL`), or a Kubernetes ServiceAccount token
-  checked with the TokenReview API for a dedicated audience; the caller is then the token's
-  ServiceAccount, and sees only what its namespace may use (`extproc.policy.visibility`).
+  (compared in constant time; the caller is `LOCAL`, or what `--source-labels` states), or a
+  Kubernetes ServiceAccount token checked with the TokenReview API for a dedicated audience; the
+  caller is then the token's ServiceAccount, and sees only what its namespace may use
+  (`extproc.policy.visibility`). A token the kubelet bound to a pod also names the pod: its
+  labels and workload come from `extproc.dataplane.workload_identity`.
 
 The TokenReview result is cached until shortly before the token expires (at most `max_ttl_s`),
-so a stream costs a dict lookup; the API server is asked once per token, off the event loop.
+so a stream costs a dict lookup (and one for the pod); the API server is asked once per token,
+off the event loop.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import Protocol
 import grpc
 
 from ..policy.caller import LOCAL, Caller
+from .workload_identity import DEFAULT_GRACE_S, PodDirectory, kubernetes_pods, pod_reference
 
 log = logging.getLogger(__name__)
 
@@ -66,21 +70,23 @@ def bearer(value: str | None) -> str | None:
 
 
 class StaticToken:
-    """One shared token, read from a file once (for `serve` over TCP outside Kubernetes)."""
+    """One shared token, read from a file once (for `serve` over TCP outside Kubernetes). The
+    caller is `local`: the one the operator states (`--source-labels`), else `LOCAL`."""
 
-    def __init__(self, token: str):
+    def __init__(self, token: str, local: Caller = LOCAL):
         if len(token) < 16:
             raise ValueError("the token is shorter than 16 characters")
         self._token = token.encode()
+        self._local = local
 
     @classmethod
-    def from_file(cls, path: str) -> StaticToken:
-        return cls(Path(path).read_text().strip())
+    def from_file(cls, path: str, local: Caller = LOCAL) -> StaticToken:
+        return cls(Path(path).read_text().strip(), local)
 
     def cached(self, token: str | None) -> Caller | None:
         if token is None:
             return None
-        return LOCAL if hmac.compare_digest(token.encode(), self._token) else None
+        return self._local if hmac.compare_digest(token.encode(), self._token) else None
 
     async def verify(self, token: str) -> tuple[str, Caller | None]:  # never PENDING
         return token, self.cached(token)
@@ -94,6 +100,7 @@ class ReviewResult:
     username: str = ""
     audiences: tuple[str, ...] = ()
     error: str = ""
+    extra: tuple[tuple[str, tuple[str, ...]], ...] = ()  # user.extra: the bound pod's name and UID
 
 
 def identity_of(result: ReviewResult, audience: str) -> Caller | None:
@@ -107,7 +114,13 @@ def identity_of(result: ReviewResult, audience: str) -> Caller | None:
     namespace, _, name = result.username[len(SERVICE_ACCOUNT_PREFIX):].partition(":")
     if not namespace or not name:
         return None
-    return Caller(namespace, name)
+    pod = pod_reference(dict(result.extra))
+    return Caller(namespace, name, pod[0] if pod else None)
+
+
+def bound_pod(result: ReviewResult) -> tuple[str, str] | None:
+    """(name, UID) of the pod a reviewed token is bound to, if it is."""
+    return pod_reference(dict(result.extra))
 
 
 def token_expiry(token: str) -> float | None:
@@ -148,24 +161,39 @@ class TokenReviewAuthenticator:
 
     def __init__(self, review: Callable[[str, str], ReviewResult], audience: str = DEFAULT_AUDIENCE,
                  clock: Callable[[], float] = time.time, max_ttl_s: float = 300.0,
-                 negative_ttl_s: float = 5.0, margin_s: float = 30.0, max_entries: int = 10000):
+                 negative_ttl_s: float = 5.0, margin_s: float = 30.0, max_entries: int = 10000,
+                 pods: PodDirectory | None = None):
         self._review = review
+        self.pods = pods  # the pods tokens are bound to: their labels and workloads
         self.audience = audience
         self._clock = clock
         self._max_ttl_s = max_ttl_s
         self._negative_ttl_s = negative_ttl_s
         self._margin_s = margin_s
         self._max_entries = max_entries
-        self._cache: dict[str, tuple[Caller | None, float]] = {}
+        # token -> (the reviewed caller, until when, the pod it is bound to: (name, UID) or None)
+        self._cache: dict[str, tuple[Caller | None, float, tuple[str, str] | None]] = {}
         self._in_flight: dict[str, asyncio.Future] = {}
 
     def cached(self, token: str | None) -> Caller | None | Pending:
         if token is None:
             return None
         entry = self._cache.get(cache_key(token))
-        if entry is None or entry[1] <= self._clock():
+        now = self._clock()
+        if entry is None or entry[1] <= now:
             return PENDING
-        return entry[0]
+        reviewed, _, pod = entry
+        if pod is None or reviewed is None:
+            return reviewed
+        return self._with_pod(reviewed, pod, now)
+
+    def _with_pod(self, reviewed: Caller, pod: tuple[str, str], now: float) -> Caller | Pending:
+        """The reviewed caller with its pod's labels and workload (PENDING: the pod not seen yet)."""
+        if self.pods is None:  # no directory (a test): the pod is known, its labels are not
+            return Caller(reviewed.namespace, reviewed.name, reviewed.pod, None, None)
+        assert reviewed.namespace is not None
+        found = self.pods.caller(reviewed.namespace, reviewed.name, pod[0], pod[1], now)
+        return PENDING if found is None else found
 
     async def verify(self, token: str) -> tuple[str, Caller | None]:
         key = cache_key(token)
@@ -176,11 +204,17 @@ class TokenReviewAuthenticator:
         future = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
         try:
+            entry = self._cache.get(key)
+            if entry is not None and entry[1] > self._clock() and entry[0] is not None and entry[2] is not None:
+                # reviewed already: only its pod is new here
+                identity = await self._pod_caller(entry[0], entry[2])
+                return token, identity
             try:
                 result = await asyncio.to_thread(self._review, token, self.audience)
             except Exception as exc:  # the API server unreachable: refuse, briefly
                 result = ReviewResult(False, error=f"TokenReview failed: {type(exc).__name__}")
             identity = identity_of(result, self.audience)
+            pod = bound_pod(result) if identity is not None else None
             if identity is None:
                 log.warning("refused a control-plane caller: %s", result.error or "token not valid for audience "
                             f"{self.audience!r}")
@@ -190,39 +224,79 @@ class TokenReviewAuthenticator:
                 if len(self._cache) >= self._max_entries:
                     self._cache.clear()
             self._cache[key] = (identity, cache_until(now, identity, token_expiry(token), self._max_ttl_s,
-                                                      self._negative_ttl_s, self._margin_s))
+                                                      self._negative_ttl_s, self._margin_s), pod)
+            if identity is not None and pod is not None:
+                identity = await self._pod_caller(identity, pod)
         finally:
             self._in_flight.pop(key, None)
             future.set_result(identity)
         return token, identity
 
+    async def _pod_caller(self, reviewed: Caller, pod: tuple[str, str]) -> Caller:
+        """The caller with its pod's labels, the pod read first where it was not seen yet."""
+        found = self._with_pod(reviewed, pod, self._clock())
+        if found is PENDING and self.pods is not None:
+            assert reviewed.namespace is not None
+            await asyncio.to_thread(self.pods.fetch, reviewed.namespace, pod[0], pod[1])
+            found = self._with_pod(reviewed, pod, self._clock())
+        if found is PENDING:  # cannot happen once fetched; never an identity it does not have
+            return Caller(reviewed.namespace, reviewed.name, reviewed.pod, None, None)
+        assert isinstance(found, Caller)
+        return found
+
+
+@dataclass(frozen=True)
+class AuthSetup:
+    """How callers prove who they are over TCP, as a worker process is handed it (the
+    authenticator itself cannot cross processes): a static token file (`kind` "static") standing
+    for `local`, or ServiceAccount tokens for an audience ("review"), their pods' labels kept for
+    `grace_s` once out of date (see `extproc.dataplane.workload_identity`)."""
+
+    kind: str
+    value: str  # the token file, or the audience
+    local: Caller = LOCAL
+    grace_s: float = DEFAULT_GRACE_S
+
+    def build(self) -> Authenticator:
+        if self.kind == "static":
+            return StaticToken.from_file(self.value, self.local)
+        api_client = kubernetes_client()
+        pods = kubernetes_pods(api_client, self.grace_s)
+        pods.start()
+        return TokenReviewAuthenticator(kubernetes_review(api_client), self.value, pods=pods)
+
 
 def authenticator_for(kind: str, value: str) -> Authenticator:
-    """An authenticator from its description (what a worker process is handed, as the object
-    itself cannot cross processes): ("static", token file) or ("review", audience)."""
-    if kind == "static":
-        return StaticToken.from_file(value)
-    return TokenReviewAuthenticator(kubernetes_review(), value)
+    """An authenticator from its description: ("static", token file) or ("review", audience)."""
+    return AuthSetup(kind, value).build()
+
+
+def kubernetes_client() -> object:
+    """The official client's API client: in-cluster credentials, or KUBECONFIG."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
 
 
 def kubernetes_review(api_client=None) -> Callable[[str, str], ReviewResult]:
     """A TokenReview call with the official client (in-cluster credentials, or KUBECONFIG)."""
-    from kubernetes import client, config
+    from kubernetes import client
 
     if api_client is None:
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        api_client = client.ApiClient()
+        api_client = kubernetes_client()
     api = client.AuthenticationV1Api(api_client)
 
     def review(token: str, audience: str) -> ReviewResult:
         body = client.V1TokenReview(spec=client.V1TokenReviewSpec(token=token, audiences=[audience]))
         status = api.create_token_review(body, _request_timeout=10).status
         user = status.user
+        extra = tuple((k, tuple(v or ())) for k, v in ((user.extra if user else None) or {}).items())
         return ReviewResult(authenticated=bool(status.authenticated), username=(user.username if user else "") or "",
-                            audiences=tuple(status.audiences or ()), error=status.error or "")
+                            audiences=tuple(status.audiences or ()), error=status.error or "", extra=extra)
 
     return review
 

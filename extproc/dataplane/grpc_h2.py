@@ -105,10 +105,11 @@ class H2Connection(asyncio.Protocol):
     """One Envoy connection. `methods` maps a gRPC path to a factory of calls, given the caller."""
 
     def __init__(self, methods: dict[str, Callable[[Caller | None], Call]], max_message: int,
-                 authenticator: Authenticator | None = None, registry: set | None = None):
+                 authenticator: Authenticator | None = None, registry: set | None = None, local: Caller = LOCAL):
         self._registry = registry  # the server's open connections, for a graceful drain
         self._methods = methods
         self._authenticator = authenticator
+        self._local = local  # the caller without an authenticator (a Unix socket): as the operator states it
         self._verifying = False  # a token is being verified: frames wait in the buffer
         self._fresh: tuple[str, Caller | None] | None = None  # a token just verified, and its caller
         self._max_message = max_message
@@ -286,7 +287,7 @@ class H2Connection(asyncio.Protocol):
             return
         if sid % 2 == 0:
             raise _ConnectionError(PROTOCOL_ERROR, "even stream id from a client")
-        identity: Caller | None = LOCAL
+        identity: Caller | None = self._local
         if self._authenticator is not None:
             cached = self._authenticator.cached(token)
             if cached is PENDING:
@@ -525,12 +526,14 @@ async def serve(host: str, port: int, methods: dict[str, Callable[[Caller | None
 
 
 async def serve_unix(path: str, methods: dict[str, Callable[[Caller | None], Call]], max_message: int,
-                     registry: set | None = None) -> asyncio.Server:
-    """On a Unix socket (mode 0600, in a directory only our user can open): the caller is local."""
+                     registry: set | None = None, local: Caller = LOCAL) -> asyncio.Server:
+    """On a Unix socket (mode 0600, in a directory only our user can open): the caller is local,
+    as the operator states it (`--source-labels`, `--source-namespace`), else `LOCAL`."""
     loop = asyncio.get_running_loop()
     old = os.umask(0o177)
     try:
-        server = await loop.create_unix_server(lambda: H2Connection(methods, max_message, None, registry), path)
+        server = await loop.create_unix_server(lambda: H2Connection(methods, max_message, None, registry, local),
+                                               path)
     finally:
         os.umask(old)
     os.chmod(path, 0o600)

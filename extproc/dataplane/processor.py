@@ -79,7 +79,7 @@ class ExternalProcessor:
         return decide(self.holder.table, raw, not headers_msg.end_of_stream, caller, self.draw(), self._cooling)
 
     def forward(self, body: bytes, chunks: int, decision: Decision, budget: Admitted | None = None,
-                trace: TraceContext | None = None) -> list[bytes]:
+                trace: TraceContext | None = None, caller: Caller = LOCAL) -> list[bytes]:
         """The held answer to the headers, then one answer per body chunk (the last one with the
         rewritten body). In wire form: the target's prebuilt part and what this request adds."""
         target, endpoint = decision.target, decision.endpoint
@@ -100,7 +100,8 @@ class ExternalProcessor:
             parts.append(answers.more_headers(decision.strip, attempt_headers, plan is not None))
         if target.prices:  # the provider has a price table: the model's price, for the request's cost
             prebuilt = answers.with_price(target, prebuilt, rewritten.model)
-        entries, metadata = answers.decision_metadata(prebuilt, rewritten.model, rewritten.stream, decision.authority)
+        entries, metadata = answers.decision_metadata(prebuilt, rewritten.model, rewritten.stream, decision.authority,
+                                                      answers.caller_entries(caller))
         more = b""
         if budget is not None:  # the budget charged, for the access log, and the x-ratelimit-* header values
             more = budget.encoded()
@@ -175,7 +176,7 @@ class Exchange:
                 if decision.declared_length:
                     self._admit(decision.declared_length, processor)
                 if processor.budgets is not None:
-                    self._budget = processor.budgets.admit(decision.target.route, decision.headers)
+                    self._budget = processor.budgets.admit(decision.target.route, decision.headers, self._caller)
                 if processor.tracing is not None:
                     self._trace = processor.tracing.start(decision.headers.get(TRACEPARENT))
                 return [], False  # answered with the body
@@ -192,7 +193,8 @@ class Exchange:
                     self._admit(len(self._body), processor)
                 if not chunk.end_of_stream:
                     return [], False
-                return processor.forward(bytes(self._body), self._chunks, held, self._budget, self._trace), True
+                return processor.forward(bytes(self._body), self._chunks, held, self._budget, self._trace,
+                                         self._caller), True
             return [answers.continue_phase(phase).SerializeToString()], False
         except GatewayError as error:
             response = answers.immediate(error)

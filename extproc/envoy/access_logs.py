@@ -51,6 +51,9 @@ ACCESS_LOG_FORMAT = {
     "data_rule": metadata_value("data_rule"),
     "data_action": metadata_value("data_action"),
     "data_detectors": metadata_value("data_detectors"),
+    # the verified caller (extproc.policy.caller), never from the request: {namespace,
+    # service_account, workload, pod}, one field (each field formatted costs every request)
+    "caller": metadata_value("caller"),
     "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
     "tried": metadata_value("tried"),
     "status": "%RESPONSE_CODE%",

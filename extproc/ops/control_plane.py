@@ -133,7 +133,7 @@ class ControlPlane:
     async def apply(self, compiled: Compiled) -> None:
         old, new = self.table, compiled.table
         old_clusters, new_clusters = self._clusters(old), self._clusters(new)
-        old_hosts, new_hosts = set(old.routes), set(new.routes)
+        old_hosts, new_hosts = set(old.host_names), set(new.host_names)
         old_forwarded, new_forwarded = forwarded_clusters(old), forwarded_clusters(new)
         old_limits, new_limits = response_headers(old.budgets), response_headers(new.budgets)  # x-ratelimit-*
         first = self.clusters.version == 0
@@ -163,7 +163,7 @@ class ControlPlane:
         else:
             self._switch(new)
         self.loaded = True
-        log.info("routing table %s in force: %d host names, %d providers", new.version, len(new.routes),
+        log.info("routing table %s in force: %d host names, %d providers", new.version, len(new.host_names),
                  len(new.clusters))
 
     def _switch(self, table: RoutingTable) -> None:

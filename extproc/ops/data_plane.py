@@ -23,7 +23,7 @@ from ..dataplane.processor import ExternalProcessor
 from ..dataplane.retry_processor import RetryRewriter
 from ..policy.body_memory import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT, Inflight, register_metrics
 from ..policy.budget_gate import BudgetGate
-from ..policy.caller import Caller
+from ..policy.caller import LOCAL, Caller
 from ..policy.passive_health import AttemptObserver, PassiveHealth
 from ..policy.table import RoutingTable, TableHolder
 from ..protocol import (
@@ -53,8 +53,9 @@ class DataPlane:
     def __init__(self, holder: TableHolder, body_limit: int = DEFAULT_BODY_LIMIT,
                  max_body_bytes_in_flight: int = DEFAULT_MAX_BODY_BYTES_IN_FLIGHT,
                  redis_url: str | None = None, redis_fail_closed: bool = False, worker: int = 0,
-                 otlp_endpoint: str | None = None):
+                 otlp_endpoint: str | None = None, local: Caller = LOCAL):
         self.holder = holder
+        self.local = local  # the caller on a Unix socket: as the operator states it (--source-labels)
         self.body_limit = body_limit
         self.inflight = Inflight(max_body_bytes_in_flight, give_back_free_heap)
         self.metrics = GatewayMetrics()
@@ -104,7 +105,8 @@ class DataPlane:
 
     async def listen_unix(self, path: str) -> None:
         """Serves on a Unix socket (local mode: the caller is local)."""
-        self.server = await grpc_h2.serve_unix(path, self.methods, self.body_limit + CHUNK_MARGIN, self.connections)
+        self.server = await grpc_h2.serve_unix(path, self.methods, self.body_limit + CHUNK_MARGIN, self.connections,
+                                               self.local)
         log.info("ext_proc and access log service listening on unix:%s", path)
 
     def stop_listening(self) -> None:

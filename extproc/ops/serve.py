@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config.kubernetes_source import KubernetesSource
-from ..dataplane.authentication import Authenticator, authenticator_for
+from ..dataplane.authentication import Authenticator, AuthSetup
+from ..dataplane.workload_identity import DEFAULT_GRACE_S as DEFAULT_IDENTITY_GRACE_S
 from ..envoy.addresses import HostPort
 from ..envoy.clusters import UpstreamOptions
 from ..policy.body_memory import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
+from ..policy.caller import LOCAL, Caller
 from ..policy.gateway_binding import MESH_VIEW, View
 from ..protocol import DEFAULT_BODY_LIMIT, EXT_PROC_SOCKET, XDS_SOCKET
 from .children import listening_problems
@@ -54,6 +56,8 @@ class ServeOptions:
     lease_namespace: str | None = None
     lease_name: str = DEFAULT_LEASE_NAME
     lease_duration_s: float = DEFAULT_LEASE_DURATION_S
+    caller: Caller = LOCAL  # local mode and a static token: who the Envoy's requests come from
+    identity_grace_s: float = DEFAULT_IDENTITY_GRACE_S  # --kubernetes: last known pod labels, how long
     otlp_endpoint: str | None = None  # spans exported here by every process; None: no traces
 
     @property
@@ -61,12 +65,11 @@ class ServeOptions:
         return self.socket_dir is None and (self.kubernetes or self.listen is not None
                                             or self.ext_proc_listen is not None)
 
-    def auth_description(self) -> tuple[str, str]:
-        """How callers prove who they are over TCP, as a worker process is handed it
-        (`extproc.dataplane.authentication.authenticator_for`)."""
+    def auth_description(self) -> AuthSetup:
+        """How callers prove who they are over TCP, as a worker process is handed it."""
         if self.auth_token_file:
-            return "static", self.auth_token_file
-        return "review", self.token_audience
+            return AuthSetup("static", self.auth_token_file, self.caller)
+        return AuthSetup("review", self.token_audience, grace_s=self.identity_grace_s)
 
 
 def transport(opts: ServeOptions) -> tuple[str | None, Authenticator | None]:
@@ -78,12 +81,15 @@ def transport(opts: ServeOptions) -> tuple[str | None, Authenticator | None]:
             raise StartupError(f"cannot use the socket directory: {exc}") from None
     if opts.auth_token_file:
         try:
-            return None, authenticator_for("static", opts.auth_token_file)
+            return None, opts.auth_description().build()
         except (OSError, ValueError) as exc:
             raise StartupError(f"--auth-token-file {opts.auth_token_file}: {exc}") from None
     if opts.kubernetes:
+        if opts.caller is not LOCAL:
+            raise StartupError("--source-labels/--source-namespace state a local Envoy's identity: with --kubernetes "
+                               "over TCP each Envoy's identity comes from its ServiceAccount token and its pod")
         try:
-            return None, authenticator_for("review", opts.token_audience)
+            return None, opts.auth_description().build()
         except Exception as exc:
             raise StartupError(f"cannot reach Kubernetes for TokenReviews: {exc}") from None
     raise StartupError("serve over TCP (--listen/--ext-proc-listen) needs --auth-token-file FILE: without it anyone "
@@ -105,7 +111,7 @@ async def run_serve(opts: ServeOptions) -> int:
                           opts.log_level, opts.auth_description() if socket_dir is None else None,
                           (opts.redis_url, opts.redis_fail_closed), opts.otlp_endpoint)
     plane = DataPlane(workers.holder, opts.body_limit, workers.share, opts.redis_url, opts.redis_fail_closed,
-                      otlp_endpoint=opts.otlp_endpoint)
+                      otlp_endpoint=opts.otlp_endpoint, local=opts.caller)
     control = ControlPlane(opts.upstream, plane, reuse_port=workers.reuse_port)
     source = config_source(opts.config, opts.kubernetes, opts.namespace, control.apply, key_env=opts.key_env,
                            home=opts.home, view=opts.view)

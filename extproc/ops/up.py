@@ -25,6 +25,7 @@ from ..envoy.addresses import HostPort
 from ..envoy.bootstrap import DEFAULT_BODY_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, BootstrapOptions, bootstrap, token_sds
 from ..envoy.clusters import UpstreamOptions
 from ..policy.body_memory import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
+from ..policy.caller import LOCAL, Caller
 from ..policy.gateway_binding import MESH_VIEW, View
 from ..policy.table import EMPTY_TABLE, TableHolder
 from ..protocol import DEFAULT_BODY_LIMIT
@@ -83,6 +84,7 @@ class UpOptions:
     redis_fail_closed: bool = False
     max_body_bytes_in_flight: int = DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
     drain_grace_s: float = DEFAULT_GRACE_S
+    caller: Caller = LOCAL  # who its Envoy's requests come from (--source-labels, --source-namespace)
     otlp_endpoint: str | None = None  # spans exported here (extproc.telemetry.spans); None: no traces
 
 
@@ -174,7 +176,7 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
     if busy:
         raise StartupError("\n".join(busy))
     plane = DataPlane(TableHolder(EMPTY_TABLE), opts.body_limit, opts.max_body_bytes_in_flight, opts.redis_url,
-                      opts.redis_fail_closed, otlp_endpoint=opts.otlp_endpoint)
+                      opts.redis_fail_closed, otlp_endpoint=opts.otlp_endpoint, local=opts.caller)
     control = ControlPlane(opts.upstream, plane)
     source = config_source(opts.config, opts.kubernetes, opts.namespace, control.apply, opts.reload_interval,
                            opts.key_env, opts.home, opts.view)
@@ -187,7 +189,7 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
     local = tcp_token is None
     try:
         port = await control.start(opts.control, socket_dir=str(workdir) if tcp_token is None else None,
-                                   authenticator=None if tcp_token is None else StaticToken(tcp_token))
+                                   authenticator=None if tcp_token is None else StaticToken(tcp_token, opts.caller))
         if opts.metrics is not None:
             await ops.start(opts.metrics)
     except OSError as exc:

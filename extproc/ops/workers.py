@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from ..dataplane.authentication import authenticator_for
+from ..dataplane.authentication import AuthSetup
 from ..policy.table import EMPTY_TABLE, RoutingTable, TableHolder
 from .children import die_with_parent
 from .data_plane import DataPlane
@@ -107,7 +107,7 @@ class WorkerPool:
 
     @classmethod
     def start(cls, count: int, host: str, port: int, table, body_limit: int, cap_share: int,
-              log_level: str, auth: tuple[str, str] | None = None,
+              log_level: str, auth: AuthSetup | None = None,
               redis: tuple[str | None, bool] = (None, False), otlp_endpoint: str | None = None) -> WorkerPool:
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no copied loop or threads
         workers = []
@@ -219,7 +219,7 @@ def flatten_families(families) -> list:
 
 
 def _worker_main(conn, parent: int, host: str, port: int, table: bytes, body_limit: int, cap: int,
-                 log_level: str, index: int, auth: tuple[str, str] | None = None,
+                 log_level: str, index: int, auth: AuthSetup | None = None,
                  redis: tuple[str | None, bool] = (None, False), otlp_endpoint: str | None = None) -> None:
     arm = die_with_parent(signal.SIGTERM, parent)
     if arm is not None:
@@ -237,7 +237,7 @@ def _worker_main(conn, parent: int, host: str, port: int, table: bytes, body_lim
 
 
 async def _worker(conn, host: str, port: int, table: RoutingTable, body_limit: int, cap: int, index: int,
-                  auth: tuple[str, str] | None = None, redis: tuple[str | None, bool] = (None, False),
+                  auth: AuthSetup | None = None, redis: tuple[str | None, bool] = (None, False),
                   otlp_endpoint: str | None = None) -> None:
     # the same data plane as the main process's (budgets through the same Redis; without one, each
     # process keeps its own; passive health as this process sees it)
@@ -245,7 +245,7 @@ async def _worker(conn, host: str, port: int, table: RoutingTable, body_limit: i
                       otlp_endpoint=otlp_endpoint)
     await plane.start()
     try:
-        await plane.listen_tcp(host, port, authenticator_for(*auth) if auth else None, reuse_port=True)
+        await plane.listen_tcp(host, port, auth.build() if auth else None, reuse_port=True)
     except (OSError, ValueError) as exc:
         conn.send(f"cannot listen on {host}:{port}: {exc}")
         return
@@ -283,7 +283,7 @@ class WorkerSetup:
     ext_proc port is known."""
 
     def __init__(self, requested: int | None, cap: int, body_limit: int, log_level: str,
-                 auth: tuple[str, str] | None = None, redis: tuple[str | None, bool] = (None, False),
+                 auth: AuthSetup | None = None, redis: tuple[str | None, bool] = (None, False),
                  otlp_endpoint: str | None = None):
         self.count, self.share, note = plan(requested, cap, body_limit)
         self._auth, self._redis, self._otlp = auth, redis, otlp_endpoint

@@ -40,12 +40,14 @@ from .budgets import (
     admission,
     bucket_id,
     budget_unavailable,
+    caller_unknown,
     drained,
     has_budgets,
     key_hash,
     most_restrictive,
     parse_bucket_id,
 )
+from .caller import Caller, caller_key
 from .table import RoutingTable
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,8 @@ return {tostring(tok), tostring(req)}
 class BudgetMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.refused = series.Counter("llm_gateway_budget_refused",
-                                      "Requests refused by a budget (reason: tokens, requests, unavailable)",
+                                      "Requests refused by a budget (reason: tokens, requests, unavailable, "
+                                      "caller_unresolved)",
                                       ("budget", "rule", "reason"), registry=registry)
         self.charged = series.Counter("llm_gateway_budget_tokens_charged", "Tokens charged to budgets",
                                ("budget", "rule"), registry=registry)
@@ -208,8 +211,8 @@ class BudgetGate:
         self._touched: dict[str, float] = {}  # bucket -> last admission or charge
         self._rates: dict[str, tuple[float, float]] = {}  # bucket -> drain rates of its rule
         self._decided_for: object = None  # the table the caches below were worked out for
-        # (object, header values) -> rule, bucket, ...
-        self._decisions: dict[tuple[str, tuple[bytes | None, ...]], Decision] = {}
+        # (object, header values and the caller's key) -> rule, bucket, ...
+        self._decisions: dict[tuple[str, tuple[bytes | str | None, ...]], Decision] = {}
         self._answers: dict[AnswerKey, tuple[Admission, bytes | None]] = {}  # answer_key -> answer, its numbers
         self._identities: dict[tuple[str, ...], bytes] = {}  # several objects: head and buckets -> identity
         self.degraded = False
@@ -222,12 +225,12 @@ class BudgetGate:
 
     # -- the request path -------------------------------------------------------------------
 
-    def admit(self, route: str, headers: Mapping[str, bytes]) -> Admitted | None:
+    def admit(self, route: str, headers: Mapping[str, bytes], caller: Caller | None = None) -> Admitted | None:
         """`headers`: the request's, by name. None when no budget applies; else what to write into
         the request's metadata (budget, rule, hashed key, header values). Raises BudgetRefused
         (429) or a 503 (fail closed). Per request this is a bucket's level and a few dictionary
         lookups: which rule and bucket a set of header values means, and the answer for a level,
-        are each worked out once (per table in force)."""
+        are each worked out once (per table in force). `caller`: for budgets keyed by the caller."""
         table = self._table()
         objects = table.budgets.by_route.get(route)
         if not objects:
@@ -240,7 +243,7 @@ class BudgetGate:
         now = self._clock()
         if len(objects) == 1:  # the common case, without the lists the general one needs
             budget = objects[0]
-            decision = self._decision(budget, headers)
+            decision = self._decision(budget, headers, caller)
             if not decision:  # _NO_RULE
                 return None
             rule, hashed, bucket, identity, rates = decision
@@ -252,7 +255,7 @@ class BudgetGate:
             return Admitted(budget.name, rule.name, hashed, answer, [bucket], identity, numbers)
         chosen: list[tuple[Budget, Decided, Admission, bytes | None]] = []
         for budget in objects:
-            decision = self._decision(budget, headers)
+            decision = self._decision(budget, headers, caller)
             if decision:  # not _NO_RULE
                 chosen.append((budget, decision, *self._answer(budget, decision[0], decision[2], now)))
         if not chosen:
@@ -275,13 +278,21 @@ class BudgetGate:
             known = self._identities[named] = _identity(budget.name, rule.name, hashed, answer, buckets)
         return Admitted(budget.name, rule.name, hashed, answer, buckets, known, numbers)
 
-    def _decision(self, budget: Budget, headers: Mapping[str, bytes]) -> Decision:
-        """The kept decision for this request's values of the headers `budget` reads."""
-        seen = tuple([headers.get(name) for name in budget.watched])  # a frozenset: one order per process
+    def _decision(self, budget: Budget, headers: Mapping[str, bytes], caller: Caller | None = None) -> Decision:
+        """The kept decision for this request's values of the headers `budget` reads (and its
+        caller's key, for a budget keyed by the caller)."""
+        seen: tuple[bytes | str | None, ...] = tuple([headers.get(name) for name in budget.watched])  # one order
+        if budget.key_caller:
+            by = caller_key(budget.key_caller, caller) if caller is not None else ""
+            if by is None:
+                self.metrics.refused.labels(budget.name, "", "caller_unresolved").inc()
+                raise caller_unknown(budget.name)
+            seen = (*seen, by)
         decision = self._decisions.get((budget.name, seen))
         if decision is None:
             decision = self._decide(budget, {name: value.decode("latin-1") for name, value in
-                                             zip(budget.watched, seen, strict=True) if value is not None}, seen)
+                                             zip(budget.watched, seen, strict=False) if isinstance(value, bytes)},
+                                    seen, caller)
         return decision
 
     def _answer(self, budget: Budget, rule: BudgetRule, bucket: str, now: float) -> tuple[Admission, bytes | None]:
@@ -309,7 +320,8 @@ class BudgetGate:
             self._touched[bucket] = now
             self._rates[bucket] = rates
 
-    def _decide(self, budget: Budget, values: dict[str, str], seen: tuple[bytes | None, ...]) -> Decision:
+    def _decide(self, budget: Budget, values: dict[str, str], seen: tuple[bytes | str | None, ...],
+                caller: Caller | None = None) -> Decision:
         """Which rule of `budget` these header values match, and its bucket: (rule, hashed key,
         bucket, the bucket's identity entries, the rule's drain rates), or _NO_RULE. Kept for the
         table in force."""
@@ -317,7 +329,7 @@ class BudgetGate:
         if rule is None:
             decision: Decision = _NO_RULE
         else:
-            hashed = key_hash(values.get(budget.key_header, "") if budget.key_header else "")
+            hashed = key_hash(budget.key_of(values, caller) or "")
             bucket = bucket_id(budget.name, rule.name, hashed)
             limits = admission(rule, 0.0, 0.0)  # only its limit headers are read
             decision = (rule, hashed, bucket, _identity(budget.name, rule.name, hashed, limits, [bucket]),

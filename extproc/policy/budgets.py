@@ -1,10 +1,12 @@
 """Token and request budgets (`LLMTokenRateLimit`): pure decisions, no I/O.
 
-A budget object names a host and a key header; its first matching rule gives a bucket per
-(object, rule, key value). A bucket is kept as what has been *used* (tokens and requests), which
-drains continuously at `limit / per`: the level a client sees is `limit - used`. Keeping the
-used amount rather than the level means a live change of the limit applies at once to buckets
-already in use (a bigger budget admits again without waiting for a refill).
+A budget object names a host and a key: a request header, or the verified caller (its
+namespace, ServiceAccount or workload: `extproc.policy.caller`, which no application can
+choose); its first matching rule gives a bucket per (object, rule, key value). A bucket is
+kept as what has been *used* (tokens and requests), which drains continuously at
+`limit / per`: the level a client sees is `limit - used`. Keeping the used amount rather than
+the level means a live change of the limit applies at once to buckets already in use (a
+bigger budget admits again without waiting for a refill).
 
 Admission (on the request path): tokens while `used < limit` (the bucket is above zero), and,
 where `requests` is set, while one more request fits (`used + 1 <= requests`); the request is
@@ -25,6 +27,7 @@ from functools import lru_cache
 import orjson
 
 from ..errors import GatewayError
+from .caller import Caller, caller_key
 from .matching import Matches, matches_any
 
 BUCKET_PREFIX = "llmgw:budget"
@@ -55,9 +58,22 @@ class Budget:
     """One LLMTokenRateLimit object, compiled."""
 
     name: str  # "namespace/name"
-    key_header: str  # lower case; "" when the object has no key (one budget for everyone)
+    key_header: str  # lower case; "" when the key is not a header (or there is none: one budget for everyone)
     rules: tuple[BudgetRule, ...]
     watched: frozenset[str]  # header names the rules and the key read
+    key_caller: str = ""  # "namespace", "serviceAccount" or "workload": keyed by the verified caller
+
+    def key_of(self, values: Mapping[str, str], caller: Caller | None) -> str | None:
+        """The value this request counts under: its key header's, or its caller's; "" without a
+        key. None: keyed by a caller whose workload is not known right now (fail closed)."""
+        if self.key_caller:
+            return caller_key(self.key_caller, caller) if caller is not None else ""
+        return values.get(self.key_header, "") if self.key_header else ""
+
+    def key_source(self) -> str:
+        if self.key_caller:
+            return f"the caller's {self.key_caller}"
+        return f"header {self.key_header}" if self.key_header else "no key: one budget for all"
 
     def select(self, headers: Mapping[str, str]) -> BudgetRule | None:
         """The first rule that matches; None means the request is not limited by this object."""
@@ -222,6 +238,13 @@ def response_headers(budgets: BudgetTable) -> frozenset[str]:
     return frozenset(_TOKEN_HEADERS + (_REQUEST_HEADERS if counts_requests else ()))
 
 
+def caller_unknown(budget: str) -> GatewayError:
+    """A budget keyed by the caller's workload while that is not known (its pod not seen yet, or
+    gone): never counted under another's bucket, refused."""
+    return GatewayError(503, f"the caller's workload is not known right now, and budget {budget} counts by it: "
+                             "try again shortly", "caller_unresolved", "server_error")
+
+
 def budget_unavailable() -> GatewayError:
     """--redis-fail-closed while the shared counts cannot be reached."""
     return GatewayError(503, "the rate-limit store is unreachable: limited requests are refused until it is back",
@@ -247,7 +270,7 @@ def tokens_to_charge(outcome: str, total_tokens: float | None, prompt_tokens: fl
     return 0
 
 
-def describe(table: BudgetTable, route: str, headers: Mapping[str, str]) -> list[str]:
+def describe(table: BudgetTable, route: str, headers: Mapping[str, str], caller: Caller | None = None) -> list[str]:
     """For `extproc route`: which budget, rule and key a request would be charged to."""
     lines = []
     for budget in table.by_route.get(route, ()):
@@ -255,9 +278,11 @@ def describe(table: BudgetTable, route: str, headers: Mapping[str, str]) -> list
         if rule is None:
             lines.append(f"budget {budget.name}: no rule matches: not limited")
             continue
-        key = headers.get(budget.key_header, "") if budget.key_header else ""
-        source = f"header {budget.key_header}" if budget.key_header else "no key: one budget for all"
+        key = budget.key_of(headers, caller)
+        shown = key_hash(key) if key is not None else "unknown"
+        if budget.key_caller and key is not None:
+            shown += f" = {key!r}"
         requests = f", {rule.requests} requests" if rule.requests is not None else ""
         lines.append(f"budget {budget.name}: rule {rule.name}: {rule.tokens} tokens{requests} per {rule.per_s:g}s, "
-                     f"key {key_hash(key)} ({source})")
+                     f"key {shown} ({budget.key_source()})")
     return lines

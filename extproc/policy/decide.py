@@ -7,6 +7,9 @@ must be told) or a `ModelList` (the gateway answers itself), or raises `GatewayE
 request is answered with an OpenAI-style error). No I/O and no state: the ext_proc calls it once
 per request, `extproc route` explains a request with `match`, and both are table-tested.
 
+The caller decides what it sees: its namespace's names, what it may use, the rules its labels
+select (`extproc.policy.caller_view`, worked out once per caller and table).
+
 The body is not read here: every decision of today's config is taken from the headers, so that
 it can be taken before the body arrives (budgets and body memory admit a request at its
 headers). The body is checked and rewritten for the decision's target by
@@ -21,13 +24,12 @@ from dataclasses import dataclass
 from ..errors import GatewayError
 from ..protocol import INTERNAL_HEADER_PREFIX
 from . import openai_api
-from .caller import Caller
+from .caller import LOCAL, Caller
+from .caller_view import explain, view_of
 from .data_protection.policy import Guard
 from .failover import first_attempt
-from .gateway_binding import refusal
 from .openai_api import Endpoint
 from .table import Route, RoutingTable, Rule, Target
-from .visibility import may_use
 
 # What a client may not set: Envoy's own request headers (timeouts, retries, the attempt count)
 # and the gateway's internal ones (the cluster, the attempt order). They are removed before the
@@ -61,14 +63,14 @@ class ModelList:
     authority: str
 
 
-def route_for(table: RoutingTable, authority: str, caller_namespace: str | None) -> Route:
-    """The route serving `authority` for this caller. A route the caller's namespace may not use
-    is answered as an unknown host; a host an egress gateway decides says where."""
-    route = table.route_for(authority)
-    if route is None or not may_use(caller_namespace, route.visible):
-        raise (refusal(table, authority) if route is None else None) or GatewayError(
-            404, f"no LLMRoute or LLMProvider serves host {authority!r}", "unknown_host")
-    return route
+def route_for(table: RoutingTable, authority: str, caller: Caller) -> Route:
+    """The route serving `authority` for this caller, as it sees it (`extproc.policy.caller_view`:
+    names resolved in its namespace, only what it may use, rules specialized for its labels). A
+    route it may not use is answered as an unknown host; a host an egress gateway decides says
+    where; a route that depends on labels the caller's are not known for answers 503."""
+    view = view_of(table, caller)
+    route = view.routes.get(authority)
+    return route if route is not None else view.resolve(table, authority)
 
 
 def rule_for(route: Route, values: Mapping[str, str]) -> Rule:
@@ -80,10 +82,14 @@ def rule_for(route: Route, values: Mapping[str, str]) -> Rule:
 
 
 def match(table: RoutingTable, authority: str, headers: Mapping[str, str],
-          caller_namespace: str | None = None) -> tuple[Route, Rule]:
-    """The route and rule a request gets (for `extproc route`): the same steps as `decide`."""
-    route = route_for(table, authority, caller_namespace)
-    return route, rule_for(route, headers)
+          caller: Caller = LOCAL) -> tuple[Route, Rule, str]:
+    """The route and rule a request gets (for `extproc route`): the same steps as `decide`, and
+    why that rule (which of its `matches` held)."""
+    route = route_for(table, authority, caller)
+    rule = rule_for(route, headers)
+    full = next((r for r in table.all_routes  # the route before it was specialized for the caller
+                 if r.name == route.name and r.provider_default is route.provider_default), route)
+    return route, rule, explain(full, rule.name, headers, caller.labels)
 
 
 def decide(table: RoutingTable, headers: dict[str, bytes], has_body: bool, caller: Caller, draw: float,
@@ -92,9 +98,10 @@ def decide(table: RoutingTable, headers: dict[str, bytes], has_body: bool, calle
     cooling down now (`extproc.policy.passive_health`), left out of attempt orders with those
     whose name does not resolve (`table.unresolved`); asked only for a rule with retries."""
     authority = headers.get(":authority", b"").decode("latin-1")
-    route = table.route_for(authority)
-    if route is None or not may_use(caller.namespace, route.visible):
-        route = route_for(table, authority, caller.namespace)  # says why not
+    view = view_of(table, caller)  # kept on the caller: a lookup (extproc.policy.caller_view)
+    route = view.routes.get(authority)
+    if route is None:
+        route = view.resolve(table, authority)  # normalized, or why not
     endpoint = openai_api.recognize(headers.get(":method", b"").decode("latin-1"),
                                     headers.get(":path", b"").decode("latin-1"), route.bases)
     if endpoint is openai_api.MODELS:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from .budgets import EMPTY_BUDGETS, BudgetTable
+from .caller import Labels
 from .data_protection.policy import EMPTY_PROTECTION, ProtectionTable
 from .matching import Matches, matches_any
 from .pricing import EMPTY_PRICES, Price, PriceTable
@@ -95,6 +96,9 @@ class Rule:
     targets: tuple[Target, ...]
     cumulative_weights: tuple[int, ...]  # running sums of the targets' weights
     failover: Failover | None = None  # `retries` set: attempt orders and policy (extproc.policy.failover)
+    # per entry of `matches`, its `sourceLabels` (None: none); empty when no entry has any. A rule
+    # is decided over only once specialized for a caller's labels (`extproc.policy.caller_view`)
+    sources: tuple[Labels | None, ...] = ()
 
     def applies(self, headers: Mapping[str, str]) -> bool:
         return matches_any(self.matches, headers)
@@ -117,6 +121,14 @@ class Route:
     # namespaces whose workloads may use it; None: all (see extproc.policy.visibility)
     visible: frozenset[str] | None = None
     bases: frozenset[str] = DEFAULT_BASES  # the client base paths it accepts (see `extproc.policy.openai_api`)
+    namespace: str = ""  # the object's namespace (a workloadSelector applies there)
+    selector: Labels | None = None  # `spec.workloadSelector`: the proxies (by their pod's labels) it applies to
+    provider_default: bool = False  # a provider's own host, routed with its default config
+
+    @property
+    def label_dependent(self) -> bool:
+        """Whether who may use it, or which rule a request gets, depends on the caller's labels."""
+        return self.selector is not None or any(rule.sources for rule in self.rules)
 
     def select(self, headers: Mapping[str, str]) -> Rule | None:
         """The first rule whose matches hold."""
@@ -124,6 +136,15 @@ class Route:
             if rule.applies(headers):
                 return rule
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A route's claim on a host name: its host as written (`qualified` False: it resolves in the
+    caller's namespace first), or the host with its namespace (`svc.ns`, `svc.ns.svc`, ...)."""
+
+    route: Route
+    qualified: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +166,13 @@ class RoutingTable:
     budgets: BudgetTable = EMPTY_BUDGETS  # LLMTokenRateLimit objects by route name
     health: Mapping[str, tuple[int, float]] = field(default_factory=dict)  # host -> passive-health thresholds
     failover_clusters: Mapping[str, str] = field(default_factory=dict)  # provider host -> its failover cluster
+    # Names several routes answer to (a short host in several namespaces, a provider's host an
+    # LLMRoute takes over): which one a caller gets depends on its namespace and on what it may
+    # use (`extproc.policy.caller_view`). `routes` holds the one a caller of no namespace gets.
+    claims: Mapping[str, tuple[Claim, ...]] = field(default_factory=dict)
+    home: str | None = None  # the control plane's namespace, whose objects are everyone's by default
+    # per caller (namespace, labels): the routes it sees, worked out once per table
+    views: dict[object, object] = field(default_factory=dict, compare=False, hash=False, repr=False)
     prices: PriceTable = EMPTY_PRICES  # LLMPriceTable objects: per provider host, per model
     protection: ProtectionTable = EMPTY_PROTECTION  # LLMDataPolicy guards by route name and caller namespace
     # provider hosts whose name does not resolve now (extproc.policy.addresses): failover leaves
@@ -158,11 +186,27 @@ class RoutingTable:
                 for host, cluster in clusters.items()}
 
     @cached_property
+    def host_names(self) -> frozenset[str]:
+        """Every name some caller may send a request for: the sidecars' LLM host names (RDS)."""
+        return frozenset(self.routes) | frozenset(self.claims)
+
+    @cached_property
+    def all_routes(self) -> tuple[Route, ...]:
+        """Each route once, whatever names it answers to."""
+        found: dict[int, Route] = {}
+        for route in self.routes.values():
+            found.setdefault(id(route), route)
+        for claims in self.claims.values():
+            for claim in claims:
+                found.setdefault(id(claim.route), claim.route)
+        return tuple(found.values())
+
+    @cached_property
     def retry_targets(self) -> dict[tuple[str, str], dict[str, Target]]:
         """(route, rule) -> cluster -> the target that rule gives that provider: a retried
         attempt's provider, found from the cluster its attempt order names."""
         index: dict[tuple[str, str], dict[str, Target]] = {}
-        for route in self.routes.values():
+        for route in self.all_routes:
             for rule in route.rules:
                 if rule.failover is None:
                     continue

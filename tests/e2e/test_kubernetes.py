@@ -16,59 +16,12 @@ from pathlib import Path
 import pytest
 
 from support.helpers import CHAT, REPO, SEED_MANIFESTS, free_port, wait_until
+from support.kube import KUBE_HOME
+from support.kube import in_namespace as _in_namespace
+from support.kube import new_namespace as _namespace
+from support.kube import token as _token
 
-KUBE_SCRIPT = Path(os.environ.get("KUBE_TEST_SCRIPT", REPO.parent / "shared" / "kube-test-apiserver.sh"))
-KUBE_HOME = Path(os.environ.get("KUBE_TEST_HOME", "/var/cache/kube-test-apiserver"))
 DASHSCOPE, MOONSHOT = "dashscope.aliyuncs.com", "api.moonshot.cn"
-
-
-
-class Kube:
-    def __init__(self, kubeconfig: str):
-        self.env = {**os.environ, "KUBECONFIG": kubeconfig}
-        self.kubectl = str(KUBE_HOME / "bin" / "kubectl")
-
-    def run(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run([self.kubectl, *args], input=stdin, capture_output=True, text=True, env=self.env,
-                                timeout=60)
-        if check and result.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
-        return result
-
-    def apply(self, *files: Path) -> None:
-        for f in files:
-            self.run("apply", "-f", str(f))
-
-    def condition(self, kind: str, name: str, namespace: str = "default", kind_of: str = "Accepted") -> dict:
-        out = self.run("get", kind, name, "-n", namespace, "-o",
-                       f"jsonpath={{.status.conditions[?(@.type==\"{kind_of}\")]}}").stdout
-        import json
-        return json.loads(out) if out.strip() else {}
-
-
-@pytest.fixture(scope="module")
-def kube(tmp_path_factory):
-    """An API server of this test run's own: its own run directory (etcd data, pid files) and port, and
-    a kubeconfig of its own naming that port, so that test runs side by side on one machine (several
-    worktrees) never share or stop each other's server. The build and the PKI are shared."""
-    assert KUBE_SCRIPT.exists(), f"{KUBE_SCRIPT} is missing (the shared/ folder beside the repository)"
-    run_dir, port = tmp_path_factory.mktemp("kube-run"), free_port()
-    env = {**os.environ, "KUBE_TEST_RUN_DIR": str(run_dir), "KUBE_TEST_APISERVER_PORT": str(port)}
-    started = subprocess.run(["bash", str(KUBE_SCRIPT), "start"], capture_output=True, text=True, timeout=300,
-                             env=env)
-    assert started.returncode == 0, \
-        f"kube-apiserver did not start (run `{KUBE_SCRIPT} install` once):\n{started.stderr}"
-    shared = Path(re.search(r"export KUBECONFIG=(\S+)", started.stdout).group(1)).read_text()
-    kubeconfig = run_dir / "kubeconfig"
-    kubeconfig.write_text(re.sub(r"server: https://127\.0\.0\.1:\d+", f"server: https://127.0.0.1:{port}", shared))
-    kubeconfig.chmod(0o600)
-    k = Kube(str(kubeconfig))
-    k.apply(REPO / "k8s" / "crds.yaml")
-    for crd in ("llmproviders.istio.alibabacloud.com", "llmroutes.istio.alibabacloud.com",
-                "llmtokenratelimits.llm-gateway.dev", "llmdatapolicies.llm-gateway.dev"):
-        k.run("wait", "--for", "condition=established", f"crd/{crd}", "--timeout", "60s")
-    yield k
-    subprocess.run(["bash", str(KUBE_SCRIPT), "stop"], capture_output=True, timeout=60, env=env)
 
 
 @pytest.fixture
@@ -237,7 +190,12 @@ def test_manifests_apply_and_rbac_is_least_privilege(clean):
               ("patch", "llmroutes.istio.alibabacloud.com", "status", True), ("get", "secrets", None, True),
               ("patch", "llmroutes.istio.alibabacloud.com", None, False),
               ("delete", "llmproviders.istio.alibabacloud.com", None, False),
-              ("create", "secrets", None, False), ("list", "pods", None, False),
+              ("create", "secrets", None, False),
+              # issue 24: the pods callers' tokens are bound to, read-only; their owners from the pods alone
+              ("list", "pods", None, True), ("watch", "pods", None, True), ("get", "pods", None, True),
+              ("create", "pods", None, False), ("patch", "pods", None, False), ("delete", "pods", None, False),
+              ("get", "pods", "log", False), ("create", "pods", "exec", False),
+              ("get", "replicasets.apps", None, False), ("get", "jobs.batch", None, False),
               ("create", "tokenreviews.authentication.k8s.io", None, True),
               ("create", "serviceaccounts", "token", False),
               ("watch", "llmtokenratelimits.llm-gateway.dev", None, True),
@@ -282,34 +240,6 @@ def test_committed_sidecar_bootstrap_matches_generator():
 
 
 # ---------------------------------------------------------------- issue 15: who may talk to the control plane
-
-
-def _namespace(kube: Kube, base: str, accounts: tuple[str, ...] = ()) -> str:
-    """A new namespace (a fresh name each time: this API server runs no namespace controller, so a
-    deleted namespace never goes away) with these ServiceAccounts."""
-    import secrets
-
-    name = f"{base}-{secrets.token_hex(3)}"
-    kube.run("create", "namespace", name)
-    for account in accounts:
-        kube.run("create", "serviceaccount", account, "-n", name)
-    return name
-
-
-def _in_namespace(manifest: str, namespace: str) -> str:
-    assert "\nmetadata:\n" in manifest and "namespace:" not in manifest
-    return manifest.replace("\nmetadata:\n", f"\nmetadata:\n  namespace: {namespace}\n", 1)
-
-
-def _token(kube: Kube, namespace: str, account: str, audience: str = "llm-gateway") -> str:
-    """A ServiceAccount token from the TokenRequest API (what the kubelet projects into Envoy's container)."""
-    import json
-
-    body = json.dumps({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-                       "spec": {"audiences": [audience], "expirationSeconds": 600}})
-    out = kube.run("create", "--raw", f"/api/v1/namespaces/{namespace}/serviceaccounts/{account}/token", "-f", "-",
-                   stdin=body).stdout
-    return json.loads(out)["status"]["token"]
 
 
 def _resigned(token: str, **claims) -> str:

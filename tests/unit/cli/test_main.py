@@ -84,3 +84,30 @@ def test_dns_resolver_takes_an_ip_address():
     assert ip_port("[::1]:53") == HostPort("::1", 53)
     with pytest.raises(argparse.ArgumentTypeError, match="an IP address, not a name"):
         ip_port("dns.example.com:53")
+def test_route_takes_the_callers_labels_and_namespace_and_says_why(tmp_path, capsys):
+    from support.manifests import route, rule
+
+    payments = {**rule(DASHSCOPE, name="payments"), "matches": [{"sourceLabels": {"app": "payments"}}]}
+    file = write(tmp_path / "c.yaml", provider("dashscope", DASHSCOPE, route_configs={"payments": {"model": "max"}}),
+                 route("dash", DASHSCOPE, [payments, rule(DASHSCOPE)]),
+                 route("svc", "svc", [rule(DASHSCOPE)], namespace="a"),
+                 route("svc", "svc", [rule(DASHSCOPE)], namespace="b"))
+    assert main(["route", "--config", str(file), "--host", DASHSCOPE, "--source-labels", "app=payments,tier=gold"]) == 0
+    out = capsys.readouterr().out
+    assert "rule: payments\nwhy: matches[0]: sourceLabels app=payments" in out and "model max" in out
+    assert main(["route", "--config", str(file), "--host", DASHSCOPE]) == 0
+    assert "rule: rules[1]\nwhy: it has no matches: every request" in capsys.readouterr().out
+    assert main(["route", "--config", str(file), "--host", "svc", "--source-namespace", "b"]) == 0
+    assert "route: b/svc" in capsys.readouterr().out
+    assert main(["route", "--config", str(file), "--host", "svc"]) == 1
+    assert "several namespaces (a, b)" in capsys.readouterr().out
+
+
+def test_bad_source_labels_are_refused_on_the_command_line(tmp_path, capsys):
+    import pytest
+
+    for bad in ("app", "bad key=x"):
+        with pytest.raises(SystemExit) as exited:
+            main(["route", "--config", str(tmp_path), "--host", "h", "--source-labels", bad])
+        assert exited.value.code == 2
+    assert "label key 'bad key'" in capsys.readouterr().err
