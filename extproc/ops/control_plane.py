@@ -25,6 +25,7 @@ from ..envoy.clusters import UpstreamOptions, egress_clusters, provider_cluster,
 from ..envoy.routes import any_host_route_configuration, route_configuration, to_route_proto
 from ..envoy.xds import CLUSTER_TYPE_URL, ROUTE_TYPE_URL, ClusterDiscovery, Publisher, RouteDiscovery
 from ..policy.budgets import response_headers
+from ..policy.capacity import DEFAULT_PROVIDER_LIMITS
 from ..policy.gateway_binding import forwarded_clusters
 from ..policy.table import RoutingTable
 from ..protocol import EXT_PROC_SOCKET, FAILOVER_CLUSTER_PREFIX, XDS_SOCKET
@@ -91,8 +92,11 @@ class ControlPlane:
             await self.xds_server.stop(grace)
 
     def _clusters(self, table: RoutingTable) -> dict[str, dict]:
-        clusters = {name: provider_cluster(name, host, self.upstream) for host, name in table.clusters.items()}
-        clusters.update((name, provider_cluster(name, host, self.upstream, failover=True))
+        limits = table.capacity.get
+        clusters = {name: provider_cluster(name, host, self.upstream, limits=limits(host, DEFAULT_PROVIDER_LIMITS))
+                    for host, name in table.clusters.items()}
+        clusters.update((name, provider_cluster(name, host, self.upstream, failover=True,
+                                                limits=limits(host, DEFAULT_PROVIDER_LIMITS)))
                         for host, name in table.failover_clusters.items())
         clusters.update(egress_clusters(table))  # the egress gateways sidecars send hosts to
         return clusters

@@ -22,12 +22,14 @@ from ..envoy.addresses import HostPort
 from ..envoy.bootstrap import DEFAULT_BODY_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, BootstrapOptions, bootstrap, token_sds
 from ..envoy.clusters import UpstreamOptions
 from ..policy.body_memory import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
+from ..policy.capacity import DEFAULT_MAX_STREAMS
 from ..policy.gateway_binding import MESH_VIEW, View
 from ..policy.table import EMPTY_TABLE, TableHolder
 from ..protocol import DEFAULT_BODY_LIMIT
 from .children import dying_with_us, port_problem
 from .control_plane import ControlPlane
 from .data_plane import DataPlane
+from .descriptors import raise_descriptor_limit, report
 from .drain import DEFAULT_GRACE_S, drain_envoy
 from .socket_dir import private_dir
 from .startup import StartupError, config_source, load_initial
@@ -80,6 +82,7 @@ class UpOptions:
     redis_fail_closed: bool = False
     max_body_bytes_in_flight: int = DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
     drain_grace_s: float = DEFAULT_GRACE_S
+    max_ext_proc_streams: int = DEFAULT_MAX_STREAMS  # the circuit breakers of Envoy's control-plane clusters
 
 
 async def wait_ready(admin: HostPort, process: asyncio.subprocess.Process, timeout: float = 30.0) -> None:
@@ -137,11 +140,17 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
         (workdir / "token").write_text(tcp_token)
         token_sds_file = str(workdir / "token-sds.json")
         Path(token_sds_file).write_text(json.dumps(token_sds(str(workdir / "token"))))
+    # Envoy inherits the open-files limit: room for the requests its clusters admit
+    streams = max(DEFAULT_MAX_STREAMS, opts.max_ext_proc_streams)
+    descriptors = raise_descriptor_limit(streams)
+    report(descriptors, streams)
     boot = bootstrap(BootstrapOptions(listen=opts.listen, admin=opts.admin, control=HostPort(opts.control.host, port),
                                       ext_proc=HostPort(opts.control.host, control.ext_proc_port),
                                       body_limit=opts.body_limit, body_timeout_s=opts.body_timeout_s,
                                       access_log=opts.access_log, socket_dir=str(workdir) if local else None,
-                                      token_sds=token_sds_file, idle_timeout_s=opts.idle_timeout_s))
+                                      token_sds=token_sds_file, idle_timeout_s=opts.idle_timeout_s,
+                                      max_ext_proc_streams=opts.max_ext_proc_streams,
+                                      max_downstream_connections=descriptors.connections))
     boot_file = workdir / "envoy.json"
     boot_file.write_text(json.dumps(boot, indent=2))
     args = [binary, "-c", str(boot_file), "--disable-hot-restart", "--log-level", opts.envoy_log_level,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from .budgets import EMPTY_BUDGETS, BudgetTable
+from .capacity import ConnectionLimits
 from .matching import Matches, matches_any
 
 # Client base paths every route accepts, besides its providers' own: `/v1/...` and `/...`.
@@ -141,6 +142,9 @@ class RoutingTable:
     budgets: BudgetTable = EMPTY_BUDGETS  # LLMTokenRateLimit objects by route name
     health: Mapping[str, tuple[int, float]] = field(default_factory=dict)  # host -> passive-health thresholds
     failover_clusters: Mapping[str, str] = field(default_factory=dict)  # provider host -> its failover cluster
+    # provider host -> the requests in flight its clusters admit, where its spec.connectionPool
+    # changes the defaults (extproc.policy.capacity)
+    capacity: Mapping[str, ConnectionLimits] = field(default_factory=dict)
 
     @cached_property  # once per table (not a dataclass field: no part of equality)
     def cluster_hosts(self) -> dict[str, str]:
