@@ -142,11 +142,12 @@ def bootstrap(opts: BootstrapOptions) -> dict:
         ext_proc_socket = f"{opts.socket_dir}/{EXT_PROC_SOCKET}"
         clusters = [_grpc_cluster(CONTROL_CLUSTER, f"{opts.socket_dir}/{XDS_SOCKET}", limits),
                     _grpc_cluster(EXT_PROC_CLUSTER, ext_proc_socket, limits),
-                    _grpc_cluster(ACCESS_LOG_CLUSTER, ext_proc_socket, limits)]
+                    access_log_cluster(_grpc_cluster(ACCESS_LOG_CLUSTER, ext_proc_socket, limits))]
     else:  # replicas behind a Service: health-checked, a dead one ejected (see `replica_failover`)
         clusters = [_grpc_cluster(CONTROL_CLUSTER, opts.control, limits, opts.token_sds),
-                    *(replica_failover(_grpc_cluster(name, ext_proc_address(opts), limits, opts.token_sds))
-                      for name in (EXT_PROC_CLUSTER, ACCESS_LOG_CLUSTER))]
+                    replica_failover(_grpc_cluster(EXT_PROC_CLUSTER, ext_proc_address(opts), limits, opts.token_sds)),
+                    access_log_cluster(replica_failover(_grpc_cluster(ACCESS_LOG_CLUSTER, ext_proc_address(opts),
+                                                                      limits, opts.token_sds)))]
     if opts.sidecar:
         hcm["rds"] = {"route_config_name": ROUTE_CONFIG_NAME, "config_source": _XDS_SOURCE}
         hcm["strip_any_host_port"] = True
@@ -256,6 +257,17 @@ def _grpc_cluster(name: str, address: HostPort | str, limits: ConnectionLimits,
 
 
 MAX_STREAMS_PER_CONNECTION = 1000
+# What Envoy queues on an access-log stream before it counts the stream backed up and, once its
+# batch is full too, drops entries: thousands of requests ending at once (streams released
+# together) write a few MiB of entries in a moment, more than the default 1 MiB.
+ACCESS_LOG_BUFFER_BYTES = 32 << 20
+
+
+def access_log_cluster(cluster: dict) -> dict:
+    """The access log's cluster: room to queue a burst of entries (ACCESS_LOG_BUFFER_BYTES), so
+    that requests ending together are all counted; Envoy holds that memory only while the
+    receiver catches up."""
+    return {**cluster, "per_connection_buffer_limit_bytes": ACCESS_LOG_BUFFER_BYTES}
 
 
 def replica_failover(cluster: dict) -> dict:

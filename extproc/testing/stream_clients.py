@@ -43,8 +43,12 @@ class StreamResult:
 
 async def stream_request(port: int, host: str, body: bytes = CHAT_STREAM, headers: Sequence[tuple[str, str]] = (),
                          delays: list[int] | None = None, first_event: asyncio.Event | None = None,
-                         timeout_s: float = 300) -> StreamResult:
-    """One request to 127.0.0.1:`port` for `host`, its answer read to the end."""
+                         timeout_s: float = 300, body_held: asyncio.Event | None = None,
+                         head_sent: asyncio.Event | None = None) -> StreamResult:
+    """One request to 127.0.0.1:`port` for `host`, its answer read to the end. With `body_held`,
+    the body's last byte waits for that event (the gateway is still deciding the request; an
+    answer that comes first, an early refusal, is read at once); `head_sent` is set when the
+    rest has been sent."""
     result = StreamResult()
     writer = None
     try:
@@ -52,9 +56,21 @@ async def stream_request(port: int, host: str, body: bytes = CHAT_STREAM, header
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             extra = "".join(f"{k}: {v}\r\n" for k, v in headers)
             sent = time.monotonic_ns()
-            writer.write(f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
-                         f"connection: close\r\n{extra}content-length: {len(body)}\r\n\r\n".encode() + body)
-            head = await reader.readuntil(b"\r\n\r\n")
+            request = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+                       f"connection: close\r\n{extra}content-length: {len(body)}\r\n\r\n".encode() + body)
+            writer.write(request[:-1] if body_held is not None else request)
+            if head_sent is not None:
+                head_sent.set()
+            if body_held is not None:
+                answered = asyncio.ensure_future(reader.readuntil(b"\r\n\r\n"))
+                held = asyncio.ensure_future(body_held.wait())
+                await asyncio.wait((answered, held), return_when=asyncio.FIRST_COMPLETED)
+                held.cancel()
+                if not answered.done():
+                    writer.write(request[-1:])
+                head = await answered
+            else:
+                head = await reader.readuntil(b"\r\n\r\n")
             lines = head.decode("latin-1").split("\r\n")
             result.status = int(lines[0].split(" ", 2)[1])
             result.headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])

@@ -7,13 +7,16 @@ the streaming benchmark's paced provider).
 A chat completion (POST to a path ending in /chat/completions) with `"stream": true` is answered
 with E server-sent events P ms apart, each stamped with the CLOCK_MONOTONIC time it was written
 (`"sent_ns"`), then a usage event and `data: [DONE]`; E and P come from the request headers
-`x-events` and `x-pace-ms` (defaults 20 and 500, or the server's own). Without `"stream": true`
+`x-events` and `x-pace-ms` (defaults 20 and 500, or the server's own); with `x-hold-after: K` the
+stream stops after K events until `POST /release` (so a test holds any number open at once, for
+as long as it looks at them, and no longer). Without `"stream": true`
 the answer is one JSON completion. As strict as the real API: without the right
 `authorization: Bearer` key (when it has one) a 401, a body that is not JSON with `model` and
 `messages` a 400, another path a 404, each as an OpenAI error.
 
 `GET /stats` answers its counts as JSON: streams open now, the most open at once, streams
-answered in full, requests refused.
+answered in full, requests refused; `POST /release` lets every held stream go on (and any held
+later), `POST /hold` holds again.
 
 Run in its own process: `python -m extproc.testing.stream_provider --cert C --key K --port P
 [--api-key-env NAME] [--http1-only]`.
@@ -25,7 +28,9 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import ssl
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -65,6 +70,7 @@ class Answer:
     body: bytes = b""
     events: int = 0
     pace_s: float = 0.0
+    hold_after: int | None = None  # events sent before the stream waits for `POST /release`
     model: str = ""
     stream: bool = False
     content_type: str = "application/json"
@@ -76,6 +82,7 @@ class StreamProvider:
     events: int = DEFAULT_EVENTS
     pace_ms: int = DEFAULT_PACE_MS
     counts: Counts = field(default_factory=Counts)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
 
     def answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Answer:
         """The answer to one request, as the real API would give it."""
@@ -83,6 +90,9 @@ class StreamProvider:
             c = self.counts
             return Answer(body=json.dumps({"open": c.open, "peak": c.peak, "answered": c.answered,
                                            "refused": c.refused}).encode())
+        if method == "POST" and path in ("/release", "/hold"):
+            (self.released.set if path == "/release" else self.released.clear)()
+            return Answer(body=b"{}")
         if method != "POST" or not path.split("?", 1)[0].endswith("/chat/completions"):
             return self._error(404, f"Invalid URL ({method} {path})", "unknown_url")
         if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
@@ -95,8 +105,10 @@ class StreamProvider:
             return self._error(400, "you must provide a model parameter and a messages array", "invalid_request")
         model = str(request["model"])
         if request.get("stream") is True:
+            hold = headers.get("x-hold-after")
             return Answer(events=int(headers.get("x-events", self.events)), model=model, stream=True,
-                          pace_s=int(headers.get("x-pace-ms", self.pace_ms)) / 1000, content_type="text/event-stream")
+                          pace_s=int(headers.get("x-pace-ms", self.pace_ms)) / 1000, content_type="text/event-stream",
+                          hold_after=int(hold) if hold is not None else None)
         return Answer(body=json.dumps({
             "id": "chatcmpl-paced", "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "tok"}, "finish_reason": "stop"}],
@@ -107,6 +119,13 @@ class StreamProvider:
         kind = "invalid_request_error"
         return Answer(status=status, body=json.dumps({"error": {"message": message, "type": kind, "param": None,
                                                                 "code": code}}).encode())
+
+    async def pace(self, i: int, answer: Answer) -> None:
+        """Before event i: the pause since the last one, and the hold where the request asked for one."""
+        if i and i == answer.hold_after:
+            await self.released.wait()
+        elif i:
+            await asyncio.sleep(answer.pace_s)
 
     @staticmethod
     def event(i: int, answer: Answer) -> bytes:
@@ -138,8 +157,7 @@ class StreamProvider:
             self.counts.opened()
             try:
                 for i in range(answer.events):
-                    if i:
-                        await asyncio.sleep(answer.pace_s)
+                    await self.pace(i, answer)
                     data = self.event(i, answer)
                     writer.write(b"%x\r\n%s\r\n" % (len(data), data))
                     await writer.drain()
@@ -185,8 +203,7 @@ class StreamProvider:
             self.counts.opened()
             try:
                 for i in range(answer.events):
-                    if i:
-                        await asyncio.sleep(answer.pace_s)
+                    await self.pace(i, answer)
                     await send(sid, self.event(i, answer))
                 await send(sid, self.tail(answer), end=True)
                 self.counts.answered += 1
@@ -230,11 +247,28 @@ class StreamProvider:
                 await self.serve_http2(reader, writer)
             else:
                 await self.serve_http1(reader, writer)
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError, ValueError, KeyError,
-                h2.exceptions.ProtocolError):
-            pass  # a client that went away or broke the protocol: its connection ends, nothing more
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the client went away
+        except (asyncio.LimitOverrunError, ValueError, KeyError, h2.exceptions.ProtocolError) as exc:
+            # a client that broke the protocol: its connection ends, said where tests see it
+            print(f"stream provider: a connection ended: {exc!r}", file=sys.stderr, flush=True)
         finally:
             writer.close()
+
+
+def call(port: int, path: str, ca_file: str, server_name: str, method: str = "POST") -> dict:
+    """A test's or bench's word to a running provider (`/stats`, `/release`, `/hold`), over its TLS."""
+    import http.client
+
+    context = ssl.create_default_context(cafile=ca_file)
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+    conn.sock = context.wrap_socket(socket.create_connection(("127.0.0.1", port), 10), server_hostname=server_name)
+    try:
+        conn.request(method, path, body=b"" if method == "POST" else None)
+        answer: dict = json.loads(conn.getresponse().read())
+        return answer
+    finally:
+        conn.close()
 
 
 def tls_context(cert: str, key: str, http1_only: bool = False) -> ssl.SSLContext:
