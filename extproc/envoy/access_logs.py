@@ -13,13 +13,6 @@ STREAM_TIMINGS = {
 }
 
 
-# Entries Envoy batches before it sends them (sooner every buffer_flush_interval). Also what it
-# keeps while the stream is momentarily backed up, past which it drops entries: Envoy's 16 KiB
-# (about 18 entries) lost a third of 3,000 requests ending at once. Below BUFFER_MARGIN, so a
-# batch always fits the receiver's largest message (the body limit plus that margin).
-ACCESS_LOG_BATCH_BYTES = 512 << 10
-
-
 def metadata_value(key: str) -> str:
     return f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:{key})%"
 
@@ -108,7 +101,6 @@ def grpc_access_log() -> dict:
             "common_config": {"log_name": "llm_gateway", "transport_api_version": "V3",
                               "grpc_service": {"envoy_grpc": {"cluster_name": ACCESS_LOG_CLUSTER}},
                               "buffer_flush_interval": "0.5s",
-                              "buffer_size_bytes": ACCESS_LOG_BATCH_BYTES,
                               # a streamed answer's time points, read by the receiver
                               "custom_tags": [{"tag": tag, "value": value} for tag, value in STREAM_TIMINGS.items()]},
             "additional_response_headers_to_log": ["content-type"],

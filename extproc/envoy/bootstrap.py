@@ -258,8 +258,8 @@ def _grpc_cluster(name: str, address: HostPort | str, limits: ConnectionLimits,
 
 MAX_STREAMS_PER_CONNECTION = 1000
 # What Envoy queues on an access-log stream before it counts the stream backed up and, once its
-# batch is full too, drops entries: thousands of requests ending at once (streams released
-# together) write a few MiB of entries in a moment, more than the default 1 MiB.
+# batch (16 KiB) is full too, drops entries: thousands of requests ending at once write a few MiB
+# of entries in a moment; with the default 1 MiB, 4,260 of 6,000 were lost (none with this).
 ACCESS_LOG_BUFFER_BYTES = 32 << 20
 
 

@@ -200,7 +200,8 @@ def test_past_a_providers_capacity_the_extra_requests_get_503_overloaded_and_the
         assert_overloaded(result)
     wait_until(lambda: metric(gw, "llm_gateway_requests_total", outcome="gateway_error",
                               error_type="overloaded") == extra + 1, 30, lambda: f"{gw.metrics()}")
-    assert metric(gw, "llm_gateway_requests_total", outcome="success") == capacity
+    wait_until(lambda: metric(gw, "llm_gateway_requests_total", outcome="success") == capacity, 30,
+               lambda: f"{gw.metrics()}")
     assert gw.request(HOST, {"messages": [{"role": "user", "content": "Hi"}]}).status == 200  # room again
 
 
