@@ -191,23 +191,25 @@ def chart(summary: dict, path: Path) -> None:
     fig, (mem, cpu) = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.27
     xs = range(len(runs))
-    for offset, key, label, color in ((-width, "envoy_kib_per_stream", "Envoy, all open", "#2a7ab0"),
-                                      (0, "envoy_peak_kib_per_stream", "Envoy, peak", "#4bacc6"),
-                                      (width, "ext_proc_kib_per_stream", "ext_proc", "#9bbb59")):
+    for offset, key, label, color, fmt in ((-width, "envoy_kib_per_stream", "Envoy, all open", "#2a7ab0", "%.1f"),
+                                           (0, "envoy_peak_kib_per_stream", "Envoy, peak", "#4bacc6", "%.1f"),
+                                           (width, "ext_proc_kib_per_stream", "ext_proc", "#9bbb59", "%.2f")):
         bars = mem.bar([x + offset for x in xs], [r[key] for r in runs], width, label=label, color=color)
-        mem.bar_label(bars, fmt="%.1f")
+        mem.bar_label(bars, fmt=fmt)
     mem.axhline(summary["goal_envoy_kib_per_stream"], color="#c0504d", linestyle="--", label="goal: Envoy 50 KiB")
     mem.set_xticks(list(xs), counts)
     mem.set_xlabel("concurrent streams")
     mem.set_title("memory per open stream (KiB)")
-    mem.legend()
+    top = max(max(r["envoy_peak_kib_per_stream"] for r in runs), summary["goal_envoy_kib_per_stream"])
+    mem.set_ylim(top=top * 1.45)  # room for the legend above the bars
+    mem.legend(loc="upper center", ncol=2, fontsize=8)
     for offset, key, label, color in ((-width / 2, "envoy_cpu_us_per_event", "Envoy", "#2a7ab0"),
                                       (width / 2, "ext_proc_cpu_us_per_event", "ext_proc", "#9bbb59")):
         bars = cpu.bar([x + offset for x in xs], [r[key] for r in runs], width, label=label, color=color)
         cpu.bar_label(bars, fmt="%.1f")
     cpu.set_xticks(list(xs), counts)
     cpu.set_xlabel("concurrent streams")
-    cpu.set_title("CPU per streamed event (µs)")
+    cpu.set_title("CPU per streamed event (µs, all of a run)")
     cpu.legend()
     failed = sum(r["failed"] for r in runs)
     first = runs[0]
