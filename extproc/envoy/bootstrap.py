@@ -266,8 +266,13 @@ ACCESS_LOG_BUFFER_BYTES = 32 << 20
 def access_log_cluster(cluster: dict) -> dict:
     """The access log's cluster: room to queue a burst of entries (ACCESS_LOG_BUFFER_BYTES), so
     that requests ending together are all counted; Envoy holds that memory only while the
-    receiver catches up."""
-    return {**cluster, "per_connection_buffer_limit_bytes": ACCESS_LOG_BUFFER_BYTES}
+    receiver catches up. No active health check of its own (the ext_proc's already asks every
+    replica each second, and a second one would double that load on the control plane): its
+    few streams are long-lived, a broken one is opened again, and outlier detection (over TCP)
+    keeps a replica that refuses out."""
+    cluster = {**cluster, "per_connection_buffer_limit_bytes": ACCESS_LOG_BUFFER_BYTES}
+    cluster.pop("health_checks", None)
+    return cluster
 
 
 def replica_failover(cluster: dict) -> dict:

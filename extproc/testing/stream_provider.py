@@ -195,20 +195,24 @@ class StreamProvider:
 
         async def respond(sid: int, headers: dict[str, str], body: bytes) -> None:
             answer = self.answer(headers.get(":method", ""), headers.get(":path", ""), headers, body)
-            conn.send_headers(sid, [(":status", str(answer.status)), ("content-type", answer.content_type)],
-                              end_stream=False)
-            if not answer.stream:
-                await send(sid, answer.body, end=True)
-                return
-            self.counts.opened()
             try:
-                for i in range(answer.events):
-                    await self.pace(i, answer)
-                    await send(sid, self.event(i, answer))
-                await send(sid, self.tail(answer), end=True)
-                self.counts.answered += 1
+                conn.send_headers(sid, [(":status", str(answer.status)), ("content-type", answer.content_type)],
+                                  end_stream=False)
+                if not answer.stream:
+                    await send(sid, answer.body, end=True)
+                    return
+                self.counts.opened()
+                try:
+                    for i in range(answer.events):
+                        await self.pace(i, answer)
+                        await send(sid, self.event(i, answer))
+                    await send(sid, self.tail(answer), end=True)
+                    self.counts.answered += 1
+                finally:
+                    self.counts.open -= 1
+            except (h2.exceptions.StreamClosedError, ConnectionError):
+                pass  # the client reset this stream, or the connection is gone
             finally:
-                self.counts.open -= 1
                 tasks.pop(sid, None)
 
         try:
