@@ -49,7 +49,8 @@ def test_control_plane_clusters_take_the_flag_and_the_access_log_has_its_own(soc
     assert clusters[ACCESS_LOG_CLUSTER]["per_connection_buffer_limit_bytes"] == ACCESS_LOG_BUFFER_BYTES
     assert "per_connection_buffer_limit_bytes" not in clusters[EXT_PROC_CLUSTER]
     assert "health_checks" not in clusters[ACCESS_LOG_CLUSTER]  # one health check per replica is the ext_proc's
-    assert ("outlier_detection" in clusters[ACCESS_LOG_CLUSTER]) is (socket_dir is None)  # replicas: one refusing is out
+    # replicas: one that refuses is kept out
+    assert ("outlier_detection" in clusters[ACCESS_LOG_CLUSTER]) is (socket_dir is None)
 
 
 def test_default_control_plane_limit():
