@@ -1,19 +1,29 @@
 """Where budget counts live, and the two calls that use them: admission (the ext_proc, on the
 request path) and charging (the access log, when an answer ends).
 
-The request path never waits for Redis. Every bucket's usage is kept in memory (`_mirror`:
-used tokens, used requests, and when that was true), drained locally as time passes. Without
-Redis that is the whole story (one instance, exact). With Redis, what this instance adds
-(requests admitted, tokens charged) is applied to the mirror at once and queued; a background
-task sends the queue every `sync_interval` as one pipelined round trip (a Lua script per bucket:
-drain by Redis's clock, add, set an expiry so idle buckets disappear) and replaces each active
-bucket's mirror with what Redis answered, so other instances' spending shows up here within
-one sync.
+Every bucket's usage is kept in memory (`_mirror`: used tokens, used requests, when that was
+true, and from which usage on memory is not trusted), drained locally as time passes. Without
+Redis that is the whole story (one instance, exact). With Redis (every instance naming it shares
+every bucket; its scripts and connection: `extproc.policy.budget_redis`):
 
-Redis unreachable: the mirror keeps limiting per instance and the queue keeps what is owed
-(fail open); the outage is logged once, counted, and `/readyz` says degraded. With
-`fail_closed`, requests a budget applies to get a 503 until Redis answers again. Each sync tries
-again, so Redis coming back resumes sharing without a restart.
+- **Far from its limit**, a bucket this instance follows is admitted from memory, as in process.
+  What this instance adds (requests admitted, tokens charged) is applied to the mirror at once
+  and owed; every `sync_interval` a background task sends what is owed and reads back every
+  bucket followed, in one pipelined round trip, so other instances' spending shows up here
+  within one sync.
+- **A bucket this instance does not follow** (new to it, or forgotten after `forget_s` unused),
+  and **a bucket near its limit** (what is left is within what the instances could admit before
+  this one hears from Redis again: see `near_levels`) are admitted by Redis: the request waits
+  (`Waiting`) for one round trip whose script admits it and counts it atomically. Requests of the
+  same buckets waiting at once go in one script call; a round trip carries every request waiting.
+  A request memory refuses is refused at once (memory never knows more spending than there is).
+
+Redis unreachable: the mirror keeps limiting per instance and what is owed is kept (fail open);
+the outage is logged once, counted, and `/readyz` says degraded. With `fail_closed`, requests a
+budget applies to get a 503 until Redis answers again. A request that waited for Redis longer
+than `ADMISSION_TIMEOUT_S` is decided the same way. Each sync tries again, so Redis coming back
+resumes sharing without a restart, and the instances put back what they remember of each bucket
+(a Redis that restarted empty).
 """
 
 from __future__ import annotations
@@ -21,15 +31,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from redis.asyncio import Redis
 
 from .. import protobuf_wire as wire
+from ..errors import GatewayError
 from ..telemetry import fast_series as series
 from ..telemetry.fast_series import CounterSeries
+from .budget_redis import Call, RedisLink, number
 from .budgets import (
     HEADER_METADATA,
     Admission,
@@ -51,32 +64,46 @@ from .table import RoutingTable
 log = logging.getLogger(__name__)
 
 SYNC_INTERVAL_S = 0.1
-ACTIVE_S = 60.0  # a bucket untouched this long is no longer refreshed from Redis (nor kept in memory)
-REDIS_TIMEOUT_S = 0.5
+ACTIVE_S = 60.0  # a bucket untouched this long is forgotten (LLM_GATEWAY_BUDGET_FORGET, in seconds, changes it)
+REDIS_TIMEOUT_S = 0.5  # one round trip, connecting included
+ADMISSION_TIMEOUT_S = 0.5  # the longest a request waits for Redis; then fail open (memory) or closed (503)
+# Near its limit (see near_levels): what is left is within NEAR_REQUESTS requests, NEAR_ANSWERS times the
+# largest charge seen for the rule (one access-log batch's worth), or NEAR_GROWTH times what all instances
+# added to the bucket per sync interval lately (decaying by GROWTH_DECAY per sync).
+NEAR_REQUESTS = 4
+NEAR_ANSWERS = 2
+NEAR_GROWTH = 2.0
+GROWTH_DECAY = 0.95
+_NEVER = math.inf  # a near level: memory is always trusted (in process)
+_ALWAYS = -math.inf  # a near level: Redis decides (shared, before the bucket's growth is known)
 
-# Drain by Redis's clock, add this instance's increments, expire when fully drained.
-# KEYS[1] bucket; ARGV: token rate/s, request rate/s, tokens to add, requests to add.
-_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local v = redis.call('HMGET', KEYS[1], 'tok', 'req', 'at')
-local tok = tonumber(v[1]) or 0
-local req = tonumber(v[2]) or 0
-local at = tonumber(v[3]) or now
-local dt = now - at
-if dt < 0 then dt = 0 end
-local trate = tonumber(ARGV[1])
-local rrate = tonumber(ARGV[2])
-tok = math.max(0, tok - dt * trate) + tonumber(ARGV[3])
-req = math.max(0, req - dt * rrate) + tonumber(ARGV[4])
-if tok <= 0 and req <= 0 then
-  redis.call('DEL', KEYS[1])
-else
-  redis.call('HSET', KEYS[1], 'tok', tostring(tok), 'req', tostring(req), 'at', tostring(now))
-  redis.call('PEXPIRE', KEYS[1], math.ceil(math.max(tok / trate, req / rrate) * 1000) + 1000)
-end
-return {tostring(tok), tostring(req)}
-"""
+
+def forget_after() -> float:
+    """How long an instance follows a bucket it no longer uses (LLM_GATEWAY_BUDGET_FORGET seconds,
+    default 60): after that its next request is admitted by Redis again."""
+    value = os.environ.get("LLM_GATEWAY_BUDGET_FORGET")
+    try:
+        return float(value) if value else ACTIVE_S
+    except ValueError:
+        raise ValueError(f"LLM_GATEWAY_BUDGET_FORGET must be a number of seconds (got {value!r})") from None
+
+
+def near_levels(rule: BudgetRule, token_growth: float, request_growth: float,
+                answer_tokens: float) -> tuple[float, float]:
+    """From which used tokens, and which used requests, a bucket's admissions go to Redis rather
+    than memory: where what is left is within what the instances could admit before this one
+    next hears from Redis. That is a few requests, or a few answers' worth of tokens
+    (`answer_tokens`: the largest charge seen at once; memory lags the other instances' charges
+    by one sync), or twice what all instances added to the bucket in one sync interval lately
+    (`*_growth`), so a busy key goes to Redis sooner. While no answer of the bucket or its rule
+    was charged yet, a few answers' worth is unknown: Redis decides."""
+    if answer_tokens <= 0:
+        tokens = _ALWAYS
+    else:
+        tokens = rule.tokens - max(NEAR_ANSWERS * answer_tokens, NEAR_GROWTH * token_growth)
+    if rule.requests is None:
+        return tokens, _NEVER
+    return tokens, rule.requests - max(NEAR_REQUESTS, NEAR_GROWTH * request_growth)
 
 
 class BudgetMetrics:
@@ -93,6 +120,18 @@ class BudgetMetrics:
         self.redis_up = Gauge("llm_gateway_budget_redis_up", "1 while Redis answers (or no Redis is configured), "
                               "0 during an outage", registry=registry)
         self.syncs = Counter("llm_gateway_budget_syncs", "Successful syncs with Redis", registry=registry)
+        self.redis_admissions = Counter("llm_gateway_budget_redis_admissions", "Requests admitted by a Redis "
+                                        "round trip (reason: new, a bucket this instance did not follow; near, "
+                                        "near its limit)", ("reason",), registry=registry)
+        self.admission_round_trips = Counter("llm_gateway_budget_admission_round_trips", "Redis round trips "
+                                             "made for waiting requests (one carries all of them)",
+                                             registry=registry)
+        self.admission_fallbacks = Counter("llm_gateway_budget_admission_fallbacks", "Waiting requests decided "
+                                           "without Redis (reason: timeout, unreachable): fail open or closed",
+                                           ("reason",), registry=registry)
+        self.admission_wait = Histogram("llm_gateway_budget_admission_wait_seconds", "How long a request waited "
+                                        "for its admission by Redis", registry=registry,
+                                        buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0))
         self.redis_up.set(1)
         self._charged: dict[tuple[str, str], CounterSeries] = {}  # labelled series, looked up once
 
@@ -191,22 +230,85 @@ Decision = Decided | tuple[()]
 _NO_RULE: tuple[()] = ()  # a decision: no rule of the object matches
 
 
+class Waiting:
+    """A request whose budgets a Redis round trip decides. `then(done)`: `done` is called once,
+    from the event loop, with what `BudgetGate.admit` would have given: the `Admitted` (or None),
+    or the error the request gets (429, 503)."""
+
+    __slots__ = ("since", "settled", "_done", "_outcome")
+
+    def __init__(self, since: float):
+        self.since = since
+        self.settled = False
+        self._done: Callable[[Admitted | GatewayError | None], None] | None = None
+        self._outcome: Admitted | GatewayError | None = None
+
+    def then(self, done: Callable[[Admitted | GatewayError | None], None]) -> None:
+        if self.settled:
+            done(self._outcome)
+        else:
+            self._done = done
+
+    def settle(self, outcome: Admitted | GatewayError | None) -> None:
+        if self.settled:
+            return
+        self.settled, self._outcome = True, outcome
+        done, self._done = self._done, None
+        if done is not None:
+            try:
+                done(outcome)
+            except Exception:  # the waiting request's own failure; the others still get theirs
+                log.exception("a request waiting for its budget failed")
+
+
+class _Ask:
+    """Requests of the same buckets waiting for one Redis round trip: one script call for all."""
+
+    __slots__ = ("chosen", "buckets", "waiting", "since", "sent", "fell_back")
+
+    def __init__(self, chosen: list[tuple[Budget, Decided]], buckets: tuple[str, ...], since: float):
+        self.chosen = chosen
+        self.buckets = buckets
+        self.waiting: list[Waiting] = []
+        self.since = since  # when the first of them started waiting
+        self.sent: list[Waiting] = []  # those the round trip on its way asks for, in its order
+        self.fell_back = 0  # of those, admitted from memory after waiting too long
+
+
+Chosen = list[tuple[Budget, Decided]]
+
+
 class BudgetGate:
     """Admission and charging for every budget of the table in force."""
 
     def __init__(self, registry: CollectorRegistry, table: Callable[[], RoutingTable],
                  redis_url: str | None = None, fail_closed: bool = False,
-                 clock: Callable[[], float] = time.monotonic, sync_interval: float = SYNC_INTERVAL_S):
+                 clock: Callable[[], float] = time.monotonic, sync_interval: float = SYNC_INTERVAL_S,
+                 forget_s: float | None = None):
         self._table = table  # the routing table in force (its `.budgets`)
         self._clock = clock
         self.metrics = BudgetMetrics(registry)
         self.redis_url = redis_url
         self.fail_closed = fail_closed
         self._sync_interval = sync_interval
-        self._mirror: dict[str, list[float]] = {}  # bucket -> [used tokens, used requests, as of]
+        self._forget_s = forget_after() if forget_s is None else forget_s
+        self._shared = redis_url is not None
+        self._fresh = _ALWAYS if self._shared else _NEVER  # the near levels of a bucket not read from Redis
+        # bucket -> [used tokens, used requests, as of, near tokens, near requests] (near: see near_levels)
+        self._mirror: dict[str, list[float]] = {}
         self._pending: dict[str, list[float]] = {}  # bucket -> [tokens, requests] not yet in Redis
         self._touched: dict[str, float] = {}  # bucket -> last admission or charge
         self._rates: dict[str, tuple[float, float]] = {}  # bucket -> drain rates of its rule
+        # shared: bucket -> [tokens, requests, Redis's time] of the last sync's reading, [token growth,
+        # request growth] per sync interval, whether growth was measured yet, the bucket's largest charge
+        self._readings: dict[str, list[float]] = {}
+        self._charged_max: dict[tuple[str, str], float] = {}  # (object, rule) -> largest charge to one bucket
+        self._asks: dict[tuple[str, ...], _Ask] = {}  # waiting for the next round trip, by buckets
+        self._sending: list[_Ask] = []  # on their way to Redis
+        self._timer: asyncio.TimerHandle | None = None  # decides those who waited too long
+        self._wake: asyncio.Event | None = None  # the Redis task: a request is waiting, or a sync is wanted
+        self._sync_soon = False
+        self._link: RedisLink | None = None
         self._decided_for: object = None  # the table the caches below were worked out for
         # (object, header values) -> rule, bucket, ...
         self._decisions: dict[tuple[str, tuple[bytes | None, ...]], Decision] = {}
@@ -214,7 +316,6 @@ class BudgetGate:
         self._identities: dict[tuple[str, ...], bytes] = {}  # several objects: head and buckets -> identity
         self.degraded = False
         self._task: asyncio.Task[None] | None = None
-        self._client: Redis | None = None
 
     def configured(self) -> bool:
         """Whether the table in force has any budget: without one, finished answers owe nothing."""
@@ -222,12 +323,13 @@ class BudgetGate:
 
     # -- the request path -------------------------------------------------------------------
 
-    def admit(self, route: str, headers: Mapping[str, bytes]) -> Admitted | None:
+    def admit(self, route: str, headers: Mapping[str, bytes]) -> Admitted | Waiting | None:
         """`headers`: the request's, by name. None when no budget applies; else what to write into
-        the request's metadata (budget, rule, hashed key, header values). Raises BudgetRefused
-        (429) or a 503 (fail closed). Per request this is a bucket's level and a few dictionary
-        lookups: which rule and bucket a set of header values means, and the answer for a level,
-        are each worked out once (per table in force)."""
+        the request's metadata (budget, rule, hashed key, header values), or a `Waiting` where
+        Redis decides (a bucket this instance does not follow, or one near its limit). Raises
+        BudgetRefused (429) or a 503 (fail closed). Per request this is a bucket's level and a
+        few dictionary lookups: which rule and bucket a set of header values means, and the
+        answer for a level, are each worked out once (per table in force)."""
         table = self._table()
         objects = table.budgets.by_route.get(route)
         if not objects:
@@ -244,36 +346,51 @@ class BudgetGate:
             if not decision:  # _NO_RULE
                 return None
             rule, hashed, bucket, identity, rates = decision
-            answer, numbers = self._answer(budget, rule, bucket, now)
+            known = self._answer(budget, rule, bucket, now)
+            if known is None:  # Redis decides
+                return self._ask([(budget, decision)], now)
+            answer, numbers = known
             if not answer.allowed:
                 self.metrics.refused.labels(budget.name, rule.name, answer.reason).inc()
                 raise BudgetRefused(budget.name, rule.name, answer)
             self._used(bucket, rule, rates, now)
             return Admitted(budget.name, rule.name, hashed, answer, [bucket], identity, numbers)
-        chosen: list[tuple[Budget, Decided, Admission, bytes | None]] = []
+        chosen: Chosen = []
         for budget in objects:
             decision = self._decision(budget, headers)
             if decision:  # not _NO_RULE
-                chosen.append((budget, decision, *self._answer(budget, decision[0], decision[2], now)))
+                chosen.append((budget, decision))
         if not chosen:
             return None
-        answer = most_restrictive([c[2] for c in chosen])
-        budget, (rule, hashed, _, _, _), _, numbers = next(c for c in chosen if c[2] is answer)
+        admitted = self._admit_all(chosen, now)
+        return self._ask(chosen, now) if admitted is None else admitted
+
+    def _admit_all(self, chosen: Chosen, now: float) -> Admitted | None:
+        """The admission of a request by every object in `chosen`, from memory; None where Redis
+        must decide. Raises BudgetRefused or a 503 (fail closed)."""
+        answered: list[tuple[Budget, Decided, Admission, bytes | None]] = []
+        for budget, decision in chosen:
+            known = self._answer(budget, decision[0], decision[2], now)
+            if known is None:
+                return None
+            answered.append((budget, decision, *known))
+        answer = most_restrictive([c[2] for c in answered])
+        budget, (rule, hashed, _, _, _), _, numbers = next(c for c in answered if c[2] is answer)
         if not answer.allowed:
             self.metrics.refused.labels(budget.name, rule.name, answer.reason).inc()
             raise BudgetRefused(budget.name, rule.name, answer)
-        for _, (rule_, _, bucket_, _, rates), _, _ in chosen:
+        for _, (rule_, _, bucket_, _, rates), _, _ in answered:
             self._used(bucket_, rule_, rates, now)
-        buckets = [c[1][2] for c in chosen]
+        buckets = [c[1][2] for c in answered]
         # the identity names every bucket (not the one kept for the head's bucket alone), and the
         # head's limits: kept per head and set of buckets, like the decisions
         named = (budget.name, rule.name, hashed, *buckets)
-        known = self._identities.get(named)
-        if known is None:
+        known_identity = self._identities.get(named)
+        if known_identity is None:
             if len(self._identities) > _CACHE_MAX:
                 self._identities.clear()
-            known = self._identities[named] = _identity(budget.name, rule.name, hashed, answer, buckets)
-        return Admitted(budget.name, rule.name, hashed, answer, buckets, known, numbers)
+            known_identity = self._identities[named] = _identity(budget.name, rule.name, hashed, answer, buckets)
+        return Admitted(budget.name, rule.name, hashed, answer, buckets, known_identity, numbers)
 
     def _decision(self, budget: Budget, headers: Mapping[str, bytes]) -> Decision:
         """The kept decision for this request's values of the headers `budget` reads."""
@@ -284,12 +401,27 @@ class BudgetGate:
                                              zip(budget.watched, seen, strict=True) if value is not None}, seen)
         return decision
 
-    def _answer(self, budget: Budget, rule: BudgetRule, bucket: str, now: float) -> tuple[Admission, bytes | None]:
-        """The answer for the bucket's level now, and its encoded numbers (None for a refusal)."""
+    def _answer(self, budget: Budget, rule: BudgetRule, bucket: str,
+                now: float) -> tuple[Admission, bytes | None] | None:
+        """The answer for the bucket's level now, and its encoded numbers (None for a refusal); None
+        where Redis must decide (shared, Redis answering: a bucket not followed, or near its limit
+        where memory would admit)."""
         if self.degraded and self.fail_closed:
             self.metrics.refused.labels(budget.name, rule.name, "unavailable").inc()
             raise budget_unavailable()
-        used_tokens, used_requests = self._usage(bucket, rule, now)
+        state = self._mirror.get(bucket)
+        if state is None:
+            if self._shared and not self.degraded:
+                return None  # not followed here: Redis knows
+            used_tokens = used_requests = 0.0
+        else:
+            elapsed = now - state[2]
+            used_tokens = drained(state[0], rule.token_rate, elapsed)
+            used_requests = drained(state[1], rule.request_rate, elapsed)
+            if (used_tokens >= state[3] or used_requests >= state[4]) and not self.degraded and \
+                    used_tokens < rule.tokens and (rule.requests is None or
+                                                   used_requests + 1 <= rule.requests + 1e-9):
+                return None  # near its limit and memory would admit: Redis decides (memory refuses alone)
         key = answer_key(rule, used_tokens, used_requests)
         known = self._answers.get(key) if key is not None else None
         if known is None:
@@ -335,20 +467,122 @@ class BudgetGate:
         return drained(state[0], rule.token_rate, elapsed), drained(state[1], rule.request_rate, elapsed)
 
     def _add(self, bucket: str, rule: BudgetRule, tokens: float, requests: float, now: float) -> None:
-        used_tokens, used_requests = self._usage(bucket, rule, now)
-        self._mirror[bucket] = [used_tokens + tokens, used_requests + requests, now]
+        state = self._mirror.get(bucket)
+        if state is None:
+            self._mirror[bucket] = [tokens, requests, now, self._fresh, self._fresh]
+        else:
+            elapsed = now - state[2]
+            state[0] = drained(state[0], rule.token_rate, elapsed) + tokens
+            state[1] = drained(state[1], rule.request_rate, elapsed) + requests
+            state[2] = now
         self._touched[bucket] = now
         self._rates[bucket] = (rule.token_rate, rule.request_rate)
-        if self.redis_url is not None:
-            owed = self._pending.setdefault(bucket, [0.0, 0.0])
-            owed[0] += tokens
-            owed[1] += requests
+        if self._shared:
+            owed = self._pending.get(bucket)
+            if owed is None:
+                self._pending[bucket] = [tokens, requests]
+            else:
+                owed[0] += tokens
+                owed[1] += requests
+
+    # -- waiting for Redis -------------------------------------------------------------------
+
+    def _ask(self, chosen: Chosen, now: float) -> Waiting:
+        """A request for the next round trip: with those of the same buckets, one script call."""
+        buckets = tuple([decision[2] for _, decision in chosen])
+        ask = self._asks.get(buckets)
+        if ask is None:
+            ask = self._asks[buckets] = _Ask(chosen, buckets, now)
+            if self._wake is not None:
+                self._wake.set()
+            if self._timer is None:
+                self._arm_timer()
+        waiting = Waiting(now)
+        ask.waiting.append(waiting)
+        new = any(bucket not in self._readings for bucket in buckets)
+        self.metrics.redis_admissions.labels("new" if new else "near").inc()
+        return waiting
+
+    def _arm_timer(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (a test driving the gate by hand): round trips decide
+            return
+        self._timer = loop.call_later(ADMISSION_TIMEOUT_S, self._expire)
+
+    def _expire(self) -> None:
+        """Requests that waited ADMISSION_TIMEOUT_S for Redis: decided without it (fail open:
+        memory; fail closed: 503). A round trip still on its way is still applied when it comes."""
+        self._timer = None
+        too_old = self._clock() - ADMISSION_TIMEOUT_S
+        for buckets, ask in list(self._asks.items()):
+            if ask.since <= too_old:
+                del self._asks[buckets]
+                self._fall_back(ask, ask.waiting, "timeout", count=True)
+        for ask in self._sending:
+            if ask.since <= too_old:
+                ask.fell_back += self._fall_back(ask, ask.sent, "timeout", count=False)
+        if self._asks or any(not w.settled for ask in self._sending for w in ask.sent):
+            self._arm_timer()
+
+    def _fall_back(self, ask: _Ask, waiting: list[Waiting], reason: str, count: bool) -> int:
+        """Decides waiting requests without Redis, as while it is unreachable; how many were admitted.
+        `count`: counted here (False while their round trip may still count them in Redis)."""
+        admitted = 0
+        now = self._clock()
+        for one in waiting:
+            if one.settled:
+                continue
+            self.metrics.admission_fallbacks.labels(reason).inc()
+            outcome: Admitted | GatewayError | None
+            if self.fail_closed:
+                budget, decision = ask.chosen[0]
+                self.metrics.refused.labels(budget.name, decision[0].name, "unavailable").inc()
+                outcome = budget_unavailable()
+            else:
+                levels = [self._usage(decision[2], decision[0], now) for _, decision in ask.chosen]
+                try:
+                    outcome = self._conclude(ask.chosen, levels, None)
+                except GatewayError as error:
+                    outcome = error
+                else:
+                    admitted += 1
+                    if count:
+                        for _, (rule, _, bucket, _, rates) in ask.chosen:
+                            self._used(bucket, rule, rates, now)
+            self._settled(one, outcome, now)
+        return admitted
+
+    def _settled(self, waiting: Waiting, outcome: Admitted | GatewayError | None, now: float) -> None:
+        self.metrics.admission_wait.observe(max(0.0, now - waiting.since))
+        waiting.settle(outcome)
+
+    def _conclude(self, chosen: Chosen, levels: list[tuple[float, float]], granted: bool | None) -> Admitted:
+        """The admission of a request whose buckets are at `levels` (used tokens and requests,
+        before it), as memory would decide it; `granted`: what Redis decided, which wins where
+        rounding would say otherwise. Raises BudgetRefused."""
+        answers = [admission(decision[0], tokens, requests) for (_, decision), (tokens, requests)
+                   in zip(chosen, levels, strict=True)]
+        if granted is False and all(a.allowed for a in answers):  # Redis counted no room: refused, as requests
+            answers = [admission(decision[0], tokens, max(requests, decision[0].requests or 0))
+                       for (_, decision), (tokens, requests) in zip(chosen, levels, strict=True)]
+        answer = answers[0] if len(answers) == 1 else most_restrictive(answers)
+        budget, (rule, hashed, bucket, identity, _) = chosen[next(i for i, a in enumerate(answers) if a is answer)]
+        if granted and not answer.allowed:
+            answer = Admission(True, "", 0, answer.headers, answer.remaining_tokens)
+        if not answer.allowed:
+            self.metrics.refused.labels(budget.name, rule.name, answer.reason).inc()
+            raise BudgetRefused(budget.name, rule.name, answer)
+        if len(chosen) == 1:
+            return Admitted(budget.name, rule.name, hashed, answer, [bucket], identity)
+        return Admitted(budget.name, rule.name, hashed, answer, [decision[2] for _, decision in chosen])
 
     # -- the end of an answer (access log) ------------------------------------------------
 
     def charge(self, buckets: Iterable[str], tokens: int) -> None:
         """Take a finished answer's tokens off each of its buckets (rules of the config in force;
-        a bucket whose object or rule is gone is skipped)."""
+        a bucket whose object or rule is gone is skipped). Shared, a charge that brings a bucket
+        near its limit is sent at once rather than at the next sync."""
         if tokens <= 0:
             return
         budgets: BudgetTable = self._table().budgets
@@ -363,6 +597,14 @@ class BudgetGate:
                 continue
             self._add(bucket, rule, float(tokens), 0.0, now)
             self.metrics.charged_series(rule_key[0], rule_key[1]).inc(tokens)
+            if self._shared:
+                if tokens > self._charged_max.get(rule_key, 0.0):
+                    self._charged_max[rule_key] = float(tokens)
+                state = self._mirror[bucket]
+                if state[0] >= state[3] and not self._sync_soon:
+                    self._sync_soon = True
+                    if self._wake is not None:
+                        self._wake.set()
 
     # -- Redis --------------------------------------------------------------------------------
 
@@ -376,11 +618,8 @@ class BudgetGate:
         if self.redis_url is None:
             self._task = asyncio.create_task(self._forget_loop())
             return
-        client = Redis.from_url(self.redis_url, socket_timeout=REDIS_TIMEOUT_S,
-                                               socket_connect_timeout=REDIS_TIMEOUT_S)
-        self._client = client
-        self._script = client.register_script(_LUA)
-        self._task = asyncio.create_task(self._sync_loop())
+        self._link = RedisLink(self.redis_url, REDIS_TIMEOUT_S)
+        self._task = asyncio.create_task(self._redis_loop())
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -390,12 +629,19 @@ class BudgetGate:
             except (asyncio.CancelledError, Exception):
                 pass
             self._task = None
-        if self._client is not None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for ask in [*self._asks.values(), *self._sending]:  # nobody is left waiting
+            self._fall_back(ask, ask.waiting, "unreachable", count=True)
+        self._asks.clear()
+        self._sending = []
+        if self._link is not None:
             try:
-                await self._client.aclose()
+                await self._link.close()
             except Exception:
                 pass
-            self._client = None
+            self._link = None
 
     async def _forget_loop(self) -> None:
         """In process: a bucket drained to zero is the same as no bucket; forget it."""
@@ -406,9 +652,10 @@ class BudgetGate:
     def forget_drained(self) -> int:
         now = self._clock()
         gone = []
-        for bucket, (tokens, requests, at) in self._mirror.items():
+        for bucket, state in self._mirror.items():
             token_rate, request_rate = self._rates.get(bucket, (0.0, 0.0))
-            if drained(tokens, token_rate, now - at) == 0 and drained(requests, request_rate, now - at) == 0:
+            elapsed = now - state[2]
+            if drained(state[0], token_rate, elapsed) == 0 and drained(state[1], request_rate, elapsed) == 0:
                 gone.append(bucket)
         for bucket in gone:
             self._mirror.pop(bucket, None)
@@ -416,60 +663,214 @@ class BudgetGate:
             self._touched.pop(bucket, None)
         return len(gone)
 
-    async def _sync_loop(self) -> None:
+    async def _redis_loop(self) -> None:
+        """The one sender to Redis: a round trip as soon as a request waits (it carries every
+        request waiting then), and a sync every sync interval (sooner when a charge brings a bucket
+        near its limit). Round trips never overlap, so answers apply in Redis's order."""
+        wake = self._wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        next_sync = loop.time()
         while True:
-            await self.sync()
-            await asyncio.sleep(self._sync_interval)
+            delay = next_sync - loop.time()
+            if delay > 0 and not self._asks and not self._sync_soon:
+                try:  # not wait_for: in Python 3.11 it can swallow the task's cancellation
+                    async with asyncio.timeout(delay):
+                        await wake.wait()
+                except TimeoutError:
+                    pass
+            wake.clear()
+            sync = self._sync_soon or loop.time() >= next_sync
+            if sync:
+                self._sync_soon = False
+                next_sync = loop.time() + self._sync_interval
+            asks = list(self._asks.values())
+            self._asks.clear()
+            try:
+                await self._round_trip(asks, sync)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not end sharing: the next round trip tries again
+                log.exception("budget round trip with Redis failed")
+                await asyncio.sleep(self._sync_interval)
 
     async def sync(self) -> bool:
-        """One round trip: send what is owed, read back every active bucket. False on failure."""
-        now = self._clock()
-        for bucket in [b for b, t in self._touched.items() if now - t > ACTIVE_S and b not in self._pending]:
+        """One round trip now: every waiting request, what is owed, every bucket followed read back.
+        False on failure."""
+        asks = list(self._asks.values())
+        self._asks.clear()
+        return await self._round_trip(asks, True)
+
+    def _forget(self, now: float) -> None:
+        for bucket in [b for b, t in self._touched.items() if now - t > self._forget_s and b not in self._pending]:
             self._touched.pop(bucket, None)
             self._mirror.pop(bucket, None)
             self._rates.pop(bucket, None)
-        buckets = list(self._touched)
-        if not buckets:
-            self._set_up(True)
+            self._readings.pop(bucket, None)
+
+    async def _round_trip(self, asks: list[_Ask], sync: bool) -> bool:
+        """Waiting requests admitted by Redis (one script call per set of buckets), and, for a sync,
+        what is owed sent and every bucket followed read back: one pipelined round trip."""
+        now = self._clock()
+        if sync:
+            self._forget(now)
+        sending: list[_Ask] = []
+        for ask in asks:
+            if self._answered_from_memory(ask, now):  # read meanwhile, far from its limit: as any request
+                continue
+            ask.sent = [one for one in ask.waiting if not one.settled]
+            sending.append(ask)
+        calls: list[Call] = []
+        sent: dict[str, list[float]] = {}  # bucket -> what was owed and is now sent
+        for ask in sending:
+            args = [str(len(ask.sent))]
+            for _, (rule, _, bucket, _, _) in ask.chosen:
+                owed = sent[bucket] = self._pending.pop(bucket) if bucket in self._pending else [0.0, 0.0]
+                floor = self._usage(bucket, rule, now)
+                args += [number(rule.token_rate), number(rule.request_rate), number(owed[0]), number(owed[1]),
+                         number(floor[0]), number(floor[1]), number(rule.tokens), number(rule.requests or 0)]
+            calls.append(Call("admit", ask.buckets, args))
+        synced: list[str] = []
+        if sync:
+            for bucket in self._touched:
+                if bucket in sent:
+                    continue
+                token_rate, request_rate = self._rates.get(bucket, (1.0, 1.0))
+                owed = sent[bucket] = self._pending.pop(bucket) if bucket in self._pending else [0.0, 0.0]
+                state = self._mirror.get(bucket)
+                floor = (0.0, 0.0) if state is None else (drained(state[0], token_rate, now - state[2]),
+                                                          drained(state[1], request_rate, now - state[2]))
+                calls.append(Call("sync", (bucket,), [number(token_rate), number(request_rate), number(owed[0]),
+                                                      number(owed[1]), number(floor[0]), number(floor[1])]))
+                synced.append(bucket)
+        elif not sending:
             return True
-        sent = self._pending
-        self._pending = {}
+        if sending:
+            self.metrics.admission_round_trips.inc()
+        self._sending = sending
         started = time.perf_counter()
         try:
-            assert self._client is not None  # started with a Redis URL
-            pipe = self._client.pipeline(transaction=False)
-            for bucket in buckets:
-                token_rate, request_rate = self._rates.get(bucket, (1.0, 1.0))
-                owed = sent.get(bucket, (0.0, 0.0))
-                await self._script(keys=[bucket], args=[repr(token_rate), repr(request_rate),
-                                                        repr(owed[0]), repr(owed[1])], client=pipe)
-            answers = await pipe.execute()
+            assert self._link is not None  # started with a Redis URL
+            answers = await self._link.round_trip(calls)
         except Exception as exc:  # the connection, a timeout, a script error: all mean "not now"
-            for bucket, owed in sent.items():  # still owed: sent next time
-                mine = self._pending.setdefault(bucket, [0.0, 0.0])
-                mine[0] += owed[0]
-                mine[1] += owed[1]
-            self.metrics.redis_errors.inc()
-            if not self.degraded:
-                log.warning("Redis at %s unreachable (%s): %s until it is back", redacted_url(self.redis_url),
-                            type(exc).__name__, "limited requests get 503" if self.fail_closed
-                            else "failing open, budgets kept per instance")
-            self._set_up(False)
+            self._sending = []
+            self._failed(exc, sent, sending)
             return False
+        self._sending = []
         self.metrics.redis_seconds.observe(time.perf_counter() - started)
-        now = self._clock()
-        for bucket, (tokens, requests) in zip(buckets, answers, strict=False):
-            since = self._pending.get(bucket, (0.0, 0.0))  # added here while the answer was on its way
-            self._mirror[bucket] = [float(tokens) + since[0], float(requests) + since[1], now]
+        rules = self._table().budgets.rules
+        for ask, answer in zip(sending, answers, strict=False):
+            self._admitted_by_redis(ask, answer, now)
+        for bucket, answer in zip(synced, answers[len(sending):], strict=True):
+            self._read(bucket, rules.get(_rule_key(bucket)), self._rates.get(bucket, (1.0, 1.0)), float(answer[0]),
+                       float(answer[1]), float(answer[2]), float(answer[3]), now, True)
         if self.degraded:
             log.warning("Redis at %s is back: budgets are shared again", redacted_url(self.redis_url))
         self._set_up(True)
-        self.metrics.syncs.inc()
+        if sync:
+            self.metrics.syncs.inc()
         return True
+
+    def _answered_from_memory(self, ask: _Ask, now: float) -> bool:
+        """Before its round trip: whether memory can now decide the waiting requests (their buckets
+        were read meanwhile and are far from their limits); if so they are decided here."""
+        if not all(bucket in self._readings for bucket in ask.buckets):
+            return False
+        for one in ask.waiting:
+            if one.settled:
+                continue
+            try:
+                outcome: Admitted | GatewayError | None = self._admit_all(ask.chosen, now)
+            except GatewayError as error:
+                outcome = error
+            if outcome is None:  # near its limit: Redis decides this one and the rest
+                return False
+            self._settled(one, outcome, now)
+        return True
+
+    def _admitted_by_redis(self, ask: _Ask, answer: list[Any], as_of: float) -> None:
+        """A script's answer: `k` of the requests sent admitted (and counted in Redis), each
+        bucket's level before them; the mirror takes the levels, the requests their answers."""
+        admitted = int(answer[0])
+        redis_now = float(answer[1])
+        levels: list[tuple[float, float]] = []
+        for i, (_, (rule, _, bucket, _, rates)) in enumerate(ask.chosen):
+            tokens, requests, big = (float(v) for v in answer[2 + 3 * i:5 + 3 * i])
+            levels.append((tokens, requests))
+            counted = requests + admitted if rule.requests is not None else requests
+            self._read(bucket, rule, rates, tokens, counted, redis_now, big, as_of, False)
+            self._touched[bucket] = as_of
+        now = self._clock()
+        for j, one in enumerate(ask.sent):
+            if one.settled:  # decided already (waited too long): its place in Redis's count stays
+                continue
+            before = min(j, admitted)
+            at = [(tokens, requests + before if decision[0].requests is not None else requests)
+                  for (tokens, requests), (_, decision) in zip(levels, ask.chosen, strict=True)]
+            try:
+                outcome: Admitted | GatewayError | None = self._conclude(ask.chosen, at, j < admitted)
+            except GatewayError as error:
+                outcome = error
+            self._settled(one, outcome, now)
+
+    def _read(self, bucket: str, rule: BudgetRule | None, rates: tuple[float, float], tokens: float,
+              requests: float, redis_now: float, big: float, as_of: float, sync: bool) -> None:
+        """A bucket's level read from Redis (at Redis's time `redis_now`, sent at `as_of`; `big`:
+        the largest charge it was sent at once, by any instance): the mirror takes it (plus what
+        this instance added since it was sent) and, at a sync, how fast the bucket fills lately,
+        for its near levels."""
+        self._rates[bucket] = rates
+        since = self._pending.get(bucket)
+        seen = self._readings.get(bucket)
+        if seen is None:
+            seen = self._readings[bucket] = [tokens, requests, redis_now, 0.0, 0.0, 0.0, big]
+        else:
+            seen[6] = big
+        if sync:
+            elapsed = redis_now - seen[2]
+            if elapsed >= self._sync_interval / 2:  # growth over at least half an interval: not a blip
+                per_interval = self._sync_interval / elapsed
+                token_growth = max(0.0, tokens - drained(seen[0], rates[0], elapsed)) * per_interval
+                request_growth = max(0.0, requests - drained(seen[1], rates[1], elapsed)) * per_interval
+                seen[3] = max(token_growth, seen[3] * GROWTH_DECAY)
+                seen[4] = max(request_growth, seen[4] * GROWTH_DECAY)
+                seen[0], seen[1], seen[2], seen[5] = tokens, requests, redis_now, 1.0
+        if seen[5] and rule is not None:
+            near_tokens, near_requests = near_levels(rule, seen[3], seen[4],
+                                                     max(big, self._charged_max.get(_rule_key(bucket), 0.0)))
+        else:  # growth not measured yet (a bucket just read for the first time): Redis decides
+            near_tokens = near_requests = _ALWAYS
+        if since is not None:
+            tokens, requests = tokens + since[0], requests + since[1]
+        self._mirror[bucket] = [tokens, requests, as_of, near_tokens, near_requests]
+
+    def _failed(self, exc: Exception, sent: dict[str, list[float]], sending: list[_Ask]) -> None:
+        """A round trip that failed: what was owed is owed again, the requests it carried are decided
+        as while Redis is unreachable (fail open or closed), the outage is logged once."""
+        for bucket, owed in sent.items():  # still owed: sent next time
+            mine = self._pending.setdefault(bucket, [0.0, 0.0])
+            mine[0] += owed[0]
+            mine[1] += owed[1]
+        self.metrics.redis_errors.inc()
+        if not self.degraded:
+            log.warning("Redis at %s unreachable (%s): %s until it is back", redacted_url(self.redis_url),
+                        type(exc).__name__, "limited requests get 503" if self.fail_closed
+                        else "failing open, budgets kept per instance")
+        self._set_up(False)
+        now = self._clock()
+        for ask in sending:
+            for _ in range(ask.fell_back):  # admitted from memory while on their way: Redis never counted them
+                for _, (rule, _, bucket, _, rates) in ask.chosen:
+                    self._used(bucket, rule, rates, now)
+            self._fall_back(ask, ask.sent, "unreachable", count=True)
 
     def _set_up(self, up: bool) -> None:
         self.degraded = not up
         self.metrics.redis_up.set(1 if up else 0)
+
+
+def _rule_key(bucket: str) -> tuple[str, str]:
+    parsed = parse_bucket_id(bucket)
+    return (parsed[0], parsed[1]) if parsed is not None else ("", "")
 
 
 def redacted_url(url: str | None) -> str:
