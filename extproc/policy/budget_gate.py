@@ -308,6 +308,7 @@ class BudgetGate:
         self._timer: asyncio.TimerHandle | None = None  # decides those who waited too long
         self._wake: asyncio.Event | None = None  # the Redis task: a request is waiting, or a sync is wanted
         self._sync_soon = False
+        self._stopping = False
         self._link: RedisLink | None = None
         self._decided_for: object = None  # the table the caches below were worked out for
         # (object, header values) -> rule, bucket, ...
@@ -622,12 +623,14 @@ class BudgetGate:
         self._task = asyncio.create_task(self._redis_loop())
 
     async def stop(self) -> None:
+        self._stopping = True
+        if self._wake is not None:
+            self._wake.set()
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+            await asyncio.wait({self._task}, timeout=REDIS_TIMEOUT_S * 2)  # never waits on a task gone astray
+            if self._task.done() and not self._task.cancelled():
+                self._task.exception()  # retrieved: nothing to report at the end
             self._task = None
         if self._timer is not None:
             self._timer.cancel()
@@ -670,15 +673,19 @@ class BudgetGate:
         wake = self._wake = asyncio.Event()
         loop = asyncio.get_running_loop()
         next_sync = loop.time()
-        while True:
+        while not self._stopping:
             delay = next_sync - loop.time()
             if delay > 0 and not self._asks and not self._sync_soon:
-                try:  # not wait_for: in Python 3.11 it can swallow the task's cancellation
-                    async with asyncio.timeout(delay):
-                        await wake.wait()
-                except TimeoutError:
-                    pass
+                # a timer rather than wait_for or asyncio.timeout: in Python 3.11 either can swallow the
+                # task's cancellation when it comes as the time is up
+                timer = loop.call_later(delay, wake.set)
+                try:
+                    await wake.wait()
+                finally:
+                    timer.cancel()
             wake.clear()
+            if self._stopping:
+                return
             sync = self._sync_soon or loop.time() >= next_sync
             if sync:
                 self._sync_soon = False
