@@ -67,10 +67,9 @@ SYNC_INTERVAL_S = 0.1
 ACTIVE_S = 60.0  # a bucket untouched this long is forgotten (LLM_GATEWAY_BUDGET_FORGET, in seconds, changes it)
 REDIS_TIMEOUT_S = 0.5  # one round trip, connecting included
 ADMISSION_TIMEOUT_S = 0.5  # the longest a request waits for Redis; then fail open (memory) or closed (503)
-# Near its limit (see near_levels): what is left is within NEAR_REQUESTS requests, NEAR_ANSWERS times the
-# largest charge seen for the rule (one access-log batch's worth), or NEAR_GROWTH times what all instances
-# added to the bucket per sync interval lately (decaying by GROWTH_DECAY per sync).
-NEAR_REQUESTS = 4
+# Near its limit (see near_levels): what is left is within NEAR_ANSWERS times the largest charge seen for
+# the bucket or its rule (one access-log batch's worth), or NEAR_GROWTH times the tokens all instances
+# charged to the bucket per sync interval lately (decaying by GROWTH_DECAY per sync).
 NEAR_ANSWERS = 2
 NEAR_GROWTH = 2.0
 GROWTH_DECAY = 0.95
@@ -88,22 +87,26 @@ def forget_after() -> float:
         raise ValueError(f"LLM_GATEWAY_BUDGET_FORGET must be a number of seconds (got {value!r})") from None
 
 
-def near_levels(rule: BudgetRule, token_growth: float, request_growth: float,
-                answer_tokens: float) -> tuple[float, float]:
-    """From which used tokens, and which used requests, a bucket's admissions go to Redis rather
-    than memory: where what is left is within what the instances could admit before this one
-    next hears from Redis. That is a few requests, or a few answers' worth of tokens
-    (`answer_tokens`: the largest charge seen at once; memory lags the other instances' charges
-    by one sync), or twice what all instances added to the bucket in one sync interval lately
-    (`*_growth`), so a busy key goes to Redis sooner. While no answer of the bucket or its rule
-    was charged yet, a few answers' worth is unknown: Redis decides."""
+def near_level(rule: BudgetRule, token_growth: float, answer_tokens: float) -> float:
+    """From which used tokens a bucket's admissions go to Redis rather than memory: where what is
+    left is within what the instances could charge before this one next hears from Redis. That
+    is a few answers' worth (`answer_tokens`: the largest charge seen at once; memory lags the
+    other instances' charges by one sync), or twice what all instances charged to the bucket in
+    one sync interval lately (`token_growth`), so a busy key goes to Redis sooner. While no
+    answer of the bucket or its rule was charged yet, a few answers' worth is unknown: Redis
+    decides. (Requests need no level: those admitted from memory come from a lease Redis
+    counted when it granted it.)"""
     if answer_tokens <= 0:
-        tokens = _ALWAYS
-    else:
-        tokens = rule.tokens - max(NEAR_ANSWERS * answer_tokens, NEAR_GROWTH * token_growth)
-    if rule.requests is None:
-        return tokens, _NEVER
-    return tokens, rule.requests - max(NEAR_REQUESTS, NEAR_GROWTH * request_growth)
+        return _ALWAYS
+    return rule.tokens - max(NEAR_ANSWERS * answer_tokens, NEAR_GROWTH * token_growth)
+
+
+def lease_wanted(served: float) -> int:
+    """The lease an instance asks for, for its next sync interval: twice the requests of the
+    bucket it admitted lately (`served`: those since the last sync, plus half the count before,
+    so a short gap does not send every request to Redis; none once it has seen none for a few
+    syncs: what it holds goes back)."""
+    return 2 * math.floor(served + 0.5)
 
 
 class BudgetMetrics:
@@ -293,14 +296,16 @@ class BudgetGate:
         self._sync_interval = sync_interval
         self._forget_s = forget_after() if forget_s is None else forget_s
         self._shared = redis_url is not None
-        self._fresh = _ALWAYS if self._shared else _NEVER  # the near levels of a bucket not read from Redis
-        # bucket -> [used tokens, used requests, as of, near tokens, near requests] (near: see near_levels)
+        self._fresh = _ALWAYS if self._shared else _NEVER  # the near level of a bucket not read from Redis
+        # bucket -> [used tokens, used requests, as of, near tokens (see near_level), lease (requests this
+        # instance may admit from memory, counted in Redis and in `used requests`), requests served since
+        # the last sync]; in process the near level is infinite and there are no leases
         self._mirror: dict[str, list[float]] = {}
         self._pending: dict[str, list[float]] = {}  # bucket -> [tokens, requests] not yet in Redis
         self._touched: dict[str, float] = {}  # bucket -> last admission or charge
         self._rates: dict[str, tuple[float, float]] = {}  # bucket -> drain rates of its rule
-        # shared: bucket -> [tokens, requests, Redis's time] of the last sync's reading, [token growth,
-        # request growth] per sync interval, whether growth was measured yet, the bucket's largest charge
+        # shared: bucket -> [tokens, Redis's time] of the last sync's reading, token growth per sync
+        # interval, whether growth was measured yet, the bucket's largest charge
         self._readings: dict[str, list[float]] = {}
         self._charged_max: dict[tuple[str, str], float] = {}  # (object, rule) -> largest charge to one bucket
         self._asks: dict[tuple[str, ...], _Ask] = {}  # waiting for the next round trip, by buckets
@@ -419,10 +424,14 @@ class BudgetGate:
             elapsed = now - state[2]
             used_tokens = drained(state[0], rule.token_rate, elapsed)
             used_requests = drained(state[1], rule.request_rate, elapsed)
-            if (used_tokens >= state[3] or used_requests >= state[4]) and not self.degraded and \
-                    used_tokens < rule.tokens and (rule.requests is None or
-                                                   used_requests + 1 <= rule.requests + 1e-9):
-                return None  # near its limit and memory would admit: Redis decides (memory refuses alone)
+            if self._shared:
+                used_requests = max(0.0, used_requests - state[4])  # its own lease is not used yet
+                if (used_tokens >= state[3] or (rule.requests is not None and state[4] < 1)) and \
+                        not self.degraded and used_tokens < rule.tokens and \
+                        (rule.requests is None or used_requests + 1 <= rule.requests + 1e-9):
+                    # near its token limit, or no lease left, and memory would admit: Redis decides
+                    # (memory refuses alone: it never knows of more spending than there is)
+                    return None
         key = answer_key(rule, used_tokens, used_requests)
         known = self._answers.get(key) if key is not None else None
         if known is None:
@@ -435,9 +444,20 @@ class BudgetGate:
         return known
 
     def _used(self, bucket: str, rule: BudgetRule, rates: tuple[float, float], now: float) -> None:
-        """An admitted request: counted where the rule counts requests; its bucket kept fresh."""
+        """An admitted request: counted where the rule counts requests (shared: taken from the
+        lease, which Redis counted already); its bucket kept fresh."""
         if rule.requests is not None:
-            self._add(bucket, rule, 0.0, 1.0, now)
+            if self._shared:
+                state = self._mirror.get(bucket)
+                if state is not None and state[4] >= 1:  # from the lease
+                    state[4] -= 1
+                    state[5] += 1
+                    self._touched[bucket] = now
+                    self._rates[bucket] = rates
+                    return
+            self._add(bucket, rule, 0.0, 1.0, now)  # in process, or Redis unreachable: owed
+            if self._shared:
+                self._mirror[bucket][5] += 1
         else:  # refreshed from Redis while in use, drained at its rule's rates
             self._touched[bucket] = now
             self._rates[bucket] = rates
@@ -470,7 +490,7 @@ class BudgetGate:
     def _add(self, bucket: str, rule: BudgetRule, tokens: float, requests: float, now: float) -> None:
         state = self._mirror.get(bucket)
         if state is None:
-            self._mirror[bucket] = [tokens, requests, now, self._fresh, self._fresh]
+            self._mirror[bucket] = [tokens, requests, now, self._fresh, 0.0, 0.0]
         else:
             elapsed = now - state[2]
             state[0] = drained(state[0], rule.token_rate, elapsed) + tokens
@@ -640,6 +660,8 @@ class BudgetGate:
         self._asks.clear()
         self._sending = []
         if self._link is not None:
+            if not self.degraded:  # what is owed sent, leases given back: other instances may use them now
+                await self._round_trip([], True, final=True)
             try:
                 await self._link.close()
             except Exception:
@@ -714,9 +736,10 @@ class BudgetGate:
             self._rates.pop(bucket, None)
             self._readings.pop(bucket, None)
 
-    async def _round_trip(self, asks: list[_Ask], sync: bool) -> bool:
+    async def _round_trip(self, asks: list[_Ask], sync: bool, final: bool = False) -> bool:
         """Waiting requests admitted by Redis (one script call per set of buckets), and, for a sync,
-        what is owed sent and every bucket followed read back: one pipelined round trip."""
+        what is owed sent, leases given back and granted, and every bucket followed read back: one
+        pipelined round trip. `final`: every lease given back (the instance stops)."""
         now = self._clock()
         if sync:
             self._forget(now)
@@ -727,28 +750,32 @@ class BudgetGate:
             ask.sent = [one for one in ask.waiting if not one.settled]
             sending.append(ask)
         calls: list[Call] = []
-        sent: dict[str, list[float]] = {}  # bucket -> what was owed and is now sent
+        sent: dict[str, list[float]] = {}  # bucket -> what was owed and the lease given back, now sent
         for ask in sending:
             args = [str(len(ask.sent))]
-            for _, (rule, _, bucket, _, _) in ask.chosen:
-                owed = sent[bucket] = self._pending.pop(bucket) if bucket in self._pending else [0.0, 0.0]
-                floor = self._usage(bucket, rule, now)
-                args += [number(rule.token_rate), number(rule.request_rate), number(owed[0]), number(owed[1]),
-                         number(floor[0]), number(floor[1]), number(rule.tokens), number(rule.requests or 0)]
+            for _, (rule, _, bucket, _, rates) in ask.chosen:
+                state = self._mirror.get(bucket)
+                wanted = lease_wanted((state[5] if state is not None else 0.0) + len(ask.sent))
+                # its lease given back first: Redis decides on what every other instance holds, and
+                # grants it a new one after
+                args += self._bucket_args(bucket, rule, rates, now, 0, wanted, sent)
             calls.append(Call("admit", ask.buckets, args))
-        synced: list[str] = []
+        synced: list[tuple[str, BudgetRule | None, tuple[float, float]]] = []
         if sync:
+            rules = self._table().budgets.rules
             for bucket in self._touched:
                 if bucket in sent:
                     continue
-                token_rate, request_rate = self._rates.get(bucket, (1.0, 1.0))
-                owed = sent[bucket] = self._pending.pop(bucket) if bucket in self._pending else [0.0, 0.0]
+                its_rule = rules.get(_rule_key(bucket))
+                rates = self._rates.get(bucket, (1.0, 1.0))
                 state = self._mirror.get(bucket)
-                floor = (0.0, 0.0) if state is None else (drained(state[0], token_rate, now - state[2]),
-                                                          drained(state[1], request_rate, now - state[2]))
-                calls.append(Call("sync", (bucket,), [number(token_rate), number(request_rate), number(owed[0]),
-                                                      number(owed[1]), number(floor[0]), number(floor[1])]))
-                synced.append(bucket)
+                wanted = 0
+                if state is not None:
+                    wanted = 0 if final else lease_wanted(state[5])
+                    state[5] /= 2  # what it served lately fades
+                calls.append(Call("sync", (bucket,), self._bucket_args(bucket, its_rule, rates, now, wanted, wanted,
+                                                                       sent)))
+                synced.append((bucket, its_rule, rates))
         elif not sending:
             return True
         if sending:
@@ -764,18 +791,40 @@ class BudgetGate:
             return False
         self._sending = []
         self.metrics.redis_seconds.observe(time.perf_counter() - started)
-        rules = self._table().budgets.rules
         for ask, answer in zip(sending, answers, strict=False):
             self._admitted_by_redis(ask, answer, now)
-        for bucket, answer in zip(synced, answers[len(sending):], strict=True):
-            self._read(bucket, rules.get(_rule_key(bucket)), self._rates.get(bucket, (1.0, 1.0)), float(answer[0]),
-                       float(answer[1]), float(answer[2]), float(answer[3]), now, True)
+        for (bucket, its_rule, rates), answer in zip(synced, answers[len(sending):], strict=True):
+            tokens, requests, redis_now, big = (float(v) for v in answer[:4])
+            self._read(bucket, its_rule, rates, tokens, requests, redis_now, big, float(answer[4]), now, True)
         if self.degraded:
             log.warning("Redis at %s is back: budgets are shared again", redacted_url(self.redis_url))
         self._set_up(True)
         if sync:
             self.metrics.syncs.inc()
         return True
+
+    def _bucket_args(self, bucket: str, rule: BudgetRule | None, rates: tuple[float, float], now: float,
+                     keep: int, wanted: int, sent: dict[str, list[float]]) -> list[str]:
+        """A bucket's values for a script (`budget_redis.BUCKET_ARGS`): what it owes is taken (sent),
+        its lease past `keep` given back, and a lease of `wanted` asked for (what it keeps included)."""
+        owed = self._pending.pop(bucket) if bucket in self._pending else [0.0, 0.0]
+        state = self._mirror.get(bucket)
+        floor_tokens = floor_requests = lease = back = 0.0
+        if state is not None:
+            elapsed = now - state[2]
+            floor_tokens = drained(state[0], rates[0], elapsed)
+            floor_requests = drained(state[1], rates[1], elapsed)
+            lease = state[4]
+            if lease > keep:
+                back = lease - keep
+                state[4] = lease = keep
+            floor_requests = max(0.0, floor_requests - back)
+        sent[bucket] = [owed[0], owed[1], back]
+        counts = rule is not None and rule.requests is not None
+        more = max(0, wanted - math.floor(lease)) if counts else 0
+        return [number(rates[0]), number(rates[1]), number(owed[0]), number(owed[1]), number(floor_tokens),
+                number(floor_requests), number(back), number(rule.tokens if rule is not None else 0),
+                number((rule.requests or 0) if rule is not None else 0), str(more)]
 
     def _answered_from_memory(self, ask: _Ask, now: float) -> bool:
         """Before its round trip: whether memory can now decide the waiting requests (their buckets
@@ -796,15 +845,16 @@ class BudgetGate:
 
     def _admitted_by_redis(self, ask: _Ask, answer: list[Any], as_of: float) -> None:
         """A script's answer: `k` of the requests sent admitted (and counted in Redis), each
-        bucket's level before them; the mirror takes the levels, the requests their answers."""
+        bucket's level before them and the lease granted; the mirror takes the levels, the
+        requests their answers."""
         admitted = int(answer[0])
         redis_now = float(answer[1])
         levels: list[tuple[float, float]] = []
         for i, (_, (rule, _, bucket, _, rates)) in enumerate(ask.chosen):
-            tokens, requests, big = (float(v) for v in answer[2 + 3 * i:5 + 3 * i])
-            levels.append((tokens, requests))
-            counted = requests + admitted if rule.requests is not None else requests
-            self._read(bucket, rule, rates, tokens, counted, redis_now, big, as_of, False)
+            tokens, requests, big, granted = (float(v) for v in answer[2 + 4 * i:6 + 4 * i])
+            levels.append((tokens, requests))  # its own lease was given back first
+            counted = requests + (admitted if rule.requests is not None else 0) + granted
+            self._read(bucket, rule, rates, tokens, counted, redis_now, big, granted, as_of, False)
             self._touched[bucket] = as_of
         now = self._clock()
         for j, one in enumerate(ask.sent):
@@ -817,46 +867,53 @@ class BudgetGate:
                 outcome: Admitted | GatewayError | None = self._conclude(ask.chosen, at, j < admitted)
             except GatewayError as error:
                 outcome = error
+            else:
+                for _, (rule, _, bucket, _, _) in ask.chosen:
+                    if rule.requests is not None:
+                        self._mirror[bucket][5] += 1  # served here: the lease it wants next follows
             self._settled(one, outcome, now)
 
     def _read(self, bucket: str, rule: BudgetRule | None, rates: tuple[float, float], tokens: float,
-              requests: float, redis_now: float, big: float, as_of: float, sync: bool) -> None:
+              requests: float, redis_now: float, big: float, granted: float, as_of: float, sync: bool) -> None:
         """A bucket's level read from Redis (at Redis's time `redis_now`, sent at `as_of`; `big`:
-        the largest charge it was sent at once, by any instance): the mirror takes it (plus what
-        this instance added since it was sent) and, at a sync, how fast the bucket fills lately,
-        for its near levels."""
+        the largest charge it was sent at once, by any instance; `granted`: the lease Redis just
+        counted for this instance): the mirror takes it (plus what this instance added since it
+        was sent) and, at a sync, how fast the bucket's tokens are spent lately, for its near
+        level."""
         self._rates[bucket] = rates
         since = self._pending.get(bucket)
+        state = self._mirror.get(bucket)
+        lease = (state[4] if state is not None else 0.0) + granted
+        served = state[5] if state is not None else 0.0
         seen = self._readings.get(bucket)
         if seen is None:
-            seen = self._readings[bucket] = [tokens, requests, redis_now, 0.0, 0.0, 0.0, big]
+            seen = self._readings[bucket] = [tokens, redis_now, 0.0, 0.0, big]
         else:
-            seen[6] = big
+            seen[4] = big
         if sync:
-            elapsed = redis_now - seen[2]
+            elapsed = redis_now - seen[1]
             if elapsed >= self._sync_interval / 2:  # growth over at least half an interval: not a blip
-                per_interval = self._sync_interval / elapsed
-                token_growth = max(0.0, tokens - drained(seen[0], rates[0], elapsed)) * per_interval
-                request_growth = max(0.0, requests - drained(seen[1], rates[1], elapsed)) * per_interval
-                seen[3] = max(token_growth, seen[3] * GROWTH_DECAY)
-                seen[4] = max(request_growth, seen[4] * GROWTH_DECAY)
-                seen[0], seen[1], seen[2], seen[5] = tokens, requests, redis_now, 1.0
-        if seen[5] and rule is not None:
-            near_tokens, near_requests = near_levels(rule, seen[3], seen[4],
-                                                     max(big, self._charged_max.get(_rule_key(bucket), 0.0)))
+                growth = max(0.0, tokens - drained(seen[0], rates[0], elapsed)) * self._sync_interval / elapsed
+                seen[0], seen[1], seen[2], seen[3] = tokens, redis_now, max(growth, seen[2] * GROWTH_DECAY), 1.0
+        if seen[3] and rule is not None:
+            near_tokens = near_level(rule, seen[2], max(big, self._charged_max.get(_rule_key(bucket), 0.0)))
         else:  # growth not measured yet (a bucket just read for the first time): Redis decides
-            near_tokens = near_requests = _ALWAYS
+            near_tokens = _ALWAYS
         if since is not None:
             tokens, requests = tokens + since[0], requests + since[1]
-        self._mirror[bucket] = [tokens, requests, as_of, near_tokens, near_requests]
+        self._mirror[bucket] = [tokens, requests, as_of, near_tokens, lease, served]
 
     def _failed(self, exc: Exception, sent: dict[str, list[float]], sending: list[_Ask]) -> None:
-        """A round trip that failed: what was owed is owed again, the requests it carried are decided
-        as while Redis is unreachable (fail open or closed), the outage is logged once."""
-        for bucket, owed in sent.items():  # still owed: sent next time
+        """A round trip that failed: what was owed is owed again (and leases given back are held
+        again), the requests it carried are decided as while Redis is unreachable (fail open or
+        closed), the outage is logged once."""
+        for bucket, (tokens, requests, back) in sent.items():  # still owed: sent next time
             mine = self._pending.setdefault(bucket, [0.0, 0.0])
-            mine[0] += owed[0]
-            mine[1] += owed[1]
+            mine[0] += tokens
+            mine[1] += requests
+            state = self._mirror.get(bucket)
+            if state is not None:
+                state[4] += back
         self.metrics.redis_errors.inc()
         if not self.degraded:
             log.warning("Redis at %s unreachable (%s): %s until it is back", redacted_url(self.redis_url),
@@ -866,8 +923,9 @@ class BudgetGate:
         now = self._clock()
         for ask in sending:
             for _ in range(ask.fell_back):  # admitted from memory while on their way: Redis never counted them
-                for _, (rule, _, bucket, _, rates) in ask.chosen:
-                    self._used(bucket, rule, rates, now)
+                for _, (rule, _, bucket, _, _) in ask.chosen:
+                    if rule.requests is not None:
+                        self._add(bucket, rule, 0.0, 1.0, now)
             self._fall_back(ask, ask.sent, "unreachable", count=True)
 
     def _set_up(self, up: bool) -> None:

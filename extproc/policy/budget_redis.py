@@ -5,18 +5,25 @@ round trip at a time, so answers apply in the order Redis ran them).
 A bucket is a hash `{tok, req, at, big}`: what it has used and when that was true, by Redis's
 clock (so the instances' clocks do not matter), and the largest charge it was sent at once (an
 access-log batch's worth: what "a few answers" means for this bucket, on every instance). Both
-scripts first drain it to Redis's now, add what this instance owes (increments not yet sent)
-and raise it to at least what this instance knows it has used (`floor`: after Redis restarted
-empty, the instances that still remember a bucket put it back), then store it with an expiry
-for when it will be fully drained (idle keys disappear):
+scripts first drain it to Redis's now, take back the lease this instance gives back and add what
+it owes (increments not yet sent); where Redis has no such bucket, they raise it to what this
+instance knew of it (`floor`: after Redis restarted empty, the first instance to sync a bucket it
+still follows puts it back; a bucket that expired, fully drained, has a floor of about nothing).
+Then they grant a lease where the rule counts requests, and store the bucket with an expiry for
+when it will be fully drained (idle keys disappear):
 
+- **A lease** is requests counted in Redis now, for this instance to admit from memory until its
+  next sync: as many as it wants (twice what it admitted in the last sync interval), at most a
+  quarter (`LEASE_SHARE`) of what still fits. Counted when granted, so no instance ever admits a
+  request Redis did not count: requests are exact across instances. What is left of a lease is
+  given back at the next sync (all of it when the instance saw no request of the key).
 - `SYNC` (one bucket): the above, and the bucket's state is answered (`tok`, `req`, Redis's time,
-  `big`).
+  `big`, the lease).
 - `ADMIT` (the buckets of one request, for `n` requests alike): the above for every bucket, then
   how many of the `n` every bucket admits (`k`: none once a bucket has used all its tokens; at
-  most as many as still fit where a rule counts requests), and those `k` are counted, atomically.
-  Answered: `k`, Redis's time, and each bucket's `tok`, `req` (before the `k` were counted) and
-  `big`.
+  most as many as still fit where a rule counts requests), and those `k` are counted, atomically,
+  before the lease. Answered: `k`, Redis's time, and each bucket's `tok`, `req` (before the `k`
+  and the lease were counted), `big` and the lease.
 
 Numbers go both ways as text with 17 significant digits (Lua's own `tostring` keeps 14), so what
 the gate computes from an answer is what the script decided on. Scripts are sent by their SHA
@@ -35,7 +42,12 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
-# KEYS[1] the bucket; ARGV: token rate/s, request rate/s, tokens owed, requests owed, tokens floor, requests floor
+LEASE_SHARE = 0.25  # a lease is at most this share of the requests that still fit
+# Per bucket, both scripts take these values (ARGV, in this order, from `a`): its rule's drain rates,
+# what this instance owes it, what this instance knows it has used (the floor), the lease given back,
+# its rule's limits (requests 0: the rule does not count requests), and the lease wanted.
+BUCKET_ARGS = ("token rate", "request rate", "tokens owed", "requests owed", "tokens floor", "requests floor",
+               "lease back", "token limit", "request limit", "lease wanted")
 _COMMON = """
 local function level(key, a)
   local v = redis.call('HMGET', key, 'tok', 'req', 'at', 'big')
@@ -45,9 +57,20 @@ local function level(key, a)
   local big = math.max(tonumber(v[4]) or 0, tonumber(ARGV[a + 2]))
   local dt = now - at
   if dt < 0 then dt = 0 end
-  tok = math.max(math.max(0, tok - dt * tonumber(ARGV[a])) + tonumber(ARGV[a + 2]), tonumber(ARGV[a + 4]))
-  req = math.max(math.max(0, req - dt * tonumber(ARGV[a + 1])) + tonumber(ARGV[a + 3]), tonumber(ARGV[a + 5]))
+  tok = math.max(0, tok - dt * tonumber(ARGV[a])) + tonumber(ARGV[a + 2])
+  req = math.max(0, req - dt * tonumber(ARGV[a + 1]) - tonumber(ARGV[a + 6])) + tonumber(ARGV[a + 3])
+  if not v[3] then  -- Redis lost the bucket (it restarted empty): what this instance knew is put back
+    tok = math.max(tok, tonumber(ARGV[a + 4]))
+    req = math.max(req, tonumber(ARGV[a + 5]))
+  end
   return tok, req, big
+end
+local function lease(a, req)
+  local limit = tonumber(ARGV[a + 8])
+  local wanted = tonumber(ARGV[a + 9])
+  if limit <= 0 or wanted <= 0 then return 0 end
+  local share = math.floor(math.floor(limit - req + 1e-9) * LEASE_SHARE)
+  return math.max(0, math.min(wanted, share))
 end
 local function store(key, a, tok, req, big)
   if tok <= 0 and req <= 0 then
@@ -58,31 +81,34 @@ local function store(key, a, tok, req, big)
     redis.call('PEXPIRE', key, math.ceil(math.max(tok / tonumber(ARGV[a]), req / tonumber(ARGV[a + 1])) * 1000) + 1000)
   end
 end
-"""
+""".replace("LEASE_SHARE", repr(LEASE_SHARE))
 _CLOCK = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
 
+# KEYS[1] the bucket; ARGV: BUCKET_ARGS. Answers tok, req (the lease granted counted), Redis's time, big, the lease.
 SYNC = _CLOCK + _COMMON + """
 local tok, req, big = level(KEYS[1], 1)
+local granted = lease(1, req)
+req = req + granted
 store(KEYS[1], 1, tok, req, big)
 return {string.format('%.17g', tok), string.format('%.17g', req), string.format('%.17g', now),
-        string.format('%.17g', big)}
+        string.format('%.17g', big), granted}
 """
 
-# KEYS: the request's buckets; ARGV[1] = n; then per bucket 8 values: the six of SYNC, then the token
-# limit and the request limit (0: the rule does not count requests)
+# KEYS: the request's buckets; ARGV[1] = n; then BUCKET_ARGS per bucket. Answers k, Redis's time, then per
+# bucket tok, req (before the k and the lease were counted), big, the lease granted.
 ADMIT = _CLOCK + _COMMON + """
 local n = tonumber(ARGV[1])
 local k = n
 local levels = {}
 for i, key in ipairs(KEYS) do
-  local a = 2 + (i - 1) * 8
+  local a = 2 + (i - 1) * 10
   local tok, req, big = level(key, a)
   levels[i] = {tok, req, big}
-  if tok >= tonumber(ARGV[a + 6]) then k = 0 end
-  local requests = tonumber(ARGV[a + 7])
+  if tok >= tonumber(ARGV[a + 7]) then k = 0 end
+  local requests = tonumber(ARGV[a + 8])
   if requests > 0 then
     local fit = math.floor(requests - req + 1e-9)
     if fit < k then k = math.max(0, fit) end
@@ -90,12 +116,18 @@ for i, key in ipairs(KEYS) do
 end
 local out = {k, string.format('%.17g', now)}
 for i, key in ipairs(KEYS) do
-  local a = 2 + (i - 1) * 8
+  local a = 2 + (i - 1) * 10
   local tok, req, big = levels[i][1], levels[i][2], levels[i][3]
   out[#out + 1] = string.format('%.17g', tok)
   out[#out + 1] = string.format('%.17g', req)
   out[#out + 1] = string.format('%.17g', big)
-  if tonumber(ARGV[a + 7]) > 0 then req = req + k end
+  local granted = 0
+  if tonumber(ARGV[a + 8]) > 0 then
+    req = req + k
+    granted = lease(a, req)
+    req = req + granted
+  end
+  out[#out + 1] = granted
   store(key, a, tok, req, big)
 end
 return out

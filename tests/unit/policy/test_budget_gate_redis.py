@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from extproc.errors import GatewayError
 from extproc.policy import budget_gate
-from extproc.policy.budget_gate import Admitted, BudgetGate, Waiting, near_levels
+from extproc.policy.budget_gate import Admitted, BudgetGate, Waiting, lease_wanted, near_level
 from extproc.policy.budgets import BudgetRefused, BudgetRule, bucket_id, key_hash
 from support.budget_docs import budget_doc, headers
 from support.manifests import DASHSCOPE, load_docs, provider
@@ -25,19 +25,22 @@ from support.manifests import DASHSCOPE, load_docs, provider
 SYNC_S = 0.02  # the gates' sync interval here: syncs come quickly, the tests wait less
 
 
-@pytest.mark.parametrize(("rule", "growth", "answer", "levels"), [
-    # no answer charged yet: what a few answers are is unknown, Redis decides the tokens
-    (BudgetRule("t", (), tokens=40, per_s=3600.0), (0, 0), 0, (-math.inf, math.inf)),
+@pytest.mark.parametrize(("rule", "growth", "answer", "level"), [
+    # no answer charged yet: what a few answers are is unknown, Redis decides
+    (BudgetRule("t", (), tokens=40, per_s=3600.0), 0, 0, -math.inf),
     # a few answers' worth (two of the largest charge)
-    (BudgetRule("t", (), tokens=40, per_s=3600.0), (0, 0), 17, (6, math.inf)),
-    # a busy bucket: twice what all instances added per sync interval, when that is more
-    (BudgetRule("r", (), tokens=10**6, per_s=3600.0, requests=600), (1000, 10), 300, (10**6 - 2000, 580)),
-    (BudgetRule("r", (), tokens=10**6, per_s=3600.0, requests=600), (0, 0), 300, (10**6 - 600, 596)),
-    # a few requests: a limit of 2 is always decided by Redis
-    (BudgetRule("r", (), tokens=10**6, per_s=3600.0, requests=2), (0, 0), 300, (10**6 - 600, -2)),
+    (BudgetRule("t", (), tokens=40, per_s=3600.0), 0, 17, 6),
+    # a busy bucket: twice what all instances charged per sync interval, when that is more
+    (BudgetRule("r", (), tokens=10**6, per_s=3600.0, requests=600), 1000, 300, 10**6 - 2000),
+    (BudgetRule("r", (), tokens=10**6, per_s=3600.0, requests=600), 0, 300, 10**6 - 600),
 ])
-def test_near_levels(rule, growth, answer, levels):
-    assert near_levels(rule, *growth, answer) == levels
+def test_near_level(rule, growth, answer, level):
+    assert near_level(rule, growth, answer) == level
+
+
+@pytest.mark.parametrize(("served", "wanted"), [(0, 0), (0.25, 0), (0.5, 2), (1, 2), (2.5, 6), (10, 20)])
+def test_the_lease_wanted_is_twice_what_was_served(served, wanted):
+    assert lease_wanted(served) == wanted
 
 
 def instances(tmp_path, redis_server, rules: list[dict], count: int = 2, **options) -> tuple[str, list[BudgetGate]]:
@@ -122,16 +125,31 @@ def test_a_bucket_new_to_an_instance_waits_for_redis_then_far_from_its_limit_is_
         admitted = await outcome(gate, route, "ann")  # a second one, waiting too
         assert status(admitted) == 200
         gate.charge([bucket("ann")], 50)  # an answer's usage: now a few answers' worth is known
-        await synced(gate, 3)  # read again, its growth measured: far from its limit
+        # a steady flow of ann's requests: once the gate knows its pace, from memory (a lease Redis
+        # counted for this instance), with no round trip
+        waited = []
+        for _ in range(40):
+            result = gate.admit(route, headers(x_user_id="ann"))
+            waited.append(isinstance(result, Waiting))
+            if isinstance(result, Waiting):
+                future = asyncio.get_running_loop().create_future()
+                result.then(future.set_result)
+                assert status(await asyncio.wait_for(future, 5)) == 200
+            await asyncio.sleep(SYNC_S / 4)
         round_trips = sample(gate, "llm_gateway_budget_admission_round_trips_total")
-        direct = [gate.admit(route, headers(x_user_id="ann")) for _ in range(50)]
-        assert all(isinstance(d, Admitted) for d in direct)  # from memory, at once
+        direct = [gate.admit(route, headers(x_user_id="ann")) for _ in range(3)]
+        assert all(isinstance(d, Admitted) for d in direct), waited
         assert sample(gate, "llm_gateway_budget_admission_round_trips_total") == round_trips
-        assert direct[-1].as_dict()["ratelimit_remaining_requests"] == str(1000 - 52)
-        await synced(gate)
-        return float(redis_server.client().hget(bucket("ann"), "req"))
+        assert direct[-1].as_dict()["ratelimit_remaining_requests"] == str(1000 - 45)
+        held = gate._mirror[bucket("ann")][4]
+        in_redis = float(redis_server.client().hget(bucket("ann"), "req"))
+        await gate.stop()  # gives its lease back
+        return waited, held, in_redis, float(redis_server.client().hget(bucket("ann"), "req"))
 
-    assert running([gate], scenario) == pytest.approx(52, abs=0.01)  # every request counted once in Redis
+    waited, held, in_redis, after_stop = running([gate], scenario)
+    assert waited[0] and not any(waited[-10:])  # the flow's first waits for Redis, its last ones do not
+    assert held >= 1 and in_redis == pytest.approx(45 + held, abs=0.01)  # Redis counts the lease as it grants it
+    assert after_stop == pytest.approx(45, abs=0.01)  # every request counted once, the lease given back
 
 
 def test_requests_limit_is_exact_across_instances_in_every_order(tmp_path, redis_server):
@@ -290,3 +308,52 @@ def test_a_redis_restarted_empty_gets_back_what_the_instances_remember(tmp_path,
         return await outcome(b, route, "jo")  # b never saw jo: reads the restored bucket
 
     assert isinstance(running([a, b], scenario), BudgetRefused)
+
+
+def test_a_burst_on_a_key_every_instance_follows_never_admits_past_the_limit(tmp_path, redis_server):
+    """Each instance follows the key and has synced since: a burst spread over all of them is
+    decided from their leases and by Redis, never past the limit (the requests a lease holds are
+    counted in Redis when it is granted); once the leases left unused went back, what is left is
+    admitted, exactly."""
+    route, gates = instances(tmp_path, redis_server, [{"name": "everyone", "tokens": 10**9, "requests": 30,
+                                                       "per": "1h"}], count=4)
+
+    async def scenario():
+        for gate in gates:
+            assert status(await outcome(gate, route, "eve")) == 200
+        for gate in gates:
+            await synced(gate)
+        burst = await asyncio.gather(*[outcome(gates[i % 4], route, "eve") for i in range(80)])
+        await asyncio.sleep(20 * SYNC_S)  # the leases left unused go back
+        rest = []
+        for gate in gates:
+            while status(result := await outcome(gate, route, "eve")) == 200:
+                rest.append(result)
+        return [status(r) for r in burst], len(rest)
+
+    statuses, rest = running(gates, scenario)
+    assert statuses.count(200) + statuses.count(429) == 80
+    assert statuses.count(200) <= 30 - 4  # never past the limit, in the burst ...
+    assert statuses.count(200) + rest == 30 - 4  # ... nor after it, and none held back for good
+
+
+def test_a_lease_left_unused_goes_back_for_the_other_instances(tmp_path, redis_server):
+    route, (a, b) = instances(tmp_path, redis_server, [{"name": "everyone", "tokens": 10**9, "requests": 40,
+                                                        "per": "1h"}])
+
+    async def scenario():
+        for _ in range(30):  # a steady flow on a: it holds a lease for its pace
+            assert status(await outcome(a, route, "flo")) == 200
+            await asyncio.sleep(SYNC_S / 4)
+        held = a._mirror[bucket("flo")][4]
+        admitted_on_b = 0
+        for _ in range(500):  # then b asks for what is left, until it got it all: a gives its lease back
+            admitted_on_b += status(await outcome(b, route, "flo")) == 200
+            if admitted_on_b == 10:
+                break
+            await asyncio.sleep(0.01)
+        return held, admitted_on_b, status(await outcome(b, route, "flo")), status(await outcome(a, route, "flo"))
+
+    held, admitted_on_b, b_after, a_after = running([a, b], scenario)
+    assert held >= 1  # a held requests b could not have meanwhile
+    assert admitted_on_b == 10 and (b_after, a_after) == (429, 429)  # exactly the 40, none more
