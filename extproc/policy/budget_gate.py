@@ -2,21 +2,24 @@
 request path) and charging (the access log, when an answer ends).
 
 Every bucket's usage is kept in memory (`_mirror`: used tokens, used requests, when that was
-true, and from which usage on memory is not trusted), drained locally as time passes. Without
-Redis that is the whole story (one instance, exact). With Redis (every instance naming it shares
-every bucket; its scripts and connection: `extproc.policy.budget_redis`):
+true, from which used tokens memory is not trusted, the lease), drained locally as time passes.
+Without Redis that is the whole story (one instance, exact). With Redis (every instance naming it
+shares every bucket; its scripts and connection: `extproc.policy.budget_redis`):
 
 - **Far from its limit**, a bucket this instance follows is admitted from memory, as in process.
-  What this instance adds (requests admitted, tokens charged) is applied to the mirror at once
-  and owed; every `sync_interval` a background task sends what is owed and reads back every
-  bucket followed, in one pipelined round trip, so other instances' spending shows up here
-  within one sync.
+  What this instance adds (tokens charged) is applied to the mirror at once and owed; every
+  `sync_interval` a background task sends what is owed and reads back every bucket followed, in
+  one pipelined round trip, so other instances' spending shows up here within one sync. Where
+  the rule counts requests, a request admitted from memory is taken from this instance's lease:
+  requests Redis counted for it when it granted them (at each sync, after its pace: see
+  `lease_wanted`), so requests are exact across instances.
 - **A bucket this instance does not follow** (new to it, or forgotten after `forget_s` unused),
-  and **a bucket near its limit** (what is left is within what the instances could admit before
-  this one hears from Redis again: see `near_levels`) are admitted by Redis: the request waits
-  (`Waiting`) for one round trip whose script admits it and counts it atomically. Requests of the
-  same buckets waiting at once go in one script call; a round trip carries every request waiting.
-  A request memory refuses is refused at once (memory never knows more spending than there is).
+  **a bucket near its token limit** (what is left is within what the instances could charge
+  before this one hears from Redis again: see `near_level`), and a request that finds no lease
+  left are admitted by Redis: the request waits (`Waiting`) for one round trip whose script
+  admits it and counts it atomically. Requests of the same buckets waiting at once go in one
+  script call; a round trip carries every request waiting. A request memory refuses is refused
+  at once (memory never knows of more spending than Redis counts).
 
 Redis unreachable: the mirror keeps limiting per instance and what is owed is kept (fail open);
 the outage is logged once, counted, and `/readyz` says degraded. With `fail_closed`, requests a
@@ -67,7 +70,7 @@ SYNC_INTERVAL_S = 0.1
 ACTIVE_S = 60.0  # a bucket untouched this long is forgotten (LLM_GATEWAY_BUDGET_FORGET, in seconds, changes it)
 REDIS_TIMEOUT_S = 0.5  # one round trip, connecting included
 ADMISSION_TIMEOUT_S = 0.5  # the longest a request waits for Redis; then fail open (memory) or closed (503)
-# Near its limit (see near_levels): what is left is within NEAR_ANSWERS times the largest charge seen for
+# Near its limit (see near_level): what is left is within NEAR_ANSWERS times the largest charge seen for
 # the bucket or its rule (one access-log batch's worth), or NEAR_GROWTH times the tokens all instances
 # charged to the bucket per sync interval lately (decaying by GROWTH_DECAY per sync).
 NEAR_ANSWERS = 2
