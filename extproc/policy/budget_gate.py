@@ -527,12 +527,12 @@ class BudgetGate:
         self.metrics.redis_admissions.labels("new" if new else "near").inc()
         return waiting
 
-    def _arm_timer(self) -> None:
+    def _arm_timer(self, delay: float | None = None) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no event loop (a test driving the gate by hand): round trips decide
             return
-        self._timer = loop.call_later(ADMISSION_TIMEOUT_S, self._expire)
+        self._timer = loop.call_later(ADMISSION_TIMEOUT_S if delay is None else delay, self._expire)
 
     def _expire(self) -> None:
         """Requests that waited ADMISSION_TIMEOUT_S for Redis: decided without it (fail open:
@@ -546,8 +546,10 @@ class BudgetGate:
         for ask in self._sending:
             if ask.since <= too_old:
                 ask.fell_back += self._fall_back(ask, ask.sent, "timeout", count=False)
-        if self._asks or any(not w.settled for ask in self._sending for w in ask.sent):
-            self._arm_timer()
+        still = [ask.since for ask in self._asks.values()]
+        still += [ask.since for ask in self._sending if any(not w.settled for w in ask.sent)]
+        if still:  # again when the first of those still waiting has waited its time
+            self._arm_timer(max(0.001, min(still) + ADMISSION_TIMEOUT_S - self._clock()))
 
     def _fall_back(self, ask: _Ask, waiting: list[Waiting], reason: str, count: bool) -> int:
         """Decides waiting requests without Redis, as while it is unreachable; how many were admitted.
@@ -564,7 +566,11 @@ class BudgetGate:
                 self.metrics.refused.labels(budget.name, decision[0].name, "unavailable").inc()
                 outcome = budget_unavailable()
             else:
-                levels = [self._usage(decision[2], decision[0], now) for _, decision in ask.chosen]
+                levels = []
+                for _, (rule, _, bucket, _, _) in ask.chosen:
+                    tokens, requests = self._usage(bucket, rule, now)
+                    state = self._mirror.get(bucket)
+                    levels.append((tokens, max(0.0, requests - state[4]) if state is not None else requests))
                 try:
                     outcome = self._conclude(ask.chosen, levels, None)
                 except GatewayError as error:
