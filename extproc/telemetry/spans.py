@@ -262,6 +262,30 @@ def tracing_endpoint(flag: str | None, environ: Mapping[str, str] | None = None)
     return flag or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
 
 
+# what to run when xds-protos's older copy of the OpenTelemetry protos replaced opentelemetry-proto's
+# (both wheels ship opentelemetry/proto/...; whichever pip installs last wins)
+REPAIR_OTEL_PROTO = "pip install --force-reinstall --no-deps opentelemetry-proto=={version}"
+
+
+def exporter_problem() -> str | None:
+    """Why spans could not be exported, in one line with its fix; None when the exporter loads.
+
+    xds-protos ships an old copy of `opentelemetry/proto` (before InstrumentationScope) at the same
+    paths as opentelemetry-proto, so a fresh `pip install` can leave the OTLP exporter unimportable.
+    Said at start, with the command that restores the files, instead of a worker's traceback."""
+    try:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter  # noqa: F401
+    except ImportError as exc:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            fix = REPAIR_OTEL_PROTO.format(version=version("opentelemetry-proto"))
+        except PackageNotFoundError:
+            fix = "pip install opentelemetry-exporter-otlp-proto-grpc"
+        return f"--otlp-endpoint: the OTLP exporter does not load ({exc}); repair the install with: {fix}"
+    return None
+
+
 def start_export(endpoint: str, registry: CollectorRegistry) -> SpanQueue:
     """The OTLP gRPC exporter for `endpoint` (its headers, timeout, TLS and compression from the
     standard OTEL_EXPORTER_OTLP_* variables), behind a bounded queue sized by OTEL_BSP_*."""
