@@ -58,7 +58,8 @@ class AccessLogReceiver:
         return AccessLogStream(self, caller_label(caller))
 
     def on_message(self, data: bytes, caller: str = "") -> tuple[bytes | None, bool]:
-        owed: dict[tuple[str, ...], int] = {}  # a batch's usage summed per set of buckets, charged once
+        # a batch's usage summed per currency and set of buckets, charged once: [tokens, cost]
+        owed: dict[tuple[str, ...], list[int]] = {}
         budgets = self._budgets if self._budgets is not None and self._budgets.configured() else None
         attempts, observe, spans = self._attempts, self._metrics.observe, self._spans
         priced = self._prices().by_host  # per provider host: its models' prices; empty: nothing is priced
@@ -89,8 +90,7 @@ class AccessLogReceiver:
             except Exception:  # one odd entry must not stop the stream
                 log.exception("cannot record an access log entry")
         if budgets is not None:
-            for buckets, tokens in owed.items():
-                budgets.charge(buckets, tokens)
+            charge_owed(budgets, owed)
         return None, False
 
     def on_client_end(self) -> bytes:
@@ -101,7 +101,7 @@ class AccessLogReceiver:
 def price_answer(entry: accesslog_pb2.HTTPAccessLogEntry, record: RequestRecord, price: Price) -> None:
     """The answer's currency and exact cost (pico-units), at the price of the provider and model
     that answered (after a failover: the last attempt's, as the retry processor wrote them), from
-    its usage, cached prompt tokens at the cached price. Where a cost budget would be charged."""
+    its usage, cached prompt tokens at the cached price. What its cost caps are charged (`charge_budgets`)."""
     record.currency = price.currency
     meta = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
     cached = meta.fields.get("cached_tokens") if meta is not None else None
@@ -131,9 +131,16 @@ class AccessLogStream:
         return self._receiver.on_client_end()
 
 
-def charge_budgets(owed: dict[tuple[str, ...], int], entry: accesslog_pb2.HTTPAccessLogEntry,
+def charge_owed(budgets: BudgetGate, owed: dict[tuple[str, ...], list[int]]) -> None:
+    """A batch's charges (`charge_budgets`), each set of buckets charged once per currency."""
+    for (currency, *buckets), (tokens, cost) in owed.items():
+        budgets.charge(buckets, tokens, cost if currency else None, currency)
+
+
+def charge_budgets(owed: dict[tuple[str, ...], list[int]], entry: accesslog_pb2.HTTPAccessLogEntry,
                    record: RequestRecord) -> None:
-    """A finished answer's usage, owed to the budgets the ext_proc admitted it under."""
+    """A finished answer's usage, owed to the budgets the ext_proc admitted it under: its tokens,
+    and its cost (`price_answer`, from the same usage) in its currency ("" unpriced) for cost caps."""
     if not is_charged(record.outcome):
         return
     meta = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
@@ -147,9 +154,15 @@ def charge_budgets(owed: dict[tuple[str, ...], int], entry: accesslog_pb2.HTTPAc
                               record.completion_tokens)
     if not tokens:
         return
-    listed = get("budget_buckets")  # several objects limit the request; else one bucket
+    listed = get("budget_buckets")  # several buckets (objects, a cost cap) limit the request; else one
     if listed is not None:
-        buckets = tuple([v.string_value for v in listed.list_value.values])
+        key = (record.currency, *[v.string_value for v in listed.list_value.values])
     else:
-        buckets = (bucket_id(budget.string_value, get("budget_rule").string_value, get("budget_key").string_value),)
-    owed[buckets] = owed.get(buckets, 0) + tokens
+        key = (record.currency,
+               bucket_id(budget.string_value, get("budget_rule").string_value, get("budget_key").string_value))
+    sums = owed.get(key)
+    if sums is None:
+        owed[key] = [tokens, record.cost or 0]
+    else:
+        sums[0] += tokens
+        sums[1] += record.cost or 0

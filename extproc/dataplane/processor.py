@@ -30,6 +30,7 @@ from ..errors import GatewayError, too_large_message
 from ..policy.answer_format import answer_plan
 from ..policy.body_memory import Inflight, Overloaded
 from ..policy.budget_gate import Admitted, BudgetGate, Waiting
+from ..policy.budgets import unpriced_under_cap
 from ..policy.caller import LOCAL, Caller
 from ..policy.decide import Decision, ModelList, decide
 from ..policy.failover import FAILOVER_BODY_MAX
@@ -88,6 +89,11 @@ class ExternalProcessor:
             rewritten, protected = rewrite_body(body, target, endpoint), None
         else:  # an LLMDataPolicy applies: the prompt is checked (refused, masked, counted) first
             rewritten, protected = self._protected(body, decision)
+        if budget is not None and budget.currencies:  # a cost cap: its answer must have a price to charge
+            unpriced = unpriced_under_cap(budget.currencies, target.prices.get(rewritten.model), rewritten.model,
+                                          target.provider_host, budget.budget)
+            if unpriced is not None:
+                raise unpriced
         length = len(rewritten.body)
         headers_answer, prebuilt = answers.prebuilt(target, endpoint)
         parts = [headers_answer, answers.content_length(length)]

@@ -7,7 +7,7 @@ import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
 
-from extproc.dataplane.accesslog_receiver import AccessLogReceiver, charge_budgets
+from extproc.dataplane.accesslog_receiver import AccessLogReceiver, charge_budgets, charge_owed
 from extproc.telemetry.access_entries import record_from_entry
 from extproc.telemetry.metrics import GatewayMetrics, RequestRecord
 from support.access_log_entries import DECISION, HOST, entry
@@ -103,8 +103,7 @@ def test_access_log_entry_charges_its_buckets(gate):
     charge_budgets(owed, e, record_from_entry(e))
     e.response.response_code.value = 500  # a provider error charges nothing
     charge_budgets(owed, e, record_from_entry(e))
-    assert owed == {tuple(buckets_of(meta)): 34}
-    owed[tuple(buckets_of(meta))] = 17
-    for buckets, tokens in owed.items():
-        gate.charge(buckets, tokens)
+    assert owed == {("", *buckets_of(meta)): [34, 0]}  # unpriced: no currency, no cost
+    owed[("", *buckets_of(meta))] = [17, 0]
+    charge_owed(gate, owed)
     assert admit(gate, headers(x_user_id="alice"))["ratelimit_remaining_tokens"] == "23"
