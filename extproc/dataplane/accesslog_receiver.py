@@ -17,12 +17,13 @@ from envoy.service.accesslog.v3 import als_pb2
 from ..policy.budget_gate import BudgetGate
 from ..policy.budgets import bucket_id, is_charged, tokens_to_charge
 from ..policy.caller import Caller
-from ..policy.passive_health import AttemptObserver
+from ..policy.passive_health import AttemptObserver, attempt_reason
 from ..policy.pricing import EMPTY_PRICES, Price, PriceTable, cost_of
 from ..protocol import METADATA_NAMESPACE, UPSTREAM_END
-from ..telemetry.access_entries import metadata_number, record_from_entry
+from ..telemetry.access_entries import metadata_number, record_from_entry, unmetered, unmetered_attempt
 from ..telemetry.metrics import GatewayMetrics, RequestRecord
 from ..telemetry.spans import SpanSink
+from ..telemetry.spend import SpendKey
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +82,18 @@ class AccessLogReceiver:
                         if key:
                             record.caller = f"key:{key}"
                     observe(record)
+                    if record.prompt_tokens is None and record.completion_tokens is None and \
+                            unmetered(entry, record):  # reached the provider, no usage seen: maybe billed
+                        self._metrics.spend.unmetered(_spend_key(record))
                     if budgets is not None:
                         charge_budgets(owed, entry, record)
                     if spans is not None:
                         spans.request(entry, record)
-                elif spans is not None:
-                    spans.attempt(entry)
+                else:  # a failed attempt, retried on the next provider
+                    if unmetered_attempt(entry, attempt_reason(entry)):
+                        self._metrics.spend.unmetered(self._attempt_key(entry, caller))
+                    if spans is not None:
+                        spans.attempt(entry)
             except Exception:  # one odd entry must not stop the stream
                 log.exception("cannot record an access log entry")
         if budgets is not None:
@@ -95,6 +102,22 @@ class AccessLogReceiver:
 
     def on_client_end(self) -> bytes:
         return als_pb2.StreamAccessLogsResponse().SerializeToString()
+
+    def _attempt_key(self, entry: accesslog_pb2.HTTPAccessLogEntry, caller: str) -> SpendKey:
+        """Whom a failed attempt is spent by, on which route, provider and model (the request's
+        decision as that attempt had it), in its provider's currency ("" unpriced)."""
+        meta = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
+        fields = meta.fields if meta is not None else {}
+
+        def text(key: str) -> str:
+            value = fields.get(key)
+            return value.string_value if value is not None else ""
+
+        host, model = text("provider_host"), text("request_model")
+        price = self._prices().price(host, model)
+        key = text("budget_key")
+        return (caller or (f"key:{key}" if key else ""), text("route"), text("provider"), model,
+                price.currency if price is not None else "")
 
 
 
@@ -108,6 +131,10 @@ def price_answer(entry: accesslog_pb2.HTTPAccessLogEntry, record: RequestRecord,
     if cached is not None:
         record.cached_tokens = int(cached.number_value)
     record.cost = cost_of(price, record.prompt_tokens, record.completion_tokens, record.cached_tokens)
+
+
+def _spend_key(record: RequestRecord) -> SpendKey:
+    return record.caller, record.route, record.provider, record.request_model, record.currency
 
 
 def _budget_key(entry: accesslog_pb2.HTTPAccessLogEntry) -> str:

@@ -36,6 +36,7 @@ from ..protocol import (
 )
 from ..telemetry.metrics import GatewayMetrics
 from ..telemetry.spans import SpanQueue, SpanSink, gateway_resource, start_export
+from ..telemetry.spend_redis import SpendWriter
 from ..telemetry.trace_context import sampler_from_env
 from .malloc import give_back_free_heap
 
@@ -61,6 +62,9 @@ class DataPlane:
         self.metrics = GatewayMetrics()
         register_metrics(self.metrics.registry, self.inflight, str(worker))
         self.budgets = BudgetGate(self.metrics.registry, lambda: self.holder.table, redis_url, redis_fail_closed)
+        # where budgets share a Redis, so does spend: who spent what across every instance
+        self.spend_writer = (SpendWriter(self.metrics.spend, redis_url, self.metrics.registry)
+                             if redis_url is not None else None)
         self.health = PassiveHealth()  # failover's passive health, fed by the access log
         self.health.configure(holder.table.health)
         self.draining = False  # set by a graceful drain: health checks say NOT_SERVING
@@ -93,6 +97,8 @@ class DataPlane:
 
     async def start(self) -> None:
         await self.budgets.start()
+        if self.spend_writer is not None:
+            await self.spend_writer.start()
 
     async def listen_tcp(self, host: str, port: int, authenticator: Authenticator | None,
                          reuse_port: bool = False) -> int:
@@ -117,5 +123,7 @@ class DataPlane:
     async def stop(self) -> None:
         self.stop_listening()
         await self.budgets.stop()
+        if self.spend_writer is not None:  # what was counted since the last flush, sent
+            await self.spend_writer.stop()
         if self.spans is not None:
             await asyncio.to_thread(self.spans.stop)
