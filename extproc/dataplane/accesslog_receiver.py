@@ -9,6 +9,7 @@ request; the stream arrives on the lean HTTP/2 server, beside the ext_proc.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 
 from envoy.data.accesslog.v3 import accesslog_pb2
@@ -17,8 +18,11 @@ from envoy.service.accesslog.v3 import als_pb2
 from ..policy.budget_gate import BudgetGate
 from ..policy.budgets import bucket_id, is_charged, tokens_to_charge
 from ..policy.caller import Caller
+from ..policy.failover import attempt_target
+from ..policy.openai_api import configured_model, endpoint_of_operation
 from ..policy.passive_health import AttemptObserver, attempt_reason
-from ..policy.pricing import EMPTY_PRICES, Price, PriceTable, cost_of
+from ..policy.pricing import Price, PriceTable, cost_of
+from ..policy.table import EMPTY_TABLE, RoutingTable
 from ..protocol import METADATA_NAMESPACE, UPSTREAM_END
 from ..telemetry.access_entries import metadata_number, record_from_entry, unmetered, unmetered_attempt
 from ..telemetry.metrics import GatewayMetrics, RequestRecord
@@ -26,6 +30,8 @@ from ..telemetry.spans import SpanSink
 from ..telemetry.spend import SpendKey
 
 log = logging.getLogger(__name__)
+
+MAX_PENDING_ATTEMPTS = 10_000  # failed attempts waiting for their request's entry
 
 
 def caller_label(caller: Caller | None) -> str:
@@ -46,12 +52,16 @@ class AccessLogReceiver:
 
     def __init__(self, metrics: GatewayMetrics, budgets: BudgetGate | None = None,
                  attempts: AttemptObserver | None = None, spans: SpanSink | None = None,
-                 prices: Callable[[], PriceTable] = lambda: EMPTY_PRICES):
+                 prices: Callable[[], PriceTable] | None = None, table: Callable[[], RoutingTable] | None = None):
         self._metrics = metrics
         self._budgets = budgets  # charged from each finished answer
         self._attempts = attempts  # failed attempts and answered requests: passive health
         self._spans = spans  # None: no traces exported, nothing done per entry
-        self._prices = prices  # the price tables of the config in force
+        self._table = table if table is not None else (lambda: EMPTY_TABLE)  # the config in force
+        # the price tables of the config in force
+        self._prices = prices if prices is not None else (lambda: self._table().prices)
+        # request id -> provider hosts of its failed attempts that may have been billed (unmetered)
+        self._failed_attempts: OrderedDict[str, list[str]] = OrderedDict()
 
     def call(self, caller: Caller | None = None) -> AccessLogStream:
         """A stream from one Envoy; any authenticated Envoy may report usage, spent by its caller
@@ -85,13 +95,16 @@ class AccessLogReceiver:
                     if record.prompt_tokens is None and record.completion_tokens is None and \
                             unmetered(entry, record):  # reached the provider, no usage seen: maybe billed
                         self._metrics.spend.unmetered(_spend_key(record))
+                    if self._failed_attempts:  # this request's attempts that failed over unmetered
+                        for host in self._failed_attempts.pop(entry.request.request_id, ()):
+                            self._metrics.spend.unmetered(self._attempt_key(record, host))
                     if budgets is not None:
                         charge_budgets(owed, entry, record)
                     if spans is not None:
                         spans.request(entry, record)
                 else:  # a failed attempt, retried on the next provider
-                    if unmetered_attempt(entry, attempt_reason(entry)):
-                        self._metrics.spend.unmetered(self._attempt_key(entry, caller))
+                    if unmetered_attempt(entry, attempt_reason(entry)):  # spent once its request's entry comes
+                        self._unmetered_attempt(entry)
                     if spans is not None:
                         spans.attempt(entry)
             except Exception:  # one odd entry must not stop the stream
@@ -103,21 +116,28 @@ class AccessLogReceiver:
     def on_client_end(self) -> bytes:
         return als_pb2.StreamAccessLogsResponse().SerializeToString()
 
-    def _attempt_key(self, entry: accesslog_pb2.HTTPAccessLogEntry, caller: str) -> SpendKey:
-        """Whom a failed attempt is spent by, on which route, provider and model (the request's
-        decision as that attempt had it), in its provider's currency ("" unpriced)."""
-        meta = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
-        fields = meta.fields if meta is not None else {}
+    def _unmetered_attempt(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
+        """A failed attempt that may have been billed: its provider host, kept until its request's
+        entry (an attempt's own entry carries none of the request's decision; Envoy sends a
+        request's attempts just before it, on the same stream)."""
+        request_id = entry.request.request_id
+        if not request_id:
+            return
+        host = self._table().cluster_hosts.get(entry.common_properties.upstream_cluster, "")
+        self._failed_attempts.setdefault(request_id, []).append(host)
+        while len(self._failed_attempts) > MAX_PENDING_ATTEMPTS:
+            self._failed_attempts.popitem(last=False)
 
-        def text(key: str) -> str:
-            value = fields.get(key)
-            return value.string_value if value is not None else ""
-
-        host, model = text("provider_host"), text("request_model")
-        price = self._prices().price(host, model)
-        key = text("budget_key")
-        return (caller or (f"key:{key}" if key else ""), text("route"), text("provider"), model,
-                price.currency if price is not None else "")
+    def _attempt_key(self, record: RequestRecord, host: str) -> SpendKey:
+        """Whom a failed attempt is spent by (its request's caller and route), at which provider
+        and model (the target its rule gives that provider host), in that provider's currency
+        ("" unpriced)."""
+        target = attempt_target(self._table(), record.route, record.rule, host)
+        if target is None:  # the config changed meanwhile: the host is what is known
+            return record.caller, record.route, host, "", ""
+        model = configured_model(endpoint_of_operation(record.operation), target) or record.request_model
+        price = target.prices.get(model)
+        return record.caller, record.route, target.provider, model, price.currency if price is not None else ""
 
 
 

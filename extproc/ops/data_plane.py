@@ -80,8 +80,7 @@ class DataPlane:
                                       protection=ProtectionMetrics(self.metrics.registry))
         retries = RetryRewriter(holder, body_limit)
         answer = AnswerProcessor(self.inflight)  # answers turned into the client's format
-        receiver = AccessLogReceiver(self.metrics, self.budgets, attempts, sink,
-                                     prices=lambda: self.holder.table.prices)
+        receiver = AccessLogReceiver(self.metrics, self.budgets, attempts, sink, table=lambda: self.holder.table)
         self.methods: dict[str, Callable[[Caller | None], Call]] = {
             PROCESS: processor.exchange,
             RETRY_AUTHORITY + PROCESS: lambda _caller: retries.exchange(),

@@ -6,6 +6,7 @@ slow collector changing no answer (docs/cost.md, docs/tracing.md)."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import subprocess
 import sys
@@ -242,3 +243,67 @@ def test_without_an_exporter_nothing_is_traced(tmp_path, gateway_factory, fresh_
     wait_until(lambda: gw.access_entries(), 10)
     assert gw.access_entries()[0]["trace_id"] is None
     assert not [k for k in gw.metrics() if k[0].startswith("llm_gateway_trace_spans")]
+
+
+SLOW_FAILOVER = """apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMRoute
+metadata: {name: slow-failover}
+spec:
+  host: slow-failover
+  rules:
+  - name: main
+    backendRefs: [{providerHost: dashscope.aliyuncs.com}]
+    fallbackRefs: [{providerHost: api.moonshot.cn}]
+    retries: {attempts: 1, perTryTimeout: 1s, retryOn: [5xx]}
+"""
+
+
+def test_spend_of_every_instance_from_redis_and_the_attempts_nobody_metered(tmp_path, gateway_factory,
+                                                                               redis_server):
+    """Two instances on one Redis: `/spend` (and `extproc spend`) on either answers for both; an
+    attempt that reached a provider and timed out (failed over) and a stream cut before its usage
+    event are counted as unmetered (the provider may have billed them: nobody saw for what)."""
+    config = priced_config(tmp_path)
+    (config / "25-slow.yaml").write_text(SLOW_FAILOVER)
+    gws = [gateway_factory(config, ["--redis", redis_server.url]) for _ in range(2)]
+    assert gws[0].request(DASHSCOPE, CHAT, SEVENTEEN).status == 200
+    resp = gws[1].request(DASHSCOPE, {**CHAT, "stream": True}, SEVENTEEN)
+    assert resp.status == 200 and b"data: [DONE]" in resp.body
+    # the first attempt reaches DashScope, which does not answer within the per-try timeout: Moonshot answers
+    resp = gws[0].request("slow-failover", CHAT, {**SEVENTEEN, "x-fake-fail": "dashscope:delay=3"})
+    assert resp.status == 200 and resp.json()["model"] == "moonshot-v1-8k", resp.body
+    # a stream cut after its first event: no usage event ever came
+    conn = http.client.HTTPConnection("127.0.0.1", gws[1].listen_port, timeout=30)
+    conn.request("POST", f"http://{DASHSCOPE}/", body=json.dumps({**CHAT, "stream": True}),
+                 headers={"content-type": "application/json", **SEVENTEEN, "x-fake-fail": "dashscope:cut=1"})
+    cut = conn.getresponse()
+    with pytest.raises(http.client.IncompleteRead):
+        cut.read()
+    conn.close()
+
+    expected = [{"currency": "CNY", "cost": str(2 * STREAM_COST)}, {"currency": "USD", "cost": str(FAILOVER_COST)}]
+    for gw in gws:  # either instance answers for both, from Redis
+        wait_until(lambda gw=gw: spend(gw, "provider")["totals"] == expected
+                   and spend(gw, "provider")["unmetered_attempts"] == 2, 15, lambda gw=gw: json.dumps(spend(gw)))
+    report = spend(gws[1], "provider,route")
+    assert report["source"] == "redis" and report["since"].endswith("T00:00:00Z")
+    rows = {(r["provider"], r["route"]): r for r in report["rows"]}
+    qwen = rows[("default/dashscope-qwen", "default/dashscope-qwen")]
+    assert (qwen["requests"], qwen["input_tokens"], qwen["output_tokens"], qwen["unmetered_attempts"]) == (2, 16, 18, 1)
+    # the timed-out attempt: DashScope's, on the failover route, in DashScope's currency
+    timed_out = rows[("default/dashscope-qwen", "default/slow-failover")]
+    assert (timed_out["requests"], timed_out["unmetered_attempts"], timed_out["currency"]) == (0, 1, "CNY")
+    assert rows[("default/moonshot", "default/slow-failover")]["cost"] == str(FAILOVER_COST)
+    # one process's own counts, as before
+    mine = spend(gws[1], "provider&source=process")
+    assert mine["source"] == "process" and mine["totals"] == [{"currency": "CNY", "cost": str(STREAM_COST)}]
+    assert metric(gws[1], "llm_gateway_spend_unmetered_attempts_total", llm_provider="default/dashscope-qwen") == 1
+
+    out = subprocess.run([sys.executable, "-m", "extproc", "spend", "--url", f"http://127.0.0.1:{gws[0].metrics_port}",
+                          "--by", "provider"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "by every instance sharing Redis" in out.stdout and f"total USD: {FAILOVER_COST}" in out.stdout
+    assert "unmetered: 2 attempts" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "extproc", "spend", "--url", f"http://127.0.0.1:{gws[0].metrics_port}",
+                          "--source", "process", "--since", "2026-01-01"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "by this gateway process" in out.stdout, out.stderr
