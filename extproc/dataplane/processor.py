@@ -42,6 +42,7 @@ from . import answers
 from .body_rewrite import Rewritten, rewrite_body
 from .data_protection import PromptCheck, ProtectionMetrics, judge_unasked
 from .deferred import Deferred
+from .trace_contents import TraceContents
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,10 @@ class ExternalProcessor:
                  clock: Callable[[], float] = time.time, body_limit: int = DEFAULT_BODY_LIMIT,
                  budgets: BudgetGate | None = None, inflight: Inflight | None = None,
                  health: PassiveHealth | None = None, tracing: Sampler | None = None,
-                 protection: ProtectionMetrics | None = None):
+                 protection: ProtectionMetrics | None = None, contents: TraceContents | None = None):
         self.holder = holder
         self.tracing = tracing  # None: no traces (no exporter configured), nothing done per request
+        self.contents = contents  # None: no prompt in spans (the default); else a sampled request's, masked
         self.budgets = budgets  # token/request budgets (extproc.policy.budget_gate)
         self.draw = draw
         self.clock = clock
@@ -116,6 +118,8 @@ class ExternalProcessor:
             header_part, trace_entries = answers.trace_parts(trace)
             parts.append(header_part)
             more += trace_entries
+            if self.contents is not None:  # its prompt, masked, for its span
+                more += self.contents.prompt_entry(rewritten.body, endpoint, target.route)
         if plan is not None:  # what the client asked for, for its answer and a retry
             more += answers.plan_entries(plan)
         if protected:  # a data policy's deciding rule and action

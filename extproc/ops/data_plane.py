@@ -21,6 +21,8 @@ from ..dataplane.grpc_h2 import Call, H2Connection
 from ..dataplane.health_check import HealthCheck
 from ..dataplane.processor import ExternalProcessor
 from ..dataplane.retry_processor import RetryRewriter
+from ..dataplane.trace_contents import TraceContents, capture_contents
+from ..envoy.answer_reader import CONTENTS, FINISH
 from ..policy.body_memory import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT, Inflight, register_metrics
 from ..policy.budget_gate import BudgetGate
 from ..policy.caller import LOCAL, Caller
@@ -73,11 +75,17 @@ class DataPlane:
         attempts = AttemptObserver(self.health, self.metrics.registry, hosts=lambda: self.holder.table.cluster_hosts)
         # traces only where an exporter is configured: otherwise nothing is done per request
         self.spans: SpanQueue | None = start_export(otlp_endpoint, self.metrics.registry) if otlp_endpoint else None
-        sink = (SpanSink(self.spans.put, gateway_resource(), lambda: self.holder.table.cluster_hosts)
+        # prompt and answer contents in spans, masked: only where an operator turned them on
+        contents = (TraceContents(lambda: self.holder.table)
+                    if self.spans is not None and capture_contents() else None)
+        sink = (SpanSink(self.spans.put, gateway_resource(), lambda: self.holder.table.cluster_hosts,
+                         contents.attributes if contents is not None else None)
                 if self.spans is not None else None)
+        # Envoy's answer reader (finish reason, contents), turned on by the routes where traces are exported
+        self.answer_reader = None if self.spans is None else CONTENTS if contents is not None else FINISH
         processor = ExternalProcessor(holder, body_limit=body_limit, budgets=self.budgets, inflight=self.inflight,
                                       health=self.health, tracing=sampler_from_env() if sink is not None else None,
-                                      protection=ProtectionMetrics(self.metrics.registry))
+                                      protection=ProtectionMetrics(self.metrics.registry), contents=contents)
         retries = RetryRewriter(holder, body_limit)
         answer = AnswerProcessor(self.inflight)  # answers turned into the client's format
         receiver = AccessLogReceiver(self.metrics, self.budgets, attempts, sink, table=lambda: self.holder.table)

@@ -190,6 +190,8 @@ def test_spans_continue_the_clients_trace_and_reach_every_attempts_provider(tmp_
     assert attrs["llm_gateway.route"] == "default/dashscope-qwen" and attrs["llm_gateway.rule"] == "default"
     assert attrs["llm_gateway.cost"] == pytest.approx(float(STREAM_COST))
     assert attrs["llm_gateway.cost.currency"] == "CNY"
+    assert attrs["gen_ai.response.finish_reasons"] == ["stop"]  # read by Envoy's answer reader
+    assert "gen_ai.input.messages" not in attrs and "gen_ai.output.messages" not in attrs  # contents: off
     (attempt,) = [s for s in spans if s["trace_id"] == client_trace and s["kind"] == 3]  # CLIENT
     assert attempt["parent_span_id"] == request["span_id"] and attempt["attributes"]["llm_gateway.attempt"] == 1
     assert request["start"] <= attempt["start"] <= attempt["end"] <= request["end"]
@@ -307,3 +309,57 @@ def test_spend_of_every_instance_from_redis_and_the_attempts_nobody_metered(tmp_
     out = subprocess.run([sys.executable, "-m", "extproc", "spend", "--url", f"http://127.0.0.1:{gws[0].metrics_port}",
                           "--source", "process", "--since", "2026-01-01"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and "by this gateway process" in out.stdout, out.stderr
+
+
+POLICY = """apiVersion: llm-gateway.dev/v1alpha1
+kind: LLMDataPolicy
+metadata: {name: watch-projects}
+spec:
+  hosts: [cost-failover]
+  rules:
+  - name: projects
+    detectors: [{keywords: [Project Falcon], name: project}]
+    action: log
+"""
+SECRET = "sk-" + "a1B2c3D4e5F6g7H8i9J0kLmN"
+CARD = "4111 1111 1111 1111"
+
+
+def test_finish_reasons_and_contents_in_spans_only_when_turned_on_and_always_masked(tmp_path, gateway_factory,
+                                                                                      collector, fresh_providers):
+    """With OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true, a sampled request's span
+    carries its prompt and its answer (JSON, and a stream's deltas), masked: every built-in
+    detector always (a key, an email, a card), and what the route's data policies look for even
+    where they only log; the finish reason of both answers; never a raw value in any span."""
+    config = priced_config(tmp_path)
+    (config / "30-policy.yaml").write_text(POLICY)
+    gw = gateway_factory(config, ["--otlp-endpoint", collector.endpoint],
+                         env={"OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "true"})
+    said = f"My key is {SECRET}, mail bob@example.com about Project Falcon"
+    prompt = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": said}]}
+    reply = {"x-fake-reply": f"Charge card {CARD} for Project Falcon"}
+    assert gw.request(DASHSCOPE, prompt, {**SEVENTEEN, **reply}).status == 200
+    streamed = gw.request(FAILOVER, {**prompt, "stream": True}, {**SEVENTEEN, **reply})
+    assert streamed.status == 200 and b"data: [DONE]" in streamed.body
+    wait_until(lambda: len([s for s in collector.received() if s["kind"] == 2]) >= 2, 15,
+               lambda: f"spans: {collector.received()}")
+    requests = {s["attributes"]["llm_gateway.route"]: s["attributes"] for s in collector.received() if s["kind"] == 2}
+    for route, masked_with in (("default/dashscope-qwen", "builtins"), ("default/cost-failover", "builtins+policies")):
+        attrs = requests[route]
+        assert attrs["gen_ai.response.finish_reasons"] == ["stop"]
+        assert attrs["llm_gateway.contents.masked_with"] == masked_with
+        inputs = json.loads(attrs["gen_ai.input.messages"])
+        assert [m["role"] for m in inputs] == ["system", "user"]
+        said = inputs[1]["parts"][0]["content"]
+        assert "[SECRET]" in said and "[EMAIL]" in said and SECRET not in said and "bob@example.com" not in said
+        (answer,) = json.loads(attrs["gen_ai.output.messages"])
+        assert answer["role"] == "assistant" and answer["finish_reason"] == "stop"
+        text = answer["parts"][0]["content"]
+        assert "[BANK-CARD]" in text and CARD not in text and text.startswith("Charge card"), text
+        # the route's policy looks for the project's name: masked in its spans only
+        assert ("Project Falcon" in said + text) is (masked_with == "builtins")
+    everything = json.dumps(collector.received())
+    assert SECRET not in everything and CARD not in everything and "bob@example.com" not in everything
+    assert SECRET not in gw.log() and CARD not in gw.log()
+    # the providers got the prompt as the client sent it (capturing contents changes no request)
+    assert any(SECRET in json.dumps(r.body) for r in fresh_providers[DASHSCOPE].requests)
