@@ -5,9 +5,10 @@ first bytes.
 `json_to_metadata` and `sse_to_metadata` select by object keys only: neither indexes an array,
 and OpenAI's answers carry the finish reason in `choices[0].finish_reason` (every event of a
 stream has a `choices` array). This is a Lua filter (Envoy's, in C with LuaJIT) that looks for
-the first `"finish_reason": "<word>"` in the answer as it passes: a pattern match on each chunk
-(with the end of the previous one, so a field split across chunks is still found), nothing
-buffered, the answer streamed on as it comes. A `null` finish reason (every event but the last)
+the first `"finish_reason": "<word>"` in the answer as it passes: two plain searches on each
+chunk (and on the previous chunk's end with this one's start, so a field split across chunks is
+still found), the pattern match only where one hits, nothing buffered, the answer streamed on as
+it comes. A `null` finish reason (every event but the last)
 does not match a quoted word; nor does the field's name inside generated text (its quotes are
 escaped there).
 
@@ -31,6 +32,13 @@ SAMPLE_BYTES = 16384  # what `contents` keeps of an answer, at most
 
 _READ = """
 local NS = "@NS@"
+local find, match = string.find, string.match
+local function finish_in(piece)
+  if find(piece, '_reason":"', 1, true) or find(piece, '_reason": "', 1, true) then
+    return match(piece, '"finish_reason"%s*:%s*"([%w_%-]+)"')
+  end
+  return nil
+end
 local function read(handle, keep)
   local meta = handle:streamInfo():dynamicMetadata():get(NS)
   if meta == nil or meta["span_id"] == nil then return end  -- not sampled: nothing to read
@@ -39,7 +47,9 @@ local function read(handle, keep)
     if found == nil or (keep and size < @SAMPLE@) then
       local text = chunk:getBytes(0, chunk:length())
       if found == nil then
-        found = string.match(tail .. text, '"finish_reason"%s*:%s*"([%w_%-]+)"')
+        -- plain searches first (a null finish reason, in every event but the last, matches neither),
+        -- the pattern only where one hits; across the previous chunk's end only its last bytes
+        found = finish_in(tail .. string.sub(text, 1, 64)) or finish_in(text)
         if found ~= nil then
           handle:streamInfo():dynamicMetadata():set(NS, "@FINISH@", found)
         end
