@@ -347,16 +347,21 @@ def budget_unavailable() -> GatewayError:
                         "rate_limit_unavailable", "server_error")
 
 
+_FROM_A_PROVIDER = frozenset({"success", "provider_error", "client_cancelled"})
+
+
 def is_charged(outcome: str) -> bool:
-    """Whether a finished request's usage is charged at all: only a successful answer's (an
-    error or a cut stream costs nothing). The access log asks first, to read nothing more."""
-    return outcome == "success"
+    """Whether a finished request's usage is charged at all: an answer that came from a provider,
+    whatever became of it (an error answer or a stream cut after its usage was reported was
+    billed by the provider: what it reported is charged, as `/spend` counts it); not the
+    gateway's own answers, which carry no usage. The access log asks first, to read nothing more."""
+    return outcome in _FROM_A_PROVIDER
 
 
 def tokens_to_charge(outcome: str, total_tokens: float | None, prompt_tokens: float | None,
                      completion_tokens: float | None) -> int:
-    """What a finished request costs its buckets: the provider's usage of a successful answer;
-    nothing for an error, a cut stream or an answer without usage."""
+    """What a finished request costs its buckets: the usage its provider reported (the total, or
+    prompt + completion); nothing for an answer without usage (nothing is estimated)."""
     if not is_charged(outcome):
         return 0
     if total_tokens is not None:

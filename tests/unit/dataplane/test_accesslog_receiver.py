@@ -101,9 +101,11 @@ def test_access_log_entry_charges_its_buckets(gate):
     owed: dict = {}
     charge_budgets(owed, e, record_from_entry(e))
     charge_budgets(owed, e, record_from_entry(e))
-    e.response.response_code.value = 500  # a provider error charges nothing
+    e.response.response_code.value = 500  # a provider error that reported usage: billed, charged
     charge_budgets(owed, e, record_from_entry(e))
-    assert owed == {("", *buckets_of(meta)): [34, 0]}  # unpriced: no currency, no cost
+    e.common_properties.metadata.filter_metadata["llm_gateway"].fields.pop("total_tokens")
+    charge_budgets(owed, e, record_from_entry(e))  # one without usage: nothing
+    assert owed == {("", *buckets_of(meta)): [51, 0]}  # unpriced: no currency, no cost
     owed[("", *buckets_of(meta))] = [17, 0]
     charge_owed(gate, owed)
     assert admit(gate, headers(x_user_id="alice"))["ratelimit_remaining_tokens"] == "23"
