@@ -207,18 +207,17 @@ def _cost_entries(answer: Admission | None) -> bytes:
 
 class Admitted:
     """An admission, for the request's `llm_gateway` dynamic metadata: the budget, rule and hashed
-    key for the access log, the buckets to charge, the x-ratelimit-* header values (of the tightest
-    bucket, and of the tightest cost bucket beside a token bucket's: `cost_answer`)."""
+    key for the access log, the buckets to charge, the x-ratelimit-* header values. Under a cost
+    cap, a `CostAdmitted`."""
 
-    __slots__ = ("budget", "rule", "key", "answer", "buckets", "_identity", "_numbers", "cost_answer", "currencies")
+    __slots__ = ("budget", "rule", "key", "answer", "buckets", "_identity", "_numbers")
+    currencies: tuple[str, ...] = ()  # of the cost caps the request is admitted under (none here)
+    cost_answer: Admission | None = None  # a cost bucket's answer, told beside a token bucket's
 
     def __init__(self, budget: str, rule: str, key: str, answer: Admission, buckets: list[str],
-                 identity: bytes | None = None, numbers: bytes | None = None,
-                 cost_answer: Admission | None = None, currencies: tuple[str, ...] = ()):
+                 identity: bytes | None = None, numbers: bytes | None = None):
         self.budget, self.rule, self.key, self.answer, self.buckets = budget, rule, key, answer, buckets
         self._identity, self._numbers = identity, numbers  # both cached by the gate on the request path
-        self.cost_answer = cost_answer
-        self.currencies = currencies  # of the cost caps the request is admitted under: its answer must be priced
 
     def encoded(self) -> bytes:
         """The entries in wire form, to append to the namespace's Struct (`extproc.protobuf_wire`)."""
@@ -229,8 +228,6 @@ class Admitted:
         numbers = self._numbers
         if numbers is None:
             numbers = self._numbers = _numbers(self.answer)
-        if self.cost_answer is not None:
-            return identity + numbers + _cost_entries(self.cost_answer)
         return identity + numbers
 
     def as_dict(self) -> dict[str, object]:
@@ -244,6 +241,34 @@ class Admitted:
         for name, value in headers:
             out[HEADER_METADATA[name]] = value
         return out
+
+
+class CostAdmitted(Admitted):
+    """An admission under a cost cap: the request's answer must be priced in `currencies` (the
+    ext_proc and the retry processor refuse a model that is not), and the tightest cost bucket's
+    x-ratelimit-*-cost values are told beside a token bucket's (`cost_answer`). Apart from
+    `Admitted`, so that a config without cost caps carries none of it."""
+
+    __slots__ = ("currencies", "cost_answer")
+
+    def __init__(self, budget: str, rule: str, key: str, answer: Admission, buckets: list[str],
+                 identity: bytes | None, numbers: bytes | None, cost_answer: Admission | None,
+                 currencies: tuple[str, ...]):
+        super().__init__(budget, rule, key, answer, buckets, identity, numbers)
+        self.cost_answer, self.currencies = cost_answer, currencies
+
+    def encoded(self) -> bytes:
+        if self.cost_answer is None:
+            return super().encoded()
+        return super().encoded() + _cost_entries(self.cost_answer)
+
+
+def make_admitted(budget: str, rule: str, key: str, answer: Admission, buckets: list[str], identity: bytes | None,
+             numbers: bytes | None, cost_answer: Admission | None, currencies: tuple[str, ...]) -> Admitted:
+    """An `Admitted`, or where a cost cap applies a `CostAdmitted`."""
+    if currencies:
+        return CostAdmitted(budget, rule, key, answer, buckets, identity, numbers, cost_answer, currencies)
+    return Admitted(budget, rule, key, answer, buckets, identity, numbers)
 
 
 def _duration_key(seconds: float) -> int:
@@ -421,8 +446,10 @@ class BudgetGate:
                     self.metrics.refused.labels(budget.name, rule.name, answer.reason).inc()
                     raise BudgetRefused(budget.name, rule.name, answer)
                 self._used(bucket, rule, rates, now)
-                return Admitted(budget.name, rule.name, hashed, answer, [bucket], identity, numbers,
-                                currencies=(rule.currency,) if rule.currency else ())
+                if rule.currency:  # a cost cap alone
+                    return CostAdmitted(budget.name, rule.name, hashed, answer, [bucket], identity, numbers, None,
+                                        (rule.currency,))
+                return Admitted(budget.name, rule.name, hashed, answer, [bucket], identity, numbers)
             chosen = [(budget, decision) for decision in decisions]  # a rule capping tokens and cost
         else:
             chosen = []
@@ -461,8 +488,8 @@ class BudgetGate:
                 self._identities.clear()
             known_identity = self._identities[named] = _identity(budget.name, rule.name, hashed, answer, buckets,
                                                                  _currencies(chosen))
-        return Admitted(budget.name, rule.name, hashed, answer, buckets, known_identity, numbers,
-                        tightest_cost(answers, answer), _currencies(chosen))
+        return make_admitted(budget.name, rule.name, hashed, answer, buckets, known_identity, numbers,
+                             tightest_cost(answers, answer), _currencies(chosen))
 
     def _decision(self, budget: Budget, headers: Mapping[str, bytes], caller: Caller | None = None) -> Decision:
         """The kept decision for this request's values of the headers `budget` reads (and its
@@ -681,13 +708,13 @@ class BudgetGate:
             self.metrics.refused.labels(budget.name, rule.name, answer.reason).inc()
             raise BudgetRefused(budget.name, rule.name, answer)
         if len(chosen) == 1:
-            return Admitted(budget.name, rule.name, hashed, answer, [bucket], identity,
-                            currencies=(rule.currency,) if rule.currency else ())
+            return make_admitted(budget.name, rule.name, hashed, answer, [bucket], identity, None, None,
+                                 (rule.currency,) if rule.currency else ())
         cost_answer = tightest_cost(answers, answer)
         if granted and cost_answer is not None and not cost_answer.allowed:  # Redis admitted it
             cost_answer = Admission(True, "", 0, cost_answer.headers, cost_answer.remaining_tokens, True)
-        return Admitted(budget.name, rule.name, hashed, answer, [decision[2] for _, decision in chosen],
-                        cost_answer=cost_answer, currencies=_currencies(chosen))
+        return make_admitted(budget.name, rule.name, hashed, answer, [decision[2] for _, decision in chosen], None,
+                             None, cost_answer, _currencies(chosen))
 
     # -- the end of an answer (access log) ------------------------------------------------
 
