@@ -20,6 +20,8 @@ COMMANDS = {
     "startup": ("startup", "main", "start and reload with thousands of providers, some never answering DNS (issue 30)"),
     "budget-hook": ("budgets", "hook_main", "the budget hook's CPU per request, in process"),
     "data-protection": ("data_protection", "main", "LLMDataPolicy's CPU per request on a 4 KiB prompt, in process"),
+    "answer-reader": ("answer_reader", "main", "what reading a sampled answer's finish reason costs Envoy per "
+                                               "streamed event (traces on, sampled or not, against off)"),
     "dashboard": ("dashboard", "main", "docs/images/dashboard.png: the dashboard's panels from a real run's /metrics"),
     "paced-provider": ("streams", "main", "(started by the bench) the streaming benchmark's paced provider"),
     "floor-server": ("floor", "main", "(started by the bench) the floor's ext_proc server"),

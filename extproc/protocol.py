@@ -43,6 +43,10 @@ def next_header(cluster: str) -> str:
 # Dynamic metadata namespace the ext_proc writes (the decision) and Envoy's filters add to (the
 # answer's model and usage); the access logs read it.
 METADATA_NAMESPACE = "llm_gateway"
+# Keys of that namespace Envoy's answer reader writes for spans (extproc.envoy.answer_reader): the
+# answer's finish reason, and where contents are captured, its first bytes.
+FINISH_REASON_KEY = "finish_reason"
+ANSWER_SAMPLE_KEY = "answer_sample"
 # `response_code_details` of every answer the ext_proc made itself: `llm_gateway_<error code>`.
 GATEWAY_DETAILS_PREFIX = "llm_gateway_"
 # `response_code_details` of a request the ext_proc cluster's circuit breakers refused (Envoy fails

@@ -82,3 +82,14 @@ def namespace(text: str) -> str:
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a namespace name (a lower-case DNS label)")
     return text
+
+
+def day(text: str) -> str:
+    """A UTC day, YYYY-MM-DD (passed on as written)."""
+    import datetime
+
+    try:
+        datetime.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a day (YYYY-MM-DD)") from None
+    return text

@@ -31,7 +31,7 @@ from ..policy.gateway_binding import forward_of
 from ..protocol import DEFAULT_BODY_LIMIT
 from ..telemetry.spans import exporter_problem, tracing_endpoint
 from ..telemetry.spend import format_report
-from .argtypes import access_log_path, host_port, seconds, size
+from .argtypes import access_log_path, day, host_port, seconds, size
 from .flags import (
     add_caller_args,
     add_ext_proc_streams_arg,
@@ -179,12 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("crds", parents=[common], help="print the CustomResourceDefinitions (k8s/crds.yaml)")
 
     spend = sub.add_parser("spend", parents=[common],
-                           help="who spent what since the gateway started: cost and tokens by caller, model and route")
+                           help="who spent what: cost and tokens by caller, model and route, across every instance "
+                                "sharing Redis (or since this gateway started)")
     spend.add_argument("--url", default="http://127.0.0.1:9464", metavar="URL",
                        help="the gateway's ops endpoint, its --metrics address (default http://127.0.0.1:9464)")
     spend.add_argument("--by", default="caller,model,route", metavar="GROUPS",
                        help="group by these, comma-separated: caller, route, provider, model (default "
                             "caller,model,route); currencies are always kept apart")
+    spend.add_argument("--since", metavar="YYYY-MM-DD", type=day,
+                       help="from this UTC day (spend kept in Redis; default: the first day it keeps)")
+    spend.add_argument("--source", choices=("redis", "process"),
+                       help="redis: every instance sharing the gateway's --redis; process: that gateway process "
+                            "since it started (default: redis where the gateway has one)")
     spend.add_argument("--json", action="store_true", help="print the JSON report (as GET /spend answers it)")
 
     route = sub.add_parser("route", parents=[common],
@@ -392,7 +398,9 @@ def cmd_spend(args: argparse.Namespace) -> int:
     import urllib.parse
     import urllib.request
 
-    url = f"{args.url.rstrip('/')}/spend?by={urllib.parse.quote(args.by)}"
+    query = {"by": args.by, **({"since": args.since} if args.since else {}),
+             **({"source": args.source} if args.source else {})}
+    url = f"{args.url.rstrip('/')}/spend?{urllib.parse.urlencode(query)}"
     if "://" not in args.url:
         url = "http://" + url
     try:

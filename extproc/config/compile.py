@@ -12,6 +12,8 @@ import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
+from typing import Literal
 
 from ..policy.budgets import Budget, BudgetRule, BudgetTable
 from ..policy.caller import Labels, labels_of
@@ -31,7 +33,7 @@ from ..policy.gateway_binding import (
 from ..policy.matching import HeaderCondition
 from ..policy.openai_api import base_path, route_bases
 from ..policy.passive_health import DEFAULT_CONSECUTIVE_ERRORS, DEFAULT_COOL_DOWN_S
-from ..policy.pricing import Price, PriceTable, price_per_token
+from ..policy.pricing import PICO_PER_UNIT, Price, PriceTable, price_per_token
 from ..policy.table import (
     Claim,
     Forward,
@@ -445,17 +447,84 @@ def compile_budgets(objects: list[Loaded], resolve: Callable[[str, str], Route |
         key_header = key.header.lower() if key is not None and key.header else ""
         rules: list[BudgetRule] = []
         watched: set[str] = {key_header} if key_header else set()
+        refused = False
         for i, rule in enumerate(resource.spec.rules):
             conditions = tuple(
                 tuple(_condition(name, match) for name, match in m.headers.items()) for m in rule.matches)
             for conds in conditions:
                 watched.update(c.name for c in conds)
-            rules.append(BudgetRule(rule.name or f"rules[{i}]", conditions, rule.tokens, rule.per_s, rule.requests))
+            rule_name = rule.name or f"rules[{i}]"
+            cost_cap: BudgetRule | None = None
+            if rule.cost is not None:
+                currency, found = cost_currency(route, rule.currency)
+                for field, message, reason, severity in found:
+                    problems.append(Problem(message, file=obj.file, obj=obj.label, field=f"spec.rules[{i}].{field}",
+                                            reason=reason, host=resource.spec.host, severity=severity))
+                if not currency:
+                    refused = True
+                    continue
+                # the cap in pico-units of its currency: the bucket's amounts, as a token bucket's are tokens
+                cost_cap = BudgetRule(rule_name, conditions, int(Decimal(rule.cost) * PICO_PER_UNIT), rule.per_s,
+                                      None if rule.tokens is not None else rule.requests, currency)
+            if rule.tokens is None:
+                assert cost_cap is not None  # the model checks: tokens, cost or both
+                rules.append(cost_cap)
+            else:
+                rules.append(BudgetRule(rule_name, conditions, rule.tokens, rule.per_s, rule.requests,
+                                        cost=cost_cap))
+        if refused:
+            continue
         name = f"{resource.metadata.namespace}/{resource.metadata.name}"
         pairs.append((route.name, Budget(name, key_header, tuple(rules), frozenset(watched),
                                          key.caller if key is not None and key.caller else "")))
         accepted.append(obj)
     return BudgetTable.of(pairs)
+
+
+def _reachable(route: Route) -> list[Target]:
+    """Every provider target a route's requests may reach: each rule's picks and failover orders."""
+    found: dict[tuple[str, str | None, str | None], Target] = {}
+    for rule in route.rules:
+        targets = list(rule.targets)
+        if rule.failover is not None:
+            targets += [t for order in rule.failover.orders for t in order]
+        for target in targets:
+            found.setdefault((target.provider_host, target.model, target.embedding_model), target)
+    return list(found.values())
+
+
+CapProblem = tuple[str, str, str, Literal["error", "warning"]]  # field under the rule, message, reason, severity
+
+
+def cost_currency(route: Route, currency: str | None) -> tuple[str, list[CapProblem]]:
+    """The currency of a cost cap on `route` (as written, or where unset the one its providers
+    are priced in; "" where the cap cannot be kept), and its problems: an error where some
+    answer could never be priced in it (a provider the route reaches without an LLMPriceTable,
+    or priced in another currency: amounts of two currencies are never added); a warning for a
+    model a provider's config sends that its table does not price (those requests get 403
+    `model_not_priced`: a cost cap never lets through what it cannot charge)."""
+    targets = _reachable(route)
+    unpriced = sorted({t.provider_host for t in targets if not t.prices})
+    if unpriced:
+        return "", [("cost", f"route {route.name} reaches {', '.join(unpriced)}, which no LLMPriceTable prices: a "
+                             "cost cap could not charge its answers", "ProviderNotPriced", "error")]
+    currencies = sorted({next(iter(t.prices.values())).currency for t in targets})
+    if currency is None and len(currencies) > 1:
+        return "", [("currency", f"the providers of route {route.name} are priced in {' and '.join(currencies)}: "
+                                 "a cost cap holds one currency", "CurrencyConflict", "error")]
+    wanted = currency or currencies[0]
+    other = sorted({t.provider_host for t in targets if next(iter(t.prices.values())).currency != wanted})
+    if other:
+        return "", [("currency", f"{', '.join(other)} (reached by route {route.name}) is priced in another currency "
+                                 f"than {wanted}: a cost cap holds one currency", "CurrencyConflict", "error")]
+    warnings: list[CapProblem] = []
+    for target in targets:
+        for model in dict.fromkeys((target.model, target.embedding_model)):
+            if model is not None and model not in target.prices:
+                warnings.append(("cost", f"model {model!r}, which {target.provider} sends {target.provider_host}, has "
+                                         "no price in its LLMPriceTable: those requests are refused "
+                                         "(403 model_not_priced)", "ModelNotPriced", "warning"))
+    return wanted, warnings
 
 
 _NO_PRICES: dict[str, Price] = {}  # shared by every target whose provider has no price table

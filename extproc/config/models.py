@@ -369,6 +369,31 @@ def _check_host(value: str) -> str:
     return value.lower()
 
 
+# --- amounts of money (LLMPriceTable's prices, LLMTokenRateLimit's cost caps) ---
+
+CURRENCY_PATTERN = r"^[A-Z]{3}$"
+# a price per million tokens: a decimal with at most six decimals (whole pico-units per token)
+PRICE_PATTERN = r"^[0-9]{1,9}(\.[0-9]{1,6})?$"
+
+
+def _price_text(value: object) -> object:
+    """A price written as a YAML number (0.3) is read as its text ("0.3"), never through a float."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        if isinstance(value, int):
+            return str(value)
+        text = format(Decimal(repr(value)), "f")  # 1e-07 -> "0.0000001": refused, never rounded to 0
+        return text.rstrip("0").rstrip(".") if "." in text else text
+    return value
+
+
+PriceText = Annotated[str, BeforeValidator(_price_text), StringConstraints(pattern=PRICE_PATTERN),
+                      WithJsonSchema({"type": "string", "pattern": PRICE_PATTERN})]
+# a cost cap: an amount of a currency, with at most six decimals (whole micro-units), as text
+CostText = PriceText
+
+
 # --- LLMTokenRateLimit: our own kind, in our own API group (token and request budgets) ---
 
 BUDGET_API_VERSION = "llm-gateway.dev/v1alpha1"
@@ -407,8 +432,16 @@ class BudgetMatch(_Strict):
 class BudgetRuleSpec(_Strict):
     name: str | None = Field(default=None, min_length=1)
     matches: list[BudgetMatch] = Field(default_factory=list)
-    tokens: int = Field(ge=1, description="Total tokens (prompt + completion) per `per`.")
+    tokens: int | None = Field(default=None, ge=1, description="Total tokens (prompt + completion) per `per`. "
+                                                               "At least one of tokens and cost.")
     requests: int | None = Field(default=None, ge=1, description="Requests per `per` (optional).")
+    cost: CostText | None = Field(default=None, description="What the answers may cost per `per`, in `currency`, "
+                                                            "as decimal text (e.g. \"20.00\"), priced by the "
+                                                            "LLMPriceTable of the provider that answered. At least "
+                                                            "one of tokens and cost.")
+    currency: str | None = Field(default=None, pattern=CURRENCY_PATTERN,
+                                 description="The currency of `cost` (ISO 4217); unset: the currency of the price "
+                                             "tables of the providers the host's route reaches (they must agree).")
     per: str = Field(pattern=PER_PATTERN, description="The period: 1s to 30d, e.g. 1m, 1h, 1d.")
 
     @field_validator("per")
@@ -418,6 +451,21 @@ class BudgetRuleSpec(_Strict):
         if not MIN_PER_S <= seconds <= MAX_PER_S:
             raise ValueError(f"per must be between 1s and 30d (got {value})")
         return value
+
+    @field_validator("cost")
+    @classmethod
+    def _cost_above_zero(cls, value: str | None) -> str | None:
+        if value is not None and Decimal(value) <= 0:
+            raise ValueError(f"cost must be more than 0 (got {value})")
+        return value
+
+    @model_validator(mode="after")
+    def _tokens_or_cost(self) -> BudgetRuleSpec:
+        if self.tokens is None and self.cost is None:
+            raise ValueError("set tokens, cost or both: what the rule caps per `per`")
+        if self.currency is not None and self.cost is None:
+            raise ValueError("currency is the currency of cost: set cost too (or remove currency)")
+        return self
 
     @property
     def per_s(self) -> float:
@@ -455,25 +503,6 @@ class LLMTokenRateLimit(BaseModel):
 # --- LLMPriceTable: our own kind, in our own API group (what tokens cost; docs/cost.md) ---
 
 PRICE_KIND = "LLMPriceTable"
-CURRENCY_PATTERN = r"^[A-Z]{3}$"
-# a price per million tokens: a decimal with at most six decimals (whole pico-units per token)
-PRICE_PATTERN = r"^[0-9]{1,9}(\.[0-9]{1,6})?$"
-
-
-def _price_text(value: object) -> object:
-    """A price written as a YAML number (0.3) is read as its text ("0.3"), never through a float."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int | float):
-        if isinstance(value, int):
-            return str(value)
-        text = format(Decimal(repr(value)), "f")  # 1e-07 -> "0.0000001": refused, never rounded to 0
-        return text.rstrip("0").rstrip(".") if "." in text else text
-    return value
-
-
-PriceText = Annotated[str, BeforeValidator(_price_text), StringConstraints(pattern=PRICE_PATTERN),
-                      WithJsonSchema({"type": "string", "pattern": PRICE_PATTERN})]
 
 
 class ModelPrice(_Strict):

@@ -9,6 +9,7 @@ request; the stream arrives on the lean HTTP/2 server, beside the ext_proc.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 
 from envoy.data.accesslog.v3 import accesslog_pb2
@@ -17,14 +18,20 @@ from envoy.service.accesslog.v3 import als_pb2
 from ..policy.budget_gate import BudgetGate
 from ..policy.budgets import bucket_id, is_charged, tokens_to_charge
 from ..policy.caller import Caller
-from ..policy.passive_health import AttemptObserver
-from ..policy.pricing import EMPTY_PRICES, Price, PriceTable, cost_of
+from ..policy.failover import attempt_target
+from ..policy.openai_api import configured_model, endpoint_of_operation
+from ..policy.passive_health import AttemptObserver, attempt_reason
+from ..policy.pricing import Price, PriceTable, cost_of
+from ..policy.table import EMPTY_TABLE, RoutingTable
 from ..protocol import METADATA_NAMESPACE, UPSTREAM_END
-from ..telemetry.access_entries import metadata_number, record_from_entry
+from ..telemetry.access_entries import metadata_number, record_from_entry, unmetered, unmetered_attempt
 from ..telemetry.metrics import GatewayMetrics, RequestRecord
 from ..telemetry.spans import SpanSink
+from ..telemetry.spend import SpendKey
 
 log = logging.getLogger(__name__)
+
+MAX_PENDING_ATTEMPTS = 10_000  # failed attempts waiting for their request's entry
 
 
 def caller_label(caller: Caller | None) -> str:
@@ -45,12 +52,16 @@ class AccessLogReceiver:
 
     def __init__(self, metrics: GatewayMetrics, budgets: BudgetGate | None = None,
                  attempts: AttemptObserver | None = None, spans: SpanSink | None = None,
-                 prices: Callable[[], PriceTable] = lambda: EMPTY_PRICES):
+                 prices: Callable[[], PriceTable] | None = None, table: Callable[[], RoutingTable] | None = None):
         self._metrics = metrics
         self._budgets = budgets  # charged from each finished answer
         self._attempts = attempts  # failed attempts and answered requests: passive health
         self._spans = spans  # None: no traces exported, nothing done per entry
-        self._prices = prices  # the price tables of the config in force
+        self._table = table if table is not None else (lambda: EMPTY_TABLE)  # the config in force
+        # the price tables of the config in force
+        self._prices = prices if prices is not None else (lambda: self._table().prices)
+        # request id -> provider hosts of its failed attempts that may have been billed (unmetered)
+        self._failed_attempts: OrderedDict[str, list[str]] = OrderedDict()
 
     def call(self, caller: Caller | None = None) -> AccessLogStream:
         """A stream from one Envoy; any authenticated Envoy may report usage, spent by its caller
@@ -58,7 +69,8 @@ class AccessLogReceiver:
         return AccessLogStream(self, caller_label(caller))
 
     def on_message(self, data: bytes, caller: str = "") -> tuple[bytes | None, bool]:
-        owed: dict[tuple[str, ...], int] = {}  # a batch's usage summed per set of buckets, charged once
+        # a batch's usage summed per currency and set of buckets, charged once: [tokens, cost]
+        owed: dict[tuple[str, ...], list[int]] = {}
         budgets = self._budgets if self._budgets is not None and self._budgets.configured() else None
         attempts, observe, spans = self._attempts, self._metrics.observe, self._spans
         priced = self._prices().by_host  # per provider host: its models' prices; empty: nothing is priced
@@ -80,34 +92,69 @@ class AccessLogReceiver:
                         if key:
                             record.caller = f"key:{key}"
                     observe(record)
+                    if record.prompt_tokens is None and record.completion_tokens is None and \
+                            unmetered(entry, record):  # reached the provider, no usage seen: maybe billed
+                        self._metrics.spend.unmetered(_spend_key(record))
+                    if self._failed_attempts:  # this request's attempts that failed over unmetered
+                        for host in self._failed_attempts.pop(entry.request.request_id, ()):
+                            self._metrics.spend.unmetered(self._attempt_key(record, host))
                     if budgets is not None:
                         charge_budgets(owed, entry, record)
                     if spans is not None:
                         spans.request(entry, record)
-                elif spans is not None:
-                    spans.attempt(entry)
+                else:  # a failed attempt, retried on the next provider
+                    if unmetered_attempt(entry, attempt_reason(entry)):  # spent once its request's entry comes
+                        self._unmetered_attempt(entry)
+                    if spans is not None:
+                        spans.attempt(entry)
             except Exception:  # one odd entry must not stop the stream
                 log.exception("cannot record an access log entry")
         if budgets is not None:
-            for buckets, tokens in owed.items():
-                budgets.charge(buckets, tokens)
+            charge_owed(budgets, owed)
         return None, False
 
     def on_client_end(self) -> bytes:
         return als_pb2.StreamAccessLogsResponse().SerializeToString()
+
+    def _unmetered_attempt(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
+        """A failed attempt that may have been billed: its provider host, kept until its request's
+        entry (an attempt's own entry carries none of the request's decision; Envoy sends a
+        request's attempts just before it, on the same stream)."""
+        request_id = entry.request.request_id
+        if not request_id:
+            return
+        host = self._table().cluster_hosts.get(entry.common_properties.upstream_cluster, "")
+        self._failed_attempts.setdefault(request_id, []).append(host)
+        while len(self._failed_attempts) > MAX_PENDING_ATTEMPTS:
+            self._failed_attempts.popitem(last=False)
+
+    def _attempt_key(self, record: RequestRecord, host: str) -> SpendKey:
+        """Whom a failed attempt is spent by (its request's caller and route), at which provider
+        and model (the target its rule gives that provider host), in that provider's currency
+        ("" unpriced)."""
+        target = attempt_target(self._table(), record.route, record.rule, host)
+        if target is None:  # the config changed meanwhile: the host is what is known
+            return record.caller, record.route, host, "", ""
+        model = configured_model(endpoint_of_operation(record.operation), target) or record.request_model
+        price = target.prices.get(model)
+        return record.caller, record.route, target.provider, model, price.currency if price is not None else ""
 
 
 
 def price_answer(entry: accesslog_pb2.HTTPAccessLogEntry, record: RequestRecord, price: Price) -> None:
     """The answer's currency and exact cost (pico-units), at the price of the provider and model
     that answered (after a failover: the last attempt's, as the retry processor wrote them), from
-    its usage, cached prompt tokens at the cached price. Where a cost budget would be charged."""
+    its usage, cached prompt tokens at the cached price. What its cost caps are charged (`charge_budgets`)."""
     record.currency = price.currency
     meta = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
     cached = meta.fields.get("cached_tokens") if meta is not None else None
     if cached is not None:
         record.cached_tokens = int(cached.number_value)
     record.cost = cost_of(price, record.prompt_tokens, record.completion_tokens, record.cached_tokens)
+
+
+def _spend_key(record: RequestRecord) -> SpendKey:
+    return record.caller, record.route, record.provider, record.request_model, record.currency
 
 
 def _budget_key(entry: accesslog_pb2.HTTPAccessLogEntry) -> str:
@@ -131,9 +178,16 @@ class AccessLogStream:
         return self._receiver.on_client_end()
 
 
-def charge_budgets(owed: dict[tuple[str, ...], int], entry: accesslog_pb2.HTTPAccessLogEntry,
+def charge_owed(budgets: BudgetGate, owed: dict[tuple[str, ...], list[int]]) -> None:
+    """A batch's charges (`charge_budgets`), each set of buckets charged once per currency."""
+    for (currency, *buckets), (tokens, cost) in owed.items():
+        budgets.charge(buckets, tokens, cost if currency else None, currency)
+
+
+def charge_budgets(owed: dict[tuple[str, ...], list[int]], entry: accesslog_pb2.HTTPAccessLogEntry,
                    record: RequestRecord) -> None:
-    """A finished answer's usage, owed to the budgets the ext_proc admitted it under."""
+    """A finished answer's usage, owed to the budgets the ext_proc admitted it under: its tokens,
+    and its cost (`price_answer`, from the same usage) in its currency ("" unpriced) for cost caps."""
     if not is_charged(record.outcome):
         return
     meta = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
@@ -147,9 +201,15 @@ def charge_budgets(owed: dict[tuple[str, ...], int], entry: accesslog_pb2.HTTPAc
                               record.completion_tokens)
     if not tokens:
         return
-    listed = get("budget_buckets")  # several objects limit the request; else one bucket
+    listed = get("budget_buckets")  # several buckets (objects, a cost cap) limit the request; else one
     if listed is not None:
-        buckets = tuple([v.string_value for v in listed.list_value.values])
+        key = (record.currency, *[v.string_value for v in listed.list_value.values])
     else:
-        buckets = (bucket_id(budget.string_value, get("budget_rule").string_value, get("budget_key").string_value),)
-    owed[buckets] = owed.get(buckets, 0) + tokens
+        key = (record.currency,
+               bucket_id(budget.string_value, get("budget_rule").string_value, get("budget_key").string_value))
+    sums = owed.get(key)
+    if sums is None:
+        owed[key] = [tokens, record.cost or 0]
+    else:
+        sums[0] += tokens
+        sums[1] += record.cost or 0

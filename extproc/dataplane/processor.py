@@ -30,6 +30,7 @@ from ..errors import GatewayError, too_large_message
 from ..policy.answer_format import answer_plan
 from ..policy.body_memory import Inflight, Overloaded
 from ..policy.budget_gate import Admitted, BudgetGate, Waiting
+from ..policy.budgets import unpriced_under_cap
 from ..policy.caller import LOCAL, Caller
 from ..policy.decide import Decision, ModelList, decide
 from ..policy.failover import FAILOVER_BODY_MAX
@@ -41,6 +42,7 @@ from . import answers
 from .body_rewrite import Rewritten, rewrite_body
 from .data_protection import PromptCheck, ProtectionMetrics, judge_unasked
 from .deferred import Deferred
+from .trace_contents import TraceContents
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +55,10 @@ class ExternalProcessor:
                  clock: Callable[[], float] = time.time, body_limit: int = DEFAULT_BODY_LIMIT,
                  budgets: BudgetGate | None = None, inflight: Inflight | None = None,
                  health: PassiveHealth | None = None, tracing: Sampler | None = None,
-                 protection: ProtectionMetrics | None = None):
+                 protection: ProtectionMetrics | None = None, contents: TraceContents | None = None):
         self.holder = holder
         self.tracing = tracing  # None: no traces (no exporter configured), nothing done per request
+        self.contents = contents  # None: no prompt in spans (the default); else a sampled request's, masked
         self.budgets = budgets  # token/request budgets (extproc.policy.budget_gate)
         self.draw = draw
         self.clock = clock
@@ -88,6 +91,11 @@ class ExternalProcessor:
             rewritten, protected = rewrite_body(body, target, endpoint), None
         else:  # an LLMDataPolicy applies: the prompt is checked (refused, masked, counted) first
             rewritten, protected = self._protected(body, decision)
+        if budget is not None and budget.currencies:  # a cost cap: its answer must have a price to charge
+            unpriced = unpriced_under_cap(budget.currencies, target.prices.get(rewritten.model), rewritten.model,
+                                          target.provider_host, budget.budget)
+            if unpriced is not None:
+                raise unpriced
         length = len(rewritten.body)
         headers_answer, prebuilt = answers.prebuilt(target, endpoint)
         parts = [headers_answer, answers.content_length(length)]
@@ -110,6 +118,8 @@ class ExternalProcessor:
             header_part, trace_entries = answers.trace_parts(trace)
             parts.append(header_part)
             more += trace_entries
+            if self.contents is not None:  # its prompt, masked, for its span
+                more += self.contents.prompt_entry(rewritten.body, endpoint, target.route)
         if plan is not None:  # what the client asked for, for its answer and a retry
             more += answers.plan_entries(plan)
         if protected:  # a data policy's deciding rule and action

@@ -18,6 +18,8 @@ import logging
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from ..errors import GatewayError
+from ..policy.budget_gate import COST_CURRENCY_KEY
+from ..policy.budgets import unpriced_under_cap
 from ..policy.failover import retry_target, tried_before
 from ..policy.table import RoutingTable, TableHolder, Target
 from ..protocol import METADATA_NAMESPACE, ORDER_HEADER
@@ -40,13 +42,14 @@ class RetryRewriter:
 
 
 class RetryExchange:
-    __slots__ = ("_table", "_target", "_tried", "_priced", "_client_stream")
+    __slots__ = ("_table", "_target", "_tried", "_priced", "_client_stream", "_cost_cap")
 
     def __init__(self, table: RoutingTable):
         self._table = table
         self._target: Target | None = None
         self._tried = ""
         self._priced = False  # the request carries a price (of an earlier attempt's provider)
+        self._cost_cap: tuple[str, str] | None = None  # a cost cap's (currency, budget), where one applies
         self._client_stream: bool | None = None  # what the client asked for, where its answer is processed
 
     def on_message(self, message: bytes) -> tuple[list[bytes], bool]:
@@ -79,6 +82,9 @@ class RetryExchange:
         route = fields["route"].string_value if "route" in fields else ""
         rule = fields["rule"].string_value if "rule" in fields else ""
         self._priced = "currency" in fields
+        if COST_CURRENCY_KEY in fields:  # a cost cap: this attempt's model must be priced in its currency
+            self._cost_cap = (fields[COST_CURRENCY_KEY].string_value, fields["budget"].string_value
+                              if "budget" in fields else "")
         target = self._target = retry_target(self._table, route, rule, order, attempt)
         self._tried = tried_before(self._table, route, rule, order, attempt)
         if answers.CLIENT_STREAM in fields:  # the previous attempt's body may hold its provider's `stream`
@@ -96,6 +102,11 @@ class RetryExchange:
         target = self._target
         assert target is not None
         rewritten = rewrite_body(body.body, target, client_stream=self._client_stream)
+        if self._cost_cap is not None:  # never an attempt a cost cap could not charge
+            unpriced = unpriced_under_cap((self._cost_cap[0],), target.prices.get(rewritten.model), rewritten.model,
+                                          target.provider_host, self._cost_cap[1])
+            if unpriced is not None:
+                raise unpriced
         response = pb.ProcessingResponse()
         common = response.request_body.response
         common.header_mutation.set_headers.append(answers.header("content-length", str(len(rewritten.body))))

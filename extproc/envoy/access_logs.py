@@ -45,6 +45,7 @@ ACCESS_LOG_FORMAT = {
     "budget_rule": metadata_value("budget_rule"),
     "budget_key": metadata_value("budget_key"),
     "budget_remaining_tokens": metadata_value("ratelimit_remaining_tokens"),
+    "budget_remaining_cost": metadata_value("ratelimit_remaining_cost"),  # a cost cap's, in its currency
     # an LLMDataPolicy's deciding rule and its action (block, mask, log), and the detectors that
     # found something: names only, never what they found
     "data_policy": metadata_value("data_policy"),

@@ -22,6 +22,7 @@ from ..protocol import (
 from .access_logs import access_logs, grpc_access_log
 from .addresses import HostPort, is_ip, socket_address
 from .answer_filter import answer_filter
+from .answer_reader import answer_reader
 from .circuit_breakers import circuit_breakers
 from .failover import upstream_logs
 from .local_replies import local_reply_config
@@ -121,6 +122,9 @@ def bootstrap(opts: BootstrapOptions) -> dict:
                               "max_request_bytes": opts.body_limit + BUFFER_MARGIN}},
             {"name": "envoy.filters.http.json_to_metadata", "typed_config": usage_from_json()},
             {"name": "llm_gateway.event_stream", "typed_config": usage_from_event_stream()},
+            # Off unless traces are exported (the routes turn it on): a sampled answer's finish
+            # reason (and, capturing contents, its first bytes), read as it passes
+            answer_reader(),
             {"name": "envoy.filters.http.router",
              "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
                               "suppress_envoy_headers": True,

@@ -14,6 +14,8 @@ from ..protocol import ANSWER_HEADER, CLUSTER_HEADER, DEFAULT_BODY_LIMIT
 from .access_logs import metadata_value
 from .answer_filter import ANSWER_FILTER
 from .answer_filter import ENABLED as ANSWER_FILTER_ON
+from .answer_reader import ANSWER_READER
+from .answer_reader import enabled as reader_on
 from .failover import add_raw_fields, failover_route, with_raw_fields
 
 ROUTE_CONFIG_NAME = "llm_gateway"
@@ -35,15 +37,20 @@ def _budget_headers(names: frozenset[str]) -> list[dict]:
 
 
 def _llm_virtual_host(domains: list[str], route_timeout_s: int, clusters: Sequence[str] = (),
-                      body_limit: int = DEFAULT_BODY_LIMIT, budget_headers: frozenset[str] = frozenset()) -> dict:
+                      body_limit: int = DEFAULT_BODY_LIMIT, budget_headers: frozenset[str] = frozenset(),
+                      reader: str | None = None) -> dict:
     """`clusters`: the failover clusters (rules with `retries`); none, no failover route.
-    `budget_headers`: the x-ratelimit-* headers the config's budgets give admitted answers."""
+    `budget_headers`: the x-ratelimit-* headers the config's budgets give admitted answers.
+    `reader`: the answer reader's script where traces are exported (`extproc.envoy.answer_reader`)."""
+    filters: dict[str, Any] = {ANSWER_FILTER: ANSWER_FILTER_ON}
+    if reader is not None:
+        filters[ANSWER_READER] = reader_on(reader)
     vhost: dict[str, Any] = {
         "name": "llm_gateway",
         "domains": domains,
         "request_headers_to_remove": [CLUSTER_HEADER, ANSWER_HEADER],  # internal: never leave Envoy
         # the answer filter, off by default, runs on the gateway's own routes (for marked requests)
-        "typed_per_filter_config": {ANSWER_FILTER: ANSWER_FILTER_ON},
+        "typed_per_filter_config": filters,
         # requests with an attempt order (rules with `retries`) fail over across providers
         "routes": ([failover_route(list(clusters), body_limit)] if clusters else []) + [
             {"match": {"prefix": "/"},
@@ -57,11 +64,11 @@ def _llm_virtual_host(domains: list[str], route_timeout_s: int, clusters: Sequen
 
 
 def any_host_route_configuration(clusters: list[str], body_limit: int = DEFAULT_BODY_LIMIT,
-                                 budget_headers: frozenset[str] = frozenset()) -> dict:
+                                 budget_headers: frozenset[str] = frozenset(), reader: str | None = None) -> dict:
     """The gateway's own routes (sent over RDS, as they name the provider clusters): every host
     through the ext_proc, which answers hosts it does not serve with a JSON 404."""
     return {"name": ANY_HOST_ROUTE_CONFIG_NAME,
-            "virtual_hosts": [_llm_virtual_host(["*"], 0, clusters, body_limit, budget_headers)]}
+            "virtual_hosts": [_llm_virtual_host(["*"], 0, clusters, body_limit, budget_headers, reader)]}
 
 
 def _untouched_route(cluster: str) -> dict:
@@ -83,7 +90,7 @@ def _untouched_route(cluster: str) -> dict:
 
 def route_configuration(hosts: list[str], route_timeout_s: int = 0, clusters: Sequence[str] = (),
                         body_limit: int = DEFAULT_BODY_LIMIT, forwarded: dict[str, str] | None = None,
-                        budget_headers: frozenset[str] = frozenset()) -> dict:
+                        budget_headers: frozenset[str] = frozenset(), reader: str | None = None) -> dict:
     """The sidecar's routes (sent over RDS): the LLM host names through the gateway, anything else
     to where the application sent it, with none of the gateway's filters on the way. `forwarded`
     (host -> cluster) are hosts an egress gateway decides: sent to its cluster as they came, Host
@@ -98,7 +105,7 @@ def route_configuration(hosts: list[str], route_timeout_s: int = 0, clusters: Se
     egress = [{"name": cluster, "domains": domains, "routes": [_untouched_route(cluster)]}
               for cluster, domains in sorted(by_cluster.items())]
     return {"name": ROUTE_CONFIG_NAME,
-            "virtual_hosts": ([_llm_virtual_host(hosts, route_timeout_s, clusters, body_limit, budget_headers)]
+            "virtual_hosts": ([_llm_virtual_host(hosts, route_timeout_s, clusters, body_limit, budget_headers, reader)]
                               if hosts else [])
             + egress + [passthrough]}
 
@@ -106,6 +113,7 @@ def route_configuration(hosts: list[str], route_timeout_s: int = 0, clusters: Se
 def to_route_proto(route_config: dict):
     from envoy.config.route.v3 import route_pb2
     from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401  (registers @type)
+    from envoy.extensions.filters.http.lua.v3 import lua_pb2  # noqa: F401  (registers @type)
 
     clean, raw = with_raw_fields(route_config)
     message = json_format.ParseDict(clean, route_pb2.RouteConfiguration())

@@ -233,5 +233,7 @@ class ControlPlane:
         body_limit = self.data_plane.body_limit
         return await self.routes.publish([
             to_route_proto(route_configuration(sorted(hosts), clusters=clusters, body_limit=body_limit,
-                                               forwarded=forwarded, budget_headers=budget_headers)),
-            to_route_proto(any_host_route_configuration(clusters, body_limit, budget_headers))])
+                                               forwarded=forwarded, budget_headers=budget_headers,
+                                               reader=self.data_plane.answer_reader)),
+            to_route_proto(any_host_route_configuration(clusters, body_limit, budget_headers,
+                                                        self.data_plane.answer_reader))])

@@ -21,6 +21,8 @@ from ..dataplane.grpc_h2 import Call, H2Connection
 from ..dataplane.health_check import HealthCheck
 from ..dataplane.processor import ExternalProcessor
 from ..dataplane.retry_processor import RetryRewriter
+from ..dataplane.trace_contents import TraceContents, capture_contents
+from ..envoy.answer_reader import CONTENTS, FINISH
 from ..policy.body_memory import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT, Inflight, register_metrics
 from ..policy.budget_gate import BudgetGate
 from ..policy.caller import LOCAL, Caller
@@ -36,6 +38,7 @@ from ..protocol import (
 )
 from ..telemetry.metrics import GatewayMetrics
 from ..telemetry.spans import SpanQueue, SpanSink, gateway_resource, start_export
+from ..telemetry.spend_redis import SpendWriter
 from ..telemetry.trace_context import sampler_from_env
 from .malloc import give_back_free_heap
 
@@ -61,6 +64,9 @@ class DataPlane:
         self.metrics = GatewayMetrics()
         register_metrics(self.metrics.registry, self.inflight, str(worker))
         self.budgets = BudgetGate(self.metrics.registry, lambda: self.holder.table, redis_url, redis_fail_closed)
+        # where budgets share a Redis, so does spend: who spent what across every instance
+        self.spend_writer = (SpendWriter(self.metrics.spend, redis_url, self.metrics.registry)
+                             if redis_url is not None else None)
         self.health = PassiveHealth()  # failover's passive health, fed by the access log
         self.health.configure(holder.table.health)
         self.draining = False  # set by a graceful drain: health checks say NOT_SERVING
@@ -69,15 +75,20 @@ class DataPlane:
         attempts = AttemptObserver(self.health, self.metrics.registry, hosts=lambda: self.holder.table.cluster_hosts)
         # traces only where an exporter is configured: otherwise nothing is done per request
         self.spans: SpanQueue | None = start_export(otlp_endpoint, self.metrics.registry) if otlp_endpoint else None
-        sink = (SpanSink(self.spans.put, gateway_resource(), lambda: self.holder.table.cluster_hosts)
+        # prompt and answer contents in spans, masked: only where an operator turned them on
+        contents = (TraceContents(lambda: self.holder.table)
+                    if self.spans is not None and capture_contents() else None)
+        sink = (SpanSink(self.spans.put, gateway_resource(), lambda: self.holder.table.cluster_hosts,
+                         contents.attributes if contents is not None else None)
                 if self.spans is not None else None)
+        # Envoy's answer reader (finish reason, contents), turned on by the routes where traces are exported
+        self.answer_reader = None if self.spans is None else CONTENTS if contents is not None else FINISH
         processor = ExternalProcessor(holder, body_limit=body_limit, budgets=self.budgets, inflight=self.inflight,
                                       health=self.health, tracing=sampler_from_env() if sink is not None else None,
-                                      protection=ProtectionMetrics(self.metrics.registry))
+                                      protection=ProtectionMetrics(self.metrics.registry), contents=contents)
         retries = RetryRewriter(holder, body_limit)
         answer = AnswerProcessor(self.inflight)  # answers turned into the client's format
-        receiver = AccessLogReceiver(self.metrics, self.budgets, attempts, sink,
-                                     prices=lambda: self.holder.table.prices)
+        receiver = AccessLogReceiver(self.metrics, self.budgets, attempts, sink, table=lambda: self.holder.table)
         self.methods: dict[str, Callable[[Caller | None], Call]] = {
             PROCESS: processor.exchange,
             RETRY_AUTHORITY + PROCESS: lambda _caller: retries.exchange(),
@@ -93,6 +104,8 @@ class DataPlane:
 
     async def start(self) -> None:
         await self.budgets.start()
+        if self.spend_writer is not None:
+            await self.spend_writer.start()
 
     async def listen_tcp(self, host: str, port: int, authenticator: Authenticator | None,
                          reuse_port: bool = False) -> int:
@@ -117,5 +130,7 @@ class DataPlane:
     async def stop(self) -> None:
         self.stop_listening()
         await self.budgets.stop()
+        if self.spend_writer is not None:  # what was counted since the last flush, sent
+            await self.spend_writer.stop()
         if self.spans is not None:
             await asyncio.to_thread(self.spans.stop)

@@ -18,6 +18,7 @@ from ..policy.body_memory import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
 from ..policy.caller import LOCAL, Caller
 from ..policy.gateway_binding import MESH_VIEW, View
 from ..protocol import DEFAULT_BODY_LIMIT, EXT_PROC_SOCKET, XDS_SOCKET
+from ..telemetry.spend_redis import SpendStore
 from .children import listening_problems
 from .control_plane import ControlPlane
 from .data_plane import DataPlane
@@ -124,7 +125,8 @@ async def run_serve(opts: ServeOptions) -> int:
         source.may_write_status = elector.is_leader
     await load_initial(source)
     status = StatusServer(workers.registry(plane.metrics.registry), lambda: control.loaded and not plane.draining,
-                          plane.budgets.degraded_reason, plane.metrics.spend.since)
+                          plane.budgets.degraded_reason, plane.metrics.spend.since,
+                          SpendStore(opts.redis_url) if opts.redis_url else None)
     try:
         await control.start(listen, opts.ext_proc_listen, authenticator=authenticator, socket_dir=socket_dir)
         if socket_dir is None:

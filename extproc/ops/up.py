@@ -30,6 +30,7 @@ from ..policy.capacity import DEFAULT_MAX_STREAMS
 from ..policy.gateway_binding import MESH_VIEW, View
 from ..policy.table import EMPTY_TABLE, TableHolder
 from ..protocol import DEFAULT_BODY_LIMIT
+from ..telemetry.spend_redis import SpendStore
 from .children import dying_with_us, listening_problems
 from .control_plane import ControlPlane
 from .data_plane import DataPlane
@@ -186,7 +187,7 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
     # Kubernetes: whether each provider's name resolves, as its LLMProvider's condition
     control.on_addresses = getattr(source, "addresses_changed", None)
     ops = StatusServer(plane.metrics.registry, lambda: control.loaded, plane.budgets.degraded_reason,
-                       plane.metrics.spend.since)
+                       plane.metrics.spend.since, SpendStore(opts.redis_url) if opts.redis_url else None)
     workdir = Path(private_dir())  # 0700: the sockets, the bootstrap; removed on exit
     tcp_token = opts.tcp_token
     local = tcp_token is None

@@ -48,22 +48,26 @@ from ..telemetry.fast_series import CounterSeries
 from .budget_redis import Call, RedisLink, number
 from .budgets import (
     HEADER_METADATA,
+    MICRO,
     Admission,
     Budget,
     BudgetRefused,
     BudgetRule,
     BudgetTable,
     admission,
-    bucket_id,
+    bucket_of,
     budget_unavailable,
     caller_unknown,
     drained,
     has_budgets,
+    is_cost_bucket,
     key_hash,
     most_restrictive,
     parse_bucket_id,
+    tightest_cost,
 )
 from .caller import Caller, caller_key
+from .pricing import PICO_PER_UNIT
 from .table import RoutingTable
 
 log = logging.getLogger(__name__)
@@ -122,6 +126,13 @@ class BudgetMetrics:
                                       ("budget", "rule", "reason"), registry=registry)
         self.charged = series.Counter("llm_gateway_budget_tokens_charged", "Tokens charged to budgets",
                                ("budget", "rule"), registry=registry)
+        self.cost_charged = series.Counter("llm_gateway_budget_cost_charged", "Cost charged to budgets' cost caps, "
+                                           "in units of `currency`", ("budget", "rule", "currency"),
+                                           registry=registry)
+        self.unpriced = series.Counter("llm_gateway_budget_unpriced", "Answers a cost cap could not be charged "
+                                       "for: no price in its currency for the model that answered (a price table "
+                                       "changed since the request was admitted)", ("budget", "rule"),
+                                       registry=registry)
         self.redis_errors = Counter("llm_gateway_budget_redis_errors", "Failed syncs with Redis", registry=registry)
         self.redis_seconds = Histogram("llm_gateway_budget_redis_sync_seconds", "Time of one sync with Redis "
                                        "(one pipelined round trip)", registry=registry,
@@ -142,7 +153,7 @@ class BudgetMetrics:
                                         "for its admission by Redis", registry=registry,
                                         buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0))
         self.redis_up.set(1)
-        self._charged: dict[tuple[str, str], CounterSeries] = {}  # labelled series, looked up once
+        self._charged: dict[tuple[str, ...], CounterSeries] = {}  # labelled series, looked up once
 
     def charged_series(self, budget: str, rule: str) -> CounterSeries:
         series = self._charged.get((budget, rule))
@@ -150,20 +161,32 @@ class BudgetMetrics:
             series = self._charged[(budget, rule)] = self.charged.labels(budget, rule)
         return series
 
+    def cost_series(self, budget: str, rule: str, currency: str) -> CounterSeries:
+        key = (budget, rule, currency)
+        series = self._charged.get(key)
+        if series is None:
+            series = self._charged[key] = self.cost_charged.labels(budget, rule, currency)
+        return series
 
-_LIMIT_HEADERS = frozenset({"x-ratelimit-limit-tokens", "x-ratelimit-limit-requests"})
+
+COST_CURRENCY_KEY = "budget_currency"  # metadata: the currency of the request's cost cap
+_LIMIT_HEADERS = frozenset({"x-ratelimit-limit-tokens", "x-ratelimit-limit-requests", "x-ratelimit-limit-cost"})
 _CACHE_MAX = 16384  # entries per cache below (a few hundred bytes each); past it the cache starts again
 
 
-def _identity(budget: str, rule: str, key: str, answer: Admission, buckets: list[str]) -> bytes:
+def _identity(budget: str, rule: str, key: str, answer: Admission, buckets: list[str],
+              currencies: tuple[str, ...] = ()) -> bytes:
     """The metadata entries that are the same for every admission to the same buckets: the
-    budget, rule and hashed key for the access log, the buckets to charge (where several), the
-    limits."""
+    budget, rule and hashed key for the access log, the buckets to charge (where several, or a
+    cost bucket), the limits, a cost cap's currency (a retried attempt's model must be priced
+    in it: `extproc.dataplane.retry_processor`)."""
     parts = [wire.string_entry("budget", budget), wire.string_entry("budget_rule", rule),
              wire.string_entry("budget_key", key)]
+    if currencies:
+        parts.append(wire.string_entry(COST_CURRENCY_KEY, currencies[0]))
     parts += [wire.string_entry(HEADER_METADATA[name], value) for name, value in answer.headers
               if name in _LIMIT_HEADERS]
-    if len(buckets) > 1:  # one bucket is named by the three fields above
+    if len(buckets) > 1 or is_cost_bucket(buckets[0]):  # one token bucket is named by the three fields above
         parts.append(wire.struct_entry("budget_buckets", wire.list_value([wire.string_value(b) for b in buckets])))
     return b"".join(parts)
 
@@ -174,11 +197,22 @@ def _numbers(answer: Admission) -> bytes:
                      for name, value in answer.headers if name not in _LIMIT_HEADERS])
 
 
+def _cost_entries(answer: Admission | None) -> bytes:
+    """A cost bucket's x-ratelimit-*-cost values, told beside a token bucket's (the request's head)."""
+    if answer is None:
+        return b""
+    return b"".join([wire.string_entry(HEADER_METADATA[name], value) for name, value in answer.headers
+                     if name.endswith("-cost")])
+
+
 class Admitted:
     """An admission, for the request's `llm_gateway` dynamic metadata: the budget, rule and hashed
-    key for the access log, the buckets to charge, the x-ratelimit-* header values."""
+    key for the access log, the buckets to charge, the x-ratelimit-* header values. Under a cost
+    cap, a `CostAdmitted`."""
 
     __slots__ = ("budget", "rule", "key", "answer", "buckets", "_identity", "_numbers")
+    currencies: tuple[str, ...] = ()  # of the cost caps the request is admitted under (none here)
+    cost_answer: Admission | None = None  # a cost bucket's answer, told beside a token bucket's
 
     def __init__(self, budget: str, rule: str, key: str, answer: Admission, buckets: list[str],
                  identity: bytes | None = None, numbers: bytes | None = None):
@@ -189,7 +223,8 @@ class Admitted:
         """The entries in wire form, to append to the namespace's Struct (`extproc.protobuf_wire`)."""
         identity = self._identity
         if identity is None:
-            identity = self._identity = _identity(self.budget, self.rule, self.key, self.answer, self.buckets)
+            identity = self._identity = _identity(self.budget, self.rule, self.key, self.answer, self.buckets,
+                                                  self.currencies)
         numbers = self._numbers
         if numbers is None:
             numbers = self._numbers = _numbers(self.answer)
@@ -198,11 +233,42 @@ class Admitted:
     def as_dict(self) -> dict[str, object]:
         """The same, as plain values (tests, `extproc route`)."""
         out: dict[str, object] = {"budget": self.budget, "budget_rule": self.rule, "budget_key": self.key}
-        if len(self.buckets) > 1:
+        if len(self.buckets) > 1 or is_cost_bucket(self.buckets[0]):
             out["budget_buckets"] = list(self.buckets)
-        for name, value in self.answer.headers:
+        if self.currencies:
+            out[COST_CURRENCY_KEY] = self.currencies[0]
+        headers = self.answer.headers + (self.cost_answer.headers if self.cost_answer is not None else ())
+        for name, value in headers:
             out[HEADER_METADATA[name]] = value
         return out
+
+
+class CostAdmitted(Admitted):
+    """An admission under a cost cap: the request's answer must be priced in `currencies` (the
+    ext_proc and the retry processor refuse a model that is not), and the tightest cost bucket's
+    x-ratelimit-*-cost values are told beside a token bucket's (`cost_answer`). Apart from
+    `Admitted`, so that a config without cost caps carries none of it."""
+
+    __slots__ = ("currencies", "cost_answer")
+
+    def __init__(self, budget: str, rule: str, key: str, answer: Admission, buckets: list[str],
+                 identity: bytes | None, numbers: bytes | None, cost_answer: Admission | None,
+                 currencies: tuple[str, ...]):
+        super().__init__(budget, rule, key, answer, buckets, identity, numbers)
+        self.cost_answer, self.currencies = cost_answer, currencies
+
+    def encoded(self) -> bytes:
+        if self.cost_answer is None:
+            return super().encoded()
+        return super().encoded() + _cost_entries(self.cost_answer)
+
+
+def make_admitted(budget: str, rule: str, key: str, answer: Admission, buckets: list[str], identity: bytes | None,
+             numbers: bytes | None, cost_answer: Admission | None, currencies: tuple[str, ...]) -> Admitted:
+    """An `Admitted`, or where a cost cap applies a `CostAdmitted`."""
+    if currencies:
+        return CostAdmitted(budget, rule, key, answer, buckets, identity, numbers, cost_answer, currencies)
+    return Admitted(budget, rule, key, answer, buckets, identity, numbers)
 
 
 def _duration_key(seconds: float) -> int:
@@ -223,20 +289,23 @@ def answer_key(rule: BudgetRule, used_tokens: float, used_requests: float) -> An
     The rule is named by its identity: keys are kept only while the table holding it is in force."""
     if used_tokens >= rule.tokens:
         return None
+    # what is left, as the headers tell it: whole tokens, or a cost bucket's whole micro-units
+    left = math.floor((rule.tokens - used_tokens) / MICRO) if rule.currency else math.floor(rule.tokens - used_tokens)
     if rule.requests is None:  # the rule by identity: hashing a rule's fields would cost more than the rest
-        return id(rule), math.floor(rule.tokens - used_tokens), _duration_key(used_tokens / rule.token_rate)
+        return id(rule), left, _duration_key(used_tokens / rule.token_rate)
     after = used_requests + 1
     if after > rule.requests + 1e-9:
         return None
-    return (id(rule), math.floor(rule.tokens - used_tokens), _duration_key(used_tokens / rule.token_rate),
+    return (id(rule), left, _duration_key(used_tokens / rule.token_rate),
             math.floor(rule.requests - after + 1e-9), _duration_key(after / rule.request_rate))
 
 
 # Which rule and bucket a set of header values means, worked out once: (rule, hashed key, bucket,
-# the bucket's identity entries, the rule's drain rates), or _NO_RULE.
+# the bucket's identity entries, the rule's drain rates), one per bucket of the rule that matches
+# (its tokens, its cost cap), or none (_NO_RULE).
 Decided = tuple[BudgetRule, str, str, bytes, tuple[float, float]]
-Decision = Decided | tuple[()]
-_NO_RULE: tuple[()] = ()  # a decision: no rule of the object matches
+Decision = tuple[Decided, ...]
+_NO_RULE: Decision = ()  # a decision: no rule of the object matches
 
 
 class Waiting:
@@ -287,6 +356,11 @@ class _Ask:
 Chosen = list[tuple[Budget, Decided]]
 
 
+def _currencies(chosen: Chosen) -> tuple[str, ...]:
+    """The currencies of the cost buckets among a request's buckets (none without a cost cap)."""
+    return tuple(dict.fromkeys([decision[0].currency for _, decision in chosen if decision[0].currency]))
+
+
 class BudgetGate:
     """Admission and charging for every budget of the table in force."""
 
@@ -313,7 +387,8 @@ class BudgetGate:
         # shared: bucket -> [tokens, Redis's time] of the last sync's reading, token growth per sync
         # interval, whether growth was measured yet, the bucket's largest charge
         self._readings: dict[str, list[float]] = {}
-        self._charged_max: dict[tuple[str, str], float] = {}  # (object, rule) -> largest charge to one bucket
+        # (object, rule, a cost bucket's) -> largest charge to one bucket
+        self._charged_max: dict[tuple[str, str, bool], float] = {}
         self._asks: dict[tuple[str, ...], _Ask] = {}  # waiting for the next round trip, by buckets
         self._sending: list[_Ask] = []  # on their way to Redis
         self._timer: asyncio.TimerHandle | None = None  # decides those who waited too long
@@ -354,28 +429,35 @@ class BudgetGate:
             self._answers.clear()
             self._identities.clear()
         now = self._clock()
+        chosen: Chosen
         if len(objects) == 1:  # the common case, without the lists the general one needs
             budget = objects[0]
-            decision = self._decision(budget, headers, caller)
-            if not decision:  # _NO_RULE
+            decisions = self._decision(budget, headers, caller)
+            if not decisions:  # _NO_RULE
                 return None
-            rule, hashed, bucket, identity, rates = decision
-            known = self._answer(budget, rule, bucket, now)
-            if known is None:  # Redis decides
-                return self._ask([(budget, decision)], now)
-            answer, numbers = known
-            if not answer.allowed:
-                self.metrics.refused.labels(budget.name, rule.name, answer.reason).inc()
-                raise BudgetRefused(budget.name, rule.name, answer)
-            self._used(bucket, rule, rates, now)
-            return Admitted(budget.name, rule.name, hashed, answer, [bucket], identity, numbers)
-        chosen: Chosen = []
-        for budget in objects:
-            decision = self._decision(budget, headers, caller)
-            if decision:  # not _NO_RULE
-                chosen.append((budget, decision))
-        if not chosen:
-            return None
+            if len(decisions) == 1:  # one bucket
+                decision = decisions[0]
+                rule, hashed, bucket, identity, rates = decision
+                known = self._answer(budget, rule, bucket, now)
+                if known is None:  # Redis decides
+                    return self._ask([(budget, decision)], now)
+                answer, numbers = known
+                if not answer.allowed:
+                    self.metrics.refused.labels(budget.name, rule.name, answer.reason).inc()
+                    raise BudgetRefused(budget.name, rule.name, answer)
+                self._used(bucket, rule, rates, now)
+                if rule.currency:  # a cost cap alone
+                    return CostAdmitted(budget.name, rule.name, hashed, answer, [bucket], identity, numbers, None,
+                                        (rule.currency,))
+                return Admitted(budget.name, rule.name, hashed, answer, [bucket], identity, numbers)
+            chosen = [(budget, decision) for decision in decisions]  # a rule capping tokens and cost
+        else:
+            chosen = []
+            for budget in objects:
+                for decision in self._decision(budget, headers, caller):  # none: no rule matches
+                    chosen.append((budget, decision))
+            if not chosen:
+                return None
         admitted = self._admit_all(chosen, now)
         return self._ask(chosen, now) if admitted is None else admitted
 
@@ -388,7 +470,8 @@ class BudgetGate:
             if known is None:
                 return None
             answered.append((budget, decision, *known))
-        answer = most_restrictive([c[2] for c in answered])
+        answers = [c[2] for c in answered]
+        answer = most_restrictive(answers)
         budget, (rule, hashed, _, _, _), _, numbers = next(c for c in answered if c[2] is answer)
         if not answer.allowed:
             self.metrics.refused.labels(budget.name, rule.name, answer.reason).inc()
@@ -403,12 +486,14 @@ class BudgetGate:
         if known_identity is None:
             if len(self._identities) > _CACHE_MAX:
                 self._identities.clear()
-            known_identity = self._identities[named] = _identity(budget.name, rule.name, hashed, answer, buckets)
-        return Admitted(budget.name, rule.name, hashed, answer, buckets, known_identity, numbers)
+            known_identity = self._identities[named] = _identity(budget.name, rule.name, hashed, answer, buckets,
+                                                                 _currencies(chosen))
+        return make_admitted(budget.name, rule.name, hashed, answer, buckets, known_identity, numbers,
+                             tightest_cost(answers, answer), _currencies(chosen))
 
     def _decision(self, budget: Budget, headers: Mapping[str, bytes], caller: Caller | None = None) -> Decision:
         """The kept decision for this request's values of the headers `budget` reads (and its
-        caller's key, for a budget keyed by the caller)."""
+        caller's key, for a budget keyed by the caller): the buckets of the rule that matches."""
         seen: tuple[bytes | str | None, ...] = tuple([headers.get(name) for name in budget.watched])  # one order
         if budget.key_caller:
             by = caller_key(budget.key_caller, caller) if caller is not None else ""
@@ -480,18 +565,23 @@ class BudgetGate:
 
     def _decide(self, budget: Budget, values: dict[str, str], seen: tuple[bytes | str | None, ...],
                 caller: Caller | None = None) -> Decision:
-        """Which rule of `budget` these header values match, and its bucket: (rule, hashed key,
-        bucket, the bucket's identity entries, the rule's drain rates), or _NO_RULE. Kept for the
-        table in force."""
+        """Which rule of `budget` these header values match, and its buckets: per bucket (rule,
+        hashed key, bucket, the bucket's identity entries, the rule's drain rates); none
+        (_NO_RULE) where no rule matches. Kept for the table in force."""
         rule = budget.select(values)
         if rule is None:
             decision: Decision = _NO_RULE
         else:
             hashed = key_hash(budget.key_of(values, caller) or "")
-            bucket = bucket_id(budget.name, rule.name, hashed)
-            limits = admission(rule, 0.0, 0.0)  # only its limit headers are read
-            decision = (rule, hashed, bucket, _identity(budget.name, rule.name, hashed, limits, [bucket]),
-                        (rule.token_rate, rule.request_rate))
+            decided: list[Decided] = []
+            for kept in rule.buckets():  # its tokens, its cost cap
+                bucket = bucket_of(budget.name, kept, hashed)
+                limits = admission(kept, 0.0, 0.0)  # only its limit headers are read
+                currencies = (kept.currency,) if kept.currency else ()
+                decided.append((kept, hashed, bucket,
+                                _identity(budget.name, kept.name, hashed, limits, [bucket], currencies),
+                                (kept.token_rate, kept.request_rate)))
+            decision = tuple(decided)
         if len(self._decisions) > _CACHE_MAX:
             self._decisions.clear()
         self._decisions[(budget.name, seen)] = decision
@@ -613,21 +703,29 @@ class BudgetGate:
         answer = answers[0] if len(answers) == 1 else most_restrictive(answers)
         budget, (rule, hashed, bucket, identity, _) = chosen[next(i for i, a in enumerate(answers) if a is answer)]
         if granted and not answer.allowed:
-            answer = Admission(True, "", 0, answer.headers, answer.remaining_tokens)
+            answer = Admission(True, "", 0, answer.headers, answer.remaining_tokens, answer.cost)
         if not answer.allowed:
             self.metrics.refused.labels(budget.name, rule.name, answer.reason).inc()
             raise BudgetRefused(budget.name, rule.name, answer)
         if len(chosen) == 1:
-            return Admitted(budget.name, rule.name, hashed, answer, [bucket], identity)
-        return Admitted(budget.name, rule.name, hashed, answer, [decision[2] for _, decision in chosen])
+            return make_admitted(budget.name, rule.name, hashed, answer, [bucket], identity, None, None,
+                                 (rule.currency,) if rule.currency else ())
+        cost_answer = tightest_cost(answers, answer)
+        if granted and cost_answer is not None and not cost_answer.allowed:  # Redis admitted it
+            cost_answer = Admission(True, "", 0, cost_answer.headers, cost_answer.remaining_tokens, True)
+        return make_admitted(budget.name, rule.name, hashed, answer, [decision[2] for _, decision in chosen], None,
+                             None, cost_answer, _currencies(chosen))
 
     # -- the end of an answer (access log) ------------------------------------------------
 
-    def charge(self, buckets: Iterable[str], tokens: int) -> None:
-        """Take a finished answer's tokens off each of its buckets (rules of the config in force;
-        a bucket whose object or rule is gone is skipped). Shared, a charge that brings a bucket
-        near its limit is sent at once rather than at the next sync."""
-        if tokens <= 0:
+    def charge(self, buckets: Iterable[str], tokens: int, cost: int | None = None, currency: str = "") -> None:
+        """Take a finished answer's tokens off each of its token buckets, and its cost (pico-units
+        of `currency`; None: the answer has no price) off each of its cost buckets in that
+        currency (rules of the config in force; a bucket whose object or rule is gone is
+        skipped; a cost bucket of another currency, or an answer without a price, is counted as
+        unpriced: never charged 0 silently). Shared, a charge that brings a bucket near its
+        limit is sent at once rather than at the next sync."""
+        if tokens <= 0 and not cost:
             return
         budgets: BudgetTable = self._table().budgets
         now = self._clock()
@@ -635,15 +733,29 @@ class BudgetGate:
             parsed = parse_bucket_id(bucket)
             if parsed is None:
                 continue
-            rule_key = (parsed[0], parsed[1])
-            rule = budgets.rules.get(rule_key)
+            cost_bucket = is_cost_bucket(bucket)
+            rule_key = (parsed[0], parsed[1], cost_bucket)
+            rule = (budgets.cost_rules if cost_bucket else budgets.rules).get((parsed[0], parsed[1]))
             if rule is None:
                 continue
-            self._add(bucket, rule, float(tokens), 0.0, now)
-            self.metrics.charged_series(rule_key[0], rule_key[1]).inc(tokens)
+            if cost_bucket:
+                if cost is None or currency != rule.currency:
+                    if tokens > 0:  # it used tokens: it cost something nobody can say
+                        self.metrics.unpriced.labels(parsed[0], parsed[1]).inc()
+                    continue
+                amount = float(cost)
+                self.metrics.cost_series(parsed[0], parsed[1], rule.currency).inc(cost / PICO_PER_UNIT)
+            else:
+                if tokens <= 0:
+                    continue
+                amount = float(tokens)
+                self.metrics.charged_series(parsed[0], parsed[1]).inc(tokens)
+            if amount <= 0:
+                continue
+            self._add(bucket, rule, amount, 0.0, now)
             if self._shared:
-                if tokens > self._charged_max.get(rule_key, 0.0):
-                    self._charged_max[rule_key] = float(tokens)
+                if amount > self._charged_max.get(rule_key, 0.0):
+                    self._charged_max[rule_key] = amount
                 state = self._mirror[bucket]
                 if state[0] >= state[3] and not self._sync_soon:
                     self._sync_soon = True
@@ -785,11 +897,11 @@ class BudgetGate:
             calls.append(Call("admit", ask.buckets, args))
         synced: list[tuple[str, BudgetRule | None, tuple[float, float]]] = []
         if sync:
-            rules = self._table().budgets.rules
+            budgets = self._table().budgets
             for bucket in self._touched:
                 if bucket in sent:
                     continue
-                its_rule = rules.get(_rule_key(bucket))
+                its_rule = budgets.rule_for(bucket)
                 rates = self._rates.get(bucket, (1.0, 1.0))
                 state = self._mirror.get(bucket)
                 wanted = 0
@@ -956,9 +1068,9 @@ class BudgetGate:
         self.metrics.redis_up.set(1 if up else 0)
 
 
-def _rule_key(bucket: str) -> tuple[str, str]:
+def _rule_key(bucket: str) -> tuple[str, str, bool]:
     parsed = parse_bucket_id(bucket)
-    return (parsed[0], parsed[1]) if parsed is not None else ("", "")
+    return (parsed[0], parsed[1], is_cost_bucket(bucket)) if parsed is not None else ("", "", False)
 
 
 def redacted_url(url: str | None) -> str:

@@ -96,6 +96,15 @@ def retry_target(table: RoutingTable, route: str, rule: str, order: str, attempt
     return target
 
 
+def attempt_target(table: RoutingTable, route: str, rule: str, host: str) -> Target | None:
+    """The target a rule with `retries` gives a provider host: what a failed attempt there was
+    (its provider, model and prices), for the spend of attempts nobody metered."""
+    for target in table.retry_targets.get((route, rule), {}).values():
+        if target.provider_host == host:
+            return target
+    return None
+
+
 def tried_before(table: RoutingTable, route: str, rule: str, order: str, attempt: int) -> str:
     """The provider hosts of the attempts before `attempt`, comma-separated (the access log's `tried`)."""
     by_cluster = table.retry_targets.get((route, rule), {})

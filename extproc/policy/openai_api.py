@@ -36,6 +36,12 @@ COMPLETIONS = Endpoint("completions", "POST", "text_completion", "prompt", True)
 EMBEDDINGS = Endpoint("embeddings", "POST", "embeddings", "input", False)
 MODELS = Endpoint("models", "GET", "models", None, False)
 ENDPOINTS = {e.name: e for e in (CHAT, COMPLETIONS, EMBEDDINGS, MODELS)}
+_BY_OPERATION = {e.operation: e for e in ENDPOINTS.values()}
+
+
+def endpoint_of_operation(operation: str) -> Endpoint:
+    """The endpoint a metric's `gen_ai_operation_name` names (chat where it is unknown)."""
+    return _BY_OPERATION.get(operation, CHAT)
 
 SUPPORTED = "POST .../chat/completions, POST .../completions, POST .../embeddings, GET .../models"
 

@@ -151,3 +151,35 @@ def record_from_entry(entry: accesslog_pb2.HTTPAccessLogEntry) -> RequestRecord:
         (seconds * 1_000_000_000 + nanos) / 1e9 if seconds or nanos else None,
         _tokens(get("prompt_tokens")), completion_tokens, ttft_s, tpot_s, _text(get("operation")) or "chat")
     # the price (currency, cached tokens) and the budget key are read by the receiver, where configured
+
+
+def reached_the_provider(common: accesslog_pb2.AccessLogCommon) -> bool:
+    """Whether the provider got the whole request (Envoy sent its last byte upstream): from then
+    on it may bill, whatever becomes of the answer."""
+    sent = common.time_to_last_upstream_tx_byte
+    return bool(sent.seconds or sent.nanos)
+
+
+def unmetered(entry: accesslog_pb2.HTTPAccessLogEntry, record: RequestRecord) -> bool:
+    """A finished request whose last attempt reached the provider and that ended without a usage
+    report, other than by the provider's own error answer (which providers do not bill): a
+    timeout, a reset, a stream cut before its usage event, a client that left, an answer
+    without usage. The provider may have billed it; what for, nobody saw. Asked only of
+    entries without usage (most have it)."""
+    if not record.provider:
+        return False
+    response = entry.response
+    if response.response_code.value >= 400 and response.response_code_details == "via_upstream":
+        return False  # the provider's own error answer
+    return reached_the_provider(entry.common_properties)
+
+
+UNMETERED_REASONS = frozenset({"timeout", "reset", "no_answer"})
+
+
+def unmetered_attempt(entry: accesslog_pb2.HTTPAccessLogEntry, reason: str) -> bool:
+    """A failed attempt (its upstream entry) that reached the provider and got no answer (a
+    per-try timeout, a reset): failed over, so its answer, if any, was never read; the provider
+    may have billed it. An attempt the provider answered with an error status, or that never
+    reached it (no address, connection or TLS failure), was not billed."""
+    return reason in UNMETERED_REASONS and reached_the_provider(entry.common_properties)

@@ -34,7 +34,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from prometheus_client import CollectorRegistry
 
-from ..protocol import METADATA_NAMESPACE, host_of_cluster
+from ..protocol import FINISH_REASON_KEY, METADATA_NAMESPACE, host_of_cluster
 from .fast_series import Counter
 from .metrics import RequestRecord
 from .trace_context import attempt_span_id
@@ -42,6 +42,7 @@ from .trace_context import attempt_span_id
 log = logging.getLogger(__name__)
 
 SCOPE = InstrumentationScope("llm-gateway")
+Attribute = str | int | float | bool | tuple[str, ...]  # a span attribute's value
 SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 MAX_PENDING = 10_000  # failed attempts waiting for their request's entry
 DEFAULT_QUEUE = 2048  # spans waiting for export (OTEL_BSP_MAX_QUEUE_SIZE)
@@ -72,10 +73,14 @@ class SpanSink:
     """Turns access-log entries into spans and hands them to `export` (a `SpanQueue`'s `put`)."""
 
     def __init__(self, export: Callable[[ReadableSpan], None], resource: Resource,
-                 hosts: Callable[[], Mapping[str, str]] = dict):
+                 hosts: Callable[[], Mapping[str, str]] = dict,
+                 contents: Callable[[accesslog_pb2.HTTPAccessLogEntry, RequestRecord], Mapping[str, str]] | None
+                 = None):
         self._export = export
         self._resource = resource
         self._hosts = hosts  # provider cluster -> provider host, of the config in force
+        # where contents are captured: the request span's masked prompt and answer (extproc.dataplane.trace_contents)
+        self._contents = contents
         self._pending: OrderedDict[str, list[_Attempt]] = OrderedDict()
 
     def _host(self, cluster: str) -> str:
@@ -118,13 +123,18 @@ class SpanSink:
         name = f"{record.operation} {record.request_model}".strip()
         gen_ai = {"gen_ai.operation.name": record.operation, "gen_ai.provider.name": record.provider_host,
                   "gen_ai.request.model": record.request_model}
-        attributes: dict[str, str | int | float | bool] = {
+        attributes: dict[str, Attribute] = {
             **gen_ai, "llm_gateway.route": record.route, "llm_gateway.rule": record.rule,
             "llm_gateway.provider": record.provider, "llm_gateway.caller": record.caller,
             "llm_gateway.outcome": record.outcome, "llm_gateway.stream": record.stream,
             "llm_gateway.attempts": len(failed) + 1, "http.response.status_code": record.status}
         usage = _usage(record)
+        finish = fields.get(FINISH_REASON_KEY)  # Envoy's answer reader (extproc.envoy.answer_reader)
+        if finish is not None:
+            usage["gen_ai.response.finish_reasons"] = (finish.string_value,)
         attributes.update(usage)
+        if self._contents is not None:
+            attributes.update(self._contents(entry, record))
         if record.ttft_s is not None:
             attributes["gen_ai.server.time_to_first_token"] = record.ttft_s
         if record.tpot_s is not None:
@@ -142,7 +152,7 @@ class SpanSink:
                               status=status, start_time=start, end_time=max(end, start),
                               instrumentation_scope=SCOPE)]
         for number, attempt in enumerate(failed, start=1):
-            attempt_attributes: dict[str, str | int | float | bool] = {
+            attempt_attributes: dict[str, Attribute] = {
                 **gen_ai, "gen_ai.provider.name": attempt.host, "server.address": attempt.host,
                 "llm_gateway.attempt": number, "llm_gateway.route": record.route}
             if attempt.status:
@@ -155,7 +165,7 @@ class SpanSink:
             number = len(failed) + 1
             first = _nanos(common.time_to_first_upstream_tx_byte)
             last = _nanos(common.time_to_last_upstream_rx_byte) or (end - start)
-            final: dict[str, str | int | float | bool] = {
+            final: dict[str, Attribute] = {
                 **gen_ai, **usage, "gen_ai.provider.name": record.provider_host,
                 "server.address": record.provider_host, "llm_gateway.attempt": number,
                 "llm_gateway.route": record.route, "http.response.status_code": record.status}
@@ -167,15 +177,15 @@ class SpanSink:
             self._export(span)
 
     def _attempt_span(self, name: str, trace_id: int, span_hex: str, number: int, parent: SpanContext,
-                      attributes: dict[str, str | int | float | bool], status: Status, start: int,
+                      attributes: dict[str, Attribute], status: Status, start: int,
                       end: int) -> ReadableSpan:
         context = SpanContext(trace_id, int(attempt_span_id(span_hex, number), 16), False, SAMPLED)
         return ReadableSpan(name, context, parent, self._resource, attributes, kind=SpanKind.CLIENT, status=status,
                             start_time=start, end_time=max(end, start), instrumentation_scope=SCOPE)
 
 
-def _usage(record: RequestRecord) -> dict[str, str | int | float | bool]:
-    usage: dict[str, str | int | float | bool] = {}
+def _usage(record: RequestRecord) -> dict[str, Attribute]:
+    usage: dict[str, Attribute] = {}
     if record.response_model:
         usage["gen_ai.response.model"] = record.response_model
     if record.prompt_tokens is not None:

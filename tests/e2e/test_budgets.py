@@ -414,3 +414,88 @@ def test_redis_restarted_in_the_middle_fail_open_and_fail_closed(tmp_path, gatew
     assert plan(closed[1], "sal").status == 200  # and new keys are served again
     assert all(gw.log().count("unreachable") == 1 for gw in everyone)  # one warning per outage
 
+
+
+PRICED = """apiVersion: llm-gateway.dev/v1alpha1
+kind: LLMPriceTable
+metadata: {name: dashscope-prices}
+spec:
+  host: dashscope.aliyuncs.com
+  currency: CNY
+  models:
+  - {model: qwen1.5-72b-chat, input: "1.00", output: "2.00", cachedInput: "0.25"}
+---
+apiVersion: llm-gateway.dev/v1alpha1
+kind: LLMTokenRateLimit
+metadata: {name: spend-cap, namespace: default}
+spec:
+  host: dashscope.aliyuncs.com
+  key: {header: x-user-id}
+  rules:
+  - name: team
+    tokens: 1000000
+    cost: "0.0001"
+    per: 30d
+"""
+
+
+def cost_charged(gw) -> float:
+    return metric(gw, "llm_gateway_budget_cost_charged_total", budget="default/spend-cap", rule="team",
+                  currency="CNY")
+
+
+def test_a_cost_cap_trips_exactly_across_two_instances_on_one_redis(tmp_path, gateway_factory, redis_server):
+    """Issue 28: a cost cap (0.0001 CNY per 30 days) kept as tokens are: admitted while what the
+    key's answers cost is below it, wherever they were served, charged the exact cost of each
+    answer (cached tokens at their price, streamed answers from their usage event) on the
+    instance that served it, shared through Redis. Answers of 8 prompt and 9 completion tokens
+    cost 0.000026 (0.00002375 with 3 prompt tokens cached): the fourth answer spends the cap,
+    the fifth request is refused on both instances, with the tokens far from spent."""
+    config = seed_dir(tmp_path, "01")
+    (config / "10-priced.yaml").write_text(PRICED)
+    gws = [gateway_factory(config, ["--redis", redis_server.url]) for _ in range(2)]
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    sends = [(gws[0], chat, {"x-fake-cached-tokens": "3"}), (gws[1], {**chat, "stream": True}, {}),
+             (gws[0], chat, {}), (gws[1], {**chat, "stream": True}, {})]
+    told = []
+    charged = 0.0
+    for gw, body, more in sends:
+        resp = gw.request(DASHSCOPE, body, {"x-user-id": "ada", **SEVENTEEN, **more})
+        assert resp.status == 200, resp.body
+        told.append((resp.headers["x-ratelimit-limit-cost"], resp.headers["x-ratelimit-remaining-cost"]))
+        assert resp.headers["x-ratelimit-limit-tokens"] == "1000000"  # the tokens' headers beside
+        wait_until(lambda before=charged: sum(cost_charged(g) for g in gws) > before + 1e-9, 10,
+                   lambda: str([g.metrics() for g in gws]))
+        charged = sum(cost_charged(g) for g in gws)
+        synced(gws)  # the charge is in Redis, and both instances have read it
+    # each admission told what was left before it: 0.0001, then less each answer's exact cost
+    assert told == [("0.0001", "0.0001"), ("0.0001", "0.000076"), ("0.0001", "0.00005"), ("0.0001", "0.000024")]
+    assert charged == pytest.approx(0.00002375 + 3 * 0.000026)
+    for gw in gws:  # 0.00010175 spent: refused on either instance, by the cost cap, tokens far from spent
+        refused = gw.request(DASHSCOPE, chat, {"x-user-id": "ada", **SEVENTEEN})
+        assert refused.status == 429, refused.body
+        assert refused.json()["error"]["type"] == "cost" and refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert refused.headers["x-ratelimit-remaining-cost"] == "0" and int(refused.headers["retry-after"]) > 0
+    assert sum(metric(gw, "llm_gateway_budget_refused_total", budget="default/spend-cap", reason="cost")
+               for gw in gws) == 2
+    # another key, new to both instances, has its own cap
+    other = gws[1].request(DASHSCOPE, chat, {"x-user-id": "bo", **SEVENTEEN})
+    assert other.status == 200 and other.headers["x-ratelimit-remaining-cost"] == "0.0001"
+    # Redis holds the cost bucket in pico-units of CNY, apart from the tokens
+    held = float(redis_server.client().hget(bucket_id("default/spend-cap", "team", key_hash("ada"), cost=True), "tok"))
+    assert held == pytest.approx(101_750_000, rel=1e-3)
+    # the access log names the cap and what was left
+    lines = [e for g in gws for e in g.access_entries()
+             if e.get("budget") == "default/spend-cap" and e["status"] == 200]
+    assert {e["budget_remaining_cost"] for e in lines} >= {"0.0001", "0.000076", "0.00005", "0.000024"}
+
+    # concurrent requests of one key on both instances: over the cap by at most what the answers in
+    # flight and those admitted before the charge reached Redis cost (the bound of token budgets)
+    started = time.monotonic()
+    statuses = hammer(gws, "cyd", "team", 2, {"x-fake-delay": str(ANSWER_S)})
+    elapsed = time.monotonic() - started
+    admitted = statuses.count(200)
+    rate = admitted / max(elapsed, 1e-3)
+    bound = 0.000026 * (4 + rate * (0.5 + 0.5))
+    print(f"cost admitted {admitted * 0.000026:.6f} of 0.0001 at {rate:.0f} requests/s, bound {bound:.6f} over")
+    assert set(statuses) == {200, 429} and admitted * 0.000026 - 0.0001 <= bound

@@ -6,6 +6,7 @@ slow collector changing no answer (docs/cost.md, docs/tracing.md)."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import subprocess
 import sys
@@ -189,6 +190,8 @@ def test_spans_continue_the_clients_trace_and_reach_every_attempts_provider(tmp_
     assert attrs["llm_gateway.route"] == "default/dashscope-qwen" and attrs["llm_gateway.rule"] == "default"
     assert attrs["llm_gateway.cost"] == pytest.approx(float(STREAM_COST))
     assert attrs["llm_gateway.cost.currency"] == "CNY"
+    assert attrs["gen_ai.response.finish_reasons"] == ["stop"]  # read by Envoy's answer reader
+    assert "gen_ai.input.messages" not in attrs and "gen_ai.output.messages" not in attrs  # contents: off
     (attempt,) = [s for s in spans if s["trace_id"] == client_trace and s["kind"] == 3]  # CLIENT
     assert attempt["parent_span_id"] == request["span_id"] and attempt["attributes"]["llm_gateway.attempt"] == 1
     assert request["start"] <= attempt["start"] <= attempt["end"] <= request["end"]
@@ -242,3 +245,128 @@ def test_without_an_exporter_nothing_is_traced(tmp_path, gateway_factory, fresh_
     wait_until(lambda: gw.access_entries(), 10)
     assert gw.access_entries()[0]["trace_id"] is None
     assert not [k for k in gw.metrics() if k[0].startswith("llm_gateway_trace_spans")]
+
+
+SLOW_FAILOVER = """apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMRoute
+metadata: {name: slow-failover}
+spec:
+  host: slow-failover
+  rules:
+  - name: main
+    backendRefs: [{providerHost: dashscope.aliyuncs.com}]
+    fallbackRefs: [{providerHost: api.moonshot.cn}]
+    retries: {attempts: 1, perTryTimeout: 1s, retryOn: [5xx]}
+"""
+
+
+def test_spend_of_every_instance_from_redis_and_the_attempts_nobody_metered(tmp_path, gateway_factory,
+                                                                               redis_server):
+    """Two instances on one Redis: `/spend` (and `extproc spend`) on either answers for both; an
+    attempt that reached a provider and timed out (failed over) and a stream cut before its usage
+    event are counted as unmetered (the provider may have billed them: nobody saw for what)."""
+    config = priced_config(tmp_path)
+    (config / "25-slow.yaml").write_text(SLOW_FAILOVER)
+    gws = [gateway_factory(config, ["--redis", redis_server.url]) for _ in range(2)]
+    assert gws[0].request(DASHSCOPE, CHAT, SEVENTEEN).status == 200
+    resp = gws[1].request(DASHSCOPE, {**CHAT, "stream": True}, SEVENTEEN)
+    assert resp.status == 200 and b"data: [DONE]" in resp.body
+    # the first attempt reaches DashScope, which does not answer within the per-try timeout: Moonshot answers
+    resp = gws[0].request("slow-failover", CHAT, {**SEVENTEEN, "x-fake-fail": "dashscope:delay=3"})
+    assert resp.status == 200 and resp.json()["model"] == "moonshot-v1-8k", resp.body
+    # a stream cut after its first event: no usage event ever came
+    conn = http.client.HTTPConnection("127.0.0.1", gws[1].listen_port, timeout=30)
+    conn.request("POST", f"http://{DASHSCOPE}/", body=json.dumps({**CHAT, "stream": True}),
+                 headers={"content-type": "application/json", **SEVENTEEN, "x-fake-fail": "dashscope:cut=1"})
+    cut = conn.getresponse()
+    with pytest.raises(http.client.IncompleteRead):
+        cut.read()
+    conn.close()
+
+    expected = [{"currency": "CNY", "cost": str(2 * STREAM_COST)}, {"currency": "USD", "cost": str(FAILOVER_COST)}]
+    for gw in gws:  # either instance answers for both, from Redis
+        wait_until(lambda gw=gw: spend(gw, "provider")["totals"] == expected
+                   and spend(gw, "provider")["unmetered_attempts"] == 2, 15, lambda gw=gw: json.dumps(spend(gw)))
+    report = spend(gws[1], "provider,route")
+    assert report["source"] == "redis" and report["since"].endswith("T00:00:00Z")
+    rows = {(r["provider"], r["route"]): r for r in report["rows"]}
+    qwen = rows[("default/dashscope-qwen", "default/dashscope-qwen")]
+    assert (qwen["requests"], qwen["input_tokens"], qwen["output_tokens"], qwen["unmetered_attempts"]) == (2, 16, 18, 1)
+    # the timed-out attempt: DashScope's, on the failover route, in DashScope's currency
+    timed_out = rows[("default/dashscope-qwen", "default/slow-failover")]
+    assert (timed_out["requests"], timed_out["unmetered_attempts"], timed_out["currency"]) == (0, 1, "CNY")
+    assert rows[("default/moonshot", "default/slow-failover")]["cost"] == str(FAILOVER_COST)
+    # one process's own counts, as before
+    mine = spend(gws[1], "provider&source=process")
+    assert mine["source"] == "process" and mine["totals"] == [{"currency": "CNY", "cost": str(STREAM_COST)}]
+    assert metric(gws[1], "llm_gateway_spend_unmetered_attempts_total", llm_provider="default/dashscope-qwen") == 1
+
+    out = subprocess.run([sys.executable, "-m", "extproc", "spend", "--url", f"http://127.0.0.1:{gws[0].metrics_port}",
+                          "--by", "provider"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "by every instance sharing Redis" in out.stdout and f"total USD: {FAILOVER_COST}" in out.stdout
+    assert "unmetered: 2 attempts" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "extproc", "spend", "--url", f"http://127.0.0.1:{gws[0].metrics_port}",
+                          "--source", "process", "--since", "2026-01-01"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "by this gateway process" in out.stdout, out.stderr
+
+
+POLICY = """apiVersion: llm-gateway.dev/v1alpha1
+kind: LLMDataPolicy
+metadata: {name: watch-projects}
+spec:
+  hosts: [cost-failover]
+  rules:
+  - name: projects
+    detectors: [{keywords: [Project Falcon], name: project}]
+    action: log
+"""
+SECRET = "sk-" + "a1B2c3D4e5F6g7H8i9J0kLmN"
+CARD = "4111 1111 1111 1111"
+
+
+def test_finish_reasons_and_contents_in_spans_only_when_turned_on_and_always_masked(tmp_path, gateway_factory,
+                                                                                      collector, fresh_providers):
+    """With OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true, a sampled request's span
+    carries its prompt and its answer (JSON, and a stream's deltas), masked: every built-in
+    detector always (a key, an email, a card), and what the route's data policies look for even
+    where they only log; the finish reason of both answers; never a raw value in any span."""
+    config = priced_config(tmp_path)
+    (config / "30-policy.yaml").write_text(POLICY)
+    gw = gateway_factory(config, ["--otlp-endpoint", collector.endpoint],
+                         env={"OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "true"})
+    said = f"My key is {SECRET}, mail bob@example.com about Project Falcon"
+    prompt = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": said}]}
+    reply = {"x-fake-reply": f"Charge card {CARD} for Project Falcon"}
+    assert gw.request(DASHSCOPE, prompt, {**SEVENTEEN, **reply}).status == 200
+    streamed = gw.request(FAILOVER, {**prompt, "stream": True}, {**SEVENTEEN, **reply})
+    assert streamed.status == 200 and b"data: [DONE]" in streamed.body
+    # every event written in two pieces: what the reader looks for may straddle two chunks
+    split = gw.request(DASHSCOPE, {**prompt, "stream": True}, {**SEVENTEEN, **reply, "x-fake-split": "1"})
+    assert split.status == 200 and b"data: [DONE]" in split.body
+    wait_until(lambda: len([s for s in collector.received() if s["kind"] == 2]) >= 3, 15,
+               lambda: f"spans: {collector.received()}")
+    spans = [s["attributes"] for s in collector.received() if s["kind"] == 2]
+    (split_span,) = [a for a in spans if a["llm_gateway.stream"] and a["llm_gateway.route"] == "default/dashscope-qwen"]
+    assert split_span["gen_ai.response.finish_reasons"] == ["stop"]
+    assert "[BANK-CARD]" in json.loads(split_span["gen_ai.output.messages"])[0]["parts"][0]["content"]
+    requests = {a["llm_gateway.route"]: a for a in spans if a is not split_span}
+    for route, masked_with in (("default/dashscope-qwen", "builtins"), ("default/cost-failover", "builtins+policies")):
+        attrs = requests[route]
+        assert attrs["gen_ai.response.finish_reasons"] == ["stop"]
+        assert attrs["llm_gateway.contents.masked_with"] == masked_with
+        inputs = json.loads(attrs["gen_ai.input.messages"])
+        assert [m["role"] for m in inputs] == ["system", "user"]
+        said = inputs[1]["parts"][0]["content"]
+        assert "[SECRET]" in said and "[EMAIL]" in said and SECRET not in said and "bob@example.com" not in said
+        (answer,) = json.loads(attrs["gen_ai.output.messages"])
+        assert answer["role"] == "assistant" and answer["finish_reason"] == "stop"
+        text = answer["parts"][0]["content"]
+        assert "[BANK-CARD]" in text and CARD not in text and text.startswith("Charge card"), text
+        # the route's policy looks for the project's name: masked in its spans only
+        assert ("Project Falcon" in said + text) is (masked_with == "builtins")
+    everything = json.dumps(collector.received())
+    assert SECRET not in everything and CARD not in everything and "bob@example.com" not in everything
+    assert SECRET not in gw.log() and CARD not in gw.log()
+    # the providers got the prompt as the client sent it (capturing contents changes no request)
+    assert any(SECRET in json.dumps(r.body) for r in fresh_providers[DASHSCOPE].requests)

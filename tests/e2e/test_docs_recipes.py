@@ -20,10 +20,10 @@ from support.helpers import REPO, Gateway, free_port, wait_until
 DOCS = REPO / "docs"
 
 
-def recipe(doc: str) -> tuple[str, list[str]]:
+def recipe(doc: str, title: str = "Try it locally") -> tuple[str, list[str]]:
     """The "Try it locally" section's manifest (its heredoc) and its shell blocks."""
     text = (DOCS / doc).read_text()
-    section = text.split("## Try it locally", 1)[1].split("\n## ", 1)[0]
+    section = text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```sh\n(.*?)```", section, flags=re.DOTALL)
     manifest = re.search(r"<<'EOF'\n(.*?)\nEOF\n", blocks[0], flags=re.DOTALL)
     assert manifest is not None and "scripts/demo --config" in blocks[0]
@@ -113,3 +113,21 @@ def test_budget_recipe(demo):
     # as the docs say: 40, 23 and 6 tokens left, then the 429 with none
     assert seen == ["200 40", "200 23", "200 6", "429 0"]
     assert '"model": "qwen1.5-72b-chat"' in shell(commands(bob)[0], gw)
+
+
+def test_cost_cap_recipe(demo):
+    """docs/token-budgets.md, "Try a cost cap locally": the demo's placeholder prices, a cap of
+    0.0001 CNY, answers of 0.000026: four pass, telling what was left, the fifth is refused."""
+    manifest, (requests,) = recipe("token-budgets.md", "Try a cost cap locally")
+    gw = demo(manifest)
+    loop = requests.split("done\n")[0]
+    ask = commands(loop.split("do\n", 1)[1].split("sleep 1")[0])[0]
+    assert loop.strip().startswith("for i in 1 2 3 4 5") and "sleep 1" in loop
+    seen = []
+    for n in range(5):
+        seen.append(shell(ask, gw).strip())
+        if n < 4:  # where the docs sleep a second: the answer's cost charged, from the access log
+            wait_until(lambda n=n: gw.metrics().get(("llm_gateway_budget_cost_charged_total", frozenset({
+                ("budget", "default/spend-cap"), ("rule", "everyone"), ("currency", "CNY")})), 0)
+                       >= 0.000026 * (n + 1) - 1e-12, 10)
+    assert seen == ["200 0.0001", "200 0.000074", "200 0.000048", "200 0.000022", "429 0"]

@@ -16,6 +16,8 @@ from extproc.testing.ports import free_port
 
 def _value(any_value):
     kind = any_value.WhichOneof("value")
+    if kind == "array_value":
+        return [_value(v) for v in any_value.array_value.values]
     return getattr(any_value, kind) if kind else None
 
 

@@ -61,8 +61,10 @@ def test_budget_crd_is_in_our_own_group_with_its_checks():
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
     assert spec["required"] == ["host", "rules"]
     rule = spec["properties"]["rules"]["items"]
-    assert rule["required"] == ["tokens", "per"]
+    assert rule["required"] == ["per"]  # tokens, cost or both: the model says which is missing (Accepted)
     assert rule["properties"]["tokens"]["minimum"] == 1 and rule["properties"]["requests"]["minimum"] == 1
+    assert rule["properties"]["cost"]["pattern"] == r"^[0-9]{1,9}(\.[0-9]{1,6})?$"
+    assert rule["properties"]["currency"]["pattern"] == "^[A-Z]{3}$"
     assert rule["properties"]["per"]["pattern"] == "^[0-9]+(ms|s|m|h|d)$"
 
 

@@ -7,7 +7,7 @@ import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
 
-from extproc.dataplane.accesslog_receiver import AccessLogReceiver, charge_budgets
+from extproc.dataplane.accesslog_receiver import AccessLogReceiver, charge_budgets, charge_owed
 from extproc.telemetry.access_entries import record_from_entry
 from extproc.telemetry.metrics import GatewayMetrics, RequestRecord
 from support.access_log_entries import DECISION, HOST, entry
@@ -101,10 +101,46 @@ def test_access_log_entry_charges_its_buckets(gate):
     owed: dict = {}
     charge_budgets(owed, e, record_from_entry(e))
     charge_budgets(owed, e, record_from_entry(e))
-    e.response.response_code.value = 500  # a provider error charges nothing
+    e.response.response_code.value = 500  # a provider error that reported usage: billed, charged
     charge_budgets(owed, e, record_from_entry(e))
-    assert owed == {tuple(buckets_of(meta)): 34}
-    owed[tuple(buckets_of(meta))] = 17
-    for buckets, tokens in owed.items():
-        gate.charge(buckets, tokens)
+    e.common_properties.metadata.filter_metadata["llm_gateway"].fields.pop("total_tokens")
+    charge_budgets(owed, e, record_from_entry(e))  # one without usage: nothing
+    assert owed == {("", *buckets_of(meta)): [51, 0]}  # unpriced: no currency, no cost
+    owed[("", *buckets_of(meta))] = [17, 0]
+    charge_owed(gate, owed)
     assert admit(gate, headers(x_user_id="alice"))["ratelimit_remaining_tokens"] == "23"
+
+
+def test_an_attempt_that_timed_out_at_a_provider_is_spent_unmetered_at_that_providers_model():
+    """A failed-over attempt's own entry carries none of the request's decision: it is kept by
+    request id and spent, once the request's entry comes, at the provider and model its rule gives
+    that provider (b answered with `mb-main`; a's attempt was `ma`), and never for an attempt that
+    did not reach the provider."""
+    from extproc.protocol import UPSTREAM_END
+    from support.failover_config import CONFIG, compiled
+
+    table = compiled(CONFIG).table
+    metrics = GatewayMetrics()
+    receiver = AccessLogReceiver(metrics, table=lambda: table)
+
+    def attempt(request_id: str, reached: bool):
+        e = entry(None, "", meta={})
+        e.common_properties.access_log_type = UPSTREAM_END
+        e.common_properties.upstream_cluster = table.failover_clusters["a.example.com"]
+        e.common_properties.response_flags.upstream_request_timeout = True
+        if reached:
+            e.common_properties.time_to_last_upstream_tx_byte.FromMilliseconds(2)
+        e.request.request_id = request_id
+        return e
+
+    def answered(request_id: str):
+        e = entry(200, meta={"route": "default/r", "rule": "main", "provider": "default/b",
+                             "provider_host": "b.example.com", "request_model": "mb-main", "prompt_tokens": 8,
+                             "completion_tokens": 9})
+        e.request.request_id = request_id
+        return e
+
+    stream_logs(receiver, message(attempt("one", True), answered("one"), attempt("two", False), answered("two")))
+    spent = {key: entry_[5] for key, entry_ in metrics.spend.entries.items() if entry_[5]}
+    assert spent == {("", "default/r", "default/a", "ma", ""): 1}
+    assert metrics.spend.entries[("", "default/r", "default/b", "mb-main", "")][0] == 2  # both answered

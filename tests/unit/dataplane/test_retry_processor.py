@@ -77,3 +77,44 @@ def test_a_retry_asks_its_provider_for_the_clients_format(asked, previous, sent)
     assert rewritten["stream"] is sent
     assert ("stream_options" in rewritten) is sent
     assert answer.dynamic_metadata.fields["llm_gateway"].struct_value.fields["stream"].bool_value is sent
+
+
+PRICES = """
+---
+apiVersion: llm-gateway.dev/v1alpha1
+kind: LLMPriceTable
+metadata: {name: a-prices}
+spec:
+  host: a.example.com
+  currency: USD
+  models: [{model: ma, input: "1", output: "2"}]
+---
+apiVersion: llm-gateway.dev/v1alpha1
+kind: LLMPriceTable
+metadata: {name: b-prices}
+spec:
+  host: b.example.com
+  currency: USD
+  models: [{model: mb, input: "1", output: "2"}]
+"""
+
+
+@pytest.mark.parametrize("cap, refused", [("USD", True), (None, False)])
+def test_a_retry_a_cost_cap_could_not_charge_is_refused_not_sent(cap, refused):
+    """b's rule sends `mb-main`, which b's table does not price: under a cost cap (the request's
+    `budget_currency`), the retry is refused (403 model_not_priced) rather than sent uncharged;
+    without one it goes as ever, unpriced."""
+    import json as _json
+
+    table = compiled(CONFIG + PRICES).table
+    asked = {"budget": "default/spend", "budget_currency": cap, "currency": "USD"} if cap else {"currency": "USD"}
+    _, (answer,) = _retry(table, "llm_failover_a_example_com,llm_failover_b_example_com", 2, asked=asked)
+    if refused:
+        assert answer.immediate_response.status.code == 403
+        error = _json.loads(answer.immediate_response.body)["error"]
+        assert error["code"] == "model_not_priced" and "mb-main" in error["message"] and "default/spend" in \
+            error["message"]
+    else:
+        assert answer.WhichOneof("response") == "request_body"
+        assert "currency" not in answer.dynamic_metadata.fields["llm_gateway"].struct_value.fields or \
+            answer.dynamic_metadata.fields["llm_gateway"].struct_value.fields["currency"].string_value == ""

@@ -29,7 +29,8 @@ def test_bootstrap_filters_and_limits(body_limit):
     # the request ext_proc first, then the answer filter: on the way back it runs after the answer's
     # readers, which so read the provider's own answer; the router last
     assert names == ["envoy.filters.http.ext_proc", "llm_gateway.answer", "envoy.filters.http.buffer",
-                     "envoy.filters.http.json_to_metadata", "llm_gateway.event_stream", "envoy.filters.http.router"]
+                     "envoy.filters.http.json_to_metadata", "llm_gateway.event_stream", "llm_gateway.answer_reader",
+                     "envoy.filters.http.router"]
     proc = ext_proc(boot)
     assert proc["failure_mode_allow"] is False
     # the body streamed right behind the headers: the ext_proc answers both in one round trip

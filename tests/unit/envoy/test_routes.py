@@ -61,3 +61,17 @@ def test_sidecar_route_configuration():
     assert "request_headers_to_remove" not in passthrough  # other traffic leaves untouched
     to_route_proto(config)  # valid Envoy API
     assert [vh["name"] for vh in route_configuration([])["virtual_hosts"]] == ["passthrough"]
+
+
+def test_the_answer_reader_is_on_only_where_traces_are_exported():
+    from extproc.envoy.answer_reader import ANSWER_READER, CONTENTS, FINISH
+    from extproc.envoy.routes import any_host_route_configuration, route_configuration, to_route_proto
+
+    off = route_configuration(["svc"])
+    assert ANSWER_READER not in off["virtual_hosts"][0]["typed_per_filter_config"]
+    for script in (FINISH, CONTENTS):
+        for config in (route_configuration(["svc"], reader=script), any_host_route_configuration([], reader=script)):
+            proto = to_route_proto(config)  # Envoy's types: the Lua per-route config names a script of the filter
+            vhost = proto.virtual_hosts[0]
+            assert ANSWER_READER in vhost.typed_per_filter_config
+            assert config["virtual_hosts"][0]["typed_per_filter_config"][ANSWER_READER]["config"]["name"] == script

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from extproc.dataplane.accesslog_receiver import charge_budgets
+from extproc.dataplane.accesslog_receiver import charge_budgets, charge_owed
 from extproc.errors import GatewayError
 from extproc.policy.budget_gate import BudgetGate, answer_key, redacted_url
 from extproc.policy.budgets import BudgetRefused, BudgetRule, admission, key_hash
@@ -155,8 +155,7 @@ def test_two_objects_on_one_host_are_both_charged_and_the_tighter_one_answers(tm
     e = answered_entry(meta, total_tokens=25)
     owed: dict = {}
     charge_budgets(owed, e, record_from_entry(e))
-    for buckets, tokens in owed.items():
-        g.charge(buckets, tokens)
+    charge_owed(g, owed)
     with pytest.raises(BudgetRefused):  # the team's 20 are spent
         g.admit(route, headers(x_user_id="bob", x_team="red"))
     tighter = g.admit(route, headers(x_user_id="alice", x_team="blue")).as_dict()  # alice: 15 left, blue: 20

@@ -73,9 +73,11 @@ def test_openai_duration(seconds, text):
     ("success", 17, 8, 9, 17),
     ("success", None, 8, 9, 17),  # no total: prompt + completion
     ("success", None, None, None, 0),  # no usage at all
-    ("provider_error", 17, 8, 9, 0),  # a provider error charges nothing
-    ("client_cancelled", 17, None, None, 0),
+    ("provider_error", 17, 8, 9, 17),  # an error that reported usage was billed: charged
+    ("provider_error", None, None, None, 0),  # most errors report none: nothing
+    ("client_cancelled", 17, None, None, 17),  # the usage event came before the client left
     ("rejected", None, None, None, 0),
+    ("gateway_error", 17, None, None, 0),  # the gateway's own answer: never a provider's usage
 ])
 def test_tokens_to_charge(outcome, total, prompt, completion, charge):
     assert tokens_to_charge(outcome, total, prompt, completion) == charge

@@ -272,3 +272,45 @@ def test_a_refusal_at_a_limit_of_requests_in_flight_counts_as_overloaded(log_ent
     error the client got (`overloaded`), as the ext_proc's own 503 of that code is counted."""
     rec = record_from_entry(log_entry)
     assert (rec.outcome, rec.error_type) == (outcome, error_type)
+
+
+# --- unmetered: reached the provider, no usage seen -------------------------------------------------
+
+def _sent(e, sent: bool = True):
+    if sent:
+        e.common_properties.time_to_last_upstream_tx_byte.FromMilliseconds(3)
+    return e
+
+
+@pytest.mark.parametrize("status, details, sent, usage, expected", [
+    (200, "via_upstream", True, True, False),  # answered with usage: metered
+    (200, "via_upstream", True, False, True),  # an answer without usage: the provider billed it, for what?
+    (200, "upstream_reset_after_response_started{remote_reset}", True, False, True),  # a stream cut
+    (0, "downstream_remote_disconnect", True, False, True),  # the client left while the provider worked
+    (504, "response_timeout", True, False, True),  # Envoy's own 504: the provider got the request
+    (500, "via_upstream", True, False, False),  # the provider's own error answer: not billed
+    (429, "via_upstream", True, False, False),
+    (503, "upstream_reset_before_response_started{connection_failure}", False, False, False),  # never sent
+])
+def test_a_request_that_reached_the_provider_and_ended_without_usage_is_unmetered(status, details, sent, usage,
+                                                                                  expected):
+    from extproc.telemetry.access_entries import unmetered
+
+    meta = {**DECISION, **({"prompt_tokens": 8, "completion_tokens": 9} if usage else {})}
+    e = _sent(entry(status, details, meta=meta), sent)
+    record = record_from_entry(e)
+    assert (record.prompt_tokens is None and unmetered(e, record)) is expected
+    assert not unmetered(_sent(entry(200, meta={})), record_from_entry(entry(200, meta={})))  # no provider decided
+
+
+@pytest.mark.parametrize("reason, sent, expected", [
+    ("timeout", True, True),  # the per-try timeout: the provider may still have generated, and billed
+    ("reset", True, True),
+    ("timeout", False, False),  # the request never fully reached it
+    ("503", True, False),  # an error answer
+    ("connect_failure", False, False),
+])
+def test_a_failed_attempt_is_unmetered_when_it_reached_the_provider_and_got_no_answer(reason, sent, expected):
+    from extproc.telemetry.access_entries import unmetered_attempt
+
+    assert unmetered_attempt(_sent(entry(None, ""), sent), reason) is expected

@@ -32,7 +32,7 @@ def test_report_keeps_currencies_apart_and_unpriced_visible():
     rows = {(r["caller"], r["model"]): r for r in report["rows"]}
     assert rows[("ns/a", "m1")] == {"caller": "ns/a", "model": "m1", "currency": "USD", "requests": 2,
                                     "input_tokens": 200, "output_tokens": 20, "cached_input_tokens": 5,
-                                    "cost": "0.000003"}
+                                    "cost": "0.000003", "unmetered_attempts": 0}
     assert rows[("ns/b", "m3")]["cost"] is None and rows[("ns/b", "m3")]["currency"] is None
     by_route = spend_report(registry.collect(), ["route"])
     assert [(r["route"], r["currency"], r["requests"]) for r in by_route["rows"]] == [
