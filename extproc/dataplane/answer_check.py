@@ -243,7 +243,10 @@ class AnswerCheck:
                 self._choices.setdefault(choice.get("index", position), None)
                 if "text" in choice:
                     self._completion = True
-        for index in finished_choices(event):  # what its texts held goes out with it
+        finished = finished_choices(event)
+        if not slots and not finished:  # no text in it (the usage event): as it came
+            return raw + end
+        for index in finished:  # what its texts held goes out with it
             for key in [k for k in texts if k[0] == index]:
                 tail, found = texts.pop(key).close()
                 if found:
