@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import codecs
 import logging
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -57,7 +56,6 @@ from .data_protection import ProtectionMetrics
 log = logging.getLogger(__name__)
 
 ANSWER_ENTRY = "data_answer"  # the access log's field: the deciding rule and action on the answer
-_EVENT_END = re.compile(rb"\r?\n\r?\n")  # a blank line ends a server-sent event
 # An event this long without its end is not one a provider streams: the stream ends with an error
 # rather than holding (or passing unchecked) what comes.
 MAX_EVENT_BYTES = 4 << 20
@@ -186,10 +184,18 @@ class AnswerCheck:
             return b""
         data = self._carry + chunk if self._carry else chunk
         out: list[bytes] = []
-        pos = 0
-        for match in _EVENT_END.finditer(data, max(self._searched, 0)):
-            out.append(self._event(data[pos:match.start()], data[match.start():match.end()]))
-            pos = match.end()
+        pos, search = 0, max(self._searched, 0)
+        while True:  # each event's end: a blank line, "\n\n" or "\r\n\r\n" (two finds: a regex costs µs)
+            lf, crlf = data.find(b"\n\n", search), data.find(b"\n\r\n", search)
+            if lf < 0 and crlf < 0:
+                break
+            if crlf < 0 or 0 <= lf < crlf:
+                out.append(self._event(data[pos:lf], b"\n\n"))
+                pos = search = lf + 2
+            else:
+                start = crlf - 1 if data[crlf - 1:crlf] == b"\r" else crlf
+                out.append(self._event(data[pos:start], data[start:crlf + 3]))
+                pos = search = crlf + 3
             if self.ended:
                 return b"".join(out)
         rest = data[pos:]
@@ -208,11 +214,15 @@ class AnswerCheck:
 
     def _event(self, raw: bytes, end: bytes) -> bytes:
         """One event (without its blank line, `end`): as it came, or with its texts checked."""
-        lines = raw.split(b"\n")
-        data = [line[5:].removeprefix(b" ").rstrip(b"\r") for line in lines if line.startswith(b"data:")]
-        if not data:
-            return raw + end
-        payload = b"\n".join(data)
+        if raw.startswith(b"data: ") and b"\n" not in raw:  # one data line: what providers send
+            payload, other = raw[6:].rstrip(b"\r"), b""
+        else:
+            lines = raw.split(b"\n")
+            data = [line[5:].removeprefix(b" ").rstrip(b"\r") for line in lines if line.startswith(b"data:")]
+            if not data:
+                return raw + end
+            payload = b"\n".join(data)
+            other = b"".join(line + b"\n" for line in lines if not line.startswith(b"data:") and line.strip())
         if payload == b"[DONE]":
             held = self._flush(list(self._texts))
             return held if self.ended else held + raw + end
@@ -222,10 +232,14 @@ class AnswerCheck:
             return raw + end
         if not isinstance(event, dict) or not isinstance(event.get("choices"), list):
             return raw + end  # the usage event, an error event
-        head = self._head
-        for name in _HEAD:
-            if name in event:
-                head[name] = event[name]
+        if not self._head:  # the chunks the check adds carry the stream's id and model
+            self._head = {name: event[name] for name in _HEAD if name in event}
+        for position, choice in enumerate(event["choices"]):
+            if isinstance(choice, dict):
+                index = choice.get("index", position)
+                if index not in self._choices:
+                    self._choices[index] = None
+                    self._completion = self._completion or "text" in choice
         slots = stream_slots(event)
         texts = self._texts
         here: dict[StreamKey, Any] = {}
@@ -238,11 +252,6 @@ class AnswerCheck:
             here[key] = slot
             if found:
                 self._found(found)
-        for position, choice in enumerate(event["choices"]):
-            if isinstance(choice, dict):
-                self._choices.setdefault(choice.get("index", position), None)
-                if "text" in choice:
-                    self._completion = True
         finished = finished_choices(event)
         if not slots and not finished:  # no text in it (the usage event): as it came
             return raw + end
@@ -255,8 +264,7 @@ class AnswerCheck:
                     _append(event, key, here.get(key), tail)
         if self._block:
             return self._blocked()
-        other = [line for line in lines if not line.startswith(b"data:") and line.strip()]
-        return b"".join(line + b"\n" for line in other) + b"data: " + orjson.dumps(event) + b"\n\n"
+        return other + b"data: " + orjson.dumps(event) + b"\n\n"
 
     def _flush(self, keys: list[StreamKey]) -> bytes:
         """The held text of `keys` (the stream's end), as one chunk of its own."""

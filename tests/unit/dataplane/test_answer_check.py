@@ -224,3 +224,14 @@ def test_a_json_answer_that_is_not_one_passes():
     assert checked.json(b"not json") is None
     assert checked.json(b"[1, 2]") is None
     assert checked.json(b'{"object": "list", "data": []}') is None
+
+
+@pytest.mark.parametrize("size", [1, 5, 4096])
+def test_events_ended_by_crlf_lines(size):
+    stream = b"".join(piece.replace(b"\n\n", b"\r\n\r\n") for piece in words(f"mail {EMAIL} now"))
+    stream += b"data: [DONE]\r\n\r\n"
+    checked, _ = check()
+    pieces = [stream[i:i + size] for i in range(0, len(stream), size)]
+    out = b"".join(checked.feed(piece, i == len(pieces) - 1) for i, piece in enumerate(pieces))
+    assert content(parse(out.replace(b"\r\n", b"\n"))) == "mail [EMAIL] now "
+    assert out.endswith(b"data: [DONE]\r\n\r\n")
