@@ -15,9 +15,9 @@ a budget decided by Redis.
 
 Answers do not come here: Envoy reads their model, usage and error events itself
 (json_to_metadata, sse_to_metadata; see `extproc.envoy.bootstrap`). Only a request whose
-provider may answer in another format than its client asked for (`extproc.policy.answer_format`)
-is marked for Envoy's answer filter, whose own stream brings the answer to
-`extproc.dataplane.answer_exchange`.
+provider may answer in another format than its client asked for (`extproc.policy.answer_format`),
+or whose answer a data policy checks (`responses.check`), is marked for Envoy's answer filter,
+whose own stream brings the answer to `extproc.dataplane.answer_exchange`.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ A check that looked only at `message.content` would let the same text out as a r
 reasoning text or a tool call's arguments. A JSON answer's places are `Slot`s, as a prompt's
 are (written back in place when masked). A stream's pieces are keyed by what they continue: a
 choice's content, reasoning or refusal, or one of its tool calls' arguments, each a text of its
-own that the stream scanner follows across events (`StreamText`).
+own that a stream scanner follows across events (`extproc.dataplane.answer_check`).
 """
 
 from __future__ import annotations
