@@ -100,3 +100,9 @@ def request_headers_set(options: bytes) -> bytes:
 def request_body_replaced(body: bytes) -> bytes:
     """ProcessingResponse.request_body(3).response(1).body_mutation(3).body(1)."""
     return field(b"\x1a", field(b"\x0a", field(b"\x1a", field(b"\x0a", body))))
+
+
+def response_body_replaced(body: bytes) -> bytes:
+    """ProcessingResponse.response_body(4).response(1).body_mutation(3).body(1): one chunk of an
+    answer replaced (a checked stream's chunk; empty: nothing of it goes on)."""
+    return field(b"\x22", field(b"\x0a", field(b"\x1a", field(b"\x0a", body))))

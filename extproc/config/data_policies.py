@@ -13,10 +13,6 @@ from .loader import Loaded
 from .models import DataRuleSpec, LLMDataPolicy, parse_duration
 from .problems import Problem
 
-JUDGE_NOT_WIRED = ("accepted; the judge is not asked on the request path yet (it needs the ext_proc's "
-                   "asynchronous answer): until then a request this rule checks is treated as the judge failing: "
-                   "failOpen decides")
-
 
 def compile_protection(objects: list[Loaded], routes: dict[str, Route], problems: list[Problem],
                        accepted: list[Loaded], namespaces: bool = False, home: str | None = None) -> ProtectionTable:
@@ -33,7 +29,8 @@ def compile_protection(objects: list[Loaded], routes: dict[str, Route], problems
         spec = resource.spec
         name = f"{resource.metadata.namespace}/{resource.metadata.name}"
         _warnings(obj, resource, routes, problems)
-        rules = tuple(_rule(name, i, rule) for i, rule in enumerate(spec.rules))
+        answers = spec.responses is not None and spec.responses.check
+        rules = tuple(_rule(name, i, rule, answers) for i, rule in enumerate(spec.rules))
         if spec.hosts is None:
             applies = route_names
         else:
@@ -66,7 +63,7 @@ def compile_protection(objects: list[Loaded], routes: dict[str, Route], problems
     return ProtectionTable(by_route)
 
 
-def _rule(policy: str, index: int, rule: DataRuleSpec) -> DataRule:
+def _rule(policy: str, index: int, rule: DataRuleSpec, answers: bool = False) -> DataRule:
     patterns: list[Pattern] = []
     judge = None
     for detector in rule.detectors:
@@ -80,11 +77,11 @@ def _rule(policy: str, index: int, rule: DataRuleSpec) -> DataRule:
             j = detector.judge
             judge = JudgeSpec(j.host, j.model, parse_duration(j.timeout), j.fail_open)
     return DataRule(policy, rule.name or f"rules[{index}]", Action[rule.action.upper()],
-                    tuple(d.label for d in rule.detectors), tuple(patterns), judge)
+                    tuple(d.label for d in rule.detectors), tuple(patterns), judge, answers)
 
 
 def _warnings(obj: Loaded, policy: LLMDataPolicy, routes: dict[str, Route], problems: list[Problem]) -> None:
-    """What is accepted but does not (yet) do all it says."""
+    """What is accepted but does not do all it may seem to."""
     spec = policy.spec
 
     def warn(field: str, message: str, reason: str = "NotImplemented") -> None:
@@ -95,12 +92,14 @@ def _warnings(obj: Loaded, policy: LLMDataPolicy, routes: dict[str, Route], prob
         if normalize_host(host) not in routes:
             warn(f"spec.hosts[{i}]", f"no LLMRoute or LLMProvider serves host {host!r} (yet): the policy applies "
                                      "to it once one does", "HostNotFound")
-    if spec.responses is not None and spec.responses.check:
-        warn("spec.responses.check", "accepted but not implemented yet: answers are not checked")
+    if spec.responses is not None and spec.responses.check and all(
+            d.judge is not None for rule in spec.rules for d in rule.detectors):
+        warn("spec.responses.check", "answers are checked by pattern detectors (builtin, regex, keywords) only, and "
+                                     "no rule of this policy has one: its answers are not checked (a judge is asked "
+                                     "about prompts)", "NothingToCheck")
     for i, rule in enumerate(spec.rules):
         for j, detector in enumerate(rule.detectors):
             if detector.judge is not None:
-                warn(f"spec.rules[{i}].detectors[{j}].judge", JUDGE_NOT_WIRED)
                 if normalize_host(detector.judge.host) not in routes:
                     warn(f"spec.rules[{i}].detectors[{j}].judge.host",
                          f"no LLMRoute or LLMProvider serves host {detector.judge.host!r}: the judge cannot be "

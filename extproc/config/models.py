@@ -638,7 +638,8 @@ class DataRuleSpec(_Strict):
 
 
 class DataResponses(_Strict):
-    check: bool = Field(default=False, description="Also check answers (not implemented yet).")
+    check: bool = Field(default=False, description="Also check answers, streamed ones as they come (pattern "
+                        "detectors only).")
 
 
 class LLMDataPolicySpec(_Strict):

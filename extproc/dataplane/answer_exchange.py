@@ -13,6 +13,11 @@ headers arrive:
 2. else the whole body, which one of `CONVERTERS` turns into the client's format; the answer
    goes back with its new content type and length, and the stream ends.
 
+An answer a data policy checks (`responses.check`, marked `check_answer` in the decision) is
+handed to `extproc.dataplane.answer_check` at its headers: read whole (JSON, or converted), or
+piece by piece where the client reads the provider's stream as a stream (Envoy is told to send
+the body in pieces, `mode_override` STREAMED), so that it stays incremental.
+
 The stream is open from the answer's headers to its last byte: for a provider's stream turned
 into one JSON answer, as long as the provider streams. Each open one counts as an ext_proc stream
 (`Inflight.streams`), which a graceful drain waits for.
@@ -26,8 +31,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from ..policy.answer_format import AnswerPlan, conversion
 from ..policy.body_memory import Inflight
+from ..policy.caller import LOCAL, Caller
 from ..protocol import METADATA_NAMESPACE
 from . import answers
+from .answer_check import AnswerGuards, CheckedAnswer
 from .answer_converters import CONVERTERS, Converter
 
 log = logging.getLogger(__name__)
@@ -42,34 +49,43 @@ CONTINUE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse()).
 
 
 class AnswerProcessor:
-    """The answer filter's ext_proc service: one `AnswerExchange` per answer."""
+    """The answer filter's ext_proc service: one `AnswerExchange` per answer. `guards`: which
+    answers data policies check (None: none are)."""
 
-    def __init__(self, inflight: Inflight | None = None):
+    def __init__(self, inflight: Inflight | None = None, guards: AnswerGuards | None = None):
         self.inflight = inflight or Inflight()
+        self.guards = guards
 
-    def exchange(self) -> AnswerExchange:
-        return AnswerExchange(self.inflight)
+    def exchange(self, caller: Caller | None = LOCAL) -> AnswerExchange:
+        return AnswerExchange(self.inflight, self.guards, caller or LOCAL)
 
 
 class AnswerExchange:
-    __slots__ = ("_inflight", "_plan", "_converter", "_open")
+    __slots__ = ("_inflight", "_plan", "_converter", "_open", "_guards", "_caller", "_checked")
 
-    def __init__(self, inflight: Inflight):
+    def __init__(self, inflight: Inflight, guards: AnswerGuards | None = None, caller: Caller = LOCAL):
         self._inflight = inflight
         inflight.streams += 1
         self._open = True
         self._plan: AnswerPlan | None = None
         self._converter: Converter | None = None
+        self._guards = guards
+        self._caller = caller  # the Envoy the answer comes through: the request's caller
+        self._checked: CheckedAnswer | None = None  # a data policy checks this answer
 
     def on_message(self, message: bytes) -> tuple[list[bytes], bool]:
         request = pb.ProcessingRequest.FromString(message)
         phase = request.WhichOneof("request")
         try:
             if phase == "response_headers":
-                return [self._on_headers(request)], self._converter is None
+                return [self._on_headers(request)], self._converter is None and self._checked is None
+            if phase == "response_body" and self._checked is not None:
+                return self._checked.body(request.response_body)
             if phase == "response_body" and self._converter is not None and self._plan is not None:
                 return [self._on_body(request.response_body.body)], True
         except Exception:  # a bug: the answer passes as the provider sent it, never a stack trace
+            if self._checked is not None:  # ... but a checked one: never unchecked
+                return self._checked.failed(phase, phase == "response_body" and request.response_body.end_of_stream)
             log.exception("answer exchange failed on %s", phase)
             self._converter = None
             return [PASS if phase == "response_headers" else UNCHANGED_BODY], True
@@ -89,6 +105,11 @@ class AnswerExchange:
             elif h.key == "content-type":
                 content_type = h.raw_value.decode("latin-1")
         kind = conversion(plan.client_stream, status, content_type)
+        if (self._guards is not None and answers.CHECK_ANSWER in fields
+                and not request.response_headers.end_of_stream):  # a data policy checks it
+            self._checked = self._guards.checked(fields, self._caller, plan, status, content_type, kind)
+            if self._checked is not None:
+                return self._checked.headers()
         if kind is None or request.response_headers.end_of_stream:  # nothing to convert, or no body to do it on
             return PASS
         self._converter = CONVERTERS[kind]
@@ -114,3 +135,5 @@ class AnswerExchange:
         if self._open:
             self._open = False
             self._inflight.streams -= 1
+            if self._checked is not None:  # counted however it ended (a client gone mid-stream)
+                self._checked.check.finish()

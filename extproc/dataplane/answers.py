@@ -228,6 +228,12 @@ def plan_entries(plan: AnswerPlan) -> bytes:
     return _PLAN_ENTRIES[plan.client_stream, plan.include_usage]
 
 
+# The decision's metadata entry of a request whose answer a data policy checks (`responses.check`,
+# `AnswerPlan.check`): the answer's exchange checks it (`extproc.dataplane.answer_check`).
+CHECK_ANSWER = "check_answer"
+CHECK_ENTRY = wire.bool_entry(CHECK_ANSWER, True)
+
+
 def model_list(route: Route, authority: str) -> pb.ProcessingResponse:
     """`GET .../models`: OpenAI's list, from the config (`extproc.policy.openai_api.model_list`)."""
     response = pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(

@@ -4,10 +4,12 @@ the guard its decision carries, before the body is rewritten and forwarded.
 The processor calls it only for a request whose decision has a guard (`Decision.guard`): a
 route without a policy costs nothing here. Per request: the prompt's strings are found where
 they hide (`extproc.policy.data_protection.prompts`), scanned once (`Guard.inspect`), judged
-where a rule has a judge, and then refused (400 `content_policy_violation`, naming the rule
-and detector), masked in place, or only counted. The access log gets the deciding rule and
-its action as metadata; the metrics count by policy, rule, detector and action. What was
-found is never logged, counted by value, or put in an answer.
+where a rule has a judge (the processor asks it and answers later: `Judging`), and then
+refused (400 `content_policy_violation`, naming the rule and detector), masked in place, or
+only counted. The access log gets the deciding rule and its action as metadata; the metrics
+count by policy, rule, detector and action (answers have their own series, counted by
+`extproc.dataplane.answer_check`). What was found is never logged, counted by value, or put
+in an answer.
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ class ProtectionMetrics:
         self.judged = series.Counter(
             "llm_gateway_data_policy_judgements", "A judge's answers: yes, no, garbage, timeout, unavailable",
             ("policy", "rule", "answer"), registry=registry)
+        # answers (`responses.check`), counted apart: a prompt's series keep their meaning
+        self.answer_found = series.Counter(
+            "llm_gateway_data_policy_answer_detections", "Values data-policy detectors found in answers (responses."
+            "check), by the rule that looks for them and its action", ("policy", "rule", "detector", "action"),
+            registry=registry)
+        self.answers = series.Counter(
+            "llm_gateway_data_policy_answers", "Answers a data policy acted on (responses.check): the deciding rule "
+            "and the action taken", ("policy", "rule", "action"), registry=registry)
         self._series: dict[tuple[str, ...], series.CounterSeries] = {}  # labelled series, looked up once
 
     def count(self, family: series.Counter, *labels: str, by: float = 1) -> None:
@@ -54,10 +64,11 @@ class PromptCheck:
     verdict at once (`__init__`), the judges to ask (`pending`), their answers (`judged`),
     and then `finish`: refuse, mask in place, or count."""
 
-    __slots__ = ("guard", "slots", "texts", "verdict")
+    __slots__ = ("guard", "endpoint", "slots", "texts", "verdict")
 
     def __init__(self, guard: Guard, endpoint: Endpoint, data: dict[str, Any]):
         self.guard = guard
+        self.endpoint = endpoint
         self.slots = prompt_slots(endpoint, data)
         self.texts = [slot.text.encode("utf-8", "surrogatepass") for slot in self.slots]
         self.verdict: Verdict = guard.inspect(self.texts)
@@ -66,6 +77,11 @@ class PromptCheck:
         """The rules whose judge must still be asked (none once the request is blocked anyway)."""
         rules = self.guard.rules
         return [(r, spec) for r in self.guard.needs_judge(self.verdict) if (spec := rules[r].judge) is not None]
+
+    def rebind(self, data: dict[str, Any]) -> None:
+        """The same body parsed again (once its judges answered): where its strings are now, for
+        `finish` to mask them in place. Its texts, and so the verdict, are the same."""
+        self.slots = prompt_slots(self.endpoint, data)
 
     def prompt_text(self) -> str:
         """What a judge is shown: every prompt string, in order."""
@@ -108,10 +124,11 @@ class PromptCheck:
         return b"".join(wire.string_entry(key, value) for key, value in entries)
 
 
-def judge_unasked(_spec: JudgeSpec, _text: str) -> Judgement:
-    """The seam where the processor gets a judge's answer. The ext_proc answers each message
-    synchronously today (`extproc.dataplane.grpc_h2` calls `on_message` and sends what it
-    returns), so a judge cannot be awaited here: the judgement is UNAVAILABLE and the rule's
-    `failOpen` decides. With an asynchronous answer, this becomes `await judge_client.ask(...)`
-    (`extproc.dataplane.judge_client`)."""
-    return Judgement.UNAVAILABLE
+class Judging(Exception):  # noqa: N818 (not an error: the check goes on once its judges answered)
+    """Raised out of the body's rewrite where a rule's judge must be asked: the processor asks it
+    (`extproc.dataplane.judge_client`, each with its timeout), answers the body's message later
+    (`extproc.dataplane.deferred`), and rewrites the body again with the judged check."""
+
+    def __init__(self, check: PromptCheck):
+        super().__init__("a data policy's judge is to be asked")
+        self.check = check

@@ -8,8 +8,9 @@ against the same trust store Envoy's provider clusters use, at the address `--re
 refused connection, an error status or an answer that is not exactly YES or NO is a failed
 judgement, and the rule's `failOpen` decides what it means.
 
-An asynchronous call: the ext_proc can await it only once its messages can be answered later
-(see `extproc.dataplane.data_protection.judge_unasked`, the seam).
+An asynchronous call: the ext_proc answers the body's messages once it is back
+(`extproc.dataplane.processor`, `extproc.dataplane.deferred`). aiohttp is loaded on the first
+question: a gateway without judges does not pay for it at start.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable, Mapping
-
-import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from ..policy.data_protection.judge import MAX_ANSWER_BYTES, Judgement, JudgeSpec, question, read_answer
 from ..policy.table import RoutingTable
@@ -32,24 +32,41 @@ PROVIDER_PORT = 443
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 
-class _Resolved(AbstractResolver):
+if TYPE_CHECKING:
+    import aiohttp
+
+
+@dataclass(frozen=True)
+class JudgeReach:
+    """How judges are reached: as Envoy reaches providers, with the same trust store
+    (`--upstream-ca`) and addresses (`--resolve`: host -> (address, port))."""
+
+    ca_file: str = SYSTEM_CA_BUNDLE
+    resolve: Mapping[str, tuple[str, int]] = field(default_factory=dict)
+
+
+def _resolver(addresses: Mapping[str, tuple[str, int]]) -> Any:
     """Provider hosts at the addresses `--resolve` gives (as Envoy's clusters are), others by the
     system resolver."""
+    import aiohttp
+    from aiohttp.abc import AbstractResolver, ResolveResult
 
-    def __init__(self, addresses: Mapping[str, tuple[str, int]]):
-        self._addresses = addresses
-        self._system = aiohttp.ThreadedResolver()
+    class Resolved(AbstractResolver):
+        def __init__(self) -> None:
+            self._system = aiohttp.ThreadedResolver()
 
-    async def resolve(self, host: str, port: int = 0,
-                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
-        found = self._addresses.get(host)
-        if found is None:
-            return await self._system.resolve(host, port, family)
-        address, at = found
-        return [ResolveResult(hostname=host, host=address, port=at, family=socket.AF_INET, proto=0, flags=0)]
+        async def resolve(self, host: str, port: int = 0,
+                          family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+            found = addresses.get(host)
+            if found is None:
+                return await self._system.resolve(host, port, family)
+            address, at = found
+            return [ResolveResult(hostname=host, host=address, port=at, family=socket.AF_INET, proto=0, flags=0)]
 
-    async def close(self) -> None:
-        await self._system.close()
+        async def close(self) -> None:
+            await self._system.close()
+
+    return Resolved()
 
 
 class JudgeClient:
@@ -63,14 +80,18 @@ class JudgeClient:
         self._session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:
+        import aiohttp
+
         if self._session is None or self._session.closed:
             context = ssl.create_default_context(cafile=self._ca_file)
-            connector = aiohttp.TCPConnector(ssl=context, resolver=_Resolved(self._resolve))
+            connector = aiohttp.TCPConnector(ssl=context, resolver=_resolver(self._resolve))
             self._session = aiohttp.ClientSession(connector=connector)
         return self._session
 
     async def ask(self, spec: JudgeSpec, text: str) -> Judgement:
         """The judge's answer on `text`, never an exception."""
+        import aiohttp
+
         route = self._table().route_for(spec.host)
         if route is None or not route.rules:
             log.warning("data policy judge %s: no route serves that host", spec.host)
@@ -88,7 +109,12 @@ class JudgeClient:
                     if response.status != 200:
                         log.warning("data policy judge %s answered %d", spec.host, response.status)
                         return Judgement.UNAVAILABLE
-                    body = await response.content.read(MAX_ANSWER_BYTES + 1)
+                    body = b""  # as it comes, to its end or just past the bound
+                    while len(body) <= MAX_ANSWER_BYTES:
+                        piece = await response.content.read(MAX_ANSWER_BYTES + 1 - len(body))
+                        if not piece:
+                            break
+                        body += piece
         except TimeoutError:
             return Judgement.TIMEOUT
         except (aiohttp.ClientError, OSError) as exc:

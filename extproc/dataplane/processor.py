@@ -8,15 +8,21 @@ held until the body is whole, so that one round trip carries everything: the hea
 metadata for the access log) and the chunks' answers (the rewritten body in the last one). What
 does not depend on the request is prebuilt per target, once (`extproc.dataplane.answers`).
 
+A rule of a data policy with a judge (`LLMDataPolicy`: a private model asked whether the prompt
+is sensitive) makes the body's answer wait for the judge (`extproc.dataplane.judge_client`,
+bounded by its timeout): the messages are answered later (`extproc.dataplane.deferred`), as for
+a budget decided by Redis.
+
 Answers do not come here: Envoy reads their model, usage and error events itself
 (json_to_metadata, sse_to_metadata; see `extproc.envoy.bootstrap`). Only a request whose
-provider may answer in another format than its client asked for (`extproc.policy.answer_format`)
-is marked for Envoy's answer filter, whose own stream brings the answer to
-`extproc.dataplane.answer_exchange`.
+provider may answer in another format than its client asked for (`extproc.policy.answer_format`),
+or whose answer a data policy checks (`responses.check`), is marked for Envoy's answer filter,
+whose own stream brings the answer to `extproc.dataplane.answer_exchange`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -32,6 +38,7 @@ from ..policy.body_memory import Inflight, Overloaded
 from ..policy.budget_gate import Admitted, BudgetGate, Waiting
 from ..policy.budgets import unpriced_under_cap
 from ..policy.caller import LOCAL, Caller
+from ..policy.data_protection.judge import Judgement
 from ..policy.decide import Decision, ModelList, decide
 from ..policy.failover import FAILOVER_BODY_MAX
 from ..policy.passive_health import PassiveHealth
@@ -40,8 +47,9 @@ from ..protocol import DEFAULT_BODY_LIMIT, METADATA_NAMESPACE
 from ..telemetry.trace_context import TRACEPARENT, Sampler, TraceContext
 from . import answers
 from .body_rewrite import Rewritten, rewrite_body
-from .data_protection import PromptCheck, ProtectionMetrics, judge_unasked
+from .data_protection import Judging, PromptCheck, ProtectionMetrics
 from .deferred import Deferred
+from .judge_client import JudgeClient
 from .trace_contents import TraceContents
 
 log = logging.getLogger(__name__)
@@ -55,7 +63,8 @@ class ExternalProcessor:
                  clock: Callable[[], float] = time.time, body_limit: int = DEFAULT_BODY_LIMIT,
                  budgets: BudgetGate | None = None, inflight: Inflight | None = None,
                  health: PassiveHealth | None = None, tracing: Sampler | None = None,
-                 protection: ProtectionMetrics | None = None, contents: TraceContents | None = None):
+                 protection: ProtectionMetrics | None = None, contents: TraceContents | None = None,
+                 judges: JudgeClient | None = None):
         self.holder = holder
         self.tracing = tracing  # None: no traces (no exporter configured), nothing done per request
         self.contents = contents  # None: no prompt in spans (the default); else a sampled request's, masked
@@ -68,6 +77,8 @@ class ExternalProcessor:
         self._cooling = lambda: self.health.cooling(self.clock())
         # LLMDataPolicy's counts (extproc.dataplane.data_protection)
         self.protection = protection if protection is not None else ProtectionMetrics(CollectorRegistry())
+        # data policies' judges (None: none can be asked, every judgement is `unavailable`)
+        self.judges = judges
 
     def exchange(self, caller: Caller | None = LOCAL) -> Exchange:
         """A new stream's state, for a verified caller (the HTTP/2 server never opens an ext_proc
@@ -83,14 +94,17 @@ class ExternalProcessor:
         return decide(self.holder.table, raw, not headers_msg.end_of_stream, caller, self.draw(), self._cooling)
 
     def forward(self, body: bytes, chunks: int, decision: Decision, budget: Admitted | None = None,
-                trace: TraceContext | None = None, caller: Caller = LOCAL) -> list[bytes]:
+                trace: TraceContext | None = None, caller: Caller = LOCAL,
+                judged: PromptCheck | None = None) -> list[bytes]:
         """The held answer to the headers, then one answer per body chunk (the last one with the
-        rewritten body). In wire form: the target's prebuilt part and what this request adds."""
+        rewritten body). In wire form: the target's prebuilt part and what this request adds.
+        Raises `Judging` where a data policy's judge must be asked first; `judged`: its check,
+        once the judges answered."""
         target, endpoint = decision.target, decision.endpoint
         if decision.guard is None:
             rewritten, protected = rewrite_body(body, target, endpoint), None
         else:  # an LLMDataPolicy applies: the prompt is checked (refused, masked, counted) first
-            rewritten, protected = self._protected(body, decision)
+            rewritten, protected = self._protected(body, decision, judged)
         if budget is not None and budget.currencies:  # a cost cap: its answer must have a price to charge
             unpriced = unpriced_under_cap(budget.currencies, target.prices.get(rewritten.model), rewritten.model,
                                           target.provider_host, budget.budget)
@@ -104,7 +118,8 @@ class ExternalProcessor:
             attempt_headers = ()
         # the answer comes back to be turned into the client's format, where a provider may send another
         plan = answer_plan(endpoint, target, decision.rule.failover if attempt_headers else None,
-                           rewritten.client_stream, rewritten.include_usage)
+                           rewritten.client_stream, rewritten.include_usage,
+                           decision.guard is not None and decision.guard.answers is not None)
         if decision.strip or attempt_headers or plan is not None:
             parts.append(answers.more_headers(decision.strip, attempt_headers, plan is not None))
         if target.prices:  # the provider has a price table: the model's price, for the request's cost
@@ -122,6 +137,8 @@ class ExternalProcessor:
                 more += self.contents.prompt_entry(rewritten.body, endpoint, target.route)
         if plan is not None:  # what the client asked for, for its answer and a retry
             more += answers.plan_entries(plan)
+            if plan.check:  # and that a data policy checks the answer
+                more += answers.CHECK_ENTRY
         if protected:  # a data policy's deciding rule and action
             more += protected
         if more:
@@ -129,17 +146,25 @@ class ExternalProcessor:
         parts.append(metadata)
         return answers.body_answers(parts, chunks, rewritten.body)
 
-    def _protected(self, body: bytes, decision: Decision) -> tuple[Rewritten, bytes]:
+    def _protected(self, body: bytes, decision: Decision, judged: PromptCheck | None) -> tuple[Rewritten, bytes]:
         """The body rewritten once its prompt passed the decision's data policies (refused: the
-        refusal is raised; masked in place; counted), and their metadata entries for the access log."""
+        refusal is raised; masked in place; counted), and their metadata entries for the access
+        log. A judge to ask first: `Judging` is raised (the body is rewritten again once it answered)."""
         guard, endpoint, protected = decision.guard, decision.endpoint, b""
         assert guard is not None
 
         def check_prompt(data: dict) -> None:
             nonlocal protected
-            check = PromptCheck(guard, endpoint, data)
-            for rule, judge in check.pending():  # the seam of the judge (extproc.dataplane.data_protection)
-                check.judged(rule, judge_unasked(judge, check.prompt_text()), self.protection)
+            if judged is not None:  # the judges answered: the same body, parsed again
+                check = judged
+                check.rebind(data)
+            else:
+                check = PromptCheck(guard, endpoint, data)
+                pending = check.pending()
+                if pending and self.judges is not None:
+                    raise Judging(check)
+                for rule, _ in pending:  # no client to ask them with: failOpen decides
+                    check.judged(rule, Judgement.UNAVAILABLE, self.protection)
             protected = check.finish(self.protection)
 
         return rewrite_body(body, decision.target, endpoint, inspect=check_prompt), protected
@@ -150,7 +175,8 @@ class Exchange:
     when its body is whole (or at once with an error). The stream ends as soon as nothing more
     is needed, before Envoy has to cancel it."""
 
-    __slots__ = ("_processor", "_caller", "_decision", "_body", "_chunks", "_budget", "_held", "_trace", "_later")
+    __slots__ = ("_processor", "_caller", "_decision", "_body", "_chunks", "_budget", "_held", "_trace", "_later",
+                 "_judging")
 
     def __init__(self, processor: ExternalProcessor, caller: Caller = LOCAL):
         self._processor = processor
@@ -164,6 +190,7 @@ class Exchange:
         self._chunks = 0
         self._budget: Admitted | None = None
         self._trace: TraceContext | None = None
+        self._judging: asyncio.Task | None = None  # a data policy's judges being asked
 
     def on_message(self, message: bytes) -> tuple[list[bytes] | Deferred, bool]:
         """The answers this message completes, in wire form (none while the request body is
@@ -213,6 +240,8 @@ class Exchange:
                 return processor.forward(bytes(self._body), self._chunks, held, self._budget, self._trace,
                                          self._caller), True
             return [answers.continue_phase(phase).SerializeToString()], False
+        except Judging as judging:  # a data policy's judge is asked first: answered then
+            return self._judge(judging.check), True
         except GatewayError as error:
             return [self._refusal(error)], True
         except Exception:  # never a stack trace to the client, never a request sent unrewritten
@@ -255,6 +284,31 @@ class Exchange:
             later.answer([answers.immediate(GatewayError(500, "the gateway failed to process the request",
                                                          "internal_error")).SerializeToString()], True)
 
+    def _judge(self, check: PromptCheck) -> Deferred:
+        """The body's answers once the judges answered (each bounded by its timeout)."""
+        later = self._later = Deferred()
+        self._judging = asyncio.get_running_loop().create_task(self._judged(check, later))
+        return later
+
+    async def _judged(self, check: PromptCheck, later: Deferred) -> None:
+        processor = self._processor
+        judges, held = processor.judges, self._decision
+        assert judges is not None and held is not None
+        try:
+            pending = check.pending()
+            text = check.prompt_text()
+            judgements = await asyncio.gather(*(judges.ask(spec, text) for _, spec in pending))
+            for (rule, _), judgement in zip(pending, judgements, strict=True):
+                check.judged(rule, judgement, processor.protection)
+            later.answer(processor.forward(bytes(self._body), self._chunks, held, self._budget, self._trace,
+                                           self._caller, judged=check), True)
+        except GatewayError as error:
+            later.answer([self._refusal(error)], True)
+        except Exception:  # never a stack trace to the client, never a request sent unrewritten
+            log.exception("ext_proc failed on a data policy's judgement")
+            later.answer([answers.immediate(GatewayError(500, "the gateway failed to process the request",
+                                                         "internal_error")).SerializeToString()], True)
+
     def _admit(self, size: int, processor: ExternalProcessor) -> None:
         """Hold `size` body bytes in all (up to the body limit, which answers 413 past it), or 503."""
         more = min(size, processor.body_limit) - self._held
@@ -266,6 +320,9 @@ class Exchange:
     def on_close(self) -> None:
         """The stream is over, however it ended: its body bytes are no longer held."""
         inflight = self._processor.inflight
+        if self._judging is not None:  # gone while its judges were asked: no one waits for them
+            self._judging.cancel()
+            self._judging = None
         if self._held >= 0:
             inflight.streams -= 1
             inflight.give_back(self._held)

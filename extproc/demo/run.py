@@ -79,6 +79,9 @@ echoes what it received), a provider key refused with a 400:
     --data '{{"messages": [{{"role": "user", "content": "Card 4111 1111 1111 1111, mail jane@example.com"}}]}}'
   curl -x {proxy} http://dashscope.aliyuncs.com \\
     --data '{{"messages": [{{"role": "user", "content": "my key is sk-0123456789abcdef0123456789"}}]}}'
+... and answers on their way back (the fake answers what x-fake-reply says), a stream as it comes:
+  curl -N -x {proxy} http://dashscope.aliyuncs.com -H 'x-fake-reply: Your card 4111 1111 1111 1111 is on file' \\
+    --data '{{"messages": [{{"role": "user", "content": "Which card?"}}], "stream": true}}'
 
 An OpenAI base URL: embeddings, and the model list the gateway answers itself (docs/api.md):
   curl -x {proxy} http://dashscope.aliyuncs.com/compatible-mode/v1/embeddings \\

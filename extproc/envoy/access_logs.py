@@ -52,6 +52,8 @@ ACCESS_LOG_FORMAT = {
     "data_rule": metadata_value("data_rule"),
     "data_action": metadata_value("data_action"),
     "data_detectors": metadata_value("data_detectors"),
+    # ... and on the answer (`responses.check`): {policy, rule, action, detectors}, one field
+    "data_answer": metadata_value("data_answer"),
     # the verified caller (extproc.policy.caller), never from the request: {namespace,
     # service_account, workload, pod}, one field (each field formatted costs every request)
     "caller": metadata_value("caller"),

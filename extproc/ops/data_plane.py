@@ -14,15 +14,18 @@ from collections.abc import Callable
 
 from ..dataplane import grpc_h2
 from ..dataplane.accesslog_receiver import AccessLogReceiver
+from ..dataplane.answer_check import AnswerGuards
 from ..dataplane.answer_exchange import AnswerProcessor
 from ..dataplane.authentication import Authenticator
 from ..dataplane.data_protection import ProtectionMetrics
 from ..dataplane.grpc_h2 import Call, H2Connection
 from ..dataplane.health_check import HealthCheck
+from ..dataplane.judge_client import JudgeClient, JudgeReach
 from ..dataplane.processor import ExternalProcessor
 from ..dataplane.retry_processor import RetryRewriter
 from ..dataplane.trace_contents import TraceContents, capture_contents
 from ..envoy.answer_reader import CONTENTS, FINISH
+from ..envoy.clusters import UpstreamOptions
 from ..policy.body_memory import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT, Inflight, register_metrics
 from ..policy.budget_gate import BudgetGate
 from ..policy.caller import LOCAL, Caller
@@ -51,12 +54,13 @@ CHUNK_MARGIN = 4 << 20
 
 class DataPlane:
     """One process's data plane. `worker` names the process in the per-process metric series
-    (0: the main one)."""
+    (0: the main one). `judges`: how data policies' judges are reached (as Envoy reaches
+    providers: `judge_reach`)."""
 
     def __init__(self, holder: TableHolder, body_limit: int = DEFAULT_BODY_LIMIT,
                  max_body_bytes_in_flight: int = DEFAULT_MAX_BODY_BYTES_IN_FLIGHT,
                  redis_url: str | None = None, redis_fail_closed: bool = False, worker: int = 0,
-                 otlp_endpoint: str | None = None, local: Caller = LOCAL):
+                 otlp_endpoint: str | None = None, local: Caller = LOCAL, judges: JudgeReach | None = None):
         self.holder = holder
         self.local = local  # the caller on a Unix socket: as the operator states it (--source-labels)
         self.body_limit = body_limit
@@ -83,16 +87,20 @@ class DataPlane:
                 if self.spans is not None else None)
         # Envoy's answer reader (finish reason, contents), turned on by the routes where traces are exported
         self.answer_reader = None if self.spans is None else CONTENTS if contents is not None else FINISH
+        protection = ProtectionMetrics(self.metrics.registry)  # LLMDataPolicy's counts, prompts and answers
+        reach = judges or JudgeReach()
+        self.judges = JudgeClient(lambda: self.holder.table, reach.ca_file, reach.resolve)
         processor = ExternalProcessor(holder, body_limit=body_limit, budgets=self.budgets, inflight=self.inflight,
                                       health=self.health, tracing=sampler_from_env() if sink is not None else None,
-                                      protection=ProtectionMetrics(self.metrics.registry), contents=contents)
+                                      protection=protection, contents=contents, judges=self.judges)
         retries = RetryRewriter(holder, body_limit)
-        answer = AnswerProcessor(self.inflight)  # answers turned into the client's format
+        # answers turned into the client's format, or checked by a data policy
+        answer = AnswerProcessor(self.inflight, AnswerGuards(holder, protection))
         receiver = AccessLogReceiver(self.metrics, self.budgets, attempts, sink, table=lambda: self.holder.table)
         self.methods: dict[str, Callable[[Caller | None], Call]] = {
             PROCESS: processor.exchange,
             RETRY_AUTHORITY + PROCESS: lambda _caller: retries.exchange(),
-            ANSWER_AUTHORITY + PROCESS: lambda _caller: answer.exchange(),
+            ANSWER_AUTHORITY + PROCESS: answer.exchange,
             STREAM_ACCESS_LOGS: receiver.call,
             HEALTH_CHECK: lambda _caller: HealthCheck(lambda: not self.draining),
         }
@@ -132,5 +140,11 @@ class DataPlane:
         await self.budgets.stop()
         if self.spend_writer is not None:  # what was counted since the last flush, sent
             await self.spend_writer.stop()
+        await self.judges.close()
         if self.spans is not None:
             await asyncio.to_thread(self.spans.stop)
+
+
+def judge_reach(upstream: UpstreamOptions) -> JudgeReach:
+    """Judges are reached as Envoy reaches providers: the same trust store and `--resolve` addresses."""
+    return JudgeReach(upstream.ca_file, {host: (to.host, to.port) for host, to in upstream.resolve.items()})

@@ -21,7 +21,7 @@ from ..protocol import DEFAULT_BODY_LIMIT, EXT_PROC_SOCKET, XDS_SOCKET
 from ..telemetry.spend_redis import SpendStore
 from .children import listening_problems
 from .control_plane import ControlPlane
-from .data_plane import DataPlane
+from .data_plane import DataPlane, judge_reach
 from .drain import DEFAULT_GRACE_S, drain
 from .leader import DEFAULT_LEASE_DURATION_S, DEFAULT_LEASE_NAME, LeaderElector, default_namespace
 from .socket_dir import default_socket_dir, private_dir
@@ -110,9 +110,9 @@ async def run_serve(opts: ServeOptions) -> int:
     # worker processes share a TCP port (SO_REUSEPORT); local mode's Unix socket has one process
     workers = WorkerSetup(opts.workers if socket_dir is None else 1, opts.max_body_bytes_in_flight, opts.body_limit,
                           opts.log_level, opts.auth_description() if socket_dir is None else None,
-                          (opts.redis_url, opts.redis_fail_closed), opts.otlp_endpoint)
+                          (opts.redis_url, opts.redis_fail_closed), opts.otlp_endpoint, judge_reach(opts.upstream))
     plane = DataPlane(workers.holder, opts.body_limit, workers.share, opts.redis_url, opts.redis_fail_closed,
-                      otlp_endpoint=opts.otlp_endpoint, local=opts.caller)
+                      otlp_endpoint=opts.otlp_endpoint, local=opts.caller, judges=judge_reach(opts.upstream))
     control = ControlPlane(opts.upstream, plane, reuse_port=workers.reuse_port)
     source = config_source(opts.config, opts.kubernetes, opts.namespace, control.apply, key_env=opts.key_env,
                            home=opts.home, view=opts.view)

@@ -33,7 +33,7 @@ from ..protocol import DEFAULT_BODY_LIMIT
 from ..telemetry.spend_redis import SpendStore
 from .children import dying_with_us, listening_problems
 from .control_plane import ControlPlane
-from .data_plane import DataPlane
+from .data_plane import DataPlane, judge_reach
 from .descriptors import raise_descriptor_limit, report
 from .drain import DEFAULT_GRACE_S, drain_envoy
 from .socket_dir import private_dir
@@ -180,7 +180,8 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
     if busy:
         raise StartupError("\n".join(busy))
     plane = DataPlane(TableHolder(EMPTY_TABLE), opts.body_limit, opts.max_body_bytes_in_flight, opts.redis_url,
-                      opts.redis_fail_closed, otlp_endpoint=opts.otlp_endpoint, local=opts.caller)
+                      opts.redis_fail_closed, otlp_endpoint=opts.otlp_endpoint, local=opts.caller,
+                      judges=judge_reach(opts.upstream))
     control = ControlPlane(opts.upstream, plane)
     source = config_source(opts.config, opts.kubernetes, opts.namespace, control.apply, opts.reload_interval,
                            opts.key_env, opts.home, opts.view)

@@ -35,6 +35,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from ..dataplane.authentication import AuthSetup
+from ..dataplane.judge_client import JudgeReach
 from ..policy.table import EMPTY_TABLE, RoutingTable, TableHolder
 from .children import die_with_parent
 from .data_plane import DataPlane
@@ -108,14 +109,15 @@ class WorkerPool:
     @classmethod
     def start(cls, count: int, host: str, port: int, table, body_limit: int, cap_share: int,
               log_level: str, auth: AuthSetup | None = None,
-              redis: tuple[str | None, bool] = (None, False), otlp_endpoint: str | None = None) -> WorkerPool:
+              redis: tuple[str | None, bool] = (None, False), otlp_endpoint: str | None = None,
+              judges: JudgeReach | None = None) -> WorkerPool:
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no copied loop or threads
         workers = []
         for index in range(count):
             ours, theirs = context.Pipe()
             process = context.Process(target=_worker_main, name=f"extproc-worker-{index + 1}", daemon=True,
                                       args=(theirs, os.getpid(), host, port, pickle.dumps(table), body_limit,
-                                            cap_share, log_level, index + 1, auth, redis, otlp_endpoint))
+                                            cap_share, log_level, index + 1, auth, redis, otlp_endpoint, judges))
             process.start()
             theirs.close()
             workers.append(Worker(process, ours))
@@ -220,7 +222,8 @@ def flatten_families(families) -> list:
 
 def _worker_main(conn, parent: int, host: str, port: int, table: bytes, body_limit: int, cap: int,
                  log_level: str, index: int, auth: AuthSetup | None = None,
-                 redis: tuple[str | None, bool] = (None, False), otlp_endpoint: str | None = None) -> None:
+                 redis: tuple[str | None, bool] = (None, False), otlp_endpoint: str | None = None,
+                 judges: JudgeReach | None = None) -> None:
     arm = die_with_parent(signal.SIGTERM, parent)
     if arm is not None:
         arm()
@@ -231,18 +234,18 @@ def _worker_main(conn, parent: int, host: str, port: int, table: bytes, body_lim
     collect_cycles_rarely()
     try:
         asyncio.run(_worker(conn, host, port, pickle.loads(table), body_limit, cap, index, auth, redis,
-                            otlp_endpoint))
+                            otlp_endpoint, judges))
     except KeyboardInterrupt:
         pass
 
 
 async def _worker(conn, host: str, port: int, table: RoutingTable, body_limit: int, cap: int, index: int,
                   auth: AuthSetup | None = None, redis: tuple[str | None, bool] = (None, False),
-                  otlp_endpoint: str | None = None) -> None:
+                  otlp_endpoint: str | None = None, judges: JudgeReach | None = None) -> None:
     # the same data plane as the main process's (budgets through the same Redis; without one, each
     # process keeps its own; passive health as this process sees it)
     plane = DataPlane(TableHolder(table), body_limit, cap, redis[0], redis[1], worker=index,
-                      otlp_endpoint=otlp_endpoint)
+                      otlp_endpoint=otlp_endpoint, judges=judges)
     await plane.start()
     try:
         await plane.listen_tcp(host, port, auth.build() if auth else None, reuse_port=True)
@@ -284,9 +287,9 @@ class WorkerSetup:
 
     def __init__(self, requested: int | None, cap: int, body_limit: int, log_level: str,
                  auth: AuthSetup | None = None, redis: tuple[str | None, bool] = (None, False),
-                 otlp_endpoint: str | None = None):
+                 otlp_endpoint: str | None = None, judges: JudgeReach | None = None):
         self.count, self.share, note = plan(requested, cap, body_limit)
-        self._auth, self._redis, self._otlp = auth, redis, otlp_endpoint
+        self._auth, self._redis, self._otlp, self._judges = auth, redis, otlp_endpoint, judges
         self.pool: WorkerPool | None = None
         self._body_limit, self._log_level = body_limit, log_level
         if note:
@@ -308,7 +311,7 @@ class WorkerSetup:
             return
         self.pool = await asyncio.to_thread(WorkerPool.start, self.count - 1, host, port, self.holder.table,
                                             self._body_limit, self.share, self._log_level, self._auth, self._redis,
-                                            self._otlp)
+                                            self._otlp, self._judges)
         assert isinstance(self.holder, BroadcastingHolder)
         self.holder.pool = self.pool
         if self._merged is not None:

@@ -36,15 +36,19 @@ class AnswerPlan(NamedTuple):
 
     client_stream: bool  # the client sent "stream": true
     include_usage: bool  # ... and "stream_options": {"include_usage": true}
+    check: bool = False  # a data policy checks the answer (`responses.check`)
 
 
 def answer_plan(endpoint: Endpoint, target: Target, failover: Failover | None, client_stream: bool,
-                include_usage: bool) -> AnswerPlan | None:
+                include_usage: bool, check: bool = False) -> AnswerPlan | None:
     """A plan when a provider this request may reach is configured to answer in the other
     format (its `stream` set, and not to the client's): the first attempt's, or for a rule with
-    `retries` any provider of its attempt orders. None otherwise: the answer is not processed.
-    The config's `stream` is a chat setting (`configured_stream`); the common case (no `stream`
-    set, no retries) costs two comparisons."""
+    `retries` any provider of its attempt orders; or when a data policy checks its answer
+    (`check`, for the endpoints whose answers carry a model's text). None otherwise: the answer
+    is not processed. The config's `stream` is a chat setting (`configured_stream`); the common
+    case (no `stream` set, no retries, no check) costs three comparisons."""
+    if check and endpoint.streams:  # chat and completions: the endpoints whose answers carry a model's text
+        return AnswerPlan(client_stream, include_usage, True)
     forced = target.stream
     if forced is not None and forced is not client_stream and endpoint is CHAT:
         return AnswerPlan(client_stream, include_usage)
@@ -73,4 +77,23 @@ def conversion(client_stream: bool, status: int, content_type: str) -> str | Non
         return JSON_TO_EVENTS
     if not client_stream and kind == EVENT_STREAM:
         return EVENTS_TO_JSON
+    return None
+
+
+# How a checked answer's body comes to the exchange (`check_mode`)
+CHECK_STREAM = "check_stream"  # piece by piece, as the provider streams it (Envoy's STREAMED mode)
+CHECK_WHOLE = "check_whole"  # whole (JSON, or an answer converted whole)
+
+
+def check_mode(client_stream: bool, status: int, content_type: str, kind: str | None) -> str | None:
+    """How a checked answer (`AnswerPlan.check`) is read: a stream the client reads as a stream
+    piece by piece, so it stays incremental; a JSON answer, or one converted whole (`kind`),
+    whole. None: not a model's answer (an error status, another content type): passed as it is."""
+    if not 200 <= status < 300:
+        return None
+    media = content_type.split(";", 1)[0].strip().lower()
+    if kind is None and client_stream and media == EVENT_STREAM:
+        return CHECK_STREAM
+    if kind is not None or media == JSON:
+        return CHECK_WHOLE
     return None

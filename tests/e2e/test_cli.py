@@ -166,6 +166,14 @@ def test_demo_serves_the_three_scenarios_and_stops_cleanly(tmp_path):
         refused = gw.request("dashscope.aliyuncs.com", {"messages": [
             {"role": "user", "content": "my key is sk-0123456789abcdef0123456789"}]})
         assert (refused.status, refused.json()["error"]["code"]) == (400, "content_policy_violation")
+        # ... and the answer's, streamed: the card masked on its way back
+        assert "x-fake-reply: Your card 4111 1111 1111 1111 is on file" in gw.log()
+        streamed = gw.request("dashscope.aliyuncs.com", {"messages": [{"role": "user", "content": "Which card?"}],
+                                                         "stream": True},
+                              {"x-fake-reply": "Your card 4111 1111 1111 1111 is on file"})
+        text = "".join(c["delta"].get("content") or "" for block in streamed.body.decode().split("\n\n")
+                       if block.startswith("data: {") for c in json.loads(block[6:])["choices"])
+        assert text == "Your card [BANK-CARD] is on file "
         process.send_signal(signal.SIGINT)
         assert process.wait(15) == 0
     finally:

@@ -536,10 +536,11 @@ def test_data_policy_objects_are_watched_with_accepted_conditions(clean, k8s_gat
     assert forwarded() == "mail [EMAIL]"
     assert gw.request(DASHSCOPE, {"messages": [{"role": "user", "content": "ACME-123456"}]}).status == 400
 
-    # fixed, with what is accepted but not done yet: a warning in an Accepted=True condition
-    kube.run("apply", "-f", "-", stdin=data_policy(action="log", extra="  responses: {check: true}\n"))
+    # fixed, with what does less than it seems (a judge no route serves): a warning in an Accepted=True condition
+    judged = "  - name: judged\n    detectors: [{judge: {host: guard.ai.svc}}]\n    action: log\n"
+    kube.run("apply", "-f", "-", stdin=data_policy(action="log", extra=judged + "  responses: {check: true}\n"))
     wait_until(lambda: kube.condition("llmdatapolicy", "no-secrets-out").get("status") == "True", 10, gw.log)
-    assert "spec.responses.check: accepted but not implemented yet" in \
+    assert "spec.rules[2].detectors[0].judge.host: no LLMRoute or LLMProvider serves host 'guard.ai.svc'" in \
         kube.condition("llmdatapolicy", "no-secrets-out")["message"]
     wait_until(lambda: forwarded() == "mail jane@example.com", 10, gw.log)
 

@@ -1,6 +1,7 @@
 """`extproc route --body FILE`: which data-policy rules a body would meet, and what would happen
-to it, from the same guard, prompt slots and decision the ext_proc uses. Says where values were
-found (the JSON path of each string) and how many, never what they are."""
+to it, from the same guard, prompt slots and decision the ext_proc uses; and which rules would
+check its answer. Says where values were found (the JSON path of each string) and how many,
+never what they are."""
 
 from __future__ import annotations
 
@@ -59,4 +60,11 @@ def explain(guard: Guard | None, data: dict[str, Any]) -> list[str]:
                      "prompt strings replaced by placeholders, then forwarded")
     else:
         lines.append("verdict: log: counted, forwarded as it is")
+    answers = guard.answers
+    if answers is None or not endpoint.streams:  # chat and completions answers carry a model's text
+        lines.append("answers: not checked")
+    else:
+        rules = ", ".join(f"{rule.name} ({rule.action.label})" for rule in answers.rules)
+        lines.append(f"answers: checked (responses.check) by {rules}; streamed ones holding back "
+                     f"{answers.scanner.hold} bytes")
     return lines

@@ -10,6 +10,9 @@ Per request the guard scans the prompt's texts and decides: every rule whose det
 something (or whose judge said YES) matched; the most severe action among them wins (block >
 mask > log). A block names its rule and detector, never what was found; a mask replaces each
 value found by a masking rule's detector with that detector's placeholder; a log is counted.
+
+Answers (`responses.check`) are checked by the guard's `answers`: the pattern rules of the
+policies that check answers (a judge is asked about prompts only), with the same actions.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from .scanner import Found, Scanner, masked
 CODE = "content_policy_violation"  # OpenAI's own code for a refused prompt
 JUDGE_UNAVAILABLE_CODE = "data_policy_judge_unavailable"
 JUDGE = "judge"  # the detector name a judge's finding is counted under
+# A streamed answer a block ended: the finish reason of its choices (OpenAI's own, for its filters)
+CONTENT_FILTER = "content_filter"
 
 
 class Action(enum.IntEnum):
@@ -49,6 +54,7 @@ class DataRule:
     detectors: tuple[str, ...]  # their names, as written (a judge is "judge")
     patterns: tuple[Pattern, ...]  # what its pattern detectors look for
     judge: JudgeSpec | None = None
+    answers: bool = False  # its policy also checks answers (`responses.check`)
 
 
 class Hit(NamedTuple):
@@ -80,6 +86,15 @@ class Verdict:
         return GatewayError(400, f"the request was refused by {where}: detector {self.detector} found sensitive data "
                                  "in the prompt", CODE, "invalid_request_error")
 
+    def answer_refusal(self) -> GatewayError:
+        """What replaces a blocked answer (a JSON answer's whole body, a stream's error event): names
+        the policy, rule and detector, nothing found. A 400, as for a prompt: the same request would
+        get the same answer again, so a client must not retry it as it is (a 5xx would be retried)."""
+        assert self.rule is not None
+        return GatewayError(400, f"the answer was withheld by data policy {self.rule.policy}, rule {self.rule.name}: "
+                                 f"detector {self.detector} found sensitive data in the answer", CODE,
+                            "invalid_request_error")
+
 
 @dataclass(frozen=True, eq=False)
 class Guard:
@@ -90,6 +105,8 @@ class Guard:
     owners: tuple[tuple[int, ...], ...] = field(init=False)  # per pattern: the rules looking for it
     judged: tuple[int, ...] = field(init=False)  # rules with a judge
     masking: frozenset[int] = field(init=False)  # patterns a masking rule looks for
+    blocking: frozenset[int] = field(init=False)  # patterns a blocking rule looks for
+    answers: Guard | None = field(init=False)  # what answers are checked against (None: they are not)
 
     def __post_init__(self) -> None:
         patterns: list[Pattern] = []
@@ -108,6 +125,11 @@ class Guard:
         object.__setattr__(self, "judged", tuple(r for r, rule in enumerate(self.rules) if rule.judge is not None))
         object.__setattr__(self, "masking", frozenset(i for i, rules in enumerate(owners)
                                                       if any(self.rules[r].action is Action.MASK for r in rules)))
+        object.__setattr__(self, "blocking", frozenset(i for i, rules in enumerate(owners)
+                                                       if any(self.rules[r].action is Action.BLOCK for r in rules)))
+        checked = tuple(rule for rule in self.rules if rule.answers and rule.patterns)
+        answers = None if not checked else self if checked == self.rules else Guard(checked)
+        object.__setattr__(self, "answers", answers)
 
     def inspect(self, texts: Sequence[bytes]) -> Verdict:
         """The verdict of the pattern detectors on the prompt's texts (judges are asked apart)."""
@@ -138,6 +160,10 @@ class Guard:
         if verdict.action is Action.BLOCK:
             return ()
         return self.judged
+
+    def verdict(self, hits: list[Hit]) -> Verdict:
+        """The verdict on what was found in all (an answer's stream, counted as it comes)."""
+        return self._decided(hits, [])
 
     def _decided(self, hits: list[Hit], found: list[list[Found]]) -> Verdict:
         if not hits:

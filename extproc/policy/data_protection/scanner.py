@@ -250,6 +250,9 @@ class StreamScanner:
         cut = len(text) if final else max(len(text) - self._scanner.hold, shift)  # a value starting
         # before `cut` cannot change with more text: it is shorter than `hold`
         found_now = [f for f in self._scanner.find(text, final) if f.start >= shift]  # not in the context
+        if not found_now:  # nothing (the common case): all but the last `hold` bytes go
+            self._advance(cut - shift)
+            return Released(text[shift:cut], [])
         kept = [f for f in found_now if f.start < cut]
         release_to = max([cut, *(f.end for f in kept)])
         while True:  # a value overlapping one released is released (masked) with it

@@ -51,6 +51,7 @@ def test_route_body_tells_which_rules_a_body_meets_never_what_they_found(tmp_pat
     assert "llm/no-secrets-out rule credentials (block): nothing found" in out
     assert f"judge {DASHSCOPE}: asked per request (timeout 3s, failOpen true); not asked by a dry run" in out
     assert "verdict: mask (rule cards of llm/no-secrets-out)" in out
+    assert "answers: not checked" in out
     assert "4111" not in out and "a@b.io" not in out
 
     code, out = route({"model": "m", "input": ["key sk-0123456789abcdef0123456789abcdef"]})
@@ -133,3 +134,19 @@ def test_max_ext_proc_streams_must_be_a_number_of_streams(value, capsys):
         main(["envoy-config", "--max-ext-proc-streams", value])
     assert exit_.value.code == 2
     assert "--max-ext-proc-streams" in capsys.readouterr().err
+
+
+def test_route_body_tells_which_rules_check_the_answer(tmp_path, capsys):
+    import json
+
+    checked = {**DATA_POLICY, "spec": {**DATA_POLICY["spec"], "responses": {"check": True}}}
+    file = write(tmp_path / "c.yaml", provider("dashscope", DASHSCOPE, namespace="llm"), checked)
+    body = tmp_path / "body.json"
+    body.write_text(json.dumps({"messages": [{"role": "user", "content": "hello"}]}))
+    assert main(["route", "--config", str(file), "--host", DASHSCOPE, "--body", str(body)]) == 0
+    out = capsys.readouterr().out
+    # the judge's rule is left out: a judge is asked about prompts only
+    assert "answers: checked (responses.check) by cards (mask), credentials (block); streamed ones holding back" in out
+    body.write_text(json.dumps({"model": "m", "input": "hello"}))
+    assert main(["route", "--config", str(file), "--host", DASHSCOPE, "--body", str(body)]) == 0
+    assert "answers: not checked" in capsys.readouterr().out  # embeddings carry no text

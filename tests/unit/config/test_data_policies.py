@@ -1,5 +1,6 @@
 """LLMDataPolicy from files: validation naming file, object and field (RE2's refusals included),
-which routes and callers a policy applies to, the warnings of what is accepted but not done yet,
+which routes and callers a policy applies to, which rules check answers, the warnings of what does less
+than it may seem,
 and a policy with an error never replacing the one in force."""
 
 from __future__ import annotations
@@ -108,7 +109,9 @@ def test_invalid_policies_name_file_object_and_field(spec, field, message):
     assert message in problem.message, problem.message
 
 
-def test_accepted_but_not_done_yet_is_a_warning_naming_the_field():
+def test_what_does_less_than_it_seems_is_a_warning_naming_the_field():
+    """Answers are checked by patterns: a policy of judges only checks none; a judge whose host no
+    route serves cannot be asked. Both accepted, with a warning naming the field."""
     spec = """  responses: {check: true}
   rules:
   - name: judged
@@ -118,11 +121,35 @@ def test_accepted_but_not_done_yet_is_a_warning_naming_the_field():
     _, problems, compiled = load(PROVIDERS.replace("NS", "default") + policy(spec))
     assert problems == []
     warnings = {(p.field, p.reason): p.message for p in compiled.problems}
-    assert "accepted but not implemented yet: answers are not checked" in warnings[("spec.responses.check",
-                                                                                    "NotImplemented")]
-    assert "not asked on the request path yet" in warnings[("spec.rules[0].detectors[0].judge", "NotImplemented")]
+    assert set(warnings) == {("spec.responses.check", "NothingToCheck"),
+                             ("spec.rules[0].detectors[0].judge.host", "HostNotFound")}
+    assert "its answers are not checked" in warnings[("spec.responses.check", "NothingToCheck")]
     assert "failOpen decides" in warnings[("spec.rules[0].detectors[0].judge.host", "HostNotFound")]
     assert all(p.severity == "warning" for p in compiled.problems)
+    guard = compiled.table.protection.guard("default/dashscope", None)
+    assert guard is not None and guard.answers is None  # nothing checks the answers
+
+
+def test_answers_are_checked_by_the_rules_of_the_policies_that_say_so():
+    """`responses.check` is per policy: the answer guard holds the pattern rules of the policies
+    that check answers, none of the others'."""
+    checked = policy("""  responses: {check: true}
+  rules:
+  - {name: cards, detectors: [{builtin: bank-card}], action: mask}
+  - {name: judged, detectors: [{judge: {host: dashscope.aliyuncs.com}}], action: block}
+""")
+    unchecked = policy("  rules:\n  - {name: keys, detectors: [{builtin: secret}], action: block}\n",
+                       name="prompts-only")
+    _, problems, compiled = load(PROVIDERS.replace("NS", "default") + checked + unchecked)
+    assert problems == []
+    guard = compiled.table.protection.guard("default/dashscope", None)
+    assert guard is not None and [r.name for r in guard.rules] == ["cards", "judged", "keys"]
+    assert guard.answers is not None and [r.name for r in guard.answers.rules] == ["cards"]
+    assert guard.answers.answers is guard.answers  # its own answer guard: itself
+    _, _, alone = load(PROVIDERS.replace("NS", "default") + checked.replace(
+        "  - {name: judged, detectors: [{judge: {host: dashscope.aliyuncs.com}}], action: block}\n", ""))
+    only = alone.table.protection.guard("default/dashscope", None)
+    assert only is not None and only.answers is only  # every rule checks answers: the same guard
 
 
 def test_scope_files_apply_to_everyone_kubernetes_to_the_policys_namespace():

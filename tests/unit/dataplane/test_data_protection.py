@@ -1,6 +1,7 @@
 """The ext_proc with an LLMDataPolicy: refused, masked and logged requests as Envoy gets them
 (answers, body, metadata for the access log), the metrics, every endpoint's prompt, a judge's
-failure mode at the seam, and a route without a policy answered byte for byte as before.
+failure mode without a client, which requests are marked for their answer to be checked, and a
+route without a policy answered byte for byte as before.
 Nothing found is ever in an answer's error, its metadata or a metric."""
 
 from __future__ import annotations
@@ -180,8 +181,9 @@ spec:
 
 
 @pytest.mark.parametrize(("fail_open", "status"), [("false", 503), ("true", None)])
-def test_a_judge_that_cannot_be_asked_yet_is_a_failure_its_rule_decides(fail_open, status):
-    """The seam: until the ext_proc can answer later, a judge counts as unavailable."""
+def test_without_a_judge_client_a_judge_is_unavailable_and_its_rule_decides(fail_open, status):
+    """A processor with no client to ask judges with (the data plane always has one: see
+    test_judge_client.py) answers at once, every judgement `unavailable`: failOpen decides."""
     processor, registry = gateway(JUDGED.replace("FAIL_OPEN", fail_open))
     answers = send(processor, chat("hello"))
     if status is None:
@@ -192,3 +194,30 @@ def test_a_judge_that_cannot_be_asked_yet_is_a_failure_its_rule_decides(fail_ope
         assert error["error"]["type"] == "server_error"
     assert samples(registry, "llm_gateway_data_policy_judgements_total") == {
         (("answer", "unavailable"), ("policy", "default/judged"), ("rule", "private-judge")): 1.0}
+
+
+ANSWERS_CHECKED = POLICY.replace("    action: log\n", "    action: log\n  responses: {check: true}\n")
+
+
+@pytest.mark.parametrize(("config", "path", "body", "checked"), [
+    pytest.param(ANSWERS_CHECKED, "/v1/chat/completions", chat("hello"), True, id="chat"),
+    pytest.param(ANSWERS_CHECKED, "/v1/chat/completions", {**chat("hello"), "stream": True}, True, id="chat-stream"),
+    pytest.param(ANSWERS_CHECKED, "/v1/completions", {"model": "m", "prompt": "hello"}, True, id="completions"),
+    pytest.param(ANSWERS_CHECKED, "/v1/embeddings", {"model": "m", "input": "hello"}, False,
+                 id="embeddings-carry-no-text"),
+    pytest.param(POLICY, "/v1/chat/completions", chat("hello"), False, id="prompts-only"),
+])
+def test_a_request_whose_answer_a_policy_checks_is_marked_for_the_answer_filter(config, path, body, checked):
+    processor, _ = gateway(config)
+    headers, _ = send(processor, body, path=path)
+    mutation = headers.request_headers.response.header_mutation
+    marked = {o.header.key: o.header.raw_value for o in mutation.set_headers}.get("x-llm-gateway-answer")
+    entries = metadata(headers)
+    if checked:
+        assert marked == b"1"
+        assert entries["check_answer"] is True and entries["client_stream"] is body.get("stream", False)
+    else:
+        assert marked is None and "check_answer" not in entries and "client_stream" not in entries
+    # another route (no policy): never marked
+    headers, _ = send(processor, body, host=MOONSHOT, path=path)
+    assert "check_answer" not in metadata(headers)

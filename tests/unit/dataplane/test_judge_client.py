@@ -1,6 +1,7 @@
 """The private judge against a fake in-cluster model (the HTTPS fake provider, its certificate
-from a throwaway CA, its own key): it answers YES, NO, garbage, or never; what it is asked; and a
-request's verdict once the answer is in (the asynchronous path the ext_proc will await)."""
+from a throwaway CA, its own key): it answers YES, NO, garbage, or never; what it is asked; a
+request's verdict once the answer is in; and the ext_proc answering a request's body once its
+judge answered (a deferred answer), or not at all once the request is gone."""
 
 from __future__ import annotations
 
@@ -144,3 +145,83 @@ def test_a_requests_verdict_with_the_judges_answer(model, reply, delay, fail_ope
             check.finish(metrics)
         assert refused.value.status == outcome
         assert "4111" not in refused.value.message
+
+
+PROCESSOR_CONFIG = CONFIG + """---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata: {name: dashscope}
+spec:
+  host: dashscope.aliyuncs.com
+  configs: {defaultConfig: {openAIConfig: {model: qwen-max, apiKey: sk-provider}}}
+"""
+
+
+def judged_exchange(model, reply: str | None, delay: float, fail_open: str, on_close: bool = False):
+    """The ext_proc's request messages for a chat request a judge must judge, as the lean server
+    drives them: the body's answer is a Deferred, delivered once the judge answered."""
+    from extproc.dataplane.deferred import Deferred
+    from extproc.dataplane.processor import ExternalProcessor
+    from extproc.policy.table import TableHolder
+    from support.ext_proc_messages import body_msg, headers_msg
+
+    ca, fake = model
+    fake.clear()
+    fake.reply, fake.delay_s = reply, delay
+    config = PROCESSOR_CONFIG.replace("FAIL_OPEN", fail_open).replace("timeout: 1s", "timeout: 500ms")
+    objects, problems = load_text(config, "c.yaml")
+    assert problems == []
+    table = compile_config(objects).table
+    client = JudgeClient(lambda: table, str(ca.cert_file), {JUDGE_HOST: ("127.0.0.1", fake.port)})
+    processor = ExternalProcessor(TableHolder(table), judges=client,
+                                  protection=ProtectionMetrics(CollectorRegistry()))
+
+    async def go():
+        exchange = processor.exchange()
+        assert exchange.on_message(headers_msg("dashscope.aliyuncs.com").SerializeToString()) == ([], False)
+        later, _ = exchange.on_message(body_msg({"messages": [{"role": "user", "content": "card 4111 1111 1111 1111"}]})
+                                       .SerializeToString())
+        assert isinstance(later, Deferred) and not later.settled
+        delivered = asyncio.get_running_loop().create_future()
+        assert later.bind(lambda answers, done, failure: delivered.set_result((answers, done, failure))) is None
+        if on_close:  # the client went away while the judge thinks: nothing is asked for any longer
+            await asyncio.sleep(0.05)
+            exchange.on_close()
+            await asyncio.sleep(0.8)  # past the judge's timeout: a judgement still awaited would answer by now
+            assert not delivered.done()
+            await client.close()
+            return None
+        try:
+            return await asyncio.wait_for(delivered, 5)
+        finally:
+            exchange.on_close()
+            await client.close()
+
+    try:
+        return asyncio.run(go())
+    finally:
+        fake.reply, fake.delay_s = None, 0.0
+
+
+@pytest.mark.parametrize(("reply", "delay", "fail_open", "outcome"), [
+    ("NO", 0, "false", "forwarded"), ("YES", 0, "true", 400), ("eh?", 0, "false", 503), ("eh?", 0, "true", "forwarded"),
+    ("NO", 2, "false", 503), ("NO", 2, "true", "forwarded"),
+])
+def test_the_processor_answers_the_body_once_the_judge_answered(model, reply, delay, fail_open, outcome):
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    answers, done, failure = judged_exchange(model, reply, delay, fail_open)
+    assert done and failure is None
+    responses = [pb.ProcessingResponse.FromString(a) for a in answers]
+    if outcome == "forwarded":
+        assert [r.WhichOneof("response") for r in responses] == ["request_headers", "request_body"]
+        body = responses[1].request_body.response.body_mutation.body
+        assert b"card [BANK-CARD]" in body  # the pattern rule's mask, applied after the judgement
+    else:
+        (refusal,) = responses
+        assert refusal.immediate_response.status.code == outcome
+        assert b"4111" not in refusal.immediate_response.body
+
+
+def test_a_request_gone_while_judged_is_not_answered(model):
+    assert judged_exchange(model, "NO", 2, "false", on_close=True) is None

@@ -7,7 +7,16 @@ from dataclasses import replace
 
 import pytest
 
-from extproc.policy.answer_format import EVENTS_TO_JSON, JSON_TO_EVENTS, AnswerPlan, answer_plan, conversion
+from extproc.policy.answer_format import (
+    CHECK_STREAM,
+    CHECK_WHOLE,
+    EVENTS_TO_JSON,
+    JSON_TO_EVENTS,
+    AnswerPlan,
+    answer_plan,
+    check_mode,
+    conversion,
+)
 from extproc.policy.openai_api import CHAT, COMPLETIONS, EMBEDDINGS
 from extproc.policy.table import Failover, RetryPolicy
 from support.table_parts import target
@@ -54,3 +63,29 @@ def test_answer_plan(endpoint, first, retry, client_stream, planned):
 ])
 def test_conversion(client_stream, status, content_type, expected):
     assert conversion(client_stream, status, content_type) == expected
+
+
+@pytest.mark.parametrize(("endpoint", "first", "retry", "client_stream", "planned"), [
+    pytest.param(CHAT, FREE, None, True, True, id="chat-stream"),
+    pytest.param(CHAT, FREE, None, False, True, id="chat-json"),
+    pytest.param(CHAT, JSON_ONLY, None, True, True, id="converted-and-checked"),
+    pytest.param(CHAT, FREE, failover(FREE, STREAMS), False, True, id="with-retries"),
+    pytest.param(COMPLETIONS, FREE, None, True, True, id="completions"),
+    pytest.param(EMBEDDINGS, FREE, None, False, False, id="embeddings-carry-no-text"),
+])
+def test_answer_plan_of_a_checked_answer(endpoint, first, retry, client_stream, planned):
+    """A data policy checks the answer (`responses.check`): planned, whatever the formats."""
+    plan = answer_plan(endpoint, first, retry, client_stream, include_usage=False, check=True)
+    assert plan == (AnswerPlan(client_stream, False, True) if planned else None)
+
+
+@pytest.mark.parametrize(("client_stream", "status", "content_type", "expected"), [
+    pytest.param(True, 200, "text/event-stream; charset=utf-8", CHECK_STREAM, id="a-stream-read-as-one"),
+    pytest.param(False, 200, "application/json", CHECK_WHOLE, id="json"),
+    pytest.param(True, 200, "application/json", CHECK_WHOLE, id="json-converted-to-events"),
+    pytest.param(False, 200, "text/event-stream", CHECK_WHOLE, id="events-converted-to-json"),
+    pytest.param(True, 400, "application/json", None, id="an-error-passes"),
+    pytest.param(True, 200, "text/plain", None, id="not-a-models-answer"),
+])
+def test_check_mode(client_stream, status, content_type, expected):
+    assert check_mode(client_stream, status, content_type, conversion(client_stream, status, content_type)) == expected
