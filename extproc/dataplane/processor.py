@@ -26,7 +26,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from .. import protobuf_wire as wire
 from ..errors import GatewayError, too_large_message
-from ..policy.answer_format import answer_plan
+from ..policy.answer_format import answer_plan, per_attempt
 from ..policy.body_memory import Inflight, Overloaded
 from ..policy.budget_gate import Admitted, BudgetGate
 from ..policy.caller import LOCAL, Caller
@@ -80,17 +80,23 @@ class ExternalProcessor:
         rewritten body). In wire form: the target's prebuilt part and what this request adds."""
         target, endpoint = decision.target, decision.endpoint
         rewritten = rewrite_body(body, target, endpoint)
-        length = len(rewritten.body)
-        headers_answer, prebuilt = answers.prebuilt(target, endpoint)
-        parts = [headers_answer, answers.content_length(length)]
+        sent = rewritten.body
         attempt_headers = decision.attempt_headers
-        if length > FAILOVER_BODY_MAX:  # larger: one attempt (docs/failover.md)
+        if len(sent) > FAILOVER_BODY_MAX:  # larger: one attempt (docs/failover.md)
             attempt_headers = ()
-        # the answer comes back to be turned into the client's format, where a provider may send another
-        plan = answer_plan(endpoint, target, decision.rule.failover if attempt_headers else None,
-                           rewritten.client_stream, rewritten.include_usage)
+        failover = decision.rule.failover if attempt_headers else None
+        # providers of several APIs: each attempt, the first included, translates the client's own body
+        translate = failover is not None and per_attempt(endpoint, failover)
+        if translate:
+            sent = body
+        headers_answer, prebuilt = answers.prebuilt(target, endpoint)
+        parts = [headers_answer, answers.content_length(len(sent))]
+        if (rewritten.path is not None or rewritten.headers) and not translate:
+            parts.append(answers.request_headers(rewritten.path, rewritten.headers))
+        # the answer comes back to be turned into the client's format (or API), where a provider may send another
+        plan = answer_plan(endpoint, target, failover, rewritten.client_stream, rewritten.include_usage)
         if decision.strip or attempt_headers or plan is not None:
-            parts.append(answers.more_headers(decision.strip, attempt_headers, plan is not None))
+            parts.append(answers.more_headers(decision.strip, attempt_headers, plan is not None, translate))
         if target.prices:  # the provider has a price table: the model's price, for the request's cost
             prebuilt = answers.with_price(target, prebuilt, rewritten.model)
         entries, metadata = answers.decision_metadata(prebuilt, rewritten.model, rewritten.stream, decision.authority)
@@ -102,11 +108,11 @@ class ExternalProcessor:
             parts.append(header_part)
             more += trace_entries
         if plan is not None:  # what the client asked for, for its answer and a retry
-            more += answers.plan_entries(plan)
+            more += answers.plan_entries(plan, translate)
         if more:
             metadata = wire.dynamic_metadata(METADATA_NAMESPACE, entries + more)
         parts.append(metadata)
-        return answers.body_answers(parts, chunks, rewritten.body)
+        return answers.body_answers(parts, chunks, sent)
 
 
 class Exchange:
@@ -171,8 +177,8 @@ class Exchange:
                 return processor.forward(bytes(self._body), self._chunks, held, self._budget, self._trace), True
             return [answers.continue_phase(phase).SerializeToString()], False
         except GatewayError as error:
-            response = answers.immediate(error)
             held = self._decision
+            response = answers.immediate(error, held.endpoint.client_api if held is not None else error.client_api)
             if held is not None:  # refused once decided (a budget, body memory, the body): its route and endpoint
                 answers.with_operation(response, held.endpoint.operation, held.target.route)
             elif error.operation is not None:

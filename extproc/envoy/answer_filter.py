@@ -67,7 +67,8 @@ def answer_filter(body_limit: int) -> dict:
         "failure_mode_allow": False,
         "message_timeout": ANSWER_MESSAGE_TIMEOUT,
         # the answer's headers come first; the exchange reads them and asks for the body (held
-        # whole, up to the connection's buffer limit) only where it converts it
+        # whole, up to the connection's buffer limit) only where it converts it, or for its
+        # pieces as they come (a stream translated into another API's, event by event)
         "processing_mode": {
             "request_header_mode": "SKIP",
             "response_header_mode": "SEND",
@@ -78,8 +79,10 @@ def answer_filter(body_limit: int) -> dict:
         },
         "allow_mode_override": True,
         "mutation_rules": {"allow_all_routing": True, "allow_envoy": True},
-        # what the client asked for comes in with the request's decision
-        "metadata_options": {"forwarding_namespaces": {"untyped": [METADATA_NAMESPACE]}},
+        # what the client asked for comes in with the request's decision; a translated answer's
+        # usage goes out (Envoy's readers know OpenAI's shapes only)
+        "metadata_options": {"forwarding_namespaces": {"untyped": [METADATA_NAMESPACE]},
+                             "receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
         "stat_prefix": "answer",
     }
     return {"name": ANSWER_FILTER, "disabled": True, "typed_config": {
