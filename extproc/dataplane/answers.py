@@ -79,6 +79,7 @@ def target_mutation(target: Target, endpoint: Endpoint = openai_api.CHAT) -> pb.
     the attempt's path, host and key, the cluster, the content type, the provider's total bound."""
     mutation = pb.HeaderMutation()
     attempt_mutation(mutation, target, provider_api.static_path(endpoint, target))
+    mutation.remove_headers.extend(provider_api.foreign_headers(endpoint, target))
     mutation.set_headers.extend([header(CLUSTER_HEADER, target.cluster), header("content-type", "application/json")])
     if target.timeout_s is not None:  # the provider's total bound: Envoy's router answers 504 past it
         mutation.set_headers.append(header(TIMEOUT_HEADER, str(int(target.timeout_s * 1000))))

@@ -22,7 +22,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from ..errors import GatewayError
 from ..policy.failover import retry_target, tried_before
 from ..policy.openai_api import CHAT, MESSAGES, Endpoint
-from ..policy.provider_api import static_path
+from ..policy.provider_api import ANTHROPIC, ANTHROPIC_CLIENT_HEADERS, static_path
 from ..policy.table import OPENAI_API, RoutingTable, TableHolder, Target
 from ..protocol import METADATA_NAMESPACE, ORDER_HEADER, TRANSLATE_HEADER
 from ..telemetry.trace_context import TRACEPARENT, attempt_span_id, traceparent
@@ -99,6 +99,9 @@ class RetryExchange:
         # the path is set with the body where it depends on the request (Gemini, Bedrock)
         answers.attempt_mutation(mutation, target, None if self._client_endpoint is not None else target.path)
         mutation.remove_headers.append(TRANSLATE_HEADER)
+        if self._client_endpoint is not None and target.api != ANTHROPIC:
+            # a client's anthropic-* headers, or an earlier attempt's to an Anthropic provider
+            mutation.remove_headers.extend(ANTHROPIC_CLIENT_HEADERS)
         if "span_id" in fields and "trace_id" in fields:  # a sampled request: this attempt's own span
             span = attempt_span_id(fields["span_id"].string_value, attempt)
             mutation.set_headers.append(answers.header(

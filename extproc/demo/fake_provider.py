@@ -1,4 +1,6 @@
-"""A local HTTPS stand-in for an OpenAI-compatible provider, for the demo and the tests.
+"""A local HTTPS stand-in for an OpenAI-compatible provider, for the demo and the tests (and, with
+`api=`, for a provider of Anthropic's, Gemini's, Bedrock's or Azure OpenAI's API:
+`extproc.demo.fake_apis`).
 
 It answers chat completions with the model it was asked for, checks the API key, records
 every request (path, headers, body, SNI), and is steered by request headers, as Envoy AI
@@ -39,6 +41,9 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
+
+from . import fake_apis
 
 
 @dataclass
@@ -60,7 +65,14 @@ def prompt_tokens(body: dict) -> int:
     if "messages" not in body:  # embeddings' input, completions' prompt: a string or a list of them
         texts = body.get("input", body.get("prompt", ""))
         return sum(count_tokens(str(t)) for t in (texts if isinstance(texts, list) else [texts]))
-    return sum(count_tokens(str(m.get("content", ""))) for m in body.get("messages", []) if isinstance(m, dict))
+    return sum(count_tokens(_text(m.get("content", ""))) for m in body.get("messages", []) if isinstance(m, dict))
+
+
+def _text(content: Any) -> str:
+    """A message's text: its string, or its text parts joined."""
+    if isinstance(content, list):
+        return " ".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return str(content or "")
 
 
 def fake_embedding(text: str) -> list[float]:
@@ -77,6 +89,11 @@ class FakeProvider:
     host: str = "127.0.0.1"
     port: int = 0
     requests: list[RecordedRequest] = field(default_factory=list)
+    api: str = "openai"  # openai, anthropic, gemini, bedrock or azure (extproc.demo.fake_apis)
+    aws_access_key_id: str = ""  # bedrock: the key pair and region signatures are checked with
+    aws_secret_access_key: str = field(default="", repr=False)
+    aws_region: str = "us-east-1"
+    azure_deployments: dict[str, str] = field(default_factory=dict)  # azure: deployment -> its model
 
     def start(self) -> FakeProvider:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -158,7 +175,11 @@ class _Handler(BaseHTTPRequestHandler):
 
         if "x-fake-delay" in headers:
             time.sleep(float(headers["x-fake-delay"]))
-        if self.fake.api_key and headers.get("authorization") != f"Bearer {self.fake.api_key}":
+        if self.fake.api != "openai" and fake_apis.handle(self, headers, raw, body):
+            return
+        path = self.path.split("?", 1)[0]
+        if self.fake.api == "openai" and self.fake.api_key \
+                and headers.get("authorization") != f"Bearer {self.fake.api_key}":
             return self._error(401, "Incorrect API key provided", "invalid_api_key")
         if "x-fake-status" in headers:
             status = int(headers["x-fake-status"])
@@ -169,6 +190,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                                "invalid_value")
         model = body.get("model", "")
+        if self.fake.api == "azure":  # the deployment decides the model (the path's, checked by fake_apis)
+            model = self.fake.azure_deployments.get(unquote(path.split("/")[3]), model)
         reply = headers.get("x-fake-reply") or f"Hello! I am {model}, served by {self.fake.name}."
         usage: dict[str, Any] = {"prompt_tokens": prompt_tokens(body), "completion_tokens": count_tokens(reply)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -177,11 +200,11 @@ class _Handler(BaseHTTPRequestHandler):
             usage = {"prompt_tokens": total // 2, "completion_tokens": total - total // 2, "total_tokens": total}
         if "x-fake-cached-tokens" in headers:
             usage["prompt_tokens_details"] = {"cached_tokens": int(headers["x-fake-cached-tokens"])}
-        if self.path.endswith("/embeddings"):
+        if path.endswith("/embeddings"):
             return self._embeddings(model, body)
         if body.get("stream") is True:
             return self._stream(model, reply, usage, body, headers)
-        if self.path.endswith("/completions") and not self.path.endswith("/chat/completions"):
+        if path.endswith("/completions") and not path.endswith("/chat/completions"):
             answer = {"id": f"cmpl-{self.fake.name}-{len(self.fake.requests)}", "object": "text_completion",
                       "created": int(time.time()), "model": model, "usage": usage,
                       "choices": [{"index": 0, "text": reply, "logprobs": None, "finish_reason": "stop"}]}
@@ -208,7 +231,8 @@ class _Handler(BaseHTTPRequestHandler):
         events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": word + " "},
                                         "finish_reason": None}]}
                   for word in reply.split()]
-        completion = not self.path.endswith("/chat/completions") and self.path.endswith("/completions")
+        path = self.path.split("?", 1)[0]
+        completion = not path.endswith("/chat/completions") and path.endswith("/completions")
         if completion:  # the legacy text completion's stream: `text` instead of `delta`
             base["object"] = "text_completion"
             events = [{**base, "choices": [{"index": 0, "text": word + " ", "logprobs": None, "finish_reason": None}]}

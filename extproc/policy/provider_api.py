@@ -68,6 +68,19 @@ def removed_credentials(target: Target) -> tuple[str, ...]:
     return tuple(name for name in CREDENTIAL_HEADERS if name not in kept)
 
 
+# The headers of Anthropic's API a client of it sends (besides its key): meaningless to a provider
+# of another API, so they do not reach one.
+ANTHROPIC_CLIENT_HEADERS = ("anthropic-version", "anthropic-beta")
+
+
+def foreign_headers(endpoint: Endpoint, target: Target) -> tuple[str, ...]:
+    """The client's API's own headers an attempt to `target` removes: an Anthropic client's
+    `anthropic-*` headers where the provider speaks another API (none for OpenAI's clients)."""
+    if endpoint.client_api == ANTHROPIC and target.api != ANTHROPIC:
+        return ANTHROPIC_CLIENT_HEADERS
+    return ()
+
+
 def serves(target: Target, endpoint: Endpoint) -> None:
     """Raise a 404 naming the provider and its API for an endpoint its API has no counterpart
     for: embeddings and completions exist only in OpenAI's API (and Azure's)."""

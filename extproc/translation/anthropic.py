@@ -20,9 +20,9 @@ from typing import Any
 
 import orjson
 
-from ..errors import anthropic_error_type, error_type
+from ..errors import anthropic_error_type
 from ..policy.table import ApiSettings
-from .openai_chunks import INCOMPLETE_MESSAGE, Chunk, ChunkMaker, StreamDecoder, StreamEncoder, usage
+from .openai_chunks import INCOMPLETE_MESSAGE, Chunk, ChunkMaker, StreamDecoder, StreamEncoder, openai_error_type, usage
 from .parts import (
     Json,
     arguments,
@@ -348,7 +348,7 @@ def error_to_openai(status: int, body: object) -> Json:
         message, code = str(error.get("message") or "the provider failed"), str(error.get("type") or status)
     else:
         message, code = "the provider failed", str(status)
-    return {"error": {"message": message, "type": error_type(status), "code": code}}
+    return {"error": {"message": message, "type": openai_error_type(status), "code": code}}
 
 
 def error_to_anthropic(status: int, body: object) -> Json:

@@ -26,9 +26,8 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.eventstream import EventStreamBuffer, ParserError
 
-from ..errors import error_type
 from ..policy.table import ApiSettings
-from .openai_chunks import Chunk, ChunkMaker, StreamDecoder, usage
+from .openai_chunks import Chunk, ChunkMaker, StreamDecoder, openai_error_type, usage
 from .parts import (
     Json,
     arguments,
@@ -219,7 +218,8 @@ def error_to_openai(status: int, body: object, error_kind: str = "") -> Json:
     as OpenAI's error (the type kept as the code)."""
     message = body.get("message") or body.get("Message") if isinstance(body, dict) else None
     code = error_kind.split(":", 1)[0] or str(status)
-    return {"error": {"message": str(message or "the provider failed"), "type": error_type(status), "code": code}}
+    return {"error": {"message": str(message or "the provider failed"), "type": openai_error_type(status),
+                      "code": code}}
 
 
 class BedrockStreamDecoder(StreamDecoder):

@@ -21,8 +21,7 @@ from typing import Any
 
 import orjson
 
-from ..errors import error_type
-from .openai_chunks import Chunk, ChunkMaker, StreamDecoder, usage
+from .openai_chunks import Chunk, ChunkMaker, StreamDecoder, openai_error_type, usage
 from .parts import (
     Json,
     arguments,
@@ -237,7 +236,7 @@ def error_to_openai(status: int, body: object) -> Json:
         message, code = str(error.get("message") or "the provider failed"), str(error.get("status") or status)
     else:
         message, code = "the provider failed", str(status)
-    return {"error": {"message": message, "type": error_type(status), "code": code}}
+    return {"error": {"message": message, "type": openai_error_type(status), "code": code}}
 
 
 class GeminiStreamDecoder(StreamDecoder):

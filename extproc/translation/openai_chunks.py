@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from ..errors import error_type
 from .sse import EventSplitter
 
 DONE = b"data: [DONE]\n\n"
@@ -39,6 +40,15 @@ def usage(prompt: int, completion: int, cached: int | None = None, total: int | 
     if cached is not None:
         counted["prompt_tokens_details"] = {"cached_tokens": cached}
     return counted
+
+
+def openai_error_type(status: int) -> str:
+    """The `type` OpenAI's errors have for a status (a provider's error translated into OpenAI's)."""
+    return _ERROR_TYPES.get(status) or error_type(status)
+
+
+_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                429: "rate_limit_error"}
 
 
 def error_chunk(message: str, kind: str = "server_error", code: str | None = None) -> Chunk:
