@@ -10,8 +10,9 @@ Here: the names of the APIs, what a target of each needs besides its model and k
 (`ApiSettings`, on `Target`), the headers that carry each API's credentials (`credential_headers`: every
 attempt sets its own and removes every other), the path a request is sent to
 (`static_path`, or per request for APIs whose path names the model or the stream), which
-endpoints each API serves, and whether a request's body and answer must be translated
-(docs/translation.md). The translations themselves are `extproc.translation`.
+endpoints each API serves, and a client's own headers that another API's provider does not get
+(docs/translation.md). Whether a request's answer comes back to be translated is
+`extproc.policy.answer_format`; the translations themselves are `extproc.translation`.
 """
 
 from __future__ import annotations
@@ -124,11 +125,3 @@ def request_path(target: Target, model: str, stream: bool) -> str:
     if target.api == BEDROCK:
         return f"/model/{quote(model, safe='')}/{'converse-stream' if stream else 'converse'}"
     raise ValueError(f"the path of a {target.api} request is static")
-
-
-def answer_translated(endpoint: Endpoint, target: Target) -> bool:
-    """Whether the answer must come back through the gateway for this pair of APIs: to be
-    translated into the client's, or (the same non-OpenAI API on both sides) to have its usage
-    read, which Envoy's readers understand in OpenAI's shapes only. OpenAI to OpenAI (Azure
-    included): never."""
-    return endpoint.client_api != OPENAI or target.body_api != OPENAI

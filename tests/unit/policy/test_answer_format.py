@@ -7,8 +7,19 @@ from dataclasses import replace
 
 import pytest
 
-from extproc.policy.answer_format import EVENTS_TO_JSON, JSON_TO_EVENTS, AnswerPlan, answer_plan, conversion
-from extproc.policy.openai_api import CHAT, COMPLETIONS, EMBEDDINGS
+from extproc.policy.answer_format import (
+    EVENTS_TO_JSON,
+    JSON_TO_EVENTS,
+    OBSERVE_STREAM,
+    OBSERVE_WHOLE,
+    TRANSLATE_STREAM,
+    TRANSLATE_WHOLE,
+    AnswerPlan,
+    answer_plan,
+    conversion,
+    per_attempt,
+)
+from extproc.policy.openai_api import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES
 from extproc.policy.table import Failover, RetryPolicy
 from support.table_parts import target
 
@@ -54,3 +65,49 @@ def test_answer_plan(endpoint, first, retry, client_stream, planned):
 ])
 def test_conversion(client_stream, status, content_type, expected):
     assert conversion(client_stream, status, content_type) == expected
+
+
+# --- across APIs (docs/translation.md) ---------------------------------------------------------------
+
+CLAUDE = replace(target("claude"), api="anthropic")
+AZURE = replace(target("azure"), api="azure")
+
+
+def mixed(*order):
+    return Failover(RetryPolicy(1, None, ("5xx",), ()), (tuple(order),), frozenset(t.body_api for t in order))
+
+
+@pytest.mark.parametrize(("endpoint", "first", "retry", "planned"), [
+    pytest.param(CHAT, CLAUDE, None, AnswerPlan(False, False), id="a-provider-of-another-api"),
+    pytest.param(MESSAGES, FREE, None, AnswerPlan(False, False, "anthropic"), id="a-client-of-another-api"),
+    pytest.param(MESSAGES, CLAUDE, None, AnswerPlan(False, False, "anthropic"), id="anthropic-both-ends-usage-read"),
+    pytest.param(CHAT, AZURE, None, None, id="azure-speaks-openai"),
+    pytest.param(CHAT, FREE, mixed(FREE, CLAUDE), AnswerPlan(False, False), id="a-fallback-of-another-api"),
+    pytest.param(CHAT, FREE, mixed(FREE, AZURE), None, id="an-azure-fallback"),
+])
+def test_answer_plan_across_apis(endpoint, first, retry, planned):
+    assert answer_plan(endpoint, first, retry, False, False) == planned
+
+
+@pytest.mark.parametrize(("endpoint", "order", "each"), [
+    (CHAT, (FREE, AZURE), False), (CHAT, (FREE, CLAUDE), True), (CHAT, (CLAUDE, CLAUDE), True),
+    (MESSAGES, (FREE, FREE), True), (MESSAGES, (CLAUDE,), True),
+])
+def test_which_requests_translate_every_attempt(endpoint, order, each):
+    assert per_attempt(endpoint, mixed(*order)) is each
+
+
+@pytest.mark.parametrize(("client_stream", "status", "content_type", "client", "provider", "expected"), [
+    (True, 200, "text/event-stream", "openai", "anthropic", TRANSLATE_STREAM),
+    (True, 200, "application/vnd.amazon.eventstream", "openai", "bedrock", TRANSLATE_STREAM),
+    (False, 200, "text/event-stream", "openai", "gemini", TRANSLATE_WHOLE),  # a stream into one answer
+    (True, 200, "application/json", "anthropic", "openai", TRANSLATE_WHOLE),  # one answer into a stream
+    (False, 200, "application/json; charset=utf-8", "openai", "anthropic", TRANSLATE_WHOLE),
+    (True, 429, "application/json", "openai", "anthropic", TRANSLATE_WHOLE),  # its error, into OpenAI's
+    (True, 200, "text/event-stream", "anthropic", "anthropic", OBSERVE_STREAM),
+    (False, 200, "application/json", "anthropic", "anthropic", OBSERVE_WHOLE),
+    (False, 529, "application/json", "anthropic", "anthropic", None),  # already the client's error
+    (False, 200, "text/event-stream", "openai", "openai", EVENTS_TO_JSON),
+])
+def test_conversion_across_apis(client_stream, status, content_type, client, provider, expected):
+    assert conversion(client_stream, status, content_type, client, provider) == expected

@@ -6,18 +6,14 @@ stream accumulator."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from anthropic.lib.streaming._messages import accumulate_event
-from anthropic.types import Message, RawMessageStreamEvent
-from pydantic import TypeAdapter
+from anthropic.types import Message
 
 from extproc.errors import GatewayError
 from extproc.policy.table import ApiSettings
 from extproc.translation import anthropic
 from extproc.translation.openai_chunks import INCOMPLETE_MESSAGE, answer_chunks
-from extproc.translation.sse import EventSplitter
+from support.anthropic_sdk import sdk_message
 from support.api_shapes import ANTHROPIC_ERROR, ANTHROPIC_MESSAGE, ANTHROPIC_STREAM, ANTHROPIC_TOOL_MESSAGE
 
 SETTINGS = ApiSettings(max_tokens=1024)
@@ -264,20 +260,6 @@ def test_an_error_event_and_a_stream_that_stops_early():
     assert [c["choices"][0]["delta"].get("content") for c in chunks[:-1]] == ["", "Hello"]
     assert chunks[-1] == {"error": {"message": "Overloaded", "type": "server_error", "code": "overloaded_error"}}
     assert decoder.error == "overloaded_error" and not decoder.complete
-
-
-def sdk_message(events: bytes):
-    """What the official SDK makes of a stream: each event validated as its type, accumulated."""
-    adapter = TypeAdapter(RawMessageStreamEvent)
-    snapshot, bufs, names = None, {}, []
-    splitter = EventSplitter()
-    for event in [*splitter.feed(events), *splitter.flush()]:
-        names.append(event.name)
-        if event.name == "error":
-            raise RuntimeError(json.loads(event.data)["error"]["message"])
-        snapshot = accumulate_event(event=adapter.validate_python(json.loads(event.data)), current_snapshot=snapshot,
-                                    json_bufs=bufs)
-    return snapshot, names
 
 
 def test_openai_chunks_as_an_anthropic_stream_the_sdk_reads():
