@@ -72,7 +72,7 @@ class AnswerProcessor:
 
 class AnswerExchange:
     __slots__ = ("_inflight", "_plan", "_converter", "_open", "_whole", "_stream", "_provider_api", "_model",
-                 "_answer_id", "_error_kind", "_status_and_type")
+                 "_answer_id", "_error_kind", "_status_and_type", "_error_reported")
 
     def __init__(self, inflight: Inflight):
         self._inflight = inflight
@@ -87,6 +87,7 @@ class AnswerExchange:
         self._answer_id = ""
         self._error_kind = ""  # Bedrock's error type, from its header
         self._status_and_type = (0, "")  # the answer's, for a whole translation
+        self._error_reported = False  # a stream's error event is in the request's metadata
 
     def on_message(self, message: bytes) -> tuple[list[bytes], bool]:
         request = pb.ProcessingRequest.FromString(message)
@@ -200,10 +201,14 @@ class AnswerExchange:
                 common.body_mutation.clear_body = True
         else:
             response.response_body.SetInParent()
+        decoder = stream.decoder
         if last:
-            decoder = stream.decoder
             _usage_metadata(response, decoder.usage, decoder.model or self._model, decoder.error
                             or (None if decoder.complete else INCOMPLETE_CODE))
+        elif decoder.error is not None and not self._error_reported:
+            # at once: a client that reads the error event may hang up before the stream's end
+            self._error_reported = True
+            _usage_metadata(response, None, "", decoder.error)
         return response.SerializeToString()
 
     def on_close(self) -> None:

@@ -11,6 +11,7 @@ Gateway's test upstream is:
   x-fake-total-tokens: 17  report that many tokens in usage (about half prompt, half completion)
   x-fake-cached-tokens: 3  report that many of the prompt tokens as cached (prompt_tokens_details)
   x-fake-body-delay: 1   a JSON answer's body sent in four pieces, that many seconds apart
+  x-fake-tool: 1         a call of the request's first tool (input `{"city": "Paris"}`) besides the reply
 Besides chat (any path but the two below) it answers `.../embeddings` (vectors derived from
 the input, as floats or base64 as asked) and `.../completions` (the legacy text completion).
 A body with "stream": true is answered as server-sent events, further steered by:
@@ -73,6 +74,15 @@ def _text(content: Any) -> str:
     if isinstance(content, list):
         return " ".join(part.get("text", "") for part in content if isinstance(part, dict))
     return str(content or "")
+
+
+def _tool(body: dict, headers: dict[str, str]) -> dict[str, Any] | None:
+    """With `x-fake-tool: 1`, a call of the request's first tool (input `{"city": "Paris"}`)."""
+    tools = body.get("tools")
+    if headers.get("x-fake-tool") != "1" or not tools:
+        return None
+    return {"id": "call_fake_1", "type": "function",
+            "function": {"name": tools[0]["function"]["name"], "arguments": json.dumps(fake_apis.TOOL_INPUT)}}
 
 
 def fake_embedding(text: str) -> list[float]:
@@ -209,12 +219,16 @@ class _Handler(BaseHTTPRequestHandler):
                       "created": int(time.time()), "model": model, "usage": usage,
                       "choices": [{"index": 0, "text": reply, "logprobs": None, "finish_reason": "stop"}]}
             return self._send(200, json.dumps(answer).encode(), "application/json")
+        message: dict[str, Any] = {"role": "assistant", "content": reply}
+        tool = _tool(body, headers)
+        if tool is not None:
+            message["tool_calls"] = [tool]
         answer = {
             "id": f"chatcmpl-{self.fake.name}-{len(self.fake.requests)}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if tool else "stop"}],
             "usage": usage,
         }
         self._send(200, json.dumps(answer).encode(), "application/json", float(headers.get("x-fake-body-delay", 0)))
@@ -242,8 +256,17 @@ class _Handler(BaseHTTPRequestHandler):
                                                    "code": None}}
             events = [*events[:1], failed]
         else:
+            tool = None if completion else _tool(body, headers)
+            if tool is not None:  # the call's id and name, then its arguments in two pieces
+                arguments = tool["function"]["arguments"]
+                events += [{**base, "choices": [{"index": 0, "finish_reason": None, "delta": {"tool_calls": [
+                               {"index": 0, "id": tool["id"], "type": "function",
+                                "function": {"name": tool["function"]["name"], "arguments": ""}}]}}]},
+                           *({**base, "choices": [{"index": 0, "finish_reason": None, "delta": {"tool_calls": [
+                               {"index": 0, "function": {"arguments": piece}}]}}]}
+                             for piece in (arguments[:5], arguments[5:]))]
             events.append({**base, "choices": [{"index": 0, **({"text": ""} if completion else {"delta": {}}),
-                                                "finish_reason": "stop"}]})
+                                                "finish_reason": "tool_calls" if tool else "stop"}]})
             if (body.get("stream_options") or {}).get("include_usage"):
                 events.append({**base, "choices": [], "usage": usage})
         payloads = [f"data: {json.dumps(event)}\n\n".encode() for event in events] + [b"data: [DONE]\n\n"]

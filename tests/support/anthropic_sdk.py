@@ -19,6 +19,8 @@ def sdk_message(events: bytes):
     splitter = EventSplitter()
     for event in [*splitter.feed(events), *splitter.flush()]:
         names.append(event.name)
+        if event.name == "ping":  # skipped by the SDK's stream
+            continue
         if event.name == "error":
             raise RuntimeError(json.loads(event.data)["error"]["message"])
         snapshot = accumulate_event(event=adapter.validate_python(json.loads(event.data)), current_snapshot=snapshot,

@@ -181,3 +181,12 @@ def test_a_whole_answer_translated_with_its_usage_and_an_error_in_the_clients_sh
     response = answer(exchange.on_message(body(b'{"error": {"message": "slow down", "type": "x", "code": "y"}}'))[0])
     assert json.loads(response.response_body.response.body_mutation.body) == {
         "type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}
+
+
+def test_an_error_event_goes_into_the_metadata_at_once():
+    """The client may hang up when it reads the error event: the log must not wait for the end."""
+    exchange = AnswerProcessor(Inflight()).exchange()
+    exchange.on_message(headers(200, "text/event-stream", {"client_stream": True, "provider_api": "anthropic"}))
+    error = b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error", "message": "x"}}\n\n'
+    response = answer(exchange.on_message(piece(error))[0])
+    assert usage_of(response) == {"stream_error": "overloaded_error"}
