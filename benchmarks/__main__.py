@@ -15,6 +15,8 @@ COMMANDS = {
     "soak": ("soak", "main", "scripts/soak [MINUTES]: a steady load with config changes, memory before and after"),
     "auth": ("auth", "main", "how Envoy reaches the control plane: CPU per request of each way (issue 15)"),
     "work": ("work", "main", "the ext_proc's own work per request, in process"),
+    "translation": ("translation", "main", "CPU per event of a translated stream beside an untranslated one "
+                                          "(issue 27)"),
     "budget-hook": ("budgets", "hook_main", "the budget hook's CPU per request, in process"),
     "dashboard": ("dashboard", "main", "docs/images/dashboard.png: the dashboard's panels from a real run's /metrics"),
     "paced-provider": ("streams", "main", "(started by the bench) the streaming benchmark's paced provider"),

@@ -28,8 +28,15 @@ class Rewritten(NamedTuple):
     model: str  # the model the provider is asked for
     client_stream: bool = False  # the body asked for server-sent events (the client's own, on a first attempt)
     include_usage: bool = False  # ... and for the usage event (`stream_options.include_usage`)
-    path: str | None = None  # the request's own path (None: the target's, the same for every request)
-    headers: tuple[tuple[str, str], ...] = ()  # the request's own headers (Bedrock's signature)
+    own: Own | None = None  # a translated request's own path and headers (None: the target's)
+
+
+class Own(NamedTuple):
+    """What one request to a provider of another API has of its own: its path where the model and
+    the stream are in it (Gemini, Bedrock; None: the target's), its headers (Bedrock's signature)."""
+
+    path: str | None
+    headers: tuple[tuple[str, str], ...]
 
 
 # orjson reads integers only up to 64 bits: a larger one becomes a float. A body where orjson gave
@@ -134,4 +141,4 @@ def _translated(data: dict, dumps, target: Target, endpoint: Endpoint, client_st
         path = request_path(target, model, stream)
     if target.api == BEDROCK:
         headers = sign(target.api_settings or NO_SETTINGS, target.provider_host, path or "", body)
-    return Rewritten(body, stream, model, sent_stream, include_usage, path, headers)
+    return Rewritten(body, stream, model, sent_stream, include_usage, Own(path, headers))

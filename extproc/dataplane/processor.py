@@ -82,17 +82,21 @@ class ExternalProcessor:
         rewritten = rewrite_body(body, target, endpoint)
         sent = rewritten.body
         attempt_headers = decision.attempt_headers
-        if len(sent) > FAILOVER_BODY_MAX:  # larger: one attempt (docs/failover.md)
-            attempt_headers = ()
-        failover = decision.rule.failover if attempt_headers else None
-        # providers of several APIs: each attempt, the first included, translates the client's own body
-        translate = failover is not None and per_attempt(endpoint, failover)
-        if translate:
-            sent = body
+        failover, translate = None, False
+        if attempt_headers:
+            if len(sent) > FAILOVER_BODY_MAX:  # larger: one attempt (docs/failover.md)
+                attempt_headers = ()
+            else:
+                failover = decision.rule.failover
+                # providers of several APIs: each attempt, the first included, translates the client's own body
+                translate = failover is not None and per_attempt(endpoint, failover)
+                if translate:
+                    sent = body
         headers_answer, prebuilt = answers.prebuilt(target, endpoint)
         parts = [headers_answer, answers.content_length(len(sent))]
-        if (rewritten.path is not None or rewritten.headers) and not translate:
-            parts.append(answers.request_headers(rewritten.path, rewritten.headers))
+        own = rewritten.own
+        if own is not None and not translate:  # a translated request's own path and signature
+            parts.append(answers.request_headers(own.path, own.headers))
         # the answer comes back to be turned into the client's format (or API), where a provider may send another
         plan = answer_plan(endpoint, target, failover, rewritten.client_stream, rewritten.include_usage)
         if decision.strip or attempt_headers or plan is not None:

@@ -120,10 +120,12 @@ class RetryExchange:
         common = response.request_body.response
         common.header_mutation.set_headers.append(answers.header("content-length", str(len(rewritten.body))))
         if endpoint is not None:
-            path = rewritten.path if rewritten.path is not None else static_path(endpoint, target)
+            own = rewritten.own
+            path = own.path if own is not None and own.path is not None else static_path(endpoint, target)
             if path is not None:
                 common.header_mutation.set_headers.append(answers.header(":path", path))
-            common.header_mutation.set_headers.extend(answers.header(name, value) for name, value in rewritten.headers)
+            if own is not None:
+                common.header_mutation.set_headers.extend(answers.header(name, value) for name, value in own.headers)
         common.body_mutation.body = rewritten.body
         decided = {"provider": target.provider, "provider_host": target.provider_host,
                    "request_model": rewritten.model, "stream": rewritten.stream, "tried": self._tried,

@@ -158,6 +158,14 @@ def test_demo_serves_the_three_scenarios_and_stops_cleanly(tmp_path):
         assert embedded.json()["data"][0]["embedding"] == fake_embedding("Hi"), embedded.body
         listing = gw.request("demo-llm-server", None, method="GET", path="/v1/models").json()
         assert [m["id"] for m in listing["data"]] == ["qwen1.5-72b-chat", "moonshot-v1-8k"]
+        # providers of other APIs (docs/translation.md): the examples it prints, answered
+        assert f"curl -x http://127.0.0.1:{listen} http://demo-any-api/v1/messages" in gw.log()
+        translated = gw.request("api.anthropic.com", CHAT, path="/v1/chat/completions").json()
+        assert translated["model"] == "claude-sonnet-4-5" and translated["object"] == "chat.completion"
+        message = {"model": "any", "max_tokens": 100, "messages": [{"role": "user", "content": "Hi"}]}
+        served = {gw.request("demo-any-api", message, path="/v1/messages").json()["model"] for _ in range(60)}
+        assert served == {"qwen1.5-72b-chat", "claude-sonnet-4-5", "gemini-2.5-flash",
+                          "anthropic.claude-3-5-haiku-20241022-v1:0", "gpt-4o"}
         process.send_signal(signal.SIGINT)
         assert process.wait(15) == 0
     finally:
