@@ -610,6 +610,9 @@ class Bedrock(_Api):
         report = ParamValidator().validate(params, shape)
         if report.has_errors():
             return "Malformed input request: " + report.generate_report().replace("\n", " ")
+        wrong = _enum_problem(params, shape, "")  # botocore's validator leaves enums to the service
+        if wrong:
+            return f"Malformed input request: {wrong}"
         roles = [m["role"] for m in params["messages"]]
         if roles[0] != "user":
             return "A conversation must start with a user message. Try again with a conversation that starts with " \
@@ -618,6 +621,25 @@ class Bedrock(_Api):
             return "A conversation must alternate between user and assistant roles. Make sure the conversation " \
                    "alternates between user and assistant roles and try again."
         return ""
+
+
+def _enum_problem(value: Any, shape: Any, where: str) -> str:
+    """A value outside its shape's enum (an image `format`, a `role`), as the service refuses it."""
+    kind = shape.type_name
+    if kind == "string" and shape.enum and value not in shape.enum:
+        return f"{where}: {value!r} is not one of {', '.join(shape.enum)}"
+    if kind == "structure" and isinstance(value, dict):
+        for name, member in shape.members.items():
+            if name in value:
+                found = _enum_problem(value[name], member, f"{where}.{name}" if where else name)
+                if found:
+                    return found
+    if kind == "list" and isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _enum_problem(item, shape.member, f"{where}[{i}]")
+            if found:
+                return found
+    return ""
 
 
 def frame(event_type: str, payload: dict[str, Any], message_type: str = "event") -> bytes:

@@ -447,3 +447,31 @@ spec:
         assert [e["budget_remaining_tokens"] for e in entries][:1] == ["25"]  # admitted with all of it left
     finally:
         assert gateway.stop() == 0
+
+
+def test_a_wrong_bedrock_secret_is_the_providers_403_in_the_clients_api(ca, fakes, tmp_path, clean):
+    (tmp_path / "config.yaml").write_text(CONFIG)
+    gateway = start_gateway(tmp_path / "config.yaml", tmp_path, {**KEYS, "AWS_SECRET": "not-the-secret"},
+                            resolve(ca, fakes))
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{gateway.listen_port}/v1", api_key="unused",
+                               default_headers={"Host": BEDROCK}, max_retries=0, timeout=30)
+        with pytest.raises(openai.PermissionDeniedError) as refused:
+            client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}])
+        assert refused.value.body["code"] == "InvalidSignatureException"
+        assert "not-the-secret" not in gateway.log() and "not-the-secret" not in json.dumps(gateway.access_entries())
+    finally:
+        assert gateway.stop() == 0
+
+
+def test_no_credential_anywhere_the_gateway_writes(gw):
+    """After every test above: no key, no AWS secret in the gateway's log, the access log, the
+    metrics or Envoy's config dump."""
+    import urllib.request
+
+    written = [gw.log(), gw.access_log.read_text(), gw.admin("/config_dump?include_eds"),
+               urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=5).read().decode()]
+    for name, secret in KEYS.items():
+        if name == "AWS_KEY_ID":  # not a secret: it names the key in every signature AWS receives
+            continue
+        assert not any(secret in text for text in written), name
