@@ -10,8 +10,9 @@ does not depend on the request is prebuilt per target, once (`extproc.dataplane.
 
 Answers do not come here: Envoy reads their model, usage and error events itself
 (json_to_metadata, sse_to_metadata; see `extproc.envoy.bootstrap`). Only a request whose
-provider may answer in another format than its client asked for (`extproc.policy.answer_format`)
-is marked for Envoy's answer filter, whose own stream brings the answer to
+provider may answer in another format than its client asked for, or whose client or provider
+speaks another API than OpenAI's (`extproc.policy.answer_format`; docs/translation.md), is
+marked for Envoy's answer filter, whose own stream brings the answer to
 `extproc.dataplane.answer_exchange`.
 """
 

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from ..policy.provider_api import ANTHROPIC, BEDROCK, GEMINI, OPENAI
 from . import anthropic, bedrock, gemini
 from .openai_chunks import (
     DONE,
@@ -35,7 +36,6 @@ from .openai_chunks import (
 
 log = logging.getLogger(__name__)
 
-OPENAI, ANTHROPIC, GEMINI, BEDROCK = "openai", "anthropic", "gemini", "bedrock"
 EVENT_STREAM, JSON = "text/event-stream", "application/json"
 OVERLOADED = 529  # Anthropic's "overloaded": a 503 to an OpenAI client
 

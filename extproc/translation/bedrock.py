@@ -21,10 +21,6 @@ import logging
 from typing import Any
 
 import orjson
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials
-from botocore.eventstream import EventStreamBuffer, ParserError
 
 from ..policy.table import ApiSettings
 from .openai_chunks import Chunk, ChunkMaker, StreamDecoder, openai_error_type, usage
@@ -59,6 +55,12 @@ def sign(settings: ApiSettings, host: str, path: str, body: bytes) -> tuple[tupl
     there is one), for botocore's signer over its method, host, path, content type and body: a
     new signature per attempt, as each attempt has its own time and may have its own body. The
     headers go to the provider only; the gateway never logs them."""
+    # botocore is imported where a Bedrock provider is used: it adds a few hundred milliseconds to
+    # the start of every process (each worker's too) that would import it with this module
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
     credentials = Credentials(settings.access_key_id, settings.secret_access_key, settings.session_token)
     request = AWSRequest(method="POST", url=f"https://{host}{path}", data=body,
                          headers={"content-type": "application/json"})
@@ -230,6 +232,8 @@ class BedrockStreamDecoder(StreamDecoder):
     error event."""
 
     def __init__(self, model: str = "", answer_id: str = "") -> None:
+        from botocore.eventstream import EventStreamBuffer  # where a Bedrock stream is read (see `sign`)
+
         super().__init__()
         self._buffer = EventStreamBuffer()
         self._make = ChunkMaker(answer_id, model)
@@ -238,6 +242,8 @@ class BedrockStreamDecoder(StreamDecoder):
         self._broken = False
 
     def feed(self, data: bytes) -> list[Chunk]:
+        from botocore.eventstream import ParserError
+
         if self._broken:
             return []
         self._buffer.add_data(data)

@@ -3,11 +3,11 @@ of `extproc.translation`): through OpenAI's chat request where neither side spea
 
 from __future__ import annotations
 
+from ..policy.provider_api import ANTHROPIC, BEDROCK, GEMINI
 from ..policy.table import ApiSettings, Target
 from . import anthropic, bedrock, gemini
 from .parts import Json
 
-OPENAI, ANTHROPIC, GEMINI, BEDROCK = "openai", "anthropic", "gemini", "bedrock"
 _DEFAULT = ApiSettings()
 
 
