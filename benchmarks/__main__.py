@@ -18,6 +18,8 @@ COMMANDS = {
     "auth": ("auth", "main", "how Envoy reaches the control plane: CPU per request of each way (issue 15)"),
     "work": ("work", "main", "the ext_proc's own work per request, in process"),
     "startup": ("startup", "main", "start and reload with thousands of providers, some never answering DNS (issue 30)"),
+    "translation": ("translation", "main", "CPU per event of a translated stream beside an untranslated one "
+                                          "(issue 27)"),
     "budget-hook": ("budgets", "hook_main", "the budget hook's CPU per request, in process"),
     "data-protection": ("data_protection", "main", "LLMDataPolicy's CPU per request on a 4 KiB prompt, in process"),
     "answer-reader": ("answer_reader", "main", "what reading a sampled answer's finish reason costs Envoy per "

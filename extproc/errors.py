@@ -1,4 +1,5 @@
-"""OpenAI-style error answers, the shape every client of an OpenAI-compatible API already parses."""
+"""OpenAI-style error answers, the shape every client of an OpenAI-compatible API already parses
+(and Anthropic's shape, for clients of the Messages API)."""
 
 from __future__ import annotations
 
@@ -34,8 +35,14 @@ class GatewayError(Exception):
     operation: str | None = None
     # entries of the `llm_gateway` metadata for the access log (a refusing data policy's rule)
     metadata: tuple[tuple[str, str], ...] = ()
+    # the API the client speaks, where known before a decision (its error's shape: `body`)
+    client_api: str = "openai"
 
-    def body(self) -> bytes:
+    def body(self, client_api: str = "openai") -> bytes:
+        """The answer's JSON, in the shape the client's API has for errors (OpenAI's, or
+        Anthropic's for a client of the Messages API)."""
+        if client_api == "anthropic":
+            return anthropic_error_body(self.status, self.message)
         return error_body(self.status, self.message, self.code, self.kind)
 
 
@@ -79,3 +86,28 @@ def error_type(status: int) -> str:
 
 def error_body(status: int, message: str, code: str, kind: str | None = None) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": kind or error_type(status), "code": code}})
+
+
+# Anthropic's error types by status (its API's errors page); others: api_error
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error_type(status: int) -> str:
+    return _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+
+
+def anthropic_error_body(status: int, message: str, kind: str | None = None) -> bytes:
+    """An error as Anthropic's Messages API answers it, for its clients (the `anthropic` SDK)."""
+    return orjson.dumps({"type": "error", "error": {"type": kind or anthropic_error_type(status), "message": message}})

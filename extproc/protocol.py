@@ -31,6 +31,10 @@ NO_PROVIDER_CLUSTER = "llm_gateway_no_provider"
 # differ from the provider's: `extproc.policy.answer_format`): Envoy's answer filter runs only
 # where it is set, and the route removes it before the request leaves.
 ANSWER_HEADER = "x-llm-gateway-answer"
+# Set by the ext_proc on a request of a rule with retries whose providers speak several APIs:
+# its first attempt, too, passes the failover cluster's upstream ext_proc, which translates the
+# client's body for each attempt's provider (`extproc.policy.answer_format.per_attempt`).
+TRANSLATE_HEADER = "x-llm-gateway-translate"
 
 
 def next_header(cluster: str) -> str:

@@ -34,7 +34,9 @@ from ..policy.matching import HeaderCondition
 from ..policy.openai_api import base_path, route_bases
 from ..policy.passive_health import DEFAULT_CONSECUTIVE_ERRORS, DEFAULT_COOL_DOWN_S
 from ..policy.pricing import PICO_PER_UNIT, Price, PriceTable, price_per_token
+from ..policy.provider_api import DEFAULT_GEMINI_API_VERSION
 from ..policy.table import (
+    ApiSettings,
     Claim,
     Forward,
     RetryPolicy,
@@ -50,6 +52,11 @@ from ..protocol import provider_cluster
 from .data_policies import compile_protection
 from .loader import Loaded
 from .models import (
+    AnthropicConfig,
+    ApiConfig,
+    AzureOpenAIConfig,
+    BedrockConfig,
+    GeminiConfig,
     LLMPriceTable,
     LLMProvider,
     LLMRoute,
@@ -90,9 +97,9 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
         if not isinstance(obj.resource, LLMProvider):
             continue
         spec = obj.resource.spec
-        if spec.configs.default_config.openai_config.model is None:
-            problems.append(Problem("required field is missing", file=obj.file, obj=obj.label,
-                                    field="spec.configs.defaultConfig.openAIConfig.model"))
+        config_problems = _provider_config_problems(obj)
+        if config_problems:
+            problems.extend(config_problems)
             continue
         if spec.host in providers:
             problems.append(Problem(f"host {spec.host!r} is already served by {providers[spec.host].label}",
@@ -352,15 +359,68 @@ def _default_route(obj: Loaded, home: str | None = None, namespaces: bool = Fals
                  provider_default=True)
 
 
+# What a provider's default config (merged with a route-specific one) must name, per API: (field, alias)
+_REQUIRED: dict[type[ApiConfig], tuple[tuple[str, str], ...]] = {
+    OpenAIConfig: (("model", "model"),),
+    AzureOpenAIConfig: (("deployment", "deployment"),),
+    AnthropicConfig: (("model", "model"),),
+    GeminiConfig: (("model", "model"),),
+    BedrockConfig: (("model", "model"), ("region", "region"), ("access_key_id", "accessKeyId"),
+                    ("secret_access_key", "secretAccessKey")),
+}
+
+
+def _provider_config_problems(obj: Loaded) -> list[Problem]:
+    """An LLMProvider's configs as a whole: the default config names what its API needs (the
+    model; Azure's deployment; Bedrock's region and key pair), and a route-specific config
+    speaks the default's API (it overrides fields of it)."""
+    resource = obj.resource
+    assert isinstance(resource, LLMProvider)
+    configs = resource.spec.configs
+    _, alias, default = configs.default_config.api_config
+    found: list[Problem] = []
+    for name, field_alias in _REQUIRED[type(default)]:
+        if getattr(default, name) is None:
+            found.append(Problem("required field is missing", file=obj.file, obj=obj.label,
+                                 field=f"spec.configs.defaultConfig.{alias}.{field_alias}"))
+    for rule, specific in configs.route_specific_configs.items():
+        _, specific_alias, _ = specific.api_config
+        if specific_alias != alias:
+            found.append(Problem(f"a route-specific config overrides fields of the default config: use {alias} "
+                                 f"here too (got {specific_alias})", file=obj.file, obj=obj.label,
+                                 field=f"spec.configs.routeSpecificConfigs.{rule}.{specific_alias}"))
+    return found
+
+
+def _api_settings(cfg: ApiConfig) -> ApiSettings | None:
+    """What the config's API needs besides model and key (None for OpenAI's)."""
+    if isinstance(cfg, AzureOpenAIConfig):
+        return ApiSettings(api_version=cfg.api_version, deployment=cfg.deployment or "",
+                           embedding_deployment=cfg.embedding_deployment)
+    if isinstance(cfg, AnthropicConfig):
+        defaults = ApiSettings()
+        return ApiSettings(anthropic_version=cfg.version or defaults.anthropic_version,
+                           max_tokens=cfg.max_tokens or defaults.max_tokens)
+    if isinstance(cfg, GeminiConfig):
+        return ApiSettings(api_version=cfg.api_version or DEFAULT_GEMINI_API_VERSION)
+    if isinstance(cfg, BedrockConfig):
+        return ApiSettings(region=cfg.region or "", access_key_id=cfg.access_key_id or "",
+                           secret_access_key=cfg.secret_access_key or "", session_token=cfg.session_token)
+    return None
+
+
 def _target(route: str, rule_label: str, rule_name: str | None, provider: Loaded,
             prices: CompiledPrices | None = None) -> Target:
     resource = provider.resource
     assert isinstance(resource, LLMProvider)
     configs = resource.spec.configs
-    cfg = configs.default_config.openai_config
+    _, _, cfg = configs.default_config.api_config
     specific = configs.route_specific_configs.get(rule_name) if rule_name else None
     if specific is not None:
-        cfg = _merge(cfg, specific.openai_config)
+        cfg = _merge(cfg, specific.api_config[2])
+    model = cfg.model
+    if isinstance(cfg, AzureOpenAIConfig) and model is None:
+        model = cfg.deployment  # the name requests and metrics report
     return Target(
         route=route,
         rule=rule_label,
@@ -368,13 +428,15 @@ def _target(route: str, rule_label: str, rule_name: str | None, provider: Loaded
         provider_host=resource.spec.host,
         cluster=provider_cluster(resource.spec.host),
         path=resource.spec.path,
-        model=cfg.model,
-        stream=cfg.stream,
-        api_key=cfg.api_key,
+        model=model,
+        stream=cfg.stream if isinstance(cfg, OpenAIConfig | AzureOpenAIConfig) else None,
+        api_key=getattr(cfg, "api_key", None),
         timeout_s=resource.spec.timeout_s,
         base_path=base_path(resource.spec.path, resource.spec.base_path),
-        embedding_model=cfg.embedding_model,
+        embedding_model=cfg.embedding_model if isinstance(cfg, OpenAIConfig) else None,
         prices=prices.table.by_host.get(resource.spec.host, _NO_PRICES) if prices is not None else _NO_PRICES,
+        api=cfg.API,
+        api_settings=_api_settings(cfg),
     )
 
 
@@ -404,9 +466,18 @@ def _limits(provider: Loaded) -> ConnectionLimits:
         max_requests=(http and http.http2_max_requests) or default.max_requests)
 
 
-def _merge(base: OpenAIConfig, override: OpenAIConfig) -> OpenAIConfig:
-    """A route-specific config: its fields where set, the default config's elsewhere."""
-    return base.model_copy(update=override.model_dump(exclude_none=True))
+def _merge(base: ApiConfig, override: ApiConfig) -> ApiConfig:
+    """A route-specific config: its fields where set, the default config's elsewhere (both of one
+    API: `_provider_config_problems`). A credential given inline replaces the default's Secret
+    reference and the other way round."""
+    update = {name: getattr(override, name) for name in type(override).model_fields
+              if getattr(override, name) is not None}
+    for name, _, ref_name, _ in override.CREDENTIALS:
+        if name in update:
+            update[ref_name] = None
+        elif ref_name in update:
+            update[name] = None
+    return base.model_copy(update=update)
 
 
 def _condition(name: str, match: StringMatch) -> HeaderCondition:

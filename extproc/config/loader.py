@@ -32,12 +32,13 @@ from .models import (
     DATA_POLICY_KIND,
     OWN_KINDS,
     PRICE_KIND,
+    ApiConfig,
     LLMDataPolicy,
     LLMPriceTable,
     LLMProvider,
     LLMRoute,
     LLMTokenRateLimit,
-    OpenAIConfig,
+    ProviderConfig,
 )
 from .problems import Problem
 
@@ -257,8 +258,9 @@ def key_env_allowed(name: str, host: str, key_env: dict[str, str] | None) -> boo
 
 def _resolve_api_keys(provider: LLMProvider, environ: Mapping[str, str], secrets: SecretLookup | None,
                       key_env: dict[str, str] | None = None) -> tuple[LLMProvider, list[tuple[str, str, str]]]:
-    """Each openAIConfig's key: `${VAR}` in apiKey read from the environment, apiKeySecretRef read
-    from a Secret of the provider's namespace. An unset variable or a missing Secret is an error."""
+    """Each provider config's credentials (an apiKey; Bedrock's key pair and session token): `${VAR}`
+    in the value read from the environment, a `...SecretRef` read from a Secret of the provider's
+    namespace. An unset variable or a missing Secret is an error."""
     problems: list[tuple[str, str, str]] = []  # (field, message, reason)
     namespace = provider.metadata.namespace
 
@@ -281,34 +283,41 @@ def _resolve_api_keys(provider: LLMProvider, environ: Mapping[str, str], secrets
 
         return _ENV_REF.sub(sub, value)
 
-    def resolve(cfg: OpenAIConfig, path: str) -> OpenAIConfig:
-        if cfg.api_key is not None:
-            return cfg.model_copy(update={"api_key": expand(cfg.api_key, f"{path}.apiKey")})
-        ref = cfg.api_key_secret_ref
-        if ref is None:
-            return cfg
-        field = f"{path}.apiKeySecretRef"
-        if secrets is None:
-            problems.append((field, "a Secret can only be read with the Kubernetes source (--kubernetes)",
-                             "InvalidAPIKey"))
-            return cfg
-        value = secrets(namespace, ref.name, ref.key)
-        if value is None:
-            problems.append((field, f"Secret {namespace}/{ref.name} has no key {ref.key!r} (or does not exist)",
-                             "SecretNotFound"))
-            return cfg
-        if not value.strip():
-            problems.append((field, f"key {ref.key!r} of Secret {namespace}/{ref.name} is empty", "InvalidAPIKey"))
-        return cfg.model_copy(update={"api_key": value})
+    def resolve(cfg: ApiConfig, path: str) -> ApiConfig:
+        update: dict[str, str] = {}
+        for name, alias, ref_name, ref_alias in cfg.CREDENTIALS:
+            inline = getattr(cfg, name)
+            if inline is not None:
+                update[name] = expand(inline, f"{path}.{alias}")
+                continue
+            ref = getattr(cfg, ref_name)
+            if ref is None:
+                continue
+            field = f"{path}.{ref_alias}"
+            if secrets is None:
+                problems.append((field, "a Secret can only be read with the Kubernetes source (--kubernetes)",
+                                 "InvalidAPIKey"))
+                continue
+            value = secrets(namespace, ref.name, ref.key)
+            if value is None:
+                problems.append((field, f"Secret {namespace}/{ref.name} has no key {ref.key!r} (or does not exist)",
+                                 "SecretNotFound"))
+                continue
+            if not value.strip():
+                problems.append((field, f"key {ref.key!r} of Secret {namespace}/{ref.name} is empty",
+                                 "InvalidAPIKey"))
+            update[name] = value
+        return cfg.model_copy(update=update) if update else cfg
+
+    def resolved(config: ProviderConfig, path: str) -> ProviderConfig:
+        name, alias, api_config = config.api_config
+        return config.model_copy(update={name: resolve(api_config, f"{path}.{alias}")})
 
     configs = provider.spec.configs
-    default = configs.default_config
     new_configs = configs.model_copy(update={
-        "default_config": default.model_copy(update={
-            "openai_config": resolve(default.openai_config, "spec.configs.defaultConfig.openAIConfig")}),
+        "default_config": resolved(configs.default_config, "spec.configs.defaultConfig"),
         "route_specific_configs": {
-            rule: cfg.model_copy(update={
-                "openai_config": resolve(cfg.openai_config, f"spec.configs.routeSpecificConfigs.{rule}.openAIConfig")})
+            rule: resolved(cfg, f"spec.configs.routeSpecificConfigs.{rule}")
             for rule, cfg in configs.route_specific_configs.items()},
     })
     return provider.model_copy(update={"spec": provider.spec.model_copy(update={"configs": new_configs})}), problems

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -39,9 +39,30 @@ class SecretKeyRef(_Strict):
     key: str = Field(min_length=1)
 
 
-class OpenAIConfig(_Strict):
+# A credential field and its Secret reference (our extension): (field, alias, ref field, ref alias)
+Credential = tuple[str, str, str, str]
+API_KEY: Credential = ("api_key", "apiKey", "api_key_secret_ref", "apiKeySecretRef")
+
+
+class _ApiConfig(_Strict):
+    """What every provider API's config has: the model, and credentials given inline (`${VAR}`
+    expanded from the environment) or by a Secret reference, never both."""
+
+    CREDENTIALS: ClassVar[tuple[Credential, ...]] = (API_KEY,)
+    API: ClassVar[str] = "openai"
+
     model: str | None = Field(default=None, min_length=1)
-    api_key: str | None = Field(default=None, alias="apiKey", min_length=1)
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> _ApiConfig:
+        for name, alias, ref_name, ref_alias in self.CREDENTIALS:
+            if getattr(self, name) is not None and getattr(self, ref_name) is not None:
+                raise ValueError(f"set {alias} or {ref_alias}, not both")
+        return self
+
+
+class OpenAIConfig(_ApiConfig):
+    api_key: str | None = Field(default=None, alias="apiKey", min_length=1, repr=False)
     api_key_secret_ref: SecretKeyRef | None = Field(default=None, alias="apiKeySecretRef")
     stream: bool | None = None
     # Our extension: the model embeddings requests are sent with (replacing the client's);
@@ -49,15 +70,104 @@ class OpenAIConfig(_Strict):
     embedding_model: str | None = Field(default=None, alias="embeddingModel", min_length=1,
                                         description="Model for embeddings requests (unset: the client's).")
 
-    @model_validator(mode="after")
-    def _one_key_source(self) -> OpenAIConfig:
-        if self.api_key is not None and self.api_key_secret_ref is not None:
-            raise ValueError("set apiKey or apiKeySecretRef, not both")
-        return self
+
+# --- our extensions: providers that speak another API than OpenAI's (docs/translation.md) ---
+
+class AzureOpenAIConfig(_ApiConfig):
+    """Azure OpenAI: OpenAI's bodies, sent to a deployment with an `api-version` and an `api-key`."""
+
+    API: ClassVar[str] = "azure"
+    model: str | None = Field(default=None, min_length=1,
+                              description="The model name requests and metrics report (unset: the deployment).")
+    deployment: str | None = Field(default=None, min_length=1, description="The chat deployment's name.")
+    api_version: str = Field(default="2024-10-21", alias="apiVersion", min_length=1,
+                             pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(-preview)?$",
+                             description="The api-version query parameter, e.g. 2024-10-21.")
+    embedding_deployment: str | None = Field(default=None, alias="embeddingDeployment", min_length=1,
+                                             description="The deployment embeddings requests go to.")
+    api_key: str | None = Field(default=None, alias="apiKey", min_length=1, repr=False,
+                                description="Sent as `api-key`.")
+    api_key_secret_ref: SecretKeyRef | None = Field(default=None, alias="apiKeySecretRef")
+    stream: bool | None = None
+
+
+class AnthropicConfig(_ApiConfig):
+    """Anthropic's Messages API (`POST /v1/messages`, `x-api-key`, `anthropic-version`)."""
+
+    API: ClassVar[str] = "anthropic"
+    api_key: str | None = Field(default=None, alias="apiKey", min_length=1, repr=False,
+                                description="Sent as `x-api-key`.")
+    api_key_secret_ref: SecretKeyRef | None = Field(default=None, alias="apiKeySecretRef")
+    version: str | None = Field(default=None, min_length=1, pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$",
+                                description="The anthropic-version header (default 2023-06-01).")
+    max_tokens: int | None = Field(default=None, alias="maxTokens", ge=1,
+                                   description="max_tokens where an OpenAI request sets none (default 4096).")
+
+
+class GeminiConfig(_ApiConfig):
+    """Google's Gemini API (`models/{model}:generateContent`, `x-goog-api-key`)."""
+
+    API: ClassVar[str] = "gemini"
+    api_key: str | None = Field(default=None, alias="apiKey", min_length=1, repr=False,
+                                description="Sent as `x-goog-api-key`.")
+    api_key_secret_ref: SecretKeyRef | None = Field(default=None, alias="apiKeySecretRef")
+    api_version: str | None = Field(default=None, alias="apiVersion", pattern=r"^v[0-9][a-z0-9]*$",
+                                    description="The API version in the path (default v1beta).")
+
+
+class BedrockConfig(_ApiConfig):
+    """Amazon Bedrock's Converse API, every request signed with SigV4 for `region`."""
+
+    API: ClassVar[str] = "bedrock"
+    CREDENTIALS: ClassVar[tuple[Credential, ...]] = (
+        ("access_key_id", "accessKeyId", "access_key_id_secret_ref", "accessKeyIdSecretRef"),
+        ("secret_access_key", "secretAccessKey", "secret_access_key_secret_ref", "secretAccessKeySecretRef"),
+        ("session_token", "sessionToken", "session_token_secret_ref", "sessionTokenSecretRef"))
+    model: str | None = Field(default=None, min_length=1, description="The model ID (or inference profile).")
+    region: str | None = Field(default=None, pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]+$",
+                               description="The AWS region, e.g. us-east-1.")
+    access_key_id: str | None = Field(default=None, alias="accessKeyId", min_length=1, repr=False)
+    access_key_id_secret_ref: SecretKeyRef | None = Field(default=None, alias="accessKeyIdSecretRef")
+    secret_access_key: str | None = Field(default=None, alias="secretAccessKey", min_length=1, repr=False)
+    secret_access_key_secret_ref: SecretKeyRef | None = Field(default=None, alias="secretAccessKeySecretRef")
+    session_token: str | None = Field(default=None, alias="sessionToken", min_length=1, repr=False)
+    session_token_secret_ref: SecretKeyRef | None = Field(default=None, alias="sessionTokenSecretRef")
+
+
+ApiConfig = OpenAIConfig | AzureOpenAIConfig | AnthropicConfig | GeminiConfig | BedrockConfig
+# ProviderConfig's fields, one per API: (field, alias)
+API_CONFIG_FIELDS = (("openai_config", "openAIConfig"), ("azure_openai_config", "azureOpenAIConfig"),
+                     ("anthropic_config", "anthropicConfig"), ("gemini_config", "geminiConfig"),
+                     ("bedrock_config", "bedrockConfig"))
 
 
 class ProviderConfig(_Strict):
-    openai_config: OpenAIConfig = Field(alias="openAIConfig")
+    """One provider config: exactly one of the API configs (openAIConfig, ASM's; the others ours)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True,
+                              json_schema_extra={"maxProperties": 1})
+    openai_config: OpenAIConfig | None = Field(default=None, alias="openAIConfig")
+    azure_openai_config: AzureOpenAIConfig | None = Field(default=None, alias="azureOpenAIConfig")
+    anthropic_config: AnthropicConfig | None = Field(default=None, alias="anthropicConfig")
+    gemini_config: GeminiConfig | None = Field(default=None, alias="geminiConfig")
+    bedrock_config: BedrockConfig | None = Field(default=None, alias="bedrockConfig")
+
+    @model_validator(mode="after")
+    def _one_api(self) -> ProviderConfig:
+        given = [alias for name, alias in API_CONFIG_FIELDS if getattr(self, name) is not None]
+        if len(given) != 1:
+            which = f"got {', '.join(given)}" if given else "got none"
+            raise ValueError("set exactly one of " + ", ".join(a for _, a in API_CONFIG_FIELDS) + f" ({which})")
+        return self
+
+    @property
+    def api_config(self) -> tuple[str, str, ApiConfig]:
+        """(field, alias, config) of the one API config that is set."""
+        for name, alias in API_CONFIG_FIELDS:
+            config = getattr(self, name)
+            if config is not None:
+                return name, alias, config
+        raise AssertionError("a ProviderConfig holds one API config")
 
 
 class ProviderConfigs(_Strict):

@@ -360,12 +360,25 @@ class AnswerGuards:
         """A marked answer's check, or None to pass it (the policy gone since the request, an
         error status, not a model's answer)."""
         mode = check_mode(plan.client_stream, status, content_type, kind)
-        if mode is None or "route" not in fields:
+        if mode is None:
+            return None
+        check = self._check(fields, caller)
+        return None if check is None else CheckedAnswer(check, plan, kind, mode == CHECK_STREAM)
+
+    def translated(self, fields: Mapping[str, struct_pb2.Value], caller: Caller, plan: AnswerPlan,
+                   streamed: bool) -> CheckedAnswer | None:
+        """The check of a model's answer translated from another API into OpenAI's (the exchange
+        translates, then hands this check OpenAI's JSON or events), or None to pass it."""
+        check = self._check(fields, caller)
+        return None if check is None else CheckedAnswer(check, plan, None, streamed)
+
+    def _check(self, fields: Mapping[str, struct_pb2.Value], caller: Caller) -> AnswerCheck | None:
+        if "route" not in fields:
             return None
         guard = self._holder.table.protection.guard(fields["route"].string_value, caller.namespace)
         if guard is None or guard.answers is None:
             return None
-        return CheckedAnswer(AnswerCheck(guard.answers, self.metrics), plan, kind, mode == CHECK_STREAM)
+        return AnswerCheck(guard.answers, self.metrics)
 
 
 class CheckedAnswer:

@@ -12,19 +12,21 @@ answer's bytes and what the client asked for.
 
 A converter returns None for an answer it cannot read (not JSON, not a chat answer): the answer
 then reaches the client as the provider sent it. Another conversion (another provider API, a
-check of the answer's content) is one more function and one more entry in `CONVERTERS`.
+check of the answer's content) is one more function and one more entry in `CONVERTERS`; the
+chunks are joined and split by `extproc.translation.openai_chunks`, which the translations
+between provider APIs share (`extproc.translation.answers`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import orjson
 
 from ..policy.answer_format import EVENT_STREAM, EVENTS_TO_JSON, JSON, JSON_TO_EVENTS, AnswerPlan
+from ..translation.openai_chunks import DONE, ChunkJoiner, answer_chunks, sse
 
-DONE = b"data: [DONE]\n\n"
 STREAM_FAILED_STATUS = 502  # an error event in a stream the client wanted as one JSON answer
 
 
@@ -43,33 +45,10 @@ def json_to_events(body: bytes, plan: AnswerPlan) -> Converted | None:
         answer = orjson.loads(body)
     except ValueError:
         return None
-    if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list):
+    chunks = answer_chunks(answer, plan.include_usage)
+    if chunks is None:
         return None
-    base: dict[str, Any] = {"id": answer.get("id", ""), "object": "chat.completion.chunk",
-                            "created": answer.get("created", 0), "model": answer.get("model", "")}
-    if answer.get("system_fingerprint") is not None:
-        base["system_fingerprint"] = answer["system_fingerprint"]
-    if plan.include_usage:
-        base["usage"] = None  # OpenAI's chunks say so when the usage chunk is to come
-    chunks = []
-    finishes = []
-    for position, choice in enumerate(answer["choices"]):
-        if not isinstance(choice, dict):
-            return None
-        index = choice.get("index", position)
-        message = choice.get("message")
-        delta = {key: value for key, value in message.items() if value is not None} if isinstance(message, dict) else {}
-        if isinstance(delta.get("tool_calls"), list):
-            delta["tool_calls"] = [{"index": i, **call} if isinstance(call, dict) else call
-                                   for i, call in enumerate(delta["tool_calls"])]
-        chunks.append({**base, "choices": [{"index": index, "delta": delta, "logprobs": choice.get("logprobs"),
-                                            "finish_reason": None}]})
-        finishes.append({**base, "choices": [{"index": index, "delta": {}, "logprobs": None,
-                                              "finish_reason": choice.get("finish_reason")}]})
-    events = chunks + finishes
-    if plan.include_usage and answer.get("usage") is not None:
-        events.append({**base, "choices": [], "usage": answer["usage"]})
-    return Converted(b"".join(b"data: " + orjson.dumps(event) + b"\n\n" for event in events) + DONE, EVENT_STREAM)
+    return Converted(sse(chunks) + DONE, EVENT_STREAM)
 
 
 def _events(body: bytes) -> list[bytes]:
@@ -82,17 +61,9 @@ def _events(body: bytes) -> list[bytes]:
     return out
 
 
-_JOINED = ("content", "refusal", "reasoning_content")  # text fields a stream sends in pieces
-
-
 def events_to_json(body: bytes, plan: AnswerPlan) -> Converted | None:
     """A chat answer's server-sent events as the one JSON answer OpenAI would have sent."""
-    head: dict[str, Any] = {}
-    usage = None
-    choices: dict[int, dict[str, Any]] = {}
-    texts: dict[tuple[int, str], list[str]] = {}
-    calls: dict[int, dict[int, dict[str, Any]]] = {}
-    seen = False
+    joiner = ChunkJoiner()
     for data in _events(body):
         if data == b"[DONE]":
             break
@@ -100,69 +71,14 @@ def events_to_json(body: bytes, plan: AnswerPlan) -> Converted | None:
             event = orjson.loads(data)
         except ValueError:
             return None
-        if not isinstance(event, dict):
-            return None
-        if isinstance(event.get("error"), dict) and not event.get("choices"):
-            failed = orjson.dumps({"error": event["error"]})
-            return Converted(failed, JSON, STREAM_FAILED_STATUS)
-        seen = True
-        for key in ("id", "created", "model", "system_fingerprint"):
-            if key not in head and event.get(key) is not None:
-                head[key] = event[key]
-        if event.get("usage") is not None:
-            usage = event["usage"]
-        for choice in event.get("choices") or ():
-            if not isinstance(choice, dict):
+        failed = joiner.add(event)
+        if failed is not None:
+            if not isinstance(failed["error"], dict):  # not a chunk
                 return None
-            index = choice.get("index", 0)
-            merged = choices.setdefault(index, {"index": index, "message": {"role": "assistant", "content": None},
-                                                "logprobs": None, "finish_reason": None})
-            delta = choice.get("delta") or {}
-            if delta.get("role"):
-                merged["message"]["role"] = delta["role"]
-            for field in _JOINED:
-                if isinstance(delta.get(field), str):
-                    texts.setdefault((index, field), []).append(delta[field])
-            for call in delta.get("tool_calls") or ():
-                _merge_call(calls.setdefault(index, {}), call)
-            if choice.get("finish_reason") is not None:
-                merged["finish_reason"] = choice["finish_reason"]
-            logprobs = choice.get("logprobs")
-            if isinstance(logprobs, dict) and isinstance(logprobs.get("content"), list):
-                merged["logprobs"] = merged["logprobs"] or {"content": []}
-                merged["logprobs"]["content"].extend(logprobs["content"])
-    if not seen:
+            return Converted(orjson.dumps(failed), JSON, STREAM_FAILED_STATUS)
+    if not joiner.seen:
         return None
-    for (index, field), parts in texts.items():
-        choices[index]["message"][field] = "".join(parts)
-    for index, by_position in calls.items():
-        choices[index]["message"]["tool_calls"] = [by_position[i] for i in sorted(by_position)]
-    answer: dict[str, Any] = {"id": head.get("id", ""), "object": "chat.completion",
-                              "created": head.get("created", 0), "model": head.get("model", ""),
-                              "choices": [choices[i] for i in sorted(choices)]}
-    if "system_fingerprint" in head:
-        answer["system_fingerprint"] = head["system_fingerprint"]
-    if usage is not None:
-        answer["usage"] = usage
-    return Converted(orjson.dumps(answer), JSON)
-
-
-def _merge_call(calls: dict[int, dict[str, Any]], piece: object) -> None:
-    """One streamed piece of a tool call into the call it belongs to (by its index): id, type and
-    name as they come, the arguments joined."""
-    if not isinstance(piece, dict):
-        return
-    call = calls.setdefault(piece.get("index", len(calls)), {"id": None, "type": "function",
-                                                            "function": {"name": None, "arguments": ""}})
-    for key in ("id", "type"):
-        if piece.get(key) is not None:
-            call[key] = piece[key]
-    function = piece.get("function")
-    if isinstance(function, dict):
-        if function.get("name") is not None:
-            call["function"]["name"] = function["name"]
-        if isinstance(function.get("arguments"), str):
-            call["function"]["arguments"] += function["arguments"]
+    return Converted(orjson.dumps(joiner.answer()), JSON)
 
 
 CONVERTERS: dict[str, Converter] = {JSON_TO_EVENTS: json_to_events, EVENTS_TO_JSON: events_to_json}

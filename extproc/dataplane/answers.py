@@ -21,13 +21,13 @@ from envoy.type.v3 import http_status_pb2
 
 from .. import protobuf_wire as wire
 from ..errors import LOCAL_REPLIES, GatewayError
-from ..policy import openai_api
+from ..policy import openai_api, provider_api
 from ..policy.answer_format import AnswerPlan
 from ..policy.caller import Caller
 from ..policy.openai_api import Endpoint
 from ..policy.pricing import Price
-from ..policy.table import Route, Target
-from ..protocol import ANSWER_HEADER, CLUSTER_HEADER, METADATA_NAMESPACE
+from ..policy.table import OPENAI_API, Route, Target
+from ..protocol import ANSWER_HEADER, CLUSTER_HEADER, METADATA_NAMESPACE, TRANSLATE_HEADER
 from ..telemetry.trace_context import TRACEPARENT, TraceContext, attempt_span_id, traceparent
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -36,8 +36,11 @@ TIMEOUT_HEADER = "x-envoy-upstream-rq-timeout-ms"
 SET_BY_GATEWAY = frozenset({CLUSTER_HEADER, TIMEOUT_HEADER})
 # The decision's metadata keys of a request whose answer is processed: what its client asked
 # for, read by the answer's exchange (`extproc.dataplane.answer_exchange`) and by a retried
-# attempt's rewrite (`extproc.dataplane.retry_processor`).
+# attempt's rewrite (`extproc.dataplane.retry_processor`); the API the client speaks and the one
+# the answering provider's bodies are in (absent: OpenAI's); whether each attempt's body is the
+# client's own, translated per attempt (`extproc.policy.answer_format.per_attempt`).
 CLIENT_STREAM, INCLUDE_USAGE = "client_stream", "include_usage"
+CLIENT_API, PROVIDER_API, CLIENT_BODY = "client_api", "provider_api", "client_body"
 
 
 def header(key: str, value: str | bytes) -> base_pb2.HeaderValueOption:
@@ -47,24 +50,37 @@ def header(key: str, value: str | bytes) -> base_pb2.HeaderValueOption:
 
 def set_credential(mutation: pb.HeaderMutation, target: Target) -> None:
     """The one rule for keys: every attempt (the first, and each retry) sets its own provider's
-    key, or removes any: never the client's, never another provider's."""
-    if target.api_key:
-        mutation.set_headers.append(header("authorization", f"Bearer {target.api_key}"))
-    else:
-        mutation.remove_headers.append("authorization")
+    key, in its API's header (`authorization`, `api-key`, `x-api-key`, `x-goog-api-key`;
+    Bedrock's signature is set per request, `request_headers`), and removes every other
+    credential header: never the client's, never another provider's."""
+    mutation.set_headers.extend(header(name, value) for name, value in provider_api.credential_headers(target))
+    mutation.remove_headers.extend(provider_api.removed_credentials(target))
 
 
-def attempt_mutation(mutation: pb.HeaderMutation, target: Target, path: str) -> None:
-    """What every attempt to `target` sets: its path, its host, its key."""
-    mutation.set_headers.extend([header(":path", path), header(":authority", target.provider_host)])
+def attempt_mutation(mutation: pb.HeaderMutation, target: Target, path: str | None) -> None:
+    """What every attempt to `target` sets: its path (None: set per request, `request_headers`),
+    its host, its key."""
+    if path is not None:
+        mutation.set_headers.append(header(":path", path))
+    mutation.set_headers.append(header(":authority", target.provider_host))
     set_credential(mutation, target)
+
+
+def request_headers(path: str | None, headers: tuple[tuple[str, str], ...]) -> bytes:
+    """A request's own path and headers (a Gemini or Bedrock path, Bedrock's signature), in wire
+    form, to append to the headers' answer."""
+    options = wire.header_option(":path", path.encode()) if path is not None else b""
+    for name, value in headers:
+        options += wire.header_option(name, value.encode())
+    return wire.request_headers_set(options)
 
 
 def target_mutation(target: Target, endpoint: Endpoint = openai_api.CHAT) -> pb.HeaderMutation:
     """A first attempt's header changes (built once per target and endpoint, by `prebuilt`):
     the attempt's path, host and key, the cluster, the content type, the provider's total bound."""
     mutation = pb.HeaderMutation()
-    attempt_mutation(mutation, target, openai_api.upstream_path(endpoint, target))
+    attempt_mutation(mutation, target, provider_api.static_path(endpoint, target))
+    mutation.remove_headers.extend(provider_api.foreign_headers(endpoint, target))
     mutation.set_headers.extend([header(CLUSTER_HEADER, target.cluster), header("content-type", "application/json")])
     if target.timeout_s is not None:  # the provider's total bound: Envoy's router answers 504 past it
         mutation.set_headers.append(header(TIMEOUT_HEADER, str(int(target.timeout_s * 1000))))
@@ -89,6 +105,8 @@ def prebuilt(target: Target, endpoint: Endpoint) -> tuple[bytes, bytes]:
         decision = b"".join(wire.string_entry(key, value) for key, value in (
             ("route", target.route), ("rule", target.rule), ("provider", target.provider),
             ("provider_host", target.provider_host), ("operation", endpoint.operation)))
+        if target.body_api != OPENAI_API:  # what the answer looks like (extproc.dataplane.answer_exchange)
+            decision += wire.string_entry(PROVIDER_API, target.body_api)
         built = target.answers[endpoint] = (response.SerializeToString(), decision)
     return built
 
@@ -199,17 +217,22 @@ def _attempt_options(attempt_headers: tuple[tuple[str, str], ...]) -> tuple[base
 
 
 _ANSWER_OPTION = header(ANSWER_HEADER, b"1")
+_TRANSLATE_OPTION = header(TRANSLATE_HEADER, b"1")
 
 
-def more_headers(strip: list[str], attempt_headers: tuple[tuple[str, str], ...], answer: bool = False) -> bytes:
+def more_headers(strip: list[str], attempt_headers: tuple[tuple[str, str], ...], answer: bool = False,
+                 translate: bool = False) -> bytes:
     """The mutations only some requests need (a rule with retries, a client's x-envoy-* headers,
-    an answer to process), appended to the headers' answer. Whatever the gateway sets itself is
-    overwritten anyway; the rest of what a client may not set goes."""
+    an answer to process, every attempt translated), appended to the headers' answer. Whatever
+    the gateway sets itself is overwritten anyway; the rest of what a client may not set goes."""
     response = pb.ProcessingResponse()
     mutation = response.request_headers.response.header_mutation
     if answer:  # Envoy's answer filter runs for this request (a client's own value is overwritten)
         mutation.set_headers.append(_ANSWER_OPTION)
         strip = [name for name in strip if name != ANSWER_HEADER]
+    if translate:  # the first attempt, too, is rewritten by the failover cluster's upstream ext_proc
+        mutation.set_headers.append(_TRANSLATE_OPTION)
+        strip = [name for name in strip if name != TRANSLATE_HEADER]
     if attempt_headers:
         mutation.set_headers.extend(_attempt_options(attempt_headers))
         if strip:  # a client's x-envoy-retry-on and the like: overwritten, not removed
@@ -223,9 +246,17 @@ _PLAN_ENTRIES = {(stream, usage): wire.bool_entry(CLIENT_STREAM, stream) + wire.
                  for stream in (True, False) for usage in (True, False)}
 
 
-def plan_entries(plan: AnswerPlan) -> bytes:
-    """The decision's metadata entries that carry what the client asked for to its answer."""
-    return _PLAN_ENTRIES[plan.client_stream, plan.include_usage]
+_CLIENT_BODY = wire.bool_entry(CLIENT_BODY, True)
+
+
+@lru_cache(maxsize=64)
+def plan_entries(plan: AnswerPlan, client_body: bool = False) -> bytes:
+    """The decision's metadata entries that carry what the client asked for to its answer (and
+    to each attempt's rewrite)."""
+    entries = _PLAN_ENTRIES[plan.client_stream, plan.include_usage]
+    if plan.client_api != OPENAI_API:
+        entries += wire.string_entry(CLIENT_API, plan.client_api)
+    return entries + _CLIENT_BODY if client_body else entries
 
 
 # The decision's metadata entry of a request whose answer a data policy checks (`responses.check`,
@@ -245,14 +276,15 @@ def model_list(route: Route, authority: str) -> pb.ProcessingResponse:
     return response
 
 
-def immediate(error: GatewayError) -> pb.ProcessingResponse:
-    """The gateway's own answer to an error: its status, its OpenAI-style JSON body, its headers
-    (a 429's Retry-After and x-ratelimit-*, a 503's Retry-After)."""
+def immediate(error: GatewayError, client_api: str = OPENAI_API) -> pb.ProcessingResponse:
+    """The gateway's own answer to an error: its status, its JSON body in the client's API's
+    shape (OpenAI's; Anthropic's for a client of the Messages API), its headers (a 429's
+    Retry-After and x-ratelimit-*, a 503's Retry-After)."""
     return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
         status=http_status_pb2.HttpStatus(code=error.status),
         headers=pb.HeaderMutation(set_headers=[header("content-type", "application/json"),
                                                 *(header(k, v) for k, v in error.headers)]),
-        body=error.body(),
+        body=error.body(client_api),
         details=f"llm_gateway_{error.code}",
     ))
 

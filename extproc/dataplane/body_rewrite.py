@@ -1,4 +1,11 @@
-"""Request body rewrite: the client's chat request turned into the provider's. Pure functions."""
+"""Request body rewrite: the client's chat request turned into the provider's. Pure functions.
+
+Between OpenAI's API on both sides (Azure OpenAI's included) the body keeps its shape: the
+model, `stream` and `stream_options` are set. Where the client or the provider speaks another API
+(docs/translation.md) the body is translated (`extproc.translation.requests`), and the request
+may need its own path (Gemini and Bedrock name the model and the stream in it) and headers
+(Bedrock's SigV4 signature over the body).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,10 @@ import orjson
 
 from ..errors import GatewayError
 from ..policy.openai_api import CHAT, Endpoint, check_body, configured_model, configured_stream
-from ..policy.table import Target
+from ..policy.provider_api import BEDROCK, GEMINI, NO_SETTINGS, request_path, serves
+from ..policy.table import OPENAI_API, Target
+from ..translation.bedrock import sign
+from ..translation.requests import translate_request
 
 
 class Rewritten(NamedTuple):
@@ -19,6 +29,15 @@ class Rewritten(NamedTuple):
     model: str  # the model the provider is asked for
     client_stream: bool = False  # the body asked for server-sent events (the client's own, on a first attempt)
     include_usage: bool = False  # ... and for the usage event (`stream_options.include_usage`)
+    own: Own | None = None  # a translated request's own path and headers (None: the target's)
+
+
+class Own(NamedTuple):
+    """What one request to a provider of another API has of its own: its path where the model and
+    the stream are in it (Gemini, Bedrock; None: the target's), its headers (Bedrock's signature)."""
+
+    path: str | None
+    headers: tuple[tuple[str, str], ...]
 
 
 # orjson reads integers only up to 64 bits: a larger one becomes a float. A body where orjson gave
@@ -77,6 +96,8 @@ def rewrite_body(body: bytes, target: Target, endpoint: Endpoint = CHAT, client_
         raise GatewayError(400, "'model' must be a string", "invalid_model")
     if "stream" in data and not isinstance(data["stream"], bool):
         raise GatewayError(400, "'stream' must be true or false", "invalid_stream")
+    if endpoint.client_api != OPENAI_API or target.body_api != OPENAI_API:
+        return _translated(data, dumps, target, endpoint, client_stream)
     model, config_stream = configured_model(endpoint, target), configured_stream(endpoint, target)
     if model is not None:
         data["model"] = model
@@ -101,3 +122,28 @@ def rewrite_body(body: bytes, target: Target, endpoint: Endpoint = CHAT, client_
         # the gateway turned the stream off: its options go too
         del data["stream_options"]
     return Rewritten(dumps(data), stream, data["model"], sent_stream, include_usage)
+
+
+def _translated(data: dict, dumps, target: Target, endpoint: Endpoint, client_stream: bool | None) -> Rewritten:
+    """A request whose client or provider speaks another API than OpenAI's: its body translated
+    for the provider (with the config's model and `stream` where set, else the client's), and
+    the path and headers that request needs."""
+    serves(target, endpoint)
+    model = configured_model(endpoint, target) or data.get("model")
+    if not model:
+        raise GatewayError(400, "'model' is required: the provider config names none", "missing_model")
+    sent_stream = data.get("stream") is True
+    stream = configured_stream(endpoint, target)
+    if stream is None:
+        stream = client_stream if client_stream is not None else sent_stream
+    options = data.get("stream_options")
+    include_usage = (sent_stream and endpoint.client_api == OPENAI_API and isinstance(options, dict)
+                     and options.get("include_usage") is True)
+    body = dumps(translate_request(endpoint.client_api, target, data, model, stream))
+    path: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    if target.api in (GEMINI, BEDROCK):
+        path = request_path(target, model, stream)
+    if target.api == BEDROCK:
+        headers = sign(target.api_settings or NO_SETTINGS, target.provider_host, path or "", body)
+    return Rewritten(body, stream, model, sent_stream, include_usage, Own(path, headers))

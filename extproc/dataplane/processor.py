@@ -15,9 +15,10 @@ a budget decided by Redis.
 
 Answers do not come here: Envoy reads their model, usage and error events itself
 (json_to_metadata, sse_to_metadata; see `extproc.envoy.bootstrap`). Only a request whose
-provider may answer in another format than its client asked for (`extproc.policy.answer_format`),
-or whose answer a data policy checks (`responses.check`), is marked for Envoy's answer filter,
-whose own stream brings the answer to `extproc.dataplane.answer_exchange`.
+provider may answer in another format than its client asked for, or whose client or provider
+speaks another API than OpenAI's (`extproc.policy.answer_format`; docs/translation.md), or whose
+answer a data policy checks (`responses.check`), is marked for Envoy's answer filter, whose own
+stream brings the answer to `extproc.dataplane.answer_exchange`.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ import random
 import time
 from collections.abc import Callable
 
+import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from prometheus_client import CollectorRegistry
 
 from .. import protobuf_wire as wire
 from ..errors import GatewayError, too_large_message
-from ..policy.answer_format import answer_plan
+from ..policy.answer_format import answer_plan, per_attempt
 from ..policy.body_memory import Inflight, Overloaded
 from ..policy.budget_gate import Admitted, BudgetGate, Waiting
 from ..policy.budgets import unpriced_under_cap
@@ -101,27 +103,39 @@ class ExternalProcessor:
         Raises `Judging` where a data policy's judge must be asked first; `judged`: its check,
         once the judges answered."""
         target, endpoint = decision.target, decision.endpoint
+        client_body: list[bytes] = []  # the client's own body, its prompt masked (a data policy's)
         if decision.guard is None:
             rewritten, protected = rewrite_body(body, target, endpoint), None
         else:  # an LLMDataPolicy applies: the prompt is checked (refused, masked, counted) first
-            rewritten, protected = self._protected(body, decision, judged)
+            rewritten, protected = self._protected(body, decision, judged, client_body)
         if budget is not None and budget.currencies:  # a cost cap: its answer must have a price to charge
             unpriced = unpriced_under_cap(budget.currencies, target.prices.get(rewritten.model), rewritten.model,
                                           target.provider_host, budget.budget)
             if unpriced is not None:
                 raise unpriced
-        length = len(rewritten.body)
-        headers_answer, prebuilt = answers.prebuilt(target, endpoint)
-        parts = [headers_answer, answers.content_length(length)]
+        sent = rewritten.body
         attempt_headers = decision.attempt_headers
-        if length > FAILOVER_BODY_MAX:  # larger: one attempt (docs/failover.md)
-            attempt_headers = ()
-        # the answer comes back to be turned into the client's format, where a provider may send another
-        plan = answer_plan(endpoint, target, decision.rule.failover if attempt_headers else None,
-                           rewritten.client_stream, rewritten.include_usage,
+        failover, translate = None, False
+        if attempt_headers:
+            if len(sent) > FAILOVER_BODY_MAX:  # larger: one attempt (docs/failover.md)
+                attempt_headers = ()
+            else:
+                failover = decision.rule.failover
+                # providers of several APIs: each attempt, the first included, translates the client's own body
+                translate = failover is not None and per_attempt(endpoint, failover)
+                if translate:  # ... as the data policy left it: a masked value never leaves unmasked
+                    sent = client_body[0] if client_body else body
+        headers_answer, prebuilt = answers.prebuilt(target, endpoint)
+        parts = [headers_answer, answers.content_length(len(sent))]
+        own = rewritten.own
+        if own is not None and not translate:  # a translated request's own path and signature
+            parts.append(answers.request_headers(own.path, own.headers))
+        # the answer comes back to be turned into the client's format (or API), where a provider may
+        # send another, or to be checked by a data policy
+        plan = answer_plan(endpoint, target, failover, rewritten.client_stream, rewritten.include_usage,
                            decision.guard is not None and decision.guard.answers is not None)
         if decision.strip or attempt_headers or plan is not None:
-            parts.append(answers.more_headers(decision.strip, attempt_headers, plan is not None))
+            parts.append(answers.more_headers(decision.strip, attempt_headers, plan is not None, translate))
         if target.prices:  # the provider has a price table: the model's price, for the request's cost
             prebuilt = answers.with_price(target, prebuilt, rewritten.model)
         entries, metadata = answers.decision_metadata(prebuilt, rewritten.model, rewritten.stream, decision.authority,
@@ -136,7 +150,7 @@ class ExternalProcessor:
             if self.contents is not None:  # its prompt, masked, for its span
                 more += self.contents.prompt_entry(rewritten.body, endpoint, target.route)
         if plan is not None:  # what the client asked for, for its answer and a retry
-            more += answers.plan_entries(plan)
+            more += answers.plan_entries(plan, translate)
             if plan.check:  # and that a data policy checks the answer
                 more += answers.CHECK_ENTRY
         if protected:  # a data policy's deciding rule and action
@@ -144,12 +158,15 @@ class ExternalProcessor:
         if more:
             metadata = wire.dynamic_metadata(METADATA_NAMESPACE, entries + more)
         parts.append(metadata)
-        return answers.body_answers(parts, chunks, rewritten.body)
+        return answers.body_answers(parts, chunks, sent)
 
-    def _protected(self, body: bytes, decision: Decision, judged: PromptCheck | None) -> tuple[Rewritten, bytes]:
+    def _protected(self, body: bytes, decision: Decision, judged: PromptCheck | None,
+                   client_body: list[bytes]) -> tuple[Rewritten, bytes]:
         """The body rewritten once its prompt passed the decision's data policies (refused: the
         refusal is raised; masked in place; counted), and their metadata entries for the access
-        log. A judge to ask first: `Judging` is raised (the body is rewritten again once it answered)."""
+        log. A judge to ask first: `Judging` is raised (the body is rewritten again once it answered).
+        `client_body` gets the client's own body as checked, where a mask changed it (a request
+        translated for each attempt sends that, never the unmasked one)."""
         guard, endpoint, protected = decision.guard, decision.endpoint, b""
         assert guard is not None
 
@@ -166,6 +183,8 @@ class ExternalProcessor:
                 for rule, _ in pending:  # no client to ask them with: failOpen decides
                     check.judged(rule, Judgement.UNAVAILABLE, self.protection)
             protected = check.finish(self.protection)
+            if protected:  # masked, or only counted: the client's body as it now is
+                client_body.append(orjson.dumps(data))
 
         return rewrite_body(body, decision.target, endpoint, inspect=check_prompt), protected
 
@@ -255,8 +274,8 @@ class Exchange:
     def _refusal(self, error: GatewayError) -> bytes:
         """The gateway's own answer to an error, counted under the request's route and endpoint
         once decided (a budget, body memory, the body), else under the operation the error names."""
-        response = answers.immediate(error)
         held = self._decision
+        response = answers.immediate(error, held.endpoint.client_api if held is not None else error.client_api)
         if held is not None:
             answers.with_operation(response, held.endpoint.operation, held.target.route, error.metadata)
         elif error.operation is not None:

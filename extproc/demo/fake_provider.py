@@ -1,4 +1,6 @@
-"""A local HTTPS stand-in for an OpenAI-compatible provider, for the demo and the tests.
+"""A local HTTPS stand-in for an OpenAI-compatible provider, for the demo and the tests (and, with
+`api=`, for a provider of Anthropic's, Gemini's, Bedrock's or Azure OpenAI's API:
+`extproc.demo.fake_apis`).
 
 It answers chat completions with the model it was asked for, checks the API key, records
 every request (path, headers, body, SNI), and is steered by request headers, as Envoy AI
@@ -10,6 +12,7 @@ Gateway's test upstream is:
   x-fake-total-tokens: 17  report that many tokens in usage (about half prompt, half completion)
   x-fake-cached-tokens: 3  report that many of the prompt tokens as cached (prompt_tokens_details)
   x-fake-body-delay: 1   a JSON answer's body sent in four pieces, that many seconds apart
+  x-fake-tool: 1         a call of the request's first tool (input `{"city": "Paris"}`) besides the reply
 Besides chat (any path but the two below) it answers `.../embeddings` (vectors derived from
 the input, as floats or base64 as asked) and `.../completions` (the legacy text completion).
 A body with "stream": true is answered as server-sent events, further steered by:
@@ -40,6 +43,9 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
+
+from . import fake_apis
 
 
 @dataclass
@@ -61,7 +67,23 @@ def prompt_tokens(body: dict) -> int:
     if "messages" not in body:  # embeddings' input, completions' prompt: a string or a list of them
         texts = body.get("input", body.get("prompt", ""))
         return sum(count_tokens(str(t)) for t in (texts if isinstance(texts, list) else [texts]))
-    return sum(count_tokens(str(m.get("content", ""))) for m in body.get("messages", []) if isinstance(m, dict))
+    return sum(count_tokens(_text(m.get("content", ""))) for m in body.get("messages", []) if isinstance(m, dict))
+
+
+def _text(content: Any) -> str:
+    """A message's text: its string, or its text parts joined."""
+    if isinstance(content, list):
+        return " ".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return str(content or "")
+
+
+def _tool(body: dict, headers: dict[str, str]) -> dict[str, Any] | None:
+    """With `x-fake-tool: 1`, a call of the request's first tool (input `{"city": "Paris"}`)."""
+    tools = body.get("tools")
+    if headers.get("x-fake-tool") != "1" or not tools:
+        return None
+    return {"id": "call_fake_1", "type": "function",
+            "function": {"name": tools[0]["function"]["name"], "arguments": json.dumps(fake_apis.TOOL_INPUT)}}
 
 
 def fake_embedding(text: str) -> list[float]:
@@ -80,6 +102,11 @@ class FakeProvider:
     requests: list[RecordedRequest] = field(default_factory=list)
     reply: str | None = None  # the reply when a request names none (a judge model's YES or NO)
     delay_s: float = 0.0  # every answer waits this long (a model that never answers in time)
+    api: str = "openai"  # openai, anthropic, gemini, bedrock or azure (extproc.demo.fake_apis)
+    aws_access_key_id: str = ""  # bedrock: the key pair and region signatures are checked with
+    aws_secret_access_key: str = field(default="", repr=False)
+    aws_region: str = "us-east-1"
+    azure_deployments: dict[str, str] = field(default_factory=dict)  # azure: deployment -> its model
 
     def start(self) -> FakeProvider:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -173,7 +200,11 @@ class _Handler(BaseHTTPRequestHandler):
 
         if "x-fake-delay" in headers or self.fake.delay_s:
             time.sleep(float(headers.get("x-fake-delay", self.fake.delay_s)))
-        if self.fake.api_key and headers.get("authorization") != f"Bearer {self.fake.api_key}":
+        if self.fake.api != "openai" and fake_apis.handle(self, headers, raw, body):
+            return
+        path = self.path.split("?", 1)[0]
+        if self.fake.api == "openai" and self.fake.api_key \
+                and headers.get("authorization") != f"Bearer {self.fake.api_key}":
             return self._error(401, "Incorrect API key provided", "invalid_api_key")
         if "x-fake-status" in headers:
             status = int(headers["x-fake-status"])
@@ -184,6 +215,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                                "invalid_value")
         model = body.get("model", "")
+        if self.fake.api == "azure":  # the deployment decides the model (the path's, checked by fake_apis)
+            model = self.fake.azure_deployments.get(unquote(path.split("/")[3]), model)
         reply = headers.get("x-fake-reply") or self.fake.reply or f"Hello! I am {model}, served by {self.fake.name}."
         if headers.get("x-fake-echo") == "1":
             reply = _last_text(body) or reply
@@ -194,21 +227,25 @@ class _Handler(BaseHTTPRequestHandler):
             usage = {"prompt_tokens": total // 2, "completion_tokens": total - total // 2, "total_tokens": total}
         if "x-fake-cached-tokens" in headers:
             usage["prompt_tokens_details"] = {"cached_tokens": int(headers["x-fake-cached-tokens"])}
-        if self.path.endswith("/embeddings"):
+        if path.endswith("/embeddings"):
             return self._embeddings(model, body)
         if body.get("stream") is True:
             return self._stream(model, reply, usage, body, headers)
-        if self.path.endswith("/completions") and not self.path.endswith("/chat/completions"):
+        if path.endswith("/completions") and not path.endswith("/chat/completions"):
             answer = {"id": f"cmpl-{self.fake.name}-{len(self.fake.requests)}", "object": "text_completion",
                       "created": int(time.time()), "model": model, "usage": usage,
                       "choices": [{"index": 0, "text": reply, "logprobs": None, "finish_reason": "stop"}]}
             return self._send(200, json.dumps(answer).encode(), "application/json")
+        message: dict[str, Any] = {"role": "assistant", "content": reply}
+        tool = _tool(body, headers)
+        if tool is not None:
+            message["tool_calls"] = [tool]
         answer = {
             "id": f"chatcmpl-{self.fake.name}-{len(self.fake.requests)}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if tool else "stop"}],
             "usage": usage,
         }
         self._send(200, json.dumps(answer).encode(), "application/json", float(headers.get("x-fake-body-delay", 0)))
@@ -225,7 +262,8 @@ class _Handler(BaseHTTPRequestHandler):
         events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": word + " "},
                                         "finish_reason": None}]}
                   for word in reply.split()]
-        completion = not self.path.endswith("/chat/completions") and self.path.endswith("/completions")
+        path = self.path.split("?", 1)[0]
+        completion = not path.endswith("/chat/completions") and path.endswith("/completions")
         if completion:  # the legacy text completion's stream: `text` instead of `delta`
             base["object"] = "text_completion"
             events = [{**base, "choices": [{"index": 0, "text": word + " ", "logprobs": None, "finish_reason": None}]}
@@ -235,8 +273,17 @@ class _Handler(BaseHTTPRequestHandler):
                                                    "code": None}}
             events = [*events[:1], failed]
         else:
+            tool = None if completion else _tool(body, headers)
+            if tool is not None:  # the call's id and name, then its arguments in two pieces
+                arguments = tool["function"]["arguments"]
+                events += [{**base, "choices": [{"index": 0, "finish_reason": None, "delta": {"tool_calls": [
+                               {"index": 0, "id": tool["id"], "type": "function",
+                                "function": {"name": tool["function"]["name"], "arguments": ""}}]}}]},
+                           *({**base, "choices": [{"index": 0, "finish_reason": None, "delta": {"tool_calls": [
+                               {"index": 0, "function": {"arguments": piece}}]}}]}
+                             for piece in (arguments[:5], arguments[5:]))]
             events.append({**base, "choices": [{"index": 0, **({"text": ""} if completion else {"delta": {}}),
-                                                "finish_reason": "stop"}]})
+                                                "finish_reason": "tool_calls" if tool else "stop"}]})
             if (body.get("stream_options") or {}).get("include_usage"):
                 events.append({**base, "choices": [], "usage": usage})
         payloads = [f"data: {json.dumps(event)}\n\n".encode() for event in events] + [b"data: [DONE]\n\n"]

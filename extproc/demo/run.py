@@ -2,8 +2,9 @@
 
 Local HTTPS fake providers stand in for DashScope and Moonshot, with certificates from a
 throwaway CA that only this run trusts; the seed's manifests are loaded unchanged, their
-`${...}` keys set to random values the fakes check. `--config` adds the user's own manifests
-(a failover route, a budget) without editing the repository.
+`${...}` keys set to random values the fakes check. Fakes of Anthropic's, Gemini's, Bedrock's and
+Azure OpenAI's APIs stand in for providers of those (`apis/`, docs/translation.md). `--config`
+adds the user's own manifests (a failover route, a budget) without editing the repository.
 """
 
 from __future__ import annotations
@@ -26,10 +27,24 @@ PROVIDERS = {
     "dashscope.aliyuncs.com": ("dashscope", "YOUR_DASHSCOPE_API_KEY"),
     "api.moonshot.cn": ("moonshot", "YOUR_MOONSHOT_API_KEY"),
 }
+# The providers of other APIs (extproc/demo/apis, docs/translation.md): host -> (fake's name, its API,
+# its key variable)
+API_PROVIDERS = {
+    "api.anthropic.com": ("claude", "anthropic", "DEMO_ANTHROPIC_API_KEY"),
+    "generativelanguage.googleapis.com": ("gemini", "gemini", "DEMO_GEMINI_API_KEY"),
+    "bedrock-runtime.us-east-1.amazonaws.com": ("bedrock", "bedrock", "DEMO_AWS_ACCESS_KEY_ID"),
+    "demo.openai.azure.com": ("azure", "azure", "DEMO_AZURE_OPENAI_KEY"),
+}
 
 
 def manifests_dir() -> Path:
     return Path(str(resources.files(__package__) / "manifests"))
+
+
+def apis_dir() -> Path:
+    """The demo's providers of Anthropic's, Gemini's, Bedrock's and Azure OpenAI's APIs, and a route
+    over all of them (docs/translation.md)."""
+    return Path(str(resources.files(__package__) / "apis"))
 
 
 def prices_dir() -> Path:
@@ -51,6 +66,18 @@ def start_fakes(workdir: Path) -> tuple[ThrowawayCA, dict[str, FakeProvider], di
         key = "sk-demo-" + secrets.token_hex(12)
         fakes[host] = FakeProvider(name, cert.cert_file, cert.key_file, api_key=key).start()
         env[variable] = key
+    for host, (name, api, variable) in API_PROVIDERS.items():
+        cert = ca.issue([host])
+        key = secrets.token_hex(16)
+        env[variable] = key
+        if api == "bedrock":
+            env["DEMO_AWS_SECRET_ACCESS_KEY"] = secret = secrets.token_hex(20)
+            fake = FakeProvider(name, cert.cert_file, cert.key_file, api=api, aws_access_key_id=key,
+                                aws_secret_access_key=secret)
+        else:
+            fake = FakeProvider(name, cert.cert_file, cert.key_file, api_key=key, api=api,
+                                azure_deployments={"gpt4o-demo": "gpt-4o"})
+        fakes[host] = fake.start()
     return ca, fakes, env
 
 
@@ -87,6 +114,16 @@ An OpenAI base URL: embeddings, and the model list the gateway answers itself (d
   curl -x {proxy} http://dashscope.aliyuncs.com/compatible-mode/v1/embeddings \\
     -H 'Content-Type: application/json' --data '{{"model": "text-embedding-v3", "input": "Hi"}}'
   curl -x {proxy} http://demo-llm-server/v1/models
+
+Any API behind one route, any client in front (docs/translation.md): an OpenAI request to the
+Anthropic fake, streamed; an Anthropic Messages request to the Gemini fake; either to
+demo-any-api, whose rule picks among DashScope, Anthropic, Gemini, Bedrock and Azure OpenAI:
+  curl -N -x {proxy} http://api.anthropic.com/v1/chat/completions -H 'Content-Type: application/json' \
+    --data '{{"messages": [{{"role": "user", "content": "Hi"}}], "stream": true}}'
+  curl -x {proxy} http://generativelanguage.googleapis.com/v1/messages -H 'Content-Type: application/json' \
+    --data '{{"model": "any", "max_tokens": 100, "messages": [{{"role": "user", "content": "Hi"}}]}}'
+  curl -x {proxy} http://demo-any-api/v1/messages -H 'Content-Type: application/json' \
+    --data '{{"model": "any", "max_tokens": 100, "messages": [{{"role": "user", "content": "Hi"}}]}}'
 """
 
 
@@ -104,7 +141,8 @@ async def run_demo(listen: HostPort, admin: HostPort, metrics: HostPort | None,
             resolve={host: HostPort("127.0.0.1", fake.port) for host, fake in fakes.items()},
         )
         access_log = workdir / "access.log"
-        opts = UpOptions(config=[str(manifests_dir()), str(prices_dir()), str(policies_dir()), *(config or [])],
+        opts = UpOptions(config=[str(manifests_dir()), str(prices_dir()), str(policies_dir()), str(apis_dir()),
+                                 *(config or [])],
                          listen=listen,
                          admin=admin, upstream=upstream, metrics=metrics, access_log=str(access_log),
                          otlp_endpoint=otlp_endpoint)
@@ -112,7 +150,8 @@ async def run_demo(listen: HostPort, admin: HostPort, metrics: HostPort | None,
         def ready() -> None:
             extra = f", then {', '.join(config)}" if config else ""
             print(f"\nLLM gateway demo is up. Config: {manifests_dir()} (the seed's manifests), "
-                  f"{prices_dir()} (example prices, not the providers') and {policies_dir()} (a data policy){extra}")
+                  f"{prices_dir()} (example prices, not the providers'), {policies_dir()} (a data policy) and "
+                  f"{apis_dir()} (providers of other APIs){extra}")
             print("Fake providers: " + ", ".join(f"{h} -> 127.0.0.1:{f.port}" for h, f in fakes.items()))
             print("  steered by request headers: x-fake-fail: dashscope:503, x-fake-total-tokens: 17, ... "
                   "(docs/cli.md, the demo's fake providers)")

@@ -68,7 +68,8 @@ def answer_filter(body_limit: int) -> dict:
         "message_timeout": ANSWER_MESSAGE_TIMEOUT,
         # the answer's headers come first; the exchange reads them and asks for the body (held
         # whole, up to the connection's buffer limit) only where it converts or checks it, or for
-        # its pieces as they come (a stream a data policy checks, `mode_override` STREAMED)
+        # its pieces as they come (a stream a data policy checks, or translated into another API's,
+        # event by event: `mode_override` STREAMED)
         "processing_mode": {
             "request_header_mode": "SKIP",
             "response_header_mode": "SEND",
@@ -79,8 +80,9 @@ def answer_filter(body_limit: int) -> dict:
         },
         "allow_mode_override": True,
         "mutation_rules": {"allow_all_routing": True, "allow_envoy": True},
-        # what the client asked for comes in with the request's decision; what a data policy
-        # did to the answer goes out (the access log's `data_answer`)
+        # what the client asked for comes in with the request's decision; what a data policy did to
+        # the answer (the access log's `data_answer`) and a translated answer's usage (Envoy's
+        # readers know OpenAI's shapes only) go out
         "metadata_options": {"forwarding_namespaces": {"untyped": [METADATA_NAMESPACE]},
                              "receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
         "stat_prefix": "answer",

@@ -6,7 +6,8 @@ Three pieces, all static (no key, no provider list):
   attempt's upstream filters set that header to the next cluster of the order;
 - on every provider cluster, an upstream ext_proc that rewrites a retried attempt (key, host,
   path, model) for that cluster's provider. A matcher skips it on the first attempt, which the
-  downstream ext_proc has already rewritten: the first attempt costs no extra round trip;
+  downstream ext_proc has already rewritten: the first attempt costs no extra round trip (but
+  where the rule's providers speak several APIs: then every attempt's body is translated there);
 - the router's upstream log: one entry per attempt, to the access-log service (per-attempt
   metrics, passive health) and to the JSON access log.
 """
@@ -30,6 +31,7 @@ from ..protocol import (
     METADATA_NAMESPACE,
     ORDER_HEADER,
     RETRY_AUTHORITY,
+    TRANSLATE_HEADER,
     next_header,
 )
 
@@ -153,12 +155,21 @@ def retry_rewrite_filters(cluster: str, body_limit: int) -> list[dict]:
             "header_name": "x-envoy-attempt-count"}},
         "value_match": {"exact": "1"},
     }}
+    # ... unless the request's providers speak several APIs: then the first attempt, too, has the
+    # client's body translated for its provider (the ext_proc sets TRANSLATE_HEADER)
+    translated = {"single_predicate": {
+        "input": {"name": "translate", "typed_config": {
+            "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+            "header_name": TRANSLATE_HEADER}},
+        "value_match": {"exact": "1"},
+    }}
+    skip = {"and_matcher": {"predicate": [first_attempt, {"not_matcher": translated}]}}
     return [
         {"name": "llm_gateway.retry_rewrite", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
             "extension_config": {"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc},
             "xds_matcher": {"matcher_list": {"matchers": [{
-                "predicate": first_attempt,
+                "predicate": skip,
                 "on_match": {"action": {"name": "skip", "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter"}}},
             }]}},

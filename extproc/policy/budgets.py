@@ -290,7 +290,9 @@ class BudgetRefused(GatewayError):
                               f"retry after {answer.retry_after_s}s", "rate_limit_exceeded", what)
         self.headers = (("retry-after", str(answer.retry_after_s)), *answer.headers)
 
-    def body(self) -> bytes:
+    def body(self, client_api: str = "openai") -> bytes:
+        if client_api != "openai":
+            return super().body(client_api)
         return orjson.dumps({"error": {"message": self.message, "type": self.kind, "param": None,
                                        "code": self.code}})
 

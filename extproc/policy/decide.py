@@ -106,11 +106,15 @@ def decide(table: RoutingTable, headers: dict[str, bytes], has_body: bool, calle
                                     headers.get(":path", b"").decode("latin-1"), route.bases)
     if endpoint is openai_api.MODELS:
         return ModelList(route, authority)
-    if not has_body:
-        raise GatewayError(400, f"request body is required: a JSON {endpoint.name} request", "missing_body")
-    watched = route.match_headers
-    values = {key: headers[key].decode("latin-1") for key in watched if key in headers} if watched else {}
-    rule = rule_for(route, values)
+    try:
+        if not has_body:
+            raise GatewayError(400, f"request body is required: a JSON {endpoint.name} request", "missing_body")
+        watched = route.match_headers
+        values = {key: headers[key].decode("latin-1") for key in watched if key in headers} if watched else {}
+        rule = rule_for(route, values)
+    except GatewayError as error:  # answered in the client's API's shape
+        error.client_api = endpoint.client_api
+        raise
     strip = [key for key in headers if key.startswith(CLIENT_MUST_NOT_SET)]
     length = headers.get("content-length")
     declared = _length(length) if length else None

@@ -33,7 +33,8 @@ def build_failover(targets: tuple[Target, ...], weights: tuple[int, ...], fallba
         return replace(t, cluster=failover_cluster(t.provider_host))
 
     targets, fallbacks = tuple(map(on_failover_cluster, targets)), tuple(map(on_failover_cluster, fallbacks))
-    return Failover(policy, tuple(full_order(i, targets, weights, fallbacks) for i in range(len(targets))))
+    return Failover(policy, tuple(full_order(i, targets, weights, fallbacks) for i in range(len(targets))),
+                    frozenset(t.body_api for t in (*targets, *fallbacks)))
 
 
 def full_order(picked: int, targets: tuple[Target, ...], weights: tuple[int, ...],
@@ -84,10 +85,11 @@ def order_headers(order: tuple[Target, ...], policy: RetryPolicy) -> tuple[tuple
     return ((ORDER_HEADER, ",".join(clusters)), *nexts, *policy.envoy_headers())
 
 
-def retry_target(table: RoutingTable, route: str, rule: str, order: str, attempt: int) -> Target:
-    """The target of attempt `attempt` (2 or more) of a request of `route`/`rule`."""
+def retry_target(table: RoutingTable, route: str, rule: str, order: str, attempt: int, first: bool = False) -> Target:
+    """The target of attempt `attempt` (2 or more; 1 too with `first`, where every attempt is
+    rewritten here: extproc.policy.answer_format.per_attempt) of a request of `route`/`rule`."""
     clusters = order.split(",") if order else []
-    if not 2 <= attempt <= len(clusters):
+    if not (1 if first else 2) <= attempt <= len(clusters):
         raise GatewayError(500, "the gateway could not prepare a retry", "retry_error")
     target = table.retry_targets.get((route, rule), {}).get(clusters[attempt - 1])
     if target is None:  # the config changed under the request: its rule no longer names it

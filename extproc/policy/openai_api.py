@@ -29,21 +29,26 @@ class Endpoint:
     operation: str  # gen_ai_operation_name (OpenTelemetry GenAI) in metrics and the access log
     required: str | None  # the body field the request must have
     streams: bool  # may be answered as server-sent events
+    client_api: str = "openai"  # the API the client speaks (see `extproc.policy.provider_api`)
 
 
 CHAT = Endpoint("chat/completions", "POST", "chat", "messages", True)
 COMPLETIONS = Endpoint("completions", "POST", "text_completion", "prompt", True)
 EMBEDDINGS = Endpoint("embeddings", "POST", "embeddings", "input", False)
 MODELS = Endpoint("models", "GET", "models", None, False)
-ENDPOINTS = {e.name: e for e in (CHAT, COMPLETIONS, EMBEDDINGS, MODELS)}
-_BY_OPERATION = {e.operation: e for e in ENDPOINTS.values()}
+# Anthropic's Messages API, beside OpenAI's: a chat request in Anthropic's shape, routed by the
+# same rules to any provider (translated where the provider speaks another API; docs/translation.md)
+MESSAGES = Endpoint("messages", "POST", "chat", "messages", True, "anthropic")
+ENDPOINTS = {e.name: e for e in (CHAT, COMPLETIONS, EMBEDDINGS, MODELS, MESSAGES)}
+_BY_OPERATION = {e.operation: e for e in (CHAT, COMPLETIONS, EMBEDDINGS, MODELS)}  # chat: OpenAI's
 
 
 def endpoint_of_operation(operation: str) -> Endpoint:
     """The endpoint a metric's `gen_ai_operation_name` names (chat where it is unknown)."""
     return _BY_OPERATION.get(operation, CHAT)
 
-SUPPORTED = "POST .../chat/completions, POST .../completions, POST .../embeddings, GET .../models"
+SUPPORTED = ("POST .../chat/completions, POST .../completions, POST .../embeddings, GET .../models, "
+             "POST .../messages (Anthropic's Messages API)")
 
 
 def base_path(path: str, declared: str | None) -> str | None:
@@ -111,12 +116,19 @@ def check_body(endpoint: Endpoint, data: dict[str, object]) -> None:
     elif endpoint is COMPLETIONS:
         if not isinstance(value, (str, list)):
             raise GatewayError(400, "'prompt' must be a string or an array", "invalid_prompt")
+    elif endpoint is MESSAGES:  # as Anthropic checks it: max_tokens is required there
+        if not isinstance(value, list) or not value:
+            raise GatewayError(400, "messages: must be a non-empty array", "invalid_messages")
+        tokens = data.get("max_tokens")
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+            raise GatewayError(400, "max_tokens: a positive integer is required", "invalid_max_tokens")
 
 
 def configured_model(endpoint: Endpoint, target: Target) -> str | None:
     """The model the provider config sets for this endpoint (replacing the client's), or None to
-    keep the client's: `model` for chat, `embeddingModel` for embeddings, none for completions."""
-    if endpoint is CHAT:
+    keep the client's: `model` for chat (Anthropic's messages too), `embeddingModel` for
+    embeddings, none for completions."""
+    if endpoint is CHAT or endpoint is MESSAGES:
         return target.model
     if endpoint is EMBEDDINGS:
         return target.embedding_model
@@ -124,8 +136,9 @@ def configured_model(endpoint: Endpoint, target: Target) -> str | None:
 
 
 def configured_stream(endpoint: Endpoint, target: Target) -> bool | None:
-    """The config's `stream` is a chat setting; other endpoints keep the client's."""
-    return target.stream if endpoint is CHAT else None
+    """The config's `stream` is a chat setting (Anthropic's messages too); other endpoints keep
+    the client's."""
+    return target.stream if endpoint is CHAT or endpoint is MESSAGES else None
 
 
 def model_list(route: Route) -> bytes:

@@ -22,6 +22,27 @@ from .pricing import EMPTY_PRICES, Price, PriceTable
 # Client base paths every route accepts, besides its providers' own: `/v1/...` and `/...`.
 DEFAULT_BASES = frozenset({"/v1", ""})
 
+# The API a provider speaks (see `extproc.policy.provider_api`); what its bodies look like
+# (Azure OpenAI's are OpenAI's).
+OPENAI_API = "openai"
+_BODY_APIS = {"azure": OPENAI_API}
+
+
+@dataclass(frozen=True, slots=True)
+class ApiSettings:
+    """What a provider's API needs besides its model and key (each field for one API; see
+    `extproc.policy.provider_api`)."""
+
+    anthropic_version: str = "2023-06-01"  # anthropic: the `anthropic-version` header
+    max_tokens: int = 4096  # anthropic: max_tokens where the client's request sets none
+    api_version: str = ""  # gemini: the path's version (v1beta); azure: the `api-version` query
+    deployment: str = ""  # azure: the chat (and completions) deployment
+    embedding_deployment: str | None = None  # azure: the embeddings deployment
+    region: str = ""  # bedrock: the AWS region requests are signed for
+    access_key_id: str = field(default="", repr=False)  # bedrock: the signing key pair
+    secret_access_key: str = field(default="", repr=False)
+    session_token: str | None = field(default=None, repr=False)
+
 
 @dataclass(frozen=True, slots=True)
 class Target:
@@ -41,10 +62,18 @@ class Target:
     embedding_model: str | None = None  # replaces the client's model on embeddings
     # the provider's prices by model (its LLMPriceTable; see `extproc.policy.pricing`), empty when none
     prices: Mapping[str, Price] = field(default_factory=dict, compare=False, hash=False, repr=False)
+    api: str = OPENAI_API  # the API the provider speaks: openai, azure, anthropic, gemini, bedrock
+    api_settings: ApiSettings | None = None  # what else that API needs (None: its defaults)
+    # what the provider's bodies and answers look like: `api`, but Azure OpenAI's are OpenAI's
+    body_api: str = field(default=OPENAI_API, init=False)
     # what the ext_proc answers every request to this target with, per endpoint, built once
     # (`extproc.dataplane.answers`): kept here because hashing a target's fields per lookup costs more
     answers: dict[object, tuple[bytes, bytes]] = field(default_factory=dict, init=False, compare=False, hash=False,
                                                        repr=False)
+
+    def __post_init__(self) -> None:
+        if self.api != OPENAI_API:
+            object.__setattr__(self, "body_api", _BODY_APIS.get(self.api, self.api))
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +114,9 @@ class Failover:
 
     policy: RetryPolicy
     orders: tuple[tuple[Target, ...], ...]  # by index of the weighted pick
+    # the APIs its providers' bodies are in (extproc.policy.provider_api): more than OpenAI's, and
+    # each attempt's body is translated for its provider (extproc.policy.answer_format.per_attempt)
+    body_apis: frozenset[str] = frozenset({OPENAI_API})
     # the first attempt per (pick, providers cooling down), worked out once (extproc.policy.failover)
     cache: dict[tuple[int, tuple[str, ...] | frozenset[str]], tuple[Target, tuple[tuple[str, str], ...]]] = field(
         default_factory=dict, compare=False, hash=False, repr=False)

@@ -174,6 +174,14 @@ def test_demo_serves_the_three_scenarios_and_stops_cleanly(tmp_path):
         text = "".join(c["delta"].get("content") or "" for block in streamed.body.decode().split("\n\n")
                        if block.startswith("data: {") for c in json.loads(block[6:])["choices"])
         assert text == "Your card [BANK-CARD] is on file "
+        # providers of other APIs (docs/translation.md): the examples it prints, answered
+        assert f"curl -x http://127.0.0.1:{listen} http://demo-any-api/v1/messages" in gw.log()
+        translated = gw.request("api.anthropic.com", CHAT, path="/v1/chat/completions").json()
+        assert translated["model"] == "claude-sonnet-4-5" and translated["object"] == "chat.completion"
+        message = {"model": "any", "max_tokens": 100, "messages": [{"role": "user", "content": "Hi"}]}
+        served = {gw.request("demo-any-api", message, path="/v1/messages").json()["model"] for _ in range(60)}
+        assert served == {"qwen1.5-72b-chat", "claude-sonnet-4-5", "gemini-2.5-flash",
+                          "anthropic.claude-3-5-haiku-20241022-v1:0", "gpt-4o"}
         process.send_signal(signal.SIGINT)
         assert process.wait(15) == 0
     finally:

@@ -1,4 +1,6 @@
-"""Every place a request's body carries prompt text, per OpenAI endpoint.
+"""Every place a request's body carries prompt text, per endpoint: OpenAI's, and Anthropic's
+Messages API (its `system`, text blocks, tool results and tool uses' input), the one reader of
+prompts for every client API.
 
 A policy that checked only `messages[i].content` strings would let the same text through as a
 content-part array, a tool call's arguments or an embeddings input. Each place is a `Slot`: the
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from ..openai_api import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint
+from ..openai_api import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, Endpoint
 
 
 class Slot(NamedTuple):
@@ -33,6 +35,13 @@ def prompt_slots(endpoint: Endpoint, data: dict[str, Any]) -> list[Slot]:
             for i, message in enumerate(messages):
                 if isinstance(message, dict):
                     _message(message, f"messages[{i}]", slots)
+    elif endpoint is MESSAGES:
+        _blocks(data, "system", "system", slots)
+        messages = data.get("messages")
+        if isinstance(messages, list):
+            for i, message in enumerate(messages):
+                if isinstance(message, dict):
+                    _blocks(message, "content", f"messages[{i}].content", slots)
     elif endpoint is COMPLETIONS:
         _strings(data, "prompt", "prompt", slots)
     elif endpoint is EMBEDDINGS:
@@ -70,3 +79,40 @@ def _strings(data: dict[str, Any], key: str, path: str, slots: list[Slot]) -> No
         for i, item in enumerate(value):
             if isinstance(item, str):
                 slots.append(Slot(value, i, f"{path}[{i}]"))
+
+
+def _blocks(holder: dict[str, Any], key: str, path: str, slots: list[Slot]) -> None:
+    """An Anthropic content: a string, or blocks: text, a tool result's content (a string or
+    blocks), a tool use's input (every string in it); images and documents carry no text."""
+    content = holder.get(key)
+    if isinstance(content, str):
+        slots.append(Slot(holder, key, path))
+        return
+    if not isinstance(content, list):
+        return
+    for j, block in enumerate(content):
+        if not isinstance(block, dict):
+            continue
+        kind = block.get("type")
+        if kind == "text" and isinstance(block.get("text"), str):
+            slots.append(Slot(block, "text", f"{path}[{j}].text"))
+        elif kind == "tool_result":
+            _blocks(block, "content", f"{path}[{j}].content", slots)
+        elif kind == "tool_use":
+            _nested(block.get("input"), f"{path}[{j}].input", slots)
+
+
+def _nested(value: Any, path: str, slots: list[Slot]) -> None:
+    """Every string in a JSON value (a tool use's input), each a slot of its own."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, str):
+                slots.append(Slot(value, key, f"{path}.{key}"))
+            else:
+                _nested(item, f"{path}.{key}", slots)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if isinstance(item, str):
+                slots.append(Slot(value, i, f"{path}[{i}]"))
+            else:
+                _nested(item, f"{path}[{i}]", slots)

@@ -209,3 +209,153 @@ def test_a_marked_answer_nothing_checks_passes_without_its_body(status, content_
     raw, done = checking(config)[0].exchange().on_message(checked_headers(status, content_type, False))
     response = answer(raw)
     assert done and response.HasField("mode_override") and response.mode_override.response_body_mode == 0
+
+
+# --- across APIs (docs/translation.md) ---------------------------------------------------------------
+
+def piece(data: bytes, last: bool = False) -> bytes:
+    return pb.ProcessingRequest(response_body=pb.HttpBody(body=data, end_of_stream=last)).SerializeToString()
+
+
+def usage_of(response: pb.ProcessingResponse) -> dict:
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(response.dynamic_metadata).get("llm_gateway", {})
+
+
+def test_a_translated_stream_goes_piece_by_piece_with_its_usage_at_the_end():
+    from support.api_shapes import ANTHROPIC_STREAM
+
+    exchange = AnswerProcessor(Inflight()).exchange()
+    raw, done = exchange.on_message(headers(200, "text/event-stream", {
+        "client_stream": True, "include_usage": False, "provider_api": "anthropic", "request_model": "claude"}))
+    response = answer(raw)
+    assert not done
+    from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+
+    assert response.mode_override.response_body_mode == ProcessingMode.STREAMED  # the pieces, as they arrive
+    mutation = response.response_headers.response.header_mutation
+    assert [(o.header.key, o.header.raw_value) for o in mutation.set_headers] == [("content-type",
+                                                                                  b"text/event-stream")]
+    assert list(mutation.remove_headers) == ["content-length"]
+    out, ends = b"", []
+    middle = len(ANTHROPIC_STREAM) // 2
+    for data, last in ((ANTHROPIC_STREAM[:10], False), (ANTHROPIC_STREAM[10:middle], False),
+                       (ANTHROPIC_STREAM[middle:], False), (b"", True)):
+        raw, done = exchange.on_message(piece(data, last))
+        ends.append(done)
+        response = answer(raw)
+        mutation = response.response_body.response.body_mutation
+        out += mutation.body
+        if data[:10] == ANTHROPIC_STREAM[:10] and len(data) == 10:  # not one whole event yet: nothing to send
+            assert mutation.clear_body
+    assert ends == [False, False, False, True]
+    chunks = [json.loads(e[6:]) for e in out.decode().split("\n\n") if e and e != "data: [DONE]"]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == "Hello!"
+    assert out.endswith(b"data: [DONE]\n\n")
+    assert usage_of(response) == {"prompt_tokens": 30.0, "completion_tokens": 15.0, "total_tokens": 45.0,
+                                  "cached_tokens": 5.0, "response_model": "claude-sonnet-4-5"}
+
+
+def test_the_same_api_on_both_sides_passes_unchanged_and_its_usage_is_read():
+    from support.api_shapes import ANTHROPIC_STREAM
+
+    exchange = AnswerProcessor(Inflight()).exchange()
+    response = answer(exchange.on_message(headers(200, "text/event-stream", {
+        "client_stream": True, "client_api": "anthropic", "provider_api": "anthropic"}))[0])
+    assert not response.response_headers.response.header_mutation.set_headers  # its own content type
+    first = answer(exchange.on_message(piece(ANTHROPIC_STREAM[:-5]))[0])
+    assert not first.response_body.response.HasField("body_mutation")  # passed as it came
+    last = answer(exchange.on_message(piece(ANTHROPIC_STREAM[-5:], True))[0])
+    assert usage_of(last)["completion_tokens"] == 15.0
+
+
+def test_a_stream_that_ends_early_is_marked_in_the_metadata():
+    exchange = AnswerProcessor(Inflight()).exchange()
+    exchange.on_message(headers(200, "text/event-stream", {"client_stream": True, "provider_api": "gemini"}))
+    response = answer(exchange.on_message(piece(b'data: {"candidates": [{"content": {"parts": [{"text": "Hi"}]}}]}\n\n',
+                                                True))[0])
+    assert b"stream_incomplete" in response.response_body.response.body_mutation.body
+    assert usage_of(response)["stream_error"] == "stream_incomplete"
+
+
+def test_a_whole_answer_translated_with_its_usage_and_an_error_in_the_clients_shape():
+    from support.api_shapes import ANTHROPIC_MESSAGE
+
+    exchange = AnswerProcessor(Inflight()).exchange()
+    assert answer(exchange.on_message(headers(200, "application/json", {
+        "client_stream": False, "provider_api": "anthropic"}))[0]).WhichOneof("response") == "response_headers"
+    response = answer(exchange.on_message(body(json.dumps(ANTHROPIC_MESSAGE).encode()))[0])
+    converted = json.loads(response.response_body.response.body_mutation.body)
+    assert converted["choices"][0]["message"]["content"] == "Hi! My name is Claude."
+    assert usage_of(response)["prompt_tokens"] == 2095.0
+
+    exchange = AnswerProcessor(Inflight()).exchange()
+    exchange.on_message(headers(429, "application/json", {"client_stream": True, "client_api": "anthropic"}))
+    response = answer(exchange.on_message(body(b'{"error": {"message": "slow down", "type": "x", "code": "y"}}'))[0])
+    assert json.loads(response.response_body.response.body_mutation.body) == {
+        "type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}
+
+
+def test_an_error_event_goes_into_the_metadata_at_once():
+    """The client may hang up when it reads the error event: the log must not wait for the end."""
+    exchange = AnswerProcessor(Inflight()).exchange()
+    exchange.on_message(headers(200, "text/event-stream", {"client_stream": True, "provider_api": "anthropic"}))
+    error = b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error", "message": "x"}}\n\n'
+    response = answer(exchange.on_message(piece(error))[0])
+    assert usage_of(response) == {"stream_error": "overloaded_error"}
+
+
+# --- across APIs and checked: translated into OpenAI's, then checked ---------------------------------
+
+def anthropic_events(text: str) -> bytes:
+    events = [("message_start", {"type": "message_start", "message": {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5", "content": [],
+        "stop_reason": None, "usage": {"input_tokens": 10, "output_tokens": 1}}}),
+        ("content_block_start", {"type": "content_block_start", "index": 0,
+                                 "content_block": {"type": "text", "text": ""}})]
+    events += [("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                        "delta": {"type": "text_delta", "text": w + " "}}) for w in text.split()]
+    events += [("content_block_stop", {"type": "content_block_stop", "index": 0}),
+               ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                                  "usage": {"output_tokens": 7}}),
+               ("message_stop", {"type": "message_stop"})]
+    return b"".join(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode() for name, data in events)
+
+
+@pytest.mark.parametrize("reply", [f"card {CARD} ok", f"key {SECRET} here"], ids=["masked", "blocked"])
+def test_a_translated_stream_is_checked_as_openais_piece_by_piece(reply):
+    processor, registry = checking()
+    exchange = processor.exchange()
+    response = answer(exchange.on_message(headers(200, "text/event-stream", {
+        "client_stream": True, "check_answer": True, "provider_api": "anthropic", "route": "default/r"}))[0])
+    assert response.mode_override.response_body_mode == ProcessingMode.STREAMED
+    stream = anthropic_events(reply)
+    out, metadata = b"", {}
+    for i in range(0, len(stream), 40):
+        last = i + 40 >= len(stream)
+        response = answer(exchange.on_message(piece(stream[i:i + 40], last))[0])
+        out += response.response_body.response.body_mutation.body
+        metadata.update(usage_of(response))
+    exchange.on_close()
+    assert b"4111" not in out and SECRET.encode() not in out
+    if "card" in reply:
+        assert b"[BANK-CARD]" in out and out.endswith(b"data: [DONE]\n\n")
+        assert metadata["completion_tokens"] == 7.0  # the usage still read beside the policy's entry
+        assert metadata["data_answer"]["action"] == "mask"
+    else:
+        assert b"content_filter" in out and b"content_policy_violation" in out
+        assert metadata["data_answer"]["action"] == "block"
+
+
+def test_a_translated_whole_answer_is_checked_as_openais():
+    from support.api_shapes import ANTHROPIC_MESSAGE
+
+    exchange = checking()[0].exchange()
+    exchange.on_message(headers(200, "application/json", {
+        "client_stream": False, "check_answer": True, "provider_api": "anthropic", "route": "default/r"}))
+    message = {**ANTHROPIC_MESSAGE, "content": [{"type": "text", "text": f"card {CARD}"}]}
+    response = answer(exchange.on_message(body(json.dumps(message).encode()))[0])
+    converted = json.loads(response.response_body.response.body_mutation.body)
+    assert converted["choices"][0]["message"]["content"] == "card [BANK-CARD]"
+    assert usage_of(response)["prompt_tokens"] == 2095.0 and usage_of(response)["data_answer"]["action"] == "mask"

@@ -26,6 +26,8 @@ def test_the_answer_filter_is_off_by_default_and_skips_unmarked_requests():
     assert ext_proc["allow_mode_override"] is True  # the exchange asks for no body where nothing is converted
     assert ext_proc["failure_mode_allow"] is False  # never the wrong format silently
     assert ext_proc["metadata_options"]["forwarding_namespaces"]["untyped"] == [METADATA_NAMESPACE]
+    # a translated answer's usage comes back into the request's metadata (Envoy's readers know OpenAI's only)
+    assert ext_proc["metadata_options"]["receiving_namespaces"]["untyped"] == [METADATA_NAMESPACE]
 
 
 def test_it_runs_after_the_usage_readers_on_the_way_back():

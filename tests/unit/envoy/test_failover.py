@@ -19,3 +19,18 @@ def test_route_proto_carries_the_fields_our_protobuf_package_lacks():
     assert (where == [(0, 0, ["x"])]
             and "inline_cluster_specifier_plugin" not in clean["virtual_hosts"][0]["routes"][0]["route"])
     assert add_raw_fields  # used by to_route_proto above
+
+
+def test_the_retry_rewrite_skips_a_first_attempt_unless_every_attempt_is_translated():
+    from extproc.envoy.failover import retry_rewrite_filters
+    from extproc.protocol import TRANSLATE_HEADER
+
+    matcher = retry_rewrite_filters("llm_failover_a", 1 << 20)[0]["typed_config"]["xds_matcher"]
+    (rule,) = matcher["matcher_list"]["matchers"]
+    assert rule["on_match"]["action"]["name"] == "skip"
+    first, not_translated = rule["predicate"]["and_matcher"]["predicate"]
+    assert first["single_predicate"]["input"]["typed_config"]["header_name"] == "x-envoy-attempt-count"
+    assert first["single_predicate"]["value_match"] == {"exact": "1"}
+    header = not_translated["not_matcher"]["single_predicate"]
+    assert header["input"]["typed_config"]["header_name"] == TRANSLATE_HEADER
+    assert header["value_match"] == {"exact": "1"}

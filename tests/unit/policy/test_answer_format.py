@@ -8,16 +8,22 @@ from dataclasses import replace
 import pytest
 
 from extproc.policy.answer_format import (
+    CHECK_REFUSED,
     CHECK_STREAM,
     CHECK_WHOLE,
     EVENTS_TO_JSON,
     JSON_TO_EVENTS,
+    OBSERVE_STREAM,
+    OBSERVE_WHOLE,
+    TRANSLATE_STREAM,
+    TRANSLATE_WHOLE,
     AnswerPlan,
     answer_plan,
     check_mode,
     conversion,
+    per_attempt,
 )
-from extproc.policy.openai_api import CHAT, COMPLETIONS, EMBEDDINGS
+from extproc.policy.openai_api import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES
 from extproc.policy.table import Failover, RetryPolicy
 from support.table_parts import target
 
@@ -76,7 +82,7 @@ def test_conversion(client_stream, status, content_type, expected):
 def test_answer_plan_of_a_checked_answer(endpoint, first, retry, client_stream, planned):
     """A data policy checks the answer (`responses.check`): planned, whatever the formats."""
     plan = answer_plan(endpoint, first, retry, client_stream, include_usage=False, check=True)
-    assert plan == (AnswerPlan(client_stream, False, True) if planned else None)
+    assert plan == (AnswerPlan(client_stream, False, check=True) if planned else None)
 
 
 @pytest.mark.parametrize(("client_stream", "status", "content_type", "expected"), [
@@ -89,3 +95,64 @@ def test_answer_plan_of_a_checked_answer(endpoint, first, retry, client_stream, 
 ])
 def test_check_mode(client_stream, status, content_type, expected):
     assert check_mode(client_stream, status, content_type, conversion(client_stream, status, content_type)) == expected
+
+
+# --- across APIs (docs/translation.md) ---------------------------------------------------------------
+
+CLAUDE = replace(target("claude"), api="anthropic")
+AZURE = replace(target("azure"), api="azure")
+
+
+def mixed(*order):
+    return Failover(RetryPolicy(1, None, ("5xx",), ()), (tuple(order),), frozenset(t.body_api for t in order))
+
+
+@pytest.mark.parametrize(("endpoint", "first", "retry", "planned"), [
+    pytest.param(CHAT, CLAUDE, None, AnswerPlan(False, False), id="a-provider-of-another-api"),
+    pytest.param(MESSAGES, FREE, None, AnswerPlan(False, False, "anthropic"), id="a-client-of-another-api"),
+    pytest.param(MESSAGES, CLAUDE, None, AnswerPlan(False, False, "anthropic"), id="anthropic-both-ends-usage-read"),
+    pytest.param(CHAT, AZURE, None, None, id="azure-speaks-openai"),
+    pytest.param(CHAT, FREE, mixed(FREE, CLAUDE), AnswerPlan(False, False), id="a-fallback-of-another-api"),
+    pytest.param(CHAT, FREE, mixed(FREE, AZURE), None, id="an-azure-fallback"),
+])
+def test_answer_plan_across_apis(endpoint, first, retry, planned):
+    assert answer_plan(endpoint, first, retry, False, False) == planned
+
+
+@pytest.mark.parametrize(("endpoint", "order", "each"), [
+    (CHAT, (FREE, AZURE), False), (CHAT, (FREE, CLAUDE), True), (CHAT, (CLAUDE, CLAUDE), True),
+    (MESSAGES, (FREE, FREE), True), (MESSAGES, (CLAUDE,), True),
+])
+def test_which_requests_translate_every_attempt(endpoint, order, each):
+    assert per_attempt(endpoint, mixed(*order)) is each
+
+
+@pytest.mark.parametrize(("client_stream", "status", "content_type", "client", "provider", "expected"), [
+    (True, 200, "text/event-stream", "openai", "anthropic", TRANSLATE_STREAM),
+    (True, 200, "application/vnd.amazon.eventstream", "openai", "bedrock", TRANSLATE_STREAM),
+    (False, 200, "text/event-stream", "openai", "gemini", TRANSLATE_WHOLE),  # a stream into one answer
+    (True, 200, "application/json", "anthropic", "openai", TRANSLATE_WHOLE),  # one answer into a stream
+    (False, 200, "application/json; charset=utf-8", "openai", "anthropic", TRANSLATE_WHOLE),
+    (True, 429, "application/json", "openai", "anthropic", TRANSLATE_WHOLE),  # its error, into OpenAI's
+    (True, 200, "text/event-stream", "anthropic", "anthropic", OBSERVE_STREAM),
+    (False, 200, "application/json", "anthropic", "anthropic", OBSERVE_WHOLE),
+    (False, 529, "application/json", "anthropic", "anthropic", None),  # already the client's error
+    (False, 200, "text/event-stream", "openai", "openai", EVENTS_TO_JSON),
+])
+def test_conversion_across_apis(client_stream, status, content_type, client, provider, expected):
+    assert conversion(client_stream, status, content_type, client, provider) == expected
+
+
+@pytest.mark.parametrize(("endpoint", "first", "planned"), [
+    pytest.param(CHAT, CLAUDE, AnswerPlan(False, False, "openai", True), id="a-provider-of-another-api-checked"),
+    pytest.param(EMBEDDINGS, CLAUDE, AnswerPlan(False, False, "openai", False), id="embeddings-carry-no-text"),
+])
+def test_a_checked_answer_across_apis_is_checked_in_openais_shape(endpoint, first, planned):
+    assert answer_plan(endpoint, first, None, False, False, check=True) == planned
+
+
+def test_a_client_of_another_api_is_refused_where_answers_are_checked():
+    """Its answer would be in Anthropic's shape, which the check does not read: never unchecked."""
+    with pytest.raises(type(CHECK_REFUSED)) as refused:
+        answer_plan(MESSAGES, FREE, None, False, False, check=True)
+    assert refused.value is CHECK_REFUSED and refused.value.status == 400

@@ -9,7 +9,7 @@ from extproc.policy.data_protection.detectors import BUILTINS, regex_pattern
 from extproc.policy.data_protection.judge import Judgement, JudgeSpec
 from extproc.policy.data_protection.policy import Action, DataRule, Guard
 from extproc.policy.data_protection.prompts import prompt_slots
-from extproc.policy.openai_api import CHAT, COMPLETIONS, EMBEDDINGS
+from extproc.policy.openai_api import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES
 
 EMAIL, CARD, SECRET = "jane@example.com", "4111 1111 1111 1111", "sk-0123456789abcdef0123456789abcdef"
 
@@ -119,6 +119,18 @@ def test_no_judge_is_asked_once_the_request_is_blocked():
         {"role": "tool", "tool_call_id": "1", "content": "result"}, "not a message"]},
      ["messages[0].content", "messages[1].content[0].text", "messages[1].content[2].text",
       "messages[2].tool_calls[0].function.arguments", "messages[3].function_call.arguments", "messages[4].content"]),
+    (MESSAGES, {"system": [{"type": "text", "text": "be brief"}], "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f",
+                                           "input": {"q": "card", "n": 1, "more": [{"k": "v"}]}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
+                                      "content": [{"type": "text", "text": "result"}]},
+                                     {"type": "image", "source": {"type": "base64", "data": "AAAA"}}]}]},
+     ["system[0].text", "messages[0].content", "messages[1].content[0].input.q",
+      "messages[1].content[0].input.more[0].k", "messages[2].content[0].content[0].text"]),
+    (MESSAGES, {"system": "be brief", "messages": [
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "4111"}]}]},
+     ["system", "messages[0].content[0].content"]),
     (COMPLETIONS, {"prompt": "say hi"}, ["prompt"]),
     (COMPLETIONS, {"prompt": ["a", "b", [1, 2]]}, ["prompt[0]", "prompt[1]"]),
     (COMPLETIONS, {"prompt": [[1, 2, 3]]}, []),
