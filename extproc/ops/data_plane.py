@@ -19,6 +19,7 @@ from ..dataplane.authentication import Authenticator
 from ..dataplane.data_protection import ProtectionMetrics
 from ..dataplane.grpc_h2 import Call, H2Connection
 from ..dataplane.health_check import HealthCheck
+from ..dataplane.peer_callers import PeerCallers
 from ..dataplane.processor import ExternalProcessor
 from ..dataplane.retry_processor import RetryRewriter
 from ..policy.body_memory import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT, Inflight, register_metrics
@@ -53,9 +54,11 @@ class DataPlane:
     def __init__(self, holder: TableHolder, body_limit: int = DEFAULT_BODY_LIMIT,
                  max_body_bytes_in_flight: int = DEFAULT_MAX_BODY_BYTES_IN_FLIGHT,
                  redis_url: str | None = None, redis_fail_closed: bool = False, worker: int = 0,
-                 otlp_endpoint: str | None = None, local: Caller = LOCAL):
+                 otlp_endpoint: str | None = None, local: Caller = LOCAL, peers: PeerCallers | None = None):
         self.holder = holder
         self.local = local  # the caller on a Unix socket: as the operator states it (--source-labels)
+        # an egress gateway with mutual TLS: each request's caller is its client certificate's workload
+        self.peers = peers
         self.body_limit = body_limit
         self.inflight = Inflight(max_body_bytes_in_flight, give_back_free_heap)
         self.metrics = GatewayMetrics()
@@ -73,11 +76,11 @@ class DataPlane:
                 if self.spans is not None else None)
         processor = ExternalProcessor(holder, body_limit=body_limit, budgets=self.budgets, inflight=self.inflight,
                                       health=self.health, tracing=sampler_from_env() if sink is not None else None,
-                                      protection=ProtectionMetrics(self.metrics.registry))
+                                      protection=ProtectionMetrics(self.metrics.registry), peers=peers)
         retries = RetryRewriter(holder, body_limit)
         answer = AnswerProcessor(self.inflight)  # answers turned into the client's format
         receiver = AccessLogReceiver(self.metrics, self.budgets, attempts, sink,
-                                     prices=lambda: self.holder.table.prices)
+                                     prices=lambda: self.holder.table.prices, entry_callers=peers is not None)
         self.methods: dict[str, Callable[[Caller | None], Call]] = {
             PROCESS: processor.exchange,
             RETRY_AUTHORITY + PROCESS: lambda _caller: retries.exchange(),

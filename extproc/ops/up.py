@@ -19,14 +19,25 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..dataplane.authentication import StaticToken
+from ..dataplane.authentication import StaticToken, kubernetes_client
+from ..dataplane.peer_callers import PeerCallers
+from ..dataplane.workload_identity import DEFAULT_GRACE_S as DEFAULT_IDENTITY_GRACE_S
+from ..dataplane.workload_identity import PodDirectory, kubernetes_pods
 from ..envoy import readiness
 from ..envoy.addresses import HostPort
-from ..envoy.bootstrap import DEFAULT_BODY_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, BootstrapOptions, bootstrap, token_sds
+from ..envoy.bootstrap import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_IDLE_TIMEOUT_S,
+    BootstrapOptions,
+    GatewayListenerTls,
+    bootstrap,
+    token_sds,
+)
 from ..envoy.clusters import UpstreamOptions
 from ..policy.body_memory import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
 from ..policy.caller import LOCAL, Caller
 from ..policy.gateway_binding import MESH_VIEW, View
+from ..policy.peer_identity import gateway_identity
 from ..policy.table import EMPTY_TABLE, TableHolder
 from ..protocol import DEFAULT_BODY_LIMIT
 from .children import dying_with_us, listening_problems
@@ -86,6 +97,13 @@ class UpOptions:
     drain_grace_s: float = DEFAULT_GRACE_S
     caller: Caller = LOCAL  # who its Envoy's requests come from (--source-labels, --source-namespace)
     otlp_endpoint: str | None = None  # spans exported here (extproc.telemetry.spans); None: no traces
+    # An egress gateway (`view.gateway`) takes mutual TLS from the sidecars: its certificate and the
+    # CA bundle come from their control plane, at `control_plane`, to which its Envoy presents the
+    # token in `token_file`. `insecure_plain_gateway`: plain HTTP from anyone instead.
+    control_plane: HostPort | None = None
+    token_file: str | None = None
+    insecure_plain_gateway: bool = False
+    identity_grace_s: float = DEFAULT_IDENTITY_GRACE_S  # with `kubernetes`: callers' pods' last labels, how long
 
 
 START_TIMEOUT_S = 30.0
@@ -169,14 +187,56 @@ def envoy_args(binary: str, bootstrap_file: str, opts: UpOptions) -> list[str]:
     return args
 
 
+def gateway_tls_problem(opts: UpOptions) -> str | None:
+    """Why an egress gateway cannot take mutual TLS as configured, or None (also when it is none)."""
+    if opts.view.gateway is None or opts.insecure_plain_gateway:
+        return None
+    if opts.control_plane is None or opts.token_file is None:
+        return ("an egress gateway takes only mutual TLS from the sidecars, with a certificate their control plane "
+                "issues it: give --control-plane HOST:PORT and --token-file PATH (the token its Envoy presents there), "
+                "or keep the insecure plain-HTTP listener with --insecure-plain-gateway")
+    if opts.caller is not LOCAL:
+        return ("--source-labels/--source-namespace state a local caller: an egress gateway's callers are the "
+                "workloads their client certificates name")
+    if not os.access(opts.token_file, os.R_OK):
+        return f"--token-file {opts.token_file}: cannot be read"
+    return None
+
+
+def gateway_pods(opts: UpOptions) -> PodDirectory | None:
+    """An egress gateway's pod watch (Kubernetes): the labels and workloads of the pods its
+    callers' certificates name. Started, and its first list waited for (bounded), so that the
+    first requests of pods that already run are decided with their labels."""
+    if not opts.kubernetes:
+        return None
+    try:
+        pods = kubernetes_pods(kubernetes_client(), opts.identity_grace_s)
+    except Exception as exc:
+        raise StartupError(f"cannot reach Kubernetes for the callers' pods: {exc}") from None
+    pods.start()
+    if not pods.listed.wait(START_TIMEOUT_S):
+        log.warning("the callers' pods were not listed within %.0fs: a pod's first request waits for its own read",
+                    START_TIMEOUT_S)
+    return pods
+
+
 async def run_up(opts: UpOptions, on_ready=None) -> int:
     """Run until a signal or until Envoy exits. Returns the process exit code."""
     binary = envoy_binary()
     busy = listening_problems([("--listen", opts.listen), ("--admin", opts.admin), ("--metrics", opts.metrics)])
     if busy:
         raise StartupError("\n".join(busy))
+    problem = gateway_tls_problem(opts)
+    if problem:
+        raise StartupError(problem)
+    mutual_tls = opts.view.gateway is not None and not opts.insecure_plain_gateway
+    if opts.view.gateway is not None and opts.insecure_plain_gateway:
+        log.warning("--insecure-plain-gateway: this egress gateway takes plain HTTP from whoever reaches it, and "
+                    "spends its keys for them; its requests are decided for its own caller, not theirs")
+    pods = await asyncio.to_thread(gateway_pods, opts) if mutual_tls else None
     plane = DataPlane(TableHolder(EMPTY_TABLE), opts.body_limit, opts.max_body_bytes_in_flight, opts.redis_url,
-                      opts.redis_fail_closed, otlp_endpoint=opts.otlp_endpoint, local=opts.caller)
+                      opts.redis_fail_closed, otlp_endpoint=opts.otlp_endpoint, local=opts.caller,
+                      peers=PeerCallers(pods) if mutual_tls else None)
     control = ControlPlane(opts.upstream, plane)
     source = config_source(opts.config, opts.kubernetes, opts.namespace, control.apply, opts.reload_interval,
                            opts.key_env, opts.home, opts.view)
@@ -194,6 +254,8 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
             await ops.start(opts.metrics)
     except OSError as exc:
         await control.stop()
+        if pods is not None:
+            pods.stop()
         shutil.rmtree(workdir, ignore_errors=True)
         raise StartupError(f"cannot listen: {exc}") from None
     token_sds_file = None
@@ -201,11 +263,19 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
         (workdir / "token").write_text(tcp_token)
         token_sds_file = str(workdir / "token-sds.json")
         Path(token_sds_file).write_text(json.dumps(token_sds(str(workdir / "token"))))
+    gateway_tls = None
+    if mutual_tls:  # its certificate from the sidecars' control plane, with its token, re-read when rotated
+        assert opts.view.gateway is not None and opts.control_plane is not None and opts.token_file is not None
+        certificates_sds = workdir / "certificates-token-sds.json"
+        certificates_sds.write_text(json.dumps(token_sds(str(Path(opts.token_file).resolve()))))
+        gateway_tls = GatewayListenerTls(gateway_identity(opts.view.gateway), opts.control_plane,
+                                         str(certificates_sds))
     boot = bootstrap(BootstrapOptions(listen=opts.listen, admin=opts.admin, control=HostPort(opts.control.host, port),
                                       ext_proc=HostPort(opts.control.host, control.ext_proc_port),
                                       body_limit=opts.body_limit, body_timeout_s=opts.body_timeout_s,
                                       access_log=opts.access_log, socket_dir=str(workdir) if local else None,
-                                      token_sds=token_sds_file, idle_timeout_s=opts.idle_timeout_s))
+                                      token_sds=token_sds_file, idle_timeout_s=opts.idle_timeout_s,
+                                      gateway_tls=gateway_tls))
     boot_file = workdir / "envoy.json"
     boot_file.write_text(json.dumps(boot, indent=2))
     envoy = EnvoySupervisor(envoy_args(binary, str(boot_file), opts), opts.admin)
@@ -227,6 +297,8 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
         await envoy.stop()
         await ops.stop()
         await control.stop()
+        if pods is not None:
+            pods.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
