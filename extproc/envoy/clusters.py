@@ -118,8 +118,8 @@ class GatewayTls:
 def egress_cluster(forward: Forward, dns_server: HostPort | None = None, tls: GatewayTls | None = None) -> dict:
     """The sidecars' cluster for an egress gateway's Service, found by DNS like any Service, or at a
     fixed address. With `tls`, mutual TLS: the pod's workload certificate, only the gateway's
-    identity accepted, HTTP/2 where both ends offer it, so one connection carries a sidecar's
-    requests (no handshake per request). Without, plain HTTP (`--insecure-plain-gateway`)."""
+    identity accepted, HTTP/2 (the gateway's listener is ours), so one connection carries a
+    sidecar's requests (no handshake per request). Without, plain HTTP (`--insecure-plain-gateway`)."""
     address = HostPort.parse(forward.address)
     kind = "STATIC" if is_ip(address.host) else "STRICT_DNS"
     cluster: dict = {
@@ -134,7 +134,7 @@ def egress_cluster(forward: Forward, dns_server: HostPort | None = None, tls: Ga
         cluster["transport_socket"] = upstream_mtls(gateway_identity(forward.gateway), CONTROL_CLUSTER)
         cluster["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            "auto_config": {"http_protocol_options": {}, "http2_protocol_options": {}},
+            "explicit_http_config": {"http2_protocol_options": {}},
             "common_http_protocol_options": {"max_connection_duration": f"{tls.connection_s:g}s"}}}
     if kind == "STRICT_DNS":  # the same resolver as providers'
         cluster.update(resolving(dns_server))

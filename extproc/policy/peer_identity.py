@@ -39,7 +39,7 @@ LOCAL_NAMESPACE = "default"
 
 _LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_UID = re.compile(r"^[0-9a-fA-F-]{1,64}$")
+_UID = re.compile(r"^[0-9A-Za-z-]{1,64}$")
 _SPIFFE = re.compile(rf"^{re.escape(SPIFFE_PREFIX)}ns/([^/]+)/sa/([^/]+)$")
 
 

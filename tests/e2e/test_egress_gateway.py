@@ -184,6 +184,14 @@ def test_sidecar_sends_gateway_bound_hosts_to_the_egress_gateway_which_alone_hol
             - before["http.llm_gateway.ext_proc.request.streams_started"]) == 1
     assert (after["cluster.llm_egress_llm-gateway_egress.upstream_rq_200"]
             - before["cluster.llm_egress_llm-gateway_egress.upstream_rq_200"]) == 3
+    # every request to the gateway on one mutual-TLS connection, HTTP/2: no handshake per request
+    egress = "cluster.llm_egress_llm-gateway_egress."
+    assert (after[egress + "upstream_cx_http2_total"], after[egress + "upstream_cx_active"],
+            after[egress + "upstream_cx_destroy"]) == (1, 1, 0)
+    assert after[egress + "upstream_rq_total"] >= 4  # the first answer awaited, then three
+    gateway_stats = {name: int(value) for name, _, value in (
+        line.partition(": ") for line in gateway.admin("/stats").splitlines()) if value.isdigit()}
+    assert sum(v for k, v in gateway_stats.items() if k.startswith("listener.") and k.endswith(".ssl.handshake")) == 1
 
 
 def test_validate_and_route_on_the_command_line(tmp_path, keys):
