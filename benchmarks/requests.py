@@ -30,7 +30,7 @@ from pathlib import Path
 from extproc.testing.envoy_fake import STREAM_HEADER
 from extproc.testing.load import run_wrk
 
-from . import budgets, streams, work
+from . import budgets, gateway_hop, streams, work
 from .charts import chart
 from .contenders import (
     HOST,
@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budgets", action="store_true",
                         help="the budgets variant instead: CPU per request with and without an LLMTokenRateLimit "
                              "matching every request (in process, and through Redis), and the overshoot bound")
+    parser.add_argument("--gateway-hop", action="store_true",
+                        help="the egress gateway's hop instead: a gateway-bound request (mutual TLS from the sidecar) "
+                             "against a sidecar's decision and the plain hop, in one run (benchmarks/gateway_hop.py)")
     add_streaming_arguments(parser)
     return parser.parse_args(argv)
 
@@ -95,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(exist_ok=True)
     if args.budgets:
         return budgets.under_load(args.rounds, args.seconds, args.out)
+    if args.gateway_hop:
+        return gateway_hop.main(["--rounds", str(args.rounds), "--seconds", str(args.seconds), "--out", str(args.out)])
     with Stage("llm-gateway-bench-", plain_http=True) as stage:
         paced_port = start_paced_provider(stage)
         floor = start_floor(stage, paced_port)
