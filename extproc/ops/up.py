@@ -203,6 +203,15 @@ def gateway_tls_problem(opts: UpOptions) -> str | None:
     return None
 
 
+def certificates_token_sds(workdir: Path, token_file: str) -> str:
+    """The SDS file through which an egress gateway's Envoy reads the token it presents for its
+    certificate, written in `workdir`: the token's path as given, links not followed (a projected
+    token is a link the kubelet swaps on rotation, and Envoy watches the link's directory)."""
+    path = workdir / "certificates-token-sds.json"
+    path.write_text(json.dumps(token_sds(os.path.abspath(token_file))))
+    return str(path)
+
+
 def gateway_pods(opts: UpOptions) -> PodDirectory | None:
     """An egress gateway's pod watch (Kubernetes): the labels and workloads of the pods its
     callers' certificates name. Started, and its first list waited for (bounded), so that the
@@ -266,10 +275,8 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
     gateway_tls = None
     if mutual_tls:  # its certificate from the sidecars' control plane, with its token, re-read when rotated
         assert opts.view.gateway is not None and opts.control_plane is not None and opts.token_file is not None
-        certificates_sds = workdir / "certificates-token-sds.json"
-        certificates_sds.write_text(json.dumps(token_sds(str(Path(opts.token_file).resolve()))))
         gateway_tls = GatewayListenerTls(gateway_identity(opts.view.gateway), opts.control_plane,
-                                         str(certificates_sds))
+                                         certificates_token_sds(workdir, opts.token_file))
     boot = bootstrap(BootstrapOptions(listen=opts.listen, admin=opts.admin, control=HostPort(opts.control.host, port),
                                       ext_proc=HostPort(opts.control.host, control.ext_proc_port),
                                       body_limit=opts.body_limit, body_timeout_s=opts.body_timeout_s,
