@@ -41,6 +41,7 @@ from ..envoy.xds import CLUSTER_TYPE_URL, ROUTE_TYPE_URL, ClusterDiscovery, Publ
 from ..policy.addresses import AddressBook, AddressGauge, Change, Lookup, ProviderNames
 from ..policy.budgets import response_headers
 from ..policy.caller import Caller
+from ..policy.capacity import DEFAULT_PROVIDER_LIMITS, ConnectionLimits
 from ..policy.gateway_binding import forwarded_clusters
 from ..policy.peer_identity import connection_lifetime
 from ..policy.table import RoutingTable
@@ -71,7 +72,7 @@ class ControlPlane:
         self.clusters = Publisher(CLUSTER_TYPE_URL, "clusters")
         self.routes = Publisher(ROUTE_TYPE_URL, "sidecar routes")
         self.loaded = False  # a config is in force (readiness)
-        self._built: dict[tuple[str, str, bool], dict] = {}  # (name, host, failover) -> cluster
+        self._built: dict[tuple[str, str, bool, ConnectionLimits], dict] = {}  # (name, host, failover) -> cluster
         self._protos: dict[str, tuple[dict, Message]] = {}  # name -> (cluster, its protobuf)
         self._hosts: dict[str, str] = {}  # a built provider cluster's name -> its host
         self._converter = ClusterProtos()
@@ -145,19 +146,22 @@ class ControlPlane:
         if self.xds_server is not None:
             await self.xds_server.stop(grace)
 
-    def _provider_cluster(self, name: str, host: str, failover: bool) -> dict:
+    def _provider_cluster(self, name: str, host: str, failover: bool, limits: ConnectionLimits) -> dict:
         """A provider's cluster, built once while it is configured (thousands of providers: a
         reload builds and converts only the new ones)."""
-        key = (name, host, failover)
+        key = (name, host, failover, limits)
         cluster = self._built.get(key)
         if cluster is None:
-            cluster = self._built[key] = provider_cluster(name, host, self.upstream, failover=failover)
+            cluster = self._built[key] = provider_cluster(name, host, self.upstream, failover=failover,
+                                                          limits=limits)
             self._hosts[name] = host
         return cluster
 
     def _clusters(self, table: RoutingTable) -> dict[str, dict]:
-        clusters = {name: self._provider_cluster(name, host, False) for host, name in table.clusters.items()}
-        clusters.update((name, self._provider_cluster(name, host, True))
+        limits = table.capacity.get
+        clusters = {name: self._provider_cluster(name, host, False, limits(host, DEFAULT_PROVIDER_LIMITS))
+                    for host, name in table.clusters.items()}
+        clusters.update((name, self._provider_cluster(name, host, True, limits(host, DEFAULT_PROVIDER_LIMITS)))
                         for host, name in table.failover_clusters.items())
         # the egress gateways sidecars send hosts to
         clusters.update(egress_clusters(table, self.upstream.dns_resolver, self.gateway_tls))
