@@ -16,6 +16,8 @@ COMMANDS = {
     "workers": ("workers", "main", "scripts/bench-workers: `serve --workers 1` against `--workers 2`"),
     "soak": ("soak", "main", "scripts/soak [MINUTES]: a steady load with config changes, memory before and after"),
     "auth": ("auth", "main", "how Envoy reaches the control plane: CPU per request of each way (issue 15)"),
+    "gateway-hop": ("gateway_hop", "main", "a gateway-bound request (mutual TLS to the egress gateway) against a "
+                                           "sidecar's decision, in one run (issue 33)"),
     "work": ("work", "main", "the ext_proc's own work per request, in process"),
     "startup": ("startup", "main", "start and reload with thousands of providers, some never answering DNS (issue 30)"),
     "translation": ("translation", "main", "CPU per event of a translated stream beside an untranslated one "

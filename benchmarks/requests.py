@@ -32,7 +32,7 @@ from pathlib import Path
 from extproc.testing.envoy_fake import STREAM_HEADER
 from extproc.testing.load import run_wrk
 
-from . import budgets, concurrency, streams, work
+from . import budgets, concurrency, gateway_hop, streams, work
 from .charts import chart
 from .contenders import (
     HOST,
@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budgets", action="store_true",
                         help="the budgets variant instead: CPU per request with and without an LLMTokenRateLimit "
                              "matching every request (in process, and through Redis), and the overshoot bound")
+    parser.add_argument("--gateway-hop", action="store_true",
+                        help="the egress gateway's hop instead: a gateway-bound request (mutual TLS from the sidecar) "
+                             "against a sidecar's decision and the plain hop, in one run (benchmarks/gateway_hop.py)")
     parser.add_argument("--concurrent-streams", action="store_true",
                         help="the concurrency variant instead: one gateway holding 1,000, 5,000 and 10,000 streams "
                              "of 60 s at once; memory per stream, CPU per event, a chart (benchmarks/concurrency.py; "
@@ -104,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(exist_ok=True)
     if args.budgets:
         return budgets.under_load(args.rounds, args.seconds, args.out)
+    if args.gateway_hop:
+        return gateway_hop.main(["--rounds", str(args.rounds), "--seconds", str(args.seconds), "--out", str(args.out)])
     with Stage("llm-gateway-bench-", plain_http=True) as stage:
         paced_port = start_paced_provider(stage)
         floor = start_floor(stage, paced_port)

@@ -96,6 +96,24 @@ def host_of_cluster(cluster: str) -> str | None:
     return None
 
 
+# An egress gateway's static cluster to the control plane of the sidecars, which issues the
+# gateway's own certificate and the bundle its callers' certificates must chain to (SDS).
+CERTIFICATES_CLUSTER = "llm_gateway_certificates"
+
+# --- workload certificates (SDS) -------------------------------------------------------------------
+
+# The secret an Envoy asks the control plane for to get its own workload certificate (the identity
+# its credentials prove), and the one holding the CA bundle workload certificates chain to: the
+# names Istio's agent serves them under.
+WORKLOAD_SECRET = "default"
+TRUST_BUNDLE_SECRET = "ROOTCA"
+# What the egress gateway's Envoy tells its ext_proc of the connection a request came on: the
+# client certificate's first URI SAN (its SPIFFE ID) and its subject (the pod), as attributes of
+# the request's headers message, under the ext_proc filter's own name.
+PEER_URI_ATTRIBUTE = "connection.uri_san_peer_certificate"
+PEER_SUBJECT_ATTRIBUTE = "connection.subject_peer_certificate"
+ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
+
 # --- gRPC methods Envoy calls on the data plane --------------------------------------------------
 
 PROCESS = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"

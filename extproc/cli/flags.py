@@ -7,10 +7,12 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..dataplane.workload_identity import DEFAULT_GRACE_S as DEFAULT_IDENTITY_GRACE_S
 from ..envoy.clusters import SYSTEM_CA_BUNDLE, UpstreamOptions
 from ..ops.drain import DEFAULT_GRACE_S
 from ..ops.leader import DEFAULT_LEASE_DURATION_S, DEFAULT_LEASE_NAME
 from ..ops.startup import StartupError
+from ..ops.workload_ca import CA_SECRET, DEFAULT_TTL_S
 from ..policy.body_memory import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
 from ..policy.caller import Caller, local_caller
 from ..policy.capacity import DEFAULT_MAX_STREAMS, MAX_LIMIT
@@ -153,6 +155,35 @@ def add_gateway_args(parser: argparse.ArgumentParser) -> None:
                         metavar="NAMESPACE/NAME[=HOST:PORT]",
                         help="an egress gateway LLMRoutes may name in spec.gateways: sidecars send those hosts to it, "
                              "at HOST:PORT (default NAME.NAMESPACE.svc.cluster.local:80); repeatable")
+
+
+def add_gateway_tls_args(p: argparse.ArgumentParser, command: str) -> None:
+    """Mutual TLS between the sidecars and egress gateways: on `serve` (the CA that issues the
+    workload certificates), on `up` (an egress gateway's certificate source); on both, the
+    insecure plain-HTTP hop kept (see docs/egress-gateway.md)."""
+    p.add_argument("--insecure-plain-gateway", action="store_true",
+                   help="INSECURE: keep the plain-HTTP hop between the sidecars and egress gateways (a gateway then "
+                        "spends its keys for whoever reaches it, and decides for no caller's identity); by default "
+                        "it is mutual TLS with workload certificates")
+    if command == "serve":
+        p.add_argument("--workload-ca", metavar="DIR",
+                       help="the CA that signs the sidecars' and egress gateways' workload certificates: DIR/ca.crt "
+                            "and DIR/ca.key, made there when missing (default: with --kubernetes the Secret "
+                            f"{CA_SECRET} of the control plane's namespace, made when missing; otherwise one made "
+                            "at start)")
+        p.add_argument("--workload-cert-ttl", type=seconds, default=DEFAULT_TTL_S, metavar="SECONDS",
+                       help=f"lifetime of a workload certificate (default {DEFAULT_TTL_S:g}); renewed at half of it")
+    else:
+        p.add_argument("--control-plane", type=host_port, default=None, metavar="HOST:PORT",
+                       help="with --gateway: the sidecars' control plane (its xDS address), which issues this "
+                            "gateway's certificate and the CA its callers' certificates must chain to")
+        p.add_argument("--token-file", metavar="PATH",
+                       help="with --gateway: the token this gateway's Envoy presents to --control-plane (its "
+                            "ServiceAccount's projected token; re-read when it changes)")
+        p.add_argument("--identity-grace", type=seconds, default=DEFAULT_IDENTITY_GRACE_S, metavar="SECONDS",
+                       help=f"with --kubernetes --gateway: how long a caller is decided with its pod's last known "
+                            f"labels once the pod is gone or the API server out of reach (default "
+                            f"{DEFAULT_IDENTITY_GRACE_S:g})")
 
 
 def view_from_args(args: argparse.Namespace | None) -> View:

@@ -36,6 +36,7 @@ from .flags import (
     add_caller_args,
     add_ext_proc_streams_arg,
     add_gateway_args,
+    add_gateway_tls_args,
     add_key_args,
     add_leader_args,
     add_metrics_arg,
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_upstream_args(up)
     add_key_args(up)
     add_gateway_args(up)
+    add_gateway_tls_args(up, "up")
     add_caller_args(up, "the calling workload's identity in local mode")
     add_redis_args(up)
     add_scale_args(up)
@@ -128,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_upstream_args(serve)
     add_key_args(serve)
     add_gateway_args(serve)
+    add_gateway_tls_args(serve, "serve")
     add_caller_args(serve, "local mode or --auth-token-file: the Envoy's workload")
     serve.add_argument("--identity-grace", type=seconds, default=DEFAULT_IDENTITY_GRACE_S, metavar="SECONDS",
                        help=f"with --kubernetes: how long a caller is decided with its pod's last known labels once "
@@ -246,6 +249,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                      redis_url=args.redis, redis_fail_closed=args.redis_fail_closed,
                      max_body_bytes_in_flight=args.max_body_bytes_in_flight, drain_grace_s=args.drain_grace,
                      caller=source_caller(args), otlp_endpoint=traces_to(args),
+                     control_plane=args.control_plane, token_file=args.token_file,
+                     insecure_plain_gateway=args.insecure_plain_gateway, identity_grace_s=args.identity_grace,
                      max_ext_proc_streams=args.max_ext_proc_streams)
     return asyncio.run(run_up(opts))
 
@@ -267,7 +272,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         workers=args.workers, log_level=args.log_level, lease_namespace=args.lease_namespace,
                         lease_name=args.lease_name, lease_duration_s=args.lease_duration,
                         caller=source_caller(args), identity_grace_s=args.identity_grace,
-                        otlp_endpoint=traces_to(args))
+                        otlp_endpoint=traces_to(args), workload_ca=args.workload_ca,
+                        workload_cert_ttl_s=args.workload_cert_ttl,
+                        insecure_plain_gateway=args.insecure_plain_gateway)
     return asyncio.run(run_serve(opts))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Literal
@@ -207,7 +207,7 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
             return pick(claims[name], namespace, home if namespaces else None)
         return routes.get(name)
 
-    budgets = compile_budgets(objects, resolve, problems, accepted)
+    budgets = compile_budgets(objects, resolve, problems, accepted, forwarded)
     protection = compile_protection(objects, routes, problems, accepted, namespaces, home)
     clusters = {host: provider_cluster(host) for host in providers if host in used}
     all_routes = {id(c.route): c.route for found in claimed.values() for c in found}.values()
@@ -499,16 +499,20 @@ def _version(objects: list[Loaded]) -> str:
 
 
 def compile_budgets(objects: list[Loaded], resolve: Callable[[str, str], Route | None], problems: list[Problem],
-                    accepted: list[Loaded]) -> BudgetTable:
+                    accepted: list[Loaded], forwarded: Mapping[str, object] | None = None) -> BudgetTable:
     """LLMTokenRateLimit objects, each attached to the route its host is routed by, as a caller
     of the object's namespace resolves it (so every name that route answers to is limited). A
-    host nobody serves is an error of that object."""
+    host nobody serves is an error of that object; a host an egress gateway decides (`forwarded`)
+    is the gateway's to limit: accepted here, applied there."""
     pairs: list[tuple[str, Budget]] = []
     for obj in objects:
         resource = obj.resource
         if not isinstance(resource, LLMTokenRateLimit):
             continue
         route = resolve(resource.spec.host, resource.metadata.namespace)
+        if route is None and normalize_host(resource.spec.host) in (forwarded or {}):
+            accepted.append(obj)
+            continue
         if route is None:
             problems.append(Problem(f"no LLMRoute or LLMProvider serves host {resource.spec.host!r}",
                                     file=obj.file, obj=obj.label, field="spec.host", reason="HostNotFound",

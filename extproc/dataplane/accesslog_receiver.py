@@ -42,9 +42,29 @@ def caller_label(caller: Caller | None) -> str:
     `RequestRecord.caller`), unless `--source-namespace` states one."""
     if caller is None or caller.namespace is None:
         return ""
-    if caller.workload:
-        return f"{caller.namespace}/{caller.workload}"
-    return f"{caller.namespace}/{caller.name}"
+    return spent_by(caller.namespace, caller.workload, caller.name)
+
+
+def spent_by(namespace: str, workload: str | None, account: str) -> str:
+    """`namespace/workload`, or `namespace/serviceaccount` where the workload is not known."""
+    return f"{namespace}/{workload}" if workload else f"{namespace}/{account}"
+
+
+def entry_caller(entry: accesslog_pb2.HTTPAccessLogEntry) -> str:
+    """Who an entry's request was decided for, as the ext_proc wrote it into the request's
+    metadata (`caller`: the verified caller, `extproc.dataplane.answers.caller_entries`); "" for
+    none. Read only from the gateway's own Envoy (see `AccessLogReceiver`)."""
+    meta = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
+    value = meta.fields.get("caller") if meta is not None else None
+    if value is None:
+        return ""
+    fields = value.struct_value.fields
+    namespace = fields["namespace"].string_value if "namespace" in fields else ""
+    if not namespace:
+        return ""
+    workload = fields["workload"].string_value if "workload" in fields else ""
+    account = fields["service_account"].string_value if "service_account" in fields else ""
+    return spent_by(namespace, workload, account)
 
 
 class AccessLogReceiver:
@@ -52,8 +72,12 @@ class AccessLogReceiver:
 
     def __init__(self, metrics: GatewayMetrics, budgets: BudgetGate | None = None,
                  attempts: AttemptObserver | None = None, spans: SpanSink | None = None,
-                 prices: Callable[[], PriceTable] | None = None, table: Callable[[], RoutingTable] | None = None):
+                 prices: Callable[[], PriceTable] | None = None, table: Callable[[], RoutingTable] | None = None,
+                 entry_callers: bool = False):
         self._metrics = metrics
+        # an egress gateway: its own Envoy (a Unix socket, never another's) logs requests of many
+        # callers, each decided for the workload its client certificate names: spent by that one
+        self._entry_callers = entry_callers
         self._budgets = budgets  # charged from each finished answer
         self._attempts = attempts  # failed attempts and answered requests: passive health
         self._spans = spans  # None: no traces exported, nothing done per entry
@@ -87,6 +111,8 @@ class AccessLogReceiver:
                             price_answer(entry, record, price)
                     if caller:
                         record.caller = caller
+                    elif self._entry_callers and (decided_for := entry_caller(entry)):
+                        record.caller = decided_for
                     elif budgets is not None:  # the gateway's own Envoy: a budget's key tells callers apart
                         key = _budget_key(entry)
                         if key:

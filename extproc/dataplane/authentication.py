@@ -115,7 +115,7 @@ def identity_of(result: ReviewResult, audience: str) -> Caller | None:
     if not namespace or not name:
         return None
     pod = pod_reference(dict(result.extra))
-    return Caller(namespace, name, pod[0] if pod else None)
+    return Caller(namespace, name, pod[0] if pod else None, uid=pod[1] if pod else None)
 
 
 def bound_pod(result: ReviewResult) -> tuple[str, str] | None:
@@ -190,7 +190,7 @@ class TokenReviewAuthenticator:
     def _with_pod(self, reviewed: Caller, pod: tuple[str, str], now: float) -> Caller | Pending:
         """The reviewed caller with its pod's labels and workload (PENDING: the pod not seen yet)."""
         if self.pods is None:  # no directory (a test): the pod is known, its labels are not
-            return Caller(reviewed.namespace, reviewed.name, reviewed.pod, None, None)
+            return Caller(reviewed.namespace, reviewed.name, reviewed.pod, None, None, pod[1])
         assert reviewed.namespace is not None
         found = self.pods.caller(reviewed.namespace, reviewed.name, pod[0], pod[1], now)
         return PENDING if found is None else found
@@ -240,7 +240,7 @@ class TokenReviewAuthenticator:
             await asyncio.to_thread(self.pods.fetch, reviewed.namespace, pod[0], pod[1])
             found = self._with_pod(reviewed, pod, self._clock())
         if found is PENDING:  # cannot happen once fetched; never an identity it does not have
-            return Caller(reviewed.namespace, reviewed.name, reviewed.pod, None, None)
+            return Caller(reviewed.namespace, reviewed.name, reviewed.pod, None, None, pod[1])
         assert isinstance(found, Caller)
         return found
 
@@ -301,6 +301,25 @@ def kubernetes_review(api_client=None) -> Callable[[str, str], ReviewResult]:
     return review
 
 
+async def metadata_caller(authenticator: Authenticator, metadata) -> Caller | None:
+    """The verified caller of a grpcio stream, from its `authorization` metadata (None: refused).
+    The xDS server's check (`GrpcAuthInterceptor`) and the workload certificates' issuer (SDS:
+    who a certificate is for) both ask it, so both hold the same caller for a stream."""
+    value = next((v for k, v in metadata or () if k == "authorization"), None)
+    token = bearer(value if isinstance(value, str) else None)
+    identity = authenticator.cached(token)
+    if identity is PENDING and token is not None:
+        _, identity = await authenticator.verify(token)
+    return identity if isinstance(identity, Caller) else None
+
+
+def speaks_for_operator(authenticator: Authenticator | None) -> bool:
+    """Whether the Envoys an authenticator admits are the operator's own: local mode's socket (no
+    authenticator) and the static token, which may use every object and get every key. A
+    ServiceAccount's token speaks for that workload alone."""
+    return authenticator is None or isinstance(authenticator, StaticToken)
+
+
 class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):
     """xDS over TCP: a stream without a valid bearer token ends with UNAUTHENTICATED before
     any resource is sent (and before it counts as an Envoy that must acknowledge)."""
@@ -314,11 +333,6 @@ class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):
         self._deny = grpc.stream_stream_rpc_method_handler(deny)
 
     async def intercept_service(self, continuation, details):
-        value = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
-        token = bearer(value if isinstance(value, str) else None)
-        identity = self._authenticator.cached(token)
-        if identity is PENDING and token is not None:
-            _, identity = await self._authenticator.verify(token)
-        if identity is None or identity is PENDING:
+        if await metadata_caller(self._authenticator, details.invocation_metadata) is None:
             return self._deny
         return await continuation(details)

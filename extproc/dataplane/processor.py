@@ -52,6 +52,7 @@ from .body_rewrite import Rewritten, rewrite_body
 from .data_protection import Judging, PromptCheck, ProtectionMetrics
 from .deferred import Deferred
 from .judge_client import JudgeClient
+from .peer_callers import PeerCallers
 from .trace_contents import TraceContents
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,11 @@ class ExternalProcessor:
                  budgets: BudgetGate | None = None, inflight: Inflight | None = None,
                  health: PassiveHealth | None = None, tracing: Sampler | None = None,
                  protection: ProtectionMetrics | None = None, contents: TraceContents | None = None,
-                 judges: JudgeClient | None = None):
+                 judges: JudgeClient | None = None, peers: PeerCallers | None = None):
         self.holder = holder
+        # an egress gateway with mutual TLS: each request's caller is the workload its client
+        # certificate names (None: the stream's caller, as everywhere else; nothing done per request)
+        self.peers = peers
         self.tracing = tracing  # None: no traces (no exporter configured), nothing done per request
         self.contents = contents  # None: no prompt in spans (the default); else a sampled request's, masked
         self.budgets = budgets  # token/request budgets (extproc.policy.budget_gate)
@@ -189,6 +193,20 @@ class ExternalProcessor:
         return rewrite_body(body, decision.target, endpoint, inspect=check_prompt), protected
 
 
+UNAUTHENTICATED_CODE = "caller_unauthenticated"
+
+
+def peer_caller(peers: PeerCallers, request: pb.ProcessingRequest) -> Caller:
+    """The workload a request to an egress gateway comes from, by its client certificate; a 403
+    when it names none (Envoy's listener already refuses a connection without one of the mesh's
+    certificates: this holds should that ever be configured otherwise)."""
+    caller = peers.of(request)
+    if caller is None:
+        raise GatewayError(403, "this egress gateway serves the mesh's sidecars only: the request came without a "
+                                "client certificate naming a workload", UNAUTHENTICATED_CODE, "permission_error")
+    return caller
+
+
 class Exchange:
     """One ext_proc stream (one HTTP request). The request's messages are answered all at once
     when its body is whole (or at once with an error). The stream ends as soon as nothing more
@@ -229,6 +247,8 @@ class Exchange:
         processor = self._processor
         try:
             if phase == "request_headers":
+                if processor.peers is not None:
+                    self._caller = peer_caller(processor.peers, request)
                 decided = processor.decide(request.request_headers, self._caller)
                 if isinstance(decided, ModelList):
                     return [answers.model_list(decided.route, decided.authority).SerializeToString()], True

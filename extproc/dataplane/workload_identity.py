@@ -59,7 +59,8 @@ class PodRecord:
         made = self._callers.get(key)
         if made is None:
             made = self._callers[key] = Caller(self.namespace, account, self.name,
-                                               self.labels if known else None, self.workload if known else None)
+                                               self.labels if known else None, self.workload if known else None,
+                                               self.uid)
         return made
 
 
@@ -88,6 +89,7 @@ class PodDirectory:
         self._clock = clock
         self._by_uid: dict[str, PodRecord] = {}
         self.lost_since: float | None = None  # the API server out of reach since then (None: in contact)
+        self.listed = threading.Event()  # the first list is in: every pod there was is known
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -185,6 +187,7 @@ class PodDirectory:
                     pods, version = self._list()
                     self.replace_all(record_of(pod) for pod in pods)
                     self.lost_since = None
+                    self.listed.set()
                 for event, pod in self._watch(version):
                     if event == "ERROR":
                         version = None  # 410 Gone and the like: list again

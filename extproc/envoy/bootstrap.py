@@ -12,11 +12,14 @@ from ..policy.capacity import DEFAULT_MAX_STREAMS, ConnectionLimits
 from ..protocol import (
     ACCESS_LOG_CLUSTER,
     BUFFER_MARGIN,
+    CERTIFICATES_CLUSTER,
     CONTROL_CLUSTER,
     DEFAULT_BODY_LIMIT,
     EXT_PROC_CLUSTER,
     EXT_PROC_SOCKET,
     METADATA_NAMESPACE,
+    PEER_SUBJECT_ATTRIBUTE,
+    PEER_URI_ATTRIBUTE,
     XDS_SOCKET,
 )
 from .access_logs import access_logs, grpc_access_log
@@ -27,6 +30,7 @@ from .circuit_breakers import circuit_breakers
 from .failover import upstream_logs
 from .local_replies import local_reply_config
 from .routes import ANY_HOST_ROUTE_CONFIG_NAME, PASSTHROUGH_CLUSTER, ROUTE_CONFIG_NAME
+from .secrets import downstream_mtls
 from .usage_readers import usage_from_event_stream, usage_from_json
 
 HCM_NAME = "envoy.filters.network.http_connection_manager"
@@ -41,6 +45,18 @@ DEFAULT_IDLE_TIMEOUT_S = 300.0  # Envoy's own stream idle default: 5 minutes wit
 def _grpc_service(opts: BootstrapOptions) -> dict:
     return {"envoy_grpc": {"cluster_name": EXT_PROC_CLUSTER,
                            "max_receive_message_length": opts.body_limit + BUFFER_MARGIN}}
+
+
+@dataclass(frozen=True)
+class GatewayListenerTls:
+    """An egress gateway's listener taking mutual TLS from the sidecars: it presents `identity`
+    (its SPIFFE ID) and requires a client certificate of the mesh, both from the control plane of
+    the sidecars at `control` (SDS), to which it presents the token named by the SDS file
+    `token_sds` (see `token_sds`)."""
+
+    identity: str
+    control: HostPort
+    token_sds: str
 
 
 @dataclass(frozen=True)
@@ -70,6 +86,9 @@ class BootstrapOptions:
     # client connections Envoy accepts at once (its global_downstream_max_connections), so it never
     # runs out of file descriptors; None: no limit (`up` sets it from its descriptor limit)
     max_downstream_connections: int | None = None
+    # An egress gateway's listener with mutual TLS: the caller of each request is the workload its
+    # client certificate names, which Envoy tells the ext_proc (`request_attributes`)
+    gateway_tls: GatewayListenerTls | None = None
 
 
 _XDS_SOURCE = {
@@ -136,13 +155,14 @@ def bootstrap(opts: BootstrapOptions) -> dict:
         "stream_idle_timeout": f"{opts.idle_timeout_s:g}s",
         "access_log": access_logs(opts.access_log),
     }
+    chain: dict[str, Any] = {"filters": [{"name": HCM_NAME, "typed_config": hcm}]}
     listener = {
         "name": "llm_gateway_http",
         "address": socket_address(opts.listen),
         # above the body limit, which the ext_proc enforces (413): Envoy's flow control must not
         # stop reading a body the ext_proc is still waiting for
         "per_connection_buffer_limit_bytes": opts.body_limit + BUFFER_MARGIN,
-        "filter_chains": [{"filters": [{"name": HCM_NAME, "typed_config": hcm}]}],
+        "filter_chains": [chain],
     }
     # the ext_proc and the access log reach the same server, through clusters of their own
     limits = ConnectionLimits.streams(opts.max_ext_proc_streams)
@@ -156,6 +176,11 @@ def bootstrap(opts: BootstrapOptions) -> dict:
                     replica_failover(_grpc_cluster(EXT_PROC_CLUSTER, ext_proc_address(opts), limits, opts.token_sds)),
                     access_log_cluster(replica_failover(_grpc_cluster(ACCESS_LOG_CLUSTER, ext_proc_address(opts),
                                                                       limits, opts.token_sds)))]
+    if opts.gateway_tls is not None:
+        tls = opts.gateway_tls
+        chain["transport_socket"] = downstream_mtls(tls.identity, CERTIFICATES_CLUSTER)
+        ext_proc["request_attributes"] = [PEER_URI_ATTRIBUTE, PEER_SUBJECT_ATTRIBUTE]
+        clusters.append(_grpc_cluster(CERTIFICATES_CLUSTER, tls.control, limits, tls.token_sds))
     if opts.sidecar:
         hcm["rds"] = {"route_config_name": ROUTE_CONFIG_NAME, "config_source": _XDS_SOURCE}
         hcm["strip_any_host_port"] = True

@@ -17,11 +17,13 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa
 from google.protobuf import json_format
 
 from ..policy.capacity import DEFAULT_PROVIDER_LIMITS, ConnectionLimits
+from ..policy.peer_identity import gateway_identity
 from ..policy.table import Forward, RoutingTable
-from ..protocol import BUFFER_MARGIN, DEFAULT_BODY_LIMIT
+from ..protocol import BUFFER_MARGIN, CONTROL_CLUSTER, DEFAULT_BODY_LIMIT
 from .addresses import HostPort, dns_resolver, is_ip, socket_address
 from .circuit_breakers import circuit_breakers
 from .failover import retry_rewrite_filters
+from .secrets import upstream_mtls
 
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
@@ -109,9 +111,20 @@ def to_cluster_proto(cluster: dict) -> cluster_pb2.Cluster:
     return json_format.ParseDict(cluster, cluster_pb2.Cluster())
 
 
-def egress_cluster(forward: Forward, dns_server: HostPort | None = None) -> dict:
-    """The sidecars' cluster for an egress gateway's Service: plain HTTP (the gateway originates
-    TLS to the provider), found by DNS like any Service, or at a fixed address."""
+@dataclass(frozen=True)
+class GatewayTls:
+    """The sidecars reach egress gateways over mutual TLS, with the workload certificates the
+    control plane serves them (SDS, on its xDS cluster); a connection is closed after
+    `connection_s` (`extproc.policy.peer_identity.connection_lifetime`)."""
+
+    connection_s: float
+
+
+def egress_cluster(forward: Forward, dns_server: HostPort | None = None, tls: GatewayTls | None = None) -> dict:
+    """The sidecars' cluster for an egress gateway's Service, found by DNS like any Service, or at a
+    fixed address. With `tls`, mutual TLS: the pod's workload certificate, only the gateway's
+    identity accepted, HTTP/2 (the gateway's listener is ours), so one connection carries a
+    sidecar's requests (no handshake per request). Without, plain HTTP (`--insecure-plain-gateway`)."""
     address = HostPort.parse(forward.address)
     kind = "STATIC" if is_ip(address.host) else "STRICT_DNS"
     cluster: dict = {
@@ -122,11 +135,18 @@ def egress_cluster(forward: Forward, dns_server: HostPort | None = None) -> dict
         "load_assignment": {"cluster_name": forward.cluster, "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": socket_address(address)}}]}]},
     }
+    if tls is not None:
+        cluster["transport_socket"] = upstream_mtls(gateway_identity(forward.gateway), CONTROL_CLUSTER)
+        cluster["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+            "common_http_protocol_options": {"max_connection_duration": f"{tls.connection_s:g}s"}}}
     if kind == "STRICT_DNS":  # the same resolver as providers'
         cluster.update(resolving(dns_server))
     return cluster
 
 
-def egress_clusters(table: RoutingTable, dns_server: HostPort | None = None) -> dict[str, dict]:
+def egress_clusters(table: RoutingTable, dns_server: HostPort | None = None,
+                    tls: GatewayTls | None = None) -> dict[str, dict]:
     """The clusters of the egress gateways this table forwards to, by name (CDS)."""
-    return {forward.cluster: egress_cluster(forward, dns_server) for forward in table.forwarded.values()}
+    return {forward.cluster: egress_cluster(forward, dns_server, tls) for forward in table.forwarded.values()}

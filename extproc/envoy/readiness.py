@@ -78,6 +78,10 @@ def waiting_for(state: str | None, stats: Mapping[str, int], warming: Sequence[t
     routes = [t for t in unready if "Rds" in t or "RDS" in t]
     if routes:
         return "its route configuration from the control plane (RDS)"
+    secrets = [t.rpartition("SdsApi ")[2] for t in unready if "SdsApi " in t]
+    if secrets:  # an egress gateway's certificate and CA bundle (extproc.envoy.secrets)
+        return (f"its certificates from the control plane (SDS: {_listed(secrets)}): the control plane does not "
+                "answer, or does not issue them for the token this Envoy presents (its log says which)")
     if stats.get("listener_manager.total_listeners_warming") or unready:
         return "its listener" + (f" ({_listed(list(unready))})" if unready else "")
     return f"its initialization to finish (state {state.strip() or '?'})"

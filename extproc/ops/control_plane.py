@@ -14,29 +14,41 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import grpc
 from envoy.service.cluster.v3 import cds_pb2_grpc
 from envoy.service.route.v3 import rds_pb2_grpc
+from envoy.service.secret.v3 import sds_pb2_grpc
 from google.protobuf.message import Message
 
 from ..config.compile import Compiled
-from ..dataplane.authentication import Authenticator, GrpcAuthInterceptor
+from ..dataplane.authentication import Authenticator, GrpcAuthInterceptor, metadata_caller, speaks_for_operator
 from ..envoy.addresses import HostPort, is_ip
 from ..envoy.cluster_protos import ClusterProtos
-from ..envoy.clusters import PROVIDER_PORT, UpstreamOptions, egress_clusters, provider_cluster, to_cluster_proto
+from ..envoy.clusters import (
+    PROVIDER_PORT,
+    GatewayTls,
+    UpstreamOptions,
+    egress_clusters,
+    provider_cluster,
+    to_cluster_proto,
+)
 from ..envoy.routes import any_host_route_configuration, route_configuration, to_route_proto
+from ..envoy.secrets import SecretDiscovery
 from ..envoy.xds import CLUSTER_TYPE_URL, ROUTE_TYPE_URL, ClusterDiscovery, Publisher, RouteDiscovery
 from ..policy.addresses import AddressBook, AddressGauge, Change, Lookup, ProviderNames
 from ..policy.budgets import response_headers
+from ..policy.caller import Caller
 from ..policy.capacity import DEFAULT_PROVIDER_LIMITS, ConnectionLimits
 from ..policy.gateway_binding import forwarded_clusters
+from ..policy.peer_identity import connection_lifetime
 from ..policy.table import RoutingTable
 from ..protocol import EXT_PROC_SOCKET, FAILOVER_CLUSTER_PREFIX, XDS_SOCKET
 from .address_watch import AddressWatch, resolver_for
 from .data_plane import DataPlane
+from .workload_ca import Issuer
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +58,17 @@ ACK_S_PER_NEW_CLUSTER = 0.005  # and this much longer per cluster a change adds
 
 class ControlPlane:
     """xDS for the Envoys, and the rollout of a config to them and to `data_plane`. `reuse_port`:
-    worker processes share the ext_proc port (`extproc.ops.workers`)."""
+    worker processes share the ext_proc port (`extproc.ops.workers`). `issuer`: the workload
+    certificates it serves over SDS (`extproc.ops.workload_ca`), and so the sidecars reach egress
+    gateways over mutual TLS; None: no SDS, and egress gateways over plain HTTP."""
 
-    def __init__(self, upstream: UpstreamOptions, data_plane: DataPlane, reuse_port: bool = False):
+    def __init__(self, upstream: UpstreamOptions, data_plane: DataPlane, reuse_port: bool = False,
+                 issuer: Issuer | None = None):
         self.upstream = upstream
         self.data_plane = data_plane
         self.reuse_port = reuse_port
+        self.issuer = issuer
+        self.gateway_tls = GatewayTls(connection_lifetime(issuer.ttl_s)) if issuer is not None else None
         self.clusters = Publisher(CLUSTER_TYPE_URL, "clusters")
         self.routes = Publisher(ROUTE_TYPE_URL, "sidecar routes")
         self.loaded = False  # a config is in force (readiness)
@@ -87,6 +104,10 @@ class ControlPlane:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
         cds_pb2_grpc.add_ClusterDiscoveryServiceServicer_to_server(ClusterDiscovery(self.clusters), server)
         rds_pb2_grpc.add_RouteDiscoveryServiceServicer_to_server(RouteDiscovery(self.routes), server)
+        if self.issuer is not None:  # workload certificates, to the caller each stream proves it is
+            sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(
+                SecretDiscovery(self._identify(None if socket_dir is not None else authenticator), self.issuer.secret),
+                server)
         where = f"unix:{socket_dir}/{XDS_SOCKET}" if socket_dir is not None else str(listen)
         self.port = server.add_insecure_port(where)
         if self.port == 0:
@@ -105,6 +126,18 @@ class ControlPlane:
         self.ext_proc_port = await self.data_plane.listen_tcp(ext_proc_listen.host, ext_proc_listen.port,
                                                               authenticator, self.reuse_port)
         return self.port
+
+    def _identify(self, authenticator: Authenticator | None) -> Callable[[grpc.aio.ServicerContext],
+                                                                         Awaitable[tuple[Caller, bool] | None]]:
+        """Who an SDS stream is for: its verified caller (over TCP, as the stream's check found it;
+        on a Unix socket, local mode's caller), and whether that is the operator's own Envoy."""
+        async def identify(context: grpc.aio.ServicerContext) -> tuple[Caller, bool] | None:
+            if authenticator is None:
+                return self.data_plane.local, True
+            caller = await metadata_caller(authenticator, context.invocation_metadata())
+            return None if caller is None else (caller, speaks_for_operator(authenticator))
+
+        return identify
 
     async def stop(self, grace: float = 2.0) -> None:
         if self._watching is not None:
@@ -131,7 +164,7 @@ class ControlPlane:
         clusters.update((name, self._provider_cluster(name, host, True, limits(host, DEFAULT_PROVIDER_LIMITS)))
                         for host, name in table.failover_clusters.items())
         # the egress gateways sidecars send hosts to
-        clusters.update(egress_clusters(table, self.upstream.dns_resolver))
+        clusters.update(egress_clusters(table, self.upstream.dns_resolver, self.gateway_tls))
         return clusters
 
     async def apply(self, compiled: Compiled) -> None:

@@ -21,6 +21,7 @@ from ..dataplane.data_protection import ProtectionMetrics
 from ..dataplane.grpc_h2 import Call, H2Connection
 from ..dataplane.health_check import HealthCheck
 from ..dataplane.judge_client import JudgeClient, JudgeReach
+from ..dataplane.peer_callers import PeerCallers
 from ..dataplane.processor import ExternalProcessor
 from ..dataplane.retry_processor import RetryRewriter
 from ..dataplane.trace_contents import TraceContents, capture_contents
@@ -60,9 +61,12 @@ class DataPlane:
     def __init__(self, holder: TableHolder, body_limit: int = DEFAULT_BODY_LIMIT,
                  max_body_bytes_in_flight: int = DEFAULT_MAX_BODY_BYTES_IN_FLIGHT,
                  redis_url: str | None = None, redis_fail_closed: bool = False, worker: int = 0,
-                 otlp_endpoint: str | None = None, local: Caller = LOCAL, judges: JudgeReach | None = None):
+                 otlp_endpoint: str | None = None, local: Caller = LOCAL, judges: JudgeReach | None = None,
+                 peers: PeerCallers | None = None):
         self.holder = holder
         self.local = local  # the caller on a Unix socket: as the operator states it (--source-labels)
+        # an egress gateway with mutual TLS: each request's caller is its client certificate's workload
+        self.peers = peers
         self.body_limit = body_limit
         self.inflight = Inflight(max_body_bytes_in_flight, give_back_free_heap)
         self.metrics = GatewayMetrics()
@@ -92,11 +96,12 @@ class DataPlane:
         self.judges = JudgeClient(lambda: self.holder.table, reach.ca_file, reach.resolve)
         processor = ExternalProcessor(holder, body_limit=body_limit, budgets=self.budgets, inflight=self.inflight,
                                       health=self.health, tracing=sampler_from_env() if sink is not None else None,
-                                      protection=protection, contents=contents, judges=self.judges)
+                                      protection=protection, contents=contents, judges=self.judges, peers=peers)
         retries = RetryRewriter(holder, body_limit)
         # answers turned into the client's format, or checked by a data policy
         answer = AnswerProcessor(self.inflight, AnswerGuards(holder, protection))
-        receiver = AccessLogReceiver(self.metrics, self.budgets, attempts, sink, table=lambda: self.holder.table)
+        receiver = AccessLogReceiver(self.metrics, self.budgets, attempts, sink, table=lambda: self.holder.table,
+                                     entry_callers=peers is not None)
         self.methods: dict[str, Callable[[Caller | None], Call]] = {
             PROCESS: processor.exchange,
             RETRY_AUTHORITY + PROCESS: lambda _caller: retries.exchange(),

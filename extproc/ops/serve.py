@@ -5,12 +5,13 @@ gateway, `envoy-config`), on Unix sockets (local mode) or authenticated TCP, wit
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config.kubernetes_source import KubernetesSource
-from ..dataplane.authentication import Authenticator, AuthSetup
+from ..dataplane.authentication import Authenticator, AuthSetup, kubernetes_client
 from ..dataplane.workload_identity import DEFAULT_GRACE_S as DEFAULT_IDENTITY_GRACE_S
 from ..envoy.addresses import HostPort
 from ..envoy.clusters import UpstreamOptions
@@ -28,6 +29,9 @@ from .socket_dir import default_socket_dir, private_dir
 from .startup import StartupError, config_source, load_initial
 from .status_http import StatusServer
 from .workers import WorkerSetup
+from .workload_ca import DEFAULT_TTL_S, CAError, Issuer, WorkloadCA
+
+log = logging.getLogger(__name__)
 
 DEFAULT_XDS_LISTEN = HostPort("0.0.0.0", 18000)
 
@@ -60,6 +64,12 @@ class ServeOptions:
     caller: Caller = LOCAL  # local mode and a static token: who the Envoy's requests come from
     identity_grace_s: float = DEFAULT_IDENTITY_GRACE_S  # --kubernetes: last known pod labels, how long
     otlp_endpoint: str | None = None  # spans exported here by every process; None: no traces
+    # the sidecars reach egress gateways over mutual TLS with certificates this control plane issues
+    # (extproc.ops.workload_ca): its CA's files (None: the Kubernetes Secret, or one made at start),
+    # their lifetime; or, `insecure_plain_gateway`, over plain HTTP
+    workload_ca: str | None = None
+    workload_cert_ttl_s: float = DEFAULT_TTL_S
+    insecure_plain_gateway: bool = False
 
     @property
     def tcp(self) -> bool:
@@ -97,6 +107,40 @@ def transport(opts: ServeOptions) -> tuple[str | None, Authenticator | None]:
                        "who reaches the port could obtain API keys (or use --socket-dir DIR for Unix sockets)")
 
 
+def workload_issuer(opts: ServeOptions) -> Issuer | None:
+    """The workload certificates this control plane issues, where the sidecars reach egress
+    gateways (`--egress-gateway`) over mutual TLS; None where there is none to reach, or the hop
+    is kept plain (`--insecure-plain-gateway`)."""
+    if opts.view.gateway is not None:
+        if not opts.insecure_plain_gateway:
+            raise StartupError("serve --gateway: an egress gateway taking mutual TLS from the sidecars runs as "
+                               "`extproc up --gateway` (its Envoy's listener requires their certificates); keep "
+                               "this one's plain-HTTP listener with --insecure-plain-gateway")
+        return None
+    if not opts.view.egress:
+        return None
+    if opts.insecure_plain_gateway:
+        log.warning("--insecure-plain-gateway: the sidecars send to egress gateways over plain HTTP, and a gateway "
+                    "spends its keys for whoever reaches it")
+        return None
+    try:
+        if opts.workload_ca:
+            ca = WorkloadCA.from_directory(opts.workload_ca)
+        elif opts.kubernetes:
+            if not opts.home:
+                raise StartupError("the workload CA is a Secret of the control plane's namespace, which is not known: "
+                                   "--control-namespace NS (or --workload-ca DIR)")
+            ca = WorkloadCA.from_kubernetes(kubernetes_client(), opts.home)
+        else:
+            ca = WorkloadCA.generate()
+            log.info("workload CA made for this process (--workload-ca DIR keeps one across restarts)")
+    except CAError as exc:
+        raise StartupError(str(exc)) from None
+    except OSError as exc:
+        raise StartupError(f"--workload-ca {opts.workload_ca}: {exc}") from None
+    return Issuer(ca, opts.workload_cert_ttl_s)
+
+
 async def run_serve(opts: ServeOptions) -> int:
     """Serve until SIGINT or SIGTERM, then drain every process. Returns the exit code."""
     socket_dir, authenticator = transport(opts)
@@ -111,9 +155,10 @@ async def run_serve(opts: ServeOptions) -> int:
     workers = WorkerSetup(opts.workers if socket_dir is None else 1, opts.max_body_bytes_in_flight, opts.body_limit,
                           opts.log_level, opts.auth_description() if socket_dir is None else None,
                           (opts.redis_url, opts.redis_fail_closed), opts.otlp_endpoint, judge_reach(opts.upstream))
+    issuer = workload_issuer(opts)
     plane = DataPlane(workers.holder, opts.body_limit, workers.share, opts.redis_url, opts.redis_fail_closed,
                       otlp_endpoint=opts.otlp_endpoint, local=opts.caller, judges=judge_reach(opts.upstream))
-    control = ControlPlane(opts.upstream, plane, reuse_port=workers.reuse_port)
+    control = ControlPlane(opts.upstream, plane, reuse_port=workers.reuse_port, issuer=issuer)
     source = config_source(opts.config, opts.kubernetes, opts.namespace, control.apply, key_env=opts.key_env,
                            home=opts.home, view=opts.view)
     # Kubernetes: whether each provider's name resolves, as its LLMProvider's condition

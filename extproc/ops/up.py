@@ -19,15 +19,26 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..dataplane.authentication import StaticToken
+from ..dataplane.authentication import StaticToken, kubernetes_client
+from ..dataplane.peer_callers import PeerCallers
+from ..dataplane.workload_identity import DEFAULT_GRACE_S as DEFAULT_IDENTITY_GRACE_S
+from ..dataplane.workload_identity import PodDirectory, kubernetes_pods
 from ..envoy import readiness
 from ..envoy.addresses import HostPort
-from ..envoy.bootstrap import DEFAULT_BODY_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, BootstrapOptions, bootstrap, token_sds
+from ..envoy.bootstrap import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_IDLE_TIMEOUT_S,
+    BootstrapOptions,
+    GatewayListenerTls,
+    bootstrap,
+    token_sds,
+)
 from ..envoy.clusters import UpstreamOptions
 from ..policy.body_memory import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
 from ..policy.caller import LOCAL, Caller
 from ..policy.capacity import DEFAULT_MAX_STREAMS
 from ..policy.gateway_binding import MESH_VIEW, View
+from ..policy.peer_identity import gateway_identity
 from ..policy.table import EMPTY_TABLE, TableHolder
 from ..protocol import DEFAULT_BODY_LIMIT
 from ..telemetry.spend_redis import SpendStore
@@ -90,6 +101,13 @@ class UpOptions:
     caller: Caller = LOCAL  # who its Envoy's requests come from (--source-labels, --source-namespace)
     otlp_endpoint: str | None = None  # spans exported here (extproc.telemetry.spans); None: no traces
     max_ext_proc_streams: int = DEFAULT_MAX_STREAMS  # the circuit breakers of Envoy's control-plane clusters
+    # An egress gateway (`view.gateway`) takes mutual TLS from the sidecars: its certificate and the
+    # CA bundle come from their control plane, at `control_plane`, to which its Envoy presents the
+    # token in `token_file`. `insecure_plain_gateway`: plain HTTP from anyone instead.
+    control_plane: HostPort | None = None
+    token_file: str | None = None
+    insecure_plain_gateway: bool = False
+    identity_grace_s: float = DEFAULT_IDENTITY_GRACE_S  # with `kubernetes`: callers' pods' last labels, how long
 
 
 START_TIMEOUT_S = 30.0
@@ -173,15 +191,65 @@ def envoy_args(binary: str, bootstrap_file: str, opts: UpOptions) -> list[str]:
     return args
 
 
+def gateway_tls_problem(opts: UpOptions) -> str | None:
+    """Why an egress gateway cannot take mutual TLS as configured, or None (also when it is none)."""
+    if opts.view.gateway is None or opts.insecure_plain_gateway:
+        return None
+    if opts.control_plane is None or opts.token_file is None:
+        return ("an egress gateway takes only mutual TLS from the sidecars, with a certificate their control plane "
+                "issues it: give --control-plane HOST:PORT and --token-file PATH (the token its Envoy presents there), "
+                "or keep the insecure plain-HTTP listener with --insecure-plain-gateway")
+    if opts.caller is not LOCAL:
+        return ("--source-labels/--source-namespace state a local caller: an egress gateway's callers are the "
+                "workloads their client certificates name")
+    if not os.access(opts.token_file, os.R_OK):
+        return f"--token-file {opts.token_file}: cannot be read"
+    return None
+
+
+def certificates_token_sds(workdir: Path, token_file: str) -> str:
+    """The SDS file through which an egress gateway's Envoy reads the token it presents for its
+    certificate, written in `workdir`: the token's path as given, links not followed (a projected
+    token is a link the kubelet swaps on rotation, and Envoy watches the link's directory)."""
+    path = workdir / "certificates-token-sds.json"
+    path.write_text(json.dumps(token_sds(os.path.abspath(token_file))))
+    return str(path)
+
+
+def gateway_pods(opts: UpOptions) -> PodDirectory | None:
+    """An egress gateway's pod watch (Kubernetes): the labels and workloads of the pods its
+    callers' certificates name. Started, and its first list waited for (bounded), so that the
+    first requests of pods that already run are decided with their labels."""
+    if not opts.kubernetes:
+        return None
+    try:
+        pods = kubernetes_pods(kubernetes_client(), opts.identity_grace_s)
+    except Exception as exc:
+        raise StartupError(f"cannot reach Kubernetes for the callers' pods: {exc}") from None
+    pods.start()
+    if not pods.listed.wait(START_TIMEOUT_S):
+        log.warning("the callers' pods were not listed within %.0fs: a pod's first request waits for its own read",
+                    START_TIMEOUT_S)
+    return pods
+
+
 async def run_up(opts: UpOptions, on_ready=None) -> int:
     """Run until a signal or until Envoy exits. Returns the process exit code."""
     binary = envoy_binary()
     busy = listening_problems([("--listen", opts.listen), ("--admin", opts.admin), ("--metrics", opts.metrics)])
     if busy:
         raise StartupError("\n".join(busy))
+    problem = gateway_tls_problem(opts)
+    if problem:
+        raise StartupError(problem)
+    mutual_tls = opts.view.gateway is not None and not opts.insecure_plain_gateway
+    if opts.view.gateway is not None and opts.insecure_plain_gateway:
+        log.warning("--insecure-plain-gateway: this egress gateway takes plain HTTP from whoever reaches it, and "
+                    "spends its keys for them; its requests are decided for its own caller, not theirs")
+    pods = await asyncio.to_thread(gateway_pods, opts) if mutual_tls else None
     plane = DataPlane(TableHolder(EMPTY_TABLE), opts.body_limit, opts.max_body_bytes_in_flight, opts.redis_url,
                       opts.redis_fail_closed, otlp_endpoint=opts.otlp_endpoint, local=opts.caller,
-                      judges=judge_reach(opts.upstream))
+                      judges=judge_reach(opts.upstream), peers=PeerCallers(pods) if mutual_tls else None)
     control = ControlPlane(opts.upstream, plane)
     source = config_source(opts.config, opts.kubernetes, opts.namespace, control.apply, opts.reload_interval,
                            opts.key_env, opts.home, opts.view)
@@ -199,6 +267,8 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
             await ops.start(opts.metrics)
     except OSError as exc:
         await control.stop()
+        if pods is not None:
+            pods.stop()
         shutil.rmtree(workdir, ignore_errors=True)
         raise StartupError(f"cannot listen: {exc}") from None
     token_sds_file = None
@@ -206,6 +276,11 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
         (workdir / "token").write_text(tcp_token)
         token_sds_file = str(workdir / "token-sds.json")
         Path(token_sds_file).write_text(json.dumps(token_sds(str(workdir / "token"))))
+    gateway_tls = None
+    if mutual_tls:  # its certificate from the sidecars' control plane, with its token, re-read when rotated
+        assert opts.view.gateway is not None and opts.control_plane is not None and opts.token_file is not None
+        gateway_tls = GatewayListenerTls(gateway_identity(opts.view.gateway), opts.control_plane,
+                                         certificates_token_sds(workdir, opts.token_file))
     # Envoy inherits the open-files limit: room for the requests its clusters admit
     streams = max(DEFAULT_MAX_STREAMS, opts.max_ext_proc_streams)
     descriptors = raise_descriptor_limit(streams)
@@ -216,7 +291,7 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
                                       access_log=opts.access_log, socket_dir=str(workdir) if local else None,
                                       token_sds=token_sds_file, idle_timeout_s=opts.idle_timeout_s,
                                       max_ext_proc_streams=opts.max_ext_proc_streams,
-                                      max_downstream_connections=descriptors.connections))
+                                      max_downstream_connections=descriptors.connections, gateway_tls=gateway_tls))
     boot_file = workdir / "envoy.json"
     boot_file.write_text(json.dumps(boot, indent=2))
     envoy = EnvoySupervisor(envoy_args(binary, str(boot_file), opts), opts.admin)
@@ -238,6 +313,8 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
         await envoy.stop()
         await ops.stop()
         await control.stop()
+        if pods is not None:
+            pods.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -14,10 +14,9 @@ A caller is resolved once per Envoy connection and token, and kept: every reques
 Envoy reuses the same object, and what is worked out for it once per routing table (the
 routes it sees, `extproc.policy.caller_view`) is kept on it (`memo`).
 
-The egress gateway's requests come from other pods over plain HTTP: they are decided for the
-gateway's own caller today. When a gateway learns the calling pod from its client certificate
-(issue 33), that identity becomes a `Caller` like any other, per request instead of per
-connection, and everything below applies to it unchanged.
+At an egress gateway the caller is the workload its client certificate names, per request
+(`extproc.policy.peer_identity`, `extproc.dataplane.peer_callers`): a `Caller` like any other,
+and everything below applies to it unchanged.
 """
 
 from __future__ import annotations
@@ -46,6 +45,7 @@ class Caller:
     pod: str | None = None  # the pod's name: for the access log only, never a metric label
     labels: Labels | None = NO_LABELS
     workload: str | None = None  # the owning Deployment/StatefulSet/...'s name, or the pod's own; bounded
+    uid: str | None = None  # the pod's UID (with `pod`): what its workload certificate is bound to
     # per routing table: the routes this caller sees, and the like (see `extproc.policy.caller_view`)
     memo: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 

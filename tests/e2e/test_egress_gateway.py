@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from extproc.ops.up import envoy_binary
-from support.auth_helpers import token_files
+from support.auth_helpers import TokenFiles, token_files
 from support.egress_gateway import DECOY, GATEWAY, gateway_bound_config
 from support.helpers import CHAT, free_port, start_gateway, upstream_args, wait_until
 
@@ -28,11 +28,12 @@ DASHSCOPE, MOONSHOT = "dashscope.aliyuncs.com", "api.moonshot.cn"
 class Sidecar:
     """`extproc serve` (the mesh's control plane) and an Envoy on the sidecar bootstrap."""
 
-    def __init__(self, tmp_path: Path, config: Path, env: dict[str, str], extra: list[str]):
-        self.control, self.ext_proc = free_port(), free_port()
+    def __init__(self, tmp_path: Path, config: Path, env: dict[str, str], extra: list[str], control: int,
+                 tokens: TokenFiles):
+        self.control, self.ext_proc = control, free_port()
         self.listen, self.admin = free_port(), free_port()
         self.serve_log, self.envoy_log = tmp_path / "sidecar-serve.log", tmp_path / "sidecar-envoy.log"
-        tokens = token_files(tmp_path)  # the sidecar authenticates to its control plane over TCP
+        # the sidecar authenticates to its control plane over TCP
         self.serve = subprocess.Popen(
             [sys.executable, "-m", "extproc", "serve", "--config", str(config), "--listen", f"127.0.0.1:{self.control}",
              "--ext-proc-listen", f"127.0.0.1:{self.ext_proc}", "--metrics", "none",
@@ -97,13 +98,22 @@ class Sidecar:
 
 @pytest.fixture
 def two_envoys(tmp_path, ca, fresh_providers, keys):
+    """The sidecar and the gateway over mutual TLS, in local mode: the control plane (static token,
+    its CA made at start) issues the sidecar's certificate and, to the gateway's Envoy presenting
+    the operator's token, the gateway's own; the sidecar's identity is namespace `default`."""
     config = gateway_bound_config(tmp_path)
     upstream = upstream_args(ca, fresh_providers)
-    gateway = start_gateway(config, tmp_path, keys, [*upstream, "--gateway", GATEWAY])
+    control, tokens = free_port(), token_files(tmp_path)
+    gateway = start_gateway(config, tmp_path, keys, [*upstream, "--gateway", GATEWAY, "--control-plane",
+                                                     f"127.0.0.1:{control}", "--token-file", str(tokens.token_file)],
+                            wait=False)
     # the mesh's control plane holds a decoy DashScope key: a key it must never need
     sidecar = Sidecar(tmp_path, config, {**keys, "YOUR_DASHSCOPE_API_KEY": DECOY},
-                      [*upstream, "--egress-gateway", f"{GATEWAY}=127.0.0.1:{gateway.listen_port}"])
+                      [*upstream, "--egress-gateway", f"{GATEWAY}=127.0.0.1:{gateway.listen_port}"], control, tokens)
     try:
+        wait_until(lambda: gateway.process.poll() is not None or "ready:" in gateway.log(), 40,
+                   lambda: gateway.log() + sidecar.logs())
+        assert gateway.process.poll() is None, gateway.log()
         yield gateway, sidecar
     finally:
         sidecar.stop()
@@ -132,6 +142,8 @@ def test_sidecar_sends_gateway_bound_hosts_to_the_egress_gateway_which_alone_hol
     wait_until(lambda: len(gateway.access_entries()) >= gateway_before + 2, 10)
     decided = gateway.access_entries()[gateway_before:]
     assert {(e["route"], e["host"]) for e in decided} == {("default/dashscope-route", DASHSCOPE)}
+    # for the caller the sidecar's certificate names: the operator's Envoy, in namespace default
+    assert all(e["caller"] == {"namespace": "default", "service_account": "local"} for e in decided), decided
     assert {e["rule"] for e in decided} == {"vip-route", "rules[1]"}
     # a streamed answer comes through both Envoys as events, and the gateway counts its tokens
     status, events = sidecar.request(DASHSCOPE, {**CHAT, "stream": True})
@@ -149,9 +161,11 @@ def test_sidecar_sends_gateway_bound_hosts_to_the_egress_gateway_which_alone_hol
     (moon,) = fresh_providers[MOONSHOT].requests
     assert moon.headers["authorization"] == f"Bearer {keys['YOUR_MOONSHOT_API_KEY']}"
     assert not [e for e in gateway.access_entries() if e["provider"] == "default/moonshot"]
-    # and the gateway does not decide the mesh's hosts
-    direct = gateway.request(MOONSHOT, CHAT, proxy_form=False)
-    assert direct.status == 404 and direct.json()["error"]["code"] == "unknown_host"
+    # the gateway takes nothing from a client without a certificate of the mesh: no answer at all
+    for host in (MOONSHOT, DASHSCOPE):
+        with pytest.raises((ConnectionError, http.client.HTTPException)):
+            gateway.request(host, CHAT, proxy_form=False)
+    assert len(fresh_providers[DASHSCOPE].requests) == 2 + 1  # the sidecar's three, nothing more
 
     # the decoy never left the sidecar's control plane; no provider got a key from anyone else
     for fake in fresh_providers.values():
@@ -170,6 +184,14 @@ def test_sidecar_sends_gateway_bound_hosts_to_the_egress_gateway_which_alone_hol
             - before["http.llm_gateway.ext_proc.request.streams_started"]) == 1
     assert (after["cluster.llm_egress_llm-gateway_egress.upstream_rq_200"]
             - before["cluster.llm_egress_llm-gateway_egress.upstream_rq_200"]) == 3
+    # every request to the gateway on one mutual-TLS connection, HTTP/2: no handshake per request
+    egress = "cluster.llm_egress_llm-gateway_egress."
+    assert (after[egress + "upstream_cx_http2_total"], after[egress + "upstream_cx_active"],
+            after[egress + "upstream_cx_destroy"]) == (1, 1, 0)
+    assert after[egress + "upstream_rq_total"] >= 4  # the first answer awaited, then three
+    gateway_stats = {name: int(value) for name, _, value in (
+        line.partition(": ") for line in gateway.admin("/stats").splitlines()) if value.isdigit()}
+    assert sum(v for k, v in gateway_stats.items() if k.startswith("listener.") and k.endswith(".ssl.handshake")) == 1
 
 
 def test_validate_and_route_on_the_command_line(tmp_path, keys):

@@ -236,17 +236,19 @@ def test_seed_curl_in_gateway_mode_reaches_the_provider_through_the_egress_gatew
     config = gateway_bound_config(tmp_path)
     (config / "04-LLMProvider-moonshot.yaml").unlink()
     gateway_port, control, ext_proc = free_port(), free_port(), free_port()
+    # the pod's control plane: a decoy key, and where the egress gateway is; authenticated, as in
+    # the sidecar-deciding mode (Envoy's token readable by Envoy's user only)
+    creds = token_files(shared, uid=ENVOY_UID)
     # the egress gateway, outside the pod: its own config, key and ports; it finds the provider at
-    # the host side of the pod's link
+    # the host side of the pod's link, and takes mutual TLS with certificates the pod's control
+    # plane issues (its Envoy presents the operator's token there)
     gateway = subprocess.Popen(
         [sys.executable, "-m", "extproc", "up", "--config", str(config), "--gateway", GATEWAY,
          "--listen", f"{HOST_IP}:{gateway_port}", "--admin", f"127.0.0.1:{free_port()}", "--metrics", "none",
          "--access-log", str(tmp_path / "gateway-access.log"), "--concurrency", "1",
-         "--upstream-ca", str(ca.cert_file), "--resolve", f"dashscope.aliyuncs.com={HOST_IP}:443"],
+         "--upstream-ca", str(ca.cert_file), "--resolve", f"dashscope.aliyuncs.com={HOST_IP}:443",
+         "--control-plane", f"{HOST_IP}:{control}", "--token-file", str(creds.token_file)],
         env={**os.environ, **keys}, stdout=(tmp_path / "gateway.log").open("wb"), stderr=subprocess.STDOUT)
-    # the pod's control plane: a decoy key, and where the egress gateway is; authenticated, as in
-    # the sidecar-deciding mode (Envoy's token readable by Envoy's user only)
-    creds = token_files(shared, uid=ENVOY_UID)
     serve = subprocess.Popen(
         [sys.executable, "-m", "extproc", "serve", "--config", str(config), "--listen", f"{HOST_IP}:{control}",
          "--ext-proc-listen", f"{HOST_IP}:{ext_proc}", "--metrics", "none", "--upstream-ca", str(ca.cert_file),
@@ -285,6 +287,15 @@ def test_seed_curl_in_gateway_mode_reaches_the_provider_through_the_egress_gatew
         stats = in_pod("curl", "-sS", "http://127.0.0.1:15000/stats").stdout
         assert "http.llm_gateway.ext_proc.request.streams_started: 0" in stats or \
             "http.llm_gateway.ext_proc.request.streams_started" not in stats  # the pod's ext_proc was never asked
+        # the pod's Envoy reached the gateway over mutual TLS; the pod's own application, going to
+        # the gateway's address itself (as a pod without a sidecar would), gets nothing
+        sent = len(fake.requests)
+        for scheme in ("http", "https"):
+            direct = in_pod("curl", "-sS", "-k", "--max-time", "10", f"{scheme}://{HOST_IP}:{gateway_port}/",
+                            "-H", "Host: dashscope.aliyuncs.com", "-H", "Content-Type: application/json",
+                            "--data", SEED_CURL_BODY)
+            assert direct.returncode != 0 and direct.stdout == "", (scheme, direct)
+        assert len(fake.requests) == sent
     finally:
         for process in (envoy, serve, gateway):
             process.terminate()

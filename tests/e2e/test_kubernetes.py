@@ -156,7 +156,10 @@ def test_manifests_apply_and_rbac_is_least_privilege(clean):
     assert service["spec"]["clusterIP"] == "None"  # headless: each sidecar sees every replica
     kube.run("apply", "-k", str(REPO / "k8s" / "sidecar"))
     import json
-    pod = json.loads(kube.run("get", "deployment", "sleep", "-o", "json").stdout)["spec"]["template"]["spec"]
+    template = json.loads(kube.run("get", "deployment", "sleep", "-o", "json").stdout)["spec"]["template"]
+    # the label the egress gateway's NetworkPolicy admits (issue 33)
+    assert template["metadata"]["labels"]["llm-gateway.dev/sidecar"] == "true"
+    pod = template["spec"]
     (init,) = pod["initContainers"]
     assert "--to-ports 15001" in init["command"][-1] and "--uid-owner 1337" in init["command"][-1]
     (envoy,) = [c for c in pod["containers"] if c["name"] == "llm-gateway-envoy"]
@@ -218,7 +221,10 @@ def test_manifests_apply_and_rbac_is_least_privilege(clean):
             ("get", f"{lease}/other", "llm-gateway", False), ("update", f"{lease}/other", "llm-gateway", False),
             ("delete", f"{lease}/llm-gateway-control", "llm-gateway", False), ("list", lease, "llm-gateway", False),
             ("watch", lease, "llm-gateway", False), ("patch", f"{lease}/llm-gateway-control", "llm-gateway", False),
-            ("get", f"{lease}/llm-gateway-control", "default", False), ("create", lease, "default", False)]:
+            ("get", f"{lease}/llm-gateway-control", "default", False), ("create", lease, "default", False),
+            # issue 33: the workload CA's Secret, made in its own namespace (create cannot be limited by name)
+            ("create", "secrets", "llm-gateway", True), ("create", "secrets", "default", False),
+            ("update", "secrets", "llm-gateway", False), ("delete", "secrets", "llm-gateway", False)]:
         result = kube.run("auth", "can-i", verb, target, "--as", account, "-n", namespace, check=False)
         assert (result.returncode == 0) == allowed, (verb, target, namespace)
     kube.run("delete", "-k", str(REPO / "k8s" / "sidecar"), "--wait=false", check=False)
@@ -401,9 +407,29 @@ def test_egress_gateway_manifests_apply_and_rbac_is_least_privilege(clean):
         service = json.loads(kube.run("get", "service", "llm-egress-gateway", "-n", "llm-gateway", "-o", "json").stdout)
         assert gateway == f"{service['metadata']['namespace']}/{service['metadata']['name']}"
         (port,) = service["spec"]["ports"]
-        assert port["port"] == DEFAULT_GATEWAY_PORT and port["targetPort"] == "http"
+        assert port["port"] == DEFAULT_GATEWAY_PORT and port["targetPort"] == "mtls"
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        assert ports["http"] == int(args[args.index("--listen") + 1].rpartition(":")[2])
+        assert ports["mtls"] == int(args[args.index("--listen") + 1].rpartition(":")[2])
+        # issue 33: mutual TLS with a certificate from the control plane, for the identity the sidecars
+        # accept (the gateway's name as its ServiceAccount), with the projected token of that account
+        assert "--insecure-plain-gateway" not in args
+        assert args[args.index("--control-plane") + 1] == "llm-gateway-control.llm-gateway.svc.cluster.local:18000"
+        assert gateway == f"llm-gateway/{pod['serviceAccountName']}"
+        (token_volume,) = [v for v in pod["volumes"] if v["name"] == "llm-gateway-token"]
+        (source,) = token_volume["projected"]["sources"]
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "llm-gateway-token")
+        assert source["serviceAccountToken"]["audience"] == "llm-gateway"
+        assert args[args.index("--token-file") + 1] == f"{mount['mountPath']}/{source['serviceAccountToken']['path']}"
+        # the NetworkPolicy: only pods with the sidecar, in admitted namespaces, reach the gateway's port
+        policy = json.loads(kube.run("get", "networkpolicy", "llm-egress-gateway", "-n", "llm-gateway",
+                                     "-o", "json").stdout)["spec"]
+        assert policy["podSelector"]["matchLabels"] == {"app": "llm-egress-gateway"}
+        assert policy["policyTypes"] == ["Ingress"]
+        serving = next(rule for rule in policy["ingress"] if rule["ports"] == [{"protocol": "TCP", "port": 8080}])
+        (peer,) = serving["from"]
+        assert peer == {"namespaceSelector": {"matchLabels": {"llm-gateway.dev/egress-gateway": "allowed"}},
+                        "podSelector": {"matchLabels": {"llm-gateway.dev/sidecar": "true"}}}
+        assert {p["port"] for rule in policy["ingress"] for p in rule["ports"]} == {8080, 9464}
         control = json.loads(kube.run("get", "deployment", "llm-gateway-control", "-n", "llm-gateway",
                                       "-o", "json").stdout)
         control_args = control["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -416,7 +442,9 @@ def test_egress_gateway_manifests_apply_and_rbac_is_least_privilege(clean):
                   ("patch", "llmroutes.istio.alibabacloud.com", "status", False),  # the control plane writes status
                   ("update", "llmproviders.istio.alibabacloud.com", "status", False),
                   ("patch", "llmroutes.istio.alibabacloud.com", None, False), ("create", "secrets", None, False),
-                  ("list", "pods", None, False), ("create", "tokenreviews.authentication.k8s.io", None, False)]
+                  # issue 33: its callers' pods, read-only
+                  ("list", "pods", None, True), ("watch", "pods", None, True), ("patch", "pods", None, False),
+                  ("create", "tokenreviews.authentication.k8s.io", None, False)]
         for verb, resource, subresource, allowed in checks:
             can = ["auth", "can-i", verb, resource, "--as", account, "-n", "default"]
             if subresource:
@@ -432,7 +460,8 @@ def test_egress_gateway_serves_only_its_routes_from_kubernetes_and_leaves_status
     kube.apply(seed("01"), seed("04"))
     kube.run("apply", "-f", "-",
              stdin=seed("02").read_text().replace("spec:\n", "spec:\n  gateways: [llm-gateway/egress]\n", 1))
-    gw = k8s_gateway("--gateway", "llm-gateway/egress")
+    # its listener kept plain (the requests here come straight from the test, not from a sidecar)
+    gw = k8s_gateway("--gateway", "llm-gateway/egress", "--insecure-plain-gateway")
     assert model_of(gw, DASHSCOPE) == "qwen1.5-72b-chat"  # the route bound to this gateway, and its provider
     assert (fresh_providers[DASHSCOPE].requests[-1].headers["authorization"]
             == f"Bearer {keys['YOUR_DASHSCOPE_API_KEY']}")

@@ -21,6 +21,8 @@ from extproc.dataplane.authentication import (
     bearer,
     cache_until,
     identity_of,
+    metadata_caller,
+    speaks_for_operator,
     token_expiry,
 )
 from extproc.policy.caller import LOCAL, Caller
@@ -224,3 +226,25 @@ def test_h2_server_holds_frames_back_while_a_token_is_verified():
         data = b"".join(f[3] for f in frames if f[0] == h2.DATA and f[2] == sid)
         assert data == struct.pack(">BI", 0, 12) + b"team-a/envoy", (sid, frames)
     assert reviews == ["slow-token"]
+
+
+def test_a_grpcio_streams_caller_from_its_metadata():
+    """The xDS server's check and the workload certificates' issuer (SDS) read the same caller."""
+    good = _jwt({"exp": 4_000_000_000})
+    review = TokenReviewAuthenticator(
+        lambda token, audience: ReviewResult(True, "system:serviceaccount:shop:payments", (audience,), extra=(
+            ("authentication.kubernetes.io/pod-name", ("payments-1",)),
+            ("authentication.kubernetes.io/pod-uid", ("0b6c-11aa",)))) if token == good
+        else ReviewResult(False), AUD)
+    static = StaticToken("s" * 20)
+
+    async def main():
+        found = await metadata_caller(review, (("authorization", f"Bearer {good}"),))
+        assert (found.namespace, found.name, found.pod, found.uid) == ("shop", "payments", "payments-1", "0b6c-11aa")
+        assert await metadata_caller(review, (("authorization", "Bearer nope"),)) is None
+        assert await metadata_caller(review, ()) is None
+        assert await metadata_caller(static, (("authorization", "Bearer " + "s" * 20),)) is LOCAL
+
+    asyncio.run(main())
+    # the operator's own Envoys (a Unix socket, the static token) may be issued any identity; a ServiceAccount's its own
+    assert speaks_for_operator(None) and speaks_for_operator(static) and not speaks_for_operator(review)

@@ -48,7 +48,7 @@ def test_the_review_names_the_bound_pod():
     assert pod_reference({"authentication.kubernetes.io/pod-name": ["a", "b"],
                           "authentication.kubernetes.io/pod-uid": ["u"]}) is None
     reviewed = identity_of(ReviewResult(True, "system:serviceaccount:shop:payments", (AUD,), extra=POD_EXTRA), AUD)
-    assert reviewed == Caller("shop", "payments", "payments-7d9f8c7b5-x2x4q")
+    assert reviewed == Caller("shop", "payments", "payments-7d9f8c7b5-x2x4q", uid="uid-1")
 
 
 def test_a_label_change_makes_a_new_caller_and_a_gone_pod_keeps_its_labels_for_the_grace_only():

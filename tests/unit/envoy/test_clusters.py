@@ -126,3 +126,24 @@ def test_an_egress_gateway_name_never_holds_up_a_sidecar(tmp_path):
     msg = to_cluster_proto(cluster)
     assert msg.type == cluster_pb2.Cluster.STRICT_DNS and msg.wait_for_warm_on_init.value is False
     assert msg.typed_dns_resolver_config.name == "envoy.network.dns_resolver.cares"
+
+
+def test_a_sidecar_reaches_an_egress_gateway_over_mutual_tls(tmp_path):
+    from extproc.envoy.clusters import GatewayTls
+    from extproc.protocol import CONTROL_CLUSTER, TRUST_BUNDLE_SECRET, WORKLOAD_SECRET
+
+    table = compiled(tmp_path, providers() + [route("r", "chat", [rule(A)], gateways=[EGRESS])], MESH_VIEW).table
+    (cluster,) = egress_clusters(table, tls=GatewayTls(1800)).values()
+    msg = to_cluster_proto(cluster)
+    ctx = tls(msg)
+    (own,) = ctx.common_tls_context.tls_certificate_sds_secret_configs
+    assert own.name == WORKLOAD_SECRET  # the pod's own certificate, from the control plane over SDS
+    assert own.sds_config.api_config_source.grpc_services[0].envoy_grpc.cluster_name == CONTROL_CLUSTER
+    combined = ctx.common_tls_context.combined_validation_context
+    assert combined.validation_context_sds_secret_config.name == TRUST_BUNDLE_SECRET
+    (san,) = combined.default_validation_context.match_typed_subject_alt_names
+    assert san.matcher.exact == "spiffe://cluster.local/ns/llm-gateway/sa/egress"  # the gateway named in the route
+    options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    # HTTP/2 on one connection, renewed within half a certificate's lifetime
+    assert options["explicit_http_config"] == {"http2_protocol_options": {}}
+    assert options["common_http_protocol_options"] == {"max_connection_duration": "1800s"}

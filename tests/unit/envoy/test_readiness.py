@@ -26,6 +26,12 @@ CDS_OK = {"cluster_manager.cds.update_success": 1, "cluster_manager.cds.control_
                  "its route configuration from the control plane (RDS)", id="routes"),
     pytest.param("INITIALIZING", {**CDS_OK, "listener_manager.total_listeners_warming": 1}, [], [],
                  "its listener", id="listener"),
+    # an egress gateway's listener waits for its certificate and the CA bundle (as Envoy 1.40 names them)
+    pytest.param("INITIALIZING", {**CDS_OK, "listener_manager.total_listeners_warming": 1}, [],
+                 ["shared target SdsApi spiffe://cluster.local/ns/llm-gateway/sa/egress",
+                  "shared target SdsApi ROOTCA"],
+                 "its certificates from the control plane (SDS: spiffe://cluster.local/ns/llm-gateway/sa/egress, "
+                 "ROOTCA): the control plane does not answer, or does not issue them", id="certificates"),
 ])
 def test_waiting_for(state, stats, warming, unready, expected):
     assert expected in readiness.waiting_for(state, stats, warming, unready)

@@ -181,3 +181,22 @@ def test_a_host_is_held_once_per_proxy(tmp_path, r1, r2, conflict):
         result = compiled(tmp_path, docs, view)
         found = [(p.obj, p.field, p.reason) for p in result.problems if p.severity == "error"]
         assert found == ([("LLMRoute default/r2", "spec.host", "HostConflict")] if conflict else [])
+
+
+def test_a_budget_on_a_gateways_host_is_accepted_by_the_mesh_and_applied_at_the_gateway(tmp_path):
+    """The control plane writes the conditions: it accepts a budget whose host an egress gateway
+    decides (issue 33), and only the gateway limits it."""
+    from support.budget_docs import budget_doc
+
+    docs = providers() + [route("r", "chat", [rule(A)], gateways=[EGRESS]),
+                          budget_doc([{"name": "each", "tokens": 40, "per": "1h"}], host="chat", key=None)]
+    mesh = compiled(tmp_path, docs, MESH_VIEW)
+    assert [p for p in mesh.problems if p.severity == "error"] == []
+    assert any(o.resource.kind == "LLMTokenRateLimit" for o in mesh.accepted)
+    assert not mesh.table.budgets.by_route  # nothing to limit at the sidecars
+    gateway = compiled(tmp_path, docs, GATEWAY_VIEW)
+    assert list(gateway.table.budgets.by_route) == ["default/r"]
+    # a host nobody serves is still the object's error
+    nowhere = compiled(tmp_path, providers() + [budget_doc([{"name": "each", "tokens": 40, "per": "1h"}],
+                                                           host="nobody", key=None)], MESH_VIEW)
+    assert [p.reason for p in nowhere.problems] == ["HostNotFound"]
