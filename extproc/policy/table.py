@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from ..protocol import retry_cluster
 from .budgets import EMPTY_BUDGETS, BudgetTable
 from .caller import Labels
 from .data_protection.policy import EMPTY_PROTECTION, ProtectionTable
@@ -38,12 +39,26 @@ class Target:
     timeout_s: float | None = None  # the whole answer, streamed ones included; None: no total bound
     base_path: str | None = None  # the provider's OpenAI base path (see `extproc.policy.openai_api`)
     embedding_model: str | None = None  # replaces the client's model on embeddings
+    pool: str | None = None  # a pool of model servers (its host, a key of `RoutingTable.pools`); None: a provider
     # the provider's prices by model (its LLMPriceTable; see `extproc.policy.pricing`), empty when none
     prices: Mapping[str, Price] = field(default_factory=dict, compare=False, hash=False, repr=False)
     # what the ext_proc answers every request to this target with, per endpoint, built once
     # (`extproc.dataplane.answers`): kept here because hashing a target's fields per lookup costs more
     answers: dict[object, tuple[bytes, bytes]] = field(default_factory=dict, init=False, compare=False, hash=False,
                                                        repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    """A pool of in-cluster model servers a route sends to (a Service or an InferencePool; see
+    docs/in-cluster-models.md): its ready endpoints now, and how Envoy speaks to them. The
+    endpoint of each request is picked by load (`extproc.policy.endpoint_picker`)."""
+
+    host: str  # <name>.<namespace>.svc (Service) or <name>.<namespace>.inferencepool: its cluster's name
+    kind: str  # Service or InferencePool
+    name: str  # namespace/name
+    protocol: str  # http (HTTP/1.1), h2c, or https
+    endpoints: tuple[str, ...]  # "ip:port" of each ready endpoint, sorted
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,12 +193,16 @@ class RoutingTable:
     # provider hosts whose name does not resolve now (extproc.policy.addresses): failover leaves
     # them out of attempt orders, as providers cooling down. Set by the control plane, not the config.
     unresolved: frozenset[str] = frozenset()
+    # pools of in-cluster model servers by host (`Pool`): endpoints change without a config change
+    pools: Mapping[str, Pool] = field(default_factory=dict)
 
     @cached_property  # once per table (not a dataclass field: no part of equality)
     def cluster_hosts(self) -> dict[str, str]:
         """Every provider cluster (plain and failover) -> its provider host."""
-        return {cluster: host for clusters in (self.clusters, self.failover_clusters)
-                for host, cluster in clusters.items()}
+        found = {cluster: host for clusters in (self.clusters, self.failover_clusters)
+                 for host, cluster in clusters.items()}
+        found.update((retry_cluster(host), host) for host in self.failover_clusters if host in self.pools)
+        return found
 
     @cached_property
     def host_names(self) -> frozenset[str]:
