@@ -45,7 +45,7 @@ from ..policy.table import (
 )
 from ..policy.visibility import may_use, visible_to
 from ..protocol import provider_cluster
-from .backends import H2C, Backend, Key, service_port
+from .backends import ENDPOINTS_ANNOTATION, H2C, Backend, Key, service_port
 from .data_policies import compile_protection
 from .loader import Loaded
 from .models import (
@@ -566,6 +566,11 @@ class _Pools:
         if pool is None:  # files name the endpoints themselves (ports included); Kubernetes finds them
             found = (backend.annotated or ()) if self._endpoints is None else self._endpoints.get(key, ())
             pool = self.used[host] = Pool(host, backend.kind, f"{namespace}/{ref.name}", protocol, found)
+            if self._endpoints is None and backend.annotated is None:
+                problems.append(Problem(f"{ref.kind} {namespace}/{ref.name} names no endpoints: in files, give them "
+                                        f"as its annotation {ENDPOINTS_ANNOTATION}: \"ip:port, ip:port\" (until "
+                                        "then its requests get a 503)", file=obj.file, obj=obj.label,
+                                        field=f"{field}.backendRef.name", severity="warning", reason="NoEndpoints"))
         elif pool.protocol != protocol:
             problem(f"{ref.kind} {namespace}/{ref.name} is named elsewhere with another protocol ({pool.protocol}): "
                     "give every backendRef to it the same tls", ".tls")

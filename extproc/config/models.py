@@ -249,7 +249,13 @@ class ObjectRef(_Strict):
         return self
 
 
+_ONE_TARGET = {"x-kubernetes-validations": [{"rule": "has(self.providerHost) != has(self.backendRef)",
+                                            "message": "set providerHost or backendRef, not both"}]}
+
+
 class BackendRef(_Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, json_schema_extra=_ONE_TARGET)
+
     provider_host: str | None = Field(default=None, alias="providerHost", min_length=1)
     backend_ref: ObjectRef | None = Field(default=None, alias="backendRef",
                                           description="An in-cluster Service or InferencePool (not with providerHost).")
@@ -264,6 +270,8 @@ class BackendRef(_Strict):
 class FallbackRef(_Strict):
     """Our extension: a provider (or a pool of model servers) tried after the rule's own
     backendRefs (docs/failover.md)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, json_schema_extra=_ONE_TARGET)
 
     provider_host: str | None = Field(default=None, alias="providerHost", min_length=1)
     backend_ref: ObjectRef | None = Field(default=None, alias="backendRef",
