@@ -44,7 +44,7 @@ from ..policy.table import (
     normalize_host,
 )
 from ..policy.visibility import may_use, visible_to
-from ..protocol import provider_cluster
+from ..protocol import RETRY_CLUSTER_PREFIX, provider_cluster
 from .backends import ENDPOINTS_ANNOTATION, H2C, Backend, Key, service_port
 from .data_policies import compile_protection
 from .loader import Loaded
@@ -213,7 +213,8 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
     clusters.update((host, provider_cluster(host)) for host in pools)
     all_routes = {id(c.route): c.route for found in claimed.values() for c in found}.values()
     failover_clusters = {t.provider_host: t.cluster for route in all_routes for rule in route.rules
-                         if rule.failover is not None for order in rule.failover.orders for t in order}
+                         if rule.failover is not None for order in rule.failover.orders for t in order
+                         if not t.cluster.startswith(RETRY_CLUSTER_PREFIX)}  # a pool's retry cluster goes with it
     health = {host: _health(obj) for host, obj in providers.items()}
     table = RoutingTable(routes=routes, clusters=clusters, version=_version(accepted), forwarded=forwarded,
                          budgets=budgets, health=health, failover_clusters=failover_clusters, claims=claims,

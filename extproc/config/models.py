@@ -20,6 +20,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.config import JsonDict
 
 from ..policy.caller import LABEL_VALUE_PATTERN, label_problems
 
@@ -249,7 +250,7 @@ class ObjectRef(_Strict):
         return self
 
 
-_ONE_TARGET = {"x-kubernetes-validations": [{"rule": "has(self.providerHost) != has(self.backendRef)",
+_ONE_TARGET: JsonDict = {"x-kubernetes-validations": [{"rule": "has(self.providerHost) != has(self.backendRef)",
                                             "message": "set providerHost or backendRef, not both"}]}
 
 

@@ -205,6 +205,11 @@ class RoutingTable:
         return found
 
     @cached_property
+    def empty_pools(self) -> frozenset[str]:
+        """Pools with no ready endpoint now: failover skips them, as names that do not resolve."""
+        return frozenset(host for host, pool in self.pools.items() if not pool.endpoints)
+
+    @cached_property
     def host_names(self) -> frozenset[str]:
         """Every name some caller may send a request for: the sidecars' LLM host names (RDS)."""
         return frozenset(self.routes) | frozenset(self.claims)
