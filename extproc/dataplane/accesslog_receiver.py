@@ -17,6 +17,7 @@ from envoy.service.accesslog.v3 import als_pb2
 from ..policy.budget_gate import BudgetGate
 from ..policy.budgets import bucket_id, is_charged, tokens_to_charge
 from ..policy.caller import Caller
+from ..policy.endpoint_state import EndpointObserver
 from ..policy.passive_health import AttemptObserver
 from ..policy.pricing import EMPTY_PRICES, Price, PriceTable, cost_of
 from ..protocol import METADATA_NAMESPACE, UPSTREAM_END
@@ -45,12 +46,13 @@ class AccessLogReceiver:
 
     def __init__(self, metrics: GatewayMetrics, budgets: BudgetGate | None = None,
                  attempts: AttemptObserver | None = None, spans: SpanSink | None = None,
-                 prices: Callable[[], PriceTable] = lambda: EMPTY_PRICES):
+                 prices: Callable[[], PriceTable] = lambda: EMPTY_PRICES, endpoints: EndpointObserver | None = None):
         self._metrics = metrics
         self._budgets = budgets  # charged from each finished answer
         self._attempts = attempts  # failed attempts and answered requests: passive health
         self._spans = spans  # None: no traces exported, nothing done per entry
         self._prices = prices  # the price tables of the config in force
+        self._endpoints = endpoints  # the endpoint picker's state, where the config has pools of model servers
 
     def call(self, caller: Caller | None = None) -> AccessLogStream:
         """A stream from one Envoy; any authenticated Envoy may report usage, spent by its caller
@@ -62,10 +64,13 @@ class AccessLogReceiver:
         budgets = self._budgets if self._budgets is not None and self._budgets.configured() else None
         attempts, observe, spans = self._attempts, self._metrics.observe, self._spans
         priced = self._prices().by_host  # per provider host: its models' prices; empty: nothing is priced
+        endpoints = self._endpoints if self._endpoints is not None and self._endpoints.active() else None
         for entry in als_pb2.StreamAccessLogsMessage.FromString(data).http_logs.log_entry:
             try:
                 if attempts is not None:
                     attempts.observe(entry)
+                if endpoints is not None:
+                    endpoints.observe(entry)
                 if entry.common_properties.access_log_type != UPSTREAM_END:  # attempts are not requests
                     record = record_from_entry(entry)
                     if priced:  # the model's price, where it has one: what the answer cost

@@ -31,11 +31,12 @@ from ..policy.answer_format import answer_plan
 from ..policy.body_memory import Inflight, Overloaded
 from ..policy.budget_gate import Admitted, BudgetGate
 from ..policy.caller import LOCAL, Caller
-from ..policy.decide import Decision, ModelList, decide
+from ..policy.decide import Decision, ModelList, decide, pick_endpoints
+from ..policy.endpoint_state import EndpointState
 from ..policy.failover import FAILOVER_BODY_MAX
 from ..policy.passive_health import PassiveHealth
 from ..policy.table import TableHolder
-from ..protocol import DEFAULT_BODY_LIMIT, METADATA_NAMESPACE
+from ..protocol import DEFAULT_BODY_LIMIT, ENDPOINT_HEADER_PREFIX, METADATA_NAMESPACE
 from ..telemetry.trace_context import TRACEPARENT, Sampler, TraceContext
 from . import answers
 from .body_rewrite import Rewritten, rewrite_body
@@ -52,7 +53,7 @@ class ExternalProcessor:
                  clock: Callable[[], float] = time.time, body_limit: int = DEFAULT_BODY_LIMIT,
                  budgets: BudgetGate | None = None, inflight: Inflight | None = None,
                  health: PassiveHealth | None = None, tracing: Sampler | None = None,
-                 protection: ProtectionMetrics | None = None):
+                 protection: ProtectionMetrics | None = None, endpoints: EndpointState | None = None):
         self.holder = holder
         self.tracing = tracing  # None: no traces (no exporter configured), nothing done per request
         self.budgets = budgets  # token/request budgets (extproc.policy.budget_gate)
@@ -64,6 +65,8 @@ class ExternalProcessor:
         self._cooling = lambda: self.health.cooling(self.clock())
         # LLMDataPolicy's counts (extproc.dataplane.data_protection)
         self.protection = protection if protection is not None else ProtectionMetrics(CollectorRegistry())
+        # what the endpoint picker knows of the pools' model servers (extproc.policy.endpoint_state)
+        self.endpoints = endpoints if endpoints is not None else EndpointState()
 
     def exchange(self, caller: Caller | None = LOCAL) -> Exchange:
         """A new stream's state, for a verified caller (the HTTP/2 server never opens an ext_proc
@@ -92,7 +95,15 @@ class ExternalProcessor:
         parts = [headers_answer, answers.content_length(length)]
         attempt_headers = decision.attempt_headers
         if length > FAILOVER_BODY_MAX:  # larger: one attempt (docs/failover.md)
-            attempt_headers = ()
+            attempt_headers = decision.attempt_headers = ()
+        more = b""
+        table = self.holder.table
+        if table.pools and (target.pool is not None or attempt_headers):  # model servers: the endpoint by load
+            picked = pick_endpoints(table, decision, self.endpoints, self.clock(), body, rewritten.model)
+            if picked:
+                parts.append(answers.endpoint_headers(picked))
+                more = answers.endpoint_entry(picked[0][1] if picked[0][0] == target.cluster else "")
+                decision.strip = [name for name in decision.strip if not name.startswith(ENDPOINT_HEADER_PREFIX)]
         # the answer comes back to be turned into the client's format, where a provider may send another
         plan = answer_plan(endpoint, target, decision.rule.failover if attempt_headers else None,
                            rewritten.client_stream, rewritten.include_usage)
@@ -102,9 +113,8 @@ class ExternalProcessor:
             prebuilt = answers.with_price(target, prebuilt, rewritten.model)
         entries, metadata = answers.decision_metadata(prebuilt, rewritten.model, rewritten.stream, decision.authority,
                                                       answers.caller_entries(caller))
-        more = b""
         if budget is not None:  # the budget charged, for the access log, and the x-ratelimit-* header values
-            more = budget.encoded()
+            more += budget.encoded()
         if trace is not None:  # a sampled request: its provider continues the trace
             header_part, trace_entries = answers.trace_parts(trace)
             parts.append(header_part)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from ..dataplane import grpc_h2
@@ -17,6 +18,7 @@ from ..dataplane.accesslog_receiver import AccessLogReceiver
 from ..dataplane.answer_exchange import AnswerProcessor
 from ..dataplane.authentication import Authenticator
 from ..dataplane.data_protection import ProtectionMetrics
+from ..dataplane.endpoint_scraper import EndpointScraper
 from ..dataplane.grpc_h2 import Call, H2Connection
 from ..dataplane.health_check import HealthCheck
 from ..dataplane.processor import ExternalProcessor
@@ -24,6 +26,7 @@ from ..dataplane.retry_processor import RetryRewriter
 from ..policy.body_memory import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT, Inflight, register_metrics
 from ..policy.budget_gate import BudgetGate
 from ..policy.caller import LOCAL, Caller
+from ..policy.endpoint_state import EndpointMetrics, EndpointObserver, EndpointState
 from ..policy.passive_health import AttemptObserver, PassiveHealth
 from ..policy.table import RoutingTable, TableHolder
 from ..protocol import (
@@ -63,6 +66,7 @@ class DataPlane:
         self.budgets = BudgetGate(self.metrics.registry, lambda: self.holder.table, redis_url, redis_fail_closed)
         self.health = PassiveHealth()  # failover's passive health, fed by the access log
         self.health.configure(holder.table.health)
+        self.started = False  # start() ran: background tasks may run
         self.draining = False  # set by a graceful drain: health checks say NOT_SERVING
         self.connections: set[H2Connection] = set()  # open HTTP/2 connections from Envoys
         self.server: asyncio.Server | None = None
@@ -71,13 +75,20 @@ class DataPlane:
         self.spans: SpanQueue | None = start_export(otlp_endpoint, self.metrics.registry) if otlp_endpoint else None
         sink = (SpanSink(self.spans.put, gateway_resource(), lambda: self.holder.table.cluster_hosts)
                 if self.spans is not None else None)
+        # pools of in-cluster model servers: what the endpoint picker knows, scraped while there are any
+        self.endpoints = EndpointState()
+        EndpointMetrics(self.endpoints, time.time, self.metrics.registry)
+        self.scraper = EndpointScraper(self.endpoints, lambda: self.holder.table.pools)
+        self._scraping: asyncio.Task[None] | None = None
         processor = ExternalProcessor(holder, body_limit=body_limit, budgets=self.budgets, inflight=self.inflight,
                                       health=self.health, tracing=sampler_from_env() if sink is not None else None,
-                                      protection=ProtectionMetrics(self.metrics.registry))
+                                      protection=ProtectionMetrics(self.metrics.registry), endpoints=self.endpoints)
         retries = RetryRewriter(holder, body_limit)
         answer = AnswerProcessor(self.inflight)  # answers turned into the client's format
         receiver = AccessLogReceiver(self.metrics, self.budgets, attempts, sink,
-                                     prices=lambda: self.holder.table.prices)
+                                     prices=lambda: self.holder.table.prices,
+                                     endpoints=EndpointObserver(self.endpoints, lambda: self.holder.table.pools,
+                                                                lambda: self.holder.table.cluster_hosts))
         self.methods: dict[str, Callable[[Caller | None], Call]] = {
             PROCESS: processor.exchange,
             RETRY_AUTHORITY + PROCESS: lambda _caller: retries.exchange(),
@@ -90,9 +101,14 @@ class DataPlane:
         """The routing table every new request is decided over from now on."""
         self.holder.table = table
         self.health.configure(table.health)
+        if table.pools and self._scraping is None and self.started:
+            self._scraping = asyncio.get_running_loop().create_task(self.scraper.run())
 
     async def start(self) -> None:
         await self.budgets.start()
+        self.started = True
+        if self.holder.table.pools and self._scraping is None:
+            self._scraping = asyncio.create_task(self.scraper.run())
 
     async def listen_tcp(self, host: str, port: int, authenticator: Authenticator | None,
                          reuse_port: bool = False) -> int:
@@ -116,6 +132,9 @@ class DataPlane:
 
     async def stop(self) -> None:
         self.stop_listening()
+        if self._scraping is not None:
+            self._scraping.cancel()
+            self._scraping = None
         await self.budgets.stop()
         if self.spans is not None:
             await asyncio.to_thread(self.spans.stop)

@@ -7,13 +7,17 @@ log (finished requests, failed attempts). No I/O; one event loop writes it, `/me
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 
+from envoy.data.accesslog.v3 import accesslog_pb2
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from ..protocol import METADATA_NAMESPACE, PROVIDER_CLUSTER_PREFIX, UPSTREAM_END
 from .endpoint_picker import DEFAULT_SETTINGS, Load, PickerSettings, Ranking, pick
+from .passive_health import attempt_reason, is_health_failure
 from .table import Pool
 
 PREFIX_MEMORY = 65_536  # prompt-prefix blocks remembered per process (oldest forgotten first)
@@ -151,3 +155,43 @@ class EndpointMetrics:
             ejected.add_metric([pool, endpoint], 1.0 if state.ejected.get(endpoint, 0.0) > now else 0.0)
             outstanding.add_metric([pool, endpoint], state.outstanding.get(endpoint, 0))
         yield from (picked, failed, waiting, kv, stale, ejected, outstanding)
+
+
+class EndpointObserver:
+    """The access log, for the endpoint picker: a finished request is no longer outstanding at
+    its endpoint (the `endpoint` entry of its metadata); a failed attempt at a pool's endpoint
+    (refused, reset, 5xx, 429) counts against it and, repeated, ejects it for a while; an
+    answered one clears it."""
+
+    def __init__(self, state: EndpointState, pools: Callable[[], Mapping[str, Pool]],
+                 hosts: Callable[[], Mapping[str, str]], clock: Callable[[], float] = time.time):
+        self._state = state
+        self._pools = pools
+        self._hosts = hosts  # cluster -> host (the table's cluster_hosts)
+        self._clock = clock
+
+    def active(self) -> bool:
+        return bool(self._pools())
+
+    def observe(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
+        common = entry.common_properties
+        state = self._state
+        if common.access_log_type != UPSTREAM_END:
+            decided = common.metadata.filter_metadata.get(METADATA_NAMESPACE)
+            if decided is not None and "endpoint" in decided.fields:
+                state.finished(decided.fields["endpoint"].string_value)
+        host = self._hosts().get(common.upstream_cluster)
+        if host is None or host not in self._pools():
+            return
+        address = common.upstream_remote_address.socket_address
+        if not address.address:
+            return  # no endpoint was connected to at all
+        endpoint = f"[{address.address}]:{address.port_value}" if ":" in address.address \
+            else f"{address.address}:{address.port_value}"
+        status = entry.response.response_code.value
+        if is_health_failure(status):
+            # a request's own entry, where its attempts were not logged apart (a rule without retries)
+            if common.access_log_type == UPSTREAM_END or common.upstream_cluster.startswith(PROVIDER_CLUSTER_PREFIX):
+                state.failed(endpoint, attempt_reason(entry), self._clock())
+        else:
+            state.succeeded(endpoint)
