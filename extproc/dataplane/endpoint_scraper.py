@@ -193,7 +193,7 @@ class EndpointScraper:
 
     async def _scrape(self, endpoint: str, tls_host: str | None) -> None:
         try:
-            sent = self._state.outstanding.get(endpoint, 0)  # what it could already see
+            sent = self._state.sent_total.get(endpoint, 0)  # what it can already see
             text = await fetch_metrics(endpoint, tls_host, self.timeout_s, self.limit)
             load = parse_load(text, self._clock(), sent)
             if load is None:

@@ -39,7 +39,7 @@ class Load:
     adapters: frozenset[str] = frozenset()  # LoRA adapters running or waiting (vllm:lora_requests_info)
     max_adapters: int = 0  # how many it may hold at once (max_lora); 0: unknown
     at: float = 0.0  # when scraped (the clock of `pick`)
-    sent_before: int = 0  # requests this gateway had sent it then (its outstanding count)
+    sent_before: int = 0  # requests this gateway had sent it when the scrape began (a running count)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,10 +53,11 @@ class PickerSettings:
     queue_weight: float = 2.0
     kv_weight: float = 1.0
     prefix_weight: float = 3.0
-    lora_weight: float = 1.0
+    lora_weight: float = 3.0  # holding the adapter; room to load it: a third of it
 
 
 DEFAULT_SETTINGS = PickerSettings()
+OVERLOAD_PENALTY = 100.0  # more than every score together
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,13 +113,14 @@ def overloaded(load: Load, settings: PickerSettings = DEFAULT_SETTINGS) -> bool:
 
 def pick(endpoints: Sequence[str], loads: Mapping[str, Load], outstanding: Mapping[str, int], now: float,
          ejected: Set[str] = frozenset(), prefix: tuple[str, float] | None = None, adapter: str | None = None,
-         settings: PickerSettings = DEFAULT_SETTINGS, tie: int = 0) -> Ranking:
+         settings: PickerSettings = DEFAULT_SETTINGS, tie: int = 0, sent: Mapping[str, int] | None = None) -> Ranking:
     """The pool's ready `endpoints` ranked for one request. `loads`: each one's last good
     scrape; `outstanding`: requests this gateway sent it that have not finished; `ejected`:
     endpoints left out after failures (all ejected: all tried anyway); `prefix`: the endpoint
     that last served this prompt's longest known prefix and how much of the prompt that is
     (0 to 1); `adapter`: the model asked for, a LoRA adapter where an endpoint lists it; `tie`:
-    a number that varies per request, to spread equal scores."""
+    a number that varies per request, to spread equal scores; `sent`: requests sent to each so
+    far (a running count: those sent since its scrape began are queued there, unseen by it)."""
     if not endpoints:
         return NO_ENDPOINT
     candidates = [e for e in endpoints if e not in ejected] or list(endpoints)
@@ -129,9 +131,13 @@ def pick(endpoints: Sequence[str], loads: Mapping[str, Load], outstanding: Mappi
         return Ranking(tuple(Scored(candidates[i], -float(outstanding.get(candidates[i], 0)),
                                     f"outstanding={outstanding.get(candidates[i], 0)} (metrics stale)")
                              for i in ranked), "least-outstanding")
-    queues = {e: load.waiting + load.running + max(0, outstanding.get(e, 0) - load.sent_before)
+    sent = sent or {}
+    queues = {e: load.waiting + load.running + max(0, sent.get(e, 0) - load.sent_before)
               for e, load in fresh.items()}
     low, high = min(queues.values()), max(queues.values())
+    # a difference of a request or two is noise next to the KV cache's: the queue score spans
+    # at least `queue_threshold` requests
+    spread = max(high - low, settings.queue_threshold)
     adapters_known = adapter is not None and any(adapter in load.adapters for load in fresh.values())
     scored = []
     for i, endpoint in enumerate(candidates):
@@ -141,7 +147,7 @@ def pick(endpoints: Sequence[str], loads: Mapping[str, Load], outstanding: Mappi
                            f"stale, outstanding={outstanding.get(endpoint, 0)}"))
             continue
         queue = queues[endpoint]
-        queue_score = 1.0 if high == low else (high - queue) / (high - low)
+        queue_score = (high - queue) / spread
         kv_score = 1.0 - min(max(load.kv_usage, 0.0), 1.0)
         score = settings.queue_weight * queue_score + settings.kv_weight * kv_score
         parts = [f"queue={queue:g}", f"kv={load.kv_usage:.2f}"]
@@ -155,9 +161,10 @@ def pick(endpoints: Sequence[str], loads: Mapping[str, Load], outstanding: Mappi
                 score += settings.lora_weight
                 parts.append("lora=loaded")
             elif load.max_adapters and len(load.adapters) < load.max_adapters:
-                score += settings.lora_weight / 2
+                score += settings.lora_weight / 3
                 parts.append("lora=room")
-        if busy:
+        if busy:  # last, while any is not
+            score -= OVERLOAD_PENALTY
             parts.append("overloaded")
         scored.append((score, (i - tie) % count, endpoint, " ".join(parts)))
     scored.sort(key=lambda s: (-s[0], s[1]))

@@ -33,6 +33,7 @@ class EndpointState:
         self.eject_s = eject_s
         self.loads: dict[str, Load] = {}
         self.outstanding: dict[str, int] = {}
+        self.sent_total: dict[str, int] = {}  # requests sent to each, ever (a scrape notes it when it begins)
         self.pool_of: dict[str, str] = {}  # endpoint -> its pool's name (metrics)
         self._failures: dict[str, int] = {}
         self.ejected: dict[str, float] = {}  # endpoint -> until
@@ -56,11 +57,12 @@ class EndpointState:
                     break
         self._tie += 1
         return pick(pool.endpoints, self.loads, self.outstanding, now, ejected, prefix, adapter, self.settings,
-                    self._tie)
+                    self._tie, self.sent_total)
 
     def sent(self, pool: Pool, endpoint: str, hashes: tuple[int, ...] = ()) -> None:
         """A request goes to `endpoint`: counted in flight, and its prompt's prefix remembered there."""
         self.outstanding[endpoint] = self.outstanding.get(endpoint, 0) + 1
+        self.sent_total[endpoint] = self.sent_total.get(endpoint, 0) + 1
         self.pool_of[endpoint] = pool.name
         key = (pool.name, endpoint)
         self.picked[key] = self.picked.get(key, 0) + 1
@@ -107,7 +109,7 @@ class EndpointState:
     def keep_only(self, pools: Mapping[str, Pool]) -> None:
         """Forget endpoints no pool has any more (scaled down, deleted)."""
         current = {e for pool in pools.values() for e in pool.endpoints}
-        for table in (self.loads, self.outstanding, self._failures, self.ejected, self.pool_of):
+        for table in (self.loads, self.outstanding, self.sent_total, self._failures, self.ejected, self.pool_of):
             for endpoint in [e for e in table if e not in current]:
                 del table[endpoint]
         for pool in pools.values():
