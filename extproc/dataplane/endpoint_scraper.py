@@ -209,3 +209,14 @@ class EndpointScraper:
             self.failures[endpoint] = why
         finally:
             self._busy.discard(endpoint)
+
+
+async def scrape_once(pool: Pool, clock: Callable[[], float] = time.time,
+                      timeout_s: float = TIMEOUT_S) -> tuple[EndpointState, dict[str, str]]:
+    """Each endpoint of `pool` scraped once (for `extproc route`): the picker's state, and why
+    each endpoint that could not be read was not."""
+    state = EndpointState()
+    scraper = EndpointScraper(state, lambda: {pool.host: pool}, clock, timeout_s=timeout_s)
+    tls_host = pool.host if pool.protocol == "https" else None
+    await asyncio.gather(*(scraper._scrape(endpoint, tls_host) for endpoint in pool.endpoints))
+    return state, dict(scraper.failures)

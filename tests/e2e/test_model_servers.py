@@ -5,6 +5,8 @@ request from their scraped load (files mode: the pool's endpoints annotation).""
 from __future__ import annotations
 
 import concurrent.futures
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -248,3 +250,19 @@ def test_a_pool_without_ready_endpoints_answers_503_or_fails_over(gateway_factor
                                      + route_yaml(POOL_REF, fallback))
     wait_until(lambda: chat(gw).status == 200, 15, lambda: gw.log()[-2000:])
     assert fresh_providers[DASHSCOPE].requests[-1].body["model"] == "qwen-max"
+
+
+def test_route_shows_the_candidates_and_their_scores(farm, tmp_path):
+    report(farm, ms0={"waiting": 9, "running": 4, "kv": 0.5}, ms1={"waiting": 0, "running": 1, "kv": 0.1},
+           ms2={**EQUAL, "loras": "sql-lora"})
+    farm.servers[2].metrics_mode = "garbage"
+    config = write(tmp_path, pool_yaml(farm.servers), route_yaml(POOL_REF))
+    out = subprocess.run([sys.executable, "-m", "extproc", "route", "--config", str(config), "--host", HOST],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "pool InferencePool default/qwen (http): 3 ready endpoints" in lines
+    ranked = [line.split()[0] for line in lines if line.startswith("    ")]
+    # the short queue first; a server known to be overloaded after one whose load is not known
+    assert ranked == [farm.servers[1].address, farm.servers[2].address, farm.servers[0].address], out.stdout
+    assert "queue=1 kv=0.10" in out.stdout and "queue=13 kv=0.50 overloaded" in out.stdout and "(metrics: ValueError: no load metrics in the answer)" in out.stdout
