@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PREFIX_CHARS = 256  # characters per prefix-cache block
+EQUAL_LOAD = {"waiting": 0, "running": 0, "kv": 0.1}  # a `reported` load that ties with itself (tests)
 CHARS_PER_TOKEN = 4
 
 
@@ -298,11 +299,12 @@ class ModelServerFarm:
     """Simulated model servers on a loop of their own thread (tests): each on its own loopback
     address (127.0.0.11, .12, ...) and a free port."""
 
-    def __init__(self, count: int, spec: ServerSpec | None = None, first_ip: int = 11):
+    def __init__(self, count: int, spec: ServerSpec | None = None, first_ip: int = 11, port: int = 0):
+        """`port`: one port for all (as pods of one pool share their target port); 0: each a free one."""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="model-servers", daemon=True)
         self._thread.start()
-        self.servers = [ModelServer(f"ms{i}", spec or ServerSpec(), host=f"127.0.0.{first_ip + i}")
+        self.servers = [ModelServer(f"ms{i}", spec or ServerSpec(), host=f"127.0.0.{first_ip + i}", port=port)
                         for i in range(count)]
         for server in self.servers:
             self.call(server.start())

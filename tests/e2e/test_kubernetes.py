@@ -203,7 +203,13 @@ def test_manifests_apply_and_rbac_is_least_privilege(clean):
               ("delete", "llmtokenratelimits.llm-gateway.dev", None, False),
               ("watch", "llmdatapolicies.llm-gateway.dev", None, True),
               ("patch", "llmdatapolicies.llm-gateway.dev", "status", True),
-              ("update", "llmdatapolicies.llm-gateway.dev", None, False)]
+              ("update", "llmdatapolicies.llm-gateway.dev", None, False),
+              # issue 25: in-cluster model servers, read-only
+              ("watch", "services", None, True), ("list", "endpointslices.discovery.k8s.io", None, True),
+              ("watch", "inferencepools.inference.networking.k8s.io", None, True),
+              ("patch", "services", None, False), ("delete", "endpointslices.discovery.k8s.io", None, False),
+              ("update", "inferencepools.inference.networking.k8s.io", None, False),
+              ("patch", "inferencepools.inference.networking.k8s.io", "status", False)]
     for verb, resource, subresource, allowed in checks:
         args = ["auth", "can-i", verb, resource, "--as", account, "-n", "default"]
         if subresource:
