@@ -185,6 +185,9 @@ def test_manifests_apply_and_rbac_is_least_privilege(clean):
     assert "YOUR_DASHSCOPE_API_KEY=dashscope.aliyuncs.com" in container["args"]
 
     account = "system:serviceaccount:llm-gateway:llm-gateway"
+    kube.apply(REPO / "tests" / "support" / "inferencepool-crd.yaml")  # the Inference Extension's, as installed
+    kube.run("wait", "--for", "condition=established", "crd/inferencepools.inference.networking.k8s.io",
+             "--timeout", "60s")
     checks = [("list", "llmroutes.istio.alibabacloud.com", None, True),
               ("watch", "llmproviders.istio.alibabacloud.com", None, True),
               ("patch", "llmroutes.istio.alibabacloud.com", "status", True), ("get", "secrets", None, True),
