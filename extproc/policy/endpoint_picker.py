@@ -112,12 +112,12 @@ def overloaded(load: Load, settings: PickerSettings = DEFAULT_SETTINGS) -> bool:
 
 
 def pick(endpoints: Sequence[str], loads: Mapping[str, Load], outstanding: Mapping[str, int], now: float,
-         ejected: Set[str] = frozenset(), prefix: tuple[str, float] | None = None, adapter: str | None = None,
+         ejected: Set[str] = frozenset(), prefix: Mapping[str, float] | None = None, adapter: str | None = None,
          settings: PickerSettings = DEFAULT_SETTINGS, tie: int = 0, sent: Mapping[str, int] | None = None) -> Ranking:
     """The pool's ready `endpoints` ranked for one request. `loads`: each one's last good
     scrape; `outstanding`: requests this gateway sent it that have not finished; `ejected`:
-    endpoints left out after failures (all ejected: all tried anyway); `prefix`: the endpoint
-    that last served this prompt's longest known prefix and how much of the prompt that is
+    endpoints left out after failures (all ejected: all tried anyway); `prefix`: the endpoints
+    that recently served a prefix of this prompt, each with how much of the prompt that is
     (0 to 1); `adapter`: the model asked for, a LoRA adapter where an endpoint lists it; `tie`:
     a number that varies per request, to spread equal scores; `sent`: requests sent to each so
     far (a running count: those sent since its scrape began are queued there, unseen by it)."""
@@ -152,9 +152,10 @@ def pick(endpoints: Sequence[str], loads: Mapping[str, Load], outstanding: Mappi
         score = settings.queue_weight * queue_score + settings.kv_weight * kv_score
         parts = [f"queue={queue:g}", f"kv={load.kv_usage:.2f}"]
         busy = overloaded(load, settings)
-        if prefix is not None and prefix[0] == endpoint and not busy:
-            score += settings.prefix_weight * prefix[1]
-            parts.append(f"prefix={prefix[1]:.2f}")
+        share = prefix.get(endpoint) if prefix else None
+        if share and not busy:
+            score += settings.prefix_weight * share
+            parts.append(f"prefix={share:.2f}")
         if adapters_known:
             assert adapter is not None
             if adapter in load.adapters:

@@ -21,6 +21,7 @@ from .passive_health import attempt_reason, is_health_failure
 from .table import Pool
 
 PREFIX_MEMORY = 65_536  # prompt-prefix blocks remembered per process (oldest forgotten first)
+PREFIX_OWNERS = 4  # endpoints remembered per block (a hot prefix spills over to a second server, a third...)
 EJECT_AFTER = 2  # failed attempts in a row
 EJECT_S = 30.0
 
@@ -37,7 +38,8 @@ class EndpointState:
         self.pool_of: dict[str, str] = {}  # endpoint -> its pool's name (metrics)
         self._failures: dict[str, int] = {}
         self.ejected: dict[str, float] = {}  # endpoint -> until
-        self._prefixes: OrderedDict[int, str] = OrderedDict()
+        # prompt-prefix block -> the endpoints that served it recently (their caches likely hold it)
+        self._prefixes: OrderedDict[int, dict[str, None]] = OrderedDict()
         self.picked: dict[tuple[str, str], int] = {}  # (pool, endpoint) -> requests sent
         self.failed_attempts: dict[tuple[str, str, str], int] = {}  # (pool, endpoint, reason) -> count
         self._tie = 0
@@ -47,14 +49,16 @@ class EndpointState:
     def rank(self, pool: Pool, now: float, hashes: tuple[int, ...] = (), adapter: str | None = None) -> Ranking:
         """The pool's endpoints ranked for a request with these prompt-prefix hashes and model."""
         ejected = self._ejected(now) if self.ejected else frozenset()
-        prefix = None
+        prefix: dict[str, float] | None = None
         if hashes:
-            prefixes = self._prefixes
-            for i in range(len(hashes) - 1, -1, -1):  # the longest known prefix
-                owner = prefixes.get(hashes[i])
-                if owner is not None:
-                    prefix = (owner, (i + 1) / len(hashes))
-                    break
+            prefixes, prefix = self._prefixes, {}
+            for i in range(len(hashes) - 1, -1, -1):  # each endpoint's longest known prefix
+                owners = prefixes.get(hashes[i])
+                if owners is not None:
+                    for owner in owners:
+                        prefix.setdefault(owner, (i + 1) / len(hashes))
+                    if len(prefix) >= len(pool.endpoints):
+                        break
         self._tie += 1
         return pick(pool.endpoints, self.loads, self.outstanding, now, ejected, prefix, adapter, self.settings,
                     self._tie, self.sent_total)
@@ -69,8 +73,15 @@ class EndpointState:
         if hashes:
             prefixes = self._prefixes
             for h in hashes:
-                prefixes[h] = endpoint
-                prefixes.move_to_end(h)
+                owners = prefixes.get(h)
+                if owners is None:
+                    owners = prefixes[h] = {}
+                else:
+                    prefixes.move_to_end(h)
+                owners.pop(endpoint, None)
+                owners[endpoint] = None  # the latest last
+                if len(owners) > PREFIX_OWNERS:
+                    del owners[next(iter(owners))]
             while len(prefixes) > PREFIX_MEMORY:
                 prefixes.popitem(last=False)
 
