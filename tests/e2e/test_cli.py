@@ -166,6 +166,11 @@ def test_demo_serves_the_three_scenarios_and_stops_cleanly(tmp_path):
         refused = gw.request("dashscope.aliyuncs.com", {"messages": [
             {"role": "user", "content": "my key is sk-0123456789abcdef0123456789"}]})
         assert (refused.status, refused.json()["error"]["code"]) == (400, "content_policy_violation")
+        # in-cluster model servers (simulated), picked by load, beside DashScope by weight
+        assert "http://qwen.local" in gw.log() and "extproc route --config" in gw.log()
+        local = [gw.request("qwen.local", {"model": "base-model", **CHAT}) for _ in range(20)]
+        assert all(r.status == 200 for r in local)
+        assert {r.headers.get("x-model-server") for r in local} & {"ms0", "ms1", "ms2"}
         process.send_signal(signal.SIGINT)
         assert process.wait(15) == 0
     finally:
