@@ -36,7 +36,7 @@ from ..policy.endpoint_state import EndpointState
 from ..policy.failover import FAILOVER_BODY_MAX
 from ..policy.passive_health import PassiveHealth
 from ..policy.table import TableHolder
-from ..protocol import DEFAULT_BODY_LIMIT, ENDPOINT_HEADER_PREFIX, METADATA_NAMESPACE
+from ..protocol import DEFAULT_BODY_LIMIT, METADATA_NAMESPACE, endpoint_header
 from ..telemetry.trace_context import TRACEPARENT, Sampler, TraceContext
 from . import answers
 from .body_rewrite import Rewritten, rewrite_body
@@ -103,7 +103,9 @@ class ExternalProcessor:
             if picked:
                 parts.append(answers.endpoint_headers(picked))
                 more = answers.endpoint_entry(picked[0][1] if picked[0][0] == target.cluster else "")
-                decision.strip = [name for name in decision.strip if not name.startswith(ENDPOINT_HEADER_PREFIX)]
+                if decision.strip:  # a client's value of a header set here is overwritten, not removed
+                    ours = {endpoint_header(cluster) for cluster, _ in picked}
+                    decision.strip = [name for name in decision.strip if name not in ours]
         # the answer comes back to be turned into the client's format, where a provider may send another
         plan = answer_plan(endpoint, target, decision.rule.failover if attempt_headers else None,
                            rewritten.client_stream, rewritten.include_usage)
