@@ -9,7 +9,8 @@ the same way, and the tests in tests/bench import it by name (the root is on pyt
 scripts/soak, and the old paths the docs show for the in-process measures.
 
 Commands (`python -m benchmarks` lists them; see docs/performance.md):
-  scripts/bench [flags]            python -m benchmarks requests [flags]   (--budgets, --h2-library)
+  scripts/bench [flags]            python -m benchmarks requests [flags]   (--budgets, --h2-library,
+                                                                           --concurrent-streams)
   scripts/bench-workers [flags]    python -m benchmarks workers [flags]
   scripts/soak [MINUTES]           python -m benchmarks soak [MINUTES]
   python scripts/bench_auth.py     python -m benchmarks auth [flags]
@@ -30,6 +31,7 @@ then one module per bench:
   floor        the floor contender's ext_proc server and Envoy bootstrap
   work         the ext_proc's own work per request, in process
   budgets      what token budgets cost: under load (scripts/bench --budgets), the hook in process
+  concurrency  thousands of long streams at once (scripts/bench --concurrent-streams)
   auth         how Envoy reaches the control plane (issue 15)
   workers      scripts/bench-workers
   soak         scripts/soak

@@ -11,6 +11,8 @@ import sys
 COMMANDS = {
     "requests": ("requests", "main", "scripts/bench: the gateway against bare Envoy, the floor and LiteLLM, "
                                      "then streams (--budgets: what token budgets cost under load)"),
+    "concurrency": ("concurrency", "main", "scripts/bench --concurrent-streams: thousands of long streams at once, "
+                                           "memory per stream and CPU per event"),
     "workers": ("workers", "main", "scripts/bench-workers: `serve --workers 1` against `--workers 2`"),
     "soak": ("soak", "main", "scripts/soak [MINUTES]: a steady load with config changes, memory before and after"),
     "auth": ("auth", "main", "how Envoy reaches the control plane: CPU per request of each way (issue 15)"),

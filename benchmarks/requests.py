@@ -13,7 +13,8 @@ Every contender sends to the same fast fake provider (an Envoy answering a fixed
 Contenders alternate within each round, so drift hits all alike. Load comes from wrk.
 Then the streaming benchmark (bare, floor, gateway): a paced fake provider over TLS, C concurrent
 streams of E events P ms apart; CPU per event of each contender's processes, each event's delay,
-RSS per open stream (see benchmarks/streams.py).
+RSS per open stream (see benchmarks/streams.py). Variants instead: --budgets (benchmarks/budgets.py),
+--concurrent-streams (thousands of long streams at once, benchmarks/concurrency.py).
 Last, a part of its own: load-aware endpoint picking over simulated model servers against Envoy's
 round robin and least request (benchmarks/endpoint_picking.py; --no-endpoint-picking skips it).
 """
@@ -25,6 +26,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -32,7 +34,7 @@ from pathlib import Path
 from extproc.testing.envoy_fake import STREAM_HEADER
 from extproc.testing.load import run_wrk
 
-from . import budgets, endpoint_picking, streams, work
+from . import budgets, concurrency, endpoint_picking, streams, work
 from .charts import chart
 from .contenders import (
     HOST,
@@ -71,6 +73,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budgets", action="store_true",
                         help="the budgets variant instead: CPU per request with and without an LLMTokenRateLimit "
                              "matching every request (in process, and through Redis), and the overshoot bound")
+    parser.add_argument("--concurrent-streams", action="store_true",
+                        help="the concurrency variant instead: one gateway holding 1,000, 5,000 and 10,000 streams "
+                             "of 60 s at once; memory per stream, CPU per event, a chart (benchmarks/concurrency.py; "
+                             "its flags: --stream-counts, --stream-seconds, --stream-events, --ramp-seconds)")
     add_streaming_arguments(parser)
     return parser.parse_args(argv)
 
@@ -97,6 +103,9 @@ def add_streaming_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--concurrent-streams" in argv:
+        return concurrency.main(argv)
     args = parse_args(argv)
     args.out.mkdir(exist_ok=True)
     if args.budgets:

@@ -1,10 +1,10 @@
 """The streaming benchmark (the second half of scripts/bench): C concurrent streams of E events
 P ms apart through each contender (bare, floor, gateway, gateway_cmp).
 
-- `paced_provider`: a fake provider over TLS (HTTP/1.1, keep-alive) that answers every request
-  with E server-sent events P ms apart, each stamped with the CLOCK_MONOTONIC time it was written
-  (`"sent_ns"`), then a usage event and `[DONE]`. It runs in its own process
-  (`python -m benchmarks paced-provider CERT KEY PORT`).
+- `paced_provider`: a fake provider over TLS (HTTP/1.1, keep-alive; `extproc.testing.stream_provider`)
+  that answers every request with E server-sent events P ms apart, each stamped with the
+  CLOCK_MONOTONIC time it was written (`"sent_ns"`), then a usage event and `[DONE]`. It runs in
+  its own process (`python -m benchmarks paced-provider CERT KEY PORT`).
 - `run_streams`: C concurrent streamed requests to a contender; per event, the gap between the
   provider writing it and the client reading it.
 - `streaming_benchmark`: CPU per event of each contender's processes, streams/s, each event's
@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import ssl
 import statistics
 import time
+
+from extproc.testing import stream_provider
 
 from .contenders import Contender
 from .measure import median, percentile
@@ -26,49 +27,11 @@ from .rounds import cpu_us_per, run_rounds
 
 # --- the paced provider ---------------------------------------------------------------------
 
-_EVENT = ('{{"sent_ns":{t},"id":"chatcmpl-paced","object":"chat.completion.chunk","model":"paced-model",'
-          '"choices":[{{"index":0,"delta":{{"content":"tok "}},"finish_reason":null}}]}}')
-
-
-async def _serve_paced(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            headers = {k.strip().lower(): v.strip() for k, _, v in
-                       (line.partition(b":") for line in head.split(b"\r\n")[1:] if line)}
-            await reader.readexactly(int(headers.get(b"content-length", b"0")))
-            events = int(headers.get(b"x-events", b"50"))
-            pace = int(headers.get(b"x-pace-ms", b"20")) / 1000
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
-            for i in range(events):
-                if i:
-                    await asyncio.sleep(pace)
-                data = b"data: " + _EVENT.format(t=time.monotonic_ns()).encode() + b"\n\n"
-                writer.write(b"%x\r\n%s\r\n" % (len(data), data))
-                await writer.drain()
-            tail = (b'data: {"id":"chatcmpl-paced","object":"chat.completion.chunk","model":"paced-model","choices":[],'
-                    b'"usage":{"prompt_tokens":5,"completion_tokens":%d,"total_tokens":%d}}\n\ndata: [DONE]\n\n'
-                    % (events, events + 5))
-            writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(tail), tail))
-            await writer.drain()
-    except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
-        pass
-    finally:
-        writer.close()
-
 
 def paced_provider(cert: str, key: str, port: int) -> None:
-    """Run the paced provider until killed (its own process: its CPU is nobody's contender's)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    context.set_alpn_protocols(["http/1.1"])
-
-    async def main() -> None:
-        server = await asyncio.start_server(_serve_paced, "127.0.0.1", port, ssl=context, backlog=1024)
-        async with server:
-            await server.serve_forever()
-
-    asyncio.run(main())
+    """Run the paced provider until killed (its own process: its CPU is nobody's contender's):
+    `extproc.testing.stream_provider`, over HTTP/1.1 only, as this benchmark has always measured."""
+    stream_provider.run(cert, key, port, http1_only=True)
 
 
 def main(argv: list[str]) -> int:
@@ -88,8 +51,9 @@ async def _one_stream(port: int, host: str, body: bytes, events: int, pace_ms: i
                       firsts: list[int] | None = None) -> int:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     sent_at = time.monotonic_ns()
-    writer.write(f"POST / HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                 f"x-events: {events}\r\nx-pace-ms: {pace_ms}\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body)
+    writer.write(f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+                 f"connection: close\r\nx-events: {events}\r\nx-pace-ms: {pace_ms}\r\n"
+                 f"content-length: {len(body)}\r\n\r\n".encode() + body)
     carry = b""
     seen = 0
     while True:
@@ -116,7 +80,8 @@ async def _one_stream(port: int, host: str, body: bytes, events: int, pace_ms: i
 
 def run_streams(port: int, host: str, streams: int, events: int, pace_ms: int) -> dict:
     """C streams at once, E events each P ms apart: the events received and each one's delay."""
-    body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "stream": True}).encode()
+    body = json.dumps({"model": "paced-model", "messages": [{"role": "user", "content": "Hi"}],
+                       "stream": True}).encode()
     delays: list[int] = []
     firsts: list[int] = []
 
@@ -134,7 +99,8 @@ def run_streams(port: int, host: str, streams: int, events: int, pace_ms: int) -
 def hold_streams_open(port: int, host: str, streams: int, measure):
     """Open C streams (1 event a second, long enough to stay open), call `measure()` once every
     one of them has its first event, then let them end. Returns what `measure` returned."""
-    body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "stream": True}).encode()
+    body = json.dumps({"model": "paced-model", "messages": [{"role": "user", "content": "Hi"}],
+                       "stream": True}).encode()
 
     async def main():
         opened = [asyncio.Event() for _ in range(streams)]

@@ -39,6 +39,17 @@ class GatewayError(Exception):
         return error_body(self.status, self.message, self.code, self.kind)
 
 
+# The gateway at one of its limits (body bytes held, requests in flight): a 503 to retry soon,
+# with the same code, type and Retry-After whichever limit refused (the ext_proc's body memory,
+# `extproc.policy.body_memory`, or Envoy's circuit breakers, `extproc.envoy.local_replies`).
+OVERLOADED_CODE = "overloaded"
+OVERLOADED_TYPE = "server_error"  # no provider was involved
+RETRY_AFTER_S = 1
+# Envoy's refusal at a limit of requests in flight (its circuit breakers)
+OVERLOADED_MESSAGE = "the gateway is at its limit of requests in flight; retry in a moment"
+OVERLOADED_HEADERS = (("retry-after", str(RETRY_AFTER_S)),)
+
+
 # Envoy's own answers, by status: (error code, message). Envoy's reason is added to the message
 # (see `extproc.envoy.local_replies`); a 413, the ext_proc's or Envoy's, says the limit (`too_large_message`).
 LOCAL_REPLIES = {

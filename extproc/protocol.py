@@ -56,14 +56,21 @@ def next_header(cluster: str) -> str:
 METADATA_NAMESPACE = "llm_gateway"
 # `response_code_details` of every answer the ext_proc made itself: `llm_gateway_<error code>`.
 GATEWAY_DETAILS_PREFIX = "llm_gateway_"
+# `response_code_details` of a request the ext_proc cluster's circuit breakers refused (Envoy fails
+# the ext_proc stream with gRPC UNAVAILABLE and names the overflow in its reason); a provider
+# cluster's refusal has Envoy's UO response flag instead.
+EXT_PROC_OVERFLOW_DETAILS = ("ext_proc_error_gRPC_error_14", "overflow")  # starts with, contains
 
 # --- clusters ----------------------------------------------------------------------------------
 
 # Envoy's static cluster for this process's xDS server (grpcio).
 CONTROL_CLUSTER = "llm_gateway_control"
-# Envoy's static cluster for what every request passes through: the ext_proc and the access log
-# service (a lean HTTP/2 server, on the next port).
+# Envoy's static cluster for what every request passes through: the ext_proc (a lean HTTP/2
+# server, on the next port).
 EXT_PROC_CLUSTER = "llm_gateway_ext_proc"
+# The same server, for the access log service: a cluster of its own, so that the ext_proc's limit
+# of streams (extproc.policy.capacity) never refuses the access log, whose entries count refusals.
+ACCESS_LOG_CLUSTER = "llm_gateway_access_log"
 # Prefix of every provider cluster: `llm_provider_<host with dots as underscores>`.
 PROVIDER_CLUSTER_PREFIX = "llm_provider_"
 # Prefix of a provider's second cluster, for rules with `retries` only: `llm_failover_<host>`. It

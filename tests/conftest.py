@@ -9,6 +9,7 @@ pytest.register_assert_rewrite("support")  # the shared helpers' asserts explain
 from extproc.demo.ca import ThrowawayCA  # noqa: E402
 from extproc.demo.fake_provider import FakeProvider  # noqa: E402
 from support.helpers import Gateway, start_gateway, upstream_args  # noqa: E402
+from support.redis_server import RedisServer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +60,12 @@ def gateway_factory(tmp_path, ca, fresh_providers, keys):
     yield start
     for gw in started:
         gw.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A throwaway redis-server (see support/redis_server.py), stopped after the test."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.kill()

@@ -13,6 +13,7 @@ from ..ops.leader import DEFAULT_LEASE_DURATION_S, DEFAULT_LEASE_NAME
 from ..ops.startup import StartupError
 from ..policy.body_memory import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
 from ..policy.caller import Caller, local_caller
+from ..policy.capacity import DEFAULT_MAX_STREAMS, MAX_LIMIT
 from ..policy.gateway_binding import MESH_VIEW, View, default_address, parse_gateway_name
 from ..protocol import DEFAULT_BODY_LIMIT
 from .argtypes import host_port, ip_port, key_env, labels, namespace, optional_host_port, resolve, seconds, size
@@ -80,6 +81,20 @@ def add_scale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drain-grace", type=seconds, default=DEFAULT_GRACE_S, metavar="SECONDS",
                    help=f"on SIGTERM, how long requests in flight may take to finish before the process exits "
                         f"(default {DEFAULT_GRACE_S:g}; keep it below the pod's terminationGracePeriodSeconds)")
+
+
+def add_ext_proc_streams_arg(p: argparse.ArgumentParser) -> None:
+    """The circuit breakers of Envoy's clusters to the control plane (its bootstrap)."""
+    def streams(text: str) -> int:
+        if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of streams from 1 to {MAX_LIMIT}")
+        return int(text)
+
+    p.add_argument("--max-ext-proc-streams", type=streams, default=DEFAULT_MAX_STREAMS, metavar="N",
+                   help=f"streams Envoy keeps open to the control plane at once (ext_proc, access log; the "
+                        f"circuit breakers of its clusters; default {DEFAULT_MAX_STREAMS}). A request holds one "
+                        f"until its body is answered; past N a request gets a JSON 503 'overloaded' with "
+                        f"Retry-After")
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:

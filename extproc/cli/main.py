@@ -34,6 +34,7 @@ from ..telemetry.spend import format_report
 from .argtypes import access_log_path, host_port, seconds, size
 from .flags import (
     add_caller_args,
+    add_ext_proc_streams_arg,
     add_gateway_args,
     add_key_args,
     add_leader_args,
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_redis_args(up)
     add_scale_args(up)
     add_tracing_arg(up)
+    add_ext_proc_streams_arg(up)
 
     demo = sub.add_parser("demo", parents=[common],
                           help="the embedded default: fake local providers, the seed manifests, ready-to-paste curls")
@@ -167,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(routes over RDS), everything else on to its original destination")
     ec.add_argument("--readiness", type=host_port, default=HostPort("0.0.0.0", 15021), metavar="HOST:PORT",
                     help="with --sidecar: where Envoy answers the readiness probe, GET /ready (default 0.0.0.0:15021)")
+    add_ext_proc_streams_arg(ec)
 
     val = sub.add_parser("validate", parents=[common],
                          help="check config files; exit 1 and name file, object and field of each error")
@@ -229,7 +232,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                      home=home_namespace(args.control_namespace), view=view_from_args(args),
                      redis_url=args.redis, redis_fail_closed=args.redis_fail_closed,
                      max_body_bytes_in_flight=args.max_body_bytes_in_flight, drain_grace_s=args.drain_grace,
-                     caller=source_caller(args), otlp_endpoint=tracing_endpoint(args.otlp_endpoint))
+                     caller=source_caller(args), otlp_endpoint=tracing_endpoint(args.otlp_endpoint),
+                     max_ext_proc_streams=args.max_ext_proc_streams)
     return asyncio.run(run_up(opts))
 
 
@@ -270,7 +274,8 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
                             access_log=access_log_path(args.access_log), sidecar=args.sidecar,
                             socket_dir=args.socket_dir,
                             token_sds=args.token_sds if args.token_file and args.socket_dir is None else None,
-                            readiness=args.readiness, idle_timeout_s=args.idle_timeout)
+                            readiness=args.readiness, idle_timeout_s=args.idle_timeout,
+                            max_ext_proc_streams=args.max_ext_proc_streams)
     json.dump(bootstrap(opts), sys.stdout, indent=2)
     print()
     return 0

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from ..policy.budgets import Budget, BudgetRule, BudgetTable
 from ..policy.caller import Labels, labels_of
 from ..policy.caller_view import pick
+from ..policy.capacity import DEFAULT_PROVIDER_LIMITS, ConnectionLimits
 from ..policy.failover import build_failover
 from ..policy.gateway_binding import (
     MESH,
@@ -216,10 +217,11 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
                          if rule.failover is not None for order in rule.failover.orders for t in order
                          if not t.cluster.startswith(RETRY_CLUSTER_PREFIX)}  # a pool's retry cluster goes with it
     health = {host: _health(obj) for host, obj in providers.items()}
+    capacity = {host: limits for host, obj in providers.items() if (limits := _limits(obj)) != DEFAULT_PROVIDER_LIMITS}
     table = RoutingTable(routes=routes, clusters=clusters, version=_version(accepted), forwarded=forwarded,
                          budgets=budgets, health=health, failover_clusters=failover_clusters, claims=claims,
                          home=home if namespaces else None, prices=prices.table, protection=protection,
-                         pools=pools)
+                         capacity=capacity, pools=pools)
     return Compiled(table=table, problems=problems, accepted=accepted)
 
 
@@ -411,6 +413,21 @@ def _health(provider: Loaded) -> tuple[int, float]:
         return DEFAULT_CONSECUTIVE_ERRORS, DEFAULT_COOL_DOWN_S
     od = spec.outlier_detection
     return od.consecutive_errors, parse_duration(od.base_ejection_time)
+
+
+def _limits(provider: Loaded) -> ConnectionLimits:
+    """The requests in flight a provider's clusters admit: its `spec.connectionPool`, defaults
+    where not set (extproc.policy.capacity)."""
+    resource = provider.resource
+    assert isinstance(resource, LLMProvider)
+    pool = resource.spec.connection_pool
+    if pool is None:
+        return DEFAULT_PROVIDER_LIMITS
+    tcp, http, default = pool.tcp, pool.http, DEFAULT_PROVIDER_LIMITS
+    return ConnectionLimits(
+        max_connections=(tcp and tcp.max_connections) or default.max_connections,
+        max_pending_requests=(http and http.http1_max_pending_requests) or default.max_pending_requests,
+        max_requests=(http and http.http2_max_requests) or default.max_requests)
 
 
 def _merge(base: OpenAIConfig, override: OpenAIConfig) -> OpenAIConfig:

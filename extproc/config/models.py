@@ -23,6 +23,7 @@ from pydantic import (
 from pydantic.config import JsonDict
 
 from ..policy.caller import LABEL_VALUE_PATTERN, label_problems
+from ..policy.capacity import MAX_LIMIT
 
 API_VERSION = "istio.alibabacloud.com/v1beta1"
 KINDS = ("LLMProvider", "LLMRoute")
@@ -134,6 +135,30 @@ class OutlierDetection(_Strict):
         return value
 
 
+class TCPSettings(_Strict):
+    max_connections: int | None = Field(
+        default=None, ge=1, le=MAX_LIMIT, alias="maxConnections",
+        description="Connections to the provider at once (HTTP/1.1 needs one per request in flight). Default 10000.")
+
+
+class HTTPSettings(_Strict):
+    http1_max_pending_requests: int | None = Field(
+        default=None, ge=1, le=MAX_LIMIT, alias="http1MaxPendingRequests",
+        description="Requests waiting for a connection to the provider. Default 10000.")
+    http2_max_requests: int | None = Field(
+        default=None, ge=1, le=MAX_LIMIT, alias="http2MaxRequests",
+        description="Requests in flight to the provider, HTTP/1.1 and HTTP/2 alike. Default 10000.")
+
+
+class ConnectionPool(_Strict):
+    """Our extension, Istio DestinationRule style: how many requests the gateway keeps in flight
+    to the provider (Envoy's circuit breakers); past a limit a request gets 503 `overloaded` with
+    Retry-After (docs/scaling.md)."""
+
+    tcp: TCPSettings | None = None
+    http: HTTPSettings | None = None
+
+
 class LLMProviderSpec(_Strict):
     host: str = Field(min_length=1, json_schema_extra={"pattern": HOST_PATTERN})
     path: str = Field(default="/v1/chat/completions", pattern=r"^/")
@@ -148,6 +173,7 @@ class LLMProviderSpec(_Strict):
                                 description="Time the provider has for the whole answer, e.g. 30s or 5m "
                                             "(no total bound unless set).")
     outlier_detection: OutlierDetection | None = Field(default=None, alias="outlierDetection")
+    connection_pool: ConnectionPool | None = Field(default=None, alias="connectionPool")
     workload_selector: WorkloadSelector | None = Field(
         default=None, alias="workloadSelector",
         description="Only proxies whose pod has these labels (in this namespace) see this provider.")

@@ -30,6 +30,7 @@ import hpack
 from ..policy.caller import LOCAL, Caller
 from ..protocol import HEALTH_CHECK
 from .authentication import PENDING, Authenticator, bearer
+from .deferred import Answers, Deferred
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +83,17 @@ UNAUTHENTICATED_METHODS = frozenset({HEALTH_CHECK})
 class Call(Protocol):
     """One gRPC call: each request message in, the response messages it completes out (none,
     one, or a list), and whether the call is over (the server then sends OK trailers). A call
-    may also define `on_client_end() -> bytes | None`: the last message, once the client has
+    that must wait before it answers returns a `Deferred` (`extproc.dataplane.deferred`) in place
+    of its answers and answers through it later; its stream's next messages wait until then. A
+    call may also define `on_client_end() -> bytes | None`: the last message, once the client has
     sent everything."""
 
-    def on_message(self, message: bytes) -> tuple[bytes | list[bytes] | None, bool]: ...
+    def on_message(self, message: bytes) -> tuple[Answers | Deferred, bool]: ...
 
 
 class _Stream:
-    __slots__ = ("call", "buffer", "headers_sent", "send_window", "pending", "received", "closed")
+    __slots__ = ("call", "buffer", "headers_sent", "send_window", "pending", "received", "closed", "waiting",
+                 "client_done")
 
     def __init__(self, call: Call, send_window: int):
         self.call = call
@@ -99,6 +103,8 @@ class _Stream:
         self.pending: list[bytes] = []  # gRPC-framed response bytes waiting for window
         self.received = 0
         self.closed = False  # our side has ended (trailers queued or sent)
+        self.waiting: Deferred | None = None  # an answer to come: the next messages wait in `buffer`
+        self.client_done = False  # the client ended its side while an answer was to come
 
 
 class H2Connection(asyncio.Protocol):
@@ -382,7 +388,7 @@ class H2Connection(asyncio.Protocol):
 
     def _read_messages(self, sid: int, stream: _Stream) -> None:
         buf = stream.buffer
-        while len(buf) >= 5 and not stream.closed:
+        while len(buf) >= 5 and not stream.closed and stream.waiting is None:
             compressed, length = _MESSAGE_HEAD.unpack_from(buf, 0)
             if length > self._max_message:
                 self._end(sid, stream, trailers(RESOURCE_EXHAUSTED, "message larger than the limit"))
@@ -404,13 +410,64 @@ class H2Connection(asyncio.Protocol):
                 if response:
                     self._send(sid, stream, b"".join([_MESSAGE_HEAD.pack(0, len(one)) + one for one in response]))
             elif response is not None:
+                if isinstance(response, Deferred):  # answered later: the next messages wait
+                    self._defer(sid, stream, response)
+                    continue
                 self._send(sid, stream, _MESSAGE_HEAD.pack(0, len(response)) + response)
             if done:
                 self._end(sid, stream, TRAILERS_OK)
 
+    def _defer(self, sid: int, stream: _Stream, deferred: Deferred) -> None:
+        """A call answers later: until then its stream's messages wait (`_read_messages` stops)."""
+        ready = deferred.bind(lambda answers, done, failure: self._answered_later(sid, stream, deferred, answers,
+                                                                                  done, failure))
+        if ready is None:
+            stream.waiting = deferred
+        else:  # answered already: as if at once
+            self._answer(sid, stream, *ready)
+
+    def _answered_later(self, sid: int, stream: _Stream, deferred: Deferred, answers: Answers, done: bool,
+                        failure: str | None) -> None:
+        """A deferred answer, from the event loop: written if its stream is still open here, then the
+        messages that waited behind it."""
+        if stream.waiting is not deferred or self._transport is None or self._streams.get(sid) is not stream:
+            return  # reset, or the connection is gone: the call was told (`on_close`)
+        stream.waiting = None
+        try:
+            self._answer(sid, stream, answers, done, failure)
+            if not stream.closed:
+                self._read_messages(sid, stream)
+            if stream.client_done and stream.waiting is None:
+                self._client_ended(sid)
+        except _ConnectionError as exc:
+            self._close(exc.code, str(exc))
+            return
+        except Exception:  # a bug here must cost one connection, never the event loop
+            log.exception("HTTP/2 connection failed")
+            self._close(INTERNAL_ERROR, "internal error")
+            return
+        self._flush()
+
+    def _answer(self, sid: int, stream: _Stream, answers: Answers, done: bool, failure: str | None) -> None:
+        """A deferred call's answer (an answer given at once is written by `_read_messages` itself)."""
+        if failure is not None:
+            log.error("gRPC call failed: %s", failure)
+            self._end(sid, stream, trailers(INTERNAL, "internal error"))
+            return
+        if isinstance(answers, list):
+            if answers:
+                self._send(sid, stream, b"".join([_MESSAGE_HEAD.pack(0, len(one)) + one for one in answers]))
+        elif answers is not None:
+            self._send(sid, stream, _MESSAGE_HEAD.pack(0, len(answers)) + answers)
+        if done:
+            self._end(sid, stream, TRAILERS_OK)
+
     def _client_ended(self, sid: int) -> None:
         stream = self._streams.get(sid)
         if stream is None or stream.closed:
+            return
+        if stream.waiting is not None:  # after the answer to come, and the messages behind it
+            stream.client_done = True
             return
         last = getattr(stream.call, "on_client_end", None)
         if last is not None:

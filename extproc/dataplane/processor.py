@@ -29,7 +29,7 @@ from .. import protobuf_wire as wire
 from ..errors import GatewayError, too_large_message
 from ..policy.answer_format import answer_plan
 from ..policy.body_memory import Inflight, Overloaded
-from ..policy.budget_gate import Admitted, BudgetGate
+from ..policy.budget_gate import Admitted, BudgetGate, Waiting
 from ..policy.caller import LOCAL, Caller
 from ..policy.decide import Decision, ModelList, decide, pick_endpoints
 from ..policy.endpoint_state import EndpointState
@@ -41,6 +41,7 @@ from ..telemetry.trace_context import TRACEPARENT, Sampler, TraceContext
 from . import answers
 from .body_rewrite import Rewritten, rewrite_body
 from .data_protection import PromptCheck, ProtectionMetrics, judge_unasked
+from .deferred import Deferred
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ class Exchange:
     when its body is whole (or at once with an error). The stream ends as soon as nothing more
     is needed, before Envoy has to cancel it."""
 
-    __slots__ = ("_processor", "_caller", "_decision", "_body", "_chunks", "_budget", "_held", "_trace")
+    __slots__ = ("_processor", "_caller", "_decision", "_body", "_chunks", "_budget", "_held", "_trace", "_later")
 
     def __init__(self, processor: ExternalProcessor, caller: Caller = LOCAL):
         self._processor = processor
@@ -166,17 +167,20 @@ class Exchange:
         self._budget: Admitted | None = None
         self._trace: TraceContext | None = None
 
-    def on_message(self, message: bytes) -> tuple[list[bytes], bool]:
+    def on_message(self, message: bytes) -> tuple[list[bytes] | Deferred, bool]:
         """The answers this message completes, in wire form (none while the request body is
-        incomplete), and whether the stream is over: for the HTTP/2 server."""
+        incomplete), and whether the stream is over: for the HTTP/2 server. A `Deferred` when the
+        request's budget is decided by a Redis round trip first (`extproc.dataplane.deferred`)."""
         return self._answer(pb.ProcessingRequest.FromString(message))
 
-    def on_request(self, request: pb.ProcessingRequest) -> tuple[list[pb.ProcessingResponse], bool]:
-        """The same, as protobuf messages (tests, tools)."""
+    def on_request(self, request: pb.ProcessingRequest) -> tuple[list[pb.ProcessingResponse] | Deferred, bool]:
+        """The same, as protobuf messages (tests, tools); a `Deferred` is returned as it is."""
         done_answers, done = self._answer(request)
+        if isinstance(done_answers, Deferred):
+            return done_answers, done
         return [pb.ProcessingResponse.FromString(answer) for answer in done_answers], done
 
-    def _answer(self, request: pb.ProcessingRequest) -> tuple[list[bytes], bool]:
+    def _answer(self, request: pb.ProcessingRequest) -> tuple[list[bytes] | Deferred, bool]:
         phase = request.WhichOneof("request")
         processor = self._processor
         try:
@@ -187,10 +191,13 @@ class Exchange:
                 self._decision = decision = decided
                 if decision.declared_length:
                     self._admit(decision.declared_length, processor)
-                if processor.budgets is not None:
-                    self._budget = processor.budgets.admit(decision.target.route, decision.headers, self._caller)
                 if processor.tracing is not None:
                     self._trace = processor.tracing.start(decision.headers.get(TRACEPARENT))
+                if processor.budgets is not None:
+                    budget = processor.budgets.admit(decision.target.route, decision.headers, self._caller)
+                    if isinstance(budget, Waiting):  # decided by a Redis round trip: answered then
+                        return self._wait(budget), False
+                    self._budget = budget
                 return [], False  # answered with the body
             if phase == "request_body":
                 held = self._decision
@@ -209,13 +216,7 @@ class Exchange:
                                          self._caller), True
             return [answers.continue_phase(phase).SerializeToString()], False
         except GatewayError as error:
-            response = answers.immediate(error)
-            held = self._decision
-            if held is not None:  # refused once decided (a budget, body memory, the body): its route and endpoint
-                answers.with_operation(response, held.endpoint.operation, held.target.route, error.metadata)
-            elif error.operation is not None:
-                answers.with_operation(response, error.operation)
-            return [response.SerializeToString()], True
+            return [self._refusal(error)], True
         except Exception:  # never a stack trace to the client, never a request sent unrewritten
             log.exception("ext_proc failed on %s", phase)
             if phase in ("request_headers", "request_body"):
@@ -223,6 +224,38 @@ class Exchange:
                                                        "internal_error")).SerializeToString()], True
             # an answer already under way is passed on as it is
             return [answers.continue_phase(phase).SerializeToString()], False
+
+    def _refusal(self, error: GatewayError) -> bytes:
+        """The gateway's own answer to an error, counted under the request's route and endpoint
+        once decided (a budget, body memory, the body), else under the operation the error names."""
+        response = answers.immediate(error)
+        held = self._decision
+        if held is not None:
+            answers.with_operation(response, held.endpoint.operation, held.target.route, error.metadata)
+        elif error.operation is not None:
+            answers.with_operation(response, error.operation)
+        return response.SerializeToString()
+
+    def _wait(self, waiting: Waiting) -> Deferred:
+        """The headers' answer once the budget is decided (the body's messages wait behind it)."""
+        self._later = Deferred()
+        waiting.then(self._budget_decided)
+        return self._later
+
+    def _budget_decided(self, outcome: Admitted | GatewayError | None) -> None:
+        """The budget's decision, from the event loop: nothing to answer yet (the body follows), or
+        the request's error (429, 503) at once."""
+        later = self._later
+        try:
+            if isinstance(outcome, GatewayError):
+                later.answer([self._refusal(outcome)], True)
+            else:
+                self._budget = outcome
+                later.answer([], False)
+        except Exception:  # never a stack trace to the client, never a request sent unrewritten
+            log.exception("ext_proc failed on the budget's decision")
+            later.answer([answers.immediate(GatewayError(500, "the gateway failed to process the request",
+                                                         "internal_error")).SerializeToString()], True)
 
     def _admit(self, size: int, processor: ExternalProcessor) -> None:
         """Hold `size` body bytes in all (up to the body limit, which answers 413 past it), or 503."""

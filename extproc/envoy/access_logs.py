@@ -3,7 +3,7 @@ budgets, passive health) and, optionally, one JSON line per request to a file.""
 
 from __future__ import annotations
 
-from ..protocol import EXT_PROC_CLUSTER, METADATA_NAMESPACE
+from ..protocol import ACCESS_LOG_CLUSTER, METADATA_NAMESPACE
 
 # Envoy's time points of a streamed answer, for time to first token and per output token: the
 # request's first byte, the provider's first body byte (its first event), its last byte.
@@ -153,7 +153,7 @@ def grpc_access_log() -> dict:
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
             "common_config": {"log_name": "llm_gateway", "transport_api_version": "V3",
-                              "grpc_service": {"envoy_grpc": {"cluster_name": EXT_PROC_CLUSTER}},
+                              "grpc_service": {"envoy_grpc": {"cluster_name": ACCESS_LOG_CLUSTER}},
                               "buffer_flush_interval": "0.5s",
                               # a streamed answer's time points, read by the receiver
                               "custom_tags": [{"tag": tag, "value": value} for tag, value in STREAM_TIMINGS.items()]},

@@ -8,7 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..policy.capacity import DEFAULT_MAX_STREAMS, ConnectionLimits
 from ..protocol import (
+    ACCESS_LOG_CLUSTER,
     BUFFER_MARGIN,
     CONTROL_CLUSTER,
     DEFAULT_BODY_LIMIT,
@@ -20,6 +22,7 @@ from ..protocol import (
 from .access_logs import access_logs, grpc_access_log
 from .addresses import HostPort, is_ip, socket_address
 from .answer_filter import answer_filter
+from .circuit_breakers import circuit_breakers
 from .failover import upstream_logs
 from .local_replies import local_reply_config
 from .routes import ANY_HOST_ROUTE_CONFIG_NAME, PASSTHROUGH_CLUSTER, ROUTE_CONFIG_NAME
@@ -60,6 +63,12 @@ class BootstrapOptions:
     # to the control plane; Envoy re-reads the token when it changes on disk.
     token_sds: str | None = None
     readiness: HostPort = HostPort("0.0.0.0", 15021)  # sidecar only: GET /ready for the kubelet
+    # streams open at once to the control plane (ext_proc, access log, xDS): the circuit breakers of
+    # its clusters; past it a request gets 503 `overloaded` (see extproc.policy.capacity)
+    max_ext_proc_streams: int = DEFAULT_MAX_STREAMS
+    # client connections Envoy accepts at once (its global_downstream_max_connections), so it never
+    # runs out of file descriptors; None: no limit (`up` sets it from its descriptor limit)
+    max_downstream_connections: int | None = None
 
 
 _XDS_SOURCE = {
@@ -131,12 +140,18 @@ def bootstrap(opts: BootstrapOptions) -> dict:
         "per_connection_buffer_limit_bytes": opts.body_limit + BUFFER_MARGIN,
         "filter_chains": [{"filters": [{"name": HCM_NAME, "typed_config": hcm}]}],
     }
+    # the ext_proc and the access log reach the same server, through clusters of their own
+    limits = ConnectionLimits.streams(opts.max_ext_proc_streams)
     if opts.socket_dir is not None:
-        clusters = [_grpc_cluster(CONTROL_CLUSTER, f"{opts.socket_dir}/{XDS_SOCKET}"),
-                    _grpc_cluster(EXT_PROC_CLUSTER, f"{opts.socket_dir}/{EXT_PROC_SOCKET}")]
+        ext_proc_socket = f"{opts.socket_dir}/{EXT_PROC_SOCKET}"
+        clusters = [_grpc_cluster(CONTROL_CLUSTER, f"{opts.socket_dir}/{XDS_SOCKET}", limits),
+                    _grpc_cluster(EXT_PROC_CLUSTER, ext_proc_socket, limits),
+                    access_log_cluster(_grpc_cluster(ACCESS_LOG_CLUSTER, ext_proc_socket, limits))]
     else:  # replicas behind a Service: health-checked, a dead one ejected (see `replica_failover`)
-        clusters = [_grpc_cluster(CONTROL_CLUSTER, opts.control, opts.token_sds),
-                    replica_failover(_grpc_cluster(EXT_PROC_CLUSTER, ext_proc_address(opts), opts.token_sds))]
+        clusters = [_grpc_cluster(CONTROL_CLUSTER, opts.control, limits, opts.token_sds),
+                    replica_failover(_grpc_cluster(EXT_PROC_CLUSTER, ext_proc_address(opts), limits, opts.token_sds)),
+                    access_log_cluster(replica_failover(_grpc_cluster(ACCESS_LOG_CLUSTER, ext_proc_address(opts),
+                                                                      limits, opts.token_sds)))]
     if opts.sidecar:
         hcm["rds"] = {"route_config_name": ROUTE_CONFIG_NAME, "config_source": _XDS_SOURCE}
         hcm["strip_any_host_port"] = True
@@ -151,13 +166,29 @@ def bootstrap(opts: BootstrapOptions) -> dict:
         # One route for every host (over RDS: it names the provider clusters, see
         # any_host_route_configuration); the ext_proc answers hosts it does not serve with a 404.
         hcm["rds"] = {"route_config_name": ANY_HOST_ROUTE_CONFIG_NAME, "config_source": _XDS_SOURCE}
-    return {
+    boot = {
         "node": {"id": opts.node_id, "cluster": "llm-gateway"},
         "admin": {"address": socket_address(opts.admin)},
         "static_resources": {"listeners": [listener, *([readiness_listener(opts.readiness)] if opts.sidecar else [])],
                              "clusters": clusters},
         "dynamic_resources": {"cds_config": _XDS_SOURCE},
     }
+    if opts.max_downstream_connections is not None:
+        boot["overload_manager"] = downstream_connection_limit(opts.max_downstream_connections)
+    return boot
+
+
+def downstream_connection_limit(connections: int) -> dict:
+    """Envoy's overload manager refusing client connections past `connections` (it closes a new
+    one at once, counted in `overload.global_downstream_max_connections`) rather than running out
+    of file descriptors, when accepts and connects to providers fail half-way (see
+    extproc.ops.descriptors)."""
+    return {"resource_monitors": [{
+        "name": "envoy.resource_monitors.global_downstream_max_connections",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3."
+                     "DownstreamConnectionsConfig",
+            "max_active_downstream_connections": connections}}]}
 
 
 def ext_proc_address(opts: BootstrapOptions) -> HostPort:
@@ -203,8 +234,11 @@ def _token_filters(token_sds_file: str) -> list[dict]:
     }]
 
 
-def _grpc_cluster(name: str, address: HostPort | str, token_sds_file: str | None = None) -> dict:
-    """A control-plane cluster: a Unix socket path (local mode) or HOST:PORT (TCP, with the token)."""
+def _grpc_cluster(name: str, address: HostPort | str, limits: ConnectionLimits,
+                  token_sds_file: str | None = None) -> dict:
+    """A control-plane cluster: a Unix socket path (local mode) or HOST:PORT (TCP, with the token),
+    carrying at most `limits` streams at once (Envoy's default of 1,024 failed every request past
+    the 1,024th being decided at once with a 500)."""
     options: dict[str, Any] = {
         "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
         "explicit_http_config": {"http2_protocol_options": {}},
@@ -219,6 +253,7 @@ def _grpc_cluster(name: str, address: HostPort | str, token_sds_file: str | None
         "name": name,
         "type": kind,
         "connect_timeout": "1s",
+        "circuit_breakers": circuit_breakers(limits),
         "load_assignment": {"cluster_name": name,
                             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": endpoint}}]}]},
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": options},
@@ -226,6 +261,22 @@ def _grpc_cluster(name: str, address: HostPort | str, token_sds_file: str | None
 
 
 MAX_STREAMS_PER_CONNECTION = 1000
+# What Envoy queues on an access-log stream before it counts the stream backed up and, once its
+# batch (16 KiB) is full too, drops entries: thousands of requests ending at once write a few MiB
+# of entries in a moment; with the default 1 MiB, 4,260 of 6,000 were lost (none with this).
+ACCESS_LOG_BUFFER_BYTES = 32 << 20
+
+
+def access_log_cluster(cluster: dict) -> dict:
+    """The access log's cluster: room to queue a burst of entries (ACCESS_LOG_BUFFER_BYTES), so
+    that requests ending together are all counted; Envoy holds that memory only while the
+    receiver catches up. No active health check of its own (the ext_proc's already asks every
+    replica each second, and a second one would double that load on the control plane): its
+    few streams are long-lived, a broken one is opened again, and outlier detection (over TCP)
+    keeps a replica that refuses out."""
+    cluster = {**cluster, "per_connection_buffer_limit_bytes": ACCESS_LOG_BUFFER_BYTES}
+    cluster.pop("health_checks", None)
+    return cluster
 
 
 def replica_failover(cluster: dict) -> dict:

@@ -16,9 +16,11 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
 from google.protobuf import json_format
 
+from ..policy.capacity import DEFAULT_PROVIDER_LIMITS, ConnectionLimits
 from ..policy.table import Forward, RoutingTable
 from ..protocol import BUFFER_MARGIN, DEFAULT_BODY_LIMIT
 from .addresses import HostPort, dns_resolver, is_ip, socket_address
+from .circuit_breakers import circuit_breakers
 from .failover import retry_rewrite_filters
 
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
@@ -38,12 +40,14 @@ class UpstreamOptions:
     dns_resolver: HostPort | None = None  # one DNS server for provider names; None: the system resolver
 
 
-def provider_cluster(name: str, host: str, options: UpstreamOptions, failover: bool = False) -> dict:
+def provider_cluster(name: str, host: str, options: UpstreamOptions, failover: bool = False,
+                     limits: ConnectionLimits = DEFAULT_PROVIDER_LIMITS) -> dict:
     """A TLS cluster to a provider: SNI and certificate name are the provider host, whatever
     address it is reached at; the name resolves through the system resolver like any program's.
     `failover`: the provider's cluster for rules with `retries` (`extproc.protocol.failover_cluster`),
     with the upstream filters that rewrite a retried attempt; the plain one has none, so requests
-    of other rules pay nothing for failover."""
+    of other rules pay nothing for failover. `limits`: the requests in flight it admits (its
+    LLMProvider's `spec.connectionPool`), past which Envoy answers 503 `overloaded`."""
     target = options.resolve.get(host, HostPort(host, PROVIDER_PORT))
     cluster: dict[str, Any] = {
         "name": name,
@@ -82,9 +86,10 @@ def provider_cluster(name: str, host: str, options: UpstreamOptions, failover: b
         # a retried attempt's body passes the retry rewrite whole (buffered): above the body limit
         # (at Envoy's 1 MiB default, a larger retried body crashed Envoy 1.40)
         cluster["per_connection_buffer_limit_bytes"] = options.body_limit + BUFFER_MARGIN
-        # retries in flight are failovers to another provider, not a retry storm on one: Envoy's
-        # default of 3 at a time would pass failures on to clients under load
-        cluster["circuit_breakers"] = {"thresholds": [{"max_retries": 100_000}]}
+    # the requests in flight it admits; on a failover cluster retries in flight too: they are
+    # failovers to another provider, not a retry storm on one, and Envoy's default of 3 at a time
+    # would pass failures on to clients under load
+    cluster["circuit_breakers"] = circuit_breakers(limits, max_retries=100_000 if failover else None)
     if cluster["type"] == "LOGICAL_DNS":
         cluster.update(resolving(options.dns_resolver))
     return cluster

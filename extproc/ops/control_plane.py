@@ -32,6 +32,7 @@ from ..envoy.routes import any_host_route_configuration, route_configuration, to
 from ..envoy.xds import CLUSTER_TYPE_URL, ROUTE_TYPE_URL, ClusterDiscovery, Publisher, RouteDiscovery
 from ..policy.addresses import AddressBook, AddressGauge, Change, Lookup, ProviderNames
 from ..policy.budgets import response_headers
+from ..policy.capacity import DEFAULT_PROVIDER_LIMITS, ConnectionLimits
 from ..policy.gateway_binding import forwarded_clusters
 from ..policy.table import Pool, RoutingTable
 from ..protocol import EXT_PROC_SOCKET, FAILOVER_ROUTE_PREFIXES, XDS_SOCKET, retry_cluster
@@ -55,7 +56,7 @@ class ControlPlane:
         self.clusters = Publisher(CLUSTER_TYPE_URL, "clusters")
         self.routes = Publisher(ROUTE_TYPE_URL, "sidecar routes")
         self.loaded = False  # a config is in force (readiness)
-        self._built: dict[tuple[str, str, bool], dict] = {}  # (name, host, failover) -> cluster
+        self._built: dict[tuple[str, str, bool, ConnectionLimits], dict] = {}  # (name, host, failover) -> cluster
         self._pools_built: dict[tuple[str, str, str, bool], dict] = {}  # (name, host, protocol, failover) -> cluster
         self._protos: dict[str, tuple[dict, Message]] = {}  # name -> (cluster, its protobuf)
         self._hosts: dict[str, str] = {}  # a built provider cluster's name -> its host
@@ -114,13 +115,14 @@ class ControlPlane:
         if self.xds_server is not None:
             await self.xds_server.stop(grace)
 
-    def _provider_cluster(self, name: str, host: str, failover: bool) -> dict:
+    def _provider_cluster(self, name: str, host: str, failover: bool, limits: ConnectionLimits) -> dict:
         """A provider's cluster, built once while it is configured (thousands of providers: a
         reload builds and converts only the new ones)."""
-        key = (name, host, failover)
+        key = (name, host, failover, limits)
         cluster = self._built.get(key)
         if cluster is None:
-            cluster = self._built[key] = provider_cluster(name, host, self.upstream, failover=failover)
+            cluster = self._built[key] = provider_cluster(name, host, self.upstream, failover=failover,
+                                                          limits=limits)
             self._hosts[name] = host
         return cluster
 
@@ -134,11 +136,12 @@ class ControlPlane:
         return cluster
 
     def _clusters(self, table: RoutingTable) -> dict[str, dict]:
-        pools = table.pools
-        clusters = {name: self._provider_cluster(name, host, False) if host not in pools
-                    else self._pool_cluster(name, pools[host], False) for host, name in table.clusters.items()}
-        clusters.update((name, self._provider_cluster(name, host, True) if host not in pools
-                         else self._pool_cluster(name, pools[host], True))
+        pools, limits = table.pools, table.capacity.get
+        clusters = {name: self._provider_cluster(name, host, False, limits(host, DEFAULT_PROVIDER_LIMITS))
+                    if host not in pools else self._pool_cluster(name, pools[host], False)
+                    for host, name in table.clusters.items()}
+        clusters.update((name, self._provider_cluster(name, host, True, limits(host, DEFAULT_PROVIDER_LIMITS))
+                         if host not in pools else self._pool_cluster(name, pools[host], True))
                         for host, name in table.failover_clusters.items())
         clusters.update((retry_cluster(host), self._pool_cluster(retry_cluster(host), pools[host], True))
                         for host in table.failover_clusters if host in pools)  # a pool's next endpoint

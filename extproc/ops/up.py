@@ -26,12 +26,14 @@ from ..envoy.bootstrap import DEFAULT_BODY_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, Bo
 from ..envoy.clusters import UpstreamOptions
 from ..policy.body_memory import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
 from ..policy.caller import LOCAL, Caller
+from ..policy.capacity import DEFAULT_MAX_STREAMS
 from ..policy.gateway_binding import MESH_VIEW, View
 from ..policy.table import EMPTY_TABLE, TableHolder
 from ..protocol import DEFAULT_BODY_LIMIT
 from .children import dying_with_us, listening_problems
 from .control_plane import ControlPlane
 from .data_plane import DataPlane
+from .descriptors import raise_descriptor_limit, report
 from .drain import DEFAULT_GRACE_S, drain_envoy
 from .socket_dir import private_dir
 from .startup import StartupError, config_source, load_initial
@@ -86,6 +88,7 @@ class UpOptions:
     drain_grace_s: float = DEFAULT_GRACE_S
     caller: Caller = LOCAL  # who its Envoy's requests come from (--source-labels, --source-namespace)
     otlp_endpoint: str | None = None  # spans exported here (extproc.telemetry.spans); None: no traces
+    max_ext_proc_streams: int = DEFAULT_MAX_STREAMS  # the circuit breakers of Envoy's control-plane clusters
 
 
 START_TIMEOUT_S = 30.0
@@ -201,11 +204,17 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
         (workdir / "token").write_text(tcp_token)
         token_sds_file = str(workdir / "token-sds.json")
         Path(token_sds_file).write_text(json.dumps(token_sds(str(workdir / "token"))))
+    # Envoy inherits the open-files limit: room for the requests its clusters admit
+    streams = max(DEFAULT_MAX_STREAMS, opts.max_ext_proc_streams)
+    descriptors = raise_descriptor_limit(streams)
+    report(descriptors, streams)
     boot = bootstrap(BootstrapOptions(listen=opts.listen, admin=opts.admin, control=HostPort(opts.control.host, port),
                                       ext_proc=HostPort(opts.control.host, control.ext_proc_port),
                                       body_limit=opts.body_limit, body_timeout_s=opts.body_timeout_s,
                                       access_log=opts.access_log, socket_dir=str(workdir) if local else None,
-                                      token_sds=token_sds_file, idle_timeout_s=opts.idle_timeout_s))
+                                      token_sds=token_sds_file, idle_timeout_s=opts.idle_timeout_s,
+                                      max_ext_proc_streams=opts.max_ext_proc_streams,
+                                      max_downstream_connections=descriptors.connections))
     boot_file = workdir / "envoy.json"
     boot_file.write_text(json.dumps(boot, indent=2))
     envoy = EnvoySupervisor(envoy_args(binary, str(boot_file), opts), opts.admin)

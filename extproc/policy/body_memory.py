@@ -25,24 +25,23 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from ..errors import GatewayError
+from ..errors import OVERLOADED_CODE, OVERLOADED_HEADERS, OVERLOADED_TYPE, GatewayError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES_IN_FLIGHT = 256 << 20
-RETRY_AFTER_S = 1
 TRIM_AFTER_BYTES = 64 << 20  # a burst that held more than this is given back when it is over
 
 
 class Overloaded(GatewayError):
     """503 with `Retry-After`: the gateway is busy with big bodies, not broken; try again soon."""
 
-    headers = (("retry-after", str(RETRY_AFTER_S)),)
+    headers = OVERLOADED_HEADERS
 
     def __init__(self, size: int, cap: int):
         super().__init__(503, f"the gateway is holding too many request bodies right now (a body of {size} bytes "
-                              f"would pass its limit of {cap} bytes in flight); retry in a moment", "overloaded",
-                         "server_error")
+                              f"would pass its limit of {cap} bytes in flight); retry in a moment", OVERLOADED_CODE,
+                         OVERLOADED_TYPE)
 
 
 class Inflight:

@@ -15,6 +15,7 @@ from functools import cached_property
 from ..protocol import retry_cluster
 from .budgets import EMPTY_BUDGETS, BudgetTable
 from .caller import Labels
+from .capacity import ConnectionLimits
 from .data_protection.policy import EMPTY_PROTECTION, ProtectionTable
 from .matching import Matches, matches_any
 from .pricing import EMPTY_PRICES, Price, PriceTable
@@ -193,6 +194,9 @@ class RoutingTable:
     # provider hosts whose name does not resolve now (extproc.policy.addresses): failover leaves
     # them out of attempt orders, as providers cooling down. Set by the control plane, not the config.
     unresolved: frozenset[str] = frozenset()
+    # provider host -> the requests in flight its clusters admit, where its spec.connectionPool
+    # changes the defaults (extproc.policy.capacity)
+    capacity: Mapping[str, ConnectionLimits] = field(default_factory=dict)
     # pools of in-cluster model servers by host (`Pool`): endpoints change without a config change
     pools: Mapping[str, Pool] = field(default_factory=dict)
 

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import struct_pb2
 
-from ..errors import ADDRESS_UNKNOWN
-from ..protocol import GATEWAY_DETAILS_PREFIX, METADATA_NAMESPACE
+from ..errors import ADDRESS_UNKNOWN, OVERLOADED_CODE
+from ..protocol import EXT_PROC_OVERFLOW_DETAILS, GATEWAY_DETAILS_PREFIX, METADATA_NAMESPACE
 from .metrics import RequestRecord
 
 CLIENT_GONE_DETAILS = "downstream_remote_disconnect"
@@ -49,6 +49,14 @@ def _client_went_away(details: str, flags: accesslog_pb2.ResponseFlags) -> bool:
     return gone or details.startswith(CLIENT_GONE_DETAILS)
 
 
+def refused_at_a_limit(details: str, flags: accesslog_pb2.ResponseFlags) -> bool:
+    """A circuit breaker refused the request (a limit of requests in flight, extproc.policy.capacity):
+    a provider cluster's (Envoy's UO flag) or the ext_proc cluster's (its reason names the overflow)."""
+    started, named = EXT_PROC_OVERFLOW_DETAILS
+    overflow: bool = flags.upstream_overflow
+    return overflow or (details.startswith(started) and named in details)
+
+
 def outcome_of(status: int, details: str, stream_error: str, flags: accesslog_pb2.ResponseFlags) -> tuple[str, str]:
     """(outcome, error type) of a finished request, from its status, Envoy's reason for it
     (`response_code_details`), an error event seen in its stream and Envoy's response flags."""
@@ -65,6 +73,8 @@ def outcome_of(status: int, details: str, stream_error: str, flags: accesslog_pb
         return "client_cancelled", reason if reason.startswith("downstream_") else CLIENT_GONE_DETAILS
     if status == 0:  # no answer at all: the client went away first
         return "client_cancelled", details.split("{", 1)[0][:64] or "client_disconnected"
+    if refused_at_a_limit(details, flags):  # counted with the ext_proc's own 503s of the same code
+        return "gateway_error", OVERLOADED_CODE
     # Envoy's own answer (no upstream, TLS failure, body too large, ext_proc down), or an answer
     # cut after it started (Envoy keeps the upstream's status and logs its own reason)
     if flags.no_healthy_upstream:  # no address for the provider yet (extproc.envoy.local_replies)

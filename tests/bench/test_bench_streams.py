@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -40,8 +41,13 @@ def test_percentile(values, q, expected):
 
 
 def test_paced_events_carry_their_send_time_and_are_openai_chunks():
-    event = streams._EVENT.format(t=123456789)
-    assert streams._SENT.search(event.encode()).group(1) == b"123456789"
+    from extproc.testing.stream_provider import Answer, StreamProvider
+
+    data = StreamProvider.event(0, Answer(model="paced-model"))
+    assert data.startswith(b"data: ") and data.endswith(b"\n\n")
+    event = data[len(b"data: "):-2].decode()
+    sent = int(streams._SENT.search(event.encode()).group(1))
+    assert 0 < sent <= time.monotonic_ns()
     parsed = json.loads(event)
     assert parsed["model"] == "paced-model" and parsed["choices"][0]["delta"]["content"]
     assert re.fullmatch(r"\{.*\}", event)

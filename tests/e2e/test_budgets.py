@@ -1,20 +1,21 @@
 """Token and request budgets (LLMTokenRateLimit) through a real Envoy, with a real Redis shared by
-two gateway instances: 429s with OpenAI's headers, usage charged from JSON and streamed answers,
-Redis outages (fail open, fail closed) and live config changes."""
+two and four gateway instances: 429s with OpenAI's headers, usage charged from JSON and streamed
+answers, budgets exact across instances (keys new to an instance, keys idle past the forget time,
+concurrent requests on every instance), Redis outages and restarts (fail open, fail closed) and
+live config changes."""
 
 from __future__ import annotations
 
+import itertools
 import json
-import subprocess
 import threading
 import time
 import urllib.request
 
 import pytest
-import redis
 
 from extproc.policy.budgets import bucket_id, key_hash
-from support.helpers import CHAT, free_port, seed_dir, wait_until
+from support.helpers import CHAT, Gateway, seed_dir, wait_until
 
 DASHSCOPE, MOONSHOT = "dashscope.aliyuncs.com", "api.moonshot.cn"
 SEVENTEEN = {"x-fake-total-tokens": "17"}
@@ -39,49 +40,6 @@ spec:
     tokens: {tokens}
     per: {per}{extra}
 """
-
-
-class RedisServer:
-    """A throwaway redis-server on a free port: no persistence, stopped after the test."""
-
-    def __init__(self, tmp_path):
-        self.port = free_port()
-        self.dir = tmp_path
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = self.client()
-        wait_until(lambda: self._pings(client), 10, lambda: "redis-server did not start")
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1, socket_connect_timeout=1)
-
-    @staticmethod
-    def _pings(client: redis.Redis) -> bool:
-        try:
-            return client.ping()
-        except redis.RedisError:
-            return False
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.kill()
 
 
 def metric(gw, name: str, **labels) -> float:
@@ -200,36 +158,14 @@ def test_two_instances_share_one_redis(tmp_path, gateway_factory, redis_server):
     for _ in range(3):
         assert ask(gw1, "erin").status == 200
     wait_until(lambda: charged(gw1) == 51, 10)
-    spent_at = time.monotonic()
-    # instance 2 refuses erin within the bound (sync interval plus a round trip)
-    wait_until(lambda: ask(gw2, "erin").status == 429, 10, lambda: gw2.log())
-    print(f"instance 2 refused {time.monotonic() - spent_at:.3f} s after instance 1 charged")
+    # instance 2 never saw erin: Redis decides its very first request (issue 23: it used to pass)
+    refused = ask(gw2, "erin")
+    assert refused.status == 429 and refused.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert metric(gw2, "llm_gateway_budget_redis_admissions_total", reason="new") >= 1
     assert ask(gw2, "frank").status == 200  # another key is unaffected
     key = bucket_id("default/per-user", "everyone", key_hash("erin"))
     assert float(redis_server.client().hget(key, "tok")) >= 51 - 1  # drained a little since
     assert 0 < redis_server.client().pttl(key) <= 3600 * 1000 * 2  # expires once drained
-
-
-def test_request_limit_is_shared_and_refused_at_once(tmp_path, gateway_factory, redis_server):
-    config = seed_dir(tmp_path, "01")
-    (config / "10-budget.yaml").write_text(budget_yaml(tokens=100000, per="1h", requests=2))
-    gw1 = gateway_factory(config, ["--redis", redis_server.url])
-    gw2 = gateway_factory(config, ["--redis", redis_server.url])
-    first = ask(gw1, "gina")
-    assert first.status == 200 and first.headers["x-ratelimit-remaining-requests"] == "1"
-    # instance 2 has not read gina's bucket yet: its first request is decided on what it knows (the
-    # documented bound); each instance has seen the key from here on
-    assert ask(gw2, "gina").status == 200
-    key = bucket_id("default/per-user", "everyone", key_hash("gina"))
-    wait_until(lambda: float(redis_server.client().hget(key, "req") or 0) >= 1.99, 10)
-    for gw in (gw1, gw2):  # a sync of each instance after Redis held both requests
-        syncs = metric(gw, "llm_gateway_budget_syncs_total")
-        wait_until(lambda gw=gw, syncs=syncs: metric(gw, "llm_gateway_budget_syncs_total") >= syncs + 2, 10)
-    for gw in (gw1, gw2):  # the third request is refused at once, on either instance
-        third = ask(gw, "gina")
-        assert third.status == 429 and third.json()["error"]["type"] == "requests"
-        assert third.headers["x-ratelimit-remaining-requests"] == "0"
-    assert ask(gw2, "hank").status == 200
 
 
 def test_redis_killed_under_load_fails_open_and_comes_back(tmp_path, gateway_factory, redis_server):
@@ -240,8 +176,6 @@ def test_redis_killed_under_load_fails_open_and_comes_back(tmp_path, gateway_fac
     stop = threading.Event()
 
     def load() -> None:
-        from support.helpers import Gateway
-
         client = Gateway(gw.process, gw.listen_port, gw.admin_port, gw.log_file)  # its own connection
         for _ in range(400):  # bounded
             if stop.is_set():
@@ -288,3 +222,195 @@ def test_fail_closed_answers_503_while_redis_is_down(tmp_path, gateway_factory, 
     assert ask(gw, "jack", host=MOONSHOT).status == 200  # no budget on that host: served
     redis_server.start()
     wait_until(lambda: ask(gw, "jack").status == 200, 10, lambda: gw.log())
+
+
+PLANS = """apiVersion: llm-gateway.dev/v1alpha1
+kind: LLMTokenRateLimit
+metadata: {name: plans, namespace: default}
+spec:
+  host: dashscope.aliyuncs.com
+  key: {header: x-user-id}
+  rules:
+  - name: counted
+    matches: [{headers: {x-plan: {exact: counted}}}]
+    tokens: 1000000
+    requests: 2
+    per: 1h
+  - name: burst
+    matches: [{headers: {x-plan: {exact: burst}}}]
+    tokens: 1000000
+    requests: 10
+    per: 1h
+  - name: medium
+    matches: [{headers: {x-plan: {exact: medium}}}]
+    tokens: 200
+    per: 1h
+  - name: bound
+    matches: [{headers: {x-plan: {exact: bound}}}]
+    tokens: 100
+    per: 1h
+  - name: small
+    tokens: 40
+    per: 1h
+"""
+FORGET_S = 3  # LLM_GATEWAY_BUDGET_FORGET of the instances below: a key unused this long is forgotten
+ANSWER_S = 0.2  # x-fake-delay of the concurrent requests: several of them in flight at once
+
+
+def plan(gw, user: str, name: str = "small", **more: str):
+    return ask(gw, user, {"x-plan": name, **more})
+
+
+def spent(gw, rule: str) -> float:
+    """Tokens this instance charged to `rule` of the plans."""
+    return metric(gw, "llm_gateway_budget_tokens_charged_total", budget="default/plans", rule=rule)
+
+
+def synced(gws) -> None:
+    """Until every instance has synced twice more (each has read Redis after what came before)."""
+    for gw in gws:
+        before = metric(gw, "llm_gateway_budget_syncs_total")
+        wait_until(lambda gw=gw, before=before: metric(gw, "llm_gateway_budget_syncs_total") >= before + 2, 10)
+
+
+def hammer(gws, user: str, name: str, per_instance: int, headers: dict[str, str] | None = None) -> list[int]:
+    """`per_instance` clients on every instance, each asking for `user` until refused twice (at most
+    40 requests each): every status, in no order."""
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def client(gw) -> None:
+        mine = Gateway(gw.process, gw.listen_port, gw.admin_port, gw.log_file)  # its own connection
+        refused = 0
+        for _ in range(40):
+            status = plan(mine, user, name, **(headers or {})).status
+            with lock:
+                statuses.append(status)
+            refused += status == 429
+            if refused == 2:
+                break
+
+    threads = [threading.Thread(target=client, args=(gw,)) for gw in gws for _ in range(per_instance)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return statuses
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_instances_on_one_redis_keep_each_budget_as_one_instance_would(tmp_path, gateway_factory, redis_server,
+                                                                       count):
+    """Issue 23: every key is limited as written whichever instances its requests reach: a key new
+    to an instance is read from Redis before its first admission, one near its limit is admitted
+    atomically by Redis, a key idle past the forget time is read again."""
+    config = seed_dir(tmp_path, "01")
+    (config / "10-budget.yaml").write_text(PLANS)
+    gws = [gateway_factory(config, ["--redis", redis_server.url], env={"LLM_GATEWAY_BUDGET_FORGET": str(FORGET_S)})
+           for _ in range(count)]
+
+    # `requests: 2 per 1h`, three requests across the instances in every order: the third refused at once
+    orders = list(itertools.product(range(count), repeat=3))
+    if count > 2:
+        orders = [o for o in orders if len(set(o)) == 3][:6] + [(0, 0, 3), (3, 2, 2), (1, 3, 1)]
+    for order in orders:
+        user = "carol-" + "".join(map(str, order))
+        assert [plan(gws[i], user, "counted").status for i in order] == [200, 200, 429], order
+        assert [plan(gw, user, "counted").status for gw in gws] == [429] * count, order  # and on every instance
+
+    # spent on one instance: refused on every other at its very next request (new to them)
+    for _ in range(3):
+        assert plan(gws[0], "alice").status == 200
+    wait_until(lambda: spent(gws[0], "small") == 51, 10)
+    assert plan(gws[0], "alice").status == 429
+    for gw in gws[1:]:
+        refused = plan(gw, "alice")
+        assert refused.status == 429 and refused.json()["error"]["type"] == "tokens"
+
+    # a key every instance follows (each served it once), spent on one: refused on the others once
+    # they hear from Redis (at most the access-log delay, a round trip and one sync later)
+    for gw in gws:
+        assert plan(gw, "bea", "medium").status == 200
+    synced(gws)
+    for _ in range(20):
+        if plan(gws[0], "bea", "medium").status == 429:
+            break
+    else:
+        raise AssertionError("bea was never refused on instance 1")
+    spent_at = time.monotonic()
+    for i, gw in enumerate(gws[1:], 2):
+        wait_until(lambda gw=gw: plan(gw, "bea", "medium").status == 429, 10, lambda gw=gw: gw.log())
+        print(f"instance {i} refused bea {time.monotonic() - spent_at:.3f} s after instance 1 did")
+
+    # a key idle past the forget time: read from Redis again, so still refused
+    assert plan(gws[1], "cal").status == 200
+    forgotten_from = time.monotonic()
+    for _ in range(2):
+        assert plan(gws[0], "cal").status == 200
+    wait_until(lambda: spent(gws[0], "small") == 51 + 2 * 17, 10)
+    time.sleep(max(0.0, FORGET_S + 0.5 - (time.monotonic() - forgotten_from)))
+    synced([gws[1]])  # a sync after the forget time forgot cal
+    new_before = metric(gws[1], "llm_gateway_budget_redis_admissions_total", reason="new")
+    assert plan(gws[1], "cal").status == 429
+    assert metric(gws[1], "llm_gateway_budget_redis_admissions_total", reason="new") == new_before + 1
+
+    # concurrent requests of one key on every instance: `requests: 10`, exactly ten admitted
+    statuses = hammer(gws, "zed", "burst", 2, {"x-fake-delay": str(ANSWER_S)})
+    assert statuses.count(200) == 10, sorted(statuses)
+    assert set(statuses) == {200, 429}
+
+    # and tokens (100, answers of 17): over by at most the answers in flight and those admitted before
+    # the charge reached Redis: u * (c + rate * (F + R)), F the access-log delay (0.5 s), R a round trip
+    started = time.monotonic()
+    statuses = hammer(gws, "tom", "bound", 2, {"x-fake-delay": str(ANSWER_S)})
+    elapsed = time.monotonic() - started
+    admitted = statuses.count(200)
+    rate = admitted / max(elapsed, 1e-3)  # requests admitted per second, over every instance
+    in_flight = 2 * count  # clients: each has one request in flight at most
+    bound = 17 * (in_flight + rate * (0.5 + 0.5))  # R at its timeout: the bound, not the usual
+    over = max(0, admitted * 17 - 100)
+    print(f"{count} instances: tokens admitted {admitted * 17} of 100 (over by {over}), {rate:.0f} requests/s "
+          f"admitted, bound {bound:.0f}")
+    assert over <= bound
+    assert set(statuses) == {200, 429}
+    redis_trips = sum(metric(gw, "llm_gateway_budget_admission_round_trips_total") for gw in gws)
+    print(f"admission round trips over all instances: {redis_trips:.0f}")
+
+
+def test_redis_restarted_in_the_middle_fail_open_and_fail_closed(tmp_path, gateway_factory, redis_server):
+    """Two instances failing open and two failing closed on one Redis, stopped in the middle and
+    started again, empty: meanwhile open instances limit alone and closed ones answer 503; after,
+    what the instances remember is put back, so spent keys are still refused where they are new."""
+    config = seed_dir(tmp_path, "01", "04")
+    (config / "10-budget.yaml").write_text(PLANS)
+    opened = [gateway_factory(config, ["--redis", redis_server.url]) for _ in range(2)]
+    closed = [gateway_factory(config, ["--redis", redis_server.url, "--redis-fail-closed"]) for _ in range(2)]
+    everyone = opened + closed
+    assert [plan(opened[0], "pat", "counted").status for _ in range(2)] == [200, 200]
+    for _ in range(3):
+        assert plan(closed[0], "quin").status == 200
+    wait_until(lambda: spent(closed[0], "small") == 51, 10)
+    synced([opened[0], closed[0]])
+
+    redis_server.kill()
+    for gw in everyone:
+        wait_until(lambda gw=gw: metric(gw, "llm_gateway_budget_redis_up") == 0, 10, lambda gw=gw: gw.log())
+    # failing open: each instance limits alone with what it knows
+    assert plan(opened[0], "pat", "counted").status == 429
+    assert [plan(opened[1], "rae", "counted").status for _ in range(3)] == [200, 200, 429]
+    # failing closed: limited requests get 503, others are served
+    for gw in closed:
+        unavailable = plan(gw, "sal")
+        assert unavailable.status == 503 and unavailable.json()["error"]["code"] == "rate_limit_unavailable"
+        assert ask(gw, "sal", host=MOONSHOT).status == 200
+
+    redis_server.start()  # empty
+    for gw in everyone:
+        wait_until(lambda gw=gw: metric(gw, "llm_gateway_budget_redis_up") == 1, 10, lambda gw=gw: gw.log())
+    # each key is refused by an instance that never saw it: its followers put it back in Redis
+    assert plan(opened[0], "rae", "counted").status == 429
+    assert plan(opened[1], "pat", "counted").status == 429
+    assert plan(closed[1], "quin").status == 429
+    assert plan(closed[1], "sal").status == 200  # and new keys are served again
+    assert all(gw.log().count("unreachable") == 1 for gw in everyone)  # one warning per outage
+

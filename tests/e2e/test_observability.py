@@ -232,9 +232,10 @@ def test_ext_proc_streams_all_closed_and_memory_flat(gw):
         raise AssertionError(f"no stat {name}")
 
     prefix = "http.llm_gateway.ext_proc.request."
-    # on the ext_proc's cluster only the access-log stream stays open
-    wait_until(lambda: stat("cluster.llm_gateway_ext_proc.upstream_rq_active") == 1, 15, lambda: gw.admin("/stats"))
-    assert stat("cluster.llm_gateway_ext_proc.upstream_rq_total") == 301
+    # no ext_proc stream stays open; the access log has its stream on a cluster of its own
+    wait_until(lambda: stat("cluster.llm_gateway_ext_proc.upstream_rq_active") == 0, 15, lambda: gw.admin("/stats"))
+    assert stat("cluster.llm_gateway_ext_proc.upstream_rq_total") == 300
+    assert stat("cluster.llm_gateway_access_log.upstream_rq_active") == 1
     assert stat(prefix + "streams_started") == 300 == stat(prefix + "streams_closed") + stat(prefix + "streams_failed")
     assert stat(prefix + "streams_failed") == 0
     grown = rss_kib(gw.process.pid) - start

@@ -154,8 +154,12 @@ def start_gateway(config: Path | list[Path], tmp: Path, env: dict[str, str], ext
         gateway = _start_gateway_once(config, tmp, env, extra)
         if not wait:
             return gateway
-        wait_until(lambda gateway=gateway: gateway.process.poll() is not None or "ready:" in gateway.log(), 30,
-                   lambda gateway=gateway: f"gateway did not start:\n{gateway.log()}")
+        try:
+            wait_until(lambda gateway=gateway: gateway.process.poll() is not None or "ready:" in gateway.log(), 30,
+                       lambda gateway=gateway: f"gateway did not start:\n{gateway.log()}")
+        except AssertionError:
+            gateway.stop()  # not handed to the test: stopped here, never left running
+            raise
         if gateway.process.poll() is None:
             return gateway
         if "in use" not in gateway.log() or attempt == attempts - 1:

@@ -34,9 +34,10 @@ class Kube:
         for f in files:
             self.run("apply", "-f", str(f))
 
-    def condition(self, kind: str, name: str, namespace: str = "default") -> dict:
+    def condition(self, kind: str, name: str, namespace: str = "default", kind_of: str = "Accepted") -> dict:
+        """An object's status condition of type `kind_of` (Accepted, AddressResolved), or {}."""
         out = self.run("get", kind, name, "-n", namespace, "-o",
-                       "jsonpath={.status.conditions[?(@.type==\"Accepted\")]}").stdout
+                       f"jsonpath={{.status.conditions[?(@.type==\"{kind_of}\")]}}").stdout
         return json.loads(out) if out.strip() else {}
 
 

@@ -1,6 +1,8 @@
-"""The `extproc` command's subcommands that read a config and print: `validate` and `route`."""
+"""The `extproc` command's subcommands that read a config and print: `validate`, `route`, `envoy-config`."""
 
 from __future__ import annotations
+
+import pytest
 
 from extproc.cli.main import main
 from extproc.policy.budgets import key_hash
@@ -111,3 +113,23 @@ def test_bad_source_labels_are_refused_on_the_command_line(tmp_path, capsys):
             main(["route", "--config", str(tmp_path), "--host", "h", "--source-labels", bad])
         assert exited.value.code == 2
     assert "label key 'bad key'" in capsys.readouterr().err
+
+
+def test_max_ext_proc_streams_reaches_the_control_plane_clusters(capsys):
+    import json
+
+    from extproc.protocol import EXT_PROC_CLUSTER
+
+    assert main(["envoy-config", "--max-ext-proc-streams", "2500"]) == 0
+    boot = json.loads(capsys.readouterr().out)
+    (cluster,) = [c for c in boot["static_resources"]["clusters"] if c["name"] == EXT_PROC_CLUSTER]
+    assert cluster["circuit_breakers"]["thresholds"][0]["max_requests"] == 2500
+    assert "overload_manager" not in boot  # a sidecar's descriptors are its container's: no limit assumed
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many", str(1 << 32)])
+def test_max_ext_proc_streams_must_be_a_number_of_streams(value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["envoy-config", "--max-ext-proc-streams", value])
+    assert exit_.value.code == 2
+    assert "--max-ext-proc-streams" in capsys.readouterr().err

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from extproc.envoy.bootstrap import BootstrapOptions, bootstrap
-from extproc.protocol import EXT_PROC_CLUSTER
+from extproc.protocol import ACCESS_LOG_CLUSTER
 from support.envoy_api import hcm
 
 
@@ -22,7 +22,7 @@ def test_streamed_answer_timings_sent_to_the_metrics_as_time_points():
 @pytest.mark.parametrize("access_log", ["/dev/stdout", "/tmp/x.log", None])
 def test_access_logs(access_log):
     logs = hcm(bootstrap(BootstrapOptions(access_log=access_log)))["access_log"]
-    assert logs[0]["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == EXT_PROC_CLUSTER
+    assert logs[0]["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == ACCESS_LOG_CLUSTER
     if access_log is None:
         assert len(logs) == 1
     else:

@@ -105,7 +105,10 @@ def test_bootstrap_holds_no_provider():
 
 @pytest.mark.parametrize("opts", [pytest.param(BootstrapOptions(), id="default"),
                                   pytest.param(BootstrapOptions(sidecar=True, access_log=None),
-                                               id="sidecar-no-file-log")])
+                                               id="sidecar-no-file-log"),
+                                  pytest.param(BootstrapOptions(max_ext_proc_streams=50,
+                                                                max_downstream_connections=9_000),
+                                               id="limits-as-up-sets-them")])
 def test_envoy_accepts_the_bootstrap(tmp_path, opts):
     """The real Envoy checks every field, the ones xds-protos does not know included."""
     path = tmp_path / "bootstrap.json"

@@ -67,7 +67,8 @@ def test_provider_cluster(host, resolve, address, port, cluster_type):
 @pytest.mark.parametrize("failover", [False, True])
 def test_only_a_failover_cluster_carries_the_retry_rewrite(failover):
     """Requests of rules without `retries` go to the plain cluster: no upstream filters (Envoy's
-    default codec), Envoy's default buffer limit and retry budget: they pay nothing for failover."""
+    default codec), Envoy's default buffer limit and retry budget: they pay nothing for failover.
+    Both admit the same requests in flight."""
     cluster = provider_cluster("c", "a.example.com", UpstreamOptions(body_limit=4 << 20), failover=failover)
     msg = to_cluster_proto(cluster)
     options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
@@ -78,7 +79,9 @@ def test_only_a_failover_cluster_carries_the_retry_rewrite(failover):
         assert msg.circuit_breakers.thresholds[0].max_retries.value == 100_000
     else:
         assert names == []
-        assert not msg.HasField("per_connection_buffer_limit_bytes") and not msg.HasField("circuit_breakers")
+        assert not msg.HasField("per_connection_buffer_limit_bytes")
+        assert not msg.circuit_breakers.thresholds[0].HasField("max_retries")
+    assert msg.circuit_breakers.thresholds[0].max_requests.value == 10_000
 
 
 def test_provider_cluster_connect_timeout():

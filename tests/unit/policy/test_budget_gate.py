@@ -87,8 +87,7 @@ def test_gate_fail_closed_while_degraded(tmp_path):
     compiled = load_docs(tmp_path, provider("dashscope", DASHSCOPE), budget_doc(RULES))
     g = BudgetGate(CollectorRegistry(), lambda: compiled.table, redis_url="redis://127.0.0.1:1/0", fail_closed=True)
     route = compiled.table.route_for(DASHSCOPE).name
-    assert g.admit(route, headers(x_user_id="a")).as_dict()["budget"] == "default/per-user"
-    g._set_up(False)
+    g._set_up(False)  # a sync failed
     with pytest.raises(GatewayError) as error:
         g.admit(route, headers(x_user_id="a"))
     assert (error.value.status, error.value.code) == (503, "rate_limit_unavailable")
@@ -99,6 +98,7 @@ def test_gate_unreachable_redis_keeps_what_is_owed(tmp_path):
     compiled = load_docs(tmp_path, provider("dashscope", DASHSCOPE), budget_doc(RULES))
     g = BudgetGate(CollectorRegistry(), lambda: compiled.table, redis_url="redis://127.0.0.1:1/0")
     route = compiled.table.route_for(DASHSCOPE).name
+    g._set_up(False)  # a sync failed: admitted from memory (fail open), not waiting for Redis
     meta = g.admit(route, headers(x_user_id="a")).as_dict()
     g.charge(buckets_of(meta), 17)
 
@@ -175,6 +175,7 @@ def test_gate_syncs_an_admitted_bucket_at_its_rules_rates(tmp_path):
     compiled = load_docs(tmp_path, provider("dashscope", DASHSCOPE), budget_doc(RULES))
     g = BudgetGate(CollectorRegistry(), lambda: compiled.table, redis_url="redis://127.0.0.1:1/0")
     route = compiled.table.route_for(DASHSCOPE).name
+    g._set_up(False)  # admitted from memory (fail open)
     bucket = g.admit(route, headers(x_user_id="a")).buckets[0]  # admitted only, nothing charged yet
     assert g._rates[bucket] == (40 / 3600, 1 / 3600)  # what a sync sends Redis to drain with
 

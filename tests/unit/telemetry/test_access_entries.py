@@ -245,3 +245,30 @@ def test_a_provider_without_an_address_is_counted_by_its_code():
     e.common_properties.response_flags.no_healthy_upstream = True
     rec = record_from_entry(e)
     assert (rec.outcome, rec.error_type) == ("gateway_error", "provider_address_unknown")
+
+
+def overflow(details: str, upstream_overflow: bool) -> accesslog_pb2.HTTPAccessLogEntry:
+    e = entry(503, details, meta=DECISION)
+    e.common_properties.response_flags.upstream_overflow = upstream_overflow
+    return e
+
+
+@pytest.mark.parametrize(("log_entry", "outcome", "error_type"), [
+    pytest.param(overflow("upstream_reset_before_response_started{overflow}", True), "gateway_error", "overloaded",
+                 id="provider-cluster-full"),
+    pytest.param(overflow("ext_proc_error_gRPC_error_14{upstream_connect_error_or_disconnect/reset_before_headers."
+                          "_reset_reason:_overflow{upstream_reset_before_response_started{overflow}}}", False),
+                 "gateway_error", "overloaded", id="ext_proc-cluster-full"),
+    pytest.param(overflow("ext_proc_error_gRPC_error_14{upstream_connect_error_or_disconnect/reset_before_headers."
+                          "_reset_reason:_remote_connection_failure}", False),
+                 "gateway_error", "ext_proc_error_gRPC_error_14", id="ext_proc-down-is-not-overload"),
+    pytest.param(overflow("upstream_reset_before_response_started{remote_connection_failure}", False),
+                 "gateway_error", "upstream_reset_before_response_started", id="provider-down-is-not-overload"),
+    pytest.param(entry(503, "llm_gateway_overloaded", meta=DECISION), "gateway_error", "overloaded",
+                 id="ext_proc-body-memory-same-error-type"),
+])
+def test_a_refusal_at_a_limit_of_requests_in_flight_counts_as_overloaded(log_entry, outcome, error_type):
+    """Envoy's circuit breakers refuse with Envoy's own reason; the metrics count them under the
+    error the client got (`overloaded`), as the ext_proc's own 503 of that code is counted."""
+    rec = record_from_entry(log_entry)
+    assert (rec.outcome, rec.error_type) == (outcome, error_type)
