@@ -151,3 +151,13 @@ def test_parse_endpoints():
     assert parse_endpoints("[::1]:8000") == ("[::1]:8000",)
     assert "not ip:port" in parse_endpoints("vllm.svc:8000")
     assert "no port" in parse_endpoints("10.0.0.1:x") and "is not ip:port" in parse_endpoints("10.0.0.1")
+
+
+def test_a_pool_as_a_fallback_comes_after_the_providers_twice():
+    result = compiled([{"providerHost": DASHSCOPE}], [pool()], provider("d", DASHSCOPE, namespace="team"),
+                      fallback_refs=[{"backendRef": POOL_REF}], retries={"attempts": 3})
+    assert not [p for p in result.problems if p.severity == "error"], result.problems
+    order = result.table.routes["chat.internal"].rules[0].failover.orders[0]
+    assert [t.cluster for t in order] == [failover_cluster(DASHSCOPE), failover_cluster("qwen.team.inferencepool"),
+                                          retry_cluster("qwen.team.inferencepool")]
+    assert set(result.table.clusters) == {DASHSCOPE, "qwen.team.inferencepool"}
