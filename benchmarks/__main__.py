@@ -27,6 +27,9 @@ COMMANDS = {
     "answer-reader": ("answer_reader", "main", "what reading a sampled answer's finish reason costs Envoy per "
                                                "streamed event (traces on, sampled or not, against off)"),
     "dashboard": ("dashboard", "main", "docs/images/dashboard.png: the dashboard's panels from a real run's /metrics"),
+    "endpoint-picking": ("endpoint_picking", "main", "load-aware endpoint picking against Envoy's round robin and "
+                                                     "least request, four simulated model servers (issue 25)"),
+    "model-servers": ("endpoint_picking", "serve_main", "(started by the bench) simulated model servers"),
     "paced-provider": ("streams", "main", "(started by the bench) the streaming benchmark's paced provider"),
     "floor-server": ("floor", "main", "(started by the bench) the floor's ext_proc server"),
 }

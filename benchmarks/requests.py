@@ -15,6 +15,8 @@ Then the streaming benchmark (bare, floor, gateway): a paced fake provider over 
 streams of E events P ms apart; CPU per event of each contender's processes, each event's delay,
 RSS per open stream (see benchmarks/streams.py). Variants instead: --budgets (benchmarks/budgets.py),
 --concurrent-streams (thousands of long streams at once, benchmarks/concurrency.py).
+Last, a part of its own: load-aware endpoint picking over simulated model servers against Envoy's
+round robin and least request (benchmarks/endpoint_picking.py; --no-endpoint-picking skips it).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pathlib import Path
 from extproc.testing.envoy_fake import STREAM_HEADER
 from extproc.testing.load import run_wrk
 
-from . import budgets, concurrency, gateway_hop, streams, work
+from . import budgets, concurrency, endpoint_picking, gateway_hop, streams, work
 from .charts import chart
 from .contenders import (
     HOST,
@@ -92,6 +94,10 @@ def add_streaming_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--memory-streams", type=int, nargs="*", default=[64, 512],
                    help="open streams at which RSS per stream is read (default 64 512)")
     g.add_argument("--no-streams", action="store_true", help="skip the streaming benchmark")
+    g.add_argument("--no-endpoint-picking", action="store_true",
+                   help="skip the endpoint-picking part (benchmarks/endpoint_picking.py)")
+    g.add_argument("--picking-seconds", type=float, default=60,
+                   help="arrivals per contender of the endpoint-picking part (default 60)")
     g.add_argument("--compare-source", type=Path, metavar="DIR",
                    help="also run the gateway from another checkout (e.g. the previous commit) as gateway_cmp")
     g.add_argument("--h2-library", action="store_true",
@@ -160,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
             summary["streaming"] = streaming(args, {n: contenders[n] for n in gateways}, {
                 n: contenders[n] for n in ("bare", "floor", "gateway", "gateway_cmp") if n in contenders})
         report(summary, args.out)
-        return 0
+    if not args.no_endpoint_picking:  # a part of its own, once the contenders above are stopped
+        endpoint_picking.main(["--seconds", str(args.picking_seconds), "--out", str(args.out)])
+    return 0
 
 
 def streaming(args: argparse.Namespace, gateways: dict[str, Contender], contenders: dict[str, Contender]) -> dict:

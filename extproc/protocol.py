@@ -37,6 +37,17 @@ ANSWER_HEADER = "x-llm-gateway-answer"
 TRANSLATE_HEADER = "x-llm-gateway-translate"
 
 
+# Per cluster of a pool of model servers: the endpoint ("ip:port") the ext_proc picked for it.
+# Envoy's ORIGINAL_DST cluster of that name sends the request there (`extproc.envoy.pools`);
+# internal (the prefix above): a client's value never reaches Envoy's router.
+ENDPOINT_HEADER_PREFIX = "x-llm-gateway-endpoint-"
+
+
+def endpoint_header(cluster: str) -> str:
+    """The request header naming the endpoint a pool cluster sends the request to."""
+    return ENDPOINT_HEADER_PREFIX + cluster
+
+
 def next_header(cluster: str) -> str:
     """The request header that names the cluster after `cluster` in a request's attempt order."""
     return NEXT_HEADER_PREFIX + cluster
@@ -74,7 +85,11 @@ PROVIDER_CLUSTER_PREFIX = "llm_provider_"
 # carries the upstream filters that rewrite a retried attempt; requests of other rules go to the
 # plain cluster and pay nothing for failover.
 FAILOVER_CLUSTER_PREFIX = "llm_failover_"
-PROVIDER_CLUSTER_PREFIXES = (PROVIDER_CLUSTER_PREFIX, FAILOVER_CLUSTER_PREFIX)
+# Prefix of a pool's third cluster, for rules with `retries`: the attempt after the pool's first,
+# sent to the next endpoint the picker ranked (its own endpoint header): `llm_retry_<host>`.
+RETRY_CLUSTER_PREFIX = "llm_retry_"
+PROVIDER_CLUSTER_PREFIXES = (PROVIDER_CLUSTER_PREFIX, FAILOVER_CLUSTER_PREFIX, RETRY_CLUSTER_PREFIX)
+FAILOVER_ROUTE_PREFIXES = (FAILOVER_CLUSTER_PREFIX, RETRY_CLUSTER_PREFIX)  # the clusters the failover route names
 
 
 def provider_cluster(host: str) -> str:
@@ -86,6 +101,11 @@ def provider_cluster(host: str) -> str:
 def failover_cluster(host: str) -> str:
     """The provider's cluster for requests of rules with `retries` (see FAILOVER_CLUSTER_PREFIX)."""
     return FAILOVER_CLUSTER_PREFIX + host.replace(".", "_")
+
+
+def retry_cluster(host: str) -> str:
+    """A pool's cluster for a retry on another endpoint (see RETRY_CLUSTER_PREFIX)."""
+    return RETRY_CLUSTER_PREFIX + host.replace(".", "_")
 
 
 def host_of_cluster(cluster: str) -> str | None:

@@ -205,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--body", metavar="FILE",
                        help="a request body (JSON): which LLMDataPolicy rules it would meet, where they find "
                             "values (never what), and whether it would be refused, masked or logged")
+    route.add_argument("--model", metavar="NAME",
+                       help="the model the request asks for (a pool of model servers: which hold it as a LoRA adapter)")
     add_caller_args(route, "the calling workload")
     add_gateway_args(route)
     return parser
@@ -362,11 +364,42 @@ def cmd_route(args: argparse.Namespace) -> int:
         print(f"  {share:5.1f}%  provider {target.provider} ({target.provider_host}{target.path})"
               f"  model {target.model}{stream}  cluster {target.cluster}")
     print(describe_failover(rule))
+    for pool in dict.fromkeys(compiled.table.pools[t.pool] for t in rule.targets if t.pool is not None):
+        for line in _describe_pool(pool, args.body, args.model):
+            print(line)
     for line in describe_budgets(compiled.table.budgets, route.name, headers, caller):
         print(line)
     if args.body is not None:
         return _explain_body(args.body, compiled.table.protection.guard(route.name, None))
     return 0
+
+
+def _describe_pool(pool, body_file: str | None, model: str | None) -> list[str]:
+    """A pool's endpoints, scraped once now, ranked as the picker would rank this request
+    (its body's prompt prefix, where given; `--model`: the model asked for, a LoRA adapter)."""
+    import asyncio
+    import time
+
+    from ..dataplane.endpoint_scraper import scrape_once
+    from ..policy.endpoint_picker import prefix_hashes
+
+    lines = [f"pool {pool.kind} {pool.name} ({pool.protocol}): {len(pool.endpoints)} ready endpoint"
+             f"{'' if len(pool.endpoints) == 1 else 's'}"]
+    if not pool.endpoints:
+        return [*lines, "  none ready: its requests get 503 no_ready_endpoint (or fail over, with retries)"]
+    state, failures = asyncio.run(scrape_once(pool))
+    body = b""
+    if body_file is not None:
+        try:
+            body = open(body_file, "rb").read()
+        except OSError:
+            body = b""
+    ranking = state.rank(pool, time.time(), prefix_hashes(body), model)
+    lines.append(f"  candidates, best first (by {ranking.basis}):")
+    for scored in ranking.order:
+        note = f"  (metrics: {failures[scored.endpoint]})" if scored.endpoint in failures else ""
+        lines.append(f"    {scored.endpoint}  score {scored.score:g}  {scored.why}{note}")
+    return lines
 
 
 def _explain_body(path: str, guard) -> int:

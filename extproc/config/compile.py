@@ -39,6 +39,7 @@ from ..policy.table import (
     ApiSettings,
     Claim,
     Forward,
+    Pool,
     RetryPolicy,
     Route,
     RoutingTable,
@@ -48,7 +49,8 @@ from ..policy.table import (
     normalize_host,
 )
 from ..policy.visibility import may_use, visible_to
-from ..protocol import provider_cluster
+from ..protocol import RETRY_CLUSTER_PREFIX, provider_cluster
+from .backends import ENDPOINTS_ANNOTATION, H2C, Backend, Key, service_port
 from .data_policies import compile_protection
 from .loader import Loaded
 from .models import (
@@ -61,6 +63,7 @@ from .models import (
     LLMProvider,
     LLMRoute,
     LLMTokenRateLimit,
+    ObjectRef,
     OpenAIConfig,
     StringMatch,
     parse_duration,
@@ -76,7 +79,8 @@ class Compiled:
 
 
 def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bool = False,
-                   home: str | None = None) -> Compiled:
+                   home: str | None = None, backends: Mapping[Key, Backend | str] | None = None,
+                   endpoints: Mapping[Key, tuple[str, ...]] | None = None) -> Compiled:
     """The routing table for `view` (the mesh, or one egress gateway; see `extproc.policy.gateway_binding`).
     Which objects are accepted does not depend on the view, except that the mesh view also
     refuses an object naming an egress gateway it does not know.
@@ -89,7 +93,11 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
     Host names: an object's host as written resolves in the caller's namespace first, and with
     its namespace (`svc.ns`, `svc.ns.svc`, `svc.ns.svc.cluster.local`) from anywhere (see
     `extproc.policy.caller_view`). Two objects conflict only on the same host in the same
-    namespace, for the same proxy."""
+    namespace, for the same proxy.
+
+    `backends`: the Services and InferencePools a route's `backendRef` may name
+    (`extproc.config.backends`), with their ready `endpoints` (Kubernetes: from EndpointSlices and
+    pods; None: each object's endpoints annotation, as in files)."""
     problems: list[Problem] = []
     providers: dict[str, Loaded] = {}
     declared: dict[str, tuple[str, ...]] = {}  # provider host -> its own spec.gateways, where set
@@ -120,6 +128,7 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
     used: set[str] = set()  # provider hosts the routes served here send to
     owner: dict[tuple[str, str, str], Loaded] = {}  # (mesh or gateway, namespace, host) -> the route holding it
     accepted: list[Loaded] = []
+    pools_in = _Pools(backends or {}, endpoints)
     for obj in objects:
         if not isinstance(obj.resource, LLMRoute):
             continue
@@ -133,7 +142,7 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
             problems.extend(errors)
             continue
         route, route_problems = _compile_route(obj, providers, home if namespaces else None, namespaces, prices,
-                                               view, check.binding, declared)
+                                               view, check.binding, declared, pools_in)
         if route_problems:
             problems.extend(route_problems)
             continue
@@ -168,7 +177,7 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
             bound = declared_binding(obj.resource.spec.gateways, obj.resource.metadata.namespace)
             for host in {ref_host.lower() for rule in obj.resource.spec.rules
                          for ref_host in (*(ref.provider_host for ref in rule.backend_refs),
-                                          *(ref.provider_host for ref in rule.fallback_refs))}:
+                                          *(ref.provider_host for ref in rule.fallback_refs)) if ref_host}:
                 if host in referrers:
                     referrers[host].append(bound)
     bindings = {host: declared.get(host) or provider_binding(referrers[host]) for host in providers}
@@ -210,15 +219,18 @@ def compile_config(objects: list[Loaded], view: View = MESH_VIEW, namespaces: bo
     budgets = compile_budgets(objects, resolve, problems, accepted, forwarded)
     protection = compile_protection(objects, routes, problems, accepted, namespaces, home)
     clusters = {host: provider_cluster(host) for host in providers if host in used}
+    pools = {host: pool for host, pool in pools_in.used.items() if host in used}
+    clusters.update((host, provider_cluster(host)) for host in pools)
     all_routes = {id(c.route): c.route for found in claimed.values() for c in found}.values()
     failover_clusters = {t.provider_host: t.cluster for route in all_routes for rule in route.rules
-                         if rule.failover is not None for order in rule.failover.orders for t in order}
+                         if rule.failover is not None for order in rule.failover.orders for t in order
+                         if not t.cluster.startswith(RETRY_CLUSTER_PREFIX)}  # a pool's retry cluster goes with it
     health = {host: _health(obj) for host, obj in providers.items()}
     capacity = {host: limits for host, obj in providers.items() if (limits := _limits(obj)) != DEFAULT_PROVIDER_LIMITS}
     table = RoutingTable(routes=routes, clusters=clusters, version=_version(accepted), forwarded=forwarded,
                          budgets=budgets, health=health, failover_clusters=failover_clusters, claims=claims,
                          home=home if namespaces else None, prices=prices.table, protection=protection,
-                         capacity=capacity)
+                         capacity=capacity, pools=pools)
     return Compiled(table=table, problems=problems, accepted=accepted)
 
 
@@ -291,11 +303,13 @@ def _usable_provider(obj: Loaded, provider_host: str, field: str, providers: dic
 
 def _compile_route(obj: Loaded, providers: dict[str, Loaded], home: str | None, namespaces: bool,
                    prices: CompiledPrices, view: View = MESH_VIEW, binding: frozenset[str] = frozenset({MESH}),
-                   declared: dict[str, tuple[str, ...]] | None = None) -> tuple[Route, list[Problem]]:
+                   declared: dict[str, tuple[str, ...]] | None = None, pools: _Pools | None = None
+                   ) -> tuple[Route, list[Problem]]:
     resource = obj.resource
     assert isinstance(resource, LLMRoute)
     namespace = resource.metadata.namespace
     route_name = f"{namespace}/{resource.metadata.name}"
+    pools = pools if pools is not None else _Pools({}, None)
     problems: list[Problem] = []
     rules: list[Rule] = []
     watched: set[str] = set()
@@ -303,6 +317,13 @@ def _compile_route(obj: Loaded, providers: dict[str, Loaded], home: str | None, 
         rule_label = rule.name or f"rules[{i}]"
         targets: list[Target] = []
         for j, ref in enumerate(rule.backend_refs):
+            if ref.backend_ref is not None:
+                pool_target = pools.target(obj, ref.backend_ref, f"spec.rules[{i}].backendRefs[{j}]", route_name,
+                                           rule_label, problems)
+                if pool_target is not None:
+                    targets.append(pool_target)
+                continue
+            assert ref.provider_host is not None
             provider = _usable_provider(obj, ref.provider_host, f"spec.rules[{i}].backendRefs[{j}].providerHost",
                                         providers, problems, home, namespaces, binding, declared)
             if provider is None:
@@ -318,6 +339,13 @@ def _compile_route(obj: Loaded, providers: dict[str, Loaded], home: str | None, 
         weights = [ref.weight if ref.weight is not None else 1 for ref in rule.backend_refs]
         fallbacks: list[Target] = []
         for j, fallback in enumerate(rule.fallback_refs):
+            if fallback.backend_ref is not None:
+                pool_target = pools.target(obj, fallback.backend_ref, f"spec.rules[{i}].fallbackRefs[{j}]",
+                                           route_name, rule_label, problems)
+                if pool_target is not None:
+                    fallbacks.append(pool_target)
+                continue
+            assert fallback.provider_host is not None
             provider = _usable_provider(obj, fallback.provider_host, f"spec.rules[{i}].fallbackRefs[{j}].providerHost",
                                         providers, problems, home, namespaces, binding, declared)
             if provider is None:
@@ -650,3 +678,67 @@ def compile_prices(objects: list[Loaded], providers: dict[str, Loaded], problems
         by_host[spec.host] = models
         accepted.append(obj)
     return CompiledPrices(PriceTable(by_host), accepted)
+
+
+class _Pools:
+    """The Services and InferencePools routes name, as pools of the routing table: each
+    `backendRef` checked (same namespace, the object exists, its port), each pool built once."""
+
+    def __init__(self, backends: Mapping[Key, Backend | str], endpoints: Mapping[Key, tuple[str, ...]] | None):
+        self._backends = backends
+        self._endpoints = endpoints
+        self.used: dict[str, Pool] = {}  # host -> pool, for every pool an accepted rule names
+
+    def target(self, obj: Loaded, ref: ObjectRef, field: str, route: str, rule: str,
+               problems: list[Problem]) -> Target | None:
+        namespace = obj.resource.metadata.namespace
+
+        def problem(message: str, where: str, reason: str = "InvalidBackendRef") -> None:
+            problems.append(Problem(message, file=obj.file, obj=obj.label, field=f"{field}.backendRef{where}",
+                                    reason=reason))
+
+        if ref.namespace is not None and ref.namespace != namespace:
+            problem(f"{ref.kind} {ref.namespace}/{ref.name} is in another namespace than the route ({namespace}): "
+                    "a route sends only to model servers of its own namespace", ".namespace", "RefNotPermitted")
+            return None
+        key = (ref.kind, namespace, ref.name)
+        backend = self._backends.get(key)
+        if backend is None:
+            problem(f"no {ref.kind} {namespace}/{ref.name}", ".name", "BackendNotFound")
+            return None
+        if isinstance(backend, str):
+            problem(f"{ref.kind} {namespace}/{ref.name}: {backend}", "", "InvalidBackend")
+            return None
+        if backend.kind == "Service":
+            port = service_port(backend, ref.port)
+            if isinstance(port, str):
+                problem(port, ".port")
+                return None
+            app_protocol = port[2]
+            host = f"{ref.name}.{namespace}.svc"
+        else:
+            numbers = [p[1] for p in backend.ports]
+            if ref.port is not None and ref.port not in numbers:
+                problem(f"InferencePool {namespace}/{ref.name} has no targetPort {ref.port}", ".port")
+                return None
+            app_protocol = backend.app_protocol
+            host = f"{ref.name}.{namespace}.inferencepool"
+        protocol = "https" if ref.tls else "h2c" if app_protocol.lower() in H2C else "http"
+        pool = self.used.get(host)
+        if pool is None:  # files name the endpoints themselves (ports included); Kubernetes finds them
+            found = (backend.annotated or ()) if self._endpoints is None else self._endpoints.get(key, ())
+            pool = self.used[host] = Pool(host, backend.kind, f"{namespace}/{ref.name}", protocol, found)
+            if self._endpoints is None and backend.annotated is None:
+                problems.append(Problem(f"{ref.kind} {namespace}/{ref.name} names no endpoints: in files, give them "
+                                        f"as its annotation {ENDPOINTS_ANNOTATION}: \"ip:port, ip:port\" (until "
+                                        "then its requests get a 503)", file=obj.file, obj=obj.label,
+                                        field=f"{field}.backendRef.name", severity="warning", reason="NoEndpoints"))
+        elif pool.protocol != protocol:
+            problem(f"{ref.kind} {namespace}/{ref.name} is named elsewhere with another protocol ({pool.protocol}): "
+                    "give every backendRef to it the same tls", ".tls")
+            return None
+        return Target(
+            route=route, rule=rule, provider=f"{namespace}/{ref.name}", provider_host=host,
+            cluster=provider_cluster(host), path=ref.path, model=ref.model, stream=ref.stream,
+            timeout_s=parse_duration(ref.timeout) if ref.timeout else None,
+            base_path=base_path(ref.path, None), pool=host)

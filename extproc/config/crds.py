@@ -8,6 +8,7 @@ required, minimum, minLength, minItems, maxProperties, pattern, enum.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from pydantic import BaseModel
@@ -24,7 +25,8 @@ from .models import (
 GROUP = "istio.alibabacloud.com"
 VERSION = "v1beta1"
 BUDGET_GROUP, BUDGET_VERSION = BUDGET_API_VERSION.split("/")  # our own kind, in our own group
-_KEEP = ("type", "description", "minimum", "minLength", "minItems", "maxProperties", "pattern", "enum")
+_KEEP = ("type", "description", "minimum", "maximum", "minLength", "maxLength", "minItems", "maxProperties", "pattern",
+         "enum", "x-kubernetes-validations")
 
 
 def _structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
@@ -38,7 +40,7 @@ def _structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         if "description" in schema:
             merged["description"] = schema["description"]
         return merged
-    out = {k: schema[k] for k in _KEEP if k in schema}
+    out = {k: copy.deepcopy(schema[k]) for k in _KEEP if k in schema}  # no shared lists: YAML would alias them
     if schema.get("type") == "object":
         if "properties" in schema:
             out["properties"] = {name: _structural(sub, defs) for name, sub in schema["properties"].items()}

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..policy.gateway_binding import MESH_VIEW, View
+from .backends import load_backends
 from .compile import Compiled, compile_config
 from .loader import config_files, load_paths
 from .models import LLMDataPolicySpec
@@ -31,7 +32,7 @@ def load_config(paths: Sequence[str | Path], environ: dict[str, str] | None = No
     them); the compiled config carries every problem that is not an error (warnings and notes,
     for `extproc validate`)."""
     objects, problems = load_paths(paths, environ)
-    compiled = compile_config(objects, view)
+    compiled = compile_config(objects, view, backends=load_backends(paths))
     # each object's own host (a data policy names several, and no route depends on it)
     hosts = {obj.label: spec.host for obj in objects if not isinstance(spec := obj.resource.spec, LLMDataPolicySpec)}
     problems = problems + without_consequences(problems, compiled.problems, hosts)

@@ -26,6 +26,7 @@ from ..policy.addresses import Lookup
 from ..policy.gateway_binding import MESH_VIEW, View
 from .compile import Compiled, compile_config
 from .crds import BUDGET_GROUP, BUDGET_VERSION, GROUP, VERSION
+from .kubernetes_backends import BackendWatch
 from .loader import Loaded, parse_object
 from .problems import Problem
 
@@ -75,6 +76,8 @@ class KubernetesSource:
             api_client = client.ApiClient()
         self._custom = client.CustomObjectsApi(api_client)
         self._core = client.CoreV1Api(api_client)
+        # the Services and InferencePools routes name, and their endpoints (in-cluster model servers)
+        self._backends = BackendWatch(api_client, namespace, self._signal)
         self._apply = apply
         self._namespace = namespace
         self._key_env = {name: host.lower() for name, host in (key_env or {}).items()}  # --key-env NAME=HOST
@@ -112,6 +115,7 @@ class KubernetesSource:
                             "installed", kind, kind)
                 self._versions[kind] = ""
         self._secret_version = await asyncio.to_thread(self._list_secrets_version)
+        await asyncio.to_thread(self._backends.list_all)
         return await self._reconcile()
 
     async def run(self) -> None:
@@ -121,6 +125,7 @@ class KubernetesSource:
         threads.append(threading.Thread(target=self._watch_secrets, name="watch-secrets", daemon=True))
         for t in threads:
             t.start()
+        self._backends.start()
         try:
             while True:
                 await self._changed.wait()
@@ -132,6 +137,7 @@ class KubernetesSource:
                     log.exception("rebuilding the config from Kubernetes failed; the last config stays in force")
         finally:
             self._stopping.set()
+            self._backends.stop()
 
     def _signal(self) -> None:
         if self._loop is not None and self._changed is not None:
@@ -317,7 +323,9 @@ class KubernetesSource:
                         "until the errors are fixed", obj=f"{key[0]} {key[1]}/{key[2]}", reason="LastGoodKept"))
             if obj is not None:
                 loaded.append(obj)
-        compiled = compile_config(loaded, self._view, namespaces=True, home=self._home)
+        backends, endpoints = self._backends.snapshot(raw for key, raw in snapshot.items() if key[0] == "LLMRoute")
+        compiled = compile_config(loaded, self._view, namespaces=True, home=self._home, backends=backends,
+                                  endpoints=endpoints)
         by_label = {f"{k[0]} {k[1]}/{k[2]}": k for k in snapshot}
         for problem in compiled.problems:
             if problem.obj in by_label:

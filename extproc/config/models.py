@@ -20,6 +20,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.config import JsonDict
 
 from ..policy.caller import LABEL_VALUE_PATTERN, label_problems
 from ..policy.capacity import MAX_LIMIT
@@ -348,15 +349,82 @@ class RouteMatch(_Strict):
     _keys = field_validator("source_labels")(_labels)
 
 
+POOL_GROUP = "inference.networking.k8s.io"  # the Gateway API Inference Extension's InferencePool (v1)
+BACKEND_KINDS = {"Service": "", "InferencePool": POOL_GROUP}  # kind -> its API group
+
+
+class ObjectRef(_Strict):
+    """ASM's `backendRef`: an in-cluster Service or InferencePool of model servers, and (our
+    extension) how a request is rewritten for them, as an LLMProvider's config does for a
+    provider (docs/in-cluster-models.md)."""
+
+    group: str = Field(default="", description="'' for a Service, inference.networking.k8s.io for an InferencePool.")
+    kind: Literal["Service", "InferencePool"] = Field(default="Service", description="Service or InferencePool.")
+    name: str = Field(min_length=1, max_length=253)
+    namespace: str | None = Field(default=None, min_length=1, max_length=63,
+                                  description="The route's own namespace (the only one allowed); unset: the same.")
+    port: int | None = Field(default=None, ge=1, le=65535,
+                             description="A Service's port (unset: its only port); an InferencePool's targetPort.")
+    # our extensions: the request as the model servers take it
+    path: str = Field(default="/v1/chat/completions", pattern=r"^/",
+                      description="The model servers' chat path (their OpenAI base path is it without "
+                                  "/chat/completions).")
+    model: str | None = Field(default=None, min_length=1,
+                              description="The model the servers are asked for (unset: the client's, e.g. a LoRA "
+                                          "adapter's name).")
+    stream: bool | None = Field(default=None, description="Force streaming on or off (unset: as the client asks).")
+    tls: bool = Field(default=False, description="TLS to the endpoints (certificate name: the Service's or "
+                                                 "pool's DNS name, <name>.<namespace>.svc).")
+    timeout: str | None = Field(default=None, pattern=DURATION_PATTERN,
+                                description="Time the model server has for the whole answer (unset: no bound).")
+
+    @model_validator(mode="after")
+    def _group_of_kind(self) -> ObjectRef:
+        wanted = BACKEND_KINDS[self.kind]
+        if self.group != wanted:
+            raise ValueError(f"group of a {self.kind} is {wanted!r}, not {self.group!r}")
+        return self
+
+
+_ONE_TARGET: JsonDict = {"x-kubernetes-validations": [{"rule": "has(self.providerHost) != has(self.backendRef)",
+                                            "message": "set providerHost or backendRef, not both"}]}
+
+
 class BackendRef(_Strict):
-    provider_host: str = Field(alias="providerHost", min_length=1)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, json_schema_extra=_ONE_TARGET)
+
+    provider_host: str | None = Field(default=None, alias="providerHost", min_length=1)
+    backend_ref: ObjectRef | None = Field(default=None, alias="backendRef",
+                                          description="An in-cluster Service or InferencePool (not with providerHost).")
     weight: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> BackendRef:
+        _one_of(self)
+        return self
 
 
 class FallbackRef(_Strict):
-    """Our extension: a provider tried after the rule's own backendRefs (docs/failover.md)."""
+    """Our extension: a provider (or a pool of model servers) tried after the rule's own
+    backendRefs (docs/failover.md)."""
 
-    provider_host: str = Field(alias="providerHost", min_length=1)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, json_schema_extra=_ONE_TARGET)
+
+    provider_host: str | None = Field(default=None, alias="providerHost", min_length=1)
+    backend_ref: ObjectRef | None = Field(default=None, alias="backendRef",
+                                          description="An in-cluster Service or InferencePool (not with providerHost).")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> FallbackRef:
+        _one_of(self)
+        return self
+
+
+def _one_of(ref: BackendRef | FallbackRef) -> None:
+    if ref.provider_host is not None and ref.backend_ref is not None:
+        raise ValueError("set providerHost or backendRef, not both")
+    if ref.provider_host is None and ref.backend_ref is None:
+        raise ValueError("set providerHost (an LLMProvider's host) or backendRef (a Service or InferencePool)")
 
 
 RETRY_ON_CONDITIONS = ("connect-failure", "reset", "5xx", "gateway-error", "refused-stream")

@@ -18,6 +18,7 @@ from envoy.service.accesslog.v3 import als_pb2
 from ..policy.budget_gate import BudgetGate
 from ..policy.budgets import bucket_id, is_charged, tokens_to_charge
 from ..policy.caller import Caller
+from ..policy.endpoint_state import EndpointObserver
 from ..policy.failover import attempt_target
 from ..policy.openai_api import configured_model, endpoint_of_operation
 from ..policy.passive_health import AttemptObserver, attempt_reason
@@ -73,7 +74,7 @@ class AccessLogReceiver:
     def __init__(self, metrics: GatewayMetrics, budgets: BudgetGate | None = None,
                  attempts: AttemptObserver | None = None, spans: SpanSink | None = None,
                  prices: Callable[[], PriceTable] | None = None, table: Callable[[], RoutingTable] | None = None,
-                 entry_callers: bool = False):
+                 entry_callers: bool = False, endpoints: EndpointObserver | None = None):
         self._metrics = metrics
         # an egress gateway: its own Envoy (a Unix socket, never another's) logs requests of many
         # callers, each decided for the workload its client certificate names: spent by that one
@@ -86,6 +87,7 @@ class AccessLogReceiver:
         self._prices = prices if prices is not None else (lambda: self._table().prices)
         # request id -> provider hosts of its failed attempts that may have been billed (unmetered)
         self._failed_attempts: OrderedDict[str, list[str]] = OrderedDict()
+        self._endpoints = endpoints  # the endpoint picker's state, where the config has pools of model servers
 
     def call(self, caller: Caller | None = None) -> AccessLogStream:
         """A stream from one Envoy; any authenticated Envoy may report usage, spent by its caller
@@ -98,10 +100,13 @@ class AccessLogReceiver:
         budgets = self._budgets if self._budgets is not None and self._budgets.configured() else None
         attempts, observe, spans = self._attempts, self._metrics.observe, self._spans
         priced = self._prices().by_host  # per provider host: its models' prices; empty: nothing is priced
+        endpoints = self._endpoints if self._endpoints is not None and self._endpoints.active() else None
         for entry in als_pb2.StreamAccessLogsMessage.FromString(data).http_logs.log_entry:
             try:
                 if attempts is not None:
                     attempts.observe(entry)
+                if endpoints is not None:
+                    endpoints.observe(entry)
                 if entry.common_properties.access_log_type != UPSTREAM_END:  # attempts are not requests
                     record = record_from_entry(entry)
                     if priced:  # the model's price, where it has one: what the answer cost

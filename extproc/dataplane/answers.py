@@ -27,7 +27,7 @@ from ..policy.caller import Caller
 from ..policy.openai_api import Endpoint
 from ..policy.pricing import Price
 from ..policy.table import OPENAI_API, Route, Target
-from ..protocol import ANSWER_HEADER, CLUSTER_HEADER, METADATA_NAMESPACE, TRANSLATE_HEADER
+from ..protocol import ANSWER_HEADER, CLUSTER_HEADER, METADATA_NAMESPACE, TRANSLATE_HEADER, endpoint_header
 from ..telemetry.trace_context import TRACEPARENT, TraceContext, attempt_span_id, traceparent
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -240,6 +240,19 @@ def more_headers(strip: list[str], attempt_headers: tuple[tuple[str, str], ...],
             strip = [name for name in strip if name not in overwritten]
     mutation.remove_headers.extend(name for name in strip if name not in SET_BY_GATEWAY)
     return response.SerializeToString()
+
+
+def endpoint_headers(picked: tuple[tuple[str, str], ...]) -> bytes:
+    """Per pool cluster of the request's attempts, the endpoint picked for it: the header that
+    cluster's ORIGINAL_DST load balancing reads (`extproc.envoy.pools`)."""
+    return wire.request_headers_set(b"".join(wire.header_option(endpoint_header(cluster), endpoint.encode())
+                                             for cluster, endpoint in picked))
+
+
+def endpoint_entry(endpoint: str) -> bytes:
+    """The first attempt's model server, as the `llm_gateway` metadata entry `endpoint` (the
+    access-log receiver counts it finished)."""
+    return wire.string_entry("endpoint", endpoint) if endpoint else b""
 
 
 _PLAN_ENTRIES = {(stream, usage): wire.bool_entry(CLIENT_STREAM, stream) + wire.bool_entry(INCLUDE_USAGE, usage)

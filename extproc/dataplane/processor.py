@@ -41,11 +41,12 @@ from ..policy.budget_gate import Admitted, BudgetGate, Waiting
 from ..policy.budgets import unpriced_under_cap
 from ..policy.caller import LOCAL, Caller
 from ..policy.data_protection.judge import Judgement
-from ..policy.decide import Decision, ModelList, decide
+from ..policy.decide import Decision, ModelList, decide, pick_endpoints
+from ..policy.endpoint_state import EndpointState
 from ..policy.failover import FAILOVER_BODY_MAX
 from ..policy.passive_health import PassiveHealth
 from ..policy.table import TableHolder
-from ..protocol import DEFAULT_BODY_LIMIT, METADATA_NAMESPACE
+from ..protocol import DEFAULT_BODY_LIMIT, METADATA_NAMESPACE, endpoint_header
 from ..telemetry.trace_context import TRACEPARENT, Sampler, TraceContext
 from . import answers
 from .body_rewrite import Rewritten, rewrite_body
@@ -67,7 +68,8 @@ class ExternalProcessor:
                  budgets: BudgetGate | None = None, inflight: Inflight | None = None,
                  health: PassiveHealth | None = None, tracing: Sampler | None = None,
                  protection: ProtectionMetrics | None = None, contents: TraceContents | None = None,
-                 judges: JudgeClient | None = None, peers: PeerCallers | None = None):
+                 judges: JudgeClient | None = None, peers: PeerCallers | None = None,
+                 endpoints: EndpointState | None = None):
         self.holder = holder
         # an egress gateway with mutual TLS: each request's caller is the workload its client
         # certificate names (None: the stream's caller, as everywhere else; nothing done per request)
@@ -85,6 +87,8 @@ class ExternalProcessor:
         self.protection = protection if protection is not None else ProtectionMetrics(CollectorRegistry())
         # data policies' judges (None: none can be asked, every judgement is `unavailable`)
         self.judges = judges
+        # what the endpoint picker knows of the pools' model servers (extproc.policy.endpoint_state)
+        self.endpoints = endpoints if endpoints is not None else EndpointState()
 
     def exchange(self, caller: Caller | None = LOCAL) -> Exchange:
         """A new stream's state, for a verified caller (the HTTP/2 server never opens an ext_proc
@@ -122,7 +126,7 @@ class ExternalProcessor:
         failover, translate = None, False
         if attempt_headers:
             if len(sent) > FAILOVER_BODY_MAX:  # larger: one attempt (docs/failover.md)
-                attempt_headers = ()
+                attempt_headers = decision.attempt_headers = ()
             else:
                 failover = decision.rule.failover
                 # providers of several APIs: each attempt, the first included, translates the client's own body
@@ -134,6 +138,16 @@ class ExternalProcessor:
         own = rewritten.own
         if own is not None and not translate:  # a translated request's own path and signature
             parts.append(answers.request_headers(own.path, own.headers))
+        more = b""
+        table = self.holder.table
+        if table.pools and (target.pool is not None or attempt_headers):  # model servers: the endpoint by load
+            picked = pick_endpoints(table, decision, self.endpoints, self.clock(), body, rewritten.model)
+            if picked:
+                parts.append(answers.endpoint_headers(picked))
+                more = answers.endpoint_entry(picked[0][1] if picked[0][0] == target.cluster else "")
+                if decision.strip:  # a client's value of a header set here is overwritten, not removed
+                    ours = {endpoint_header(cluster) for cluster, _ in picked}
+                    decision.strip = [name for name in decision.strip if name not in ours]
         # the answer comes back to be turned into the client's format (or API), where a provider may
         # send another, or to be checked by a data policy
         plan = answer_plan(endpoint, target, failover, rewritten.client_stream, rewritten.include_usage,
@@ -144,9 +158,8 @@ class ExternalProcessor:
             prebuilt = answers.with_price(target, prebuilt, rewritten.model)
         entries, metadata = answers.decision_metadata(prebuilt, rewritten.model, rewritten.stream, decision.authority,
                                                       answers.caller_entries(caller))
-        more = b""
         if budget is not None:  # the budget charged, for the access log, and the x-ratelimit-* header values
-            more = budget.encoded()
+            more += budget.encoded()
         if trace is not None:  # a sampled request: its provider continues the trace
             header_part, trace_entries = answers.trace_parts(trace)
             parts.append(header_part)

@@ -19,6 +19,7 @@ from pathlib import Path
 from ..envoy.addresses import HostPort
 from ..envoy.clusters import UpstreamOptions
 from ..ops.up import UpOptions, run_up
+from ..testing.model_server import ModelServerFarm
 from .ca import ThrowawayCA
 from .fake_provider import FakeProvider
 
@@ -81,6 +82,43 @@ def start_fakes(workdir: Path) -> tuple[ThrowawayCA, dict[str, FakeProvider], di
     return ca, fakes, env
 
 
+MODELS_HOST = "qwen.local"
+
+
+def model_servers(workdir: Path) -> tuple[ModelServerFarm, Path]:
+    """Three simulated vLLM-like model servers (127.0.0.11, .12, .13) and a config directory with
+    an InferencePool of them (its endpoints annotation) and a route to it (docs/in-cluster-models.md)."""
+    farm = ModelServerFarm(3)
+    config = workdir / "models"
+    config.mkdir()
+    endpoints = ", ".join(server.address for server in farm.servers)
+    (config / "qwen-pool.yaml").write_text(f"""apiVersion: inference.networking.k8s.io/v1
+kind: InferencePool
+metadata:
+  name: qwen
+  annotations:
+    llm-gateway.dev/endpoints: "{endpoints}"
+spec:
+  selector:
+    matchLabels: {{app: qwen}}
+  targetPorts: [{{number: 8000}}]
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMRoute
+metadata:
+  name: qwen-local
+spec:
+  host: {MODELS_HOST}
+  rules:
+  - backendRefs:
+    - backendRef: {{group: inference.networking.k8s.io, kind: InferencePool, name: qwen}}
+      weight: 90
+    - providerHost: dashscope.aliyuncs.com
+      weight: 10
+""")
+    return farm, config
+
+
 def curl_examples(listen: HostPort) -> str:
     proxy = f"http://{listen}"
     body = """'{"messages": [{"role": "user", "content": "Please introduce yourself."}]}'"""
@@ -124,6 +162,12 @@ demo-any-api, whose rule picks among DashScope, Anthropic, Gemini, Bedrock and A
     --data '{{"model": "any", "max_tokens": 100, "messages": [{{"role": "user", "content": "Hi"}}]}}'
   curl -x {proxy} http://demo-any-api/v1/messages -H 'Content-Type: application/json' \
     --data '{{"model": "any", "max_tokens": 100, "messages": [{{"role": "user", "content": "Hi"}}]}}'
+
+In-cluster model servers (docs/in-cluster-models.md): 90% to three simulated vLLM servers behind an
+InferencePool, the server picked per request by its load (the answer's x-model-server header
+names it), 10% to DashScope:
+  curl -si -x {proxy} http://{MODELS_HOST} \\
+    --data '{{"model": "base-model", "messages": [{{"role": "user", "content": "Hi"}}]}}'
 """
 
 
@@ -133,8 +177,10 @@ async def run_demo(listen: HostPort, admin: HostPort, metrics: HostPort | None,
     namespace and name replaces the seed's; their providers on the seed's two hosts reach the fakes)."""
     workdir = Path(tempfile.mkdtemp(prefix="llm-gateway-demo-"))
     fakes: dict[str, FakeProvider] = {}
+    farm: ModelServerFarm | None = None
     try:
         ca, fakes, env = start_fakes(workdir)
+        farm, models = model_servers(workdir)
         os.environ.update(env)
         upstream = UpstreamOptions(
             ca_file=str(ca.cert_file),
@@ -142,7 +188,7 @@ async def run_demo(listen: HostPort, admin: HostPort, metrics: HostPort | None,
         )
         access_log = workdir / "access.log"
         opts = UpOptions(config=[str(manifests_dir()), str(prices_dir()), str(policies_dir()), str(apis_dir()),
-                                 *(config or [])],
+                                 str(models), *(config or [])],
                          listen=listen,
                          admin=admin, upstream=upstream, metrics=metrics, access_log=str(access_log),
                          otlp_endpoint=otlp_endpoint)
@@ -153,6 +199,10 @@ async def run_demo(listen: HostPort, admin: HostPort, metrics: HostPort | None,
                   f"{prices_dir()} (example prices, not the providers'), {policies_dir()} (a data policy) and "
                   f"{apis_dir()} (providers of other APIs){extra}")
             print("Fake providers: " + ", ".join(f"{h} -> 127.0.0.1:{f.port}" for h, f in fakes.items()))
+            assert farm is not None
+            print("Simulated model servers: " + ", ".join(s.address for s in farm.servers)
+                  + f" (config: {models}; their candidates and scores now: "
+                  f"extproc route --config {models} --host {MODELS_HOST})")
             print("  steered by request headers: x-fake-fail: dashscope:503, x-fake-total-tokens: 17, ... "
                   "(docs/cli.md, the demo's fake providers)")
             print(curl_examples(listen))
@@ -174,4 +224,6 @@ async def run_demo(listen: HostPort, admin: HostPort, metrics: HostPort | None,
     finally:
         for fake in fakes.values():
             fake.stop()
+        if farm is not None:
+            farm.stop()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -35,6 +35,7 @@ from ..envoy.clusters import (
     provider_cluster,
     to_cluster_proto,
 )
+from ..envoy.pools import pool_cluster
 from ..envoy.routes import any_host_route_configuration, route_configuration, to_route_proto
 from ..envoy.secrets import SecretDiscovery
 from ..envoy.xds import CLUSTER_TYPE_URL, ROUTE_TYPE_URL, ClusterDiscovery, Publisher, RouteDiscovery
@@ -44,8 +45,8 @@ from ..policy.caller import Caller
 from ..policy.capacity import DEFAULT_PROVIDER_LIMITS, ConnectionLimits
 from ..policy.gateway_binding import forwarded_clusters
 from ..policy.peer_identity import connection_lifetime
-from ..policy.table import RoutingTable
-from ..protocol import EXT_PROC_SOCKET, FAILOVER_CLUSTER_PREFIX, XDS_SOCKET
+from ..policy.table import Pool, RoutingTable
+from ..protocol import EXT_PROC_SOCKET, FAILOVER_ROUTE_PREFIXES, XDS_SOCKET, retry_cluster
 from .address_watch import AddressWatch, resolver_for
 from .data_plane import DataPlane
 from .workload_ca import Issuer
@@ -73,6 +74,7 @@ class ControlPlane:
         self.routes = Publisher(ROUTE_TYPE_URL, "sidecar routes")
         self.loaded = False  # a config is in force (readiness)
         self._built: dict[tuple[str, str, bool, ConnectionLimits], dict] = {}  # (name, host, failover) -> cluster
+        self._pools_built: dict[tuple[str, str, str, bool], dict] = {}  # (name, host, protocol, failover) -> cluster
         self._protos: dict[str, tuple[dict, Message]] = {}  # name -> (cluster, its protobuf)
         self._hosts: dict[str, str] = {}  # a built provider cluster's name -> its host
         self._converter = ClusterProtos()
@@ -157,12 +159,25 @@ class ControlPlane:
             self._hosts[name] = host
         return cluster
 
+    def _pool_cluster(self, name: str, pool: Pool, failover: bool) -> dict:
+        """A pool's cluster (`extproc.envoy.pools`): the same dict while its kind and protocol
+        stay, whatever its endpoints do (they are no part of it)."""
+        key = (name, pool.host, pool.protocol, failover)
+        cluster = self._pools_built.get(key)
+        if cluster is None:
+            cluster = self._pools_built[key] = pool_cluster(name, pool, self.upstream, failover)
+        return cluster
+
     def _clusters(self, table: RoutingTable) -> dict[str, dict]:
-        limits = table.capacity.get
+        pools, limits = table.pools, table.capacity.get
         clusters = {name: self._provider_cluster(name, host, False, limits(host, DEFAULT_PROVIDER_LIMITS))
+                    if host not in pools else self._pool_cluster(name, pools[host], False)
                     for host, name in table.clusters.items()}
-        clusters.update((name, self._provider_cluster(name, host, True, limits(host, DEFAULT_PROVIDER_LIMITS)))
+        clusters.update((name, self._provider_cluster(name, host, True, limits(host, DEFAULT_PROVIDER_LIMITS))
+                         if host not in pools else self._pool_cluster(name, pools[host], True))
                         for host, name in table.failover_clusters.items())
+        clusters.update((retry_cluster(host), self._pool_cluster(retry_cluster(host), pools[host], True))
+                        for host in table.failover_clusters if host in pools)  # a pool's next endpoint
         # the egress gateways sidecars send hosts to
         clusters.update(egress_clusters(table, self.upstream.dns_resolver, self.gateway_tls))
         return clusters
@@ -212,6 +227,8 @@ class ControlPlane:
         """Provider host -> the name Envoy resolves for it (none for a fixed IP address)."""
         names = {}
         for host in table.clusters:
+            if host in table.pools:  # a pool's endpoints are addresses
+                continue
             target = self.upstream.resolve.get(host, HostPort(host, PROVIDER_PORT)).host
             if not is_ip(target):
                 names[host] = target
@@ -256,13 +273,14 @@ class ControlPlane:
     def _forget_clusters(self, keep: dict[str, dict]) -> None:
         """Built clusters no longer published are dropped."""
         self._built = {key: c for key, c in self._built.items() if keep.get(key[0]) is c}
+        self._pools_built = {key: c for key, c in self._pools_built.items() if keep.get(key[0]) is c}
         self._hosts = {key[0]: key[1] for key in self._built}
         self._protos = {name: entry for name, entry in self._protos.items() if keep.get(name) is entry[0]}
 
     async def _publish_hosts(self, hosts: set[str], clusters: list[str], forwarded: dict[str, str] | None = None,
                              budget_headers: frozenset[str] = frozenset()) -> int:
         # the failover route names the failover clusters only; without rules with `retries` there is none
-        clusters = [name for name in clusters if name.startswith(FAILOVER_CLUSTER_PREFIX)]
+        clusters = [name for name in clusters if name.startswith(FAILOVER_ROUTE_PREFIXES)]
         body_limit = self.data_plane.body_limit
         return await self.routes.publish([
             to_route_proto(route_configuration(sorted(hosts), clusters=clusters, body_limit=body_limit,

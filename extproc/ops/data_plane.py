@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from ..dataplane import grpc_h2
@@ -18,6 +19,7 @@ from ..dataplane.answer_check import AnswerGuards
 from ..dataplane.answer_exchange import AnswerProcessor
 from ..dataplane.authentication import Authenticator
 from ..dataplane.data_protection import ProtectionMetrics
+from ..dataplane.endpoint_scraper import EndpointScraper
 from ..dataplane.grpc_h2 import Call, H2Connection
 from ..dataplane.health_check import HealthCheck
 from ..dataplane.judge_client import JudgeClient, JudgeReach
@@ -30,6 +32,7 @@ from ..envoy.clusters import UpstreamOptions
 from ..policy.body_memory import DEFAULT_MAX_BODY_BYTES_IN_FLIGHT, Inflight, register_metrics
 from ..policy.budget_gate import BudgetGate
 from ..policy.caller import LOCAL, Caller
+from ..policy.endpoint_state import EndpointMetrics, EndpointObserver, EndpointState
 from ..policy.passive_health import AttemptObserver, PassiveHealth
 from ..policy.table import RoutingTable, TableHolder
 from ..protocol import (
@@ -77,6 +80,7 @@ class DataPlane:
                              if redis_url is not None else None)
         self.health = PassiveHealth()  # failover's passive health, fed by the access log
         self.health.configure(holder.table.health)
+        self.started = False  # start() ran: background tasks may run
         self.draining = False  # set by a graceful drain: health checks say NOT_SERVING
         self.connections: set[H2Connection] = set()  # open HTTP/2 connections from Envoys
         self.server: asyncio.Server | None = None
@@ -94,14 +98,22 @@ class DataPlane:
         protection = ProtectionMetrics(self.metrics.registry)  # LLMDataPolicy's counts, prompts and answers
         reach = judges or JudgeReach()
         self.judges = JudgeClient(lambda: self.holder.table, reach.ca_file, reach.resolve)
+        # pools of in-cluster model servers: what the endpoint picker knows, scraped while there are any
+        self.endpoints = EndpointState()
+        EndpointMetrics(self.endpoints, time.time, self.metrics.registry)
+        self.scraper = EndpointScraper(self.endpoints, lambda: self.holder.table.pools)
+        self._scraping: asyncio.Task[None] | None = None
         processor = ExternalProcessor(holder, body_limit=body_limit, budgets=self.budgets, inflight=self.inflight,
                                       health=self.health, tracing=sampler_from_env() if sink is not None else None,
-                                      protection=protection, contents=contents, judges=self.judges, peers=peers)
+                                      protection=protection, contents=contents, judges=self.judges, peers=peers,
+                                      endpoints=self.endpoints)
         retries = RetryRewriter(holder, body_limit)
         # answers turned into the client's format, or checked by a data policy
         answer = AnswerProcessor(self.inflight, AnswerGuards(holder, protection))
         receiver = AccessLogReceiver(self.metrics, self.budgets, attempts, sink, table=lambda: self.holder.table,
-                                     entry_callers=peers is not None)
+                                     entry_callers=peers is not None,
+                                     endpoints=EndpointObserver(self.endpoints, lambda: self.holder.table.pools,
+                                                                lambda: self.holder.table.cluster_hosts))
         self.methods: dict[str, Callable[[Caller | None], Call]] = {
             PROCESS: processor.exchange,
             RETRY_AUTHORITY + PROCESS: lambda _caller: retries.exchange(),
@@ -114,11 +126,16 @@ class DataPlane:
         """The routing table every new request is decided over from now on."""
         self.holder.table = table
         self.health.configure(table.health)
+        if table.pools and self._scraping is None and self.started:
+            self._scraping = asyncio.get_running_loop().create_task(self.scraper.run())
 
     async def start(self) -> None:
         await self.budgets.start()
         if self.spend_writer is not None:
             await self.spend_writer.start()
+        self.started = True
+        if self.holder.table.pools and self._scraping is None:
+            self._scraping = asyncio.create_task(self.scraper.run())
 
     async def listen_tcp(self, host: str, port: int, authenticator: Authenticator | None,
                          reuse_port: bool = False) -> int:
@@ -142,6 +159,9 @@ class DataPlane:
 
     async def stop(self) -> None:
         self.stop_listening()
+        if self._scraping is not None:
+            self._scraping.cancel()
+            self._scraping = None
         await self.budgets.stop()
         if self.spend_writer is not None:  # what was counted since the last flush, sent
             await self.spend_writer.stop()

@@ -27,9 +27,11 @@ from . import openai_api
 from .caller import LOCAL, Caller
 from .caller_view import explain, view_of
 from .data_protection.policy import Guard
+from .endpoint_picker import Ranking, prefix_hashes
+from .endpoint_state import EndpointState
 from .failover import first_attempt
 from .openai_api import Endpoint
-from .table import Route, RoutingTable, Rule, Target
+from .table import Pool, Route, RoutingTable, Rule, Target
 
 # What a client may not set: Envoy's own request headers (timeouts, retries, the attempt count)
 # and the gateway's internal ones (the cluster, the attempt order). They are removed before the
@@ -53,6 +55,9 @@ class Decision:
     attempt_headers: tuple[tuple[str, str], ...]  # a rule with retries: attempt order and retry policy
     declared_length: int | None  # the body's content-length, where the client declared one
     guard: Guard | None = None  # the LLMDataPolicy rules its prompt is checked against (extproc.policy.data_protection)
+    # pools of model servers: per pool cluster of its attempts, the endpoint picked, once the body
+    # is whole (`pick_endpoints`: the prompt's prefix and model count)
+    endpoints: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,14 +126,21 @@ def decide(table: RoutingTable, headers: dict[str, bytes], has_body: bool, calle
     protection = table.protection
     guard = protection.guard(route.name, caller.namespace) if protection.by_route else None
     if rule.failover is None:
-        return Decision(route, rule, rule.pick(draw), endpoint, authority, headers, strip, NO_ATTEMPT_HEADERS,
+        target = rule.pick(draw)
+        if target.pool is not None and target.pool in table.empty_pools:
+            raise no_endpoint(target)
+        return Decision(route, rule, target, endpoint, authority, headers, strip, NO_ATTEMPT_HEADERS,
                         declared, guard)
     # a rule with retries: the first provider of the attempt order, and the headers that give
     # Envoy the order and the retry policy (extproc.policy.failover)
     skipped: Mapping[str, float] | Set[str] = cooling()
     if table.unresolved:  # names that do not resolve: Envoy would answer 503 without trying the next
         skipped = table.unresolved.union(skipped) if skipped else table.unresolved
+    if table.empty_pools:  # pools with no ready endpoint, likewise
+        skipped = table.empty_pools.union(skipped) if skipped else table.empty_pools
     target, attempt_headers = first_attempt(rule.failover, rule.pick_index(draw), skipped)
+    if target.pool is not None and target.pool in table.empty_pools:  # every one skipped: the pick, empty
+        raise no_endpoint(target)
     return Decision(route, rule, target, endpoint, authority, headers, strip, attempt_headers, declared, guard)
 
 
@@ -137,3 +149,60 @@ def _length(value: bytes) -> int:
         return int(value)
     except ValueError:  # Envoy refuses such a request before; never trust it here either
         return 0
+
+
+def no_endpoint(target: Target) -> GatewayError:
+    error = GatewayError(503, f"no model server of {target.provider} is ready", "no_ready_endpoint", "server_error")
+    error.headers = (("retry-after", "1"),)
+    return error
+
+
+def endpoint_slots(table: RoutingTable, decision: Decision) -> tuple[tuple[str, Pool, int], ...]:
+    """The pool clusters a request's attempts may reach, each with its pool and the rank of the
+    endpoint it gets (0: the pool's best; 1: the next, for the pool's retry cluster)."""
+    if decision.attempt_headers:
+        order = decision.attempt_headers[0][1].split(",")
+    else:
+        order = [decision.target.cluster]
+    hosts = table.cluster_hosts
+    found: list[tuple[str, Pool, int]] = []
+    seen: dict[str, int] = {}
+    for cluster in order:
+        pool = table.pools.get(hosts.get(cluster, ""))
+        if pool is not None:
+            rank = seen[pool.host] = seen.get(pool.host, -1) + 1
+            found.append((cluster, pool, rank))
+    return tuple(found)
+
+
+def pick_endpoints(table: RoutingTable, decision: Decision, state: EndpointState, now: float, body: bytes,
+                   model: str) -> tuple[tuple[str, str], ...]:
+    """The endpoint of each pool cluster the request may reach, picked by load over the state's
+    snapshot (`extproc.policy.endpoint_picker`), once its body (the prompt's prefix) and model
+    (a LoRA adapter's name) are known; kept on the decision, counted as sent. 503 where a pool
+    the first attempt goes to has no ready endpoint."""
+    slots = endpoint_slots(table, decision)
+    if not slots:
+        if decision.target.pool is not None:  # the pool went away with a config change
+            raise no_endpoint(decision.target)
+        return ()
+    hashes = prefix_hashes(body)
+    rankings: dict[str, Ranking] = {}
+    chosen = []
+    for cluster, pool, rank in slots:
+        ranking = rankings.get(pool.host)
+        if ranking is None:
+            ranking = rankings[pool.host] = state.rank(pool, now, hashes, model)
+        picked = ranking.endpoint(rank)
+        if picked is None:
+            if cluster == decision.target.cluster:
+                raise no_endpoint(decision.target)
+            continue
+        chosen.append((cluster, picked))
+    first = decision.target.cluster
+    for cluster, picked in chosen:
+        if cluster == first:
+            pool = table.pools[table.cluster_hosts[cluster]]
+            state.sent(pool, picked, hashes)
+    decision.endpoints = tuple(chosen)
+    return decision.endpoints

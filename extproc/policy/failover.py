@@ -17,7 +17,7 @@ from collections.abc import Mapping, Set
 from dataclasses import replace
 
 from ..errors import GatewayError
-from ..protocol import NO_PROVIDER_CLUSTER, ORDER_HEADER, failover_cluster, next_header
+from ..protocol import NO_PROVIDER_CLUSTER, ORDER_HEADER, failover_cluster, next_header, retry_cluster
 from .table import Failover, RetryPolicy, RoutingTable, Rule, Target
 
 # Larger request bodies are sent without failover (one attempt, as without `retries`): Envoy 1.40
@@ -40,7 +40,8 @@ def build_failover(targets: tuple[Target, ...], weights: tuple[int, ...], fallba
 def full_order(picked: int, targets: tuple[Target, ...], weights: tuple[int, ...],
                fallbacks: tuple[Target, ...]) -> tuple[Target, ...]:
     """The pick, the other backendRefs by weight (highest first, ties in written order; weight 0
-    last), then the fallbacks in order; a provider named twice is tried once, where it comes first."""
+    last), then the fallbacks in order; a provider named twice is tried once, where it comes first.
+    A pool of model servers is tried twice in a row: its best endpoint, then another (its retry cluster)."""
     others = sorted((i for i in range(len(targets)) if i != picked), key=lambda i: -weights[i])
     seen: set[str] = set()
     order: list[Target] = []
@@ -48,6 +49,8 @@ def full_order(picked: int, targets: tuple[Target, ...], weights: tuple[int, ...
         if target.provider_host not in seen:
             seen.add(target.provider_host)
             order.append(target)
+            if target.pool is not None:  # a pool of model servers: then its next-best endpoint
+                order.append(replace(target, cluster=retry_cluster(target.provider_host)))
     return tuple(order)
 
 

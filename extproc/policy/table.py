@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from ..protocol import retry_cluster
 from .budgets import EMPTY_BUDGETS, BudgetTable
 from .caller import Labels
 from .capacity import ConnectionLimits
@@ -60,6 +61,7 @@ class Target:
     timeout_s: float | None = None  # the whole answer, streamed ones included; None: no total bound
     base_path: str | None = None  # the provider's OpenAI base path (see `extproc.policy.openai_api`)
     embedding_model: str | None = None  # replaces the client's model on embeddings
+    pool: str | None = None  # a pool of model servers (its host, a key of `RoutingTable.pools`); None: a provider
     # the provider's prices by model (its LLMPriceTable; see `extproc.policy.pricing`), empty when none
     prices: Mapping[str, Price] = field(default_factory=dict, compare=False, hash=False, repr=False)
     api: str = OPENAI_API  # the API the provider speaks: openai, azure, anthropic, gemini, bedrock
@@ -74,6 +76,19 @@ class Target:
     def __post_init__(self) -> None:
         if self.api != OPENAI_API:
             object.__setattr__(self, "body_api", _BODY_APIS.get(self.api, self.api))
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    """A pool of in-cluster model servers a route sends to (a Service or an InferencePool; see
+    docs/in-cluster-models.md): its ready endpoints now, and how Envoy speaks to them. The
+    endpoint of each request is picked by load (`extproc.policy.endpoint_picker`)."""
+
+    host: str  # <name>.<namespace>.svc (Service) or <name>.<namespace>.inferencepool: its cluster's name
+    kind: str  # Service or InferencePool
+    name: str  # namespace/name
+    protocol: str  # http (HTTP/1.1), h2c, or https
+    endpoints: tuple[str, ...]  # "ip:port" of each ready endpoint, sorted
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,12 +229,21 @@ class RoutingTable:
     # provider host -> the requests in flight its clusters admit, where its spec.connectionPool
     # changes the defaults (extproc.policy.capacity)
     capacity: Mapping[str, ConnectionLimits] = field(default_factory=dict)
+    # pools of in-cluster model servers by host (`Pool`): endpoints change without a config change
+    pools: Mapping[str, Pool] = field(default_factory=dict)
 
     @cached_property  # once per table (not a dataclass field: no part of equality)
     def cluster_hosts(self) -> dict[str, str]:
         """Every provider cluster (plain and failover) -> its provider host."""
-        return {cluster: host for clusters in (self.clusters, self.failover_clusters)
-                for host, cluster in clusters.items()}
+        found = {cluster: host for clusters in (self.clusters, self.failover_clusters)
+                 for host, cluster in clusters.items()}
+        found.update((retry_cluster(host), host) for host in self.failover_clusters if host in self.pools)
+        return found
+
+    @cached_property
+    def empty_pools(self) -> frozenset[str]:
+        """Pools with no ready endpoint now: failover skips them, as names that do not resolve."""
+        return frozenset(host for host, pool in self.pools.items() if not pool.endpoints)
 
     @cached_property
     def host_names(self) -> frozenset[str]:

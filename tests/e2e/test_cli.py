@@ -182,6 +182,11 @@ def test_demo_serves_the_three_scenarios_and_stops_cleanly(tmp_path):
         served = {gw.request("demo-any-api", message, path="/v1/messages").json()["model"] for _ in range(60)}
         assert served == {"qwen1.5-72b-chat", "claude-sonnet-4-5", "gemini-2.5-flash",
                           "anthropic.claude-3-5-haiku-20241022-v1:0", "gpt-4o"}
+        # in-cluster model servers (simulated), picked by load, beside DashScope by weight
+        assert "http://qwen.local" in gw.log() and "extproc route --config" in gw.log()
+        local = [gw.request("qwen.local", {"model": "base-model", **CHAT}) for _ in range(20)]
+        assert all(r.status == 200 for r in local)
+        assert {r.headers.get("x-model-server") for r in local} & {"ms0", "ms1", "ms2"}
         process.send_signal(signal.SIGINT)
         assert process.wait(15) == 0
     finally:

@@ -188,6 +188,9 @@ def test_manifests_apply_and_rbac_is_least_privilege(clean):
     assert "YOUR_DASHSCOPE_API_KEY=dashscope.aliyuncs.com" in container["args"]
 
     account = "system:serviceaccount:llm-gateway:llm-gateway"
+    kube.apply(REPO / "tests" / "support" / "inferencepool-crd.yaml")  # the Inference Extension's, as installed
+    kube.run("wait", "--for", "condition=established", "crd/inferencepools.inference.networking.k8s.io",
+             "--timeout", "60s")
     checks = [("list", "llmroutes.istio.alibabacloud.com", None, True),
               ("watch", "llmproviders.istio.alibabacloud.com", None, True),
               ("patch", "llmroutes.istio.alibabacloud.com", "status", True), ("get", "secrets", None, True),
@@ -206,7 +209,13 @@ def test_manifests_apply_and_rbac_is_least_privilege(clean):
               ("delete", "llmtokenratelimits.llm-gateway.dev", None, False),
               ("watch", "llmdatapolicies.llm-gateway.dev", None, True),
               ("patch", "llmdatapolicies.llm-gateway.dev", "status", True),
-              ("update", "llmdatapolicies.llm-gateway.dev", None, False)]
+              ("update", "llmdatapolicies.llm-gateway.dev", None, False),
+              # issue 25: in-cluster model servers, read-only
+              ("watch", "services", None, True), ("list", "endpointslices.discovery.k8s.io", None, True),
+              ("watch", "inferencepools.inference.networking.k8s.io", None, True),
+              ("patch", "services", None, False), ("delete", "endpointslices.discovery.k8s.io", None, False),
+              ("update", "inferencepools.inference.networking.k8s.io", None, False),
+              ("patch", "inferencepools.inference.networking.k8s.io", "status", False)]
     for verb, resource, subresource, allowed in checks:
         args = ["auth", "can-i", verb, resource, "--as", account, "-n", "default"]
         if subresource:

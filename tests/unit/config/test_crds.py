@@ -27,7 +27,10 @@ def test_route_schema_checks_weights_match_kinds_and_required_fields():
     assert rule["required"] == ["backendRefs"]
     ref = rule["properties"]["backendRefs"]["items"]
     assert ref["properties"]["weight"] == {"type": "integer", "minimum": 0}
-    assert ref["required"] == ["providerHost"]
+    assert "required" not in ref  # providerHost or backendRef: exactly one, said in CEL
+    assert ref["x-kubernetes-validations"] == [{"rule": "has(self.providerHost) != has(self.backendRef)",
+                                                "message": "set providerHost or backendRef, not both"}]
+    assert ref["properties"]["backendRef"]["properties"]["kind"]["enum"] == ["Service", "InferencePool"]
     match = rule["properties"]["matches"]["items"]["properties"]["headers"]["additionalProperties"]
     assert match["maxProperties"] == 1
     assert set(match["properties"]) == {"exact", "prefix", "regex"}
