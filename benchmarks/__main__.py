@@ -32,6 +32,8 @@ COMMANDS = {
     "model-servers": ("endpoint_picking", "serve_main", "(started by the bench) simulated model servers"),
     "paced-provider": ("streams", "main", "(started by the bench) the streaming benchmark's paced provider"),
     "floor-server": ("floor", "main", "(started by the bench) the floor's ext_proc server"),
+    "headers-floor-server": ("headers_floor", "main", "(started by the bench) the headers-only floor's ext_proc "
+                                                      "server (issue 32)"),
 }
 
 

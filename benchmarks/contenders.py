@@ -328,6 +328,27 @@ def start_floor(stage: Stage, paced_port: int) -> Contender:
                                      "ext_proc": Processes.of(server.pid, descendants=False)}, server)
 
 
+def start_headers_floor(stage: Stage, paced_port: int, name: str = "floor_headers",
+                        drop: tuple[str, ...] = ()) -> Contender:
+    """The headers-only floor (benchmarks/headers_floor.py): its ext_proc server and an Envoy of
+    the floor's bootstrap with the headers-only path's filters, serving the fake provider and the
+    paced one."""
+    from .headers_floor import headers_floor_bootstrap
+
+    ext_proc, port = free_port(), free_port()
+    server = stage.start([sys.executable, "-m", "benchmarks", "headers-floor-server", ext_proc,
+                          "llm_provider_dashscope_aliyuncs_com", PATH, KEY,
+                          *(["trusting"] if "llm_gateway.body_read" in drop else [])], f"{name}.log", cwd=ROOT)
+    options = {host: UpstreamOptions(ca_file=str(stage.ca.cert_file), resolve={host: HostPort("127.0.0.1", p)})
+               for host, p in ((HOST, stage.fake_port), (PACED_HOST, paced_port))}
+    clusters = {HOST: provider_cluster("llm_provider_dashscope_aliyuncs_com", HOST, options[HOST]),
+                PACED_HOST: provider_cluster("llm_provider_paced", PACED_HOST, options[PACED_HOST])}
+    envoy = stage.start_envoy(f"{name}-envoy", headers_floor_bootstrap(
+        port, free_port(), ext_proc, clusters, str(stage.work / f"{name}-access.log"), drop))
+    return Contender(name, port, {"all": Processes.of(envoy.pid, server.pid),
+                                             "ext_proc": Processes.of(server.pid, descendants=False)}, server)
+
+
 # --- LiteLLM and Redis --------------------------------------------------------------------------
 
 

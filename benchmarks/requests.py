@@ -49,6 +49,7 @@ from .contenders import (
     start_bare,
     start_floor,
     start_gateway,
+    start_headers_floor,
     start_litellm,
     start_paced_provider,
     write_script,
@@ -60,6 +61,10 @@ from .rounds import Runs, cpu_us_per, run_rounds, under_wrk, warm_up
 # shows that out of reach for any processor in this design, 0.9 of the floor's.
 TARGETS = {"stream_cpu_over_bare": 1.3, "throughput_ratio_16": 0.45, "floor_ratio_16": 0.9, "added_p50_ms_1": 0.5,
            "litellm_ratio_16": 20.0, "cpu_us_per_request": 150.0, "memory_growth_pct": 10.0}
+
+
+# Issue 32's goal for the seed's request path on the headers-only path (docs/decisions/0008-headers-only-path.md)
+HEADERS_ONLY_GOALS = {"throughput_ratio_16": 0.45, "added_p50_ms_1": 0.3}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -118,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     with Stage("llm-gateway-bench-", plain_http=True) as stage:
         paced_port = start_paced_provider(stage)
         floor = start_floor(stage, paced_port)
-        contenders: dict[str, Contender] = {"bare": start_bare(stage, paced_port), "floor": floor}
+        contenders: dict[str, Contender] = {"bare": start_bare(stage, paced_port), "floor": floor,
+                                            # issue 32: the floor of the headers-only path
+                                            "floor_headers": start_headers_floor(stage, paced_port)}
         # the gateway, with its defaults (metrics, access log), on the seed's first provider and the paced one
         config = stage.config_dir("config", ("02-paced.yaml", PACED_PROVIDER_YAML))
         if args.h2_library:
@@ -158,17 +165,40 @@ def main(argv: list[str] | None = None) -> int:
                                                     True)) for n in ("bare", "gateway")}
         big = json.dumps({"messages": [{"role": "user", "content": "x" * (1 << 20)}]}).encode()
         big_ms = {n: statistics.median(timed_requests(contenders[n].port, HOST, big, 40)) for n in ("bare", "gateway")}
+        body_sizes = body_size_costs({n: contenders[n] for n in ("floor", "floor_headers", "gateway")})
 
         summary = summarize(runs, rss_before, rss_after, sent, ttfb, big_ms, "litellm" in contenders)
+        summary["ext_proc_by_body_size"] = body_sizes
         summary["processor_work_us"] = work.processor_work_us()  # in process, the contenders idle
         add_cpu_figures(summary, runs)
         if not args.no_streams:
             summary["streaming"] = streaming(args, {n: contenders[n] for n in gateways}, {
-                n: contenders[n] for n in ("bare", "floor", "gateway", "gateway_cmp") if n in contenders})
+                n: contenders[n] for n in ("bare", "floor", "floor_headers", "gateway", "gateway_cmp")
+                if n in contenders})
         report(summary, args.out)
     if not args.no_endpoint_picking:  # a part of its own, once the contenders above are stopped
         endpoint_picking.main(["--seconds", str(args.picking_seconds), "--out", str(args.out)])
     return 0
+
+
+BODY_SIZES = (1 << 10, 1 << 20)  # a short prompt and a 1 MiB one
+
+
+def body_size_costs(contenders: dict[str, Contender], n: int = 60) -> dict:
+    """Each contender's ext_proc, per request of a 1 KiB and of a 1 MiB prompt (n sequential
+    requests each): its CPU (from /proc) and its resident memory after (issue 32: on the
+    headers-only path the body never reaches the ext_proc, so neither may grow with its size)."""
+    out: dict[str, dict] = {}
+    for name, c in contenders.items():
+        figures = out[name] = {}
+        for size in BODY_SIZES:
+            body = json.dumps({"messages": [{"role": "user", "content": "x" * size}]}).encode()
+            before = c.processes["ext_proc"].cpu_seconds()
+            ms = statistics.median(timed_requests(c.port, HOST, body, n))
+            cpu_us = 1e6 * (c.processes["ext_proc"].cpu_seconds() - before) / n
+            figures[str(size)] = {"ms_p50": ms, "ext_proc_cpu_us": cpu_us,
+                                  "ext_proc_rss_mib": rss_mib(c.processes["ext_proc"].pids[0])}
+    return out
 
 
 def streaming(args: argparse.Namespace, gateways: dict[str, Contender], contenders: dict[str, Contender]) -> dict:
@@ -222,6 +252,10 @@ def add_cpu_figures(summary: dict, runs: Runs) -> None:
         summary["ratios"]["floor_over_bare_rps_16"] = med["floor"][16]["rps"] / med["bare"][16]["rps"]
         summary["ratios"]["gateway_over_floor_rps_16"] = med["gateway"][16]["rps"] / med["floor"][16]["rps"]
         summary["added_p50_ms_1_floor"] = med["floor"][1]["p50_ms"] - med["bare"][1]["p50_ms"]
+    if "floor_headers" in med:  # issue 32: the headers-only path's floor
+        summary["ratios"]["floor_headers_over_bare_rps_16"] = med["floor_headers"][16]["rps"] / med["bare"][16]["rps"]
+        summary["ratios"]["floor_headers_over_bare_rps_1"] = med["floor_headers"][1]["rps"] / med["bare"][1]["rps"]
+        summary["added_p50_ms_1_floor_headers"] = med["floor_headers"][1]["p50_ms"] - med["bare"][1]["p50_ms"]
         all_us = summary["cpu_us_per_request_all_processes"]
         own_us = summary["ext_proc_cpu_us_per_request_by_contender"]
         summary["floor_margin"] = work.floor_margin(
@@ -296,6 +330,7 @@ def report_extras(s: dict) -> None:
         own = s.get("ext_proc_cpu_us_per_request_by_contender", {}).get(n)
         print(f"  {n:12s} {v:8.1f}" + (f" | {own:8.1f}" if own is not None else ""))
     report_margin(s)
+    report_headers_only(s)
     st = s.get("streaming")
     if not st:
         return
@@ -318,6 +353,36 @@ def report_extras(s: dict) -> None:
         target = TARGETS["stream_cpu_over_bare"]
         print(f"gateway CPU per streamed event / bare's: {ratio:.2f}  <= {target:g}  "
               f"{'met' if ratio <= target else 'NOT met'}")
+
+
+def report_headers_only(s: dict) -> None:
+    """Issue 32: the headers-only path's floor beside the body path's, against the issue's goal
+    for the seed's request path (HEADERS_ONLY_GOALS), and the ext_proc's cost by body size."""
+    r = s["ratios"]
+    if "floor_headers_over_bare_rps_16" not in r:
+        return
+    print("\nthe headers-only path (issue 32; its floor: the best any processor on it can do):")
+    checks = [
+        ("floor_headers/bare req/s at 16 connections", r["floor_headers_over_bare_rps_16"], ">=",
+         HEADERS_ONLY_GOALS["throughput_ratio_16"]),
+        ("floor_headers added p50 at 1 connection (ms)", s["added_p50_ms_1_floor_headers"], "<=",
+         HEADERS_ONLY_GOALS["added_p50_ms_1"]),
+        ("floor (body path)/bare req/s at 16 connections", r.get("floor_over_bare_rps_16", float("nan")), ">=",
+         HEADERS_ONLY_GOALS["throughput_ratio_16"]),
+        ("gateway (body path)/bare req/s at 16 conns", r["gateway_over_bare_rps_16"], ">=",
+         HEADERS_ONLY_GOALS["throughput_ratio_16"]),
+    ]
+    for label, value, op, target in checks:
+        ok = value >= target if op == ">=" else value <= target
+        print(f"{label:46s} {value:9.2f}  {op} {target:g}  {'met' if ok else 'NOT met'}")
+    print(f"floor_headers/bare req/s at 1 connection       {r['floor_headers_over_bare_rps_1']:9.2f}")
+    sizes = s.get("ext_proc_by_body_size", {})
+    if sizes:
+        print("the ext_proc per request by prompt size (CPU us | RSS MiB after | p50 ms):")
+        for name, by_size in sizes.items():
+            cells = "   ".join(f"{int(k) >> 10:5d} KiB: {v['ext_proc_cpu_us']:8.1f} | {v['ext_proc_rss_mib']:6.1f} | "
+                               f"{v['ms_p50']:6.2f}" for k, v in by_size.items())
+            print(f"  {name:14s} {cells}")
 
 
 def report_margin(s: dict) -> None:
