@@ -8,9 +8,12 @@ Every contender sends to the same fast fake provider (an Envoy answering a fixed
             accounting, metrics, access log)
   floor     the gateway's bootstrap with an ext_proc on the same lean server that answers every
             request with a prebuilt response (benchmarks/floor.py): the ext_proc design's cost
+  floor_headers  the floor of the headers-only path (issue 32, benchmarks/headers_floor.py): the ext_proc
+            gets no body, Envoy's transform filter reads and writes it (docs/decisions/0008-headers-only-path.md)
   litellm   LiteLLM proxy, one worker, in its own virtual environment (made by this script),
             sending over plain HTTP to the same fake (its TLS trust setup is awkward)
-Contenders alternate within each round, so drift hits all alike. Load comes from wrk.
+Contenders alternate within each round, so drift hits all alike. Load comes from wrk. Then the
+ext_proc's CPU and memory per request of a 1 KiB and a 1 MiB prompt (floor, floor_headers, gateway).
 Then the streaming benchmark (bare, floor, gateway): a paced fake provider over TLS, C concurrent
 streams of E events P ms apart; CPU per event of each contender's processes, each event's delay,
 RSS per open stream (see benchmarks/streams.py). Variants instead: --budgets (benchmarks/budgets.py),
