@@ -52,6 +52,7 @@ from . import answers
 from .body_rewrite import Rewritten, rewrite_body
 from .data_protection import Judging, PromptCheck, ProtectionMetrics
 from .deferred import Deferred
+from .headers_only import headers_only_answer
 from .judge_client import JudgeClient
 from .peer_callers import PeerCallers
 from .trace_contents import TraceContents
@@ -69,8 +70,11 @@ class ExternalProcessor:
                  health: PassiveHealth | None = None, tracing: Sampler | None = None,
                  protection: ProtectionMetrics | None = None, contents: TraceContents | None = None,
                  judges: JudgeClient | None = None, peers: PeerCallers | None = None,
-                 endpoints: EndpointState | None = None):
+                 endpoints: EndpointState | None = None, headers_only: bool = False):
         self.holder = holder
+        # issue 32's experiment (extproc.dataplane.headers_only): Envoy sends no body, every request
+        # is answered at its headers; off unless switched on, and then one attribute read per request
+        self.headers_only = headers_only
         # an egress gateway with mutual TLS: each request's caller is the workload its client
         # certificate names (None: the stream's caller, as everywhere else; nothing done per request)
         self.peers = peers
@@ -266,7 +270,7 @@ class Exchange:
                 if isinstance(decided, ModelList):
                     return [answers.model_list(decided.route, decided.authority).SerializeToString()], True
                 self._decision = decision = decided
-                if decision.declared_length:
+                if decision.declared_length and not processor.headers_only:
                     self._admit(decision.declared_length, processor)
                 if processor.tracing is not None:
                     self._trace = processor.tracing.start(decision.headers.get(TRACEPARENT))
@@ -275,6 +279,8 @@ class Exchange:
                     if isinstance(budget, Waiting):  # decided by a Redis round trip: answered then
                         return self._wait(budget), False
                     self._budget = budget
+                if processor.headers_only:  # no body comes: answered now
+                    return [self._headers_only()], True
                 return [], False  # answered with the body
             if phase == "request_body":
                 held = self._decision
@@ -315,6 +321,13 @@ class Exchange:
             answers.with_operation(response, error.operation)
         return response.SerializeToString()
 
+    def _headers_only(self) -> bytes:
+        """The request's whole answer on the headers-only path (issue 32's experiment)."""
+        processor, decision = self._processor, self._decision
+        assert decision is not None
+        return headers_only_answer(processor.holder.table, decision, self._budget, self._trace,
+                                   answers.caller_entries(self._caller), processor.contents is not None)
+
     def _wait(self, waiting: Waiting) -> Deferred:
         """The headers' answer once the budget is decided (the body's messages wait behind it)."""
         self._later = Deferred()
@@ -330,7 +343,10 @@ class Exchange:
                 later.answer([self._refusal(outcome)], True)
             else:
                 self._budget = outcome
-                later.answer([], False)
+                if self._processor.headers_only:
+                    later.answer([self._headers_only()], True)
+                else:
+                    later.answer([], False)
         except Exception:  # never a stack trace to the client, never a request sent unrewritten
             log.exception("ext_proc failed on the budget's decision")
             later.answer([answers.immediate(GatewayError(500, "the gateway failed to process the request",

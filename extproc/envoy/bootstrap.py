@@ -26,6 +26,7 @@ from .access_logs import access_logs, grpc_access_log
 from .addresses import HostPort, is_ip, socket_address
 from .answer_filter import answer_filter
 from .answer_reader import answer_reader
+from .body_transform import headers_only_filters
 from .circuit_breakers import circuit_breakers
 from .failover import upstream_logs
 from .local_replies import local_reply_config
@@ -89,6 +90,9 @@ class BootstrapOptions:
     # An egress gateway's listener with mutual TLS: the caller of each request is the workload its
     # client certificate names, which Envoy tells the ext_proc (`request_attributes`)
     gateway_tls: GatewayListenerTls | None = None
+    # issue 32's experiment, off by default (docs/decisions/0008-headers-only-path.md): the ext_proc
+    # gets no request body, Envoy's transform filters read and write it (extproc.envoy.body_transform)
+    headers_only: bool = False
 
 
 _XDS_SOURCE = {
@@ -155,6 +159,8 @@ def bootstrap(opts: BootstrapOptions) -> dict:
         "stream_idle_timeout": f"{opts.idle_timeout_s:g}s",
         "access_log": access_logs(opts.access_log),
     }
+    if opts.headers_only:
+        hcm["http_filters"] = headers_only_filters(hcm["http_filters"])
     chain: dict[str, Any] = {"filters": [{"name": HCM_NAME, "typed_config": hcm}]}
     listener = {
         "name": "llm_gateway_http",

@@ -21,6 +21,7 @@ from ..dataplane.authentication import Authenticator
 from ..dataplane.data_protection import ProtectionMetrics
 from ..dataplane.endpoint_scraper import EndpointScraper
 from ..dataplane.grpc_h2 import Call, H2Connection
+from ..dataplane.headers_only import headers_only_path
 from ..dataplane.health_check import HealthCheck
 from ..dataplane.judge_client import JudgeClient, JudgeReach
 from ..dataplane.peer_callers import PeerCallers
@@ -106,7 +107,7 @@ class DataPlane:
         processor = ExternalProcessor(holder, body_limit=body_limit, budgets=self.budgets, inflight=self.inflight,
                                       health=self.health, tracing=sampler_from_env() if sink is not None else None,
                                       protection=protection, contents=contents, judges=self.judges, peers=peers,
-                                      endpoints=self.endpoints)
+                                      endpoints=self.endpoints, headers_only=headers_only_path())
         retries = RetryRewriter(holder, body_limit)
         # answers turned into the client's format, or checked by a data policy
         answer = AnswerProcessor(self.inflight, AnswerGuards(holder, protection))

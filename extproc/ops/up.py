@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..dataplane.authentication import StaticToken, kubernetes_client
+from ..dataplane.headers_only import headers_only_path
 from ..dataplane.peer_callers import PeerCallers
 from ..dataplane.workload_identity import DEFAULT_GRACE_S as DEFAULT_IDENTITY_GRACE_S
 from ..dataplane.workload_identity import PodDirectory, kubernetes_pods
@@ -291,7 +292,8 @@ async def run_up(opts: UpOptions, on_ready=None) -> int:
                                       access_log=opts.access_log, socket_dir=str(workdir) if local else None,
                                       token_sds=token_sds_file, idle_timeout_s=opts.idle_timeout_s,
                                       max_ext_proc_streams=opts.max_ext_proc_streams,
-                                      max_downstream_connections=descriptors.connections, gateway_tls=gateway_tls))
+                                      max_downstream_connections=descriptors.connections, gateway_tls=gateway_tls,
+                                      headers_only=headers_only_path()))
     boot_file = workdir / "envoy.json"
     boot_file.write_text(json.dumps(boot, indent=2))
     envoy = EnvoySupervisor(envoy_args(binary, str(boot_file), opts), opts.admin)

@@ -37,9 +37,9 @@ def test_the_filters_go_around_the_ext_proc_which_gets_no_body():
 
 
 def test_envoy_accepts_the_bootstrap_with_them(tmp_path):
-    boot = bootstrap(BootstrapOptions())
-    hcm = _hcm(boot)
-    hcm["http_filters"] = headers_only_filters(hcm["http_filters"])
+    """The experiment's switch (`headers_only`) gives the bootstrap these filters, which Envoy accepts."""
+    boot = bootstrap(BootstrapOptions(headers_only=True))
+    assert _hcm(boot)["http_filters"] == headers_only_filters(_hcm(bootstrap(BootstrapOptions()))["http_filters"])
     path = tmp_path / "bootstrap.json"
     path.write_text(json.dumps(boot))
     result = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path)],
