@@ -1,9 +1,10 @@
 """The headers-only request path (issue 32; docs/decisions/0008-headers-only-path.md): the
 ext_proc decides from the request headers alone and never receives the body; Envoy's own
 `envoy.filters.http.transform` filter reads what the decision needs out of the JSON body before
-the ext_proc, and writes the decision into it after. A prototype measured by the bench
-(benchmarks/headers_floor.py), not on any route: see the decision record for what it measured and
-what keeps it off.
+the ext_proc, and writes the decision into it after. A measured prototype: in the bench's floor
+(benchmarks/headers_floor.py), and in the bootstrap only behind the experiment's switch
+(`BootstrapOptions.headers_only`, `extproc.dataplane.headers_only`); see the decision record for
+what it measured and what keeps it off.
 
 In the filter chain, around the ext_proc:
   strip    (header_mutation) the internal headers below, whatever the client sent: the transform

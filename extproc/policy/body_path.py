@@ -6,7 +6,8 @@ take the headers-only path only where nothing its config asks for needs the body
 
 The headers-only path was measured and is not adopted (docs/decisions/0008-headers-only-path.md:
 Envoy's transform filter costs more per request than the body's trip to the ext_proc saves), so
-nothing routes by this yet; it is the rule a future path must follow, kept with its table tests.
+nothing routes by this; the experiment behind its switch (`extproc.dataplane.headers_only`) refuses
+by it what it cannot serve. It is the rule a future path must follow, kept with its table tests.
 
 Per route, whatever the request: the client can never choose the path (Envoy's route config
 would carry it, from this function), and only OpenAI's chat endpoint would be served on it (the
