@@ -2,7 +2,7 @@
 `python -m benchmarks endpoint-picking [--seconds S] [--load 0.8]`, part of scripts/bench
 (`--endpoint-picking`).
 
-Four simulated model servers (`extproc.testing.model_server`: N slots, a queue, time to first
+Four simulated model servers (`extproc.demo.model_server`: N slots, a queue, time to first
 token growing with the prompt's uncached length, shrinking on a prefix-cache hit, a decode time
 per output token, the load in vLLM's metric names) take the same skewed workload, in turn,
 behind three contenders, each with fresh servers (cold caches):
@@ -34,8 +34,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from extproc.demo.model_server import ModelServer, ServerSpec
 from extproc.ops.up import envoy_binary
-from extproc.testing.model_server import ModelServer, ServerSpec
 
 from .measure import percentile, wait_http
 

@@ -17,16 +17,36 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import io
 import json
 import re
 import socket
 import struct
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
-if TYPE_CHECKING:
-    from .fake_provider import _Handler
+
+class _Handler(Protocol):
+    """What these fakes use of the OpenAI fake's HTTP handler (`fake_provider._Handler`, which
+    calls `handle`): named here so that this module does not import the one that imports it."""
+
+    fake: Any  # its FakeProvider: name, api, keys, region, deployments
+    recorded: Any  # the request as the fake records it (RecordedRequest)
+    path: str
+    command: str
+    wfile: io.BufferedIOBase
+    connection: socket.socket
+    close_connection: bool
+
+    def send_response(self, code: int, message: str | None = None) -> None: ...
+
+    def send_header(self, keyword: str, value: str) -> None: ...
+
+    def end_headers(self) -> None: ...
+
+    def _chunk(self, data: bytes) -> None: ...
+
 
 TOOL_INPUT = {"city": "Paris"}
 

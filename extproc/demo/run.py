@@ -19,9 +19,9 @@ from pathlib import Path
 from ..envoy.addresses import HostPort
 from ..envoy.clusters import UpstreamOptions
 from ..ops.up import UpOptions, run_up
-from ..testing.model_server import ModelServerFarm
 from .ca import ThrowawayCA
 from .fake_provider import FakeProvider
+from .model_server import ModelServerFarm
 
 PROVIDERS = {
     # host: (fake's name, the seed's key variable)

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from extproc.testing.model_server import EQUAL_LOAD, ModelServerFarm
+from extproc.demo.model_server import EQUAL_LOAD, ModelServerFarm
 from support.helpers import free_port, wait_until
 from support.kube import new_namespace
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from extproc.testing.model_server import ModelServer, ModelServerFarm
+from extproc.demo.model_server import ModelServer, ModelServerFarm
 from support.helpers import provider_yaml, wait_until
 
 CHAT = "/v1/chat/completions"

@@ -8,9 +8,9 @@ import asyncio
 import pytest
 
 from extproc.dataplane.endpoint_scraper import EndpointScraper, fetch_metrics, parse_load
+from extproc.demo.model_server import ModelServer
 from extproc.policy.endpoint_state import EndpointState
 from extproc.policy.table import Pool
-from extproc.testing.model_server import ModelServer
 
 VLLM = b"""# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
 # TYPE vllm:num_requests_waiting gauge
