@@ -74,7 +74,8 @@ class BackendWatch:
         raw = obj if isinstance(obj, dict) else self._client.sanitize_for_serialization(obj)
         if kind == "Pod":  # only what a selector and readiness need
             meta, status = raw.get("metadata") or {}, raw.get("status") or {}
-            raw = {"metadata": {k: meta.get(k) for k in ("name", "namespace", "labels", "deletionTimestamp")},
+            kept = ("name", "namespace", "labels", "deletionTimestamp", "resourceVersion")  # the version: to resume
+            raw = {"metadata": {k: meta.get(k) for k in kept},
                    "status": {"podIP": status.get("podIP"), "conditions": [
                        {"type": c.get("type"), "status": c.get("status")} for c in status.get("conditions") or []]}}
         raw.setdefault("kind", kind)

@@ -245,11 +245,18 @@ class KubernetesSource:
                         self._secrets.clear()  # read again on the next rebuild
                     self._signal()
                 w = watch.Watch()
-                for event in w.stream(self._secret_list_call(), resource_version=version,
+                # the client's own list method, not a wrapper: the client reads from its docstring
+                # what to make of each event (V1Secret); given a wrapper it hands out dicts instead
+                method, args = ((self._core.list_namespaced_secret, (self._namespace,)) if self._namespace
+                                else (self._core.list_secret_for_all_namespaces, ()))
+                for event in w.stream(method, *args, resource_version=version,
                                       timeout_seconds=WATCH_TIMEOUT_S, allow_watch_bookmarks=True):
                     obj = event["object"]
                     if event["type"] == "ERROR":
                         raise _Gone()
+                    if event["type"] == "BOOKMARK":  # a dict with only a resourceVersion (the client's form)
+                        version = ((obj or {}).get("metadata") or {}).get("resourceVersion") or version
+                        continue
                     version = obj.metadata.resource_version or version
                     ref = (obj.metadata.namespace, obj.metadata.name)
                     with self._lock:

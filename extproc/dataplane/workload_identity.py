@@ -192,10 +192,12 @@ class PodDirectory:
                     if event == "ERROR":
                         version = None  # 410 Gone and the like: list again
                         break
+                    if event == "BOOKMARK":  # only a resourceVersion; the client leaves it a dict
+                        version = bookmark_version(pod) or version
+                        continue
                     record = record_of(pod)
                     version = record.version or version
-                    if event != "BOOKMARK":
-                        self.apply(event, record)
+                    self.apply(event, record)
                 backoff = 0.5
             except Exception as exc:  # the API server out of reach, or restarting
                 if self.lost_since is None:
@@ -205,6 +207,17 @@ class PodDirectory:
                 version = None
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+
+def bookmark_version(obj: Any) -> str | None:
+    """A BOOKMARK event's resourceVersion. The official client does not deserialize bookmarks (its
+    object stays the API's JSON, a dict, whatever the watched kind): read as a typed object, it
+    failed the watch at every bookmark, and every caller's labels went unknown after the grace."""
+    if isinstance(obj, dict):
+        version = (obj.get("metadata") or {}).get("resourceVersion")
+    else:
+        version = getattr(getattr(obj, "metadata", None), "resource_version", None)
+    return version if isinstance(version, str) and version else None
 
 
 def kubernetes_pods(api_client: Any, grace_s: float = DEFAULT_GRACE_S, namespace: str | None = None) -> PodDirectory:
@@ -224,8 +237,11 @@ def kubernetes_pods(api_client: Any, grace_s: float = DEFAULT_GRACE_S, namespace
         return list(result.items or []), result.metadata.resource_version or ""
 
     def watch_pods(version: str) -> Iterable[tuple[str, Any]]:
+        # the client's own list method, not a wrapper: the client reads from its docstring what to
+        # make of each event (V1Pod); given a wrapper it hands out the API's JSON as dicts instead
+        method, args = (core.list_namespaced_pod, (namespace,)) if namespace else (core.list_pod_for_all_namespaces, ())
         try:
-            for event in watch.Watch().stream(list_call, resource_version=version, timeout_seconds=WATCH_TIMEOUT_S,
+            for event in watch.Watch().stream(method, *args, resource_version=version, timeout_seconds=WATCH_TIMEOUT_S,
                                               allow_watch_bookmarks=True):
                 yield event["type"], event["object"]
         except ApiException as exc:

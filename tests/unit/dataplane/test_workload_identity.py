@@ -169,3 +169,33 @@ def test_a_token_bound_to_no_pod_has_no_labels():
     auth = TokenReviewAuthenticator(review, AUD, pods=PodDirectory())
     _, caller = asyncio.run(auth.verify("t"))
     assert caller == Caller("shop", "minted") and caller.labels == frozenset() and caller.pod is None
+
+
+def test_a_bookmark_moves_the_watch_on_and_loses_no_contact():
+    """The official client gives a BOOKMARK's object as the API's JSON (a dict, only its
+    resourceVersion): the watch goes on from there, nothing is lost, and the next watch starts at
+    the bookmark's version (read as a pod, it failed the watch at every bookmark)."""
+    clock = Clock()
+    versions: list[str] = []
+
+    def list_pods():
+        return [pod()], "7"
+
+    def watch_pods(version):
+        versions.append(version)
+        if len(versions) == 1:
+            yield "BOOKMARK", {"kind": "Pod", "apiVersion": "v1", "metadata": {"resourceVersion": "42"}}
+            yield "ADDED", pod(uid="uid-2", name="other", labels={"app": "batch"}, version="43")
+            yield "BOOKMARK", {"kind": "Pod", "apiVersion": "v1", "metadata": {"resourceVersion": "50"}}
+        else:
+            time.sleep(0.01)
+
+    pods = PodDirectory(list_pods, watch_pods, grace_s=30, clock=clock)
+    pods.start()
+    deadline = time.monotonic() + 10
+    while len(versions) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pods.stop()
+    assert versions[:2] == ["7", "50"]  # the second watch from the last bookmark: no new list
+    assert pods.lost_since is None
+    assert pods.caller("shop", "sa", "other", "uid-2", clock.now).labels == labels_of({"app": "batch"})
