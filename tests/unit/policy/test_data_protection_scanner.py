@@ -12,11 +12,11 @@ import pytest
 
 from extproc.policy.data_protection.detectors import BUILTINS, keywords_pattern, regex_pattern
 from extproc.policy.data_protection.scanner import Scanner, StreamScanner, masked
+from support.key_blocks import key_block
 
 ALL = [p for patterns in BUILTINS.values() for p in patterns]
 PLACEHOLDERS = [p.placeholder for p in ALL]
-PEM = ("-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7VJTUt9Us8cKj\n"
-       "MzEfYyjiWA4R4/M2bS1GB4t7NXp98C3SC6dVMvDuictGeurT8jNbvJZHtCSuYEvu\n-----END PRIVATE KEY-----")
+PEM = key_block("pkcs8")  # made at test time
 TEXT = ("Dear support, my card 4111 1111 1111 1111 was charged twice. Reach me at jane.roe@example.com or "
         "+86 138 0013 8000; my ID is 11010519491231002X. Server 10.20.30.40 uses key sk-proj-0123456789abcdefghij"
         f"KLMN and this one:\n{PEM}\nThanks!")
