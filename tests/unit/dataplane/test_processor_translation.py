@@ -171,3 +171,18 @@ def retry(order: str, attempt: int, body: bytes, meta: dict):
     second, done = exchange.on_request(pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True)))
     assert done
     return first, second
+
+
+def test_a_rule_of_several_apis_sends_the_prompt_as_the_data_policy_left_it():
+    """Every attempt translates the client's own body: with a data policy that masks, that body is
+    the masked one (the original, sent on for the attempts to translate, would leave unmasked)."""
+    policy = {"apiVersion": "llm-gateway.dev/v1alpha1", "kind": "LLMDataPolicy", "metadata": {"name": "cards"},
+              "spec": {"rules": [{"name": "cards", "detectors": [{"builtin": "bank-card"}], "action": "mask"}]}}
+    objs, problems = load_text(yaml.safe_dump_all([*DOCS, policy]), "f.yaml", ENV)
+    compiled = compile_config(objs)
+    assert not [p for p in problems + compiled.problems if p.severity == "error"]
+    card = {**CHAT, "messages": [{"role": "user", "content": "my card 4111 1111 1111 1111"}]}
+    sent = forward(compiled.table, "mixed.test", card)
+    assert set_headers(sent.headers)[TRANSLATE_HEADER] == "1"  # each attempt translates what is sent here
+    assert json.loads(sent.body)["messages"][0]["content"] == "my card [BANK-CARD]"
+    assert b"4111" not in sent.body
