@@ -507,10 +507,7 @@ class LLMRouteSpec(_Strict):
 
     @model_validator(mode="after")
     def _unique_rule_names(self) -> LLMRouteSpec:
-        names = [rule.name for rule in self.rules if rule.name]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"rules: rule names must be unique (repeated: {', '.join(dupes)})")
+        _check_unique([rule.name for rule in self.rules if rule.name], "rules: rule names must be unique")
         return self
 
 
@@ -539,6 +536,13 @@ class LLMRoute(BaseModel):
 
 
 _HOST_RE = re.compile(HOST_PATTERN)
+
+
+def _check_unique(names: list[str], rule: str) -> None:
+    """The one check that names in a list are unique: `rule`, and the repeated names, sorted."""
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{rule} (repeated: {', '.join(dupes)})")
 
 
 def _check_host(value: str) -> str:
@@ -663,10 +667,7 @@ class LLMTokenRateLimitSpec(_Strict):
 
     @model_validator(mode="after")
     def _unique_rule_names(self) -> LLMTokenRateLimitSpec:
-        names = [rule.name for rule in self.rules if rule.name]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"rules: rule names must be unique (repeated: {', '.join(dupes)})")
+        _check_unique([rule.name for rule in self.rules if rule.name], "rules: rule names must be unique")
         return self
 
 
@@ -705,10 +706,7 @@ class LLMPriceTableSpec(_Strict):
 
     @model_validator(mode="after")
     def _unique_models(self) -> LLMPriceTableSpec:
-        names = [price.model for price in self.models]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"models: each model is priced once (repeated: {', '.join(dupes)})")
+        _check_unique([price.model for price in self.models], "models: each model is priced once")
         return self
 
 
@@ -833,10 +831,7 @@ class LLMDataPolicySpec(_Strict):
 
     @model_validator(mode="after")
     def _unique_rule_names(self) -> LLMDataPolicySpec:
-        names = [rule.name for rule in self.rules if rule.name]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"rules: rule names must be unique (repeated: {', '.join(dupes)})")
+        _check_unique([rule.name for rule in self.rules if rule.name], "rules: rule names must be unique")
         return self
 
 
